@@ -1,0 +1,187 @@
+//! Compute backends: which ones this build has, and how to open a device on one.
+//!
+//! burn 0.22 picks its backend at run time from the [`Device`]; the cargo features of this crate
+//! (`cuda`, `rocm`, `wgpu`, `vulkan`, `metal`) decide which backends exist in the binary. The
+//! pure-Rust CPU backend `flex` is always compiled in.
+
+use std::fmt;
+use std::str::FromStr;
+
+use burn::tensor::Device;
+
+/// A compute backend that a worker (or any other role) can train and infer on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Backend {
+    /// burn's pure-Rust CPU backend (SIMD and threads). Always available.
+    Flex,
+    /// NVIDIA GPUs through CUDA (feature `cuda`).
+    Cuda,
+    /// AMD GPUs through ROCm/HIP (feature `rocm`).
+    Rocm,
+    /// Any GPU through wgpu, on whichever graphics API the platform offers (feature `wgpu`).
+    Wgpu,
+    /// wgpu pinned to Vulkan (feature `vulkan`).
+    Vulkan,
+    /// wgpu pinned to Metal with native MSL (feature `metal`).
+    Metal,
+}
+
+/// Error returned when a backend name is unknown or not compiled into this build.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BackendError {
+    /// The name is not one Amity knows.
+    #[error(
+        "unknown backend `{name}`; backends compiled into this build: {}",
+        list(Backend::compiled())
+    )]
+    Unknown {
+        /// The name that was asked for.
+        name: String,
+    },
+    /// The backend exists but this binary was built without its cargo feature.
+    #[error(
+        "backend `{backend}` is not compiled into this build (rebuild with `--features {backend}`); \
+         backends compiled in: {}",
+        list(Backend::compiled())
+    )]
+    NotCompiled {
+        /// The backend that was asked for.
+        backend: Backend,
+    },
+}
+
+fn list(backends: Vec<Backend>) -> String {
+    backends
+        .iter()
+        .map(|b| b.name())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl Backend {
+    /// Every backend Amity knows, compiled in or not.
+    pub const ALL: [Backend; 6] = [
+        Backend::Flex,
+        Backend::Cuda,
+        Backend::Rocm,
+        Backend::Wgpu,
+        Backend::Vulkan,
+        Backend::Metal,
+    ];
+
+    /// The name used on the command line and in configs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Flex => "flex",
+            Backend::Cuda => "cuda",
+            Backend::Rocm => "rocm",
+            Backend::Wgpu => "wgpu",
+            Backend::Vulkan => "vulkan",
+            Backend::Metal => "metal",
+        }
+    }
+
+    /// Whether this binary was built with this backend.
+    pub fn is_compiled(self) -> bool {
+        match self {
+            Backend::Flex => true,
+            Backend::Cuda => cfg!(feature = "cuda"),
+            Backend::Rocm => cfg!(feature = "rocm"),
+            Backend::Wgpu => cfg!(feature = "wgpu"),
+            Backend::Vulkan => cfg!(feature = "vulkan"),
+            Backend::Metal => cfg!(feature = "metal"),
+        }
+    }
+
+    /// The backends compiled into this binary, CPU first.
+    pub fn compiled() -> Vec<Backend> {
+        Backend::ALL
+            .into_iter()
+            .filter(|b| b.is_compiled())
+            .collect()
+    }
+
+    /// Parses a backend name and checks that it is compiled in.
+    pub fn parse_available(name: &str) -> Result<Backend, BackendError> {
+        let backend: Backend = name.parse()?;
+        if backend.is_compiled() {
+            Ok(backend)
+        } else {
+            Err(BackendError::NotCompiled { backend })
+        }
+    }
+
+    /// Opens the device with the given index on this backend (index ignored by `flex` and the
+    /// wgpu family, which pick the default adapter).
+    ///
+    /// The device is created lazily by burn: a missing driver shows up at the first tensor
+    /// operation, not here.
+    pub fn device(self, index: usize) -> Result<Device, BackendError> {
+        let _ = index;
+        match self {
+            Backend::Flex => Ok(Device::flex()),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda => Ok(Device::cuda(index)),
+            #[cfg(feature = "rocm")]
+            Backend::Rocm => Ok(Device::rocm(index)),
+            #[cfg(feature = "wgpu")]
+            Backend::Wgpu => Ok(Device::wgpu(Default::default())),
+            #[cfg(feature = "vulkan")]
+            Backend::Vulkan => Ok(Device::vulkan(Default::default())),
+            #[cfg(feature = "metal")]
+            Backend::Metal => Ok(Device::metal(Default::default())),
+            #[allow(unreachable_patterns)]
+            other => Err(BackendError::NotCompiled { backend: other }),
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Backend {
+    type Err = BackendError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Backend::ALL
+            .into_iter()
+            .find(|b| b.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| BackendError::Unknown { name: s.to_owned() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for b in Backend::ALL {
+            assert_eq!(b.name().parse::<Backend>(), Ok(b));
+        }
+    }
+
+    #[test]
+    fn flex_is_always_compiled_and_listed_first() {
+        assert_eq!(Backend::compiled()[0], Backend::Flex);
+        assert!(Backend::parse_available("flex").is_ok());
+    }
+
+    #[test]
+    fn unknown_backend_error_lists_what_is_compiled() {
+        let err = Backend::parse_available("tpu").unwrap_err();
+        assert!(err.to_string().contains("unknown backend `tpu`"));
+        assert!(err.to_string().contains("flex"));
+    }
+
+    #[test]
+    fn flex_device_runs_an_operation() {
+        let device = Backend::Flex.device(0).expect("flex is always compiled");
+        let t = burn::tensor::Tensor::<1>::from_floats([1.0, 2.0, 3.0], &device);
+        let sum: f32 = t.sum().into_scalar();
+        assert_eq!(sum, 6.0);
+    }
+}

@@ -1,0 +1,114 @@
+//! The command line: one clap subcommand per user task.
+
+use anyhow::{Result, bail};
+use clap::{Args, Parser, Subcommand};
+
+use amity_shared::device::Backend;
+
+/// Amity: federated pretraining of JEPA world-model video encoders.
+///
+/// Institutions pool their GPUs to pretrain one shared V-JEPA encoder and publish it openly.
+#[derive(Debug, Parser)]
+#[command(name = "amity", version, about, long_about = None)]
+pub struct Cli {
+    /// More logging (-v debug, -vv trace); `RUST_LOG` overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Everything `amity` can do.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the whole system locally: synthetic corpus, coordinator, three workers, release, planner.
+    Demo(NotBuilt),
+    /// Run a coordinator: shard corpora, schedule rounds, aggregate updates, publish checkpoints.
+    Coordinator(NotBuilt),
+    /// Join a coordinator with this machine's GPU or CPU and train on the shards it assigns.
+    Worker(WorkerArgs),
+    /// Synthesise, ingest and inspect video corpora as content-addressed shards.
+    Corpus(NotBuilt),
+    /// Train the JEPA on this machine alone, from a shard store or a clip folder.
+    Train(NotBuilt),
+    /// Turn a coordinator checkpoint into a signed release with a model card.
+    Release(NotBuilt),
+    /// Download a release from a coordinator or a folder and verify every byte and its signature.
+    Fetch(NotBuilt),
+    /// Compute features of a video or frame folder with a released encoder (NumPy .npy).
+    Embed(NotBuilt),
+    /// Slide a window over a video and flag physically impossible events by prediction error.
+    Surprise(NotBuilt),
+    /// Collect trajectories, train the action-conditioned world model and plan with it.
+    Plan(NotBuilt),
+    /// Run a benchmark beside its baseline and print the ratios (last line: JSON).
+    Bench(NotBuilt),
+    /// Manage the operator's certificate authority, institution certificates and release keys.
+    Ca(NotBuilt),
+}
+
+/// Arguments of a subcommand whose implementation has not landed yet.
+#[derive(Debug, Args)]
+pub struct NotBuilt {
+    /// Arguments for the future implementation (ignored for now).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    pub args: Vec<String>,
+}
+
+/// `amity worker`.
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Compute backend to train on. Unknown or missing backends list those compiled in.
+    #[arg(long, default_value = "flex")]
+    pub backend: String,
+
+    /// List the backends compiled into this binary and exit.
+    #[arg(long)]
+    pub list_backends: bool,
+
+    /// Arguments for the future implementation (ignored for now).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    pub rest: Vec<String>,
+}
+
+/// Runs one parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Demo(_) => not_built("demo", "federated training end to end"),
+        Command::Coordinator(_) => not_built("coordinator", "federated training end to end"),
+        Command::Worker(args) => worker(args),
+        Command::Corpus(_) => not_built("corpus", "video corpora and shards"),
+        Command::Train(_) => not_built("train", "the JEPA core"),
+        Command::Release(_) => not_built("release", "open releases"),
+        Command::Fetch(_) => not_built("fetch", "open releases"),
+        Command::Embed(_) => not_built("embed", "open releases"),
+        Command::Surprise(_) => not_built("surprise", "the planner and surprise detector"),
+        Command::Plan(_) => not_built("plan", "the planner and surprise detector"),
+        Command::Bench(_) => not_built("bench", "the benchmarks of each component"),
+        Command::Ca(_) => not_built("ca", "the protocol's identity and trust"),
+    }
+}
+
+fn worker(args: WorkerArgs) -> Result<()> {
+    let compiled: Vec<&str> = Backend::compiled().iter().map(|b| b.name()).collect();
+    if args.list_backends {
+        for name in &compiled {
+            println!("{name}");
+        }
+        return Ok(());
+    }
+    let backend = Backend::parse_available(&args.backend)?;
+    eprintln!(
+        "backend `{backend}` is compiled in (available: {})",
+        compiled.join(", ")
+    );
+    not_built("worker", "federated training end to end")
+}
+
+fn not_built(command: &str, issue: &str) -> Result<()> {
+    bail!(
+        "`amity {command}` is not built yet (it arrives with the issue on {issue}); \
+         nothing was done"
+    )
+}
