@@ -3,5 +3,21 @@
 //! The coordinator, the workers, the planner and the release tools all need the same V-JEPA
 //! model, the same flat parameter layout and the same compression codecs; they live here so
 //! that there is exactly one of each.
+//!
+//! Reading order: [`config`] (presets), [`model`] (encoder, predictor), [`mask`] (multi-block
+//! tube masks), [`flat`] (the flat parameter view), then training pieces.
 
+pub mod checkpoint;
+pub mod config;
 pub mod device;
+pub mod ema;
+pub mod flat;
+pub mod linalg;
+pub mod loss;
+pub mod mask;
+pub mod model;
+pub mod optim;
+pub mod probe;
+pub mod rng;
+pub mod synth;
+pub mod train;

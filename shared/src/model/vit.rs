@@ -1,0 +1,77 @@
+//! The pre-norm transformer block shared by the encoder and the predictor.
+//!
+//! `x + proj(attn(norm1(x)))`, then `x + fc2(gelu(fc1(norm2(x))))`. Query, key and value come
+//! from one fused linear layer; attention is burn's scaled dot-product attention, which backends
+//! may fuse.
+
+use burn::module::Module;
+use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::tensor::activation::gelu;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Bool, Device, Tensor};
+
+/// LayerNorm epsilon used everywhere (V-JEPA's 1e-6).
+pub const LN_EPS: f64 = 1e-6;
+
+/// A pre-norm transformer block.
+#[derive(Module, Debug)]
+pub struct Block {
+    /// Norm before attention.
+    pub norm1: LayerNorm,
+    /// Fused query/key/value projection, `[width, 3 * width]`.
+    pub qkv: Linear,
+    /// Attention output projection.
+    pub proj: Linear,
+    /// Norm before the MLP.
+    pub norm2: LayerNorm,
+    /// MLP expansion.
+    pub fc1: Linear,
+    /// MLP contraction.
+    pub fc2: Linear,
+    /// Attention heads (not a parameter).
+    pub heads: usize,
+}
+
+impl Block {
+    /// A block of `width` channels, `heads` heads and an MLP of `mlp_ratio * width`.
+    pub fn new(width: usize, heads: usize, mlp_ratio: usize, device: &Device) -> Self {
+        let ln = || {
+            LayerNormConfig::new(width)
+                .with_epsilon(LN_EPS)
+                .init(device)
+        };
+        Block {
+            norm1: ln(),
+            qkv: LinearConfig::new(width, 3 * width).init(device),
+            proj: LinearConfig::new(width, width).init(device),
+            norm2: ln(),
+            fc1: LinearConfig::new(width, mlp_ratio * width).init(device),
+            fc2: LinearConfig::new(mlp_ratio * width, width).init(device),
+            heads,
+        }
+    }
+
+    /// `[B, N, D]` → `[B, N, D]`, with an optional attention mask `[B, H, N, N]` (true = blocked).
+    pub fn forward(&self, x: Tensor<3>, mask: Option<Tensor<4, Bool>>) -> Tensor<3> {
+        let [b, n, d] = x.dims();
+        let h = self.heads;
+        let qkv = self
+            .qkv
+            .forward(self.norm1.forward(x.clone()))
+            .reshape([b, n, 3 * h, d / h])
+            .swap_dims(1, 2);
+        let mut parts = qkv.chunk(3, 1).into_iter();
+        let (q, k, v) = match (parts.next(), parts.next(), parts.next()) {
+            (Some(q), Some(k), Some(v)) => (q, k, v),
+            _ => unreachable!("chunk(3) of a 3h axis gives three parts"),
+        };
+        let o = attention(q, k, v, mask, None, AttentionModuleOptions::default());
+        let o = o.swap_dims(1, 2).reshape([b, n, d]);
+        let x = x + self.proj.forward(o);
+        let m = self
+            .fc2
+            .forward(gelu(self.fc1.forward(self.norm2.forward(x.clone()))));
+        x + m
+    }
+}

@@ -1,0 +1,456 @@
+//! Synthetic moving-shapes videos with ground truth.
+//!
+//! Circles, squares and triangles in several colours move in straight lines, bounce off the
+//! walls, optionally fall under gravity, and pass behind an occluding bar. Every frame's object
+//! positions and velocities are recorded, so frozen-encoder probes can test whether an encoder
+//! understood *motion* (velocity cannot be read from a single frame). A violation can be injected
+//! at frame `k` (vanish, teleport, change shape or colour) to build matched possible/impossible
+//! pairs for the surprise detector.
+//!
+//! Coordinates are in units of the frame side (0..1), velocities in frame sides per frame.
+
+use serde::{Deserialize, Serialize};
+
+use crate::rng::Rng;
+
+/// Shapes the generator draws.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Shape {
+    /// A disc.
+    Circle,
+    /// An axis-aligned square.
+    Square,
+    /// An upward-pointing triangle.
+    Triangle,
+}
+
+impl Shape {
+    /// All shapes, in label order.
+    pub const ALL: [Shape; 3] = [Shape::Circle, Shape::Square, Shape::Triangle];
+
+    /// Class index for probes.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The palette, in label order: (name, RGB).
+pub const COLOURS: [(&str, [u8; 3]); 5] = [
+    ("red", [230, 50, 40]),
+    ("green", [40, 200, 70]),
+    ("blue", [50, 90, 240]),
+    ("yellow", [240, 220, 40]),
+    ("magenta", [220, 60, 220]),
+];
+
+/// A law of physics broken on purpose at some frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ViolationKind {
+    /// The object disappears in plain view.
+    Vanish,
+    /// The object jumps to another place.
+    Teleport,
+    /// The object becomes another shape.
+    ShapeChange,
+    /// The object becomes another colour.
+    ColourChange,
+}
+
+impl ViolationKind {
+    /// All kinds.
+    pub const ALL: [ViolationKind; 4] = [
+        ViolationKind::Vanish,
+        ViolationKind::Teleport,
+        ViolationKind::ShapeChange,
+        ViolationKind::ColourChange,
+    ];
+}
+
+/// A violation injected at a frame of a video.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Violation {
+    /// What breaks.
+    pub kind: ViolationKind,
+    /// The first frame where the video differs from its possible twin.
+    pub frame: usize,
+}
+
+/// How videos are generated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SynthConfig {
+    /// Frame side in pixels (frames are square).
+    pub size: usize,
+    /// Frames per video.
+    pub frames: usize,
+    /// Objects per video are drawn uniformly in `1..=max_objects`.
+    pub max_objects: usize,
+    /// Probability that a video has gravity.
+    pub gravity_prob: f64,
+    /// Probability that a video has an occluding bar.
+    pub occluder_prob: f64,
+    /// Largest speed, in frame sides per frame.
+    pub max_speed: f64,
+}
+
+impl SynthConfig {
+    /// Videos for a preset's clip size.
+    pub fn for_size(size: usize, frames: usize) -> Self {
+        SynthConfig {
+            size,
+            frames,
+            max_objects: 1,
+            gravity_prob: 0.3,
+            occluder_prob: 0.3,
+            max_speed: 0.06,
+        }
+    }
+}
+
+/// What never changes about an object (unless a violation changes it).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ObjectLabel {
+    /// Its shape at the first frame.
+    pub shape: Shape,
+    /// Index into [`COLOURS`] at the first frame.
+    pub colour: usize,
+    /// Radius in frame sides.
+    pub radius: f32,
+}
+
+/// One object at one frame.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ObjectFrame {
+    /// Centre `[x, y]`, frame sides, y downwards.
+    pub pos: [f32; 2],
+    /// Velocity `[vx, vy]` over the next frame, frame sides per frame.
+    pub vel: [f32; 2],
+    /// Drawn in this frame (false when hidden behind the occluder or vanished).
+    pub visible: bool,
+}
+
+/// Ground truth of one video.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VideoLabels {
+    /// One entry per object.
+    pub objects: Vec<ObjectLabel>,
+    /// `frames[f][o]`: object `o` at frame `f`.
+    pub frames: Vec<Vec<ObjectFrame>>,
+    /// Whether gravity acts.
+    pub gravity: bool,
+    /// The occluding bar's horizontal extent `[x0, x1]`, if any.
+    pub occluder: Option<[f32; 2]>,
+    /// The injected violation, if this is the impossible twin of a pair.
+    pub violation: Option<Violation>,
+}
+
+/// A generated video: RGB frames, row-major `[frame][y][x][rgb]`, and its labels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SynthVideo {
+    /// Frame side in pixels.
+    pub size: usize,
+    /// `frames * size * size * 3` bytes.
+    pub pixels: Vec<u8>,
+    /// Ground truth.
+    pub labels: VideoLabels,
+}
+
+impl SynthVideo {
+    /// Number of frames.
+    pub fn frames(&self) -> usize {
+        self.labels.frames.len()
+    }
+
+    /// The RGB bytes of frame `f`.
+    pub fn frame(&self, f: usize) -> &[u8] {
+        let n = self.size * self.size * 3;
+        &self.pixels[f * n..(f + 1) * n]
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Body {
+    shape: Shape,
+    colour: usize,
+    radius: f32,
+    pos: [f32; 2],
+    vel: [f32; 2],
+    vanished: bool,
+}
+
+const GRAVITY: f32 = 0.004;
+const BACKGROUND: [u8; 3] = [24, 24, 28];
+const OCCLUDER: [u8; 3] = [150, 150, 150];
+
+/// Generates the video of `seed` (a possible video).
+pub fn generate(cfg: &SynthConfig, seed: u64) -> SynthVideo {
+    generate_with(cfg, seed, None)
+}
+
+/// Generates the possible video of `seed` and its impossible twin: identical up to frame `k`
+/// (drawn in the middle third), after which the twin breaks a law of the given kind.
+pub fn generate_pair(
+    cfg: &SynthConfig,
+    seed: u64,
+    kind: ViolationKind,
+) -> (SynthVideo, SynthVideo) {
+    let mut rng = Rng::derive(seed, &[0x7a1d]);
+    let lo = cfg.frames / 3;
+    let hi = (2 * cfg.frames / 3).max(lo + 1);
+    let frame = lo + rng.below(hi - lo);
+    let possible = generate_with(cfg, seed, None);
+    let impossible = generate_with(cfg, seed, Some(Violation { kind, frame }));
+    (possible, impossible)
+}
+
+fn generate_with(cfg: &SynthConfig, seed: u64, violation: Option<Violation>) -> SynthVideo {
+    let mut rng = Rng::new(seed);
+    let n_obj = 1 + rng.below(cfg.max_objects.max(1));
+    let gravity = rng.uniform() < cfg.gravity_prob;
+    let occluder = if rng.uniform() < cfg.occluder_prob {
+        let x0 = rng.range_f64(0.3, 0.6) as f32;
+        Some([x0, x0 + 0.12])
+    } else {
+        None
+    };
+    let mut bodies: Vec<Body> = (0..n_obj)
+        .map(|_| {
+            let radius = rng.range_f64(0.09, 0.16) as f32;
+            let speed = rng.range_f64(0.3, 1.0) * cfg.max_speed;
+            let angle = rng.range_f64(0.0, std::f64::consts::TAU);
+            Body {
+                shape: Shape::ALL[rng.below(3)],
+                colour: rng.below(COLOURS.len()),
+                radius,
+                pos: [
+                    rng.range_f64(radius as f64, 1.0 - radius as f64) as f32,
+                    rng.range_f64(radius as f64, 1.0 - radius as f64) as f32,
+                ],
+                vel: [(speed * angle.cos()) as f32, (speed * angle.sin()) as f32],
+                vanished: false,
+            }
+        })
+        .collect();
+    // The violation's own random choices come from a separate stream so that the twin's
+    // possible part is bit-identical to the possible video.
+    let mut vrng = Rng::derive(seed, &[0x51de]);
+
+    let objects = bodies
+        .iter()
+        .map(|b| ObjectLabel {
+            shape: b.shape,
+            colour: b.colour,
+            radius: b.radius,
+        })
+        .collect();
+    let px = cfg.size * cfg.size * 3;
+    let mut pixels = vec![0u8; cfg.frames * px];
+    let mut frames = Vec::with_capacity(cfg.frames);
+    for f in 0..cfg.frames {
+        if let Some(v) = violation
+            && v.frame == f
+        {
+            let b = &mut bodies[0];
+            match v.kind {
+                ViolationKind::Vanish => b.vanished = true,
+                ViolationKind::Teleport => {
+                    // Jump at least a third of the frame away, staying inside it.
+                    let r = b.radius;
+                    loop {
+                        let p = [
+                            vrng.range_f64(r as f64, 1.0 - r as f64) as f32,
+                            vrng.range_f64(r as f64, 1.0 - r as f64) as f32,
+                        ];
+                        if ((p[0] - b.pos[0]).powi(2) + (p[1] - b.pos[1]).powi(2)).sqrt() > 0.33 {
+                            b.pos = p;
+                            break;
+                        }
+                    }
+                }
+                ViolationKind::ShapeChange => {
+                    b.shape = Shape::ALL[(b.shape.index() + 1 + vrng.below(2)) % 3]
+                }
+                ViolationKind::ColourChange => {
+                    b.colour = (b.colour + 1 + vrng.below(COLOURS.len() - 1)) % COLOURS.len()
+                }
+            }
+        }
+        // Vanishing is only a violation if the object was in plain view; keep the label honest.
+        let record: Vec<ObjectFrame> = bodies
+            .iter()
+            .map(|b| ObjectFrame {
+                pos: b.pos,
+                vel: b.vel,
+                visible: !b.vanished && !hidden_by(occluder, b),
+            })
+            .collect();
+        render(
+            &mut pixels[f * px..(f + 1) * px],
+            cfg.size,
+            &bodies,
+            occluder,
+        );
+        frames.push(record);
+        for b in &mut bodies {
+            step(b, gravity);
+        }
+    }
+    SynthVideo {
+        size: cfg.size,
+        pixels,
+        labels: VideoLabels {
+            objects,
+            frames,
+            gravity,
+            occluder,
+            violation,
+        },
+    }
+}
+
+fn hidden_by(occluder: Option<[f32; 2]>, b: &Body) -> bool {
+    occluder.is_some_and(|[x0, x1]| b.pos[0] - b.radius >= x0 && b.pos[0] + b.radius <= x1)
+}
+
+fn step(b: &mut Body, gravity: bool) {
+    if gravity {
+        b.vel[1] += GRAVITY;
+    }
+    for axis in 0..2 {
+        b.pos[axis] += b.vel[axis];
+        if b.pos[axis] < b.radius {
+            b.pos[axis] = 2.0 * b.radius - b.pos[axis];
+            b.vel[axis] = b.vel[axis].abs();
+        } else if b.pos[axis] > 1.0 - b.radius {
+            b.pos[axis] = 2.0 * (1.0 - b.radius) - b.pos[axis];
+            b.vel[axis] = -b.vel[axis].abs();
+        }
+    }
+}
+
+/// Whether point `(x, y)` (frame sides) lies inside the body.
+fn covers(b: &Body, x: f32, y: f32) -> bool {
+    let dx = x - b.pos[0];
+    let dy = y - b.pos[1];
+    let r = b.radius;
+    match b.shape {
+        Shape::Circle => dx * dx + dy * dy <= r * r,
+        Shape::Square => dx.abs() <= r * 0.85 && dy.abs() <= r * 0.85,
+        Shape::Triangle => {
+            // Apex at the top, base at the bottom, inside the circumscribed circle.
+            let top = -r;
+            let bottom = r * 0.6;
+            if dy < top || dy > bottom {
+                return false;
+            }
+            let half_width = (dy - top) / (bottom - top) * r * 0.95;
+            dx.abs() <= half_width
+        }
+    }
+}
+
+/// Renders one frame with 2x2 supersampling.
+fn render(out: &mut [u8], size: usize, bodies: &[Body], occluder: Option<[f32; 2]>) {
+    const SUB: [f32; 2] = [0.25, 0.75];
+    let inv = 1.0 / size as f32;
+    for py in 0..size {
+        for px in 0..size {
+            let mut acc = [0u32; 3];
+            for sy in SUB {
+                for sx in SUB {
+                    let x = (px as f32 + sx) * inv;
+                    let y = (py as f32 + sy) * inv;
+                    let mut colour = BACKGROUND;
+                    for b in bodies.iter().filter(|b| !b.vanished) {
+                        if covers(b, x, y) {
+                            colour = COLOURS[b.colour].1;
+                        }
+                    }
+                    if let Some([x0, x1]) = occluder
+                        && x >= x0
+                        && x <= x1
+                    {
+                        colour = OCCLUDER;
+                    }
+                    for c in 0..3 {
+                        acc[c] += colour[c] as u32;
+                    }
+                }
+            }
+            let o = (py * size + px) * 3;
+            for c in 0..3 {
+                out[o + c] = (acc[c] / 4) as u8;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> SynthConfig {
+        SynthConfig::for_size(32, 8)
+    }
+
+    #[test]
+    fn deterministic_and_seeds_differ() {
+        assert_eq!(generate(&cfg(), 3), generate(&cfg(), 3));
+        assert_ne!(generate(&cfg(), 3).pixels, generate(&cfg(), 4).pixels);
+    }
+
+    #[test]
+    fn objects_stay_inside_and_move_with_their_velocity() {
+        for seed in 0..50 {
+            let v = generate(&cfg(), seed);
+            assert_eq!(v.pixels.len(), 8 * 32 * 32 * 3);
+            for w in v.labels.frames.windows(2) {
+                for (a, b) in w[0].iter().zip(&w[1]) {
+                    for axis in 0..2 {
+                        assert!((0.0..=1.0).contains(&a.pos[axis]));
+                        // Without a bounce, the next position is pos + vel (+ gravity).
+                        let moved = b.pos[axis] - a.pos[axis];
+                        assert!(
+                            (moved - a.vel[axis]).abs() < 0.02 || a.vel[axis] * b.vel[axis] <= 0.0
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn an_object_is_drawn_in_its_colour() {
+        let v = generate(
+            &SynthConfig {
+                occluder_prob: 0.0,
+                max_objects: 1,
+                ..cfg()
+            },
+            9,
+        );
+        let o = &v.labels.frames[0][0];
+        let (x, y) = ((o.pos[0] * 32.0) as usize, (o.pos[1] * 32.0) as usize);
+        let p = &v.frame(0)[(y * 32 + x) * 3..][..3];
+        assert_eq!(p, COLOURS[v.labels.objects[0].colour].1);
+    }
+
+    #[test]
+    fn pairs_are_identical_until_the_violation_frame() {
+        for (i, kind) in ViolationKind::ALL.into_iter().enumerate() {
+            let (a, b) = generate_pair(&cfg(), 100 + i as u64, kind);
+            let k = b
+                .labels
+                .violation
+                .expect("twin records its violation")
+                .frame;
+            assert!((1..8).contains(&k));
+            for f in 0..k {
+                assert_eq!(a.frame(f), b.frame(f), "{kind:?} differs before frame {k}");
+            }
+            let differs = (k..8).any(|f| a.frame(f) != b.frame(f));
+            assert!(differs, "{kind:?} never differs");
+        }
+    }
+}

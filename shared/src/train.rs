@@ -1,0 +1,378 @@
+//! One V-JEPA training step, and the trainer that owns the model, its EMA target and AdamW.
+//!
+//! A step: the target encoder (EMA, no gradients) encodes the whole clip and its outputs are
+//! layer-normed; for each mask set, the encoder sees the context tokens, the predictor
+//! regresses the target tokens' features, and the L1 loss is taken; the losses of the sets are
+//! averaged; AdamW updates encoder and predictor; the EMA pulls the target towards the encoder.
+//!
+//! With the `vicreg` objective the targets are the online encoder's own features (stop
+//! gradient) and VICReg on the pooled context features of the two first mask sets keeps them
+//! from collapsing; no EMA runs.
+
+use burn::module::Module;
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use crate::config::{Config, Objective};
+use crate::ema::ema_update;
+use crate::flat::{LengthMismatch, ParamLayout, init_params, load_flat, to_flat};
+use crate::loss::{l1, vicreg};
+use crate::mask::{MaskBatch, MultiBlockMasker};
+use crate::model::{Encoder, Jepa, gather_tokens, layer_norm_plain, tubelet};
+use crate::optim::{AdamW, Schedule};
+use crate::probe::{feature_std, rankme};
+
+/// A batch of clips as tubelet patch vectors, ready for the encoder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClipBatch {
+    /// Clips in the batch.
+    pub batch: usize,
+    /// Tokens per clip.
+    pub tokens: usize,
+    /// Values per token.
+    pub patch_dim: usize,
+    /// `batch * tokens * patch_dim` normalised values.
+    pub patches: Vec<f32>,
+}
+
+impl ClipBatch {
+    /// Patchifies RGB clips (`frames x size x size x 3` bytes each).
+    pub fn from_clips<'a>(
+        clips: impl IntoIterator<Item = &'a [u8]>,
+        model: &crate::config::ModelConfig,
+    ) -> Self {
+        let mut patches = Vec::new();
+        let mut batch = 0;
+        for clip in clips {
+            tubelet::patchify(clip, model, &mut patches);
+            batch += 1;
+        }
+        ClipBatch {
+            batch,
+            tokens: model.tokens(),
+            patch_dim: model.patch_dim(),
+            patches,
+        }
+    }
+
+    /// The batch as a `[B, N, P]` tensor on `device`.
+    pub fn tensor(&self, device: &Device) -> Tensor<3> {
+        Tensor::from_data(
+            TensorData::new(
+                self.patches.clone(),
+                [self.batch, self.tokens, self.patch_dim],
+            ),
+            device,
+        )
+    }
+}
+
+/// What one step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    /// The step index (0-based) this was.
+    pub step: u64,
+    /// The prediction loss (L1), averaged over mask sets.
+    pub loss: f64,
+    /// The L1 a constant predictor (the batch mean of the targets) would reach: a loss near
+    /// this means the predictor learned nothing beyond the mean.
+    pub mean_baseline: f64,
+    /// The VICReg term (0 with the EMA objective).
+    pub vicreg: f64,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// EMA momentum used.
+    pub ema: f64,
+}
+
+/// Collapse telemetry of the target encoder on a set of clips.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Telemetry {
+    /// Mean over dimensions of the per-dimension std of token features.
+    pub feature_std: f64,
+    /// Smallest per-dimension std.
+    pub feature_std_min: f64,
+    /// RankMe effective rank of the clip-pooled embeddings.
+    pub rankme: f64,
+}
+
+/// Owns everything a local V-JEPA run needs.
+pub struct Trainer {
+    config: Config,
+    model: Jepa,
+    target: Encoder,
+    optim: AdamW,
+    masker: MultiBlockMasker,
+    step: u64,
+    device: Device,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("preset", &self.config.preset)
+            .field("step", &self.step)
+            .finish()
+    }
+}
+
+fn int_tensor(values: &[u32], shape: [usize; 2], device: &Device) -> Tensor<2, Int> {
+    let v: Vec<i64> = values.iter().map(|&x| x as i64).collect();
+    Tensor::from_data(TensorData::new(v, shape), device)
+}
+
+impl Trainer {
+    /// A fresh run: parameters initialised from `config.train.seed`, target = encoder.
+    /// `device` is a plain (non-autodiff) device; the trainer adds autodiff itself.
+    pub fn new(config: Config, device: &Device) -> Self {
+        let layout = ParamLayout::of(&Jepa::new(&config.model, device));
+        let flat = init_params(&layout, config.train.seed);
+        Self::from_flat(config, &flat, None, device).expect("layout built from the same config")
+    }
+
+    /// A run from given parameters (`model` in the [`Jepa`] layout, `target` in the
+    /// [`Encoder`] layout; `None` copies the encoder).
+    pub fn from_flat(
+        config: Config,
+        model: &[f32],
+        target: Option<&[f32]>,
+        device: &Device,
+    ) -> Result<Self, LengthMismatch> {
+        let ad = device.clone().autodiff();
+        let jepa = load_flat(Jepa::new(&config.model, &ad), model)?;
+        let target_enc = match target {
+            Some(t) => load_flat(Encoder::new(&config.model, device), t)?,
+            None => jepa.encoder.valid(),
+        };
+        let masker = MultiBlockMasker::new(
+            config.model.grid(),
+            config.train.masks.clone(),
+            config.train.seed,
+        );
+        Ok(Trainer {
+            optim: AdamW::new(&config.train),
+            config,
+            model: jepa,
+            target: target_enc,
+            masker,
+            step: 0,
+            device: device.clone(),
+        })
+    }
+
+    /// The run's config.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Steps taken.
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// Sets the step counter (schedules and masks follow it), e.g. when resuming.
+    pub fn set_step(&mut self, step: u64) {
+        self.step = step;
+    }
+
+    /// The device (without autodiff) the run lives on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The trainable parameters as a flat vector ([`Jepa`] layout).
+    pub fn model_flat(&self) -> Vec<f32> {
+        to_flat(&self.model)
+    }
+
+    /// The target encoder's parameters as a flat vector ([`Encoder`] layout).
+    pub fn target_flat(&self) -> Vec<f32> {
+        to_flat(&self.target)
+    }
+
+    /// Replaces the trainable parameters (the inner optimiser state is kept).
+    pub fn load_model_flat(&mut self, flat: &[f32]) -> Result<(), LengthMismatch> {
+        let model = std::mem::replace(&mut self.model, Jepa::new(&self.config.model, &self.device));
+        self.model = load_flat(model, flat)?;
+        Ok(())
+    }
+
+    /// Replaces the target encoder's parameters.
+    pub fn load_target_flat(&mut self, flat: &[f32]) -> Result<(), LengthMismatch> {
+        let target = std::mem::replace(
+            &mut self.target,
+            Encoder::new(&self.config.model, &self.device),
+        );
+        self.target = load_flat(target, flat)?;
+        Ok(())
+    }
+
+    /// The target encoder (what releases ship and probes evaluate).
+    pub fn target(&self) -> &Encoder {
+        &self.target
+    }
+
+    /// The trainable model.
+    pub fn model(&self) -> &Jepa {
+        &self.model
+    }
+
+    /// One optimiser step on `batch`.
+    pub fn step(&mut self, batch: &ClipBatch) -> StepStats {
+        let cfg = &self.config.train;
+        let schedule = Schedule::at(cfg, self.step);
+        let ad = self.device.clone().autodiff();
+        let b = batch.batch;
+        let patches = batch.tensor(&ad);
+        let masks = self.masker.sample(self.step, b);
+
+        // Targets: layer-normed features of the whole clip, without gradients.
+        let full = match cfg.objective {
+            Objective::Ema => self.target.forward(batch.tensor(&self.device), None),
+            Objective::Vicreg => self
+                .model
+                .encoder
+                .valid()
+                .forward(batch.tensor(&self.device), None),
+        };
+        let h = layer_norm_plain(full);
+
+        let mut pred_loss: Option<Tensor<1>> = None;
+        let mut baseline: Option<Tensor<1>> = None;
+        let mut pooled = Vec::new();
+        for m in &masks {
+            let (ctx, tgt) = mask_tensors(m, &ad);
+            let h_t = gather_tokens(h.clone(), tgt.clone().inner());
+            let mean = h_t.clone().mean_dim(1).mean_dim(0);
+            let base = (h_t.clone() - mean).abs().mean();
+            let h_t = Tensor::from_inner(h_t);
+            let z = self
+                .model
+                .encoder
+                .forward(patches.clone(), Some(ctx.clone()));
+            if cfg.objective == Objective::Vicreg {
+                pooled.push(z.clone().mean_dim(1).squeeze_dim::<2>(1));
+            }
+            let pred = self.model.predictor.forward(z, ctx, tgt);
+            let loss = l1(pred, h_t);
+            pred_loss = Some(match pred_loss {
+                Some(acc) => acc + loss,
+                None => loss,
+            });
+            baseline = Some(match baseline {
+                Some(acc) => acc + base,
+                None => base,
+            });
+        }
+        let sets = masks.len() as f64;
+        let pred_loss = pred_loss.expect("at least one mask set") / sets;
+        let mut loss = pred_loss.clone();
+        let mut vicreg_value = 0.0;
+        if cfg.objective == Objective::Vicreg && pooled.len() >= 2 {
+            let mut views = pooled.into_iter();
+            let (a, c) = (
+                views.next().expect("two views"),
+                views.next().expect("two views"),
+            );
+            let v = vicreg(a, c, cfg.vicreg);
+            vicreg_value = v.total.clone().into_scalar::<f32>() as f64;
+            loss = loss + v.total;
+        }
+        let loss_value: f32 = pred_loss.clone().inner().into_scalar();
+        let base_value: f32 = (baseline.expect("at least one mask set") / sets).into_scalar();
+
+        let grads = GradientsParams::from_grads(loss.backward(), &self.model);
+        let model = std::mem::replace(&mut self.model, Jepa::new(&self.config.model, &self.device));
+        let (model, info) = self.optim.step(model, grads, schedule);
+        self.model = model;
+        if cfg.objective == Objective::Ema {
+            let target = std::mem::replace(
+                &mut self.target,
+                Encoder::new(&self.config.model, &self.device),
+            );
+            self.target = ema_update(target, &self.model.encoder, schedule.ema);
+        }
+        let stats = StepStats {
+            step: self.step,
+            loss: loss_value as f64,
+            mean_baseline: base_value as f64,
+            vicreg: vicreg_value,
+            grad_norm: info.grad_norm,
+            lr: schedule.lr,
+            ema: schedule.ema,
+        };
+        self.step += 1;
+        stats
+    }
+
+    /// Clip embeddings of the target encoder, mean-pooled over tokens: `batch x width`.
+    pub fn pooled_features(&self, batch: &ClipBatch) -> Vec<f32> {
+        let z = self.target.forward(batch.tensor(&self.device), None);
+        z.mean_dim(1)
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .expect("float tensors convert to f32")
+    }
+
+    /// Collapse telemetry of the target encoder on `batch` (use a few hundred clips: RankMe
+    /// cannot exceed the number of clips).
+    pub fn telemetry(&self, batch: &ClipBatch) -> Telemetry {
+        let d = self.config.model.width;
+        let z = self.target.forward(batch.tensor(&self.device), None);
+        let tokens: Vec<f64> = z
+            .clone()
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .expect("float tensors convert to f32")
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        let (std, std_min) = feature_std(&tokens, tokens.len() / d, d);
+        let pooled: Vec<f64> = z
+            .mean_dim(1)
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .expect("float tensors convert to f32")
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        Telemetry {
+            feature_std: std,
+            feature_std_min: std_min,
+            rankme: rankme(&pooled, batch.batch, d),
+        }
+    }
+
+    /// Per-clip prediction energy: the mean L1 error of the predictor on the `target` tokens from
+    /// the `context` tokens, against the layer-normed target-encoder features. Low energy means
+    /// the clip is what the model expects.
+    pub fn energy(&self, batch: &ClipBatch, context: &[u32], target: &[u32]) -> Vec<f32> {
+        let b = batch.batch;
+        let patches = batch.tensor(&self.device);
+        let h = layer_norm_plain(self.target.forward(patches.clone(), None));
+        let rep = |idx: &[u32]| {
+            let all: Vec<u32> = (0..b).flat_map(|_| idx.iter().copied()).collect();
+            int_tensor(&all, [b, idx.len()], &self.device)
+        };
+        let (ctx, tgt) = (rep(context), rep(target));
+        let model = self.model.valid();
+        let pred = model.predict(patches, ctx, tgt.clone());
+        let h_t = gather_tokens(h, tgt);
+        (pred - h_t)
+            .abs()
+            .mean_dim(2)
+            .mean_dim(1)
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .expect("float tensors convert to f32")
+    }
+}
+
+fn mask_tensors(m: &MaskBatch, device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>) {
+    (
+        int_tensor(&m.context, [m.batch, m.n_context], device),
+        int_tensor(&m.target, [m.batch, m.n_target], device),
+    )
+}
