@@ -1,5 +1,7 @@
 //! The command line: one clap subcommand per user task.
 
+use std::path::PathBuf;
+
 use anyhow::{Result, bail};
 use clap::{Args, Parser, Subcommand};
 
@@ -43,7 +45,7 @@ pub enum Command {
     /// Collect trajectories, train the action-conditioned world model and plan with it.
     Plan(NotBuilt),
     /// Run a benchmark beside its baseline and print the ratios (last line: JSON).
-    Bench(NotBuilt),
+    Bench(BenchArgs),
     /// Manage the operator's certificate authority, institution certificates and release keys.
     Ca(NotBuilt),
 }
@@ -54,6 +56,46 @@ pub struct NotBuilt {
     /// Arguments for the future implementation (ignored for now).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
     pub args: Vec<String>,
+}
+
+/// `amity bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub bench: Bench,
+}
+
+/// The benchmarks. Each prints its baseline beside it; the last stdout line is JSON.
+#[derive(Debug, Subcommand)]
+pub enum Bench {
+    /// Median V-JEPA training step against the PyTorch reference on the same shapes.
+    TrainStep(TrainStepArgs),
+}
+
+/// `amity bench train-step`.
+#[derive(Debug, Args)]
+pub struct TrainStepArgs {
+    /// Model preset.
+    #[arg(long, default_value = "tiny")]
+    pub preset: String,
+    /// Clips per step (default: the preset's).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Timed steps.
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// Untimed warm-up steps.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// The fixed PyTorch reference script.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/bench/torch_vjepa.py"))]
+    pub torch_script: PathBuf,
+    /// Python with PyTorch (default: $AMITY_BENCH_PYTHON, the setup-torch.sh venv, python3).
+    #[arg(long)]
+    pub python: Option<PathBuf>,
+    /// Skip the PyTorch reference.
+    #[arg(long)]
+    pub no_torch: bool,
 }
 
 /// `amity worker`.
@@ -85,7 +127,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Embed(_) => not_built("embed", "open releases"),
         Command::Surprise(_) => not_built("surprise", "the planner and surprise detector"),
         Command::Plan(_) => not_built("plan", "the planner and surprise detector"),
-        Command::Bench(_) => not_built("bench", "the benchmarks of each component"),
+        Command::Bench(args) => bench(args),
         Command::Ca(_) => not_built("ca", "the protocol's identity and trust"),
     }
 }
@@ -111,4 +153,50 @@ fn not_built(command: &str, issue: &str) -> Result<()> {
         "`amity {command}` is not built yet (it arrives with the issue on {issue}); \
          nothing was done"
     )
+}
+
+fn bench(args: BenchArgs) -> Result<()> {
+    match args.bench {
+        Bench::TrainStep(a) => {
+            use amity_shared::bench::{TrainStepOptions, find_torch_python, train_step};
+            let (torch_script, python) = if a.no_torch {
+                (None, None)
+            } else if !a.torch_script.exists() {
+                eprintln!(
+                    "torch: reference script {} not found; torch_ms is null",
+                    a.torch_script.display()
+                );
+                (None, None)
+            } else {
+                (Some(a.torch_script), a.python.or_else(find_torch_python))
+            };
+            let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+            let report = train_step(&TrainStepOptions {
+                preset: a.preset,
+                batch: a.batch,
+                steps: a.steps,
+                warmup: a.warmup,
+                torch_script,
+                python,
+                threads,
+            })?;
+            if let Some(ratio) = report.ratio {
+                println!(
+                    "train-step {}: amity {:.2} ms, torch {:.2} ms, ratio {:.2}x (full 2-set step {:.2} ms)",
+                    report.preset,
+                    report.amity_ms,
+                    report.torch_ms.unwrap_or(f64::NAN),
+                    ratio,
+                    report.amity_full_step_ms
+                );
+            } else {
+                println!(
+                    "train-step {}: amity {:.2} ms (full 2-set step {:.2} ms), no torch baseline",
+                    report.preset, report.amity_ms, report.amity_full_step_ms
+                );
+            }
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
+    }
 }

@@ -71,7 +71,6 @@ const NOT_BUILT: &[&str] = &[
     "embed",
     "surprise",
     "plan",
-    "bench",
     "ca",
 ];
 

@@ -253,9 +253,10 @@ impl Config {
             other => return Err(ConfigError::UnknownPreset(other.to_owned())),
         };
         let mut train = match name {
-            // Short CPU runs need a faster EMA than the paper's 0.998.
+            // Short CPU runs need a faster EMA than the paper's 0.998 (0.99 collapsed in our
+            // measurements; 0.996 did not) and a higher peak learning rate.
             "tiny" => TrainConfig {
-                ema_start: 0.99,
+                ema_start: 0.996,
                 lr: 1e-3,
                 ..TrainConfig::vjepa(2000, 32)
             },

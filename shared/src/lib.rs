@@ -7,10 +7,12 @@
 //! Reading order: [`config`] (presets), [`model`] (encoder, predictor), [`mask`] (multi-block
 //! tube masks), [`flat`] (the flat parameter view), then training pieces.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod device;
 pub mod ema;
+pub mod eval;
 pub mod flat;
 pub mod linalg;
 pub mod loss;

@@ -92,6 +92,10 @@ pub struct SynthConfig {
     pub occluder_prob: f64,
     /// Largest speed, in frame sides per frame.
     pub max_speed: f64,
+    /// Object radius range, in frame sides.
+    pub radius: (f64, f64),
+    /// Whether each video gets its own static colour-gradient background (else flat dark).
+    pub textured_background: bool,
 }
 
 impl SynthConfig {
@@ -104,6 +108,8 @@ impl SynthConfig {
             gravity_prob: 0.3,
             occluder_prob: 0.3,
             max_speed: 0.06,
+            radius: (0.12, 0.2),
+            textured_background: true,
         }
     }
 }
@@ -216,7 +222,7 @@ fn generate_with(cfg: &SynthConfig, seed: u64, violation: Option<Violation>) -> 
     };
     let mut bodies: Vec<Body> = (0..n_obj)
         .map(|_| {
-            let radius = rng.range_f64(0.09, 0.16) as f32;
+            let radius = rng.range_f64(cfg.radius.0, cfg.radius.1) as f32;
             let speed = rng.range_f64(0.3, 1.0) * cfg.max_speed;
             let angle = rng.range_f64(0.0, std::f64::consts::TAU);
             Body {
@@ -235,6 +241,11 @@ fn generate_with(cfg: &SynthConfig, seed: u64, violation: Option<Violation>) -> 
     // The violation's own random choices come from a separate stream so that the twin's
     // possible part is bit-identical to the possible video.
     let mut vrng = Rng::derive(seed, &[0x51de]);
+    let background = if cfg.textured_background {
+        Background::random(&mut Rng::derive(seed, &[0xb6]))
+    } else {
+        Background::flat(BACKGROUND)
+    };
 
     let objects = bodies
         .iter()
@@ -290,6 +301,7 @@ fn generate_with(cfg: &SynthConfig, seed: u64, violation: Option<Violation>) -> 
             cfg.size,
             &bodies,
             occluder,
+            &background,
         );
         frames.push(record);
         for b in &mut bodies {
@@ -350,8 +362,47 @@ fn covers(b: &Body, x: f32, y: f32) -> bool {
     }
 }
 
+/// A static background: a base colour plus a linear gradient, dark enough for the objects to
+/// stand out.
+#[derive(Debug, Clone, Copy)]
+struct Background {
+    base: [f32; 3],
+    dx: [f32; 3],
+    dy: [f32; 3],
+}
+
+impl Background {
+    fn flat(c: [u8; 3]) -> Self {
+        Background {
+            base: c.map(f32::from),
+            dx: [0.0; 3],
+            dy: [0.0; 3],
+        }
+    }
+
+    fn random(rng: &mut Rng) -> Self {
+        let mut ch = || rng.range_f64(-40.0, 40.0) as f32;
+        let dx = [ch(), ch(), ch()];
+        let dy = [ch(), ch(), ch()];
+        let base = [0, 1, 2].map(|_| rng.range_f64(30.0, 80.0) as f32);
+        Background { base, dx, dy }
+    }
+
+    fn at(&self, x: f32, y: f32) -> [u8; 3] {
+        std::array::from_fn(|c| {
+            (self.base[c] + self.dx[c] * (x - 0.5) + self.dy[c] * (y - 0.5)).clamp(0.0, 255.0) as u8
+        })
+    }
+}
+
 /// Renders one frame with 2x2 supersampling.
-fn render(out: &mut [u8], size: usize, bodies: &[Body], occluder: Option<[f32; 2]>) {
+fn render(
+    out: &mut [u8],
+    size: usize,
+    bodies: &[Body],
+    occluder: Option<[f32; 2]>,
+    background: &Background,
+) {
     const SUB: [f32; 2] = [0.25, 0.75];
     let inv = 1.0 / size as f32;
     for py in 0..size {
@@ -361,7 +412,7 @@ fn render(out: &mut [u8], size: usize, bodies: &[Body], occluder: Option<[f32; 2
                 for sx in SUB {
                     let x = (px as f32 + sx) * inv;
                     let y = (py as f32 + sy) * inv;
-                    let mut colour = BACKGROUND;
+                    let mut colour = background.at(x, y);
                     for b in bodies.iter().filter(|b| !b.vanished) {
                         if covers(b, x, y) {
                             colour = COLOURS[b.colour].1;

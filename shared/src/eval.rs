@@ -1,0 +1,121 @@
+//! The standard frozen-encoder evaluation on the synthetic moving-shapes world.
+//!
+//! Probes are fitted on one set of videos and scored on another (disjoint seeds): velocity and
+//! position (R²), shape and colour (accuracy), all from [`Trainer::probe_features`]. The same
+//! suite runs on a randomly initialised encoder for the baseline a number must be read against.
+
+use serde::Serialize;
+
+use crate::probe::{ProbeKind, probe};
+use crate::synth::{COLOURS, SynthConfig, SynthVideo, generate};
+use crate::train::{ClipBatch, Telemetry, Trainer};
+
+/// Videos for probing: a fitting split and a scoring split.
+#[derive(Debug, Clone)]
+pub struct ProbeSet {
+    /// Videos the probes are fitted on.
+    pub train: Vec<SynthVideo>,
+    /// Held-out videos the probes are scored on.
+    pub test: Vec<SynthVideo>,
+}
+
+impl ProbeSet {
+    /// `n_train` and `n_test` videos from seed ranges no training set uses
+    /// (`10^8 + i` and `2 * 10^8 + i`).
+    pub fn synthetic(cfg: &SynthConfig, n_train: usize, n_test: usize) -> Self {
+        ProbeSet {
+            train: (0..n_train as u64)
+                .map(|i| generate(cfg, 100_000_000 + i))
+                .collect(),
+            test: (0..n_test as u64)
+                .map(|i| generate(cfg, 200_000_000 + i))
+                .collect(),
+        }
+    }
+}
+
+/// Probe scores of one encoder.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct ProbeReport {
+    /// R² of the clip's mean velocity of the first object.
+    pub velocity_r2: f64,
+    /// R² of the clip's mean position of the first object.
+    pub position_r2: f64,
+    /// Accuracy of the first object's shape (chance 1/3).
+    pub shape_acc: f64,
+    /// Accuracy of the first object's colour (chance 1/5).
+    pub colour_acc: f64,
+}
+
+/// Probe targets of one video: mean velocity, mean position, shape one-hot, colour one-hot.
+fn targets(v: &SynthVideo) -> ([f64; 2], [f64; 2], [f64; 3], [f64; COLOURS.len()]) {
+    let frames = &v.labels.frames;
+    let n = frames.len() as f64;
+    let mut vel = [0.0; 2];
+    let mut pos = [0.0; 2];
+    for f in frames {
+        for a in 0..2 {
+            vel[a] += f[0].vel[a] as f64 / n;
+            pos[a] += f[0].pos[a] as f64 / n;
+        }
+    }
+    let o = &v.labels.objects[0];
+    let shape = std::array::from_fn(|i| (i == o.shape.index()) as u8 as f64);
+    let colour = std::array::from_fn(|i| (i == o.colour) as u8 as f64);
+    (vel, pos, shape, colour)
+}
+
+struct Columns {
+    features: Vec<f64>,
+    velocity: Vec<f64>,
+    position: Vec<f64>,
+    shape: Vec<f64>,
+    colour: Vec<f64>,
+}
+
+fn columns(trainer: &Trainer, videos: &[SynthVideo]) -> Columns {
+    let model = &trainer.config().model;
+    let mut c = Columns {
+        features: Vec::new(),
+        velocity: Vec::new(),
+        position: Vec::new(),
+        shape: Vec::new(),
+        colour: Vec::new(),
+    };
+    for chunk in videos.chunks(64) {
+        let batch = ClipBatch::from_clips(chunk.iter().map(|v| v.pixels.as_slice()), model);
+        c.features
+            .extend(trainer.probe_features(&batch).into_iter().map(f64::from));
+    }
+    for v in videos {
+        let (vel, pos, shape, colour) = targets(v);
+        c.velocity.extend(vel);
+        c.position.extend(pos);
+        c.shape.extend(shape);
+        c.colour.extend(colour);
+    }
+    c
+}
+
+/// Fits and scores every probe on `trainer`'s target encoder.
+pub fn probe_report(trainer: &Trainer, set: &ProbeSet) -> ProbeReport {
+    let (a, b) = (columns(trainer, &set.train), columns(trainer, &set.test));
+    let d = a.features.len() / set.train.len().max(1);
+    let run = |kind, ya: &[f64], yb: &[f64]| probe(kind, (&a.features, ya), (&b.features, yb), d);
+    ProbeReport {
+        velocity_r2: run(ProbeKind::Regression, &a.velocity, &b.velocity),
+        position_r2: run(ProbeKind::Regression, &a.position, &b.position),
+        shape_acc: run(ProbeKind::Classification, &a.shape, &b.shape),
+        colour_acc: run(ProbeKind::Classification, &a.colour, &b.colour),
+    }
+}
+
+/// Collapse telemetry on the first `n` test videos of a probe set.
+pub fn telemetry(trainer: &Trainer, set: &ProbeSet, n: usize) -> Telemetry {
+    let n = n.min(set.test.len());
+    let batch = ClipBatch::from_clips(
+        set.test[..n].iter().map(|v| v.pixels.as_slice()),
+        &trainer.config().model,
+    );
+    trainer.telemetry(&batch)
+}
