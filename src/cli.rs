@@ -32,8 +32,8 @@ pub enum Command {
     Worker(WorkerArgs),
     /// Synthesise, ingest and inspect video corpora as content-addressed shards.
     Corpus(NotBuilt),
-    /// Train the JEPA on this machine alone, from a shard store or a clip folder.
-    Train(NotBuilt),
+    /// Train the JEPA on this machine alone, from a clip folder or synthetic clips.
+    Train(crate::train_cmd::TrainArgs),
     /// Turn a coordinator checkpoint into a signed release with a model card.
     Release(NotBuilt),
     /// Download a release from a coordinator or a folder and verify every byte and its signature.
@@ -121,7 +121,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Coordinator(_) => not_built("coordinator", "federated training end to end"),
         Command::Worker(args) => worker(args),
         Command::Corpus(_) => not_built("corpus", "video corpora and shards"),
-        Command::Train(_) => not_built("train", "the JEPA core"),
+        Command::Train(args) => crate::train_cmd::run(args),
         Command::Release(_) => not_built("release", "open releases"),
         Command::Fetch(_) => not_built("fetch", "open releases"),
         Command::Embed(_) => not_built("embed", "open releases"),

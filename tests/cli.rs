@@ -65,7 +65,6 @@ const NOT_BUILT: &[&str] = &[
     "demo",
     "coordinator",
     "corpus",
-    "train",
     "release",
     "fetch",
     "embed",

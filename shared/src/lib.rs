@@ -10,6 +10,8 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
+pub mod corpus;
+pub mod data;
 pub mod device;
 pub mod ema;
 pub mod eval;

@@ -1,0 +1,187 @@
+//! `amity train`: V-JEPA pretraining on this machine alone.
+//!
+//! Writes `<out>/checkpoint.safetensors`, `<out>/config.toml` (the exact config: rerun with
+//! `--config` to reproduce) and `<out>/metrics.jsonl` (one line per logged step).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+
+use amity_shared::checkpoint::Checkpoint;
+use amity_shared::config::Config;
+use amity_shared::corpus::clips::ClipSpec;
+use amity_shared::data::ClipSource;
+use amity_shared::device::Backend;
+use amity_shared::eval::{ProbeSet, probe_report, telemetry};
+use amity_shared::synth::SynthConfig;
+use amity_shared::train::Trainer;
+
+/// `amity train`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Model and recipe preset: tiny (CPU), small, vit-l.
+    #[arg(long, default_value = "tiny")]
+    pub preset: String,
+    /// A TOML config (as written to `<out>/config.toml`); overrides --preset.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Optimiser steps (the schedules are laid out over them).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Clips per step.
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Seed of every random choice.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Training data: a folder of frame folders (one sub-folder of .png/.jpg frames per video).
+    /// Without it, fresh synthetic moving-shapes clips are generated.
+    #[arg(long)]
+    pub store: Option<PathBuf>,
+    /// Source frames between clip frames (frame folders only).
+    #[arg(long, default_value_t = 1)]
+    pub frame_step: usize,
+    /// Clips cut from each video (frame folders only).
+    #[arg(long, default_value_t = 8)]
+    pub clips_per_video: usize,
+    /// Compute backend.
+    #[arg(long, default_value = "flex")]
+    pub backend: String,
+    /// Log a line every this many steps (telemetry every ten lines).
+    #[arg(long, default_value_t = 50)]
+    pub log_every: u64,
+    /// Skip the synthetic-world probes at the end.
+    #[arg(long)]
+    pub no_probe: bool,
+    /// Output folder.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// Runs `amity train`.
+pub fn run(args: TrainArgs) -> Result<()> {
+    let mut config = match &args.config {
+        Some(path) => Config::from_toml_file(path)?,
+        None => Config::preset(&args.preset)?,
+    };
+    if let Some(steps) = args.steps {
+        config.train.steps = steps;
+        config.train.warmup = config.train.warmup.min(steps / 10).max(1);
+    }
+    if let Some(b) = args.batch {
+        config.train.batch = b;
+    }
+    if let Some(s) = args.seed {
+        config.train.seed = s;
+    }
+    config.validate()?;
+    let backend = Backend::parse_available(&args.backend)?;
+    let device = backend.device(0)?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create output folder {}", args.out.display()))?;
+
+    let source = match &args.store {
+        None => ClipSource::synthetic(&config.model),
+        Some(dir) => {
+            if dir.join("manifest.json").exists() {
+                bail!(
+                    "{}: shard stores are read once the corpus issue lands; pass a folder of frame folders",
+                    dir.display()
+                );
+            }
+            let spec = ClipSpec {
+                frames: config.model.frames,
+                frame_step: args.frame_step,
+                clips_per_video: args.clips_per_video,
+            };
+            ClipSource::frame_folders(dir, &config.model, spec, config.train.seed)?
+        }
+    };
+    match source.len() {
+        Some(n) => eprintln!(
+            "data: {n} clips from {}",
+            args.store
+                .as_deref()
+                .map_or("?".into(), |p| p.display().to_string())
+        ),
+        None => eprintln!("data: fresh synthetic moving-shapes clips"),
+    }
+    std::fs::write(args.out.join("config.toml"), config.to_toml())
+        .with_context(|| format!("cannot write {}", args.out.join("config.toml").display()))?;
+
+    let synth = SynthConfig::for_size(config.model.image_size, config.model.frames);
+    let probes = (!args.no_probe).then(|| ProbeSet::synthetic(&synth, 600, 300));
+    let mut trainer = Trainer::new(config.clone(), &device);
+    let before = probes.as_ref().map(|p| probe_report(&trainer, p));
+    let metrics_path = args.out.join("metrics.jsonl");
+    let mut metrics = std::fs::File::create(&metrics_path)
+        .with_context(|| format!("cannot write {}", metrics_path.display()))?;
+
+    eprintln!(
+        "training preset {} on {backend}: {} steps of {} clips, {} params",
+        config.preset,
+        config.train.steps,
+        config.train.batch,
+        trainer.model_flat().len()
+    );
+    let start = Instant::now();
+    let log_every = args.log_every.max(1);
+    for step in 0..config.train.steps {
+        let batch = source.batch(config.train.seed, step, config.train.batch, &config.model);
+        let s = trainer.step(&batch);
+        let last = step + 1 == config.train.steps;
+        if step % log_every == 0 || last {
+            let rate = (step + 1) as f64 / start.elapsed().as_secs_f64();
+            let mut line = format!(
+                "step {step:>6} loss {:.4} predict-the-mean {:.4} lr {:.2e} ema {:.4} {rate:.2} steps/s",
+                s.loss, s.mean_baseline, s.lr, s.ema
+            );
+            let mut record = serde_json::json!({
+                "step": step, "loss": s.loss, "mean_baseline": s.mean_baseline,
+                "vicreg": s.vicreg, "grad_norm": s.grad_norm, "lr": s.lr, "ema": s.ema,
+                "steps_per_s": rate,
+            });
+            if let Some(p) = &probes
+                && (step % (10 * log_every) == 0 || last)
+            {
+                let t = telemetry(&trainer, p, 256);
+                line += &format!(
+                    " | feature std {:.3} (min {:.3}) RankMe {:.2}",
+                    t.feature_std, t.feature_std_min, t.rankme
+                );
+                record["feature_std"] = t.feature_std.into();
+                record["feature_std_min"] = t.feature_std_min.into();
+                record["rankme"] = t.rankme.into();
+            }
+            eprintln!("{line}");
+            writeln!(metrics, "{record}")
+                .with_context(|| format!("cannot write {}", metrics_path.display()))?;
+        }
+    }
+    let ckpt = Checkpoint {
+        config: config.clone(),
+        model: trainer.model_flat(),
+        target: trainer.target_flat(),
+        meta: [("steps".to_owned(), config.train.steps.to_string())].into(),
+    };
+    let ckpt_path = args.out.join("checkpoint.safetensors");
+    ckpt.save(&ckpt_path)?;
+    if let (Some(p), Some(before)) = (&probes, before) {
+        let after = probe_report(&trainer, p);
+        for (name, r) in [("random init", before), ("trained", after)] {
+            println!(
+                "probe {name:>11}: velocity R2 {:.3}  position R2 {:.3}  shape {:.3}  colour {:.3}",
+                r.velocity_r2, r.position_r2, r.shape_acc, r.colour_acc
+            );
+        }
+    }
+    println!("checkpoint: {}", display(&ckpt_path));
+    Ok(())
+}
+
+fn display(p: &Path) -> String {
+    p.display().to_string()
+}
