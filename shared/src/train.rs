@@ -370,3 +370,60 @@ fn mask_tensors(m: &MaskBatch, device: &Device) -> (Tensor<2, Int>, Tensor<2, In
         int_tensor(&m.target, [m.batch, m.n_target], device),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::ClipSource;
+
+    fn tiny(objective: Objective) -> (Config, ClipSource) {
+        let mut config = Config::preset("tiny").expect("preset");
+        config.train.objective = objective;
+        config.train.batch = 4;
+        config.train.steps = 10;
+        let source = ClipSource::synthetic(&config.model);
+        (config, source)
+    }
+
+    #[test]
+    fn steps_are_deterministic_from_the_config() {
+        let (config, source) = tiny(Objective::Ema);
+        let run = || {
+            let mut t = Trainer::new(config.clone(), &Device::flex());
+            for step in 0..2 {
+                t.step(&source.batch(config.train.seed, step, 4, &config.model));
+            }
+            (t.model_flat(), t.target_flat())
+        };
+        let (a, b) = (run(), run());
+        assert_eq!(a, b);
+        // The EMA moved the target, but only a little.
+        let fresh = Trainer::new(config.clone(), &Device::flex()).target_flat();
+        assert_ne!(a.1, fresh);
+    }
+
+    #[test]
+    fn vicreg_objective_trains_without_an_ema() {
+        let (config, source) = tiny(Objective::Vicreg);
+        let mut t = Trainer::new(config.clone(), &Device::flex());
+        let s = t.step(&source.batch(0, 0, 4, &config.model));
+        assert!(
+            s.loss.is_finite() && s.vicreg.is_finite() && s.vicreg > 0.0,
+            "{s:?}"
+        );
+        // Without an EMA the released encoder is the online encoder itself.
+        let model = t.model_flat();
+        let enc_len = t.target_flat().len();
+        assert_eq!(&model[..enc_len], t.target_flat().as_slice());
+    }
+
+    #[test]
+    fn energy_is_one_finite_positive_value_per_clip() {
+        let (config, source) = tiny(Objective::Ema);
+        let t = Trainer::new(config.clone(), &Device::flex());
+        let batch = source.batch(0, 0, 4, &config.model);
+        let e = t.energy(&batch, &[0, 1, 2], &[40, 41]);
+        assert_eq!(e.len(), 4);
+        assert!(e.iter().all(|v| v.is_finite() && *v > 0.0));
+    }
+}
