@@ -194,18 +194,13 @@ impl Trainer {
 
     /// Replaces the trainable parameters (the inner optimiser state is kept).
     pub fn load_model_flat(&mut self, flat: &[f32]) -> Result<(), LengthMismatch> {
-        let model = std::mem::replace(&mut self.model, Jepa::new(&self.config.model, &self.device));
-        self.model = load_flat(model, flat)?;
+        self.model = load_flat(self.model.clone(), flat)?;
         Ok(())
     }
 
     /// Replaces the target encoder's parameters.
     pub fn load_target_flat(&mut self, flat: &[f32]) -> Result<(), LengthMismatch> {
-        let target = std::mem::replace(
-            &mut self.target,
-            Encoder::new(&self.config.model, &self.device),
-        );
-        self.target = load_flat(target, flat)?;
+        self.target = load_flat(self.target.clone(), flat)?;
         Ok(())
     }
 
@@ -225,17 +220,15 @@ impl Trainer {
         let schedule = Schedule::at(cfg, self.step);
         let ad = self.device.clone().autodiff();
         let b = batch.batch;
-        let patches = batch.tensor(&ad);
+        // One upload of the batch; the autodiff view shares it (inputs need no gradient).
+        let plain = batch.tensor(&self.device);
+        let patches = plain.clone().autodiff();
         let masks = self.masker.sample(self.step, b);
 
         // Targets: layer-normed features of the whole clip, without gradients.
         let full = match cfg.objective {
-            Objective::Ema => self.target.forward(batch.tensor(&self.device), None),
-            Objective::Vicreg => self
-                .model
-                .encoder
-                .valid()
-                .forward(batch.tensor(&self.device), None),
+            Objective::Ema => self.target.forward(plain, None),
+            Objective::Vicreg => self.model.encoder.valid().forward(plain, None),
         };
         let h = layer_norm_plain(full);
 
@@ -284,16 +277,12 @@ impl Trainer {
         let base_value: f32 = (baseline.expect("at least one mask set") / sets).into_scalar();
 
         let grads = GradientsParams::from_grads(loss.backward(), &self.model);
-        let model = std::mem::replace(&mut self.model, Jepa::new(&self.config.model, &self.device));
-        let (model, info) = self.optim.step(model, grads, schedule);
+        // Module clones share their tensors: this hands the model over without copying it.
+        let (model, info) = self.optim.step(self.model.clone(), grads, schedule);
         self.model = model;
         match cfg.objective {
             Objective::Ema => {
-                let target = std::mem::replace(
-                    &mut self.target,
-                    Encoder::new(&self.config.model, &self.device),
-                );
-                self.target = ema_update(target, &self.model.encoder, schedule.ema);
+                self.target = ema_update(self.target.clone(), &self.model.encoder, schedule.ema);
             }
             // No EMA: the encoder itself is what gets evaluated and released.
             Objective::Vicreg => self.target = self.model.encoder.valid(),
