@@ -4,7 +4,7 @@
 //! `--config` to reproduce) and `<out>/metrics.jsonl` (one line per logged step).
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -16,6 +16,7 @@ use amity_shared::corpus::clips::ClipSpec;
 use amity_shared::data::ClipSource;
 use amity_shared::device::Backend;
 use amity_shared::eval::{ProbeSet, probe_report, telemetry};
+use amity_shared::flat::ParamLayout;
 use amity_shared::synth::SynthConfig;
 use amity_shared::train::Trainer;
 
@@ -125,7 +126,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         config.preset,
         config.train.steps,
         config.train.batch,
-        trainer.model_flat().len()
+        ParamLayout::of(trainer.model()).total
     );
     let start = Instant::now();
     let log_every = args.log_every.max(1);
@@ -178,10 +179,6 @@ pub fn run(args: TrainArgs) -> Result<()> {
             );
         }
     }
-    println!("checkpoint: {}", display(&ckpt_path));
+    println!("checkpoint: {}", ckpt_path.display());
     Ok(())
-}
-
-fn display(p: &Path) -> String {
-    p.display().to_string()
 }
