@@ -31,8 +31,8 @@ pub enum Command {
     /// Join a coordinator with this machine's GPU or CPU and train on the shards it assigns.
     Worker(WorkerArgs),
     /// Synthesise, ingest and inspect video corpora as content-addressed shards.
-    Corpus(NotBuilt),
-    /// Train the JEPA on this machine alone, from a clip folder or synthetic clips.
+    Corpus(crate::corpus_cmd::CorpusArgs),
+    /// Train the JEPA on this machine alone, from a shard store or synthetic clips.
     Train(crate::train_cmd::TrainArgs),
     /// Turn a coordinator checkpoint into a signed release with a model card.
     Release(NotBuilt),
@@ -70,6 +70,19 @@ pub struct BenchArgs {
 pub enum Bench {
     /// Median V-JEPA training step against the PyTorch reference on the same shapes.
     TrainStep(TrainStepArgs),
+    /// Corpus ingest throughput, and our video decode beside the `ffmpeg` tool's.
+    Ingest(IngestBenchArgs),
+}
+
+/// `amity bench ingest`.
+#[derive(Debug, Args)]
+pub struct IngestBenchArgs {
+    /// Synthetic videos to ingest.
+    #[arg(long, default_value_t = 100)]
+    pub videos: usize,
+    /// Preset the corpus is cut for.
+    #[arg(long, default_value = "tiny")]
+    pub preset: String,
 }
 
 /// `amity bench train-step`.
@@ -120,7 +133,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Demo(_) => not_built("demo", "federated training end to end"),
         Command::Coordinator(_) => not_built("coordinator", "federated training end to end"),
         Command::Worker(args) => worker(args),
-        Command::Corpus(_) => not_built("corpus", "video corpora and shards"),
+        Command::Corpus(args) => crate::corpus_cmd::run(args),
         Command::Train(args) => crate::train_cmd::run(args),
         Command::Release(_) => not_built("release", "open releases"),
         Command::Fetch(_) => not_built("fetch", "open releases"),
@@ -157,6 +170,30 @@ fn not_built(command: &str, issue: &str) -> Result<()> {
 
 fn bench(args: BenchArgs) -> Result<()> {
     match args.bench {
+        Bench::Ingest(a) => {
+            use amity_shared::bench::{IngestBenchOptions, ingest_bench};
+            let scratch =
+                std::env::temp_dir().join(format!("amity-bench-ingest-{}", std::process::id()));
+            let r = ingest_bench(&IngestBenchOptions {
+                videos: a.videos,
+                preset: a.preset,
+                scratch,
+            })?;
+            let fmt = |x: Option<f64>| x.map_or("n/a".to_owned(), |v| format!("{v:.0}"));
+            println!(
+                "ingest: {:.1} clips/s ({} clips, {:.2} s); decode {} frames/s vs ffmpeg alone {} \
+                 (ratio {}); built-in openh264 {:.0} frames/s",
+                r.clips_per_s,
+                r.clips,
+                r.seconds,
+                fmt(r.decode_fps),
+                fmt(r.ffmpeg_fps),
+                r.ratio.map_or("n/a".to_owned(), |v| format!("{v:.2}")),
+                r.builtin_fps
+            );
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
         Bench::TrainStep(a) => {
             use amity_shared::bench::{TrainStepOptions, find_torch_python, train_step};
             let (torch_script, python) = if a.no_torch {

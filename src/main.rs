@@ -4,6 +4,7 @@
 //! `amity-planner`, ...): argument parsing and error reporting live here, the work lives there.
 
 mod cli;
+mod corpus_cmd;
 mod train_cmd;
 
 use std::process::ExitCode;

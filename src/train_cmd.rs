@@ -12,8 +12,8 @@ use clap::Args;
 
 use amity_shared::checkpoint::Checkpoint;
 use amity_shared::config::Config;
-use amity_shared::corpus::clips::ClipSpec;
-use amity_shared::data::ClipSource;
+use amity_shared::corpus::manifest::MANIFEST_FILE;
+use amity_shared::data::{ClipSource, Prefetcher};
 use amity_shared::device::Backend;
 use amity_shared::eval::{ProbeSet, probe_report, telemetry};
 use amity_shared::flat::ParamLayout;
@@ -38,16 +38,10 @@ pub struct TrainArgs {
     /// Seed of every random choice.
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Training data: a folder of frame folders (one sub-folder of .png/.jpg frames per video).
-    /// Without it, fresh synthetic moving-shapes clips are generated.
+    /// Training data: a shard store written by `amity corpus ingest`. Without it, fresh
+    /// synthetic moving-shapes clips are generated.
     #[arg(long)]
     pub store: Option<PathBuf>,
-    /// Source frames between clip frames (frame folders only).
-    #[arg(long, default_value_t = 1)]
-    pub frame_step: usize,
-    /// Clips cut from each video (frame folders only).
-    #[arg(long, default_value_t = 8)]
-    pub clips_per_video: usize,
     /// Compute backend.
     #[arg(long, default_value = "flex")]
     pub backend: String,
@@ -87,18 +81,16 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let source = match &args.store {
         None => ClipSource::synthetic(&config.model),
         Some(dir) => {
-            if dir.join("manifest.json").exists() {
+            if !dir.join(MANIFEST_FILE).exists() {
                 bail!(
-                    "{}: shard stores are read once the corpus issue lands; pass a folder of frame folders",
-                    dir.display()
+                    "{}: not a shard store (no {MANIFEST_FILE}); make one with \
+                     `amity corpus ingest <videos> --store {} --preset {}`",
+                    dir.display(),
+                    dir.display(),
+                    config.preset
                 );
             }
-            let spec = ClipSpec {
-                frames: config.model.frames,
-                frame_step: args.frame_step,
-                clips_per_video: args.clips_per_video,
-            };
-            ClipSource::frame_folders(dir, &config.model, spec, config.train.seed)?
+            ClipSource::shards(dir, &config.model, None)?
         }
     };
     match source.len() {
@@ -130,8 +122,15 @@ pub fn run(args: TrainArgs) -> Result<()> {
     );
     let start = Instant::now();
     let log_every = args.log_every.max(1);
-    for step in 0..config.train.steps {
-        let batch = source.batch(config.train.seed, step, config.train.batch, &config.model);
+    let batches = Prefetcher::spawn(
+        source,
+        config.model.clone(),
+        config.train.seed,
+        config.train.batch,
+        0..config.train.steps,
+        2,
+    );
+    for (step, batch) in (0..config.train.steps).zip(batches) {
         let s = trainer.step(&batch);
         let last = step + 1 == config.train.steps;
         if step % log_every == 0 || last {

@@ -64,7 +64,6 @@ fn unknown_backend_is_a_clear_error() {
 const NOT_BUILT: &[&str] = &[
     "demo",
     "coordinator",
-    "corpus",
     "release",
     "fetch",
     "embed",

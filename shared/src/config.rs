@@ -195,6 +195,53 @@ impl TrainConfig {
     }
 }
 
+/// How videos become clips: the frame rate every source is resampled to, and how clips are cut.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Frames per second every video is resampled to before clips are cut.
+    pub fps: f64,
+    /// Distance between consecutive clip frames, in resampled frames (V-JEPA: 4 at 30 fps).
+    pub frame_step: usize,
+    /// Clips cut from each video (fewer when it is short).
+    pub clips_per_video: usize,
+    /// Frames decoded per video at most (bounds ingest memory; later frames are not used).
+    pub max_frames: usize,
+}
+
+impl Default for DataConfig {
+    /// The CPU presets' sampling: 10 fps, consecutive frames, 4 clips per video.
+    fn default() -> Self {
+        DataConfig {
+            fps: 10.0,
+            frame_step: 1,
+            clips_per_video: 4,
+            max_frames: 3000,
+        }
+    }
+}
+
+impl DataConfig {
+    /// V-JEPA's sampling: 30 fps, every 4th frame.
+    pub fn vjepa() -> Self {
+        DataConfig {
+            fps: 30.0,
+            frame_step: 4,
+            clips_per_video: 8,
+            max_frames: 9000,
+        }
+    }
+
+    /// The clip sampling for a model's clip length.
+    pub fn clip_spec(&self, model: &ModelConfig) -> crate::corpus::clips::ClipSpec {
+        crate::corpus::clips::ClipSpec {
+            frames: model.frames,
+            frame_step: self.frame_step,
+            clips_per_video: self.clips_per_video,
+        }
+    }
+}
+
 /// A whole run: model and recipe.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -205,6 +252,9 @@ pub struct Config {
     pub model: ModelConfig,
     /// Training recipe.
     pub train: TrainConfig,
+    /// Video sampling (absent in older config files: the CPU presets' default).
+    #[serde(default)]
+    pub data: DataConfig,
 }
 
 impl Config {
@@ -264,10 +314,15 @@ impl Config {
             "small" => TrainConfig::vjepa(20_000, 32),
             _ => TrainConfig::vjepa(90_000, 3072),
         };
+        let data = match name {
+            "vit-l" => DataConfig::vjepa(),
+            _ => DataConfig::default(),
+        };
         Ok(Config {
             preset: name.to_owned(),
             model,
             train,
+            data,
         })
     }
 
@@ -302,6 +357,12 @@ impl Config {
         if t.masks.is_empty() {
             return Err(ConfigError::Invalid(
                 "at least one mask set is needed".into(),
+            ));
+        }
+        let d = &self.data;
+        if !(d.fps.is_finite() && d.fps > 0.0) || d.frame_step == 0 || d.max_frames == 0 {
+            return Err(ConfigError::Invalid(
+                "data: fps, frame_step and max_frames must be positive".into(),
             ));
         }
         if !(0.0..=1.0).contains(&t.ema_start) || !(0.0..=1.0).contains(&t.ema_end) {

@@ -1,15 +1,20 @@
-//! Where training clips come from, as deterministic batches.
+//! Where training clips come from, as deterministic batches, and the prefetching loader.
 //!
 //! A batch is a pure function of `(source, seed, step)`, so a run (or a federated round) can be
-//! replayed exactly from its config.
+//! replayed exactly from its config. [`Prefetcher`] computes the next batches on a background
+//! thread (decoding shards' bytes into normalised patches) while the trainer runs the current one.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::thread::JoinHandle;
 
 use crate::config::ModelConfig;
 use crate::corpus::CorpusError;
-use crate::corpus::clips::ClipSpec;
-use crate::corpus::frames::{decode_frame_folder, find_frame_folders};
+use crate::corpus::loader::ShardSet;
+use crate::corpus::manifest::Manifest;
 use crate::rng::Rng;
+use crate::store::BlobId;
 use crate::synth::{SynthConfig, generate};
 use crate::train::ClipBatch;
 
@@ -18,13 +23,8 @@ use crate::train::ClipBatch;
 pub enum ClipSource {
     /// Fresh synthetic moving-shapes videos, one per clip, seeded by `(seed, step, index)`.
     Synthetic(SynthConfig),
-    /// Decoded clips held in memory, drawn uniformly with replacement.
-    Clips {
-        /// `frames x size x size x 3` bytes each.
-        clips: Vec<Vec<u8>>,
-        /// Where they came from (for messages).
-        origin: String,
-    },
+    /// Clips of verified, memory-mapped shards, drawn in seeded epochs.
+    Shards(Arc<ShardSet>),
 }
 
 impl ClipSource {
@@ -33,52 +33,30 @@ impl ClipSource {
         ClipSource::Synthetic(SynthConfig::for_size(model.image_size, model.frames))
     }
 
-    /// Every clip of every frame folder under `root`, cut with `spec` at the model's size.
-    /// Videos too short for one clip are skipped with a warning; unreadable frames are an error
-    /// naming the file.
-    pub fn frame_folders(
-        root: &Path,
+    /// The shards of the store at `store_dir` (all of them, or only `ids`), checked against
+    /// `model`'s clip shape.
+    pub fn shards(
+        store_dir: &Path,
         model: &ModelConfig,
-        spec: ClipSpec,
-        seed: u64,
+        ids: Option<&[BlobId]>,
     ) -> Result<Self, CorpusError> {
-        let folders = find_frame_folders(root)?;
-        let mut clips = Vec::new();
-        for (i, dir) in folders.iter().enumerate() {
-            let video = decode_frame_folder(dir, model.image_size)?;
-            let starts = spec.starts(video.frames, Rng::derive(seed, &[i as u64]).next_u64());
-            if starts.is_empty() {
-                tracing::warn!(
-                    "{}: {} frames, a clip needs {}; skipped",
-                    dir.display(),
-                    video.frames,
-                    spec.span()
-                );
-            }
-            for s in starts {
-                let mut clip = Vec::with_capacity(model.frames * model.image_size.pow(2) * 3);
-                for f in spec.frame_indices(s) {
-                    clip.extend_from_slice(video.frame(f));
-                }
-                clips.push(clip);
-            }
-        }
-        if clips.is_empty() {
-            return Err(CorpusError::Empty {
-                path: root.to_owned(),
-            });
-        }
-        Ok(ClipSource::Clips {
-            clips,
-            origin: root.display().to_string(),
-        })
+        let manifest = Manifest::load(store_dir)?;
+        manifest
+            .check_model(model)
+            .map_err(|reason| CorpusError::Mismatch {
+                path: store_dir.to_owned(),
+                reason,
+            })?;
+        Ok(ClipSource::Shards(Arc::new(ShardSet::open(
+            store_dir, &manifest, ids,
+        )?)))
     }
 
     /// Number of distinct clips (`None`: unbounded).
     pub fn len(&self) -> Option<usize> {
         match self {
             ClipSource::Synthetic(_) => None,
-            ClipSource::Clips { clips, .. } => Some(clips.len()),
+            ClipSource::Shards(set) => Some(set.len()),
         }
     }
 
@@ -96,11 +74,88 @@ impl ClipSource {
                     .collect();
                 ClipBatch::from_clips(videos.iter().map(|v| v.pixels.as_slice()), model)
             }
-            ClipSource::Clips { clips, .. } => {
-                let mut rng = Rng::derive(seed, &[0xc1b, step]);
-                let picks: Vec<usize> = (0..batch).map(|_| rng.below(clips.len())).collect();
-                ClipBatch::from_clips(picks.iter().map(|&i| clips[i].as_slice()), model)
+            ClipSource::Shards(set) => {
+                let picks = set.sample(seed, step, batch);
+                ClipBatch::from_clips(picks.iter().map(|&i| set.clip(i)), model)
             }
         }
+    }
+}
+
+/// Batches of consecutive steps computed ahead on a background thread.
+#[derive(Debug)]
+pub struct Prefetcher {
+    rx: Receiver<ClipBatch>,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl Prefetcher {
+    /// Starts producing the batches of `steps`, keeping up to `depth` ready.
+    pub fn spawn(
+        source: ClipSource,
+        model: ModelConfig,
+        seed: u64,
+        batch: usize,
+        steps: std::ops::Range<u64>,
+        depth: usize,
+    ) -> Self {
+        let (tx, rx): (SyncSender<ClipBatch>, _) = sync_channel(depth.max(1));
+        let worker = std::thread::Builder::new()
+            .name("amity-prefetch".into())
+            .spawn(move || {
+                for step in steps {
+                    if tx.send(source.batch(seed, step, batch, &model)).is_err() {
+                        break; // the consumer went away
+                    }
+                }
+            })
+            .expect("spawning a thread");
+        Prefetcher {
+            rx,
+            worker: Some(worker),
+        }
+    }
+}
+
+impl Iterator for Prefetcher {
+    type Item = ClipBatch;
+
+    fn next(&mut self) -> Option<ClipBatch> {
+        self.rx.recv().ok()
+    }
+}
+
+impl Drop for Prefetcher {
+    fn drop(&mut self) {
+        // Unblock the producer, then wait for it.
+        let (_, dead) = sync_channel(0);
+        self.rx = dead;
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn prefetched_batches_equal_direct_ones() {
+        let model = Config::preset("tiny").unwrap().model;
+        let source = ClipSource::synthetic(&model);
+        let direct: Vec<Vec<f32>> = (3..6)
+            .map(|s| source.batch(9, s, 2, &model).patches)
+            .collect();
+        let fetched: Vec<Vec<f32>> =
+            Prefetcher::spawn(source.clone(), model.clone(), 9, 2, 3..6, 2)
+                .map(|b| b.patches)
+                .collect();
+        assert_eq!(direct, fetched);
+        // Dropping a prefetcher mid-way stops its thread.
+        let mut p = Prefetcher::spawn(source, model, 9, 2, 0..1000, 2);
+        assert!(p.next().is_some());
+        drop(p);
     }
 }

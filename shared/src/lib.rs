@@ -23,5 +23,6 @@ pub mod model;
 pub mod optim;
 pub mod probe;
 pub mod rng;
+pub mod store;
 pub mod synth;
 pub mod train;

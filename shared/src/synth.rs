@@ -14,7 +14,18 @@ use serde::{Deserialize, Serialize};
 use crate::rng::Rng;
 
 /// Shapes the generator draws.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Shape {
     /// A disc.
@@ -45,7 +56,18 @@ pub const COLOURS: [(&str, [u8; 3]); 5] = [
 ];
 
 /// A law of physics broken on purpose at some frame.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum ViolationKind {
     /// The object disappears in plain view.
@@ -69,7 +91,18 @@ impl ViolationKind {
 }
 
 /// A violation injected at a frame of a video.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 pub struct Violation {
     /// What breaks.
     pub kind: ViolationKind,
@@ -115,7 +148,17 @@ impl SynthConfig {
 }
 
 /// What never changes about an object (unless a violation changes it).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 pub struct ObjectLabel {
     /// Its shape at the first frame.
     pub shape: Shape,
@@ -126,7 +169,17 @@ pub struct ObjectLabel {
 }
 
 /// One object at one frame.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 pub struct ObjectFrame {
     /// Centre `[x, y]`, frame sides, y downwards.
     pub pos: [f32; 2],
@@ -137,7 +190,16 @@ pub struct ObjectFrame {
 }
 
 /// Ground truth of one video.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 pub struct VideoLabels {
     /// One entry per object.
     pub objects: Vec<ObjectLabel>,

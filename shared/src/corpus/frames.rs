@@ -30,7 +30,8 @@ impl DecodedVideo {
     }
 }
 
-fn is_frame(path: &Path) -> bool {
+/// Whether `path` is a JPEG/PNG frame (by extension).
+pub fn is_frame(path: &Path) -> bool {
     matches!(
         path.extension()
             .and_then(|e| e.to_str())
@@ -51,21 +52,6 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>, CorpusError> {
         .collect::<Result<_, _>>()?;
     entries.sort();
     Ok(entries)
-}
-
-/// The video folders under `root`: every directory holding at least one frame image, sorted.
-pub fn find_frame_folders(root: &Path) -> Result<Vec<PathBuf>, CorpusError> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_owned()];
-    while let Some(dir) = stack.pop() {
-        let entries = sorted_entries(&dir)?;
-        if entries.iter().any(|p| p.is_file() && is_frame(p)) {
-            out.push(dir.clone());
-        }
-        stack.extend(entries.into_iter().filter(|p| p.is_dir()));
-    }
-    out.sort();
-    Ok(out)
 }
 
 /// Resizes an image so its short side is `size`, then crops the centre square.
@@ -123,7 +109,6 @@ mod tests {
             img.save(video.join(format!("{f:03}.png"))).unwrap();
         }
         std::fs::write(root.join("a/notes.txt"), "not a frame").unwrap();
-        assert_eq!(find_frame_folders(&root).unwrap(), vec![video.clone()]);
         let v = decode_frame_folder(&video, 32).unwrap();
         assert_eq!((v.frames, v.size, v.pixels.len()), (3, 32, 3 * 32 * 32 * 3));
         assert_eq!(v.frame(2)[0], 160); // red channel carries the frame index

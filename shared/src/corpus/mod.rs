@@ -1,14 +1,30 @@
-//! Video corpora on the way into training: decoding sources to RGB frames at a preset's
-//! resolution, and cutting them into clips.
+//! Video corpora on the way into training.
 //!
-//! Sources built so far: folders of JPEG/PNG frames ([`frames`]). Clips are cut as V-JEPA does
-//! ([`clips`]): `F` frames at a fixed frame step, several clips per video, deterministic from a
-//! seed.
+//! ```text
+//! video files / frame folders --decode--> RGB frames at the preset's fps and size
+//!   (video: FFmpeg or built-in H.264; frames: image)
+//!   --clips--> F-frame clips, several per video, seeded
+//!   --shard--> content-addressed shard files in a blob store + manifest.json   (ingest)
+//!   --loader--> shuffled batches for the trainer, verified once, prefetched  (data)
+//! ```
+//!
+//! [`synthetic`] writes a corpus of real MP4 files with ground-truth labels and matched
+//! possible/impossible pairs, so every stage can be tested and measured without downloads.
 
 pub mod clips;
 pub mod frames;
+pub mod h264;
+pub mod ingest;
+pub mod labels;
+pub mod loader;
+pub mod manifest;
+pub mod shard;
+pub mod synthetic;
+pub mod video;
 
 use std::path::PathBuf;
+
+use crate::store::{BlobId, StoreError};
 
 /// Errors reading a corpus; each names the file or folder.
 #[derive(Debug, thiserror::Error)]
@@ -21,8 +37,8 @@ pub enum CorpusError {
         /// Why.
         source: std::io::Error,
     },
-    /// A frame could not be decoded.
-    #[error("{path}: cannot decode image: {reason}")]
+    /// A frame or video could not be decoded.
+    #[error("{path}: cannot decode: {reason}")]
     Decode {
         /// The file.
         path: PathBuf,
@@ -40,9 +56,61 @@ pub enum CorpusError {
         needed: usize,
     },
     /// Nothing usable was found.
-    #[error("{path}: no videos found (expected sub-folders of .png/.jpg frames)")]
+    #[error("{path}: no videos found (expected video files or sub-folders of .png/.jpg frames)")]
     Empty {
         /// The folder.
         path: PathBuf,
     },
+    /// A video could not be written.
+    #[error("{path}: cannot encode video: {reason}")]
+    Encode {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// A labels file is unusable.
+    #[error("{path}: bad labels: {reason}")]
+    Labels {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// A shard failed validation.
+    #[error("shard {id} ({path}): {source}")]
+    Shard {
+        /// The shard.
+        id: BlobId,
+        /// Its file.
+        path: PathBuf,
+        /// Why.
+        source: shard::ShardError,
+    },
+    /// The shard store.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The corpus manifest.
+    #[error(transparent)]
+    Manifest(#[from] manifest::ManifestError),
+    /// A corpus that does not fit the model.
+    #[error("{path}: {reason}")]
+    Mismatch {
+        /// The store.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl CorpusError {
+    /// The reason alone, without the path (for reports that list the path beside it).
+    pub fn reason(&self) -> String {
+        match self {
+            CorpusError::Io { source, .. } => source.to_string(),
+            CorpusError::Decode { reason, .. } => reason.clone(),
+            CorpusError::Labels { reason, .. } => format!("bad labels: {reason}"),
+            other => other.to_string(),
+        }
+    }
 }

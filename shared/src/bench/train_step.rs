@@ -18,6 +18,8 @@ use crate::mask::{MaskSetConfig, MultiBlockMasker};
 use crate::synth::{SynthConfig, generate};
 use crate::train::{ClipBatch, Trainer};
 
+use super::{BenchError, median};
+
 /// What to measure.
 #[derive(Debug, Clone)]
 pub struct TrainStepOptions {
@@ -64,12 +66,6 @@ pub struct TrainStepReport {
     pub amity_full_step_ms: f64,
 }
 
-/// Median of a sample (sorted copy).
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn time_steps(config: Config, batches: &[ClipBatch], warmup: usize, steps: usize) -> f64 {
     let mut trainer = Trainer::new(config, &Device::flex());
     let mut times = Vec::with_capacity(steps);
@@ -82,22 +78,6 @@ fn time_steps(config: Config, batches: &[ClipBatch], warmup: usize, steps: usize
         }
     }
     median(times)
-}
-
-/// Errors of the bench.
-#[derive(Debug, thiserror::Error)]
-pub enum BenchError {
-    /// The preset is unknown.
-    #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
-    /// The reference ran but its output could not be read.
-    #[error("PyTorch reference {script}: {reason}")]
-    Reference {
-        /// The script.
-        script: String,
-        /// What went wrong.
-        reason: String,
-    },
 }
 
 /// Runs the bench, printing progress to stderr.

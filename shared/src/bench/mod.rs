@@ -1,0 +1,36 @@
+//! `amity bench ...`: each benchmark runs its baseline in the same invocation and reports
+//! both, ending with one JSON line of figures.
+
+pub mod ingest;
+pub mod train_step;
+
+pub use ingest::{IngestBenchOptions, IngestBenchReport, ingest_bench};
+pub use train_step::{TrainStepOptions, TrainStepReport, find_torch_python, train_step};
+
+/// Median of a sample (sorted copy).
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Errors of the bench.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// The preset is unknown.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The corpus machinery failed.
+    #[error(transparent)]
+    Corpus(#[from] crate::corpus::CorpusError),
+    /// A scratch folder could not be used.
+    #[error("{0}")]
+    Io(String),
+    /// The reference ran but its output could not be read.
+    #[error("PyTorch reference {script}: {reason}")]
+    Reference {
+        /// The script.
+        script: String,
+        /// What went wrong.
+        reason: String,
+    },
+}
