@@ -10,3 +10,10 @@ pub const PROTOCOL_VERSION: u32 = 1;
 
 /// The QUIC ALPN token, so an Amity endpoint never mistakes another protocol's peer for its own.
 pub const ALPN: &[u8] = b"amity/1";
+
+pub mod blob;
+pub mod conn;
+pub mod endpoint;
+pub mod frame;
+pub mod message;
+pub mod tls;

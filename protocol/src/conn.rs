@@ -1,0 +1,490 @@
+//! The thin async shell over quinn: framed messages on a stream, and blob transfer.
+//!
+//! Control messages travel on one long-lived bidirectional stream; each blob on a stream of its
+//! own, so a gigabyte upload never delays a heartbeat. Everything that decides (framing limits,
+//! message validation, chunk verification) is in the sans-IO modules; this file only moves bytes.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use quinn::{Connection, RecvStream, SendStream, VarInt};
+
+use crate::blob::{BlobError, BlobReceiver, CHUNK_SIZE, Outboard, chunk_count, chunk_len, hex};
+use crate::frame::{FrameDecoder, FrameError, FrameKind, encode_frame, frame_prefix};
+use crate::message::{self, ClientMsg, DecodeError, ErrorCode, Hash, ServerMsg, Validate};
+
+/// Errors on a connection; each names the peer.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    /// The connection failed or was closed.
+    #[error("{peer}: connection: {source}")]
+    Connection {
+        /// The peer.
+        peer: String,
+        /// Why.
+        source: quinn::ConnectionError,
+    },
+    /// Writing to a stream failed.
+    #[error("{peer}: write: {source}")]
+    Write {
+        /// The peer.
+        peer: String,
+        /// Why.
+        source: quinn::WriteError,
+    },
+    /// Reading a stream failed.
+    #[error("{peer}: read: {source}")]
+    Read {
+        /// The peer.
+        peer: String,
+        /// Why.
+        source: quinn::ReadError,
+    },
+    /// The peer's bytes broke the framing.
+    #[error("{peer}: {source}")]
+    Frame {
+        /// The peer.
+        peer: String,
+        /// Why.
+        source: FrameError,
+    },
+    /// The peer's bytes are not a valid message.
+    #[error("{peer}: {source}")]
+    Decode {
+        /// The peer.
+        peer: String,
+        /// Why.
+        source: DecodeError,
+    },
+    /// A blob failed verification.
+    #[error("{peer}: blob {id}: {source}")]
+    Blob {
+        /// The peer.
+        peer: String,
+        /// The blob (hex).
+        id: String,
+        /// Why.
+        source: BlobError,
+    },
+    /// The peer answered with an error.
+    #[error("{peer} refused: {code:?}: {message}")]
+    Remote {
+        /// The peer.
+        peer: String,
+        /// Its code.
+        code: ErrorCode,
+        /// Its message.
+        message: String,
+    },
+    /// A message that makes no sense here.
+    #[error("{peer}: unexpected {what}")]
+    Unexpected {
+        /// The peer.
+        peer: String,
+        /// What arrived.
+        what: String,
+    },
+    /// A local file.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Application error codes on QUIC stream resets and connection closes.
+pub fn quic_code(code: ErrorCode) -> VarInt {
+    VarInt::from_u32(code as u16 as u32)
+}
+
+/// A framed bidirectional stream to a named peer.
+#[derive(Debug)]
+pub struct MsgStream {
+    send: SendStream,
+    recv: RecvStream,
+    decoder: FrameDecoder,
+    peer: String,
+    buf: Vec<u8>,
+}
+
+impl MsgStream {
+    /// Wraps an opened or accepted stream.
+    pub fn new(send: SendStream, recv: RecvStream, peer: &str) -> Self {
+        MsgStream {
+            send,
+            recv,
+            decoder: FrameDecoder::new(),
+            peer: peer.to_owned(),
+            buf: vec![0u8; 64 << 10],
+        }
+    }
+
+    /// Opens a new stream on `conn`.
+    pub async fn open(conn: &Connection, peer: &str) -> Result<Self, ConnError> {
+        let (send, recv) = conn
+            .open_bi()
+            .await
+            .map_err(|source| ConnError::Connection {
+                peer: peer.to_owned(),
+                source,
+            })?;
+        Ok(Self::new(send, recv, peer))
+    }
+
+    /// Accepts the peer's next stream on `conn` (`None` when the connection closed cleanly).
+    pub async fn accept(conn: &Connection, peer: &str) -> Result<Option<Self>, ConnError> {
+        match conn.accept_bi().await {
+            Ok((send, recv)) => Ok(Some(Self::new(send, recv, peer))),
+            Err(quinn::ConnectionError::ApplicationClosed(_))
+            | Err(quinn::ConnectionError::LocallyClosed) => Ok(None),
+            Err(source) => Err(ConnError::Connection {
+                peer: peer.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    /// The peer's name.
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    /// Writes raw bytes (framing already applied).
+    pub async fn write_raw(&mut self, bytes: &[u8]) -> Result<(), ConnError> {
+        self.send
+            .write_all(bytes)
+            .await
+            .map_err(|source| match source {
+                quinn::WriteError::ConnectionLost(source) => ConnError::Connection {
+                    peer: self.peer.clone(),
+                    source,
+                },
+                source => ConnError::Write {
+                    peer: self.peer.clone(),
+                    source,
+                },
+            })
+    }
+
+    /// Sends one message.
+    pub async fn send<T>(&mut self, msg: &T) -> Result<(), ConnError>
+    where
+        T: for<'a> rkyv::Serialize<
+                rkyv::api::high::HighSerializer<
+                    rkyv::util::AlignedVec,
+                    rkyv::ser::allocator::ArenaHandle<'a>,
+                    rkyv::rancor::Error,
+                >,
+            >,
+    {
+        let frame = encode_frame(FrameKind::Message, &message::encode(msg));
+        self.write_raw(&frame).await
+    }
+
+    /// Finishes our side of the stream.
+    pub fn finish(&mut self) {
+        let _ = self.send.finish();
+    }
+
+    /// Refuses the stream with `code` (both directions) and logs why, naming the peer.
+    pub fn refuse(&mut self, code: ErrorCode, why: &dyn std::fmt::Display) {
+        tracing::warn!(peer = %self.peer, ?code, "closing stream: {why}");
+        let _ = self.send.reset(quic_code(code));
+        let _ = self.recv.stop(quic_code(code));
+    }
+
+    /// The next frame (`None` at a clean end of stream). A framing error resets the stream.
+    pub async fn recv_frame(&mut self) -> Result<Option<(FrameKind, Vec<u8>)>, ConnError> {
+        loop {
+            match self.decoder.next_frame() {
+                Ok(Some(f)) => return Ok(Some(f)),
+                Ok(None) => {}
+                Err(source) => {
+                    let code = match source {
+                        FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
+                        _ => ErrorCode::Malformed,
+                    };
+                    self.refuse(code, &source);
+                    return Err(ConnError::Frame {
+                        peer: self.peer.clone(),
+                        source,
+                    });
+                }
+            }
+            let want = self.decoder.wanted().min(self.buf.len());
+            let n = self
+                .recv
+                .read(&mut self.buf[..want])
+                .await
+                .map_err(|source| match source {
+                    quinn::ReadError::ConnectionLost(source) => ConnError::Connection {
+                        peer: self.peer.clone(),
+                        source,
+                    },
+                    source => ConnError::Read {
+                        peer: self.peer.clone(),
+                        source,
+                    },
+                })?;
+            match n {
+                Some(n) => self.decoder.push(&self.buf[..n]),
+                None => {
+                    return match self.decoder.finish() {
+                        Ok(()) => Ok(None),
+                        Err(source) => Err(ConnError::Frame {
+                            peer: self.peer.clone(),
+                            source,
+                        }),
+                    };
+                }
+            }
+        }
+    }
+
+    /// The next message (`None` at a clean end of stream). Invalid bytes reset the stream.
+    pub async fn recv<T>(&mut self) -> Result<Option<T>, ConnError>
+    where
+        T: rkyv::Archive + Validate,
+        T::Archived: for<'a> rkyv::bytecheck::CheckBytes<
+                rkyv::api::high::HighValidator<'a, rkyv::rancor::Error>,
+            > + rkyv::Deserialize<T, rkyv::api::high::HighDeserializer<rkyv::rancor::Error>>,
+    {
+        let Some((kind, payload)) = self.recv_frame().await? else {
+            return Ok(None);
+        };
+        if kind != FrameKind::Message {
+            self.refuse(ErrorCode::Unexpected, &format!("{kind:?} frame"));
+            return Err(ConnError::Unexpected {
+                peer: self.peer.clone(),
+                what: format!("{kind:?} frame where a message belongs"),
+            });
+        }
+        match message::decode::<T>(&payload) {
+            Ok(m) => Ok(Some(m)),
+            Err(source) => {
+                let code = match source {
+                    DecodeError::Version { .. } => ErrorCode::VersionMismatch,
+                    _ => ErrorCode::Malformed,
+                };
+                self.refuse(code, &source);
+                Err(ConnError::Decode {
+                    peer: self.peer.clone(),
+                    source,
+                })
+            }
+        }
+    }
+}
+
+/// Fault injection for tests and the fault suite: what a serving side does wrong on purpose.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ServeFaults {
+    /// Flip a byte of this chunk after the outboard was computed.
+    pub corrupt_chunk: Option<u64>,
+    /// Drop the connection after sending this many chunks.
+    pub stop_after_chunks: Option<u64>,
+}
+
+fn file_io(path: &Path) -> impl FnOnce(std::io::Error) -> ConnError + '_ {
+    move |source| ConnError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Serves blob `id` stored at `path` on `stream`, from byte `offset` (a chunk boundary):
+/// `BlobHeader`, the outboard, then the chunks. A stored copy that does not hash to `id` is
+/// refused with an error message instead.
+pub async fn serve_blob(
+    stream: &mut MsgStream,
+    path: &Path,
+    id: Hash,
+    offset: u64,
+    faults: ServeFaults,
+) -> Result<(), ConnError> {
+    let p = path.to_owned();
+    let outboard = tokio::task::spawn_blocking(move || -> Result<Outboard, ConnError> {
+        let mut f = std::fs::File::open(&p).map_err(file_io(&p))?;
+        Outboard::compute(&mut f, &id).map_err(|source| ConnError::Blob {
+            peer: "local store".into(),
+            id: hex(&id),
+            source,
+        })
+    })
+    .await
+    .map_err(|e| ConnError::Io {
+        path: path.to_owned(),
+        source: std::io::Error::other(e),
+    })?;
+    let outboard = match outboard {
+        Ok(o) => o,
+        Err(e) => {
+            let (code, message) = match &e {
+                ConnError::Io { .. } => {
+                    (ErrorCode::NotFound, format!("blob {}: not here", hex(&id)))
+                }
+                other => (ErrorCode::Internal, other.to_string()),
+            };
+            stream.send(&ServerMsg::Error { code, message }).await?;
+            stream.finish();
+            return Err(e);
+        }
+    };
+    if !offset.is_multiple_of(CHUNK_SIZE as u64) || offset > outboard.len {
+        let message = format!(
+            "offset {offset} is not a chunk boundary within {}",
+            outboard.len
+        );
+        stream
+            .send(&ServerMsg::Error {
+                code: ErrorCode::Unexpected,
+                message,
+            })
+            .await?;
+        stream.finish();
+        return Ok(());
+    }
+    stream
+        .send(&ServerMsg::BlobHeader {
+            id,
+            len: outboard.len,
+            offset,
+        })
+        .await?;
+    stream
+        .write_raw(&encode_frame(FrameKind::Outboard, &outboard.to_bytes()))
+        .await?;
+    let mut file = std::fs::File::open(path).map_err(file_io(path))?;
+    file.seek(SeekFrom::Start(offset)).map_err(file_io(path))?;
+    let mut buf = vec![0u8; CHUNK_SIZE];
+    let first = offset / CHUNK_SIZE as u64;
+    for index in first..chunk_count(outboard.len) {
+        if faults.stop_after_chunks.is_some_and(|n| index - first >= n) {
+            // End the stream early, as a dropped connection would leave the receiver: with
+            // the chunks sent so far delivered (a reset could discard them).
+            stream.finish();
+            return Ok(());
+        }
+        let n = chunk_len(outboard.len, index);
+        file.read_exact(&mut buf[..n]).map_err(file_io(path))?;
+        if faults.corrupt_chunk == Some(index) {
+            buf[n / 2] ^= 0x40;
+        }
+        stream.write_raw(&frame_prefix(FrameKind::Chunk, n)).await?;
+        stream.write_raw(&buf[..n]).await?;
+    }
+    stream.finish();
+    Ok(())
+}
+
+/// Receives the blob `id` that follows on `stream` into `part` (a partial file: its verified
+/// prefix is kept across attempts). Returns the blob's length once the whole file hashes to
+/// `id`; on any error the verified prefix stays for the next attempt.
+pub async fn receive_blob(stream: &mut MsgStream, id: Hash, part: &Path) -> Result<u64, ConnError> {
+    let peer = stream.peer().to_owned();
+    let blob_err = |source| ConnError::Blob {
+        peer: peer.clone(),
+        id: hex(&id),
+        source,
+    };
+    let (len, offset) = match stream.recv::<ServerMsg>().await? {
+        Some(ServerMsg::BlobHeader {
+            id: got,
+            len,
+            offset,
+        }) if got == id => (len, offset),
+        Some(ServerMsg::Error { code, message }) => {
+            return Err(ConnError::Remote {
+                peer,
+                code,
+                message,
+            });
+        }
+        other => {
+            return Err(ConnError::Unexpected {
+                peer,
+                what: format!("{other:?} instead of the blob header"),
+            });
+        }
+    };
+    let outboard = match stream.recv_frame().await? {
+        Some((FrameKind::Outboard, bytes)) => Outboard::from_bytes(&bytes).map_err(blob_err)?,
+        other => {
+            return Err(ConnError::Unexpected {
+                peer,
+                what: format!("{:?} instead of the outboard", other.map(|f| f.0)),
+            });
+        }
+    };
+    if outboard.len != len {
+        return Err(blob_err(BlobError::BadOutboard(format!(
+            "outboard for {} bytes, header says {len}",
+            outboard.len
+        ))));
+    }
+    let mut receiver = BlobReceiver::new(outboard, offset).map_err(blob_err)?;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(part)
+        .map_err(file_io(part))?;
+    file.set_len(offset).map_err(file_io(part))?;
+    file.seek(SeekFrom::Start(offset)).map_err(file_io(part))?;
+    while !receiver.done() {
+        match stream.recv_frame().await? {
+            Some((FrameKind::Chunk, bytes)) => {
+                receiver.accept(&bytes).map_err(blob_err)?;
+                file.write_all(&bytes).map_err(file_io(part))?;
+            }
+            other => {
+                return Err(ConnError::Unexpected {
+                    peer,
+                    what: format!(
+                        "{:?} after {} of {len} bytes",
+                        other.map(|f| f.0),
+                        receiver.verified()
+                    ),
+                });
+            }
+        }
+    }
+    file.sync_all().map_err(file_io(part))?;
+    drop(file);
+    let p = part.to_owned();
+    let root = tokio::task::spawn_blocking(move || -> std::io::Result<Hash> {
+        let mut h = blake3::Hasher::new();
+        h.update_reader(std::fs::File::open(&p)?)?;
+        Ok(*h.finalize().as_bytes())
+    })
+    .await
+    .map_err(|e| ConnError::Io {
+        path: part.to_owned(),
+        source: std::io::Error::other(e),
+    })?
+    .map_err(file_io(part))?;
+    if root != id {
+        // The whole is wrong although every chunk matched: the outboard lied. Start over.
+        let _ = std::fs::remove_file(part);
+        return Err(blob_err(BlobError::RootMismatch { actual: hex(&root) }));
+    }
+    Ok(len)
+}
+
+/// Fetches blob `id` from the peer on a new stream into `part`, resuming from the verified
+/// prefix already in `part`.
+pub async fn fetch_blob(
+    conn: &Connection,
+    peer: &str,
+    id: Hash,
+    part: &Path,
+) -> Result<u64, ConnError> {
+    let have = std::fs::metadata(part).map(|m| m.len()).unwrap_or(0);
+    let offset = have - have % CHUNK_SIZE as u64;
+    let mut stream = MsgStream::open(conn, peer).await?;
+    stream.send(&ClientMsg::FetchBlob { id, offset }).await?;
+    stream.finish();
+    receive_blob(&mut stream, id, part).await
+}

@@ -1,0 +1,482 @@
+//! The messages, one enum per direction, and their codec.
+//!
+//! A message on the wire is `"AMTY" | version (u32 LE) | rkyv archive of the enum`. The version
+//! comes first and outside the archive so that a peer speaking another version gets a clear
+//! error, never a parse failure of bytes it cannot understand. The archive is validated
+//! (bytecheck) before any field is read, then checked for sane values by [`Validate`].
+
+use rkyv::rancor;
+use rkyv::util::AlignedVec;
+
+use crate::PROTOCOL_VERSION;
+
+/// First bytes of every encoded message.
+pub const MESSAGE_MAGIC: &[u8; 4] = b"AMTY";
+
+/// A 32-byte BLAKE3 hash: a blob's id.
+pub type Hash = [u8; 32];
+
+/// What a worker reports about itself when it registers.
+#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct Capabilities {
+    /// Compute backend (`flex`, `cuda`, `wgpu`, ...).
+    pub backend: String,
+    /// Device name as the backend reports it.
+    pub device_name: String,
+    /// Device memory in bytes (0 when unknown).
+    pub memory_bytes: u64,
+    /// Measured training throughput, clips per second.
+    pub samples_per_s: f32,
+    /// Shards the worker already holds (its institution's own corpus, or its cache).
+    pub local_shards: Vec<Hash>,
+}
+
+/// Loss statistics of a worker's local steps.
+#[derive(Debug, Clone, Copy, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct LossStats {
+    /// Mean loss over the round.
+    pub mean: f32,
+    /// Loss at the first local step.
+    pub first: f32,
+    /// Loss at the last local step.
+    pub last: f32,
+}
+
+/// Why a request failed, machine-readable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[repr(u16)]
+pub enum ErrorCode {
+    /// The peer speaks another protocol version.
+    VersionMismatch = 1,
+    /// A frame exceeded its kind's maximum.
+    FrameTooLarge = 2,
+    /// Bytes that do not decode to a message.
+    Malformed = 3,
+    /// The peer's certificate name is revoked.
+    Revoked = 4,
+    /// A message arrived that the state does not allow.
+    Unexpected = 5,
+    /// A blob's bytes did not hash to its id.
+    HashMismatch = 6,
+    /// A blob, round or release that does not exist.
+    NotFound = 7,
+    /// The peer is shutting down.
+    ShuttingDown = 8,
+    /// Anything else.
+    Internal = 9,
+}
+
+/// Worker (or downstream client) to coordinator.
+#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum ClientMsg {
+    /// First message on the control stream.
+    Hello {
+        /// The protocol version the client speaks.
+        protocol: u32,
+        /// Software name and version, for logs.
+        software: String,
+    },
+    /// Join training with these capabilities.
+    Register(Capabilities),
+    /// Still alive; `seq` increases.
+    Heartbeat {
+        /// Sequence number.
+        seq: u64,
+    },
+    /// A round's update follows on its own stream as blob `blob`.
+    UpdateHeader {
+        /// The round trained.
+        round: u64,
+        /// The compressed pseudo-gradient's blob id.
+        blob: Hash,
+        /// Its length in bytes.
+        bytes: u64,
+        /// Clips processed.
+        samples: u64,
+        /// Local optimiser steps.
+        steps: u64,
+        /// Loss statistics.
+        loss: LossStats,
+    },
+    /// Asks for a blob (shard, global state, checkpoint), from `offset` on.
+    FetchBlob {
+        /// The blob.
+        id: Hash,
+        /// First byte wanted (for resuming).
+        offset: u64,
+    },
+    /// Asks for a release's manifest by name (`latest` for the newest).
+    ReleaseQuery {
+        /// The release name.
+        name: String,
+    },
+    /// The client leaves cleanly.
+    Goodbye,
+}
+
+/// Coordinator to worker (or downstream client).
+#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum ServerMsg {
+    /// Answer to `Hello`.
+    Welcome {
+        /// The protocol version the server speaks.
+        protocol: u32,
+        /// The peer's identity as the server sees it (its certificate name).
+        identity: String,
+    },
+    /// Registration accepted.
+    Registered {
+        /// The worker's id for this session.
+        worker: u64,
+    },
+    /// A round starts.
+    RoundAnnounce {
+        /// Round number.
+        round: u64,
+        /// Blob id of the global state to start from.
+        state: Hash,
+        /// Milliseconds the round lasts (time budget).
+        budget_ms: u64,
+        /// Local steps, when the round is step-budgeted (0: time budget).
+        steps: u64,
+    },
+    /// The shards a worker trains on this round.
+    ShardAssignment {
+        /// Round number.
+        round: u64,
+        /// Shard ids.
+        shards: Vec<Hash>,
+    },
+    /// A message or upload was accepted.
+    Ack {
+        /// What was accepted (round number, heartbeat sequence, ...).
+        of: u64,
+    },
+    /// A blob follows on a stream the server opens: `len` bytes in total, sent from `offset`.
+    BlobHeader {
+        /// The blob.
+        id: Hash,
+        /// Total length.
+        len: u64,
+        /// First byte sent.
+        offset: u64,
+    },
+    /// A release's signed manifest follows as blob `manifest`.
+    ReleaseInfo {
+        /// Release name.
+        name: String,
+        /// Blob id of its manifest.
+        manifest: Hash,
+    },
+    /// A request failed.
+    Error {
+        /// Machine-readable reason.
+        code: ErrorCode,
+        /// Human-readable detail.
+        message: String,
+    },
+}
+
+/// Why bytes were not accepted as a message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Too short or the wrong magic: not an Amity message.
+    #[error("not an Amity message ({0})")]
+    NotAMessage(&'static str),
+    /// Another protocol version.
+    #[error("peer speaks protocol version {theirs}, this build speaks {ours}")]
+    Version {
+        /// The peer's version.
+        theirs: u32,
+        /// Ours.
+        ours: u32,
+    },
+    /// The archive failed validation.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// Valid bytes, insane values.
+    #[error("invalid message: {0}")]
+    Invalid(String),
+}
+
+/// Value checks after structural validation.
+pub trait Validate {
+    /// Refuses values no honest peer sends.
+    fn validate(&self) -> Result<(), DecodeError>;
+}
+
+const MAX_STRING: usize = 4096;
+const MAX_LIST: usize = 1 << 20;
+
+fn check_str(what: &str, s: &str) -> Result<(), DecodeError> {
+    if s.len() > MAX_STRING {
+        return Err(DecodeError::Invalid(format!(
+            "{what} is {} bytes (at most {MAX_STRING})",
+            s.len()
+        )));
+    }
+    Ok(())
+}
+
+fn check_list<T>(what: &str, v: &[T]) -> Result<(), DecodeError> {
+    if v.len() > MAX_LIST {
+        return Err(DecodeError::Invalid(format!(
+            "{what} has {} entries (at most {MAX_LIST})",
+            v.len()
+        )));
+    }
+    Ok(())
+}
+
+impl Validate for ClientMsg {
+    fn validate(&self) -> Result<(), DecodeError> {
+        match self {
+            ClientMsg::Hello { software, .. } => check_str("software", software),
+            ClientMsg::Register(c) => {
+                check_str("backend", &c.backend)?;
+                check_str("device name", &c.device_name)?;
+                check_list("local shards", &c.local_shards)?;
+                if !(c.samples_per_s.is_finite() && c.samples_per_s >= 0.0) {
+                    return Err(DecodeError::Invalid(format!(
+                        "throughput {} samples/s",
+                        c.samples_per_s
+                    )));
+                }
+                Ok(())
+            }
+            ClientMsg::UpdateHeader { loss, steps, .. } => {
+                if *steps == 0 {
+                    return Err(DecodeError::Invalid("an update of zero steps".into()));
+                }
+                let finite =
+                    loss.mean.is_finite() && loss.first.is_finite() && loss.last.is_finite();
+                if !finite {
+                    return Err(DecodeError::Invalid("non-finite loss statistics".into()));
+                }
+                Ok(())
+            }
+            ClientMsg::ReleaseQuery { name } => check_str("release name", name),
+            ClientMsg::Heartbeat { .. } | ClientMsg::FetchBlob { .. } | ClientMsg::Goodbye => {
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Validate for ServerMsg {
+    fn validate(&self) -> Result<(), DecodeError> {
+        match self {
+            ServerMsg::Welcome { identity, .. } => check_str("identity", identity),
+            ServerMsg::ShardAssignment { shards, .. } => check_list("shards", shards),
+            ServerMsg::BlobHeader { len, offset, .. } if offset > len => Err(DecodeError::Invalid(
+                format!("blob offset {offset} past its length {len}"),
+            )),
+            ServerMsg::ReleaseInfo { name, .. } => check_str("release name", name),
+            ServerMsg::Error { message, .. } => check_str("error message", message),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Encodes a message with the magic and this build's protocol version.
+pub fn encode<T>(msg: &T) -> Vec<u8>
+where
+    T: for<'a> rkyv::Serialize<
+            rkyv::api::high::HighSerializer<
+                AlignedVec,
+                rkyv::ser::allocator::ArenaHandle<'a>,
+                rancor::Error,
+            >,
+        >,
+{
+    let body = rkyv::to_bytes::<rancor::Error>(msg).expect("messages always archive");
+    let mut out = Vec::with_capacity(8 + body.len());
+    out.extend_from_slice(MESSAGE_MAGIC);
+    out.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Decodes and validates a message; never panics, whatever the bytes.
+pub fn decode<T>(bytes: &[u8]) -> Result<T, DecodeError>
+where
+    T: rkyv::Archive + Validate,
+    T::Archived: for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rancor::Error>>
+        + rkyv::Deserialize<T, rkyv::api::high::HighDeserializer<rancor::Error>>,
+{
+    if bytes.len() < 8 {
+        return Err(DecodeError::NotAMessage("shorter than its header"));
+    }
+    if &bytes[..4] != MESSAGE_MAGIC {
+        return Err(DecodeError::NotAMessage("wrong magic bytes"));
+    }
+    let theirs = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
+    if theirs != PROTOCOL_VERSION {
+        return Err(DecodeError::Version {
+            theirs,
+            ours: PROTOCOL_VERSION,
+        });
+    }
+    let mut aligned = AlignedVec::<16>::with_capacity(bytes.len() - 8);
+    aligned.extend_from_slice(&bytes[8..]);
+    let msg = rkyv::from_bytes::<T, rancor::Error>(&aligned)
+        .map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    msg.validate()?;
+    Ok(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn hash() -> impl Strategy<Value = Hash> {
+        any::<[u8; 32]>()
+    }
+
+    fn client_msg() -> impl Strategy<Value = ClientMsg> {
+        prop_oneof![
+            (any::<u32>(), ".{0,40}")
+                .prop_map(|(protocol, software)| ClientMsg::Hello { protocol, software }),
+            (
+                "[a-z]{1,8}",
+                ".{0,30}",
+                any::<u64>(),
+                0.0f32..1e6,
+                prop::collection::vec(hash(), 0..5)
+            )
+                .prop_map(
+                    |(backend, device_name, memory_bytes, samples_per_s, local_shards)| {
+                        ClientMsg::Register(Capabilities {
+                            backend,
+                            device_name,
+                            memory_bytes,
+                            samples_per_s,
+                            local_shards,
+                        })
+                    }
+                ),
+            any::<u64>().prop_map(|seq| ClientMsg::Heartbeat { seq }),
+            (
+                any::<u64>(),
+                hash(),
+                any::<u64>(),
+                any::<u64>(),
+                1u64..,
+                -1e3f32..1e3
+            )
+                .prop_map(|(round, blob, bytes, samples, steps, l)| {
+                    ClientMsg::UpdateHeader {
+                        round,
+                        blob,
+                        bytes,
+                        samples,
+                        steps,
+                        loss: LossStats {
+                            mean: l,
+                            first: l + 1.0,
+                            last: l - 1.0,
+                        },
+                    }
+                }),
+            (hash(), any::<u64>()).prop_map(|(id, offset)| ClientMsg::FetchBlob { id, offset }),
+            ".{0,20}".prop_map(|name| ClientMsg::ReleaseQuery { name }),
+            Just(ClientMsg::Goodbye),
+        ]
+    }
+
+    fn server_msg() -> impl Strategy<Value = ServerMsg> {
+        prop_oneof![
+            (any::<u32>(), ".{0,30}")
+                .prop_map(|(protocol, identity)| ServerMsg::Welcome { protocol, identity }),
+            any::<u64>().prop_map(|worker| ServerMsg::Registered { worker }),
+            (any::<u64>(), hash(), any::<u64>(), any::<u64>()).prop_map(
+                |(round, state, budget_ms, steps)| ServerMsg::RoundAnnounce {
+                    round,
+                    state,
+                    budget_ms,
+                    steps
+                }
+            ),
+            (any::<u64>(), prop::collection::vec(hash(), 0..20))
+                .prop_map(|(round, shards)| ServerMsg::ShardAssignment { round, shards }),
+            any::<u64>().prop_map(|of| ServerMsg::Ack { of }),
+            (hash(), any::<u64>())
+                .prop_flat_map(|(id, len)| (Just(id), Just(len), 0..=len))
+                .prop_map(|(id, len, offset)| ServerMsg::BlobHeader { id, len, offset }),
+            (".{0,20}", hash())
+                .prop_map(|(name, manifest)| ServerMsg::ReleaseInfo { name, manifest }),
+            ".{0,60}".prop_map(|message| ServerMsg::Error {
+                code: ErrorCode::Malformed,
+                message
+            }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn client_messages_round_trip(m in client_msg()) {
+            prop_assert_eq!(decode::<ClientMsg>(&encode(&m)).unwrap(), m);
+        }
+
+        #[test]
+        fn server_messages_round_trip(m in server_msg()) {
+            prop_assert_eq!(decode::<ServerMsg>(&encode(&m)).unwrap(), m);
+        }
+
+        #[test]
+        fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode::<ClientMsg>(&bytes);
+            let _ = decode::<ServerMsg>(&bytes);
+            let mut framed = MESSAGE_MAGIC.to_vec();
+            framed.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+            framed.extend_from_slice(&bytes);
+            let _ = decode::<ClientMsg>(&framed);
+            let _ = decode::<ServerMsg>(&framed);
+        }
+
+        #[test]
+        fn mutated_messages_never_panic(
+            m in client_msg(),
+            flips in prop::collection::vec((any::<prop::sample::Index>(), 1u8..), 1..6),
+        ) {
+            let mut bytes = encode(&m);
+            for (i, x) in flips {
+                let i = i.index(bytes.len());
+                bytes[i] ^= x;
+            }
+            let _ = decode::<ClientMsg>(&bytes);
+            let _ = decode::<ClientMsg>(&bytes[..bytes.len() / 2]);
+        }
+    }
+
+    #[test]
+    fn another_version_is_a_clear_error() {
+        let mut bytes = encode(&ClientMsg::Goodbye);
+        bytes[4..8].copy_from_slice(&7u32.to_le_bytes());
+        let err = decode::<ClientMsg>(&bytes).unwrap_err();
+        assert_eq!(
+            err,
+            DecodeError::Version {
+                theirs: 7,
+                ours: PROTOCOL_VERSION
+            }
+        );
+        assert!(err.to_string().contains("version 7"), "{err}");
+        assert!(matches!(
+            decode::<ClientMsg>(b"GET / HTTP/1.1"),
+            Err(DecodeError::NotAMessage(_))
+        ));
+        let bad = ClientMsg::Register(Capabilities {
+            backend: "flex".into(),
+            device_name: "cpu".into(),
+            memory_bytes: 0,
+            samples_per_s: f32::NAN,
+            local_shards: vec![],
+        });
+        assert!(matches!(
+            decode::<ClientMsg>(&encode(&bad)),
+            Err(DecodeError::Invalid(_))
+        ));
+    }
+}

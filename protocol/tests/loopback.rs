@@ -1,0 +1,279 @@
+//! The protocol over real quinn endpoints on loopback: mutual TLS accept and reject, version
+//! mismatch, oversized frames, and blob transfer with resume and corruption detection.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use amity_protocol::PROTOCOL_VERSION;
+use amity_protocol::blob::CHUNK_SIZE;
+use amity_protocol::conn::{ConnError, MsgStream, ServeFaults, fetch_blob, serve_blob};
+use amity_protocol::frame::{FrameKind, frame_prefix};
+use amity_protocol::message::{self, ClientMsg, ErrorCode, Hash, ServerMsg};
+use amity_protocol::tls::{
+    Identity, init_ca, issue, peer_name, quic_client_config, quic_server_config,
+};
+use amity_protocol::{blob::BlobError, endpoint};
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("amity-proto-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Two CAs: the operator's (coordinator, uni-a, uni-b) and a rogue one (uni-x).
+fn pki(dir: &Path) -> (PathBuf, PathBuf) {
+    let ca = dir.join("ca");
+    let rogue = dir.join("rogue");
+    init_ca(&ca, "test operator").unwrap();
+    init_ca(&rogue, "rogue").unwrap();
+    issue(
+        &ca,
+        "coordinator",
+        &["localhost".into(), "127.0.0.1".into()],
+    )
+    .unwrap();
+    issue(&ca, "uni-a", &[]).unwrap();
+    issue(&ca, "uni-b", &[]).unwrap();
+    issue(&rogue, "uni-x", &[]).unwrap();
+    assert!(init_ca(&ca, "again").is_err(), "never overwrites a CA");
+    (ca, rogue)
+}
+
+struct Server {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    faults: Arc<std::sync::Mutex<ServeFaults>>,
+}
+
+/// A minimal coordinator: answers Hello with the peer's certificate name, serves blobs.
+fn start_server(ca: &Path, revoked: &[&str], blobs: HashMap<Hash, PathBuf>) -> Server {
+    let id = Identity::load_from_ca_dir(ca, "coordinator").unwrap();
+    let revoked: BTreeSet<String> = revoked.iter().map(|s| s.to_string()).collect();
+    let cfg = quic_server_config(&id, &revoked).unwrap();
+    let ep = endpoint::server("127.0.0.1:0".parse().unwrap(), cfg).unwrap();
+    let addr = ep.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let faults = Arc::new(std::sync::Mutex::new(ServeFaults::default()));
+    let (acc, fl) = (accepted.clone(), faults.clone());
+    let blobs = Arc::new(blobs);
+    tokio::spawn(async move {
+        while let Some(incoming) = ep.accept().await {
+            let Ok(conn) = incoming.await else { continue };
+            acc.fetch_add(1, Ordering::SeqCst);
+            let name = peer_name(&conn).unwrap_or_default();
+            let (blobs, fl) = (blobs.clone(), fl.clone());
+            tokio::spawn(async move {
+                while let Ok(Some(mut s)) = MsgStream::accept(&conn, &name).await {
+                    let (blobs, faults) = (blobs.clone(), *fl.lock().unwrap());
+                    let name = name.clone();
+                    tokio::spawn(async move {
+                        match s.recv::<ClientMsg>().await {
+                            Ok(Some(ClientMsg::Hello { .. })) => {
+                                let _ = s
+                                    .send(&ServerMsg::Welcome {
+                                        protocol: PROTOCOL_VERSION,
+                                        identity: name,
+                                    })
+                                    .await;
+                                s.finish();
+                            }
+                            Ok(Some(ClientMsg::FetchBlob { id, offset })) => {
+                                let path = blobs.get(&id).cloned().unwrap_or_default();
+                                let _ = serve_blob(&mut s, &path, id, offset, faults).await;
+                            }
+                            Ok(_) => {}
+                            Err(e) => eprintln!("server: {e}"),
+                        }
+                    });
+                }
+            });
+        }
+    });
+    Server {
+        addr,
+        accepted,
+        faults,
+    }
+}
+
+async fn connect(dir: &Path, name: &str, addr: SocketAddr) -> Result<quinn::Connection, String> {
+    let id = Identity::load_from_ca_dir(dir, name).unwrap();
+    let ep = endpoint::client(addr, quic_client_config(&id).unwrap()).unwrap();
+    let conn = ep
+        .connect(addr, "coordinator")
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(conn)
+}
+
+async fn hello(conn: &quinn::Connection) -> Result<ServerMsg, ConnError> {
+    let mut s = MsgStream::open(conn, "coordinator").await?;
+    s.send(&ClientMsg::Hello {
+        protocol: PROTOCOL_VERSION,
+        software: "test".into(),
+    })
+    .await?;
+    s.finish();
+    Ok(s.recv::<ServerMsg>().await?.expect("an answer"))
+}
+
+#[tokio::test]
+async fn mutual_tls_accepts_members_and_refuses_strangers_and_revoked_names() {
+    let dir = scratch("mtls");
+    let (ca, rogue) = pki(&dir);
+    let server = start_server(&ca, &["uni-b"], HashMap::new());
+
+    let conn = connect(&ca, "uni-a", server.addr).await.unwrap();
+    assert_eq!(peer_name(&conn).as_deref(), Some("coordinator"));
+    match hello(&conn).await.unwrap() {
+        ServerMsg::Welcome { identity, protocol } => {
+            assert_eq!(
+                identity, "uni-a",
+                "the worker's identity is its certificate name"
+            );
+            assert_eq!(protocol, PROTOCOL_VERSION);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(server.accepted.load(Ordering::SeqCst), 1);
+
+    // A certificate from another CA, and a revoked name: refused at the handshake.
+    for (ca_dir, name) in [(&rogue, "uni-x"), (&ca, "uni-b")] {
+        let refused = match connect(ca_dir, name, server.addr).await {
+            Err(e) => e,
+            Ok(conn) => hello(&conn).await.expect_err("refused").to_string(),
+        };
+        eprintln!("{name} refused: {refused}");
+        let why = if name == "uni-b" {
+            "Revoked"
+        } else {
+            "UnknownIssuer"
+        };
+        assert!(refused.contains(why), "{name}: {refused}");
+    }
+    assert_eq!(
+        server.accepted.load(Ordering::SeqCst),
+        1,
+        "no refused peer got a connection"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn another_version_and_oversized_frames_close_the_stream_with_a_code() {
+    let dir = scratch("limits");
+    let (ca, _) = pki(&dir);
+    let server = start_server(&ca, &[], HashMap::new());
+    let conn = connect(&ca, "uni-a", server.addr).await.unwrap();
+
+    // A Hello from protocol version 99.
+    let mut bytes = message::encode(&ClientMsg::Hello {
+        protocol: 99,
+        software: "future".into(),
+    });
+    bytes[4..8].copy_from_slice(&99u32.to_le_bytes());
+    let mut s = MsgStream::open(&conn, "coordinator").await.unwrap();
+    let mut frame = frame_prefix(FrameKind::Message, bytes.len()).to_vec();
+    frame.extend_from_slice(&bytes);
+    s.write_raw(&frame).await.unwrap();
+    let err = s.recv::<ServerMsg>().await.unwrap_err().to_string();
+    assert!(
+        err.contains(&format!("{}", ErrorCode::VersionMismatch as u16)),
+        "{err}"
+    );
+
+    // The prefix of a 16 MiB message: refused from its first five bytes.
+    let mut s = MsgStream::open(&conn, "coordinator").await.unwrap();
+    s.write_raw(&[FrameKind::Message as u8, 0, 0, 0, 1])
+        .await
+        .unwrap();
+    let err = s.recv::<ServerMsg>().await.unwrap_err().to_string();
+    assert!(
+        err.contains(&format!("{}", ErrorCode::FrameTooLarge as u16)),
+        "{err}"
+    );
+
+    // The connection itself is still usable.
+    assert!(matches!(
+        hello(&conn).await.unwrap(),
+        ServerMsg::Welcome { .. }
+    ));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn blobs_resume_after_a_cut_and_corrupt_chunks_are_caught() {
+    let dir = scratch("blobs");
+    let (ca, _) = pki(&dir);
+    let data: Vec<u8> = (0..3 * CHUNK_SIZE + 777).map(|i| (i % 253) as u8).collect();
+    let id: Hash = *blake3::hash(&data).as_bytes();
+    let stored = dir.join("blob.bin");
+    std::fs::write(&stored, &data).unwrap();
+    let server = start_server(&ca, &[], HashMap::from([(id, stored.clone())]));
+    let conn = connect(&ca, "uni-a", server.addr).await.unwrap();
+    let part = dir.join("blob.part");
+
+    // Cut after one chunk: the verified chunk stays.
+    server.faults.lock().unwrap().stop_after_chunks = Some(1);
+    assert!(fetch_blob(&conn, "coordinator", id, &part).await.is_err());
+    assert_eq!(std::fs::metadata(&part).unwrap().len(), CHUNK_SIZE as u64);
+
+    // A corrupted chunk 2: caught at that chunk; chunk 1 (verified) is kept.
+    *server.faults.lock().unwrap() = ServeFaults {
+        corrupt_chunk: Some(2),
+        stop_after_chunks: None,
+    };
+    let err = fetch_blob(&conn, "coordinator", id, &part)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ConnError::Blob {
+                source: BlobError::ChunkMismatch { index: 2, .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::metadata(&part).unwrap().len(),
+        2 * CHUNK_SIZE as u64
+    );
+
+    // A clean attempt resumes from byte 2 MiB and completes.
+    *server.faults.lock().unwrap() = ServeFaults::default();
+    let len = fetch_blob(&conn, "coordinator", id, &part).await.unwrap();
+    assert_eq!(len, data.len() as u64);
+    assert_eq!(std::fs::read(&part).unwrap(), data);
+
+    // A blob the server does not have, and a server copy that rotted on disk.
+    let missing = [7u8; 32];
+    let err = fetch_blob(&conn, "coordinator", missing, &dir.join("m.part"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ConnError::Remote {
+                code: ErrorCode::NotFound,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let mut rotten = data.clone();
+    rotten[5] ^= 1;
+    std::fs::write(&stored, &rotten).unwrap();
+    let err = fetch_blob(&conn, "coordinator", id, &dir.join("r.part"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not to its id"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
