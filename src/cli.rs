@@ -47,7 +47,7 @@ pub enum Command {
     /// Run a benchmark beside its baseline and print the ratios (last line: JSON).
     Bench(BenchArgs),
     /// Manage the operator's certificate authority, institution certificates and release keys.
-    Ca(NotBuilt),
+    Ca(crate::ca_cmd::CaArgs),
 }
 
 /// Arguments of a subcommand whose implementation has not landed yet.
@@ -72,6 +72,16 @@ pub enum Bench {
     TrainStep(TrainStepArgs),
     /// Corpus ingest throughput, and our video decode beside the `ffmpeg` tool's.
     Ingest(IngestBenchArgs),
+    /// Bulk transfer over loopback: QUIC beside TCP+TLS 1.3 and plain TCP.
+    Transfer(TransferBenchArgs),
+}
+
+/// `amity bench transfer`.
+#[derive(Debug, Args)]
+pub struct TransferBenchArgs {
+    /// MiB moved per transport.
+    #[arg(long, default_value_t = 1024)]
+    pub mib: u64,
 }
 
 /// `amity bench ingest`.
@@ -141,7 +151,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Surprise(_) => not_built("surprise", "the planner and surprise detector"),
         Command::Plan(_) => not_built("plan", "the planner and surprise detector"),
         Command::Bench(args) => bench(args),
-        Command::Ca(_) => not_built("ca", "the protocol's identity and trust"),
+        Command::Ca(args) => crate::ca_cmd::run(args),
     }
 }
 
@@ -170,6 +180,27 @@ fn not_built(command: &str, issue: &str) -> Result<()> {
 
 fn bench(args: BenchArgs) -> Result<()> {
     match args.bench {
+        Bench::Transfer(a) => {
+            let scratch =
+                std::env::temp_dir().join(format!("amity-bench-transfer-{}", std::process::id()));
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let r = rt.block_on(amity_protocol::bench::transfer(a.mib << 20, &scratch))?;
+            println!(
+                "transfer {} MiB: QUIC {:.2} GB/s (1 stream {:.2}, 4 streams {:.2}), TCP+TLS {:.2} GB/s, \
+                 TCP {:.2} GB/s; QUIC/TLS {:.2}",
+                a.mib,
+                r.quic_gbps,
+                r.quic_1_stream_gbps,
+                r.quic_4_streams_gbps,
+                r.tls_gbps,
+                r.tcp_gbps,
+                r.ratio
+            );
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
         Bench::Ingest(a) => {
             use amity_shared::bench::{IngestBenchOptions, ingest_bench};
             let scratch =

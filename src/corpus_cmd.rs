@@ -77,7 +77,7 @@ pub struct IngestArgs {
     /// Target shard size in MiB (fractions allowed).
     #[arg(long, default_value_t = (DEFAULT_SHARD_BYTES >> 20) as f64)]
     pub shard_mib: f64,
-    /// Video decoder: auto (FFmpeg when installed), ffmpeg, builtin (MP4 + baseline H.264).
+    /// Video decoder: auto (built-in for baseline MP4, FFmpeg for the rest), ffmpeg, builtin.
     #[arg(long, default_value = "auto")]
     pub decoder: DecoderChoice,
     /// Decoding threads (default: every core).
@@ -176,7 +176,8 @@ fn ingest_cmd(a: IngestArgs) -> Result<()> {
         match (a.decoder, ffmpeg_version()) {
             (DecoderChoice::Builtin, _) | (DecoderChoice::Auto, None) =>
                 "built-in (MP4 + baseline H.264)".to_owned(),
-            (_, Some(v)) => v.to_owned(),
+            (DecoderChoice::Auto, Some(v)) => format!("built-in for baseline MP4, else {v}"),
+            (DecoderChoice::Ffmpeg, Some(v)) => v.to_owned(),
             (DecoderChoice::Ffmpeg, None) => "ffmpeg (not found)".to_owned(),
         }
     );

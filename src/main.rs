@@ -3,6 +3,7 @@
 //! Each subcommand is a thin shell over a library crate (`amity-coordinator`, `amity-worker`,
 //! `amity-planner`, ...): argument parsing and error reporting live here, the work lives there.
 
+mod ca_cmd;
 mod cli;
 mod corpus_cmd;
 mod train_cmd;

@@ -69,7 +69,6 @@ const NOT_BUILT: &[&str] = &[
     "embed",
     "surprise",
     "plan",
-    "ca",
 ];
 
 #[test]
@@ -83,4 +82,36 @@ fn unbuilt_subcommands_say_so_and_fail() {
             "`amity {sub}` stderr: {err}"
         );
     }
+}
+
+#[test]
+fn ca_init_and_issue_write_certificates_and_refuse_mistakes() {
+    let dir = std::env::temp_dir().join(format!("amity-cli-ca-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = dir.to_str().unwrap();
+    let out = amity(&["ca", "init", "--dir", d, "--operator", "Test Consortium"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = amity(&["ca", "issue", "--dir", d, "--name", "uni-a"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for f in ["ca.crt", "ca.key", "uni-a.crt", "uni-a.key"] {
+        assert!(dir.join(f).is_file(), "{f} missing");
+    }
+    // The certificate loads and names its holder.
+    let id = amity_protocol::tls::Identity::load_from_ca_dir(&dir, "uni-a").unwrap();
+    assert_eq!(id.name, "uni-a");
+    // Never overwrite a CA or a certificate; refuse names that cannot be identities.
+    for args in [
+        vec!["ca", "init", "--dir", d],
+        vec!["ca", "issue", "--dir", d, "--name", "uni-a"],
+        vec!["ca", "issue", "--dir", d, "--name", "../evil"],
+    ] {
+        let out = amity(&args);
+        let err = text(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(
+            err.contains("exists") || err.contains("not a usable name"),
+            "{err}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -11,6 +11,7 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// The QUIC ALPN token, so an Amity endpoint never mistakes another protocol's peer for its own.
 pub const ALPN: &[u8] = b"amity/1";
 
+pub mod bench;
 pub mod blob;
 pub mod conn;
 pub mod endpoint;

@@ -1,0 +1,65 @@
+//! `amity ca`: the operator's certificate authority and institution certificates.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+
+use amity_protocol::tls::{init_ca, issue};
+
+/// `amity ca`.
+#[derive(Debug, Args)]
+pub struct CaArgs {
+    #[command(subcommand)]
+    pub command: CaCommand,
+}
+
+/// The CA tasks.
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create the operator CA (`ca.crt`, `ca.key`) in a folder; never overwrites one.
+    Init {
+        /// The CA folder (keep `ca.key` secret).
+        #[arg(long, default_value = "amity-ca")]
+        dir: PathBuf,
+        /// The operator's name, written into the CA certificate.
+        #[arg(long, default_value = "Amity operator")]
+        operator: String,
+    },
+    /// Issue a certificate for an institution (a worker) or a coordinator.
+    Issue {
+        /// The CA folder.
+        #[arg(long, default_value = "amity-ca")]
+        dir: PathBuf,
+        /// The name: the peer's identity as the coordinator sees it (e.g. `uni-paris`).
+        #[arg(long)]
+        name: String,
+        /// DNS names or IP addresses the holder serves under (coordinators only).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+    },
+}
+
+/// Runs `amity ca`.
+pub fn run(args: CaArgs) -> Result<()> {
+    match args.command {
+        CaCommand::Init { dir, operator } => {
+            let files = init_ca(&dir, &operator)?;
+            println!(
+                "created CA {} (certificate {}, private key {}: keep it offline)",
+                operator,
+                files.cert().display(),
+                files.key().display()
+            );
+        }
+        CaCommand::Issue { dir, name, hosts } => {
+            let (cert, key) = issue(&dir, &name, &hosts)?;
+            println!(
+                "issued {name}: {} and {} (give both, with ca.crt, to {name})",
+                cert.display(),
+                key.display()
+            );
+        }
+    }
+    Ok(())
+}
