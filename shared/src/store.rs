@@ -131,18 +131,29 @@ pub enum StoreError {
     BadId(String),
 }
 
+/// What storing a blob did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stored {
+    /// The blob's id.
+    pub id: BlobId,
+    /// Its length in bytes.
+    pub len: u64,
+    /// Whether it was not in the store before.
+    pub new: bool,
+}
+
 /// Blobs addressed by BLAKE3. Every read is verified against the id.
 pub trait BlobStore: Send + Sync {
-    /// Stores `bytes` and returns their id. Storing a blob that is already present is a no-op.
-    fn put(&self, bytes: &[u8]) -> Result<BlobId, StoreError>;
+    /// Stores `bytes`. Storing a blob that is already present is a no-op.
+    fn put(&self, bytes: &[u8]) -> Result<Stored, StoreError>;
 
-    /// Streams a blob in from `reader`, hashing as it goes; returns its id and length.
+    /// Streams a blob in from `reader`, hashing as it goes (the bytes are read once).
     /// With `expected`, bytes that hash to anything else are discarded and refused.
     fn put_reader(
         &self,
         reader: &mut dyn Read,
         expected: Option<BlobId>,
-    ) -> Result<(BlobId, u64), StoreError>;
+    ) -> Result<Stored, StoreError>;
 
     /// The verified bytes of a blob.
     fn get(&self, id: &BlobId) -> Result<Vec<u8>, StoreError>;
@@ -260,10 +271,15 @@ fn missing_or_io(id: BlobId, path: &Path, source: std::io::Error) -> StoreError 
 }
 
 impl BlobStore for LocalStore {
-    fn put(&self, bytes: &[u8]) -> Result<BlobId, StoreError> {
+    fn put(&self, bytes: &[u8]) -> Result<Stored, StoreError> {
         let id = BlobId::of_large(bytes);
-        if self.size(&id)? == Some(bytes.len() as u64) {
-            return Ok(id);
+        let len = bytes.len() as u64;
+        if self.size(&id)? == Some(len) {
+            return Ok(Stored {
+                id,
+                len,
+                new: false,
+            });
         }
         let temp = self.temp_path();
         let result = (|| {
@@ -275,14 +291,14 @@ impl BlobStore for LocalStore {
         if result.is_err() {
             let _ = std::fs::remove_file(&temp);
         }
-        result.map(|()| id)
+        result.map(|()| Stored { id, len, new: true })
     }
 
     fn put_reader(
         &self,
         reader: &mut dyn Read,
         expected: Option<BlobId>,
-    ) -> Result<(BlobId, u64), StoreError> {
+    ) -> Result<Stored, StoreError> {
         let temp = self.temp_path();
         let result = (|| {
             let mut f = File::create(&temp).map_err(Self::io(&temp))?;
@@ -307,9 +323,18 @@ impl BlobStore for LocalStore {
                     actual: id,
                 });
             }
+            if self.size(&id)? == Some(len) {
+                drop(f);
+                let _ = std::fs::remove_file(&temp);
+                return Ok(Stored {
+                    id,
+                    len,
+                    new: false,
+                });
+            }
             f.sync_all().map_err(Self::io(&temp))?;
             self.publish(&temp, &id)?;
-            Ok((id, len))
+            Ok(Stored { id, len, new: true })
         })();
         if result.is_err() {
             let _ = std::fs::remove_file(&temp);
@@ -412,9 +437,11 @@ mod tests {
     #[test]
     fn put_get_list_remove_and_idempotence() {
         let (dir, store) = temp_store("basic");
-        let a = store.put(b"alpha").unwrap();
-        assert_eq!(store.put(b"alpha").unwrap(), a);
-        let (b, len) = store.put_reader(&mut &b"beta!"[..], None).unwrap();
+        let a = store.put(b"alpha").unwrap().id;
+        let again = store.put(b"alpha").unwrap();
+        assert_eq!(again.id, a);
+        assert!(!again.new, "a second put stores nothing");
+        let Stored { id: b, len, .. } = store.put_reader(&mut &b"beta!"[..], None).unwrap();
         assert_eq!(len, 5);
         assert_eq!(store.get(&a).unwrap(), b"alpha");
         assert_eq!(store.get(&b).unwrap(), b"beta!");
@@ -435,7 +462,7 @@ mod tests {
     #[test]
     fn corruption_and_mismatches_are_refused() {
         let (dir, store) = temp_store("corrupt");
-        let id = store.put(b"precious bytes").unwrap();
+        let id = store.put(b"precious bytes").unwrap().id;
         let path = store.path(&id);
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[3] ^= 1;

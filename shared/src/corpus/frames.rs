@@ -69,11 +69,16 @@ pub fn resize_centre_crop(img: &image::RgbImage, size: usize) -> Vec<u8> {
         .into_raw()
 }
 
-/// Decodes every frame of a frame folder at `size x size`.
-pub fn decode_frame_folder(dir: &Path, size: usize) -> Result<DecodedVideo, CorpusError> {
+/// Decodes the first `max_frames` frames of a frame folder at `size x size`.
+pub fn decode_frame_folder(
+    dir: &Path,
+    size: usize,
+    max_frames: usize,
+) -> Result<DecodedVideo, CorpusError> {
     let files: Vec<PathBuf> = sorted_entries(dir)?
         .into_iter()
         .filter(|p| p.is_file() && is_frame(p))
+        .take(max_frames)
         .collect();
     let mut pixels = Vec::with_capacity(files.len() * size * size * 3);
     for f in &files {
@@ -109,7 +114,7 @@ mod tests {
             img.save(video.join(format!("{f:03}.png"))).unwrap();
         }
         std::fs::write(root.join("a/notes.txt"), "not a frame").unwrap();
-        let v = decode_frame_folder(&video, 32).unwrap();
+        let v = decode_frame_folder(&video, 32, 100).unwrap();
         assert_eq!((v.frames, v.size, v.pixels.len()), (3, 32, 3 * 32 * 32 * 3));
         assert_eq!(v.frame(2)[0], 160); // red channel carries the frame index
         // Resize to 43x32, crop from column 5: crop column 0 is source x ≈ 7.5, green ≈ 30.
@@ -117,7 +122,9 @@ mod tests {
         assert!((g - 30).abs() <= 4, "green {g}");
 
         std::fs::write(video.join("004.png"), b"not a png").unwrap();
-        let err = decode_frame_folder(&video, 32).unwrap_err().to_string();
+        let err = decode_frame_folder(&video, 32, 100)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("004.png"), "{err}");
         std::fs::remove_dir_all(&root).unwrap();
     }

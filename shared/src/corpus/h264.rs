@@ -221,7 +221,7 @@ pub fn decode_mp4(
         .map_err(|e| fail(format!("parameter sets: {e}")))?;
 
     let mut out = Resampler::new(size, fps, max_frames);
-    let mut rgb = Vec::new();
+    let mut spare = Vec::new();
     let mut end = 0.0;
     for sample_id in 1..=samples {
         if out.full() {
@@ -253,9 +253,12 @@ pub fn decode_mp4(
         })?;
         if let Some(yuv) = decoded {
             let (w, h) = yuv.dimensions();
+            let mut rgb = std::mem::take(&mut spare);
             rgb.resize(w * h * 3, 0);
             yuv.write_rgb8(&mut rgb);
-            out.push(pts, &rgb, w, h);
+            let frame = image::RgbImage::from_raw(w as u32, h as u32, rgb)
+                .expect("a buffer of exactly w*h*3 bytes");
+            spare = out.push(pts, frame).unwrap_or_default();
         }
     }
     let video = out.finish(path, end);
@@ -280,14 +283,17 @@ fn profile_name(idc: u8) -> String {
 /// Turns decoded frames with presentation times into frames at a fixed rate: output frame `i`
 /// is the latest source frame shown at or before `i / fps` (a frame shown for longer than one
 /// output period repeats; frames shown in between are dropped).
+///
+/// A frame is resized only once an output frame needs it, so frames the resampling drops
+/// (two of three when 30 fps becomes 10) are never resized.
 struct Resampler {
     size: usize,
     fps: f64,
     max_frames: usize,
     pixels: Vec<u8>,
     frames: usize,
-    /// The last frame seen, already resized.
-    last: Option<(f64, Vec<u8>)>,
+    /// The last frame seen: its time, its pixels, and its resized form once needed.
+    last: Option<(f64, image::RgbImage, Option<Vec<u8>>)>,
 }
 
 impl Resampler {
@@ -306,34 +312,31 @@ impl Resampler {
         self.frames >= self.max_frames
     }
 
-    fn next_time(&self) -> f64 {
-        self.frames as f64 / self.fps
-    }
-
-    fn push(&mut self, pts: f64, rgb: &[u8], w: usize, h: usize) {
-        // Emit the previous frame for every output time before this frame's time.
+    /// Emits the last frame for every output time before `until`.
+    fn emit_last_until(&mut self, until: f64) {
         const EPS: f64 = 1e-6;
-        while !self.full()
-            && let Some((_, prev)) = &self.last
-            && self.next_time() + EPS < pts
-        {
-            self.pixels.extend_from_slice(prev);
-            self.frames += 1;
-        }
-        let Some(img) = image::RgbImage::from_raw(w as u32, h as u32, rgb.to_vec()) else {
+        let Some((_, img, resized)) = &mut self.last else {
             return;
         };
-        self.last = Some((pts, resize_centre_crop(&img, self.size)));
+        while self.frames < self.max_frames && self.frames as f64 / self.fps + EPS < until {
+            let r = resized.get_or_insert_with(|| resize_centre_crop(img, self.size));
+            self.pixels.extend_from_slice(r);
+            self.frames += 1;
+        }
+    }
+
+    /// Takes the next decoded frame; hands back the previous frame's buffer for reuse.
+    fn push(&mut self, pts: f64, frame: image::RgbImage) -> Option<Vec<u8>> {
+        self.emit_last_until(pts);
+        self.last
+            .replace((pts, frame, None))
+            .map(|(_, img, _)| img.into_raw())
     }
 
     /// Flushes the last frame, which is shown until `end` (the stream's end time).
     fn finish(mut self, path: &Path, end: f64) -> DecodedVideo {
-        if let Some((pts, prev)) = self.last.take() {
-            let end = end.max(pts + 1e-3);
-            while !self.full() && self.next_time() + 1e-6 < end {
-                self.pixels.extend_from_slice(&prev);
-                self.frames += 1;
-            }
+        if let Some(&(pts, _, _)) = self.last.as_ref() {
+            self.emit_last_until(end.max(pts + 1e-3));
         }
         DecodedVideo {
             source: path.to_owned(),

@@ -20,7 +20,7 @@ use super::shard::ShardBuilder;
 use super::video::{DecodeTarget, DecoderChoice, decode_video, is_video_file};
 use crate::config::{DataConfig, ModelConfig};
 use crate::rng::Rng;
-use crate::store::{BlobId, BlobStore};
+use crate::store::BlobStore;
 use crate::synth::VideoLabels;
 
 /// Default target shard size.
@@ -158,11 +158,8 @@ struct SourceClips {
 fn cut_source(src: &Source, opts: &IngestOptions) -> Result<SourceClips, String> {
     let size = opts.model.image_size;
     let video: DecodedVideo = if src.is_frame_folder {
-        let mut v = decode_frame_folder(&src.path, size).map_err(|e| e.to_string())?;
         // (a frame folder's error names the bad frame, so it keeps its path)
-        v.frames = v.frames.min(opts.data.max_frames);
-        v.pixels.truncate(v.frames * size * size * 3);
-        v
+        decode_frame_folder(&src.path, size, opts.data.max_frames).map_err(|e| e.to_string())?
     } else {
         let target = DecodeTarget {
             size,
@@ -197,13 +194,14 @@ fn cut_source(src: &Source, opts: &IngestOptions) -> Result<SourceClips, String>
             pixels.extend_from_slice(video.frame(f));
         }
         // Frame folders have no frame rate of their own: their labels index frames directly.
-        let clip_labels = match &labels {
-            Some(l) if src.is_frame_folder => {
-                l.clip(spec.frame_indices(start).map(|f| f as f64 / l.fps))
-            }
-            Some(l) => l.clip(spec.frame_indices(start).map(|f| f as f64 / opts.data.fps)),
-            None => None,
-        };
+        let clip_labels = labels.as_ref().and_then(|l| {
+            let rate = if src.is_frame_folder {
+                l.fps
+            } else {
+                opts.data.fps
+            };
+            l.clip(spec.frame_indices(start).map(|f| f as f64 / rate))
+        });
         if labels.is_some() && clip_labels.is_none() {
             return Err(format!(
                 "its labels file covers fewer frames than the video (clip at frame {start})"
@@ -258,15 +256,12 @@ pub fn ingest(
     let mut new_shards = 0usize;
     let mut flush = |b: ShardBuilder, manifest: &mut Manifest| -> Result<(), CorpusError> {
         let clips = b.len() as u64;
-        let bytes = b.finish();
-        let id = BlobId::of_large(&bytes);
-        if !blobs.contains(&id) {
-            new_shards += 1;
-        }
-        blobs.put(&bytes)?;
+        // Hashed and written in one pass over the shard's bytes.
+        let stored = blobs.put_reader(&mut b.finish().reader(), None)?;
+        new_shards += usize::from(stored.new);
         manifest.shards.push(ShardEntry {
-            id,
-            bytes: bytes.len() as u64,
+            id: stored.id,
+            bytes: stored.len,
             clips,
         });
         Ok(())

@@ -45,16 +45,6 @@ pub enum CorpusError {
         /// Why.
         reason: String,
     },
-    /// A video is too short for even one clip.
-    #[error("{path}: {frames} frames, a clip needs {needed}")]
-    TooShort {
-        /// The video.
-        path: PathBuf,
-        /// Frames it has.
-        frames: usize,
-        /// Frames one clip spans.
-        needed: usize,
-    },
     /// Nothing usable was found.
     #[error("{path}: no videos found (expected video files or sub-folders of .png/.jpg frames)")]
     Empty {

@@ -265,20 +265,52 @@ impl ShardBuilder {
         self.payload.extend_from_slice(pixels);
     }
 
-    /// The shard's bytes.
-    pub fn finish(self) -> Vec<u8> {
+    /// The finished shard: its prefix (fixed fields, header, padding) and its payload, kept
+    /// apart so that a 64 MiB payload is streamed into the store, never copied behind a header.
+    pub fn finish(self) -> ShardBytes {
         let header =
             rkyv::to_bytes::<rancor::Error>(&self.header).expect("a shard header always archives");
         let payload_start = (24 + header.len()).next_multiple_of(ALIGN);
-        let mut out = Vec::with_capacity(payload_start + self.payload.len());
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&FORMAT.to_le_bytes());
-        out.extend_from_slice(&0u32.to_le_bytes());
-        out.extend_from_slice(&(header.len() as u64).to_le_bytes());
-        out.extend_from_slice(&header);
-        out.resize(payload_start, 0);
-        out.extend_from_slice(&self.payload);
-        out
+        let mut prefix = Vec::with_capacity(payload_start);
+        prefix.extend_from_slice(MAGIC);
+        prefix.extend_from_slice(&FORMAT.to_le_bytes());
+        prefix.extend_from_slice(&0u32.to_le_bytes());
+        prefix.extend_from_slice(&(header.len() as u64).to_le_bytes());
+        prefix.extend_from_slice(&header);
+        prefix.resize(payload_start, 0);
+        ShardBytes {
+            prefix,
+            payload: self.payload,
+        }
+    }
+}
+
+/// A finished shard's bytes, in two parts: `prefix ++ payload` is the file.
+#[derive(Debug)]
+pub struct ShardBytes {
+    prefix: Vec<u8>,
+    payload: Vec<u8>,
+}
+
+impl ShardBytes {
+    /// The file's length.
+    pub fn len(&self) -> usize {
+        self.prefix.len() + self.payload.len()
+    }
+
+    /// Whether the file is empty (never: the prefix is at least 64 bytes).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The file's bytes as a reader, without joining the parts.
+    pub fn reader(&self) -> impl std::io::Read + '_ {
+        std::io::Read::chain(&self.prefix[..], &self.payload[..])
+    }
+
+    /// The file's bytes joined in memory.
+    pub fn to_vec(&self) -> Vec<u8> {
+        [&self.prefix[..], &self.payload[..]].concat()
     }
 }
 
@@ -301,7 +333,10 @@ mod tests {
             );
             clips.push(v.pixels);
         }
-        (b.finish(), clips)
+        let shard = b.finish();
+        let bytes = shard.to_vec();
+        assert_eq!(bytes.len(), shard.len());
+        (bytes, clips)
     }
 
     #[test]
