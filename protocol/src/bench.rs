@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::endpoint;
@@ -185,66 +185,34 @@ async fn tcp(bytes: u64, tls: Option<(&Identity, &Identity)>) -> Result<f64, Tra
     };
     let receiver = tokio::spawn(async move {
         let (sock, _) = listener.accept().await.map_err(|e| e.to_string())?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut n = 0u64;
-        match acceptor {
-            Some(a) => {
-                let mut s = a.accept(sock).await.map_err(|e| e.to_string())?;
-                loop {
-                    let k = s.read(&mut buf).await.map_err(|e| e.to_string())?;
-                    if k == 0 {
-                        break;
-                    }
-                    n += k as u64;
-                }
-            }
-            None => {
-                let mut s = sock;
-                loop {
-                    let k = s.read(&mut buf).await.map_err(|e| e.to_string())?;
-                    if k == 0 {
-                        break;
-                    }
-                    n += k as u64;
-                }
-            }
+        let n = match acceptor {
+            Some(a) => drain(a.accept(sock).await.map_err(|e| e.to_string())?).await,
+            None => drain(sock).await,
         }
+        .map_err(|e| e.to_string())?;
         Ok::<(u64, Instant), String>((n, Instant::now()))
     });
     let sock = TcpStream::connect(addr).await.map_err(io("TCP connect"))?;
-    let buf = vec![0x5au8; 1 << 20];
-    let start;
-    match tls {
+    let start = match tls {
         Some((_, client_id)) => {
             let connector =
                 tokio_rustls::TlsConnector::from(Arc::new(client_tls(client_id, b"amity-bench")?));
             let name = rustls::pki_types::ServerName::try_from("coordinator")
                 .map_err(io("server name"))?;
-            let mut s = connector
+            let s = connector
                 .connect(name, sock)
                 .await
                 .map_err(io("TLS handshake"))?;
-            start = Instant::now();
-            let mut left = bytes;
-            while left > 0 {
-                let n = left.min(buf.len() as u64) as usize;
-                s.write_all(&buf[..n]).await.map_err(io("TLS write"))?;
-                left -= n as u64;
-            }
-            s.shutdown().await.map_err(io("TLS shutdown"))?;
+            let start = Instant::now();
+            fill(s, bytes).await.map_err(io("TLS write"))?;
+            start
         }
         None => {
-            let mut s = sock;
-            start = Instant::now();
-            let mut left = bytes;
-            while left > 0 {
-                let n = left.min(buf.len() as u64) as usize;
-                s.write_all(&buf[..n]).await.map_err(io("TCP write"))?;
-                left -= n as u64;
-            }
-            s.shutdown().await.map_err(io("TCP shutdown"))?;
+            let start = Instant::now();
+            fill(sock, bytes).await.map_err(io("TCP write"))?;
+            start
         }
-    }
+    };
     let (got, end) = receiver
         .await
         .map_err(io("TCP receiver"))?
@@ -255,4 +223,28 @@ async fn tcp(bytes: u64, tls: Option<(&Identity, &Identity)>) -> Result<f64, Tra
         )));
     }
     Ok(gbps(got, (end - start).as_secs_f64()))
+}
+
+/// Writes `bytes` from a 1 MiB buffer, then shuts the stream down.
+async fn fill<W: AsyncWrite + Unpin>(mut w: W, bytes: u64) -> std::io::Result<()> {
+    let buf = vec![0x5au8; 1 << 20];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        w.write_all(&buf[..n]).await?;
+        left -= n as u64;
+    }
+    w.shutdown().await
+}
+
+/// Reads to the end; returns the byte count.
+async fn drain<R: AsyncRead + Unpin>(mut r: R) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        match r.read(&mut buf).await? {
+            0 => return Ok(n),
+            k => n += k as u64,
+        }
+    }
 }

@@ -146,27 +146,39 @@ impl Outboard {
     }
 }
 
-/// The receiving side's state: which chunk comes next and whether it is right.
+/// The receiving side's state: which chunk comes next, whether it is right, and the hash of
+/// everything accepted so far (so the whole is checked without reading it back).
 #[derive(Debug)]
 pub struct BlobReceiver {
     outboard: Outboard,
     next: u64,
+    root: blake3::Hasher,
 }
 
 impl BlobReceiver {
-    /// Expects chunks from byte `offset` on (a chunk boundary: the verified prefix kept from an
-    /// earlier attempt).
-    pub fn new(outboard: Outboard, offset: u64) -> Result<Self, BlobError> {
+    /// Expects chunks from byte `offset` on (a chunk boundary). `prefix` yields the `offset`
+    /// bytes kept from an earlier attempt; they are checked against this outboard and hashed.
+    pub fn new(outboard: Outboard, offset: u64, prefix: &mut dyn Read) -> Result<Self, BlobError> {
         if !offset.is_multiple_of(CHUNK_SIZE as u64) || offset > outboard.len {
             return Err(BlobError::BadOutboard(format!(
                 "resume offset {offset} is not a chunk boundary within {} bytes",
                 outboard.len
             )));
         }
-        Ok(BlobReceiver {
-            next: offset / CHUNK_SIZE as u64,
+        let mut r = BlobReceiver {
+            next: 0,
             outboard,
-        })
+            root: blake3::Hasher::new(),
+        };
+        let mut buf = vec![0u8; CHUNK_SIZE];
+        for index in 0..offset / CHUNK_SIZE as u64 {
+            let n = chunk_len(r.outboard.len, index);
+            prefix
+                .read_exact(&mut buf[..n])
+                .map_err(|e| BlobError::Io(format!("the kept prefix: {e}")))?;
+            r.accept(&buf[..n])?;
+        }
+        Ok(r)
     }
 
     /// The blob's length.
@@ -206,7 +218,19 @@ impl BlobReceiver {
                 start: index * CHUNK_SIZE as u64,
             });
         }
+        self.root.update(chunk);
         self.next += 1;
+        Ok(())
+    }
+
+    /// After the last chunk: accepts the blob only if the whole hashes to `id`.
+    pub fn finish(&self, id: &Hash) -> Result<(), BlobError> {
+        let actual = *self.root.finalize().as_bytes();
+        if !self.done() || &actual != id {
+            return Err(BlobError::RootMismatch {
+                actual: hex(&actual),
+            });
+        }
         Ok(())
     }
 }
@@ -234,7 +258,7 @@ mod tests {
         assert_eq!(Outboard::from_bytes(&ob.to_bytes()).unwrap(), ob);
         assert!(Outboard::from_bytes(&ob.to_bytes()[..40]).is_err());
 
-        let mut r = BlobReceiver::new(ob.clone(), 0).unwrap();
+        let mut r = BlobReceiver::new(ob.clone(), 0, &mut std::io::empty()).unwrap();
         r.accept(&bytes[..CHUNK_SIZE]).unwrap();
         assert_eq!(r.verified(), CHUNK_SIZE as u64);
         let mut bad = bytes[CHUNK_SIZE..2 * CHUNK_SIZE].to_vec();
@@ -247,12 +271,22 @@ mod tests {
             })
         );
         // Resume from the verified prefix.
-        let mut r = BlobReceiver::new(ob.clone(), CHUNK_SIZE as u64).unwrap();
+        let mut r =
+            BlobReceiver::new(ob.clone(), CHUNK_SIZE as u64, &mut &bytes[..CHUNK_SIZE]).unwrap();
         r.accept(&bytes[CHUNK_SIZE..2 * CHUNK_SIZE]).unwrap();
         r.accept(&bytes[2 * CHUNK_SIZE..]).unwrap();
         assert!(r.done());
+        r.finish(&id).unwrap();
+        assert!(r.finish(&[0; 32]).is_err());
         assert!(r.accept(b"more").is_err());
-        assert!(BlobReceiver::new(ob, 5).is_err());
+        assert!(BlobReceiver::new(ob.clone(), 5, &mut std::io::empty()).is_err());
+        // A kept prefix that does not match the outboard is caught on resume.
+        let mut other_prefix = bytes[..CHUNK_SIZE].to_vec();
+        other_prefix[0] ^= 1;
+        assert!(matches!(
+            BlobReceiver::new(ob, CHUNK_SIZE as u64, &mut &other_prefix[..]),
+            Err(BlobError::ChunkMismatch { index: 0, .. })
+        ));
 
         let mut other = bytes.clone();
         other[0] ^= 1;
@@ -262,6 +296,8 @@ mod tests {
         ));
         let (empty, eid) = blob(0);
         let ob = Outboard::compute(&mut &empty[..], &eid).unwrap();
-        assert!(BlobReceiver::new(ob, 0).unwrap().done());
+        let r = BlobReceiver::new(ob, 0, &mut std::io::empty()).unwrap();
+        assert!(r.done());
+        r.finish(&eid).unwrap();
     }
 }

@@ -11,7 +11,7 @@ use quinn::{Connection, RecvStream, SendStream, VarInt};
 
 use crate::blob::{BlobError, BlobReceiver, CHUNK_SIZE, Outboard, chunk_count, chunk_len, hex};
 use crate::frame::{FrameDecoder, FrameError, FrameKind, encode_frame, frame_prefix};
-use crate::message::{self, ClientMsg, DecodeError, ErrorCode, Hash, ServerMsg, Validate};
+use crate::message::{ClientMsg, DecodeError, ErrorCode, Hash, Message, ServerMsg};
 
 /// Errors on a connection; each names the peer.
 #[derive(Debug, thiserror::Error)]
@@ -169,17 +169,8 @@ impl MsgStream {
     }
 
     /// Sends one message.
-    pub async fn send<T>(&mut self, msg: &T) -> Result<(), ConnError>
-    where
-        T: for<'a> rkyv::Serialize<
-                rkyv::api::high::HighSerializer<
-                    rkyv::util::AlignedVec,
-                    rkyv::ser::allocator::ArenaHandle<'a>,
-                    rkyv::rancor::Error,
-                >,
-            >,
-    {
-        let frame = encode_frame(FrameKind::Message, &message::encode(msg));
+    pub async fn send<T: Message>(&mut self, msg: &T) -> Result<(), ConnError> {
+        let frame = encode_frame(FrameKind::Message, &msg.to_wire());
         self.write_raw(&frame).await
     }
 
@@ -244,13 +235,7 @@ impl MsgStream {
     }
 
     /// The next message (`None` at a clean end of stream). Invalid bytes reset the stream.
-    pub async fn recv<T>(&mut self) -> Result<Option<T>, ConnError>
-    where
-        T: rkyv::Archive + Validate,
-        T::Archived: for<'a> rkyv::bytecheck::CheckBytes<
-                rkyv::api::high::HighValidator<'a, rkyv::rancor::Error>,
-            > + rkyv::Deserialize<T, rkyv::api::high::HighDeserializer<rkyv::rancor::Error>>,
-    {
+    pub async fn recv<T: Message>(&mut self) -> Result<Option<T>, ConnError> {
         let Some((kind, payload)) = self.recv_frame().await? else {
             return Ok(None);
         };
@@ -261,7 +246,7 @@ impl MsgStream {
                 what: format!("{kind:?} frame where a message belongs"),
             });
         }
-        match message::decode::<T>(&payload) {
+        match T::from_wire(&payload) {
             Ok(m) => Ok(Some(m)),
             Err(source) => {
                 let code = match source {
@@ -424,15 +409,16 @@ pub async fn receive_blob(stream: &mut MsgStream, id: Hash, part: &Path) -> Resu
             outboard.len
         ))));
     }
-    let mut receiver = BlobReceiver::new(outboard, offset).map_err(blob_err)?;
     let mut file = std::fs::OpenOptions::new()
         .create(true)
+        .read(true)
         .write(true)
         .truncate(false)
         .open(part)
         .map_err(file_io(part))?;
     file.set_len(offset).map_err(file_io(part))?;
-    file.seek(SeekFrom::Start(offset)).map_err(file_io(part))?;
+    // Reading the kept prefix leaves the file positioned at `offset`.
+    let mut receiver = BlobReceiver::new(outboard, offset, &mut file).map_err(blob_err)?;
     while !receiver.done() {
         match stream.recv_frame().await? {
             Some((FrameKind::Chunk, bytes)) => {
@@ -452,23 +438,11 @@ pub async fn receive_blob(stream: &mut MsgStream, id: Hash, part: &Path) -> Resu
         }
     }
     file.sync_all().map_err(file_io(part))?;
-    drop(file);
-    let p = part.to_owned();
-    let root = tokio::task::spawn_blocking(move || -> std::io::Result<Hash> {
-        let mut h = blake3::Hasher::new();
-        h.update_reader(std::fs::File::open(&p)?)?;
-        Ok(*h.finalize().as_bytes())
-    })
-    .await
-    .map_err(|e| ConnError::Io {
-        path: part.to_owned(),
-        source: std::io::Error::other(e),
-    })?
-    .map_err(file_io(part))?;
-    if root != id {
+    if let Err(e) = receiver.finish(&id) {
         // The whole is wrong although every chunk matched: the outboard lied. Start over.
+        drop(file);
         let _ = std::fs::remove_file(part);
-        return Err(blob_err(BlobError::RootMismatch { actual: hex(&root) }));
+        return Err(blob_err(e));
     }
     Ok(len)
 }

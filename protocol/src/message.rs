@@ -325,6 +325,32 @@ where
     Ok(msg)
 }
 
+/// One of the protocol's two message enums: what a stream can send and receive.
+pub trait Message: Sized + Validate {
+    /// [`encode`] for this type.
+    fn to_wire(&self) -> Vec<u8>;
+    /// [`decode`] for this type.
+    fn from_wire(bytes: &[u8]) -> Result<Self, DecodeError>;
+}
+
+impl Message for ClientMsg {
+    fn to_wire(&self) -> Vec<u8> {
+        encode(self)
+    }
+    fn from_wire(bytes: &[u8]) -> Result<Self, DecodeError> {
+        decode(bytes)
+    }
+}
+
+impl Message for ServerMsg {
+    fn to_wire(&self) -> Vec<u8> {
+        encode(self)
+    }
+    fn from_wire(bytes: &[u8]) -> Result<Self, DecodeError> {
+        decode(bytes)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -213,14 +213,7 @@ impl LocalStore {
             path: path.clone(),
             source,
         })?;
-        let actual = BlobId::of_large(&map);
-        if actual != *id {
-            return Err(StoreError::Corrupt {
-                id: *id,
-                path,
-                actual,
-            });
-        }
+        verify(id, &path, &map)?;
         Ok(map)
     }
 
@@ -254,6 +247,19 @@ impl LocalStore {
         }
         Ok(())
     }
+}
+
+/// Checks that `bytes`, read from `path`, hash to `id`.
+fn verify(id: &BlobId, path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let actual = BlobId::of_large(bytes);
+    if actual != *id {
+        return Err(StoreError::Corrupt {
+            id: *id,
+            path: path.to_owned(),
+            actual,
+        });
+    }
+    Ok(())
 }
 
 fn missing_or_io(id: BlobId, path: &Path, source: std::io::Error) -> StoreError {
@@ -345,14 +351,7 @@ impl BlobStore for LocalStore {
     fn get(&self, id: &BlobId) -> Result<Vec<u8>, StoreError> {
         let path = self.path(id);
         let bytes = std::fs::read(&path).map_err(|source| missing_or_io(*id, &path, source))?;
-        let actual = BlobId::of_large(&bytes);
-        if actual != *id {
-            return Err(StoreError::Corrupt {
-                id: *id,
-                path,
-                actual,
-            });
-        }
+        verify(id, &path, &bytes)?;
         Ok(bytes)
     }
 
