@@ -250,6 +250,7 @@ pub fn ingest(
             opts.data.fps,
             opts.data.frame_step,
         )
+        .with_payload_capacity(opts.shard_bytes)
     };
     let mut builder = new_builder();
     let mut decoded_frames = 0u64;

@@ -226,6 +226,13 @@ impl ShardBuilder {
         }
     }
 
+    /// Reserves room for `bytes` of payload up front, so a shard packed to a known target
+    /// size is one allocation instead of a doubling buffer that ends up to twice as large.
+    pub fn with_payload_capacity(mut self, bytes: usize) -> Self {
+        self.payload.reserve_exact(bytes);
+        self
+    }
+
     /// Clips so far.
     pub fn len(&self) -> usize {
         self.header.clips.len()
