@@ -9,6 +9,7 @@
 
 pub mod bench;
 pub mod checkpoint;
+pub mod codec;
 pub mod config;
 pub mod corpus;
 pub mod data;
