@@ -4,3 +4,7 @@
 //! the workers that join, aggregates their compressed pseudo-gradients robustly, applies the outer
 //! optimiser and publishes checkpoints. Its core is a deterministic, sans-IO state machine so that
 //! it can be tested without sockets and replicated with Raft.
+
+pub mod aggregate;
+pub mod config;
+pub mod core;

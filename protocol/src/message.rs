@@ -114,6 +114,15 @@ pub enum ClientMsg {
     Goodbye,
 }
 
+/// A global state as a delta from an earlier one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct StateDelta {
+    /// Parameters hash of the state the delta applies to.
+    pub base: Hash,
+    /// Blob id of the encoded delta.
+    pub blob: Hash,
+}
+
 /// Coordinator to worker (or downstream client).
 #[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum ServerMsg {
@@ -128,13 +137,23 @@ pub enum ServerMsg {
     Registered {
         /// The worker's id for this session.
         worker: u64,
+        /// The run's config (model shape and inner recipe) as TOML.
+        run: String,
+        /// The codec updates must be compressed with (`amity_shared::codec` names).
+        codec: String,
+        /// The target-encoder policy (`coordinator-ema` or `local-ema`).
+        target_policy: String,
     },
     /// A round starts.
     RoundAnnounce {
         /// Round number.
         round: u64,
-        /// Blob id of the global state to start from.
+        /// Blob id of the global state to start from (a safetensors checkpoint).
         state: Hash,
+        /// Hash of the state's parameters (`GlobalParams::hash`), to check a reconstruction.
+        params: Hash,
+        /// The same state as a compressed delta from the previous one, for workers holding it.
+        delta: Option<StateDelta>,
         /// Milliseconds the round lasts (time budget).
         budget_ms: u64,
         /// Local steps, when the round is step-budgeted (0: time budget).
@@ -207,6 +226,7 @@ pub trait Validate {
 
 const MAX_STRING: usize = 4096;
 const MAX_LIST: usize = 1 << 20;
+const MAX_RUN_CONFIG: usize = 64 << 10;
 
 fn check_str(what: &str, s: &str) -> Result<(), DecodeError> {
     if s.len() > MAX_STRING {
@@ -267,6 +287,21 @@ impl Validate for ServerMsg {
     fn validate(&self) -> Result<(), DecodeError> {
         match self {
             ServerMsg::Welcome { identity, .. } => check_str("identity", identity),
+            ServerMsg::Registered {
+                run,
+                codec,
+                target_policy,
+                ..
+            } => {
+                if run.len() > MAX_RUN_CONFIG {
+                    return Err(DecodeError::Invalid(format!(
+                        "run config is {} bytes (at most {MAX_RUN_CONFIG})",
+                        run.len()
+                    )));
+                }
+                check_str("codec", codec)?;
+                check_str("target policy", target_policy)
+            }
             ServerMsg::ShardAssignment { shards, .. } => check_list("shards", shards),
             ServerMsg::BlobHeader { len, offset, .. } if offset > len => Err(DecodeError::Invalid(
                 format!("blob offset {offset} past its length {len}"),
@@ -415,15 +450,32 @@ mod tests {
         prop_oneof![
             (any::<u32>(), ".{0,30}")
                 .prop_map(|(protocol, identity)| ServerMsg::Welcome { protocol, identity }),
-            any::<u64>().prop_map(|worker| ServerMsg::Registered { worker }),
-            (any::<u64>(), hash(), any::<u64>(), any::<u64>()).prop_map(
-                |(round, state, budget_ms, steps)| ServerMsg::RoundAnnounce {
-                    round,
-                    state,
-                    budget_ms,
-                    steps
+            (any::<u64>(), ".{0,200}", ".{0,20}").prop_map(|(worker, run, codec)| {
+                ServerMsg::Registered {
+                    worker,
+                    run,
+                    codec,
+                    target_policy: "local-ema".into(),
                 }
-            ),
+            }),
+            (
+                any::<u64>(),
+                hash(),
+                hash(),
+                prop::option::of((hash(), hash())),
+                any::<u64>(),
+                any::<u64>()
+            )
+                .prop_map(|(round, state, params, delta, budget_ms, steps)| {
+                    ServerMsg::RoundAnnounce {
+                        round,
+                        state,
+                        params,
+                        delta: delta.map(|(base, blob)| StateDelta { base, blob }),
+                        budget_ms,
+                        steps,
+                    }
+                }),
             (any::<u64>(), prop::collection::vec(hash(), 0..20))
                 .prop_map(|(round, shards)| ServerMsg::ShardAssignment { round, shards }),
             any::<u64>().prop_map(|of| ServerMsg::Ack { of }),

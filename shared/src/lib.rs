@@ -16,6 +16,7 @@ pub mod data;
 pub mod device;
 pub mod ema;
 pub mod eval;
+pub mod federated;
 pub mod flat;
 pub mod linalg;
 pub mod loss;

@@ -107,6 +107,7 @@ pub struct Trainer {
     masker: MultiBlockMasker,
     step: u64,
     device: Device,
+    target_frozen: bool,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -159,6 +160,7 @@ impl Trainer {
             masker,
             step: 0,
             device: device.clone(),
+            target_frozen: false,
         })
     }
 
@@ -175,6 +177,13 @@ impl Trainer {
     /// Sets the step counter (schedules and masks follow it), e.g. when resuming.
     pub fn set_step(&mut self, step: u64) {
         self.step = step;
+    }
+
+    /// Holds the EMA target fixed during steps (`true`) or lets each step pull it towards the
+    /// encoder (`false`, the default). A federated worker under the coordinator-EMA policy
+    /// freezes it: the coordinator owns the target and ships it every round.
+    pub fn set_target_frozen(&mut self, frozen: bool) {
+        self.target_frozen = frozen;
     }
 
     /// The device (without autodiff) the run lives on.
@@ -281,6 +290,7 @@ impl Trainer {
         let (model, info) = self.optim.step(self.model.clone(), grads, schedule);
         self.model = model;
         match cfg.objective {
+            Objective::Ema if self.target_frozen => {}
             Objective::Ema => {
                 self.target = ema_update(self.target.clone(), &self.model.encoder, schedule.ema);
             }

@@ -1,0 +1,307 @@
+//! Robust aggregation of pseudo-gradients and the outer optimiser: plain maths on flat vectors.
+//!
+//! Screening first: an update with a NaN or infinity, or whose L2 norm is more than
+//! `reject_ratio` times the median norm (of this round's updates and recent accepted ones), is
+//! rejected with a reason. The rest are averaged, weighted by the samples each processed
+//! (default), or by a coordinate-wise trimmed mean; optionally each is clipped to a multiple of
+//! the median norm first. The outer step is SGD with Nesterov momentum (DiLoCo: lr 0.7,
+//! momentum 0.9); with lr 1 and no momentum it is FedAvg.
+
+use serde::{Deserialize, Serialize};
+
+/// How accepted updates are combined.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregationConfig {
+    /// `mean` (weighted by samples) or `trimmed-mean`.
+    pub rule: AggregationRule,
+    /// Fraction cut from each end per coordinate by `trimmed-mean`.
+    pub trim: f64,
+    /// Clip every update's norm to this multiple of the median norm (0: no clipping).
+    pub clip_ratio: f64,
+    /// Reject updates whose norm exceeds this multiple of the median norm.
+    pub reject_ratio: f64,
+}
+
+impl Default for AggregationConfig {
+    fn default() -> Self {
+        AggregationConfig {
+            rule: AggregationRule::Mean,
+            trim: 0.2,
+            clip_ratio: 0.0,
+            reject_ratio: 10.0,
+        }
+    }
+}
+
+/// The combination rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AggregationRule {
+    /// Mean weighted by samples processed.
+    Mean,
+    /// Per-coordinate mean after dropping the `trim` fraction of largest and smallest values.
+    TrimmedMean,
+}
+
+/// The outer optimiser's settings.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OuterConfig {
+    /// Outer learning rate.
+    pub lr: f64,
+    /// Momentum.
+    pub momentum: f64,
+    /// Nesterov (true) or heavy-ball momentum.
+    pub nesterov: bool,
+}
+
+impl Default for OuterConfig {
+    /// DiLoCo's: lr 0.7, Nesterov momentum 0.9.
+    fn default() -> Self {
+        OuterConfig {
+            lr: 0.7,
+            momentum: 0.9,
+            nesterov: true,
+        }
+    }
+}
+
+/// One update offered to aggregation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    /// Who sent it (certificate name).
+    pub from: String,
+    /// The pseudo-gradient.
+    pub values: Vec<f32>,
+    /// Its weight (samples processed, times any staleness discount).
+    pub weight: f64,
+}
+
+/// L2 norm, in f64.
+pub fn norm(v: &[f32]) -> f64 {
+    v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt()
+}
+
+/// The median of `v` (0 when empty).
+pub fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        0.5 * (s[n / 2 - 1] + s[n / 2])
+    }
+}
+
+/// Splits candidates into accepted and rejected (with the reason). `history` holds the norms of
+/// recently accepted updates; the reference is the median of those and this round's norms.
+pub fn screen(
+    cands: Vec<Candidate>,
+    history: &[f64],
+    cfg: &AggregationConfig,
+) -> (Vec<Candidate>, Vec<(Candidate, String)>) {
+    let mut rejected = Vec::new();
+    let mut finite = Vec::new();
+    for c in cands {
+        if c.values.iter().any(|v| !v.is_finite()) {
+            rejected.push((c, "contains NaN or infinite values".to_owned()));
+        } else {
+            finite.push(c);
+        }
+    }
+    let norms: Vec<f64> = finite.iter().map(|c| norm(&c.values)).collect();
+    let mut pool = norms.clone();
+    pool.extend_from_slice(history);
+    let reference = median(&pool);
+    let mut accepted = Vec::new();
+    for (c, n) in finite.into_iter().zip(norms) {
+        if reference > 0.0 && n > cfg.reject_ratio * reference {
+            let why = format!(
+                "norm {n:.3e} is {:.0}x the median {reference:.3e} (limit {}x)",
+                n / reference,
+                cfg.reject_ratio
+            );
+            rejected.push((c, why));
+        } else {
+            accepted.push(c);
+        }
+    }
+    if cfg.clip_ratio > 0.0 && reference > 0.0 {
+        let limit = cfg.clip_ratio * reference;
+        for c in &mut accepted {
+            let n = norm(&c.values);
+            if n > limit {
+                let s = (limit / n) as f32;
+                c.values.iter_mut().for_each(|v| *v *= s);
+            }
+        }
+    }
+    (accepted, rejected)
+}
+
+/// Combines accepted updates (`None` when there are none).
+pub fn combine(accepted: &[Candidate], cfg: &AggregationConfig) -> Option<Vec<f32>> {
+    let first = accepted.first()?;
+    let len = first.values.len();
+    match cfg.rule {
+        AggregationRule::Mean => {
+            let total: f64 = accepted.iter().map(|c| c.weight).sum();
+            let mut out = vec![0.0f64; len];
+            for c in accepted {
+                let w = if total > 0.0 {
+                    c.weight / total
+                } else {
+                    1.0 / accepted.len() as f64
+                };
+                for (o, v) in out.iter_mut().zip(&c.values) {
+                    *o += w * *v as f64;
+                }
+            }
+            Some(out.into_iter().map(|x| x as f32).collect())
+        }
+        AggregationRule::TrimmedMean => {
+            let n = accepted.len();
+            let cut = ((cfg.trim * n as f64).floor() as usize).min((n - 1) / 2);
+            let mut column = vec![0.0f32; n];
+            Some(
+                (0..len)
+                    .map(|i| {
+                        for (slot, c) in column.iter_mut().zip(accepted) {
+                            *slot = c.values[i];
+                        }
+                        column.sort_by(f32::total_cmp);
+                        let kept = &column[cut..n - cut];
+                        kept.iter().map(|x| *x as f64).sum::<f64>() as f32 / kept.len() as f32
+                    })
+                    .collect(),
+            )
+        }
+    }
+}
+
+/// SGD with (Nesterov) momentum over a flat vector.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OuterOptimizer {
+    /// Settings.
+    pub cfg: OuterConfig,
+    /// The momentum buffer (empty until the first step).
+    pub momentum: Vec<f32>,
+}
+
+impl OuterOptimizer {
+    /// A fresh optimiser.
+    pub fn new(cfg: OuterConfig) -> Self {
+        OuterOptimizer {
+            cfg,
+            momentum: Vec::new(),
+        }
+    }
+
+    /// The step to add to the parameters for the aggregated pseudo-gradient `g`:
+    /// `buf = mu * buf + g`, then `-lr * (g + mu * buf)` (Nesterov) or `-lr * buf`.
+    pub fn step(&mut self, g: &[f32]) -> Vec<f32> {
+        if self.momentum.len() != g.len() {
+            self.momentum = vec![0.0; g.len()];
+        }
+        let (lr, mu) = (self.cfg.lr as f32, self.cfg.momentum as f32);
+        self.momentum
+            .iter_mut()
+            .zip(g)
+            .map(|(b, g)| {
+                *b = mu * *b + g;
+                let dir = if self.cfg.nesterov { g + mu * *b } else { *b };
+                -lr * dir
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cand(from: &str, values: Vec<f32>, weight: f64) -> Candidate {
+        Candidate {
+            from: from.into(),
+            values,
+            weight,
+        }
+    }
+
+    #[test]
+    fn weighted_mean_weights_by_samples() {
+        let a = cand("a", vec![1.0, 0.0], 3.0);
+        let b = cand("b", vec![0.0, 1.0], 1.0);
+        let m = combine(&[a, b], &AggregationConfig::default()).unwrap();
+        assert_eq!(m, vec![0.75, 0.25]);
+        assert!(combine(&[], &AggregationConfig::default()).is_none());
+    }
+
+    #[test]
+    fn screening_rejects_poison_and_outliers_and_names_why() {
+        let cfg = AggregationConfig::default();
+        let good = |n: &str, s: f32| cand(n, vec![s, -s, s], 1.0);
+        let nan = cand("nan", vec![f32::NAN, 0.0, 0.0], 1.0);
+        let huge = cand("huge", vec![100.0, -100.0, 100.0], 1.0);
+        let (ok, bad) = screen(vec![good("a", 1.0), good("b", 1.2), nan, huge], &[], &cfg);
+        assert_eq!(ok.iter().map(|c| c.from.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(bad.len(), 2);
+        assert!(bad[0].1.contains("NaN"));
+        assert!(bad[1].1.contains("median"), "{}", bad[1].1);
+        // With two updates only, history keeps the reference honest.
+        let (ok, bad) = screen(
+            vec![good("a", 1.0), cand("huge", vec![100.0, 100.0, 100.0], 1.0)],
+            &[1.7, 1.7, 1.7],
+            &cfg,
+        );
+        assert_eq!((ok.len(), bad.len()), (1, 1));
+    }
+
+    #[test]
+    fn clipping_caps_norms_and_trimmed_mean_ignores_extremes() {
+        let cfg = AggregationConfig {
+            clip_ratio: 1.0,
+            rule: AggregationRule::TrimmedMean,
+            trim: 0.25,
+            ..Default::default()
+        };
+        let cands = vec![
+            cand("a", vec![1.0], 1.0),
+            cand("b", vec![2.0], 1.0),
+            cand("c", vec![3.0], 1.0),
+            cand("d", vec![9.0], 1.0),
+        ];
+        let (ok, bad) = screen(cands, &[], &cfg);
+        assert!(bad.is_empty());
+        // Median norm 2.5: c and d clipped to 2.5.
+        assert_eq!(
+            ok.iter().map(|c| c.values[0]).collect::<Vec<_>>(),
+            [1.0, 2.0, 2.5, 2.5]
+        );
+        // Trim one from each end of [1, 2, 2.5, 2.5]: mean of [2, 2.5].
+        assert_eq!(combine(&ok, &cfg).unwrap(), vec![2.25]);
+    }
+
+    #[test]
+    fn outer_step_is_fedavg_without_momentum_and_nesterov_with_it() {
+        let mut plain = OuterOptimizer::new(OuterConfig {
+            lr: 1.0,
+            momentum: 0.0,
+            nesterov: true,
+        });
+        assert_eq!(plain.step(&[0.5, -1.0]), vec![-0.5, 1.0]);
+        let mut n = OuterOptimizer::new(OuterConfig::default());
+        // buf = g; step = -0.7 * (g + 0.9 g) = -1.33 g
+        let s = n.step(&[1.0]);
+        assert!((s[0] + 1.33).abs() < 1e-6, "{s:?}");
+        // buf = 0.9 + 1 = 1.9; step = -0.7 * (1 + 0.9 * 1.9) = -1.897
+        let s = n.step(&[1.0]);
+        assert!((s[0] + 1.897).abs() < 1e-5, "{s:?}");
+        assert!((median(&[3.0, 1.0, 2.0]) - 2.0).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,256 @@
+//! `coordinator.toml`: where the coordinator listens and keeps its state, who it trusts, and the
+//! training policy its core runs.
+//!
+//! ```toml
+//! listen = "127.0.0.1:7700"
+//! state_dir = "coordinator-state"   # command log, snapshots, checkpoints, received updates
+//! corpus = "corpus-store"           # a shard store from `amity corpus ingest` (optional)
+//! ca_dir = "ca"                     # from `amity ca init`; the coordinator's certificate is
+//! name = "coordinator"              #   issued there under this name
+//! revoked = ["old-lab"]             # certificate names refused at the handshake
+//! preset = "tiny"                   # or run_config = "run.toml"
+//! codec = "topk0.01+int8"           # uplink codec for pseudo-gradients
+//! downlink_codec = "fp16"           # codec of the per-round state deltas
+//! target_policy = "local-ema"
+//! checkpoint_every = 5
+//!
+//! [rounds]
+//! budget_ms = 10000                 # time-budgeted rounds (steps = 0) ...
+//! steps = 0                         # ... or this many local steps per round
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use amity_shared::codec::CodecSpec;
+use amity_shared::config::{Config, ConfigError};
+use amity_shared::federated::TargetPolicy;
+use serde::{Deserialize, Serialize};
+
+use crate::aggregate::{AggregationConfig, OuterConfig};
+
+/// What to do with an update for a round that has already closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LatePolicy {
+    /// Drop it (the default: its base is stale and the next round is already under way).
+    Drop,
+    /// Add it to the current round with its weight times `staleness_discount ^ rounds late`.
+    Discount,
+}
+
+/// How rounds are run.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoundPolicy {
+    /// Local training time per round (time budget, used when `steps` is 0).
+    pub budget_ms: u64,
+    /// Local steps per round (0: time-budgeted).
+    pub steps: u64,
+    /// Extra time after the budget for fetching state and uploading, before a round closes
+    /// without the missing updates. Step-budgeted rounds wait `grace_ms` in all.
+    pub grace_ms: u64,
+    /// Workers needed before the first round starts.
+    pub min_workers: usize,
+    /// Stop after this many rounds (0: never).
+    pub max_rounds: u64,
+    /// Late updates.
+    pub late: LatePolicy,
+    /// Weight factor per round of staleness under [`LatePolicy::Discount`].
+    pub staleness_discount: f64,
+    /// A worker silent for this long is considered gone.
+    pub heartbeat_timeout_ms: u64,
+    /// Shards handed out per round in all, split in proportion to throughput (at least one each).
+    pub shards_per_round: usize,
+}
+
+impl Default for RoundPolicy {
+    fn default() -> Self {
+        RoundPolicy {
+            budget_ms: 10_000,
+            steps: 0,
+            grace_ms: 20_000,
+            min_workers: 1,
+            max_rounds: 0,
+            late: LatePolicy::Drop,
+            staleness_discount: 0.5,
+            heartbeat_timeout_ms: 15_000,
+            shards_per_round: 6,
+        }
+    }
+}
+
+/// The training policy of the core (everything but I/O).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CoreConfig {
+    /// The run: model shape and inner recipe (workers receive it at registration).
+    pub run: Config,
+    /// Round policy.
+    pub rounds: RoundPolicy,
+    /// Outer optimiser.
+    pub outer: OuterConfig,
+    /// Aggregation.
+    pub aggregation: AggregationConfig,
+    /// Uplink codec.
+    pub codec: CodecSpec,
+    /// Downlink (state delta) codec.
+    pub downlink_codec: CodecSpec,
+    /// Target-encoder policy.
+    pub target_policy: TargetPolicy,
+    /// Checkpoint every this many rounds (0: never).
+    pub checkpoint_every: u64,
+}
+
+impl CoreConfig {
+    /// The defaults around a run config: DiLoCo's outer optimiser, top-1% int8 with error
+    /// feedback up, fp16 deltas down, local EMA targets.
+    pub fn new(run: Config) -> Self {
+        CoreConfig {
+            run,
+            rounds: RoundPolicy::default(),
+            outer: OuterConfig::default(),
+            aggregation: AggregationConfig::default(),
+            codec: default_codec(),
+            downlink_codec: default_downlink(),
+            target_policy: TargetPolicy::LocalEma,
+            checkpoint_every: 5,
+        }
+    }
+}
+
+fn default_codec() -> CodecSpec {
+    "topk0.01+int8".parse().expect("valid codec name")
+}
+fn default_downlink() -> CodecSpec {
+    "fp16".parse().expect("valid codec name")
+}
+fn default_name() -> String {
+    "coordinator".into()
+}
+fn default_policy() -> TargetPolicy {
+    TargetPolicy::LocalEma
+}
+fn default_checkpoint_every() -> u64 {
+    5
+}
+
+/// The whole `coordinator.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// Folder of the command log, snapshots, checkpoints and received updates.
+    pub state_dir: PathBuf,
+    /// Shard store the coordinator holds and serves (optional: workers may bring their own).
+    #[serde(default)]
+    pub corpus: Option<PathBuf>,
+    /// CA folder (`amity ca init`).
+    pub ca_dir: PathBuf,
+    /// The coordinator's certificate name in `ca_dir`.
+    #[serde(default = "default_name")]
+    pub name: String,
+    /// Certificate names refused at the handshake.
+    #[serde(default)]
+    pub revoked: Vec<String>,
+    /// Preset of the run (ignored when `run_config` is given).
+    #[serde(default)]
+    pub preset: Option<String>,
+    /// A run config TOML file (`amity train --print-config` style).
+    #[serde(default)]
+    pub run_config: Option<PathBuf>,
+    /// Total local steps each worker's inner schedule is laid out over (overrides the run's
+    /// `train.steps`; 0 keeps it).
+    #[serde(default)]
+    pub inner_steps: u64,
+    /// Uplink codec.
+    #[serde(default = "default_codec")]
+    pub codec: CodecSpec,
+    /// Downlink codec.
+    #[serde(default = "default_downlink")]
+    pub downlink_codec: CodecSpec,
+    /// Target-encoder policy.
+    #[serde(default = "default_policy")]
+    pub target_policy: TargetPolicy,
+    /// Checkpoint interval in rounds.
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: u64,
+    /// Round policy.
+    #[serde(default)]
+    pub rounds: RoundPolicy,
+    /// Outer optimiser.
+    #[serde(default)]
+    pub outer: OuterConfig,
+    /// Aggregation.
+    #[serde(default)]
+    pub aggregation: AggregationConfig,
+}
+
+impl CoordinatorConfig {
+    /// Reads and checks a config file; relative paths are taken from the file's folder.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let mut cfg: CoordinatorConfig =
+            toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                path: path.display().to_string(),
+                source: Box::new(e),
+            })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut cfg.state_dir, &mut cfg.ca_dir]
+            .into_iter()
+            .chain(cfg.corpus.as_mut())
+            .chain(cfg.run_config.as_mut())
+        {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        cfg.core().map_err(|e| match e {
+            ConfigError::Invalid(m) => ConfigError::Invalid(format!("{}: {m}", path.display())),
+            other => other,
+        })?;
+        Ok(cfg)
+    }
+
+    /// The core's part, with the run config resolved.
+    pub fn core(&self) -> Result<CoreConfig, ConfigError> {
+        let mut run = match (&self.run_config, &self.preset) {
+            (Some(file), _) => Config::from_toml_file(file)?,
+            (None, Some(p)) => Config::preset(p)?,
+            (None, None) => {
+                return Err(ConfigError::Invalid(
+                    "set `preset` or `run_config`".into(),
+                ));
+            }
+        };
+        if self.inner_steps > 0 {
+            run.train.steps = self.inner_steps;
+            run.train.warmup = run.train.warmup.min(self.inner_steps / 4).max(1);
+        }
+        run.validate()?;
+        let r = &self.rounds;
+        if r.steps == 0 && r.budget_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "rounds: set budget_ms (time budget) or steps (step budget)".into(),
+            ));
+        }
+        if !(0.0..=1.0).contains(&r.staleness_discount) || self.aggregation.reject_ratio <= 1.0 {
+            return Err(ConfigError::Invalid(
+                "staleness_discount must lie in [0, 1] and reject_ratio above 1".into(),
+            ));
+        }
+        Ok(CoreConfig {
+            run,
+            rounds: self.rounds,
+            outer: self.outer,
+            aggregation: self.aggregation,
+            codec: self.codec,
+            downlink_codec: self.downlink_codec,
+            target_policy: self.target_policy,
+            checkpoint_every: self.checkpoint_every,
+        })
+    }
+}

@@ -1,0 +1,1401 @@
+//! The coordinator's core: a deterministic, sans-IO state machine (like `quinn-proto` or
+//! raft-rs's `RawNode`).
+//!
+//! The shell feeds it [`Event`]s (a worker joined, an update arrived, time passed) with the
+//! current time, and carries out the [`Action`]s it returns, **in order**: store a blob, append
+//! to the command log, send a message. Nothing here reads a clock, a socket or a file, so every
+//! behaviour (round deadlines, elastic membership, robust aggregation, restarts) is tested
+//! directly, and the Raft issue can replicate the command log as it is.
+//!
+//! Durability: an update is acknowledged only after its [`LogEntry::UpdateAccepted`] (naming
+//! the blob already in the content store) is persisted; a closed round is persisted as a
+//! [`Snapshot`] blob plus [`LogEntry::RoundClosed`]. Restarting = [`Core::restore`] from the
+//! last snapshot, then [`Core::replay_update`] for each accepted update logged after it.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use amity_protocol::message::{ErrorCode, Hash, ServerMsg, StateDelta};
+use amity_shared::checkpoint::Checkpoint;
+use amity_shared::codec;
+use amity_shared::federated::{GlobalParams, RoundLoss, TargetPolicy};
+use amity_shared::rng::Rng;
+use amity_shared::store::BlobId;
+use serde::{Deserialize, Serialize};
+
+use crate::aggregate::{self, Candidate, OuterOptimizer};
+use crate::config::{CoreConfig, LatePolicy};
+
+/// A worker's session id, assigned by the shell.
+pub type WorkerId = u64;
+
+/// What a worker declared when it joined.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JoinInfo {
+    /// Certificate name (the institution).
+    pub name: String,
+    /// Backend name.
+    pub backend: String,
+    /// Measured clips per second.
+    pub samples_per_s: f64,
+    /// Shards the worker holds itself (its institution's corpus).
+    pub local_shards: Vec<ShardInfo>,
+}
+
+/// One shard the coordinator schedules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardInfo {
+    /// Content id.
+    pub id: BlobId,
+    /// Clips in it.
+    pub clips: u64,
+}
+
+/// An update whose blob is already in the coordinator's content store, decoded and checked for
+/// length by the shell.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ArrivedUpdate {
+    /// The round the worker trained.
+    pub round: u64,
+    /// The blob.
+    pub blob: BlobId,
+    /// Its size on the wire.
+    pub bytes: u64,
+    /// Clips processed.
+    pub samples: u64,
+    /// Local steps.
+    pub steps: u64,
+    /// Loss statistics.
+    pub loss: RoundLoss,
+    /// The decoded pseudo-gradient (model, then target under the local-EMA policy).
+    pub values: Vec<f32>,
+}
+
+/// Inputs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A worker registered.
+    Joined {
+        /// Session id.
+        worker: WorkerId,
+        /// What it declared.
+        info: JoinInfo,
+    },
+    /// A worker left (cleanly or its connection was lost).
+    Left {
+        /// Session id.
+        worker: WorkerId,
+    },
+    /// A worker is alive.
+    Heartbeat {
+        /// Session id.
+        worker: WorkerId,
+    },
+    /// A worker's update arrived.
+    Update {
+        /// Session id.
+        worker: WorkerId,
+        /// The update.
+        update: ArrivedUpdate,
+    },
+    /// Time passed.
+    Tick,
+}
+
+/// Outputs, to be carried out in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Send a message to a worker.
+    Send {
+        /// To whom.
+        worker: WorkerId,
+        /// What.
+        msg: ServerMsg,
+    },
+    /// Put these bytes into the content store (their id is already referenced by later actions).
+    StoreBlob {
+        /// What the blob is, for logs.
+        what: &'static str,
+        /// The bytes.
+        bytes: Vec<u8>,
+    },
+    /// Append to the command log, durably, before carrying out any later action.
+    Persist(LogEntry),
+    /// A checkpoint blob was stored: publish it (e.g. link it as `checkpoints/round-N`).
+    Checkpoint {
+        /// Round it closes.
+        round: u64,
+        /// The checkpoint blob.
+        blob: BlobId,
+    },
+    /// A round closed.
+    RoundClosed(RoundSummary),
+    /// The configured number of rounds is done.
+    Finished,
+}
+
+/// An entry of the command log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum LogEntry {
+    /// An update was accepted for aggregation (its blob is in the store).
+    UpdateAccepted {
+        /// Round it counts towards.
+        round: u64,
+        /// The round it was trained in.
+        trained_round: u64,
+        /// Sender's certificate name.
+        from: String,
+        /// Blob.
+        blob: BlobId,
+        /// Wire bytes.
+        bytes: u64,
+        /// Clips.
+        samples: u64,
+        /// Steps.
+        steps: u64,
+        /// Losses.
+        loss: RoundLoss,
+        /// Shards it trained on.
+        shards: Vec<BlobId>,
+    },
+    /// A round closed; its resulting state is the snapshot blob.
+    RoundClosed {
+        /// The round.
+        round: u64,
+        /// Snapshot blob.
+        snapshot: BlobId,
+        /// Parameters hash (hex) after the round.
+        params: String,
+    },
+}
+
+/// What a closed round did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundSummary {
+    /// Round number.
+    pub round: u64,
+    /// Updates aggregated.
+    pub accepted: Vec<String>,
+    /// Updates rejected, with reasons.
+    pub rejected: Vec<(String, String)>,
+    /// Workers expected but silent.
+    pub missing: Vec<String>,
+    /// Clips processed in the round.
+    pub samples: u64,
+    /// Local steps, summed over workers.
+    pub steps: u64,
+    /// Sample-weighted mean of the workers' mean losses.
+    pub loss: f64,
+    /// Bytes of updates received.
+    pub bytes_up: u64,
+    /// Bytes of state sent for this round (delta or full, per worker).
+    pub bytes_down: u64,
+    /// What dense fp32 synchronisation every local step would have moved (up and down).
+    pub dense_bytes: u64,
+    /// Parameters hash (hex) after the round.
+    pub params: String,
+    /// Corpus epoch.
+    pub epoch: u64,
+}
+
+/// Per-institution accounting.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Provenance {
+    /// Clips contributed.
+    pub samples: u64,
+    /// Local steps contributed.
+    pub steps: u64,
+    /// Updates accepted.
+    pub updates: u64,
+    /// Updates rejected.
+    pub rejected: u64,
+    /// Shard-trainings contributed (a shard trained in two epochs counts twice).
+    pub shards: u64,
+}
+
+/// The scheduling of shards over epochs: each shard once per epoch, in a seeded order.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShardPlan {
+    /// Every shard, with its owner when an institution holds it itself.
+    pub shards: BTreeMap<BlobId, (u64, Option<String>)>,
+    /// Current epoch.
+    pub epoch: u64,
+    /// Shards not yet handed out this epoch, in order.
+    pub queue: VecDeque<BlobId>,
+    /// Shards trained (update accepted) this epoch.
+    pub covered: BTreeSet<BlobId>,
+    /// Epochs completed.
+    pub epochs_done: u64,
+}
+
+impl ShardPlan {
+    fn refill(&mut self, seed: u64) {
+        let mut ids: Vec<BlobId> = self
+            .shards
+            .keys()
+            .filter(|id| !self.queue.contains(id))
+            .copied()
+            .collect();
+        Rng::derive(seed, &[0x5a4d, self.epoch]).shuffle(&mut ids);
+        self.queue.extend(ids);
+    }
+
+    fn may_train(&self, id: &BlobId, name: &str) -> bool {
+        match self.shards.get(id) {
+            Some((_, None)) => true,
+            Some((_, Some(owner))) => owner == name,
+            None => false,
+        }
+    }
+
+    /// Takes up to `n` shards `name` may train, starting a new epoch when this one is used up.
+    fn take(&mut self, n: usize, name: &str, seed: u64) -> Vec<BlobId> {
+        let mut out = Vec::new();
+        // An institution's own shards first: they cost no transfer.
+        let mut i = 0;
+        while out.len() < n && i < self.queue.len() {
+            if matches!(self.shards.get(&self.queue[i]), Some((_, Some(o))) if o == name) {
+                out.extend(self.queue.remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        for pass in 0..2 {
+            let mut i = 0;
+            while out.len() < n && i < self.queue.len() {
+                if self.may_train(&self.queue[i], name) {
+                    out.extend(self.queue.remove(i));
+                } else {
+                    i += 1;
+                }
+            }
+            if out.len() == n || pass == 1 {
+                break;
+            }
+            // This epoch has nothing left for this worker: open the next one (shards still in
+            // flight are not queued twice).
+            if self.covered.len() + self.queue.len() < self.shards.len() && !self.queue.is_empty()
+            {
+                break;
+            }
+            self.epoch += 1;
+            self.epochs_done += (!self.covered.is_empty()) as u64;
+            self.covered.clear();
+            self.refill(seed);
+        }
+        out
+    }
+}
+
+#[derive(Debug, Clone)]
+struct WorkerState {
+    info: JoinInfo,
+    last_seen_ms: u64,
+    /// Parameters hash of the state it was last sent.
+    holds: Option<Hash>,
+    /// Shards of its current assignment.
+    assigned: Vec<BlobId>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Pending {
+    from: String,
+    weight: f64,
+    update: ArrivedUpdate,
+    shards: Vec<BlobId>,
+}
+
+#[derive(Debug, Clone)]
+enum Phase {
+    /// Waiting for enough workers.
+    Idle,
+    /// A round is under way.
+    Running {
+        deadline_ms: u64,
+        expected: BTreeSet<WorkerId>,
+        bytes_down: u64,
+    },
+    /// `max_rounds` done.
+    Finished,
+}
+
+/// The durable part of the core's state: what a restart resumes from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotMeta {
+    /// The next round to run.
+    pub round: u64,
+    /// Shard scheduling.
+    pub plan: ShardPlan,
+    /// Norms of recently accepted updates.
+    pub norm_history: Vec<f64>,
+    /// Per-institution accounting.
+    pub provenance: BTreeMap<String, Provenance>,
+    /// Every closed round.
+    pub history: Vec<RoundSummary>,
+    /// Blob of the previous state's delta (for workers holding it), and the base it applies to.
+    pub last_delta: Option<(Hash, BlobId)>,
+    /// Size of that delta blob.
+    pub last_delta_len: u64,
+    /// Lengths of the vectors that follow.
+    pub lens: [u64; 4],
+}
+
+/// A snapshot: metadata plus model, target, outer momentum and downlink residual.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    /// Metadata.
+    pub meta: SnapshotMeta,
+    /// Global parameters.
+    pub params: GlobalParams,
+    /// Outer momentum.
+    pub momentum: Vec<f32>,
+    /// Downlink error-feedback residual.
+    pub down_residual: Vec<f32>,
+}
+
+const SNAPSHOT_MAGIC: &[u8; 4] = b"AMSN";
+
+/// Why a snapshot blob cannot be restored.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid coordinator snapshot: {0}")]
+pub struct SnapshotError(pub String);
+
+impl Snapshot {
+    /// `"AMSN" | json length (u64) | JSON metadata | f32 vectors (LE)`.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let json = serde_json::to_vec(&self.meta).expect("snapshot metadata serialises");
+        let mut out = Vec::new();
+        out.extend_from_slice(SNAPSHOT_MAGIC);
+        out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+        out.extend_from_slice(&json);
+        for v in [
+            &self.params.model,
+            &self.params.target,
+            &self.momentum,
+            &self.down_residual,
+        ] {
+            for x in v.iter() {
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    /// Parses and checks a snapshot.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, SnapshotError> {
+        let bad = |m: &str| SnapshotError(m.to_owned());
+        if bytes.len() < 12 || &bytes[..4] != SNAPSHOT_MAGIC {
+            return Err(bad("missing magic bytes"));
+        }
+        let n = u64::from_le_bytes(bytes[4..12].try_into().expect("8 bytes")) as usize;
+        let json = bytes
+            .get(12..12usize.saturating_add(n))
+            .ok_or_else(|| bad("truncated metadata"))?;
+        let meta: SnapshotMeta =
+            serde_json::from_slice(json).map_err(|e| SnapshotError(e.to_string()))?;
+        let mut rest = &bytes[12 + n..];
+        let total: u64 = meta.lens.iter().sum();
+        if rest.len() as u64 != total * 4 {
+            return Err(bad("vector bytes do not match the recorded lengths"));
+        }
+        let mut take = |len: u64| {
+            let (a, b) = rest.split_at(len as usize * 4);
+            rest = b;
+            a.chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+                .collect::<Vec<f32>>()
+        };
+        let [a, b, c, d] = meta.lens;
+        let (model, target, momentum, down_residual) = (take(a), take(b), take(c), take(d));
+        Ok(Snapshot {
+            meta,
+            params: GlobalParams { model, target },
+            momentum,
+            down_residual,
+        })
+    }
+}
+
+/// The coordinator's state machine.
+#[derive(Debug)]
+pub struct Core {
+    cfg: CoreConfig,
+    round: u64,
+    phase: Phase,
+    params: GlobalParams,
+    outer: OuterOptimizer,
+    down_residual: Vec<f32>,
+    /// Blob id of the checkpoint form of `params` (what workers without a base fetch).
+    state_blob: BlobId,
+    last_delta: Option<(Hash, BlobId)>,
+    delta_bytes_len: u64,
+    workers: BTreeMap<WorkerId, WorkerState>,
+    received: Vec<Pending>,
+    plan: ShardPlan,
+    norm_history: Vec<f64>,
+    provenance: BTreeMap<String, Provenance>,
+    history: Vec<RoundSummary>,
+    now_ms: u64,
+}
+
+const NORM_HISTORY: usize = 32;
+
+impl Core {
+    /// A fresh run from `params` (the run config's seeded initialisation) over the coordinator's
+    /// `shards`. Returns the actions that store the initial state.
+    pub fn new(cfg: CoreConfig, params: GlobalParams, shards: &[ShardInfo]) -> (Self, Vec<Action>) {
+        let mut plan = ShardPlan::default();
+        for s in shards {
+            plan.shards.insert(s.id, (s.clips, None));
+        }
+        plan.refill(cfg.run.train.seed);
+        let mut core = Core {
+            outer: OuterOptimizer::new(cfg.outer),
+            cfg,
+            round: 0,
+            phase: Phase::Idle,
+            down_residual: Vec::new(),
+            state_blob: BlobId([0; 32]),
+            last_delta: None,
+            delta_bytes_len: 0,
+            workers: BTreeMap::new(),
+            received: Vec::new(),
+            plan,
+            norm_history: Vec::new(),
+            provenance: BTreeMap::new(),
+            history: Vec::new(),
+            params,
+            now_ms: 0,
+        };
+        let mut out = Vec::new();
+        core.store_state(&mut out);
+        (core, out)
+    }
+
+    /// A core resumed from a snapshot (the accepted updates of the open round are then replayed
+    /// with [`Core::replay_update`]). Returns the actions that store the state blob again.
+    pub fn restore(cfg: CoreConfig, snap: Snapshot) -> (Self, Vec<Action>) {
+        let mut outer = OuterOptimizer::new(cfg.outer);
+        outer.momentum = snap.momentum;
+        let mut core = Core {
+            outer,
+            cfg,
+            round: snap.meta.round,
+            phase: Phase::Idle,
+            down_residual: snap.down_residual,
+            state_blob: BlobId([0; 32]),
+            last_delta: snap.meta.last_delta,
+            delta_bytes_len: snap.meta.last_delta_len,
+            workers: BTreeMap::new(),
+            received: Vec::new(),
+            plan: snap.meta.plan,
+            norm_history: snap.meta.norm_history,
+            provenance: snap.meta.provenance,
+            history: snap.meta.history,
+            params: snap.params,
+            now_ms: 0,
+        };
+        if core.cfg.rounds.max_rounds > 0 && core.round >= core.cfg.rounds.max_rounds {
+            core.phase = Phase::Finished;
+        }
+        let mut out = Vec::new();
+        core.store_state(&mut out);
+        (core, out)
+    }
+
+    /// Re-adds an update that the log says was accepted before a restart.
+    pub fn replay_update(&mut self, entry: &LogEntry, values: Vec<f32>) {
+        if let LogEntry::UpdateAccepted {
+            round,
+            trained_round,
+            from,
+            blob,
+            bytes,
+            samples,
+            steps,
+            loss,
+            shards,
+        } = entry
+            && *round == self.round
+        {
+            let weight = self.weight(*samples, self.round - trained_round);
+            self.received.retain(|p| p.from != *from);
+            self.received.push(Pending {
+                from: from.clone(),
+                weight,
+                shards: shards.clone(),
+                update: ArrivedUpdate {
+                    round: *trained_round,
+                    blob: *blob,
+                    bytes: *bytes,
+                    samples: *samples,
+                    steps: *steps,
+                    loss: *loss,
+                    values,
+                },
+            });
+        }
+    }
+
+    /// The current global parameters.
+    pub fn params(&self) -> &GlobalParams {
+        &self.params
+    }
+
+    /// The round under way (or next to run).
+    pub fn round(&self) -> u64 {
+        self.round
+    }
+
+    /// Closed rounds.
+    pub fn history(&self) -> &[RoundSummary] {
+        &self.history
+    }
+
+    /// Per-institution accounting.
+    pub fn provenance(&self) -> &BTreeMap<String, Provenance> {
+        &self.provenance
+    }
+
+    /// The shard plan.
+    pub fn plan(&self) -> &ShardPlan {
+        &self.plan
+    }
+
+    /// The config.
+    pub fn config(&self) -> &CoreConfig {
+        &self.cfg
+    }
+
+    /// Whether `max_rounds` are done.
+    pub fn finished(&self) -> bool {
+        matches!(self.phase, Phase::Finished)
+    }
+
+    /// Names of the workers present.
+    pub fn workers(&self) -> Vec<(WorkerId, String)> {
+        self.workers
+            .iter()
+            .map(|(id, w)| (*id, w.info.name.clone()))
+            .collect()
+    }
+
+    /// The length of a valid update's value vector.
+    pub fn update_len(&self) -> usize {
+        self.params.model.len()
+            + match self.cfg.target_policy {
+                TargetPolicy::LocalEma => self.params.target.len(),
+                TargetPolicy::CoordinatorEma => 0,
+            }
+    }
+
+    /// Handles one event at time `now_ms` (milliseconds on any monotonic clock).
+    pub fn handle(&mut self, event: Event, now_ms: u64) -> Vec<Action> {
+        self.now_ms = now_ms;
+        let mut out = Vec::new();
+        match event {
+            Event::Joined { worker, info } => self.on_join(worker, info, &mut out),
+            Event::Left { worker } => self.on_leave(worker, "left"),
+            Event::Heartbeat { worker } => {
+                if let Some(w) = self.workers.get_mut(&worker) {
+                    w.last_seen_ms = now_ms;
+                }
+            }
+            Event::Update { worker, update } => self.on_update(worker, update, &mut out),
+            Event::Tick => {}
+        }
+        self.expire_silent();
+        self.advance(&mut out);
+        out
+    }
+
+    fn on_join(&mut self, worker: WorkerId, info: JoinInfo, out: &mut Vec<Action>) {
+        for s in &info.local_shards {
+            if !self.plan.shards.contains_key(&s.id) {
+                // A newly registered corpus joins the current epoch.
+                self.plan
+                    .shards
+                    .insert(s.id, (s.clips, Some(info.name.clone())));
+                self.plan.queue.push_back(s.id);
+            }
+        }
+        tracing::info!(
+            worker,
+            name = %info.name,
+            backend = %info.backend,
+            samples_per_s = info.samples_per_s,
+            local_shards = info.local_shards.len(),
+            "worker joined"
+        );
+        self.workers.insert(
+            worker,
+            WorkerState {
+                info,
+                last_seen_ms: self.now_ms,
+                holds: None,
+                assigned: Vec::new(),
+            },
+        );
+        out.push(Action::Send {
+            worker,
+            msg: ServerMsg::Registered {
+                worker,
+                run: self.cfg.run.to_toml(),
+                codec: self.cfg.codec.to_string(),
+                target_policy: self.cfg.target_policy.to_string(),
+            },
+        });
+    }
+
+    fn on_leave(&mut self, worker: WorkerId, why: &str) {
+        let Some(w) = self.workers.remove(&worker) else {
+            return;
+        };
+        tracing::info!(worker, name = %w.info.name, "worker {why}");
+        let delivered = self.received.iter().any(|p| p.from == w.info.name);
+        if !delivered {
+            // Its shards go back to the front of the queue for the next round.
+            for id in w.assigned.into_iter().rev() {
+                self.plan.queue.push_front(id);
+            }
+        }
+        if let Phase::Running { expected, .. } = &mut self.phase {
+            expected.remove(&worker);
+        }
+    }
+
+    fn expire_silent(&mut self) {
+        let limit = self.cfg.rounds.heartbeat_timeout_ms;
+        let silent: Vec<WorkerId> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| self.now_ms.saturating_sub(w.last_seen_ms) > limit)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in silent {
+            self.on_leave(id, "timed out (no heartbeat)");
+        }
+    }
+
+    fn weight(&self, samples: u64, staleness: u64) -> f64 {
+        samples as f64 * self.cfg.rounds.staleness_discount.powi(staleness as i32)
+    }
+
+    fn on_update(&mut self, worker: WorkerId, u: ArrivedUpdate, out: &mut Vec<Action>) {
+        let want = self.update_len();
+        let Some(w) = self.workers.get_mut(&worker) else {
+            return;
+        };
+        w.last_seen_ms = self.now_ms;
+        let name = w.info.name.clone();
+        let refuse = |out: &mut Vec<Action>, code, message: String| {
+            tracing::warn!(worker, %name, "update refused: {message}");
+            out.push(Action::Send {
+                worker,
+                msg: ServerMsg::Error { code, message },
+            });
+        };
+        let running = matches!(self.phase, Phase::Running { .. });
+        if u.round > self.round || (u.round == self.round && !running) {
+            return refuse(out, ErrorCode::Unexpected, format!("round {} is not open", u.round));
+        }
+        let staleness = self.round - u.round;
+        if staleness > 0 && self.cfg.rounds.late == LatePolicy::Drop {
+            return refuse(
+                out,
+                ErrorCode::Unexpected,
+                format!("round {} closed; late updates are dropped", u.round),
+            );
+        }
+        if u.values.len() != want {
+            return refuse(
+                out,
+                ErrorCode::Malformed,
+                format!("{} values, expected {want}", u.values.len()),
+            );
+        }
+        let shards = if staleness == 0 {
+            w.assigned.clone()
+        } else {
+            Vec::new()
+        };
+        let entry = LogEntry::UpdateAccepted {
+            round: self.round,
+            trained_round: u.round,
+            from: name.clone(),
+            blob: u.blob,
+            bytes: u.bytes,
+            samples: u.samples,
+            steps: u.steps,
+            loss: u.loss,
+            shards: shards.clone(),
+        };
+        out.push(Action::Persist(entry));
+        out.push(Action::Send {
+            worker,
+            msg: ServerMsg::Ack { of: u.round },
+        });
+        let weight = self.weight(u.samples, staleness);
+        self.received.retain(|p| p.from != name);
+        self.received.push(Pending {
+            from: name,
+            weight,
+            update: u,
+            shards,
+        });
+    }
+
+    /// Starts or closes rounds as the state allows.
+    fn advance(&mut self, out: &mut Vec<Action>) {
+        loop {
+            match &self.phase {
+                Phase::Finished => return,
+                Phase::Idle => {
+                    if self.workers.len() >= self.cfg.rounds.min_workers.max(1) {
+                        self.start_round(out);
+                    }
+                    return;
+                }
+                Phase::Running {
+                    deadline_ms,
+                    expected,
+                    ..
+                } => {
+                    let all_in = expected.iter().all(|id| {
+                        self.workers
+                            .get(id)
+                            .is_some_and(|w| self.received.iter().any(|p| p.from == w.info.name))
+                    });
+                    if self.now_ms >= *deadline_ms || all_in {
+                        self.close_round(out);
+                        continue;
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn start_round(&mut self, out: &mut Vec<Action>) {
+        let r = &self.cfg.rounds;
+        let deadline_ms = self.now_ms
+            + if r.steps > 0 {
+                r.grace_ms
+            } else {
+                r.budget_ms + r.grace_ms
+            };
+        let params_hash = self.params.hash();
+        let total_speed: f64 = self
+            .workers
+            .values()
+            .map(|w| w.info.samples_per_s.max(1e-3))
+            .sum();
+        let seed = self.cfg.run.train.seed;
+        let state_len = 4 * (self.params.model.len() + self.params.target.len()) as u64;
+        let mut bytes_down = 0;
+        let mut expected = BTreeSet::new();
+        let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
+        for id in ids {
+            let w = self.workers.get(&id).expect("listed above");
+            let share = w.info.samples_per_s.max(1e-3) / total_speed;
+            let n = ((r.shards_per_round as f64 * share).round() as usize).max(1);
+            let name = w.info.name.clone();
+            let holds = w.holds;
+            let shards = self.plan.take(n, &name, seed);
+            let delta = self
+                .last_delta
+                .filter(|(base, _)| holds == Some(*base))
+                .map(|(base, blob)| StateDelta { base, blob: blob.0 });
+            bytes_down += match delta {
+                Some(_) => self.last_delta_len(),
+                None => state_len,
+            };
+            out.push(Action::Send {
+                worker: id,
+                msg: ServerMsg::RoundAnnounce {
+                    round: self.round,
+                    state: self.state_blob.0,
+                    params: params_hash,
+                    delta,
+                    budget_ms: r.budget_ms,
+                    steps: r.steps,
+                },
+            });
+            out.push(Action::Send {
+                worker: id,
+                msg: ServerMsg::ShardAssignment {
+                    round: self.round,
+                    shards: shards.iter().map(|s| s.0).collect(),
+                },
+            });
+            let w = self.workers.get_mut(&id).expect("listed above");
+            w.holds = Some(params_hash);
+            w.assigned = shards;
+            expected.insert(id);
+        }
+        tracing::info!(round = self.round, workers = expected.len(), "round started");
+        self.phase = Phase::Running {
+            deadline_ms,
+            expected,
+            bytes_down,
+        };
+    }
+
+    fn last_delta_len(&self) -> u64 {
+        self.delta_bytes_len
+    }
+
+    fn close_round(&mut self, out: &mut Vec<Action>) {
+        let (expected, bytes_down) = match std::mem::replace(&mut self.phase, Phase::Idle) {
+            Phase::Running {
+                expected,
+                bytes_down,
+                ..
+            } => (expected, bytes_down),
+            other => {
+                self.phase = other;
+                return;
+            }
+        };
+        let received = std::mem::take(&mut self.received);
+        let missing: Vec<String> = expected
+            .iter()
+            .filter_map(|id| self.workers.get(id))
+            .filter(|w| !received.iter().any(|p| p.from == w.info.name))
+            .map(|w| w.info.name.clone())
+            .collect();
+        // Shards of workers that did not deliver go back to the queue.
+        for id in &expected {
+            if let Some(w) = self.workers.get_mut(id)
+                && !received.iter().any(|p| p.from == w.info.name)
+            {
+                for s in std::mem::take(&mut w.assigned).into_iter().rev() {
+                    self.plan.queue.push_front(s);
+                }
+            }
+        }
+        let bytes_up: u64 = received.iter().map(|p| p.update.bytes).sum();
+        let cands: Vec<Candidate> = received
+            .iter()
+            .map(|p| Candidate {
+                from: p.from.clone(),
+                values: p.update.values.clone(),
+                weight: p.weight,
+            })
+            .collect();
+        let (accepted, rejected) =
+            aggregate::screen(cands, &self.norm_history, &self.cfg.aggregation);
+        for (c, why) in &rejected {
+            tracing::warn!(round = self.round, from = %c.from, "update rejected: {why}");
+            self.provenance.entry(c.from.clone()).or_default().rejected += 1;
+        }
+        let ok: BTreeSet<&str> = accepted.iter().map(|c| c.from.as_str()).collect();
+        let mut samples = 0;
+        let mut steps = 0;
+        let mut loss_sum = 0.0;
+        let mut weighted_steps = 0.0;
+        for p in received.iter().filter(|p| ok.contains(p.from.as_str())) {
+            samples += p.update.samples;
+            steps += p.update.steps;
+            loss_sum += p.update.loss.mean * p.update.samples as f64;
+            weighted_steps += p.update.steps as f64 * p.update.samples as f64;
+            let prov = self.provenance.entry(p.from.clone()).or_default();
+            prov.samples += p.update.samples;
+            prov.steps += p.update.steps;
+            prov.updates += 1;
+            prov.shards += p.shards.len() as u64;
+            for s in &p.shards {
+                self.plan.covered.insert(*s);
+            }
+        }
+        for c in &accepted {
+            self.norm_history.push(aggregate::norm(&c.values));
+        }
+        let excess = self.norm_history.len().saturating_sub(NORM_HISTORY);
+        self.norm_history.drain(..excess);
+
+        let base_hash = self.params.hash();
+        let mut delta_blob = None;
+        if !accepted.is_empty() {
+            let mean_steps = if samples > 0 {
+                weighted_steps / samples as f64
+            } else {
+                0.0
+            };
+            let delta = self.outer_update(&accepted, mean_steps);
+            let bytes = codec::encode(&self.cfg.downlink_codec, &delta);
+            let sent = codec::decode(&bytes, delta.len()).expect("our own encoding decodes");
+            self.down_residual = delta.iter().zip(&sent).map(|(d, s)| d - s).collect();
+            self.params
+                .apply_delta(&sent)
+                .expect("delta has the state's length");
+            let id = BlobId::of(&bytes);
+            self.delta_bytes_len = bytes.len() as u64;
+            out.push(Action::StoreBlob {
+                what: "state delta",
+                bytes,
+            });
+            delta_blob = Some(id);
+        }
+        self.last_delta = delta_blob.map(|b| (base_hash, b));
+        let params_hex = hex(&self.params.hash());
+        let p = (self.params.model.len() + self.params.target.len()) as u64;
+        let summary = RoundSummary {
+            round: self.round,
+            accepted: accepted.iter().map(|c| c.from.clone()).collect(),
+            rejected: rejected
+                .iter()
+                .map(|(c, why)| (c.from.clone(), why.clone()))
+                .collect(),
+            missing,
+            samples,
+            steps,
+            loss: if samples > 0 {
+                loss_sum / samples as f64
+            } else {
+                f64::NAN
+            },
+            bytes_up,
+            bytes_down,
+            dense_bytes: steps * p * 4 * 2,
+            params: params_hex.clone(),
+            epoch: self.plan.epoch,
+        };
+        tracing::info!(
+            round = self.round,
+            accepted = summary.accepted.len(),
+            rejected = summary.rejected.len(),
+            missing = summary.missing.len(),
+            loss = summary.loss,
+            bytes_up,
+            "round closed"
+        );
+        self.history.push(summary.clone());
+        self.round += 1;
+        self.store_state(out);
+        let snapshot = self.snapshot().to_bytes();
+        let snap_id = BlobId::of(&snapshot);
+        out.push(Action::StoreBlob {
+            what: "snapshot",
+            bytes: snapshot,
+        });
+        out.push(Action::Persist(LogEntry::RoundClosed {
+            round: self.round - 1,
+            snapshot: snap_id,
+            params: params_hex,
+        }));
+        let k = self.cfg.checkpoint_every;
+        if k > 0 && self.round % k == 0 {
+            out.push(Action::Checkpoint {
+                round: self.round - 1,
+                blob: self.state_blob,
+            });
+        }
+        out.push(Action::RoundClosed(summary));
+        let max = self.cfg.rounds.max_rounds;
+        if max > 0 && self.round >= max {
+            self.phase = Phase::Finished;
+            out.push(Action::Finished);
+        }
+    }
+
+    /// The aggregated outer step for the round as a delta over `GlobalParams::concat`,
+    /// including the downlink residual of earlier rounds.
+    fn outer_update(&mut self, accepted: &[Candidate], mean_steps: f64) -> Vec<f32> {
+        let m_len = self.params.model.len();
+        let model_cands: Vec<Candidate> = accepted
+            .iter()
+            .map(|c| Candidate {
+                from: c.from.clone(),
+                values: c.values[..m_len].to_vec(),
+                weight: c.weight,
+            })
+            .collect();
+        let g = aggregate::combine(&model_cands, &self.cfg.aggregation).expect("non-empty");
+        let step = self.outer.step(&g);
+        let new_model: Vec<f32> = self
+            .params
+            .model
+            .iter()
+            .zip(&step)
+            .map(|(p, s)| p + s)
+            .collect();
+        let t_len = self.params.target.len();
+        let new_target: Vec<f32> = match self.cfg.target_policy {
+            TargetPolicy::LocalEma => {
+                let target_cands: Vec<Candidate> = accepted
+                    .iter()
+                    .map(|c| Candidate {
+                        from: c.from.clone(),
+                        values: c.values[m_len..].to_vec(),
+                        weight: c.weight,
+                    })
+                    .collect();
+                let gt =
+                    aggregate::combine(&target_cands, &self.cfg.aggregation).expect("non-empty");
+                self.params
+                    .target
+                    .iter()
+                    .zip(&gt)
+                    .map(|(t, d)| t - d)
+                    .collect()
+            }
+            TargetPolicy::CoordinatorEma => {
+                // One EMA step per round with the per-step momentum compounded over the
+                // round's local steps; the per-step momentum ramps like V-JEPA's over the run.
+                let t = &self.cfg.run.train;
+                let progress = match self.cfg.rounds.max_rounds {
+                    0 => 0.0,
+                    n => self.round as f64 / n as f64,
+                };
+                let m_step = t.ema_start + (t.ema_end - t.ema_start) * progress;
+                let m = m_step.powf(mean_steps.max(1.0)) as f32;
+                self.params
+                    .target
+                    .iter()
+                    .zip(&new_model[..t_len])
+                    .map(|(t, e)| m * t + (1.0 - m) * e)
+                    .collect()
+            }
+        };
+        let mut delta = Vec::with_capacity(m_len + t_len);
+        delta.extend(new_model.iter().zip(&self.params.model).map(|(n, o)| n - o));
+        delta.extend(new_target.iter().zip(&self.params.target).map(|(n, o)| n - o));
+        if self.down_residual.len() == delta.len() {
+            for (d, r) in delta.iter_mut().zip(&self.down_residual) {
+                *d += r;
+            }
+        }
+        delta
+    }
+
+    fn store_state(&mut self, out: &mut Vec<Action>) {
+        let mut meta = BTreeMap::new();
+        meta.insert("round".to_owned(), self.round.to_string());
+        meta.insert("params".to_owned(), hex(&self.params.hash()));
+        let bytes = Checkpoint {
+            config: self.cfg.run.clone(),
+            model: self.params.model.clone(),
+            target: self.params.target.clone(),
+            meta,
+        }
+        .to_bytes();
+        self.state_blob = BlobId::of(&bytes);
+        out.push(Action::StoreBlob {
+            what: "global state",
+            bytes,
+        });
+    }
+
+    /// The durable state as a snapshot.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            meta: SnapshotMeta {
+                round: self.round,
+                plan: self.plan.clone(),
+                norm_history: self.norm_history.clone(),
+                provenance: self.provenance.clone(),
+                history: self.history.clone(),
+                last_delta: self.last_delta,
+                last_delta_len: self.delta_bytes_len,
+                lens: [
+                    self.params.model.len() as u64,
+                    self.params.target.len() as u64,
+                    self.outer.momentum.len() as u64,
+                    self.down_residual.len() as u64,
+                ],
+            },
+            params: self.params.clone(),
+            momentum: self.outer.momentum.clone(),
+            down_residual: self.down_residual.clone(),
+        }
+    }
+}
+
+/// Lower-case hex of a hash.
+pub fn hex(h: &Hash) -> String {
+    h.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use amity_shared::checkpoint::layouts;
+    use amity_shared::config::Config;
+    use amity_shared::flat::init_params;
+
+    fn setup(policy: TargetPolicy) -> (Core, Vec<ShardInfo>) {
+        let run = Config::preset("tiny").unwrap();
+        let (ml, tl) = layouts(&run);
+        let model = init_params(&ml, 1);
+        let target = model[..tl.total].to_vec();
+        let mut cfg = CoreConfig::new(run);
+        cfg.target_policy = policy;
+        cfg.rounds.min_workers = 2;
+        cfg.rounds.budget_ms = 1000;
+        cfg.rounds.grace_ms = 1000;
+        cfg.rounds.shards_per_round = 4;
+        cfg.checkpoint_every = 2;
+        let shards: Vec<ShardInfo> = (0..6u8)
+            .map(|i| ShardInfo {
+                id: BlobId([i; 32]),
+                clips: 10,
+            })
+            .collect();
+        let (core, actions) = Core::new(cfg, GlobalParams { model, target }, &shards);
+        assert!(matches!(actions[0], Action::StoreBlob { what: "global state", .. }));
+        (core, shards)
+    }
+
+    fn join(core: &mut Core, id: WorkerId, name: &str, speed: f64, now: u64) -> Vec<Action> {
+        core.handle(
+            Event::Joined {
+                worker: id,
+                info: JoinInfo {
+                    name: name.into(),
+                    backend: "flex".into(),
+                    samples_per_s: speed,
+                    local_shards: Vec::new(),
+                },
+            },
+            now,
+        )
+    }
+
+    fn update(core: &Core, round: u64, scale: f32, seed: u64) -> ArrivedUpdate {
+        let mut rng = Rng::new(seed);
+        let values: Vec<f32> = (0..core.update_len())
+            .map(|_| scale * 1e-3 * rng.normal() as f32)
+            .collect();
+        ArrivedUpdate {
+            round,
+            blob: BlobId([seed as u8; 32]),
+            bytes: 100,
+            samples: 32,
+            steps: 4,
+            loss: RoundLoss {
+                mean: 1.0,
+                first: 1.1,
+                last: 0.9,
+            },
+            values,
+        }
+    }
+
+    fn sent_to(actions: &[Action], worker: WorkerId) -> Vec<&ServerMsg> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send { worker: w, msg } if *w == worker => Some(msg),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn assignment(actions: &[Action], worker: WorkerId) -> Vec<Hash> {
+        sent_to(actions, worker)
+            .into_iter()
+            .find_map(|m| match m {
+                ServerMsg::ShardAssignment { shards, .. } => Some(shards.clone()),
+                _ => None,
+            })
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_round_starts_with_enough_workers_and_closes_when_all_updates_are_in() {
+        let (mut core, _) = setup(TargetPolicy::LocalEma);
+        let a = join(&mut core, 1, "uni-a", 30.0, 0);
+        assert!(matches!(sent_to(&a, 1)[0], ServerMsg::Registered { .. }));
+        assert_eq!(sent_to(&a, 1).len(), 1, "no round with one worker");
+        let b = join(&mut core, 2, "uni-b", 10.0, 5);
+        // Both get the announce; shards are split 3:1 by throughput, none twice.
+        let (sa, sb) = (assignment(&b, 1), assignment(&b, 2));
+        assert_eq!((sa.len(), sb.len()), (3, 1));
+        assert!(sa.iter().all(|s| !sb.contains(s)));
+        let before = core.params().hash();
+
+        let acts = core.handle(Event::Update { worker: 1, update: update(&core, 0, 1.0, 1) }, 50);
+        // Persist comes before the acknowledgement.
+        assert!(matches!(acts[0], Action::Persist(LogEntry::UpdateAccepted { .. })));
+        assert!(matches!(sent_to(&acts, 1)[0], ServerMsg::Ack { of: 0 }));
+        assert_eq!(core.round(), 0);
+        let acts = core.handle(Event::Update { worker: 2, update: update(&core, 0, 1.0, 2) }, 60);
+        assert_eq!(core.round(), 1);
+        assert_ne!(core.params().hash(), before);
+        let summary = acts
+            .iter()
+            .find_map(|a| match a {
+                Action::RoundClosed(s) => Some(s.clone()),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(summary.accepted.len(), 2);
+        assert_eq!(summary.samples, 64);
+        // The next round's announce offers the delta from the state both workers hold, and the
+        // delta reconstructs the coordinator's parameters bit for bit.
+        let (delta_bytes, announce) = (
+            acts.iter()
+                .find_map(|a| match a {
+                    Action::StoreBlob { what: "state delta", bytes } => Some(bytes.clone()),
+                    _ => None,
+                })
+                .unwrap(),
+            sent_to(&acts, 1)
+                .into_iter()
+                .find_map(|m| match m {
+                    ServerMsg::RoundAnnounce { round: 1, delta, params, .. } => {
+                        Some((*delta, *params))
+                    }
+                    _ => None,
+                })
+                .unwrap(),
+        );
+        let delta = announce.0.expect("delta offered");
+        assert_eq!(delta.base, before);
+        assert_eq!(BlobId::of(&delta_bytes).0, delta.blob);
+        assert_eq!(announce.1, core.params().hash());
+        assert!(acts.iter().any(|a| matches!(a, Action::Checkpoint { .. })) == false);
+    }
+
+    #[test]
+    fn a_silent_worker_does_not_stall_the_round_and_its_shards_return() {
+        let (mut core, _) = setup(TargetPolicy::CoordinatorEma);
+        join(&mut core, 1, "a", 10.0, 0);
+        let acts = join(&mut core, 2, "b", 10.0, 0);
+        let lost = assignment(&acts, 2);
+        core.handle(Event::Update { worker: 1, update: update(&core, 0, 1.0, 1) }, 100);
+        // Heartbeats keep both alive; b never delivers.
+        core.handle(Event::Heartbeat { worker: 2 }, 1500);
+        assert_eq!(core.round(), 0);
+        let acts = core.handle(Event::Tick, 2001);
+        assert_eq!(core.round(), 1);
+        let s = core.history()[0].clone();
+        assert_eq!((s.accepted, s.missing), (vec!["a".to_string()], vec!["b".to_string()]));
+        // b's shards are handed out first in the next round.
+        let next: Vec<Hash> = [1, 2].iter().flat_map(|w| assignment(&acts, *w)).collect();
+        assert!(lost.iter().all(|s| next.contains(s)), "{lost:?} vs {next:?}");
+
+        // A worker that stops sending heartbeats is dropped and the round closes without it.
+        core.handle(Event::Update { worker: 1, update: update(&core, 1, 1.0, 3) }, 2100);
+        core.handle(Event::Heartbeat { worker: 1 }, 17_000);
+        assert_eq!(core.round(), 2, "b timed out, a's update completes the round");
+        assert_eq!(core.workers(), vec![(1, "a".to_string())]);
+    }
+
+    #[test]
+    fn poisoned_and_huge_updates_are_rejected_and_leave_the_model_unharmed() {
+        let (mut core, _) = setup(TargetPolicy::LocalEma);
+        join(&mut core, 1, "a", 10.0, 0);
+        join(&mut core, 2, "b", 10.0, 0);
+        join(&mut core, 3, "evil", 10.0, 0);
+        // Round 0 had only a and b (min 2 reached at b's join); let it close.
+        core.handle(Event::Update { worker: 1, update: update(&core, 0, 1.0, 1) }, 10);
+        core.handle(Event::Update { worker: 2, update: update(&core, 0, 1.0, 2) }, 10);
+        assert_eq!(core.round(), 1);
+        let mut nan = update(&core, 1, 1.0, 3);
+        nan.values[5] = f32::NAN;
+        core.handle(Event::Update { worker: 3, update: nan }, 20);
+        core.handle(Event::Update { worker: 1, update: update(&core, 1, 1.0, 4) }, 20);
+        core.handle(Event::Update { worker: 2, update: update(&core, 1, 1.0, 5) }, 20);
+        let s = core.history()[1].clone();
+        assert_eq!(s.accepted, vec!["a", "b"]);
+        assert_eq!(s.rejected[0].0, "evil");
+        assert!(core.params().model.iter().all(|v| v.is_finite()));
+        // A 100x update is rejected too, even when it is the only one besides one honest update.
+        core.handle(Event::Update { worker: 3, update: update(&core, 2, 100.0, 6) }, 30);
+        core.handle(Event::Update { worker: 1, update: update(&core, 2, 1.0, 7) }, 30);
+        core.handle(Event::Update { worker: 2, update: update(&core, 2, 1.0, 8) }, 30);
+        let s = core.history()[2].clone();
+        assert_eq!(s.rejected.len(), 1);
+        assert!(s.rejected[0].1.contains("median"), "{:?}", s.rejected);
+        assert_eq!(core.provenance()["evil"].rejected, 2);
+        assert_eq!(core.provenance()["a"].updates, 3);
+    }
+
+    #[test]
+    fn late_updates_are_dropped_by_default() {
+        let (mut core, _) = setup(TargetPolicy::LocalEma);
+        join(&mut core, 1, "a", 10.0, 0);
+        join(&mut core, 2, "b", 10.0, 0);
+        core.handle(Event::Update { worker: 1, update: update(&core, 0, 1.0, 1) }, 10);
+        core.handle(Event::Tick, 5000);
+        assert_eq!(core.round(), 1);
+        let acts = core.handle(Event::Update { worker: 2, update: update(&core, 0, 1.0, 2) }, 5001);
+        assert!(matches!(
+            sent_to(&acts, 2)[0],
+            ServerMsg::Error { code: ErrorCode::Unexpected, .. }
+        ));
+        assert!(!acts.iter().any(|a| matches!(a, Action::Persist(_))));
+    }
+
+    #[test]
+    fn a_restored_core_resumes_with_the_same_parameters_and_replayed_updates() {
+        let (mut core, _) = setup(TargetPolicy::LocalEma);
+        join(&mut core, 1, "a", 10.0, 0);
+        join(&mut core, 2, "b", 10.0, 0);
+        core.handle(Event::Update { worker: 1, update: update(&core, 0, 1.0, 1) }, 10);
+        let acts = core.handle(Event::Update { worker: 2, update: update(&core, 0, 1.0, 2) }, 10);
+        let snap_bytes = acts
+            .iter()
+            .find_map(|a| match a {
+                Action::StoreBlob { what: "snapshot", bytes } => Some(bytes.clone()),
+                _ => None,
+            })
+            .unwrap();
+        // An update of round 1 was accepted before the crash.
+        let acts = core.handle(Event::Update { worker: 1, update: update(&core, 1, 1.0, 3) }, 20);
+        let Action::Persist(entry) = acts[0].clone() else { panic!("{acts:?}") };
+
+        let snap = Snapshot::from_bytes(&snap_bytes).unwrap();
+        let (mut again, _) = Core::restore(core.config().clone(), snap);
+        assert_eq!(again.round(), 1);
+        assert_eq!(again.params().hash(), core.params().hash());
+        again.replay_update(&entry, update(&core, 1, 1.0, 3).values);
+        // Both continue identically: b's update closes round 1 with a's replayed one.
+        join(&mut again, 11, "a", 10.0, 100);
+        join(&mut again, 12, "b", 10.0, 100);
+        again.handle(Event::Update { worker: 12, update: update(&core, 1, 1.0, 4) }, 120);
+        core.handle(Event::Update { worker: 2, update: update(&core, 1, 1.0, 4) }, 30);
+        assert_eq!(again.round(), 2);
+        assert_eq!(again.params().hash(), core.params().hash());
+
+        assert!(Snapshot::from_bytes(&snap_bytes[..snap_bytes.len() - 1]).is_err());
+        assert!(Snapshot::from_bytes(b"AMSN").is_err());
+    }
+
+    #[test]
+    fn institutions_own_their_local_shards() {
+        let (mut core, _) = setup(TargetPolicy::LocalEma);
+        let private = ShardInfo {
+            id: BlobId([0xee; 32]),
+            clips: 5,
+        };
+        core.handle(
+            Event::Joined {
+                worker: 1,
+                info: JoinInfo {
+                    name: "hospital".into(),
+                    backend: "flex".into(),
+                    samples_per_s: 1.0,
+                    local_shards: vec![private],
+                },
+            },
+            0,
+        );
+        let mut seen_by_other = false;
+        let mut seen_by_owner = false;
+        join(&mut core, 2, "other", 100.0, 0);
+        for r in 0..6 {
+            // Every round the owner trains one shard; the fast worker gets the rest.
+            let acts = core.handle(Event::Tick, 2001 + r * 3000);
+            for (w, s) in [(1, &mut seen_by_owner), (2, &mut seen_by_other)] {
+                if assignment(&acts, w).contains(&private.id.0) {
+                    *s = true;
+                }
+            }
+            core.handle(Event::Heartbeat { worker: 1 }, 2002 + r * 3000);
+            core.handle(Event::Heartbeat { worker: 2 }, 2002 + r * 3000);
+        }
+        assert!(seen_by_owner && !seen_by_other);
+    }
+}
