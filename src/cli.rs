@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use clap::{Args, Parser, Subcommand};
 
-use amity_shared::device::Backend;
 
 /// Amity: federated pretraining of JEPA world-model video encoders.
 ///
@@ -25,11 +24,11 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the whole system locally: synthetic corpus, coordinator, three workers, release, planner.
-    Demo(NotBuilt),
+    Demo(crate::federated_cmd::DemoArgs),
     /// Run a coordinator: shard corpora, schedule rounds, aggregate updates, publish checkpoints.
-    Coordinator(NotBuilt),
+    Coordinator(crate::federated_cmd::CoordinatorArgs),
     /// Join a coordinator with this machine's GPU or CPU and train on the shards it assigns.
-    Worker(WorkerArgs),
+    Worker(crate::federated_cmd::WorkerArgs),
     /// Synthesise, ingest and inspect video corpora as content-addressed shards.
     Corpus(crate::corpus_cmd::CorpusArgs),
     /// Train the JEPA on this machine alone, from a shard store or synthetic clips.
@@ -121,28 +120,13 @@ pub struct TrainStepArgs {
     pub no_torch: bool,
 }
 
-/// `amity worker`.
-#[derive(Debug, Args)]
-pub struct WorkerArgs {
-    /// Compute backend to train on. Unknown or missing backends list those compiled in.
-    #[arg(long, default_value = "flex")]
-    pub backend: String,
-
-    /// List the backends compiled into this binary and exit.
-    #[arg(long)]
-    pub list_backends: bool,
-
-    /// Arguments for the future implementation (ignored for now).
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    pub rest: Vec<String>,
-}
 
 /// Runs one parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Demo(_) => not_built("demo", "federated training end to end"),
-        Command::Coordinator(_) => not_built("coordinator", "federated training end to end"),
-        Command::Worker(args) => worker(args),
+        Command::Demo(args) => crate::federated_cmd::demo(args),
+        Command::Coordinator(args) => crate::federated_cmd::coordinator(args),
+        Command::Worker(args) => crate::federated_cmd::worker(args),
         Command::Corpus(args) => crate::corpus_cmd::run(args),
         Command::Train(args) => crate::train_cmd::run(args),
         Command::Release(_) => not_built("release", "open releases"),
@@ -153,22 +137,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(args) => bench(args),
         Command::Ca(args) => crate::ca_cmd::run(args),
     }
-}
-
-fn worker(args: WorkerArgs) -> Result<()> {
-    let compiled: Vec<&str> = Backend::compiled().iter().map(|b| b.name()).collect();
-    if args.list_backends {
-        for name in &compiled {
-            println!("{name}");
-        }
-        return Ok(());
-    }
-    let backend = Backend::parse_available(&args.backend)?;
-    eprintln!(
-        "backend `{backend}` is compiled in (available: {})",
-        compiled.join(", ")
-    );
-    not_built("worker", "federated training end to end")
 }
 
 fn not_built(command: &str, issue: &str) -> Result<()> {

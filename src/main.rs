@@ -6,6 +6,9 @@
 mod ca_cmd;
 mod cli;
 mod corpus_cmd;
+mod demo;
+mod federated_cmd;
+mod plot;
 mod train_cmd;
 
 use std::process::ExitCode;

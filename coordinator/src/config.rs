@@ -50,7 +50,7 @@ pub struct RoundPolicy {
     /// Extra time after the budget for fetching state and uploading, before a round closes
     /// without the missing updates. Step-budgeted rounds wait `grace_ms` in all.
     pub grace_ms: u64,
-    /// Workers needed before the first round starts.
+    /// Workers needed before the first round starts (later rounds run with whoever is there).
     pub min_workers: usize,
     /// Stop after this many rounds (0: never).
     pub max_rounds: u64,

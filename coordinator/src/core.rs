@@ -312,6 +312,8 @@ enum Phase {
     Running {
         deadline_ms: u64,
         expected: BTreeSet<WorkerId>,
+        /// Everyone the round was announced to, including workers that left since.
+        announced: Vec<String>,
         bytes_down: u64,
     },
     /// `max_rounds` done.
@@ -435,6 +437,8 @@ pub struct Core {
     provenance: BTreeMap<String, Provenance>,
     history: Vec<RoundSummary>,
     now_ms: u64,
+    /// Whether this process has started a round yet.
+    started_any: bool,
 }
 
 const NORM_HISTORY: usize = 32;
@@ -465,6 +469,7 @@ impl Core {
             history: Vec::new(),
             params,
             now_ms: 0,
+            started_any: false,
         };
         let mut out = Vec::new();
         core.store_state(&mut out);
@@ -493,6 +498,7 @@ impl Core {
             history: snap.meta.history,
             params: snap.params,
             now_ms: 0,
+            started_any: false,
         };
         if core.cfg.rounds.max_rounds > 0 && core.round >= core.cfg.rounds.max_rounds {
             core.phase = Phase::Finished;
@@ -734,6 +740,14 @@ impl Core {
             worker,
             msg: ServerMsg::Ack { of: u.round },
         });
+        let budget = self.cfg.rounds.budget_ms;
+        if staleness == 0 && self.cfg.rounds.steps == 0 && budget > 0 {
+            // Time-budgeted: the round itself measures the worker's throughput, which the
+            // next assignment follows.
+            if let Some(w) = self.workers.get_mut(&worker) {
+                w.info.samples_per_s = u.samples as f64 * 1000.0 / budget as f64;
+            }
+        }
         let weight = self.weight(u.samples, staleness);
         self.received.retain(|p| p.from != name);
         self.received.push(Pending {
@@ -750,7 +764,15 @@ impl Core {
             match &self.phase {
                 Phase::Finished => return,
                 Phase::Idle => {
-                    if self.workers.len() >= self.cfg.rounds.min_workers.max(1) {
+                    // `min_workers` gates the first round this process runs (also after a
+                    // restart, so that reconnecting workers are gathered before the open round
+                    // resumes); after that, training goes on with whoever is there.
+                    let needed = if !self.started_any {
+                        self.cfg.rounds.min_workers.max(1)
+                    } else {
+                        1
+                    };
+                    if self.workers.len() >= needed {
                         self.start_round(out);
                     }
                     return;
@@ -776,6 +798,7 @@ impl Core {
     }
 
     fn start_round(&mut self, out: &mut Vec<Action>) {
+        self.started_any = true;
         let r = &self.cfg.rounds;
         let deadline_ms = self.now_ms
             + if r.steps > 0 {
@@ -833,9 +856,15 @@ impl Core {
             expected.insert(id);
         }
         tracing::info!(round = self.round, workers = expected.len(), "round started");
+        let announced = expected
+            .iter()
+            .filter_map(|id| self.workers.get(id))
+            .map(|w| w.info.name.clone())
+            .collect();
         self.phase = Phase::Running {
             deadline_ms,
             expected,
+            announced,
             bytes_down,
         };
     }
@@ -845,23 +874,23 @@ impl Core {
     }
 
     fn close_round(&mut self, out: &mut Vec<Action>) {
-        let (expected, bytes_down) = match std::mem::replace(&mut self.phase, Phase::Idle) {
+        let (expected, announced, bytes_down) = match std::mem::replace(&mut self.phase, Phase::Idle)
+        {
             Phase::Running {
                 expected,
+                announced,
                 bytes_down,
                 ..
-            } => (expected, bytes_down),
+            } => (expected, announced, bytes_down),
             other => {
                 self.phase = other;
                 return;
             }
         };
         let received = std::mem::take(&mut self.received);
-        let missing: Vec<String> = expected
-            .iter()
-            .filter_map(|id| self.workers.get(id))
-            .filter(|w| !received.iter().any(|p| p.from == w.info.name))
-            .map(|w| w.info.name.clone())
+        let missing: Vec<String> = announced
+            .into_iter()
+            .filter(|name| !received.iter().any(|p| p.from == *name))
             .collect();
         // Shards of workers that did not deliver go back to the queue.
         for id in &expected {
@@ -922,8 +951,9 @@ impl Core {
                 0.0
             };
             let delta = self.outer_update(&accepted, mean_steps);
-            let bytes = codec::encode(&self.cfg.downlink_codec, &delta);
-            let sent = codec::decode(&bytes, delta.len()).expect("our own encoding decodes");
+            let parts = self.params.parts();
+            let bytes = codec::encode_parts(&self.cfg.downlink_codec, &delta, &parts);
+            let sent = codec::decode_parts(&bytes, &parts).expect("our own encoding decodes");
             self.down_residual = delta.iter().zip(&sent).map(|(d, s)| d - s).collect();
             self.params
                 .apply_delta(&sent)

@@ -8,3 +8,5 @@
 pub mod aggregate;
 pub mod config;
 pub mod core;
+pub mod journal;
+pub mod server;

@@ -83,7 +83,12 @@ impl CodecSpec {
     pub fn kept(&self, len: usize) -> usize {
         match self.topk {
             None => len,
-            Some(f) => ((f as f64 * len as f64).ceil() as usize).clamp(len.min(1), len),
+            Some(f) => {
+                // `f` is an f32 (0.1 is 0.100000001): within a hair of an integer, take it.
+                let x = f as f64 * len as f64;
+                let k = if (x - x.round()).abs() < 1e-3 { x.round() } else { x.ceil() };
+                (k as usize).clamp(len.min(1), len)
+            }
         }
     }
 }
@@ -290,6 +295,58 @@ pub fn decode(bytes: &[u8], want: usize) -> Result<Vec<f32>, CodecError> {
     Ok(dense)
 }
 
+/// Encodes a vector made of `parts` (lengths summing to `values.len()`), each part on its own
+/// with `spec`: top-k then picks the largest entries *of each part*, so a part whose values are
+/// small (the slowly moving EMA target next to the model) is not starved. Layout:
+/// `part count (u32) | per part: byte length (u64), encoding`.
+pub fn encode_parts(spec: &CodecSpec, values: &[f32], parts: &[usize]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&(parts.len() as u32).to_le_bytes());
+    let mut at = 0;
+    for &n in parts {
+        let enc = encode(spec, &values[at..at + n]);
+        out.extend_from_slice(&(enc.len() as u64).to_le_bytes());
+        out.extend_from_slice(&enc);
+        at += n;
+    }
+    assert_eq!(at, values.len(), "parts cover the vector");
+    out
+}
+
+/// Decodes [`encode_parts`] output for parts of the given lengths, validating everything.
+pub fn decode_parts(bytes: &[u8], parts: &[usize]) -> Result<Vec<f32>, CodecError> {
+    if bytes.len() < 4 {
+        return Err(CodecError::Header("missing part count".into()));
+    }
+    let count = u32::from_le_bytes(bytes[..4].try_into().expect("4 bytes")) as usize;
+    if count != parts.len() {
+        return Err(CodecError::Header(format!(
+            "{count} parts, expected {}",
+            parts.len()
+        )));
+    }
+    let mut at = 4;
+    let mut out = Vec::with_capacity(parts.iter().sum());
+    for &n in parts {
+        let len = bytes
+            .get(at..at + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .ok_or_else(|| CodecError::Body("truncated part header".into()))?;
+        at += 8;
+        let end = usize::try_from(len)
+            .ok()
+            .and_then(|l| at.checked_add(l))
+            .filter(|&e| e <= bytes.len())
+            .ok_or_else(|| CodecError::Body("part runs past the end".into()))?;
+        out.extend(decode(&bytes[at..end], n)?);
+        at = end;
+    }
+    if at != bytes.len() {
+        return Err(CodecError::Body(format!("{} trailing bytes", bytes.len() - at)));
+    }
+    Ok(out)
+}
+
 /// Indices of the `k` entries of largest magnitude, ascending. NaN counts as largest, so a
 /// poisoned update is never silently hidden by sparsification.
 pub fn top_k_indices(values: &[f32], k: usize) -> Vec<u32> {
@@ -445,11 +502,20 @@ impl ErrorFeedback {
             .map(|(u, r)| u + r)
             .collect();
         let bytes = encode(spec, &corrected);
-        let sent = decode(&bytes, corrected.len()).expect("our own encoding decodes");
-        for ((r, c), s) in self.residual.iter_mut().zip(&corrected).zip(&sent) {
-            *r = c - s;
+        match decode(&bytes, corrected.len()) {
+            Ok(sent) => {
+                for ((r, c), s) in self.residual.iter_mut().zip(&corrected).zip(&sent) {
+                    *r = c - s;
+                }
+                (bytes, sent)
+            }
+            // A non-finite update (training diverged): it goes out as it is, for the receiver
+            // to reject, and the residual restarts rather than carry the poison forward.
+            Err(_) => {
+                self.residual.iter_mut().for_each(|r| *r = 0.0);
+                (bytes, corrected)
+            }
         }
-        (bytes, sent)
     }
 }
 
@@ -596,6 +662,17 @@ mod tests {
     }
 
     #[test]
+    fn error_feedback_passes_poison_on_without_keeping_it() {
+        let mut ef = ErrorFeedback::new();
+        let spec: CodecSpec = "topk0.1+int8".parse().unwrap();
+        let mut v = gaussian(100, 8);
+        v[0] = f32::NAN;
+        let (bytes, _) = ef.encode(&spec, &v);
+        assert!(decode(&bytes, 100).is_err());
+        assert!(ef.residual().iter().all(|r| *r == 0.0));
+    }
+
+    #[test]
     fn poisoned_updates_stay_poisoned() {
         let mut v = gaussian(1000, 5);
         v[3] = f32::NAN;
@@ -623,7 +700,29 @@ mod tests {
         assert!(matches!(decode(b"nope", 100), Err(CodecError::Header(_))));
     }
 
+    #[test]
+    fn parts_are_sparsified_separately() {
+        let mut v = gaussian(2000, 9);
+        // The second part is 1000x smaller: a joint top-k would never pick it.
+        for x in &mut v[1000..] {
+            *x *= 1e-3;
+        }
+        let spec: CodecSpec = "topk0.1+fp32".parse().unwrap();
+        let out = decode_parts(&encode_parts(&spec, &v, &[1000, 1000]), &[1000, 1000]).unwrap();
+        assert_eq!(out[..1000].iter().filter(|x| **x != 0.0).count(), 100);
+        assert_eq!(out[1000..].iter().filter(|x| **x != 0.0).count(), 100);
+        let bytes = encode_parts(&spec, &v, &[1000, 1000]);
+        assert!(decode_parts(&bytes, &[1000, 999]).is_err());
+        assert!(decode_parts(&bytes, &[2000]).is_err());
+        assert!(decode_parts(&bytes[..bytes.len() - 3], &[1000, 1000]).is_err());
+    }
+
     proptest! {
+        #[test]
+        fn random_bytes_never_panic_as_parts(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
+            let _ = decode_parts(&bytes, &[10, 20]);
+        }
+
         #[test]
         fn every_codec_round_trips_within_its_bound(
             v in prop::collection::vec(-10.0f32..10.0, 1..600),

@@ -66,6 +66,12 @@ impl GlobalParams {
         v
     }
 
+    /// The lengths of the two parts of [`GlobalParams::concat`], as state deltas are encoded
+    /// (`codec::encode_parts`).
+    pub fn parts(&self) -> [usize; 2] {
+        [self.model.len(), self.target.len()]
+    }
+
     /// Adds a delta over [`GlobalParams::concat`] in place (`f32` additions, so both ends that
     /// add the same decoded delta to the same state get bit-identical results).
     pub fn apply_delta(&mut self, delta: &[f32]) -> Result<(), LengthMismatch> {

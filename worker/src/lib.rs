@@ -5,3 +5,7 @@
 //! [`amity_shared::device::Backend`]) and uploads its compressed pseudo-gradient.
 
 pub use amity_shared::device::Backend;
+
+pub mod run;
+
+pub use run::{Fault, WorkerError, WorkerOptions, WorkerSummary, run};

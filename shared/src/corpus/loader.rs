@@ -9,10 +9,10 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use super::CorpusError;
-use super::manifest::{Manifest, open_blobs};
+use super::manifest::{ClipShape, Manifest, open_blobs};
 use super::shard::{ShardHeader, ShardView};
 use crate::rng::Rng;
-use crate::store::{BlobId, LocalStore};
+use crate::store::{BlobId, BlobStore, LocalStore};
 use crate::synth::VideoLabels;
 
 /// `(seed, epoch, clip order)`.
@@ -48,22 +48,36 @@ impl ShardSet {
     ) -> Result<Self, CorpusError> {
         let blobs = open_blobs(store_dir)?;
         let all: Vec<BlobId> = manifest.shards.iter().map(|s| s.id).collect();
-        let ids = ids.unwrap_or(&all);
+        Self::open_in(&[blobs], manifest.clip, ids.unwrap_or(&all), store_dir)
+    }
+
+    /// Opens the shards `ids`, each from the first of `stores` that holds it (a worker reads its
+    /// institution's own corpus and its cache of fetched shards as one set), checking every
+    /// shard's clip shape against `clip`. `origin` names the set in errors.
+    pub fn open_in(
+        stores: &[LocalStore],
+        clip: ClipShape,
+        ids: &[BlobId],
+        origin: &Path,
+    ) -> Result<Self, CorpusError> {
         let mut shards = Vec::with_capacity(ids.len());
         let mut index = Vec::new();
         for (si, id) in ids.iter().enumerate() {
-            let shard = open_shard(&blobs, id)?;
-            if shard.header.frames as usize != manifest.clip.frames
-                || shard.header.size as usize != manifest.clip.size
+            let blobs = stores
+                .iter()
+                .find(|s| s.contains(id))
+                .or(stores.first())
+                .ok_or_else(|| CorpusError::Empty {
+                    path: origin.to_owned(),
+                })?;
+            let shard = open_shard(blobs, id)?;
+            if shard.header.frames as usize != clip.frames || shard.header.size as usize != clip.size
             {
                 return Err(CorpusError::Mismatch {
                     path: blobs.path(id),
                     reason: format!(
-                        "shard holds {} x {}px clips, the manifest says {} x {}px",
-                        shard.header.frames,
-                        shard.header.size,
-                        manifest.clip.frames,
-                        manifest.clip.size
+                        "shard holds {} x {}px clips, expected {} x {}px",
+                        shard.header.frames, shard.header.size, clip.frames, clip.size
                     ),
                 });
             }
@@ -72,14 +86,14 @@ impl ShardSet {
         }
         if index.is_empty() {
             return Err(CorpusError::Empty {
-                path: store_dir.to_owned(),
+                path: origin.to_owned(),
             });
         }
         Ok(ShardSet {
             shards,
             index,
-            frames: manifest.clip.frames,
-            size: manifest.clip.size,
+            frames: clip.frames,
+            size: clip.size,
             order: Mutex::new(None),
         })
     }

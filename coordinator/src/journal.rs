@@ -1,0 +1,162 @@
+//! The command log: the core's [`LogEntry`]s in an embedded redb database, appended durably
+//! (each append is a committed transaction) before the action that depends on it.
+//!
+//! This is the log the Raft issue replicates: entries are plain data, replayed in order by
+//! [`Journal::resume_point`] on a restart.
+
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::core::LogEntry;
+use amity_shared::store::BlobId;
+
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+
+/// Errors of the journal; each names the file.
+#[derive(Debug, thiserror::Error)]
+#[error("command log {path}: {reason}")]
+pub struct JournalError {
+    /// The database file.
+    pub path: PathBuf,
+    /// What went wrong.
+    pub reason: String,
+}
+
+/// The coordinator's durable command log.
+#[derive(Debug)]
+pub struct Journal {
+    db: Database,
+    path: PathBuf,
+    next: u64,
+}
+
+/// Where a restarted coordinator picks up.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResumePoint {
+    /// The snapshot of the last closed round (`None`: no round closed yet).
+    pub snapshot: Option<BlobId>,
+    /// Updates accepted after it, in order.
+    pub accepted: Vec<LogEntry>,
+}
+
+impl Journal {
+    /// Opens (creating) the log at `path`.
+    pub fn open(path: &Path) -> Result<Self, JournalError> {
+        let err = |e: &dyn std::fmt::Display| JournalError {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        };
+        let db = Database::create(path).map_err(|e| err(&e))?;
+        let tx = db.begin_write().map_err(|e| err(&e))?;
+        let next = {
+            let table = tx.open_table(LOG).map_err(|e| err(&e))?;
+            let last = table.last().map_err(|e| err(&e))?;
+            last.map(|(k, _)| k.value() + 1).unwrap_or(0)
+        };
+        tx.commit().map_err(|e| err(&e))?;
+        Ok(Journal {
+            db,
+            path: path.to_owned(),
+            next,
+        })
+    }
+
+    fn err(&self, e: &dyn std::fmt::Display) -> JournalError {
+        JournalError {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        }
+    }
+
+    /// Appends an entry durably.
+    pub fn append(&mut self, entry: &LogEntry) -> Result<u64, JournalError> {
+        let bytes = serde_json::to_vec(entry).map_err(|e| self.err(&e))?;
+        let tx = self.db.begin_write().map_err(|e| self.err(&e))?;
+        {
+            let mut table = tx.open_table(LOG).map_err(|e| self.err(&e))?;
+            table
+                .insert(self.next, bytes.as_slice())
+                .map_err(|e| self.err(&e))?;
+        }
+        tx.commit().map_err(|e| self.err(&e))?;
+        self.next += 1;
+        Ok(self.next - 1)
+    }
+
+    /// Every entry, in order.
+    pub fn entries(&self) -> Result<Vec<LogEntry>, JournalError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(&e))?;
+        let table = tx.open_table(LOG).map_err(|e| self.err(&e))?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(|e| self.err(&e))? {
+            let (k, v) = row.map_err(|e| self.err(&e))?;
+            let entry: LogEntry = serde_json::from_slice(v.value())
+                .map_err(|e| self.err(&format!("entry {}: {e}", k.value())))?;
+            out.push(entry);
+        }
+        Ok(out)
+    }
+
+    /// The last closed round's snapshot and the updates accepted after it.
+    pub fn resume_point(&self) -> Result<ResumePoint, JournalError> {
+        let mut point = ResumePoint {
+            snapshot: None,
+            accepted: Vec::new(),
+        };
+        for entry in self.entries()? {
+            match entry {
+                LogEntry::RoundClosed { snapshot, .. } => {
+                    point.snapshot = Some(snapshot);
+                    point.accepted.clear();
+                }
+                accepted @ LogEntry::UpdateAccepted { .. } => point.accepted.push(accepted),
+            }
+        }
+        Ok(point)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use amity_shared::federated::RoundLoss;
+
+    #[test]
+    fn entries_survive_reopening_and_the_resume_point_follows_the_last_round() {
+        let dir = std::env::temp_dir().join(format!("amity-journal-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("journal.redb");
+        let accepted = |round| LogEntry::UpdateAccepted {
+            round,
+            trained_round: round,
+            from: "a".into(),
+            blob: BlobId([round as u8; 32]),
+            bytes: 1,
+            samples: 2,
+            steps: 3,
+            loss: RoundLoss::default(),
+            shards: vec![],
+        };
+        {
+            let mut j = Journal::open(&path).unwrap();
+            assert_eq!(j.resume_point().unwrap().snapshot, None);
+            j.append(&accepted(0)).unwrap();
+            j.append(&LogEntry::RoundClosed {
+                round: 0,
+                snapshot: BlobId([9; 32]),
+                params: "ab".into(),
+            })
+            .unwrap();
+            j.append(&accepted(1)).unwrap();
+        }
+        let mut j = Journal::open(&path).unwrap();
+        let p = j.resume_point().unwrap();
+        assert_eq!(p.snapshot, Some(BlobId([9; 32])));
+        assert_eq!(p.accepted, vec![accepted(1)]);
+        assert_eq!(j.append(&accepted(1)).unwrap(), 3);
+        assert_eq!(j.entries().unwrap().len(), 4);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,189 @@
+//! `amity coordinator`, `amity worker` and `amity demo`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+
+use amity_coordinator::config::CoordinatorConfig;
+use amity_coordinator::server;
+use amity_protocol::tls::{Identity, init_ca, issue};
+use amity_shared::device::Backend;
+use amity_worker::{Fault, WorkerOptions};
+
+/// `amity coordinator`: schedule rounds, aggregate, checkpoint.
+#[derive(Debug, Args)]
+pub struct CoordinatorArgs {
+    /// The coordinator's TOML config (see `amity_coordinator::config` for every key).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Exit once `rounds.max_rounds` are done (instead of serving until Ctrl-C).
+    #[arg(long)]
+    pub exit_when_finished: bool,
+}
+
+/// `amity worker`: train rounds for a coordinator.
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// The coordinator's address (`host:port`).
+    #[arg(long)]
+    pub coordinator: Option<SocketAddr>,
+    /// This worker's certificate (from `amity ca issue`).
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
+    /// Its private key (default: the certificate's path with `.key` for `.crt`).
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// The operator CA certificate.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// The coordinator's certificate name.
+    #[arg(long, default_value = "coordinator")]
+    pub server_name: String,
+    /// Compute backend (`--list-backends` shows this build's).
+    #[arg(long, default_value = "flex")]
+    pub backend: String,
+    /// List the backends compiled into this build and exit.
+    #[arg(long)]
+    pub list_backends: bool,
+    /// Cache folder for fetched shards and outgoing updates.
+    #[arg(long, default_value = "amity-worker-cache")]
+    pub cache: PathBuf,
+    /// Your institution's own shard store: registered by shard id, never uploaded.
+    #[arg(long)]
+    pub corpus: Option<PathBuf>,
+    /// Make every step take this many times as long (stands in for slower hardware).
+    #[arg(long, default_value_t = 1.0)]
+    pub slowdown: f64,
+    /// Fault injection for tests: `nan` or `scale:<factor>`.
+    #[arg(long, hide = true)]
+    pub fault: Option<String>,
+}
+
+/// `amity demo`: the whole system on one machine.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Folder for everything the demo writes (replaced if it holds an earlier demo).
+    #[arg(long, default_value = "amity-demo")]
+    pub out: PathBuf,
+    /// Synthetic videos to generate.
+    #[arg(long, default_value_t = 160)]
+    pub videos: usize,
+    /// Federated rounds.
+    #[arg(long, default_value_t = 10)]
+    pub rounds: u64,
+    /// Local training time per round, seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub round_secs: f64,
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
+    let cfg = CoordinatorConfig::load(&args.config)?;
+    let identity = Identity::load_from_ca_dir(&cfg.ca_dir, &cfg.name)
+        .with_context(|| format!("coordinator identity `{}`", cfg.name))?;
+    let rt = runtime()?;
+    let status = rt.block_on(server::run(
+        cfg,
+        identity,
+        args.exit_when_finished,
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("Ctrl-C: shutting down");
+        },
+        None,
+    ))?;
+    eprintln!(
+        "coordinator stopped at round {} (params {})",
+        status.round,
+        &status.params[..16]
+    );
+    Ok(())
+}
+
+fn parse_fault(s: &str) -> Result<Fault> {
+    if s == "nan" {
+        return Ok(Fault::Nan);
+    }
+    if let Some(f) = s.strip_prefix("scale:") {
+        return Ok(Fault::Scale(f.parse().context("--fault scale:<factor>")?));
+    }
+    bail!("--fault {s}: expected nan or scale:<factor>")
+}
+
+pub fn worker(args: WorkerArgs) -> Result<()> {
+    let compiled: Vec<&str> = Backend::compiled().iter().map(|b| b.name()).collect();
+    if args.list_backends {
+        for name in &compiled {
+            println!("{name}");
+        }
+        return Ok(());
+    }
+    let backend = Backend::parse_available(&args.backend)?;
+    let (Some(coordinator), Some(cert), Some(ca)) = (args.coordinator, &args.cert, &args.ca) else {
+        bail!("amity worker needs --coordinator <addr>, --cert <file> and --ca <file>");
+    };
+    let key = args
+        .key
+        .clone()
+        .unwrap_or_else(|| key_path_for(cert));
+    let identity = Identity::load(cert, &key, ca)?;
+    let fault = args.fault.as_deref().map(parse_fault).transpose()?;
+    let opts = WorkerOptions {
+        coordinator,
+        server_name: args.server_name,
+        backend,
+        cache_dir: args.cache,
+        local_corpus: args.corpus,
+        slowdown: args.slowdown.max(1.0),
+        fault,
+        progress: true,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let rt = runtime()?;
+    let summary = rt.block_on(async {
+        let s = stop.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("Ctrl-C: abandoning the current round and leaving");
+                s.store(true, Ordering::Relaxed);
+            }
+        });
+        amity_worker::run(opts, identity, stop).await
+    })?;
+    eprintln!(
+        "worker done: {} rounds acknowledged, {} local steps, {} up, {} down",
+        summary.rounds,
+        summary.steps,
+        amity_worker::run::human(summary.bytes_up),
+        amity_worker::run::human(summary.bytes_down)
+    );
+    Ok(())
+}
+
+/// `ca/uni-a.crt` -> `ca/uni-a.key` (the layout `amity ca issue` writes).
+fn key_path_for(cert: &Path) -> PathBuf {
+    cert.with_extension("key")
+}
+
+pub fn demo(args: DemoArgs) -> Result<()> {
+    crate::demo::run(&args.out, args.videos, args.rounds, args.round_secs)
+}
+
+/// Creates a CA with a coordinator and the named workers (for the demo and tests).
+pub fn make_pki(dir: &Path, workers: &[&str]) -> Result<()> {
+    init_ca(dir, "amity demo operator")?;
+    issue(dir, "coordinator", &["localhost".into(), "127.0.0.1".into()])?;
+    for w in workers {
+        issue(dir, w, &[])?;
+    }
+    Ok(())
+}

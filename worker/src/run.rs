@@ -1,0 +1,565 @@
+//! A worker's life: connect with mutual TLS, register, then round after round fetch the state
+//! (as a delta when it holds the previous one) and its shards, train locally, compress the
+//! pseudo-gradient with error feedback, and offer it to the coordinator, which pulls it.
+//! Connection loss means back-off and reconnect with the trainer (AdamW state) and the
+//! error-feedback residual kept.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use amity_protocol::PROTOCOL_VERSION;
+use amity_protocol::conn::{ConnError, MsgStream, ServeFaults, fetch_blob, serve_blob};
+use amity_protocol::message::{
+    Capabilities, ClientMsg, ErrorCode, Hash, LossStats, ServerMsg, StateDelta,
+};
+use amity_protocol::tls::{Identity, quic_client_config};
+use amity_shared::checkpoint::Checkpoint;
+use amity_shared::codec::{self, CodecSpec, ErrorFeedback};
+use amity_shared::config::Config;
+use amity_shared::corpus::loader::ShardSet;
+use amity_shared::corpus::manifest::{ClipShape, Manifest, open_blobs};
+use amity_shared::data::ClipSource;
+use amity_shared::device::Backend;
+use amity_shared::federated::{
+    GlobalParams, LocalRoundOptions, LocalUpdate, RoundBudget, TargetPolicy, local_round,
+};
+use amity_shared::store::{BlobId, BlobStore, LocalStore};
+use amity_shared::train::Trainer;
+
+/// The words a coordinator closes with once training is over (kept in step with
+/// `amity_coordinator::server::FINISHED_REASON`; the worker does not depend on the coordinator).
+const FINISHED_REASON: &str = "training finished";
+
+/// A deliberate misbehaviour, for the fault-injection tests.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Fault {
+    /// Upload a pseudo-gradient containing NaN.
+    Nan,
+    /// Upload the pseudo-gradient multiplied by this factor.
+    Scale(f32),
+}
+
+/// How to run a worker.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// Coordinator address.
+    pub coordinator: SocketAddr,
+    /// The coordinator's certificate name.
+    pub server_name: String,
+    /// Compute backend.
+    pub backend: Backend,
+    /// Cache of fetched shards and outgoing updates.
+    pub cache_dir: PathBuf,
+    /// The institution's own shard store (`amity corpus ingest`), registered by id only.
+    pub local_corpus: Option<PathBuf>,
+    /// Step time multiplier standing in for slower hardware (demo and tests); 1 = full speed.
+    pub slowdown: f64,
+    /// Deliberate misbehaviour (tests only).
+    pub fault: Option<Fault>,
+    /// Print a progress line per round on stderr.
+    pub progress: bool,
+}
+
+/// Errors that end a worker.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// Local set-up failed.
+    #[error("{0}")]
+    Setup(String),
+    /// The coordinator refused us for good.
+    #[error("coordinator refused: {0}")]
+    Refused(String),
+}
+
+/// What a worker did, for its exit summary.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerSummary {
+    /// Rounds whose update was acknowledged.
+    pub rounds: u64,
+    /// Local steps taken.
+    pub steps: u64,
+    /// Bytes uploaded (updates).
+    pub bytes_up: u64,
+    /// Bytes downloaded (state, deltas, shards).
+    pub bytes_down: u64,
+}
+
+/// State that survives reconnects.
+struct Local {
+    trainer: Option<Trainer>,
+    params: Option<GlobalParams>,
+    feedback: ErrorFeedback,
+    summary: WorkerSummary,
+    cache: LocalStore,
+    local: Option<(LocalStore, Vec<BlobId>)>,
+}
+
+enum SessionEnd {
+    /// Training is over or we were asked to stop.
+    Done,
+    /// Connection lost: reconnect.
+    Lost(String),
+}
+
+/// Runs a worker until the coordinator finishes training or `stop` is set (Ctrl-C).
+pub async fn run(
+    opts: WorkerOptions,
+    identity: Identity,
+    stop: Arc<AtomicBool>,
+) -> Result<WorkerSummary, WorkerError> {
+    let setup = |e: &dyn std::fmt::Display| WorkerError::Setup(e.to_string());
+    let cache = LocalStore::open(&opts.cache_dir.join("blobs")).map_err(|e| setup(&e))?;
+    let local = match &opts.local_corpus {
+        Some(dir) => {
+            let m = Manifest::load(dir).map_err(|e| setup(&e))?;
+            let blobs = open_blobs(dir).map_err(|e| setup(&e))?;
+            Some((blobs, m.shards.iter().map(|s| s.id).collect()))
+        }
+        None => None,
+    };
+    let mut state = Local {
+        trainer: None,
+        params: None,
+        feedback: ErrorFeedback::new(),
+        summary: WorkerSummary::default(),
+        cache,
+        local,
+    };
+    let client_cfg = quic_client_config(&identity).map_err(|e| setup(&e))?;
+    let endpoint = amity_protocol::endpoint::client(opts.coordinator, client_cfg)
+        .map_err(|e| setup(&e))?;
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let conn = match endpoint.connect(opts.coordinator, &opts.server_name) {
+            Ok(connecting) => connecting.await,
+            Err(e) => return Err(setup(&e)),
+        };
+        let end = match conn {
+            Ok(conn) => {
+                backoff = Duration::from_millis(250);
+                let end = session(&opts, &conn, &mut state, &stop).await;
+                conn.close(0u32.into(), b"bye");
+                end
+            }
+            Err(e) => Ok(SessionEnd::Lost(e.to_string())),
+        };
+        match end? {
+            SessionEnd::Done => break,
+            SessionEnd::Lost(why) if why.contains(FINISHED_REASON) => {
+                tracing::info!("coordinator: {FINISHED_REASON}");
+                break;
+            }
+            SessionEnd::Lost(why) => {
+                tracing::warn!("connection to {} lost: {why}; retrying in {backoff:?}", opts.coordinator);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(8));
+            }
+        }
+    }
+    endpoint.wait_idle().await;
+    Ok(state.summary)
+}
+
+fn lost(e: ConnError) -> SessionEnd {
+    SessionEnd::Lost(e.to_string())
+}
+
+/// Measures clips/s of this machine on the run's model (a few steps, after one warm-up).
+fn measure_throughput(run: &Config, backend: Backend, slowdown: f64) -> f32 {
+    let Ok(device) = backend.device(0) else {
+        return 0.0;
+    };
+    let mut cfg = run.clone();
+    cfg.train.batch = cfg.train.batch.min(8);
+    let mut t = Trainer::new(cfg.clone(), &device);
+    let source = ClipSource::synthetic(&cfg.model);
+    let batch = source.batch(0, 0, cfg.train.batch, &cfg.model);
+    t.step(&batch);
+    let start = Instant::now();
+    for _ in 0..2 {
+        t.step(&batch);
+    }
+    let secs = start.elapsed().as_secs_f64() * slowdown.max(1.0);
+    (2.0 * cfg.train.batch as f64 / secs) as f32
+}
+
+async fn session(
+    opts: &WorkerOptions,
+    conn: &quinn::Connection,
+    st: &mut Local,
+    stop: &Arc<AtomicBool>,
+) -> Result<SessionEnd, WorkerError> {
+    let peer = opts.server_name.clone();
+    let mut control = match MsgStream::open(conn, &peer).await {
+        Ok(s) => s,
+        Err(e) => return Ok(lost(e)),
+    };
+    let hello = ClientMsg::Hello {
+        protocol: PROTOCOL_VERSION,
+        software: format!("amity {}", env!("CARGO_PKG_VERSION")),
+    };
+    if let Err(e) = control.send(&hello).await {
+        return Ok(lost(e));
+    }
+    match control.recv::<ServerMsg>().await {
+        Ok(Some(ServerMsg::Welcome { identity, .. })) => {
+            tracing::info!(%identity, "connected to {}", opts.coordinator)
+        }
+        Ok(Some(ServerMsg::Error { code, message })) => {
+            return Err(WorkerError::Refused(format!("{code:?}: {message}")));
+        }
+        Ok(other) => return Ok(SessionEnd::Lost(format!("expected Welcome, got {other:?}"))),
+        Err(e) => return Ok(lost(e)),
+    }
+    // Serve our updates to the coordinator, which pulls them.
+    let server = {
+        let conn = conn.clone();
+        let cache = st.cache.clone();
+        let peer = peer.clone();
+        tokio::spawn(async move { serve_updates(conn, cache, peer).await })
+    };
+    let samples_per_s = match &st.trainer {
+        Some(t) => {
+            let run = t.config().clone();
+            let (b, s) = (opts.backend, opts.slowdown);
+            tokio::task::spawn_blocking(move || measure_throughput(&run, b, s))
+                .await
+                .unwrap_or(0.0)
+        }
+        // Until the run's config arrives, the first round measures us.
+        None => 0.0,
+    };
+    let caps = Capabilities {
+        backend: opts.backend.name().into(),
+        device_name: format!("{:?}", opts.backend),
+        memory_bytes: 0,
+        samples_per_s,
+        local_shards: st
+            .local
+            .as_ref()
+            .map(|(_, ids)| ids.iter().map(|i| i.0).collect())
+            .unwrap_or_default(),
+    };
+    if let Err(e) = control.send(&ClientMsg::Register(caps)).await {
+        return Ok(lost(e));
+    }
+    let (run, codec, policy) = match control.recv::<ServerMsg>().await {
+        Ok(Some(ServerMsg::Registered {
+            run,
+            codec,
+            target_policy,
+            worker,
+        })) => {
+            let run: Config = toml::from_str(&run)
+                .map_err(|e| WorkerError::Refused(format!("run config from coordinator: {e}")))?;
+            run.validate()
+                .map_err(|e| WorkerError::Refused(format!("run config: {e}")))?;
+            let codec: CodecSpec = codec
+                .parse()
+                .map_err(|e| WorkerError::Refused(format!("{e}")))?;
+            let policy = match target_policy.as_str() {
+                "local-ema" => TargetPolicy::LocalEma,
+                "coordinator-ema" => TargetPolicy::CoordinatorEma,
+                other => {
+                    return Err(WorkerError::Refused(format!("unknown target policy {other}")));
+                }
+            };
+            tracing::info!(worker, %codec, %policy, preset = %run.preset, "registered");
+            (run, codec, policy)
+        }
+        Ok(Some(ServerMsg::Error { code, message })) => {
+            return Err(WorkerError::Refused(format!("{code:?}: {message}")));
+        }
+        Ok(other) => return Ok(SessionEnd::Lost(format!("expected Registered, got {other:?}"))),
+        Err(e) => return Ok(lost(e)),
+    };
+    if st.trainer.as_ref().is_none_or(|t| t.config() != &run) {
+        let device = opts
+            .backend
+            .device(0)
+            .map_err(|e| WorkerError::Setup(e.to_string()))?;
+        st.trainer = Some(Trainer::new(run.clone(), &device));
+        st.params = None;
+    }
+
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(2));
+    let mut seq = 0;
+    let mut announce: Option<(u64, Hash, Hash, Option<StateDelta>, u64, u64)> = None;
+    let end = loop {
+        tokio::select! {
+            _ = heartbeat.tick() => {
+                seq += 1;
+                if let Err(e) = control.send(&ClientMsg::Heartbeat { seq }).await {
+                    break lost(e);
+                }
+                if stop.load(Ordering::Relaxed) {
+                    let _ = control.send(&ClientMsg::Goodbye).await;
+                    break SessionEnd::Done;
+                }
+            }
+            msg = control.recv::<ServerMsg>() => match msg {
+                Ok(Some(ServerMsg::RoundAnnounce { round, state, params, delta, budget_ms, steps })) => {
+                    announce = Some((round, state, params, delta, budget_ms, steps));
+                }
+                Ok(Some(ServerMsg::ShardAssignment { round, shards })) => {
+                    let Some(a) = announce.take().filter(|a| a.0 == round) else {
+                        tracing::warn!(round, "shard assignment without its announce");
+                        continue;
+                    };
+                    match train_round(opts, conn, &mut control, st, stop, a, shards, codec, policy).await {
+                        Ok(()) => {}
+                        Err(end) => break end,
+                    }
+                }
+                Ok(Some(ServerMsg::Ack { of })) => {
+                    st.summary.rounds += 1;
+                    tracing::debug!(round = of, "update acknowledged");
+                }
+                Ok(Some(ServerMsg::Error { code: ErrorCode::ShuttingDown, message })) => {
+                    tracing::info!("coordinator: {message}");
+                    break if message.contains(FINISHED_REASON) { SessionEnd::Done } else {
+                        SessionEnd::Lost(message)
+                    };
+                }
+                Ok(Some(ServerMsg::Error { code, message })) => {
+                    tracing::warn!(?code, "coordinator: {message}");
+                }
+                Ok(Some(other)) => tracing::warn!("unexpected {other:?}"),
+                Ok(None) => break SessionEnd::Lost("control stream closed".into()),
+                Err(e) => break lost(e),
+            }
+        }
+    };
+    server.abort();
+    Ok(end)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn train_round(
+    opts: &WorkerOptions,
+    conn: &quinn::Connection,
+    control: &mut MsgStream,
+    st: &mut Local,
+    stop: &Arc<AtomicBool>,
+    (round, state, params_hash, delta, budget_ms, steps): (u64, Hash, Hash, Option<StateDelta>, u64, u64),
+    shards: Vec<Hash>,
+    codec: CodecSpec,
+    policy: TargetPolicy,
+) -> Result<(), SessionEnd> {
+    let started = Instant::now();
+    let peer = opts.server_name.as_str();
+    // 1. The global state: the delta when we hold its base, in full otherwise.
+    let mut start = None;
+    if let (Some(d), Some(p)) = (delta, st.params.as_ref())
+        && p.hash() == d.base
+    {
+        let bytes = fetch(conn, peer, &st.cache, BlobId(d.blob), &mut st.summary).await?;
+        let mut next = p.clone();
+        match codec::decode_parts(&bytes, &next.parts()) {
+            Ok(values) if next.apply_delta(&values).is_ok() && next.hash() == params_hash => {
+                start = Some(next)
+            }
+            Ok(_) => tracing::warn!(round, "delta did not reproduce the announced state"),
+            Err(e) => tracing::warn!(round, "bad delta from coordinator: {e}"),
+        }
+    }
+    let start = match start {
+        Some(s) => s,
+        None => {
+            let bytes = fetch(conn, peer, &st.cache, BlobId(state), &mut st.summary).await?;
+            let ckpt = Checkpoint::from_bytes(&bytes, "global state from coordinator")
+                .map_err(|e| SessionEnd::Lost(e.to_string()))?;
+            let p = GlobalParams {
+                model: ckpt.model,
+                target: ckpt.target,
+            };
+            if p.hash() != params_hash {
+                return Err(SessionEnd::Lost("global state does not match its hash".into()));
+            }
+            p
+        }
+    };
+    st.params = Some(start.clone());
+    // 2. Shards: our institution's own, else the cache, else fetched.
+    let ids: Vec<BlobId> = shards.iter().map(|h| BlobId(*h)).collect();
+    for id in &ids {
+        let local = st.local.as_ref().is_some_and(|(s, _)| s.contains(id));
+        if !local && !st.cache.contains(id) {
+            fetch(conn, peer, &st.cache, *id, &mut st.summary).await?;
+        }
+    }
+    let trainer = st.trainer.take().expect("trainer made at registration");
+    let run = trainer.config().clone();
+    let source = if ids.is_empty() {
+        ClipSource::synthetic(&run.model)
+    } else {
+        let mut stores = Vec::new();
+        if let Some((s, _)) = &st.local {
+            stores.push(s.clone());
+        }
+        stores.push(st.cache.clone());
+        let set = ShardSet::open_in(&stores, ClipShape::of(&run.model), &ids, &opts.cache_dir)
+            .map_err(|e| SessionEnd::Lost(e.to_string()))?;
+        ClipSource::Shards(Arc::new(set))
+    };
+    // 3. Local steps, on a blocking thread; Ctrl-C is honoured between steps.
+    let fetch_time = started.elapsed();
+    let budget = if steps > 0 {
+        RoundBudget::steps(steps)
+    } else {
+        RoundBudget {
+            steps: None,
+            time: Some(Duration::from_millis(budget_ms).saturating_sub(fetch_time)),
+        }
+    };
+    let ropts = LocalRoundOptions {
+        budget,
+        policy,
+        seed: run.train.seed ^ round.rotate_left(17),
+        slowdown: opts.slowdown,
+    };
+    let stop_flag = stop.clone();
+    let progress = opts.progress;
+    let bytes_down = st.summary.bytes_down;
+    let bytes_up = st.summary.bytes_up;
+    let job = tokio::task::spawn_blocking(move || {
+        let mut trainer = trainer;
+        let t0 = Instant::now();
+        let mut on_step = |step: u64, loss: f64| {
+            if progress && step % 5 == 0 {
+                let rate = (step * run.train.batch as u64) as f64 / t0.elapsed().as_secs_f64();
+                eprintln!(
+                    "round {round} step {step} loss {loss:.4} {rate:.1} clips/s up {} down {}",
+                    human(bytes_up),
+                    human(bytes_down)
+                );
+            }
+        };
+        let r = local_round(&mut trainer, &start, &source, &ropts, &mut on_step, || {
+            stop_flag.load(Ordering::Relaxed)
+        });
+        (trainer, r)
+    });
+    // Heartbeats go on while the blocking thread trains.
+    let mut job = job;
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(2));
+    let (trainer, result) = loop {
+        tokio::select! {
+            r = &mut job => break r.map_err(|e| SessionEnd::Lost(format!("training thread: {e}")))?,
+            _ = heartbeat.tick() => {
+                control.send(&ClientMsg::Heartbeat { seq: round }).await.map_err(lost)?;
+            }
+        }
+    };
+    st.trainer = Some(trainer);
+    let mut update: LocalUpdate = result.map_err(|e| SessionEnd::Lost(e.to_string()))?;
+    st.summary.steps += update.steps;
+    if stop.load(Ordering::Relaxed) {
+        // Ctrl-C: abandon this round's upload.
+        return Err(SessionEnd::Done);
+    }
+    match opts.fault {
+        Some(Fault::Nan) => update.model_delta[0] = f32::NAN,
+        Some(Fault::Scale(f)) => update.model_delta.iter_mut().for_each(|v| *v *= f),
+        None => {}
+    }
+    // 4. Compress (error feedback keeps what top-k and int8 drop) and offer the blob.
+    let values = update.wire_values();
+    let (bytes, _) = st.feedback.encode(&codec, &values);
+    let stored = st
+        .cache
+        .put(&bytes)
+        .map_err(|e| SessionEnd::Lost(e.to_string()))?;
+    st.summary.bytes_up += bytes.len() as u64;
+    let header = ClientMsg::UpdateHeader {
+        round,
+        blob: stored.id.0,
+        bytes: bytes.len() as u64,
+        samples: update.samples,
+        steps: update.steps,
+        loss: LossStats {
+            mean: update.loss.mean as f32,
+            first: update.loss.first as f32,
+            last: update.loss.last as f32,
+        },
+    };
+    control.send(&header).await.map_err(lost)?;
+    if opts.progress {
+        eprintln!(
+            "round {round} done: {} steps, {} clips, loss {:.4} -> {:.4}, update {} ({codec}), up {} down {}",
+            update.steps,
+            update.samples,
+            update.loss.first,
+            update.loss.last,
+            human(bytes.len() as u64),
+            human(st.summary.bytes_up),
+            human(st.summary.bytes_down)
+        );
+    }
+    Ok(())
+}
+
+/// `1.2 MB` style sizes.
+pub fn human(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= 1e9 {
+        format!("{:.2} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.1} MB", b / 1e6)
+    } else if b >= 1e3 {
+        format!("{:.1} kB", b / 1e3)
+    } else {
+        format!("{bytes} B")
+    }
+}
+
+/// Fetches blob `id` into the cache (verified, resumable) and returns its bytes.
+async fn fetch(
+    conn: &quinn::Connection,
+    peer: &str,
+    cache: &LocalStore,
+    id: BlobId,
+    summary: &mut WorkerSummary,
+) -> Result<Vec<u8>, SessionEnd> {
+    if !cache.contains(&id) {
+        let part = cache.root().join("tmp").join(format!("{}.fetch", id.to_hex()));
+        let n = fetch_blob(conn, peer, id.0, &part).await.map_err(lost)?;
+        summary.bytes_down += n;
+        publish(cache, &part, &id).map_err(|e| SessionEnd::Lost(e.to_string()))?;
+    }
+    cache.get(&id).map_err(|e| SessionEnd::Lost(e.to_string()))
+}
+
+/// Moves a verified download into the store.
+fn publish(cache: &LocalStore, part: &Path, id: &BlobId) -> Result<(), amity_shared::store::StoreError> {
+    let mut f = std::fs::File::open(part).map_err(|source| amity_shared::store::StoreError::Io {
+        path: part.to_owned(),
+        source,
+    })?;
+    cache.put_reader(&mut f, Some(*id))?;
+    let _ = std::fs::remove_file(part);
+    Ok(())
+}
+
+/// Serves blobs from our cache (our updates) to the coordinator.
+async fn serve_updates(conn: quinn::Connection, cache: LocalStore, peer: String) {
+    while let Ok(Some(mut stream)) = MsgStream::accept(&conn, &peer).await {
+        let cache = cache.clone();
+        tokio::spawn(async move {
+            if let Ok(Some(ClientMsg::FetchBlob { id, offset })) = stream.recv::<ClientMsg>().await
+            {
+                let path = cache.path(&BlobId(id));
+                if let Err(e) = serve_blob(&mut stream, &path, id, offset, ServeFaults::default()).await
+                {
+                    tracing::debug!("serving update: {e}");
+                }
+            }
+        });
+    }
+}
