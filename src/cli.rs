@@ -73,6 +73,29 @@ pub enum Bench {
     Ingest(IngestBenchArgs),
     /// Bulk transfer over loopback: QUIC beside TCP+TLS 1.3 and plain TCP.
     Transfer(TransferBenchArgs),
+    /// DDP vs DiLoCo vs compressed DiLoCo: bytes on the wire, loss and probe R² on equal
+    /// samples; prints `{"bench":"federated",...}` last.
+    Federated(FederatedBenchArgs),
+}
+
+/// `amity bench federated`.
+#[derive(Debug, Args)]
+pub struct FederatedBenchArgs {
+    /// Simulated workers.
+    #[arg(long, default_value_t = 3)]
+    pub workers: usize,
+    /// Outer rounds.
+    #[arg(long, default_value_t = 10)]
+    pub rounds: u64,
+    /// Local steps per round (DiLoCo's H).
+    #[arg(long, default_value_t = 20)]
+    pub local_steps: u64,
+    /// Clips per local step and worker.
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// Skip the non-IID (colour-skewed) runs.
+    #[arg(long)]
+    pub iid_only: bool,
 }
 
 /// `amity bench transfer`.
@@ -148,6 +171,33 @@ fn not_built(command: &str, issue: &str) -> Result<()> {
 
 fn bench(args: BenchArgs) -> Result<()> {
     match args.bench {
+        Bench::Federated(a) => {
+            use amity_coordinator::bench::{FederatedBenchOptions, federated};
+            let opts = FederatedBenchOptions {
+                workers: a.workers,
+                rounds: a.rounds,
+                local_steps: a.local_steps,
+                batch: a.batch,
+                non_iid: !a.iid_only,
+                probe_videos: (400, 200),
+            };
+            println!(
+                "federated: {} workers x {} rounds x {} local steps x batch {} (tiny preset)",
+                a.workers, a.rounds, a.local_steps, a.batch
+            );
+            let report = federated(&opts, &|r| {
+                println!(
+                    "  {:<30} bytes {:>14}  loss {:.4}  velocity R2 {:.3}",
+                    r.name, r.bytes, r.loss, r.velocity_r2
+                )
+            });
+            println!(
+                "DiLoCo + top-k + int8 + EF sends {:.0}x fewer bytes than DDP fp32; velocity R2 gap {:+.3}",
+                report.reduction, report.r2_gap
+            );
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
         Bench::Transfer(a) => {
             let scratch =
                 std::env::temp_dir().join(format!("amity-bench-transfer-{}", std::process::id()));

@@ -97,6 +97,16 @@ pub enum Event {
         /// The update.
         update: ArrivedUpdate,
     },
+    /// A worker's update could not be used (it did not decode, or had the wrong size): the
+    /// shell refused it; the core records it as rejected for the round.
+    UpdateRefused {
+        /// Session id.
+        worker: WorkerId,
+        /// The round it was for.
+        round: u64,
+        /// Why.
+        reason: String,
+    },
     /// Time passed.
     Tick,
 }
@@ -337,6 +347,8 @@ pub struct SnapshotMeta {
     pub last_delta: Option<(Hash, BlobId)>,
     /// Size of that delta blob.
     pub last_delta_len: u64,
+    /// Parameters hash of the seeded initial state.
+    pub init_hash: Hash,
     /// Lengths of the vectors that follow.
     pub lens: [u64; 4],
 }
@@ -432,6 +444,8 @@ pub struct Core {
     delta_bytes_len: u64,
     workers: BTreeMap<WorkerId, WorkerState>,
     received: Vec<Pending>,
+    /// Updates of this round refused before decoding: (sender, reason).
+    refused: Vec<(String, String)>,
     plan: ShardPlan,
     norm_history: Vec<f64>,
     provenance: BTreeMap<String, Provenance>,
@@ -439,6 +453,8 @@ pub struct Core {
     now_ms: u64,
     /// Whether this process has started a round yet.
     started_any: bool,
+    /// Parameters hash of the run's seeded initialisation.
+    init_hash: Hash,
 }
 
 const NORM_HISTORY: usize = 32;
@@ -463,10 +479,12 @@ impl Core {
             delta_bytes_len: 0,
             workers: BTreeMap::new(),
             received: Vec::new(),
+            refused: Vec::new(),
             plan,
             norm_history: Vec::new(),
             provenance: BTreeMap::new(),
             history: Vec::new(),
+            init_hash: params.hash(),
             params,
             now_ms: 0,
             started_any: false,
@@ -492,10 +510,12 @@ impl Core {
             delta_bytes_len: snap.meta.last_delta_len,
             workers: BTreeMap::new(),
             received: Vec::new(),
+            refused: Vec::new(),
             plan: snap.meta.plan,
             norm_history: snap.meta.norm_history,
             provenance: snap.meta.provenance,
             history: snap.meta.history,
+            init_hash: snap.meta.init_hash,
             params: snap.params,
             now_ms: 0,
             started_any: false,
@@ -607,6 +627,19 @@ impl Core {
                 }
             }
             Event::Update { worker, update } => self.on_update(worker, update, &mut out),
+            Event::UpdateRefused {
+                worker,
+                round,
+                reason,
+            } => {
+                if let Some(w) = self.workers.get(&worker)
+                    && round == self.round
+                {
+                    let name = w.info.name.clone();
+                    self.refused.retain(|(n, _)| *n != name);
+                    self.refused.push((name, reason));
+                }
+            }
             Event::Tick => {}
         }
         self.expire_silent();
@@ -637,7 +670,8 @@ impl Core {
             WorkerState {
                 info,
                 last_seen_ms: self.now_ms,
-                holds: None,
+                // Every worker builds the seeded initial state from the run config itself.
+                holds: Some(self.init_hash),
                 assigned: Vec::new(),
             },
         );
@@ -783,9 +817,10 @@ impl Core {
                     ..
                 } => {
                     let all_in = expected.iter().all(|id| {
-                        self.workers
-                            .get(id)
-                            .is_some_and(|w| self.received.iter().any(|p| p.from == w.info.name))
+                        self.workers.get(id).is_some_and(|w| {
+                            self.received.iter().any(|p| p.from == w.info.name)
+                                || self.refused.iter().any(|(n, _)| *n == w.info.name)
+                        })
                     });
                     if self.now_ms >= *deadline_ms || all_in {
                         self.close_round(out);
@@ -829,6 +864,7 @@ impl Core {
                 .filter(|(base, _)| holds == Some(*base))
                 .map(|(base, blob)| StateDelta { base, blob: blob.0 });
             bytes_down += match delta {
+                _ if holds == Some(params_hash) => 0,
                 Some(_) => self.last_delta_len(),
                 None => state_len,
             };
@@ -888,9 +924,12 @@ impl Core {
             }
         };
         let received = std::mem::take(&mut self.received);
+        let refused = std::mem::take(&mut self.refused);
         let missing: Vec<String> = announced
             .into_iter()
-            .filter(|name| !received.iter().any(|p| p.from == *name))
+            .filter(|name| {
+                !received.iter().any(|p| p.from == *name) && !refused.iter().any(|r| r.0 == *name)
+            })
             .collect();
         // Shards of workers that did not deliver go back to the queue.
         for id in &expected {
@@ -911,11 +950,16 @@ impl Core {
                 weight: p.weight,
             })
             .collect();
-        let (accepted, rejected) =
+        let (accepted, screened_out) =
             aggregate::screen(cands, &self.norm_history, &self.cfg.aggregation);
-        for (c, why) in &rejected {
-            tracing::warn!(round = self.round, from = %c.from, "update rejected: {why}");
-            self.provenance.entry(c.from.clone()).or_default().rejected += 1;
+        let rejected: Vec<(String, String)> = screened_out
+            .into_iter()
+            .map(|(c, why)| (c.from, why))
+            .chain(refused)
+            .collect();
+        for (from, why) in &rejected {
+            tracing::warn!(round = self.round, %from, "update rejected: {why}");
+            self.provenance.entry(from.clone()).or_default().rejected += 1;
         }
         let ok: BTreeSet<&str> = accepted.iter().map(|c| c.from.as_str()).collect();
         let mut samples = 0;
@@ -972,10 +1016,7 @@ impl Core {
         let summary = RoundSummary {
             round: self.round,
             accepted: accepted.iter().map(|c| c.from.clone()).collect(),
-            rejected: rejected
-                .iter()
-                .map(|(c, why)| (c.from.clone(), why.clone()))
-                .collect(),
+            rejected,
             missing,
             samples,
             steps,
@@ -1127,6 +1168,7 @@ impl Core {
                 history: self.history.clone(),
                 last_delta: self.last_delta,
                 last_delta_len: self.delta_bytes_len,
+                init_hash: self.init_hash,
                 lens: [
                     self.params.model.len() as u64,
                     self.params.target.len() as u64,

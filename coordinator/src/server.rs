@@ -498,6 +498,9 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
                             }
                             Err(e) => {
                                 tracing::warn!(%peer, round, "update refused: {e}");
+                                let reason = format!("refused on arrival: {e}");
+                                let refused = Event::UpdateRefused { worker, round, reason };
+                                let _ = shared.events.send((refused, None));
                                 if let Some(tx) = shared.outboxes.lock().expect("outbox lock").get(&worker) {
                                     let _ = tx.send(ServerMsg::Error {
                                         code: ErrorCode::Malformed,

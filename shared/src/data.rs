@@ -25,6 +25,9 @@ pub enum ClipSource {
     Synthetic(SynthConfig),
     /// Clips of verified, memory-mapped shards, drawn in seeded epochs.
     Shards(Arc<ShardSet>),
+    /// RGB clips held in memory (benches build skewed, non-IID splits this way), drawn
+    /// uniformly with a seeded generator.
+    Memory(Arc<Vec<Vec<u8>>>),
 }
 
 impl ClipSource {
@@ -57,6 +60,7 @@ impl ClipSource {
         match self {
             ClipSource::Synthetic(_) => None,
             ClipSource::Shards(set) => Some(set.len()),
+            ClipSource::Memory(clips) => Some(clips.len()),
         }
     }
 
@@ -77,6 +81,11 @@ impl ClipSource {
             ClipSource::Shards(set) => {
                 let picks = set.sample(seed, step, batch);
                 ClipBatch::from_clips(picks.iter().map(|&i| set.clip(i)), model)
+            }
+            ClipSource::Memory(clips) => {
+                let mut rng = Rng::derive(seed, &[0x3e3, step]);
+                let picks: Vec<usize> = (0..batch).map(|_| rng.below(clips.len())).collect();
+                ClipBatch::from_clips(picks.iter().map(|&i| clips[i].as_slice()), model)
             }
         }
     }

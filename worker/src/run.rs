@@ -284,8 +284,13 @@ async fn session(
             .backend
             .device(0)
             .map_err(|e| WorkerError::Setup(e.to_string()))?;
-        st.trainer = Some(Trainer::new(run.clone(), &device));
-        st.params = None;
+        let t = Trainer::new(run.clone(), &device);
+        // The run's seeded initialisation: round 0's state, with no download.
+        st.params = Some(GlobalParams {
+            model: t.model_flat(),
+            target: t.target_flat(),
+        });
+        st.trainer = Some(t);
     }
 
     let mut heartbeat = tokio::time::interval(Duration::from_secs(2));
@@ -355,8 +360,10 @@ async fn train_round(
     let started = Instant::now();
     let peer = opts.server_name.as_str();
     // 1. The global state: the delta when we hold its base, in full otherwise.
-    let mut start = None;
-    if let (Some(d), Some(p)) = (delta, st.params.as_ref())
+    let mut start = st.params.clone().filter(|p| p.hash() == params_hash);
+    if start.is_some() {
+        // Already there (the seeded initial state, or a state we were sent before).
+    } else if let (Some(d), Some(p)) = (delta, st.params.as_ref())
         && p.hash() == d.base
     {
         let bytes = fetch(conn, peer, &st.cache, BlobId(d.blob), &mut st.summary).await?;
