@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use clap::{Args, Parser, Subcommand};
 
-
 /// Amity: federated pretraining of JEPA world-model video encoders.
 ///
 /// Institutions pool their GPUs to pretrain one shared V-JEPA encoder and publish it openly.
@@ -142,7 +141,6 @@ pub struct TrainStepArgs {
     #[arg(long)]
     pub no_torch: bool,
 }
-
 
 /// Runs one parsed command line.
 pub fn run(cli: Cli) -> Result<()> {

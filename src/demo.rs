@@ -213,11 +213,19 @@ pub fn run(out: &Path, videos: usize, rounds: u64, round_secs: f64) -> Result<()
         .context("the coordinator wrote no checkpoint")?;
     let ckpt = Checkpoint::load(&ckpt_path)?;
     let device = Device::flex();
-    let trained = Trainer::from_flat(ckpt.config.clone(), &ckpt.model, Some(&ckpt.target), &device)?;
+    let trained = Trainer::from_flat(
+        ckpt.config.clone(),
+        &ckpt.model,
+        Some(&ckpt.target),
+        &device,
+    )?;
     let random = Trainer::new(ckpt.config.clone(), &device);
     let m = &ckpt.config.model;
     let probes = ProbeSet::synthetic(&SynthConfig::for_size(m.image_size, m.frames), 400, 200);
-    let (a, b) = (probe_report(&trained, &probes), probe_report(&random, &probes));
+    let (a, b) = (
+        probe_report(&trained, &probes),
+        probe_report(&random, &probes),
+    );
     println!("\nfrozen-encoder probes on held-out synthetic videos (trained vs random init):");
     println!(
         "  velocity R2 {:.3} vs {:.3}; position R2 {:.3} vs {:.3}; shape acc {:.3} vs {:.3}; colour acc {:.3} vs {:.3}",
@@ -245,7 +253,10 @@ pub fn run(out: &Path, videos: usize, rounds: u64, round_secs: f64) -> Result<()
         "checkpoint": ckpt_path,
         "params": status.params,
     });
-    std::fs::write(out.join("summary.json"), serde_json::to_vec_pretty(&summary)?)?;
+    std::fs::write(
+        out.join("summary.json"),
+        serde_json::to_vec_pretty(&summary)?,
+    )?;
     println!(
         "\ncheckpoint: {}\nloss curve: {}\nsummary:    {}\ncoordinator state, command log and status: {}",
         ckpt_path.display(),

@@ -131,10 +131,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
     let (Some(coordinator), Some(cert), Some(ca)) = (args.coordinator, &args.cert, &args.ca) else {
         bail!("amity worker needs --coordinator <addr>, --cert <file> and --ca <file>");
     };
-    let key = args
-        .key
-        .clone()
-        .unwrap_or_else(|| key_path_for(cert));
+    let key = args.key.clone().unwrap_or_else(|| key_path_for(cert));
     let identity = Identity::load(cert, &key, ca)?;
     let fault = args.fault.as_deref().map(parse_fault).transpose()?;
     let opts = WorkerOptions {
@@ -181,7 +178,11 @@ pub fn demo(args: DemoArgs) -> Result<()> {
 /// Creates a CA with a coordinator and the named workers (for the demo and tests).
 pub fn make_pki(dir: &Path, workers: &[&str]) -> Result<()> {
     init_ca(dir, "amity demo operator")?;
-    issue(dir, "coordinator", &["localhost".into(), "127.0.0.1".into()])?;
+    issue(
+        dir,
+        "coordinator",
+        &["localhost".into(), "127.0.0.1".into()],
+    )?;
     for w in workers {
         issue(dir, w, &[])?;
     }

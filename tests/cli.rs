@@ -61,13 +61,7 @@ fn unknown_backend_is_a_clear_error() {
 
 /// Subcommands whose issue has not landed must say so and fail, never pretend to work.
 /// Remove a name from this list when its implementation lands.
-const NOT_BUILT: &[&str] = &[
-    "release",
-    "fetch",
-    "embed",
-    "surprise",
-    "plan",
-];
+const NOT_BUILT: &[&str] = &["release", "fetch", "embed", "surprise", "plan"];
 
 #[test]
 fn unbuilt_subcommands_say_so_and_fail() {
@@ -87,7 +81,10 @@ fn worker_without_a_coordinator_says_what_it_needs() {
     let out = amity(&["worker"]);
     assert!(!out.status.success());
     let err = text(&out.stderr);
-    assert!(err.contains("--coordinator") && err.contains("--cert"), "{err}");
+    assert!(
+        err.contains("--coordinator") && err.contains("--cert"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -95,11 +92,18 @@ fn coordinator_config_errors_name_the_file() {
     let dir = std::env::temp_dir().join(format!("amity-cli-coord-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("coordinator.toml");
-    std::fs::write(&cfg, "listen = \"127.0.0.1:0\"\nstate_dir = \"s\"\nca_dir = \"ca\"\ncodec = \"int4\"\n").unwrap();
+    std::fs::write(
+        &cfg,
+        "listen = \"127.0.0.1:0\"\nstate_dir = \"s\"\nca_dir = \"ca\"\ncodec = \"int4\"\n",
+    )
+    .unwrap();
     let out = amity(&["coordinator", "--config", cfg.to_str().unwrap()]);
     assert!(!out.status.success());
     let err = text(&out.stderr);
-    assert!(err.contains("coordinator.toml") && err.contains("int4"), "{err}");
+    assert!(
+        err.contains("coordinator.toml") && err.contains("int4"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -59,7 +59,16 @@ fn cluster(name: &str, workers: &[&str], rounds: u64, extra: &str) -> Cluster {
     let dir = scratch(name);
     let videos = dir.join("videos");
     ok(&amity(&[
-        "corpus", "synth", "--out", s(&videos), "--videos", "12", "--frames", "24", "--seed", "3",
+        "corpus",
+        "synth",
+        "--out",
+        s(&videos),
+        "--videos",
+        "12",
+        "--frames",
+        "24",
+        "--seed",
+        "3",
     ]));
     ok(&amity(&[
         "corpus",
@@ -75,7 +84,14 @@ fn cluster(name: &str, workers: &[&str], rounds: u64, extra: &str) -> Cluster {
     let ca = dir.join("ca");
     ok(&amity(&["ca", "init", "--dir", s(&ca)]));
     ok(&amity(&[
-        "ca", "issue", "--dir", s(&ca), "--name", "coordinator", "--host", "localhost",
+        "ca",
+        "issue",
+        "--dir",
+        s(&ca),
+        "--name",
+        "coordinator",
+        "--host",
+        "localhost",
     ]));
     for w in workers {
         ok(&amity(&["ca", "issue", "--dir", s(&ca), "--name", w]));
@@ -205,7 +221,9 @@ fn three_workers_train_three_rounds_and_the_loss_falls() {
     let c = cluster("three", &workers, 3, "");
     let mut coord = c.coordinator(true);
     let mut ws: Vec<Child> = workers.iter().map(|w| c.worker(w, &[])).collect();
-    wait(&mut coord, Duration::from_secs(300), "coordinator", &|| c.log("coordinator"));
+    wait(&mut coord, Duration::from_secs(300), "coordinator", &|| {
+        c.log("coordinator")
+    });
     for (w, name) in ws.iter_mut().zip(workers) {
         wait(w, Duration::from_secs(30), name, &|| c.log(name));
     }
@@ -242,7 +260,9 @@ fn poisoned_and_huge_updates_are_rejected_and_the_model_is_unharmed() {
         c.worker("nan-lab", &["--fault", "nan"]),
         c.worker("loud-lab", &["--fault", "scale:100"]),
     ];
-    wait(&mut coord, Duration::from_secs(300), "coordinator", &|| c.log("coordinator"));
+    wait(&mut coord, Duration::from_secs(300), "coordinator", &|| {
+        c.log("coordinator")
+    });
     for w in &mut ws {
         let _ = w.kill();
         let _ = w.wait();
@@ -260,10 +280,9 @@ fn poisoned_and_huge_updates_are_rejected_and_the_model_is_unharmed() {
     assert!(l.iter().all(|x| x.is_finite()) && l[1] < l[0], "{l:?}");
     let log = c.log("coordinator");
     assert!(log.contains("NaN") && log.contains("median"), "{log}");
-    let ckpt = amity_shared::checkpoint::Checkpoint::load(Path::new(
-        st["checkpoint"].as_str().unwrap(),
-    ))
-    .unwrap();
+    let ckpt =
+        amity_shared::checkpoint::Checkpoint::load(Path::new(st["checkpoint"].as_str().unwrap()))
+            .unwrap();
     let max = ckpt.model.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     assert!(max.is_finite() && max < 10.0, "{max}");
     std::fs::remove_dir_all(&c.dir).unwrap();
@@ -280,9 +299,15 @@ fn a_worker_killed_mid_round_does_not_stall_training() {
     ws[2].kill().unwrap();
     ws[2].wait().unwrap();
     let killed_at = Instant::now();
-    wait(&mut coord, Duration::from_secs(300), "coordinator", &|| c.log("coordinator"));
+    wait(&mut coord, Duration::from_secs(300), "coordinator", &|| {
+        c.log("coordinator")
+    });
     // The heartbeat timeout (4 s), not the 60 s grace, closed the round without it.
-    assert!(killed_at.elapsed() < Duration::from_secs(50), "{:?}", killed_at.elapsed());
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(50),
+        "{:?}",
+        killed_at.elapsed()
+    );
     let st = c.status().unwrap();
     let history = st["history"].as_array().unwrap();
     assert_eq!(history.len(), 3);
@@ -323,20 +348,26 @@ fn a_restarted_coordinator_resumes_at_the_last_completed_round() {
         if let Some(st) = c.status() {
             break st;
         }
-        assert!(start.elapsed() < Duration::from_secs(60), "{}", c.log("coordinator"));
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{}",
+            c.log("coordinator")
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(resumed["round"], round);
     assert_eq!(resumed["params"], params);
-    assert!(c.log("coordinator").contains("resumed from the command log"));
-    wait(&mut coord, Duration::from_secs(300), "coordinator", &|| c.log("coordinator"));
+    assert!(
+        c.log("coordinator")
+            .contains("resumed from the command log")
+    );
+    wait(&mut coord, Duration::from_secs(300), "coordinator", &|| {
+        c.log("coordinator")
+    });
     let st = c.status().unwrap();
     assert_eq!(st["history"].as_array().unwrap().len(), 4);
     // The rounds before the crash are the same rounds.
-    assert_eq!(
-        st["history"][0]["params"],
-        before["history"][0]["params"]
-    );
+    assert_eq!(st["history"][0]["params"], before["history"][0]["params"]);
     for w in &mut ws {
         wait(w, Duration::from_secs(30), "worker", &|| c.log("uni-a"));
     }

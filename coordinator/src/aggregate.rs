@@ -249,7 +249,10 @@ mod tests {
         let nan = cand("nan", vec![f32::NAN, 0.0, 0.0], 1.0);
         let huge = cand("huge", vec![100.0, -100.0, 100.0], 1.0);
         let (ok, bad) = screen(vec![good("a", 1.0), good("b", 1.2), nan, huge], &[], &cfg);
-        assert_eq!(ok.iter().map(|c| c.from.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(
+            ok.iter().map(|c| c.from.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
         assert_eq!(bad.len(), 2);
         assert!(bad[0].1.contains("NaN"));
         assert!(bad[1].1.contains("median"), "{}", bad[1].1);

@@ -130,7 +130,12 @@ fn ddp(opts: &FederatedBenchOptions, probes: &ProbeSet, non_iid: bool) -> RunRep
     }
     let params = (t.model_flat().len()) as u64;
     RunReport {
-        name: if non_iid { "ddp-fp32-non-iid" } else { "ddp-fp32" }.into(),
+        name: if non_iid {
+            "ddp-fp32-non-iid"
+        } else {
+            "ddp-fp32"
+        }
+        .into(),
         bytes: steps * opts.workers as u64 * params * 4 * 2,
         loss,
         velocity_r2: probe_report(&t, probes).velocity_r2,
@@ -194,8 +199,15 @@ fn diloco(
                 seed: run.train.seed + w as u64,
                 slowdown: 1.0,
             };
-            let u = local_round(&mut trainers[w], &start, &srcs[w], &ropts, |_, _| {}, || false)
-                .expect("layouts match");
+            let u = local_round(
+                &mut trainers[w],
+                &start,
+                &srcs[w],
+                &ropts,
+                |_, _| {},
+                || false,
+            )
+            .expect("layouts match");
             let (wire, _) = feedback[w].encode(&spec, &u.wire_values());
             let values = codec::decode(&wire, core.update_len()).expect("own encoding");
             now += 1;
@@ -253,7 +265,15 @@ pub fn federated(opts: &FederatedBenchOptions, print: &dyn Fn(&RunReport)) -> Fe
     };
     use TargetPolicy::{CoordinatorEma, LocalEma};
     push(ddp(opts, &probes, false));
-    push(diloco(opts, &probes, "diloco-fp32", "fp32", "fp32", LocalEma, false));
+    push(diloco(
+        opts,
+        &probes,
+        "diloco-fp32",
+        "fp32",
+        "fp32",
+        LocalEma,
+        false,
+    ));
     push(diloco(
         opts,
         &probes,
@@ -263,7 +283,15 @@ pub fn federated(opts: &FederatedBenchOptions, print: &dyn Fn(&RunReport)) -> Fe
         CoordinatorEma,
         false,
     ));
-    push(diloco(opts, &probes, "diloco-int8", "int8", "int8", LocalEma, false));
+    push(diloco(
+        opts,
+        &probes,
+        "diloco-int8",
+        "int8",
+        "int8",
+        LocalEma,
+        false,
+    ));
     push(diloco(
         opts,
         &probes,

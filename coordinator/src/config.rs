@@ -193,11 +193,10 @@ impl CoordinatorConfig {
             path: path.display().to_string(),
             source,
         })?;
-        let mut cfg: CoordinatorConfig =
-            toml::from_str(&text).map_err(|e| ConfigError::Parse {
-                path: path.display().to_string(),
-                source: Box::new(e),
-            })?;
+        let mut cfg: CoordinatorConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.display().to_string(),
+            source: Box::new(e),
+        })?;
         let base = path.parent().unwrap_or(Path::new("."));
         for p in [&mut cfg.state_dir, &mut cfg.ca_dir]
             .into_iter()
@@ -221,9 +220,7 @@ impl CoordinatorConfig {
             (Some(file), _) => Config::from_toml_file(file)?,
             (None, Some(p)) => Config::preset(p)?,
             (None, None) => {
-                return Err(ConfigError::Invalid(
-                    "set `preset` or `run_config`".into(),
-                ));
+                return Err(ConfigError::Invalid("set `preset` or `run_config`".into()));
             }
         };
         if self.inner_steps > 0 {

@@ -283,8 +283,7 @@ impl ShardPlan {
             }
             // This epoch has nothing left for this worker: open the next one (shards still in
             // flight are not queued twice).
-            if self.covered.len() + self.queue.len() < self.shards.len() && !self.queue.is_empty()
-            {
+            if self.covered.len() + self.queue.len() < self.shards.len() && !self.queue.is_empty() {
                 break;
             }
             self.epoch += 1;
@@ -649,11 +648,9 @@ impl Core {
 
     fn on_join(&mut self, worker: WorkerId, info: JoinInfo, out: &mut Vec<Action>) {
         for s in &info.local_shards {
-            if !self.plan.shards.contains_key(&s.id) {
+            if let std::collections::btree_map::Entry::Vacant(e) = self.plan.shards.entry(s.id) {
                 // A newly registered corpus joins the current epoch.
-                self.plan
-                    .shards
-                    .insert(s.id, (s.clips, Some(info.name.clone())));
+                e.insert((s.clips, Some(info.name.clone())));
                 self.plan.queue.push_back(s.id);
             }
         }
@@ -736,7 +733,11 @@ impl Core {
         };
         let running = matches!(self.phase, Phase::Running { .. });
         if u.round > self.round || (u.round == self.round && !running) {
-            return refuse(out, ErrorCode::Unexpected, format!("round {} is not open", u.round));
+            return refuse(
+                out,
+                ErrorCode::Unexpected,
+                format!("round {} is not open", u.round),
+            );
         }
         let staleness = self.round - u.round;
         if staleness > 0 && self.cfg.rounds.late == LatePolicy::Drop {
@@ -891,7 +892,11 @@ impl Core {
             w.assigned = shards;
             expected.insert(id);
         }
-        tracing::info!(round = self.round, workers = expected.len(), "round started");
+        tracing::info!(
+            round = self.round,
+            workers = expected.len(),
+            "round started"
+        );
         let announced = expected
             .iter()
             .filter_map(|id| self.workers.get(id))
@@ -910,19 +915,19 @@ impl Core {
     }
 
     fn close_round(&mut self, out: &mut Vec<Action>) {
-        let (expected, announced, bytes_down) = match std::mem::replace(&mut self.phase, Phase::Idle)
-        {
-            Phase::Running {
-                expected,
-                announced,
-                bytes_down,
-                ..
-            } => (expected, announced, bytes_down),
-            other => {
-                self.phase = other;
-                return;
-            }
-        };
+        let (expected, announced, bytes_down) =
+            match std::mem::replace(&mut self.phase, Phase::Idle) {
+                Phase::Running {
+                    expected,
+                    announced,
+                    bytes_down,
+                    ..
+                } => (expected, announced, bytes_down),
+                other => {
+                    self.phase = other;
+                    return;
+                }
+            };
         let received = std::mem::take(&mut self.received);
         let refused = std::mem::take(&mut self.refused);
         let missing: Vec<String> = announced
@@ -1055,7 +1060,7 @@ impl Core {
             params: params_hex,
         }));
         let k = self.cfg.checkpoint_every;
-        if k > 0 && self.round % k == 0 {
+        if k > 0 && self.round.is_multiple_of(k) {
             out.push(Action::Checkpoint {
                 round: self.round - 1,
                 blob: self.state_blob,
@@ -1130,7 +1135,12 @@ impl Core {
         };
         let mut delta = Vec::with_capacity(m_len + t_len);
         delta.extend(new_model.iter().zip(&self.params.model).map(|(n, o)| n - o));
-        delta.extend(new_target.iter().zip(&self.params.target).map(|(n, o)| n - o));
+        delta.extend(
+            new_target
+                .iter()
+                .zip(&self.params.target)
+                .map(|(n, o)| n - o),
+        );
         if self.down_residual.len() == delta.len() {
             for (d, r) in delta.iter_mut().zip(&self.down_residual) {
                 *d += r;
@@ -1214,7 +1224,13 @@ mod tests {
             })
             .collect();
         let (core, actions) = Core::new(cfg, GlobalParams { model, target }, &shards);
-        assert!(matches!(actions[0], Action::StoreBlob { what: "global state", .. }));
+        assert!(matches!(
+            actions[0],
+            Action::StoreBlob {
+                what: "global state",
+                ..
+            }
+        ));
         (core, shards)
     }
 
@@ -1286,12 +1302,27 @@ mod tests {
         assert!(sa.iter().all(|s| !sb.contains(s)));
         let before = core.params().hash();
 
-        let acts = core.handle(Event::Update { worker: 1, update: update(&core, 0, 1.0, 1) }, 50);
+        let acts = core.handle(
+            Event::Update {
+                worker: 1,
+                update: update(&core, 0, 1.0, 1),
+            },
+            50,
+        );
         // Persist comes before the acknowledgement.
-        assert!(matches!(acts[0], Action::Persist(LogEntry::UpdateAccepted { .. })));
+        assert!(matches!(
+            acts[0],
+            Action::Persist(LogEntry::UpdateAccepted { .. })
+        ));
         assert!(matches!(sent_to(&acts, 1)[0], ServerMsg::Ack { of: 0 }));
         assert_eq!(core.round(), 0);
-        let acts = core.handle(Event::Update { worker: 2, update: update(&core, 0, 1.0, 2) }, 60);
+        let acts = core.handle(
+            Event::Update {
+                worker: 2,
+                update: update(&core, 0, 1.0, 2),
+            },
+            60,
+        );
         assert_eq!(core.round(), 1);
         assert_ne!(core.params().hash(), before);
         let summary = acts
@@ -1308,16 +1339,22 @@ mod tests {
         let (delta_bytes, announce) = (
             acts.iter()
                 .find_map(|a| match a {
-                    Action::StoreBlob { what: "state delta", bytes } => Some(bytes.clone()),
+                    Action::StoreBlob {
+                        what: "state delta",
+                        bytes,
+                    } => Some(bytes.clone()),
                     _ => None,
                 })
                 .unwrap(),
             sent_to(&acts, 1)
                 .into_iter()
                 .find_map(|m| match m {
-                    ServerMsg::RoundAnnounce { round: 1, delta, params, .. } => {
-                        Some((*delta, *params))
-                    }
+                    ServerMsg::RoundAnnounce {
+                        round: 1,
+                        delta,
+                        params,
+                        ..
+                    } => Some((*delta, *params)),
                     _ => None,
                 })
                 .unwrap(),
@@ -1326,7 +1363,7 @@ mod tests {
         assert_eq!(delta.base, before);
         assert_eq!(BlobId::of(&delta_bytes).0, delta.blob);
         assert_eq!(announce.1, core.params().hash());
-        assert!(acts.iter().any(|a| matches!(a, Action::Checkpoint { .. })) == false);
+        assert!(!acts.iter().any(|a| matches!(a, Action::Checkpoint { .. })));
     }
 
     #[test]
@@ -1335,22 +1372,44 @@ mod tests {
         join(&mut core, 1, "a", 10.0, 0);
         let acts = join(&mut core, 2, "b", 10.0, 0);
         let lost = assignment(&acts, 2);
-        core.handle(Event::Update { worker: 1, update: update(&core, 0, 1.0, 1) }, 100);
+        core.handle(
+            Event::Update {
+                worker: 1,
+                update: update(&core, 0, 1.0, 1),
+            },
+            100,
+        );
         // Heartbeats keep both alive; b never delivers.
         core.handle(Event::Heartbeat { worker: 2 }, 1500);
         assert_eq!(core.round(), 0);
         let acts = core.handle(Event::Tick, 2001);
         assert_eq!(core.round(), 1);
         let s = core.history()[0].clone();
-        assert_eq!((s.accepted, s.missing), (vec!["a".to_string()], vec!["b".to_string()]));
+        assert_eq!(
+            (s.accepted, s.missing),
+            (vec!["a".to_string()], vec!["b".to_string()])
+        );
         // b's shards are handed out first in the next round.
         let next: Vec<Hash> = [1, 2].iter().flat_map(|w| assignment(&acts, *w)).collect();
-        assert!(lost.iter().all(|s| next.contains(s)), "{lost:?} vs {next:?}");
+        assert!(
+            lost.iter().all(|s| next.contains(s)),
+            "{lost:?} vs {next:?}"
+        );
 
         // A worker that stops sending heartbeats is dropped and the round closes without it.
-        core.handle(Event::Update { worker: 1, update: update(&core, 1, 1.0, 3) }, 2100);
+        core.handle(
+            Event::Update {
+                worker: 1,
+                update: update(&core, 1, 1.0, 3),
+            },
+            2100,
+        );
         core.handle(Event::Heartbeat { worker: 1 }, 17_000);
-        assert_eq!(core.round(), 2, "b timed out, a's update completes the round");
+        assert_eq!(
+            core.round(),
+            2,
+            "b timed out, a's update completes the round"
+        );
         assert_eq!(core.workers(), vec![(1, "a".to_string())]);
     }
 
@@ -1361,27 +1420,106 @@ mod tests {
         join(&mut core, 2, "b", 10.0, 0);
         join(&mut core, 3, "evil", 10.0, 0);
         // Round 0 had only a and b (min 2 reached at b's join); let it close.
-        core.handle(Event::Update { worker: 1, update: update(&core, 0, 1.0, 1) }, 10);
-        core.handle(Event::Update { worker: 2, update: update(&core, 0, 1.0, 2) }, 10);
+        core.handle(
+            Event::Update {
+                worker: 1,
+                update: update(&core, 0, 1.0, 1),
+            },
+            10,
+        );
+        core.handle(
+            Event::Update {
+                worker: 2,
+                update: update(&core, 0, 1.0, 2),
+            },
+            10,
+        );
         assert_eq!(core.round(), 1);
         let mut nan = update(&core, 1, 1.0, 3);
         nan.values[5] = f32::NAN;
-        core.handle(Event::Update { worker: 3, update: nan }, 20);
-        core.handle(Event::Update { worker: 1, update: update(&core, 1, 1.0, 4) }, 20);
-        core.handle(Event::Update { worker: 2, update: update(&core, 1, 1.0, 5) }, 20);
+        core.handle(
+            Event::Update {
+                worker: 3,
+                update: nan,
+            },
+            20,
+        );
+        core.handle(
+            Event::Update {
+                worker: 1,
+                update: update(&core, 1, 1.0, 4),
+            },
+            20,
+        );
+        core.handle(
+            Event::Update {
+                worker: 2,
+                update: update(&core, 1, 1.0, 5),
+            },
+            20,
+        );
         let s = core.history()[1].clone();
         assert_eq!(s.accepted, vec!["a", "b"]);
         assert_eq!(s.rejected[0].0, "evil");
         assert!(core.params().model.iter().all(|v| v.is_finite()));
         // A 100x update is rejected too, even when it is the only one besides one honest update.
-        core.handle(Event::Update { worker: 3, update: update(&core, 2, 100.0, 6) }, 30);
-        core.handle(Event::Update { worker: 1, update: update(&core, 2, 1.0, 7) }, 30);
-        core.handle(Event::Update { worker: 2, update: update(&core, 2, 1.0, 8) }, 30);
+        core.handle(
+            Event::Update {
+                worker: 3,
+                update: update(&core, 2, 100.0, 6),
+            },
+            30,
+        );
+        core.handle(
+            Event::Update {
+                worker: 1,
+                update: update(&core, 2, 1.0, 7),
+            },
+            30,
+        );
+        core.handle(
+            Event::Update {
+                worker: 2,
+                update: update(&core, 2, 1.0, 8),
+            },
+            30,
+        );
         let s = core.history()[2].clone();
         assert_eq!(s.rejected.len(), 1);
+        // An update the shell could not decode counts as rejected and does not hold the round.
+        core.handle(
+            Event::Update {
+                worker: 1,
+                update: update(&core, 3, 1.0, 9),
+            },
+            40,
+        );
+        core.handle(
+            Event::Update {
+                worker: 2,
+                update: update(&core, 3, 1.0, 10),
+            },
+            40,
+        );
+        assert_eq!(core.round(), 3);
+        core.handle(
+            Event::UpdateRefused {
+                worker: 3,
+                round: 3,
+                reason: "int8 block scale NaN".into(),
+            },
+            41,
+        );
+        assert_eq!(core.round(), 4);
+        let s = core.history()[3].clone();
+        assert_eq!(
+            s.rejected,
+            vec![("evil".to_string(), "int8 block scale NaN".to_string())]
+        );
+        assert!(s.missing.is_empty());
         assert!(s.rejected[0].1.contains("median"), "{:?}", s.rejected);
-        assert_eq!(core.provenance()["evil"].rejected, 2);
-        assert_eq!(core.provenance()["a"].updates, 3);
+        assert_eq!(core.provenance()["evil"].rejected, 3);
+        assert_eq!(core.provenance()["a"].updates, 4);
     }
 
     #[test]
@@ -1389,13 +1527,28 @@ mod tests {
         let (mut core, _) = setup(TargetPolicy::LocalEma);
         join(&mut core, 1, "a", 10.0, 0);
         join(&mut core, 2, "b", 10.0, 0);
-        core.handle(Event::Update { worker: 1, update: update(&core, 0, 1.0, 1) }, 10);
+        core.handle(
+            Event::Update {
+                worker: 1,
+                update: update(&core, 0, 1.0, 1),
+            },
+            10,
+        );
         core.handle(Event::Tick, 5000);
         assert_eq!(core.round(), 1);
-        let acts = core.handle(Event::Update { worker: 2, update: update(&core, 0, 1.0, 2) }, 5001);
+        let acts = core.handle(
+            Event::Update {
+                worker: 2,
+                update: update(&core, 0, 1.0, 2),
+            },
+            5001,
+        );
         assert!(matches!(
             sent_to(&acts, 2)[0],
-            ServerMsg::Error { code: ErrorCode::Unexpected, .. }
+            ServerMsg::Error {
+                code: ErrorCode::Unexpected,
+                ..
+            }
         ));
         assert!(!acts.iter().any(|a| matches!(a, Action::Persist(_))));
     }
@@ -1405,18 +1558,41 @@ mod tests {
         let (mut core, _) = setup(TargetPolicy::LocalEma);
         join(&mut core, 1, "a", 10.0, 0);
         join(&mut core, 2, "b", 10.0, 0);
-        core.handle(Event::Update { worker: 1, update: update(&core, 0, 1.0, 1) }, 10);
-        let acts = core.handle(Event::Update { worker: 2, update: update(&core, 0, 1.0, 2) }, 10);
+        core.handle(
+            Event::Update {
+                worker: 1,
+                update: update(&core, 0, 1.0, 1),
+            },
+            10,
+        );
+        let acts = core.handle(
+            Event::Update {
+                worker: 2,
+                update: update(&core, 0, 1.0, 2),
+            },
+            10,
+        );
         let snap_bytes = acts
             .iter()
             .find_map(|a| match a {
-                Action::StoreBlob { what: "snapshot", bytes } => Some(bytes.clone()),
+                Action::StoreBlob {
+                    what: "snapshot",
+                    bytes,
+                } => Some(bytes.clone()),
                 _ => None,
             })
             .unwrap();
         // An update of round 1 was accepted before the crash.
-        let acts = core.handle(Event::Update { worker: 1, update: update(&core, 1, 1.0, 3) }, 20);
-        let Action::Persist(entry) = acts[0].clone() else { panic!("{acts:?}") };
+        let acts = core.handle(
+            Event::Update {
+                worker: 1,
+                update: update(&core, 1, 1.0, 3),
+            },
+            20,
+        );
+        let Action::Persist(entry) = acts[0].clone() else {
+            panic!("{acts:?}")
+        };
 
         let snap = Snapshot::from_bytes(&snap_bytes).unwrap();
         let (mut again, _) = Core::restore(core.config().clone(), snap);
@@ -1426,8 +1602,20 @@ mod tests {
         // Both continue identically: b's update closes round 1 with a's replayed one.
         join(&mut again, 11, "a", 10.0, 100);
         join(&mut again, 12, "b", 10.0, 100);
-        again.handle(Event::Update { worker: 12, update: update(&core, 1, 1.0, 4) }, 120);
-        core.handle(Event::Update { worker: 2, update: update(&core, 1, 1.0, 4) }, 30);
+        again.handle(
+            Event::Update {
+                worker: 12,
+                update: update(&core, 1, 1.0, 4),
+            },
+            120,
+        );
+        core.handle(
+            Event::Update {
+                worker: 2,
+                update: update(&core, 1, 1.0, 4),
+            },
+            30,
+        );
         assert_eq!(again.round(), 2);
         assert_eq!(again.params().hash(), core.params().hash());
 

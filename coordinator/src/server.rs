@@ -108,7 +108,7 @@ struct Shared {
     corpus: Option<LocalStore>,
     layout: StateLayout,
     update_len: usize,
-    events: mpsc::UnboundedSender<(Event, Option<String>)>,
+    events: mpsc::UnboundedSender<Event>,
     outboxes: Outboxes,
     next_worker: AtomicU64,
 }
@@ -257,7 +257,7 @@ pub async fn run(
             _ = &mut shutdown => break Ok(()),
             _ = tick.tick() => Event::Tick,
             e = events.recv() => match e {
-                Some((e, _)) => e,
+                Some(e) => e,
                 None => break Ok(()),
             },
         };
@@ -291,7 +291,10 @@ pub async fn run(
     } else {
         b"shutting down"
     };
-    endpoint.close(amity_protocol::conn::quic_code(ErrorCode::ShuttingDown), reason);
+    endpoint.close(
+        amity_protocol::conn::quic_code(ErrorCode::ShuttingDown),
+        reason,
+    );
     accept.abort();
     write_status(&layout, &core, &checkpoint);
     result?;
@@ -392,7 +395,8 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
     match control.recv::<ClientMsg>().await {
         Ok(Some(ClientMsg::Hello { protocol, .. })) if protocol == PROTOCOL_VERSION => {}
         Ok(Some(ClientMsg::Hello { protocol, .. })) => {
-            let message = format!("protocol {protocol}, this coordinator speaks {PROTOCOL_VERSION}");
+            let message =
+                format!("protocol {protocol}, this coordinator speaks {PROTOCOL_VERSION}");
             let _ = control
                 .send(&ServerMsg::Error {
                     code: ErrorCode::VersionMismatch,
@@ -454,7 +458,7 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
         samples_per_s: caps.samples_per_s as f64,
         local_shards,
     };
-    let _ = shared.events.send((Event::Joined { worker, info }, None));
+    let _ = shared.events.send(Event::Joined { worker, info });
 
     loop {
         tokio::select! {
@@ -477,7 +481,7 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
             }
             msg = control.recv::<ClientMsg>() => match msg {
                 Ok(Some(ClientMsg::Heartbeat { .. })) => {
-                    let _ = shared.events.send((Event::Heartbeat { worker }, None));
+                    let _ = shared.events.send(Event::Heartbeat { worker });
                 }
                 Ok(Some(ClientMsg::UpdateHeader { round, blob, bytes, samples, steps, loss })) => {
                     let shared = shared.clone();
@@ -494,13 +498,13 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
                                 let update = ArrivedUpdate {
                                     round, blob: BlobId(blob), bytes, samples, steps, loss, values,
                                 };
-                                let _ = shared.events.send((Event::Update { worker, update }, None));
+                                let _ = shared.events.send(Event::Update { worker, update });
                             }
                             Err(e) => {
                                 tracing::warn!(%peer, round, "update refused: {e}");
                                 let reason = format!("refused on arrival: {e}");
                                 let refused = Event::UpdateRefused { worker, round, reason };
-                                let _ = shared.events.send((refused, None));
+                                let _ = shared.events.send(refused);
                                 if let Some(tx) = shared.outboxes.lock().expect("outbox lock").get(&worker) {
                                     let _ = tx.send(ServerMsg::Error {
                                         code: ErrorCode::Malformed,
@@ -523,7 +527,7 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
         }
     }
     shared.outboxes.lock().expect("outbox lock").remove(&worker);
-    let _ = shared.events.send((Event::Left { worker }, None));
+    let _ = shared.events.send(Event::Left { worker });
     blobs.abort();
 }
 
@@ -538,10 +542,15 @@ async fn pull_update(
     // An update is at most a dense fp32 vector plus its header.
     let limit = shared.update_len as u64 * 4 + 64;
     if announced > limit {
-        return Err(format!("{announced} bytes announced, at most {limit} allowed"));
+        return Err(format!(
+            "{announced} bytes announced, at most {limit} allowed"
+        ));
     }
     if !shared.store.contains(&id) {
-        let part = shared.layout.incoming().join(format!("{}.part", id.to_hex()));
+        let part = shared
+            .layout
+            .incoming()
+            .join(format!("{}.part", id.to_hex()));
         fetch_blob(conn, peer, id.0, &part)
             .await
             .map_err(|e: ConnError| e.to_string())?;

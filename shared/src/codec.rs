@@ -86,7 +86,11 @@ impl CodecSpec {
             Some(f) => {
                 // `f` is an f32 (0.1 is 0.100000001): within a hair of an integer, take it.
                 let x = f as f64 * len as f64;
-                let k = if (x - x.round()).abs() < 1e-3 { x.round() } else { x.ceil() };
+                let k = if (x - x.round()).abs() < 1e-3 {
+                    x.round()
+                } else {
+                    x.ceil()
+                };
                 (k as usize).clamp(len.min(1), len)
             }
         }
@@ -225,7 +229,10 @@ pub fn decode(bytes: &[u8], want: usize) -> Result<Vec<f32>, CodecError> {
         return Err(CodecError::Header("missing magic bytes".into()));
     }
     if bytes[4] != FORMAT {
-        return Err(CodecError::Header(format!("format {} (this build reads 1)", bytes[4])));
+        return Err(CodecError::Header(format!(
+            "format {} (this build reads 1)",
+            bytes[4]
+        )));
     }
     let le64 = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
     let len = le64(8);
@@ -342,7 +349,10 @@ pub fn decode_parts(bytes: &[u8], parts: &[usize]) -> Result<Vec<f32>, CodecErro
         at = end;
     }
     if at != bytes.len() {
-        return Err(CodecError::Body(format!("{} trailing bytes", bytes.len() - at)));
+        return Err(CodecError::Body(format!(
+            "{} trailing bytes",
+            bytes.len() - at
+        )));
     }
     Ok(out)
 }
@@ -419,7 +429,11 @@ fn write_values(out: &mut Vec<u8>, coding: ValueCoding, values: &[f32]) {
             }
             for (b, s) in values.chunks(block as usize).zip(&scales) {
                 for v in b {
-                    let q = if *s > 0.0 { (v / s).round().clamp(-127.0, 127.0) } else { 0.0 };
+                    let q = if *s > 0.0 {
+                        (v / s).round().clamp(-127.0, 127.0)
+                    } else {
+                        0.0
+                    };
                     out.push(q as i8 as u8);
                 }
             }
@@ -532,7 +546,13 @@ mod tests {
 
     fn all_specs() -> Vec<CodecSpec> {
         [
-            "fp32", "fp16", "bf16", "int8", "int8/64", "topk0.01+fp32", "topk0.1+int8",
+            "fp32",
+            "fp16",
+            "bf16",
+            "int8",
+            "int8/64",
+            "topk0.01+fp32",
+            "topk0.1+int8",
             "topk0.05+bf16",
         ]
         .iter()
@@ -545,7 +565,14 @@ mod tests {
         for spec in all_specs() {
             assert_eq!(spec.to_string().parse::<CodecSpec>().unwrap(), spec);
         }
-        for bad in ["", "int4", "topk+int8", "topk2+int8", "int8/0", "topk0+fp16"] {
+        for bad in [
+            "",
+            "int4",
+            "topk+int8",
+            "topk2+int8",
+            "int8/0",
+            "topk0+fp16",
+        ] {
             let err = bad.parse::<CodecSpec>().unwrap_err().to_string();
             assert!(err.contains("topk0.01+int8"), "{err}");
         }
@@ -574,7 +601,10 @@ mod tests {
         for (block, (a, b)) in v.chunks(100).zip(out.chunks(100)).enumerate() {
             let step = a.iter().fold(0.0f32, |m, x| m.max(x.abs())) / 127.0;
             for (x, y) in a.iter().zip(b) {
-                assert!((x - y).abs() <= step * 0.5 + 1e-9, "block {block}: {x} vs {y}");
+                assert!(
+                    (x - y).abs() <= step * 0.5 + 1e-9,
+                    "block {block}: {x} vs {y}"
+                );
             }
             if block > 0 {
                 assert!(step < 0.001, "outlier leaked into block {block}");
@@ -632,7 +662,12 @@ mod tests {
             let norm: f64 = true_sum.iter().map(|t| t * t).sum::<f64>().sqrt();
             gaps.push(gap / norm);
             // The gap is exactly the residual: nothing is lost, only delayed.
-            let r: f64 = ef.residual().iter().map(|r| (*r as f64).powi(2)).sum::<f64>().sqrt();
+            let r: f64 = ef
+                .residual()
+                .iter()
+                .map(|r| (*r as f64).powi(2))
+                .sum::<f64>()
+                .sqrt();
             assert!((r - gap).abs() <= 1e-3 * norm.max(1.0), "{r} vs {gap}");
         }
         // Relative gap shrinks as the sums grow (the residual stays bounded).
@@ -693,7 +728,10 @@ mod tests {
             decode(&bytes, 99).unwrap_err(),
             CodecError::Length { want: 99, got: 100 }
         );
-        assert!(matches!(decode(&bytes[..bytes.len() - 1], 100), Err(CodecError::Body(_))));
+        assert!(matches!(
+            decode(&bytes[..bytes.len() - 1], 100),
+            Err(CodecError::Body(_))
+        ));
         let mut extra = bytes.clone();
         extra.push(0);
         assert!(matches!(decode(&extra, 100), Err(CodecError::Body(_))));

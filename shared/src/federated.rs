@@ -256,13 +256,22 @@ mod tests {
                     for (p, d) in m.iter_mut().zip(&neg) {
                         *p += d;
                     }
-                    assert!(m.iter().zip(t.model_flat()).all(|(a, b)| (a - b).abs() < 1e-6));
+                    assert!(
+                        m.iter()
+                            .zip(t.model_flat())
+                            .all(|(a, b)| (a - b).abs() < 1e-6)
+                    );
                 }
                 TargetPolicy::LocalEma => {
                     assert_ne!(t.target_flat(), start.target);
                     end.apply_delta(&neg).unwrap();
                     let got = t.target_flat();
-                    assert!(end.target.iter().zip(&got).all(|(a, b)| (a - b).abs() < 1e-6));
+                    assert!(
+                        end.target
+                            .iter()
+                            .zip(&got)
+                            .all(|(a, b)| (a - b).abs() < 1e-6)
+                    );
                 }
             }
         }

@@ -129,8 +129,8 @@ pub async fn run(
         local,
     };
     let client_cfg = quic_client_config(&identity).map_err(|e| setup(&e))?;
-    let endpoint = amity_protocol::endpoint::client(opts.coordinator, client_cfg)
-        .map_err(|e| setup(&e))?;
+    let endpoint =
+        amity_protocol::endpoint::client(opts.coordinator, client_cfg).map_err(|e| setup(&e))?;
     let mut backoff = Duration::from_millis(250);
     loop {
         if stop.load(Ordering::Relaxed) {
@@ -156,7 +156,10 @@ pub async fn run(
                 break;
             }
             SessionEnd::Lost(why) => {
-                tracing::warn!("connection to {} lost: {why}; retrying in {backoff:?}", opts.coordinator);
+                tracing::warn!(
+                    "connection to {} lost: {why}; retrying in {backoff:?}",
+                    opts.coordinator
+                );
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(8));
             }
@@ -267,7 +270,9 @@ async fn session(
                 "local-ema" => TargetPolicy::LocalEma,
                 "coordinator-ema" => TargetPolicy::CoordinatorEma,
                 other => {
-                    return Err(WorkerError::Refused(format!("unknown target policy {other}")));
+                    return Err(WorkerError::Refused(format!(
+                        "unknown target policy {other}"
+                    )));
                 }
             };
             tracing::info!(worker, %codec, %policy, preset = %run.preset, "registered");
@@ -276,7 +281,11 @@ async fn session(
         Ok(Some(ServerMsg::Error { code, message })) => {
             return Err(WorkerError::Refused(format!("{code:?}: {message}")));
         }
-        Ok(other) => return Ok(SessionEnd::Lost(format!("expected Registered, got {other:?}"))),
+        Ok(other) => {
+            return Ok(SessionEnd::Lost(format!(
+                "expected Registered, got {other:?}"
+            )));
+        }
         Err(e) => return Ok(lost(e)),
     };
     if st.trainer.as_ref().is_none_or(|t| t.config() != &run) {
@@ -352,7 +361,14 @@ async fn train_round(
     control: &mut MsgStream,
     st: &mut Local,
     stop: &Arc<AtomicBool>,
-    (round, state, params_hash, delta, budget_ms, steps): (u64, Hash, Hash, Option<StateDelta>, u64, u64),
+    (round, state, params_hash, delta, budget_ms, steps): (
+        u64,
+        Hash,
+        Hash,
+        Option<StateDelta>,
+        u64,
+        u64,
+    ),
     shards: Vec<Hash>,
     codec: CodecSpec,
     policy: TargetPolicy,
@@ -387,7 +403,9 @@ async fn train_round(
                 target: ckpt.target,
             };
             if p.hash() != params_hash {
-                return Err(SessionEnd::Lost("global state does not match its hash".into()));
+                return Err(SessionEnd::Lost(
+                    "global state does not match its hash".into(),
+                ));
             }
             p
         }
@@ -439,7 +457,7 @@ async fn train_round(
         let mut trainer = trainer;
         let t0 = Instant::now();
         let mut on_step = |step: u64, loss: f64| {
-            if progress && step % 5 == 0 {
+            if progress && step.is_multiple_of(5) {
                 let rate = (step * run.train.batch as u64) as f64 / t0.elapsed().as_secs_f64();
                 eprintln!(
                     "round {round} step {step} loss {loss:.4} {rate:.1} clips/s up {} down {}",
@@ -535,7 +553,10 @@ async fn fetch(
     summary: &mut WorkerSummary,
 ) -> Result<Vec<u8>, SessionEnd> {
     if !cache.contains(&id) {
-        let part = cache.root().join("tmp").join(format!("{}.fetch", id.to_hex()));
+        let part = cache
+            .root()
+            .join("tmp")
+            .join(format!("{}.fetch", id.to_hex()));
         let n = fetch_blob(conn, peer, id.0, &part).await.map_err(lost)?;
         summary.bytes_down += n;
         publish(cache, &part, &id).map_err(|e| SessionEnd::Lost(e.to_string()))?;
@@ -544,11 +565,16 @@ async fn fetch(
 }
 
 /// Moves a verified download into the store.
-fn publish(cache: &LocalStore, part: &Path, id: &BlobId) -> Result<(), amity_shared::store::StoreError> {
-    let mut f = std::fs::File::open(part).map_err(|source| amity_shared::store::StoreError::Io {
-        path: part.to_owned(),
-        source,
-    })?;
+fn publish(
+    cache: &LocalStore,
+    part: &Path,
+    id: &BlobId,
+) -> Result<(), amity_shared::store::StoreError> {
+    let mut f =
+        std::fs::File::open(part).map_err(|source| amity_shared::store::StoreError::Io {
+            path: part.to_owned(),
+            source,
+        })?;
     cache.put_reader(&mut f, Some(*id))?;
     let _ = std::fs::remove_file(part);
     Ok(())
@@ -562,7 +588,8 @@ async fn serve_updates(conn: quinn::Connection, cache: LocalStore, peer: String)
             if let Ok(Some(ClientMsg::FetchBlob { id, offset })) = stream.recv::<ClientMsg>().await
             {
                 let path = cache.path(&BlobId(id));
-                if let Err(e) = serve_blob(&mut stream, &path, id, offset, ServeFaults::default()).await
+                if let Err(e) =
+                    serve_blob(&mut stream, &path, id, offset, ServeFaults::default()).await
                 {
                     tracing::debug!("serving update: {e}");
                 }

@@ -71,7 +71,8 @@ impl ShardSet {
                     path: origin.to_owned(),
                 })?;
             let shard = open_shard(blobs, id)?;
-            if shard.header.frames as usize != clip.frames || shard.header.size as usize != clip.size
+            if shard.header.frames as usize != clip.frames
+                || shard.header.size as usize != clip.size
             {
                 return Err(CorpusError::Mismatch {
                     path: blobs.path(id),
