@@ -95,6 +95,15 @@ pub struct FederatedBenchArgs {
     /// Skip the non-IID (colour-skewed) runs.
     #[arg(long)]
     pub iid_only: bool,
+    /// Uplink codec of the compressed runs.
+    #[arg(long, default_value = "topk0.05+int8")]
+    pub up: String,
+    /// Downlink codec of the compressed runs.
+    #[arg(long, default_value = "topk0.1+int8")]
+    pub down: String,
+    /// Run only these runs (comma-separated names, e.g. ddp-fp32,diloco-topk-int8-ef).
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
 }
 
 /// `amity bench transfer`.
@@ -178,7 +187,12 @@ fn bench(args: BenchArgs) -> Result<()> {
                 batch: a.batch,
                 non_iid: !a.iid_only,
                 probe_videos: (400, 200),
+                compressed: (a.up.clone(), a.down.clone()),
+                only: a.only.clone(),
             };
+            for c in [&a.up, &a.down] {
+                c.parse::<amity_shared::codec::CodecSpec>()?;
+            }
             println!(
                 "federated: {} workers x {} rounds x {} local steps x batch {} (tiny preset)",
                 a.workers, a.rounds, a.local_steps, a.batch
@@ -189,10 +203,13 @@ fn bench(args: BenchArgs) -> Result<()> {
                     r.name, r.bytes, r.loss, r.velocity_r2
                 )
             });
-            println!(
-                "DiLoCo + top-k + int8 + EF sends {:.0}x fewer bytes than DDP fp32; velocity R2 gap {:+.3}",
-                report.reduction, report.r2_gap
-            );
+            if let (Some(r), Some(g)) = (report.reduction, report.r2_gap) {
+                println!(
+                    "DiLoCo + {} up / {} down (error feedback) sends {r:.0}x fewer bytes than DDP \
+                     fp32; velocity R2 gap {g:+.3}",
+                    a.up, a.down
+                );
+            }
             println!("{}", serde_json::to_string(&report)?);
             Ok(())
         }

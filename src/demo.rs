@@ -91,7 +91,7 @@ pub fn run(out: &Path, videos: usize, rounds: u64, round_secs: f64) -> Result<()
         preset: None,
         run_config: None,
         inner_steps,
-        codec: "topk0.01+int8".parse()?,
+        codec: "topk0.05+int8".parse()?,
         downlink_codec: "topk0.1+int8".parse()?,
         target_policy: TargetPolicy::LocalEma,
         checkpoint_every: rounds.min(5),

@@ -6,9 +6,10 @@
 //! - `ddp-fp32`: the baseline, one optimiser step per global batch with dense fp32 gradient
 //!   synchronisation every step (counted as `2 x 4 bytes x params` per worker per step, what a
 //!   ring all-reduce moves);
-//! - `diloco-fp32`, `diloco-int8`, `diloco-topk-int8-ef` (top-1% + int8 up with error
-//!   feedback, top-10% + int8 deltas down), each under the local-EMA target policy;
-//! - `diloco-fp32-coordinator-ema`: the other target-encoder policy;
+//! - `diloco-fp32`, `diloco-int8`, `diloco-topk-int8-ef` (by default top-5% + int8 up with
+//!   error feedback, top-10% + int8 deltas down), each under the local-EMA target policy;
+//! - `diloco-fp32-coordinator-ema` and `diloco-topk-int8-ef-coordinator-ema`: the other
+//!   target-encoder policy;
 //! - with `non_iid`, `ddp-fp32` and `diloco-topk-int8-ef` again where each worker only ever
 //!   sees videos whose first object has "its" colours.
 //!
@@ -45,6 +46,10 @@ pub struct FederatedBenchOptions {
     pub non_iid: bool,
     /// Probe videos (fit / score).
     pub probe_videos: (usize, usize),
+    /// Uplink and downlink codecs of the compressed run.
+    pub compressed: (String, String),
+    /// Run only these runs (all when empty).
+    pub only: Vec<String>,
 }
 
 /// One run's figures.
@@ -67,10 +72,10 @@ pub struct FederatedReport {
     pub bench: &'static str,
     /// Every run.
     pub runs: Vec<RunReport>,
-    /// Bytes of `ddp-fp32` over bytes of `diloco-topk-int8-ef`.
-    pub reduction: f64,
+    /// Bytes of `ddp-fp32` over bytes of `diloco-topk-int8-ef` (null when either was not run).
+    pub reduction: Option<f64>,
     /// Velocity R² of `ddp-fp32` minus that of `diloco-topk-int8-ef`.
-    pub r2_gap: f64,
+    pub r2_gap: Option<f64>,
 }
 
 fn run_config(opts: &FederatedBenchOptions) -> Config {
@@ -208,8 +213,9 @@ fn diloco(
                 || false,
             )
             .expect("layouts match");
-            let (wire, _) = feedback[w].encode(&spec, &u.wire_values());
-            let values = codec::decode(&wire, core.update_len()).expect("own encoding");
+            let parts = core.update_parts();
+            let (wire, _) = feedback[w].encode_parts(&spec, &u.wire_values(), &parts);
+            let values = codec::decode_parts(&wire, &parts).expect("own encoding");
             now += 1;
             let acts = core.handle(
                 Event::Update {
@@ -259,66 +265,51 @@ pub fn federated(opts: &FederatedBenchOptions, print: &dyn Fn(&RunReport)) -> Fe
         opts.probe_videos.1,
     );
     let mut runs = Vec::new();
+    let wanted = |name: &str| opts.only.is_empty() || opts.only.iter().any(|o| o == name);
     let mut push = |r: RunReport| {
         print(&r);
         runs.push(r);
     };
     use TargetPolicy::{CoordinatorEma, LocalEma};
-    push(ddp(opts, &probes, false));
-    push(diloco(
-        opts,
-        &probes,
-        "diloco-fp32",
-        "fp32",
-        "fp32",
-        LocalEma,
-        false,
-    ));
-    push(diloco(
-        opts,
-        &probes,
-        "diloco-fp32-coordinator-ema",
-        "fp32",
-        "fp32",
-        CoordinatorEma,
-        false,
-    ));
-    push(diloco(
-        opts,
-        &probes,
-        "diloco-int8",
-        "int8",
-        "int8",
-        LocalEma,
-        false,
-    ));
-    push(diloco(
-        opts,
-        &probes,
-        "diloco-topk-int8-ef",
-        "topk0.01+int8",
-        "topk0.1+int8",
-        LocalEma,
-        false,
-    ));
-    if opts.non_iid {
-        push(ddp(opts, &probes, true));
-        push(diloco(
-            opts,
-            &probes,
-            "diloco-topk-int8-ef-non-iid",
-            "topk0.01+int8",
-            "topk0.1+int8",
-            LocalEma,
-            true,
-        ));
+    let (up, down) = (opts.compressed.0.as_str(), opts.compressed.1.as_str());
+    let plan: [(&str, &str, &str, TargetPolicy, bool); 6] = [
+        ("diloco-fp32", "fp32", "fp32", LocalEma, false),
+        (
+            "diloco-fp32-coordinator-ema",
+            "fp32",
+            "fp32",
+            CoordinatorEma,
+            false,
+        ),
+        ("diloco-int8", "int8", "int8", LocalEma, false),
+        ("diloco-topk-int8-ef", up, down, LocalEma, false),
+        (
+            "diloco-topk-int8-ef-coordinator-ema",
+            up,
+            down,
+            CoordinatorEma,
+            false,
+        ),
+        ("diloco-topk-int8-ef-non-iid", up, down, LocalEma, true),
+    ];
+    if wanted("ddp-fp32") {
+        push(ddp(opts, &probes, false));
     }
-    let find = |n: &str| runs.iter().find(|r| r.name == n).expect("run present");
+    for (name, u, d, policy, non_iid) in plan {
+        if wanted(name) && (!non_iid || opts.non_iid) {
+            push(diloco(opts, &probes, name, u, d, policy, non_iid));
+        }
+    }
+    if opts.non_iid && wanted("ddp-fp32-non-iid") {
+        push(ddp(opts, &probes, true));
+    }
+    let find = |n: &str| runs.iter().find(|r| r.name == n);
     let (a, d) = (find("ddp-fp32"), find("diloco-topk-int8-ef"));
+    let both = a.zip(d);
     FederatedReport {
         bench: "federated",
-        reduction: a.bytes as f64 / d.bytes.max(1) as f64,
-        r2_gap: a.velocity_r2 - d.velocity_r2,
+        reduction: both.map(|(a, d)| a.bytes as f64 / d.bytes.max(1) as f64),
+        r2_gap: both.map(|(a, d)| a.velocity_r2 - d.velocity_r2),
         runs,
     }
 }

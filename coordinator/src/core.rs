@@ -604,6 +604,17 @@ impl Core {
             .collect()
     }
 
+    /// The parts of a valid update's value vector: the model, then the target under the
+    /// local-EMA policy. Updates are encoded part by part (`codec::encode_parts`), so top-k
+    /// picks the largest entries of each part and never starves the slowly moving target.
+    pub fn update_parts(&self) -> Vec<usize> {
+        let mut parts = vec![self.params.model.len()];
+        if self.cfg.target_policy == TargetPolicy::LocalEma {
+            parts.push(self.params.target.len());
+        }
+        parts
+    }
+
     /// The length of a valid update's value vector.
     pub fn update_len(&self) -> usize {
         self.params.model.len()

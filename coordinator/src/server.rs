@@ -107,7 +107,7 @@ struct Shared {
     store: LocalStore,
     corpus: Option<LocalStore>,
     layout: StateLayout,
-    update_len: usize,
+    update_parts: Vec<usize>,
     events: mpsc::UnboundedSender<Event>,
     outboxes: Outboxes,
     next_worker: AtomicU64,
@@ -142,11 +142,11 @@ fn build_core(
         let bytes = store.get(&snap_id).map_err(setup)?;
         let snap = Snapshot::from_bytes(&bytes).map_err(setup)?;
         let (mut core, actions) = Core::restore(core_cfg, snap);
-        let want = core.update_len();
+        let parts = core.update_parts();
         for entry in &point.accepted {
             if let LogEntry::UpdateAccepted { blob, .. } = entry {
                 let bytes = store.get(blob).map_err(setup)?;
-                let values = codec::decode(&bytes, want)
+                let values = codec::decode_parts(&bytes, &parts)
                     .map_err(|e| setup(format!("logged update {blob}: {e}")))?;
                 core.replay_update(entry, values);
             }
@@ -224,7 +224,7 @@ pub async fn run(
         store,
         corpus,
         layout: layout.clone(),
-        update_len: core.update_len(),
+        update_parts: core.update_parts(),
         events: events_tx,
         outboxes: Arc::new(Mutex::new(HashMap::new())),
         next_worker: AtomicU64::new(1),
@@ -540,7 +540,8 @@ async fn pull_update(
     announced: u64,
 ) -> Result<Vec<f32>, String> {
     // An update is at most a dense fp32 vector plus its header.
-    let limit = shared.update_len as u64 * 4 + 64;
+    let values: usize = shared.update_parts.iter().sum();
+    let limit = values as u64 * 4 + 64 * shared.update_parts.len() as u64;
     if announced > limit {
         return Err(format!(
             "{announced} bytes announced, at most {limit} allowed"
@@ -562,7 +563,7 @@ async fn pull_update(
         let _ = std::fs::remove_file(&part);
     }
     let bytes = shared.store.get(&id).map_err(|e| e.to_string())?;
-    codec::decode(&bytes, shared.update_len).map_err(|e| e.to_string())
+    codec::decode_parts(&bytes, &shared.update_parts).map_err(|e| e.to_string())
 }
 
 async fn serve_blob_requests(shared: Arc<Shared>, conn: quinn::Connection, peer: String) {

@@ -505,8 +505,34 @@ impl ErrorFeedback {
     }
 
     /// Encodes `update + residual` with `spec` and keeps the part that was lost. Returns the
-    /// bytes to send and the values the receiver will decode.
+    /// bytes to send ([`encode`] format) and the values the receiver will decode.
     pub fn encode(&mut self, spec: &CodecSpec, update: &[f32]) -> (Vec<u8>, Vec<f32>) {
+        self.encode_with(update, |v| {
+            let bytes = encode(spec, v);
+            let sent = decode(&bytes, v.len());
+            (bytes, sent)
+        })
+    }
+
+    /// [`ErrorFeedback::encode`] part by part: the bytes are in the [`encode_parts`] format.
+    pub fn encode_parts(
+        &mut self,
+        spec: &CodecSpec,
+        update: &[f32],
+        parts: &[usize],
+    ) -> (Vec<u8>, Vec<f32>) {
+        self.encode_with(update, |v| {
+            let bytes = encode_parts(spec, v, parts);
+            let sent = decode_parts(&bytes, parts);
+            (bytes, sent)
+        })
+    }
+
+    fn encode_with(
+        &mut self,
+        update: &[f32],
+        codec: impl FnOnce(&[f32]) -> (Vec<u8>, Result<Vec<f32>, CodecError>),
+    ) -> (Vec<u8>, Vec<f32>) {
         if self.residual.len() != update.len() {
             self.residual = vec![0.0; update.len()];
         }
@@ -515,9 +541,8 @@ impl ErrorFeedback {
             .zip(&self.residual)
             .map(|(u, r)| u + r)
             .collect();
-        let bytes = encode(spec, &corrected);
-        match decode(&bytes, corrected.len()) {
-            Ok(sent) => {
+        match codec(&corrected) {
+            (bytes, Ok(sent)) => {
                 for ((r, c), s) in self.residual.iter_mut().zip(&corrected).zip(&sent) {
                     *r = c - s;
                 }
@@ -525,7 +550,7 @@ impl ErrorFeedback {
             }
             // A non-finite update (training diverged): it goes out as it is, for the receiver
             // to reject, and the residual restarts rather than carry the poison forward.
-            Err(_) => {
+            (bytes, Err(_)) => {
                 self.residual.iter_mut().for_each(|r| *r = 0.0);
                 (bytes, corrected)
             }

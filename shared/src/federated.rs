@@ -139,6 +139,15 @@ pub struct LocalUpdate {
 }
 
 impl LocalUpdate {
+    /// The lengths of the parts of [`LocalUpdate::wire_values`] (each encoded on its own).
+    pub fn wire_parts(&self) -> Vec<usize> {
+        let mut parts = vec![self.model_delta.len()];
+        if let Some(t) = &self.target_delta {
+            parts.push(t.len());
+        }
+        parts
+    }
+
     /// The values a worker uploads: the model delta, then the target delta when there is one.
     pub fn wire_values(&self) -> Vec<f32> {
         let mut v = self.model_delta.clone();

@@ -496,7 +496,9 @@ async fn train_round(
     }
     // 4. Compress (error feedback keeps what top-k and int8 drop) and offer the blob.
     let values = update.wire_values();
-    let (bytes, _) = st.feedback.encode(&codec, &values);
+    let (bytes, _) = st
+        .feedback
+        .encode_parts(&codec, &values, &update.wire_parts());
     let stored = st
         .cache
         .put(&bytes)
