@@ -81,6 +81,12 @@ pub fn run(out: &Path, videos: usize, rounds: u64, round_secs: f64) -> Result<()
     let budget_ms = (round_secs * 1000.0) as u64;
     // Expected local steps per worker, so that the inner schedule spans the run.
     let inner_steps = (rounds * (round_secs * 6.0) as u64).max(50);
+    // The run config travels to the workers; it is written next to the coordinator's state.
+    run_cfg.train.steps = inner_steps;
+    run_cfg.train.warmup = (inner_steps / 10).max(1);
+    std::fs::create_dir_all(&state_dir)?;
+    let run_path = state_dir.join("run.toml");
+    std::fs::write(&run_path, run_cfg.to_toml())?;
     let cfg = CoordinatorConfig {
         listen: "127.0.0.1:0".parse()?,
         state_dir: state_dir.clone(),
@@ -89,8 +95,8 @@ pub fn run(out: &Path, videos: usize, rounds: u64, round_secs: f64) -> Result<()
         name: "coordinator".into(),
         revoked: Vec::new(),
         preset: None,
-        run_config: None,
-        inner_steps,
+        run_config: Some(run_path),
+        inner_steps: 0,
         codec: "topk0.05+int8".parse()?,
         downlink_codec: "topk0.1+int8".parse()?,
         target_policy: TargetPolicy::LocalEma,
@@ -105,18 +111,6 @@ pub fn run(out: &Path, videos: usize, rounds: u64, round_secs: f64) -> Result<()
         },
         outer: Default::default(),
         aggregation: AggregationConfig::default(),
-    };
-    // The run config travels to the workers; write it next to the coordinator's state.
-    let mut run_cfg_file = run_cfg.clone();
-    run_cfg_file.train.steps = inner_steps;
-    run_cfg_file.train.warmup = (inner_steps / 10).max(1);
-    std::fs::create_dir_all(&state_dir)?;
-    let run_path = state_dir.join("run.toml");
-    std::fs::write(&run_path, run_cfg_file.to_toml())?;
-    let cfg = CoordinatorConfig {
-        run_config: Some(run_path),
-        inner_steps: 0,
-        ..cfg
     };
     std::fs::write(
         state_dir.join("coordinator.toml"),

@@ -1,40 +1,14 @@
 //! Corpora as a user meets them: `amity corpus synth`, `ingest`, `verify`, then `amity train`
 //! on the store; real MP4/WebM files made by the `ffmpeg` tool; damaged inputs and shards.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+use common::{amity, ok, s, scratch};
+
+use std::process::Command;
 
 use amity_shared::corpus::manifest::Manifest;
 use amity_shared::corpus::video::ffmpeg_version;
 use amity_shared::synth::{SynthConfig, generate};
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("amity-corpus-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn amity(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_amity"))
-        .args(args)
-        .output()
-        .expect("amity runs")
-}
-
-fn ok(o: &Output) -> String {
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    assert!(o.status.success(), "{text}");
-    text
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// FFmpeg must be present where the test script installed it; elsewhere its tests say so.
 fn have_ffmpeg() -> bool {

@@ -4,40 +4,15 @@
 //! Rounds are step-budgeted here (a few local steps each) so that the tests are quick and do not
 //! depend on how fast the machine is; the demo and the bench use time budgets.
 
+mod common;
+use common::{amity, ok, s, scratch};
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use amity_shared::config::Config;
 use serde_json::Value;
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("amity-fed-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn amity(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_amity"))
-        .args(args)
-        .output()
-        .expect("amity runs")
-}
-
-fn ok(o: &Output) -> String {
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    assert!(o.status.success(), "{text}");
-    text
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// A free UDP port on loopback.
 fn free_port() -> u16 {

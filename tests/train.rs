@@ -1,24 +1,10 @@
 //! `amity train` as a user runs it: synthetic data and a checkpoint that loads back (training
 //! from a shard store is exercised in `tests/corpus.rs`).
 
-use std::path::PathBuf;
-use std::process::Command;
+mod common;
+use common::{amity, scratch};
 
 use amity_shared::checkpoint::Checkpoint;
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("amity-train-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn amity(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_amity"))
-        .args(args)
-        .output()
-        .expect("amity runs")
-}
 
 #[test]
 fn trains_on_synthetic_clips_and_writes_a_loadable_checkpoint() {

@@ -146,8 +146,21 @@ pub fn screen(
 
 /// Combines accepted updates (`None` when there are none).
 pub fn combine(accepted: &[Candidate], cfg: &AggregationConfig) -> Option<Vec<f32>> {
-    let first = accepted.first()?;
-    let len = first.values.len();
+    combine_range(accepted, 0..accepted.first()?.values.len(), cfg)
+}
+
+/// [`combine`] over the values in `range` of each update (one part of the state, without
+/// copying it out first).
+pub fn combine_range(
+    accepted: &[Candidate],
+    range: std::ops::Range<usize>,
+    cfg: &AggregationConfig,
+) -> Option<Vec<f32>> {
+    accepted.first()?;
+    let len = range.len();
+    fn part<'a>(c: &'a Candidate, range: &std::ops::Range<usize>) -> &'a [f32] {
+        &c.values[range.clone()]
+    }
     match cfg.rule {
         AggregationRule::Mean => {
             let total: f64 = accepted.iter().map(|c| c.weight).sum();
@@ -158,7 +171,7 @@ pub fn combine(accepted: &[Candidate], cfg: &AggregationConfig) -> Option<Vec<f3
                 } else {
                     1.0 / accepted.len() as f64
                 };
-                for (o, v) in out.iter_mut().zip(&c.values) {
+                for (o, v) in out.iter_mut().zip(part(c, &range)) {
                     *o += w * *v as f64;
                 }
             }
@@ -172,7 +185,7 @@ pub fn combine(accepted: &[Candidate], cfg: &AggregationConfig) -> Option<Vec<f3
                 (0..len)
                     .map(|i| {
                         for (slot, c) in column.iter_mut().zip(accepted) {
-                            *slot = c.values[i];
+                            *slot = part(c, &range)[i];
                         }
                         column.sort_by(f32::total_cmp);
                         let kept = &column[cut..n - cut];

@@ -239,10 +239,11 @@ pub struct ShardPlan {
 
 impl ShardPlan {
     fn refill(&mut self, seed: u64) {
+        let queued: BTreeSet<&BlobId> = self.queue.iter().collect();
         let mut ids: Vec<BlobId> = self
             .shards
             .keys()
-            .filter(|id| !self.queue.contains(id))
+            .filter(|id| !queued.contains(id))
             .copied()
             .collect();
         Rng::derive(seed, &[0x5a4d, self.epoch]).shuffle(&mut ids);
@@ -435,6 +436,8 @@ pub struct Core {
     round: u64,
     phase: Phase,
     params: GlobalParams,
+    /// `params.hash()`, kept in step with `params` (hashing them is not free).
+    params_hash: Hash,
     outer: OuterOptimizer,
     down_residual: Vec<f32>,
     /// Blob id of the checkpoint form of `params` (what workers without a base fetch).
@@ -467,6 +470,7 @@ impl Core {
             plan.shards.insert(s.id, (s.clips, None));
         }
         plan.refill(cfg.run.train.seed);
+        let hash = params.hash();
         let mut core = Core {
             outer: OuterOptimizer::new(cfg.outer),
             cfg,
@@ -483,7 +487,8 @@ impl Core {
             norm_history: Vec::new(),
             provenance: BTreeMap::new(),
             history: Vec::new(),
-            init_hash: params.hash(),
+            init_hash: hash,
+            params_hash: hash,
             params,
             now_ms: 0,
             started_any: false,
@@ -515,6 +520,7 @@ impl Core {
             provenance: snap.meta.provenance,
             history: snap.meta.history,
             init_hash: snap.meta.init_hash,
+            params_hash: snap.params.hash(),
             params: snap.params,
             now_ms: 0,
             started_any: false,
@@ -564,6 +570,11 @@ impl Core {
     /// The current global parameters.
     pub fn params(&self) -> &GlobalParams {
         &self.params
+    }
+
+    /// `params().hash()`, cached.
+    pub fn params_hash(&self) -> Hash {
+        self.params_hash
     }
 
     /// The round under way (or next to run).
@@ -853,7 +864,7 @@ impl Core {
             } else {
                 r.budget_ms + r.grace_ms
             };
-        let params_hash = self.params.hash();
+        let params_hash = self.params_hash;
         let total_speed: f64 = self
             .workers
             .values()
@@ -877,7 +888,7 @@ impl Core {
                 .map(|(base, blob)| StateDelta { base, blob: blob.0 });
             bytes_down += match delta {
                 _ if holds == Some(params_hash) => 0,
-                Some(_) => self.last_delta_len(),
+                Some(_) => self.delta_bytes_len,
                 None => state_len,
             };
             out.push(Action::Send {
@@ -921,10 +932,6 @@ impl Core {
         };
     }
 
-    fn last_delta_len(&self) -> u64 {
-        self.delta_bytes_len
-    }
-
     fn close_round(&mut self, out: &mut Vec<Action>) {
         let (expected, announced, bytes_down) =
             match std::mem::replace(&mut self.phase, Phase::Idle) {
@@ -939,7 +946,7 @@ impl Core {
                     return;
                 }
             };
-        let received = std::mem::take(&mut self.received);
+        let mut received = std::mem::take(&mut self.received);
         let refused = std::mem::take(&mut self.refused);
         let missing: Vec<String> = announced
             .into_iter()
@@ -958,11 +965,12 @@ impl Core {
             }
         }
         let bytes_up: u64 = received.iter().map(|p| p.update.bytes).sum();
+        // The values move into the candidates; the rest of `received` feeds the statistics.
         let cands: Vec<Candidate> = received
-            .iter()
+            .iter_mut()
             .map(|p| Candidate {
                 from: p.from.clone(),
-                values: p.update.values.clone(),
+                values: std::mem::take(&mut p.update.values),
                 weight: p.weight,
             })
             .collect();
@@ -1002,7 +1010,7 @@ impl Core {
         let excess = self.norm_history.len().saturating_sub(NORM_HISTORY);
         self.norm_history.drain(..excess);
 
-        let base_hash = self.params.hash();
+        let base_hash = self.params_hash;
         let mut delta_blob = None;
         if !accepted.is_empty() {
             let mean_steps = if samples > 0 {
@@ -1018,6 +1026,7 @@ impl Core {
             self.params
                 .apply_delta(&sent)
                 .expect("delta has the state's length");
+            self.params_hash = self.params.hash();
             let id = BlobId::of(&bytes);
             self.delta_bytes_len = bytes.len() as u64;
             out.push(Action::StoreBlob {
@@ -1027,7 +1036,7 @@ impl Core {
             delta_blob = Some(id);
         }
         self.last_delta = delta_blob.map(|b| (base_hash, b));
-        let params_hex = hex(&self.params.hash());
+        let params_hex = hex(&self.params_hash);
         let p = (self.params.model.len() + self.params.target.len()) as u64;
         let summary = RoundSummary {
             round: self.round,
@@ -1089,15 +1098,8 @@ impl Core {
     /// including the downlink residual of earlier rounds.
     fn outer_update(&mut self, accepted: &[Candidate], mean_steps: f64) -> Vec<f32> {
         let m_len = self.params.model.len();
-        let model_cands: Vec<Candidate> = accepted
-            .iter()
-            .map(|c| Candidate {
-                from: c.from.clone(),
-                values: c.values[..m_len].to_vec(),
-                weight: c.weight,
-            })
-            .collect();
-        let g = aggregate::combine(&model_cands, &self.cfg.aggregation).expect("non-empty");
+        let g =
+            aggregate::combine_range(accepted, 0..m_len, &self.cfg.aggregation).expect("non-empty");
         let step = self.outer.step(&g);
         let new_model: Vec<f32> = self
             .params
@@ -1109,16 +1111,9 @@ impl Core {
         let t_len = self.params.target.len();
         let new_target: Vec<f32> = match self.cfg.target_policy {
             TargetPolicy::LocalEma => {
-                let target_cands: Vec<Candidate> = accepted
-                    .iter()
-                    .map(|c| Candidate {
-                        from: c.from.clone(),
-                        values: c.values[m_len..].to_vec(),
-                        weight: c.weight,
-                    })
-                    .collect();
-                let gt =
-                    aggregate::combine(&target_cands, &self.cfg.aggregation).expect("non-empty");
+                let len = m_len + self.params.target.len();
+                let gt = aggregate::combine_range(accepted, m_len..len, &self.cfg.aggregation)
+                    .expect("non-empty");
                 self.params
                     .target
                     .iter()
@@ -1163,7 +1158,7 @@ impl Core {
     fn store_state(&mut self, out: &mut Vec<Action>) {
         let mut meta = BTreeMap::new();
         meta.insert("round".to_owned(), self.round.to_string());
-        meta.insert("params".to_owned(), hex(&self.params.hash()));
+        meta.insert("params".to_owned(), hex(&self.params_hash));
         let bytes = Checkpoint {
             config: self.cfg.run.clone(),
             model: self.params.model.clone(),
@@ -1280,6 +1275,19 @@ mod tests {
         }
     }
 
+    /// Delivers the seeded update `seed` (values scaled by `scale`) from `worker` for `round`.
+    fn send(
+        core: &mut Core,
+        worker: WorkerId,
+        round: u64,
+        scale: f32,
+        seed: u64,
+        now: u64,
+    ) -> Vec<Action> {
+        let update = update(core, round, scale, seed);
+        core.handle(Event::Update { worker, update }, now)
+    }
+
     fn sent_to(actions: &[Action], worker: WorkerId) -> Vec<&ServerMsg> {
         actions
             .iter()
@@ -1313,13 +1321,7 @@ mod tests {
         assert!(sa.iter().all(|s| !sb.contains(s)));
         let before = core.params().hash();
 
-        let acts = core.handle(
-            Event::Update {
-                worker: 1,
-                update: update(&core, 0, 1.0, 1),
-            },
-            50,
-        );
+        let acts = send(&mut core, 1, 0, 1.0, 1, 50);
         // Persist comes before the acknowledgement.
         assert!(matches!(
             acts[0],
@@ -1327,13 +1329,7 @@ mod tests {
         ));
         assert!(matches!(sent_to(&acts, 1)[0], ServerMsg::Ack { of: 0 }));
         assert_eq!(core.round(), 0);
-        let acts = core.handle(
-            Event::Update {
-                worker: 2,
-                update: update(&core, 0, 1.0, 2),
-            },
-            60,
-        );
+        let acts = send(&mut core, 2, 0, 1.0, 2, 60);
         assert_eq!(core.round(), 1);
         assert_ne!(core.params().hash(), before);
         let summary = acts
@@ -1383,13 +1379,7 @@ mod tests {
         join(&mut core, 1, "a", 10.0, 0);
         let acts = join(&mut core, 2, "b", 10.0, 0);
         let lost = assignment(&acts, 2);
-        core.handle(
-            Event::Update {
-                worker: 1,
-                update: update(&core, 0, 1.0, 1),
-            },
-            100,
-        );
+        send(&mut core, 1, 0, 1.0, 1, 100);
         // Heartbeats keep both alive; b never delivers.
         core.handle(Event::Heartbeat { worker: 2 }, 1500);
         assert_eq!(core.round(), 0);
@@ -1408,13 +1398,7 @@ mod tests {
         );
 
         // A worker that stops sending heartbeats is dropped and the round closes without it.
-        core.handle(
-            Event::Update {
-                worker: 1,
-                update: update(&core, 1, 1.0, 3),
-            },
-            2100,
-        );
+        send(&mut core, 1, 1, 1.0, 3, 2100);
         core.handle(Event::Heartbeat { worker: 1 }, 17_000);
         assert_eq!(
             core.round(),
@@ -1431,20 +1415,8 @@ mod tests {
         join(&mut core, 2, "b", 10.0, 0);
         join(&mut core, 3, "evil", 10.0, 0);
         // Round 0 had only a and b (min 2 reached at b's join); let it close.
-        core.handle(
-            Event::Update {
-                worker: 1,
-                update: update(&core, 0, 1.0, 1),
-            },
-            10,
-        );
-        core.handle(
-            Event::Update {
-                worker: 2,
-                update: update(&core, 0, 1.0, 2),
-            },
-            10,
-        );
+        send(&mut core, 1, 0, 1.0, 1, 10);
+        send(&mut core, 2, 0, 1.0, 2, 10);
         assert_eq!(core.round(), 1);
         let mut nan = update(&core, 1, 1.0, 3);
         nan.values[5] = f32::NAN;
@@ -1455,63 +1427,21 @@ mod tests {
             },
             20,
         );
-        core.handle(
-            Event::Update {
-                worker: 1,
-                update: update(&core, 1, 1.0, 4),
-            },
-            20,
-        );
-        core.handle(
-            Event::Update {
-                worker: 2,
-                update: update(&core, 1, 1.0, 5),
-            },
-            20,
-        );
+        send(&mut core, 1, 1, 1.0, 4, 20);
+        send(&mut core, 2, 1, 1.0, 5, 20);
         let s = core.history()[1].clone();
         assert_eq!(s.accepted, vec!["a", "b"]);
         assert_eq!(s.rejected[0].0, "evil");
         assert!(core.params().model.iter().all(|v| v.is_finite()));
         // A 100x update is rejected too, even when it is the only one besides one honest update.
-        core.handle(
-            Event::Update {
-                worker: 3,
-                update: update(&core, 2, 100.0, 6),
-            },
-            30,
-        );
-        core.handle(
-            Event::Update {
-                worker: 1,
-                update: update(&core, 2, 1.0, 7),
-            },
-            30,
-        );
-        core.handle(
-            Event::Update {
-                worker: 2,
-                update: update(&core, 2, 1.0, 8),
-            },
-            30,
-        );
+        send(&mut core, 3, 2, 100.0, 6, 30);
+        send(&mut core, 1, 2, 1.0, 7, 30);
+        send(&mut core, 2, 2, 1.0, 8, 30);
         let s = core.history()[2].clone();
         assert_eq!(s.rejected.len(), 1);
         // An update the shell could not decode counts as rejected and does not hold the round.
-        core.handle(
-            Event::Update {
-                worker: 1,
-                update: update(&core, 3, 1.0, 9),
-            },
-            40,
-        );
-        core.handle(
-            Event::Update {
-                worker: 2,
-                update: update(&core, 3, 1.0, 10),
-            },
-            40,
-        );
+        send(&mut core, 1, 3, 1.0, 9, 40);
+        send(&mut core, 2, 3, 1.0, 10, 40);
         assert_eq!(core.round(), 3);
         core.handle(
             Event::UpdateRefused {
@@ -1539,22 +1469,10 @@ mod tests {
         let (mut core, _) = setup(TargetPolicy::LocalEma);
         join(&mut core, 1, "a", 10.0, 0);
         join(&mut core, 2, "b", 10.0, 0);
-        core.handle(
-            Event::Update {
-                worker: 1,
-                update: update(&core, 0, 1.0, 1),
-            },
-            10,
-        );
+        send(&mut core, 1, 0, 1.0, 1, 10);
         core.handle(Event::Tick, 5000);
         assert_eq!(core.round(), 1);
-        let acts = core.handle(
-            Event::Update {
-                worker: 2,
-                update: update(&core, 0, 1.0, 2),
-            },
-            5001,
-        );
+        let acts = send(&mut core, 2, 0, 1.0, 2, 5001);
         assert!(matches!(
             sent_to(&acts, 2)[0],
             ServerMsg::Error {
@@ -1570,20 +1488,8 @@ mod tests {
         let (mut core, _) = setup(TargetPolicy::LocalEma);
         join(&mut core, 1, "a", 10.0, 0);
         join(&mut core, 2, "b", 10.0, 0);
-        core.handle(
-            Event::Update {
-                worker: 1,
-                update: update(&core, 0, 1.0, 1),
-            },
-            10,
-        );
-        let acts = core.handle(
-            Event::Update {
-                worker: 2,
-                update: update(&core, 0, 1.0, 2),
-            },
-            10,
-        );
+        send(&mut core, 1, 0, 1.0, 1, 10);
+        let acts = send(&mut core, 2, 0, 1.0, 2, 10);
         let snap_bytes = acts
             .iter()
             .find_map(|a| match a {
@@ -1595,13 +1501,7 @@ mod tests {
             })
             .unwrap();
         // An update of round 1 was accepted before the crash.
-        let acts = core.handle(
-            Event::Update {
-                worker: 1,
-                update: update(&core, 1, 1.0, 3),
-            },
-            20,
-        );
+        let acts = send(&mut core, 1, 1, 1.0, 3, 20);
         let Action::Persist(entry) = acts[0].clone() else {
             panic!("{acts:?}")
         };
@@ -1614,20 +1514,8 @@ mod tests {
         // Both continue identically: b's update closes round 1 with a's replayed one.
         join(&mut again, 11, "a", 10.0, 100);
         join(&mut again, 12, "b", 10.0, 100);
-        again.handle(
-            Event::Update {
-                worker: 12,
-                update: update(&core, 1, 1.0, 4),
-            },
-            120,
-        );
-        core.handle(
-            Event::Update {
-                worker: 2,
-                update: update(&core, 1, 1.0, 4),
-            },
-            30,
-        );
+        send(&mut again, 12, 1, 1.0, 4, 120);
+        send(&mut core, 2, 1, 1.0, 4, 30);
         assert_eq!(again.round(), 2);
         assert_eq!(again.params().hash(), core.params().hash());
 

@@ -8,14 +8,14 @@
 //! verified and resumable.
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use amity_protocol::PROTOCOL_VERSION;
-use amity_protocol::conn::{ConnError, MsgStream, ServeFaults, fetch_blob, serve_blob};
-use amity_protocol::message::{ClientMsg, ErrorCode, ServerMsg};
+use amity_protocol::conn::{ConnError, MsgStream, fetch_blob_bytes, serve_blob_requests};
+use amity_protocol::message::{ClientMsg, ErrorCode, Hash, ServerMsg};
 use amity_protocol::tls::{Identity, peer_name, quic_server_config};
 use amity_shared::codec;
 use amity_shared::corpus::manifest::{Manifest, open_blobs};
@@ -153,7 +153,7 @@ fn build_core(
         }
         tracing::info!(
             round = core.round(),
-            params = %hex(&core.params().hash()),
+            params = %hex(&core.params_hash()),
             replayed = point.accepted.len(),
             "resumed from the command log"
         );
@@ -309,7 +309,7 @@ fn latest_checkpoint(layout: &StateLayout) -> Option<PathBuf> {
 fn status(core: &Core, checkpoint: &Option<PathBuf>) -> Status {
     Status {
         round: core.round(),
-        params: hex(&core.params().hash()),
+        params: hex(&core.params_hash()),
         finished: core.finished(),
         workers: core.workers(),
         epoch: core.plan().epoch,
@@ -422,7 +422,9 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
         let shared = shared.clone();
         let conn = conn.clone();
         let peer = peer.clone();
-        tokio::spawn(async move { serve_blob_requests(shared, conn, peer).await })
+        tokio::spawn(serve_blob_requests(conn, peer, move |id: &Hash| {
+            shared.blob_path(&BlobId(*id))
+        }))
     };
     let caps = match control.recv::<ClientMsg>().await {
         Ok(Some(ClientMsg::Register(c))) => c,
@@ -547,47 +549,18 @@ async fn pull_update(
             "{announced} bytes announced, at most {limit} allowed"
         ));
     }
-    if !shared.store.contains(&id) {
+    let bytes = if shared.store.contains(&id) {
+        shared.store.get(&id).map_err(|e| e.to_string())?
+    } else {
         let part = shared
             .layout
             .incoming()
             .join(format!("{}.part", id.to_hex()));
-        fetch_blob(conn, peer, id.0, &part)
+        let bytes = fetch_blob_bytes(conn, peer, id.0, &part)
             .await
             .map_err(|e: ConnError| e.to_string())?;
-        let mut f = std::fs::File::open(&part).map_err(|e| format!("{}: {e}", part.display()))?;
-        shared
-            .store
-            .put_reader(&mut f, Some(id))
-            .map_err(|e| e.to_string())?;
-        let _ = std::fs::remove_file(&part);
-    }
-    let bytes = shared.store.get(&id).map_err(|e| e.to_string())?;
+        shared.store.put(&bytes).map_err(|e| e.to_string())?;
+        bytes
+    };
     codec::decode_parts(&bytes, &shared.update_parts).map_err(|e| e.to_string())
-}
-
-async fn serve_blob_requests(shared: Arc<Shared>, conn: quinn::Connection, peer: String) {
-    loop {
-        let mut stream = match MsgStream::accept(&conn, &peer).await {
-            Ok(Some(s)) => s,
-            _ => return,
-        };
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            match stream.recv::<ClientMsg>().await {
-                Ok(Some(ClientMsg::FetchBlob { id, offset })) => {
-                    let path = shared
-                        .blob_path(&BlobId(id))
-                        .unwrap_or_else(|| Path::new("/nonexistent").join(hex(&id)));
-                    if let Err(e) =
-                        serve_blob(&mut stream, &path, id, offset, ServeFaults::default()).await
-                    {
-                        tracing::debug!("serving {}: {e}", hex(&id));
-                    }
-                }
-                Ok(other) => stream.refuse(ErrorCode::Unexpected, &format!("{other:?}")),
-                Err(e) => tracing::debug!("{e}"),
-            }
-        });
-    }
 }

@@ -462,3 +462,53 @@ pub async fn fetch_blob(
     stream.finish();
     receive_blob(&mut stream, id, part).await
 }
+
+/// [`fetch_blob`], then the verified bytes in memory (the partial file is removed): for blobs
+/// the caller uses at once and stores itself.
+pub async fn fetch_blob_bytes(
+    conn: &Connection,
+    peer: &str,
+    id: Hash,
+    part: &Path,
+) -> Result<Vec<u8>, ConnError> {
+    fetch_blob(conn, peer, id, part).await?;
+    let bytes = std::fs::read(part).map_err(file_io(part))?;
+    let _ = std::fs::remove_file(part);
+    Ok(bytes)
+}
+
+/// Answers the `FetchBlob` requests on the streams the peer opens on `conn` until the connection
+/// ends, serving each blob from the file `locate` names (`None`: not held here, answered with
+/// `NotFound`). Anything else on such a stream is refused.
+pub async fn serve_blob_requests<F>(conn: Connection, peer: String, locate: F)
+where
+    F: Fn(&Hash) -> Option<PathBuf> + Send + Sync + 'static,
+{
+    let locate = std::sync::Arc::new(locate);
+    while let Ok(Some(mut stream)) = MsgStream::accept(&conn, &peer).await {
+        let locate = locate.clone();
+        tokio::spawn(async move {
+            match stream.recv::<ClientMsg>().await {
+                Ok(Some(ClientMsg::FetchBlob { id, offset })) => {
+                    let result = match locate(&id) {
+                        Some(path) => {
+                            serve_blob(&mut stream, &path, id, offset, ServeFaults::default()).await
+                        }
+                        None => {
+                            let message = format!("blob {}: not here", hex(&id));
+                            let code = ErrorCode::NotFound;
+                            let sent = stream.send(&ServerMsg::Error { code, message }).await;
+                            stream.finish();
+                            sent
+                        }
+                    };
+                    if let Err(e) = result {
+                        tracing::debug!("serving {}: {e}", hex(&id));
+                    }
+                }
+                Ok(other) => stream.refuse(ErrorCode::Unexpected, &format!("{other:?}")),
+                Err(e) => tracing::debug!("{e}"),
+            }
+        });
+    }
+}

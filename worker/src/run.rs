@@ -5,13 +5,13 @@
 //! error-feedback residual kept.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use amity_protocol::PROTOCOL_VERSION;
-use amity_protocol::conn::{ConnError, MsgStream, ServeFaults, fetch_blob, serve_blob};
+use amity_protocol::conn::{ConnError, MsgStream, fetch_blob_bytes, serve_blob_requests};
 use amity_protocol::message::{
     Capabilities, ClientMsg, ErrorCode, Hash, LossStats, ServerMsg, StateDelta,
 };
@@ -90,7 +90,8 @@ pub struct WorkerSummary {
 /// State that survives reconnects.
 struct Local {
     trainer: Option<Trainer>,
-    params: Option<GlobalParams>,
+    /// The global state we hold, shared with the training thread, and its hash.
+    params: Option<(Arc<GlobalParams>, Hash)>,
     feedback: ErrorFeedback,
     summary: WorkerSummary,
     cache: LocalStore,
@@ -225,7 +226,11 @@ async fn session(
         let conn = conn.clone();
         let cache = st.cache.clone();
         let peer = peer.clone();
-        tokio::spawn(async move { serve_updates(conn, cache, peer).await })
+        // Our updates, to the coordinator that pulls them.
+        tokio::spawn(serve_blob_requests(conn, peer, move |id: &Hash| {
+            let id = BlobId(*id);
+            cache.contains(&id).then(|| cache.path(&id))
+        }))
     };
     let samples_per_s = match &st.trainer {
         Some(t) => {
@@ -295,10 +300,12 @@ async fn session(
             .map_err(|e| WorkerError::Setup(e.to_string()))?;
         let t = Trainer::new(run.clone(), &device);
         // The run's seeded initialisation: round 0's state, with no download.
-        st.params = Some(GlobalParams {
+        let init = GlobalParams {
             model: t.model_flat(),
             target: t.target_flat(),
-        });
+        };
+        let hash = init.hash();
+        st.params = Some((Arc::new(init), hash));
         st.trainer = Some(t);
     }
 
@@ -375,18 +382,23 @@ async fn train_round(
 ) -> Result<(), SessionEnd> {
     let started = Instant::now();
     let peer = opts.server_name.as_str();
-    // 1. The global state: the delta when we hold its base, in full otherwise.
-    let mut start = st.params.clone().filter(|p| p.hash() == params_hash);
-    if start.is_some() {
-        // Already there (the seeded initial state, or a state we were sent before).
-    } else if let (Some(d), Some(p)) = (delta, st.params.as_ref())
-        && p.hash() == d.base
+    // 1. The global state.
+    let held = st.params.clone();
+    let mut start = held
+        .as_ref()
+        .filter(|(_, h)| *h == params_hash)
+        .map(|(p, _)| p.clone());
+    // Unless we already hold it (the seeded initial state, or a state sent before): the delta
+    // when we hold its base, in full otherwise.
+    if start.is_none()
+        && let (Some(d), Some((p, h))) = (delta, held.as_ref())
+        && *h == d.base
     {
         let bytes = fetch(conn, peer, &st.cache, BlobId(d.blob), &mut st.summary).await?;
-        let mut next = p.clone();
+        let mut next = GlobalParams::clone(p);
         match codec::decode_parts(&bytes, &next.parts()) {
             Ok(values) if next.apply_delta(&values).is_ok() && next.hash() == params_hash => {
-                start = Some(next)
+                start = Some(Arc::new(next))
             }
             Ok(_) => tracing::warn!(round, "delta did not reproduce the announced state"),
             Err(e) => tracing::warn!(round, "bad delta from coordinator: {e}"),
@@ -407,10 +419,10 @@ async fn train_round(
                     "global state does not match its hash".into(),
                 ));
             }
-            p
+            Arc::new(p)
         }
     };
-    st.params = Some(start.clone());
+    st.params = Some((start.clone(), params_hash));
     // 2. Shards: our institution's own, else the cache, else fetched.
     let ids: Vec<BlobId> = shards.iter().map(|h| BlobId(*h)).collect();
     for id in &ids {
@@ -554,48 +566,19 @@ async fn fetch(
     id: BlobId,
     summary: &mut WorkerSummary,
 ) -> Result<Vec<u8>, SessionEnd> {
-    if !cache.contains(&id) {
-        let part = cache
-            .root()
-            .join("tmp")
-            .join(format!("{}.fetch", id.to_hex()));
-        let n = fetch_blob(conn, peer, id.0, &part).await.map_err(lost)?;
-        summary.bytes_down += n;
-        publish(cache, &part, &id).map_err(|e| SessionEnd::Lost(e.to_string()))?;
+    if cache.contains(&id) {
+        return cache.get(&id).map_err(|e| SessionEnd::Lost(e.to_string()));
     }
-    cache.get(&id).map_err(|e| SessionEnd::Lost(e.to_string()))
-}
-
-/// Moves a verified download into the store.
-fn publish(
-    cache: &LocalStore,
-    part: &Path,
-    id: &BlobId,
-) -> Result<(), amity_shared::store::StoreError> {
-    let mut f =
-        std::fs::File::open(part).map_err(|source| amity_shared::store::StoreError::Io {
-            path: part.to_owned(),
-            source,
-        })?;
-    cache.put_reader(&mut f, Some(*id))?;
-    let _ = std::fs::remove_file(part);
-    Ok(())
-}
-
-/// Serves blobs from our cache (our updates) to the coordinator.
-async fn serve_updates(conn: quinn::Connection, cache: LocalStore, peer: String) {
-    while let Ok(Some(mut stream)) = MsgStream::accept(&conn, &peer).await {
-        let cache = cache.clone();
-        tokio::spawn(async move {
-            if let Ok(Some(ClientMsg::FetchBlob { id, offset })) = stream.recv::<ClientMsg>().await
-            {
-                let path = cache.path(&BlobId(id));
-                if let Err(e) =
-                    serve_blob(&mut stream, &path, id, offset, ServeFaults::default()).await
-                {
-                    tracing::debug!("serving update: {e}");
-                }
-            }
-        });
-    }
+    let part = cache
+        .root()
+        .join("tmp")
+        .join(format!("{}.fetch", id.to_hex()));
+    let bytes = fetch_blob_bytes(conn, peer, id.0, &part)
+        .await
+        .map_err(lost)?;
+    summary.bytes_down += bytes.len() as u64;
+    cache
+        .put(&bytes)
+        .map_err(|e| SessionEnd::Lost(e.to_string()))?;
+    Ok(bytes)
 }

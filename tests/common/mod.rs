@@ -1,0 +1,38 @@
+//! Helpers the whole-system tests share: scratch folders and running the built binary.
+// Each test file uses its own subset.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// A fresh, empty folder for test `name` of this process.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("amity-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Runs `amity` with `args` to completion.
+pub fn amity(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_amity"))
+        .args(args)
+        .output()
+        .expect("amity runs")
+}
+
+/// Asserts success and returns stdout and stderr together.
+pub fn ok(o: &Output) -> String {
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success(), "{text}");
+    text
+}
+
+/// A path as `&str` (test paths are UTF-8).
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
