@@ -38,6 +38,13 @@ pub enum CaCommand {
         #[arg(long = "host")]
         hosts: Vec<String>,
     },
+    /// Create the coordinator's release signing key (`release.key`, `release.pub`, Ed25519);
+    /// never overwrites one. Publish `release.pub` (or its hex) for downstream users.
+    ReleaseKey {
+        /// The folder (by default the CA folder, where `amity release` looks for it).
+        #[arg(long, default_value = "amity-ca")]
+        dir: PathBuf,
+    },
 }
 
 /// Runs `amity ca`.
@@ -60,6 +67,7 @@ pub fn run(args: CaArgs) -> Result<()> {
                 key.display()
             );
         }
+        CaCommand::ReleaseKey { dir } => crate::release_cmd::release_key(&dir)?,
     }
     Ok(())
 }

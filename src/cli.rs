@@ -33,11 +33,11 @@ pub enum Command {
     /// Train the JEPA on this machine alone, from a shard store or synthetic clips.
     Train(crate::train_cmd::TrainArgs),
     /// Turn a coordinator checkpoint into a signed release with a model card.
-    Release(NotBuilt),
+    Release(crate::release_cmd::ReleaseArgs),
     /// Download a release from a coordinator or a folder and verify every byte and its signature.
-    Fetch(NotBuilt),
+    Fetch(crate::release_cmd::FetchArgs),
     /// Compute features of a video or frame folder with a released encoder (NumPy .npy).
-    Embed(NotBuilt),
+    Embed(crate::release_cmd::EmbedArgs),
     /// Slide a window over a video and flag physically impossible events by prediction error.
     Surprise(NotBuilt),
     /// Collect trajectories, train the action-conditioned world model and plan with it.
@@ -159,9 +159,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Worker(args) => crate::federated_cmd::worker(args),
         Command::Corpus(args) => crate::corpus_cmd::run(args),
         Command::Train(args) => crate::train_cmd::run(args),
-        Command::Release(_) => not_built("release", "open releases"),
-        Command::Fetch(_) => not_built("fetch", "open releases"),
-        Command::Embed(_) => not_built("embed", "open releases"),
+        Command::Release(a) => crate::release_cmd::release(a),
+        Command::Fetch(a) => crate::release_cmd::fetch(a),
+        Command::Embed(a) => crate::release_cmd::embed(a),
         Command::Surprise(_) => not_built("surprise", "the planner and surprise detector"),
         Command::Plan(_) => not_built("plan", "the planner and surprise detector"),
         Command::Bench(args) => bench(args),

@@ -3,7 +3,8 @@
 //!
 //! It generates the synthetic corpus, ingests it into shards, makes a CA, starts a coordinator
 //! and three workers of different speeds, trains for the configured rounds, then probes the
-//! trained encoder against a random one and writes a summary and a loss-curve PNG.
+//! trained encoder against a random one, publishes it as a signed release, fetches that back
+//! over QUIC like a downstream user, and writes a summary and a loss-curve PNG.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use burn::tensor::Device;
 
 use amity_coordinator::aggregate::AggregationConfig;
 use amity_coordinator::config::{CoordinatorConfig, RoundPolicy};
+use amity_coordinator::release::{ReleaseRequest, release_round};
 use amity_coordinator::server;
 use amity_protocol::tls::Identity;
 use amity_shared::checkpoint::Checkpoint;
@@ -24,10 +26,14 @@ use amity_shared::corpus::synthetic::{SynthCorpusOptions, write_synthetic_corpus
 use amity_shared::device::Backend;
 use amity_shared::eval::{ProbeSet, probe_report};
 use amity_shared::federated::TargetPolicy;
+use amity_shared::release::card::EvalResult;
+use amity_shared::release::sign::{ReleaseKey, Trust};
 use amity_shared::synth::SynthConfig;
 use amity_shared::train::Trainer;
 use amity_worker::WorkerOptions;
 use amity_worker::run::human;
+
+use crate::fetch::QuicSource;
 
 const WORKERS: [(&str, f64); 3] = [("uni-fast", 1.0), ("uni-medium", 2.0), ("uni-slow", 4.0)];
 
@@ -129,13 +135,18 @@ pub fn run(out: &Path, videos: usize, rounds: u64, round_secs: f64) -> Result<()
         cfg.downlink_codec
     );
     let train_began = Instant::now();
-    let status = rt.block_on(async {
+    let release_dir = out.join("downloaded-release");
+    let (status, train_secs, probes, fetched) = rt.block_on(async {
         let (tx, rx) = tokio::sync::oneshot::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        // The coordinator stays up after the last round: it serves the release below.
         let coordinator = tokio::spawn(server::run(
             cfg.clone(),
             coord_id,
-            true,
-            std::future::pending(),
+            false,
+            async move {
+                let _ = stop_rx.await;
+            },
             Some(tx),
         ));
         let addr = rx.await.context("coordinator did not start")?;
@@ -155,15 +166,79 @@ pub fn run(out: &Path, videos: usize, rounds: u64, round_secs: f64) -> Result<()
             let stop = Arc::new(AtomicBool::new(false));
             workers.push(tokio::spawn(amity_worker::run(opts, id, stop)));
         }
-        let status = coordinator.await.context("coordinator task")??;
+        // Workers leave when the coordinator says training finished.
         for w in workers {
             w.await.context("worker task")??;
         }
-        anyhow::Ok(status)
-    })?;
-    let train_secs = train_began.elapsed().as_secs_f64();
+        let train_secs = train_began.elapsed().as_secs_f64();
 
-    // 4. Summary.
+        // 4. Evaluate the final checkpoint, publish it as a signed release, and fetch it back
+        //    over QUIC as a downstream user would (no certificate, the release key pinned).
+        let ckpt_path = state_dir.join("checkpoints").join("latest.safetensors");
+        let probe_ckpt = ckpt_path.clone();
+        let probes = tokio::task::spawn_blocking(move || -> Result<_> {
+            let ckpt = Checkpoint::load(&probe_ckpt)?;
+            let device = Device::flex();
+            let trained =
+                Trainer::from_flat(ckpt.config.clone(), &ckpt.model, Some(&ckpt.target), &device)?;
+            let random = Trainer::new(ckpt.config.clone(), &device);
+            let m = &ckpt.config.model;
+            let set = ProbeSet::synthetic(&SynthConfig::for_size(m.image_size, m.frames), 400, 200);
+            Ok((probe_report(&trained, &set), probe_report(&random, &set)))
+        })
+        .await??;
+        let (key, _, key_pub) = ReleaseKey::generate(&ca)?;
+        let protocol = "ridge probe on frozen target-encoder features, 400 synthetic videos fitted, 200 held out";
+        let row = |metric: &str, value: f64, random: f64| EvalResult {
+            metric: metric.into(),
+            value,
+            random_init: Some(random),
+            protocol: protocol.into(),
+        };
+        let (a, b) = probes;
+        let req = ReleaseRequest {
+            name: "demo-v1".into(),
+            round: None,
+            probe_videos: 0,
+            licence: "Apache-2.0".into(),
+            evaluation: vec![
+                row("velocity_r2", a.velocity_r2, b.velocity_r2),
+                row("position_r2", a.position_r2, b.position_r2),
+                row("shape_accuracy", a.shape_acc, b.shape_acc),
+                row("colour_accuracy", a.colour_acc, b.colour_acc),
+            ],
+        };
+        let (signed, published) = release_round(&cfg, &req, &key)?;
+        println!(
+            "\nreleased `{}` (round {}): {} files, {}, signed with {} (public key {})",
+            signed.manifest.name,
+            signed.manifest.round,
+            signed.manifest.files.len(),
+            human(signed.manifest.total_bytes()),
+            key_pub.display(),
+            key.public().to_hex()
+        );
+        let source = QuicSource {
+            addr,
+            server_name: "coordinator".into(),
+            server_ca: None,
+            drop_after_bytes: None,
+        };
+        let fetched = crate::release_cmd::fetch_quic_with_bar(
+            &source,
+            "latest",
+            &release_dir,
+            &Trust::Key(key.public()),
+        )
+        .await?;
+        let _ = published;
+        let _ = stop_tx.send(());
+        let status = coordinator.await.context("coordinator task")??;
+        anyhow::Ok((status, train_secs, probes, fetched))
+    })?;
+    let (a, b) = probes;
+
+    // 5. Summary.
     println!(
         "\n{:>5} {:>8} {:>8} {:>10} {:>12} {:>12} {:>14}",
         "round", "workers", "clips", "loss", "bytes up", "bytes down", "dense fp32/step"
@@ -205,21 +280,6 @@ pub fn run(out: &Path, videos: usize, rounds: u64, round_secs: f64) -> Result<()
         .checkpoint
         .clone()
         .context("the coordinator wrote no checkpoint")?;
-    let ckpt = Checkpoint::load(&ckpt_path)?;
-    let device = Device::flex();
-    let trained = Trainer::from_flat(
-        ckpt.config.clone(),
-        &ckpt.model,
-        Some(&ckpt.target),
-        &device,
-    )?;
-    let random = Trainer::new(ckpt.config.clone(), &device);
-    let m = &ckpt.config.model;
-    let probes = ProbeSet::synthetic(&SynthConfig::for_size(m.image_size, m.frames), 400, 200);
-    let (a, b) = (
-        probe_report(&trained, &probes),
-        probe_report(&random, &probes),
-    );
     println!("\nfrozen-encoder probes on held-out synthetic videos (trained vs random init):");
     println!(
         "  velocity R2 {:.3} vs {:.3}; position R2 {:.3} vs {:.3}; shape acc {:.3} vs {:.3}; colour acc {:.3} vs {:.3}",
@@ -231,6 +291,14 @@ pub fn run(out: &Path, videos: usize, rounds: u64, round_secs: f64) -> Result<()
         b.shape_acc,
         a.colour_acc,
         b.colour_acc
+    );
+    println!(
+        "downloaded release `{}` over QUIC like a downstream user: {} files, {} bytes, every \
+         BLAKE3 and the Ed25519 signature verified, in {}",
+        fetched.manifest.name,
+        fetched.manifest.files.len(),
+        fetched.transferred,
+        fetched.out.display()
     );
     let png = out.join("loss.png");
     let losses: Vec<f64> = status.history.iter().map(|s| s.loss).collect();
@@ -245,6 +313,7 @@ pub fn run(out: &Path, videos: usize, rounds: u64, round_secs: f64) -> Result<()
         "probes_trained": a,
         "probes_random": b,
         "checkpoint": ckpt_path,
+        "release": fetched.out,
         "params": status.params,
     });
     std::fs::write(

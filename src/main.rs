@@ -8,7 +8,9 @@ mod cli;
 mod corpus_cmd;
 mod demo;
 mod federated_cmd;
+mod fetch;
 mod plot;
+mod release_cmd;
 mod train_cmd;
 
 use std::process::ExitCode;

@@ -61,7 +61,7 @@ fn unknown_backend_is_a_clear_error() {
 
 /// Subcommands whose issue has not landed must say so and fail, never pretend to work.
 /// Remove a name from this list when its implementation lands.
-const NOT_BUILT: &[&str] = &["release", "fetch", "embed", "surprise", "plan"];
+const NOT_BUILT: &[&str] = &["surprise", "plan"];
 
 #[test]
 fn unbuilt_subcommands_say_so_and_fail() {
@@ -137,4 +137,44 @@ fn ca_init_and_issue_write_certificates_and_refuse_mistakes() {
         );
     }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn fetch_and_release_name_what_is_wrong() {
+    let out = amity(&[
+        "fetch",
+        "/nonexistent/release",
+        "--out",
+        "/tmp/x",
+        "--key",
+        "00",
+    ]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("not an Ed25519 public key") || err.contains("00"),
+        "{err}"
+    );
+    let out = amity(&["release", "--name", "v1"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("say what to release"),
+        "{}",
+        text(&out.stderr)
+    );
+    let key = "11".repeat(32);
+    let out = amity(&[
+        "fetch",
+        "no-such-dir-or-host",
+        "--out",
+        "/tmp/x",
+        "--key",
+        &key,
+    ]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("neither a release folder nor a coordinator address"),
+        "{err}"
+    );
 }

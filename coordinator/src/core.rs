@@ -1159,6 +1159,11 @@ impl Core {
         let mut meta = BTreeMap::new();
         meta.insert("round".to_owned(), self.round.to_string());
         meta.insert("params".to_owned(), hex(&self.params_hash));
+        // Who trained this state, for releases' model cards (`amity.provenance`).
+        meta.insert(
+            "provenance".to_owned(),
+            serde_json::to_string(&self.provenance).expect("provenance serialises"),
+        );
         let bytes = Checkpoint {
             config: self.cfg.run.clone(),
             model: self.params.model.clone(),

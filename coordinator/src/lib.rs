@@ -10,4 +10,5 @@ pub mod bench;
 pub mod config;
 pub mod core;
 pub mod journal;
+pub mod release;
 pub mod server;

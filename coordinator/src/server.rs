@@ -16,7 +16,7 @@ use std::time::Instant;
 use amity_protocol::PROTOCOL_VERSION;
 use amity_protocol::conn::{ConnError, MsgStream, fetch_blob_bytes, serve_blob_requests};
 use amity_protocol::message::{ClientMsg, ErrorCode, Hash, ServerMsg};
-use amity_protocol::tls::{Identity, peer_name, quic_server_config};
+use amity_protocol::tls::{ClientAuth, Identity, peer_name, quic_server_config_with};
 use amity_shared::codec;
 use amity_shared::corpus::manifest::{Manifest, open_blobs};
 use amity_shared::federated::{GlobalParams, RoundLoss};
@@ -30,6 +30,7 @@ use crate::core::{
     Snapshot, WorkerId, hex,
 };
 use crate::journal::Journal;
+use crate::release;
 
 /// What the coordinator tells workers (in a `ShuttingDown` error and the connection close
 /// reason) when `max_rounds` are done: workers exit instead of reconnecting.
@@ -94,6 +95,10 @@ impl StateLayout {
     /// Checkpoints (`round-N.safetensors`, `latest.safetensors`).
     pub fn checkpoints(&self) -> PathBuf {
         self.dir.join("checkpoints")
+    }
+    /// Published releases, one folder each (plain folders: mirror them anywhere).
+    pub fn releases(&self) -> PathBuf {
+        self.dir.join("releases")
     }
     /// Partial downloads of updates.
     pub fn incoming(&self) -> PathBuf {
@@ -210,7 +215,10 @@ pub async fn run(
     let (mut core, initial) = build_core(&cfg, &store, &journal)?;
 
     let revoked: BTreeSet<String> = cfg.revoked.iter().cloned().collect();
-    let server_cfg = quic_server_config(&identity, &revoked).map_err(setup)?;
+    // Workers need an institution certificate; downstream users may download releases
+    // without one (what an anonymous peer may do is decided per message below).
+    let server_cfg =
+        quic_server_config_with(&identity, &revoked, ClientAuth::Optional).map_err(setup)?;
     let endpoint = amity_protocol::endpoint::server(cfg.listen, server_cfg)
         .map_err(|e| setup(format!("listen on {}: {e}", cfg.listen)))?;
     let addr = endpoint.local_addr().map_err(setup)?;
@@ -250,6 +258,7 @@ pub async fn run(
     };
 
     let start = Instant::now();
+    let mut told_finished = false;
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
     tokio::pin!(shutdown);
     let result = loop {
@@ -269,8 +278,21 @@ pub async fn run(
         if closed {
             write_status(&layout, &core, &checkpoint);
         }
-        if core.finished() && exit_when_finished {
-            break Ok(());
+        if core.finished() {
+            if exit_when_finished {
+                break Ok(());
+            }
+            if !told_finished {
+                // Workers go home; the coordinator stays up to serve checkpoints and releases.
+                told_finished = true;
+                let msg = ServerMsg::Error {
+                    code: ErrorCode::ShuttingDown,
+                    message: FINISHED_REASON.into(),
+                };
+                for tx in shared.outboxes.lock().expect("outbox lock").values() {
+                    let _ = tx.send(msg.clone());
+                }
+            }
         }
     };
     // Tell the workers, then close.
@@ -382,7 +404,10 @@ fn execute(
 }
 
 async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
-    let peer = peer_name(&conn).unwrap_or_else(|| conn.remote_address().to_string());
+    // A peer without a certificate is a downstream user: releases only.
+    let named = peer_name(&conn);
+    let anonymous = named.is_none();
+    let peer = named.unwrap_or_else(|| format!("anonymous client {}", conn.remote_address()));
     let mut control = match MsgStream::accept(&conn, &peer).await {
         Ok(Some(s)) => s,
         Ok(None) => return,
@@ -417,26 +442,91 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
     if control.send(&welcome).await.is_err() {
         return;
     }
-    // Blob requests on further streams, from workers and downstream clients alike.
+    // Blob requests on further streams: members get training blobs and releases, anonymous
+    // peers releases only (never shards or states).
     let blobs = {
         let shared = shared.clone();
         let conn = conn.clone();
         let peer = peer.clone();
         tokio::spawn(serve_blob_requests(conn, peer, move |id: &Hash| {
-            shared.blob_path(&BlobId(*id))
+            let id = BlobId(*id);
+            let training = if anonymous {
+                None
+            } else {
+                shared.blob_path(&id)
+            };
+            training.or_else(|| release::locate(&release::scan(&shared.layout.releases()), &id))
         }))
     };
-    let caps = match control.recv::<ClientMsg>().await {
-        Ok(Some(ClientMsg::Register(c))) => c,
-        Ok(Some(ClientMsg::Goodbye)) | Ok(None) => {
-            // A downstream client: it only fetches blobs.
-            let _ = blobs.await;
-            return;
-        }
-        other => {
-            tracing::warn!(%peer, "expected Register, got {other:?}");
-            blobs.abort();
-            return;
+    let caps = loop {
+        match control.recv::<ClientMsg>().await {
+            Ok(Some(ClientMsg::Register(_))) if anonymous => {
+                let message = "training needs an institution certificate from the operator's CA \
+                               (amity ca issue); without one you may only fetch releases"
+                    .to_owned();
+                let _ = control
+                    .send(&ServerMsg::Error {
+                        code: ErrorCode::Unexpected,
+                        message,
+                    })
+                    .await;
+                tracing::warn!(%peer, "refused registration without a certificate");
+                blobs.abort();
+                // Let the peer read the refusal before the connection goes.
+                control.finish();
+                let _ =
+                    tokio::time::timeout(std::time::Duration::from_secs(2), conn.closed()).await;
+                return;
+            }
+            Ok(Some(ClientMsg::Register(c))) => break c,
+            Ok(Some(ClientMsg::ReleaseQuery { name })) => {
+                let releases = release::scan(&shared.layout.releases());
+                let answer = match release::find(&releases, &name) {
+                    Some(r) => ServerMsg::ReleaseInfo {
+                        name: r.signed.manifest.name.clone(),
+                        manifest: r.manifest_id().0,
+                        signature: r.signed.signature.clone(),
+                    },
+                    None => {
+                        let mut names: Vec<&str> = releases
+                            .iter()
+                            .map(|r| r.signed.manifest.name.as_str())
+                            .collect();
+                        names.sort_unstable();
+                        ServerMsg::Error {
+                            code: ErrorCode::NotFound,
+                            message: format!(
+                                "no release `{name}` here (published: {})",
+                                if names.is_empty() {
+                                    "none".to_owned()
+                                } else {
+                                    names.join(", ")
+                                }
+                            ),
+                        }
+                    }
+                };
+                if control.send(&answer).await.is_err() {
+                    blobs.abort();
+                    return;
+                }
+            }
+            Ok(Some(ClientMsg::Goodbye)) | Ok(None) => {
+                // A downstream client: it fetches blobs until it closes the connection.
+                let _ = blobs.await;
+                return;
+            }
+            Err(ConnError::Connection { .. }) => {
+                // A downstream client that fetched what it wanted and closed.
+                tracing::debug!(%peer, "connection closed");
+                blobs.abort();
+                return;
+            }
+            other => {
+                tracing::warn!(%peer, "expected Register or ReleaseQuery, got {other:?}");
+                blobs.abort();
+                return;
+            }
         }
     };
     let worker = shared.next_worker.fetch_add(1, Ordering::Relaxed);

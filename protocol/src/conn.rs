@@ -84,6 +84,14 @@ pub enum ConnError {
         /// What arrived.
         what: String,
     },
+    /// A transfer stopped on purpose (fault injection) after `bytes` verified bytes.
+    #[error("{peer}: transfer stopped after {bytes} bytes (fault injection)")]
+    Stopped {
+        /// The peer.
+        peer: String,
+        /// Verified bytes kept.
+        bytes: u64,
+    },
     /// A local file.
     #[error("{path}: {source}")]
     Io {
@@ -368,6 +376,18 @@ pub async fn serve_blob(
 /// prefix is kept across attempts). Returns the blob's length once the whole file hashes to
 /// `id`; on any error the verified prefix stays for the next attempt.
 pub async fn receive_blob(stream: &mut MsgStream, id: Hash, part: &Path) -> Result<u64, ConnError> {
+    receive_blob_until(stream, id, part, None).await
+}
+
+/// [`receive_blob`], but with `stop_at`, stops once that many bytes are verified in `part`
+/// (returning [`ConnError::Stopped`]), as a connection lost mid-transfer would: fault injection
+/// for resume tests.
+async fn receive_blob_until(
+    stream: &mut MsgStream,
+    id: Hash,
+    part: &Path,
+    stop_at: Option<u64>,
+) -> Result<u64, ConnError> {
     let peer = stream.peer().to_owned();
     let blob_err = |source| ConnError::Blob {
         peer: peer.clone(),
@@ -424,6 +444,13 @@ pub async fn receive_blob(stream: &mut MsgStream, id: Hash, part: &Path) -> Resu
             Some((FrameKind::Chunk, bytes)) => {
                 receiver.accept(&bytes).map_err(blob_err)?;
                 file.write_all(&bytes).map_err(file_io(part))?;
+                if stop_at.is_some_and(|s| receiver.verified() >= s) && !receiver.done() {
+                    file.sync_all().map_err(file_io(part))?;
+                    return Err(ConnError::Stopped {
+                        peer,
+                        bytes: receiver.verified(),
+                    });
+                }
             }
             other => {
                 return Err(ConnError::Unexpected {
@@ -455,12 +482,24 @@ pub async fn fetch_blob(
     id: Hash,
     part: &Path,
 ) -> Result<u64, ConnError> {
+    fetch_blob_until(conn, peer, id, part, None).await
+}
+
+/// [`fetch_blob`] that gives up with [`ConnError::Stopped`] once `stop_at` bytes of the blob
+/// are verified in `part` (`None`: never): fault injection for resume tests.
+pub async fn fetch_blob_until(
+    conn: &Connection,
+    peer: &str,
+    id: Hash,
+    part: &Path,
+    stop_at: Option<u64>,
+) -> Result<u64, ConnError> {
     let have = std::fs::metadata(part).map(|m| m.len()).unwrap_or(0);
     let offset = have - have % CHUNK_SIZE as u64;
     let mut stream = MsgStream::open(conn, peer).await?;
     stream.send(&ClientMsg::FetchBlob { id, offset }).await?;
     stream.finish();
-    receive_blob(&mut stream, id, part).await
+    receive_blob_until(&mut stream, id, part, stop_at).await
 }
 
 /// [`fetch_blob`], then the verified bytes in memory (the partial file is removed): for blobs

@@ -1,12 +1,13 @@
 //! Amity's wire protocol.
 //!
 //! Coordinators, workers, coordinator replicas and downstream `amity fetch` all speak it over
-//! QUIC with mutual TLS. Like `quinn-proto`, the message codec and framing state are plain,
+//! QUIC with mutual TLS (downstream clients may connect without a certificate and only
+//! download releases). Like `quinn-proto`, the message codec and framing state are plain,
 //! socket-free code; the async shell over quinn is thin.
 
 /// The protocol version this build speaks. A peer announcing another version is refused with
 /// an error that names both versions.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The QUIC ALPN token, so an Amity endpoint never mistakes another protocol's peer for its own.
 pub const ALPN: &[u8] = b"amity/1";

@@ -180,12 +180,14 @@ pub enum ServerMsg {
         /// First byte sent.
         offset: u64,
     },
-    /// A release's signed manifest follows as blob `manifest`.
+    /// A release: its manifest (`manifest.json`) is blob `manifest`, signed by `signature`.
     ReleaseInfo {
         /// Release name.
         name: String,
         /// Blob id of its manifest.
         manifest: Hash,
+        /// The manifest's Ed25519 signature (64 bytes).
+        signature: Vec<u8>,
     },
     /// A request failed.
     Error {
@@ -306,7 +308,18 @@ impl Validate for ServerMsg {
             ServerMsg::BlobHeader { len, offset, .. } if offset > len => Err(DecodeError::Invalid(
                 format!("blob offset {offset} past its length {len}"),
             )),
-            ServerMsg::ReleaseInfo { name, .. } => check_str("release name", name),
+            ServerMsg::ReleaseInfo {
+                name, signature, ..
+            } => {
+                check_str("release name", name)?;
+                if signature.len() != 64 {
+                    return Err(DecodeError::Invalid(format!(
+                        "release signature of {} bytes (Ed25519: 64)",
+                        signature.len()
+                    )));
+                }
+                Ok(())
+            }
             ServerMsg::Error { message, .. } => check_str("error message", message),
             _ => Ok(()),
         }
@@ -482,8 +495,16 @@ mod tests {
             (hash(), any::<u64>())
                 .prop_flat_map(|(id, len)| (Just(id), Just(len), 0..=len))
                 .prop_map(|(id, len, offset)| ServerMsg::BlobHeader { id, len, offset }),
-            (".{0,20}", hash())
-                .prop_map(|(name, manifest)| ServerMsg::ReleaseInfo { name, manifest }),
+            (
+                ".{0,20}",
+                hash(),
+                prop::collection::vec(any::<u8>(), 64..=64)
+            )
+                .prop_map(|(name, manifest, signature)| ServerMsg::ReleaseInfo {
+                    name,
+                    manifest,
+                    signature
+                }),
             ".{0,60}".prop_map(|message| ServerMsg::Error {
                 code: ErrorCode::Malformed,
                 message

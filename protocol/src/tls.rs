@@ -321,6 +321,21 @@ impl ClientCertVerifier for RevocationCheck {
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.inner.supported_verify_schemes()
     }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+}
+
+/// Whether a server demands a client certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// Every client presents a certificate from the CA (workers, replicas).
+    Required,
+    /// Clients may come without a certificate (downstream users fetching releases); a
+    /// certificate that is presented must still chain to the CA and not be revoked. The server
+    /// decides what an anonymous peer may do ([`peer_name`] is `None` for it).
+    Optional,
 }
 
 /// A rustls server config requiring client certificates from the CA, minus `revoked` names.
@@ -329,7 +344,21 @@ pub fn server_tls(
     revoked: &BTreeSet<String>,
     alpn: &[u8],
 ) -> Result<rustls::ServerConfig, TlsError> {
-    let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(id.roots()?), provider())
+    server_tls_with(id, revoked, alpn, ClientAuth::Required)
+}
+
+fn server_tls_with(
+    id: &Identity,
+    revoked: &BTreeSet<String>,
+    alpn: &[u8],
+    auth: ClientAuth,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(id.roots()?), provider());
+    let builder = match auth {
+        ClientAuth::Required => builder,
+        ClientAuth::Optional => builder.allow_unauthenticated(),
+    };
+    let inner = builder
         .build()
         .map_err(|e| TlsError::Config(e.to_string()))?;
     let verifier = Arc::new(RevocationCheck {
@@ -358,12 +387,21 @@ pub fn client_tls(id: &Identity, alpn: &[u8]) -> Result<rustls::ClientConfig, Tl
     Ok(cfg)
 }
 
-/// The quinn server config for Amity.
+/// The quinn server config for Amity: mutual TLS, every client with a certificate.
 pub fn quic_server_config(
     id: &Identity,
     revoked: &BTreeSet<String>,
 ) -> Result<quinn::ServerConfig, TlsError> {
-    let tls = server_tls(id, revoked, ALPN)?;
+    quic_server_config_with(id, revoked, ClientAuth::Required)
+}
+
+/// The quinn server config for Amity with the given client authentication.
+pub fn quic_server_config_with(
+    id: &Identity,
+    revoked: &BTreeSet<String>,
+    auth: ClientAuth,
+) -> Result<quinn::ServerConfig, TlsError> {
+    let tls = server_tls_with(id, revoked, ALPN, auth)?;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -374,6 +412,91 @@ pub fn quic_server_config(
 /// The quinn client config for Amity.
 pub fn quic_client_config(id: &Identity) -> Result<quinn::ClientConfig, TlsError> {
     let tls = client_tls(id, ALPN)?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(Arc::new(crate::endpoint::transport_config()));
+    Ok(cfg)
+}
+
+/// Accepts any server certificate, still checking that the server holds its key (the handshake
+/// signature). For downloads whose content is authenticated otherwise (signed releases).
+#[derive(Debug)]
+struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The quinn client config of a downstream client without a certificate. With `server_ca`, the
+/// server must chain to that CA; without, any server is accepted: the transport is encrypted
+/// but not authenticated, which is enough only for content that carries its own signature.
+pub fn quic_anonymous_client_config(
+    server_ca: Option<&Path>,
+) -> Result<quinn::ClientConfig, TlsError> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut tls = match server_ca {
+        Some(path) => {
+            let der =
+                CertificateDer::from_pem_slice(&read(path)?).map_err(|e| TlsError::BadPem {
+                    path: path.to_owned(),
+                    reason: e.to_string(),
+                })?;
+            let mut roots = rustls::RootCertStore::empty();
+            roots
+                .add(der)
+                .map_err(|e| TlsError::Config(format!("CA certificate: {e}")))?;
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        None => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyServer(provider())))
+            .with_no_client_auth(),
+    };
+    tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));

@@ -316,6 +316,11 @@ impl Trainer {
         host_f32(z.mean_dim(1))
     }
 
+    /// Token features of the target encoder: `batch x tokens x width`.
+    pub fn token_features(&self, batch: &ClipBatch) -> Vec<f32> {
+        host_f32(self.target.forward(batch.tensor(&self.device), None))
+    }
+
     /// Probe features of the target encoder: token features mean-pooled over space within each
     /// tubelet time step and concatenated over time, `batch x (T' * width)`.
     ///

@@ -1,0 +1,162 @@
+//! Releases on the coordinator: publishing a checkpoint from its state folder, and the index of
+//! published releases it serves to downstream clients.
+//!
+//! Releases live in `<state_dir>/releases/<name>/` as plain folders (see
+//! [`amity_shared::release`]): the coordinator serves them over QUIC by BLAKE3 id, and the same
+//! folder can be copied to any web server or object store as a mirror.
+
+use std::path::{Path, PathBuf};
+
+use amity_shared::corpus::manifest::Manifest as CorpusManifest;
+use amity_shared::release::card::CorpusInfo;
+use amity_shared::release::publish::{PublishOptions, publish};
+use amity_shared::release::sign::ReleaseKey;
+use amity_shared::release::{MANIFEST, ReleaseError, Signed};
+use amity_shared::store::BlobId;
+
+use crate::config::CoordinatorConfig;
+use crate::server::StateLayout;
+
+/// A release the coordinator holds.
+#[derive(Debug, Clone)]
+pub struct Published {
+    /// Its manifest and signature.
+    pub signed: Signed,
+    /// Its folder.
+    pub dir: PathBuf,
+}
+
+impl Published {
+    /// The manifest's blob id.
+    pub fn manifest_id(&self) -> BlobId {
+        BlobId::of(&self.signed.bytes)
+    }
+}
+
+/// The releases in `dir` (one folder each; staging folders and folders that do not parse are
+/// skipped with a warning).
+pub fn scan(dir: &Path) -> Vec<Published> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let path = e.path();
+        if !path.is_dir() || path.extension().is_some_and(|x| x == "partial") {
+            continue;
+        }
+        match Signed::read(&path) {
+            Ok(signed) => out.push(Published { signed, dir: path }),
+            Err(e) => tracing::warn!("not serving {}: {e}", path.display()),
+        }
+    }
+    out.sort_by(|a, b| a.signed.manifest.name.cmp(&b.signed.manifest.name));
+    out
+}
+
+/// The release called `name`; `latest` is the one of the highest round (then name).
+pub fn find<'a>(releases: &'a [Published], name: &str) -> Option<&'a Published> {
+    if name == "latest" && !releases.iter().any(|r| r.signed.manifest.name == "latest") {
+        return releases
+            .iter()
+            .max_by_key(|r| (r.signed.manifest.round, r.signed.manifest.name.clone()));
+    }
+    releases.iter().find(|r| r.signed.manifest.name == name)
+}
+
+/// The file of a release whose BLAKE3 is `id` (a manifest or a listed file).
+pub fn locate(releases: &[Published], id: &BlobId) -> Option<PathBuf> {
+    releases.iter().find_map(|r| {
+        if r.manifest_id() == *id {
+            return Some(r.dir.join(MANIFEST));
+        }
+        r.signed
+            .manifest
+            .files
+            .iter()
+            .find(|f| f.blake3 == *id)
+            .map(|f| r.dir.join(&f.path))
+    })
+}
+
+/// What `amity release` asks for.
+#[derive(Debug, Clone)]
+pub struct ReleaseRequest {
+    /// Release name.
+    pub name: String,
+    /// The round's checkpoint (`None`: the latest).
+    pub round: Option<u64>,
+    /// Videos for the probe evaluation (0 skips it).
+    pub probe_videos: usize,
+    /// Licence (SPDX id).
+    pub licence: String,
+    /// Evaluation results measured elsewhere.
+    pub evaluation: Vec<amity_shared::release::card::EvalResult>,
+}
+
+/// The corpus a coordinator trains on, for the model card.
+pub fn corpus_info(store_dir: &Path) -> Result<CorpusInfo, ReleaseError> {
+    let path = store_dir.join("manifest.json");
+    let bytes = std::fs::read(&path).map_err(|source| ReleaseError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let m = CorpusManifest::load(store_dir).map_err(|e| ReleaseError::Invalid(e.to_string()))?;
+    Ok(CorpusInfo {
+        manifest_blake3: BlobId::of(&bytes).to_hex(),
+        shards: m.shards.len(),
+        clips: m.clips,
+    })
+}
+
+/// Publishes a checkpoint of the coordinator `cfg` describes as
+/// `<state_dir>/releases/<name>`, signed with `key`. Works while the coordinator runs: it
+/// serves the new release at the next query.
+pub fn release_round(
+    cfg: &CoordinatorConfig,
+    req: &ReleaseRequest,
+    key: &ReleaseKey,
+) -> Result<(Signed, PathBuf), ReleaseError> {
+    let layout = StateLayout {
+        dir: cfg.state_dir.clone(),
+    };
+    let file = match req.round {
+        Some(r) => format!("round-{r}.safetensors"),
+        None => "latest.safetensors".into(),
+    };
+    let checkpoint = layout.checkpoints().join(&file);
+    if !checkpoint.exists() {
+        let mut have: Vec<String> = std::fs::read_dir(layout.checkpoints())
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        have.sort();
+        return Err(ReleaseError::Invalid(format!(
+            "no checkpoint {} (checkpoints are written every `checkpoint_every` rounds; have: {})",
+            checkpoint.display(),
+            if have.is_empty() {
+                "none".to_owned()
+            } else {
+                have.join(", ")
+            }
+        )));
+    }
+    let corpus = match &cfg.corpus {
+        Some(dir) => Some(corpus_info(dir)?),
+        None => None,
+    };
+    let opts = PublishOptions {
+        name: req.name.clone(),
+        publisher: cfg.name.clone(),
+        corpus,
+        evaluation: req.evaluation.clone(),
+        probe_videos: req.probe_videos,
+        licence: req.licence.clone(),
+    };
+    let out = layout.releases().join(&req.name);
+    let signed = publish(&checkpoint, &out, &opts, key)?;
+    Ok((signed, out))
+}

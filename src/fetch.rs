@@ -1,0 +1,285 @@
+//! `amity fetch` over QUIC: a downstream client of a coordinator, without a certificate.
+//!
+//! It asks for the release by name, gets the manifest's blob id and signature, downloads and
+//! verifies the manifest, checks the signature under the trusted key **before** downloading
+//! anything else, then pulls every file by its BLAKE3 id into the staging folder. A broken
+//! connection reconnects and resumes each file from its verified prefix; the release appears
+//! under `--out` only once every file verified (see `amity_shared::release::Staging`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+
+use amity_protocol::PROTOCOL_VERSION;
+use amity_protocol::conn::{ConnError, MsgStream, fetch_blob_bytes, fetch_blob_until};
+use amity_protocol::message::{ClientMsg, ErrorCode, ServerMsg};
+use amity_protocol::tls::quic_anonymous_client_config;
+use amity_shared::release::sign::Trust;
+use amity_shared::release::{Begun, FetchReport, ReleaseError, Signed, Staging};
+use amity_shared::store::BlobId;
+
+/// Where and how to fetch from a coordinator.
+#[derive(Debug, Clone)]
+pub struct QuicSource {
+    /// The coordinator's address.
+    pub addr: SocketAddr,
+    /// Its certificate name.
+    pub server_name: String,
+    /// The operator CA to check the coordinator against (`None`: any server; the release
+    /// signature is what is trusted).
+    pub server_ca: Option<PathBuf>,
+    /// Fault injection for tests: drop the connection once this many bytes of files arrived.
+    pub drop_after_bytes: Option<u64>,
+}
+
+/// Consecutive attempts without progress before giving up.
+const ATTEMPTS: u32 = 6;
+
+/// A failure that retrying cannot fix.
+fn fatal(e: &ConnError) -> bool {
+    matches!(
+        e,
+        ConnError::Remote {
+            code: ErrorCode::NotFound | ErrorCode::VersionMismatch | ErrorCode::Unexpected,
+            ..
+        }
+    )
+}
+
+async fn open_session(
+    endpoint: &quinn::Endpoint,
+    src: &QuicSource,
+) -> Result<(quinn::Connection, MsgStream, String), ConnError> {
+    let peer = format!("coordinator {}", src.addr);
+    let conn = endpoint
+        .connect(src.addr, &src.server_name)
+        .map_err(|e| ConnError::Unexpected {
+            peer: peer.clone(),
+            what: e.to_string(),
+        })?
+        .await
+        .map_err(|source| ConnError::Connection {
+            peer: peer.clone(),
+            source,
+        })?;
+    let mut control = MsgStream::open(&conn, &peer).await?;
+    control
+        .send(&ClientMsg::Hello {
+            protocol: PROTOCOL_VERSION,
+            software: format!("amity fetch {}", env!("CARGO_PKG_VERSION")),
+        })
+        .await?;
+    match control.recv::<ServerMsg>().await? {
+        Some(ServerMsg::Welcome { .. }) => Ok((conn, control, peer)),
+        Some(ServerMsg::Error { code, message }) => Err(ConnError::Remote {
+            peer,
+            code,
+            message,
+        }),
+        other => Err(ConnError::Unexpected {
+            peer,
+            what: format!("{other:?} instead of Welcome"),
+        }),
+    }
+}
+
+/// Asks for release `name`: its manifest id and signature.
+async fn query(
+    control: &mut MsgStream,
+    name: &str,
+) -> Result<(BlobId, Vec<u8>, String), ConnError> {
+    control
+        .send(&ClientMsg::ReleaseQuery { name: name.into() })
+        .await?;
+    let peer = control.peer().to_owned();
+    match control.recv::<ServerMsg>().await? {
+        Some(ServerMsg::ReleaseInfo {
+            name,
+            manifest,
+            signature,
+        }) => Ok((BlobId(manifest), signature, name)),
+        Some(ServerMsg::Error { code, message }) => Err(ConnError::Remote {
+            peer,
+            code,
+            message,
+        }),
+        other => Err(ConnError::Unexpected {
+            peer,
+            what: format!("{other:?} instead of ReleaseInfo"),
+        }),
+    }
+}
+
+fn part_size(path: &Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+/// Fetches release `name` from a coordinator into `out`.
+pub async fn fetch_quic(
+    src: &QuicSource,
+    name: &str,
+    out: &Path,
+    trust: &Trust,
+    progress: Arc<AtomicU64>,
+) -> Result<FetchReport> {
+    let cfg = quic_anonymous_client_config(src.server_ca.as_deref())?;
+    let endpoint = amity_protocol::endpoint::client(src.addr, cfg)
+        .with_context(|| format!("client endpoint for {}", src.addr))?;
+    let mut staging: Option<(Staging, amity_shared::release::sign::TrustOutcome)> = None;
+    let mut resolved = name.to_owned();
+    let mut failures = 0u32;
+    let dropped = Arc::new(AtomicBool::new(false));
+    let report = loop {
+        let attempt = async {
+            let (conn, mut control, peer) = open_session(&endpoint, src).await?;
+            let (manifest_id, signature, real_name) = query(&mut control, &resolved).await?;
+            if staging.is_none() {
+                let tmp = out.with_extension("manifest.part");
+                let bytes = fetch_blob_bytes(&conn, &peer, manifest_id.0, &tmp).await?;
+                let signed = Signed::parse(bytes, signature, &peer).map_err(Failure::release)?;
+                if signed.manifest.name != real_name {
+                    return Err(Failure::Conn(ConnError::Unexpected {
+                        peer: peer.clone(),
+                        what: format!(
+                            "manifest of `{}` for release `{real_name}`",
+                            signed.manifest.name
+                        ),
+                    }));
+                }
+                // Nothing but the manifest is downloaded before the signature verified.
+                let outcome = signed.verify(trust).map_err(Failure::release)?;
+                let (s, begun) = Staging::begin(out, signed).map_err(Failure::release)?;
+                if begun == Begun::AlreadyPresent {
+                    conn.close(0u32.into(), b"done");
+                    return Ok(Some((s, outcome, true)));
+                }
+                resolved = real_name;
+                staging = Some((s, outcome));
+            }
+            let (s, _) = staging.as_ref().expect("set above");
+            if BlobId::of(
+                &std::fs::read(s.dir().join(amity_shared::release::MANIFEST)).unwrap_or_default(),
+            ) != manifest_id
+            {
+                return Err(Failure::Conn(ConnError::Unexpected {
+                    peer,
+                    what: format!("release `{resolved}` changed during the download; fetch again"),
+                }));
+            }
+            // Progress watches the partial files grow.
+            let files: Vec<_> = s.manifest().files.clone();
+            let done_before: u64 = files.iter().filter(|f| s.is_done(f)).map(|f| f.bytes).sum();
+            let watcher = {
+                let parts: Vec<PathBuf> = files.iter().map(|f| s.part_path(f)).collect();
+                let progress = progress.clone();
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(Duration::from_millis(100));
+                    loop {
+                        tick.tick().await;
+                        let partial: u64 = parts.iter().map(|p| part_size(p)).sum();
+                        progress.store(done_before + partial, Ordering::Relaxed);
+                    }
+                })
+            };
+            let mut result = Ok(());
+            let mut done = done_before;
+            for f in &files {
+                if s.is_done(f) {
+                    continue;
+                }
+                let part = s.part_path(f);
+                let have = part_size(&part);
+                if have > 0 {
+                    tracing::info!("resuming {} at byte {have} of {}", f.path, f.bytes);
+                }
+                // Fault injection (tests): the first transfer that reaches the limit is cut
+                // and the connection dropped.
+                let stop_at = match src.drop_after_bytes {
+                    Some(limit) if !dropped.load(Ordering::Relaxed) && f.bytes > limit => {
+                        Some(limit)
+                    }
+                    _ => None,
+                };
+                if let Err(e) = fetch_blob_until(&conn, &peer, f.blake3.0, &part, stop_at).await {
+                    if let ConnError::Stopped { bytes, .. } = &e {
+                        dropped.store(true, Ordering::Relaxed);
+                        tracing::warn!(
+                            "fault injection: dropping the connection after {bytes} bytes of {}",
+                            f.path
+                        );
+                        conn.close(0u32.into(), b"fault injection");
+                    }
+                    result = Err(e);
+                    break;
+                }
+                s.accept(f).map_err(Failure::release)?;
+                done += f.bytes;
+                progress.store(done, Ordering::Relaxed);
+            }
+            watcher.abort();
+            result?;
+            conn.close(0u32.into(), b"done");
+            Ok::<_, Failure>(None)
+        };
+        let before = progress.load(Ordering::Relaxed);
+        match attempt.await {
+            Ok(Some((s, outcome, _))) => {
+                break FetchReport {
+                    manifest: s.manifest().clone(),
+                    out: out.to_owned(),
+                    transferred: 0,
+                    trust: outcome,
+                    already_present: true,
+                };
+            }
+            Ok(None) => {
+                let (s, outcome) = staging.take().expect("staged");
+                let manifest = s.manifest().clone();
+                let out = s.finish()?;
+                break FetchReport {
+                    transferred: manifest.total_bytes(),
+                    manifest,
+                    out,
+                    trust: outcome,
+                    already_present: false,
+                };
+            }
+            Err(Failure::Release(e)) => return Err(anyhow!(e)),
+            Err(Failure::Conn(e)) if fatal(&e) => bail!("{e}"),
+            Err(Failure::Conn(e)) => {
+                let progressed = progress.load(Ordering::Relaxed) > before;
+                failures = if progressed { 1 } else { failures + 1 };
+                if failures >= ATTEMPTS {
+                    bail!("giving up after {ATTEMPTS} attempts without progress: {e}");
+                }
+                let wait = Duration::from_millis(200 << failures.min(5));
+                tracing::warn!("{e}; reconnecting in {wait:?} and resuming");
+                tokio::time::sleep(wait).await;
+            }
+        }
+    };
+    endpoint.wait_idle().await;
+    Ok(report)
+}
+
+/// Why an attempt failed: the connection (retry and resume) or the release itself (stop).
+enum Failure {
+    Conn(ConnError),
+    Release(ReleaseError),
+}
+
+impl From<ConnError> for Failure {
+    fn from(e: ConnError) -> Self {
+        Failure::Conn(e)
+    }
+}
+
+impl Failure {
+    fn release(e: ReleaseError) -> Self {
+        Failure::Release(e)
+    }
+}

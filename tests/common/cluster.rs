@@ -1,0 +1,168 @@
+//! A federation on loopback: corpus, CA, run config, coordinator config, and the processes.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use amity_shared::config::Config;
+use serde_json::Value;
+
+use super::{amity, ok, s, scratch};
+
+/// A free UDP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A federation's files and port.
+pub struct Cluster {
+    /// Its folder.
+    pub dir: PathBuf,
+    /// The coordinator's UDP port.
+    pub port: u16,
+    /// `coordinator.toml`.
+    pub config: PathBuf,
+}
+
+/// A corpus, a CA with the workers' certificates, a run config and a coordinator config.
+pub fn cluster(name: &str, workers: &[&str], rounds: u64, extra: &str) -> Cluster {
+    let dir = scratch(name);
+    let videos = dir.join("videos");
+    ok(&amity(&[
+        "corpus",
+        "synth",
+        "--out",
+        s(&videos),
+        "--videos",
+        "12",
+        "--frames",
+        "24",
+        "--seed",
+        "3",
+    ]));
+    ok(&amity(&[
+        "corpus",
+        "ingest",
+        s(&videos),
+        "--store",
+        s(&dir.join("corpus")),
+        "--decoder",
+        "builtin",
+        "--shard-mib",
+        "0.1",
+    ]));
+    let ca = dir.join("ca");
+    ok(&amity(&["ca", "init", "--dir", s(&ca)]));
+    ok(&amity(&[
+        "ca",
+        "issue",
+        "--dir",
+        s(&ca),
+        "--name",
+        "coordinator",
+        "--host",
+        "localhost",
+    ]));
+    for w in workers {
+        ok(&amity(&["ca", "issue", "--dir", s(&ca), "--name", w]));
+    }
+    let mut run = Config::preset("tiny").unwrap();
+    run.train.batch = 8;
+    run.train.steps = 60;
+    run.train.warmup = 5;
+    std::fs::write(dir.join("run.toml"), run.to_toml()).unwrap();
+    let port = free_port();
+    let config = dir.join("coordinator.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\nstate_dir = \"state\"\ncorpus = \"corpus\"\n\
+             ca_dir = \"ca\"\nrun_config = \"run.toml\"\ncheckpoint_every = 1\n{extra}\n\
+             [rounds]\nsteps = 4\ngrace_ms = 60000\nmin_workers = {}\nmax_rounds = {rounds}\n\
+             heartbeat_timeout_ms = 4000\nshards_per_round = 4\n",
+            workers.len()
+        ),
+    )
+    .unwrap();
+    Cluster { dir, port, config }
+}
+
+impl Cluster {
+    pub fn coordinator(&self, exit_when_finished: bool) -> Child {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_amity"));
+        c.args(["coordinator", "--config", s(&self.config)]);
+        if exit_when_finished {
+            c.arg("--exit-when-finished");
+        }
+        let log = std::fs::File::create(self.dir.join("coordinator.log")).unwrap();
+        c.stdout(Stdio::null()).stderr(log).spawn().unwrap()
+    }
+
+    pub fn worker(&self, name: &str, extra: &[&str]) -> Child {
+        let ca = self.dir.join("ca");
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_amity"))
+            .args([
+                "worker",
+                "--coordinator",
+                &format!("127.0.0.1:{}", self.port),
+                "--cert",
+                s(&ca.join(format!("{name}.crt"))),
+                "--ca",
+                s(&ca.join("ca.crt")),
+                "--cache",
+                s(&self.dir.join(format!("cache-{name}"))),
+            ])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    }
+
+    pub fn status(&self) -> Option<Value> {
+        let text = std::fs::read_to_string(self.dir.join("state/status.json")).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// Waits until the status shows `round` or more closed rounds.
+    pub fn wait_rounds(&self, rounds: usize, limit: Duration) -> Value {
+        let start = Instant::now();
+        loop {
+            if let Some(st) = self.status()
+                && st["history"].as_array().map_or(0, |h| h.len()) >= rounds
+            {
+                return st;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "no {rounds} rounds after {limit:?}; coordinator log:\n{}",
+                self.log("coordinator")
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+pub fn wait(child: &mut Child, limit: Duration, what: &str, log: &dyn Fn() -> String) {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "{what} exited with {status}:\n{}", log());
+            return;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("{what} still running after {limit:?}:\n{}", log());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
