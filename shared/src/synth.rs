@@ -78,15 +78,21 @@ pub enum ViolationKind {
     ShapeChange,
     /// The object becomes another colour.
     ColourChange,
+    /// The object goes behind the occluder and never comes out (object permanence).
+    NoReappear,
+    /// The object flies through a wall instead of bouncing off it (solidity).
+    PassThroughWall,
 }
 
 impl ViolationKind {
     /// All kinds.
-    pub const ALL: [ViolationKind; 4] = [
+    pub const ALL: [ViolationKind; 6] = [
         ViolationKind::Vanish,
         ViolationKind::Teleport,
         ViolationKind::ShapeChange,
         ViolationKind::ColourChange,
+        ViolationKind::NoReappear,
+        ViolationKind::PassThroughWall,
     ];
 }
 
@@ -129,6 +135,13 @@ pub struct SynthConfig {
     pub radius: (f64, f64),
     /// Whether each video gets its own static colour-gradient background (else flat dark).
     pub textured_background: bool,
+    /// Width of the occluding bar, in frame sides.
+    #[serde(default = "default_occluder_width")]
+    pub occluder_width: f64,
+}
+
+fn default_occluder_width() -> f64 {
+    0.12
 }
 
 impl SynthConfig {
@@ -143,6 +156,7 @@ impl SynthConfig {
             max_speed: 0.06,
             radius: (0.12, 0.2),
             textured_background: true,
+            occluder_width: default_occluder_width(),
         }
     }
 }
@@ -245,6 +259,10 @@ struct Body {
     pos: [f32; 2],
     vel: [f32; 2],
     vanished: bool,
+    /// Passes through walls (a solidity violation).
+    ghost: bool,
+    /// Vanishes once fully behind the occluder (an object-permanence violation).
+    lost_behind: bool,
 }
 
 const GRAVITY: f32 = 0.004;
@@ -263,6 +281,16 @@ pub fn generate_pair(
     seed: u64,
     kind: ViolationKind,
 ) -> (SynthVideo, SynthVideo) {
+    match kind {
+        ViolationKind::NoReappear | ViolationKind::PassThroughWall => {
+            conditional_pair(cfg, seed, kind)
+        }
+        _ => immediate_pair(cfg, seed, kind),
+    }
+}
+
+/// A pair for a violation that is visible at once (vanish, teleport, shape, colour).
+fn immediate_pair(cfg: &SynthConfig, seed: u64, kind: ViolationKind) -> (SynthVideo, SynthVideo) {
     let mut rng = Rng::derive(seed, &[0x7a1d]);
     let lo = cfg.frames / 3;
     let hi = (2 * cfg.frames / 3).max(lo + 1);
@@ -272,13 +300,51 @@ pub fn generate_pair(
     (possible, impossible)
 }
 
+/// A pair for a violation that shows only when something happens (the object would have come
+/// out from behind the occluder, or would have bounced): the law is broken from a frame in the
+/// first half on, and the recorded frame is the first one where the twins differ. Scenes where
+/// nothing would show are skipped: seeds `(seed, attempt)` are tried in turn. Occlusion pairs
+/// get an occluder always, wide enough to hide the object.
+fn conditional_pair(cfg: &SynthConfig, seed: u64, kind: ViolationKind) -> (SynthVideo, SynthVideo) {
+    let mut cfg = cfg.clone();
+    if kind == ViolationKind::NoReappear {
+        cfg.occluder_prob = 1.0;
+        cfg.occluder_width = cfg.occluder_width.max(2.0 * cfg.radius.1 + 0.06);
+    }
+    let mut fallback = None;
+    for attempt in 0..200u64 {
+        let s = if attempt == 0 {
+            seed
+        } else {
+            Rng::derive(seed, &[0xa77e, attempt]).next_u64()
+        };
+        let mut rng = Rng::derive(s, &[0x7a1d]);
+        let from = 1 + rng.below((cfg.frames / 2).max(1));
+        let possible = generate_with(&cfg, s, None);
+        let mut impossible = generate_with(&cfg, s, Some(Violation { kind, frame: from }));
+        let first = (0..cfg.frames).find(|&f| possible.frame(f) != impossible.frame(f));
+        // Visible, and with a few frames of the impossible future left to see.
+        if let Some(f) = first.filter(|&f| f + 2 < cfg.frames) {
+            impossible.labels.violation = Some(Violation { kind, frame: f });
+            return (possible, impossible);
+        }
+        if fallback.is_none() {
+            fallback = Some((possible, impossible));
+        }
+    }
+    // Nothing visible in any attempt (a clip too short for the law to matter): the twins are
+    // identical and the label says where the law was switched off.
+    fallback.expect("at least one attempt")
+}
+
 fn generate_with(cfg: &SynthConfig, seed: u64, violation: Option<Violation>) -> SynthVideo {
     let mut rng = Rng::new(seed);
     let n_obj = 1 + rng.below(cfg.max_objects.max(1));
     let gravity = rng.uniform() < cfg.gravity_prob;
     let occluder = if rng.uniform() < cfg.occluder_prob {
-        let x0 = rng.range_f64(0.3, 0.6) as f32;
-        Some([x0, x0 + 0.12])
+        let w = cfg.occluder_width.clamp(0.02, 0.6);
+        let x0 = rng.range_f64(0.3, (0.6f64).min(0.98 - w).max(0.3)) as f32;
+        Some([x0, x0 + w as f32])
     } else {
         None
     };
@@ -297,6 +363,8 @@ fn generate_with(cfg: &SynthConfig, seed: u64, violation: Option<Violation>) -> 
                 ],
                 vel: [(speed * angle.cos()) as f32, (speed * angle.sin()) as f32],
                 vanished: false,
+                ghost: false,
+                lost_behind: false,
             }
         })
         .collect();
@@ -347,6 +415,13 @@ fn generate_with(cfg: &SynthConfig, seed: u64, violation: Option<Violation>) -> 
                 ViolationKind::ColourChange => {
                     b.colour = (b.colour + 1 + vrng.below(COLOURS.len() - 1)) % COLOURS.len()
                 }
+                ViolationKind::NoReappear => b.lost_behind = true,
+                ViolationKind::PassThroughWall => b.ghost = true,
+            }
+        }
+        for b in &mut bodies {
+            if b.lost_behind && hidden_by(occluder, b) {
+                b.vanished = true;
             }
         }
         // Vanishing is only a violation if the object was in plain view; keep the label honest.
@@ -393,6 +468,9 @@ fn step(b: &mut Body, gravity: bool) {
     }
     for axis in 0..2 {
         b.pos[axis] += b.vel[axis];
+        if b.ghost {
+            continue;
+        }
         if b.pos[axis] < b.radius {
             b.pos[axis] = 2.0 * b.radius - b.pos[axis];
             b.vel[axis] = b.vel[axis].abs();
@@ -564,6 +642,21 @@ mod tests {
             }
             let differs = (k..8).any(|f| a.frame(f) != b.frame(f));
             assert!(differs, "{kind:?} never differs");
+            let (fa, fb) = (&a.labels.frames, &b.labels.frames);
+            match kind {
+                ViolationKind::NoReappear => {
+                    assert!(b.labels.occluder.is_some());
+                    assert!(fa[k][0].visible, "the possible object comes out at {k}");
+                    assert!((k..8).all(|f| !fb[f][0].visible), "the impossible one never does");
+                }
+                ViolationKind::PassThroughWall => {
+                    let r = b.labels.objects[0].radius;
+                    let outside = |p: [f32; 2]| p.iter().any(|&x| x < r || x > 1.0 - r);
+                    assert!((k..8).any(|f| outside(fb[f][0].pos)), "it goes through a wall");
+                    assert!((0..8).all(|f| !outside(fa[f][0].pos)), "the possible one bounces");
+                }
+                _ => {}
+            }
         }
     }
 }
