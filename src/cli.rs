@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
 /// Amity: federated pretraining of JEPA world-model video encoders.
@@ -39,21 +39,13 @@ pub enum Command {
     /// Compute features of a video or frame folder with a released encoder (NumPy .npy).
     Embed(crate::release_cmd::EmbedArgs),
     /// Slide a window over a video and flag physically impossible events by prediction error.
-    Surprise(NotBuilt),
+    Surprise(crate::plan_cmd::SurpriseArgs),
     /// Collect trajectories, train the action-conditioned world model and plan with it.
-    Plan(NotBuilt),
+    Plan(crate::plan_cmd::PlanArgs),
     /// Run a benchmark beside its baseline and print the ratios (last line: JSON).
     Bench(BenchArgs),
     /// Manage the operator's certificate authority, institution certificates and release keys.
     Ca(crate::ca_cmd::CaArgs),
-}
-
-/// Arguments of a subcommand whose implementation has not landed yet.
-#[derive(Debug, Args)]
-pub struct NotBuilt {
-    /// Arguments for the future implementation (ignored for now).
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    pub args: Vec<String>,
 }
 
 /// `amity bench`.
@@ -75,6 +67,12 @@ pub enum Bench {
     /// DDP vs DiLoCo vs compressed DiLoCo: bytes on the wire, loss and probe R² on equal
     /// samples; prints `{"bench":"federated",...}` last.
     Federated(FederatedBenchArgs),
+    /// Latent planning success beside a random policy and a simulator oracle, per environment;
+    /// prints `{"bench":"plan",...}` last.
+    Plan(crate::plan_cmd::PlanBenchArgs),
+    /// Surprise detector: paired accuracy and AUROC on synthetic violation pairs; prints
+    /// `{"bench":"surprise",...}` last.
+    Surprise(crate::plan_cmd::SurpriseBenchArgs),
 }
 
 /// `amity bench federated`.
@@ -162,22 +160,17 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Release(a) => crate::release_cmd::release(a),
         Command::Fetch(a) => crate::release_cmd::fetch(a),
         Command::Embed(a) => crate::release_cmd::embed(a),
-        Command::Surprise(_) => not_built("surprise", "the planner and surprise detector"),
-        Command::Plan(_) => not_built("plan", "the planner and surprise detector"),
+        Command::Surprise(a) => crate::plan_cmd::surprise(a),
+        Command::Plan(a) => crate::plan_cmd::plan(a),
         Command::Bench(args) => bench(args),
         Command::Ca(args) => crate::ca_cmd::run(args),
     }
 }
 
-fn not_built(command: &str, issue: &str) -> Result<()> {
-    bail!(
-        "`amity {command}` is not built yet (it arrives with the issue on {issue}); \
-         nothing was done"
-    )
-}
-
 fn bench(args: BenchArgs) -> Result<()> {
     match args.bench {
+        Bench::Plan(a) => crate::plan_cmd::bench_plan(a),
+        Bench::Surprise(a) => crate::plan_cmd::bench_surprise(a),
         Bench::Federated(a) => {
             use amity_coordinator::bench::{FederatedBenchOptions, federated};
             let opts = FederatedBenchOptions {

@@ -4,7 +4,9 @@
 //! It generates the synthetic corpus, ingests it into shards, makes a CA, starts a coordinator
 //! and three workers of different speeds, trains for the configured rounds, then probes the
 //! trained encoder against a random one, publishes it as a signed release, fetches that back
-//! over QUIC like a downstream user, and writes a summary and a loss-curve PNG.
+//! over QUIC like a downstream user, trains a world model on the fetched encoder, plans a few
+//! episodes with it, runs the surprise detector on one violation pair, and writes a summary and
+//! a loss-curve PNG.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -300,6 +302,7 @@ pub fn run(out: &Path, videos: usize, rounds: u64, round_secs: f64) -> Result<()
         fetched.transferred,
         fetched.out.display()
     );
+    let downstream = downstream(&fetched.out)?;
     let png = out.join("loss.png");
     let losses: Vec<f64> = status.history.iter().map(|s| s.loss).collect();
     crate::plot::line_chart(&png, &losses)?;
@@ -314,6 +317,8 @@ pub fn run(out: &Path, videos: usize, rounds: u64, round_secs: f64) -> Result<()
         "probes_random": b,
         "checkpoint": ckpt_path,
         "release": fetched.out,
+        "planning": downstream.0,
+        "surprise": downstream.1,
         "params": status.params,
     });
     std::fs::write(
@@ -329,4 +334,97 @@ pub fn run(out: &Path, videos: usize, rounds: u64, round_secs: f64) -> Result<()
     );
     println!("demo finished in {:.0} s", began.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// What a downstream user does next with the fetched release: a world model on its frozen
+/// encoder, a few planning episodes, and the surprise detector on one violation pair.
+fn downstream(release: &Path) -> Result<(serde_json::Value, serde_json::Value)> {
+    use amity_planner::env::{EnvKind, make};
+    use amity_planner::plan::optimise::{Method, SearchConfig};
+    use amity_planner::plan::{LatentPlanner, Metric, run_episode};
+    use amity_planner::surprise::curve;
+    use amity_planner::world::data::{Latents, collect};
+    use amity_planner::world::encode::FrameEncoder;
+    use amity_planner::world::{WorldModel, WorldModelConfig, fit_position_probe, train};
+    use amity_shared::synth::{ViolationKind, generate_pair};
+
+    let began = Instant::now();
+    let ckpt = crate::release_cmd::load_release(release)?;
+    let device = Device::flex();
+    let encoder = FrameEncoder::new(&ckpt, &device).map_err(anyhow::Error::msg)?;
+    let kind = EnvKind::PointMaze;
+    let trajs = collect(kind, encoder.size(), 80, 16, 11);
+    let lat = Latents::of(&encoder, &trajs);
+    let agents: Vec<Vec<[f32; 2]>> = trajs.iter().map(|t| t.agent.clone()).collect();
+    let (probe, r2) = fit_position_probe(&lat, &agents, 1500);
+    let cfg = WorldModelConfig {
+        steps: 300,
+        ..WorldModelConfig::default()
+    };
+    let (predictor, report) = train::train(&cfg, &lat, &trajs, &device, &mut |_, _, _| {});
+    let wm = WorldModel {
+        encoder,
+        predictor,
+        probe,
+        config: cfg,
+    };
+    println!(
+        "\nworld model on the released encoder ({kind}, {} episodes, 300 steps, {:.0} s): 2-step \
+         rollout error {:.4} -> {:.4}, position probe R2 {r2:.3}",
+        trajs.len(),
+        began.elapsed().as_secs_f64(),
+        report.rollout_before,
+        report.rollout_after
+    );
+    let mut planner = LatentPlanner::new(&wm, Method::Cem, SearchConfig::default(), Metric::L1, 1);
+    let mut env = make(kind, wm.encoder.size());
+    let mut episodes = Vec::new();
+    for i in 0..3 {
+        let ep = run_episode(env.as_mut(), 900_000 + i, &mut planner, 20, false);
+        println!(
+            "  planning episode {i}: {} after {} actions, {:.0} ms per action{}",
+            if ep.success {
+                "goal reached"
+            } else {
+                "goal not reached"
+            },
+            ep.steps,
+            ep.ms_per_action,
+            if ep.entered_forbidden {
+                ", entered the no-go zone"
+            } else {
+                ""
+            }
+        );
+        episodes.push(serde_json::json!({"success": ep.success, "steps": ep.steps, "ms_per_action": ep.ms_per_action}));
+    }
+    let trainer = Trainer::from_flat(
+        ckpt.config.clone(),
+        &ckpt.model,
+        Some(&ckpt.target),
+        &device,
+    )?;
+    let m = &ckpt.config.model;
+    let synth = SynthConfig::for_size(m.image_size, 32);
+    let (possible, impossible) = generate_pair(&synth, 424_242, ViolationKind::Teleport);
+    let at = impossible.labels.violation.map_or(0, |v| v.frame);
+    let (a, b) = (
+        curve(&trainer, &possible.pixels, 32, 1),
+        curve(&trainer, &impossible.pixels, 32, 1),
+    );
+    println!(
+        "surprise on a violation pair (the object teleports at frame {at}): peak {:.4} possible vs \
+         {:.4} impossible: {}",
+        a.peak(),
+        b.peak(),
+        if b.peak() > a.peak() {
+            "the impossible video is the more surprising"
+        } else {
+            "not detected"
+        }
+    );
+    Ok((
+        serde_json::json!({"env": kind.to_string(), "rollout_error": [report.rollout_before, report.rollout_after], "probe_r2": r2, "episodes": episodes}),
+        serde_json::json!({"kind": "teleport", "frame": at, "possible_peak": a.peak(), "impossible_peak": b.peak()}),
+    ))
 }

@@ -9,6 +9,7 @@ mod corpus_cmd;
 mod demo;
 mod federated_cmd;
 mod fetch;
+mod plan_cmd;
 mod plot;
 mod release_cmd;
 mod train_cmd;

@@ -30,6 +30,11 @@ fn line(img: &mut RgbImage, (x0, y0): (i64, i64), (x1, y1): (i64, i64), c: Rgb<u
 
 /// Writes `values` (one per x step; non-finite values are skipped) as a line chart.
 pub fn line_chart(path: &Path, values: &[f64]) -> Result<()> {
+    line_chart_marked(path, values, &[])
+}
+
+/// [`line_chart`] with red vertical lines at the indices in `marks` (e.g. surprise spikes).
+pub fn line_chart_marked(path: &Path, values: &[f64], marks: &[usize]) -> Result<()> {
     let mut img = RgbImage::from_pixel(W, H, Rgb([255, 255, 255]));
     let (x0, x1, y0, y1) = (PAD, W as i64 - PAD, H as i64 - PAD, PAD);
     let grid = Rgb([225, 225, 225]);
@@ -57,6 +62,12 @@ pub fn line_chart(path: &Path, values: &[f64]) -> Result<()> {
             let y = y0 - ((y0 - y1) as f64 * (v - lo) / span) as i64;
             (x, y)
         };
+        for &m in marks {
+            if let Some(v) = values.get(m) {
+                let (x, _) = to_px((m, *v));
+                line(&mut img, (x, y0), (x, y1), Rgb([220, 40, 40]));
+            }
+        }
         let blue = Rgb([31, 100, 200]);
         for w in pts.windows(2) {
             line(&mut img, to_px(w[0]), to_px(w[1]), blue);

@@ -59,23 +59,6 @@ fn unknown_backend_is_a_clear_error() {
     assert!(err.contains("flex"), "{err}");
 }
 
-/// Subcommands whose issue has not landed must say so and fail, never pretend to work.
-/// Remove a name from this list when its implementation lands.
-const NOT_BUILT: &[&str] = &["surprise", "plan"];
-
-#[test]
-fn unbuilt_subcommands_say_so_and_fail() {
-    for sub in NOT_BUILT {
-        let out = amity(&[sub]);
-        assert!(!out.status.success(), "`amity {sub}` exited 0");
-        let err = text(&out.stderr);
-        assert!(
-            err.contains(&format!("`amity {sub}` is not built yet")),
-            "`amity {sub}` stderr: {err}"
-        );
-    }
-}
-
 #[test]
 fn worker_without_a_coordinator_says_what_it_needs() {
     let out = amity(&["worker"]);

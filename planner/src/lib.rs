@@ -1,6 +1,33 @@
-//! Amity's bundled planner and surprise detector.
+//! Amity's bundled planner and surprise detector: what downstream users do with a released
+//! encoder.
 //!
-//! An action-conditioned predictor on a frozen released encoder is a world model; model-predictive
-//! control (CEM, MPPI) searches action sequences whose predicted latent reaches a goal image's
-//! latent under hard guardrail costs. The same predictor's error over a sliding window flags
-//! physically impossible events in a video.
+//! - [`env`]: PointMaze and PushBlock, rapier2d physics rendered with tiny-skia.
+//! - [`world`]: the frozen encoder, the action-conditioned predictor, its data and training.
+//! - [`plan`]: CEM/MPPI model-predictive control in latent space with guardrails, an oracle on
+//!   the true simulator and a random baseline.
+//! - [`surprise`]: sliding-window prediction error that flags physically impossible events.
+
+pub mod bench;
+pub mod env;
+pub mod plan;
+pub mod surprise;
+pub mod surprise_bench;
+pub mod world;
+
+/// Errors of the planner; each names the file or what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum PlannerError {
+    /// A file could not be read or written.
+    #[error("{0}")]
+    Io(String),
+    /// Bad input (a file, an argument).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl PlannerError {
+    /// Wraps another library's error.
+    pub fn other(e: impl std::fmt::Display) -> Self {
+        PlannerError::Invalid(e.to_string())
+    }
+}

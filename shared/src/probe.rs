@@ -71,6 +71,28 @@ impl Ridge {
         }
     }
 
+    /// The fitted parts: per-feature mean and inverse scale, and the `(d + 1) x k` weights
+    /// (bias last), to save a probe.
+    pub fn parts(&self) -> (&[f64], &[f64], &[f64]) {
+        (&self.mean, &self.scale, &self.weights)
+    }
+
+    /// A probe from [`Ridge::parts`]; `None` when the lengths disagree.
+    pub fn from_parts(mean: Vec<f64>, scale: Vec<f64>, weights: Vec<f64>) -> Option<Ridge> {
+        let d = mean.len();
+        if scale.len() != d || weights.is_empty() || !weights.len().is_multiple_of(d + 1) {
+            return None;
+        }
+        let k = weights.len() / (d + 1);
+        Some(Ridge {
+            mean,
+            scale,
+            weights,
+            d,
+            k,
+        })
+    }
+
     /// Predictions `n x k` for `x (n x d)`.
     pub fn predict(&self, x: &[f64], n: usize) -> Vec<f64> {
         let (d, k) = (self.d, self.k);

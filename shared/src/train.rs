@@ -353,6 +353,16 @@ impl Trainer {
     /// the `context` tokens, against the layer-normed target-encoder features. Low energy means
     /// the clip is what the model expects.
     pub fn energy(&self, batch: &ClipBatch, context: &[u32], target: &[u32]) -> Vec<f32> {
+        let per_token = self.token_energy(batch, context, target);
+        per_token
+            .chunks_exact(target.len().max(1))
+            .map(|t| t.iter().sum::<f32>() / t.len() as f32)
+            .collect()
+    }
+
+    /// [`Trainer::energy`] per target token: `batch x target.len()` mean L1 errors, so that a
+    /// local surprise (one object) is not averaged away over the whole clip.
+    pub fn token_energy(&self, batch: &ClipBatch, context: &[u32], target: &[u32]) -> Vec<f32> {
         let b = batch.batch;
         let patches = batch.tensor(&self.device);
         let h = layer_norm_plain(self.target.forward(patches.clone(), None));
@@ -364,7 +374,7 @@ impl Trainer {
         let model = self.model.valid();
         let pred = model.predict(patches, ctx, tgt.clone());
         let h_t = gather_tokens(h, tgt);
-        host_f32((pred - h_t).abs().mean_dim(2).mean_dim(1))
+        host_f32((pred - h_t).abs().mean_dim(2))
     }
 }
 

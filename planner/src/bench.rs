@@ -1,0 +1,290 @@
+//! `amity bench plan`: success rates of the latent planner beside a random policy and an oracle
+//! that plans on the true simulator, per environment, plus planning time per action and the
+//! energy landscape's Spearman correlation with the true distance to the goal.
+
+use std::time::Instant;
+
+use burn::tensor::Device;
+use serde::Serialize;
+
+use amity_shared::checkpoint::Checkpoint;
+use amity_shared::rng::Rng;
+
+use crate::PlannerError;
+use crate::env::{EnvKind, make};
+use crate::plan::optimise::{Method, SearchConfig};
+use crate::plan::{LatentPlanner, Metric, OraclePlanner, Policy, RandomPolicy, run_episode};
+use crate::world::data::{Latents, collect};
+use crate::world::encode::FrameEncoder;
+use crate::world::{WorldModel, WorldModelConfig, fit_position_probe, train};
+
+/// What the bench runs.
+#[derive(Debug, Clone)]
+pub struct PlanBenchOptions {
+    /// Evaluation episodes per environment and policy.
+    pub episodes: usize,
+    /// Actions per episode at most.
+    pub max_steps: usize,
+    /// Episodes collected to train the world model.
+    pub collect_episodes: usize,
+    /// Actions per collected episode.
+    pub collect_steps: usize,
+    /// The predictor and its training.
+    pub world: WorldModelConfig,
+    /// The search.
+    pub search: SearchConfig,
+    /// Which optimiser.
+    pub method: Method,
+    /// Latent distance.
+    pub metric: Metric,
+}
+
+/// One environment's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct EnvReport {
+    /// Latent planner success rate.
+    pub latent: f64,
+    /// Random policy success rate.
+    pub random: f64,
+    /// Oracle (true simulator) success rate.
+    pub oracle: f64,
+    /// Latent planner milliseconds per action.
+    pub ms_per_action: f64,
+    /// Spearman correlation of one-step latent energy with the true distance to the goal.
+    pub spearman: f64,
+    /// Episodes in which the latent planner's agent entered a forbidden zone.
+    pub forbidden_entries: usize,
+    /// Position-probe R² on held-out frames.
+    pub probe_r2: f64,
+    /// Two-step rollout error before and after training the predictor.
+    pub rollout_error: (f64, f64),
+    /// Seconds to train the predictor.
+    pub train_seconds: f64,
+}
+
+fn rate(
+    kind: EnvKind,
+    size: usize,
+    episodes: usize,
+    max_steps: usize,
+    policy: &mut dyn Policy,
+) -> (f64, f64, usize) {
+    let mut env = make(kind, size);
+    let (mut wins, mut ms, mut entries) = (0usize, 0.0, 0usize);
+    for e in 0..episodes {
+        let ep = run_episode(env.as_mut(), 900_000 + e as u64, policy, max_steps, false);
+        wins += ep.success as usize;
+        ms += ep.ms_per_action;
+        entries += ep.entered_forbidden as usize;
+    }
+    (wins as f64 / episodes as f64, ms / episodes as f64, entries)
+}
+
+/// Spearman rank correlation.
+pub fn spearman(a: &[f64], b: &[f64]) -> f64 {
+    fn ranks(v: &[f64]) -> Vec<f64> {
+        let mut idx: Vec<usize> = (0..v.len()).collect();
+        idx.sort_by(|&i, &j| v[i].total_cmp(&v[j]));
+        let mut r = vec![0.0; v.len()];
+        let mut i = 0;
+        while i < idx.len() {
+            let mut j = i;
+            while j + 1 < idx.len() && v[idx[j + 1]] == v[idx[i]] {
+                j += 1;
+            }
+            for k in i..=j {
+                r[idx[k]] = (i + j) as f64 / 2.0;
+            }
+            i = j + 1;
+        }
+        r
+    }
+    let (ra, rb) = (ranks(a), ranks(b));
+    let n = a.len() as f64;
+    let (ma, mb) = (ra.iter().sum::<f64>() / n, rb.iter().sum::<f64>() / n);
+    let cov: f64 = ra.iter().zip(&rb).map(|(x, y)| (x - ma) * (y - mb)).sum();
+    let va: f64 = ra.iter().map(|x| (x - ma).powi(2)).sum();
+    let vb: f64 = rb.iter().map(|y| (y - mb).powi(2)).sum();
+    cov / (va * vb).sqrt().max(1e-12)
+}
+
+/// The energy-landscape check: from `states` seeded start states, `actions` random one-step
+/// action sequences of the planning horizon each; the Spearman correlation (per state, then
+/// averaged) between the latent energy and the true distance to the goal after executing them.
+pub fn energy_landscape(
+    wm: &WorldModel,
+    kind: EnvKind,
+    cfg: &SearchConfig,
+    metric: Metric,
+    states: usize,
+    actions: usize,
+) -> f64 {
+    let mut env = make(kind, wm.encoder.size());
+    let mut total = 0.0;
+    let mut planner = LatentPlanner::new(wm, Method::Cem, cfg.clone(), metric, 0);
+    for s in 0..states {
+        env.reset(800_000 + s as u64);
+        planner.begin(env.as_ref());
+        let mut rng = Rng::new(s as u64);
+        let cands: Vec<Vec<[f32; 2]>> = (0..actions)
+            .map(|_| {
+                let a = [
+                    (rng.uniform() * 2.0 - 1.0) as f32,
+                    (rng.uniform() * 2.0 - 1.0) as f32,
+                ];
+                vec![a; cfg.horizon]
+            })
+            .collect();
+        let z0 = wm.encoder.encode(&[&env.render()]);
+        let (e, _) = planner.energies(&z0, env.proprio(), &cands);
+        let state = env.state();
+        let mut truth = Vec::new();
+        let mut sim = env.boxed_clone();
+        for c in &cands {
+            sim.set_state(&state);
+            for a in c {
+                sim.step(*a);
+            }
+            // Distance of the agent to where the goal image has it (PointMaze) or of the block
+            // to the pad (PushBlock): the environment's own measure, before the success radius.
+            truth.push(
+                sim.goal_distance() as f64
+                    + 1e-3 * crate::env::dist(sim.agent(), env.agent()) as f64,
+            );
+        }
+        let e: Vec<f64> = e.iter().map(|&x| x as f64).collect();
+        total += spearman(&e, &truth);
+    }
+    total / states as f64
+}
+
+/// Builds and trains a world model for `kind` on the encoder of `ckpt`.
+pub fn build_world_model(
+    kind: EnvKind,
+    ckpt: &Checkpoint,
+    opts: &PlanBenchOptions,
+    log: &mut dyn FnMut(String),
+) -> Result<(WorldModel, f64, (f64, f64), f64), PlannerError> {
+    let device = Device::flex();
+    let encoder = FrameEncoder::new(ckpt, &device).map_err(PlannerError::Invalid)?;
+    let trajs = collect(
+        kind,
+        encoder.size(),
+        opts.collect_episodes,
+        opts.collect_steps,
+        11,
+    );
+    let lat = Latents::of(&encoder, &trajs);
+    let agents: Vec<Vec<[f32; 2]>> = trajs.iter().map(|t| t.agent.clone()).collect();
+    let (probe, r2) = fit_position_probe(&lat, &agents, 2000);
+    let t = Instant::now();
+    let steps = opts.world.steps;
+    let (predictor, report) = train::train(&opts.world, &lat, &trajs, &device, &mut |s, tf, ro| {
+        if s % (steps / 5).max(1) == 0 || s + 1 == steps {
+            log(format!(
+                "  {kind}: predictor step {s}/{steps}: teacher forcing {tf:.4}, 2-step rollout {ro:.4}"
+            ));
+        }
+    });
+    let secs = t.elapsed().as_secs_f64();
+    Ok((
+        WorldModel {
+            encoder,
+            predictor,
+            probe,
+            config: opts.world.clone(),
+        },
+        r2,
+        (report.rollout_before, report.rollout_after),
+        secs,
+    ))
+}
+
+/// Runs the bench for one environment with the encoder of `ckpt`.
+pub fn bench_env(
+    kind: EnvKind,
+    ckpt: &Checkpoint,
+    opts: &PlanBenchOptions,
+    log: &mut dyn FnMut(String),
+) -> Result<EnvReport, PlannerError> {
+    let (wm, r2, rollout, train_seconds) = build_world_model(kind, ckpt, opts, log)?;
+    let size = wm.encoder.size();
+    let spearman = energy_landscape(&wm, kind, &opts.search, opts.metric, 10, 32);
+    log(format!(
+        "  {kind}: probe R2 {r2:.3}, rollout error {:.4} -> {:.4}, energy-landscape Spearman {spearman:.3}",
+        rollout.0, rollout.1
+    ));
+    let mut latent = LatentPlanner::new(&wm, opts.method, opts.search.clone(), opts.metric, 1);
+    let (l, ms, entries) = rate(kind, size, opts.episodes, opts.max_steps, &mut latent);
+    log(format!(
+        "  {kind}: latent planner {l:.2} ({ms:.0} ms/action, {entries} forbidden entries)"
+    ));
+    let (r, _, _) = rate(
+        kind,
+        size,
+        opts.episodes,
+        opts.max_steps,
+        &mut RandomPolicy::new(2),
+    );
+    let mut oracle = OraclePlanner::new(opts.method, opts.search.clone(), 3);
+    let (o, _, _) = rate(kind, size, opts.episodes, opts.max_steps, &mut oracle);
+    log(format!("  {kind}: random {r:.2}, oracle {o:.2}"));
+    Ok(EnvReport {
+        latent: l,
+        random: r,
+        oracle: o,
+        ms_per_action: ms,
+        spearman,
+        forbidden_entries: entries,
+        probe_r2: r2,
+        rollout_error: rollout,
+        train_seconds,
+    })
+}
+
+/// Pretrains the tiny preset's JEPA on clips of the environment's own videos (collected with the
+/// same random and scripted policies): a self-supervised encoder for that world, as a released
+/// encoder would be fine-tuned. `steps = 0` returns the random initialisation.
+pub fn pretrain_encoder(
+    kind: EnvKind,
+    steps: u64,
+    log: &mut dyn FnMut(String),
+) -> Result<Checkpoint, PlannerError> {
+    use amity_shared::train::{ClipBatch, Trainer};
+    let mut ckpt = crate::world::random_checkpoint("tiny", 0)?;
+    if steps == 0 {
+        return Ok(ckpt);
+    }
+    ckpt.config.train.steps = steps;
+    ckpt.config.train.warmup = (steps / 10).max(1);
+    let m = ckpt.config.model.clone();
+    let trajs = collect(kind, m.image_size, 160, 24, 23);
+    let mut clips: Vec<Vec<u8>> = Vec::new();
+    for t in &trajs {
+        for start in (0..=t.steps() + 1 - m.frames).step_by(2) {
+            clips.push(
+                (start..start + m.frames)
+                    .flat_map(|f| t.frame(f, m.image_size).to_vec())
+                    .collect(),
+            );
+        }
+    }
+    let mut trainer = Trainer::new(ckpt.config.clone(), &Device::flex());
+    let mut rng = Rng::new(ckpt.config.train.seed ^ 0x5eed);
+    let b = ckpt.config.train.batch;
+    for step in 0..steps {
+        let picks: Vec<&[u8]> = (0..b)
+            .map(|_| clips[rng.below(clips.len())].as_slice())
+            .collect();
+        let s = trainer.step(&ClipBatch::from_clips(picks, &ckpt.config.model));
+        if step % (steps / 5).max(1) == 0 || step + 1 == steps {
+            log(format!(
+                "  {kind}: encoder pretraining step {step}/{steps}: loss {:.4}",
+                s.loss
+            ));
+        }
+    }
+    ckpt.model = trainer.model_flat();
+    ckpt.target = trainer.target_flat();
+    Ok(ckpt)
+}

@@ -1,0 +1,455 @@
+//! Model-predictive control: at every step, search the action sequence whose outcome is closest
+//! to the goal, execute its first action, and replan (receding horizon).
+//!
+//! - [`LatentPlanner`]: the outcome is predicted by the world model in latent space; the energy
+//!   is the distance (L1 or L2) between the predicted final latents and the goal image's
+//!   latents, at two scales (the token maps as they are, and smoothed over the token grid so
+//!   that far from the goal the energy still has a slope), plus **guardrails** no goal can outweigh: actions are clamped to their bounds, and
+//!   a sequence whose predicted agent position (the frozen position probe on the predicted
+//!   latents) enters a forbidden zone costs [`FORBIDDEN`].
+//! - [`OraclePlanner`]: the same search on the true simulator (the ceiling).
+//! - [`RandomPolicy`]: uniform random actions (the floor).
+
+pub mod optimise;
+
+use std::time::Instant;
+
+use burn::tensor::{Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+use amity_shared::model::host_f32;
+use amity_shared::rng::Rng;
+
+use crate::env::{ARENA, Action, Env, Zone, clamp_action};
+use crate::world::{WorldModel, probe_features};
+use optimise::{Method, Plan, SearchConfig, search, shift};
+
+/// The energy of a sequence that enters a forbidden zone.
+pub const FORBIDDEN: f32 = 1.0e6;
+
+/// Distance between predicted and goal latents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Metric {
+    /// Mean absolute difference.
+    L1,
+    /// Mean squared difference.
+    L2,
+}
+
+/// What acts in an environment.
+pub trait Policy {
+    /// Starts an episode in `env`.
+    fn begin(&mut self, env: &dyn Env);
+    /// The next action.
+    fn act(&mut self, env: &dyn Env) -> Action;
+    /// Agent positions the policy expects over its current plan (for pictures), if it has any.
+    fn expected_path(&self) -> Vec<[f32; 2]> {
+        Vec::new()
+    }
+}
+
+/// Width, in tokens, of the Gaussian that smooths token maps for the coarse energy term.
+pub const BLUR_SIGMA: f32 = 1.0;
+
+/// The `[P, P]` row-normalised Gaussian smoothing over a token grid (`None` for sigma 0).
+pub fn blur_matrix(
+    grid: (usize, usize),
+    sigma: f32,
+    device: &burn::tensor::Device,
+) -> Option<Tensor<2>> {
+    if sigma <= 0.0 {
+        return None;
+    }
+    let (h, w) = grid;
+    let p = h * w;
+    let mut m = vec![0f32; p * p];
+    for i in 0..p {
+        let (yi, xi) = ((i / w) as f32, (i % w) as f32);
+        let mut row = 0.0;
+        for j in 0..p {
+            let (yj, xj) = ((j / w) as f32, (j % w) as f32);
+            let v = (-((yi - yj).powi(2) + (xi - xj).powi(2)) / (2.0 * sigma * sigma)).exp();
+            m[i * p + j] = v;
+            row += v;
+        }
+        for j in 0..p {
+            m[i * p + j] /= row;
+        }
+    }
+    Some(Tensor::from_data(TensorData::new(m, [p, p]), device))
+}
+
+/// Plans in latent space with the world model.
+pub struct LatentPlanner<'a> {
+    wm: &'a WorldModel,
+    method: Method,
+    cfg: SearchConfig,
+    metric: Metric,
+    /// Zones grown by this margin (arena units) before checking, against probe error.
+    margin: f32,
+    /// `[P, P]` spatial smoothing of token maps for the coarse term of the energy.
+    blur: Option<Tensor<2>>,
+    zones: Vec<Zone>,
+    goal: Option<Tensor<3>>,
+    warm: Option<Vec<Action>>,
+    rng: Rng,
+    path: Vec<[f32; 2]>,
+}
+
+impl<'a> LatentPlanner<'a> {
+    /// A planner over `wm`.
+    pub fn new(
+        wm: &'a WorldModel,
+        method: Method,
+        cfg: SearchConfig,
+        metric: Metric,
+        seed: u64,
+    ) -> Self {
+        LatentPlanner {
+            wm,
+            method,
+            cfg,
+            metric,
+            margin: 1.0,
+            blur: blur_matrix(wm.encoder.grid(), BLUR_SIGMA, &wm.encoder.device()),
+            zones: Vec::new(),
+            goal: None,
+            warm: None,
+            rng: Rng::new(seed),
+            path: Vec::new(),
+        }
+    }
+
+    /// Energies of candidate sequences from latents `z0 [1, P, D]` and state `s0`, and the
+    /// probe's agent path of each (arena units).
+    pub fn energies(
+        &self,
+        z0: &Tensor<3>,
+        s0: [f32; 4],
+        cands: &[Vec<Action>],
+    ) -> (Vec<f32>, Vec<Vec<[f32; 2]>>) {
+        let n = cands.len();
+        let h = cands[0].len();
+        let [_, p, d] = z0.dims();
+        let device = z0.device();
+        let goal = self.goal.clone().expect("begin() sets the goal");
+        let max_hist = self
+            .wm
+            .config
+            .rollout_history
+            .clamp(1, self.wm.config.max_steps);
+        let mut z = z0.clone().unsqueeze_dim::<4>(1).expand([n, 1, p, d]);
+        let mut s = Tensor::<3>::from_data(TensorData::new(s0.to_vec(), [1, 1, 4]), &device)
+            .expand([n, 1, 4]);
+        let acts: Vec<f32> = cands
+            .iter()
+            .flat_map(|c| c.iter().flat_map(|a| *a))
+            .collect();
+        let acts = Tensor::<3>::from_data(TensorData::new(acts, [n, h, 2]), &device);
+        let mut paths = vec![Vec::with_capacity(h); n];
+        let mut bad = vec![false; n];
+        for _ in 0..h {
+            let len = z.dims()[1];
+            let from = len.saturating_sub(max_hist);
+            let (zp, sp) = self.wm.predictor.forward(
+                z.clone().narrow(1, from, len - from),
+                s.clone().narrow(1, from, len - from),
+                acts.clone().narrow(1, from, len - from),
+            );
+            let last = len - from - 1;
+            let zn = zp.narrow(1, last, 1);
+            let sn = sp.narrow(1, last, 1);
+            // Guardrail: where does the probe put the agent?
+            let host = host_f32(zn.clone().reshape([n, p * d]));
+            let feats: Vec<f64> = host.chunks_exact(p * d).flat_map(probe_features).collect();
+            let pos = self.wm.probe.predict(&feats, n);
+            for i in 0..n {
+                let q = [(pos[2 * i] as f32) * ARENA, (pos[2 * i + 1] as f32) * ARENA];
+                paths[i].push(q);
+                if self.zones.iter().any(|zone| zone.contains(q, self.margin)) {
+                    bad[i] = true;
+                }
+            }
+            z = Tensor::cat(vec![z, zn], 1);
+            s = Tensor::cat(vec![s, sn], 1);
+        }
+        let fin = z.narrow(1, h, 1).reshape([n, p, d]);
+        let goal = goal.expand([n, p, d]);
+        let metric = self.metric;
+        let distance = |a: Tensor<3>, b: Tensor<3>| {
+            let diff = a - b;
+            match metric {
+                Metric::L1 => diff.abs(),
+                Metric::L2 => diff.clone() * diff,
+            }
+            .reshape([n, p * d])
+            .mean_dim(1)
+        };
+        let mut dist = distance(fin.clone(), goal.clone());
+        if let Some(k) = &self.blur {
+            // The same distance between spatially smoothed token maps: an agent a few patches
+            // from where the goal has it still overlaps it there, so the energy keeps a slope.
+            let k = k.clone().unsqueeze::<3>().expand([n, p, p]);
+            dist = dist + distance(k.clone().matmul(fin), k.matmul(goal));
+        }
+        let mut e = host_f32(dist);
+        for (ei, b) in e.iter_mut().zip(&bad) {
+            if *b {
+                *ei += FORBIDDEN;
+            }
+        }
+        (e, paths)
+    }
+
+    /// Plans from the current frame: the plan and the probe's expected agent path.
+    pub fn plan(&mut self, env: &dyn Env) -> Plan {
+        let frame = env.render();
+        let z0 = self.wm.encoder.encode(&[&frame]);
+        let s0 = env.proprio();
+        let warm = self.warm.take();
+        let mut rng = std::mem::replace(&mut self.rng, Rng::new(0));
+        let plan = {
+            let me = &*self;
+            let mut energy = |c: &[Vec<Action>]| me.energies(&z0, s0, c).0;
+            search(
+                self.method,
+                &self.cfg,
+                warm.as_deref(),
+                &mut rng,
+                &mut energy,
+            )
+        };
+        self.rng = rng;
+        self.path = self
+            .energies(&z0, s0, std::slice::from_ref(&plan.actions))
+            .1
+            .remove(0);
+        self.warm = Some(shift(&plan.actions));
+        plan
+    }
+}
+
+impl Policy for LatentPlanner<'_> {
+    fn begin(&mut self, env: &dyn Env) {
+        let goal = env.goal_frame();
+        self.goal = Some(self.wm.encoder.encode(&[&goal]));
+        self.zones = env.forbidden().to_vec();
+        self.warm = None;
+    }
+
+    fn act(&mut self, env: &dyn Env) -> Action {
+        self.plan(env).actions[0]
+    }
+
+    fn expected_path(&self) -> Vec<[f32; 2]> {
+        self.path.clone()
+    }
+}
+
+/// The same search on the true simulator: the ceiling for any world model.
+pub struct OraclePlanner {
+    method: Method,
+    cfg: SearchConfig,
+    warm: Option<Vec<Action>>,
+    rng: Rng,
+}
+
+impl OraclePlanner {
+    /// An oracle.
+    pub fn new(method: Method, cfg: SearchConfig, seed: u64) -> Self {
+        OraclePlanner {
+            method,
+            cfg,
+            warm: None,
+            rng: Rng::new(seed),
+        }
+    }
+}
+
+impl Policy for OraclePlanner {
+    fn begin(&mut self, _env: &dyn Env) {
+        self.warm = None;
+    }
+
+    fn act(&mut self, env: &dyn Env) -> Action {
+        let state = env.state();
+        let mut sim = env.boxed_clone();
+        let mut energy = |cands: &[Vec<Action>]| -> Vec<f32> {
+            cands
+                .iter()
+                .map(|c| {
+                    sim.set_state(&state);
+                    let mut bad = false;
+                    for a in c {
+                        sim.step(*a);
+                        bad |= sim.forbidden().iter().any(|z| z.contains(sim.agent(), 0.0));
+                    }
+                    sim.goal_distance() + if bad { FORBIDDEN } else { 0.0 }
+                })
+                .collect()
+        };
+        let plan = search(
+            self.method,
+            &self.cfg,
+            self.warm.as_deref(),
+            &mut self.rng,
+            &mut energy,
+        );
+        self.warm = Some(shift(&plan.actions));
+        plan.actions[0]
+    }
+}
+
+/// Uniform random actions.
+pub struct RandomPolicy {
+    rng: Rng,
+}
+
+impl RandomPolicy {
+    /// A seeded random policy.
+    pub fn new(seed: u64) -> Self {
+        RandomPolicy {
+            rng: Rng::new(seed),
+        }
+    }
+}
+
+impl Policy for RandomPolicy {
+    fn begin(&mut self, _env: &dyn Env) {}
+
+    fn act(&mut self, _env: &dyn Env) -> Action {
+        let mut u = || (self.rng.uniform() * 2.0 - 1.0) as f32;
+        clamp_action([u(), u()])
+    }
+}
+
+/// How an episode went.
+#[derive(Debug, Clone)]
+pub struct Episode {
+    /// Whether the task was done within the step limit.
+    pub success: bool,
+    /// Actions taken.
+    pub steps: usize,
+    /// Mean wall-clock milliseconds to choose an action.
+    pub ms_per_action: f64,
+    /// Whether the agent was ever inside a forbidden zone (true simulator).
+    pub entered_forbidden: bool,
+    /// The real frames, first to last.
+    pub frames: Vec<Vec<u8>>,
+    /// The agent path the policy expected at each step (empty for policies without a model).
+    pub expected: Vec<Vec<[f32; 2]>>,
+}
+
+/// Runs one episode of `env` (seeded) under `policy` for at most `max_steps` actions.
+pub fn run_episode(
+    env: &mut dyn Env,
+    seed: u64,
+    policy: &mut dyn Policy,
+    max_steps: usize,
+    keep_frames: bool,
+) -> Episode {
+    env.reset(seed);
+    run_from(env, policy, max_steps, keep_frames)
+}
+
+/// [`run_episode`] from the environment's current state (for hand-made situations).
+pub fn run_from(
+    env: &mut dyn Env,
+    policy: &mut dyn Policy,
+    max_steps: usize,
+    keep_frames: bool,
+) -> Episode {
+    policy.begin(env);
+    let mut frames = Vec::new();
+    let mut expected = Vec::new();
+    if keep_frames {
+        frames.push(env.render());
+    }
+    let mut thinking = 0.0;
+    let mut steps = 0;
+    let mut entered = false;
+    while steps < max_steps && !env.success() {
+        let t = Instant::now();
+        let a = policy.act(env);
+        thinking += t.elapsed().as_secs_f64();
+        env.step(a);
+        steps += 1;
+        entered |= env.forbidden().iter().any(|z| z.contains(env.agent(), 0.0));
+        if keep_frames {
+            frames.push(env.render());
+            expected.push(policy.expected_path());
+        }
+    }
+    Episode {
+        success: env.success(),
+        steps,
+        ms_per_action: 1000.0 * thinking / steps.max(1) as f64,
+        entered_forbidden: entered,
+        frames,
+        expected,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::Device;
+
+    use super::*;
+    use crate::env::{EnvKind, make};
+    use crate::world::data::{Latents, collect};
+    use crate::world::encode::FrameEncoder;
+    use crate::world::{WorldModelConfig, fit_position_probe, random_checkpoint, train};
+
+    /// A small PointMaze world model on a random encoder (what the tests can afford).
+    fn world_model() -> WorldModel {
+        let device = Device::flex();
+        let ckpt = random_checkpoint("tiny", 0).unwrap();
+        let encoder = FrameEncoder::new(&ckpt, &device).unwrap();
+        let trajs = collect(EnvKind::PointMaze, encoder.size(), 80, 16, 5);
+        let lat = Latents::of(&encoder, &trajs);
+        let agents: Vec<Vec<[f32; 2]>> = trajs.iter().map(|t| t.agent.clone()).collect();
+        let (probe, _) = fit_position_probe(&lat, &agents, 1500);
+        let cfg = WorldModelConfig {
+            steps: 250,
+            batch: 16,
+            ..WorldModelConfig::default()
+        };
+        let (predictor, _) = train::train(&cfg, &lat, &trajs, &device, &mut |_, _, _| {});
+        WorldModel {
+            encoder,
+            predictor,
+            probe,
+            config: cfg,
+        }
+    }
+
+    #[test]
+    fn guardrails_keep_plans_out_of_the_forbidden_zone_and_the_landscape_is_reported() {
+        let wm = world_model();
+        let search = SearchConfig {
+            samples: 48,
+            iterations: 2,
+            ..SearchConfig::default()
+        };
+        let rho =
+            crate::bench::energy_landscape(&wm, EnvKind::PointMaze, &search, Metric::L1, 6, 24);
+        eprintln!("energy-landscape Spearman (random encoder, small model): {rho:.3}");
+        assert!(rho.is_finite());
+        // Twenty situations whose straight way to the goal runs through the no-go zone.
+        let mut env = make(EnvKind::PointMaze, wm.encoder.size());
+        let mut rng = Rng::new(9);
+        let mut planner = LatentPlanner::new(&wm, Method::Cem, search, Metric::L1, 4);
+        for episode in 0..20 {
+            env.reset(episode);
+            let mut u = |lo: f64, hi: f64| (lo + (hi - lo) * rng.uniform()) as f32;
+            let (start, goal) = ([u(1.2, 2.8), u(7.5, 8.9)], [u(7.2, 8.8), u(7.5, 8.9)]);
+            env.set_state(&[start[0], start[1], 0.0, 0.0, 0.0, 0.0, goal[0], goal[1]]);
+            let ep = run_from(env.as_mut(), &mut planner, 10, false);
+            assert!(
+                !ep.entered_forbidden,
+                "episode {episode}: the agent entered the forbidden zone"
+            );
+        }
+    }
+}

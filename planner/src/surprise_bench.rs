@@ -1,0 +1,137 @@
+//! `amity bench surprise`: IntPhys-style paired accuracy and AUROC of the surprise detector on
+//! the synthetic violation pairs, for a trained encoder and a randomly initialised one.
+
+use std::time::Instant;
+
+use burn::tensor::Device;
+use serde::Serialize;
+
+use amity_shared::checkpoint::Checkpoint;
+use amity_shared::config::Config;
+use amity_shared::data::ClipSource;
+use amity_shared::synth::{SynthConfig, ViolationKind, generate_pair};
+use amity_shared::train::Trainer;
+
+use crate::surprise::{auroc, curve, paired_accuracy};
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct SurpriseBenchOptions {
+    /// Pairs (the violation kinds take turns).
+    pub pairs: usize,
+    /// Frames per video.
+    pub frames: usize,
+    /// The encoder to evaluate; `None` trains the tiny preset for `train_steps` on synthetic
+    /// clips first.
+    pub checkpoint: Option<Checkpoint>,
+    /// Pretraining steps when no checkpoint is given.
+    pub train_steps: u64,
+}
+
+/// Scores of one encoder.
+#[derive(Debug, Clone, Serialize)]
+pub struct SurpriseScores {
+    /// Fraction of pairs whose impossible video is the more surprising.
+    pub paired_accuracy: f64,
+    /// AUROC of impossible vs possible videos by peak surprise.
+    pub auroc: f64,
+    /// Paired accuracy per violation kind.
+    pub per_kind: Vec<(String, f64)>,
+}
+
+/// The bench's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct SurpriseBenchReport {
+    /// The evaluated encoder.
+    pub trained: SurpriseScores,
+    /// A randomly initialised encoder of the same shape.
+    pub random: SurpriseScores,
+    /// Pairs scored.
+    pub pairs: usize,
+    /// Seconds spent scoring (both encoders).
+    pub seconds: f64,
+}
+
+fn scores(
+    trainer: &Trainer,
+    pairs: &[(ViolationKind, Vec<u8>, Vec<u8>)],
+    frames: usize,
+) -> SurpriseScores {
+    let mut peaks = Vec::new();
+    for (_, possible, impossible) in pairs {
+        let p = curve(trainer, possible, frames, 1).peak();
+        let i = curve(trainer, impossible, frames, 1).peak();
+        peaks.push((p, i));
+    }
+    let per_kind = ViolationKind::ALL
+        .iter()
+        .map(|k| {
+            let sel: Vec<(f32, f32)> = pairs
+                .iter()
+                .zip(&peaks)
+                .filter(|((kind, _, _), _)| kind == k)
+                .map(|(_, p)| *p)
+                .collect();
+            (format!("{k:?}"), paired_accuracy(&sel))
+        })
+        .collect();
+    let (pos, neg): (Vec<f32>, Vec<f32>) = peaks.iter().copied().unzip();
+    SurpriseScores {
+        paired_accuracy: paired_accuracy(&peaks),
+        auroc: auroc(&pos, &neg),
+        per_kind,
+    }
+}
+
+/// Trains the tiny preset on synthetic clips for `steps` (the bench's default encoder).
+pub fn pretrain_tiny(steps: u64, log: &mut dyn FnMut(u64, f64)) -> Trainer {
+    let mut config = Config::preset("tiny").expect("the tiny preset exists");
+    config.train.steps = steps;
+    config.train.warmup = (steps / 10).max(1);
+    // Besides V-JEPA's two spatial sets, one set that hides a whole span of time steps, so the
+    // predictor also learns to predict frames it has not seen (what surprise asks of it).
+    config.train.masks.push(amity_shared::mask::MaskSetConfig {
+        num_blocks: 1,
+        spatial_scale: (1.0, 1.0),
+        temporal_scale: (0.5, 0.5),
+        aspect_ratio: (1.0, 1.0),
+    });
+    let source = ClipSource::synthetic(&config.model);
+    let mut trainer = Trainer::new(config.clone(), &Device::flex());
+    for step in 0..steps {
+        let batch = source.batch(config.train.seed, step, config.train.batch, &config.model);
+        let s = trainer.step(&batch);
+        log(step, s.loss);
+    }
+    trainer
+}
+
+/// Runs the bench.
+pub fn run(opts: &SurpriseBenchOptions, log: &mut dyn FnMut(u64, f64)) -> SurpriseBenchReport {
+    let device = Device::flex();
+    let trained = match &opts.checkpoint {
+        Some(c) => Trainer::from_flat(c.config.clone(), &c.model, Some(&c.target), &device)
+            .expect("a checkpoint loaded against its own config"),
+        None => pretrain_tiny(opts.train_steps, log),
+    };
+    let config = trained.config().clone();
+    let random = Trainer::new(config.clone(), &device);
+    let m = &config.model;
+    let cfg = SynthConfig::for_size(m.image_size, opts.frames);
+    let pairs: Vec<(ViolationKind, Vec<u8>, Vec<u8>)> = (0..opts.pairs)
+        .map(|i| {
+            let kind = ViolationKind::ALL[i % ViolationKind::ALL.len()];
+            let (p, q) = generate_pair(&cfg, 300_000_000 + i as u64, kind);
+            (kind, p.pixels, q.pixels)
+        })
+        .collect();
+    let began = Instant::now();
+    let t = scores(&trained, &pairs, opts.frames);
+    let r = scores(&random, &pairs, opts.frames);
+    SurpriseBenchReport {
+        trained: t,
+        random: r,
+        pairs: pairs.len(),
+        seconds: began.elapsed().as_secs_f64(),
+    }
+}

@@ -1,0 +1,248 @@
+//! Trajectories for the world model: collected with random and noisy scripted actions, stored
+//! as content-addressed shards (one episode's frames per clip) plus a JSON index of actions and
+//! states, and encoded once into latents by the frozen encoder.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use amity_shared::corpus::shard::{ShardBuilder, ShardView};
+use amity_shared::rng::Rng;
+use amity_shared::store::{BlobId, BlobStore, LocalStore};
+
+use crate::PlannerError;
+use crate::env::{Action, EnvKind, clamp_action, make};
+use crate::world::encode::FrameEncoder;
+
+/// One episode.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Trajectory {
+    /// Its seed.
+    pub seed: u64,
+    /// `steps + 1` frames, contiguous RGB.
+    pub frames: Vec<u8>,
+    /// `steps` actions.
+    pub actions: Vec<Action>,
+    /// `steps + 1` proprioceptive states.
+    pub proprio: Vec<[f32; 4]>,
+    /// `steps + 1` agent positions.
+    pub agent: Vec<[f32; 2]>,
+}
+
+impl Trajectory {
+    /// Actions taken.
+    pub fn steps(&self) -> usize {
+        self.actions.len()
+    }
+
+    /// Frame `t`.
+    pub fn frame(&self, t: usize, size: usize) -> &[u8] {
+        let n = size * size * 3;
+        &self.frames[t * n..(t + 1) * n]
+    }
+}
+
+/// Collects `episodes` episodes of `steps` actions at `size` pixels. Half the episodes follow
+/// the environment's scripted policy with Gaussian noise (they reach goals, push blocks); the
+/// other half follow smoothed random actions (they explore). Everything is seeded.
+pub fn collect(
+    kind: EnvKind,
+    size: usize,
+    episodes: usize,
+    steps: usize,
+    seed: u64,
+) -> Vec<Trajectory> {
+    (0..episodes)
+        .map(|e| {
+            let ep_seed = seed.wrapping_mul(1_000_003).wrapping_add(e as u64);
+            let mut env = make(kind, size);
+            env.reset(ep_seed);
+            let mut rng = Rng::derive(ep_seed, &[0xc011]);
+            let scripted = e % 2 == 0;
+            let mut t = Trajectory {
+                seed: ep_seed,
+                frames: env.render(),
+                actions: Vec::with_capacity(steps),
+                proprio: vec![env.proprio()],
+                agent: vec![env.agent()],
+            };
+            let mut prev = [0.0f32; 2];
+            for _ in 0..steps {
+                let noise = [rng.normal() as f32 * 0.4, rng.normal() as f32 * 0.4];
+                let a = if scripted {
+                    env.scripted_action(noise)
+                } else {
+                    clamp_action([
+                        0.6 * prev[0] + 0.8 * rng.normal() as f32,
+                        0.6 * prev[1] + 0.8 * rng.normal() as f32,
+                    ])
+                };
+                prev = a;
+                env.step(a);
+                t.actions.push(a);
+                t.frames.extend(env.render());
+                t.proprio.push(env.proprio());
+                t.agent.push(env.agent());
+            }
+            t
+        })
+        .collect()
+}
+
+/// One stored episode: seed, actions, proprioception, agent positions.
+pub type EpisodeRecord = (u64, Vec<Action>, Vec<[f32; 4]>, Vec<[f32; 2]>);
+
+/// The JSON index of a stored dataset.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetIndex {
+    /// The environment.
+    pub env: String,
+    /// Frame side.
+    pub size: usize,
+    /// Actions per episode.
+    pub steps: usize,
+    /// The shards holding the frames (one clip of `steps + 1` frames per episode, in order).
+    pub shards: Vec<BlobId>,
+    /// Per episode: seed, actions, proprioception, agent positions.
+    pub episodes: Vec<EpisodeRecord>,
+}
+
+/// Writes trajectories into `dir` (a content store plus `dataset.json`).
+pub fn save(
+    dir: &Path,
+    kind: EnvKind,
+    size: usize,
+    trajs: &[Trajectory],
+) -> Result<DatasetIndex, PlannerError> {
+    let store = LocalStore::open(&dir.join("blobs")).map_err(PlannerError::other)?;
+    let steps = trajs.first().map_or(0, Trajectory::steps);
+    let mut shards = Vec::new();
+    for chunk in trajs.chunks(64) {
+        let mut b = ShardBuilder::new(
+            &kind.to_string(),
+            steps + 1,
+            size,
+            1.0 / crate::env::ACTION_SECONDS as f64,
+            1,
+        );
+        for t in chunk {
+            b.push(&format!("{kind}/episode-{}", t.seed), 0, &t.frames, None);
+        }
+        let bytes = b.finish().to_vec();
+        shards.push(store.put(&bytes).map_err(PlannerError::other)?.id);
+    }
+    let index = DatasetIndex {
+        env: kind.to_string(),
+        size,
+        steps,
+        shards,
+        episodes: trajs
+            .iter()
+            .map(|t| {
+                (
+                    t.seed,
+                    t.actions.clone(),
+                    t.proprio.clone(),
+                    t.agent.clone(),
+                )
+            })
+            .collect(),
+    };
+    let path = dir.join("dataset.json");
+    let json = serde_json::to_vec(&index).map_err(PlannerError::other)?;
+    std::fs::write(&path, json)
+        .map_err(|e| PlannerError::Io(format!("{}: {e}", path.display())))?;
+    Ok(index)
+}
+
+/// Reads a dataset written by [`save`], verifying every shard.
+pub fn load(dir: &Path) -> Result<(EnvKind, usize, Vec<Trajectory>), PlannerError> {
+    let path = dir.join("dataset.json");
+    let text =
+        std::fs::read(&path).map_err(|e| PlannerError::Io(format!("{}: {e}", path.display())))?;
+    let index: DatasetIndex = serde_json::from_slice(&text)
+        .map_err(|e| PlannerError::Invalid(format!("{}: {e}", path.display())))?;
+    let kind: EnvKind = index.env.parse().map_err(PlannerError::Invalid)?;
+    let store = LocalStore::open(&dir.join("blobs")).map_err(PlannerError::other)?;
+    let mut frames = Vec::new();
+    for id in &index.shards {
+        let bytes = store.get(id).map_err(PlannerError::other)?;
+        let view = ShardView::parse(&bytes).map_err(PlannerError::other)?;
+        for i in 0..view.len() {
+            frames.push(view.clip(i).to_vec());
+        }
+    }
+    if frames.len() != index.episodes.len() {
+        return Err(PlannerError::Invalid(format!(
+            "{}: {} episodes listed, {} stored",
+            path.display(),
+            index.episodes.len(),
+            frames.len()
+        )));
+    }
+    let want = (index.steps + 1) * index.size * index.size * 3;
+    let mut trajs = Vec::new();
+    for ((seed, actions, proprio, agent), frames) in index.episodes.into_iter().zip(frames) {
+        if frames.len() != want
+            || actions.len() != index.steps
+            || proprio.len() != index.steps + 1
+            || agent.len() != index.steps + 1
+        {
+            return Err(PlannerError::Invalid(format!(
+                "{}: episode {seed} has the wrong length",
+                path.display()
+            )));
+        }
+        trajs.push(Trajectory {
+            seed,
+            frames,
+            actions,
+            proprio,
+            agent,
+        });
+    }
+    Ok((kind, index.size, trajs))
+}
+
+/// Every frame of every trajectory through the frozen encoder.
+#[derive(Debug, Clone)]
+pub struct Latents {
+    /// Trajectories.
+    pub episodes: usize,
+    /// Frames per trajectory.
+    pub frames: usize,
+    /// Tokens per frame.
+    pub tokens: usize,
+    /// Feature width.
+    pub width: usize,
+    /// `episodes x frames x tokens x width`.
+    pub z: Vec<f32>,
+}
+
+impl Latents {
+    /// Encodes `trajs`.
+    pub fn of(encoder: &FrameEncoder, trajs: &[Trajectory]) -> Self {
+        let size = encoder.size();
+        let frames = trajs.first().map_or(0, |t| t.steps() + 1);
+        let mut z = Vec::new();
+        for t in trajs {
+            let fs: Vec<&[u8]> = (0..=t.steps()).map(|i| t.frame(i, size)).collect();
+            z.extend(encoder.encode_host(&fs));
+        }
+        Latents {
+            episodes: trajs.len(),
+            frames,
+            tokens: encoder.tokens(),
+            width: encoder.width(),
+            z,
+        }
+    }
+
+    /// The latents of frame `t` of episode `e`.
+    pub fn frame(&self, e: usize, t: usize) -> &[f32] {
+        let n = self.tokens * self.width;
+        let i = (e * self.frames + t) * n;
+        &self.z[i..i + n]
+    }
+}

@@ -1,0 +1,486 @@
+//! `amity plan ...`, `amity surprise` and their benches: what downstream users do with a
+//! released encoder.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::Device;
+use clap::{Args, Subcommand};
+
+use amity_planner::bench::{PlanBenchOptions, bench_env, pretrain_encoder};
+use amity_planner::env::{ARENA, EnvKind, make};
+use amity_planner::plan::optimise::{Method, SearchConfig};
+use amity_planner::plan::{LatentPlanner, Metric, run_episode};
+use amity_planner::surprise::curve;
+use amity_planner::surprise_bench::{SurpriseBenchOptions, run as run_surprise_bench};
+use amity_planner::world::data::{Latents, collect, load, save};
+use amity_planner::world::encode::FrameEncoder;
+use amity_planner::world::{WorldModel, WorldModelConfig, fit_position_probe, train};
+use amity_shared::checkpoint::Checkpoint;
+use amity_shared::train::Trainer;
+
+/// `amity plan`.
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    #[command(subcommand)]
+    pub command: PlanCommand,
+}
+
+/// The planning tasks.
+#[derive(Debug, Subcommand)]
+pub enum PlanCommand {
+    /// Record episodes (frames, actions, states) with random and noisy scripted actions.
+    Collect {
+        /// `pointmaze` or `pushblock`.
+        #[arg(long)]
+        env: EnvKind,
+        /// Episodes.
+        #[arg(long, default_value_t = 200)]
+        episodes: usize,
+        /// Actions per episode.
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        /// Frame side in pixels (the encoder's).
+        #[arg(long, default_value_t = 32)]
+        size: usize,
+        /// Seed of every episode.
+        #[arg(long, default_value_t = 11)]
+        seed: u64,
+        /// Output folder (a content store of shards plus `dataset.json`).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Train the action-conditioned predictor on a frozen encoder.
+    Train {
+        /// A dataset from `amity plan collect`.
+        #[arg(long)]
+        data: PathBuf,
+        /// The encoder: a release folder or a checkpoint file.
+        #[arg(long)]
+        ckpt: PathBuf,
+        /// Where the world model goes (default: `world-<env>.safetensors` beside the encoder).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Optimiser steps.
+        #[arg(long, default_value_t = 1500)]
+        steps: u64,
+    },
+    /// Run episodes with the latent planner; print success and time per action; write a PNG
+    /// strip of the real rollout with the planner's expected agent path drawn on it.
+    Run {
+        /// `pointmaze` or `pushblock`.
+        #[arg(long)]
+        env: EnvKind,
+        /// The encoder: a release folder or a checkpoint file.
+        #[arg(long)]
+        ckpt: PathBuf,
+        /// The world model (default: `world-<env>.safetensors` beside the encoder).
+        #[arg(long)]
+        world: Option<PathBuf>,
+        /// Episodes.
+        #[arg(long, default_value_t = 5)]
+        episodes: usize,
+        /// Actions per episode at most.
+        #[arg(long, default_value_t = 40)]
+        max_steps: usize,
+        /// `cem` or `mppi`.
+        #[arg(long, default_value = "cem")]
+        planner: Method,
+        /// The PNG strip of the first episode.
+        #[arg(long, default_value = "plan.png")]
+        out: PathBuf,
+    },
+}
+
+/// `amity surprise`.
+#[derive(Debug, Args)]
+pub struct SurpriseArgs {
+    /// A video file or a folder of frames.
+    pub video: PathBuf,
+    /// The encoder and predictor: a release folder or a checkpoint file.
+    #[arg(long)]
+    pub ckpt: PathBuf,
+    /// Frames between windows.
+    #[arg(long, default_value_t = 1)]
+    pub stride: usize,
+    /// Spike threshold, in robust standard deviations above the median.
+    #[arg(long, default_value_t = 3.5)]
+    pub threshold: f32,
+    /// The plot.
+    #[arg(long, default_value = "surprise.png")]
+    pub plot: PathBuf,
+}
+
+/// `amity bench plan`.
+#[derive(Debug, Args)]
+pub struct PlanBenchArgs {
+    /// The encoder (a release folder or checkpoint); default: the tiny preset pretrained on
+    /// each environment's own videos for `--pretrain-steps`.
+    #[arg(long)]
+    pub ckpt: Option<PathBuf>,
+    /// Encoder pretraining steps when no `--ckpt` is given.
+    #[arg(long, default_value_t = 300)]
+    pub pretrain_steps: u64,
+    /// Environments.
+    #[arg(long, value_delimiter = ',', default_value = "pointmaze,pushblock")]
+    pub env: Vec<EnvKind>,
+    /// Evaluation episodes per environment and policy.
+    #[arg(long, default_value_t = 50)]
+    pub episodes: usize,
+    /// Actions per episode at most.
+    #[arg(long, default_value_t = 40)]
+    pub max_steps: usize,
+    /// Predictor training steps.
+    #[arg(long, default_value_t = 1500)]
+    pub world_steps: u64,
+    /// `cem` or `mppi`.
+    #[arg(long, default_value = "cem")]
+    pub planner: Method,
+    /// Skip the randomly initialised encoder's run.
+    #[arg(long)]
+    pub no_random_encoder: bool,
+}
+
+/// `amity bench surprise`.
+#[derive(Debug, Args)]
+pub struct SurpriseBenchArgs {
+    /// The encoder and predictor (a release folder or checkpoint); default: the tiny preset
+    /// pretrained on synthetic clips for `--train-steps`.
+    #[arg(long)]
+    pub ckpt: Option<PathBuf>,
+    /// Pretraining steps when no `--ckpt` is given.
+    #[arg(long, default_value_t = 400)]
+    pub train_steps: u64,
+    /// Violation pairs (the kinds take turns).
+    #[arg(long, default_value_t = 100)]
+    pub pairs: usize,
+    /// Frames per video.
+    #[arg(long, default_value_t = 32)]
+    pub frames: usize,
+}
+
+/// A checkpoint from a release folder (verified) or a checkpoint file.
+pub fn load_checkpoint(path: &Path) -> Result<Checkpoint> {
+    if path.is_dir() {
+        crate::release_cmd::load_release(path)
+    } else {
+        Ok(Checkpoint::load(path)?)
+    }
+}
+
+fn beside(ckpt: &Path, kind: EnvKind) -> PathBuf {
+    let dir = if ckpt.is_dir() {
+        ckpt.to_owned()
+    } else {
+        ckpt.parent().map(Path::to_owned).unwrap_or_default()
+    };
+    dir.join(format!("world-{kind}.safetensors"))
+}
+
+/// Runs `amity plan`.
+pub fn plan(args: PlanArgs) -> Result<()> {
+    match args.command {
+        PlanCommand::Collect {
+            env,
+            episodes,
+            steps,
+            size,
+            seed,
+            out,
+        } => {
+            let trajs = collect(env, size, episodes, steps, seed);
+            let index = save(&out, env, size, &trajs)?;
+            println!(
+                "{env}: {episodes} episodes x {steps} actions at {size}x{size} -> {} shard(s) and {}",
+                index.shards.len(),
+                out.join("dataset.json").display()
+            );
+        }
+        PlanCommand::Train {
+            data,
+            ckpt,
+            out,
+            steps,
+        } => {
+            let (kind, size, trajs) = load(&data)?;
+            let checkpoint = load_checkpoint(&ckpt)?;
+            let device = Device::flex();
+            let encoder = FrameEncoder::new(&checkpoint, &device).map_err(anyhow::Error::msg)?;
+            if encoder.size() != size {
+                bail!(
+                    "{}: frames are {size}x{size}, the encoder takes {}x{}; collect again with --size {}",
+                    data.display(),
+                    encoder.size(),
+                    encoder.size(),
+                    encoder.size()
+                );
+            }
+            let lat = Latents::of(&encoder, &trajs);
+            let agents: Vec<Vec<[f32; 2]>> = trajs.iter().map(|t| t.agent.clone()).collect();
+            let (probe, r2) = fit_position_probe(&lat, &agents, 2000);
+            let cfg = WorldModelConfig {
+                steps,
+                ..WorldModelConfig::default()
+            };
+            let (predictor, report) =
+                train::train(&cfg, &lat, &trajs, &device, &mut |s, tf, ro| {
+                    if s % 100 == 0 || s + 1 == steps {
+                        println!(
+                            "step {s}/{steps}: teacher forcing {tf:.4}, 2-step rollout {ro:.4}"
+                        );
+                    }
+                });
+            let wm = WorldModel {
+                encoder,
+                predictor,
+                probe,
+                config: cfg,
+            };
+            let path = out.unwrap_or_else(|| beside(&ckpt, kind));
+            wm.save(&path)?;
+            println!(
+                "{kind} world model: 2-step rollout error {:.4} -> {:.4} on held-out episodes; \
+                 position probe R2 {r2:.3}; saved to {}",
+                report.rollout_before,
+                report.rollout_after,
+                path.display()
+            );
+        }
+        PlanCommand::Run {
+            env,
+            ckpt,
+            world,
+            episodes,
+            max_steps,
+            planner,
+            out,
+        } => {
+            let checkpoint = load_checkpoint(&ckpt)?;
+            let device = Device::flex();
+            let path = world.unwrap_or_else(|| beside(&ckpt, env));
+            let wm = WorldModel::load(&path, &checkpoint, &device).with_context(|| {
+                format!(
+                    "loading the world model {} (train one with `amity plan train`)",
+                    path.display()
+                )
+            })?;
+            let mut p = LatentPlanner::new(&wm, planner, SearchConfig::default(), Metric::L1, 1);
+            let mut e = make(env, wm.encoder.size());
+            let mut wins = 0;
+            for i in 0..episodes {
+                let ep = run_episode(e.as_mut(), 900_000 + i as u64, &mut p, max_steps, i == 0);
+                wins += ep.success as usize;
+                println!(
+                    "episode {i}: {} in {} actions, {:.0} ms per action{}",
+                    if ep.success { "success" } else { "failure" },
+                    ep.steps,
+                    ep.ms_per_action,
+                    if ep.entered_forbidden {
+                        " (entered a forbidden zone)"
+                    } else {
+                        ""
+                    }
+                );
+                if i == 0 {
+                    strip(&out, wm.encoder.size(), &ep.frames, &ep.expected)?;
+                }
+            }
+            println!(
+                "{env}: {wins}/{episodes} successes; rollout of episode 0 in {}",
+                out.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A PNG strip: the real frames (scaled up) with the planner's expected agent path as dots.
+fn strip(path: &Path, size: usize, frames: &[Vec<u8>], expected: &[Vec<[f32; 2]>]) -> Result<()> {
+    let scale = 4u32;
+    let s = size as u32 * scale;
+    let shown: Vec<usize> = (0..frames.len())
+        .step_by((frames.len() / 12).max(1))
+        .collect();
+    let mut img = image::RgbImage::new(s * shown.len() as u32, s);
+    for (col, &i) in shown.iter().enumerate() {
+        let f = image::RgbImage::from_raw(size as u32, size as u32, frames[i].clone())
+            .context("frame size")?;
+        let big = image::imageops::resize(&f, s, s, image::imageops::FilterType::Nearest);
+        image::imageops::replace(&mut img, &big, (col as u32 * s) as i64, 0);
+        if let Some(path) = i.checked_sub(1).and_then(|k| expected.get(k)) {
+            for p in path {
+                let x = (p[0] / ARENA * s as f32) as i64 + (col as u32 * s) as i64;
+                let y = ((ARENA - p[1]) / ARENA * s as f32) as i64;
+                for (dx, dy) in [(0, 0), (1, 0), (0, 1), (1, 1)] {
+                    let (px, py) = (x + dx, y + dy);
+                    if px >= (col as u32 * s) as i64
+                        && px < ((col as u32 + 1) * s) as i64
+                        && py >= 0
+                        && py < s as i64
+                    {
+                        img.put_pixel(px as u32, py as u32, image::Rgb([255, 230, 0]));
+                    }
+                }
+            }
+        }
+    }
+    img.save(path).with_context(|| path.display().to_string())
+}
+
+/// Runs `amity surprise`.
+pub fn surprise(args: SurpriseArgs) -> Result<()> {
+    let ckpt = load_checkpoint(&args.ckpt)?;
+    let trainer = Trainer::from_flat(
+        ckpt.config.clone(),
+        &ckpt.model,
+        Some(&ckpt.target),
+        &Device::flex(),
+    )?;
+    let video = amity_shared::embed::decode_for(&args.video, &ckpt.config)?;
+    let c = curve(&trainer, &video.pixels, video.frames, args.stride);
+    if c.energy.is_empty() {
+        bail!(
+            "{}: {} frames, too short for one window of {} frames",
+            args.video.display(),
+            video.frames,
+            ckpt.config.model.frames
+        );
+    }
+    let spikes = c.spikes(args.threshold);
+    let fps = ckpt.config.data.fps;
+    println!("{:>8} {:>8} {:>10}", "window", "time", "energy");
+    for (i, (s, e)) in c.starts.iter().zip(&c.energy).enumerate() {
+        let mark = if spikes.contains(&i) {
+            "  <- spike"
+        } else {
+            ""
+        };
+        println!("{i:>8} {:>7.1}s {e:>10.4}{mark}", *s as f64 / fps);
+    }
+    let values: Vec<f64> = c.energy.iter().map(|&e| e as f64).collect();
+    crate::plot::line_chart_marked(&args.plot, &values, &spikes)?;
+    println!(
+        "peak surprise {:.4} at {:.1}s; {} spike(s) above {} robust deviations; plot: {}",
+        c.peak(),
+        c.starts[c
+            .energy
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map_or(0, |x| x.0)] as f64
+            / fps,
+        spikes.len(),
+        args.threshold,
+        args.plot.display()
+    );
+    Ok(())
+}
+
+/// Runs `amity bench plan`.
+pub fn bench_plan(a: PlanBenchArgs) -> Result<()> {
+    let opts = PlanBenchOptions {
+        episodes: a.episodes,
+        max_steps: a.max_steps,
+        collect_episodes: 200,
+        collect_steps: 20,
+        world: WorldModelConfig {
+            steps: a.world_steps,
+            ..WorldModelConfig::default()
+        },
+        search: SearchConfig::default(),
+        method: a.planner,
+        metric: Metric::L1,
+    };
+    let mut log = |s: String| println!("{s}");
+    let given = match &a.ckpt {
+        Some(p) => Some(load_checkpoint(p)?),
+        None => None,
+    };
+    let mut json = serde_json::Map::new();
+    json.insert("bench".into(), "plan".into());
+    let mut random_json = serde_json::Map::new();
+    for kind in &a.env {
+        println!(
+            "{kind}: {} episodes of at most {} actions per policy",
+            a.episodes, a.max_steps
+        );
+        let ckpt = match &given {
+            Some(c) => c.clone(),
+            None => pretrain_encoder(*kind, a.pretrain_steps, &mut log)?,
+        };
+        let r = bench_env(*kind, &ckpt, &opts, &mut log)?;
+        println!(
+            "{kind}: latent {:.2}  random {:.2}  oracle {:.2}  ({:.0} ms/action, Spearman {:.3})",
+            r.latent, r.random, r.oracle, r.ms_per_action, r.spearman
+        );
+        json.insert(kind.to_string(), serde_json::to_value(&r)?);
+        if !a.no_random_encoder {
+            println!("{kind}: the same with a randomly initialised encoder");
+            let rnd = pretrain_encoder(*kind, 0, &mut log)?;
+            let r = bench_env(*kind, &rnd, &opts, &mut log)?;
+            println!(
+                "{kind} (random encoder): latent {:.2}, Spearman {:.3}",
+                r.latent, r.spearman
+            );
+            random_json.insert(kind.to_string(), serde_json::to_value(&r)?);
+        }
+    }
+    if !random_json.is_empty() {
+        json.insert("random_encoder".into(), random_json.into());
+    }
+    println!("{}", serde_json::Value::Object(json));
+    Ok(())
+}
+
+/// Runs `amity bench surprise`.
+pub fn bench_surprise(a: SurpriseBenchArgs) -> Result<()> {
+    let checkpoint = match &a.ckpt {
+        Some(p) => Some(load_checkpoint(p)?),
+        None => None,
+    };
+    if checkpoint.is_none() {
+        println!(
+            "pretraining the tiny preset on synthetic clips for {} steps",
+            a.train_steps
+        );
+    }
+    let opts = SurpriseBenchOptions {
+        pairs: a.pairs,
+        frames: a.frames,
+        checkpoint,
+        train_steps: a.train_steps,
+    };
+    let every = (a.train_steps / 5).max(1);
+    let r = run_surprise_bench(&opts, &mut |s, loss| {
+        if s % every == 0 {
+            println!("  step {s}: loss {loss:.4}");
+        }
+    });
+    println!(
+        "{} pairs of {} frames ({:.1} s to score)",
+        r.pairs, a.frames, r.seconds
+    );
+    println!("{:<14} {:>10} {:>10}", "", "trained", "random");
+    println!(
+        "{:<14} {:>10.3} {:>10.3}",
+        "paired acc.", r.trained.paired_accuracy, r.random.paired_accuracy
+    );
+    println!(
+        "{:<14} {:>10.3} {:>10.3}",
+        "AUROC", r.trained.auroc, r.random.auroc
+    );
+    for ((k, t), (_, rr)) in r.trained.per_kind.iter().zip(&r.random.per_kind) {
+        println!("{k:<14} {t:>10.3} {rr:>10.3}");
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "surprise",
+            "paired_accuracy": r.trained.paired_accuracy,
+            "auroc": r.trained.auroc,
+            "random_init": {"paired_accuracy": r.random.paired_accuracy, "auroc": r.random.auroc},
+            "per_kind": r.trained.per_kind,
+        })
+    );
+    Ok(())
+}

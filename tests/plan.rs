@@ -1,0 +1,137 @@
+//! The planner and the surprise detector from the command line, as downstream users run them
+//! on a released encoder: collect trajectories, train a world model beside the encoder, plan
+//! episodes and get a picture; score a video's surprise and get a plot.
+
+mod common;
+use common::{amity, ok, s, scratch};
+
+#[test]
+fn collect_train_and_plan_from_the_command_line() {
+    let dir = scratch("plan");
+    let ckpt = dir.join("train/checkpoint.safetensors");
+    ok(&amity(&[
+        "train",
+        "--steps",
+        "2",
+        "--batch",
+        "2",
+        "--no-probe",
+        "--out",
+        s(&dir.join("train")),
+    ]));
+    let data = dir.join("data");
+    let out = ok(&amity(&[
+        "plan",
+        "collect",
+        "--env",
+        "pushblock",
+        "--episodes",
+        "12",
+        "--steps",
+        "8",
+        "--out",
+        s(&data),
+    ]));
+    assert!(out.contains("12 episodes x 8 actions"), "{out}");
+    let out = ok(&amity(&[
+        "plan",
+        "train",
+        "--data",
+        s(&data),
+        "--ckpt",
+        s(&ckpt),
+        "--steps",
+        "20",
+    ]));
+    assert!(out.contains("2-step rollout error"), "{out}");
+    let world = dir.join("train/world-pushblock.safetensors");
+    assert!(world.exists(), "saved beside the encoder");
+    let png = dir.join("plan.png");
+    let out = ok(&amity(&[
+        "plan",
+        "run",
+        "--env",
+        "pushblock",
+        "--ckpt",
+        s(&ckpt),
+        "--episodes",
+        "1",
+        "--max-steps",
+        "3",
+        "--out",
+        s(&png),
+    ]));
+    assert!(
+        out.contains("episode 0:") && out.contains("ms per action"),
+        "{out}"
+    );
+    assert!(image::open(&png).is_ok(), "a PNG strip of the rollout");
+    // A world model for another encoder shape is refused with a clear message.
+    let err = amity(&[
+        "plan",
+        "run",
+        "--env",
+        "pushblock",
+        "--ckpt",
+        s(&ckpt),
+        "--world",
+        s(&ckpt),
+    ]);
+    assert!(!err.status.success());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn surprise_scores_every_window_and_plots_them() {
+    let dir = scratch("surprise");
+    ok(&amity(&[
+        "train",
+        "--steps",
+        "2",
+        "--batch",
+        "2",
+        "--no-probe",
+        "--out",
+        s(&dir.join("train")),
+    ]));
+    ok(&amity(&[
+        "corpus",
+        "synth",
+        "--out",
+        s(&dir.join("videos")),
+        "--videos",
+        "1",
+        "--frames",
+        "24",
+        "--seed",
+        "4",
+        "--violations",
+    ]));
+    let video = std::fs::read_dir(dir.join("videos"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "mp4"))
+        .expect("a synthetic video");
+    let plot = dir.join("s.png");
+    let out = ok(&amity(&[
+        "surprise",
+        s(&video),
+        "--ckpt",
+        s(&dir.join("train/checkpoint.safetensors")),
+        "--plot",
+        s(&plot),
+    ]));
+    // 24 frames, windows of 8 frames one frame apart: 17 windows.
+    let windows = out
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .next()
+                .is_some_and(|w| w.parse::<usize>().is_ok())
+        })
+        .count();
+    assert_eq!(windows, 17, "{out}");
+    assert!(out.contains("peak surprise"), "{out}");
+    assert!(image::open(&plot).is_ok());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
