@@ -83,7 +83,7 @@ pub enum PlanCommand {
         /// Actions per episode at most.
         #[arg(long, default_value_t = 40)]
         max_steps: usize,
-        /// `cem` or `mppi`.
+        /// `cem`, `mppi` or `gd` (gradient descent on the actions).
         #[arg(long, default_value = "cem")]
         planner: Method,
         /// The PNG strip of the first episode.
@@ -133,7 +133,7 @@ pub struct PlanBenchArgs {
     /// Predictor training steps.
     #[arg(long, default_value_t = 1500)]
     pub world_steps: u64,
-    /// `cem` or `mppi`.
+    /// `cem`, `mppi` or `gd` (gradient descent on the actions).
     #[arg(long, default_value = "cem")]
     pub planner: Method,
     /// Skip the randomly initialised encoder's run.

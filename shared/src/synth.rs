@@ -647,13 +647,22 @@ mod tests {
                 ViolationKind::NoReappear => {
                     assert!(b.labels.occluder.is_some());
                     assert!(fa[k][0].visible, "the possible object comes out at {k}");
-                    assert!((k..8).all(|f| !fb[f][0].visible), "the impossible one never does");
+                    assert!(
+                        (k..8).all(|f| !fb[f][0].visible),
+                        "the impossible one never does"
+                    );
                 }
                 ViolationKind::PassThroughWall => {
                     let r = b.labels.objects[0].radius;
                     let outside = |p: [f32; 2]| p.iter().any(|&x| x < r || x > 1.0 - r);
-                    assert!((k..8).any(|f| outside(fb[f][0].pos)), "it goes through a wall");
-                    assert!((0..8).all(|f| !outside(fa[f][0].pos)), "the possible one bounces");
+                    assert!(
+                        (k..8).any(|f| outside(fb[f][0].pos)),
+                        "it goes through a wall"
+                    );
+                    assert!(
+                        (0..8).all(|f| !outside(fa[f][0].pos)),
+                        "the possible one bounces"
+                    );
                 }
                 _ => {}
             }

@@ -7,6 +7,8 @@
 //!   that far from the goal the energy still has a slope), plus **guardrails** no goal can outweigh: actions are clamped to their bounds, and
 //!   a sequence whose predicted agent position (the frozen position probe on the predicted
 //!   latents) enters a forbidden zone costs [`FORBIDDEN`].
+//!   The actions can also be optimised by gradient descent through the predictor
+//!   ([`LatentPlanner::descend`], `Method::Gd`).
 //! - [`OraclePlanner`]: the same search on the true simulator (the ceiling).
 //! - [`RandomPolicy`]: uniform random actions (the floor).
 
@@ -90,6 +92,8 @@ pub struct LatentPlanner<'a> {
     margin: f32,
     /// `[P, P]` spatial smoothing of token maps for the coarse term of the energy.
     blur: Option<Tensor<2>>,
+    /// The predictor on an autodiff device, built on first use by gradient descent.
+    ad_predictor: Option<crate::world::predictor::ActionPredictor>,
     zones: Vec<Zone>,
     goal: Option<Tensor<3>>,
     warm: Option<Vec<Action>>,
@@ -113,6 +117,7 @@ impl<'a> LatentPlanner<'a> {
             metric,
             margin: 1.0,
             blur: blur_matrix(wm.encoder.grid(), BLUR_SIGMA, &wm.encoder.device()),
+            ad_predictor: None,
             zones: Vec::new(),
             goal: None,
             warm: None,
@@ -202,12 +207,105 @@ impl<'a> LatentPlanner<'a> {
         (e, paths)
     }
 
+    /// Gradient descent on the actions: the latent distance (both scales) of the rollout's
+    /// final latents to the goal is differentiated through the predictor with respect to the
+    /// actions; each step moves every action against its gradient (normalised to `step` at the
+    /// largest component) and clamps it to the bounds. The guardrails are not differentiable:
+    /// the result is scored by [`LatentPlanner::energies`] like any plan, and a plan that enters
+    /// a forbidden zone is replaced by standing still.
+    pub fn descend(
+        &mut self,
+        z0: &Tensor<3>,
+        s0: [f32; 4],
+        start: Vec<Action>,
+        steps: usize,
+        step: f32,
+    ) -> Plan {
+        let ad = self.wm.encoder.device().autodiff();
+        let predictor = self.ad_predictor.get_or_insert_with(|| {
+            let shell = crate::world::predictor::ActionPredictor::new(
+                &self.wm.config,
+                self.wm.encoder.tokens(),
+                self.wm.encoder.width(),
+                &ad,
+            );
+            amity_shared::flat::load_flat(shell, &amity_shared::flat::to_flat(&self.wm.predictor))
+                .expect("the same layout")
+        });
+        let h = start.len();
+        let [_, p, d] = z0.dims();
+        let goal = Tensor::from_inner(self.goal.clone().expect("begin() sets the goal"));
+        let blur = self.blur.clone().map(Tensor::from_inner);
+        let max_hist = self
+            .wm
+            .config
+            .rollout_history
+            .clamp(1, self.wm.config.max_steps);
+        let mut actions: Vec<f32> = start.iter().flat_map(|a| *a).collect();
+        for _ in 0..steps {
+            let a = Tensor::<3>::from_data(TensorData::new(actions.clone(), [1, h, 2]), &ad)
+                .require_grad();
+            let mut z = Tensor::from_inner(z0.clone()).unsqueeze_dim::<4>(1);
+            let mut s = Tensor::<3>::from_data(TensorData::new(s0.to_vec(), [1, 1, 4]), &ad);
+            for _ in 0..h {
+                let len = z.dims()[1];
+                let from = len.saturating_sub(max_hist);
+                let (zp, sp) = predictor.forward(
+                    z.clone().narrow(1, from, len - from),
+                    s.clone().narrow(1, from, len - from),
+                    a.clone().narrow(1, from, len - from),
+                );
+                let last = len - from - 1;
+                z = Tensor::cat(vec![z, zp.narrow(1, last, 1)], 1);
+                s = Tensor::cat(vec![s, sp.narrow(1, last, 1)], 1);
+            }
+            let fin: Tensor<3> = z.narrow(1, h, 1).reshape([1, p, d]);
+            let mut loss = (fin.clone() - goal.clone()).abs().mean();
+            if let Some(k) = &blur {
+                let k = k.clone().unsqueeze::<3>();
+                loss = loss
+                    + (k.clone().matmul(fin) - k.matmul(goal.clone()))
+                        .abs()
+                        .mean();
+            }
+            let grads = loss.backward();
+            let Some(g) = a.grad(&grads) else { break };
+            let g = host_f32(g);
+            let top = g.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+            for (x, gi) in actions.iter_mut().zip(&g) {
+                *x = (*x - step * gi / top).clamp(-1.0, 1.0);
+            }
+        }
+        let plan: Vec<Action> = actions.chunks_exact(2).map(|c| [c[0], c[1]]).collect();
+        let energy = self.energies(z0, s0, std::slice::from_ref(&plan)).0[0];
+        if energy >= FORBIDDEN {
+            return Plan {
+                actions: vec![[0.0, 0.0]; h],
+                energy,
+            };
+        }
+        Plan {
+            actions: plan,
+            energy,
+        }
+    }
+
     /// Plans from the current frame: the plan and the probe's expected agent path.
     pub fn plan(&mut self, env: &dyn Env) -> Plan {
         let frame = env.render();
         let z0 = self.wm.encoder.encode(&[&frame]);
         let s0 = env.proprio();
         let warm = self.warm.take();
+        if self.method == Method::Gd {
+            let start = warm.unwrap_or_else(|| vec![[0.0, 0.0]; self.cfg.horizon]);
+            let plan = self.descend(&z0, s0, start, 20, 0.15);
+            self.path = self
+                .energies(&z0, s0, std::slice::from_ref(&plan.actions))
+                .1
+                .remove(0);
+            self.warm = Some(shift(&plan.actions));
+            return plan;
+        }
         let mut rng = std::mem::replace(&mut self.rng, Rng::new(0));
         let plan = {
             let me = &*self;
@@ -436,6 +534,19 @@ mod tests {
             crate::bench::energy_landscape(&wm, EnvKind::PointMaze, &search, Metric::L1, 6, 24);
         eprintln!("energy-landscape Spearman (random encoder, small model): {rho:.3}");
         assert!(rho.is_finite());
+        // Gradient descent on the actions moves downhill from standing still.
+        let mut env = make(EnvKind::PointMaze, wm.encoder.size());
+        env.reset(3);
+        let mut gd = LatentPlanner::new(&wm, Method::Gd, search.clone(), Metric::L1, 5);
+        gd.begin(env.as_ref());
+        let z0 = wm.encoder.encode(&[&env.render()]);
+        let still = vec![[0.0f32, 0.0]; search.horizon];
+        let before = gd
+            .energies(&z0, env.proprio(), std::slice::from_ref(&still))
+            .0[0];
+        let plan = gd.descend(&z0, env.proprio(), still, 15, 0.15);
+        eprintln!("gradient descent: energy {before:.5} -> {:.5}", plan.energy);
+        assert!(plan.energy <= before, "{before} -> {}", plan.energy);
         // Twenty situations whose straight way to the goal runs through the no-go zone.
         let mut env = make(EnvKind::PointMaze, wm.encoder.size());
         let mut rng = Rng::new(9);

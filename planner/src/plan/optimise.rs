@@ -58,6 +58,9 @@ pub enum Method {
     Cem,
     /// Model-predictive path integral.
     Mppi,
+    /// Gradient descent on the actions through the world model (latent planner only; a search
+    /// without gradients, such as the oracle's, runs CEM instead).
+    Gd,
 }
 
 impl std::str::FromStr for Method {
@@ -66,6 +69,7 @@ impl std::str::FromStr for Method {
         match s {
             "cem" => Ok(Method::Cem),
             "mppi" => Ok(Method::Mppi),
+            "gd" => Ok(Method::Gd),
             other => Err(format!("unknown planner {other:?} (cem, mppi, gd)")),
         }
     }
@@ -127,7 +131,7 @@ pub fn search(
             };
         }
         let (new_mean, new_std) = match method {
-            Method::Cem => {
+            Method::Cem | Method::Gd => {
                 let elites = &order[..cfg.elites.min(order.len()).max(1)];
                 moments(&cands, elites.iter().map(|&i| (i, 1.0)), h)
             }
