@@ -181,8 +181,7 @@ pub fn run(out: &Path, videos: usize, rounds: u64, round_secs: f64) -> Result<()
         let probes = tokio::task::spawn_blocking(move || -> Result<_> {
             let ckpt = Checkpoint::load(&probe_ckpt)?;
             let device = Device::flex();
-            let trained =
-                Trainer::from_flat(ckpt.config.clone(), &ckpt.model, Some(&ckpt.target), &device)?;
+            let trained = Trainer::from_checkpoint(&ckpt, &device)?;
             let random = Trainer::new(ckpt.config.clone(), &device);
             let m = &ckpt.config.model;
             let set = ProbeSet::synthetic(&SynthConfig::for_size(m.image_size, m.frames), 400, 200);
@@ -398,12 +397,7 @@ fn downstream(release: &Path) -> Result<(serde_json::Value, serde_json::Value)> 
         );
         episodes.push(serde_json::json!({"success": ep.success, "steps": ep.steps, "ms_per_action": ep.ms_per_action}));
     }
-    let trainer = Trainer::from_flat(
-        ckpt.config.clone(),
-        &ckpt.model,
-        Some(&ckpt.target),
-        &device,
-    )?;
+    let trainer = Trainer::from_checkpoint(&ckpt, &device)?;
     let m = &ckpt.config.model;
     let synth = SynthConfig::for_size(m.image_size, 32);
     let (possible, impossible) = generate_pair(&synth, 424_242, ViolationKind::Teleport);

@@ -75,15 +75,22 @@ async fn open_session(
         .await?;
     match control.recv::<ServerMsg>().await? {
         Some(ServerMsg::Welcome { .. }) => Ok((conn, control, peer)),
-        Some(ServerMsg::Error { code, message }) => Err(ConnError::Remote {
+        other => Err(refusal(peer, other, "Welcome")),
+    }
+}
+
+/// The error for an answer that is not the one expected: the peer's own error, or what came.
+fn refusal(peer: String, got: Option<ServerMsg>, expected: &str) -> ConnError {
+    match got {
+        Some(ServerMsg::Error { code, message }) => ConnError::Remote {
             peer,
             code,
             message,
-        }),
-        other => Err(ConnError::Unexpected {
+        },
+        other => ConnError::Unexpected {
             peer,
-            what: format!("{other:?} instead of Welcome"),
-        }),
+            what: format!("{other:?} instead of {expected}"),
+        },
     }
 }
 
@@ -102,15 +109,7 @@ async fn query(
             manifest,
             signature,
         }) => Ok((BlobId(manifest), signature, name)),
-        Some(ServerMsg::Error { code, message }) => Err(ConnError::Remote {
-            peer,
-            code,
-            message,
-        }),
-        other => Err(ConnError::Unexpected {
-            peer,
-            what: format!("{other:?} instead of ReleaseInfo"),
-        }),
+        other => Err(refusal(peer, other, "ReleaseInfo")),
     }
 }
 
@@ -161,20 +160,23 @@ pub async fn fetch_quic(
                 staging = Some((s, outcome));
             }
             let (s, _) = staging.as_ref().expect("set above");
-            if BlobId::of(
-                &std::fs::read(s.dir().join(amity_shared::release::MANIFEST)).unwrap_or_default(),
-            ) != manifest_id
-            {
+            if s.signed().manifest_id() != manifest_id {
                 return Err(Failure::Conn(ConnError::Unexpected {
                     peer,
                     what: format!("release `{resolved}` changed during the download; fetch again"),
                 }));
             }
+            // Files verified by an earlier attempt are hashed once here, not again below.
+            let (done, todo): (Vec<_>, Vec<_>) = s
+                .manifest()
+                .files
+                .iter()
+                .cloned()
+                .partition(|f| s.is_done(f));
+            let done_before: u64 = done.iter().map(|f| f.bytes).sum();
             // Progress watches the partial files grow.
-            let files: Vec<_> = s.manifest().files.clone();
-            let done_before: u64 = files.iter().filter(|f| s.is_done(f)).map(|f| f.bytes).sum();
             let watcher = {
-                let parts: Vec<PathBuf> = files.iter().map(|f| s.part_path(f)).collect();
+                let parts: Vec<PathBuf> = todo.iter().map(|f| s.part_path(f)).collect();
                 let progress = progress.clone();
                 tokio::spawn(async move {
                     let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -187,10 +189,7 @@ pub async fn fetch_quic(
             };
             let mut result = Ok(());
             let mut done = done_before;
-            for f in &files {
-                if s.is_done(f) {
-                    continue;
-                }
+            for f in &todo {
                 let part = s.part_path(f);
                 let have = part_size(&part);
                 if have > 0 {

@@ -330,12 +330,7 @@ fn strip(path: &Path, size: usize, frames: &[Vec<u8>], expected: &[Vec<[f32; 2]>
 /// Runs `amity surprise`.
 pub fn surprise(args: SurpriseArgs) -> Result<()> {
     let ckpt = load_checkpoint(&args.ckpt)?;
-    let trainer = Trainer::from_flat(
-        ckpt.config.clone(),
-        &ckpt.model,
-        Some(&ckpt.target),
-        &Device::flex(),
-    )?;
+    let trainer = Trainer::from_checkpoint(&ckpt, &Device::flex())?;
     let video = amity_shared::embed::decode_for(&args.video, &ckpt.config)?;
     let c = curve(&trainer, &video.pixels, video.frames, args.stride);
     if c.energy.is_empty() {

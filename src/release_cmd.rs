@@ -342,12 +342,7 @@ pub fn load_release(dir: &Path) -> Result<Checkpoint> {
 pub fn embed(args: EmbedArgs) -> Result<()> {
     let ckpt = load_release(&args.release)?;
     let device = Device::flex();
-    let trainer = Trainer::from_flat(
-        ckpt.config.clone(),
-        &ckpt.model,
-        Some(&ckpt.target),
-        &device,
-    )?;
+    let trainer = Trainer::from_checkpoint(&ckpt, &device)?;
     let video = amity_shared::embed::decode_for(&args.input, &ckpt.config)?;
     let e = amity_shared::embed::embed_video(&trainer, &video, args.stride, args.tokens.is_some())?;
     let clips = e.starts.len();

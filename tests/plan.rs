@@ -3,22 +3,12 @@
 //! episodes and get a picture; score a video's surprise and get a plot.
 
 mod common;
-use common::{amity, ok, s, scratch};
+use common::{amity, ok, s, scratch, tiny_checkpoint};
 
 #[test]
 fn collect_train_and_plan_from_the_command_line() {
     let dir = scratch("plan");
-    let ckpt = dir.join("train/checkpoint.safetensors");
-    ok(&amity(&[
-        "train",
-        "--steps",
-        "2",
-        "--batch",
-        "2",
-        "--no-probe",
-        "--out",
-        s(&dir.join("train")),
-    ]));
+    let ckpt = tiny_checkpoint(&dir);
     let data = dir.join("data");
     let out = ok(&amity(&[
         "plan",
@@ -84,16 +74,7 @@ fn collect_train_and_plan_from_the_command_line() {
 #[test]
 fn surprise_scores_every_window_and_plots_them() {
     let dir = scratch("surprise");
-    ok(&amity(&[
-        "train",
-        "--steps",
-        "2",
-        "--batch",
-        "2",
-        "--no-probe",
-        "--out",
-        s(&dir.join("train")),
-    ]));
+    let ckpt = tiny_checkpoint(&dir);
     ok(&amity(&[
         "corpus",
         "synth",
@@ -117,7 +98,7 @@ fn surprise_scores_every_window_and_plots_them() {
         "surprise",
         s(&video),
         "--ckpt",
-        s(&dir.join("train/checkpoint.safetensors")),
+        s(&ckpt),
         "--plot",
         s(&plot),
     ]));

@@ -5,7 +5,7 @@
 
 mod common;
 use common::cluster::{cluster, wait};
-use common::{amity, ok, s, scratch};
+use common::{amity, ok, s, scratch, tiny_checkpoint};
 
 use std::path::Path;
 use std::process::Output;
@@ -167,13 +167,7 @@ fn a_federated_model_is_released_fetched_over_quic_and_embeds_video() {
     let ckpt = Checkpoint::load(&got.join("model.safetensors")).unwrap();
     let m = &ckpt.config.model;
     let device = burn::tensor::Device::flex();
-    let enc = Trainer::from_flat(
-        ckpt.config.clone(),
-        &ckpt.model,
-        Some(&ckpt.target),
-        &device,
-    )
-    .unwrap();
+    let enc = Trainer::from_checkpoint(&ckpt, &device).unwrap();
     let decoded = amity_shared::embed::decode_for(&video, &ckpt.config).unwrap();
     let starts = amity_shared::embed::clip_starts(decoded.frames, m.frames, 1, m.frames);
     assert_eq!(fshape, vec![starts.len(), m.width]);
@@ -323,16 +317,7 @@ fn python_snippet_loads_the_release(release: &Path, ckpt: &Checkpoint) {
 #[test]
 fn a_mirror_folder_is_verified_and_tampering_is_refused() {
     let dir = scratch("release-folder");
-    ok(&amity(&[
-        "train",
-        "--steps",
-        "2",
-        "--batch",
-        "2",
-        "--no-probe",
-        "--out",
-        s(&dir.join("train")),
-    ]));
+    let ckpt = tiny_checkpoint(&dir);
     ok(&amity(&[
         "ca",
         "release-key",
@@ -344,7 +329,7 @@ fn a_mirror_folder_is_verified_and_tampering_is_refused() {
     ok(&amity(&[
         "release",
         "--checkpoint",
-        s(&dir.join("train/checkpoint.safetensors")),
+        s(&ckpt),
         "--name",
         "local-1",
         "--key",

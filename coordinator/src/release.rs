@@ -26,13 +26,6 @@ pub struct Published {
     pub dir: PathBuf,
 }
 
-impl Published {
-    /// The manifest's blob id.
-    pub fn manifest_id(&self) -> BlobId {
-        BlobId::of(&self.signed.bytes)
-    }
-}
-
 /// The releases in `dir` (one folder each; staging folders and folders that do not parse are
 /// skipped with a warning).
 pub fn scan(dir: &Path) -> Vec<Published> {
@@ -67,7 +60,7 @@ pub fn find<'a>(releases: &'a [Published], name: &str) -> Option<&'a Published> 
 /// The file of a release whose BLAKE3 is `id` (a manifest or a listed file).
 pub fn locate(releases: &[Published], id: &BlobId) -> Option<PathBuf> {
     releases.iter().find_map(|r| {
-        if r.manifest_id() == *id {
+        if r.signed.manifest_id() == *id {
             return Some(r.dir.join(MANIFEST));
         }
         r.signed

@@ -119,6 +119,18 @@ struct Shared {
 }
 
 impl Shared {
+    /// Sends every connected worker a `ShuttingDown` error with `message` (workers that read
+    /// [`FINISHED_REASON`] in it exit instead of reconnecting).
+    fn tell_everyone(&self, message: &str) {
+        let msg = ServerMsg::Error {
+            code: ErrorCode::ShuttingDown,
+            message: message.into(),
+        };
+        for tx in self.outboxes.lock().expect("outbox lock").values() {
+            let _ = tx.send(msg.clone());
+        }
+    }
+
     /// Where blob `id` lives, if the coordinator holds it.
     fn blob_path(&self, id: &BlobId) -> Option<PathBuf> {
         if self.store.contains(id) {
@@ -165,14 +177,7 @@ fn build_core(
         return Ok((core, actions));
     }
     let run = &core_cfg.run;
-    // The same seeded initialisation as `Trainer::new`; the target starts as the encoder,
-    // which is the prefix of the model's flat layout.
-    let (model_layout, target_layout) = amity_shared::checkpoint::layouts(run);
-    let model = amity_shared::flat::init_params(&model_layout, run.train.seed);
-    let params = GlobalParams {
-        target: model[..target_layout.total].to_vec(),
-        model,
-    };
+    let params = GlobalParams::seeded(run);
     let shards = match &cfg.corpus {
         Some(dir) => {
             let m = Manifest::load(dir).map_err(setup)?;
@@ -285,28 +290,16 @@ pub async fn run(
             if !told_finished {
                 // Workers go home; the coordinator stays up to serve checkpoints and releases.
                 told_finished = true;
-                let msg = ServerMsg::Error {
-                    code: ErrorCode::ShuttingDown,
-                    message: FINISHED_REASON.into(),
-                };
-                for tx in shared.outboxes.lock().expect("outbox lock").values() {
-                    let _ = tx.send(msg.clone());
-                }
+                shared.tell_everyone(FINISHED_REASON);
             }
         }
     };
     // Tell the workers, then close.
-    let msg = ServerMsg::Error {
-        code: ErrorCode::ShuttingDown,
-        message: if core.finished() {
-            "training finished".into()
-        } else {
-            "coordinator shutting down".into()
-        },
-    };
-    for tx in shared.outboxes.lock().expect("outbox lock").values() {
-        let _ = tx.send(msg.clone());
-    }
+    shared.tell_everyone(if core.finished() {
+        FINISHED_REASON
+    } else {
+        "coordinator shutting down"
+    });
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let reason: &[u8] = if core.finished() {
         FINISHED_REASON.as_bytes()
@@ -484,7 +477,7 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
                 let answer = match release::find(&releases, &name) {
                     Some(r) => ServerMsg::ReleaseInfo {
                         name: r.signed.manifest.name.clone(),
-                        manifest: r.manifest_id().0,
+                        manifest: r.signed.manifest_id().0,
                         signature: r.signed.signature.clone(),
                     },
                     None => {

@@ -110,14 +110,12 @@ pub fn curve(trainer: &Trainer, pixels: &[u8], frames: usize, stride: usize) -> 
             })
             .collect();
         let batch = ClipBatch::from_clips(clips.iter().map(Vec::as_slice), m);
-        let forward = top_mean(
-            &trainer.token_energy(&batch, &context, &target),
-            target.len(),
+        let errors = trainer.token_energies(
+            &batch,
+            &[(context.as_slice(), target.as_slice()), (&target, &context)],
         );
-        let backward = top_mean(
-            &trainer.token_energy(&batch, &target, &context),
-            context.len(),
-        );
+        let forward = top_mean(&errors[0], target.len());
+        let backward = top_mean(&errors[1], context.len());
         energy.extend(forward.iter().zip(&backward).map(|(f, b)| f.max(*b)));
     }
     Curve { starts, energy }

@@ -110,7 +110,7 @@ pub fn pretrain_tiny(steps: u64, log: &mut dyn FnMut(u64, f64)) -> Trainer {
 pub fn run(opts: &SurpriseBenchOptions, log: &mut dyn FnMut(u64, f64)) -> SurpriseBenchReport {
     let device = Device::flex();
     let trained = match &opts.checkpoint {
-        Some(c) => Trainer::from_flat(c.config.clone(), &c.model, Some(&c.target), &device)
+        Some(c) => Trainer::from_checkpoint(c, &device)
             .expect("a checkpoint loaded against its own config"),
         None => pretrain_tiny(opts.train_steps, log),
     };

@@ -411,7 +411,11 @@ pub fn quic_server_config_with(
 
 /// The quinn client config for Amity.
 pub fn quic_client_config(id: &Identity) -> Result<quinn::ClientConfig, TlsError> {
-    let tls = client_tls(id, ALPN)?;
+    quic_client(client_tls(id, ALPN)?)
+}
+
+/// A rustls client config as quinn's, with Amity's transport settings.
+fn quic_client(tls: rustls::ClientConfig) -> Result<quinn::ClientConfig, TlsError> {
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
@@ -497,11 +501,7 @@ pub fn quic_anonymous_client_config(
             .with_no_client_auth(),
     };
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-        .map_err(|e| TlsError::Config(e.to_string()))?;
-    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    cfg.transport_config(Arc::new(crate::endpoint::transport_config()));
-    Ok(cfg)
+    quic_client(tls)
 }
 
 /// The certificate name of a connection's peer.

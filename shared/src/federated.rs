@@ -48,6 +48,18 @@ pub struct GlobalParams {
 }
 
 impl GlobalParams {
+    /// A run's seeded initialisation, the same as [`crate::train::Trainer::new`]'s without
+    /// building a model: `flat::init_params` with the run's seed; the target starts as the
+    /// encoder, which is the prefix of the model's flat layout.
+    pub fn seeded(run: &crate::config::Config) -> Self {
+        let (model_layout, target_layout) = crate::checkpoint::layouts(run);
+        let model = crate::flat::init_params(&model_layout, run.train.seed);
+        GlobalParams {
+            target: model[..target_layout.total].to_vec(),
+            model,
+        }
+    }
+
     /// BLAKE3 of the little-endian bytes of `model` then `target`: the name of a state that
     /// both ends compute and compare.
     pub fn hash(&self) -> [u8; 32] {

@@ -164,6 +164,14 @@ impl Trainer {
         })
     }
 
+    /// A run from a checkpoint's config, model and EMA target.
+    pub fn from_checkpoint(
+        ckpt: &crate::checkpoint::Checkpoint,
+        device: &Device,
+    ) -> Result<Self, LengthMismatch> {
+        Self::from_flat(ckpt.config.clone(), &ckpt.model, Some(&ckpt.target), device)
+    }
+
     /// The run's config.
     pub fn config(&self) -> &Config {
         &self.config
@@ -353,16 +361,17 @@ impl Trainer {
     /// the `context` tokens, against the layer-normed target-encoder features. Low energy means
     /// the clip is what the model expects.
     pub fn energy(&self, batch: &ClipBatch, context: &[u32], target: &[u32]) -> Vec<f32> {
-        let per_token = self.token_energy(batch, context, target);
+        let per_token = self.token_energies(batch, &[(context, target)]).remove(0);
         per_token
             .chunks_exact(target.len().max(1))
             .map(|t| t.iter().sum::<f32>() / t.len() as f32)
             .collect()
     }
 
-    /// [`Trainer::energy`] per target token: `batch x target.len()` mean L1 errors, so that a
-    /// local surprise (one object) is not averaged away over the whole clip.
-    pub fn token_energy(&self, batch: &ClipBatch, context: &[u32], target: &[u32]) -> Vec<f32> {
+    /// [`Trainer::energy`] per target token, for several `(context, target)` splits of the same
+    /// clips: one `batch x target.len()` vector of mean L1 errors per split, so that a local
+    /// surprise (one object) is not averaged away over the clip. The target encoder runs once.
+    pub fn token_energies(&self, batch: &ClipBatch, splits: &[(&[u32], &[u32])]) -> Vec<Vec<f32>> {
         let b = batch.batch;
         let patches = batch.tensor(&self.device);
         let h = layer_norm_plain(self.target.forward(patches.clone(), None));
@@ -370,11 +379,16 @@ impl Trainer {
             let all: Vec<u32> = (0..b).flat_map(|_| idx.iter().copied()).collect();
             int_tensor(&all, [b, idx.len()], &self.device)
         };
-        let (ctx, tgt) = (rep(context), rep(target));
         let model = self.model.valid();
-        let pred = model.predict(patches, ctx, tgt.clone());
-        let h_t = gather_tokens(h, tgt);
-        host_f32((pred - h_t).abs().mean_dim(2))
+        splits
+            .iter()
+            .map(|(context, target)| {
+                let (ctx, tgt) = (rep(context), rep(target));
+                let pred = model.predict(patches.clone(), ctx, tgt.clone());
+                let h_t = gather_tokens(h.clone(), tgt);
+                host_f32((pred - h_t).abs().mean_dim(2))
+            })
+            .collect()
     }
 }
 

@@ -38,3 +38,20 @@ pub fn ok(o: &Output) -> String {
 pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
+
+/// A checkpoint of the tiny preset after two training steps (`<dir>/train/`): a real model file
+/// for tests that need one, not a trained one.
+pub fn tiny_checkpoint(dir: &Path) -> PathBuf {
+    let out = dir.join("train");
+    ok(&amity(&[
+        "train",
+        "--steps",
+        "2",
+        "--batch",
+        "2",
+        "--no-probe",
+        "--out",
+        s(&out),
+    ]));
+    out.join("checkpoint.safetensors")
+}

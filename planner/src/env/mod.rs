@@ -183,6 +183,19 @@ impl World {
         [p.x, p.y, b.rotation().angle(), v.x, v.y, b.angvel()]
     }
 
+    /// A body's position.
+    pub fn position(&self, h: RigidBodyHandle) -> [f32; 2] {
+        let s = self.body_state(h);
+        [s[0], s[1]]
+    }
+
+    /// A body's proprioception: position and velocity scaled to about `[-1, 1]`.
+    pub fn proprio(&self, h: RigidBodyHandle) -> [f32; 4] {
+        let s = self.body_state(h);
+        let c = ARENA / 2.0;
+        [(s[0] - c) / c, (s[1] - c) / c, s[3] / 8.0, s[4] / 8.0]
+    }
+
     /// Sets what [`World::body_state`] returns.
     pub fn set_body_state(&mut self, h: RigidBodyHandle, s: &[f32]) {
         let b = &mut self.physics.bodies[h];

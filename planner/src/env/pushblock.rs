@@ -4,7 +4,7 @@ use amity_shared::rng::Rng;
 use rapier2d::prelude::*;
 
 use super::render::{AGENT, BLOCK, Canvas, PAD};
-use super::{ARENA, Action, Env, World, Zone, clamp_action, dist, random_point};
+use super::{Action, Env, World, Zone, clamp_action, dist, random_point};
 
 /// Agent radius.
 pub const RADIUS: f32 = 0.8;
@@ -122,14 +122,11 @@ impl Env for PushBlock {
     }
 
     fn agent(&self) -> [f32; 2] {
-        let s = self.world.body_state(self.agent);
-        [s[0], s[1]]
+        self.world.position(self.agent)
     }
 
     fn proprio(&self) -> [f32; 4] {
-        let s = self.world.body_state(self.agent);
-        let h = ARENA / 2.0;
-        [(s[0] - h) / h, (s[1] - h) / h, s[3] / 8.0, s[4] / 8.0]
+        self.world.proprio(self.agent)
     }
 
     fn state(&self) -> Vec<f32> {

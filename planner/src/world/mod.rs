@@ -243,11 +243,10 @@ impl WorldModel {
 pub fn random_checkpoint(preset: &str, seed: u64) -> Result<Checkpoint, PlannerError> {
     let mut config = amity_shared::config::Config::preset(preset).map_err(PlannerError::other)?;
     config.train.seed = seed;
-    let (model_layout, target_layout) = amity_shared::checkpoint::layouts(&config);
-    let model = amity_shared::flat::init_params(&model_layout, seed);
+    let init = amity_shared::federated::GlobalParams::seeded(&config);
     Ok(Checkpoint {
-        target: model[..target_layout.total].to_vec(),
-        model,
+        model: init.model,
+        target: init.target,
         config,
         meta: Default::default(),
     })

@@ -244,6 +244,11 @@ impl Signed {
         })
     }
 
+    /// The manifest's blob id (BLAKE3 of its bytes): how it travels over the protocol.
+    pub fn manifest_id(&self) -> BlobId {
+        BlobId::of(&self.bytes)
+    }
+
     /// Reads `manifest.json` and `manifest.sig` from a release folder.
     pub fn read(dir: &Path) -> Result<Self, ReleaseError> {
         let mpath = dir.join(MANIFEST);
@@ -401,6 +406,9 @@ pub struct Staging {
     out: PathBuf,
     dir: PathBuf,
     signed: Signed,
+    /// Files already checked in place (by `is_done` or `accept`): `finish` does not hash them
+    /// again.
+    verified: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// Whether a fetch had anything to do.
@@ -420,6 +428,7 @@ impl Staging {
             out: out.to_owned(),
             dir,
             signed,
+            verified: Default::default(),
         };
         if out.exists() {
             let same = Signed::read(out)
@@ -447,9 +456,9 @@ impl Staging {
         &self.signed.manifest
     }
 
-    /// The staging folder.
-    pub fn dir(&self) -> &Path {
-        &self.dir
+    /// The signed manifest being fetched.
+    pub fn signed(&self) -> &Signed {
+        &self.signed
     }
 
     /// Where the partial download of `entry` goes.
@@ -459,12 +468,19 @@ impl Staging {
 
     /// Whether `entry` is already staged and verified.
     pub fn is_done(&self, entry: &FileEntry) -> bool {
-        check_file(
-            &self.dir.join(&entry.path),
-            entry,
-            &self.signed.manifest.name,
-        )
-        .is_ok()
+        let name = &self.signed.manifest.name;
+        let ok = check_file(&self.dir.join(&entry.path), entry, name).is_ok();
+        if ok {
+            self.mark_verified(entry);
+        }
+        ok
+    }
+
+    fn mark_verified(&self, entry: &FileEntry) {
+        self.verified
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(entry.path.clone());
     }
 
     /// Verifies the finished partial file of `entry` and moves it into place. A file that does
@@ -476,12 +492,24 @@ impl Staging {
             return Err(e);
         }
         let done = self.dir.join(&entry.path);
-        std::fs::rename(&part, &done).map_err(io(&done))
+        std::fs::rename(&part, &done).map_err(io(&done))?;
+        self.mark_verified(entry);
+        Ok(())
     }
 
-    /// Checks everything once more, writes the signature and renames the folder to `out`.
+    /// Checks every file not yet verified in place, writes the signature and renames the
+    /// folder to `out`.
     pub fn finish(self) -> Result<PathBuf, ReleaseError> {
-        verify_files(&self.dir, &self.signed.manifest)?;
+        let verified = self
+            .verified
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for f in &self.signed.manifest.files {
+            if !verified.contains(&f.path) {
+                check_file(&self.dir.join(&f.path), f, &self.signed.manifest.name)?;
+            }
+        }
         write_synced(
             &self.dir.join(SIGNATURE),
             sign::signature_text(&self.signed.signature).as_bytes(),

@@ -68,13 +68,8 @@ pub fn contributors(ckpt: &Checkpoint) -> Vec<Contributor> {
 /// initialised encoder of the same shape.
 pub fn probe_evaluation(ckpt: &Checkpoint, videos: usize) -> Result<Vec<EvalResult>, ReleaseError> {
     let device = Device::flex();
-    let trained = Trainer::from_flat(
-        ckpt.config.clone(),
-        &ckpt.model,
-        Some(&ckpt.target),
-        &device,
-    )
-    .map_err(|e| ReleaseError::Invalid(format!("checkpoint weights: {e}")))?;
+    let trained = Trainer::from_checkpoint(ckpt, &device)
+        .map_err(|e| ReleaseError::Invalid(format!("checkpoint weights: {e}")))?;
     let random = Trainer::new(ckpt.config.clone(), &device);
     let m = &ckpt.config.model;
     let n_test = (videos / 3).max(2);
