@@ -39,6 +39,29 @@ pub struct TransferReport {
     pub tcp_gbps: f64,
     /// `quic_gbps / tls_gbps`.
     pub ratio: f64,
+    /// Where QUIC's time goes, from the sender's connection statistics (one-stream run).
+    pub quic_path: QuicPathStats,
+}
+
+/// The sending connection's view of a QUIC transfer.
+#[derive(Debug, Clone, Serialize)]
+pub struct QuicPathStats {
+    /// UDP payload size at the end (after MTU discovery).
+    pub mtu: u16,
+    /// Packets sent.
+    pub sent_packets: u64,
+    /// Packets declared lost (each one a retransmission and a congestion-window cut).
+    pub lost_packets: u64,
+    /// Congestion events.
+    pub congestion_events: u64,
+    /// MTU probes sent and lost.
+    pub mtu_probes: (u64, u64),
+    /// Black holes detected (bursts of lost large packets that reset the MTU to 1200).
+    pub black_holes: u64,
+    /// Datagrams per send system call (above 1 when segmentation offload batches them).
+    pub datagrams_per_send: f64,
+    /// Smoothed round-trip time at the end, microseconds.
+    pub rtt_us: u64,
 }
 
 /// Errors of the bench.
@@ -69,9 +92,20 @@ pub async fn transfer(bytes: u64, scratch: &Path) -> Result<TransferReport, Tran
     let server_id = Identity::load_from_ca_dir(scratch, "coordinator")?;
     let client_id = Identity::load_from_ca_dir(scratch, "client")?;
 
-    let quic_1 = quic(bytes, 1, &server_id, &client_id).await?;
-    eprintln!("QUIC, 1 stream:  {quic_1:.2} GB/s");
-    let quic_4 = quic(bytes, 4, &server_id, &client_id).await?;
+    let (quic_1, path) = quic(bytes, 1, &server_id, &client_id).await?;
+    eprintln!(
+        "QUIC, 1 stream:  {quic_1:.2} GB/s (MTU {}, {} packets, {} lost, {} congestion events, \
+         {:.1} datagrams per send call, RTT {} us, MTU probes {:?} sent/lost, {} black holes)",
+        path.mtu,
+        path.sent_packets,
+        path.lost_packets,
+        path.congestion_events,
+        path.datagrams_per_send,
+        path.rtt_us,
+        path.mtu_probes,
+        path.black_holes
+    );
+    let (quic_4, _) = quic(bytes, 4, &server_id, &client_id).await?;
     eprintln!("QUIC, 4 streams: {quic_4:.2} GB/s");
     let tls = tcp(bytes, Some((&server_id, &client_id))).await?;
     eprintln!("TCP + TLS 1.3:   {tls:.2} GB/s");
@@ -88,6 +122,7 @@ pub async fn transfer(bytes: u64, scratch: &Path) -> Result<TransferReport, Tran
         tls_gbps: tls,
         tcp_gbps: plain,
         ratio: best / tls,
+        quic_path: path,
     })
 }
 
@@ -96,7 +131,7 @@ async fn quic(
     streams: u64,
     server_id: &Identity,
     client_id: &Identity,
-) -> Result<f64, TransferError> {
+) -> Result<(f64, QuicPathStats), TransferError> {
     let server = endpoint::server(
         "127.0.0.1:0".parse().expect("address"),
         quic_server_config(server_id, &Default::default())?,
@@ -161,13 +196,24 @@ async fn quic(
         .await
         .map_err(io("QUIC receiver"))?
         .map_err(io("QUIC receive"))?;
+    let st = conn.stats();
     conn.close(0u32.into(), b"done");
     if got != per_stream * streams {
         return Err(TransferError::Io(format!(
             "QUIC moved {got} of {bytes} bytes"
         )));
     }
-    Ok(gbps(got, (end - start).as_secs_f64()))
+    let path = QuicPathStats {
+        mtu: st.path.current_mtu,
+        sent_packets: st.path.sent_packets,
+        lost_packets: st.path.lost_packets,
+        congestion_events: st.path.congestion_events,
+        mtu_probes: (st.path.sent_plpmtud_probes, st.path.lost_plpmtud_probes),
+        black_holes: st.path.black_holes_detected,
+        datagrams_per_send: st.udp_tx.datagrams as f64 / st.udp_tx.ios.max(1) as f64,
+        rtt_us: st.path.rtt.as_micros() as u64,
+    };
+    Ok((gbps(got, (end - start).as_secs_f64()), path))
 }
 
 async fn tcp(bytes: u64, tls: Option<(&Identity, &Identity)>) -> Result<f64, TransferError> {
@@ -225,8 +271,10 @@ async fn tcp(bytes: u64, tls: Option<(&Identity, &Identity)>) -> Result<f64, Tra
     Ok(gbps(got, (end - start).as_secs_f64()))
 }
 
-/// Writes `bytes` from a 1 MiB buffer, then shuts the stream down.
-async fn fill<W: AsyncWrite + Unpin>(mut w: W, bytes: u64) -> std::io::Result<()> {
+/// Writes `bytes` from a 1 MiB buffer, shuts the sending side down, then reads until the
+/// peer closes. (Closing a socket with unread input, such as TLS 1.3 session tickets, sends a
+/// reset that can reach the receiver before the last bytes are read.)
+async fn fill<S: AsyncRead + AsyncWrite + Unpin>(mut w: S, bytes: u64) -> std::io::Result<()> {
     let buf = vec![0x5au8; 1 << 20];
     let mut left = bytes;
     while left > 0 {
@@ -234,7 +282,11 @@ async fn fill<W: AsyncWrite + Unpin>(mut w: W, bytes: u64) -> std::io::Result<()
         w.write_all(&buf[..n]).await?;
         left -= n as u64;
     }
-    w.shutdown().await
+    w.shutdown().await?;
+    // The peer closes without a TLS close_notify once it has everything: an error here only
+    // says how it closed.
+    let _ = drain(w).await;
+    Ok(())
 }
 
 /// Reads to the end; returns the byte count.
