@@ -86,6 +86,11 @@ pub enum PlanCommand {
         /// `cem`, `mppi` or `gd` (gradient descent on the actions).
         #[arg(long, default_value = "cem")]
         planner: Method,
+        /// Weight (per arena unit) of the position term (the predicted state against where the
+        /// probe puts the agent in the goal image) added to the latent energy;
+        /// 0 plans on the latent distance alone.
+        #[arg(long, default_value_t = 0.0)]
+        position_weight: f32,
         /// The PNG strip of the first episode.
         #[arg(long, default_value = "plan.png")]
         out: PathBuf,
@@ -136,6 +141,11 @@ pub struct PlanBenchArgs {
     /// `cem`, `mppi` or `gd` (gradient descent on the actions).
     #[arg(long, default_value = "cem")]
     pub planner: Method,
+    /// Weight (per arena unit) of the position term (the predicted state against where the
+    /// probe puts the agent in the goal image) in a second latent planner run
+    /// beside the pure latent energy; 0 skips it.
+    #[arg(long, default_value_t = amity_planner::plan::DEFAULT_POSITION_WEIGHT)]
+    pub position_weight: f32,
     /// Skip the randomly initialised encoder's run.
     #[arg(long)]
     pub no_random_encoder: bool,
@@ -149,7 +159,7 @@ pub struct SurpriseBenchArgs {
     #[arg(long)]
     pub ckpt: Option<PathBuf>,
     /// Pretraining steps when no `--ckpt` is given.
-    #[arg(long, default_value_t = 400)]
+    #[arg(long, default_value_t = 1500)]
     pub train_steps: u64,
     /// Violation pairs (the kinds take turns).
     #[arg(long, default_value_t = 100)]
@@ -253,6 +263,7 @@ pub fn plan(args: PlanArgs) -> Result<()> {
             episodes,
             max_steps,
             planner,
+            position_weight,
             out,
         } => {
             let checkpoint = load_checkpoint(&ckpt)?;
@@ -264,7 +275,8 @@ pub fn plan(args: PlanArgs) -> Result<()> {
                     path.display()
                 )
             })?;
-            let mut p = LatentPlanner::new(&wm, planner, SearchConfig::default(), Metric::L1, 1);
+            let mut p = LatentPlanner::new(&wm, planner, SearchConfig::default(), Metric::L1, 1)
+                .with_position_weight(position_weight);
             let mut e = make(env, wm.encoder.size());
             let mut wins = 0;
             for i in 0..episodes {
@@ -376,7 +388,7 @@ pub fn bench_plan(a: PlanBenchArgs) -> Result<()> {
     let opts = PlanBenchOptions {
         episodes: a.episodes,
         max_steps: a.max_steps,
-        collect_episodes: 200,
+        collect_episodes: 600,
         collect_steps: 20,
         world: WorldModelConfig {
             steps: a.world_steps,
@@ -385,6 +397,7 @@ pub fn bench_plan(a: PlanBenchArgs) -> Result<()> {
         search: SearchConfig::default(),
         method: a.planner,
         metric: Metric::L1,
+        position_weight: a.position_weight,
     };
     let mut log = |s: String| println!("{s}");
     let given = match &a.ckpt {

@@ -8,13 +8,14 @@ use burn::tensor::Device;
 use serde::Serialize;
 
 use amity_shared::checkpoint::Checkpoint;
+use amity_shared::model::host_f32;
 use amity_shared::rng::Rng;
 
 use crate::PlannerError;
 use crate::env::{EnvKind, make};
 use crate::plan::optimise::{Method, SearchConfig};
 use crate::plan::{LatentPlanner, Metric, OraclePlanner, Policy, RandomPolicy, run_episode};
-use crate::world::data::{Latents, collect};
+use crate::world::data::{Latents, Trajectory, collect};
 use crate::world::encode::FrameEncoder;
 use crate::world::{WorldModel, WorldModelConfig, fit_position_probe, train};
 
@@ -37,13 +38,20 @@ pub struct PlanBenchOptions {
     pub method: Method,
     /// Latent distance.
     pub metric: Metric,
+    /// Weight of the position term for the second latent run (see
+    /// [`LatentPlanner::with_position_weight`]); 0 skips that run.
+    pub position_weight: f32,
 }
 
 /// One environment's figures.
 #[derive(Debug, Clone, Serialize)]
 pub struct EnvReport {
-    /// Latent planner success rate.
+    /// Latent planner success rate (energy: latent distance alone).
     pub latent: f64,
+    /// The latent planner with the position term added to its energy (`None` when not run).
+    pub latent_position: Option<f64>,
+    /// Its milliseconds per action.
+    pub latent_position_ms_per_action: Option<f64>,
     /// Random policy success rate.
     pub random: f64,
     /// Oracle (true simulator) success rate.
@@ -52,7 +60,9 @@ pub struct EnvReport {
     pub ms_per_action: f64,
     /// Spearman correlation of one-step latent energy with the true distance to the goal.
     pub spearman: f64,
-    /// Episodes in which the latent planner's agent entered a forbidden zone.
+    /// The same with the frames really reached encoded (the encoder alone, no predictor).
+    pub spearman_encoder: f64,
+    /// Episodes in which a latent planner's agent entered a forbidden zone (both runs).
     pub forbidden_entries: usize,
     /// Position-probe R² on held-out frames.
     pub probe_r2: f64,
@@ -60,6 +70,9 @@ pub struct EnvReport {
     pub rollout_error: (f64, f64),
     /// Seconds to train the predictor.
     pub train_seconds: f64,
+    /// Per predictor step of an open-loop rollout on held-out episodes, the agent position's
+    /// mean error (arena units): probe on predicted latents, predictor state, probe on real frames.
+    pub rollout_drift: Vec<[f64; 3]>,
 }
 
 fn rate(
@@ -110,7 +123,10 @@ pub fn spearman(a: &[f64], b: &[f64]) -> f64 {
 
 /// The energy-landscape check: from `states` seeded start states, `actions` random one-step
 /// action sequences of the planning horizon each; the Spearman correlation (per state, then
-/// averaged) between the latent energy and the true distance to the goal after executing them.
+/// averaged) between the latent energy and the true distance to the goal after executing them;
+/// and the same for the energy of the frames really reached (encoder alone, no predictor): a
+/// low first figure beside a high second one points at the predictor, two low ones at the
+/// encoder.
 pub fn energy_landscape(
     wm: &WorldModel,
     kind: EnvKind,
@@ -118,9 +134,9 @@ pub fn energy_landscape(
     metric: Metric,
     states: usize,
     actions: usize,
-) -> f64 {
+) -> (f64, f64) {
     let mut env = make(kind, wm.encoder.size());
-    let mut total = 0.0;
+    let mut total = (0.0, 0.0);
     let mut planner = LatentPlanner::new(wm, Method::Cem, cfg.clone(), metric, 0);
     for s in 0..states {
         env.reset(800_000 + s as u64);
@@ -136,15 +152,20 @@ pub fn energy_landscape(
             })
             .collect();
         let z0 = wm.encoder.encode(&[&env.render()]);
-        let (e, _) = planner.energies(&z0, env.proprio(), &cands);
+        // The goal energy alone: the guardrails' penalties are not part of the landscape.
+        let e = planner.energy_parts(&z0, env.proprio(), &cands).goal;
         let state = env.state();
         let mut truth = Vec::new();
+        let mut reached = Vec::new();
         let mut sim = env.boxed_clone();
         for c in &cands {
             sim.set_state(&state);
             for a in c {
-                sim.step(*a);
+                for _ in 0..wm.config.frameskip.max(1) {
+                    sim.step(*a);
+                }
             }
+            reached.push(sim.render());
             // Distance of the agent to where the goal image has it (PointMaze) or of the block
             // to the pad (PushBlock): the environment's own measure, before the success radius.
             truth.push(
@@ -153,9 +174,89 @@ pub fn energy_landscape(
             );
         }
         let e: Vec<f64> = e.iter().map(|&x| x as f64).collect();
-        total += spearman(&e, &truth);
+        total.0 += spearman(&e, &truth);
+        // The encoder alone: the same distance from the frames actually reached.
+        let frames: Vec<&[u8]> = reached.iter().map(Vec::as_slice).collect();
+        let enc: Vec<f64> = planner
+            .goal_distance(wm.encoder.encode(&frames))
+            .iter()
+            .map(|&x| x as f64)
+            .collect();
+        total.1 += spearman(&enc, &truth);
     }
-    total / states as f64
+    (total.0 / states as f64, total.1 / states as f64)
+}
+
+/// How far the world model's idea of the agent drifts over an open-loop rollout: from the
+/// first frame of each of `trajs` (not seen in training), the predictor rolls out over the
+/// recorded actions; per predictor step, the mean distance (arena units) between the true agent
+/// position and (a) the position probe on the predicted latents, (b) the predictor's state
+/// output, (c) the probe on the true frame's latents (the probe's own error, the floor).
+pub fn rollout_drift(wm: &WorldModel, trajs: &[Trajectory], steps: usize) -> Vec<[f64; 3]> {
+    use burn::tensor::{Tensor, TensorData};
+    let skip = wm.config.frameskip.max(1);
+    let n = trajs.len();
+    let steps = steps.min(trajs.first().map_or(0, |t| t.steps() / skip));
+    if n == 0 || steps == 0 {
+        return Vec::new();
+    }
+    let size = wm.encoder.size();
+    let device = wm.encoder.device();
+    let at = |k: usize| -> Vec<&[u8]> { trajs.iter().map(|t| t.frame(k * skip, size)).collect() };
+    let z0 = wm.encoder.encode(&at(0));
+    let [_, p, d] = z0.dims();
+    let mut z = z0.unsqueeze_dim::<4>(1);
+    let s0: Vec<f32> = trajs.iter().flat_map(|t| t.proprio[0]).collect();
+    let mut s = Tensor::<3>::from_data(TensorData::new(s0, [n, 1, 4]), &device);
+    let acts: Vec<f32> = trajs
+        .iter()
+        .flat_map(|t| t.actions[..steps * skip].iter().flatten().copied())
+        .collect();
+    let acts = Tensor::<3>::from_data(TensorData::new(acts, [n, steps, 2 * skip]), &device);
+    let hist = wm.config.rollout_history.clamp(1, wm.config.max_steps);
+    let probe_at = |lat: Vec<f32>| -> Vec<f64> {
+        let feats: Vec<f64> = lat
+            .chunks_exact(p * d)
+            .flat_map(crate::world::probe_features)
+            .collect();
+        wm.probe.predict(&feats, n)
+    };
+    let mut out = Vec::new();
+    for k in 0..steps {
+        let len = z.dims()[1];
+        let from = len.saturating_sub(hist);
+        let (zp, sp) = wm.predictor.forward(
+            z.clone().narrow(1, from, len - from),
+            s.clone().narrow(1, from, len - from),
+            acts.clone().narrow(1, from, len - from),
+        );
+        let last = len - from - 1;
+        let (zn, sn) = (zp.narrow(1, last, 1), sp.narrow(1, last, 1));
+        let predicted = probe_at(host_f32(zn.clone().reshape([n, p * d])));
+        let states = host_f32(sn.clone().reshape([n, 4]));
+        let real = probe_at(wm.encoder.encode_host(&at(k + 1)));
+        let mut e = [0.0f64; 3];
+        for (i, t) in trajs.iter().enumerate() {
+            let truth = t.agent[(k + 1) * skip];
+            let from_probe = |v: &[f64]| {
+                [
+                    (v[2 * i] as f32) * crate::env::ARENA,
+                    (v[2 * i + 1] as f32) * crate::env::ARENA,
+                ]
+            };
+            let st = [
+                (states[4 * i] + 1.0) * crate::env::ARENA / 2.0,
+                (states[4 * i + 1] + 1.0) * crate::env::ARENA / 2.0,
+            ];
+            e[0] += crate::env::dist(from_probe(&predicted), truth) as f64;
+            e[1] += crate::env::dist(st, truth) as f64;
+            e[2] += crate::env::dist(from_probe(&real), truth) as f64;
+        }
+        out.push(e.map(|v| v / n as f64));
+        z = Tensor::cat(vec![z, zn], 1);
+        s = Tensor::cat(vec![s, sn], 1);
+    }
+    out
 }
 
 /// Builds and trains a world model for `kind` on the encoder of `ckpt`.
@@ -209,9 +310,21 @@ pub fn bench_env(
 ) -> Result<EnvReport, PlannerError> {
     let (wm, r2, rollout, train_seconds) = build_world_model(kind, ckpt, opts, log)?;
     let size = wm.encoder.size();
-    let spearman = energy_landscape(&wm, kind, &opts.search, opts.metric, 10, 32);
+    let (spearman, spearman_encoder) =
+        energy_landscape(&wm, kind, &opts.search, opts.metric, 10, 32);
+    let held_out = collect(kind, size, 32, opts.collect_steps, 77);
+    let drift = rollout_drift(&wm, &held_out, opts.search.horizon);
     log(format!(
-        "  {kind}: probe R2 {r2:.3}, rollout error {:.4} -> {:.4}, energy-landscape Spearman {spearman:.3}",
+        "  {kind}: open-loop drift of the agent position per predictor step (arena units; probe on \
+         predicted latents / predictor state / probe on real frames): {}",
+        drift
+            .iter()
+            .map(|e| format!("{:.2}/{:.2}/{:.2}", e[0], e[1], e[2]))
+            .collect::<Vec<_>>()
+            .join("  ")
+    ));
+    log(format!(
+        "  {kind}: probe R2 {r2:.3}, rollout error {:.4} -> {:.4}, energy-landscape Spearman {spearman:.3} (encoder alone {spearman_encoder:.3})",
         rollout.0, rollout.1
     ));
     let mut latent = LatentPlanner::new(&wm, opts.method, opts.search.clone(), opts.metric, 1);
@@ -219,6 +332,18 @@ pub fn bench_env(
     log(format!(
         "  {kind}: latent planner {l:.2} ({ms:.0} ms/action, {entries} forbidden entries)"
     ));
+    let (mut latent_position, mut latent_position_ms) = (None, None);
+    let mut entries = entries;
+    if opts.position_weight > 0.0 {
+        let mut p = LatentPlanner::new(&wm, opts.method, opts.search.clone(), opts.metric, 1)
+            .with_position_weight(opts.position_weight);
+        let (lp, msp, ep) = rate(kind, size, opts.episodes, opts.max_steps, &mut p);
+        log(format!(
+            "  {kind}: latent planner + position term {lp:.2} ({msp:.0} ms/action, {ep} forbidden entries)"
+        ));
+        (latent_position, latent_position_ms) = (Some(lp), Some(msp));
+        entries += ep;
+    }
     let (r, _, _) = rate(
         kind,
         size,
@@ -226,19 +351,23 @@ pub fn bench_env(
         opts.max_steps,
         &mut RandomPolicy::new(2),
     );
-    let mut oracle = OraclePlanner::new(opts.method, opts.search.clone(), 3);
+    let mut oracle = OraclePlanner::new(opts.method, opts.search.clone(), wm.config.frameskip, 3);
     let (o, _, _) = rate(kind, size, opts.episodes, opts.max_steps, &mut oracle);
     log(format!("  {kind}: random {r:.2}, oracle {o:.2}"));
     Ok(EnvReport {
         latent: l,
+        latent_position,
+        latent_position_ms_per_action: latent_position_ms,
         random: r,
         oracle: o,
         ms_per_action: ms,
         spearman,
+        spearman_encoder,
         forbidden_entries: entries,
         probe_r2: r2,
         rollout_error: rollout,
         train_seconds,
+        rollout_drift: drift,
     })
 }
 

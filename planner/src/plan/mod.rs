@@ -1,12 +1,17 @@
 //! Model-predictive control: at every step, search the action sequence whose outcome is closest
-//! to the goal, execute its first action, and replan (receding horizon).
+//! to the goal, execute its first action, and replan (receding horizon). Each planned action is
+//! held for the world model's frameskip (DINO-WM style), so a plan of 5 steps looks 15
+//! environment steps ahead and the planner thinks once every 3 actions.
 //!
 //! - [`LatentPlanner`]: the outcome is predicted by the world model in latent space; the energy
 //!   is the distance (L1 or L2) between the predicted final latents and the goal image's
 //!   latents, at two scales (the token maps as they are, and smoothed over the token grid so
-//!   that far from the goal the energy still has a slope), plus **guardrails** no goal can outweigh: actions are clamped to their bounds, and
-//!   a sequence whose predicted agent position (the frozen position probe on the predicted
-//!   latents) enters a forbidden zone costs [`FORBIDDEN`].
+//!   that far from the goal the energy still has a slope), optionally plus a position term (the
+//!   distance between the agent position the predictor's state output reaches and where the
+//!   frozen probe puts the agent in the goal image), plus **guardrails** no
+//!   goal can outweigh: actions are clamped to their bounds, and a sequence whose predicted
+//!   way (the probe on the predicted latents, and the predictor's own state output, each
+//!   checked along the segments between steps) enters a forbidden zone costs [`FORBIDDEN`] per point of its way inside.
 //!   The actions can also be optimised by gradient descent through the predictor
 //!   ([`LatentPlanner::descend`], `Method::Gd`).
 //! - [`OraclePlanner`]: the same search on the true simulator (the ceiling).
@@ -25,6 +30,10 @@ use amity_shared::rng::Rng;
 use crate::env::{ARENA, Action, Env, Zone, clamp_action};
 use crate::world::{WorldModel, probe_features};
 use optimise::{Method, Plan, SearchConfig, search, shift};
+
+/// The position term's weight per arena unit that `amity bench plan` and the demo use. Set by
+/// one bench run (PointMaze, 10 episodes: 7 reached the goal), not tuned further.
+pub const DEFAULT_POSITION_WEIGHT: f32 = 0.05;
 
 /// The energy of a sequence that enters a forbidden zone.
 pub const FORBIDDEN: f32 = 1.0e6;
@@ -82,6 +91,30 @@ pub fn blur_matrix(
     Some(Tensor::from_data(TensorData::new(m, [p, p]), device))
 }
 
+/// How many points of the way from `a` to `b` (straight, sampled every quarter arena unit,
+/// `a` itself excluded) lie within `margin` of `zone`. A count rather than a yes/no: when every
+/// candidate is refused (the agent already inside the margin), the one that leaves soonest wins.
+fn crossings(zone: &Zone, a: [f32; 2], b: [f32; 2], margin: f32) -> usize {
+    let n = (crate::env::dist(a, b) / 0.25).ceil().max(1.0) as usize;
+    (1..=n)
+        .filter(|&k| {
+            let t = k as f32 / n as f32;
+            zone.contains([a[0] + t * (b[0] - a[0]), a[1] + t * (b[1] - a[1])], margin)
+        })
+        .count()
+}
+
+/// What [`LatentPlanner::energy_parts`] computes per candidate.
+#[derive(Debug, Clone)]
+pub struct EnergyParts {
+    /// Latent distance to the goal (plus the position term when weighted).
+    pub goal: Vec<f32>,
+    /// Predicted points (probe and state readings, along each step) inside a forbidden zone.
+    pub violations: Vec<usize>,
+    /// The probe's agent path (arena units, one point per predictor step).
+    pub paths: Vec<Vec<[f32; 2]>>,
+}
+
 /// Plans in latent space with the world model.
 pub struct LatentPlanner<'a> {
     wm: &'a WorldModel,
@@ -95,8 +128,15 @@ pub struct LatentPlanner<'a> {
     /// The predictor on an autodiff device, built on first use by gradient descent.
     ad_predictor: Option<crate::world::predictor::ActionPredictor>,
     zones: Vec<Zone>,
+    /// Weight of the position term (0: the energy is the latent distance alone).
+    position_weight: f32,
     goal: Option<Tensor<3>>,
+    /// Where the probe puts the agent in the goal image (arena units).
+    goal_position: [f32; 2],
     warm: Option<Vec<Action>>,
+    /// Environment actions chosen but not yet taken: the plan's first action, held for the
+    /// world model's frameskip.
+    queue: Vec<Action>,
     rng: Rng,
     path: Vec<[f32; 2]>,
 }
@@ -119,26 +159,60 @@ impl<'a> LatentPlanner<'a> {
             blur: blur_matrix(wm.encoder.grid(), BLUR_SIGMA, &wm.encoder.device()),
             ad_predictor: None,
             zones: Vec::new(),
+            position_weight: 0.0,
             goal: None,
+            goal_position: [0.0; 2],
             warm: None,
+            queue: Vec::new(),
             rng: Rng::new(seed),
             path: Vec::new(),
         }
     }
 
+    /// Adds `weight` times the distance (arena units) between the agent position the predictor's
+    /// state output reaches at the end of the plan and where the frozen position probe puts the
+    /// agent in the goal image's latents (DINO-WM adds a proprioceptive distance to its latent
+    /// one the same way). Far from the goal, where patch latents no longer overlap and the
+    /// latent distance is flat, it keeps a slope. Measured (`amity bench plan`'s drift line):
+    /// the state output stays within ~0.5 arena units over 5 predictor steps while the probe on
+    /// the predicted latents drifts by ~3, so the state output is the reading used.
+    pub fn with_position_weight(mut self, weight: f32) -> Self {
+        self.position_weight = weight;
+        self
+    }
+
+    /// Environment steps each planned action is held for (the world model's frameskip).
+    pub fn hold(&self) -> usize {
+        self.wm.config.frameskip.max(1)
+    }
+
     /// Energies of candidate sequences from latents `z0 [1, P, D]` and state `s0`, and the
-    /// probe's agent path of each (arena units).
+    /// probe's agent path of each (arena units, one point per predictor step). Each action of a
+    /// candidate is held for [`LatentPlanner::hold`] environment steps.
     pub fn energies(
         &self,
         z0: &Tensor<3>,
         s0: [f32; 4],
         cands: &[Vec<Action>],
     ) -> (Vec<f32>, Vec<Vec<[f32; 2]>>) {
+        let parts = self.energy_parts(z0, s0, cands);
+        let e = parts
+            .goal
+            .iter()
+            .zip(&parts.violations)
+            .map(|(g, v)| g + FORBIDDEN * *v as f32)
+            .collect();
+        (e, parts.paths)
+    }
+
+    /// [`LatentPlanner::energies`] in parts: the goal energy (latent distance and position
+    /// term) and the guardrail's count of predicted points inside a zone, kept apart so that
+    /// the energy landscape can be measured without the guardrails.
+    pub fn energy_parts(&self, z0: &Tensor<3>, s0: [f32; 4], cands: &[Vec<Action>]) -> EnergyParts {
         let n = cands.len();
         let h = cands[0].len();
         let [_, p, d] = z0.dims();
         let device = z0.device();
-        let goal = self.goal.clone().expect("begin() sets the goal");
         let max_hist = self
             .wm
             .config
@@ -147,13 +221,21 @@ impl<'a> LatentPlanner<'a> {
         let mut z = z0.clone().unsqueeze_dim::<4>(1).expand([n, 1, p, d]);
         let mut s = Tensor::<3>::from_data(TensorData::new(s0.to_vec(), [1, 1, 4]), &device)
             .expand([n, 1, 4]);
+        let hold = self.hold();
         let acts: Vec<f32> = cands
             .iter()
-            .flat_map(|c| c.iter().flat_map(|a| *a))
+            .flat_map(|c| {
+                c.iter()
+                    .flat_map(|a| std::iter::repeat_n(*a, hold).flatten())
+            })
             .collect();
-        let acts = Tensor::<3>::from_data(TensorData::new(acts, [n, h, 2]), &device);
+        let acts = Tensor::<3>::from_data(TensorData::new(acts, [n, h, 2 * hold]), &device);
         let mut paths = vec![Vec::with_capacity(h); n];
-        let mut bad = vec![false; n];
+        let mut bad = vec![0usize; n];
+        // The agent's present position (proprioception is centred and scaled by half the arena).
+        let here = [(s0[0] + 1.0) * ARENA / 2.0, (s0[1] + 1.0) * ARENA / 2.0];
+        let mut prev = vec![here; n];
+        let mut prev_state = vec![here; n];
         for _ in 0..h {
             let len = z.dims()[1];
             let from = len.saturating_sub(max_hist);
@@ -169,17 +251,53 @@ impl<'a> LatentPlanner<'a> {
             let host = host_f32(zn.clone().reshape([n, p * d]));
             let feats: Vec<f64> = host.chunks_exact(p * d).flat_map(probe_features).collect();
             let pos = self.wm.probe.predict(&feats, n);
+            let states = host_f32(sn.clone().reshape([n, 4]));
             for i in 0..n {
+                // The predictor's own state output is a second, independent reading of where the
+                // agent will be: a sequence is refused if either puts it in a zone.
+                let st = [
+                    (states[4 * i] + 1.0) * ARENA / 2.0,
+                    (states[4 * i + 1] + 1.0) * ARENA / 2.0,
+                ];
+                bad[i] += self
+                    .zones
+                    .iter()
+                    .map(|zone| crossings(zone, prev_state[i], st, self.margin))
+                    .sum::<usize>();
+                prev_state[i] = st;
                 let q = [(pos[2 * i] as f32) * ARENA, (pos[2 * i + 1] as f32) * ARENA];
                 paths[i].push(q);
-                if self.zones.iter().any(|zone| zone.contains(q, self.margin)) {
-                    bad[i] = true;
-                }
+                // A predictor step spans `hold` environment steps: check the way between the
+                // predicted points, not only the points.
+                bad[i] += self
+                    .zones
+                    .iter()
+                    .map(|zone| crossings(zone, prev[i], q, self.margin))
+                    .sum::<usize>();
+                prev[i] = q;
             }
             z = Tensor::cat(vec![z, zn], 1);
             s = Tensor::cat(vec![s, sn], 1);
         }
         let fin = z.narrow(1, h, 1).reshape([n, p, d]);
+        let mut goal = self.goal_distance(fin);
+        if self.position_weight > 0.0 {
+            for (g, last) in goal.iter_mut().zip(&prev_state) {
+                *g += self.position_weight * crate::env::dist(*last, self.goal_position);
+            }
+        }
+        EnergyParts {
+            goal,
+            violations: bad,
+            paths,
+        }
+    }
+
+    /// The latent part of the energy: the distance of each of `fin [N, P, D]` to the goal's
+    /// latents, at both scales (as they are, and smoothed over the token grid).
+    pub fn goal_distance(&self, fin: Tensor<3>) -> Vec<f32> {
+        let [n, p, d] = fin.dims();
+        let goal = self.goal.clone().expect("begin() sets the goal");
         let goal = goal.expand([n, p, d]);
         let metric = self.metric;
         let distance = |a: Tensor<3>, b: Tensor<3>| {
@@ -198,13 +316,7 @@ impl<'a> LatentPlanner<'a> {
             let k = k.clone().unsqueeze::<3>().expand([n, p, p]);
             dist = dist + distance(k.clone().matmul(fin), k.matmul(goal));
         }
-        let mut e = host_f32(dist);
-        for (ei, b) in e.iter_mut().zip(&bad) {
-            if *b {
-                *ei += FORBIDDEN;
-            }
-        }
-        (e, paths)
+        host_f32(dist)
     }
 
     /// Gradient descent on the actions: the latent distance (both scales) of the rollout's
@@ -245,6 +357,8 @@ impl<'a> LatentPlanner<'a> {
         for _ in 0..steps {
             let a = Tensor::<3>::from_data(TensorData::new(actions.clone(), [1, h, 2]), &ad)
                 .require_grad();
+            // Each action held for the frameskip: the predictor's action is it repeated.
+            let held = a.clone().repeat_dim(2, self.wm.config.frameskip.max(1));
             let mut z = Tensor::from_inner(z0.clone()).unsqueeze_dim::<4>(1);
             let mut s = Tensor::<3>::from_data(TensorData::new(s0.to_vec(), [1, 1, 4]), &ad);
             for _ in 0..h {
@@ -253,7 +367,7 @@ impl<'a> LatentPlanner<'a> {
                 let (zp, sp) = predictor.forward(
                     z.clone().narrow(1, from, len - from),
                     s.clone().narrow(1, from, len - from),
-                    a.clone().narrow(1, from, len - from),
+                    held.clone().narrow(1, from, len - from),
                 );
                 let last = len - from - 1;
                 z = Tensor::cat(vec![z, zp.narrow(1, last, 1)], 1);
@@ -330,14 +444,22 @@ impl<'a> LatentPlanner<'a> {
 
 impl Policy for LatentPlanner<'_> {
     fn begin(&mut self, env: &dyn Env) {
-        let goal = env.goal_frame();
-        self.goal = Some(self.wm.encoder.encode(&[&goal]));
+        let goal = self.wm.encoder.encode(&[&env.goal_frame()]);
+        let feats = probe_features(&host_f32(goal.clone()));
+        let pos = self.wm.probe.predict(&feats, 1);
+        self.goal_position = [pos[0] as f32 * ARENA, pos[1] as f32 * ARENA];
+        self.goal = Some(goal);
         self.zones = env.forbidden().to_vec();
         self.warm = None;
+        self.queue.clear();
     }
 
     fn act(&mut self, env: &dyn Env) -> Action {
-        self.plan(env).actions[0]
+        if self.queue.is_empty() {
+            let first = self.plan(env).actions[0];
+            self.queue = vec![first; self.hold()];
+        }
+        self.queue.remove(0)
     }
 
     fn expected_path(&self) -> Vec<[f32; 2]> {
@@ -349,17 +471,22 @@ impl Policy for LatentPlanner<'_> {
 pub struct OraclePlanner {
     method: Method,
     cfg: SearchConfig,
+    hold: usize,
     warm: Option<Vec<Action>>,
+    queue: Vec<Action>,
     rng: Rng,
 }
 
 impl OraclePlanner {
-    /// An oracle.
-    pub fn new(method: Method, cfg: SearchConfig, seed: u64) -> Self {
+    /// An oracle whose plans hold each action for `hold` steps (as the latent planner does
+    /// with its world model's frameskip, so both search the same space).
+    pub fn new(method: Method, cfg: SearchConfig, hold: usize, seed: u64) -> Self {
         OraclePlanner {
             method,
             cfg,
+            hold: hold.max(1),
             warm: None,
+            queue: Vec::new(),
             rng: Rng::new(seed),
         }
     }
@@ -368,9 +495,14 @@ impl OraclePlanner {
 impl Policy for OraclePlanner {
     fn begin(&mut self, _env: &dyn Env) {
         self.warm = None;
+        self.queue.clear();
     }
 
     fn act(&mut self, env: &dyn Env) -> Action {
+        if !self.queue.is_empty() {
+            return self.queue.remove(0);
+        }
+        let hold = self.hold;
         let state = env.state();
         let mut sim = env.boxed_clone();
         let mut energy = |cands: &[Vec<Action>]| -> Vec<f32> {
@@ -380,8 +512,10 @@ impl Policy for OraclePlanner {
                     sim.set_state(&state);
                     let mut bad = false;
                     for a in c {
-                        sim.step(*a);
-                        bad |= sim.forbidden().iter().any(|z| z.contains(sim.agent(), 0.0));
+                        for _ in 0..hold {
+                            sim.step(*a);
+                            bad |= sim.forbidden().iter().any(|z| z.contains(sim.agent(), 0.0));
+                        }
                     }
                     sim.goal_distance() + if bad { FORBIDDEN } else { 0.0 }
                 })
@@ -395,6 +529,7 @@ impl Policy for OraclePlanner {
             &mut energy,
         );
         self.warm = Some(shift(&plan.actions));
+        self.queue = vec![plan.actions[0]; hold - 1];
         plan.actions[0]
     }
 }
@@ -523,6 +658,21 @@ mod tests {
     }
 
     #[test]
+    fn a_step_that_jumps_over_a_zone_is_caught_and_leaving_beats_staying() {
+        let zone = Zone {
+            min: [4.0, 4.0],
+            max: [5.0, 5.0],
+        };
+        // Both ends well outside, the straight way through the middle.
+        assert!(crossings(&zone, [2.0, 4.5], [7.0, 4.5], 0.0) > 0);
+        assert_eq!(crossings(&zone, [2.0, 1.0], [7.0, 1.0], 0.5), 0);
+        // From inside the margin: heading out counts fewer points than heading in.
+        let out = crossings(&zone, [3.5, 4.5], [1.0, 4.5], 1.0);
+        let deeper = crossings(&zone, [3.5, 4.5], [4.5, 4.5], 1.0);
+        assert!(out < deeper, "{out} vs {deeper}");
+    }
+
+    #[test]
     fn guardrails_keep_plans_out_of_the_forbidden_zone_and_the_landscape_is_reported() {
         let wm = world_model();
         let search = SearchConfig {
@@ -530,10 +680,12 @@ mod tests {
             iterations: 2,
             ..SearchConfig::default()
         };
-        let rho =
+        let (rho, rho_enc) =
             crate::bench::energy_landscape(&wm, EnvKind::PointMaze, &search, Metric::L1, 6, 24);
-        eprintln!("energy-landscape Spearman (random encoder, small model): {rho:.3}");
-        assert!(rho.is_finite());
+        eprintln!(
+            "energy-landscape Spearman (random encoder, small model): {rho:.3}, encoder alone {rho_enc:.3}"
+        );
+        assert!(rho.is_finite() && rho_enc.is_finite());
         // Gradient descent on the actions moves downhill from standing still.
         let mut env = make(EnvKind::PointMaze, wm.encoder.size());
         env.reset(3);

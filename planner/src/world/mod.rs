@@ -42,6 +42,12 @@ pub struct WorldModelConfig {
     pub max_steps: usize,
     /// Time steps of history the planner feeds back while rolling out (cost grows with it).
     pub rollout_history: usize,
+    /// Environment steps per predictor time step (DINO-WM's frameskip): the predictor sees
+    /// every `frameskip`-th frame and, as its action, the `frameskip` actions in between
+    /// concatenated; the planner holds each planned action that long. A plan of `horizon`
+    /// steps then looks `horizon * frameskip` actions ahead for the cost of `horizon`.
+    #[serde(default = "one")]
+    pub frameskip: usize,
     /// Time steps per training window (teacher forcing over all of them).
     pub window: usize,
     /// Optimiser steps.
@@ -65,6 +71,7 @@ impl Default for WorldModelConfig {
             mlp_ratio: 4,
             max_steps: 8,
             rollout_history: 2,
+            frameskip: 3,
             window: 3,
             steps: 1500,
             batch: 32,
@@ -73,6 +80,10 @@ impl Default for WorldModelConfig {
             seed: 0,
         }
     }
+}
+
+fn one() -> usize {
+    1
 }
 
 /// Features the position probe reads: a frame's latents, flattened.

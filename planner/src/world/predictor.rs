@@ -21,7 +21,7 @@ pub const STATE_DIM: usize = 4;
 /// The predictor.
 #[derive(Module, Debug)]
 pub struct ActionPredictor {
-    /// Action → width.
+    /// The `frameskip` actions of a step, concatenated → width.
     pub action: Linear,
     /// State → width.
     pub state: Linear,
@@ -72,7 +72,7 @@ impl ActionPredictor {
     pub fn new(cfg: &WorldModelConfig, tokens: usize, feature: usize, device: &Device) -> Self {
         let w = cfg.width;
         ActionPredictor {
-            action: LinearConfig::new(ACTION_DIM, w).init(device),
+            action: LinearConfig::new(ACTION_DIM * cfg.frameskip.max(1), w).init(device),
             state: LinearConfig::new(STATE_DIM, w).init(device),
             frame: LinearConfig::new(feature, w).init(device),
             slots: Param::from_tensor(Tensor::zeros([tokens + 2, w], device)),
@@ -90,7 +90,7 @@ impl ActionPredictor {
         }
     }
 
-    /// `z [B, T, P, D]` latents, `s [B, T, 4]` states, `a [B, T, 2]` actions → the predicted
+    /// `z [B, T, P, D]` latents, `s [B, T, 4]` states, `a [B, T, 2 * frameskip]` actions → the predicted
     /// latents `[B, T, P, D]` (layer-normed) and states `[B, T, 4]` of steps `1..=T`.
     pub fn forward(&self, z: Tensor<4>, s: Tensor<3>, a: Tensor<3>) -> (Tensor<4>, Tensor<3>) {
         let [b, t, p, d] = z.dims();
@@ -155,7 +155,7 @@ mod tests {
             .unwrap();
         let z = Tensor::<4>::random([1, 3, 4, 8], burn::tensor::Distribution::Default, &device);
         let s = Tensor::<3>::zeros([1, 3, 4], &device);
-        let a = Tensor::<3>::zeros([1, 3, 2], &device);
+        let a = Tensor::<3>::zeros([1, 3, 2 * cfg.frameskip], &device);
         let (z1, _) = p.forward(z.clone(), s.clone(), a.clone());
         // Change the last step's input: the first step's prediction must not move.
         let z2 = z.clone().slice_assign(

@@ -24,11 +24,13 @@ struct Windows {
     s_out: Tensor<3>,
 }
 
+/// `t` predictor steps from each pick `(episode, first frame)`, a step being `skip` frames.
 fn windows(
     lat: &Latents,
     trajs: &[Trajectory],
     picks: &[(usize, usize)],
     t: usize,
+    skip: usize,
     device: &Device,
 ) -> Windows {
     let (p, d) = (lat.tokens, lat.width);
@@ -37,14 +39,17 @@ fn windows(
     let mut z_out = Vec::with_capacity(b * t * p * d);
     let mut s_in = Vec::with_capacity(b * t * 4);
     let mut s_out = Vec::with_capacity(b * t * 4);
-    let mut a_in = Vec::with_capacity(b * t * 2);
+    let mut a_in = Vec::with_capacity(b * t * 2 * skip);
     for &(e, t0) in picks {
         for k in 0..t {
-            z_in.extend_from_slice(lat.frame(e, t0 + k));
-            z_out.extend_from_slice(lat.frame(e, t0 + k + 1));
-            s_in.extend(trajs[e].proprio[t0 + k]);
-            s_out.extend(trajs[e].proprio[t0 + k + 1]);
-            a_in.extend(trajs[e].actions[t0 + k]);
+            let (now, next) = (t0 + k * skip, t0 + (k + 1) * skip);
+            z_in.extend_from_slice(lat.frame(e, now));
+            z_out.extend_from_slice(lat.frame(e, next));
+            s_in.extend(trajs[e].proprio[now]);
+            s_out.extend(trajs[e].proprio[next]);
+            for a in &trajs[e].actions[now..next] {
+                a_in.extend(a);
+            }
         }
     }
     let f4 = |v: Vec<f32>| Tensor::<4>::from_data(TensorData::new(v, [b, t, p, d]), device);
@@ -54,7 +59,7 @@ fn windows(
         z_out: f4(z_out),
         s_in: f3(s_in, 4),
         s_out: f3(s_out, 4),
-        a_in: f3(a_in, 2),
+        a_in: f3(a_in, 2 * skip),
     }
 }
 
@@ -65,9 +70,10 @@ pub fn rollout_error(
     lat: &Latents,
     trajs: &[Trajectory],
     picks: &[(usize, usize)],
+    skip: usize,
     device: &Device,
 ) -> f64 {
-    let w = windows(lat, trajs, picks, 2, device);
+    let w = windows(lat, trajs, picks, 2, skip, device);
     let (z2, _) = two_step(model, &w);
     let target = w.z_out.narrow(1, 1, 1);
     let e: f32 = (z2 - target).abs().mean().into_scalar();
@@ -87,11 +93,11 @@ fn two_step(model: &ActionPredictor, w: &Windows) -> (Tensor<4>, Tensor<3>) {
     (z.narrow(1, 1, 1), s.narrow(1, 1, 1))
 }
 
-/// Held-out two-step windows for measuring rollouts: `n` seeded picks.
-pub fn eval_picks(lat: &Latents, n: usize, seed: u64) -> Vec<(usize, usize)> {
+/// Held-out two-step windows (of `skip` frames a step) for measuring rollouts: `n` seeded picks.
+pub fn eval_picks(lat: &Latents, n: usize, skip: usize, seed: u64) -> Vec<(usize, usize)> {
     let mut rng = Rng::derive(seed, &[0xe7a1]);
     (0..n)
-        .map(|_| (rng.below(lat.episodes), rng.below(lat.frames - 2)))
+        .map(|_| (rng.below(lat.episodes), rng.below(lat.frames - 2 * skip)))
         .collect()
 }
 
@@ -132,11 +138,17 @@ pub fn train(
     let held = (lat.episodes / 10).max(1);
     let train_eps = lat.episodes - held;
     let mut rng = Rng::derive(cfg.seed, &[0x7a11]);
-    let eval: Vec<(usize, usize)> = eval_picks(lat, 64, cfg.seed)
+    let skip = cfg.frameskip.max(1);
+    assert!(
+        lat.frames > 2 * skip,
+        "episodes of {} frames are too short for frameskip {skip}",
+        lat.frames
+    );
+    let eval: Vec<(usize, usize)> = eval_picks(lat, 64, skip, cfg.seed)
         .into_iter()
         .map(|(e, t)| (train_eps + e % held, t))
         .collect();
-    let before = rollout_error(&model.valid(), lat, trajs, &eval, device);
+    let before = rollout_error(&model.valid(), lat, trajs, &eval, skip, device);
     let mut recipe = TrainConfig::vjepa(cfg.steps, cfg.batch);
     recipe.lr = cfg.lr;
     recipe.start_lr = cfg.lr * 0.1;
@@ -146,13 +158,13 @@ pub fn train(
     recipe.weight_decay_end = 0.01;
     recipe.clip_grad = 1.0;
     let mut optim = AdamW::new(&recipe);
-    let t = cfg.window.min(lat.frames - 1).max(2);
+    let t = cfg.window.min((lat.frames - 1) / skip).max(2);
     let mut last = f64::NAN;
     for step in 0..cfg.steps {
         let picks: Vec<(usize, usize)> = (0..cfg.batch)
-            .map(|_| (rng.below(train_eps), rng.below(lat.frames - t)))
+            .map(|_| (rng.below(train_eps), rng.below(lat.frames - t * skip)))
             .collect();
-        let w = windows(lat, trajs, &picks, t, &ad);
+        let w = windows(lat, trajs, &picks, t, skip, &ad);
         let (z, s) = model.forward(w.z_in.clone(), w.s_in.clone(), w.a_in.clone());
         let tf = (z - w.z_out.clone()).abs().mean()
             + (s - w.s_out.clone()).abs().mean() * cfg.state_weight;
@@ -167,7 +179,7 @@ pub fn train(
         log(step, tf_v as f64, ro_v as f64);
     }
     let valid = model.valid();
-    let after = rollout_error(&valid, lat, trajs, &eval, device);
+    let after = rollout_error(&valid, lat, trajs, &eval, skip, device);
     (
         valid,
         TrainReport {
