@@ -383,7 +383,7 @@ fn downstream(release: &Path) -> Result<(serde_json::Value, serde_json::Value)> 
     let mut env = make(kind, wm.encoder.size());
     let mut episodes = Vec::new();
     for i in 0..3 {
-        let ep = run_episode(env.as_mut(), 900_000 + i, &mut planner, 20, false);
+        let ep = run_episode(env.as_mut(), 900_000 + i, &mut planner, 40, false);
         println!(
             "  planning episode {i}: {} after {} actions, {:.0} ms per action{}",
             if ep.success {
