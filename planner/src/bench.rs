@@ -214,13 +214,6 @@ pub fn rollout_drift(wm: &WorldModel, trajs: &[Trajectory], steps: usize) -> Vec
         .collect();
     let acts = Tensor::<3>::from_data(TensorData::new(acts, [n, steps, 2 * skip]), &device);
     let hist = wm.config.rollout_history.clamp(1, wm.config.max_steps);
-    let probe_at = |lat: Vec<f32>| -> Vec<f64> {
-        let feats: Vec<f64> = lat
-            .chunks_exact(p * d)
-            .flat_map(crate::world::probe_features)
-            .collect();
-        wm.probe.predict(&feats, n)
-    };
     let mut out = Vec::new();
     for k in 0..steps {
         let len = z.dims()[1];
@@ -232,25 +225,16 @@ pub fn rollout_drift(wm: &WorldModel, trajs: &[Trajectory], steps: usize) -> Vec
         );
         let last = len - from - 1;
         let (zn, sn) = (zp.narrow(1, last, 1), sp.narrow(1, last, 1));
-        let predicted = probe_at(host_f32(zn.clone().reshape([n, p * d])));
+        let predicted = wm.probe_positions(&host_f32(zn.clone().reshape([n, p * d])));
         let states = host_f32(sn.clone().reshape([n, 4]));
-        let real = probe_at(wm.encoder.encode_host(&at(k + 1)));
+        let real = wm.probe_positions(&wm.encoder.encode_host(&at(k + 1)));
         let mut e = [0.0f64; 3];
         for (i, t) in trajs.iter().enumerate() {
             let truth = t.agent[(k + 1) * skip];
-            let from_probe = |v: &[f64]| {
-                [
-                    (v[2 * i] as f32) * crate::env::ARENA,
-                    (v[2 * i + 1] as f32) * crate::env::ARENA,
-                ]
-            };
-            let st = [
-                (states[4 * i] + 1.0) * crate::env::ARENA / 2.0,
-                (states[4 * i + 1] + 1.0) * crate::env::ARENA / 2.0,
-            ];
-            e[0] += crate::env::dist(from_probe(&predicted), truth) as f64;
+            let st = crate::env::proprio_position(&states[4 * i..4 * i + 4]);
+            e[0] += crate::env::dist(predicted[i], truth) as f64;
             e[1] += crate::env::dist(st, truth) as f64;
-            e[2] += crate::env::dist(from_probe(&real), truth) as f64;
+            e[2] += crate::env::dist(real[i], truth) as f64;
         }
         out.push(e.map(|v| v / n as f64));
         z = Tensor::cat(vec![z, zn], 1);

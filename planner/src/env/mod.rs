@@ -189,7 +189,8 @@ impl World {
         [s[0], s[1]]
     }
 
-    /// A body's proprioception: position and velocity scaled to about `[-1, 1]`.
+    /// A body's proprioception: position and velocity scaled to about `[-1, 1]` (undo the
+    /// position's scaling with [`proprio_position`]).
     pub fn proprio(&self, h: RigidBodyHandle) -> [f32; 4] {
         let s = self.body_state(h);
         let c = ARENA / 2.0;
@@ -214,6 +215,13 @@ pub(crate) fn random_point(rng: &mut amity_shared::rng::Rng, margin: f32) -> [f3
         margin + rng.uniform() as f32 * span,
         margin + rng.uniform() as f32 * span,
     ]
+}
+
+/// The position (arena units) in a proprioception vector of [`World::proprio`] (or a predicted
+/// one), the inverse of its scaling.
+pub fn proprio_position(s: &[f32]) -> [f32; 2] {
+    let c = ARENA / 2.0;
+    [s[0] * c + c, s[1] * c + c]
 }
 
 pub(crate) fn dist(a: [f32; 2], b: [f32; 2]) -> f32 {

@@ -27,8 +27,8 @@ use serde::{Deserialize, Serialize};
 use amity_shared::model::host_f32;
 use amity_shared::rng::Rng;
 
-use crate::env::{ARENA, Action, Env, Zone, clamp_action};
-use crate::world::{WorldModel, probe_features};
+use crate::env::{Action, Env, Zone, clamp_action, proprio_position};
+use crate::world::WorldModel;
 use optimise::{Method, Plan, SearchConfig, search, shift};
 
 /// The position term's weight per arena unit that `amity bench plan` and the demo use. Set by
@@ -181,6 +181,14 @@ impl<'a> LatentPlanner<'a> {
         self
     }
 
+    /// Points of the way from `a` to `b` inside any forbidden zone grown by the margin.
+    fn inside_zones(&self, a: [f32; 2], b: [f32; 2]) -> usize {
+        self.zones
+            .iter()
+            .map(|zone| crossings(zone, a, b, self.margin))
+            .sum()
+    }
+
     /// Environment steps each planned action is held for (the world model's frameskip).
     pub fn hold(&self) -> usize {
         self.wm.config.frameskip.max(1)
@@ -233,7 +241,7 @@ impl<'a> LatentPlanner<'a> {
         let mut paths = vec![Vec::with_capacity(h); n];
         let mut bad = vec![0usize; n];
         // The agent's present position (proprioception is centred and scaled by half the arena).
-        let here = [(s0[0] + 1.0) * ARENA / 2.0, (s0[1] + 1.0) * ARENA / 2.0];
+        let here = proprio_position(&s0);
         let mut prev = vec![here; n];
         let mut prev_state = vec![here; n];
         for _ in 0..h {
@@ -248,33 +256,20 @@ impl<'a> LatentPlanner<'a> {
             let zn = zp.narrow(1, last, 1);
             let sn = sp.narrow(1, last, 1);
             // Guardrail: where does the probe put the agent?
-            let host = host_f32(zn.clone().reshape([n, p * d]));
-            let feats: Vec<f64> = host.chunks_exact(p * d).flat_map(probe_features).collect();
-            let pos = self.wm.probe.predict(&feats, n);
+            let pos = self
+                .wm
+                .probe_positions(&host_f32(zn.clone().reshape([n, p * d])));
             let states = host_f32(sn.clone().reshape([n, 4]));
             for i in 0..n {
                 // The predictor's own state output is a second, independent reading of where the
                 // agent will be: a sequence is refused if either puts it in a zone.
-                let st = [
-                    (states[4 * i] + 1.0) * ARENA / 2.0,
-                    (states[4 * i + 1] + 1.0) * ARENA / 2.0,
-                ];
-                bad[i] += self
-                    .zones
-                    .iter()
-                    .map(|zone| crossings(zone, prev_state[i], st, self.margin))
-                    .sum::<usize>();
-                prev_state[i] = st;
-                let q = [(pos[2 * i] as f32) * ARENA, (pos[2 * i + 1] as f32) * ARENA];
-                paths[i].push(q);
+                let st = proprio_position(&states[4 * i..4 * i + 4]);
                 // A predictor step spans `hold` environment steps: check the way between the
                 // predicted points, not only the points.
-                bad[i] += self
-                    .zones
-                    .iter()
-                    .map(|zone| crossings(zone, prev[i], q, self.margin))
-                    .sum::<usize>();
-                prev[i] = q;
+                bad[i] += self.inside_zones(prev_state[i], st) + self.inside_zones(prev[i], pos[i]);
+                prev_state[i] = st;
+                prev[i] = pos[i];
+                paths[i].push(pos[i]);
             }
             z = Tensor::cat(vec![z, zn], 1);
             s = Tensor::cat(vec![s, sn], 1);
@@ -445,9 +440,7 @@ impl<'a> LatentPlanner<'a> {
 impl Policy for LatentPlanner<'_> {
     fn begin(&mut self, env: &dyn Env) {
         let goal = self.wm.encoder.encode(&[&env.goal_frame()]);
-        let feats = probe_features(&host_f32(goal.clone()));
-        let pos = self.wm.probe.predict(&feats, 1);
-        self.goal_position = [pos[0] as f32 * ARENA, pos[1] as f32 * ARENA];
+        self.goal_position = self.wm.probe_positions(&host_f32(goal.clone()))[0];
         self.goal = Some(goal);
         self.zones = env.forbidden().to_vec();
         self.warm = None;

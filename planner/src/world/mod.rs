@@ -137,6 +137,22 @@ pub struct WorldModel {
 const CONFIG_KEY: &str = "amity.world_model";
 
 impl WorldModel {
+    /// Where the position probe puts the agent (arena units) in each of the frames whose
+    /// latents are `latents` (frames one after another, `tokens x width` each).
+    pub fn probe_positions(&self, latents: &[f32]) -> Vec<[f32; 2]> {
+        let per_frame = self.encoder.tokens() * self.encoder.width();
+        let n = latents.len() / per_frame.max(1);
+        let feats: Vec<f64> = latents
+            .chunks_exact(per_frame)
+            .flat_map(probe_features)
+            .collect();
+        self.probe
+            .predict(&feats, n)
+            .chunks_exact(2)
+            .map(|v| [v[0] as f32 * ARENA, v[1] as f32 * ARENA])
+            .collect()
+    }
+
     /// Writes the predictor and the probe as safetensors (the encoder stays in its checkpoint).
     pub fn save(&self, path: &Path) -> Result<(), PlannerError> {
         let layout = ParamLayout::of(&self.predictor);
