@@ -342,9 +342,9 @@ fn downstream(release: &Path) -> Result<(serde_json::Value, serde_json::Value)> 
     use amity_planner::plan::optimise::{Method, SearchConfig};
     use amity_planner::plan::{LatentPlanner, Metric, run_episode};
     use amity_planner::surprise::curve;
-    use amity_planner::world::data::{Latents, collect};
+    use amity_planner::world::data::collect;
     use amity_planner::world::encode::FrameEncoder;
-    use amity_planner::world::{WorldModel, WorldModelConfig, fit_position_probe, train};
+    use amity_planner::world::{WorldModel, WorldModelConfig};
     use amity_shared::synth::{ViolationKind, generate_pair};
 
     let began = Instant::now();
@@ -353,20 +353,12 @@ fn downstream(release: &Path) -> Result<(serde_json::Value, serde_json::Value)> 
     let encoder = FrameEncoder::new(&ckpt, &device).map_err(anyhow::Error::msg)?;
     let kind = EnvKind::PointMaze;
     let trajs = collect(kind, encoder.size(), 80, 16, 11);
-    let lat = Latents::of(&encoder, &trajs);
-    let agents: Vec<Vec<[f32; 2]>> = trajs.iter().map(|t| t.agent.clone()).collect();
-    let (probe, r2) = fit_position_probe(&lat, &agents, 1500);
     let cfg = WorldModelConfig {
         steps: 300,
         ..WorldModelConfig::default()
     };
-    let (predictor, report) = train::train(&cfg, &lat, &trajs, &device, &mut |_, _, _| {});
-    let wm = WorldModel {
-        encoder,
-        predictor,
-        probe,
-        config: cfg,
-    };
+    let (wm, fit) = WorldModel::fit(encoder, cfg, &trajs, 1500, &mut |_, _, _| {});
+    let (r2, report) = (fit.probe_r2, fit.train);
     println!(
         "\nworld model on the released encoder ({kind}, {} episodes, 300 steps, {:.0} s): 2-step \
          rollout error {:.4} -> {:.4}, position probe R2 {r2:.3}",

@@ -13,9 +13,9 @@ use amity_planner::plan::optimise::{Method, SearchConfig};
 use amity_planner::plan::{LatentPlanner, Metric, run_episode};
 use amity_planner::surprise::curve;
 use amity_planner::surprise_bench::{SurpriseBenchOptions, run as run_surprise_bench};
-use amity_planner::world::data::{Latents, collect, load, save};
+use amity_planner::world::data::{collect, load, save};
 use amity_planner::world::encode::FrameEncoder;
-use amity_planner::world::{WorldModel, WorldModelConfig, fit_position_probe, train};
+use amity_planner::world::{WorldModel, WorldModelConfig};
 use amity_shared::checkpoint::Checkpoint;
 use amity_shared::train::Trainer;
 
@@ -91,6 +91,11 @@ pub enum PlanCommand {
         /// 0 plans on the latent distance alone.
         #[arg(long, default_value_t = 0.0)]
         position_weight: f32,
+        /// Weight (per arena unit) of the object term (where the object probe puts the task's
+        /// object in the predicted final latents against the goal image; PushBlock's block);
+        /// 0 leaves it out.
+        #[arg(long, default_value_t = 0.0)]
+        object_weight: f32,
         /// The PNG strip of the first episode.
         #[arg(long, default_value = "plan.png")]
         out: PathBuf,
@@ -146,6 +151,10 @@ pub struct PlanBenchArgs {
     /// beside the pure latent energy; 0 skips it.
     #[arg(long, default_value_t = amity_planner::plan::DEFAULT_POSITION_WEIGHT)]
     pub position_weight: f32,
+    /// Weight (per arena unit) of the object term (the object probe on the predicted latents
+    /// against the goal image; environments with an object) in that second run.
+    #[arg(long, default_value_t = amity_planner::plan::DEFAULT_OBJECT_WEIGHT)]
+    pub object_weight: f32,
     /// Skip the randomly initialised encoder's run.
     #[arg(long)]
     pub no_random_encoder: bool,
@@ -225,27 +234,16 @@ pub fn plan(args: PlanArgs) -> Result<()> {
                     encoder.size()
                 );
             }
-            let lat = Latents::of(&encoder, &trajs);
-            let agents: Vec<Vec<[f32; 2]>> = trajs.iter().map(|t| t.agent.clone()).collect();
-            let (probe, r2) = fit_position_probe(&lat, &agents, 2000);
             let cfg = WorldModelConfig {
                 steps,
                 ..WorldModelConfig::default()
             };
-            let (predictor, report) =
-                train::train(&cfg, &lat, &trajs, &device, &mut |s, tf, ro| {
-                    if s % 100 == 0 || s + 1 == steps {
-                        println!(
-                            "step {s}/{steps}: teacher forcing {tf:.4}, 2-step rollout {ro:.4}"
-                        );
-                    }
-                });
-            let wm = WorldModel {
-                encoder,
-                predictor,
-                probe,
-                config: cfg,
-            };
+            let (wm, fit) = WorldModel::fit(encoder, cfg, &trajs, 2000, &mut |s, tf, ro| {
+                if s % 100 == 0 || s + 1 == steps {
+                    println!("step {s}/{steps}: teacher forcing {tf:.4}, 2-step rollout {ro:.4}");
+                }
+            });
+            let (r2, report) = (fit.probe_r2, fit.train);
             let path = out.unwrap_or_else(|| beside(&ckpt, kind));
             wm.save(&path)?;
             println!(
@@ -264,6 +262,7 @@ pub fn plan(args: PlanArgs) -> Result<()> {
             max_steps,
             planner,
             position_weight,
+            object_weight,
             out,
         } => {
             let checkpoint = load_checkpoint(&ckpt)?;
@@ -276,7 +275,8 @@ pub fn plan(args: PlanArgs) -> Result<()> {
                 )
             })?;
             let mut p = LatentPlanner::new(&wm, planner, SearchConfig::default(), Metric::L1, 1)
-                .with_position_weight(position_weight);
+                .with_position_weight(position_weight)
+                .with_object_weight(object_weight);
             let mut e = make(env, wm.encoder.size());
             let mut wins = 0;
             for i in 0..episodes {
@@ -398,6 +398,7 @@ pub fn bench_plan(a: PlanBenchArgs) -> Result<()> {
         method: a.planner,
         metric: Metric::L1,
         position_weight: a.position_weight,
+        object_weight: a.object_weight,
     };
     let mut log = |s: String| println!("{s}");
     let given = match &a.ckpt {

@@ -15,9 +15,9 @@ use crate::PlannerError;
 use crate::env::{EnvKind, make};
 use crate::plan::optimise::{Method, SearchConfig};
 use crate::plan::{LatentPlanner, Metric, OraclePlanner, Policy, RandomPolicy, run_episode};
-use crate::world::data::{Latents, Trajectory, collect};
+use crate::world::data::{Trajectory, collect};
 use crate::world::encode::FrameEncoder;
-use crate::world::{WorldModel, WorldModelConfig, fit_position_probe, train};
+use crate::world::{WorldModel, WorldModelConfig};
 
 /// What the bench runs.
 #[derive(Debug, Clone)]
@@ -39,8 +39,11 @@ pub struct PlanBenchOptions {
     /// Latent distance.
     pub metric: Metric,
     /// Weight of the position term for the second latent run (see
-    /// [`LatentPlanner::with_position_weight`]); 0 skips that run.
+    /// [`LatentPlanner::with_position_weight`]).
     pub position_weight: f32,
+    /// Weight of the object term in that run (see [`LatentPlanner::with_object_weight`]);
+    /// with both weights 0 the run is skipped.
+    pub object_weight: f32,
 }
 
 /// One environment's figures.
@@ -48,10 +51,11 @@ pub struct PlanBenchOptions {
 pub struct EnvReport {
     /// Latent planner success rate (energy: latent distance alone).
     pub latent: f64,
-    /// The latent planner with the position term added to its energy (`None` when not run).
-    pub latent_position: Option<f64>,
+    /// The latent planner with the read-out terms (the position term and, where the
+    /// environment has an object, the object term) added to its energy (`None` when not run).
+    pub latent_readout: Option<f64>,
     /// Its milliseconds per action.
-    pub latent_position_ms_per_action: Option<f64>,
+    pub latent_readout_ms_per_action: Option<f64>,
     /// Random policy success rate.
     pub random: f64,
     /// Oracle (true simulator) success rate.
@@ -70,9 +74,9 @@ pub struct EnvReport {
     pub rollout_error: (f64, f64),
     /// Seconds to train the predictor.
     pub train_seconds: f64,
-    /// Per predictor step of an open-loop rollout on held-out episodes, the agent position's
-    /// mean error (arena units): probe on predicted latents, predictor state, probe on real frames.
-    pub rollout_drift: Vec<[f64; 3]>,
+    /// Per predictor step of an open-loop rollout on held-out episodes, the positions' mean
+    /// errors (arena units).
+    pub rollout_drift: Vec<Drift>,
 }
 
 fn rate(
@@ -187,12 +191,24 @@ pub fn energy_landscape(
     (total.0 / states as f64, total.1 / states as f64)
 }
 
-/// How far the world model's idea of the agent drifts over an open-loop rollout: from the
+/// One predictor step of [`rollout_drift`]: mean distances (arena units) from the truth.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Drift {
+    /// The position probe on the predicted latents, against the true agent position.
+    pub predicted: f64,
+    /// The predictor's state output.
+    pub state: f64,
+    /// The probe on the true frame's latents (the probe's own error, the floor).
+    pub real: f64,
+    /// The object probe on the predicted latents, against the true object position (for an
+    /// environment with an object).
+    pub object: Option<f64>,
+}
+
+/// How far the world model's idea of the scene drifts over an open-loop rollout: from the
 /// first frame of each of `trajs` (not seen in training), the predictor rolls out over the
-/// recorded actions; per predictor step, the mean distance (arena units) between the true agent
-/// position and (a) the position probe on the predicted latents, (b) the predictor's state
-/// output, (c) the probe on the true frame's latents (the probe's own error, the floor).
-pub fn rollout_drift(wm: &WorldModel, trajs: &[Trajectory], steps: usize) -> Vec<[f64; 3]> {
+/// recorded actions; per predictor step, see [`Drift`].
+pub fn rollout_drift(wm: &WorldModel, trajs: &[Trajectory], steps: usize) -> Vec<Drift> {
     use burn::tensor::{Tensor, TensorData};
     let skip = wm.config.frameskip.max(1);
     let n = trajs.len();
@@ -225,18 +241,30 @@ pub fn rollout_drift(wm: &WorldModel, trajs: &[Trajectory], steps: usize) -> Vec
         );
         let last = len - from - 1;
         let (zn, sn) = (zp.narrow(1, last, 1), sp.narrow(1, last, 1));
-        let predicted = wm.probe_positions(&host_f32(zn.clone().reshape([n, p * d])));
+        let host = host_f32(zn.clone().reshape([n, p * d]));
+        let predicted = wm.probe_positions(&host);
+        let objects = wm.object_positions(&host);
         let states = host_f32(sn.clone().reshape([n, 4]));
         let real = wm.probe_positions(&wm.encoder.encode_host(&at(k + 1)));
-        let mut e = [0.0f64; 3];
+        let mut e = [0.0f64; 4];
         for (i, t) in trajs.iter().enumerate() {
-            let truth = t.agent[(k + 1) * skip];
+            let f = (k + 1) * skip;
+            let truth = t.agent[f];
             let st = crate::env::proprio_position(&states[4 * i..4 * i + 4]);
             e[0] += crate::env::dist(predicted[i], truth) as f64;
             e[1] += crate::env::dist(st, truth) as f64;
             e[2] += crate::env::dist(real[i], truth) as f64;
+            if let (Some(o), Some(truth)) = (&objects, t.object.get(f)) {
+                e[3] += crate::env::dist(o[i], *truth) as f64;
+            }
         }
-        out.push(e.map(|v| v / n as f64));
+        let e = e.map(|v| v / n as f64);
+        out.push(Drift {
+            predicted: e[0],
+            state: e[1],
+            real: e[2],
+            object: objects.is_some().then_some(e[3]),
+        });
         z = Tensor::cat(vec![z, zn], 1);
         s = Tensor::cat(vec![s, sn], 1);
     }
@@ -259,28 +287,29 @@ pub fn build_world_model(
         opts.collect_steps,
         11,
     );
-    let lat = Latents::of(&encoder, &trajs);
-    let agents: Vec<Vec<[f32; 2]>> = trajs.iter().map(|t| t.agent.clone()).collect();
-    let (probe, r2) = fit_position_probe(&lat, &agents, 2000);
     let t = Instant::now();
     let steps = opts.world.steps;
-    let (predictor, report) = train::train(&opts.world, &lat, &trajs, &device, &mut |s, tf, ro| {
-        if s % (steps / 5).max(1) == 0 || s + 1 == steps {
-            log(format!(
-                "  {kind}: predictor step {s}/{steps}: teacher forcing {tf:.4}, 2-step rollout {ro:.4}"
-            ));
-        }
-    });
+    let (wm, report) = WorldModel::fit(
+        encoder,
+        opts.world.clone(),
+        &trajs,
+        2000,
+        &mut |s, tf, ro| {
+            if s % (steps / 5).max(1) == 0 || s + 1 == steps {
+                log(format!(
+                    "  {kind}: predictor step {s}/{steps}: teacher forcing {tf:.4}, 2-step rollout {ro:.4}"
+                ));
+            }
+        },
+    );
+    if let Some(r2) = report.object_probe_r2 {
+        log(format!("  {kind}: object probe R2 {r2:.3}"));
+    }
     let secs = t.elapsed().as_secs_f64();
     Ok((
-        WorldModel {
-            encoder,
-            predictor,
-            probe,
-            config: opts.world.clone(),
-        },
-        r2,
-        (report.rollout_before, report.rollout_after),
+        wm,
+        report.probe_r2,
+        (report.train.rollout_before, report.train.rollout_after),
         secs,
     ))
 }
@@ -299,11 +328,19 @@ pub fn bench_env(
     let held_out = collect(kind, size, 32, opts.collect_steps, 77);
     let drift = rollout_drift(&wm, &held_out, opts.search.horizon);
     log(format!(
-        "  {kind}: open-loop drift of the agent position per predictor step (arena units; probe on \
-         predicted latents / predictor state / probe on real frames): {}",
+        "  {kind}: open-loop drift per predictor step (arena units; agent: probe on predicted \
+         latents / predictor state / probe on real frames{}): {}",
+        if wm.object_probe.is_some() {
+            "; object: probe on predicted latents"
+        } else {
+            ""
+        },
         drift
             .iter()
-            .map(|e| format!("{:.2}/{:.2}/{:.2}", e[0], e[1], e[2]))
+            .map(|e| {
+                let object = e.object.map(|o| format!("; {o:.2}")).unwrap_or_default();
+                format!("{:.2}/{:.2}/{:.2}{object}", e.predicted, e.state, e.real)
+            })
             .collect::<Vec<_>>()
             .join("  ")
     ));
@@ -316,16 +353,18 @@ pub fn bench_env(
     log(format!(
         "  {kind}: latent planner {l:.2} ({ms:.0} ms/action, {entries} forbidden entries)"
     ));
-    let (mut latent_position, mut latent_position_ms) = (None, None);
+    let (mut latent_readout, mut latent_readout_ms) = (None, None);
     let mut entries = entries;
-    if opts.position_weight > 0.0 {
+    if opts.position_weight > 0.0 || opts.object_weight > 0.0 {
         let mut p = LatentPlanner::new(&wm, opts.method, opts.search.clone(), opts.metric, 1)
-            .with_position_weight(opts.position_weight);
+            .with_position_weight(opts.position_weight)
+            .with_object_weight(opts.object_weight);
         let (lp, msp, ep) = rate(kind, size, opts.episodes, opts.max_steps, &mut p);
         log(format!(
-            "  {kind}: latent planner + position term {lp:.2} ({msp:.0} ms/action, {ep} forbidden entries)"
+            "  {kind}: latent planner + read-out terms (position {}, object {}) {lp:.2} ({msp:.0} ms/action, {ep} forbidden entries)",
+            opts.position_weight, opts.object_weight
         ));
-        (latent_position, latent_position_ms) = (Some(lp), Some(msp));
+        (latent_readout, latent_readout_ms) = (Some(lp), Some(msp));
         entries += ep;
     }
     let (r, _, _) = rate(
@@ -340,8 +379,8 @@ pub fn bench_env(
     log(format!("  {kind}: random {r:.2}, oracle {o:.2}"));
     Ok(EnvReport {
         latent: l,
-        latent_position,
-        latent_position_ms_per_action: latent_position_ms,
+        latent_readout,
+        latent_readout_ms_per_action: latent_readout_ms,
         random: r,
         oracle: o,
         ms_per_action: ms,

@@ -93,6 +93,10 @@ pub trait Env: Send {
     fn goal_distance(&self) -> f32;
     /// The agent's position.
     fn agent(&self) -> [f32; 2];
+    /// The position of the object the task is about moving (PushBlock's block), if any.
+    fn object(&self) -> Option<[f32; 2]> {
+        None
+    }
     /// Proprioception, the predictor's state token: agent position and velocity, scaled to
     /// about `[-1, 1]`.
     fn proprio(&self) -> [f32; 4];

@@ -125,6 +125,11 @@ impl Env for PushBlock {
         self.world.position(self.agent)
     }
 
+    fn object(&self) -> Option<[f32; 2]> {
+        let b = self.block();
+        Some([b[0], b[1]])
+    }
+
     fn proprio(&self) -> [f32; 4] {
         self.world.proprio(self.agent)
     }

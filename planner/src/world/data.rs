@@ -27,6 +27,9 @@ pub struct Trajectory {
     pub proprio: Vec<[f32; 4]>,
     /// `steps + 1` agent positions.
     pub agent: Vec<[f32; 2]>,
+    /// `steps + 1` positions of the task's object ([`crate::env::Env::object`]), or none
+    /// when the environment has no such object.
+    pub object: Vec<[f32; 2]>,
 }
 
 impl Trajectory {
@@ -65,6 +68,7 @@ pub fn collect(
                 actions: Vec::with_capacity(steps),
                 proprio: vec![env.proprio()],
                 agent: vec![env.agent()],
+                object: env.object().into_iter().collect(),
             };
             let mut prev = [0.0f32; 2];
             for _ in 0..steps {
@@ -83,6 +87,7 @@ pub fn collect(
                 t.frames.extend(env.render());
                 t.proprio.push(env.proprio());
                 t.agent.push(env.agent());
+                t.object.extend(env.object());
             }
             t
         })
@@ -106,6 +111,10 @@ pub struct DatasetIndex {
     pub shards: Vec<BlobId>,
     /// Per episode: seed, actions, proprioception, agent positions.
     pub episodes: Vec<EpisodeRecord>,
+    /// Per episode, the object's positions (absent for environments without one, and in
+    /// datasets written before objects were recorded).
+    #[serde(default)]
+    pub objects: Vec<Vec<[f32; 2]>>,
 }
 
 /// Writes trajectories into `dir` (a content store plus `dataset.json`).
@@ -148,6 +157,11 @@ pub fn save(
                 )
             })
             .collect(),
+        objects: if trajs.iter().all(|t| t.object.is_empty()) {
+            Vec::new()
+        } else {
+            trajs.iter().map(|t| t.object.clone()).collect()
+        },
     };
     let path = dir.join("dataset.json");
     let json = serde_json::to_vec(&index).map_err(PlannerError::other)?;
@@ -181,13 +195,24 @@ pub fn load(dir: &Path) -> Result<(EnvKind, usize, Vec<Trajectory>), PlannerErro
             frames.len()
         )));
     }
+    if !index.objects.is_empty() && index.objects.len() != index.episodes.len() {
+        return Err(PlannerError::Invalid(format!(
+            "{}: {} episodes listed but object positions for {}",
+            path.display(),
+            index.episodes.len(),
+            index.objects.len()
+        )));
+    }
     let want = (index.steps + 1) * index.size * index.size * 3;
+    let mut objects = index.objects.into_iter();
     let mut trajs = Vec::new();
     for ((seed, actions, proprio, agent), frames) in index.episodes.into_iter().zip(frames) {
+        let object = objects.next().unwrap_or_default();
         if frames.len() != want
             || actions.len() != index.steps
             || proprio.len() != index.steps + 1
             || agent.len() != index.steps + 1
+            || !(object.is_empty() || object.len() == index.steps + 1)
         {
             return Err(PlannerError::Invalid(format!(
                 "{}: episode {seed} has the wrong length",
@@ -200,6 +225,7 @@ pub fn load(dir: &Path) -> Result<(EnvKind, usize, Vec<Trajectory>), PlannerErro
             actions,
             proprio,
             agent,
+            object,
         });
     }
     Ok((kind, index.size, trajs))
@@ -244,5 +270,40 @@ impl Latents {
         let n = self.tokens * self.width;
         let i = (e * self.frames + t) * n;
         &self.z[i..i + n]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dataset_round_trips_with_its_object_positions_and_refuses_bad_ones() {
+        let dir = std::env::temp_dir().join(format!("amity-dataset-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let trajs = collect(EnvKind::PushBlock, 32, 3, 4, 2);
+        assert!(trajs.iter().all(|t| t.object.len() == 5));
+        save(&dir, EnvKind::PushBlock, 32, &trajs).unwrap();
+        let (kind, size, back) = load(&dir).unwrap();
+        assert_eq!((kind, size), (EnvKind::PushBlock, 32));
+        assert_eq!(back, trajs);
+        // One object position too few: refused, naming the file.
+        let path = dir.join("dataset.json");
+        let mut index: DatasetIndex =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        index.objects[1].pop();
+        std::fs::write(&path, serde_json::to_vec(&index).unwrap()).unwrap();
+        let err = load(&dir).unwrap_err().to_string();
+        assert!(
+            err.contains("dataset.json") && err.contains("wrong length"),
+            "{err}"
+        );
+        // PointMaze has no object: nothing is recorded.
+        assert!(
+            collect(EnvKind::PointMaze, 32, 1, 2, 2)[0]
+                .object
+                .is_empty()
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -22,7 +22,7 @@ use amity_shared::probe::Ridge;
 
 use crate::PlannerError;
 use crate::env::ARENA;
-use data::Latents;
+use data::{Latents, Trajectory};
 use encode::FrameEncoder;
 use predictor::ActionPredictor;
 
@@ -58,6 +58,10 @@ pub struct WorldModelConfig {
     pub lr: f64,
     /// Weight of the state-prediction loss.
     pub state_weight: f64,
+    /// Weight of the read-out loss: the frozen position probes applied to the predicted latents
+    /// against the true positions (see [`train::Readouts`]); 0 trains on latents alone.
+    #[serde(default)]
+    pub readout_weight: f64,
     /// Seed of initialisation and window sampling.
     pub seed: u64,
 }
@@ -77,6 +81,7 @@ impl Default for WorldModelConfig {
             batch: 32,
             lr: 1e-3,
             state_weight: 0.5,
+            readout_weight: 1.0,
             seed: 0,
         }
     }
@@ -129,24 +134,90 @@ pub struct WorldModel {
     pub predictor: ActionPredictor,
     /// Latents → agent position / ARENA.
     pub probe: Ridge,
+    /// Latents → the task object's position / ARENA, for environments with one
+    /// ([`crate::env::Env::object`]).
+    pub object_probe: Option<Ridge>,
     /// Its config.
     pub config: WorldModelConfig,
+}
+
+/// What [`WorldModel::fit`] measured.
+#[derive(Debug, Clone)]
+pub struct FitReport {
+    /// Held-out R² of the agent-position probe.
+    pub probe_r2: f64,
+    /// The same for the object-position probe, when there is one.
+    pub object_probe_r2: Option<f64>,
+    /// The predictor's training.
+    pub train: train::TrainReport,
 }
 
 /// Metadata key of the world model's config.
 const CONFIG_KEY: &str = "amity.world_model";
 
 impl WorldModel {
+    /// Builds a world model on the frozen `encoder` from trajectories: encodes them, fits the
+    /// position probes (agent, and the task object when the trajectories record one) on up to
+    /// `probe_frames` frames, then trains the predictor (`log` gets step, teacher-forcing and
+    /// rollout losses).
+    pub fn fit(
+        encoder: FrameEncoder,
+        config: WorldModelConfig,
+        trajs: &[Trajectory],
+        probe_frames: usize,
+        log: &mut dyn FnMut(u64, f64, f64),
+    ) -> (WorldModel, FitReport) {
+        let device = encoder.device();
+        let lat = Latents::of(&encoder, trajs);
+        let agents: Vec<Vec<[f32; 2]>> = trajs.iter().map(|t| t.agent.clone()).collect();
+        let (probe, probe_r2) = fit_position_probe(&lat, &agents, probe_frames);
+        let objects = trajs.iter().all(|t| !t.object.is_empty()).then(|| {
+            let objects: Vec<Vec<[f32; 2]>> = trajs.iter().map(|t| t.object.clone()).collect();
+            fit_position_probe(&lat, &objects, probe_frames)
+        });
+        let mut read: Vec<(&Ridge, &[Vec<[f32; 2]>])> = vec![(&probe, &agents)];
+        let objects_truth: Vec<Vec<[f32; 2]>> = trajs.iter().map(|t| t.object.clone()).collect();
+        if let Some((object_probe, _)) = &objects {
+            read.push((object_probe, &objects_truth));
+        }
+        let readouts = train::Readouts::new(&read);
+        let (predictor, train) = train::train(&config, &lat, trajs, Some(&readouts), &device, log);
+        let report = FitReport {
+            probe_r2,
+            object_probe_r2: objects.as_ref().map(|o| o.1),
+            train,
+        };
+        let wm = WorldModel {
+            encoder,
+            predictor,
+            probe,
+            object_probe: objects.map(|o| o.0),
+            config,
+        };
+        (wm, report)
+    }
+
     /// Where the position probe puts the agent (arena units) in each of the frames whose
     /// latents are `latents` (frames one after another, `tokens x width` each).
     pub fn probe_positions(&self, latents: &[f32]) -> Vec<[f32; 2]> {
+        self.read_positions(&self.probe, latents)
+    }
+
+    /// Where the object probe puts the task's object (arena units) in each frame of
+    /// `latents`, for a world model of an environment with one.
+    pub fn object_positions(&self, latents: &[f32]) -> Option<Vec<[f32; 2]>> {
+        let probe = self.object_probe.as_ref()?;
+        Some(self.read_positions(probe, latents))
+    }
+
+    fn read_positions(&self, probe: &Ridge, latents: &[f32]) -> Vec<[f32; 2]> {
         let per_frame = self.encoder.tokens() * self.encoder.width();
         let n = latents.len() / per_frame.max(1);
         let feats: Vec<f64> = latents
             .chunks_exact(per_frame)
             .flat_map(probe_features)
             .collect();
-        self.probe
+        probe
             .predict(&feats, n)
             .chunks_exact(2)
             .map(|v| [v[0] as f32 * ARENA, v[1] as f32 * ARENA])
@@ -157,7 +228,6 @@ impl WorldModel {
     pub fn save(&self, path: &Path) -> Result<(), PlannerError> {
         let layout = ParamLayout::of(&self.predictor);
         let flat = to_flat(&self.predictor);
-        let (mean, scale, weights) = self.probe.parts();
         let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = layout
             .params
             .iter()
@@ -169,18 +239,19 @@ impl WorldModel {
                 (format!("predictor.{}", p.name), p.shape.clone(), raw)
             })
             .collect();
-        for (name, v) in [
-            ("probe.mean", mean),
-            ("probe.scale", scale),
-            ("probe.weights", weights),
-        ] {
-            let raw = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-            owned.push((name.into(), vec![v.len()], raw));
+        let probes = std::iter::once(("probe", &self.probe))
+            .chain(self.object_probe.as_ref().map(|p| ("object_probe", p)));
+        for (prefix, probe) in probes {
+            let (mean, scale, weights) = probe.parts();
+            for (name, v) in [("mean", mean), ("scale", scale), ("weights", weights)] {
+                let raw = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                owned.push((format!("{prefix}.{name}"), vec![v.len()], raw));
+            }
         }
         let views: Vec<(String, TensorView<'_>)> = owned
             .iter()
             .map(|(n, shape, raw)| {
-                let dtype = if n.starts_with("probe.") {
+                let dtype = if n.contains("probe.") {
                     Dtype::F64
                 } else {
                     Dtype::F32
@@ -250,16 +321,29 @@ impl WorldModel {
                 .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
                 .collect())
         };
-        let probe = Ridge::from_parts(
-            f64s("probe.mean")?,
-            f64s("probe.scale")?,
-            f64s("probe.weights")?,
-        )
-        .ok_or_else(|| bad("probe tensors of inconsistent lengths".into()))?;
+        let ridge = |prefix: &str| -> Result<Ridge, PlannerError> {
+            Ridge::from_parts(
+                f64s(&format!("{prefix}.mean"))?,
+                f64s(&format!("{prefix}.scale"))?,
+                f64s(&format!("{prefix}.weights"))?,
+            )
+            .ok_or_else(|| bad(format!("{prefix} tensors of inconsistent lengths")))
+        };
+        let probe = ridge("probe")?;
+        let has_object = tensors
+            .names()
+            .iter()
+            .any(|n| n.starts_with("object_probe."));
+        let object_probe = if has_object {
+            Some(ridge("object_probe")?)
+        } else {
+            None
+        };
         Ok(WorldModel {
             encoder,
             predictor,
             probe,
+            object_probe,
             config,
         })
     }
@@ -289,31 +373,21 @@ mod tests {
         let device = Device::flex();
         let ckpt = random_checkpoint("tiny", 0).unwrap();
         let encoder = FrameEncoder::new(&ckpt, &device).unwrap();
-        let trajs = data::collect(EnvKind::PointMaze, encoder.size(), 24, 12, 1);
-        let lat = Latents::of(&encoder, &trajs);
+        // PushBlock: the world model also gets an object probe, which must survive the file.
+        let trajs = data::collect(EnvKind::PushBlock, encoder.size(), 24, 12, 1);
         let cfg = WorldModelConfig {
             steps: 150,
             batch: 16,
             ..WorldModelConfig::default()
         };
         let t0 = std::time::Instant::now();
-        let (predictor, report) = train::train(&cfg, &lat, &trajs, &device, &mut |_, _, _| {});
+        let (wm, report) = WorldModel::fit(encoder, cfg, &trajs, 400, &mut |_, _, _| {});
         eprintln!("{report:?} in {:?}", t0.elapsed());
         // The residual predictor starts as "nothing changes" (copy the present), so this also
         // says the trained model beats copying by a wide margin.
-        assert!(
-            report.rollout_after < 0.5 * report.rollout_before,
-            "{report:?}"
-        );
-        let agents: Vec<Vec<[f32; 2]>> = trajs.iter().map(|t| t.agent.clone()).collect();
-        let (probe, r2) = fit_position_probe(&lat, &agents, 400);
-        eprintln!("position probe R2 {r2:.3}");
-        let wm = WorldModel {
-            encoder,
-            predictor,
-            probe,
-            config: cfg,
-        };
+        let t = &report.train;
+        assert!(t.rollout_after < 0.5 * t.rollout_before, "{report:?}");
+        assert!(report.object_probe_r2.is_some() && wm.object_probe.is_some());
         let path =
             std::env::temp_dir().join(format!("amity-wm-{}.safetensors", std::process::id()));
         wm.save(&path).unwrap();
@@ -323,6 +397,10 @@ mod tests {
             amity_shared::flat::to_flat(&wm.predictor)
         );
         assert_eq!(back.probe.parts().2, wm.probe.parts().2);
+        assert_eq!(
+            back.object_probe.as_ref().map(|p| p.parts().2.to_vec()),
+            wm.object_probe.as_ref().map(|p| p.parts().2.to_vec())
+        );
         std::fs::remove_file(&path).unwrap();
     }
 }

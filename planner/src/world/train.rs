@@ -1,6 +1,7 @@
 //! Training the action-conditioned predictor on frozen latents: L1 teacher forcing over every
 //! step of a window plus L1 on a two-step autoregressive rollout (V-JEPA 2-AC's objective), with
-//! a smaller L1 on the predicted states.
+//! a smaller L1 on the predicted states, and (when weighted) an L1 between what the frozen
+//! position probes read from the predicted latents and the true positions.
 
 use burn::module::Module;
 use burn::optim::GradientsParams;
@@ -9,11 +10,100 @@ use burn::tensor::{Device, Tensor, TensorData};
 use amity_shared::config::TrainConfig;
 use amity_shared::flat::{ParamLayout, init_params, load_flat};
 use amity_shared::optim::{AdamW, Schedule};
+use amity_shared::probe::Ridge;
 use amity_shared::rng::Rng;
 
 use super::WorldModelConfig;
 use super::data::{Latents, Trajectory};
 use super::predictor::ActionPredictor;
+
+/// Frozen linear read-outs (the world model's position probes) whose reading of the
+/// *predicted* latents is trained to match the true positions. The teacher-forcing L1 weighs
+/// every token alike, and the agent or block is one token of sixteen: a predictor can get the
+/// loss low while the thing that moved is smeared. The read-outs single out exactly what
+/// planning reads from the predicted latents.
+pub struct Readouts {
+    /// `[features, k]`: every probe's standardisation folded into its weights.
+    weights: Vec<f32>,
+    bias: Vec<f32>,
+    k: usize,
+    /// Per episode, per frame, the `k` true values (positions / ARENA).
+    truth: Vec<Vec<f32>>,
+}
+
+impl Readouts {
+    /// Read-outs from probes and, per probe, the positions it reads (per episode, per frame,
+    /// arena units).
+    pub fn new(probes: &[(&Ridge, &[Vec<[f32; 2]>])]) -> Readouts {
+        let d = probes[0].0.parts().0.len();
+        let k: usize = probes
+            .iter()
+            .map(|(r, _)| r.parts().2.len() / (d + 1))
+            .sum();
+        let mut weights = vec![0f32; d * k];
+        let mut bias = Vec::with_capacity(k);
+        let mut col = 0;
+        for (ridge, _) in probes {
+            // (x - mean) * scale . w + b  =  x . (scale * w) + (b - mean . (scale * w))
+            let (mean, scale, w) = ridge.parts();
+            let kr = w.len() / (d + 1);
+            for c in 0..kr {
+                let mut b = w[d * kr + c];
+                for i in 0..d {
+                    let wi = w[i * kr + c] * scale[i];
+                    weights[i * k + col + c] = wi as f32;
+                    b -= mean[i] * wi;
+                }
+                bias.push(b as f32);
+            }
+            col += kr;
+        }
+        let truth = (0..probes[0].1.len())
+            .map(|e| {
+                (0..probes[0].1[e].len())
+                    .flat_map(|t| {
+                        probes
+                            .iter()
+                            .flat_map(move |(_, pos)| pos[e][t].map(|v| v / crate::env::ARENA))
+                    })
+                    .collect()
+            })
+            .collect();
+        Readouts {
+            weights,
+            bias,
+            k,
+            truth,
+        }
+    }
+
+    /// The read-outs of `z [B, T, P, D]`: `[B, T, k]`.
+    fn read(&self, z: Tensor<4>) -> Tensor<3> {
+        let [b, t, p, d] = z.dims();
+        let device = z.device();
+        let w = Tensor::<2>::from_data(
+            TensorData::new(self.weights.clone(), [p * d, self.k]),
+            &device,
+        );
+        let bias = Tensor::<2>::from_data(TensorData::new(self.bias.clone(), [1, self.k]), &device);
+        (z.reshape([b * t, p * d]).matmul(w) + bias).reshape([b, t, self.k])
+    }
+
+    /// The true values at the frames windows `picks` predict: `[B, t, k]`.
+    fn truth(&self, picks: &[(usize, usize)], t: usize, skip: usize, device: &Device) -> Tensor<3> {
+        let k = self.k;
+        let v: Vec<f32> = picks
+            .iter()
+            .flat_map(|&(e, t0)| {
+                (0..t).flat_map(move |s| {
+                    let f = t0 + (s + 1) * skip;
+                    self.truth[e][f * k..(f + 1) * k].iter().copied()
+                })
+            })
+            .collect();
+        Tensor::from_data(TensorData::new(v, [picks.len(), t, k]), device)
+    }
+}
 
 /// Windows of steps, gathered from the latents and trajectories as tensors.
 struct Windows {
@@ -124,12 +214,14 @@ pub fn init(
     load_flat(shell, &flat).expect("layout from the same shell")
 }
 
-/// Trains a predictor on `lat` (episodes `train` of it; the rest is held out for the report).
+/// Trains a predictor on `lat` (episodes `train` of it; the rest is held out for the report),
+/// with the read-out loss weighted by `cfg.readout_weight` when `readouts` are given.
 /// `log` gets (step, teacher-forcing loss, rollout loss).
 pub fn train(
     cfg: &WorldModelConfig,
     lat: &Latents,
     trajs: &[Trajectory],
+    readouts: Option<&Readouts>,
     device: &Device,
     log: &mut dyn FnMut(u64, f64, f64),
 ) -> (ActionPredictor, TrainReport) {
@@ -166,11 +258,18 @@ pub fn train(
             .collect();
         let w = windows(lat, trajs, &picks, t, skip, &ad);
         let (z, s) = model.forward(w.z_in.clone(), w.s_in.clone(), w.a_in.clone());
-        let tf = (z - w.z_out.clone()).abs().mean()
+        let tf = (z.clone() - w.z_out.clone()).abs().mean()
             + (s - w.s_out.clone()).abs().mean() * cfg.state_weight;
         let (z2, _) = two_step(&model, &w);
-        let ro = (z2 - w.z_out.clone().narrow(1, 1, 1)).abs().mean();
-        let loss = tf.clone() + ro.clone();
+        let ro = (z2.clone() - w.z_out.clone().narrow(1, 1, 1)).abs().mean();
+        let mut loss = tf.clone() + ro.clone();
+        if let Some(r) = readouts.filter(|_| cfg.readout_weight > 0.0) {
+            // Teacher-forced steps and the rollout's second step alike.
+            let truth = r.truth(&picks, t, skip, &ad);
+            let read = (r.read(z) - truth.clone()).abs().mean()
+                + (r.read(z2) - truth.narrow(1, 1, 1)).abs().mean();
+            loss = loss + read * cfg.readout_weight;
+        }
         let (tf_v, ro_v): (f32, f32) = (tf.inner().into_scalar(), ro.inner().into_scalar());
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         let (m, _) = optim.step(model, grads, Schedule::at(&recipe, step));
@@ -188,4 +287,41 @@ pub fn train(
             final_loss: last,
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readouts_read_what_the_probes_predict() {
+        // Two probes on random features of 3 tokens x 4: folding each probe's standardisation
+        // into one affine map must not change what it reads.
+        let (p, d, n) = (3, 4, 40);
+        let mut rng = Rng::new(7);
+        let x: Vec<f64> = (0..n * p * d).map(|_| rng.normal() * 2.0 + 0.5).collect();
+        let ya: Vec<f64> = (0..n * 2).map(|_| rng.uniform()).collect();
+        let yb: Vec<f64> = (0..n * 2).map(|_| rng.uniform()).collect();
+        let a = Ridge::fit(&x, &ya, n, p * d, 2, 1.0);
+        let b = Ridge::fit(&x, &yb, n, p * d, 2, 3.0);
+        let none: Vec<Vec<[f32; 2]>> = vec![vec![[0.0; 2]; n]];
+        let r = Readouts::new(&[(&a, &none), (&b, &none)]);
+        let device = Device::flex();
+        let z = Tensor::<4>::from_data(
+            TensorData::new(x.iter().map(|&v| v as f32).collect(), [1, n, p, d]),
+            &device,
+        );
+        let read: Vec<f32> = amity_shared::model::host_f32(r.read(z));
+        let (pa, pb) = (a.predict(&x, n), b.predict(&x, n));
+        for i in 0..n {
+            let want = [pa[2 * i], pa[2 * i + 1], pb[2 * i], pb[2 * i + 1]];
+            for (k, w) in want.iter().enumerate() {
+                let got = read[4 * i + k] as f64;
+                assert!(
+                    (got - w).abs() < 1e-3 * (1.0 + w.abs()),
+                    "row {i} output {k}: {got} vs {w}"
+                );
+            }
+        }
+    }
 }
