@@ -7,6 +7,7 @@
 //! the median norm first. The outer step is SGD with Nesterov momentum (DiLoCo: lr 0.7,
 //! momentum 0.9); with lr 1 and no momentum it is FedAvg.
 
+use amity_shared::stats::median;
 use serde::{Deserialize, Serialize};
 
 /// How accepted updates are combined.
@@ -81,21 +82,6 @@ pub struct Candidate {
 /// L2 norm, in f64.
 pub fn norm(v: &[f32]) -> f64 {
     v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt()
-}
-
-/// The median of `v` (0 when empty).
-pub fn median(v: &[f64]) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        0.5 * (s[n / 2 - 1] + s[n / 2])
-    }
 }
 
 /// Splits candidates into accepted and rejected (with the reason). `history` holds the norms of

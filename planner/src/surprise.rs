@@ -12,6 +12,7 @@
 //! peak energy; pairs of a possible video and its impossible twin (identical up to a frame) are
 //! scored IntPhys-style: the impossible one should be the more surprising.
 
+use amity_shared::stats::median;
 use amity_shared::train::{ClipBatch, Trainer};
 
 /// Windows per forward pass.
@@ -41,23 +42,12 @@ impl Curve {
         if self.energy.len() < 3 {
             return Vec::new();
         }
-        let med = median(&self.energy);
+        let med = median(&self.energy) as f32;
         let dev: Vec<f32> = self.energy.iter().map(|e| (e - med).abs()).collect();
-        let mad = median(&dev).max(1e-6);
+        let mad = (median(&dev) as f32).max(1e-6);
         (0..self.energy.len())
             .filter(|&i| (self.energy[i] - med) / (1.4826 * mad) > k)
             .collect()
-    }
-}
-
-fn median(v: &[f32]) -> f32 {
-    let mut s = v.to_vec();
-    s.sort_by(f32::total_cmp);
-    let n = s.len();
-    if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
     }
 }
 

@@ -28,6 +28,7 @@ pub mod optim;
 pub mod probe;
 pub mod release;
 pub mod rng;
+pub mod stats;
 pub mod store;
 pub mod synth;
 pub mod train;

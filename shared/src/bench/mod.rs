@@ -7,12 +7,6 @@ pub mod train_step;
 pub use ingest::{IngestBenchOptions, IngestBenchReport, ingest_bench};
 pub use train_step::{TrainStepOptions, TrainStepReport, find_torch_python, train_step};
 
-/// Median of a sample (sorted copy).
-pub(crate) fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 /// Errors of the bench.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {

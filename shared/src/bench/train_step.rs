@@ -18,7 +18,8 @@ use crate::mask::{MaskSetConfig, MultiBlockMasker};
 use crate::synth::{SynthConfig, generate};
 use crate::train::{ClipBatch, Trainer};
 
-use super::{BenchError, median};
+use super::BenchError;
+use crate::stats::median;
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -77,7 +78,7 @@ fn time_steps(config: Config, batches: &[ClipBatch], warmup: usize, steps: usize
             times.push(t0.elapsed().as_secs_f64() * 1e3);
         }
     }
-    median(times)
+    median(&times)
 }
 
 /// Runs the bench, printing progress to stderr.
@@ -106,8 +107,8 @@ pub fn train_step(opts: &TrainStepOptions) -> Result<TrainStepReport, BenchError
             (m.n_context, m.n_target)
         })
         .collect();
-    let ctx = median(shapes.iter().map(|s| s.0 as f64).collect()) as usize;
-    let tgt = median(shapes.iter().map(|s| s.1 as f64).collect()) as usize;
+    let ctx = median(&shapes.iter().map(|s| s.0 as f64).collect::<Vec<_>>()) as usize;
+    let tgt = median(&shapes.iter().map(|s| s.1 as f64).collect::<Vec<_>>()) as usize;
 
     eprintln!(
         "amity: preset {} batch {b} tokens {} (single set: ctx {ctx} tgt {tgt})",

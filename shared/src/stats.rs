@@ -1,0 +1,28 @@
+//! Small statistics every role uses.
+
+/// The median of `v` (the mean of the two middle values for an even count; 0 when empty).
+pub fn median<T: Copy + Into<f64>>(v: &[T]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut s: Vec<f64> = v.iter().map(|&x| x.into()).collect();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        0.5 * (s[n / 2 - 1] + s[n / 2])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_even_and_empty_samples() {
+        assert_eq!(median(&[3.0f64, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0f32, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median::<f64>(&[]), 0.0);
+    }
+}
