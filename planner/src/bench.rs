@@ -229,18 +229,12 @@ pub fn rollout_drift(wm: &WorldModel, trajs: &[Trajectory], steps: usize) -> Vec
         .flat_map(|t| t.actions[..steps * skip].iter().flatten().copied())
         .collect();
     let acts = Tensor::<3>::from_data(TensorData::new(acts, [n, steps, 2 * skip]), &device);
-    let hist = wm.config.rollout_history.clamp(1, wm.config.max_steps);
+    let history = wm.config.history();
     let mut out = Vec::new();
     for k in 0..steps {
-        let len = z.dims()[1];
-        let from = len.saturating_sub(hist);
-        let (zp, sp) = wm.predictor.forward(
-            z.clone().narrow(1, from, len - from),
-            s.clone().narrow(1, from, len - from),
-            acts.clone().narrow(1, from, len - from),
-        );
-        let last = len - from - 1;
-        let (zn, sn) = (zp.narrow(1, last, 1), sp.narrow(1, last, 1));
+        let (zn, sn) = wm
+            .predictor
+            .next_step(history, z.clone(), s.clone(), acts.clone());
         let host = host_f32(zn.clone().reshape([n, p * d]));
         let predicted = wm.probe_positions(&host);
         let objects = wm.object_positions(&host);

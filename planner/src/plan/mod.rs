@@ -113,7 +113,7 @@ fn crossings(zone: &Zone, a: [f32; 2], b: [f32; 2], margin: f32) -> usize {
 /// What [`LatentPlanner::energy_parts`] computes per candidate.
 #[derive(Debug, Clone)]
 pub struct EnergyParts {
-    /// Latent distance to the goal (plus the position term when weighted).
+    /// Latent distance to the goal (plus the position and object terms when weighted).
     pub goal: Vec<f32>,
     /// Predicted points (probe and state readings, along each step) inside a forbidden zone.
     pub violations: Vec<usize>,
@@ -185,9 +185,10 @@ impl<'a> LatentPlanner<'a> {
     /// state output reaches at the end of the plan and where the frozen position probe puts the
     /// agent in the goal image's latents (DINO-WM adds a proprioceptive distance to its latent
     /// one the same way). Far from the goal, where patch latents no longer overlap and the
-    /// latent distance is flat, it keeps a slope. Measured (`amity bench plan`'s drift line):
-    /// the state output stays within ~0.5 arena units over 5 predictor steps while the probe on
-    /// the predicted latents drifts by ~3, so the state output is the reading used.
+    /// latent distance is flat, it keeps a slope. The state output is the reading used: it was
+    /// the steadier one when this was measured (`amity bench plan`'s drift line; without the
+    /// read-out loss the probe on the predicted latents drifted by ~3 arena units over 5
+    /// predictor steps, with it the two are within ~0.1 of each other).
     pub fn with_position_weight(mut self, weight: f32) -> Self {
         self.position_weight = weight;
         self
@@ -237,19 +238,15 @@ impl<'a> LatentPlanner<'a> {
         (e, parts.paths)
     }
 
-    /// [`LatentPlanner::energies`] in parts: the goal energy (latent distance and position
-    /// term) and the guardrail's count of predicted points inside a zone, kept apart so that
+    /// [`LatentPlanner::energies`] in parts: the goal energy (latent distance, position and
+    /// object terms) and the guardrail's count of predicted points inside a zone, kept apart so that
     /// the energy landscape can be measured without the guardrails.
     pub fn energy_parts(&self, z0: &Tensor<3>, s0: [f32; 4], cands: &[Vec<Action>]) -> EnergyParts {
         let n = cands.len();
         let h = cands[0].len();
         let [_, p, d] = z0.dims();
         let device = z0.device();
-        let max_hist = self
-            .wm
-            .config
-            .rollout_history
-            .clamp(1, self.wm.config.max_steps);
+        let history = self.wm.config.history();
         let mut z = z0.clone().unsqueeze_dim::<4>(1).expand([n, 1, p, d]);
         let mut s = Tensor::<3>::from_data(TensorData::new(s0.to_vec(), [1, 1, 4]), &device)
             .expand([n, 1, 4]);
@@ -268,21 +265,16 @@ impl<'a> LatentPlanner<'a> {
         let here = proprio_position(&s0);
         let mut prev = vec![here; n];
         let mut prev_state = vec![here; n];
+        // The last predicted latents on the host (read again by the object term).
+        let mut host = Vec::new();
         for _ in 0..h {
-            let len = z.dims()[1];
-            let from = len.saturating_sub(max_hist);
-            let (zp, sp) = self.wm.predictor.forward(
-                z.clone().narrow(1, from, len - from),
-                s.clone().narrow(1, from, len - from),
-                acts.clone().narrow(1, from, len - from),
-            );
-            let last = len - from - 1;
-            let zn = zp.narrow(1, last, 1);
-            let sn = sp.narrow(1, last, 1);
-            // Guardrail: where does the probe put the agent?
-            let pos = self
+            let (zn, sn) = self
                 .wm
-                .probe_positions(&host_f32(zn.clone().reshape([n, p * d])));
+                .predictor
+                .next_step(history, z.clone(), s.clone(), acts.clone());
+            // Guardrail: where does the probe put the agent?
+            host = host_f32(zn.clone().reshape([n, p * d]));
+            let pos = self.wm.probe_positions(&host);
             let states = host_f32(sn.clone().reshape([n, 4]));
             for i in 0..n {
                 // The predictor's own state output is a second, independent reading of where the
@@ -300,7 +292,7 @@ impl<'a> LatentPlanner<'a> {
         }
         let fin = z.narrow(1, h, 1).reshape([n, p, d]);
         let objects = match self.goal_object {
-            Some(_) if self.object_weight > 0.0 => self.wm.object_positions(&host_f32(fin.clone())),
+            Some(_) if self.object_weight > 0.0 => self.wm.object_positions(&host),
             _ => None,
         };
         let mut goal = self.goal_distance(fin);
@@ -378,11 +370,7 @@ impl<'a> LatentPlanner<'a> {
         let [_, p, d] = z0.dims();
         let goal = Tensor::from_inner(self.goal.clone().expect("begin() sets the goal"));
         let blur = self.blur.clone().map(Tensor::from_inner);
-        let max_hist = self
-            .wm
-            .config
-            .rollout_history
-            .clamp(1, self.wm.config.max_steps);
+        let history = self.wm.config.history();
         let mut actions: Vec<f32> = start.iter().flat_map(|a| *a).collect();
         // A fixed step can overshoot: the best iterate seen (the start included) is kept.
         let mut best = (f32::INFINITY, actions.clone());
@@ -394,16 +382,9 @@ impl<'a> LatentPlanner<'a> {
             let mut z = Tensor::from_inner(z0.clone()).unsqueeze_dim::<4>(1);
             let mut s = Tensor::<3>::from_data(TensorData::new(s0.to_vec(), [1, 1, 4]), &ad);
             for _ in 0..h {
-                let len = z.dims()[1];
-                let from = len.saturating_sub(max_hist);
-                let (zp, sp) = predictor.forward(
-                    z.clone().narrow(1, from, len - from),
-                    s.clone().narrow(1, from, len - from),
-                    held.clone().narrow(1, from, len - from),
-                );
-                let last = len - from - 1;
-                z = Tensor::cat(vec![z, zp.narrow(1, last, 1)], 1);
-                s = Tensor::cat(vec![s, sp.narrow(1, last, 1)], 1);
+                let (zn, sn) = predictor.next_step(history, z.clone(), s.clone(), held.clone());
+                z = Tensor::cat(vec![z, zn], 1);
+                s = Tensor::cat(vec![s, sn], 1);
             }
             let fin: Tensor<3> = z.narrow(1, h, 1).reshape([1, p, d]);
             let mut loss = (fin.clone() - goal.clone()).abs().mean();

@@ -91,6 +91,14 @@ fn one() -> usize {
     1
 }
 
+impl WorldModelConfig {
+    /// Steps of history a rollout feeds back: `rollout_history`, within what the predictor's
+    /// time embedding accepts.
+    pub fn history(&self) -> usize {
+        self.rollout_history.clamp(1, self.max_steps)
+    }
+}
+
 /// Features the position probe reads: a frame's latents, flattened.
 pub fn probe_features(z: &[f32]) -> Vec<f64> {
     z.iter().map(|&v| v as f64).collect()
@@ -171,14 +179,16 @@ impl WorldModel {
         let lat = Latents::of(&encoder, trajs);
         let agents: Vec<Vec<[f32; 2]>> = trajs.iter().map(|t| t.agent.clone()).collect();
         let (probe, probe_r2) = fit_position_probe(&lat, &agents, probe_frames);
-        let objects = trajs.iter().all(|t| !t.object.is_empty()).then(|| {
-            let objects: Vec<Vec<[f32; 2]>> = trajs.iter().map(|t| t.object.clone()).collect();
-            fit_position_probe(&lat, &objects, probe_frames)
-        });
+        let object_truth: Option<Vec<Vec<[f32; 2]>>> = trajs
+            .iter()
+            .all(|t| !t.object.is_empty())
+            .then(|| trajs.iter().map(|t| t.object.clone()).collect());
+        let objects = object_truth
+            .as_ref()
+            .map(|truth| fit_position_probe(&lat, truth, probe_frames));
         let mut read: Vec<(&Ridge, &[Vec<[f32; 2]>])> = vec![(&probe, &agents)];
-        let objects_truth: Vec<Vec<[f32; 2]>> = trajs.iter().map(|t| t.object.clone()).collect();
-        if let Some((object_probe, _)) = &objects {
-            read.push((object_probe, &objects_truth));
+        if let (Some((object_probe, _)), Some(truth)) = (&objects, &object_truth) {
+            read.push((object_probe, truth));
         }
         let readouts = train::Readouts::new(&read);
         let (predictor, train) = train::train(&config, &lat, trajs, Some(&readouts), &device, log);

@@ -128,6 +128,28 @@ impl ActionPredictor {
             .forward(x.narrow(2, 1, 1).reshape([b, t, w]));
         (frames, states)
     }
+
+    /// One autoregressive step: from the steps so far (`z [B, T, P, D]`, `s [B, T, 4]`) and
+    /// the actions (`a [B, >= T, 2 * frameskip]`, step `i`'s action at `i`), the predicted
+    /// latents `[B, 1, P, D]` and state `[B, 1, 4]` of step `T`, seeing at most the last
+    /// `history` steps (see [`WorldModelConfig::history`]).
+    pub fn next_step(
+        &self,
+        history: usize,
+        z: Tensor<4>,
+        s: Tensor<3>,
+        a: Tensor<3>,
+    ) -> (Tensor<4>, Tensor<3>) {
+        let len = z.dims()[1];
+        let from = len.saturating_sub(history);
+        let (zp, sp) = self.forward(
+            z.narrow(1, from, len - from),
+            s.narrow(1, from, len - from),
+            a.narrow(1, from, len - from),
+        );
+        let last = len - from - 1;
+        (zp.narrow(1, last, 1), sp.narrow(1, last, 1))
+    }
 }
 
 #[cfg(test)]

@@ -77,16 +77,20 @@ impl Readouts {
         }
     }
 
-    /// The read-outs of `z [B, T, P, D]`: `[B, T, k]`.
-    fn read(&self, z: Tensor<4>) -> Tensor<3> {
+    /// The folded weights `[features, k]` and bias `[1, k]` as tensors on `device` (built once
+    /// per training run, not per step).
+    fn maps(&self, device: &Device) -> (Tensor<2>, Tensor<2>) {
+        let f = self.weights.len() / self.k.max(1);
+        let w = Tensor::from_data(TensorData::new(self.weights.clone(), [f, self.k]), device);
+        let bias = Tensor::from_data(TensorData::new(self.bias.clone(), [1, self.k]), device);
+        (w, bias)
+    }
+
+    /// The read-outs of `z [B, T, P, D]` through [`Readouts::maps`]: `[B, T, k]`.
+    fn read(&self, maps: &(Tensor<2>, Tensor<2>), z: Tensor<4>) -> Tensor<3> {
         let [b, t, p, d] = z.dims();
-        let device = z.device();
-        let w = Tensor::<2>::from_data(
-            TensorData::new(self.weights.clone(), [p * d, self.k]),
-            &device,
-        );
-        let bias = Tensor::<2>::from_data(TensorData::new(self.bias.clone(), [1, self.k]), &device);
-        (z.reshape([b * t, p * d]).matmul(w) + bias).reshape([b, t, self.k])
+        let (w, bias) = maps;
+        (z.reshape([b * t, p * d]).matmul(w.clone()) + bias.clone()).reshape([b, t, self.k])
     }
 
     /// The true values at the frames windows `picks` predict: `[B, t, k]`.
@@ -251,6 +255,9 @@ pub fn train(
     recipe.clip_grad = 1.0;
     let mut optim = AdamW::new(&recipe);
     let t = cfg.window.min((lat.frames - 1) / skip).max(2);
+    let readouts = readouts
+        .filter(|_| cfg.readout_weight > 0.0)
+        .map(|r| (r, r.maps(&ad)));
     let mut last = f64::NAN;
     for step in 0..cfg.steps {
         let picks: Vec<(usize, usize)> = (0..cfg.batch)
@@ -263,11 +270,11 @@ pub fn train(
         let (z2, _) = two_step(&model, &w);
         let ro = (z2.clone() - w.z_out.clone().narrow(1, 1, 1)).abs().mean();
         let mut loss = tf.clone() + ro.clone();
-        if let Some(r) = readouts.filter(|_| cfg.readout_weight > 0.0) {
+        if let Some((r, maps)) = &readouts {
             // Teacher-forced steps and the rollout's second step alike.
             let truth = r.truth(&picks, t, skip, &ad);
-            let read = (r.read(z) - truth.clone()).abs().mean()
-                + (r.read(z2) - truth.narrow(1, 1, 1)).abs().mean();
+            let read = (r.read(maps, z) - truth.clone()).abs().mean()
+                + (r.read(maps, z2) - truth.narrow(1, 1, 1)).abs().mean();
             loss = loss + read * cfg.readout_weight;
         }
         let (tf_v, ro_v): (f32, f32) = (tf.inner().into_scalar(), ro.inner().into_scalar());
@@ -311,7 +318,7 @@ mod tests {
             TensorData::new(x.iter().map(|&v| v as f32).collect(), [1, n, p, d]),
             &device,
         );
-        let read: Vec<f32> = amity_shared::model::host_f32(r.read(z));
+        let read: Vec<f32> = amity_shared::model::host_f32(r.read(&r.maps(&device), z));
         let (pa, pb) = (a.predict(&x, n), b.predict(&x, n));
         for i in 0..n {
             let want = [pa[2 * i], pa[2 * i + 1], pb[2 * i], pb[2 * i + 1]];
