@@ -193,3 +193,84 @@ fn a_restarted_coordinator_resumes_at_the_last_completed_round() {
     }
     std::fs::remove_dir_all(&c.dir).unwrap();
 }
+
+/// A certificate refusal is not a network hiccup: the worker must stop at once and say which
+/// side refused what, not retry with back-off forever.
+#[test]
+fn a_refused_certificate_stops_the_worker_with_the_reason() {
+    use common::{amity, ok, s};
+    use std::process::{Command, Stdio};
+    let c = cluster(
+        "refused",
+        &["uni-a", "old-lab"],
+        1,
+        "revoked = [\"old-lab\"]",
+    );
+    let mut coord = c.coordinator(false);
+    let other = c.dir.join("other-ca");
+    ok(&amity(&["ca", "init", "--dir", s(&other)]));
+    ok(&amity(&[
+        "ca",
+        "issue",
+        "--dir",
+        s(&other),
+        "--name",
+        "stranger",
+    ]));
+    let ca = c.dir.join("ca");
+    let cases = [
+        // Revoked in the coordinator's config.
+        (
+            "old-lab",
+            ca.join("old-lab.crt"),
+            ca.join("ca.crt"),
+            "refused this worker's certificate",
+            "certificate revoked",
+        ),
+        // Issued by another CA (of the same default name, so the signature is what fails).
+        (
+            "stranger",
+            other.join("stranger.crt"),
+            ca.join("ca.crt"),
+            "refused this worker's certificate",
+            "bad signature",
+        ),
+        // A good certificate, but the worker trusts another CA than the coordinator's.
+        (
+            "uni-a",
+            ca.join("uni-a.crt"),
+            other.join("ca.crt"),
+            "this worker refused the coordinator's certificate",
+            "check --ca",
+        ),
+    ];
+    for (name, cert, trust, who, why) in cases {
+        let started = Instant::now();
+        let mut w = Command::new(env!("CARGO_BIN_EXE_amity"))
+            .args(["worker", "--coordinator", &format!("127.0.0.1:{}", c.port)])
+            .args(["--cert", s(&cert), "--ca", s(&trust)])
+            .args(["--cache", s(&c.dir.join(format!("cache-{name}")))])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let status = loop {
+            if let Some(status) = w.try_wait().unwrap() {
+                break status;
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                w.kill().unwrap();
+                panic!("{name}: worker still retrying after 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut w.stderr.take().unwrap(), &mut err).unwrap();
+        assert!(!status.success(), "{name}: exited with {status}");
+        assert!(err.contains(who) && err.contains(why), "{name}: {err}");
+        assert!(!err.contains("retrying in"), "{name}: {err}");
+    }
+    coord.kill().unwrap();
+    coord.wait().unwrap();
+    std::fs::remove_dir_all(&c.dir).unwrap();
+}

@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use amity_protocol::PROTOCOL_VERSION;
-use amity_protocol::conn::{ConnError, MsgStream, fetch_blob_bytes, serve_blob_requests};
+use amity_protocol::conn::{
+    ConnError, MsgStream, OutboardCache, fetch_blob_bytes, serve_blob_requests,
+};
 use amity_protocol::message::{ClientMsg, ErrorCode, Hash, ServerMsg};
 use amity_protocol::tls::{ClientAuth, Identity, peer_name, quic_server_config_with};
 use amity_shared::codec;
@@ -116,6 +118,8 @@ struct Shared {
     events: mpsc::UnboundedSender<Event>,
     outboxes: Outboxes,
     next_worker: AtomicU64,
+    /// Outboards of served blobs: each round's state delta is hashed once, not per worker.
+    outboards: OutboardCache,
 }
 
 impl Shared {
@@ -241,6 +245,7 @@ pub async fn run(
         events: events_tx,
         outboxes: Arc::new(Mutex::new(HashMap::new())),
         next_worker: AtomicU64::new(1),
+        outboards: OutboardCache::new(),
     });
     let mut checkpoint = latest_checkpoint(&layout);
     execute(&shared, &mut journal, initial, &mut checkpoint)?;
@@ -441,15 +446,21 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
         let shared = shared.clone();
         let conn = conn.clone();
         let peer = peer.clone();
-        tokio::spawn(serve_blob_requests(conn, peer, move |id: &Hash| {
-            let id = BlobId(*id);
-            let training = if anonymous {
-                None
-            } else {
-                shared.blob_path(&id)
-            };
-            training.or_else(|| release::locate(&release::scan(&shared.layout.releases()), &id))
-        }))
+        let outboards = shared.outboards.clone();
+        tokio::spawn(serve_blob_requests(
+            conn,
+            peer,
+            outboards,
+            move |id: &Hash| {
+                let id = BlobId(*id);
+                let training = if anonymous {
+                    None
+                } else {
+                    shared.blob_path(&id)
+                };
+                training.or_else(|| release::locate(&release::scan(&shared.layout.releases()), &id))
+            },
+        ))
     };
     let caps = loop {
         match control.recv::<ClientMsg>().await {

@@ -102,6 +102,80 @@ pub enum ConnError {
     },
 }
 
+/// Which side's TLS refused a connection during the handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeRefusal {
+    /// The peer refused our certificate (untrusted issuer, revoked, expired...).
+    ByPeer(TlsAlert),
+    /// We refused the peer's certificate (wrong CA file, wrong server name...).
+    ByUs(TlsAlert),
+}
+
+/// A TLS alert number (RFC 8446 §6), as QUIC carries it in a transport error code
+/// `0x100 + alert` (RFC 9001 §4.8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TlsAlert(pub u8);
+
+impl std::fmt::Display for TlsAlert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match self.0 {
+            40 => "handshake failure",
+            42 => "bad certificate",
+            43 => "unsupported certificate",
+            44 => "certificate revoked",
+            45 => "certificate expired",
+            46 => "certificate unknown",
+            48 => "unknown CA",
+            // What a certificate from another CA of the same name gets.
+            51 => "bad signature",
+            116 => "certificate required",
+            120 => "no application protocol",
+            _ => "TLS alert",
+        };
+        write!(f, "{name} (alert {})", self.0)
+    }
+}
+
+impl HandshakeRefusal {
+    /// Why `e` ended a connection, when the reason is a TLS refusal: a certificate or protocol
+    /// mismatch that reconnecting cannot mend (unlike a timeout or a reset).
+    pub fn of(e: &quinn::ConnectionError) -> Option<HandshakeRefusal> {
+        let alert = |code: quinn::TransportErrorCode| {
+            let v = u64::from(code);
+            (0x100..0x200)
+                .contains(&v)
+                .then_some(TlsAlert((v & 0xff) as u8))
+        };
+        match e {
+            quinn::ConnectionError::ConnectionClosed(c) => {
+                alert(c.error_code).map(HandshakeRefusal::ByPeer)
+            }
+            quinn::ConnectionError::TransportError(t) => alert(t.code).map(HandshakeRefusal::ByUs),
+            _ => None,
+        }
+    }
+}
+
+impl ConnError {
+    /// The TLS refusal behind this error, if the connection ended because a side's TLS refused
+    /// the other's certificate (see [`HandshakeRefusal::of`]).
+    pub fn handshake_refusal(&self) -> Option<HandshakeRefusal> {
+        let connection = match self {
+            ConnError::Connection { source, .. } => source,
+            ConnError::Read {
+                source: quinn::ReadError::ConnectionLost(c),
+                ..
+            } => c,
+            ConnError::Write {
+                source: quinn::WriteError::ConnectionLost(c),
+                ..
+            } => c,
+            _ => return None,
+        };
+        HandshakeRefusal::of(connection)
+    }
+}
+
 /// Application error codes on QUIC stream resets and connection closes.
 pub fn quic_code(code: ErrorCode) -> VarInt {
     VarInt::from_u32(code as u16 as u32)
@@ -287,30 +361,123 @@ fn file_io(path: &Path) -> impl FnOnce(std::io::Error) -> ConnError + '_ {
     }
 }
 
+/// Outboards of the blobs a server has hashed, so that a blob many peers fetch (each round's
+/// state delta, a popular shard) is read and hashed once, not once per request. An entry is
+/// used only while the file at its path keeps the length and modification time it had when it
+/// was hashed; a replaced file is hashed again. Clones share the cache. Receivers verify every
+/// chunk against the outboard and the outboard against the blob id whatever the cache holds.
+#[derive(Debug, Clone, Default)]
+pub struct OutboardCache {
+    inner: std::sync::Arc<std::sync::Mutex<CacheInner>>,
+}
+
+#[derive(Debug, Default)]
+struct CacheInner {
+    entries: std::collections::HashMap<Hash, CachedOutboard>,
+    /// Ids in insertion order, for evicting the oldest.
+    order: std::collections::VecDeque<Hash>,
+    /// Chunk hashes held, over all entries.
+    chunks: usize,
+    /// Blobs hashed so far (cache misses).
+    hashed: u64,
+}
+
+#[derive(Debug)]
+struct CachedOutboard {
+    path: PathBuf,
+    stamp: (u64, Option<std::time::SystemTime>),
+    outboard: std::sync::Arc<Outboard>,
+}
+
+/// Chunk hashes an [`OutboardCache`] holds at most (32 MiB of hashes, outboards of 1 TiB of
+/// blobs); the oldest entries go first.
+pub const OUTBOARD_CACHE_CHUNKS: usize = 1 << 20;
+
+impl OutboardCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Stored files read and hashed so far (requests the cache could not answer).
+    pub fn hashed(&self) -> u64 {
+        self.lock().hashed
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CacheInner> {
+        // A panic while holding the lock leaves a consistent map (every update is one insert
+        // or remove), so a poisoned lock is still usable.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The outboard of blob `id` stored at `path`: from the cache when the file is unchanged,
+    /// else read and hashed (blocking), refused when the file does not hash to `id`.
+    pub fn outboard(&self, path: &Path, id: &Hash) -> Result<std::sync::Arc<Outboard>, ConnError> {
+        let meta = std::fs::metadata(path).map_err(file_io(path))?;
+        let stamp = (meta.len(), meta.modified().ok());
+        if let Some(c) = self.lock().entries.get(id)
+            && c.path == path
+            && c.stamp == stamp
+        {
+            return Ok(c.outboard.clone());
+        }
+        let mut f = std::fs::File::open(path).map_err(file_io(path))?;
+        self.lock().hashed += 1;
+        let outboard = Outboard::compute(&mut f, id).map_err(|source| ConnError::Blob {
+            peer: "local store".into(),
+            id: hex(id),
+            source,
+        })?;
+        let outboard = std::sync::Arc::new(outboard);
+        let mut inner = self.lock();
+        let n = outboard.chunks.len();
+        if let Some(old) = inner.entries.remove(id) {
+            inner.chunks -= old.outboard.chunks.len();
+            inner.order.retain(|x| x != id);
+        }
+        while inner.chunks + n > OUTBOARD_CACHE_CHUNKS {
+            let Some(oldest) = inner.order.pop_front() else {
+                break;
+            };
+            if let Some(old) = inner.entries.remove(&oldest) {
+                inner.chunks -= old.outboard.chunks.len();
+            }
+        }
+        if n <= OUTBOARD_CACHE_CHUNKS {
+            inner.chunks += n;
+            inner.order.push_back(*id);
+            inner.entries.insert(
+                *id,
+                CachedOutboard {
+                    path: path.to_owned(),
+                    stamp,
+                    outboard: outboard.clone(),
+                },
+            );
+        }
+        Ok(outboard)
+    }
+}
+
 /// Serves blob `id` stored at `path` on `stream`, from byte `offset` (a chunk boundary):
-/// `BlobHeader`, the outboard, then the chunks. A stored copy that does not hash to `id` is
-/// refused with an error message instead.
+/// `BlobHeader`, the outboard (from `cache` when the file was hashed before), then the chunks.
+/// A stored copy that does not hash to `id` is refused with an error message instead.
 pub async fn serve_blob(
     stream: &mut MsgStream,
     path: &Path,
     id: Hash,
     offset: u64,
     faults: ServeFaults,
+    cache: &OutboardCache,
 ) -> Result<(), ConnError> {
     let p = path.to_owned();
-    let outboard = tokio::task::spawn_blocking(move || -> Result<Outboard, ConnError> {
-        let mut f = std::fs::File::open(&p).map_err(file_io(&p))?;
-        Outboard::compute(&mut f, &id).map_err(|source| ConnError::Blob {
-            peer: "local store".into(),
-            id: hex(&id),
-            source,
-        })
-    })
-    .await
-    .map_err(|e| ConnError::Io {
-        path: path.to_owned(),
-        source: std::io::Error::other(e),
-    })?;
+    let c = cache.clone();
+    let outboard = tokio::task::spawn_blocking(move || c.outboard(&p, &id))
+        .await
+        .map_err(|e| ConnError::Io {
+            path: path.to_owned(),
+            source: std::io::Error::other(e),
+        })?;
     let outboard = match outboard {
         Ok(o) => o,
         Err(e) => {
@@ -518,20 +685,23 @@ pub async fn fetch_blob_bytes(
 
 /// Answers the `FetchBlob` requests on the streams the peer opens on `conn` until the connection
 /// ends, serving each blob from the file `locate` names (`None`: not held here, answered with
-/// `NotFound`). Anything else on such a stream is refused.
-pub async fn serve_blob_requests<F>(conn: Connection, peer: String, locate: F)
+/// `NotFound`), with outboards from `cache` (share one across connections). Anything else on
+/// such a stream is refused.
+pub async fn serve_blob_requests<F>(conn: Connection, peer: String, cache: OutboardCache, locate: F)
 where
     F: Fn(&Hash) -> Option<PathBuf> + Send + Sync + 'static,
 {
     let locate = std::sync::Arc::new(locate);
     while let Ok(Some(mut stream)) = MsgStream::accept(&conn, &peer).await {
         let locate = locate.clone();
+        let cache = cache.clone();
         tokio::spawn(async move {
             match stream.recv::<ClientMsg>().await {
                 Ok(Some(ClientMsg::FetchBlob { id, offset })) => {
                     let result = match locate(&id) {
                         Some(path) => {
-                            serve_blob(&mut stream, &path, id, offset, ServeFaults::default()).await
+                            let faults = ServeFaults::default();
+                            serve_blob(&mut stream, &path, id, offset, faults, &cache).await
                         }
                         None => {
                             let message = format!("blob {}: not here", hex(&id));

@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use amity_protocol::PROTOCOL_VERSION;
-use amity_protocol::conn::{ConnError, MsgStream, fetch_blob_bytes, serve_blob_requests};
+use amity_protocol::conn::{
+    ConnError, HandshakeRefusal, MsgStream, OutboardCache, fetch_blob_bytes, serve_blob_requests,
+};
 use amity_protocol::message::{
     Capabilities, ClientMsg, ErrorCode, Hash, LossStats, ServerMsg, StateDelta,
 };
@@ -72,6 +74,9 @@ pub enum WorkerError {
     /// The coordinator refused us for good.
     #[error("coordinator refused: {0}")]
     Refused(String),
+    /// A TLS handshake failed over certificates: reconnecting cannot mend it.
+    #[error("{0}")]
+    Handshake(String),
 }
 
 /// What a worker did, for its exit summary.
@@ -96,6 +101,9 @@ struct Local {
     summary: WorkerSummary,
     cache: LocalStore,
     local: Option<(LocalStore, Vec<BlobId>)>,
+    /// Outboards of the updates we served (a re-request after a dropped connection is not
+    /// hashed again).
+    outboards: OutboardCache,
 }
 
 enum SessionEnd {
@@ -103,6 +111,8 @@ enum SessionEnd {
     Done,
     /// Connection lost: reconnect.
     Lost(String),
+    /// A side's TLS refused the other's certificate: give up with this explanation.
+    Refused(String),
 }
 
 /// Runs a worker until the coordinator finishes training or `stop` is set (Ctrl-C).
@@ -128,6 +138,7 @@ pub async fn run(
         summary: WorkerSummary::default(),
         cache,
         local,
+        outboards: OutboardCache::new(),
     };
     let client_cfg = quic_client_config(&identity).map_err(|e| setup(&e))?;
     let endpoint =
@@ -148,7 +159,10 @@ pub async fn run(
                 conn.close(0u32.into(), b"bye");
                 end
             }
-            Err(e) => Ok(SessionEnd::Lost(e.to_string())),
+            Err(e) => Ok(match HandshakeRefusal::of(&e) {
+                Some(r) => SessionEnd::Refused(refusal(r, &format!("{}: {e}", opts.coordinator))),
+                None => SessionEnd::Lost(e.to_string()),
+            }),
         };
         match end? {
             SessionEnd::Done => break,
@@ -156,6 +170,7 @@ pub async fn run(
                 tracing::info!("coordinator: {FINISHED_REASON}");
                 break;
             }
+            SessionEnd::Refused(why) => return Err(WorkerError::Handshake(why)),
             SessionEnd::Lost(why) => {
                 tracing::warn!(
                     "connection to {} lost: {why}; retrying in {backoff:?}",
@@ -171,7 +186,26 @@ pub async fn run(
 }
 
 fn lost(e: ConnError) -> SessionEnd {
-    SessionEnd::Lost(e.to_string())
+    match e.handshake_refusal() {
+        Some(r) => SessionEnd::Refused(refusal(r, &e.to_string())),
+        None => SessionEnd::Lost(e.to_string()),
+    }
+}
+
+/// What to tell the operator when a TLS handshake refused a certificate (`detail`: the error).
+fn refusal(r: HandshakeRefusal, detail: &str) -> String {
+    match r {
+        HandshakeRefusal::ByPeer(alert) => format!(
+            "{detail}\nthe coordinator refused this worker's certificate at the TLS handshake \
+             ({alert}): it must be issued by the coordinator's CA (`amity ca issue` in the \
+             coordinator's CA folder) and not be listed in its `revoked` names; not retrying"
+        ),
+        HandshakeRefusal::ByUs(alert) => format!(
+            "{detail}\nthis worker refused the coordinator's certificate at the TLS handshake \
+             ({alert}): check --ca (the CA certificate that issued the coordinator's) and \
+             --server-name (a name on the coordinator's certificate); not retrying"
+        ),
+    }
 }
 
 /// Measures clips/s of this machine on the run's model (a few steps, after one warm-up).
@@ -227,10 +261,16 @@ async fn session(
         let cache = st.cache.clone();
         let peer = peer.clone();
         // Our updates, to the coordinator that pulls them.
-        tokio::spawn(serve_blob_requests(conn, peer, move |id: &Hash| {
-            let id = BlobId(*id);
-            cache.contains(&id).then(|| cache.path(&id))
-        }))
+        let outboards = st.outboards.clone();
+        tokio::spawn(serve_blob_requests(
+            conn,
+            peer,
+            outboards,
+            move |id: &Hash| {
+                let id = BlobId(*id);
+                cache.contains(&id).then(|| cache.path(&id))
+            },
+        ))
     };
     let samples_per_s = match &st.trainer {
         Some(t) => {
