@@ -45,9 +45,13 @@ impl Trajectory {
     }
 }
 
-/// Collects `episodes` episodes of `steps` actions at `size` pixels. Half the episodes follow
-/// the environment's scripted policy with Gaussian noise (they reach goals, push blocks); the
-/// other half follow smoothed random actions (they explore). Everything is seeded.
+/// Collects `episodes` episodes of `steps` actions at `size` pixels, taking turns between three
+/// behaviours: the environment's scripted policy with Gaussian noise (it reaches goals, pushes
+/// blocks), smoothed random actions (they explore), and random actions each held for 2 to 6
+/// steps (uniform in the bounds). The last is what a planner asks the world model about: it
+/// holds each action for the frameskip and often saturates it, which drives the agent into
+/// walls and corners; a predictor that never saw that extrapolates through the walls, and the
+/// planner exploits the error. Everything is seeded.
 pub fn collect(
     kind: EnvKind,
     size: usize,
@@ -61,7 +65,7 @@ pub fn collect(
             let mut env = make(kind, size);
             env.reset(ep_seed);
             let mut rng = Rng::derive(ep_seed, &[0xc011]);
-            let scripted = e % 2 == 0;
+            let behaviour = e % 3;
             let mut t = Trajectory {
                 seed: ep_seed,
                 frames: env.render(),
@@ -71,15 +75,24 @@ pub fn collect(
                 object: env.object().into_iter().collect(),
             };
             let mut prev = [0.0f32; 2];
+            let mut held_for = 0usize;
             for _ in 0..steps {
                 let noise = [rng.normal() as f32 * 0.4, rng.normal() as f32 * 0.4];
-                let a = if scripted {
-                    env.scripted_action(noise)
-                } else {
-                    clamp_action([
+                let a = match behaviour {
+                    0 => env.scripted_action(noise),
+                    1 => clamp_action([
                         0.6 * prev[0] + 0.8 * rng.normal() as f32,
                         0.6 * prev[1] + 0.8 * rng.normal() as f32,
-                    ])
+                    ]),
+                    _ if held_for > 0 => {
+                        held_for -= 1;
+                        prev
+                    }
+                    _ => {
+                        held_for = 1 + rng.below(5);
+                        let u = |rng: &mut Rng| (2.0 * rng.uniform() - 1.0) as f32;
+                        [u(&mut rng), u(&mut rng)]
+                    }
                 };
                 prev = a;
                 env.step(a);
@@ -305,5 +318,32 @@ mod tests {
                 .is_empty()
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn every_third_episode_holds_its_random_actions_for_two_to_six_steps() {
+        let trajs = collect(EnvKind::PointMaze, 32, 6, 40, 4);
+        for (e, t) in trajs.iter().enumerate() {
+            // Runs of one repeated action.
+            let mut runs = vec![1usize];
+            for w in t.actions.windows(2) {
+                if w[0] == w[1] {
+                    *runs.last_mut().unwrap() += 1;
+                } else {
+                    runs.push(1);
+                }
+            }
+            if e % 3 != 2 {
+                continue;
+            }
+            let complete = &runs[..runs.len() - 1];
+            assert!(
+                complete.iter().all(|r| (2..=6).contains(r)),
+                "{e}: {runs:?}"
+            );
+            // The last run may be cut short by the episode's end.
+            assert!(runs.last().is_some_and(|r| (1..=6).contains(r)), "{e}");
+            assert!(runs.len() >= 40 / 6, "{e}: {runs:?}");
+        }
     }
 }

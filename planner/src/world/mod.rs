@@ -62,6 +62,13 @@ pub struct WorldModelConfig {
     /// against the true positions (see [`train::Readouts`]); 0 trains on latents alone.
     #[serde(default)]
     pub readout_weight: f64,
+    /// How much more a read-out error counts where the position read changed over the step:
+    /// weight `1 + min(change / 0.1 arena units, readout_motion)`, normalised over the batch.
+    /// A pushed block is a few windows in a hundred, and a predictor that keeps every block
+    /// still scores well without it; 0 weighs every window alike (files written before this
+    /// existed).
+    #[serde(default)]
+    pub readout_motion: f64,
     /// Seed of initialisation and window sampling.
     pub seed: u64,
 }
@@ -82,6 +89,7 @@ impl Default for WorldModelConfig {
             lr: 1e-3,
             state_weight: 0.5,
             readout_weight: 1.0,
+            readout_motion: 10.0,
             seed: 0,
         }
     }

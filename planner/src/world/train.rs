@@ -1,7 +1,8 @@
 //! Training the action-conditioned predictor on frozen latents: L1 teacher forcing over every
 //! step of a window plus L1 on a two-step autoregressive rollout (V-JEPA 2-AC's objective), with
 //! a smaller L1 on the predicted states, and (when weighted) an L1 between what the frozen
-//! position probes read from the predicted latents and the true positions.
+//! position probes read from the predicted latents and the true positions, with the windows
+//! where a position changed counting more.
 
 use burn::module::Module;
 use burn::optim::GradientsParams;
@@ -93,21 +94,43 @@ impl Readouts {
         (z.reshape([b * t, p * d]).matmul(w.clone()) + bias.clone()).reshape([b, t, self.k])
     }
 
-    /// The true values at the frames windows `picks` predict: `[B, t, k]`.
-    fn truth(&self, picks: &[(usize, usize)], t: usize, skip: usize, device: &Device) -> Tensor<3> {
+    /// The true values at the frames windows `picks` predict, `[B, t, k]`, and the weight of
+    /// each: `1 + min(|change over the step| / MOTION_UNIT, cap)`, so that a block that was
+    /// pushed counts several times a block that sat still.
+    fn truth(
+        &self,
+        picks: &[(usize, usize)],
+        t: usize,
+        skip: usize,
+        cap: f32,
+        device: &Device,
+    ) -> (Tensor<3>, Tensor<3>) {
         let k = self.k;
-        let v: Vec<f32> = picks
-            .iter()
-            .flat_map(|&(e, t0)| {
-                (0..t).flat_map(move |s| {
-                    let f = t0 + (s + 1) * skip;
-                    self.truth[e][f * k..(f + 1) * k].iter().copied()
-                })
-            })
-            .collect();
-        Tensor::from_data(TensorData::new(v, [picks.len(), t, k]), device)
+        let mut v = Vec::with_capacity(picks.len() * t * k);
+        let mut w = Vec::with_capacity(picks.len() * t * k);
+        for &(e, t0) in picks {
+            for s in 0..t {
+                let f = t0 + (s + 1) * skip;
+                let now = &self.truth[e][f * k..(f + 1) * k];
+                let before = &self.truth[e][(f - skip) * k..(f - skip + 1) * k];
+                v.extend_from_slice(now);
+                w.extend(now.iter().zip(before).map(|(a, b)| {
+                    let moved = (a - b).abs() * crate::env::ARENA;
+                    1.0 + (moved / MOTION_UNIT).min(cap)
+                }));
+            }
+        }
+        let shape = [picks.len(), t, k];
+        (
+            Tensor::from_data(TensorData::new(v, shape), device),
+            Tensor::from_data(TensorData::new(w, shape), device),
+        )
     }
 }
+
+/// Changes of a read position (arena units) that count as one unit of motion in the read-out
+/// loss's weights (see [`WorldModelConfig::readout_motion`]).
+const MOTION_UNIT: f32 = 0.1;
 
 /// Windows of steps, gathered from the latents and trajectories as tensors.
 struct Windows {
@@ -272,9 +295,17 @@ pub fn train(
         let mut loss = tf.clone() + ro.clone();
         if let Some((r, maps)) = &readouts {
             // Teacher-forced steps and the rollout's second step alike.
-            let truth = r.truth(&picks, t, skip, &ad);
-            let read = (r.read(maps, z) - truth.clone()).abs().mean()
-                + (r.read(maps, z2) - truth.narrow(1, 1, 1)).abs().mean();
+            let cap = cfg.readout_motion as f32;
+            let (truth, weight) = r.truth(&picks, t, skip, cap, &ad);
+            let weighted = |read: Tensor<3>, truth: Tensor<3>, weight: Tensor<3>| {
+                ((read - truth).abs() * weight.clone()).sum() / weight.sum()
+            };
+            let read = weighted(r.read(maps, z), truth.clone(), weight.clone())
+                + weighted(
+                    r.read(maps, z2),
+                    truth.narrow(1, 1, 1),
+                    weight.narrow(1, 1, 1),
+                );
             loss = loss + read * cfg.readout_weight;
         }
         let (tf_v, ro_v): (f32, f32) = (tf.inner().into_scalar(), ro.inner().into_scalar());
@@ -330,5 +361,36 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn read_out_errors_count_more_where_the_position_moved() {
+        // One probe output pair; episode 0 stands still for a step, then moves 0.3 and 2.0 units.
+        let x: Vec<f64> = (0..8).map(|i| i as f64).collect();
+        let y: Vec<f64> = (0..8).map(|i| (i % 2) as f64).collect();
+        let ridge = Ridge::fit(&x, &y, 4, 2, 2, 1.0);
+        let path = vec![vec![[1.0, 1.0], [1.0, 1.0], [1.3, 1.0], [1.3, 3.0]]];
+        let r = Readouts::new(&[(&ridge, &path)]);
+        let device = Device::flex();
+        let (truth, weight) = r.truth(&[(0, 0)], 3, 1, 10.0, &device);
+        let truth: Vec<f32> = amity_shared::model::host_f32(truth);
+        let weight: Vec<f32> = amity_shared::model::host_f32(weight);
+        // Positions are read in arena fractions.
+        assert!(
+            (truth[2] - 1.3 / crate::env::ARENA).abs() < 1e-6,
+            "{truth:?}"
+        );
+        // Still: 1; x moved 0.3: 1 + 3; y moved 2.0: capped at 1 + 10.
+        let want = [1.0, 1.0, 4.0, 1.0, 1.0, 11.0];
+        for (w, e) in weight.iter().zip(want) {
+            assert!((w - e).abs() < 1e-4, "{weight:?}");
+        }
+        // Cap 0: every window alike (the loss is the plain mean).
+        let (_, flat) = r.truth(&[(0, 0)], 3, 1, 0.0, &device);
+        assert!(
+            amity_shared::model::host_f32(flat)
+                .iter()
+                .all(|&w| w == 1.0)
+        );
     }
 }
