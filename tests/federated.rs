@@ -274,3 +274,98 @@ fn a_refused_certificate_stops_the_worker_with_the_reason() {
     coord.wait().unwrap();
     std::fs::remove_dir_all(&c.dir).unwrap();
 }
+
+/// An institution that keeps its corpus at home (`amity worker --corpus`): its shards are
+/// scheduled to it alone, trained, and their clips counted in the run's corpus.
+#[test]
+fn an_institutions_own_corpus_is_trained_and_counted() {
+    use amity_shared::corpus::manifest::Manifest;
+    use common::{amity, ok, s};
+    let workers = ["uni-a", "hospital"];
+    let c = cluster("local-corpus", &workers, 3, "");
+    let videos = c.dir.join("private-videos");
+    let private = c.dir.join("private");
+    ok(&amity(&[
+        "corpus",
+        "synth",
+        "--out",
+        s(&videos),
+        "--videos",
+        "4",
+        "--frames",
+        "24",
+        "--seed",
+        "9",
+    ]));
+    ok(&amity(&[
+        "corpus",
+        "ingest",
+        s(&videos),
+        "--store",
+        s(&private),
+        "--decoder",
+        "builtin",
+        "--shard-mib",
+        "0.1",
+    ]));
+    let public = Manifest::load(&c.dir.join("corpus")).unwrap();
+    let own = Manifest::load(&private).unwrap();
+    let clips = |m: &Manifest| m.shards.iter().map(|s| s.clips).sum::<u64>();
+    let mut coord = c.coordinator(true);
+    let mut ws = [
+        c.worker("uni-a", &[]),
+        c.worker("hospital", &["--corpus", s(&private)]),
+    ];
+    wait(&mut coord, Duration::from_secs(300), "coordinator", &|| {
+        c.log("coordinator")
+    });
+    for (w, name) in ws.iter_mut().zip(workers) {
+        wait(w, Duration::from_secs(30), name, &|| c.log(name));
+    }
+    let st = c.status().unwrap();
+    assert_eq!(
+        st["shards"].as_u64().unwrap() as usize,
+        public.shards.len() + own.shards.len(),
+        "{st}"
+    );
+    assert_eq!(
+        st["clips"].as_u64().unwrap(),
+        clips(&public) + clips(&own),
+        "{st}"
+    );
+    assert!(st["covered_clips"].as_u64().unwrap() > 0, "{st}");
+    assert!(
+        st["provenance"]["hospital"]["shards"].as_u64().unwrap() > 0,
+        "{st}"
+    );
+    // The private shards reached neither the coordinator's store nor the other worker.
+    let elsewhere: Vec<_> = [c.dir.join("state"), c.dir.join("cache-uni-a")]
+        .iter()
+        .flat_map(|d| walk(d))
+        .collect();
+    assert!(
+        elsewhere.len() > 1,
+        "the walk sees the stores: {elsewhere:?}"
+    );
+    for shard in &own.shards {
+        let hex = shard.id.to_hex();
+        let leaked = elsewhere
+            .iter()
+            .any(|p| p.file_name().is_some_and(|n| n.to_string_lossy() == hex));
+        assert!(!leaked, "private shard {hex} left the hospital");
+    }
+    std::fs::remove_dir_all(&c.dir).unwrap();
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

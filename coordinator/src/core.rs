@@ -238,6 +238,20 @@ pub struct ShardPlan {
 }
 
 impl ShardPlan {
+    /// Clips in every scheduled shard.
+    pub fn clips(&self) -> u64 {
+        self.shards.values().map(|(clips, _)| clips).sum()
+    }
+
+    /// Clips in the shards trained this epoch.
+    pub fn covered_clips(&self) -> u64 {
+        self.covered
+            .iter()
+            .filter_map(|id| self.shards.get(id))
+            .map(|(clips, _)| clips)
+            .sum()
+    }
+
     fn refill(&mut self, seed: u64) {
         let queued: BTreeSet<&BlobId> = self.queue.iter().collect();
         let mut ids: Vec<BlobId> = self
@@ -1547,6 +1561,8 @@ mod tests {
             },
             0,
         );
+        // Its clips join the corpus's count (six shards of ten, and five).
+        assert_eq!(core.plan().clips(), 65);
         let mut seen_by_other = false;
         let mut seen_by_owner = false;
         join(&mut core, 2, "other", 100.0, 0);

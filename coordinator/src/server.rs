@@ -64,8 +64,12 @@ pub struct Status {
     pub epoch: u64,
     /// Shards trained this epoch.
     pub covered: usize,
-    /// Shards scheduled.
+    /// Shards scheduled (the coordinator's corpus and every institution's own).
     pub shards: usize,
+    /// Clips in the shards scheduled.
+    pub clips: u64,
+    /// Clips in the shards trained this epoch.
+    pub covered_clips: u64,
     /// Per-institution accounting.
     pub provenance: std::collections::BTreeMap<String, Provenance>,
     /// Every closed round.
@@ -335,6 +339,8 @@ fn status(core: &Core, checkpoint: &Option<PathBuf>) -> Status {
         epoch: core.plan().epoch,
         covered: core.plan().covered.len(),
         shards: core.plan().shards.len(),
+        clips: core.plan().clips(),
+        covered_clips: core.plan().covered_clips(),
         provenance: core.provenance().clone(),
         history: core.history().to_vec(),
         checkpoint: checkpoint.clone(),
@@ -543,9 +549,9 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
     let local_shards = caps
         .local_shards
         .iter()
-        .map(|h| ShardInfo {
-            id: BlobId(*h),
-            clips: 0,
+        .map(|s| ShardInfo {
+            id: BlobId(s.id),
+            clips: s.clips,
         })
         .collect();
     let info = JoinInfo {

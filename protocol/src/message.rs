@@ -9,6 +9,7 @@ use rkyv::rancor;
 use rkyv::util::AlignedVec;
 
 use crate::PROTOCOL_VERSION;
+use crate::blob::hex;
 
 /// First bytes of every encoded message.
 pub const MESSAGE_MAGIC: &[u8; 4] = b"AMTY";
@@ -27,9 +28,22 @@ pub struct Capabilities {
     pub memory_bytes: u64,
     /// Measured training throughput, clips per second.
     pub samples_per_s: f32,
-    /// Shards the worker already holds (its institution's own corpus, or its cache).
-    pub local_shards: Vec<Hash>,
+    /// Shards the worker already holds (its institution's own corpus), with their clip counts.
+    pub local_shards: Vec<LocalShard>,
 }
+
+/// A shard of an institution's own corpus, announced at registration. The coordinator never
+/// sees its bytes; it schedules it to its owner and counts its clips in the epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct LocalShard {
+    /// The shard's blob id.
+    pub id: Hash,
+    /// Clips in it (from the corpus manifest), `1..=MAX_SHARD_CLIPS`.
+    pub clips: u64,
+}
+
+/// The most clips a shard may claim: a bound on how far one peer can skew epoch accounting.
+pub const MAX_SHARD_CLIPS: u64 = 1 << 24;
 
 /// Loss statistics of a worker's local steps.
 #[derive(Debug, Clone, Copy, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -258,6 +272,17 @@ impl Validate for ClientMsg {
                 check_str("backend", &c.backend)?;
                 check_str("device name", &c.device_name)?;
                 check_list("local shards", &c.local_shards)?;
+                if let Some(s) = c
+                    .local_shards
+                    .iter()
+                    .find(|s| !(1..=MAX_SHARD_CLIPS).contains(&s.clips))
+                {
+                    return Err(DecodeError::Invalid(format!(
+                        "local shard {} claims {} clips (1..={MAX_SHARD_CLIPS})",
+                        hex(&s.id),
+                        s.clips
+                    )));
+                }
                 if !(c.samples_per_s.is_finite() && c.samples_per_s >= 0.0) {
                     return Err(DecodeError::Invalid(format!(
                         "throughput {} samples/s",
@@ -417,7 +442,10 @@ mod tests {
                 ".{0,30}",
                 any::<u64>(),
                 0.0f32..1e6,
-                prop::collection::vec(hash(), 0..5)
+                prop::collection::vec(
+                    (hash(), 1..=MAX_SHARD_CLIPS).prop_map(|(id, clips)| LocalShard { id, clips }),
+                    0..5
+                )
             )
                 .prop_map(
                     |(backend, device_name, memory_bytes, samples_per_s, local_shards)| {

@@ -15,7 +15,7 @@ use amity_protocol::conn::{
     ConnError, HandshakeRefusal, MsgStream, OutboardCache, fetch_blob_bytes, serve_blob_requests,
 };
 use amity_protocol::message::{
-    Capabilities, ClientMsg, ErrorCode, Hash, LossStats, ServerMsg, StateDelta,
+    Capabilities, ClientMsg, ErrorCode, Hash, LocalShard, LossStats, ServerMsg, StateDelta,
 };
 use amity_protocol::tls::{Identity, quic_client_config};
 use amity_shared::checkpoint::Checkpoint;
@@ -100,7 +100,8 @@ struct Local {
     feedback: ErrorFeedback,
     summary: WorkerSummary,
     cache: LocalStore,
-    local: Option<(LocalStore, Vec<BlobId>)>,
+    /// The institution's own corpus: its store, and each shard's id and clip count.
+    local: Option<(LocalStore, Vec<(BlobId, u64)>)>,
     /// Outboards of the updates we served (a re-request after a dropped connection is not
     /// hashed again).
     outboards: OutboardCache,
@@ -127,7 +128,7 @@ pub async fn run(
         Some(dir) => {
             let m = Manifest::load(dir).map_err(|e| setup(&e))?;
             let blobs = open_blobs(dir).map_err(|e| setup(&e))?;
-            Some((blobs, m.shards.iter().map(|s| s.id).collect()))
+            Some((blobs, m.shards.iter().map(|s| (s.id, s.clips)).collect()))
         }
         None => None,
     };
@@ -291,7 +292,12 @@ async fn session(
         local_shards: st
             .local
             .as_ref()
-            .map(|(_, ids)| ids.iter().map(|i| i.0).collect())
+            .map(|(_, shards)| {
+                shards
+                    .iter()
+                    .map(|&(id, clips)| LocalShard { id: id.0, clips })
+                    .collect()
+            })
             .unwrap_or_default(),
     };
     if let Err(e) = control.send(&ClientMsg::Register(caps)).await {
