@@ -369,3 +369,46 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// Ctrl-C on a worker: it abandons the round, says goodbye and exits cleanly; the coordinator
+/// hears it leave at once (not by the heartbeat timeout) and finishes the run without it.
+#[test]
+fn a_worker_stopped_with_ctrl_c_leaves_cleanly() {
+    let workers = ["uni-a", "uni-b", "leaver"];
+    let c = cluster("ctrl-c", &workers, 3, "");
+    let mut coord = c.coordinator(true);
+    let mut ws: Vec<Child> = workers.iter().map(|w| c.worker(w, &[])).collect();
+    c.wait_rounds(1, Duration::from_secs(240));
+    let pid = ws[2].id().to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    wait(&mut ws[2], Duration::from_secs(30), "leaver", &|| {
+        c.log("leaver")
+    });
+    let log = c.log("leaver");
+    assert!(
+        log.contains("Ctrl-C: abandoning") && log.contains("worker done"),
+        "{log}"
+    );
+    wait(&mut coord, Duration::from_secs(300), "coordinator", &|| {
+        c.log("coordinator")
+    });
+    let coordinator = c.log("coordinator");
+    assert!(
+        coordinator
+            .lines()
+            .any(|l| l.contains("leaver") && l.contains("worker left")),
+        "{coordinator}"
+    );
+    let st = c.status().unwrap();
+    let history = st["history"].as_array().unwrap();
+    assert_eq!(history.len(), 3);
+    assert!(!names(&history[2], "accepted").contains(&"leaver".to_string()));
+    for w in &mut ws[..2] {
+        wait(w, Duration::from_secs(30), "worker", &|| c.log("uni-a"));
+    }
+    std::fs::remove_dir_all(&c.dir).unwrap();
+}
