@@ -96,6 +96,10 @@ pub enum PlanCommand {
         /// 0 leaves it out.
         #[arg(long, default_value_t = 0.0)]
         object_weight: f32,
+        /// Weight (per arena unit) of the arena term (predicted positions outside the arena,
+        /// where nothing can be: the world model extrapolating); 0 leaves it out.
+        #[arg(long, default_value_t = 0.0)]
+        arena_weight: f32,
         /// The PNG strip of the first episode.
         #[arg(long, default_value = "plan.png")]
         out: PathBuf,
@@ -155,6 +159,10 @@ pub struct PlanBenchArgs {
     /// against the goal image; environments with an object) in that second run.
     #[arg(long, default_value_t = amity_planner::plan::DEFAULT_OBJECT_WEIGHT)]
     pub object_weight: f32,
+    /// Weight (per arena unit) of the arena term (predicted positions outside the arena) in
+    /// that second run.
+    #[arg(long, default_value_t = amity_planner::plan::DEFAULT_ARENA_WEIGHT)]
+    pub arena_weight: f32,
     /// Skip the randomly initialised encoder's run.
     #[arg(long)]
     pub no_random_encoder: bool,
@@ -263,6 +271,7 @@ pub fn plan(args: PlanArgs) -> Result<()> {
             planner,
             position_weight,
             object_weight,
+            arena_weight,
             out,
         } => {
             let checkpoint = load_checkpoint(&ckpt)?;
@@ -276,7 +285,8 @@ pub fn plan(args: PlanArgs) -> Result<()> {
             })?;
             let mut p = LatentPlanner::new(&wm, planner, SearchConfig::default(), Metric::L1, 1)
                 .with_position_weight(position_weight)
-                .with_object_weight(object_weight);
+                .with_object_weight(object_weight)
+                .with_arena_weight(arena_weight);
             let mut e = make(env, wm.encoder.size());
             let mut wins = 0;
             for i in 0..episodes {
@@ -399,6 +409,7 @@ pub fn bench_plan(a: PlanBenchArgs) -> Result<()> {
         metric: Metric::L1,
         position_weight: a.position_weight,
         object_weight: a.object_weight,
+        arena_weight: a.arena_weight,
     };
     let mut log = |s: String| println!("{s}");
     let given = match &a.ckpt {

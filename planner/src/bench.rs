@@ -44,6 +44,8 @@ pub struct PlanBenchOptions {
     /// Weight of the object term in that run (see [`LatentPlanner::with_object_weight`]);
     /// with both weights 0 the run is skipped.
     pub object_weight: f32,
+    /// Weight of the arena term in that run (see [`LatentPlanner::with_arena_weight`]).
+    pub arena_weight: f32,
 }
 
 /// One environment's figures.
@@ -352,11 +354,12 @@ pub fn bench_env(
     if opts.position_weight > 0.0 || opts.object_weight > 0.0 {
         let mut p = LatentPlanner::new(&wm, opts.method, opts.search.clone(), opts.metric, 1)
             .with_position_weight(opts.position_weight)
-            .with_object_weight(opts.object_weight);
+            .with_object_weight(opts.object_weight)
+            .with_arena_weight(opts.arena_weight);
         let (lp, msp, ep) = rate(kind, size, opts.episodes, opts.max_steps, &mut p);
         log(format!(
-            "  {kind}: latent planner + read-out terms (position {}, object {}) {lp:.2} ({msp:.0} ms/action, {ep} forbidden entries)",
-            opts.position_weight, opts.object_weight
+            "  {kind}: latent planner + read-out terms (position {}, object {}, arena {}) {lp:.2} ({msp:.0} ms/action, {ep} forbidden entries)",
+            opts.position_weight, opts.object_weight, opts.arena_weight
         ));
         (latent_readout, latent_readout_ms) = (Some(lp), Some(msp));
         entries += ep;

@@ -8,7 +8,9 @@
 //!   latents, at two scales (the token maps as they are, and smoothed over the token grid so
 //!   that far from the goal the energy still has a slope), optionally plus a position term (the
 //!   distance between the agent position the predictor's state output reaches and where the
-//!   frozen probe puts the agent in the goal image), plus **guardrails** no
+//!   frozen probe puts the agent in the goal image), an object term (the same for the task's
+//!   object), an arena term (predicted positions outside the arena: extrapolation the search
+//!   must not exploit), plus **guardrails** no
 //!   goal can outweigh: actions are clamped to their bounds, and a sequence whose predicted
 //!   way (the probe on the predicted latents, and the predictor's own state output, each
 //!   checked along the segments between steps) enters a forbidden zone costs [`FORBIDDEN`] per point of its way inside.
@@ -40,6 +42,24 @@ pub const DEFAULT_POSITION_WEIGHT: f32 = 0.5;
 /// The object term's weight per arena unit that `amity bench plan` uses. Not tuned: PushBlock
 /// reached no goal with 0.3 or 1.0 (10 episodes each); see the bench notes.
 pub const DEFAULT_OBJECT_WEIGHT: f32 = 1.0;
+
+/// The arena term's weight per arena unit that `amity bench plan` and the demo use. On
+/// PushBlock (8 episodes, object term 2, no position term) it took the latent planner from 0
+/// to 2 goals: without it the planner chose held full-force actions whose predicted agent the
+/// probe put 3-6 units outside the arena and whose predicted block was up to 1.7 units off.
+pub const DEFAULT_ARENA_WEIGHT: f32 = 1.0;
+
+/// How close to the arena's edge (arena units) a body's centre can be: the smallest agent radius
+/// of the bundled environments. The arena term counts only predictions beyond it.
+pub const ARENA_MARGIN: f32 = 0.8;
+
+/// How far `p` lies outside the arena shrunk by [`ARENA_MARGIN`] (L1 over the axes; 0 inside).
+fn outside_arena(p: [f32; 2]) -> f32 {
+    let (lo, hi) = (ARENA_MARGIN, crate::env::ARENA - ARENA_MARGIN);
+    p.iter()
+        .map(|v| (lo - v).max(0.0) + (v - hi).max(0.0))
+        .sum()
+}
 
 /// The energy of a sequence that enters a forbidden zone.
 pub const FORBIDDEN: f32 = 1.0e6;
@@ -143,6 +163,8 @@ pub struct LatentPlanner<'a> {
     object_weight: f32,
     /// Where the object probe puts the task's object in the goal image (arena units).
     goal_object: Option<[f32; 2]>,
+    /// Weight of the arena term (0: none).
+    arena_weight: f32,
     warm: Option<Vec<Action>>,
     /// Environment actions chosen but not yet taken: the plan's first action, held for the
     /// world model's frameskip.
@@ -174,6 +196,7 @@ impl<'a> LatentPlanner<'a> {
             goal_position: [0.0; 2],
             object_weight: 0.0,
             goal_object: None,
+            arena_weight: 0.0,
             warm: None,
             queue: Vec::new(),
             rng: Rng::new(seed),
@@ -203,6 +226,17 @@ impl<'a> LatentPlanner<'a> {
     /// model without an object probe.
     pub fn with_object_weight(mut self, weight: f32) -> Self {
         self.object_weight = weight;
+        self
+    }
+
+    /// Adds `weight` times how far (arena units) the predicted positions lie outside the arena:
+    /// the probe's agent at every predictor step, the predicted state at the end, and the
+    /// object at the end. Nothing can be there, so such a prediction is the world model
+    /// extrapolating beyond its data (a held full-force action into a wall), and a planner that
+    /// minimises through it exploits the error. A soft cost, not a guardrail: it steers the
+    /// search back to what the model knows.
+    pub fn with_arena_weight(mut self, weight: f32) -> Self {
+        self.arena_weight = weight;
         self
     }
 
@@ -292,13 +326,25 @@ impl<'a> LatentPlanner<'a> {
         }
         let fin = z.narrow(1, h, 1).reshape([n, p, d]);
         let objects = match self.goal_object {
-            Some(_) if self.object_weight > 0.0 => self.wm.object_positions(&host),
+            Some(_) if self.object_weight > 0.0 || self.arena_weight > 0.0 => {
+                self.wm.object_positions(&host)
+            }
             _ => None,
         };
         let mut goal = self.goal_distance(fin);
-        if let (Some(objects), Some(target)) = (objects, self.goal_object) {
+        if let (Some(objects), Some(target)) = (&objects, self.goal_object) {
             for (g, o) in goal.iter_mut().zip(objects) {
-                *g += self.object_weight * crate::env::dist(o, target);
+                *g += self.object_weight * crate::env::dist(*o, target);
+            }
+        }
+        if self.arena_weight > 0.0 {
+            for (i, g) in goal.iter_mut().enumerate() {
+                let mut out: f32 = paths[i].iter().map(|p| outside_arena(*p)).sum();
+                out += outside_arena(prev_state[i]);
+                if let Some(objects) = &objects {
+                    out += outside_arena(objects[i]);
+                }
+                *g += self.arena_weight * out;
             }
         }
         if self.position_weight > 0.0 {
@@ -729,5 +775,17 @@ mod tests {
                 "episode {episode}: the agent entered the forbidden zone"
             );
         }
+    }
+
+    #[test]
+    fn the_arena_term_counts_only_predictions_beyond_the_edge() {
+        assert_eq!(outside_arena([5.0, 5.0]), 0.0);
+        assert_eq!(
+            outside_arena([ARENA_MARGIN, crate::env::ARENA - ARENA_MARGIN]),
+            0.0
+        );
+        let far = outside_arena([-3.0, 12.0]);
+        let want = (ARENA_MARGIN + 3.0) + (12.0 - crate::env::ARENA + ARENA_MARGIN);
+        assert!((far - want).abs() < 1e-5, "{far} vs {want}");
     }
 }
