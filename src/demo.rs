@@ -370,9 +370,8 @@ fn downstream(release: &Path) -> Result<(serde_json::Value, serde_json::Value)> 
     // The latent energy plus the position term: on this tiny encoder the latent distance alone
     // is too flat to steer by (see `amity bench plan`, which reports both).
     let mut planner = LatentPlanner::new(&wm, Method::Cem, SearchConfig::default(), Metric::L1, 1)
-        .with_position_weight(amity_planner::plan::DEFAULT_POSITION_WEIGHT)
-        .with_arena_weight(amity_planner::plan::DEFAULT_ARENA_WEIGHT);
-    println!("  planner: CEM on the latent energy + position and arena terms, guardrails on");
+        .with_readout_weights(amity_planner::plan::ReadoutWeights::default_for(kind));
+    println!("  planner: CEM on the latent energy + position term, guardrails on");
     let mut env = make(kind, wm.encoder.size());
     let mut episodes = Vec::new();
     for i in 0..3 {

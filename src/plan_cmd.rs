@@ -151,18 +151,20 @@ pub struct PlanBenchArgs {
     #[arg(long, default_value = "cem")]
     pub planner: Method,
     /// Weight (per arena unit) of the position term (the predicted state against where the
-    /// probe puts the agent in the goal image) in a second latent planner run
-    /// beside the pure latent energy; 0 skips it.
-    #[arg(long, default_value_t = amity_planner::plan::DEFAULT_POSITION_WEIGHT)]
-    pub position_weight: f32,
+    /// probe puts the agent in the goal image) in a second latent planner run beside the pure
+    /// latent energy. Default per environment: PointMaze 0.5, PushBlock 0 (see
+    /// `ReadoutWeights::default_for`); all three weights 0 skip the run.
+    #[arg(long)]
+    pub position_weight: Option<f32>,
     /// Weight (per arena unit) of the object term (the object probe on the predicted latents
-    /// against the goal image; environments with an object) in that second run.
-    #[arg(long, default_value_t = amity_planner::plan::DEFAULT_OBJECT_WEIGHT)]
-    pub object_weight: f32,
+    /// against the goal image; environments with an object) in that second run. Default:
+    /// PushBlock 2.
+    #[arg(long)]
+    pub object_weight: Option<f32>,
     /// Weight (per arena unit) of the arena term (predicted positions outside the arena) in
-    /// that second run.
-    #[arg(long, default_value_t = amity_planner::plan::DEFAULT_ARENA_WEIGHT)]
-    pub arena_weight: f32,
+    /// that second run. Default: PointMaze 0, PushBlock 1.
+    #[arg(long)]
+    pub arena_weight: Option<f32>,
     /// Skip the randomly initialised encoder's run.
     #[arg(long)]
     pub no_random_encoder: bool,

@@ -14,7 +14,9 @@ use amity_shared::rng::Rng;
 use crate::PlannerError;
 use crate::env::{EnvKind, make};
 use crate::plan::optimise::{Method, SearchConfig};
-use crate::plan::{LatentPlanner, Metric, OraclePlanner, Policy, RandomPolicy, run_episode};
+use crate::plan::{
+    LatentPlanner, Metric, OraclePlanner, Policy, RandomPolicy, ReadoutWeights, run_episode,
+};
 use crate::world::data::{Trajectory, collect};
 use crate::world::encode::FrameEncoder;
 use crate::world::{WorldModel, WorldModelConfig};
@@ -38,14 +40,14 @@ pub struct PlanBenchOptions {
     pub method: Method,
     /// Latent distance.
     pub metric: Metric,
-    /// Weight of the position term for the second latent run (see
-    /// [`LatentPlanner::with_position_weight`]).
-    pub position_weight: f32,
-    /// Weight of the object term in that run (see [`LatentPlanner::with_object_weight`]);
-    /// with both weights 0 the run is skipped.
-    pub object_weight: f32,
-    /// Weight of the arena term in that run (see [`LatentPlanner::with_arena_weight`]).
-    pub arena_weight: f32,
+    /// Weights of the read-out terms for the second latent run, each `None` for the
+    /// environment's default ([`ReadoutWeights::default_for`]); with all three 0 the run is
+    /// skipped.
+    pub position_weight: Option<f32>,
+    /// See `position_weight`.
+    pub object_weight: Option<f32>,
+    /// See `position_weight`.
+    pub arena_weight: Option<f32>,
 }
 
 /// One environment's figures.
@@ -351,15 +353,19 @@ pub fn bench_env(
     ));
     let (mut latent_readout, mut latent_readout_ms) = (None, None);
     let mut entries = entries;
-    if opts.position_weight > 0.0 || opts.object_weight > 0.0 {
+    let defaults = ReadoutWeights::default_for(kind);
+    let weights = ReadoutWeights {
+        position: opts.position_weight.unwrap_or(defaults.position),
+        object: opts.object_weight.unwrap_or(defaults.object),
+        arena: opts.arena_weight.unwrap_or(defaults.arena),
+    };
+    if weights.any() {
         let mut p = LatentPlanner::new(&wm, opts.method, opts.search.clone(), opts.metric, 1)
-            .with_position_weight(opts.position_weight)
-            .with_object_weight(opts.object_weight)
-            .with_arena_weight(opts.arena_weight);
+            .with_readout_weights(weights);
         let (lp, msp, ep) = rate(kind, size, opts.episodes, opts.max_steps, &mut p);
         log(format!(
             "  {kind}: latent planner + read-out terms (position {}, object {}, arena {}) {lp:.2} ({msp:.0} ms/action, {ep} forbidden entries)",
-            opts.position_weight, opts.object_weight, opts.arena_weight
+            weights.position, weights.object, weights.arena
         ));
         (latent_readout, latent_readout_ms) = (Some(lp), Some(msp));
         entries += ep;

@@ -33,21 +33,49 @@ use crate::env::{Action, Env, Zone, clamp_action, proprio_position};
 use crate::world::WorldModel;
 use optimise::{Method, Plan, SearchConfig, search, shift};
 
-/// The position term's weight per arena unit that `amity bench plan` and the demo use. Chosen
-/// on PointMaze (16 episodes, predictor trained with the read-out loss): 0.05 reached 11 goals,
-/// 0.5 reached 14, 2.0 fewer (4 of the first 8 failed: the predicted state alone steers worse
-/// than with the latent distance beside it).
-pub const DEFAULT_POSITION_WEIGHT: f32 = 0.5;
+/// Weights (per arena unit) of the read-out terms the latent planner adds to its latent energy
+/// (see [`LatentPlanner::with_position_weight`], [`LatentPlanner::with_object_weight`],
+/// [`LatentPlanner::with_arena_weight`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReadoutWeights {
+    /// The agent's predicted position against the goal image's.
+    pub position: f32,
+    /// The task object's predicted position against the goal image's.
+    pub object: f32,
+    /// Predicted positions outside the arena.
+    pub arena: f32,
+}
 
-/// The object term's weight per arena unit that `amity bench plan` uses. Not tuned: PushBlock
-/// reached no goal with 0.3 or 1.0 (10 episodes each); see the bench notes.
-pub const DEFAULT_OBJECT_WEIGHT: f32 = 1.0;
+impl ReadoutWeights {
+    /// The weights `amity bench plan` and the demo use per environment, each measured:
+    ///
+    /// - PointMaze: position 0.5 (16 episodes, 800 predictor steps: 0.05 reached 11 goals, 0.5
+    ///   reached 14, 2.0 fewer); no arena term (same model and episodes: 13 goals without,
+    ///   9 with weight 1).
+    /// - PushBlock: no position term (the agent must go round behind the block, away from where
+    ///   the goal image shows it: on scripted successes its distance rose 1.4 -> 3.9 before it
+    ///   fell, a trap), object 2, arena 1 (8 episodes: 0 goals without the arena term, every
+    ///   agent in a corner; 2 with it).
+    pub fn default_for(kind: crate::env::EnvKind) -> ReadoutWeights {
+        match kind {
+            crate::env::EnvKind::PointMaze => ReadoutWeights {
+                position: 0.5,
+                object: 0.0,
+                arena: 0.0,
+            },
+            crate::env::EnvKind::PushBlock => ReadoutWeights {
+                position: 0.0,
+                object: 2.0,
+                arena: 1.0,
+            },
+        }
+    }
 
-/// The arena term's weight per arena unit that `amity bench plan` and the demo use. On
-/// PushBlock (8 episodes, object term 2, no position term) it took the latent planner from 0
-/// to 2 goals: without it the planner chose held full-force actions whose predicted agent the
-/// probe put 3-6 units outside the arena and whose predicted block was up to 1.7 units off.
-pub const DEFAULT_ARENA_WEIGHT: f32 = 1.0;
+    /// Whether any term is on.
+    pub fn any(&self) -> bool {
+        self.position > 0.0 || self.object > 0.0 || self.arena > 0.0
+    }
+}
 
 /// How close to the arena's edge (arena units) a body's centre can be: the smallest agent radius
 /// of the bundled environments. The arena term counts only predictions beyond it.
@@ -238,6 +266,13 @@ impl<'a> LatentPlanner<'a> {
     pub fn with_arena_weight(mut self, weight: f32) -> Self {
         self.arena_weight = weight;
         self
+    }
+
+    /// Sets all three read-out terms' weights.
+    pub fn with_readout_weights(self, w: ReadoutWeights) -> Self {
+        self.with_position_weight(w.position)
+            .with_object_weight(w.object)
+            .with_arena_weight(w.arena)
     }
 
     /// Points of the way from `a` to `b` inside any forbidden zone grown by the margin.
