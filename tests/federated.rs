@@ -5,7 +5,7 @@
 //! depend on how fast the machine is; the demo and the bench use time budgets.
 
 mod common;
-use common::cluster::{cluster, wait};
+use common::cluster::{cluster, synthetic_store, wait};
 
 use std::path::Path;
 use std::process::Child;
@@ -280,34 +280,11 @@ fn a_refused_certificate_stops_the_worker_with_the_reason() {
 #[test]
 fn an_institutions_own_corpus_is_trained_and_counted() {
     use amity_shared::corpus::manifest::Manifest;
-    use common::{amity, ok, s};
+    use common::s;
     let workers = ["uni-a", "hospital"];
     let c = cluster("local-corpus", &workers, 3, "");
-    let videos = c.dir.join("private-videos");
     let private = c.dir.join("private");
-    ok(&amity(&[
-        "corpus",
-        "synth",
-        "--out",
-        s(&videos),
-        "--videos",
-        "4",
-        "--frames",
-        "24",
-        "--seed",
-        "9",
-    ]));
-    ok(&amity(&[
-        "corpus",
-        "ingest",
-        s(&videos),
-        "--store",
-        s(&private),
-        "--decoder",
-        "builtin",
-        "--shard-mib",
-        "0.1",
-    ]));
+    synthetic_store(&c.dir.join("private-videos"), &private, 4, 9);
     let public = Manifest::load(&c.dir.join("corpus")).unwrap();
     let own = Manifest::load(&private).unwrap();
     let clips = |m: &Manifest| m.shards.iter().map(|s| s.clips).sum::<u64>();

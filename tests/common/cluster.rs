@@ -1,6 +1,6 @@
 //! A federation on loopback: corpus, CA, run config, coordinator config, and the processes.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -28,33 +28,39 @@ pub struct Cluster {
     pub config: PathBuf,
 }
 
-/// A corpus, a CA with the workers' certificates, a run config and a coordinator config.
-pub fn cluster(name: &str, workers: &[&str], rounds: u64, extra: &str) -> Cluster {
-    let dir = scratch(name);
-    let videos = dir.join("videos");
+/// `n` synthetic videos of 24 frames (from `seed`) written to `videos`, then ingested into a
+/// shard store at `store` in 0.1 MiB shards.
+pub fn synthetic_store(videos: &Path, store: &Path, n: usize, seed: u64) {
+    let (n, seed) = (n.to_string(), seed.to_string());
     ok(&amity(&[
         "corpus",
         "synth",
         "--out",
-        s(&videos),
+        s(videos),
         "--videos",
-        "12",
+        &n,
         "--frames",
         "24",
         "--seed",
-        "3",
+        &seed,
     ]));
     ok(&amity(&[
         "corpus",
         "ingest",
-        s(&videos),
+        s(videos),
         "--store",
-        s(&dir.join("corpus")),
+        s(store),
         "--decoder",
         "builtin",
         "--shard-mib",
         "0.1",
     ]));
+}
+
+/// A corpus, a CA with the workers' certificates, a run config and a coordinator config.
+pub fn cluster(name: &str, workers: &[&str], rounds: u64, extra: &str) -> Cluster {
+    let dir = scratch(name);
+    synthetic_store(&dir.join("videos"), &dir.join("corpus"), 12, 3);
     let ca = dir.join("ca");
     ok(&amity(&["ca", "init", "--dir", s(&ca)]));
     ok(&amity(&[
