@@ -362,23 +362,32 @@ fn file_io(path: &Path) -> impl FnOnce(std::io::Error) -> ConnError + '_ {
 }
 
 /// Outboards of the blobs a server has hashed, so that a blob many peers fetch (each round's
-/// state delta, a popular shard) is read and hashed once, not once per request. An entry is
-/// used only while the file at its path keeps the length and modification time it had when it
-/// was hashed; a replaced file is hashed again. Clones share the cache. Receivers verify every
-/// chunk against the outboard and the outboard against the blob id whatever the cache holds.
+/// state delta, a popular shard) is read and hashed once, not once per request. Requests for the
+/// same blob that arrive together (every worker fetching the round's delta at once) wait for
+/// one hashing instead of each doing it. An entry is used only while the file at its path keeps
+/// the length and modification time it had when it was hashed; a replaced file is hashed again.
+/// Clones share the cache. Receivers verify every chunk against the outboard and the outboard
+/// against the blob id whatever the cache holds.
 #[derive(Debug, Clone, Default)]
 pub struct OutboardCache {
     inner: std::sync::Arc<std::sync::Mutex<CacheInner>>,
 }
 
+/// One blob's place in the cache: locked while its file is being hashed, so that concurrent
+/// requests for it wait rather than hash it again.
+type Slot = std::sync::Arc<std::sync::Mutex<Option<CachedOutboard>>>;
+
 #[derive(Debug, Default)]
 struct CacheInner {
-    entries: std::collections::HashMap<Hash, CachedOutboard>,
-    /// Ids in insertion order, for evicting the oldest.
+    slots: std::collections::HashMap<Hash, Slot>,
+    /// Chunk hashes stored per id (kept here, so that accounting never locks a slot while
+    /// this lock is held: a slot's holder may be waiting for this lock).
+    sizes: std::collections::HashMap<Hash, usize>,
+    /// Ids in the order their outboards were stored, for evicting the oldest.
     order: std::collections::VecDeque<Hash>,
     /// Chunk hashes held, over all entries.
     chunks: usize,
-    /// Blobs hashed so far (cache misses).
+    /// Stored files read and hashed so far.
     hashed: u64,
 }
 
@@ -393,6 +402,12 @@ struct CachedOutboard {
 /// blobs); the oldest entries go first.
 pub const OUTBOARD_CACHE_CHUNKS: usize = 1 << 20;
 
+/// Locks `m`, also after a panic elsewhere: every update under these locks is a single
+/// insert, remove or assignment, so the data stays consistent.
+fn lock_anyway<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl OutboardCache {
     /// An empty cache.
     pub fn new() -> Self {
@@ -401,59 +416,59 @@ impl OutboardCache {
 
     /// Stored files read and hashed so far (requests the cache could not answer).
     pub fn hashed(&self) -> u64 {
-        self.lock().hashed
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, CacheInner> {
-        // A panic while holding the lock leaves a consistent map (every update is one insert
-        // or remove), so a poisoned lock is still usable.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        lock_anyway(&self.inner).hashed
     }
 
     /// The outboard of blob `id` stored at `path`: from the cache when the file is unchanged,
-    /// else read and hashed (blocking), refused when the file does not hash to `id`.
+    /// else read and hashed (blocking; a concurrent request for the same blob waits for it),
+    /// refused when the file does not hash to `id`.
     pub fn outboard(&self, path: &Path, id: &Hash) -> Result<std::sync::Arc<Outboard>, ConnError> {
         let meta = std::fs::metadata(path).map_err(file_io(path))?;
         let stamp = (meta.len(), meta.modified().ok());
-        if let Some(c) = self.lock().entries.get(id)
+        let slot = lock_anyway(&self.inner)
+            .slots
+            .entry(*id)
+            .or_default()
+            .clone();
+        let mut entry = lock_anyway(&slot);
+        if let Some(c) = entry.as_ref()
             && c.path == path
             && c.stamp == stamp
         {
             return Ok(c.outboard.clone());
         }
         let mut f = std::fs::File::open(path).map_err(file_io(path))?;
-        self.lock().hashed += 1;
+        lock_anyway(&self.inner).hashed += 1;
         let outboard = Outboard::compute(&mut f, id).map_err(|source| ConnError::Blob {
             peer: "local store".into(),
             id: hex(id),
             source,
         })?;
         let outboard = std::sync::Arc::new(outboard);
-        let mut inner = self.lock();
+        *entry = Some(CachedOutboard {
+            path: path.to_owned(),
+            stamp,
+            outboard: outboard.clone(),
+        });
+        drop(entry);
+        // Account for it; evict the oldest while over the bound (a request holding an evicted
+        // slot still gets its outboard).
+        let mut inner = lock_anyway(&self.inner);
         let n = outboard.chunks.len();
-        if let Some(old) = inner.entries.remove(id) {
-            inner.chunks -= old.outboard.chunks.len();
+        if let Some(old) = inner.sizes.insert(*id, n) {
+            inner.chunks -= old;
             inner.order.retain(|x| x != id);
         }
-        while inner.chunks + n > OUTBOARD_CACHE_CHUNKS {
+        inner.chunks += n;
+        inner.order.push_back(*id);
+        while inner.chunks > OUTBOARD_CACHE_CHUNKS {
             let Some(oldest) = inner.order.pop_front() else {
                 break;
             };
-            if let Some(old) = inner.entries.remove(&oldest) {
-                inner.chunks -= old.outboard.chunks.len();
+            inner.slots.remove(&oldest);
+            if let Some(gone) = inner.sizes.remove(&oldest) {
+                inner.chunks -= gone;
             }
-        }
-        if n <= OUTBOARD_CACHE_CHUNKS {
-            inner.chunks += n;
-            inner.order.push_back(*id);
-            inner.entries.insert(
-                *id,
-                CachedOutboard {
-                    path: path.to_owned(),
-                    stamp,
-                    outboard: outboard.clone(),
-                },
-            );
         }
         Ok(outboard)
     }
@@ -719,5 +734,40 @@ where
                 Err(e) => tracing::debug!("{e}"),
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn concurrent_requests_for_one_blob_hash_it_once() {
+        let dir = std::env::temp_dir().join(format!("amity-outboard-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("blob");
+        let data: Vec<u8> = (0..4 * CHUNK_SIZE + 5).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let id: Hash = *blake3::hash(&data).as_bytes();
+        let cache = OutboardCache::new();
+        let start = std::sync::Barrier::new(8);
+        let outboards: Vec<std::sync::Arc<Outboard>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| {
+                    s.spawn(|| {
+                        start.wait();
+                        cache.outboard(&path, &id).unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(cache.hashed(), 1, "eight requests at once, one hashing");
+        assert!(
+            outboards
+                .iter()
+                .all(|o| o.chunks.len() == 5 && o.len == data.len() as u64)
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
