@@ -10,7 +10,7 @@ use clap::{Args, Subcommand};
 use amity_planner::bench::{PlanBenchOptions, bench_env, pretrain_encoder};
 use amity_planner::env::{ARENA, EnvKind, make};
 use amity_planner::plan::optimise::{Method, SearchConfig};
-use amity_planner::plan::{LatentPlanner, Metric, run_episode};
+use amity_planner::plan::{LatentPlanner, Metric, ReadoutWeights, run_episode};
 use amity_planner::surprise::curve;
 use amity_planner::surprise_bench::{SurpriseBenchOptions, run as run_surprise_bench};
 use amity_planner::world::data::{collect, load, save};
@@ -286,9 +286,11 @@ pub fn plan(args: PlanArgs) -> Result<()> {
                 )
             })?;
             let mut p = LatentPlanner::new(&wm, planner, SearchConfig::default(), Metric::L1, 1)
-                .with_position_weight(position_weight)
-                .with_object_weight(object_weight)
-                .with_arena_weight(arena_weight);
+                .with_readout_weights(ReadoutWeights {
+                    position: position_weight,
+                    object: object_weight,
+                    arena: arena_weight,
+                });
             let mut e = make(env, wm.encoder.size());
             let mut wins = 0;
             for i in 0..episodes {

@@ -162,7 +162,7 @@ fn crossings(zone: &Zone, a: [f32; 2], b: [f32; 2], margin: f32) -> usize {
 /// What [`LatentPlanner::energy_parts`] computes per candidate.
 #[derive(Debug, Clone)]
 pub struct EnergyParts {
-    /// Latent distance to the goal (plus the position and object terms when weighted).
+    /// Latent distance to the goal (plus the position, object and arena terms when weighted).
     pub goal: Vec<f32>,
     /// Predicted points (probe and state readings, along each step) inside a forbidden zone.
     pub violations: Vec<usize>,
@@ -308,8 +308,8 @@ impl<'a> LatentPlanner<'a> {
         (e, parts.paths)
     }
 
-    /// [`LatentPlanner::energies`] in parts: the goal energy (latent distance, position and
-    /// object terms) and the guardrail's count of predicted points inside a zone, kept apart so that
+    /// [`LatentPlanner::energies`] in parts: the goal energy (latent distance, position, object
+    /// and arena terms) and the guardrail's count of predicted points inside a zone, kept apart so that
     /// the energy landscape can be measured without the guardrails.
     pub fn energy_parts(&self, z0: &Tensor<3>, s0: [f32; 4], cands: &[Vec<Action>]) -> EnergyParts {
         let n = cands.len();
