@@ -1,5 +1,6 @@
 //! Training the action-conditioned predictor on frozen latents: L1 teacher forcing over every
-//! step of a window plus L1 on a two-step autoregressive rollout (V-JEPA 2-AC's objective), with
+//! step of a window plus L1 on an autoregressive rollout (V-JEPA 2-AC's objective, whose
+//! rollout is two steps; [`WorldModelConfig::rollout_steps`]), with
 //! a smaller L1 on the predicted states, and (when weighted) an L1 between what the frozen
 //! position probes read from the predicted latents and the true positions, with the windows
 //! where a position changed counting more.
@@ -191,23 +192,31 @@ pub fn rollout_error(
     device: &Device,
 ) -> f64 {
     let w = windows(lat, trajs, picks, 2, skip, device);
-    let (z2, _) = two_step(model, &w);
+    let (z2, _) = rollout(model, &w, 2, 2);
+    let z2 = z2.narrow(1, 1, 1);
     let target = w.z_out.narrow(1, 1, 1);
     let e: f32 = (z2 - target).abs().mean().into_scalar();
     e as f64
 }
 
-/// Step 2 predicted from step 0 and the prediction of step 1: `[B, 1, P, D]` and its state.
-fn two_step(model: &ActionPredictor, w: &Windows) -> (Tensor<4>, Tensor<3>) {
-    let z0 = w.z_in.clone().narrow(1, 0, 1);
-    let s0 = w.s_in.clone().narrow(1, 0, 1);
-    let (z1, s1) = model.forward(z0.clone(), s0.clone(), w.a_in.clone().narrow(1, 0, 1));
-    let (z, s) = model.forward(
-        Tensor::cat(vec![z0, z1], 1),
-        Tensor::cat(vec![s0, s1], 1),
-        w.a_in.clone().narrow(1, 0, 2),
-    );
-    (z.narrow(1, 1, 1), s.narrow(1, 1, 1))
+/// Steps `1..=k` of each window predicted autoregressively from its step 0, every prediction
+/// fed back as the next step's input (the predictor seeing at most `history` steps, as the
+/// planner does): `[B, k, P, D]` and the states `[B, k, 4]`. Step 1 is the teacher-forced
+/// prediction; from step 2 on the predictor reads its own outputs. Needs windows of `k` steps.
+fn rollout(
+    model: &ActionPredictor,
+    w: &Windows,
+    k: usize,
+    history: usize,
+) -> (Tensor<4>, Tensor<3>) {
+    let mut z = w.z_in.clone().narrow(1, 0, 1);
+    let mut s = w.s_in.clone().narrow(1, 0, 1);
+    for _ in 0..k {
+        let (zn, sn) = model.next_step(history, z.clone(), s.clone(), w.a_in.clone());
+        z = Tensor::cat(vec![z, zn], 1);
+        s = Tensor::cat(vec![s, sn], 1);
+    }
+    (z.narrow(1, 1, k), s.narrow(1, 1, k))
 }
 
 /// Held-out two-step windows (of `skip` frames a step) for measuring rollouts: `n` seeded picks.
@@ -277,7 +286,13 @@ pub fn train(
     recipe.weight_decay_end = 0.01;
     recipe.clip_grad = 1.0;
     let mut optim = AdamW::new(&recipe);
-    let t = cfg.window.min((lat.frames - 1) / skip).max(2);
+    let t = cfg
+        .window
+        .max(cfg.rollout_steps)
+        .min((lat.frames - 1) / skip)
+        .max(2);
+    // Autoregressive steps of the rollout loss (its first step is teacher-forced).
+    let k = cfg.rollout_steps.clamp(2, t);
     let readouts = readouts
         .filter(|_| cfg.readout_weight > 0.0)
         .map(|r| (r, r.maps(&ad)));
@@ -290,11 +305,14 @@ pub fn train(
         let (z, s) = model.forward(w.z_in.clone(), w.s_in.clone(), w.a_in.clone());
         let tf = (z.clone() - w.z_out.clone()).abs().mean()
             + (s - w.s_out.clone()).abs().mean() * cfg.state_weight;
-        let (z2, _) = two_step(&model, &w);
-        let ro = (z2.clone() - w.z_out.clone().narrow(1, 1, 1)).abs().mean();
+        let (zr, _) = rollout(&model, &w, k, cfg.history());
+        let zr = zr.narrow(1, 1, k - 1);
+        let ro = (zr.clone() - w.z_out.clone().narrow(1, 1, k - 1))
+            .abs()
+            .mean();
         let mut loss = tf.clone() + ro.clone();
         if let Some((r, maps)) = &readouts {
-            // Teacher-forced steps and the rollout's second step alike.
+            // Teacher-forced steps and the rollout's fed-back steps alike.
             let cap = cfg.readout_motion as f32;
             let (truth, weight) = r.truth(&picks, t, skip, cap, &ad);
             let weighted = |read: Tensor<3>, truth: Tensor<3>, weight: Tensor<3>| {
@@ -302,9 +320,9 @@ pub fn train(
             };
             let read = weighted(r.read(maps, z), truth.clone(), weight.clone())
                 + weighted(
-                    r.read(maps, z2),
-                    truth.narrow(1, 1, 1),
-                    weight.narrow(1, 1, 1),
+                    r.read(maps, zr),
+                    truth.narrow(1, 1, k - 1),
+                    weight.narrow(1, 1, k - 1),
                 );
             loss = loss + read * cfg.readout_weight;
         }
