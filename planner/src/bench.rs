@@ -323,7 +323,9 @@ pub fn bench_env(
     let size = wm.encoder.size();
     let (spearman, spearman_encoder) =
         energy_landscape(&wm, kind, &opts.search, opts.metric, 10, 32);
-    let held_out = collect(kind, size, 32, opts.collect_steps, 77);
+    // Long enough for an open-loop rollout of the whole planning horizon.
+    let plan_steps = opts.search.horizon * wm.config.frameskip.max(1);
+    let held_out = collect(kind, size, 32, opts.collect_steps.max(plan_steps), 77);
     let drift = rollout_drift(&wm, &held_out, opts.search.horizon);
     log(format!(
         "  {kind}: open-loop drift per predictor step (arena units; agent: probe on predicted \

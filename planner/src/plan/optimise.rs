@@ -36,9 +36,17 @@ pub struct SearchConfig {
 }
 
 impl Default for SearchConfig {
+    /// 96 samples, 10 elites, 3 iterations (CPU-sized: V-JEPA 2-AC uses 400 / 10 / 10 on a
+    /// GPU), momentum 0.15 as V-JEPA 2-AC. Horizon 8: with the world model's frameskip of 3
+    /// that looks 24 environment steps ahead, about DINO-WM's 5 steps of frameskip 5. Measured
+    /// on PointMaze (one world model, 50 seeded episodes, the position term averaged over the
+    /// plan): horizon 5 reached 44 goals, horizon 8 reached 47. Of the six horizon 5 lost, five
+    /// start beside the no-go zone in an upper corner and end 4.5-6.6 units short, held at the
+    /// zone's edge: the way round the wall below is longer than 15 steps of lookahead can see.
+    /// Horizon 8 won three of those and lost one that horizon 5 had won. A plan costs about 1.6 times as much.
     fn default() -> Self {
         SearchConfig {
-            horizon: 5,
+            horizon: 8,
             samples: 96,
             elites: 10,
             iterations: 3,
