@@ -16,7 +16,8 @@
 //!   checked along the segments between steps) enters a forbidden zone costs [`FORBIDDEN`] per point of its way inside.
 //!   The actions can also be optimised by gradient descent through the predictor
 //!   ([`LatentPlanner::descend`], `Method::Gd`).
-//! - [`OraclePlanner`]: the same search on the true simulator (the ceiling).
+//! - [`OraclePlanner`]: the same search on the true simulator (the ceiling), its energy the
+//!   true goal distance averaged over the plan's steps (the position term's stage cost).
 //! - [`RandomPolicy`]: uniform random actions (the floor).
 
 pub mod optimise;
@@ -624,13 +625,17 @@ impl Policy for OraclePlanner {
                 .map(|c| {
                     sim.set_state(&state);
                     let mut bad = false;
+                    // The latent planner's stage cost, on the true state: the goal distance
+                    // after every held action, averaged over the plan.
+                    let mut to_goal = 0.0;
                     for a in c {
                         for _ in 0..hold {
                             sim.step(*a);
                             bad |= sim.forbidden().iter().any(|z| z.contains(sim.agent(), 0.0));
                         }
+                        to_goal += sim.goal_distance();
                     }
-                    sim.goal_distance() + if bad { FORBIDDEN } else { 0.0 }
+                    to_goal / c.len().max(1) as f32 + if bad { FORBIDDEN } else { 0.0 }
                 })
                 .collect()
         };
