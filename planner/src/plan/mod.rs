@@ -8,8 +8,8 @@
 //!   latents, at two scales (the token maps as they are, and smoothed over the token grid so
 //!   that far from the goal the energy still has a slope), optionally plus a position term (the
 //!   distance between the agent positions the predictor's state output reaches, averaged over
-//!   the plan's steps, and where the frozen probe puts the agent in the goal image), an object term (the same for the task's
-//!   object), an arena term (predicted positions outside the arena: extrapolation the search
+//!   the plan's steps, and where the frozen probe puts the agent in the goal image), an object
+//!   term (the same for the task's object), an arena term (predicted positions outside the arena: extrapolation the search
 //!   must not exploit), plus **guardrails** no
 //!   goal can outweigh: actions are clamped to their bounds, and a sequence whose predicted
 //!   way (the probe on the predicted latents, and the predictor's own state output, each
@@ -51,8 +51,8 @@ impl ReadoutWeights {
     /// The weights `amity bench plan` and the demo use per environment, each measured:
     ///
     /// - PointMaze: position 0.5 (16 episodes, 800 predictor steps, the term then on the last
-    ///   step only: 0.05 reached 11 goals, 0.5 reached 14, 2.0 fewer); no arena term (same model and episodes: 13 goals without,
-    ///   9 with weight 1).
+    ///   step only: 0.05 reached 11 goals, 0.5 reached 14, 2.0 fewer); no arena term (same
+    ///   model and episodes: 13 goals without, 9 with weight 1).
     /// - PushBlock: no position term (the agent must go round behind the block, away from where
     ///   the goal image shows it: on scripted successes its distance rose 1.4 -> 3.9 before it
     ///   fell, a trap), object 2, arena 1 (800 predictor steps, 8 episodes: 0 goals without
@@ -242,10 +242,10 @@ impl<'a> LatentPlanner<'a> {
     /// ending equally close the one that gets there sooner wins. Measured on PointMaze (one
     /// world model, the same 16 episodes): the last step alone reached 13 goals in 431 actions
     /// in all, the mean over the steps 14 in 289. Far from the goal, where patch latents no
-    /// longer overlap and the latent distance is flat, it keeps a slope. The state output is the reading used: it was
-    /// the steadier one when this was measured (`amity bench plan`'s drift line; without the
-    /// read-out loss the probe on the predicted latents drifted by ~3 arena units over 5
-    /// predictor steps, with it the two are within ~0.1 of each other).
+    /// longer overlap and the latent distance is flat, it keeps a slope. The state output is
+    /// the reading used: it was the steadier one when this was measured (`amity bench plan`'s
+    /// drift line; without the read-out loss the probe on the predicted latents drifted by ~3
+    /// arena units over 5 predictor steps, with it the two are within ~0.1 of each other).
     pub fn with_position_weight(mut self, weight: f32) -> Self {
         self.position_weight = weight;
         self
