@@ -192,31 +192,36 @@ pub fn rollout_error(
     device: &Device,
 ) -> f64 {
     let w = windows(lat, trajs, picks, 2, skip, device);
-    let (z2, _) = rollout(model, &w, 2, 2);
-    let z2 = z2.narrow(1, 1, 1);
+    let (z0, s0) = (
+        w.z_in.clone().narrow(1, 0, 1),
+        w.s_in.clone().narrow(1, 0, 1),
+    );
+    let (z, _) = roll_on(model, z0, s0, &w.a_in, 2, 2);
+    let z2 = z.narrow(1, 1, 1);
     let target = w.z_out.narrow(1, 1, 1);
     let e: f32 = (z2 - target).abs().mean().into_scalar();
     e as f64
 }
 
-/// Steps `1..=k` of each window predicted autoregressively from its step 0, every prediction
-/// fed back as the next step's input (the predictor seeing at most `history` steps, as the
-/// planner does): `[B, k, P, D]` and the states `[B, k, 4]`. Step 1 is the teacher-forced
-/// prediction; from step 2 on the predictor reads its own outputs. Needs windows of `k` steps.
-fn rollout(
+/// Continues windows autoregressively: from the steps so far (`z [B, T0, P, D]`, `s [B, T0, 4]`)
+/// predicts `steps` more, every prediction fed back as the next step's input (the predictor
+/// seeing at most `history` steps, as the planner does; `a` holds every step's action).
+/// Returns the predicted steps, `[B, steps, P, D]` and `[B, steps, 4]`.
+fn roll_on(
     model: &ActionPredictor,
-    w: &Windows,
-    k: usize,
+    mut z: Tensor<4>,
+    mut s: Tensor<3>,
+    a: &Tensor<3>,
+    steps: usize,
     history: usize,
 ) -> (Tensor<4>, Tensor<3>) {
-    let mut z = w.z_in.clone().narrow(1, 0, 1);
-    let mut s = w.s_in.clone().narrow(1, 0, 1);
-    for _ in 0..k {
-        let (zn, sn) = model.next_step(history, z.clone(), s.clone(), w.a_in.clone());
+    let t0 = z.dims()[1];
+    for _ in 0..steps {
+        let (zn, sn) = model.next_step(history, z.clone(), s.clone(), a.clone());
         z = Tensor::cat(vec![z, zn], 1);
         s = Tensor::cat(vec![s, sn], 1);
     }
-    (z.narrow(1, 1, k), s.narrow(1, 1, k))
+    (z.narrow(1, t0, steps), s.narrow(1, t0, steps))
 }
 
 /// Held-out two-step windows (of `skip` frames a step) for measuring rollouts: `n` seeded picks.
@@ -303,10 +308,19 @@ pub fn train(
             .collect();
         let w = windows(lat, trajs, &picks, t, skip, &ad);
         let (z, s) = model.forward(w.z_in.clone(), w.s_in.clone(), w.a_in.clone());
+        // The rollout's first step is the teacher-forced prediction of step 1 (the mask hides
+        // the later steps from it): it continues from there instead of predicting it again.
+        let z01 = Tensor::cat(
+            vec![w.z_in.clone().narrow(1, 0, 1), z.clone().narrow(1, 0, 1)],
+            1,
+        );
+        let s01 = Tensor::cat(
+            vec![w.s_in.clone().narrow(1, 0, 1), s.clone().narrow(1, 0, 1)],
+            1,
+        );
         let tf = (z.clone() - w.z_out.clone()).abs().mean()
             + (s - w.s_out.clone()).abs().mean() * cfg.state_weight;
-        let (zr, _) = rollout(&model, &w, k, cfg.history());
-        let zr = zr.narrow(1, 1, k - 1);
+        let (zr, _) = roll_on(&model, z01, s01, &w.a_in, k - 1, cfg.history());
         let ro = (zr.clone() - w.z_out.clone().narrow(1, 1, k - 1))
             .abs()
             .mean();
