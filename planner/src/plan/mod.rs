@@ -9,11 +9,12 @@
 //!   that far from the goal the energy still has a slope), optionally plus a position term (the
 //!   distance between the agent positions the predictor's state output reaches, averaged over
 //!   the plan's steps, and where the frozen probe puts the agent in the goal image), an object
-//!   term (the same for the task's object), an arena term (predicted positions outside the arena: extrapolation the search
-//!   must not exploit), plus **guardrails** no
-//!   goal can outweigh: actions are clamped to their bounds, and a sequence whose predicted
-//!   way (the probe on the predicted latents, and the predictor's own state output, each
-//!   checked along the segments between steps) enters a forbidden zone costs [`FORBIDDEN`] per point of its way inside.
+//!   term (the same for the task's object), an arena term (predicted positions outside the
+//!   arena: extrapolation the search must not exploit), plus **guardrails** no goal can
+//!   outweigh: actions are clamped to their bounds, and a sequence whose predicted way (the
+//!   probe on the predicted latents, and the predictor's own state output, each checked along
+//!   the segments between steps) enters a forbidden zone costs [`FORBIDDEN`] per point of its
+//!   way inside.
 //!   The actions can also be optimised by gradient descent through the predictor
 //!   ([`LatentPlanner::descend`], `Method::Gd`).
 //! - [`OraclePlanner`]: the same search on the true simulator (the ceiling), its energy the
@@ -314,8 +315,8 @@ impl<'a> LatentPlanner<'a> {
     }
 
     /// [`LatentPlanner::energies`] in parts: the goal energy (latent distance, position, object
-    /// and arena terms) and the guardrail's count of predicted points inside a zone, kept apart so that
-    /// the energy landscape can be measured without the guardrails.
+    /// and arena terms) and the guardrail's count of predicted points inside a zone, kept apart
+    /// so that the energy landscape can be measured without the guardrails.
     pub fn energy_parts(&self, z0: &Tensor<3>, s0: [f32; 4], cands: &[Vec<Action>]) -> EnergyParts {
         let n = cands.len();
         let h = cands[0].len();
