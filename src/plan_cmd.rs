@@ -11,8 +11,10 @@ use amity_planner::bench::{PlanBenchOptions, bench_env, pretrain_encoder};
 use amity_planner::env::{ARENA, EnvKind, make};
 use amity_planner::plan::optimise::{Method, SearchConfig};
 use amity_planner::plan::{LatentPlanner, Metric, ReadoutWeights, run_episode};
-use amity_planner::surprise::curve;
-use amity_planner::surprise_bench::{SurpriseBenchOptions, run as run_surprise_bench};
+use amity_planner::surprise::{Forecaster, curve};
+use amity_planner::surprise_bench::{
+    SurpriseBenchOptions, SurpriseScores, run as run_surprise_bench,
+};
 use amity_planner::world::data::{collect, load, save};
 use amity_planner::world::encode::FrameEncoder;
 use amity_planner::world::{WorldModel, WorldModelConfig};
@@ -358,7 +360,13 @@ pub fn surprise(args: SurpriseArgs) -> Result<()> {
     let ckpt = load_checkpoint(&args.ckpt)?;
     let trainer = Trainer::from_checkpoint(&ckpt, &Device::flex())?;
     let video = amity_shared::embed::decode_for(&args.video, &ckpt.config)?;
-    let c = curve(&trainer, &video.pixels, video.frames, args.stride);
+    let c = curve(
+        &trainer,
+        Forecaster::Predictor,
+        &video.pixels,
+        video.frames,
+        args.stride,
+    );
     if c.energy.is_empty() {
         bail!(
             "{}: {} frames, too short for one window of {} frames",
@@ -484,25 +492,40 @@ pub fn bench_surprise(a: SurpriseBenchArgs) -> Result<()> {
         "{} pairs of {} frames ({:.1} s to score)",
         r.pairs, a.frames, r.seconds
     );
-    println!("{:<14} {:>10} {:>10}", "", "trained", "random");
     println!(
-        "{:<14} {:>10.3} {:>10.3}",
-        "paired acc.", r.trained.paired_accuracy, r.random.paired_accuracy
+        "{:<16} {:>10} {:>10} {:>12}",
+        "", "trained", "random", "persistence"
     );
-    println!(
-        "{:<14} {:>10.3} {:>10.3}",
-        "AUROC", r.trained.auroc, r.random.auroc
-    );
-    for ((k, t), (_, rr)) in r.trained.per_kind.iter().zip(&r.random.per_kind) {
-        println!("{k:<14} {t:>10.3} {rr:>10.3}");
+    let row = |name: &str, f: &dyn Fn(&SurpriseScores) -> f64| {
+        println!(
+            "{name:<16} {:>10.3} {:>10.3} {:>12.3}",
+            f(&r.trained),
+            f(&r.random),
+            f(&r.persistence)
+        );
+    };
+    row("paired acc.", &|s| s.paired_accuracy);
+    row("AUROC", &|s| s.auroc);
+    row("energy (poss.)", &|s| s.possible_energy);
+    for (i, (kind, _)) in r.trained.per_kind.iter().enumerate() {
+        row(kind, &|s| s.per_kind[i].1);
     }
+    let scores = |s: &SurpriseScores| {
+        serde_json::json!({
+            "paired_accuracy": s.paired_accuracy,
+            "auroc": s.auroc,
+            "possible_energy": s.possible_energy,
+        })
+    };
     println!(
         "{}",
         serde_json::json!({
             "bench": "surprise",
             "paired_accuracy": r.trained.paired_accuracy,
             "auroc": r.trained.auroc,
-            "random_init": {"paired_accuracy": r.random.paired_accuracy, "auroc": r.random.auroc},
+            "possible_energy": r.trained.possible_energy,
+            "random_init": scores(&r.random),
+            "persistence": scores(&r.persistence),
             "per_kind": r.trained.per_kind,
         })
     );

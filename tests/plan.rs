@@ -116,3 +116,35 @@ fn surprise_scores_every_window_and_plots_them() {
     assert!(image::open(&plot).is_ok());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn the_surprise_bench_scores_the_predictor_beside_its_baselines() {
+    let dir = scratch("surprise-bench");
+    let ckpt = tiny_checkpoint(&dir);
+    let out = ok(&amity(&[
+        "bench",
+        "surprise",
+        "--ckpt",
+        s(&ckpt),
+        "--pairs",
+        "6",
+        "--frames",
+        "12",
+    ]));
+    let last = out.lines().last().expect("output");
+    let json: serde_json::Value = serde_json::from_str(last).expect("the last line is JSON");
+    assert_eq!(json["bench"], "surprise", "{last}");
+    for scores in [&json, &json["random_init"], &json["persistence"]] {
+        let acc = scores["paired_accuracy"]
+            .as_f64()
+            .expect("a paired accuracy");
+        assert!((0.0..=1.0).contains(&acc), "{last}");
+        assert!(scores["auroc"].as_f64().is_some(), "{last}");
+        let energy = scores["possible_energy"].as_f64().expect("an energy");
+        assert!(energy.is_finite() && energy > 0.0, "{last}");
+    }
+    // One row per violation kind, the three forecasters side by side.
+    assert_eq!(json["per_kind"].as_array().map(Vec::len), Some(6), "{last}");
+    assert!(out.contains("persistence"), "{out}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -18,6 +18,18 @@ use amity_shared::train::{ClipBatch, Trainer};
 /// Windows per forward pass.
 const BATCH: usize = 32;
 
+/// Who forecasts a window's other half.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forecaster {
+    /// The checkpoint's V-JEPA predictor (the detector).
+    Predictor,
+    /// The persistence baseline: the scene stays as last seen (each token forecast by the
+    /// context token at its place nearest in time, see
+    /// [`Trainer::persistence_energies`]). A predictor that does not beat it has not learned
+    /// how things move.
+    Persistence,
+}
+
 /// The energy of every window of a video.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Curve {
@@ -68,9 +80,15 @@ pub fn split_tokens(
 pub const TOP_FRACTION: f32 = 0.1;
 
 /// The energy curve of a video (`frames` RGB frames at the model's size, contiguous), one
-/// window every `stride` frames. A window's energy is the mean of its largest
-/// [`TOP_FRACTION`] token errors.
-pub fn curve(trainer: &Trainer, pixels: &[u8], frames: usize, stride: usize) -> Curve {
+/// window every `stride` frames, forecast by `forecaster`. A window's energy is the mean of
+/// its largest [`TOP_FRACTION`] token errors.
+pub fn curve(
+    trainer: &Trainer,
+    forecaster: Forecaster,
+    pixels: &[u8],
+    frames: usize,
+    stride: usize,
+) -> Curve {
     let cfg = trainer.config();
     let m = &cfg.model;
     let step = cfg.data.frame_step.max(1);
@@ -100,10 +118,11 @@ pub fn curve(trainer: &Trainer, pixels: &[u8], frames: usize, stride: usize) -> 
             })
             .collect();
         let batch = ClipBatch::from_clips(clips.iter().map(Vec::as_slice), m);
-        let errors = trainer.token_energies(
-            &batch,
-            &[(context.as_slice(), target.as_slice()), (&target, &context)],
-        );
+        let splits = [(context.as_slice(), target.as_slice()), (&target, &context)];
+        let errors = match forecaster {
+            Forecaster::Predictor => trainer.token_energies(&batch, &splits),
+            Forecaster::Persistence => trainer.persistence_energies(&batch, &splits),
+        };
         let forward = top_mean(&errors[0], target.len());
         let backward = top_mean(&errors[1], context.len());
         energy.extend(forward.iter().zip(&backward).map(|(f, b)| f.max(*b)));

@@ -1,5 +1,7 @@
 //! `amity bench surprise`: IntPhys-style paired accuracy and AUROC of the surprise detector on
-//! the synthetic violation pairs, for a trained encoder and a randomly initialised one.
+//! the synthetic violation pairs, for a trained encoder and a randomly initialised one, beside
+//! the persistence baseline (the scene stays as last seen) on the trained encoder's features:
+//! the forecaster a predictor has to beat.
 
 use std::time::Instant;
 
@@ -12,7 +14,7 @@ use amity_shared::data::ClipSource;
 use amity_shared::synth::{SynthConfig, ViolationKind, generate_pair};
 use amity_shared::train::Trainer;
 
-use crate::surprise::{auroc, curve, paired_accuracy};
+use crate::surprise::{Forecaster, auroc, curve, paired_accuracy};
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -37,6 +39,9 @@ pub struct SurpriseScores {
     pub auroc: f64,
     /// Paired accuracy per violation kind.
     pub per_kind: Vec<(String, f64)>,
+    /// Mean window energy over the possible videos: how well the forecaster predicts what
+    /// really happens (lower is better).
+    pub possible_energy: f64,
 }
 
 /// The bench's result.
@@ -46,22 +51,28 @@ pub struct SurpriseBenchReport {
     pub trained: SurpriseScores,
     /// A randomly initialised encoder of the same shape.
     pub random: SurpriseScores,
+    /// The persistence baseline on the evaluated encoder's features.
+    pub persistence: SurpriseScores,
     /// Pairs scored.
     pub pairs: usize,
-    /// Seconds spent scoring (both encoders).
+    /// Seconds spent scoring (all three).
     pub seconds: f64,
 }
 
 fn scores(
     trainer: &Trainer,
+    forecaster: Forecaster,
     pairs: &[(ViolationKind, Vec<u8>, Vec<u8>)],
     frames: usize,
 ) -> SurpriseScores {
     let mut peaks = Vec::new();
+    let (mut possible_sum, mut windows) = (0.0, 0usize);
     for (_, possible, impossible) in pairs {
-        let p = curve(trainer, possible, frames, 1).peak();
-        let i = curve(trainer, impossible, frames, 1).peak();
-        peaks.push((p, i));
+        let p = curve(trainer, forecaster, possible, frames, 1);
+        possible_sum += p.energy.iter().map(|&e| e as f64).sum::<f64>();
+        windows += p.energy.len();
+        let i = curve(trainer, forecaster, impossible, frames, 1).peak();
+        peaks.push((p.peak(), i));
     }
     let per_kind = ViolationKind::ALL
         .iter()
@@ -80,6 +91,7 @@ fn scores(
         paired_accuracy: paired_accuracy(&peaks),
         auroc: auroc(&pos, &neg),
         per_kind,
+        possible_energy: possible_sum / windows.max(1) as f64,
     }
 }
 
@@ -126,11 +138,13 @@ pub fn run(opts: &SurpriseBenchOptions, log: &mut dyn FnMut(u64, f64)) -> Surpri
         })
         .collect();
     let began = Instant::now();
-    let t = scores(&trained, &pairs, opts.frames);
-    let r = scores(&random, &pairs, opts.frames);
+    let t = scores(&trained, Forecaster::Predictor, &pairs, opts.frames);
+    let r = scores(&random, Forecaster::Predictor, &pairs, opts.frames);
+    let p = scores(&trained, Forecaster::Persistence, &pairs, opts.frames);
     SurpriseBenchReport {
         trained: t,
         random: r,
+        persistence: p,
         pairs: pairs.len(),
         seconds: began.elapsed().as_secs_f64(),
     }

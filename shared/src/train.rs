@@ -390,6 +390,61 @@ impl Trainer {
             })
             .collect()
     }
+
+    /// [`Trainer::token_energies`] of the *persistence* forecast, the baseline a predictor has
+    /// to beat: every target token is forecast as the context token at the same spatial
+    /// position nearest in time ("the scene stays as last seen"), both read from the target
+    /// encoder run on the context tokens alone, so nothing of the target leaks in. Errors are
+    /// taken against the same layer-normed full-clip features as the predictor's. A spatial
+    /// position with no context token at all falls back to the nearest context token in the
+    /// token order.
+    pub fn persistence_energies(
+        &self,
+        batch: &ClipBatch,
+        splits: &[(&[u32], &[u32])],
+    ) -> Vec<Vec<f32>> {
+        let b = batch.batch;
+        let patches = batch.tensor(&self.device);
+        let h = layer_norm_plain(self.target.forward(patches.clone(), None));
+        let grid = self.config.model.grid();
+        let per_step = (grid.height * grid.width) as u32;
+        let rep = |idx: &[u32]| {
+            let all: Vec<u32> = (0..b).flat_map(|_| idx.iter().copied()).collect();
+            int_tensor(&all, [b, idx.len()], &self.device)
+        };
+        splits
+            .iter()
+            .map(|(context, target)| {
+                let source: Vec<u32> = target
+                    .iter()
+                    .map(|&t| nearest_in_time(context, t, per_step))
+                    .collect();
+                let seen =
+                    layer_norm_plain(self.target.forward(patches.clone(), Some(rep(context))));
+                let forecast = gather_tokens(seen, rep(&source));
+                let h_t = gather_tokens(h.clone(), rep(target));
+                host_f32((forecast - h_t).abs().mean_dim(2))
+            })
+            .collect()
+    }
+}
+
+/// The position in `context` of the token at `target`'s spatial position nearest to it in
+/// time (ties: the earlier); without one, of the context token nearest in token order.
+fn nearest_in_time(context: &[u32], target: u32, per_step: u32) -> u32 {
+    let (t, s) = (target / per_step, target % per_step);
+    let same_place = context
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| *c % per_step == s)
+        .min_by_key(|(_, c)| ((*c / per_step).abs_diff(t), *c / per_step));
+    let pick = same_place.or_else(|| {
+        context
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, c)| c.abs_diff(target))
+    });
+    pick.map_or(0, |(i, _)| i as u32)
 }
 
 fn mask_tensors(m: &MaskBatch, device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>) {
@@ -453,5 +508,52 @@ mod tests {
         let e = t.energy(&batch, &[0, 1, 2], &[40, 41]);
         assert_eq!(e.len(), 4);
         assert!(e.iter().all(|v| v.is_finite() && *v > 0.0));
+    }
+
+    #[test]
+    fn persistence_reads_the_same_place_nearest_in_time() {
+        // 4 tokens per time step; context = steps 0 and 1.
+        let context: Vec<u32> = (0..8).collect();
+        assert_eq!(nearest_in_time(&context, 14, 4), 6); // step 3, place 2 <- step 1, place 2
+        assert_eq!(nearest_in_time(&context, 9, 4), 5); // step 2, place 1 <- step 1, place 1
+        // Backwards: context = steps 2 and 3 (tokens 8..16, positions 0..8).
+        let later: Vec<u32> = (8..16).collect();
+        assert_eq!(nearest_in_time(&later, 1, 4), 1); // step 0, place 1 <- step 2, place 1
+        // No token at that place: the nearest in token order.
+        assert_eq!(nearest_in_time(&[0, 1, 2], 7, 4), 2);
+    }
+
+    #[test]
+    fn persistence_costs_less_on_a_still_scene_than_on_a_cut() {
+        let (config, _) = tiny(Objective::Ema);
+        let m = &config.model;
+        let t = Trainer::new(config.clone(), &Device::flex());
+        let frame = m.image_size * m.image_size * 3;
+        let clips =
+            crate::synth::generate(&crate::synth::SynthConfig::for_size(m.image_size, 1), 5);
+        let other =
+            crate::synth::generate(&crate::synth::SynthConfig::for_size(m.image_size, 1), 6);
+        let still: Vec<u8> = (0..m.frames)
+            .flat_map(|_| clips.frame(0).to_vec())
+            .collect();
+        let cut: Vec<u8> = (0..m.frames)
+            .flat_map(|f| {
+                if f < m.frames / 2 {
+                    clips.frame(0)
+                } else {
+                    other.frame(0)
+                }
+                .to_vec()
+            })
+            .collect();
+        assert_eq!(still.len(), m.frames * frame);
+        let batch = ClipBatch::from_clips([still.as_slice(), cut.as_slice()], m);
+        let per = (m.grid().height * m.grid().width) as u32;
+        let half = m.grid().frames as u32 / 2 * per;
+        let (ctx, tgt): (Vec<u32>, Vec<u32>) = ((0..half).collect(), (half..2 * half).collect());
+        let e = t.persistence_energies(&batch, &[(&ctx, &tgt)]).remove(0);
+        let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
+        let (still_e, cut_e) = (mean(&e[..tgt.len()]), mean(&e[tgt.len()..]));
+        assert!(still_e < 0.5 * cut_e, "still {still_e} vs cut {cut_e}");
     }
 }
