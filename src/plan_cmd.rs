@@ -175,8 +175,8 @@ pub struct PlanBenchArgs {
 /// `amity bench surprise`.
 #[derive(Debug, Args)]
 pub struct SurpriseBenchArgs {
-    /// The encoder and predictor (a release folder or checkpoint); default: the tiny preset
-    /// pretrained on synthetic clips for `--train-steps`.
+    /// The encoder and predictor (a release folder or checkpoint); default: the tiny preset,
+    /// with a 128-wide predictor, pretrained on synthetic clips for `--train-steps`.
     #[arg(long)]
     pub ckpt: Option<PathBuf>,
     /// Pretraining steps when no `--ckpt` is given.
@@ -472,7 +472,8 @@ pub fn bench_surprise(a: SurpriseBenchArgs) -> Result<()> {
     };
     if checkpoint.is_none() {
         println!(
-            "pretraining the tiny preset on synthetic clips for {} steps",
+            "pretraining the tiny preset (predictor {} wide) on synthetic clips for {} steps",
+            amity_planner::surprise_bench::PREDICTOR_WIDTH,
             a.train_steps
         );
     }
