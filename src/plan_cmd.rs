@@ -367,6 +367,15 @@ pub fn surprise(args: SurpriseArgs) -> Result<()> {
         video.frames,
         args.stride,
     );
+    // The yardstick: a predictor that forecasts worse than "the scene stays as last seen"
+    // has not learned how things move, and its spikes say little.
+    let still = curve(
+        &trainer,
+        Forecaster::Persistence,
+        &video.pixels,
+        video.frames,
+        args.stride,
+    );
     if c.energy.is_empty() {
         bail!(
             "{}: {} frames, too short for one window of {} frames",
@@ -377,15 +386,34 @@ pub fn surprise(args: SurpriseArgs) -> Result<()> {
     }
     let spikes = c.spikes(args.threshold);
     let fps = ckpt.config.data.fps;
-    println!("{:>8} {:>8} {:>10}", "window", "time", "energy");
-    for (i, (s, e)) in c.starts.iter().zip(&c.energy).enumerate() {
+    println!(
+        "{:>8} {:>8} {:>10} {:>12}",
+        "window", "time", "energy", "persistence"
+    );
+    for (i, ((s, e), p)) in c
+        .starts
+        .iter()
+        .zip(&c.energy)
+        .zip(&still.energy)
+        .enumerate()
+    {
         let mark = if spikes.contains(&i) {
             "  <- spike"
         } else {
             ""
         };
-        println!("{i:>8} {:>7.1}s {e:>10.4}{mark}", *s as f64 / fps);
+        println!("{i:>8} {:>7.1}s {e:>10.4} {p:>12.4}{mark}", *s as f64 / fps);
     }
+    let mean = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>() / v.len().max(1) as f64;
+    let (forecast, baseline) = (mean(&c.energy), mean(&still.energy));
+    println!(
+        "mean energy {forecast:.4}, persistence baseline {baseline:.4}: the predictor forecasts {}",
+        if forecast < baseline {
+            "better than the scene staying as last seen"
+        } else {
+            "no better than the scene staying as last seen (its spikes say little)"
+        }
+    );
     let values: Vec<f64> = c.energy.iter().map(|&e| e as f64).collect();
     crate::plot::line_chart_marked(&args.plot, &values, &spikes)?;
     println!(

@@ -113,6 +113,14 @@ fn surprise_scores_every_window_and_plots_them() {
         .count();
     assert_eq!(windows, 17, "{out}");
     assert!(out.contains("peak surprise"), "{out}");
+    // Every window's persistence baseline beside its energy, and the verdict.
+    let row = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("0 "))
+        .expect("window 0");
+    // index, time, energy, persistence (and "<- spike" when it is one)
+    assert!(matches!(row.split_whitespace().count(), 4 | 6), "{row}");
+    assert!(out.contains("persistence baseline"), "{out}");
     assert!(image::open(&plot).is_ok());
     std::fs::remove_dir_all(&dir).unwrap();
 }
