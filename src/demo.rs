@@ -341,7 +341,7 @@ fn downstream(release: &Path) -> Result<(serde_json::Value, serde_json::Value)> 
     use amity_planner::env::{EnvKind, make};
     use amity_planner::plan::optimise::{Method, SearchConfig};
     use amity_planner::plan::{LatentPlanner, Metric, run_episode};
-    use amity_planner::surprise::{Forecaster, curve};
+    use amity_planner::surprise::curve;
     use amity_planner::world::data::collect;
     use amity_planner::world::encode::FrameEncoder;
     use amity_planner::world::{WorldModel, WorldModelConfig};
@@ -399,8 +399,8 @@ fn downstream(release: &Path) -> Result<(serde_json::Value, serde_json::Value)> 
     let (possible, impossible) = generate_pair(&synth, 424_242, ViolationKind::Teleport);
     let at = impossible.labels.violation.map_or(0, |v| v.frame);
     let (a, b) = (
-        curve(&trainer, Forecaster::Predictor, &possible.pixels, 32, 1),
-        curve(&trainer, Forecaster::Predictor, &impossible.pixels, 32, 1),
+        curve(&trainer, &possible.pixels, 32, 1),
+        curve(&trainer, &impossible.pixels, 32, 1),
     );
     println!(
         "surprise on a violation pair (the object teleports at frame {at}): peak {:.4} possible vs \

@@ -11,7 +11,7 @@ use amity_planner::bench::{PlanBenchOptions, bench_env, pretrain_encoder};
 use amity_planner::env::{ARENA, EnvKind, make};
 use amity_planner::plan::optimise::{Method, SearchConfig};
 use amity_planner::plan::{LatentPlanner, Metric, ReadoutWeights, run_episode};
-use amity_planner::surprise::{Forecaster, curve};
+use amity_planner::surprise::{Forecaster, curves};
 use amity_planner::surprise_bench::{
     SurpriseBenchOptions, SurpriseScores, run as run_surprise_bench,
 };
@@ -360,22 +360,16 @@ pub fn surprise(args: SurpriseArgs) -> Result<()> {
     let ckpt = load_checkpoint(&args.ckpt)?;
     let trainer = Trainer::from_checkpoint(&ckpt, &Device::flex())?;
     let video = amity_shared::embed::decode_for(&args.video, &ckpt.config)?;
-    let c = curve(
+    // Beside the predictor, the yardstick: a predictor that forecasts worse than "the scene
+    // stays as last seen" has not learned how things move, and its spikes say little.
+    let mut both = curves(
         &trainer,
-        Forecaster::Predictor,
+        &[Forecaster::Predictor, Forecaster::Persistence],
         &video.pixels,
         video.frames,
         args.stride,
     );
-    // The yardstick: a predictor that forecasts worse than "the scene stays as last seen"
-    // has not learned how things move, and its spikes say little.
-    let still = curve(
-        &trainer,
-        Forecaster::Persistence,
-        &video.pixels,
-        video.frames,
-        args.stride,
-    );
+    let (still, c) = (both.remove(1), both.remove(0));
     if c.energy.is_empty() {
         bail!(
             "{}: {} frames, too short for one window of {} frames",

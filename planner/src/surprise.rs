@@ -18,17 +18,7 @@ use amity_shared::train::{ClipBatch, Trainer};
 /// Windows per forward pass.
 const BATCH: usize = 32;
 
-/// Who forecasts a window's other half.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Forecaster {
-    /// The checkpoint's V-JEPA predictor (the detector).
-    Predictor,
-    /// The persistence baseline: the scene stays as last seen (each token forecast by the
-    /// context token at its place nearest in time, see
-    /// [`Trainer::persistence_energies`]). A predictor that does not beat it has not learned
-    /// how things move.
-    Persistence,
-}
+pub use amity_shared::train::Forecaster;
 
 /// The energy of every window of a video.
 #[derive(Debug, Clone, PartialEq)]
@@ -80,15 +70,21 @@ pub fn split_tokens(
 pub const TOP_FRACTION: f32 = 0.1;
 
 /// The energy curve of a video (`frames` RGB frames at the model's size, contiguous), one
-/// window every `stride` frames, forecast by `forecaster`. A window's energy is the mean of
-/// its largest [`TOP_FRACTION`] token errors.
-pub fn curve(
+/// window every `stride` frames, forecast by the checkpoint's predictor. A window's energy is
+/// the mean of its largest [`TOP_FRACTION`] token errors.
+pub fn curve(trainer: &Trainer, pixels: &[u8], frames: usize, stride: usize) -> Curve {
+    curves(trainer, &[Forecaster::Predictor], pixels, frames, stride).remove(0)
+}
+
+/// [`curve`] for each of `forecasters` (e.g. the predictor beside the persistence baseline),
+/// every window cut, uploaded and target-encoded once for all of them.
+pub fn curves(
     trainer: &Trainer,
-    forecaster: Forecaster,
+    forecasters: &[Forecaster],
     pixels: &[u8],
     frames: usize,
     stride: usize,
-) -> Curve {
+) -> Vec<Curve> {
     let cfg = trainer.config();
     let m = &cfg.model;
     let step = cfg.data.frame_step.max(1);
@@ -102,7 +98,7 @@ pub fn curve(
     let grid = m.grid();
     let per_step = grid.height * grid.width;
     let (context, target) = split_tokens(grid.frames, per_step, grid.frames / 2);
-    let mut energy = Vec::with_capacity(starts.len());
+    let mut energy = vec![Vec::with_capacity(starts.len()); forecasters.len()];
     for chunk in starts.chunks(BATCH) {
         let clips: Vec<Vec<u8>> = chunk
             .iter()
@@ -119,15 +115,20 @@ pub fn curve(
             .collect();
         let batch = ClipBatch::from_clips(clips.iter().map(Vec::as_slice), m);
         let splits = [(context.as_slice(), target.as_slice()), (&target, &context)];
-        let errors = match forecaster {
-            Forecaster::Predictor => trainer.token_energies(&batch, &splits),
-            Forecaster::Persistence => trainer.persistence_energies(&batch, &splits),
-        };
-        let forward = top_mean(&errors[0], target.len());
-        let backward = top_mean(&errors[1], context.len());
-        energy.extend(forward.iter().zip(&backward).map(|(f, b)| f.max(*b)));
+        let errors = trainer.forecast_energies(&batch, &splits, forecasters);
+        for (energy, errors) in energy.iter_mut().zip(&errors) {
+            let forward = top_mean(&errors[0], target.len());
+            let backward = top_mean(&errors[1], context.len());
+            energy.extend(forward.iter().zip(&backward).map(|(f, b)| f.max(*b)));
+        }
     }
-    Curve { starts, energy }
+    energy
+        .into_iter()
+        .map(|energy| Curve {
+            starts: starts.clone(),
+            energy,
+        })
+        .collect()
 }
 
 /// Per window, the mean of the largest [`TOP_FRACTION`] of its `per_window` token errors.

@@ -372,61 +372,70 @@ impl Trainer {
     /// clips: one `batch x target.len()` vector of mean L1 errors per split, so that a local
     /// surprise (one object) is not averaged away over the clip. The target encoder runs once.
     pub fn token_energies(&self, batch: &ClipBatch, splits: &[(&[u32], &[u32])]) -> Vec<Vec<f32>> {
+        self.forecast_energies(batch, splits, &[Forecaster::Predictor])
+            .remove(0)
+    }
+
+    /// [`Trainer::token_energies`] for each of `forecasters` (outer index), the clips uploaded
+    /// and the full-clip targets encoded once for all of them. Every forecaster's errors are
+    /// taken against the same layer-normed target-encoder features of the whole clip.
+    pub fn forecast_energies(
+        &self,
+        batch: &ClipBatch,
+        splits: &[(&[u32], &[u32])],
+        forecasters: &[Forecaster],
+    ) -> Vec<Vec<Vec<f32>>> {
         let b = batch.batch;
         let patches = batch.tensor(&self.device);
         let h = layer_norm_plain(self.target.forward(patches.clone(), None));
+        let per_step = {
+            let grid = self.config.model.grid();
+            (grid.height * grid.width) as u32
+        };
         let rep = |idx: &[u32]| {
             let all: Vec<u32> = (0..b).flat_map(|_| idx.iter().copied()).collect();
             int_tensor(&all, [b, idx.len()], &self.device)
         };
         let model = self.model.valid();
-        splits
+        forecasters
             .iter()
-            .map(|(context, target)| {
-                let (ctx, tgt) = (rep(context), rep(target));
-                let pred = model.predict(patches.clone(), ctx, tgt.clone());
-                let h_t = gather_tokens(h.clone(), tgt);
-                host_f32((pred - h_t).abs().mean_dim(2))
-            })
-            .collect()
-    }
-
-    /// [`Trainer::token_energies`] of the *persistence* forecast, the baseline a predictor has
-    /// to beat: every target token is forecast as the context token at the same spatial
-    /// position nearest in time ("the scene stays as last seen"), both read from the target
-    /// encoder run on the context tokens alone, so nothing of the target leaks in. Errors are
-    /// taken against the same layer-normed full-clip features as the predictor's. A spatial
-    /// position with no context token at all falls back to the nearest context token in the
-    /// token order.
-    pub fn persistence_energies(
-        &self,
-        batch: &ClipBatch,
-        splits: &[(&[u32], &[u32])],
-    ) -> Vec<Vec<f32>> {
-        let b = batch.batch;
-        let patches = batch.tensor(&self.device);
-        let h = layer_norm_plain(self.target.forward(patches.clone(), None));
-        let grid = self.config.model.grid();
-        let per_step = (grid.height * grid.width) as u32;
-        let rep = |idx: &[u32]| {
-            let all: Vec<u32> = (0..b).flat_map(|_| idx.iter().copied()).collect();
-            int_tensor(&all, [b, idx.len()], &self.device)
-        };
-        splits
-            .iter()
-            .map(|(context, target)| {
-                let source: Vec<u32> = target
+            .map(|forecaster| {
+                splits
                     .iter()
-                    .map(|&t| nearest_in_time(context, t, per_step))
-                    .collect();
-                let seen =
-                    layer_norm_plain(self.target.forward(patches.clone(), Some(rep(context))));
-                let forecast = gather_tokens(seen, rep(&source));
-                let h_t = gather_tokens(h.clone(), rep(target));
-                host_f32((forecast - h_t).abs().mean_dim(2))
+                    .map(|(context, target)| {
+                        let forecast = match forecaster {
+                            Forecaster::Predictor => {
+                                model.predict(patches.clone(), rep(context), rep(target))
+                            }
+                            Forecaster::Persistence => {
+                                let source: Vec<u32> = target
+                                    .iter()
+                                    .map(|&t| nearest_in_time(context, t, per_step))
+                                    .collect();
+                                let seen = self.target.forward(patches.clone(), Some(rep(context)));
+                                gather_tokens(layer_norm_plain(seen), rep(&source))
+                            }
+                        };
+                        let h_t = gather_tokens(h.clone(), rep(target));
+                        host_f32((forecast - h_t).abs().mean_dim(2))
+                    })
+                    .collect()
             })
             .collect()
     }
+}
+
+/// Who forecasts the target tokens of a `(context, target)` split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forecaster {
+    /// The V-JEPA predictor, from the context encoder's features.
+    Predictor,
+    /// The baseline a predictor has to beat, *persistence* ("the scene stays as last seen"):
+    /// every target token is forecast as the context token at the same spatial position nearest
+    /// in time, read from the target encoder run on the context tokens alone, so nothing of the
+    /// target leaks in. A spatial position with no context token at all falls back to the
+    /// nearest context token in the token order.
+    Persistence,
 }
 
 /// The position in `context` of the token at `target`'s spatial position nearest to it in
@@ -511,6 +520,24 @@ mod tests {
     }
 
     #[test]
+    fn forecasters_sharing_one_pass_score_as_they_do_alone() {
+        let (config, source) = tiny(Objective::Ema);
+        let t = Trainer::new(config.clone(), &Device::flex());
+        let batch = source.batch(0, 0, 3, &config.model);
+        let (ctx, tgt): (Vec<u32>, Vec<u32>) = ((0..32).collect(), (32..64).collect());
+        let splits = [(ctx.as_slice(), tgt.as_slice()), (&tgt, &ctx)];
+        let both = t.forecast_energies(
+            &batch,
+            &splits,
+            &[Forecaster::Predictor, Forecaster::Persistence],
+        );
+        assert_eq!(both[0], t.token_energies(&batch, &splits));
+        let alone = t.forecast_energies(&batch, &splits, &[Forecaster::Persistence]);
+        assert_eq!(both[1], alone[0]);
+        assert_ne!(both[0], both[1]);
+    }
+
+    #[test]
     fn persistence_reads_the_same_place_nearest_in_time() {
         // 4 tokens per time step; context = steps 0 and 1.
         let context: Vec<u32> = (0..8).collect();
@@ -551,7 +578,10 @@ mod tests {
         let per = (m.grid().height * m.grid().width) as u32;
         let half = m.grid().frames as u32 / 2 * per;
         let (ctx, tgt): (Vec<u32>, Vec<u32>) = ((0..half).collect(), (half..2 * half).collect());
-        let e = t.persistence_energies(&batch, &[(&ctx, &tgt)]).remove(0);
+        let e = t
+            .forecast_energies(&batch, &[(&ctx, &tgt)], &[Forecaster::Persistence])
+            .remove(0)
+            .remove(0);
         let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
         let (still_e, cut_e) = (mean(&e[..tgt.len()]), mean(&e[tgt.len()..]));
         assert!(still_e < 0.5 * cut_e, "still {still_e} vs cut {cut_e}");
