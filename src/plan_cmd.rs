@@ -89,19 +89,21 @@ pub enum PlanCommand {
         #[arg(long, default_value = "cem")]
         planner: Method,
         /// Weight (per arena unit) of the position term (the predicted state against where the
-        /// probe puts the agent in the goal image) added to the latent energy;
-        /// 0 plans on the latent distance alone.
-        #[arg(long, default_value_t = 0.0)]
-        position_weight: f32,
+        /// probe puts the agent in the goal image) added to the latent energy. Default per
+        /// environment, as `amity bench plan` measured them: PointMaze 0.5, PushBlock 0 (see
+        /// `ReadoutWeights::default_for`). All three weights 0 plan on the latent distance alone.
+        #[arg(long)]
+        position_weight: Option<f32>,
         /// Weight (per arena unit) of the object term (where the object probe puts the task's
-        /// object in the predicted final latents against the goal image; PushBlock's block);
-        /// 0 leaves it out.
-        #[arg(long, default_value_t = 0.0)]
-        object_weight: f32,
+        /// object in the predicted final latents against the goal image; PushBlock's block).
+        /// Default: PushBlock 2.
+        #[arg(long)]
+        object_weight: Option<f32>,
         /// Weight (per arena unit) of the arena term (predicted positions outside the arena,
-        /// where nothing can be: the world model extrapolating); 0 leaves it out.
-        #[arg(long, default_value_t = 0.0)]
-        arena_weight: f32,
+        /// where nothing can be: the world model extrapolating). Default: PointMaze 0,
+        /// PushBlock 1.
+        #[arg(long)]
+        arena_weight: Option<f32>,
         /// The PNG strip of the first episode.
         #[arg(long, default_value = "plan.png")]
         out: PathBuf,
@@ -287,12 +289,18 @@ pub fn plan(args: PlanArgs) -> Result<()> {
                     path.display()
                 )
             })?;
+            let weights =
+                ReadoutWeights::default_with(env, position_weight, object_weight, arena_weight);
+            if weights.any() {
+                println!(
+                    "energy: latent distance + read-out terms (position {}, object {}, arena {})",
+                    weights.position, weights.object, weights.arena
+                );
+            } else {
+                println!("energy: latent distance alone");
+            }
             let mut p = LatentPlanner::new(&wm, planner, SearchConfig::default(), Metric::L1, 1)
-                .with_readout_weights(ReadoutWeights {
-                    position: position_weight,
-                    object: object_weight,
-                    arena: arena_weight,
-                });
+                .with_readout_weights(weights);
             let mut e = make(env, wm.encoder.size());
             let mut wins = 0;
             for i in 0..episodes {

@@ -55,6 +55,12 @@ fn collect_train_and_plan_from_the_command_line() {
         out.contains("episode 0:") && out.contains("ms per action"),
         "{out}"
     );
+    // Without weight flags it plans with the environment's measured read-out weights, as the
+    // bench does.
+    assert!(
+        out.contains("read-out terms (position 0, object 2, arena 1)"),
+        "{out}"
+    );
     assert!(image::open(&png).is_ok(), "a PNG strip of the rollout");
     // A world model for another encoder shape is refused with a clear message.
     let err = amity(&[

@@ -355,12 +355,12 @@ pub fn bench_env(
     ));
     let (mut latent_readout, mut latent_readout_ms) = (None, None);
     let mut entries = entries;
-    let defaults = ReadoutWeights::default_for(kind);
-    let weights = ReadoutWeights {
-        position: opts.position_weight.unwrap_or(defaults.position),
-        object: opts.object_weight.unwrap_or(defaults.object),
-        arena: opts.arena_weight.unwrap_or(defaults.arena),
-    };
+    let weights = ReadoutWeights::default_with(
+        kind,
+        opts.position_weight,
+        opts.object_weight,
+        opts.arena_weight,
+    );
     if weights.any() {
         let mut p = LatentPlanner::new(&wm, opts.method, opts.search.clone(), opts.metric, 1)
             .with_readout_weights(weights);

@@ -49,7 +49,8 @@ pub struct ReadoutWeights {
 }
 
 impl ReadoutWeights {
-    /// The weights `amity bench plan` and the demo use per environment, each measured:
+    /// The weights `amity bench plan`, `amity plan run` and the demo use per environment, each
+    /// measured:
     ///
     /// - PointMaze: position 0.5 (16 episodes, 800 predictor steps, the term then on the last
     ///   step only: 0.05 reached 11 goals, 0.5 reached 14, 2.0 fewer); no arena term (same
@@ -71,6 +72,22 @@ impl ReadoutWeights {
                 object: 2.0,
                 arena: 1.0,
             },
+        }
+    }
+
+    /// The environment's weights ([`ReadoutWeights::default_for`]) with each one given replaced:
+    /// how `amity plan run` and `amity bench plan` read their `--*-weight` flags.
+    pub fn default_with(
+        kind: crate::env::EnvKind,
+        position: Option<f32>,
+        object: Option<f32>,
+        arena: Option<f32>,
+    ) -> ReadoutWeights {
+        let d = ReadoutWeights::default_for(kind);
+        ReadoutWeights {
+            position: position.unwrap_or(d.position),
+            object: object.unwrap_or(d.object),
+            arena: arena.unwrap_or(d.arena),
         }
     }
 
@@ -765,6 +782,20 @@ mod tests {
             ..WorldModelConfig::default()
         };
         WorldModel::fit(encoder, cfg, &trajs, 1500, &mut |_, _, _| {}).0
+    }
+
+    #[test]
+    fn weights_given_replace_the_environment_defaults_one_by_one() {
+        let d = ReadoutWeights::default_for(EnvKind::PushBlock);
+        assert!(d.any());
+        assert_eq!(
+            ReadoutWeights::default_with(EnvKind::PushBlock, None, None, None),
+            d
+        );
+        let w = ReadoutWeights::default_with(EnvKind::PushBlock, Some(0.3), None, Some(0.0));
+        assert_eq!((w.position, w.object, w.arena), (0.3, d.object, 0.0));
+        let off = ReadoutWeights::default_with(EnvKind::PointMaze, Some(0.0), Some(0.0), Some(0.0));
+        assert!(!off.any(), "all three 0: the latent energy alone");
     }
 
     #[test]
