@@ -388,36 +388,42 @@ impl Trainer {
         let b = batch.batch;
         let patches = batch.tensor(&self.device);
         let h = layer_norm_plain(self.target.forward(patches.clone(), None));
-        let per_step = {
-            let grid = self.config.model.grid();
-            (grid.height * grid.width) as u32
-        };
+        let grid = self.config.model.grid();
+        let per_step = (grid.height * grid.width) as u32;
         let rep = |idx: &[u32]| {
             let all: Vec<u32> = (0..b).flat_map(|_| idx.iter().copied()).collect();
             int_tensor(&all, [b, idx.len()], &self.device)
         };
+        // What every forecaster shares, per split: the index tensors and the targets' features.
+        let prepared: Vec<_> = splits
+            .iter()
+            .map(|(context, target)| {
+                let tgt = rep(target);
+                let h_t = gather_tokens(h.clone(), tgt.clone());
+                (*context, *target, rep(context), tgt, h_t)
+            })
+            .collect();
         let model = self.model.valid();
         forecasters
             .iter()
             .map(|forecaster| {
-                splits
+                prepared
                     .iter()
-                    .map(|(context, target)| {
+                    .map(|(context, target, ctx, tgt, h_t)| {
                         let forecast = match forecaster {
                             Forecaster::Predictor => {
-                                model.predict(patches.clone(), rep(context), rep(target))
+                                model.predict(patches.clone(), ctx.clone(), tgt.clone())
                             }
                             Forecaster::Persistence => {
                                 let source: Vec<u32> = target
                                     .iter()
                                     .map(|&t| nearest_in_time(context, t, per_step))
                                     .collect();
-                                let seen = self.target.forward(patches.clone(), Some(rep(context)));
+                                let seen = self.target.forward(patches.clone(), Some(ctx.clone()));
                                 gather_tokens(layer_norm_plain(seen), rep(&source))
                             }
                         };
-                        let h_t = gather_tokens(h.clone(), rep(target));
-                        host_f32((forecast - h_t).abs().mean_dim(2))
+                        host_f32((forecast - h_t.clone()).abs().mean_dim(2))
                     })
                     .collect()
             })
