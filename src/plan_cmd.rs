@@ -19,6 +19,7 @@ use amity_planner::world::data::{collect, load, save};
 use amity_planner::world::encode::FrameEncoder;
 use amity_planner::world::{WorldModel, WorldModelConfig};
 use amity_shared::checkpoint::Checkpoint;
+use amity_shared::device::Backend;
 use amity_shared::train::Trainer;
 
 /// `amity plan`.
@@ -66,6 +67,9 @@ pub enum PlanCommand {
         /// Optimiser steps.
         #[arg(long, default_value_t = 1500)]
         steps: u64,
+        /// Compute backend of the training (the saved world model plans on any backend).
+        #[arg(long, default_value = "flex")]
+        backend: String,
     },
     /// Run episodes with the latent planner; print success and time per action; write a PNG
     /// strip of the real rollout with the planner's expected agent path drawn on it.
@@ -190,6 +194,9 @@ pub struct SurpriseBenchArgs {
     /// Frames per video.
     #[arg(long, default_value_t = 32)]
     pub frames: usize,
+    /// Compute backend of the pretraining and scoring.
+    #[arg(long, default_value = "flex")]
+    pub backend: String,
 }
 
 /// A checkpoint from a release folder (verified) or a checkpoint file.
@@ -234,10 +241,12 @@ pub fn plan(args: PlanArgs) -> Result<()> {
             ckpt,
             out,
             steps,
+            backend,
         } => {
+            let backend = Backend::parse_available(&backend)?;
+            let device = backend.device(0)?;
             let (kind, size, trajs) = load(&data)?;
             let checkpoint = load_checkpoint(&ckpt)?;
-            let device = Device::flex();
             let encoder = FrameEncoder::new(&checkpoint, &device).map_err(anyhow::Error::msg)?;
             if encoder.size() != size {
                 bail!(
@@ -252,6 +261,10 @@ pub fn plan(args: PlanArgs) -> Result<()> {
                 steps,
                 ..WorldModelConfig::default()
             };
+            println!(
+                "training the {kind} world model on {backend}: {} episodes, {steps} steps",
+                trajs.len()
+            );
             let (wm, fit) = WorldModel::fit(encoder, cfg, &trajs, 2000, &mut |s, tf, ro| {
                 if s % 100 == 0 || s + 1 == steps {
                     println!("step {s}/{steps}: teacher forcing {tf:.4}, 2-step rollout {ro:.4}");
@@ -496,13 +509,15 @@ pub fn bench_plan(a: PlanBenchArgs) -> Result<()> {
 
 /// Runs `amity bench surprise`.
 pub fn bench_surprise(a: SurpriseBenchArgs) -> Result<()> {
+    let backend = Backend::parse_available(&a.backend)?;
+    let device = backend.device(0)?;
     let checkpoint = match &a.ckpt {
         Some(p) => Some(load_checkpoint(p)?),
         None => None,
     };
     if checkpoint.is_none() {
         println!(
-            "pretraining the tiny preset (predictor {} wide) on synthetic clips for {} steps",
+            "pretraining the tiny preset (predictor {} wide) on synthetic clips for {} steps on {backend}",
             amity_planner::surprise_bench::PREDICTOR_WIDTH,
             a.train_steps
         );
@@ -512,6 +527,7 @@ pub fn bench_surprise(a: SurpriseBenchArgs) -> Result<()> {
         frames: a.frames,
         checkpoint,
         train_steps: a.train_steps,
+        device,
     };
     let every = (a.train_steps / 5).max(1);
     let r = run_surprise_bench(&opts, &mut |s, loss| {

@@ -34,6 +34,10 @@ fn collect_train_and_plan_from_the_command_line() {
         "20",
     ]));
     assert!(out.contains("2-step rollout error"), "{out}");
+    assert!(
+        out.contains("training the pushblock world model on flex: 12 episodes"),
+        "{out}"
+    );
     let world = dir.join("train/world-pushblock.safetensors");
     assert!(world.exists(), "saved beside the encoder");
     let png = dir.join("plan.png");
@@ -148,6 +152,14 @@ fn the_surprise_bench_scores_the_predictor_beside_its_baselines() {
     let last = out.lines().last().expect("output");
     let json: serde_json::Value = serde_json::from_str(last).expect("the last line is JSON");
     assert_eq!(json["bench"], "surprise", "{last}");
+    // A backend this build lacks is refused before any work, naming the ones it has.
+    let err = amity(&["bench", "surprise", "--backend", "tpu", "--pairs", "1"]);
+    assert!(!err.status.success());
+    let msg = String::from_utf8_lossy(&err.stderr);
+    assert!(
+        msg.contains("unknown backend `tpu`") && msg.contains("flex"),
+        "{msg}"
+    );
     for scores in [&json, &json["random_init"], &json["persistence"]] {
         let acc = scores["paired_accuracy"]
             .as_f64()

@@ -28,6 +28,8 @@ pub struct SurpriseBenchOptions {
     pub checkpoint: Option<Checkpoint>,
     /// Pretraining steps when no checkpoint is given.
     pub train_steps: u64,
+    /// Where the encoders are trained and run.
+    pub device: Device,
 }
 
 /// Scores of one encoder.
@@ -117,8 +119,8 @@ fn scores(
 pub const PREDICTOR_WIDTH: usize = 128;
 
 /// Trains the tiny preset, with a [`PREDICTOR_WIDTH`]-wide predictor, on synthetic clips for
-/// `steps` (the bench's default encoder and predictor).
-pub fn pretrain_tiny(steps: u64, log: &mut dyn FnMut(u64, f64)) -> Trainer {
+/// `steps` on `device` (the bench's default encoder and predictor).
+pub fn pretrain_tiny(steps: u64, device: &Device, log: &mut dyn FnMut(u64, f64)) -> Trainer {
     let mut config = Config::preset("tiny").expect("the tiny preset exists");
     config.model.pred_width = PREDICTOR_WIDTH;
     config.train.steps = steps;
@@ -132,7 +134,7 @@ pub fn pretrain_tiny(steps: u64, log: &mut dyn FnMut(u64, f64)) -> Trainer {
         aspect_ratio: (1.0, 1.0),
     });
     let source = ClipSource::synthetic(&config.model);
-    let mut trainer = Trainer::new(config.clone(), &Device::flex());
+    let mut trainer = Trainer::new(config.clone(), device);
     for step in 0..steps {
         let batch = source.batch(config.train.seed, step, config.train.batch, &config.model);
         let s = trainer.step(&batch);
@@ -143,14 +145,15 @@ pub fn pretrain_tiny(steps: u64, log: &mut dyn FnMut(u64, f64)) -> Trainer {
 
 /// Runs the bench.
 pub fn run(opts: &SurpriseBenchOptions, log: &mut dyn FnMut(u64, f64)) -> SurpriseBenchReport {
-    let device = Device::flex();
+    let device = &opts.device;
     let trained = match &opts.checkpoint {
-        Some(c) => Trainer::from_checkpoint(c, &device)
-            .expect("a checkpoint loaded against its own config"),
-        None => pretrain_tiny(opts.train_steps, log),
+        Some(c) => {
+            Trainer::from_checkpoint(c, device).expect("a checkpoint loaded against its own config")
+        }
+        None => pretrain_tiny(opts.train_steps, device, log),
     };
     let config = trained.config().clone();
-    let random = Trainer::new(config.clone(), &device);
+    let random = Trainer::new(config.clone(), device);
     let m = &config.model;
     let cfg = SynthConfig::for_size(m.image_size, opts.frames);
     let pairs: Vec<(ViolationKind, Vec<u8>, Vec<u8>)> = (0..opts.pairs)
