@@ -48,6 +48,19 @@ pub enum BackendError {
         /// The backend that was asked for.
         backend: Backend,
     },
+    /// The backend is compiled in, but its device does not compute (no driver or adapter).
+    #[error(
+        "backend `{backend}` is compiled in but device {index} does not work (is its driver \
+         installed? `flex` always works): {reason}"
+    )]
+    Unavailable {
+        /// The backend that was asked for.
+        backend: Backend,
+        /// The device index.
+        index: usize,
+        /// What the backend said when probed.
+        reason: String,
+    },
 }
 
 fn list(backends: Vec<Backend>) -> String {
@@ -112,11 +125,25 @@ impl Backend {
     }
 
     /// Opens the device with the given index on this backend (index ignored by `flex` and the
-    /// wgpu family, which pick the default adapter).
+    /// wgpu family, which pick the default adapter), and checks that it computes.
     ///
-    /// The device is created lazily by burn: a missing driver shows up at the first tensor
-    /// operation, not here.
+    /// burn creates a GPU device lazily and, when there is no driver or adapter, panics at the
+    /// first tensor operation (a dropped channel inside CubeCL). A GPU device is therefore
+    /// probed here with one small sum, and a failure becomes [`BackendError::Unavailable`]
+    /// carrying what the backend said.
     pub fn device(self, index: usize) -> Result<Device, BackendError> {
+        let device = self.open(index)?;
+        if self != Backend::Flex {
+            probe(&device).map_err(|reason| BackendError::Unavailable {
+                backend: self,
+                index,
+                reason,
+            })?;
+        }
+        Ok(device)
+    }
+
+    fn open(self, index: usize) -> Result<Device, BackendError> {
         let _ = index;
         match self {
             Backend::Flex => Ok(Device::flex()),
@@ -133,6 +160,38 @@ impl Backend {
             #[allow(unreachable_patterns)]
             other => Err(BackendError::NotCompiled { backend: other }),
         }
+    }
+}
+
+/// Runs one sum on `device`; a panic inside the backend (no driver, no adapter) becomes its
+/// messages. The process's panic hook is swapped for one that records instead of printing while
+/// the probe runs, so the user sees one clear error rather than a backtrace.
+fn probe(device: &Device) -> Result<(), String> {
+    use std::panic::{AssertUnwindSafe, catch_unwind, set_hook, take_hook};
+    use std::sync::{Arc, Mutex};
+
+    let said = Arc::new(Mutex::new(Vec::<String>::new()));
+    let record = Arc::clone(&said);
+    let previous = take_hook();
+    set_hook(Box::new(move |info| {
+        if let Ok(mut said) = record.lock() {
+            said.push(info.to_string());
+        }
+    }));
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        let t = burn::tensor::Tensor::<1>::from_floats([1.0, 2.0], device);
+        t.sum().into_scalar::<f32>()
+    }));
+    set_hook(previous);
+    let said = said.lock().map(|s| s.join("; ")).unwrap_or_default();
+    match result {
+        Ok(3.0) => Ok(()),
+        Ok(sum) => Err(format!("a probe sum of 1 and 2 returned {sum}")),
+        Err(_) => Err(if said.is_empty() {
+            "it panicked at its first operation".to_owned()
+        } else {
+            said
+        }),
     }
 }
 
@@ -175,6 +234,24 @@ mod tests {
         let err = Backend::parse_available("tpu").unwrap_err();
         assert!(err.to_string().contains("unknown backend `tpu`"));
         assert!(err.to_string().contains("flex"));
+    }
+
+    #[test]
+    fn a_working_device_passes_the_probe() {
+        assert_eq!(probe(&Device::flex()), Ok(()));
+    }
+
+    #[test]
+    fn unavailable_device_error_names_the_backend_and_the_way_out() {
+        let err = BackendError::Unavailable {
+            backend: Backend::Vulkan,
+            index: 0,
+            reason: "no adapter found on the requested graphics API".into(),
+        };
+        let msg = err.to_string();
+        assert!(msg.contains("backend `vulkan`"), "{msg}");
+        assert!(msg.contains("no adapter found"), "{msg}");
+        assert!(msg.contains("`flex` always works"), "{msg}");
     }
 
     #[test]
