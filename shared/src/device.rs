@@ -7,7 +7,9 @@
 use std::fmt;
 use std::str::FromStr;
 
-use burn::tensor::Device;
+/// What [`Backend::device`] opens: burn's run-time device handle, re-exported so that roles
+/// holding one need not depend on burn themselves.
+pub use burn::tensor::Device;
 
 /// A compute backend that a worker (or any other role) can train and infer on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -125,7 +127,8 @@ impl Backend {
     }
 
     /// Opens the device with the given index on this backend (index ignored by `flex` and the
-    /// wgpu family, which pick the default adapter), and checks that it computes.
+    /// wgpu family, which pick the default adapter and refuse a software one), and checks that
+    /// it computes.
     ///
     /// burn creates a GPU device lazily and, when there is no driver or adapter, panics at the
     /// first tensor operation (a dropped channel inside CubeCL). A GPU device is therefore
@@ -152,14 +155,107 @@ impl Backend {
             #[cfg(feature = "rocm")]
             Backend::Rocm => Ok(Device::rocm(index)),
             #[cfg(feature = "wgpu")]
-            Backend::Wgpu => Ok(Device::wgpu(Default::default())),
+            Backend::Wgpu => wgpu_family::open(self, index, burn::tensor::wgpu::WgpuBackend::Auto),
             #[cfg(feature = "vulkan")]
-            Backend::Vulkan => Ok(Device::vulkan(Default::default())),
+            Backend::Vulkan => {
+                wgpu_family::open(self, index, burn::tensor::wgpu::WgpuBackend::Vulkan)
+            }
             #[cfg(feature = "metal")]
-            Backend::Metal => Ok(Device::metal(Default::default())),
+            Backend::Metal => {
+                wgpu_family::open(self, index, burn::tensor::wgpu::WgpuBackend::Metal)
+            }
             #[allow(unreachable_patterns)]
             other => Err(BackendError::NotCompiled { backend: other }),
         }
+    }
+}
+
+/// Name of the environment variable that lets the wgpu family run on a software (CPU) adapter.
+pub const ALLOW_SOFTWARE_ADAPTER: &str = "AMITY_ALLOW_SOFTWARE_ADAPTER";
+
+/// Opening a device of the wgpu family (`wgpu`, `vulkan`, `metal`).
+///
+/// wgpu's default adapter selection falls back to a software rasteriser (Mesa's `llvmpipe`,
+/// which graphics and FFmpeg packages bring along) on a machine without a GPU. Training there
+/// runs, but slower than `flex` by orders of magnitude: a user who asked for a GPU would wait
+/// without knowing why. So the runtime is initialised explicitly here, the adapter it picked is
+/// inspected, and a CPU adapter is refused unless [`ALLOW_SOFTWARE_ADAPTER`] is set.
+#[cfg(any(feature = "wgpu", feature = "vulkan", feature = "metal"))]
+mod wgpu_family {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+
+    use burn::tensor::wgpu::{WgpuBackend, WgpuInitError, wgpu};
+    use burn::tensor::{Device, DeviceKind};
+
+    use super::{ALLOW_SOFTWARE_ADAPTER, Backend, BackendError};
+
+    /// What the first opening of each backend found: a runtime can be initialised once per
+    /// process, so later openings reuse the verdict (and the registered runtime).
+    fn verdicts() -> &'static Mutex<HashMap<Backend, Result<(), String>>> {
+        static VERDICTS: OnceLock<Mutex<HashMap<Backend, Result<(), String>>>> = OnceLock::new();
+        VERDICTS.get_or_init(|| Mutex::new(HashMap::new()))
+    }
+
+    /// The lazily created device of `backend` on the default adapter.
+    fn plain(api: WgpuBackend) -> Device {
+        match api {
+            #[cfg(feature = "vulkan")]
+            WgpuBackend::Vulkan => Device::vulkan(DeviceKind::DefaultDevice),
+            #[cfg(feature = "metal")]
+            WgpuBackend::Metal => Device::metal(DeviceKind::DefaultDevice),
+            _ => Device::wgpu(DeviceKind::DefaultDevice),
+        }
+    }
+
+    pub(super) fn open(
+        backend: Backend,
+        index: usize,
+        api: WgpuBackend,
+    ) -> Result<Device, BackendError> {
+        let unavailable = |reason: String| BackendError::Unavailable {
+            backend,
+            index,
+            reason,
+        };
+        let mut verdicts = verdicts()
+            .lock()
+            .map_err(|_| unavailable("an earlier opening panicked".to_owned()))?;
+        if let Some(verdict) = verdicts.get(&backend) {
+            return verdict.clone().map(|()| plain(api)).map_err(unavailable);
+        }
+        let allow_software = std::env::var_os(ALLOW_SOFTWARE_ADAPTER).is_some();
+        let (verdict, device) = match Device::wgpu_options()
+            .device_kind(DeviceKind::DefaultDevice)
+            .graphics_api(api)
+            .init_with_setup()
+        {
+            Ok((device, setup)) => {
+                let info = setup.adapter.get_info();
+                if info.device_type == wgpu::DeviceType::Cpu && !allow_software {
+                    let driver = match info.driver.as_str() {
+                        "" => String::new(),
+                        d => format!(" (driver {d})"),
+                    };
+                    let reason = format!(
+                        "the only adapter is `{}`{driver}, a software rasteriser on the CPU that \
+                         trains far slower than `flex`; set {ALLOW_SOFTWARE_ADAPTER}=1 to use \
+                         it anyway",
+                        info.name
+                    );
+                    (Err(reason), None)
+                } else {
+                    (Ok(()), Some(device))
+                }
+            }
+            // Initialised already (by a tensor operation elsewhere in the process): use it.
+            Err(WgpuInitError::Registration { .. }) => (Ok(()), None),
+            Err(e) => (Err(e.to_string()), None),
+        };
+        verdicts.insert(backend, verdict.clone());
+        verdict
+            .map(|()| device.unwrap_or_else(|| plain(api)))
+            .map_err(unavailable)
     }
 }
 
@@ -252,6 +348,33 @@ mod tests {
         assert!(msg.contains("backend `vulkan`"), "{msg}");
         assert!(msg.contains("no adapter found"), "{msg}");
         assert!(msg.contains("`flex` always works"), "{msg}");
+    }
+
+    /// Runs only in a build with the `wgpu` feature (by hand: `cargo test -p amity-shared
+    /// --features wgpu wgpu_`): whatever the machine offers, opening twice gives the same
+    /// verdict (the runtime initialises once per process), and a device that opens computes.
+    #[cfg(feature = "wgpu")]
+    #[test]
+    fn wgpu_opening_twice_gives_the_same_verdict() {
+        let first = Backend::Wgpu.device(0);
+        let second = Backend::Wgpu.device(0);
+        match (&first, &second) {
+            (Ok(a), Ok(b)) => {
+                for d in [a, b] {
+                    let t = burn::tensor::Tensor::<1>::from_floats([1.0, 2.0], d);
+                    assert_eq!(t.sum().into_scalar::<f32>(), 3.0);
+                }
+            }
+            (Err(a), Err(b)) => {
+                assert_eq!(a, b);
+                let msg = a.to_string();
+                assert!(msg.contains("backend `wgpu`"), "{msg}");
+                if msg.contains("software rasteriser") {
+                    assert!(msg.contains(ALLOW_SOFTWARE_ADAPTER), "{msg}");
+                }
+            }
+            _ => panic!("two openings disagree: {first:?} then {second:?}"),
+        }
     }
 
     #[test]
