@@ -24,7 +24,7 @@ use amity_shared::config::Config;
 use amity_shared::corpus::loader::ShardSet;
 use amity_shared::corpus::manifest::{ClipShape, Manifest, open_blobs};
 use amity_shared::data::ClipSource;
-use amity_shared::device::Backend;
+use amity_shared::device::{Backend, Device};
 use amity_shared::federated::{
     GlobalParams, LocalRoundOptions, LocalUpdate, RoundBudget, TargetPolicy, local_round,
 };
@@ -94,6 +94,8 @@ pub struct WorkerSummary {
 
 /// State that survives reconnects.
 struct Local {
+    /// The device this worker trains on, opened (and probed) once at start.
+    device: Device,
     trainer: Option<Trainer>,
     /// The global state we hold, shared with the training thread, and its hash.
     params: Option<(Arc<GlobalParams>, Hash)>,
@@ -123,6 +125,9 @@ pub async fn run(
     stop: Arc<AtomicBool>,
 ) -> Result<WorkerSummary, WorkerError> {
     let setup = |e: &dyn std::fmt::Display| WorkerError::Setup(e.to_string());
+    // Before anything else: a GPU without a driver is a clear error here, not a worker that
+    // registers with no throughput and fails at its first round.
+    let device = opts.backend.device(0).map_err(|e| setup(&e))?;
     let cache = LocalStore::open(&opts.cache_dir.join("blobs")).map_err(|e| setup(&e))?;
     let local = match &opts.local_corpus {
         Some(dir) => {
@@ -133,6 +138,7 @@ pub async fn run(
         None => None,
     };
     let mut state = Local {
+        device,
         trainer: None,
         params: None,
         feedback: ErrorFeedback::new(),
@@ -210,13 +216,10 @@ fn refusal(r: HandshakeRefusal, detail: &str) -> String {
 }
 
 /// Measures clips/s of this machine on the run's model (a few steps, after one warm-up).
-fn measure_throughput(run: &Config, backend: Backend, slowdown: f64) -> f32 {
-    let Ok(device) = backend.device(0) else {
-        return 0.0;
-    };
+fn measure_throughput(run: &Config, device: &Device, slowdown: f64) -> f32 {
     let mut cfg = run.clone();
     cfg.train.batch = cfg.train.batch.min(8);
-    let mut t = Trainer::new(cfg.clone(), &device);
+    let mut t = Trainer::new(cfg.clone(), device);
     let source = ClipSource::synthetic(&cfg.model);
     let batch = source.batch(0, 0, cfg.train.batch, &cfg.model);
     t.step(&batch);
@@ -276,8 +279,8 @@ async fn session(
     let samples_per_s = match &st.trainer {
         Some(t) => {
             let run = t.config().clone();
-            let (b, s) = (opts.backend, opts.slowdown);
-            tokio::task::spawn_blocking(move || measure_throughput(&run, b, s))
+            let (d, s) = (st.device.clone(), opts.slowdown);
+            tokio::task::spawn_blocking(move || measure_throughput(&run, &d, s))
                 .await
                 .unwrap_or(0.0)
         }
@@ -340,11 +343,7 @@ async fn session(
         Err(e) => return Ok(lost(e)),
     };
     if st.trainer.as_ref().is_none_or(|t| t.config() != &run) {
-        let device = opts
-            .backend
-            .device(0)
-            .map_err(|e| WorkerError::Setup(e.to_string()))?;
-        let t = Trainer::new(run.clone(), &device);
+        let t = Trainer::new(run.clone(), &st.device);
         // The run's seeded initialisation: round 0's state, with no download.
         let init = GlobalParams {
             model: t.model_flat(),
