@@ -238,9 +238,9 @@ mod wgpu_family {
                         d => format!(" (driver {d})"),
                     };
                     let reason = format!(
-                        "the only adapter is `{}`{driver}, a software rasteriser on the CPU that \
-                         trains far slower than `flex`; set {ALLOW_SOFTWARE_ADAPTER}=1 to use \
-                         it anyway",
+                        "wgpu found no GPU adapter, only `{}`{driver}, a software rasteriser \
+                         on the CPU that trains far slower than `flex`; set \
+                         {ALLOW_SOFTWARE_ADAPTER}=1 to use it anyway",
                         info.name
                     );
                     (Err(reason), None)
