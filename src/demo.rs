@@ -402,19 +402,24 @@ fn downstream(release: &Path) -> Result<(serde_json::Value, serde_json::Value)> 
         curve(&trainer, &possible.pixels, 32, 1),
         curve(&trainer, &impossible.pixels, 32, 1),
     );
+    let span = (m.frames - 1) * ckpt.config.data.frame_step.max(1) + 1;
+    let (a_after, b_after) = (a.peak_from(at, span), b.peak_from(at, span));
     println!(
         "surprise on a violation pair (the object teleports at frame {at}): peak {:.4} possible vs \
-         {:.4} impossible: {}",
+         {:.4} impossible: {}; over the windows that see frame {at} on, {a_after:.4} vs \
+         {b_after:.4}",
         a.peak(),
         b.peak(),
         if b.peak() > a.peak() {
             "the impossible video is the more surprising"
+        } else if b.peak() == a.peak() {
+            "not detected (both peaks lie before the teleport, in windows the twins share)"
         } else {
             "not detected"
         }
     );
     Ok((
         serde_json::json!({"env": kind.to_string(), "rollout_error": [report.rollout_before, report.rollout_after], "probe_r2": r2, "episodes": episodes}),
-        serde_json::json!({"kind": "teleport", "frame": at, "possible_peak": a.peak(), "impossible_peak": b.peak()}),
+        serde_json::json!({"kind": "teleport", "frame": at, "possible_peak": a.peak(), "impossible_peak": b.peak(), "possible_peak_from_frame": a_after, "impossible_peak_from_frame": b_after}),
     ))
 }

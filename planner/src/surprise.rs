@@ -38,6 +38,19 @@ impl Curve {
             .fold(f32::NEG_INFINITY, f32::max)
     }
 
+    /// The highest energy among the windows of `span` frames that see frame `from` or a later
+    /// one (`-inf` if none does): where an event at `from` can show. Twins identical up to
+    /// `from` share every earlier window, so when both peaks lie there they tie, and this is
+    /// the part of the curves that tells them apart.
+    pub fn peak_from(&self, from: usize, span: usize) -> f32 {
+        self.starts
+            .iter()
+            .zip(&self.energy)
+            .filter(|&(&s, _)| s + span > from)
+            .map(|(_, &e)| e)
+            .fold(f32::NEG_INFINITY, f32::max)
+    }
+
     /// Windows whose energy stands out: above the median by more than `k` times the median
     /// absolute deviation (a robust z-score; `k = 3.5` is the usual outlier threshold).
     pub fn spikes(&self, k: f32) -> Vec<usize> {
@@ -196,6 +209,10 @@ mod tests {
         };
         assert_eq!(c.spikes(3.5), vec![4]);
         assert_eq!(c.peak(), 5.0);
+        // Windows of 3 frames: those starting at 4..8 see frame 6 or later.
+        assert_eq!(c.peak_from(6, 3), 5.0);
+        assert_eq!(c.peak_from(7, 3), 1.05);
+        assert_eq!(c.peak_from(20, 3), f32::NEG_INFINITY);
         assert_eq!(split_tokens(4, 16, 2).0.len(), 32);
         assert_eq!(split_tokens(4, 16, 2).1, (32..64).collect::<Vec<u32>>());
     }
