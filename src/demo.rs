@@ -402,8 +402,7 @@ fn downstream(release: &Path) -> Result<(serde_json::Value, serde_json::Value)> 
         curve(&trainer, &possible.pixels, 32, 1),
         curve(&trainer, &impossible.pixels, 32, 1),
     );
-    let span = (m.frames - 1) * ckpt.config.data.frame_step.max(1) + 1;
-    let (a_after, b_after) = (a.peak_from(at, span), b.peak_from(at, span));
+    let (a_after, b_after) = (a.peak_from(at), b.peak_from(at));
     println!(
         "surprise on a violation pair (the object teleports at frame {at}): peak {:.4} possible vs \
          {:.4} impossible: {}; over the windows that see frame {at} on, {a_after:.4} vs \

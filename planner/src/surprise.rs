@@ -12,6 +12,7 @@
 //! peak energy; pairs of a possible video and its impossible twin (identical up to a frame) are
 //! scored IntPhys-style: the impossible one should be the more surprising.
 
+use amity_shared::embed::clip_starts;
 use amity_shared::stats::median;
 use amity_shared::train::{ClipBatch, Trainer};
 
@@ -27,6 +28,8 @@ pub struct Curve {
     pub starts: Vec<usize>,
     /// Its energy.
     pub energy: Vec<f32>,
+    /// Source frames one window covers.
+    pub span: usize,
 }
 
 impl Curve {
@@ -38,15 +41,15 @@ impl Curve {
             .fold(f32::NEG_INFINITY, f32::max)
     }
 
-    /// The highest energy among the windows of `span` frames that see frame `from` or a later
-    /// one (`-inf` if none does): where an event at `from` can show. Twins identical up to
-    /// `from` share every earlier window, so when both peaks lie there they tie, and this is
-    /// the part of the curves that tells them apart.
-    pub fn peak_from(&self, from: usize, span: usize) -> f32 {
+    /// The highest energy among the windows that see frame `from` or a later one (`-inf` if
+    /// none does): where an event at `from` can show. Twins identical up to `from` share every
+    /// earlier window, so when both peaks lie there they tie, and this is the part of the
+    /// curves that tells them apart.
+    pub fn peak_from(&self, from: usize) -> f32 {
         self.starts
             .iter()
             .zip(&self.energy)
-            .filter(|&(&s, _)| s + span > from)
+            .filter(|&(&s, _)| s + self.span > from)
             .map(|(_, &e)| e)
             .fold(f32::NEG_INFINITY, f32::max)
     }
@@ -103,11 +106,7 @@ pub fn curves(
     let step = cfg.data.frame_step.max(1);
     let span = (m.frames - 1) * step + 1;
     let frame_bytes = m.image_size * m.image_size * 3;
-    let starts: Vec<usize> = if frames >= span {
-        (0..=frames - span).step_by(stride.max(1)).collect()
-    } else {
-        Vec::new()
-    };
+    let starts = clip_starts(frames, m.frames, step, stride);
     let grid = m.grid();
     let per_step = grid.height * grid.width;
     let (context, target) = split_tokens(grid.frames, per_step, grid.frames / 2);
@@ -140,6 +139,7 @@ pub fn curves(
         .map(|energy| Curve {
             starts: starts.clone(),
             energy,
+            span,
         })
         .collect()
 }
@@ -206,13 +206,14 @@ mod tests {
         let c = Curve {
             starts: (0..8).collect(),
             energy: vec![1.0, 1.1, 0.9, 1.0, 5.0, 1.05, 0.95, 1.0],
+            span: 3,
         };
         assert_eq!(c.spikes(3.5), vec![4]);
         assert_eq!(c.peak(), 5.0);
         // Windows of 3 frames: those starting at 4..8 see frame 6 or later.
-        assert_eq!(c.peak_from(6, 3), 5.0);
-        assert_eq!(c.peak_from(7, 3), 1.05);
-        assert_eq!(c.peak_from(20, 3), f32::NEG_INFINITY);
+        assert_eq!(c.peak_from(6), 5.0);
+        assert_eq!(c.peak_from(7), 1.05);
+        assert_eq!(c.peak_from(20), f32::NEG_INFINITY);
         assert_eq!(split_tokens(4, 16, 2).0.len(), 32);
         assert_eq!(split_tokens(4, 16, 2).1, (32..64).collect::<Vec<u32>>());
     }
