@@ -10,7 +10,7 @@ use clap::{Args, Subcommand};
 use amity_planner::bench::{PlanBenchOptions, bench_env, pretrain_encoder};
 use amity_planner::env::{ARENA, EnvKind, make};
 use amity_planner::plan::optimise::{Method, SearchConfig};
-use amity_planner::plan::{LatentPlanner, Metric, ReadoutWeights, run_episode};
+use amity_planner::plan::{LatentPlanner, Metric, ReadoutWeights, TWO_LEVEL_WEIGHTS, run_episode};
 use amity_planner::surprise::{Forecaster, curves};
 use amity_planner::surprise_bench::{
     SurpriseBenchOptions, SurpriseScores, run as run_surprise_bench,
@@ -108,6 +108,12 @@ pub enum PlanCommand {
         /// PushBlock 1.
         #[arg(long)]
         arena_weight: Option<f32>,
+        /// Plan on two levels (an environment with a contact rule: PushBlock): the rule picks
+        /// the agent's waypoints from where the frozen probes read the block in the frame and
+        /// in the goal image, the latent planner reaches them with its measured settings
+        /// (position 3, arena 1, a search every step); the weight flags are then not used.
+        #[arg(long)]
+        two_level: bool,
         /// The PNG strip of the first episode.
         #[arg(long, default_value = "plan.png")]
         out: PathBuf,
@@ -291,8 +297,16 @@ pub fn plan(args: PlanArgs) -> Result<()> {
             position_weight,
             object_weight,
             arena_weight,
+            two_level,
             out,
         } => {
+            let rule = match (two_level, env.waypoint_rule()) {
+                (false, _) => None,
+                (true, Some(rule)) => Some(rule),
+                (true, None) => bail!(
+                    "--two-level needs an environment with a contact rule (pushblock); {env} has none"
+                ),
+            };
             let checkpoint = load_checkpoint(&ckpt)?;
             let device = Device::flex();
             let path = world.unwrap_or_else(|| beside(&ckpt, env));
@@ -302,18 +316,34 @@ pub fn plan(args: PlanArgs) -> Result<()> {
                     path.display()
                 )
             })?;
-            let weights =
-                ReadoutWeights::default_with(env, position_weight, object_weight, arena_weight);
-            if weights.any() {
+            let mut p = if let Some(rule) = rule {
                 println!(
-                    "energy: latent distance + read-out terms (position {}, object {}, arena {})",
-                    weights.position, weights.object, weights.arena
+                    "two levels: {env}'s contact rule picks the agent's waypoints, the latent planner \
+                     reaches them (position {}, arena {}, a search every step)",
+                    TWO_LEVEL_WEIGHTS.position, TWO_LEVEL_WEIGHTS.arena
                 );
+                LatentPlanner::two_level(
+                    &wm,
+                    planner,
+                    &SearchConfig::default(),
+                    Metric::L1,
+                    1,
+                    rule,
+                )
             } else {
-                println!("energy: latent distance alone");
-            }
-            let mut p = LatentPlanner::new(&wm, planner, SearchConfig::default(), Metric::L1, 1)
-                .with_readout_weights(weights);
+                let weights =
+                    ReadoutWeights::default_with(env, position_weight, object_weight, arena_weight);
+                if weights.any() {
+                    println!(
+                        "energy: latent distance + read-out terms (position {}, object {}, arena {})",
+                        weights.position, weights.object, weights.arena
+                    );
+                } else {
+                    println!("energy: latent distance alone");
+                }
+                LatentPlanner::new(&wm, planner, SearchConfig::default(), Metric::L1, 1)
+                    .with_readout_weights(weights)
+            };
             let mut e = make(env, wm.encoder.size());
             let mut wins = 0;
             for i in 0..episodes {

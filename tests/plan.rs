@@ -66,6 +66,42 @@ fn collect_train_and_plan_from_the_command_line() {
         "{out}"
     );
     assert!(image::open(&png).is_ok(), "a PNG strip of the rollout");
+    // Two levels: the contact rule picks waypoints, the latent planner reaches them.
+    let out = ok(&amity(&[
+        "plan",
+        "run",
+        "--env",
+        "pushblock",
+        "--ckpt",
+        s(&ckpt),
+        "--episodes",
+        "1",
+        "--max-steps",
+        "2",
+        "--two-level",
+        "--out",
+        s(&png),
+    ]));
+    assert!(
+        out.contains("two levels: pushblock's contact rule"),
+        "{out}"
+    );
+    assert!(out.contains("episode 0:"), "{out}");
+    // PointMaze has no contact rule: refused before anything is loaded.
+    let err = amity(&[
+        "plan",
+        "run",
+        "--env",
+        "pointmaze",
+        "--ckpt",
+        s(&ckpt),
+        "--two-level",
+    ]);
+    let stderr = String::from_utf8_lossy(&err.stderr);
+    assert!(
+        !err.status.success() && stderr.contains("--two-level needs an environment"),
+        "{stderr}"
+    );
     // A world model for another encoder shape is refused with a clear message.
     let err = amity(&[
         "plan",

@@ -15,7 +15,8 @@ use crate::PlannerError;
 use crate::env::{EnvKind, make};
 use crate::plan::optimise::{Method, SearchConfig};
 use crate::plan::{
-    LatentPlanner, Metric, OraclePlanner, Policy, RandomPolicy, ReadoutWeights, run_episode,
+    LatentPlanner, Metric, OraclePlanner, Policy, RandomPolicy, ReadoutWeights, TWO_LEVEL_WEIGHTS,
+    run_episode,
 };
 use crate::world::data::{Trajectory, collect};
 use crate::world::encode::FrameEncoder;
@@ -60,6 +61,12 @@ pub struct EnvReport {
     pub latent_readout: Option<f64>,
     /// Its milliseconds per action.
     pub latent_readout_ms_per_action: Option<f64>,
+    /// The two-level planner ([`LatentPlanner::two_level`]: the environment's contact rule picks
+    /// the agent's waypoints from the probes' readings, the latent planner reaches them); `None`
+    /// for an environment without a rule.
+    pub latent_two_level: Option<f64>,
+    /// Its milliseconds per action.
+    pub latent_two_level_ms_per_action: Option<f64>,
     /// Random policy success rate.
     pub random: f64,
     /// Oracle (true simulator) success rate.
@@ -70,7 +77,7 @@ pub struct EnvReport {
     pub spearman: f64,
     /// The same with the frames really reached encoded (the encoder alone, no predictor).
     pub spearman_encoder: f64,
-    /// Episodes in which a latent planner's agent entered a forbidden zone (both runs).
+    /// Episodes in which a latent planner's agent entered a forbidden zone (all its runs).
     pub forbidden_entries: usize,
     /// Position-probe R² on held-out frames.
     pub probe_r2: f64,
@@ -372,6 +379,17 @@ pub fn bench_env(
         (latent_readout, latent_readout_ms) = (Some(lp), Some(msp));
         entries += ep;
     }
+    let (mut latent_two_level, mut latent_two_level_ms) = (None, None);
+    if let Some(rule) = kind.waypoint_rule() {
+        let mut p = LatentPlanner::two_level(&wm, opts.method, &opts.search, opts.metric, 1, rule);
+        let (lt, mst, et) = rate(kind, size, opts.episodes, opts.max_steps, &mut p);
+        log(format!(
+            "  {kind}: two-level latent planner (contact rule on the probes' readings, position {}, arena {}) {lt:.2} ({mst:.0} ms/action, {et} forbidden entries)",
+            TWO_LEVEL_WEIGHTS.position, TWO_LEVEL_WEIGHTS.arena
+        ));
+        (latent_two_level, latent_two_level_ms) = (Some(lt), Some(mst));
+        entries += et;
+    }
     let (r, _, _) = rate(
         kind,
         size,
@@ -386,6 +404,8 @@ pub fn bench_env(
         latent: l,
         latent_readout,
         latent_readout_ms_per_action: latent_readout_ms,
+        latent_two_level,
+        latent_two_level_ms_per_action: latent_two_level_ms,
         random: r,
         oracle: o,
         ms_per_action: ms,

@@ -68,6 +68,22 @@ impl std::str::FromStr for EnvKind {
     }
 }
 
+/// A task's contact rule, the high level of a two-level plan
+/// ([`crate::plan::LatentPlanner::with_waypoints`]): from the agent's position, the task
+/// object's and the object's target (arena units), where the agent should head next.
+pub type WaypointRule = fn(agent: [f32; 2], object: [f32; 2], target: [f32; 2]) -> [f32; 2];
+
+impl EnvKind {
+    /// The environment's contact rule for a two-level plan, if its task moves an object
+    /// (PushBlock: [`pushblock::push_waypoint`]).
+    pub fn waypoint_rule(self) -> Option<WaypointRule> {
+        match self {
+            EnvKind::PointMaze => None,
+            EnvKind::PushBlock => Some(pushblock::push_waypoint),
+        }
+    }
+}
+
 impl std::fmt::Display for EnvKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
