@@ -71,9 +71,10 @@ impl PushBlock {
 }
 
 /// Where an agent at `agent` should head next to push the block at `block` onto `pad`: the
-/// contact rule of PushBlock, from positions alone. Behind the block (opposite the pad) and on
-/// the push line, it heads through the block towards a point just past the pad; on the wrong
-/// side it goes round, keeping clear of the block; otherwise it heads for the spot behind.
+/// contact rule of PushBlock, from positions alone. Behind the block (opposite the pad) and
+/// within its width of the push line, it heads through the block, at a point on the line just
+/// past the block's far side; on the wrong side it goes round, keeping clear of the block;
+/// otherwise it heads for the spot behind the block on the line.
 ///
 /// The scripted policy of data collection follows it on the true positions; the latent
 /// planner's high level ([`crate::plan::LatentPlanner::with_waypoints`]) follows it on the

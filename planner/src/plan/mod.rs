@@ -16,7 +16,9 @@
 //!   the segments between steps) enters a forbidden zone costs [`FORBIDDEN`] per point of its
 //!   way inside.
 //!   The actions can also be optimised by gradient descent through the predictor
-//!   ([`LatentPlanner::descend`], `Method::Gd`).
+//!   ([`LatentPlanner::descend`], `Method::Gd`). On two levels
+//!   ([`LatentPlanner::two_level`]), a task's contact rule picks the agent's waypoint from the
+//!   probes' readings before each search and the position term aims there.
 //! - [`OraclePlanner`]: the same search on the true simulator (the ceiling), its energy the
 //!   true goal distance averaged over the plan's steps (the position term's stage cost).
 //! - [`RandomPolicy`]: uniform random actions (the floor).
