@@ -10,7 +10,9 @@ use clap::{Args, Subcommand};
 use amity_planner::bench::{PlanBenchOptions, bench_env, pretrain_encoder};
 use amity_planner::env::{ARENA, EnvKind, make};
 use amity_planner::plan::optimise::{Method, SearchConfig};
-use amity_planner::plan::{LatentPlanner, Metric, ReadoutWeights, TWO_LEVEL_WEIGHTS, run_episode};
+use amity_planner::plan::{
+    LatentPlanner, Metric, ReadoutWeights, TWO_LEVEL_HORIZON, TWO_LEVEL_WEIGHTS, run_episode,
+};
 use amity_planner::surprise::{Forecaster, curves};
 use amity_planner::surprise_bench::{
     SurpriseBenchOptions, SurpriseScores, run as run_surprise_bench,
@@ -111,7 +113,8 @@ pub enum PlanCommand {
         /// Plan on two levels (an environment with a contact rule: PushBlock): the rule picks
         /// the agent's waypoints from where the frozen probes read the block in the frame and
         /// in the goal image, the latent planner reaches them with its measured settings
-        /// (position 3, arena 1, a search every step); the weight flags are then not used.
+        /// (position 3, arena 1, a search every step over 4 predictor steps); the weight flags
+        /// are then not used.
         #[arg(long)]
         two_level: bool,
         /// The PNG strip of the first episode.
@@ -319,8 +322,8 @@ pub fn plan(args: PlanArgs) -> Result<()> {
             let mut p = if let Some(rule) = rule {
                 println!(
                     "two levels: {env}'s contact rule picks the agent's waypoints, the latent planner \
-                     reaches them (position {}, arena {}, a search every step)",
-                    TWO_LEVEL_WEIGHTS.position, TWO_LEVEL_WEIGHTS.arena
+                     reaches them (position {}, arena {}, a search every step over {} predictor steps)",
+                    TWO_LEVEL_WEIGHTS.position, TWO_LEVEL_WEIGHTS.arena, TWO_LEVEL_HORIZON
                 );
                 LatentPlanner::two_level(
                     &wm,
