@@ -123,6 +123,10 @@ impl ReadoutWeights {
 ///   ones the world model predicts well (the agent's predicted position is off by ~0.6 arena
 ///   units after one step, 1.7 after four, 3.7 after eight on held-out episodes). The elite mean
 ///   instead of the best candidate as the plan: 6 goals (one fewer than the best, at 8 steps).
+///
+/// `amity bench plan --env pushblock --episodes 50` with these settings: 0.82 at 368 ms per
+/// action (pretrained encoder; 0.90 with a random one), against 0.00 and 0.04 for the flat
+/// latent planner without and with the read-out terms.
 pub const TWO_LEVEL_WEIGHTS: ReadoutWeights = ReadoutWeights {
     position: 3.0,
     object: 0.0,
