@@ -41,20 +41,14 @@ fn collect_train_and_plan_from_the_command_line() {
     let world = dir.join("train/world-pushblock.safetensors");
     assert!(world.exists(), "saved beside the encoder");
     let png = dir.join("plan.png");
-    let out = ok(&amity(&[
-        "plan",
-        "run",
-        "--env",
-        "pushblock",
-        "--ckpt",
-        s(&ckpt),
-        "--episodes",
-        "1",
-        "--max-steps",
-        "3",
-        "--out",
-        s(&png),
-    ]));
+    // One short PushBlock episode with `extra` flags, its strip written to `png`.
+    let plan_run = |extra: &[&str]| {
+        let mut args = vec!["plan", "run", "--env", "pushblock", "--ckpt", s(&ckpt)];
+        args.extend(["--episodes", "1", "--max-steps", "3", "--out", s(&png)]);
+        args.extend(extra);
+        ok(&amity(&args))
+    };
+    let out = plan_run(&[]);
     assert!(
         out.contains("episode 0:") && out.contains("ms per action"),
         "{out}"
@@ -67,21 +61,7 @@ fn collect_train_and_plan_from_the_command_line() {
     );
     assert!(image::open(&png).is_ok(), "a PNG strip of the rollout");
     // Two levels: the contact rule picks waypoints, the latent planner reaches them.
-    let out = ok(&amity(&[
-        "plan",
-        "run",
-        "--env",
-        "pushblock",
-        "--ckpt",
-        s(&ckpt),
-        "--episodes",
-        "1",
-        "--max-steps",
-        "2",
-        "--two-level",
-        "--out",
-        s(&png),
-    ]));
+    let out = plan_run(&["--two-level"]);
     assert!(
         out.contains("two levels: pushblock's contact rule"),
         "{out}"
