@@ -870,18 +870,25 @@ mod tests {
     use crate::world::encode::FrameEncoder;
     use crate::world::{WorldModelConfig, random_checkpoint};
 
-    /// A small PointMaze world model on a random encoder (what the tests can afford).
-    fn world_model() -> WorldModel {
+    /// A small world model of `kind` on a random encoder (what the tests can afford): `episodes`
+    /// collected episodes of `actions` actions from `seed`, `steps` predictor steps of batch
+    /// `batch`, probes fitted on at most `probe_frames` frames.
+    fn world_model(
+        kind: EnvKind,
+        (episodes, actions, seed): (usize, usize, u64),
+        (steps, batch): (u64, usize),
+        probe_frames: usize,
+    ) -> WorldModel {
         let device = Device::flex();
         let ckpt = random_checkpoint("tiny", 0).unwrap();
         let encoder = FrameEncoder::new(&ckpt, &device).unwrap();
-        let trajs = collect(EnvKind::PointMaze, encoder.size(), 80, 16, 5);
+        let trajs = collect(kind, encoder.size(), episodes, actions, seed);
         let cfg = WorldModelConfig {
-            steps: 250,
-            batch: 16,
+            steps,
+            batch,
             ..WorldModelConfig::default()
         };
-        WorldModel::fit(encoder, cfg, &trajs, 1500, &mut |_, _, _| {}).0
+        WorldModel::fit(encoder, cfg, &trajs, probe_frames, &mut |_, _, _| {}).0
     }
 
     #[test]
@@ -934,7 +941,7 @@ mod tests {
 
     #[test]
     fn guardrails_keep_plans_out_of_the_forbidden_zone_and_the_landscape_is_reported() {
-        let wm = world_model();
+        let wm = world_model(EnvKind::PointMaze, (80, 16, 5), (250, 16), 1500);
         let search = SearchConfig {
             samples: 48,
             iterations: 2,
@@ -978,16 +985,7 @@ mod tests {
 
     #[test]
     fn the_two_level_planner_aims_each_search_at_the_rules_waypoint() {
-        let device = Device::flex();
-        let ckpt = random_checkpoint("tiny", 0).unwrap();
-        let encoder = FrameEncoder::new(&ckpt, &device).unwrap();
-        let trajs = collect(EnvKind::PushBlock, encoder.size(), 24, 12, 1);
-        let cfg = WorldModelConfig {
-            steps: 20,
-            batch: 8,
-            ..WorldModelConfig::default()
-        };
-        let wm = WorldModel::fit(encoder, cfg, &trajs, 400, &mut |_, _, _| {}).0;
+        let wm = world_model(EnvKind::PushBlock, (24, 12, 1), (20, 8), 400);
         let rule = EnvKind::PushBlock
             .waypoint_rule()
             .expect("PushBlock has a rule");
