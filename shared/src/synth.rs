@@ -323,8 +323,12 @@ fn conditional_pair(cfg: &SynthConfig, seed: u64, kind: ViolationKind) -> (Synth
         let possible = generate_with(&cfg, s, None);
         let mut impossible = generate_with(&cfg, s, Some(Violation { kind, frame: from }));
         let first = (0..cfg.frames).find(|&f| possible.frame(f) != impossible.frame(f));
-        // Visible, and with a few frames of the impossible future left to see.
-        if let Some(f) = first.filter(|&f| f + 2 < cfg.frames) {
+        // Visible, with a few frames of the impossible future left to see, and broken on an
+        // object the viewer has seen: one that starts behind the occluder and is lost there
+        // leaves an empty scene, which is no violation at all.
+        if let Some(f) = first.filter(|&f| {
+            f + 2 < cfg.frames && seen_before(&impossible.labels, f) >= MIN_SEEN_FRAMES
+        }) {
             impossible.labels.violation = Some(Violation { kind, frame: f });
             return (possible, impossible);
         }
@@ -335,6 +339,18 @@ fn conditional_pair(cfg: &SynthConfig, seed: u64, kind: ViolationKind) -> (Synth
     // Nothing visible in any attempt (a clip too short for the law to matter): the twins are
     // identical and the label says where the law was switched off.
     fallback.expect("at least one attempt")
+}
+
+/// Frames in which a conditional violation's object must be visible before the twins differ:
+/// enough to see it and where it is heading.
+const MIN_SEEN_FRAMES: usize = 2;
+
+/// Frames before `frame` in which the first object is drawn.
+fn seen_before(labels: &VideoLabels, frame: usize) -> usize {
+    labels.frames[..frame]
+        .iter()
+        .filter(|objects| objects.first().is_some_and(|o| o.visible))
+        .count()
 }
 
 fn generate_with(cfg: &SynthConfig, seed: u64, violation: Option<Violation>) -> SynthVideo {
@@ -666,6 +682,30 @@ mod tests {
                 }
                 _ => {}
             }
+        }
+    }
+
+    #[test]
+    fn a_conditional_violation_breaks_the_law_on_an_object_seen_before() {
+        // The surprise bench's videos and seeds. Before this check, 5 of the 17 object-permanence
+        // pairs lost an object that had started behind the occluder: their impossible twin was
+        // an empty scene.
+        let cfg = SynthConfig::for_size(32, 32);
+        for i in 0..100u64 {
+            let kind = ViolationKind::ALL[i as usize % ViolationKind::ALL.len()];
+            if !matches!(
+                kind,
+                ViolationKind::NoReappear | ViolationKind::PassThroughWall
+            ) {
+                continue;
+            }
+            let (_, impossible) = generate_pair(&cfg, 300_000_000 + i, kind);
+            let k = impossible.labels.violation.expect("a violation").frame;
+            let seen = seen_before(&impossible.labels, k);
+            assert!(
+                seen >= MIN_SEEN_FRAMES,
+                "pair {i} ({kind:?}): seen in {seen} frames"
+            );
         }
     }
 }
