@@ -95,9 +95,10 @@ pub enum PlanCommand {
         #[arg(long, default_value = "cem")]
         planner: Method,
         /// Weight (per arena unit) of the position term (the predicted state against where the
-        /// probe puts the agent in the goal image) added to the latent energy. Default per
-        /// environment, as `amity bench plan` measured them: PointMaze 0.5, PushBlock 0 (see
-        /// `ReadoutWeights::default_for`). All three weights 0 plan on the latent distance alone.
+        /// probe puts the agent in the goal image) added to the latent energy of a one-level
+        /// plan. Default per environment, as `amity bench plan` measured them: PointMaze 0.5,
+        /// PushBlock 0 (see `ReadoutWeights::default_for`). All three weights 0 plan on the
+        /// latent distance alone.
         #[arg(long)]
         position_weight: Option<f32>,
         /// Weight (per arena unit) of the object term (where the object probe puts the task's
@@ -110,13 +111,13 @@ pub enum PlanCommand {
         /// PushBlock 1.
         #[arg(long)]
         arena_weight: Option<f32>,
-        /// Plan on two levels (an environment with a contact rule: PushBlock): the rule picks
-        /// the agent's waypoints from where the frozen probes read the block in the frame and
-        /// in the goal image, the latent planner reaches them with its measured settings
-        /// (position 3, arena 1, a search every step over 4 predictor steps); the weight flags
-        /// are then not used.
-        #[arg(long)]
-        two_level: bool,
+        /// Planning levels: 2 (an environment with a contact rule: PushBlock) lets the rule pick
+        /// the agent's waypoints from where the frozen probes read the block in the frame and in
+        /// the goal image, and the latent planner reach them with its measured settings
+        /// (position 3, arena 1, a search every step over 4 predictor steps); 1 plans on the
+        /// energy alone. Default: 2 where the environment has a rule (PushBlock), else 1.
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
+        levels: Option<u8>,
         /// The PNG strip of the first episode.
         #[arg(long, default_value = "plan.png")]
         out: PathBuf,
@@ -300,16 +301,24 @@ pub fn plan(args: PlanArgs) -> Result<()> {
             position_weight,
             object_weight,
             arena_weight,
-            two_level,
+            levels,
             out,
         } => {
-            let rule = match (two_level, env.waypoint_rule()) {
-                (false, _) => None,
-                (true, Some(rule)) => Some(rule),
-                (true, None) => bail!(
-                    "--two-level needs an environment with a contact rule (pushblock); {env} has none"
+            let rule = match (levels, env.waypoint_rule()) {
+                (Some(1), _) | (None, None) => None,
+                (_, Some(rule)) => Some(rule),
+                (Some(_), None) => bail!(
+                    "--levels 2 needs an environment with a contact rule (pushblock); {env} has none"
                 ),
             };
+            if rule.is_some()
+                && (position_weight.is_some() || object_weight.is_some() || arena_weight.is_some())
+            {
+                bail!(
+                    "the weight flags set the one-level energy; {env} plans on two levels \
+                     (pass --levels 1 to plan on one level with them)"
+                );
+            }
             let checkpoint = load_checkpoint(&ckpt)?;
             let device = Device::flex();
             let path = world.unwrap_or_else(|| beside(&ckpt, env));

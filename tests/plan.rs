@@ -48,26 +48,41 @@ fn collect_train_and_plan_from_the_command_line() {
         args.extend(extra);
         ok(&amity(&args))
     };
+    // PushBlock has a contact rule, so it plans on two levels unless told otherwise: the rule
+    // picks waypoints, the latent planner reaches them.
     let out = plan_run(&[]);
     assert!(
         out.contains("episode 0:") && out.contains("ms per action"),
         "{out}"
     );
-    // Without weight flags it plans with the environment's measured read-out weights, as the
-    // bench does.
-    assert!(
-        out.contains("read-out terms (position 0, object 2, arena 1)"),
-        "{out}"
-    );
-    assert!(image::open(&png).is_ok(), "a PNG strip of the rollout");
-    // Two levels: the contact rule picks waypoints, the latent planner reaches them.
-    let out = plan_run(&["--two-level"]);
     assert!(
         out.contains("two levels: pushblock's contact rule"),
         "{out}"
     );
-    assert!(out.contains("episode 0:"), "{out}");
-    // PointMaze has no contact rule: refused before anything is loaded.
+    assert!(image::open(&png).is_ok(), "a PNG strip of the rollout");
+    // One level plans with the environment's measured read-out weights, as the bench does.
+    let out = plan_run(&["--levels", "1"]);
+    assert!(
+        out.contains("read-out terms (position 0, object 2, arena 1)"),
+        "{out}"
+    );
+    // Weight flags set the one-level energy: with two levels they are refused, not ignored.
+    let err = amity(&[
+        "plan",
+        "run",
+        "--env",
+        "pushblock",
+        "--ckpt",
+        s(&ckpt),
+        "--object-weight",
+        "1",
+    ]);
+    let stderr = String::from_utf8_lossy(&err.stderr);
+    assert!(
+        !err.status.success() && stderr.contains("pass --levels 1"),
+        "{stderr}"
+    );
+    // PointMaze has no contact rule: two levels are refused before anything is loaded.
     let err = amity(&[
         "plan",
         "run",
@@ -75,11 +90,12 @@ fn collect_train_and_plan_from_the_command_line() {
         "pointmaze",
         "--ckpt",
         s(&ckpt),
-        "--two-level",
+        "--levels",
+        "2",
     ]);
     let stderr = String::from_utf8_lossy(&err.stderr);
     assert!(
-        !err.status.success() && stderr.contains("--two-level needs an environment"),
+        !err.status.success() && stderr.contains("--levels 2 needs an environment"),
         "{stderr}"
     );
     // A world model for another encoder shape is refused with a clear message.
