@@ -66,50 +66,29 @@ fn collect_train_and_plan_from_the_command_line() {
         out.contains("read-out terms (position 0, object 2, arena 1)"),
         "{out}"
     );
+    // `plan run` with `args` fails, saying `why`.
+    let refused = |args: &[&str], why: &str| {
+        let mut all = vec!["plan", "run", "--ckpt", s(&ckpt)];
+        all.extend(args);
+        let err = amity(&all);
+        let stderr = String::from_utf8_lossy(&err.stderr);
+        assert!(!err.status.success() && stderr.contains(why), "{stderr}");
+    };
     // Weight flags set the one-level energy: with two levels they are refused, not ignored.
-    let err = amity(&[
-        "plan",
-        "run",
-        "--env",
-        "pushblock",
-        "--ckpt",
-        s(&ckpt),
-        "--object-weight",
-        "1",
-    ]);
-    let stderr = String::from_utf8_lossy(&err.stderr);
-    assert!(
-        !err.status.success() && stderr.contains("pass --levels 1"),
-        "{stderr}"
+    refused(
+        &["--env", "pushblock", "--object-weight", "1"],
+        "pass --levels 1",
     );
     // PointMaze has no contact rule: two levels are refused before anything is loaded.
-    let err = amity(&[
-        "plan",
-        "run",
-        "--env",
-        "pointmaze",
-        "--ckpt",
-        s(&ckpt),
-        "--levels",
-        "2",
-    ]);
-    let stderr = String::from_utf8_lossy(&err.stderr);
-    assert!(
-        !err.status.success() && stderr.contains("--levels 2 needs an environment"),
-        "{stderr}"
+    refused(
+        &["--env", "pointmaze", "--levels", "2"],
+        "--levels 2 needs an environment",
     );
     // A world model for another encoder shape is refused with a clear message.
-    let err = amity(&[
-        "plan",
-        "run",
-        "--env",
-        "pushblock",
-        "--ckpt",
-        s(&ckpt),
-        "--world",
-        s(&ckpt),
-    ]);
-    assert!(!err.status.success());
+    refused(
+        &["--env", "pushblock", "--world", s(&ckpt)],
+        "loading the world model",
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
