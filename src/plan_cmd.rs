@@ -596,6 +596,7 @@ pub fn bench_surprise(a: SurpriseBenchArgs) -> Result<()> {
     row("paired acc.", &|s| s.paired_accuracy);
     row("AUROC", &|s| s.auroc);
     row("energy (poss.)", &|s| s.possible_energy);
+    row("ties (shared)", &|s| s.ties);
     for (i, (kind, _)) in r.trained.per_kind.iter().enumerate() {
         row(kind, &|s| s.per_kind[i].1);
     }
@@ -604,6 +605,7 @@ pub fn bench_surprise(a: SurpriseBenchArgs) -> Result<()> {
             "paired_accuracy": s.paired_accuracy,
             "auroc": s.auroc,
             "possible_energy": s.possible_energy,
+            "ties": s.ties,
         })
     };
     println!(
@@ -613,6 +615,7 @@ pub fn bench_surprise(a: SurpriseBenchArgs) -> Result<()> {
             "paired_accuracy": r.trained.paired_accuracy,
             "auroc": r.trained.auroc,
             "possible_energy": r.trained.possible_energy,
+            "ties": r.trained.ties,
             "random_init": scores(&r.random),
             "persistence": scores(&r.persistence),
             "per_kind": r.trained.per_kind,

@@ -179,6 +179,8 @@ fn the_surprise_bench_scores_the_predictor_beside_its_baselines() {
         assert!(scores["auroc"].as_f64().is_some(), "{last}");
         let energy = scores["possible_energy"].as_f64().expect("an energy");
         assert!(energy.is_finite() && energy > 0.0, "{last}");
+        let ties = scores["ties"].as_f64().expect("a share of ties");
+        assert!((0.0..=1.0).contains(&ties), "{last}");
     }
     // One row per violation kind, the three forecasters side by side.
     assert_eq!(json["per_kind"].as_array().map(Vec::len), Some(6), "{last}");

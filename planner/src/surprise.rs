@@ -174,6 +174,16 @@ pub fn paired_accuracy(pairs: &[(f32, f32)]) -> f64 {
     wins / pairs.len() as f64
 }
 
+/// The share of pairs whose two videos are equally surprising. Twins are identical up to the
+/// violation, so a tie means both peaks lie in the shared part: the violation did not stand out
+/// from what came before it (such pairs count half in [`paired_accuracy`]).
+pub fn tie_share(pairs: &[(f32, f32)]) -> f64 {
+    if pairs.is_empty() {
+        return f64::NAN;
+    }
+    pairs.iter().filter(|(p, i)| p == i).count() as f64 / pairs.len() as f64
+}
+
 /// Area under the ROC curve of telling impossible videos (positives) from possible ones by
 /// their surprise, pooled over all videos (the Mann-Whitney U statistic, ties counted half).
 pub fn auroc(possible: &[f32], impossible: &[f32]) -> f64 {
@@ -200,6 +210,11 @@ mod tests {
     #[test]
     fn scores_and_spikes() {
         assert_eq!(paired_accuracy(&[(1.0, 2.0), (2.0, 1.0), (1.0, 1.0)]), 0.5);
+        assert_eq!(
+            tie_share(&[(1.0, 2.0), (2.0, 1.0), (1.0, 1.0), (3.0, 3.0)]),
+            0.5
+        );
+        assert!(tie_share(&[]).is_nan());
         assert_eq!(auroc(&[0.1, 0.2], &[0.3, 0.4]), 1.0);
         assert_eq!(auroc(&[0.3, 0.4], &[0.1, 0.2]), 0.0);
         assert_eq!(auroc(&[0.1, 0.3], &[0.2, 0.4]), 0.75);

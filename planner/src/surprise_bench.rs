@@ -14,7 +14,7 @@ use amity_shared::data::ClipSource;
 use amity_shared::synth::{SynthConfig, ViolationKind, generate_pair};
 use amity_shared::train::Trainer;
 
-use crate::surprise::{Forecaster, auroc, curves, paired_accuracy};
+use crate::surprise::{Forecaster, auroc, curves, paired_accuracy, tie_share};
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -39,6 +39,8 @@ pub struct SurpriseScores {
     pub paired_accuracy: f64,
     /// AUROC of impossible vs possible videos by peak surprise.
     pub auroc: f64,
+    /// Share of pairs whose peaks are equal (both in the twins' shared part; counted half).
+    pub ties: f64,
     /// Paired accuracy per violation kind.
     pub per_kind: Vec<(String, f64)>,
     /// Mean window energy over the possible videos: how well the forecaster predicts what
@@ -100,6 +102,7 @@ fn scores(
             let (pos, neg): (Vec<f32>, Vec<f32>) = peaks.iter().copied().unzip();
             SurpriseScores {
                 paired_accuracy: paired_accuracy(peaks),
+                ties: tie_share(peaks),
                 auroc: auroc(&pos, &neg),
                 per_kind,
                 possible_energy: sum / windows.max(1) as f64,
