@@ -11,7 +11,7 @@ use serde::Serialize;
 use amity_shared::checkpoint::Checkpoint;
 use amity_shared::config::Config;
 use amity_shared::data::ClipSource;
-use amity_shared::synth::{SynthConfig, ViolationKind, generate_pair};
+use amity_shared::synth::{SynthConfig, ViolationKind, bench_pair};
 use amity_shared::train::Trainer;
 
 use crate::surprise::{Forecaster, auroc, curves, paired_accuracy, tie_share};
@@ -161,8 +161,7 @@ pub fn run(opts: &SurpriseBenchOptions, log: &mut dyn FnMut(u64, f64)) -> Surpri
     let cfg = SynthConfig::for_size(m.image_size, opts.frames);
     let pairs: Vec<(ViolationKind, Vec<u8>, Vec<u8>)> = (0..opts.pairs)
         .map(|i| {
-            let kind = ViolationKind::ALL[i % ViolationKind::ALL.len()];
-            let (p, q) = generate_pair(&cfg, 300_000_000 + i as u64, kind);
+            let (kind, p, q) = bench_pair(&cfg, i);
             (kind, p.pixels, q.pixels)
         })
         .collect();

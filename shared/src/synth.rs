@@ -94,6 +94,12 @@ impl ViolationKind {
         ViolationKind::NoReappear,
         ViolationKind::PassThroughWall,
     ];
+
+    /// The kind of the `i`-th pair of a set in which the kinds take turns (the surprise bench,
+    /// `amity corpus synth --violations`).
+    pub fn in_turn(i: usize) -> ViolationKind {
+        Self::ALL[i % Self::ALL.len()]
+    }
 }
 
 /// A violation injected at a frame of a video.
@@ -287,6 +293,18 @@ pub fn generate_pair(
         }
         _ => immediate_pair(cfg, seed, kind),
     }
+}
+
+/// Seed of the surprise bench's first pair: pair `i` is drawn from `BENCH_PAIR_SEED + i`
+/// ([`bench_pair`]), the same pairs for every encoder scored.
+pub const BENCH_PAIR_SEED: u64 = 300_000_000;
+
+/// The surprise bench's `i`-th pair: its kind ([`ViolationKind::in_turn`]), the possible video
+/// and its impossible twin.
+pub fn bench_pair(cfg: &SynthConfig, i: usize) -> (ViolationKind, SynthVideo, SynthVideo) {
+    let kind = ViolationKind::in_turn(i);
+    let (possible, impossible) = generate_pair(cfg, BENCH_PAIR_SEED + i as u64, kind);
+    (kind, possible, impossible)
 }
 
 /// A pair for a violation that is visible at once (vanish, teleport, shape, colour).
@@ -691,15 +709,14 @@ mod tests {
         // pairs lost an object that had started behind the occluder: their impossible twin was
         // an empty scene.
         let cfg = SynthConfig::for_size(32, 32);
-        for i in 0..100u64 {
-            let kind = ViolationKind::ALL[i as usize % ViolationKind::ALL.len()];
+        for i in 0..100 {
             if !matches!(
-                kind,
+                ViolationKind::in_turn(i),
                 ViolationKind::NoReappear | ViolationKind::PassThroughWall
             ) {
                 continue;
             }
-            let (_, impossible) = generate_pair(&cfg, 300_000_000 + i, kind);
+            let (kind, _, impossible) = bench_pair(&cfg, i);
             let k = impossible.labels.violation.expect("a violation").frame;
             let seen = seen_before(&impossible.labels, k);
             assert!(

@@ -137,7 +137,7 @@ fn write_item(out: &Path, opts: &SynthCorpusOptions, cfg: &SynthConfig, i: usize
         Ok(std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0))
     };
     if opts.violations {
-        let kind = ViolationKind::ALL[i % ViolationKind::ALL.len()];
+        let kind = ViolationKind::in_turn(i);
         let (possible, impossible) = generate_pair(cfg, seed, kind);
         let frame = impossible.labels.violation.map_or(0, |v| v.frame);
         let (a, b) = (
