@@ -10,9 +10,7 @@ use clap::{Args, Subcommand};
 use amity_planner::bench::{PlanBenchOptions, bench_env, pretrain_encoder};
 use amity_planner::env::{ARENA, EnvKind, make};
 use amity_planner::plan::optimise::{Method, SearchConfig};
-use amity_planner::plan::{
-    LatentPlanner, Metric, ReadoutWeights, TWO_LEVEL_HORIZON, TWO_LEVEL_WEIGHTS, run_episode,
-};
+use amity_planner::plan::{LatentPlanner, Metric, ReadoutWeights, run_episode, two_level_settings};
 use amity_planner::surprise::{Forecaster, curves};
 use amity_planner::surprise_bench::{
     SurpriseBenchOptions, SurpriseScores, run as run_surprise_bench,
@@ -331,8 +329,8 @@ pub fn plan(args: PlanArgs) -> Result<()> {
             let mut p = if let Some(rule) = rule {
                 println!(
                     "two levels: {env}'s contact rule picks the agent's waypoints, the latent planner \
-                     reaches them (position {}, arena {}, a search every step over {} predictor steps)",
-                    TWO_LEVEL_WEIGHTS.position, TWO_LEVEL_WEIGHTS.arena, TWO_LEVEL_HORIZON
+                     reaches them ({})",
+                    two_level_settings()
                 );
                 LatentPlanner::two_level(
                     &wm,

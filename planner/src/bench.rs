@@ -15,8 +15,8 @@ use crate::PlannerError;
 use crate::env::{EnvKind, make};
 use crate::plan::optimise::{Method, SearchConfig};
 use crate::plan::{
-    LatentPlanner, Metric, OraclePlanner, Policy, RandomPolicy, ReadoutWeights, TWO_LEVEL_HORIZON,
-    TWO_LEVEL_WEIGHTS, run_episode,
+    LatentPlanner, Metric, OraclePlanner, Policy, RandomPolicy, ReadoutWeights, run_episode,
+    two_level_settings,
 };
 use crate::world::data::{Trajectory, collect};
 use crate::world::encode::FrameEncoder;
@@ -384,8 +384,8 @@ pub fn bench_env(
         let mut p = LatentPlanner::two_level(&wm, opts.method, &opts.search, opts.metric, 1, rule);
         let (lt, mst, et) = rate(kind, size, opts.episodes, opts.max_steps, &mut p);
         log(format!(
-            "  {kind}: two-level latent planner (contact rule on the probes' readings, position {}, arena {}, horizon {}) {lt:.2} ({mst:.0} ms/action, {et} forbidden entries)",
-            TWO_LEVEL_WEIGHTS.position, TWO_LEVEL_WEIGHTS.arena, TWO_LEVEL_HORIZON
+            "  {kind}: two-level latent planner (contact rule on the probes' readings, {}) {lt:.2} ({mst:.0} ms/action, {et} forbidden entries)",
+            two_level_settings()
         ));
         (latent_two_level, latent_two_level_ms) = (Some(lt), Some(mst));
         entries += et;

@@ -136,6 +136,14 @@ pub const TWO_LEVEL_WEIGHTS: ReadoutWeights = ReadoutWeights {
 /// Predictor steps per plan of the two-level planner (see [`TWO_LEVEL_WEIGHTS`]).
 pub const TWO_LEVEL_HORIZON: usize = 4;
 
+/// The two-level planner's settings in words, for logs and the command line.
+pub fn two_level_settings() -> String {
+    format!(
+        "position {}, arena {}, a search every step over {} predictor steps",
+        TWO_LEVEL_WEIGHTS.position, TWO_LEVEL_WEIGHTS.arena, TWO_LEVEL_HORIZON
+    )
+}
+
 /// How close to the arena's edge (arena units) a body's centre can be: the smallest agent radius
 /// of the bundled environments. The arena term counts only predictions beyond it.
 pub const ARENA_MARGIN: f32 = 0.8;
