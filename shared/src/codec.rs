@@ -1,9 +1,12 @@
 //! Compression codecs for pseudo-gradients and state deltas, and error feedback.
 //!
 //! One codec is a [`CodecSpec`]: optional top-k sparsification (keep the `k` entries of largest
-//! magnitude, `k = ceil(fraction * len)`), then a value coding of what is kept: `fp32`, `fp16`,
-//! `bf16` or blockwise `int8` (one `f32` absmax scale per block). Written `fp32`, `bf16`,
-//! `int8`, `int8/256` (block size), `topk0.01+int8`, ... ([`CodecSpec::from_str`]).
+//! magnitude, `k = ceil(fraction * len)`, over the whole vector or, *chunked*, in every chunk
+//! of `C` values), then a value coding of what is kept: `fp32`, `fp16`, `bf16`, blockwise `int8`
+//! (one `f32` absmax scale per block) or blockwise `int2` (four levels, `±s` and `±s/3`).
+//! Written `fp32`, `bf16`, `int8`, `int8/256` (block size), `topk0.01+int8`,
+//! `topk0.015625/4096+int2` (chunked), ... ([`CodecSpec::from_str`]). `sparseloco` names
+//! SparseLoCo's recipe (Sarfi et al. 2025): 64 of every 4096 values (1/64), 2-bit values.
 //!
 //! Lossy codecs lose information every round; [`ErrorFeedback`] keeps what was not sent (the
 //! residual) on the sender and adds it to the next update, so that the sum of what was sent
@@ -14,8 +17,11 @@
 //!
 //! ```text
 //! "AMUP" | format 1 (u8) | value kind (u8) | sparse (u8) | 0 (u8) | len (u64) | block (u32) | k (u64)
-//! [sparse: k index gaps as LEB128 varints; the first is the index itself]
+//! [sparse 1: k index gaps as LEB128 varints; the first is the index itself]
+//! [sparse 2 (chunked): chunk size C (u32), then per chunk of C values (the last may be
+//!  shorter): kept count (u16), then that many u16 offsets in the chunk, strictly increasing]
 //! values: fp32 k*4 | fp16/bf16 k*2 | int8: ceil(k/block) f32 scales, then k i8
+//!         | int2: ceil(k/block) f32 scales, then k 2-bit codes, four to a byte, low bits first
 //! ```
 
 use std::fmt;
@@ -42,6 +48,11 @@ pub enum ValueCoding {
         /// Values per scale.
         block: u32,
     },
+    /// Two bits a value: `-s, -s/3, s/3, s` with `s` each block's absolute maximum.
+    Int2 {
+        /// Values per scale.
+        block: u32,
+    },
 }
 
 impl ValueCoding {
@@ -51,9 +62,23 @@ impl ValueCoding {
             ValueCoding::F16 => 1,
             ValueCoding::Bf16 => 2,
             ValueCoding::Int8 { .. } => 3,
+            ValueCoding::Int2 { .. } => 4,
+        }
+    }
+
+    fn block(self) -> u32 {
+        match self {
+            ValueCoding::Int8 { block } | ValueCoding::Int2 { block } => block,
+            _ => 0,
         }
     }
 }
+
+/// Default int2 block: 64 values share one scale (one chunk's kept values in `sparseloco`).
+pub const DEFAULT_INT2_BLOCK: u32 = 64;
+
+/// The largest top-k chunk (offsets and counts are `u16`).
+pub const MAX_CHUNK: u32 = 65_535;
 
 /// Default int8 block: 256 values share one scale (1.6% overhead).
 pub const DEFAULT_INT8_BLOCK: u32 = 256;
@@ -63,6 +88,9 @@ pub const DEFAULT_INT8_BLOCK: u32 = 256;
 pub struct CodecSpec {
     /// Fraction of entries kept by top-k (`None`: dense).
     pub topk: Option<f32>,
+    /// Top-k within every chunk of this many values instead of over the whole vector (only
+    /// with `topk`): the kept entries spread over the vector, and each index costs 2 bytes.
+    pub chunk: Option<u32>,
     /// How the kept values are written.
     pub values: ValueCoding,
 }
@@ -71,8 +99,33 @@ impl CodecSpec {
     /// Dense fp32: exact, the uncompressed reference.
     pub const FP32: CodecSpec = CodecSpec {
         topk: None,
+        chunk: None,
         values: ValueCoding::F32,
     };
+
+    /// SparseLoCo's recipe: top 64 of every 4096 values, 2-bit values (`sparseloco`).
+    pub const SPARSELOCO: CodecSpec = CodecSpec {
+        topk: Some(1.0 / 64.0),
+        chunk: Some(4096),
+        values: ValueCoding::Int2 {
+            block: DEFAULT_INT2_BLOCK,
+        },
+    };
+
+    /// The same value coding without top-k (2-bit values become int8): what a flush sends, so
+    /// that no error-feedback residual is left behind beyond int8 rounding.
+    pub fn dense(&self) -> CodecSpec {
+        CodecSpec {
+            topk: None,
+            chunk: None,
+            values: match self.values {
+                ValueCoding::Int2 { .. } => ValueCoding::Int8 {
+                    block: DEFAULT_INT8_BLOCK,
+                },
+                v => v,
+            },
+        }
+    }
 
     /// Whether decoding gives back exactly what was encoded.
     pub fn is_lossless(&self) -> bool {
@@ -100,8 +153,9 @@ impl CodecSpec {
 /// A codec name that does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "unknown codec `{0}`: expected fp32, fp16, bf16, int8 or int8/<block>, optionally after \
-     topk<fraction>+ (e.g. topk0.01+int8)"
+    "unknown codec `{0}`: expected fp32, fp16, bf16, int8, int8/<block>, int2 or int2/<block>, \
+     optionally after topk<fraction>+ or topk<fraction>/<chunk>+ (e.g. topk0.01+int8, \
+     topk0.015625/4096+int2), or sparseloco"
 )]
 pub struct BadCodecName(pub String);
 
@@ -110,43 +164,70 @@ impl FromStr for CodecSpec {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || BadCodecName(s.to_owned());
-        let (topk, values) = match s.split_once('+') {
+        if s == "sparseloco" {
+            return Ok(CodecSpec::SPARSELOCO);
+        }
+        let (topk, chunk, values) = match s.split_once('+') {
             Some((k, v)) => {
-                let f: f32 = k
-                    .strip_prefix("topk")
-                    .and_then(|f| f.parse().ok())
-                    .ok_or_else(bad)?;
+                let k = k.strip_prefix("topk").ok_or_else(bad)?;
+                let (f, chunk) = match k.split_once('/') {
+                    Some((f, c)) => {
+                        let c: u32 = c
+                            .parse()
+                            .ok()
+                            .filter(|c| (1..=MAX_CHUNK).contains(c))
+                            .ok_or_else(bad)?;
+                        (f, Some(c))
+                    }
+                    None => (k, None),
+                };
+                let f: f32 = f.parse().map_err(|_| bad())?;
                 if !(f > 0.0 && f <= 1.0) {
                     return Err(bad());
                 }
-                (Some(f), v)
+                (Some(f), chunk, v)
             }
-            None => (None, s),
+            None => (None, None, s),
+        };
+        let block = |prefix: &str, default: u32| -> Option<u32> {
+            match values.strip_prefix(prefix)? {
+                "" => Some(default),
+                b => b.strip_prefix('/')?.parse().ok().filter(|&b| b > 0),
+            }
         };
         let values = match values {
             "fp32" => ValueCoding::F32,
             "fp16" => ValueCoding::F16,
             "bf16" => ValueCoding::Bf16,
-            "int8" => ValueCoding::Int8 {
-                block: DEFAULT_INT8_BLOCK,
-            },
-            other => {
-                let block: u32 = other
-                    .strip_prefix("int8/")
-                    .and_then(|b| b.parse().ok())
-                    .filter(|&b| b > 0)
-                    .ok_or_else(bad)?;
-                ValueCoding::Int8 { block }
+            _ => {
+                if let Some(block) = block("int8", DEFAULT_INT8_BLOCK) {
+                    ValueCoding::Int8 { block }
+                } else if let Some(block) = block("int2", DEFAULT_INT2_BLOCK) {
+                    ValueCoding::Int2 { block }
+                } else {
+                    return Err(bad());
+                }
             }
         };
-        Ok(CodecSpec { topk, values })
+        Ok(CodecSpec {
+            topk,
+            chunk,
+            values,
+        })
     }
 }
 
 impl fmt::Display for CodecSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if *self == CodecSpec::SPARSELOCO {
+            return write!(f, "sparseloco");
+        }
         if let Some(k) = self.topk {
-            write!(f, "topk{k}+")?;
+            write!(f, "topk{k}")?;
+            if let Some(c) = self.chunk {
+                write!(f, "/{c}")?;
+            }
+            write!(f, "+")?;
         }
         match self.values {
             ValueCoding::F32 => write!(f, "fp32"),
@@ -154,6 +235,8 @@ impl fmt::Display for CodecSpec {
             ValueCoding::Bf16 => write!(f, "bf16"),
             ValueCoding::Int8 { block } if block == DEFAULT_INT8_BLOCK => write!(f, "int8"),
             ValueCoding::Int8 { block } => write!(f, "int8/{block}"),
+            ValueCoding::Int2 { block } if block == DEFAULT_INT2_BLOCK => write!(f, "int2"),
+            ValueCoding::Int2 { block } => write!(f, "int2/{block}"),
         }
     }
 }
@@ -193,14 +276,40 @@ pub enum CodecError {
 /// Encodes `values` with `spec`.
 pub fn encode(spec: &CodecSpec, values: &[f32]) -> Vec<u8> {
     let len = values.len();
-    let k = spec.kept(len);
-    let block = match spec.values {
-        ValueCoding::Int8 { block } => block,
-        _ => 0,
+    let block = spec.values.block();
+    let sparse = match (spec.topk, spec.chunk) {
+        (None, _) => 0u8,
+        (Some(_), None) => 1,
+        (Some(_), Some(_)) => 2,
     };
+    if let (Some(_), Some(c)) = (spec.topk, spec.chunk) {
+        // Chunked: every chunk keeps its own top entries, indices as u16 offsets.
+        let c = c as usize;
+        let mut counts_and_offsets = Vec::new();
+        let mut kept = Vec::new();
+        for (n, part) in values.chunks(c).enumerate() {
+            let idx = top_k_indices(part, spec.kept(part.len()));
+            counts_and_offsets.extend_from_slice(&(idx.len() as u16).to_le_bytes());
+            for &i in &idx {
+                counts_and_offsets.extend_from_slice(&(i as u16).to_le_bytes());
+                kept.push(values[n * c + i as usize]);
+            }
+        }
+        let mut out = Vec::with_capacity(HEADER + 4 + counts_and_offsets.len() + kept.len());
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&[FORMAT, spec.values.kind(), sparse, 0]);
+        out.extend_from_slice(&(len as u64).to_le_bytes());
+        out.extend_from_slice(&block.to_le_bytes());
+        out.extend_from_slice(&(kept.len() as u64).to_le_bytes());
+        out.extend_from_slice(&(c as u32).to_le_bytes());
+        out.extend_from_slice(&counts_and_offsets);
+        write_values(&mut out, spec.values, &kept);
+        return out;
+    }
+    let k = spec.kept(len);
     let mut out = Vec::with_capacity(HEADER + k * 5);
     out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&[FORMAT, spec.values.kind(), spec.topk.is_some() as u8, 0]);
+    out.extend_from_slice(&[FORMAT, spec.values.kind(), sparse, 0]);
     out.extend_from_slice(&(len as u64).to_le_bytes());
     out.extend_from_slice(&block.to_le_bytes());
     out.extend_from_slice(&(k as u64).to_le_bytes());
@@ -249,6 +358,7 @@ pub fn decode(bytes: &[u8], want: usize) -> Result<Vec<f32>, CodecError> {
         1 => ValueCoding::F16,
         2 => ValueCoding::Bf16,
         3 if block > 0 => ValueCoding::Int8 { block },
+        4 if block > 0 => ValueCoding::Int2 { block },
         other => {
             return Err(CodecError::Header(format!(
                 "value coding {other} (block {block})"
@@ -258,13 +368,15 @@ pub fn decode(bytes: &[u8], want: usize) -> Result<Vec<f32>, CodecError> {
     let sparse = match bytes[6] {
         0 if k == len => false,
         0 => return Err(CodecError::Header("dense update with k != len".into())),
-        1 => true,
+        1 | 2 => true,
         other => return Err(CodecError::Header(format!("sparse flag {other}"))),
     };
     let k = k as usize;
     let mut at = HEADER;
     let mut indices = Vec::new();
-    if sparse {
+    if bytes[6] == 2 {
+        indices = read_chunked_indices(bytes, &mut at, want, k)?;
+    } else if sparse {
         indices.reserve(k);
         let mut prev: u64 = 0;
         for n in 0..k {
@@ -373,6 +485,63 @@ pub fn top_k_indices(values: &[f32], k: usize) -> Vec<u32> {
     idx
 }
 
+/// The indices of a chunked update (sparse flag 2), validated: a chunk size in
+/// `1..=MAX_CHUNK`, per chunk a count no larger than the chunk and strictly increasing offsets
+/// inside it, and `k` kept values in all.
+fn read_chunked_indices(
+    bytes: &[u8],
+    at: &mut usize,
+    len: usize,
+    k: usize,
+) -> Result<Vec<u32>, CodecError> {
+    let u16_at = |at: &mut usize| -> Result<u16, CodecError> {
+        let b = bytes
+            .get(*at..*at + 2)
+            .ok_or_else(|| CodecError::Body("truncated chunk index list".into()))?;
+        *at += 2;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    };
+    let c = bytes
+        .get(*at..*at + 4)
+        .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+        .ok_or_else(|| CodecError::Body("missing chunk size".into()))?;
+    *at += 4;
+    if !(1..=MAX_CHUNK).contains(&c) {
+        return Err(CodecError::Header(format!(
+            "chunk size {c} (1 to {MAX_CHUNK})"
+        )));
+    }
+    let c = c as usize;
+    let mut indices = Vec::with_capacity(k);
+    for start in (0..len).step_by(c) {
+        let chunk_len = c.min(len - start);
+        let count = u16_at(at)? as usize;
+        if count > chunk_len || indices.len() + count > k {
+            return Err(CodecError::Body(format!(
+                "chunk at {start} keeps {count} of {chunk_len} values ({k} in all)"
+            )));
+        }
+        let mut prev: Option<u16> = None;
+        for _ in 0..count {
+            let i = u16_at(at)?;
+            if prev.is_some_and(|p| i <= p) || i as usize >= chunk_len {
+                return Err(CodecError::Body(format!(
+                    "chunk at {start}: offset {i} out of order or past {chunk_len}"
+                )));
+            }
+            prev = Some(i);
+            indices.push((start + i as usize) as u32);
+        }
+    }
+    if indices.len() != k {
+        return Err(CodecError::Body(format!(
+            "chunks keep {} values, the header says {k}",
+            indices.len()
+        )));
+    }
+    Ok(indices)
+}
+
 fn write_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
@@ -438,7 +607,50 @@ fn write_values(out: &mut Vec<u8>, coding: ValueCoding, values: &[f32]) {
                 }
             }
         }
+        ValueCoding::Int2 { block } => {
+            let scales: Vec<f32> = values
+                .chunks(block as usize)
+                .map(|b| {
+                    if b.iter().any(|v| !v.is_finite()) {
+                        return f32::NAN;
+                    }
+                    b.iter().fold(0.0f32, |m, v| m.max(v.abs()))
+                })
+                .collect();
+            for s in &scales {
+                out.extend_from_slice(&s.to_le_bytes());
+            }
+            let codes: Vec<u8> = values
+                .chunks(block as usize)
+                .zip(&scales)
+                .flat_map(|(b, s)| {
+                    b.iter().map(move |v| {
+                        // Levels -s, -s/3, s/3, s are codes 0..=3.
+                        if *s > 0.0 {
+                            (v / s * 1.5 + 1.5).round().clamp(0.0, 3.0) as u8
+                        } else {
+                            1
+                        }
+                    })
+                })
+                .collect();
+            for four in codes.chunks(4) {
+                out.push(
+                    four.iter()
+                        .enumerate()
+                        .fold(0u8, |byte, (i, c)| byte | (c << (2 * i))),
+                );
+            }
+        }
     }
+}
+
+/// The value of 2-bit `code` (0..=3) at scale `s`.
+fn int2_level(code: u8, s: f32) -> f32 {
+    if s == 0.0 {
+        return 0.0;
+    }
+    (code as f32 - 1.5) / 1.5 * s
 }
 
 fn read_values(
@@ -482,6 +694,26 @@ fn read_values(
             q.chunks(block as usize)
                 .zip(&scales)
                 .flat_map(|(b, s)| b.iter().map(move |&q| q as i8 as f32 * s))
+                .collect()
+        }
+        ValueCoding::Int2 { block } => {
+            let blocks = k.div_ceil(block as usize);
+            let scales: Vec<f32> = take(at, blocks.saturating_mul(4))?
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+                .collect();
+            if let Some(s) = scales.iter().find(|s| !(s.is_finite() && **s >= 0.0)) {
+                return Err(CodecError::Body(format!("int2 block scale {s}")));
+            }
+            let packed = take(at, k.div_ceil(4))?;
+            if !k.is_multiple_of(4) && packed.last().is_some_and(|b| b >> (2 * (k % 4)) != 0) {
+                return Err(CodecError::Body("int2 padding bits set".into()));
+            }
+            (0..k)
+                .map(|i| {
+                    let code = (packed[i / 4] >> (2 * (i % 4))) & 3;
+                    int2_level(code, scales[i / block as usize])
+                })
                 .collect()
         }
     })
@@ -579,6 +811,9 @@ mod tests {
             "topk0.01+fp32",
             "topk0.1+int8",
             "topk0.05+bf16",
+            "int2/16",
+            "topk0.1/64+int8",
+            "sparseloco",
         ]
         .iter()
         .map(|s| s.parse().unwrap())
@@ -597,6 +832,10 @@ mod tests {
             "topk2+int8",
             "int8/0",
             "topk0+fp16",
+            "int2/0",
+            "topk0.1/0+int8",
+            "topk0.1/70000+int8",
+            "topk0.1/x+int8",
         ] {
             let err = bad.parse::<CodecSpec>().unwrap_err().to_string();
             assert!(err.contains("topk0.01+int8"), "{err}");
@@ -634,6 +873,79 @@ mod tests {
             if block > 0 {
                 assert!(step < 0.001, "outlier leaked into block {block}");
             }
+        }
+    }
+
+    #[test]
+    fn chunked_top_k_keeps_the_largest_of_every_chunk_in_two_bits() {
+        let mut v = gaussian(10_000, 4);
+        // One chunk of tiny values: global top-k would skip it, chunked top-k does not.
+        for x in &mut v[4096..8192] {
+            *x *= 1e-3;
+        }
+        let spec: CodecSpec = "sparseloco".parse().unwrap();
+        assert_eq!(spec, CodecSpec::SPARSELOCO);
+        assert_eq!(spec.to_string(), "sparseloco");
+        let bytes = encode(&spec, &v);
+        let out = decode(&bytes, v.len()).unwrap();
+        for (n, (a, b)) in v.chunks(4096).zip(out.chunks(4096)).enumerate() {
+            let kept: Vec<usize> = (0..a.len()).filter(|&i| b[i] != 0.0).collect();
+            assert_eq!(kept.len(), spec.kept(a.len()), "chunk {n}");
+            let smallest_kept = kept.iter().map(|&i| a[i].abs()).fold(f32::MAX, f32::min);
+            let largest_dropped = (0..a.len())
+                .filter(|i| b[*i] == 0.0)
+                .map(|i| a[i].abs())
+                .fold(0.0, f32::max);
+            assert!(smallest_kept >= largest_dropped, "chunk {n}");
+            // Two bits: sign right, within a third of the block's largest.
+            let s = kept.iter().map(|&i| a[i].abs()).fold(0.0f32, f32::max);
+            for &i in &kept {
+                assert_eq!(a[i].signum(), b[i].signum());
+                assert!(
+                    (a[i] - b[i]).abs() <= s / 3.0 * 1.0001,
+                    "{} vs {}",
+                    a[i],
+                    b[i]
+                );
+            }
+        }
+        // 64 + 64 + 29 kept (1/64 of 4096, 4096, 1808, rounded up): u16 counts and offsets,
+        // one scale per 64 values, 2-bit values.
+        let k = 64 + 64 + 29;
+        assert_eq!(spec.kept(1808), 29);
+        assert_eq!(
+            bytes.len(),
+            HEADER + 4 + 3 * 2 + k * 2 + 3 * 4 + k.div_ceil(4)
+        );
+        // A flush of a sparseloco run goes out as dense int8.
+        assert_eq!(spec.dense(), "int8".parse().unwrap());
+    }
+
+    #[test]
+    fn chunked_indices_are_validated() {
+        let v = gaussian(300, 5);
+        let spec: CodecSpec = "topk0.1/100+fp32".parse().unwrap();
+        let good = encode(&spec, &v);
+        assert!(decode(&good, 300).is_ok());
+        // Layout: header, chunk size, then chunk 0's count and offsets.
+        let count0 = HEADER + 4;
+        let off0 = count0 + 2;
+        let mut cases = Vec::new();
+        let mut b = good.clone();
+        b[HEADER..HEADER + 4].copy_from_slice(&0u32.to_le_bytes());
+        cases.push(("chunk size 0", b));
+        let mut b = good.clone();
+        b[count0..count0 + 2].copy_from_slice(&101u16.to_le_bytes());
+        cases.push(("count past the chunk", b));
+        let mut b = good.clone();
+        b[off0..off0 + 2].copy_from_slice(&200u16.to_le_bytes());
+        cases.push(("offset past the chunk", b));
+        let mut b = good.clone();
+        let second = [b[off0 + 2], b[off0 + 3]];
+        b[off0..off0 + 2].copy_from_slice(&second);
+        cases.push(("repeated offset", b));
+        for (what, bytes) in cases {
+            assert!(decode(&bytes, 300).is_err(), "{what} accepted");
         }
     }
 
@@ -789,15 +1101,20 @@ mod tests {
         #[test]
         fn every_codec_round_trips_within_its_bound(
             v in prop::collection::vec(-10.0f32..10.0, 1..600),
-            which in 0usize..8,
+            which in 0usize..11,
         ) {
             let spec = all_specs()[which];
             let out = decode(&encode(&spec, &v), v.len()).unwrap();
             prop_assert_eq!(out.len(), v.len());
             let max = v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+            // Four levels over [-s, s]: at most s/3 off.
+            let bound = match spec.values {
+                ValueCoding::Int2 { .. } => max / 3.0 * 1.0001,
+                _ => max / 100.0,
+            };
             for (a, b) in v.iter().zip(&out) {
                 if *b != 0.0 || spec.topk.is_none() {
-                    prop_assert!((a - b).abs() <= max / 100.0 + 1e-6, "{} {} {}", spec, a, b);
+                    prop_assert!((a - b).abs() <= bound + 1e-6, "{} {} {}", spec, a, b);
                 }
             }
         }
@@ -808,7 +1125,7 @@ mod tests {
         }
 
         #[test]
-        fn mutated_updates_never_panic(flip in 0usize..400, bit in 0u8..8, which in 0usize..8) {
+        fn mutated_updates_never_panic(flip in 0usize..400, bit in 0u8..8, which in 0usize..11) {
             let v = gaussian(300, 7);
             let mut bytes = encode(&all_specs()[which], &v);
             let at = flip % bytes.len();
