@@ -81,27 +81,39 @@ pub struct FederatedBenchArgs {
     /// Simulated workers.
     #[arg(long, default_value_t = 3)]
     pub workers: usize,
-    /// Outer rounds.
-    #[arg(long, default_value_t = 10)]
-    pub rounds: u64,
-    /// Local steps per round (DiLoCo's H).
-    #[arg(long, default_value_t = 20)]
-    pub local_steps: u64,
+    /// Local steps each worker takes over the run (the same samples for every run).
+    #[arg(long, default_value_t = 300)]
+    pub steps: u64,
+    /// Local steps per round (DiLoCo's H), comma-separated; each must divide --steps.
+    #[arg(long, value_delimiter = ',', default_value = "20,50,100")]
+    pub local_steps: Vec<u64>,
     /// Clips per local step and worker.
     #[arg(long, default_value_t = 16)]
     pub batch: usize,
+    /// Seeds, comma-separated: every configuration runs once per seed.
+    #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
+    pub seeds: Vec<u64>,
     /// Skip the non-IID (colour-skewed) runs.
     #[arg(long)]
     pub iid_only: bool,
-    /// Uplink codec of the compressed runs.
-    #[arg(long, default_value = "topk0.05+int8")]
-    pub up: String,
-    /// Downlink codec of the compressed runs.
-    #[arg(long, default_value = "topk0.1+int8")]
-    pub down: String,
-    /// Run only these runs (comma-separated names, e.g. ddp-fp32,diloco-topk-int8-ef).
-    #[arg(long, value_delimiter = ',')]
-    pub only: Vec<String>,
+    /// Federated variants, separated by spaces or given once per flag: `default` (the
+    /// coordinator's defaults), `none` (central runs only) or key=value pairs joined by `,`
+    /// (keys up, down, policy, lr, mu, nesterov, objective), e.g. `up=fp32,down=fp32`. The
+    /// first is the one `r2_default` and `reduction` report.
+    #[arg(long = "variant", default_values = ["default", "up=fp32,down=fp32"])]
+    pub variants: Vec<String>,
+    /// PNG of velocity R2 against bytes on the wire, one point per configuration.
+    #[arg(long, default_value = "bench-federated.png")]
+    pub plot: PathBuf,
+    /// Probe videos: fitted, held out (as the learning test's probe).
+    #[arg(long, value_delimiter = ',', num_args = 2, default_values_t = [1000, 500])]
+    pub probe_videos: Vec<usize>,
+    /// EMA momentum at the start of the run (default: the tiny preset's), for every run alike.
+    #[arg(long)]
+    pub ema_start: Option<f64>,
+    /// Skip the central reference runs (for sweeps over variants; the gap is then not known).
+    #[arg(long)]
+    pub skip_central: bool,
 }
 
 /// `amity bench transfer`.
@@ -171,41 +183,7 @@ fn bench(args: BenchArgs) -> Result<()> {
     match args.bench {
         Bench::Plan(a) => crate::plan_cmd::bench_plan(a),
         Bench::Surprise(a) => crate::plan_cmd::bench_surprise(a),
-        Bench::Federated(a) => {
-            use amity_coordinator::bench::{FederatedBenchOptions, federated};
-            let opts = FederatedBenchOptions {
-                workers: a.workers,
-                rounds: a.rounds,
-                local_steps: a.local_steps,
-                batch: a.batch,
-                non_iid: !a.iid_only,
-                probe_videos: (400, 200),
-                compressed: (a.up.clone(), a.down.clone()),
-                only: a.only.clone(),
-            };
-            for c in [&a.up, &a.down] {
-                c.parse::<amity_shared::codec::CodecSpec>()?;
-            }
-            println!(
-                "federated: {} workers x {} rounds x {} local steps x batch {} (tiny preset)",
-                a.workers, a.rounds, a.local_steps, a.batch
-            );
-            let report = federated(&opts, &|r| {
-                println!(
-                    "  {:<30} bytes {:>14}  loss {:.4}  velocity R2 {:.3}",
-                    r.name, r.bytes, r.loss, r.velocity_r2
-                )
-            });
-            if let (Some(r), Some(g)) = (report.reduction, report.r2_gap) {
-                println!(
-                    "DiLoCo + {} up / {} down (error feedback) sends {r:.0}x fewer bytes than DDP \
-                     fp32; velocity R2 gap {g:+.3}",
-                    a.up, a.down
-                );
-            }
-            println!("{}", serde_json::to_string(&report)?);
-            Ok(())
-        }
+        Bench::Federated(a) => crate::federated_cmd::bench_federated(a),
         Bench::Transfer(a) => {
             let scratch =
                 std::env::temp_dir().join(format!("amity-bench-transfer-{}", std::process::id()));

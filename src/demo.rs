@@ -87,11 +87,10 @@ pub fn run(out: &Path, videos: usize, rounds: u64, round_secs: f64) -> Result<()
     // 3. Coordinator and workers, over loopback QUIC.
     let state_dir = out.join("coordinator");
     let budget_ms = (round_secs * 1000.0) as u64;
-    // Expected local steps per worker, so that the inner schedule spans the run.
-    let inner_steps = (rounds * (round_secs * 6.0) as u64).max(50);
-    // The run config travels to the workers; it is written next to the coordinator's state.
-    run_cfg.train.steps = inner_steps;
-    run_cfg.train.warmup = (inner_steps / 10).max(1);
+    // Every worker's schedules follow the rounds (global progress), whatever its speed; the
+    // first tenth of the run warms up. The run config travels to the workers; it is written
+    // next to the coordinator's state.
+    run_cfg.train.warmup = (run_cfg.train.steps / 10).max(1);
     std::fs::create_dir_all(&state_dir)?;
     let run_path = state_dir.join("run.toml");
     std::fs::write(&run_path, run_cfg.to_toml())?;
@@ -107,7 +106,7 @@ pub fn run(out: &Path, videos: usize, rounds: u64, round_secs: f64) -> Result<()
         inner_steps: 0,
         codec: "topk0.05+int8".parse()?,
         downlink_codec: "topk0.1+int8".parse()?,
-        target_policy: TargetPolicy::LocalEma,
+        target_policy: TargetPolicy::CoordinatorEma,
         checkpoint_every: rounds.min(5),
         rounds: RoundPolicy {
             budget_ms,
@@ -241,8 +240,15 @@ pub fn run(out: &Path, videos: usize, rounds: u64, round_secs: f64) -> Result<()
 
     // 5. Summary.
     println!(
-        "\n{:>5} {:>8} {:>8} {:>10} {:>12} {:>12} {:>14}",
-        "round", "workers", "clips", "loss", "bytes up", "bytes down", "dense fp32/step"
+        "\n{:>5} {:>8} {:>8} {:>10} {:>12} {:>12} {:>14} {:>10}",
+        "round",
+        "workers",
+        "clips",
+        "loss",
+        "bytes up",
+        "bytes down",
+        "dense fp32/step",
+        "outer/mean"
     );
     let (mut up, mut down, mut dense) = (0u64, 0u64, 0u64);
     for s in &status.history {
@@ -250,14 +256,16 @@ pub fn run(out: &Path, videos: usize, rounds: u64, round_secs: f64) -> Result<()
         down += s.bytes_down;
         dense += s.dense_bytes;
         println!(
-            "{:>5} {:>8} {:>8} {:>10.4} {:>12} {:>12} {:>14}",
+            "{:>5} {:>8} {:>8} {:>10.4} {:>12} {:>12} {:>14} {:>10.2}{}",
             s.round,
             s.accepted.len(),
             s.samples,
             s.loss,
             human(s.bytes_up),
             human(s.bytes_down),
-            human(s.dense_bytes)
+            human(s.dense_bytes),
+            s.outer_step_ratio,
+            if s.flush { "  flush" } else { "" }
         );
     }
     let sent = up + down;
@@ -271,6 +279,20 @@ pub fn run(out: &Path, videos: usize, rounds: u64, round_secs: f64) -> Result<()
         human(dense),
         dense as f64 / sent.max(1) as f64
     );
+    let losses: Vec<f64> = status.history.iter().map(|s| s.loss).collect();
+    let lowest = losses
+        .iter()
+        .copied()
+        .filter(|l| l.is_finite())
+        .fold(f64::INFINITY, f64::min);
+    if let Some(last) = losses.last() {
+        println!(
+            "last round's loss {last:.4} is {:+.1}% from the lowest ({lowest:.4}); the schedules \
+             followed round / {} on every worker, and the last round flushed every residual",
+            100.0 * (last / lowest - 1.0),
+            rounds
+        );
+    }
     for (name, p) in &status.provenance {
         println!(
             "  {name:<11} {:>6} clips, {:>4} steps, {} updates accepted, {} rejected",
@@ -303,7 +325,6 @@ pub fn run(out: &Path, videos: usize, rounds: u64, round_secs: f64) -> Result<()
     );
     let downstream = downstream(&fetched.out)?;
     let png = out.join("loss.png");
-    let losses: Vec<f64> = status.history.iter().map(|s| s.loss).collect();
     crate::plot::line_chart(&png, &losses)?;
     let summary = serde_json::json!({
         "rounds": status.history.len(),

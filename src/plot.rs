@@ -83,3 +83,159 @@ pub fn line_chart_marked(path: &Path, values: &[f64], marks: &[usize]) -> Result
     }
     img.save(path).with_context(|| path.display().to_string())
 }
+
+/// The font charts with text are drawn with, embedded in the binary.
+const FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
+
+fn register_font() -> Result<()> {
+    static DONE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let ok = *DONE.get_or_init(|| {
+        plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, FONT)
+            .is_ok()
+    });
+    anyhow::ensure!(ok, "the embedded chart font does not parse");
+    Ok(())
+}
+
+/// `amity bench federated`'s picture: velocity-probe R² (mean over seeds, with the spread as an
+/// error bar) against bytes on the wire (log scale), one point per configuration: the central
+/// run at DDP fp32's bytes, the default variant, the other variants; IID filled, non-IID
+/// hollow; the random encoder's R² as a dashed line.
+pub fn r2_against_bytes(
+    path: &Path,
+    report: &amity_coordinator::bench::FederatedReport,
+) -> Result<()> {
+    use plotters::prelude::*;
+    register_font()?;
+    let groups: Vec<_> = report
+        .groups
+        .iter()
+        .filter(|g| g.bytes > 0.0 && g.r2_mean.is_finite())
+        .collect();
+    let (mut xlo, mut xhi) = (f64::INFINITY, f64::NEG_INFINITY);
+    let (mut ylo, mut yhi) = (report.r2_random.min(0.0), report.r2_random.max(0.0));
+    for g in &groups {
+        xlo = xlo.min(g.bytes);
+        xhi = xhi.max(g.bytes);
+        ylo = ylo.min(g.r2_mean - g.r2_sd);
+        yhi = yhi.max(g.r2_mean + g.r2_sd);
+    }
+    if !xlo.is_finite() {
+        (xlo, xhi) = (1.0, 10.0);
+    }
+    let (xlo, xhi) = (xlo / 3.0, xhi * 3.0);
+    let pad = 0.05 * (yhi - ylo).max(0.05);
+    let (ylo, yhi) = (ylo - pad, yhi + pad);
+    let draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let root = BitMapBackend::new(path, (900, 600)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(
+                format!(
+                    "Federated vs central: velocity-probe R² against bytes ({} seeds)",
+                    report.seeds
+                ),
+                ("sans-serif", 22),
+            )
+            .margin(15)
+            .x_label_area_size(70)
+            .y_label_area_size(60)
+            .build_cartesian_2d((xlo..xhi).log_scale(), ylo..yhi)?;
+        chart
+            .configure_mesh()
+            .x_desc("bytes on the wire, all workers, both directions (log scale)")
+            .y_desc("velocity-probe R² (held-out videos)")
+            .x_label_formatter(&|x| format!("{x:.0e}"))
+            .label_style(("sans-serif", 14))
+            .draw()?;
+        let random = report.r2_random;
+        chart
+            .draw_series(DashedLineSeries::new(
+                [(xlo, random), (xhi, random)],
+                6,
+                4,
+                RED.stroke_width(2),
+            ))?
+            .label(format!("random encoder ({random:.3})"))
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RED.stroke_width(2)));
+        let default = report
+            .groups
+            .iter()
+            .find(|g| g.name != "central")
+            .map(|g| g.name.clone());
+        let palette = [
+            RGBColor(230, 130, 20),
+            RGBColor(40, 160, 80),
+            RGBColor(150, 60, 180),
+            RGBColor(120, 120, 120),
+        ];
+        let mut names: Vec<&str> = Vec::new();
+        for g in &groups {
+            if !names.contains(&g.name.as_str()) {
+                names.push(&g.name);
+            }
+        }
+        let mut others = 0;
+        for name in names {
+            let colour = if name == "central" {
+                BLACK
+            } else if Some(name) == default.as_deref() {
+                RGBColor(31, 100, 200)
+            } else {
+                others += 1;
+                palette[(others - 1) % palette.len()]
+            };
+            let mine: Vec<_> = groups.iter().filter(|g| g.name == name).collect();
+            chart.draw_series(mine.iter().map(|g| {
+                PathElement::new(
+                    [
+                        (g.bytes, g.r2_mean - g.r2_sd),
+                        (g.bytes, g.r2_mean + g.r2_sd),
+                    ],
+                    colour.stroke_width(1),
+                )
+            }))?;
+            let label = if name == "central" {
+                "central (= DDP fp32 sync every step)".to_owned()
+            } else {
+                format!("{name} (label: H)")
+            };
+            chart
+                .draw_series(mine.iter().map(|g| {
+                    let style = if g.split == "iid" {
+                        colour.filled()
+                    } else {
+                        colour.stroke_width(2)
+                    };
+                    EmptyElement::at((g.bytes, g.r2_mean))
+                        + Circle::new((0, 0), 6, style)
+                        + Text::new(
+                            if g.h > 0 {
+                                format!("{}", g.h)
+                            } else {
+                                String::new()
+                            },
+                            (8, -16),
+                            ("sans-serif", 13),
+                        )
+                }))?
+                .label(label)
+                .legend(move |(x, y)| Circle::new((x + 10, y), 6, colour.filled()));
+        }
+        chart
+            .configure_series_labels()
+            .label_font(("sans-serif", 14))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::LowerRight)
+            .draw()?;
+        root.draw(&Text::new(
+            "filled: IID, hollow: non-IID; bars: spread over seeds",
+            (15, 580),
+            ("sans-serif", 13),
+        ))?;
+        root.present()?;
+        Ok(())
+    };
+    draw().map_err(|e| anyhow::anyhow!("drawing {}: {e}", path.display()))
+}

@@ -1,93 +1,219 @@
-//! `amity bench federated`: what DiLoCo and compression cost in quality and save in bytes.
+//! `amity bench federated`: does the federated run learn what one trainer learns, and at what
+//! cost in bytes?
 //!
-//! Every run trains the tiny preset on the same synthetic world with the same total samples
-//! (`workers x rounds x local_steps x batch`), then fits the JEPA core's frozen-encoder probes:
+//! Every run trains the tiny preset on the same synthetic world with the same samples: each of
+//! `workers` draws `steps` local batches of `batch` clips from its own stream, then the frozen
+//! target encoder's velocity probe is fitted (the JEPA core's standard probe set).
 //!
-//! - `ddp-fp32`: the baseline, one optimiser step per global batch with dense fp32 gradient
-//!   synchronisation every step (counted as `2 x 4 bytes x params` per worker per step, what a
-//!   ring all-reduce moves);
-//! - `diloco-fp32`, `diloco-int8`, `diloco-topk-int8-ef` (by default top-5% + int8 up with
-//!   error feedback, top-10% + int8 deltas down), each under the local-EMA target policy;
-//! - `diloco-fp32-coordinator-ema` and `diloco-topk-int8-ef-coordinator-ema`: the other
-//!   target-encoder policy;
-//! - with `non_iid`, `ddp-fp32` and `diloco-topk-int8-ef` again where each worker only ever
-//!   sees videos whose first object has "its" colours.
+//! - `central`: the reference, one trainer taking `steps` steps on the global batch (every
+//!   worker's batch of that step together). It is also the quality of DDP with fp32 gradient
+//!   synchronisation every step (the same computation), whose bytes are counted as a ring
+//!   all-reduce moves them: `2 x 4 bytes x params` per worker per step.
+//! - one federated run per *variant* and per H (local steps per round, `steps / H` rounds)
+//!   through the real [`Core`] (sans-IO, no sockets), each worker's update encoded and decoded
+//!   exactly as on the wire, flush round included.
+//! - with `non_iid`, all of it again where each worker only ever sees videos whose first
+//!   object has "its" colours (the central run then trains on the union of those pools).
+//! - over several seeds (model init, masks and data), reported as mean and spread.
 //!
-//! The federated runs go through the real [`Core`] (sans-IO, so no sockets are needed) with
-//! each worker's update compressed and decoded exactly as on the wire.
+//! A variant is the defaults of [`CoreConfig::new`] with some keys changed, written
+//! `up=fp32,down=fp32`, `policy=local-ema`, `lr=1,mu=0`, `objective=sigreg`, or `default`.
 
 use std::sync::Arc;
 
 use amity_shared::codec::{self, CodecSpec, ErrorFeedback};
-use amity_shared::config::Config;
+use amity_shared::config::{Config, Objective};
 use amity_shared::data::ClipSource;
 use amity_shared::eval::{ProbeSet, probe_report};
-use amity_shared::federated::{LocalRoundOptions, RoundBudget, TargetPolicy, local_round};
+use amity_shared::federated::{
+    GlobalParams, LocalRoundOptions, RoundBudget, RunProgress, TargetPolicy, local_round,
+    worker_seed,
+};
 use amity_shared::synth::{SynthConfig, generate};
 use amity_shared::train::Trainer;
 use burn::tensor::Device;
 use serde::Serialize;
 
+use crate::aggregate::OuterConfig;
 use crate::config::CoreConfig;
 use crate::core::{Action, ArrivedUpdate, Core, Event, JoinInfo};
+
+/// One federated configuration: the coordinator defaults with some keys changed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Variant {
+    /// How it was written (`default`, `up=fp32,down=fp32`, ...): its name in the report.
+    pub name: String,
+    /// Uplink codec.
+    pub up: CodecSpec,
+    /// Downlink codec.
+    pub down: CodecSpec,
+    /// Target-encoder policy.
+    pub policy: TargetPolicy,
+    /// Outer optimiser.
+    pub outer: OuterConfig,
+    /// The anti-collapse objective of the inner steps.
+    pub objective: Objective,
+}
+
+/// A variant that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "bad variant `{0}`: expected `default` or key=value pairs joined by `,` with keys up, down \
+     (codec names), policy (local-ema, coordinator-ema), lr, mu (outer SGD), nesterov \
+     (true/false), objective (ema, vicreg, sigreg)"
+)]
+pub struct BadVariant(pub String);
+
+impl std::str::FromStr for Variant {
+    type Err = BadVariant;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || BadVariant(s.to_owned());
+        let core = CoreConfig::new(Config::preset("tiny").expect("preset"));
+        let mut v = Variant {
+            name: s.to_owned(),
+            up: core.codec,
+            down: core.downlink_codec,
+            policy: core.target_policy,
+            outer: core.outer,
+            objective: core.run.train.objective,
+        };
+        if s == "default" {
+            return Ok(v);
+        }
+        for pair in s.split(',') {
+            let (k, val) = pair.split_once('=').ok_or_else(bad)?;
+            match k {
+                "up" => v.up = val.parse().map_err(|_| bad())?,
+                "down" => v.down = val.parse().map_err(|_| bad())?,
+                "policy" => {
+                    v.policy = serde_json::from_value(serde_json::Value::String(val.into()))
+                        .map_err(|_| bad())?
+                }
+                "objective" => {
+                    v.objective = serde_json::from_value(serde_json::Value::String(val.into()))
+                        .map_err(|_| bad())?
+                }
+                "lr" => v.outer.lr = val.parse().map_err(|_| bad())?,
+                "mu" => v.outer.momentum = val.parse().map_err(|_| bad())?,
+                "nesterov" => v.outer.nesterov = val.parse().map_err(|_| bad())?,
+                _ => return Err(bad()),
+            }
+        }
+        Ok(v)
+    }
+}
 
 /// Bench settings.
 #[derive(Debug, Clone)]
 pub struct FederatedBenchOptions {
     /// Simulated workers.
     pub workers: usize,
-    /// Outer rounds.
-    pub rounds: u64,
-    /// Local steps per round.
-    pub local_steps: u64,
-    /// Clips per local step.
+    /// Local steps each worker takes over the whole run (the sample total is
+    /// `workers x steps x batch` for every run).
+    pub steps: u64,
+    /// Local steps per round (DiLoCo's H) to run each variant at; each must divide `steps`.
+    pub local_steps: Vec<u64>,
+    /// Clips per local step and worker.
     pub batch: usize,
+    /// Seeds (model init, masks, data); every configuration runs once per seed.
+    pub seeds: Vec<u64>,
     /// Also run the non-IID split.
     pub non_iid: bool,
     /// Probe videos (fit / score).
     pub probe_videos: (usize, usize),
-    /// Uplink and downlink codecs of the compressed run.
-    pub compressed: (String, String),
-    /// Run only these runs (all when empty).
-    pub only: Vec<String>,
+    /// The federated variants; the first is the one `r2_default` and `reduction` report
+    /// (empty: only the central runs).
+    pub variants: Vec<Variant>,
+    /// The EMA momentum at the start of every run (`None`: the tiny preset's).
+    pub ema_start: Option<f64>,
+    /// Run the central reference (without it `r2_central` and `r2_gap` are not known).
+    pub central: bool,
 }
 
 /// One run's figures.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunReport {
-    /// Run name.
+    /// `central` or the variant's name.
     pub name: String,
-    /// Bytes on the wire, both directions, all workers.
+    /// Local steps per round (0 for `central`).
+    pub h: u64,
+    /// `iid` or `non-iid`.
+    pub split: &'static str,
+    /// The seed.
+    pub seed: u64,
+    /// Bytes on the wire, both directions, all workers (for `central`: DDP fp32's).
     pub bytes: u64,
     /// Final training loss (mean over the last round's workers, or the last step).
     pub loss: f64,
     /// Velocity-probe R² of the final target encoder.
     pub velocity_r2: f64,
+    /// Largest outer-step norm over mean-pseudo-gradient norm of the run's rounds (0 for
+    /// `central`).
+    pub max_outer_step_ratio: f64,
 }
 
-/// The bench's result.
+/// A configuration's runs over the seeds.
+#[derive(Debug, Clone, Serialize)]
+pub struct GroupReport {
+    /// `central` or the variant's name.
+    pub name: String,
+    /// Local steps per round (0 for `central`).
+    pub h: u64,
+    /// `iid` or `non-iid`.
+    pub split: &'static str,
+    /// Mean velocity R² over the seeds.
+    pub r2_mean: f64,
+    /// Sample standard deviation of the velocity R² (0 with one seed).
+    pub r2_sd: f64,
+    /// Mean bytes.
+    pub bytes: f64,
+    /// DDP fp32 bytes over these bytes.
+    pub reduction: f64,
+    /// Mean final loss.
+    pub loss: f64,
+}
+
+/// The bench's result: its last JSON line.
 #[derive(Debug, Clone, Serialize)]
 pub struct FederatedReport {
     /// Always `federated`.
     pub bench: &'static str,
+    /// Seeds run.
+    pub seeds: usize,
+    /// DDP fp32 bytes over the default variant's, at its worst H and split.
+    pub reduction: f64,
+    /// Mean velocity R² of the centralised reference (IID).
+    pub r2_central: f64,
+    /// Mean velocity R² of the default variant, worst over H and split.
+    pub r2_default: f64,
+    /// Mean velocity R² of a random (untrained) encoder.
+    pub r2_random: f64,
+    /// `r2_central - r2_default`, worst over every variant, H and split (each against the
+    /// central run of its split).
+    pub r2_gap: f64,
+    /// Every configuration over the seeds.
+    pub groups: Vec<GroupReport>,
     /// Every run.
     pub runs: Vec<RunReport>,
-    /// Bytes of `ddp-fp32` over bytes of `diloco-topk-int8-ef` (null when either was not run).
-    pub reduction: Option<f64>,
-    /// Velocity R² of `ddp-fp32` minus that of `diloco-topk-int8-ef`.
-    pub r2_gap: Option<f64>,
 }
 
-fn run_config(opts: &FederatedBenchOptions) -> Config {
+fn run_config(opts: &FederatedBenchOptions, seed: u64, objective: Objective) -> Config {
     let mut run = Config::preset("tiny").expect("preset");
     run.train.batch = opts.batch;
-    // The inner schedule spans the run's local steps.
-    run.train.steps = opts.rounds * opts.local_steps;
-    run.train.warmup = (run.train.steps / 10).max(1);
+    run.train.seed = seed;
+    run.train.objective = objective;
+    // The schedules span the run: `steps` local steps, a tenth of them warm-up.
+    run.train.steps = opts.steps;
+    run.train.warmup = (opts.steps / 10).max(1);
+    if let Some(m) = opts.ema_start {
+        run.train.ema_start = m;
+    }
     run
 }
 
-/// Per-worker training clips: IID (each worker its own seeds) or skewed by colour.
+/// Per-worker training clips: IID (each worker its own stream of fresh videos) or skewed by
+/// colour.
 fn sources(run: &Config, workers: usize, non_iid: bool) -> Vec<ClipSource> {
     let synth = SynthConfig::for_size(run.model.image_size, run.model.frames);
     if !non_iid {
@@ -97,7 +223,7 @@ fn sources(run: &Config, workers: usize, non_iid: bool) -> Vec<ClipSource> {
     }
     let mut pools: Vec<Vec<Vec<u8>>> = vec![Vec::new(); workers];
     let per = 400;
-    let mut seed = 50_000_000u64;
+    let mut seed = 50_000_000u64 + run.train.seed * 1_000_000;
     while pools.iter().any(|p| p.len() < per) {
         let v = generate(&synth, seed);
         seed += 1;
@@ -112,19 +238,25 @@ fn sources(run: &Config, workers: usize, non_iid: bool) -> Vec<ClipSource> {
         .collect()
 }
 
-fn ddp(opts: &FederatedBenchOptions, probes: &ProbeSet, non_iid: bool) -> RunReport {
-    let run = run_config(opts);
+fn split_name(non_iid: bool) -> &'static str {
+    if non_iid { "non-iid" } else { "iid" }
+}
+
+/// One trainer on the global batch: what every worker draws at that step, together.
+fn central(opts: &FederatedBenchOptions, probes: &ProbeSet, seed: u64, non_iid: bool) -> RunReport {
+    let run = run_config(opts, seed, Objective::Ema);
     let device = Device::flex();
     let mut t = Trainer::new(run.clone(), &device);
     let srcs = sources(&run, opts.workers, non_iid);
-    let steps = opts.rounds * opts.local_steps;
     let mut loss = 0.0;
-    for step in 0..steps {
-        // The global batch is every worker's local batch.
+    for step in 0..opts.steps {
         let parts: Vec<_> = srcs
             .iter()
             .enumerate()
-            .map(|(w, s)| s.batch(run.train.seed + w as u64, step, opts.batch, &run.model))
+            .map(|(w, s)| {
+                let seed = worker_seed(run.train.seed, w as u64);
+                s.batch(seed, step, opts.batch, &run.model)
+            })
             .collect();
         let mut batch = parts[0].clone();
         for p in &parts[1..] {
@@ -133,183 +265,254 @@ fn ddp(opts: &FederatedBenchOptions, probes: &ProbeSet, non_iid: bool) -> RunRep
         }
         loss = t.step(&batch).loss;
     }
-    let params = (t.model_flat().len()) as u64;
+    let params = t.model_flat().len() as u64;
     RunReport {
-        name: if non_iid {
-            "ddp-fp32-non-iid"
-        } else {
-            "ddp-fp32"
-        }
-        .into(),
-        bytes: steps * opts.workers as u64 * params * 4 * 2,
+        name: "central".into(),
+        h: 0,
+        split: split_name(non_iid),
+        seed,
+        bytes: ddp_bytes(opts, params),
         loss,
         velocity_r2: probe_report(&t, probes).velocity_r2,
+        max_outer_step_ratio: 0.0,
     }
+}
+
+/// What DDP with fp32 gradients all-reduced every step moves, all workers together.
+fn ddp_bytes(opts: &FederatedBenchOptions, params: u64) -> u64 {
+    opts.steps * opts.workers as u64 * params * 4 * 2
 }
 
 fn diloco(
     opts: &FederatedBenchOptions,
     probes: &ProbeSet,
-    name: &str,
-    up: &str,
-    down: &str,
-    policy: TargetPolicy,
+    variant: &Variant,
+    h: u64,
+    seed: u64,
     non_iid: bool,
 ) -> RunReport {
-    let run = run_config(opts);
+    let run = run_config(opts, seed, variant.objective);
     let device = Device::flex();
+    let rounds = opts.steps / h;
     let mut cfg = CoreConfig::new(run.clone());
-    cfg.codec = up.parse().expect("codec name");
-    cfg.downlink_codec = down.parse().expect("codec name");
-    cfg.target_policy = policy;
-    cfg.rounds.steps = opts.local_steps;
+    cfg.codec = variant.up;
+    cfg.downlink_codec = variant.down;
+    cfg.target_policy = variant.policy;
+    cfg.outer = variant.outer;
+    cfg.rounds.steps = h;
     cfg.rounds.min_workers = opts.workers;
-    cfg.rounds.max_rounds = opts.rounds;
+    cfg.rounds.max_rounds = rounds;
     cfg.checkpoint_every = 0;
-    let init = Trainer::new(run.clone(), &device);
-    let start = amity_shared::federated::GlobalParams {
-        model: init.model_flat(),
-        target: init.target_flat(),
-    };
-    let (mut core, _) = Core::new(cfg, start, &[]);
+    let (mut core, _) = Core::new(cfg, GlobalParams::seeded(&run), &[]);
     let srcs = sources(&run, opts.workers, non_iid);
     let mut trainers: Vec<Trainer> = (0..opts.workers)
         .map(|_| Trainer::new(run.clone(), &device))
         .collect();
     let mut feedback = vec![ErrorFeedback::new(); opts.workers];
-    let spec: CodecSpec = up.parse().expect("codec name");
     for w in 0..opts.workers {
+        let info = JoinInfo {
+            name: format!("w{w}"),
+            backend: "flex".into(),
+            samples_per_s: 1.0,
+            local_shards: Vec::new(),
+        };
         core.handle(
             Event::Joined {
                 worker: w as u64,
-                info: JoinInfo {
-                    name: format!("w{w}"),
-                    backend: "flex".into(),
-                    samples_per_s: 1.0,
-                    local_shards: Vec::new(),
-                },
+                info,
             },
             0,
         );
     }
-    let mut now = 0;
-    let mut bytes = 0u64;
+    let (mut now, mut bytes, mut max_ratio) = (0, 0u64, 0.0f64);
     while !core.finished() {
         let round = core.round();
+        let flush = core.is_flush_round(round);
         let start = core.params().clone();
-        for w in 0..opts.workers {
+        for (w, trainer) in trainers.iter_mut().enumerate() {
             let ropts = LocalRoundOptions {
-                budget: RoundBudget::steps(opts.local_steps),
-                policy,
-                seed: run.train.seed + w as u64,
+                budget: RoundBudget::steps(h),
+                policy: variant.policy,
+                seed: run.train.seed,
+                worker: w as u64,
+                progress: RunProgress {
+                    round,
+                    planned_rounds: rounds,
+                },
                 slowdown: 1.0,
             };
-            let u = local_round(
-                &mut trainers[w],
-                &start,
-                &srcs[w],
-                &ropts,
-                |_, _| {},
-                || false,
-            )
-            .expect("layouts match");
+            let u = local_round(trainer, &start, &srcs[w], &ropts, |_, _| {}, || false)
+                .expect("layouts match");
             let parts = core.update_parts();
+            let spec = if flush {
+                variant.up.dense()
+            } else {
+                variant.up
+            };
             let (wire, _) = feedback[w].encode_parts(&spec, &u.wire_values(), &parts);
             let values = codec::decode_parts(&wire, &parts).expect("own encoding");
             now += 1;
+            let update = ArrivedUpdate {
+                round,
+                blob: amity_shared::store::BlobId::of(&wire),
+                bytes: wire.len() as u64,
+                samples: u.samples,
+                steps: u.steps,
+                loss: u.loss,
+                values,
+            };
             let acts = core.handle(
                 Event::Update {
                     worker: w as u64,
-                    update: ArrivedUpdate {
-                        round,
-                        blob: amity_shared::store::BlobId::of(&wire),
-                        bytes: wire.len() as u64,
-                        samples: u.samples,
-                        steps: u.steps,
-                        loss: u.loss,
-                        values,
-                    },
+                    update,
                 },
                 now,
             );
             for a in acts {
                 if let Action::RoundClosed(s) = a {
                     bytes += s.bytes_up + s.bytes_down;
+                    max_ratio = max_ratio.max(s.outer_step_ratio);
                 }
             }
         }
     }
     let last = core.history().last().map_or(f64::NAN, |s| s.loss);
-    let final_params = core.params();
-    let t = Trainer::from_flat(
-        run.clone(),
-        &final_params.model,
-        Some(&final_params.target),
-        &device,
-    )
-    .expect("layouts match");
+    let p = core.params();
+    let t = Trainer::from_flat(run, &p.model, Some(&p.target), &device).expect("layouts match");
     RunReport {
-        name: name.into(),
+        name: variant.name.clone(),
+        h,
+        split: split_name(non_iid),
+        seed,
         bytes,
         loss: last,
         velocity_r2: probe_report(&t, probes).velocity_r2,
+        max_outer_step_ratio: max_ratio,
     }
 }
 
-/// Runs every configuration, printing each as it finishes.
+fn mean_sd(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len().max(1) as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    let var = if xs.len() > 1 {
+        xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    (mean, var.sqrt())
+}
+
+/// Runs every configuration over every seed, printing each run as it finishes.
 pub fn federated(opts: &FederatedBenchOptions, print: &dyn Fn(&RunReport)) -> FederatedReport {
-    let run = run_config(opts);
+    let base = run_config(opts, 0, Objective::Ema);
     let probes = ProbeSet::synthetic(
-        &SynthConfig::for_size(run.model.image_size, run.model.frames),
+        &SynthConfig::for_size(base.model.image_size, base.model.frames),
         opts.probe_videos.0,
         opts.probe_videos.1,
     );
-    let mut runs = Vec::new();
-    let wanted = |name: &str| opts.only.is_empty() || opts.only.iter().any(|o| o == name);
-    let mut push = |r: RunReport| {
-        print(&r);
-        runs.push(r);
+    let splits: Vec<bool> = if opts.non_iid {
+        vec![false, true]
+    } else {
+        vec![false]
     };
-    use TargetPolicy::{CoordinatorEma, LocalEma};
-    let (up, down) = (opts.compressed.0.as_str(), opts.compressed.1.as_str());
-    let plan: [(&str, &str, &str, TargetPolicy, bool); 6] = [
-        ("diloco-fp32", "fp32", "fp32", LocalEma, false),
-        (
-            "diloco-fp32-coordinator-ema",
-            "fp32",
-            "fp32",
-            CoordinatorEma,
-            false,
-        ),
-        ("diloco-int8", "int8", "int8", LocalEma, false),
-        ("diloco-topk-int8-ef", up, down, LocalEma, false),
-        (
-            "diloco-topk-int8-ef-coordinator-ema",
-            up,
-            down,
-            CoordinatorEma,
-            false,
-        ),
-        ("diloco-topk-int8-ef-non-iid", up, down, LocalEma, true),
-    ];
-    if wanted("ddp-fp32") {
-        push(ddp(opts, &probes, false));
-    }
-    for (name, u, d, policy, non_iid) in plan {
-        if wanted(name) && (!non_iid || opts.non_iid) {
-            push(diloco(opts, &probes, name, u, d, policy, non_iid));
+    let mut runs = Vec::new();
+    let mut random = Vec::new();
+    for &seed in &opts.seeds {
+        let untrained = Trainer::new(run_config(opts, seed, Objective::Ema), &Device::flex());
+        random.push(probe_report(&untrained, &probes).velocity_r2);
+        for &non_iid in &splits {
+            if opts.central {
+                let r = central(opts, &probes, seed, non_iid);
+                print(&r);
+                runs.push(r);
+            }
+            for &h in &opts.local_steps {
+                for v in &opts.variants {
+                    let r = diloco(opts, &probes, v, h, seed, non_iid);
+                    print(&r);
+                    runs.push(r);
+                }
+            }
         }
     }
-    if opts.non_iid && wanted("ddp-fp32-non-iid") {
-        push(ddp(opts, &probes, true));
+    let params = Trainer::new(base, &Device::flex()).model_flat().len() as u64;
+    let ddp = ddp_bytes(opts, params) as f64;
+    let mut groups: Vec<GroupReport> = Vec::new();
+    for r in &runs {
+        if groups
+            .iter()
+            .any(|g| g.name == r.name && g.h == r.h && g.split == r.split)
+        {
+            continue;
+        }
+        let same: Vec<&RunReport> = runs
+            .iter()
+            .filter(|o| o.name == r.name && o.h == r.h && o.split == r.split)
+            .collect();
+        let r2: Vec<f64> = same.iter().map(|o| o.velocity_r2).collect();
+        let (r2_mean, r2_sd) = mean_sd(&r2);
+        let bytes = same.iter().map(|o| o.bytes as f64).sum::<f64>() / same.len() as f64;
+        let loss = same.iter().map(|o| o.loss).sum::<f64>() / same.len() as f64;
+        groups.push(GroupReport {
+            name: r.name.clone(),
+            h: r.h,
+            split: r.split,
+            r2_mean,
+            r2_sd,
+            bytes,
+            reduction: ddp / bytes.max(1.0),
+            loss,
+        });
     }
-    let find = |n: &str| runs.iter().find(|r| r.name == n);
-    let (a, d) = (find("ddp-fp32"), find("diloco-topk-int8-ef"));
-    let both = a.zip(d);
+    let central_of = |split: &str| {
+        groups
+            .iter()
+            .find(|g| g.name == "central" && g.split == split)
+            .map_or(f64::NAN, |g| g.r2_mean)
+    };
+    let federated: Vec<&GroupReport> = groups.iter().filter(|g| g.name != "central").collect();
+    let default_name = opts.variants.first().map(|v| v.name.as_str());
+    let defaults: Vec<&&GroupReport> = federated
+        .iter()
+        .filter(|g| Some(g.name.as_str()) == default_name)
+        .collect();
+    let worst = |xs: &mut dyn Iterator<Item = f64>, pick: fn(f64, f64) -> f64| {
+        xs.reduce(pick).unwrap_or(f64::NAN)
+    };
     FederatedReport {
         bench: "federated",
-        reduction: both.map(|(a, d)| a.bytes as f64 / d.bytes.max(1) as f64),
-        r2_gap: both.map(|(a, d)| a.velocity_r2 - d.velocity_r2),
+        seeds: opts.seeds.len(),
+        reduction: worst(&mut defaults.iter().map(|g| g.reduction), f64::min),
+        r2_central: central_of("iid"),
+        r2_default: worst(&mut defaults.iter().map(|g| g.r2_mean), f64::min),
+        r2_random: mean_sd(&random).0,
+        r2_gap: worst(
+            &mut federated.iter().map(|g| central_of(g.split) - g.r2_mean),
+            f64::max,
+        ),
+        groups,
         runs,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variants_parse_from_the_defaults() {
+        let d: Variant = "default".parse().unwrap();
+        let v: Variant = "up=fp32,down=topk0.1/64+int8,policy=local-ema,lr=1,mu=0,objective=sigreg"
+            .parse()
+            .unwrap();
+        assert_eq!(v.up, CodecSpec::FP32);
+        assert_eq!(v.down, "topk0.1/64+int8".parse().unwrap());
+        assert_eq!(v.policy, TargetPolicy::LocalEma);
+        assert_eq!((v.outer.lr, v.outer.momentum), (1.0, 0.0));
+        assert_eq!(v.outer.nesterov, d.outer.nesterov);
+        assert_eq!(v.objective, Objective::Sigreg);
+        for bad in ["up=zip", "lr", "colour=red", "policy=nobody"] {
+            assert!(bad.parse::<Variant>().is_err(), "{bad}");
+        }
     }
 }

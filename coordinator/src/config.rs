@@ -11,13 +11,19 @@
 //! preset = "tiny"                   # or run_config = "run.toml"
 //! codec = "topk0.05+int8"           # uplink codec for pseudo-gradients
 //! downlink_codec = "topk0.1+int8"   # codec of the per-round state deltas
-//! target_policy = "local-ema"
+//! target_policy = "coordinator-ema"  # or "local-ema"
 //! checkpoint_every = 5
 //!
 //! [rounds]
 //! budget_ms = 10000                 # time-budgeted rounds (steps = 0) ...
 //! steps = 0                         # ... or this many local steps per round
+//! max_rounds = 100                  # the schedules follow round / max_rounds on every worker;
+//!                                   # 0 (no planned end) holds them constant after warm-up
 //! ```
+//!
+//! The last round and every round before a checkpoint are *flush* rounds: workers send their
+//! update densely with their error-feedback residual, and the state delta goes out densely, so
+//! that a checkpoint (and any release made from it) holds every step that was trained.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -103,8 +109,8 @@ pub struct CoreConfig {
 
 impl CoreConfig {
     /// The defaults around a run config: DiLoCo's outer optimiser, top-5% int8 with error
-    /// feedback up, top-10% int8 deltas down, local EMA targets (both measured by
-    /// `amity bench federated`).
+    /// feedback up, top-10% int8 deltas down, the coordinator-EMA target (computed on both
+    /// ends from the applied model, never sent; measured by `amity bench federated`).
     pub fn new(run: Config) -> Self {
         CoreConfig {
             run,
@@ -113,7 +119,7 @@ impl CoreConfig {
             aggregation: AggregationConfig::default(),
             codec: default_codec(),
             downlink_codec: default_downlink(),
-            target_policy: TargetPolicy::LocalEma,
+            target_policy: TargetPolicy::CoordinatorEma,
             checkpoint_every: 5,
         }
     }
@@ -132,7 +138,7 @@ fn default_name() -> String {
     "coordinator".into()
 }
 fn default_policy() -> TargetPolicy {
-    TargetPolicy::LocalEma
+    TargetPolicy::CoordinatorEma
 }
 fn default_checkpoint_every() -> u64 {
     5
@@ -163,8 +169,11 @@ pub struct CoordinatorConfig {
     /// A run config TOML file (`amity train --print-config` style).
     #[serde(default)]
     pub run_config: Option<PathBuf>,
-    /// Total local steps each worker's inner schedule is laid out over (overrides the run's
-    /// `train.steps`; 0 keeps it).
+    /// Overrides the run's `train.steps` (0 keeps it). Workers' schedules follow the run's
+    /// global progress (round against `rounds.max_rounds`), not their own step counts, so
+    /// `train.steps` only sets warm-up's share of the run (`train.warmup / train.steps`).
+    /// A run without a planned end (`max_rounds = 0`) warms up over `train.warmup` local steps
+    /// of each worker and then holds learning rate, weight decay and EMA momentum constant.
     #[serde(default)]
     pub inner_steps: u64,
     /// Uplink codec.

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use amity_protocol::message::{ErrorCode, Hash, ServerMsg, StateDelta};
 use amity_shared::checkpoint::Checkpoint;
 use amity_shared::codec;
-use amity_shared::federated::{GlobalParams, RoundLoss, TargetPolicy};
+use amity_shared::federated::{GlobalParams, RoundLoss, RunProgress, TargetPolicy};
 use amity_shared::rng::Rng;
 use amity_shared::store::BlobId;
 use serde::{Deserialize, Serialize};
@@ -205,6 +205,13 @@ pub struct RoundSummary {
     pub params: String,
     /// Corpus epoch.
     pub epoch: u64,
+    /// Norm of the outer optimiser's step over the norm of the mean pseudo-gradient (model
+    /// part): 1 for plain averaging at outer lr 1; Nesterov momentum makes it grow over rounds.
+    #[serde(default)]
+    pub outer_step_ratio: f64,
+    /// Whether the round was a flush (dense updates both ways, before a checkpoint or the end).
+    #[serde(default)]
+    pub flush: bool,
 }
 
 /// Per-institution accounting.
@@ -361,6 +368,9 @@ pub struct SnapshotMeta {
     pub last_delta: Option<(Hash, BlobId)>,
     /// Size of that delta blob.
     pub last_delta_len: u64,
+    /// The target momentum workers apply after that delta (coordinator-EMA policy).
+    #[serde(default)]
+    pub last_delta_momentum: Option<f32>,
     /// Parameters hash of the seeded initial state.
     pub init_hash: Hash,
     /// Lengths of the vectors that follow.
@@ -457,6 +467,9 @@ pub struct Core {
     /// Blob id of the checkpoint form of `params` (what workers without a base fetch).
     state_blob: BlobId,
     last_delta: Option<(Hash, BlobId)>,
+    /// Under the coordinator-EMA policy, the momentum of the target's EMA step that follows
+    /// `last_delta` (both ends compute it; the target is never sent).
+    last_delta_momentum: Option<f32>,
     delta_bytes_len: u64,
     workers: BTreeMap<WorkerId, WorkerState>,
     received: Vec<Pending>,
@@ -493,6 +506,7 @@ impl Core {
             down_residual: Vec::new(),
             state_blob: BlobId([0; 32]),
             last_delta: None,
+            last_delta_momentum: None,
             delta_bytes_len: 0,
             workers: BTreeMap::new(),
             received: Vec::new(),
@@ -525,6 +539,7 @@ impl Core {
             down_residual: snap.down_residual,
             state_blob: BlobId([0; 32]),
             last_delta: snap.meta.last_delta,
+            last_delta_momentum: snap.meta.last_delta_momentum,
             delta_bytes_len: snap.meta.last_delta_len,
             workers: BTreeMap::new(),
             received: Vec::new(),
@@ -647,6 +662,23 @@ impl Core {
                 TargetPolicy::LocalEma => self.params.target.len(),
                 TargetPolicy::CoordinatorEma => 0,
             }
+    }
+
+    /// Where round `round` sits in the run, as announced to the workers.
+    fn progress(&self, round: u64) -> RunProgress {
+        RunProgress {
+            round,
+            planned_rounds: self.cfg.rounds.max_rounds,
+        }
+    }
+
+    /// Whether round `round` is a flush round: the last of the run, or one after which a
+    /// checkpoint is written. Updates and the state delta then go out densely, residuals
+    /// included, so that what is saved (and released) holds every step that was trained.
+    pub fn is_flush_round(&self, round: u64) -> bool {
+        let max = self.cfg.rounds.max_rounds;
+        let k = self.cfg.checkpoint_every;
+        (max > 0 && round + 1 == max) || (k > 0 && (round + 1).is_multiple_of(k))
     }
 
     /// Handles one event at time `now_ms` (milliseconds on any monotonic clock).
@@ -886,6 +918,7 @@ impl Core {
             .sum();
         let seed = self.cfg.run.train.seed;
         let state_len = 4 * (self.params.model.len() + self.params.target.len()) as u64;
+        let flush = self.is_flush_round(self.round);
         let mut bytes_down = 0;
         let mut expected = BTreeSet::new();
         let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
@@ -899,7 +932,11 @@ impl Core {
             let delta = self
                 .last_delta
                 .filter(|(base, _)| holds == Some(*base))
-                .map(|(base, blob)| StateDelta { base, blob: blob.0 });
+                .map(|(base, blob)| StateDelta {
+                    base,
+                    blob: blob.0,
+                    target_momentum: self.last_delta_momentum,
+                });
             bytes_down += match delta {
                 _ if holds == Some(params_hash) => 0,
                 Some(_) => self.delta_bytes_len,
@@ -914,6 +951,8 @@ impl Core {
                     delta,
                     budget_ms: r.budget_ms,
                     steps: r.steps,
+                    planned_rounds: r.max_rounds,
+                    flush,
                 },
             });
             out.push(Action::Send {
@@ -988,8 +1027,11 @@ impl Core {
                 weight: p.weight,
             })
             .collect();
-        let (accepted, screened_out) =
-            aggregate::screen(cands, &self.norm_history, &self.cfg.aggregation);
+        // A flush round's updates carry every worker's error-feedback residual, so their norms
+        // are compared with each other, not with ordinary rounds (nor recorded among them).
+        let flush = self.is_flush_round(self.round);
+        let history: &[f64] = if flush { &[] } else { &self.norm_history };
+        let (accepted, screened_out) = aggregate::screen(cands, history, &self.cfg.aggregation);
         let rejected: Vec<(String, String)> = screened_out
             .into_iter()
             .map(|(c, why)| (c.from, why))
@@ -1018,28 +1060,56 @@ impl Core {
                 self.plan.covered.insert(*s);
             }
         }
-        for c in &accepted {
-            self.norm_history.push(aggregate::norm(&c.values));
+        if !flush {
+            for c in &accepted {
+                self.norm_history.push(aggregate::norm(&c.values));
+            }
         }
         let excess = self.norm_history.len().saturating_sub(NORM_HISTORY);
         self.norm_history.drain(..excess);
 
         let base_hash = self.params_hash;
         let mut delta_blob = None;
+        let mut momentum = None;
+        let mut outer_step_ratio = 0.0;
         if !accepted.is_empty() {
             let mean_steps = if samples > 0 {
                 weighted_steps / samples as f64
             } else {
                 0.0
             };
-            let delta = self.outer_update(&accepted, mean_steps);
-            let parts = self.params.parts();
-            let bytes = codec::encode_parts(&self.cfg.downlink_codec, &delta, &parts);
+            let (delta, ratio) = self.outer_update(&accepted);
+            outer_step_ratio = ratio;
+            // Under coordinator EMA the delta covers the model only: the target's EMA step is
+            // computed on both ends from the applied model.
+            let parts = match self.cfg.target_policy {
+                TargetPolicy::LocalEma => self.params.parts().to_vec(),
+                TargetPolicy::CoordinatorEma => vec![self.params.model.len()],
+            };
+            let spec = if flush {
+                self.cfg.downlink_codec.dense()
+            } else {
+                self.cfg.downlink_codec
+            };
+            let bytes = codec::encode_parts(&spec, &delta, &parts);
             let sent = codec::decode_parts(&bytes, &parts).expect("our own encoding decodes");
             self.down_residual = delta.iter().zip(&sent).map(|(d, s)| d - s).collect();
-            self.params
-                .apply_delta(&sent)
-                .expect("delta has the state's length");
+            match self.cfg.target_policy {
+                TargetPolicy::LocalEma => self
+                    .params
+                    .apply_delta(&sent)
+                    .expect("delta has the state's length"),
+                TargetPolicy::CoordinatorEma => {
+                    for (p, d) in self.params.model.iter_mut().zip(&sent) {
+                        *p += d;
+                    }
+                    let m = self
+                        .progress(self.round)
+                        .target_momentum(&self.cfg.run.train, mean_steps);
+                    self.params.ema_target(m);
+                    momentum = Some(m);
+                }
+            }
             self.params_hash = self.params.hash();
             let id = BlobId::of(&bytes);
             self.delta_bytes_len = bytes.len() as u64;
@@ -1050,6 +1120,7 @@ impl Core {
             delta_blob = Some(id);
         }
         self.last_delta = delta_blob.map(|b| (base_hash, b));
+        self.last_delta_momentum = momentum;
         let params_hex = hex(&self.params_hash);
         let p = (self.params.model.len() + self.params.target.len()) as u64;
         let summary = RoundSummary {
@@ -1069,6 +1140,8 @@ impl Core {
             dense_bytes: steps * p * 4 * 2,
             params: params_hex.clone(),
             epoch: self.plan.epoch,
+            outer_step_ratio,
+            flush,
         };
         tracing::info!(
             round = self.round,
@@ -1108,65 +1181,34 @@ impl Core {
         }
     }
 
-    /// The aggregated outer step for the round as a delta over `GlobalParams::concat`,
-    /// including the downlink residual of earlier rounds.
-    fn outer_update(&mut self, accepted: &[Candidate], mean_steps: f64) -> Vec<f32> {
+    /// The round's aggregated outer step plus the downlink residual of earlier rounds, as a
+    /// delta over the model (then, under the local-EMA policy, the target), and the outer
+    /// step's norm over the mean pseudo-gradient's.
+    fn outer_update(&mut self, accepted: &[Candidate]) -> (Vec<f32>, f64) {
         let m_len = self.params.model.len();
         let g =
             aggregate::combine_range(accepted, 0..m_len, &self.cfg.aggregation).expect("non-empty");
         let step = self.outer.step(&g);
-        let new_model: Vec<f32> = self
-            .params
-            .model
-            .iter()
-            .zip(&step)
-            .map(|(p, s)| p + s)
-            .collect();
-        let t_len = self.params.target.len();
-        let new_target: Vec<f32> = match self.cfg.target_policy {
-            TargetPolicy::LocalEma => {
-                let len = m_len + self.params.target.len();
-                let gt = aggregate::combine_range(accepted, m_len..len, &self.cfg.aggregation)
-                    .expect("non-empty");
-                self.params
-                    .target
-                    .iter()
-                    .zip(&gt)
-                    .map(|(t, d)| t - d)
-                    .collect()
-            }
-            TargetPolicy::CoordinatorEma => {
-                // One EMA step per round with the per-step momentum compounded over the
-                // round's local steps; the per-step momentum ramps like V-JEPA's over the run.
-                let t = &self.cfg.run.train;
-                let progress = match self.cfg.rounds.max_rounds {
-                    0 => 0.0,
-                    n => self.round as f64 / n as f64,
-                };
-                let m_step = t.ema_start + (t.ema_end - t.ema_start) * progress;
-                let m = m_step.powf(mean_steps.max(1.0)) as f32;
-                self.params
-                    .target
-                    .iter()
-                    .zip(&new_model[..t_len])
-                    .map(|(t, e)| m * t + (1.0 - m) * e)
-                    .collect()
-            }
+        let g_norm = aggregate::norm(&g);
+        let ratio = if g_norm > 0.0 {
+            aggregate::norm(&step) / g_norm
+        } else {
+            0.0
         };
-        let mut delta = Vec::with_capacity(m_len + t_len);
-        delta.extend(new_model.iter().zip(&self.params.model).map(|(n, o)| n - o));
-        delta.extend(
-            new_target
-                .iter()
-                .zip(&self.params.target)
-                .map(|(n, o)| n - o),
-        );
+        let mut delta = step;
+        if self.cfg.target_policy == TargetPolicy::LocalEma {
+            // The target moves by the mean of the workers' target moves.
+            let len = m_len + self.params.target.len();
+            let gt = aggregate::combine_range(accepted, m_len..len, &self.cfg.aggregation)
+                .expect("non-empty");
+            delta.extend(gt.iter().map(|d| -d));
+        }
         if self.down_residual.len() == delta.len() {
             for (d, r) in delta.iter_mut().zip(&self.down_residual) {
                 *d += r;
             }
         }
-        delta
+        (delta, ratio)
     }
 
     fn store_state(&mut self, out: &mut Vec<Action>) {
@@ -1203,6 +1245,7 @@ impl Core {
                 history: self.history.clone(),
                 last_delta: self.last_delta,
                 last_delta_len: self.delta_bytes_len,
+                last_delta_momentum: self.last_delta_momentum,
                 init_hash: self.init_hash,
                 lens: [
                     self.params.model.len() as u64,
@@ -1329,7 +1372,13 @@ mod tests {
 
     #[test]
     fn a_round_starts_with_enough_workers_and_closes_when_all_updates_are_in() {
-        let (mut core, _) = setup(TargetPolicy::LocalEma);
+        for policy in [TargetPolicy::LocalEma, TargetPolicy::CoordinatorEma] {
+            a_round_runs(policy);
+        }
+    }
+
+    fn a_round_runs(policy: TargetPolicy) {
+        let (mut core, _) = setup(policy);
         let a = join(&mut core, 1, "uni-a", 30.0, 0);
         assert!(matches!(sent_to(&a, 1)[0], ServerMsg::Registered { .. }));
         assert_eq!(sent_to(&a, 1).len(), 1, "no round with one worker");
@@ -1339,6 +1388,7 @@ mod tests {
         assert_eq!((sa.len(), sb.len()), (3, 1));
         assert!(sa.iter().all(|s| !sb.contains(s)));
         let before = core.params().hash();
+        let start = core.params().clone();
 
         let acts = send(&mut core, 1, 0, 1.0, 1, 50);
         // Persist comes before the acknowledgement.
@@ -1389,7 +1439,102 @@ mod tests {
         assert_eq!(delta.base, before);
         assert_eq!(BlobId::of(&delta_bytes).0, delta.blob);
         assert_eq!(announce.1, core.params().hash());
+        // Under coordinator EMA the target is not in the delta: the worker takes the same EMA
+        // step itself and lands on the same hash.
+        assert_eq!(
+            delta.target_momentum.is_some(),
+            policy == TargetPolicy::CoordinatorEma
+        );
+        let rebuilt = start
+            .after_delta(&delta_bytes, delta.target_momentum)
+            .unwrap();
+        assert_eq!(rebuilt.hash(), announce.1);
         assert!(!acts.iter().any(|a| matches!(a, Action::Checkpoint { .. })));
+    }
+
+    #[test]
+    fn after_the_final_flush_the_parameters_hold_every_update() {
+        use crate::aggregate::OuterConfig;
+        use amity_shared::codec::{CodecSpec, ErrorFeedback};
+        let run = Config::preset("tiny").unwrap();
+        let (ml, tl) = layouts(&run);
+        let model = init_params(&ml, 1);
+        let target = model[..tl.total].to_vec();
+        let start = GlobalParams { model, target };
+        let mut cfg = CoreConfig::new(run);
+        cfg.target_policy = TargetPolicy::LocalEma;
+        // Plain averaging, so that the dense aggregate is a sum of round means.
+        cfg.outer = OuterConfig {
+            lr: 1.0,
+            momentum: 0.0,
+            nesterov: false,
+        };
+        cfg.codec = "topk0.05+int8".parse().unwrap();
+        cfg.downlink_codec = "topk0.1+int8".parse().unwrap();
+        cfg.rounds.min_workers = 2;
+        cfg.rounds.steps = 4;
+        cfg.rounds.max_rounds = 4;
+        cfg.checkpoint_every = 0;
+        let (mut core, _) = Core::new(cfg.clone(), start.clone(), &[]);
+        join(&mut core, 1, "uni-a", 1.0, 0);
+        let acts = join(&mut core, 2, "uni-b", 1.0, 0);
+        let flush_announced = |acts: &[Action]| {
+            sent_to(acts, 1).into_iter().find_map(|m| match m {
+                ServerMsg::RoundAnnounce { flush, .. } => Some(*flush),
+                _ => None,
+            })
+        };
+        assert_eq!(flush_announced(&acts), Some(false));
+        let parts = core.update_parts();
+        let mut feedback = [ErrorFeedback::new(), ErrorFeedback::new()];
+        let mut dense = vec![0.0f64; core.update_len()];
+        let mut sent_before_flush = vec![0.0f64; core.update_len()];
+        for round in 0..4 {
+            let flush = core.is_flush_round(round);
+            assert_eq!(flush, round == 3);
+            let mut acts = Vec::new();
+            for (w, fb) in feedback.iter_mut().enumerate() {
+                let mut u = update(&core, round, 1.0, 10 * round + w as u64 + 1);
+                for (d, v) in dense.iter_mut().zip(&u.values) {
+                    *d += 0.5 * *v as f64;
+                }
+                let spec: CodecSpec = if flush { cfg.codec.dense() } else { cfg.codec };
+                let (wire, sent) = fb.encode_parts(&spec, &u.values, &parts);
+                if !flush {
+                    for (d, v) in sent_before_flush.iter_mut().zip(&sent) {
+                        *d += 0.5 * *v as f64;
+                    }
+                }
+                u.values = codec::decode_parts(&wire, &parts).unwrap();
+                let worker = w as u64 + 1;
+                acts = core.handle(Event::Update { worker, update: u }, 10 + round);
+            }
+            if round < 3 {
+                assert_eq!(flush_announced(&acts), Some(round + 1 == 3));
+            }
+        }
+        assert!(core.finished());
+        let want: Vec<f64> = start
+            .concat()
+            .iter()
+            .zip(&dense)
+            .map(|(p, d)| *p as f64 - d)
+            .collect();
+        let biggest = dense.iter().fold(0.0f64, |m, d| m.max(d.abs()));
+        let error = |got: &[f32]| {
+            got.iter()
+                .zip(&want)
+                .fold(0.0f64, |m, (g, w)| m.max((*g as f64 - w).abs()))
+        };
+        // Within int8 precision of the dense aggregate ...
+        let after = error(&core.params().concat());
+        assert!(after < 0.02 * biggest, "error {after:e} of {biggest:e}");
+        // ... while top-k alone had delivered only part of it.
+        let missing = dense
+            .iter()
+            .zip(&sent_before_flush)
+            .fold(0.0f64, |m, (d, s)| m.max((d - s).abs()));
+        assert!(missing > 0.3 * biggest, "{missing:e} of {biggest:e}");
     }
 
     #[test]

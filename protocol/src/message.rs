@@ -129,12 +129,17 @@ pub enum ClientMsg {
 }
 
 /// A global state as a delta from an earlier one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct StateDelta {
     /// Parameters hash of the state the delta applies to.
     pub base: Hash,
     /// Blob id of the encoded delta.
     pub blob: Hash,
+    /// `None`: the delta covers the model and the target encoder. `Some(m)` (the
+    /// coordinator-EMA policy): it covers the model only, and the target then takes one EMA
+    /// step `target = m * target + (1 - m) * encoder` on both ends, bit-identically
+    /// (`GlobalParams::ema_target`), so the target is never sent.
+    pub target_momentum: Option<f32>,
 }
 
 /// Coordinator to worker (or downstream client).
@@ -172,6 +177,14 @@ pub enum ServerMsg {
         budget_ms: u64,
         /// Local steps, when the round is step-budgeted (0: time budget).
         steps: u64,
+        /// Rounds planned for the run (0: no planned end). With `round`, this is the run's
+        /// global progress, which every worker's learning-rate, weight-decay and EMA schedules
+        /// follow whatever its speed.
+        planned_rounds: u64,
+        /// Send this round's update densely (no top-k), error-feedback residual included: the
+        /// coordinator is about to checkpoint or finish, and what it saves must hold every
+        /// step that was trained.
+        flush: bool,
     },
     /// The shards a worker trains on this round.
     ShardAssignment {
@@ -329,6 +342,16 @@ impl Validate for ServerMsg {
                 check_str("codec", codec)?;
                 check_str("target policy", target_policy)
             }
+            ServerMsg::RoundAnnounce {
+                delta:
+                    Some(StateDelta {
+                        target_momentum: Some(m),
+                        ..
+                    }),
+                ..
+            } if !(0.0..=1.0).contains(m) => Err(DecodeError::Invalid(format!(
+                "target momentum {m} outside [0, 1]"
+            ))),
             ServerMsg::ShardAssignment { shards, .. } => check_list("shards", shards),
             ServerMsg::BlobHeader { len, offset, .. } if offset > len => Err(DecodeError::Invalid(
                 format!("blob offset {offset} past its length {len}"),
@@ -503,20 +526,30 @@ mod tests {
                 any::<u64>(),
                 hash(),
                 hash(),
-                prop::option::of((hash(), hash())),
+                prop::option::of((hash(), hash(), prop::option::of(0.0f32..=1.0))),
                 any::<u64>(),
-                any::<u64>()
+                any::<u64>(),
+                any::<u64>(),
+                any::<bool>()
             )
-                .prop_map(|(round, state, params, delta, budget_ms, steps)| {
-                    ServerMsg::RoundAnnounce {
-                        round,
-                        state,
-                        params,
-                        delta: delta.map(|(base, blob)| StateDelta { base, blob }),
-                        budget_ms,
-                        steps,
+                .prop_map(
+                    |(round, state, params, delta, budget_ms, steps, planned_rounds, flush)| {
+                        ServerMsg::RoundAnnounce {
+                            round,
+                            state,
+                            params,
+                            delta: delta.map(|(base, blob, target_momentum)| StateDelta {
+                                base,
+                                blob,
+                                target_momentum,
+                            }),
+                            budget_ms,
+                            steps,
+                            planned_rounds,
+                            flush,
+                        }
                     }
-                }),
+                ),
             (any::<u64>(), prop::collection::vec(hash(), 0..20))
                 .prop_map(|(round, shards)| ServerMsg::ShardAssignment { round, shards }),
             any::<u64>().prop_map(|of| ServerMsg::Ack { of }),

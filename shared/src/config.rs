@@ -125,6 +125,10 @@ pub enum Objective {
     /// Predict the online encoder's own (stop-gradient) features, regularised by VICReg on the
     /// pooled context features of two masked views. No EMA.
     Vicreg,
+    /// LeJEPA: predict the online encoder's own features (no teacher, no stop-gradient),
+    /// regularised by SIGReg, which pushes the pooled context embeddings of every mask set
+    /// towards an isotropic Gaussian. No EMA, so nothing for a federation to keep in sync.
+    Sigreg,
 }
 
 /// The training recipe: optimiser, schedules, EMA, masks.
@@ -157,16 +161,34 @@ pub struct TrainConfig {
     pub eps: f64,
     /// Global gradient-norm clip (0 disables).
     pub clip_grad: f64,
-    /// EMA momentum at step 0, ramped linearly to `ema_end` (V-JEPA: 0.998 -> 1.0).
+    /// EMA momentum at step 0, ramped linearly towards `ema_end` (V-JEPA: 0.998 -> 1.0).
     pub ema_start: f64,
-    /// EMA momentum at the last step.
+    /// EMA momentum at `schedule_stretch` times the run, so never quite reached.
     pub ema_end: f64,
+    /// The learning-rate, weight-decay and EMA schedules are laid out over this many times the
+    /// run (V-JEPA's `ipe_scale`, 1.25), so the run ends before the learning rate bottoms out
+    /// and before the EMA momentum reaches `ema_end` (at 1.0 the target would stop following
+    /// the encoder). 1.0 ends every schedule exactly at the last step.
+    #[serde(default = "default_schedule_stretch")]
+    pub schedule_stretch: f64,
     /// The mask sets, one predictor pass each.
     pub masks: Vec<MaskSetConfig>,
     /// VICReg weights (invariance, variance, covariance); used by the `vicreg` objective.
     pub vicreg: [f64; 3],
+    /// SIGReg's weight λ in `(1 - λ) · prediction + λ · SIGReg` and its number of random
+    /// slices per step; used by the `sigreg` objective (LeJEPA: λ = 0.05).
+    #[serde(default = "default_sigreg")]
+    pub sigreg: (f64, usize),
     /// Seed of every random choice of the run.
     pub seed: u64,
+}
+
+fn default_sigreg() -> (f64, usize) {
+    (0.05, 64)
+}
+
+fn default_schedule_stretch() -> f64 {
+    1.25
 }
 
 impl TrainConfig {
@@ -188,8 +210,10 @@ impl TrainConfig {
             clip_grad: 10.0,
             ema_start: 0.998,
             ema_end: 1.0,
+            schedule_stretch: default_schedule_stretch(),
             masks: vec![MaskSetConfig::short_range(), MaskSetConfig::long_range()],
             vicreg: [25.0, 25.0, 1.0],
+            sigreg: default_sigreg(),
             seed: 0,
         }
     }
@@ -369,6 +393,18 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "EMA momenta must lie in [0, 1]".into(),
             ));
+        }
+        if !(0.0..1.0).contains(&t.sigreg.0) || t.sigreg.1 == 0 {
+            return Err(ConfigError::Invalid(format!(
+                "train.sigreg is {:?}: the weight must lie in [0, 1) and the slices be positive",
+                t.sigreg
+            )));
+        }
+        if !(t.schedule_stretch.is_finite() && t.schedule_stretch >= 1.0) {
+            return Err(ConfigError::Invalid(format!(
+                "train.schedule_stretch is {}: it must be at least 1 (1.25 in V-JEPA)",
+                t.schedule_stretch
+            )));
         }
         Ok(())
     }

@@ -10,8 +10,10 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::TrainConfig;
 use crate::data::ClipSource;
 use crate::flat::LengthMismatch;
+use crate::optim::Schedule;
 use crate::train::Trainer;
 
 /// Who owns the EMA target encoder while workers take local steps.
@@ -91,6 +93,44 @@ impl GlobalParams {
         [self.model.len(), self.target.len()]
     }
 
+    /// Moves the target encoder one EMA step towards the model's encoder:
+    /// `target = m * target + (1 - m) * encoder`, in `f32` in a fixed order, so that the
+    /// coordinator and every worker that apply it to the same state get bit-identical targets.
+    /// Under [`TargetPolicy::CoordinatorEma`] this is how the target moves: it is never sent.
+    pub fn ema_target(&mut self, m: f32) {
+        let keep = 1.0 - m;
+        for (t, e) in self.target.iter_mut().zip(&self.model) {
+            *t = m * *t + keep * *e;
+        }
+    }
+
+    /// The state after a coordinator's state delta (`codec::encode_parts` bytes, validated in
+    /// full): `self + delta` over the model and the target, or, with a target momentum (the
+    /// coordinator-EMA policy), over the model only followed by the target's EMA step
+    /// ([`GlobalParams::ema_target`]), exactly as the coordinator computed it.
+    pub fn after_delta(
+        &self,
+        bytes: &[u8],
+        target_momentum: Option<f32>,
+    ) -> Result<GlobalParams, crate::codec::CodecError> {
+        let mut next = self.clone();
+        match target_momentum {
+            None => {
+                let values = crate::codec::decode_parts(bytes, &next.parts())?;
+                next.apply_delta(&values)
+                    .expect("decode_parts checked the lengths");
+            }
+            Some(m) => {
+                let values = crate::codec::decode_parts(bytes, &[next.model.len()])?;
+                for (p, d) in next.model.iter_mut().zip(&values) {
+                    *p += d;
+                }
+                next.ema_target(m);
+            }
+        }
+        Ok(next)
+    }
+
     /// Adds a delta over [`GlobalParams::concat`] in place (`f32` additions, so both ends that
     /// add the same decoded delta to the same state get bit-identical results).
     pub fn apply_delta(&mut self, delta: &[f32]) -> Result<(), LengthMismatch> {
@@ -112,6 +152,43 @@ impl GlobalParams {
     }
 }
 
+/// Where a round sits in its run, as the coordinator announces it: the schedules of every
+/// worker follow this global progress, not the worker's own step count, so a slow worker and a
+/// fast one use the same learning rate, weight decay and EMA momentum at the same moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunProgress {
+    /// The round (0-based).
+    pub round: u64,
+    /// Rounds planned for the run (`0`: no planned end).
+    pub planned_rounds: u64,
+}
+
+impl RunProgress {
+    /// The fraction of the run done when `within` (0 to 1) of this round is done, or `None`
+    /// for a run without a planned end.
+    pub fn done(&self, within: f64) -> Option<f64> {
+        (self.planned_rounds > 0)
+            .then(|| (self.round as f64 + within.clamp(0.0, 1.0)) / self.planned_rounds as f64)
+    }
+
+    /// The schedule at `within` of this round; `local_step` (the worker's own step count)
+    /// times the warm-up of a run without a planned end, which then holds the schedule
+    /// constant ([`Schedule::open_ended`]).
+    pub fn schedule(&self, cfg: &TrainConfig, within: f64, local_step: u64) -> Schedule {
+        match self.done(within) {
+            Some(done) => Schedule::at_progress(cfg, done),
+            None => Schedule::open_ended(cfg, local_step),
+        }
+    }
+
+    /// The momentum of the coordinator-EMA target's one step for this round: the per-step
+    /// momentum at the round's start compounded over the round's `steps` (mean local steps).
+    pub fn target_momentum(&self, cfg: &TrainConfig, steps: f64) -> f32 {
+        let m = self.schedule(cfg, 0.0, u64::MAX).ema;
+        m.powf(steps.max(1.0)) as f32
+    }
+}
+
 /// When a worker stops its local steps.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RoundBudget {
@@ -122,6 +199,16 @@ pub struct RoundBudget {
 }
 
 impl RoundBudget {
+    /// How much of the budget `steps` taken after `elapsed` have used, 0 to 1 (the larger of
+    /// the step and the time fraction).
+    pub fn within(&self, steps: u64, elapsed: Duration) -> f64 {
+        let by_steps = self.steps.map_or(0.0, |n| steps as f64 / n.max(1) as f64);
+        let by_time = self
+            .time
+            .map_or(0.0, |t| elapsed.as_secs_f64() / t.as_secs_f64().max(1e-9));
+        by_steps.max(by_time).min(1.0)
+    }
+
     /// Exactly `n` steps.
     pub fn steps(n: u64) -> Self {
         RoundBudget {
@@ -184,11 +271,22 @@ pub struct LocalRoundOptions {
     pub budget: RoundBudget,
     /// Target-encoder policy of the run.
     pub policy: TargetPolicy,
-    /// Seed of the batches (mixed with the trainer's step count, which keeps growing).
+    /// Seed of the batches (mixed with `worker` and the trainer's step count, which keeps
+    /// growing).
     pub seed: u64,
+    /// The worker's identity in the run: mixed into the batch and mask seeds, so that two
+    /// workers never draw the same batches or masks.
+    pub worker: u64,
+    /// Where the round sits in the run (drives the schedules).
+    pub progress: RunProgress,
     /// Makes each step take `slowdown` times as long (sleeping the rest), to stand in for slower
     /// hardware in demos and tests; 1.0 is full speed.
     pub slowdown: f64,
+}
+
+/// The batch seed of `worker` in a run seeded `seed`: each worker draws its own stream.
+pub fn worker_seed(seed: u64, worker: u64) -> u64 {
+    crate::rng::Rng::derive(seed, &[0xda7a, worker]).next_u64()
 }
 
 /// Runs one local round from `start`: loads it into `trainer` (keeping the trainer's AdamW
@@ -205,6 +303,8 @@ pub fn local_round(
     trainer.load_model_flat(&start.model)?;
     trainer.load_target_flat(&start.target)?;
     trainer.set_target_frozen(opts.policy == TargetPolicy::CoordinatorEma);
+    trainer.set_stream(opts.worker.wrapping_add(1));
+    let seed = worker_seed(opts.seed, opts.worker);
     let config = trainer.config().clone();
     let began = Instant::now();
     let (mut steps, mut samples, mut sum) = (0u64, 0u64, 0.0f64);
@@ -212,12 +312,16 @@ pub fn local_round(
     loop {
         let t0 = Instant::now();
         let batch = source.batch(
-            opts.seed,
+            seed,
             trainer.step_count(),
             config.train.batch,
             &config.model,
         );
-        let s = trainer.step(&batch);
+        let within = opts.budget.within(steps, began.elapsed());
+        let schedule = opts
+            .progress
+            .schedule(&config.train, within, trainer.step_count());
+        let s = trainer.step_with(&batch, schedule);
         if opts.slowdown > 1.0 {
             std::thread::sleep(t0.elapsed().mul_f64(opts.slowdown - 1.0));
         }
@@ -255,6 +359,84 @@ mod tests {
     use burn::tensor::Device;
 
     #[test]
+    fn schedules_follow_announced_progress_whatever_the_worker_speed() {
+        let cfg = Config::preset("tiny").unwrap().train;
+        let progress = RunProgress {
+            round: 3,
+            planned_rounds: 10,
+        };
+        // Halfway through round 3: a fast worker at step 50 of 100, a slow one at step 5 of
+        // 10, a time-budgeted one after 5 of its 10 s, whatever their own step counts.
+        let fast = RoundBudget::steps(100).within(50, Duration::ZERO);
+        let slow = RoundBudget::steps(10).within(5, Duration::ZERO);
+        let timed = RoundBudget {
+            steps: None,
+            time: Some(Duration::from_secs(10)),
+        }
+        .within(2, Duration::from_secs(5));
+        let at = |within| progress.schedule(&cfg, within, 12_345);
+        assert_eq!(at(fast), at(slow));
+        assert_eq!(at(fast), at(timed));
+        assert_eq!(at(fast), Schedule::at_progress(&cfg, 0.35));
+        // The schedule moves with the run, not with the worker's own steps.
+        assert!(at(fast).lr > Schedule::at_progress(&cfg, 0.9).lr);
+        assert!(at(fast).ema < Schedule::at_progress(&cfg, 0.9).ema);
+        // Without a planned end: warm-up by local steps, then constant.
+        let open = RunProgress {
+            round: 3,
+            planned_rounds: 0,
+        };
+        assert_eq!(
+            open.schedule(&cfg, 0.5, 12_345),
+            Schedule::open_ended(&cfg, 12_345)
+        );
+        // The coordinator's target momentum for a round compounds the per-step one.
+        let m = progress.target_momentum(&cfg, 20.0) as f64;
+        let step = progress.schedule(&cfg, 0.0, 0).ema;
+        assert!((m - step.powf(20.0)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn two_workers_never_draw_the_same_batch_or_masks() {
+        let mut config = Config::preset("tiny").unwrap();
+        config.train.batch = 2;
+        let source = ClipSource::synthetic(&config.model);
+        let batches: Vec<_> = (0..4)
+            .map(|w| source.batch(worker_seed(7, w), 0, 2, &config.model))
+            .collect();
+        for a in 0..batches.len() {
+            for b in a + 1..batches.len() {
+                assert_ne!(batches[a], batches[b], "workers {a} and {b}");
+            }
+        }
+        // Same start, same trainer state, same step: two workers still move differently.
+        let t = Trainer::new(config.clone(), &Device::flex());
+        let start = GlobalParams {
+            model: t.model_flat(),
+            target: t.target_flat(),
+        };
+        let delta = |worker| {
+            let mut t = Trainer::new(config.clone(), &Device::flex());
+            let opts = LocalRoundOptions {
+                budget: RoundBudget::steps(1),
+                policy: TargetPolicy::CoordinatorEma,
+                seed: 7,
+                worker,
+                progress: RunProgress {
+                    round: 0,
+                    planned_rounds: 2,
+                },
+                slowdown: 1.0,
+            };
+            local_round(&mut t, &start, &source, &opts, |_, _| {}, || false)
+                .unwrap()
+                .model_delta
+        };
+        assert_eq!(delta(1), delta(1), "a worker's round is reproducible");
+        assert_ne!(delta(0), delta(1));
+    }
+
+    #[test]
     fn a_local_round_returns_start_minus_end() {
         let mut config = Config::preset("tiny").unwrap();
         config.train.batch = 2;
@@ -269,6 +451,11 @@ mod tests {
                 budget: RoundBudget::steps(2),
                 policy,
                 seed: 1,
+                worker: 0,
+                progress: RunProgress {
+                    round: 0,
+                    planned_rounds: 4,
+                },
                 slowdown: 1.0,
             };
             let u = local_round(&mut t, &start, &source, &opts, |_, _| {}, || false).unwrap();

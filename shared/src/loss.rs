@@ -1,4 +1,5 @@
-//! The objectives: V-JEPA's L1 regression and VICReg's variance-invariance-covariance terms.
+//! The objectives: V-JEPA's L1 regression, VICReg's variance-invariance-covariance terms and
+//! LeJEPA's SIGReg.
 
 use burn::tensor::Tensor;
 use burn::tensor::activation::relu;
@@ -53,6 +54,72 @@ fn var_cov_terms(x: Tensor<2>) -> (Tensor<1>, Tensor<1>) {
     (variance, off / d as f64)
 }
 
+/// Points of SIGReg's integral over `t`: 17 from -5 to 5 (LeJEPA's).
+const SIGREG_POINTS: usize = 17;
+const SIGREG_T_MAX: f64 = 5.0;
+
+/// SIGReg (Balestriero & LeCun 2025, LeJEPA): how far embeddings `z` (`[N, D]`) are from an
+/// isotropic standard Gaussian, measured along the unit `directions` (`[D, M]`, the sketch).
+///
+/// Each slice `z · a` is compared with N(0, 1) by the Epps-Pulley statistic: the squared
+/// distance between its empirical characteristic function `mean(exp(i t x))` and the Gaussian's
+/// `exp(-t²/2)`, weighted by `exp(-t²/2)` and integrated (trapezoid) over `t` in [-5, 5],
+/// times `N`; the loss is the mean over slices. By Cramér-Wold, matching every 1-D projection
+/// matches the distribution, so minimising it pushes the embeddings towards an isotropic
+/// Gaussian, which rules out collapse without a teacher or a stop-gradient.
+pub fn sigreg(z: Tensor<2>, directions: Tensor<2>) -> Tensor<1> {
+    let [n, _] = z.dims();
+    let device = z.device();
+    let proj = z.matmul(directions); // [N, M]
+    let step = 2.0 * SIGREG_T_MAX / (SIGREG_POINTS - 1) as f64;
+    let ts: Vec<f32> = (0..SIGREG_POINTS)
+        .map(|i| (-SIGREG_T_MAX + step * i as f64) as f32)
+        .collect();
+    let gauss: Vec<f32> = ts.iter().map(|t| (-0.5 * t * t).exp()).collect();
+    // Trapezoid weights times the Gaussian weight of each point.
+    let weights: Vec<f32> = gauss
+        .iter()
+        .enumerate()
+        .map(|(i, g)| {
+            let end = i == 0 || i == SIGREG_POINTS - 1;
+            g * step as f32 * if end { 0.5 } else { 1.0 }
+        })
+        .collect();
+    let row = |v: Vec<f32>| {
+        Tensor::<1>::from_data(burn::tensor::TensorData::new(v, [SIGREG_POINTS]), &device)
+            .reshape([1, 1, SIGREG_POINTS])
+    };
+    let (t, phi, w) = (row(ts), row(gauss), row(weights));
+    let args = proj.unsqueeze_dim::<3>(2) * t; // [N, M, T]
+    let re = args.clone().cos().mean_dim(0); // [1, M, T]
+    let im = args.sin().mean_dim(0);
+    let err = (re - phi).powi_scalar(2) + im.powi_scalar(2);
+    (err * w).sum_dim(2).mean() * n as f64
+}
+
+/// `m` unit directions in `d` dimensions (`[d, m]`), drawn from `seed`: SIGReg's sketch, new
+/// every step.
+pub fn sigreg_directions(
+    d: usize,
+    m: usize,
+    seed: u64,
+    device: &burn::tensor::Device,
+) -> Tensor<2> {
+    let mut rng = crate::rng::Rng::new(seed);
+    let mut v: Vec<f32> = (0..d * m).map(|_| rng.normal() as f32).collect();
+    for j in 0..m {
+        let norm = (0..d)
+            .map(|i| v[i * m + j].powi(2))
+            .sum::<f32>()
+            .sqrt()
+            .max(1e-12);
+        for i in 0..d {
+            v[i * m + j] /= norm;
+        }
+    }
+    Tensor::from_data(burn::tensor::TensorData::new(v, [d, m]), device)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -64,6 +131,27 @@ mod tests {
 
     fn scalar(t: Tensor<1>) -> f32 {
         t.into_scalar()
+    }
+
+    #[test]
+    fn sigreg_is_small_for_a_gaussian_and_large_for_a_collapse() {
+        let d = Device::flex();
+        let (n, dim) = (512, 16);
+        let mut rng = crate::rng::Rng::new(3);
+        let gaussian: Vec<f32> = (0..n * dim).map(|_| rng.normal() as f32).collect();
+        let dirs = || sigreg_directions(dim, 32, 9, &d);
+        let g = scalar(sigreg(t2(gaussian.clone(), [n, dim]), dirs()));
+        // Every sample the same point: a collapse.
+        let collapsed = scalar(sigreg(t2(vec![0.3; n * dim], [n, dim]), dirs()));
+        // Gaussian but ten times too wide.
+        let wide: Vec<f32> = gaussian.iter().map(|x| 10.0 * x).collect();
+        let wide = scalar(sigreg(t2(wide, [n, dim]), dirs()));
+        assert!(g < 2.0, "gaussian {g}");
+        assert!(collapsed > 20.0 * g, "collapsed {collapsed} vs {g}");
+        assert!(wide > 20.0 * g, "wide {wide} vs {g}");
+        // The directions are unit vectors.
+        let norms = crate::model::host_f32(dirs().powi_scalar(2).sum_dim(0).sqrt());
+        assert!(norms.iter().all(|x| (x - 1.0).abs() < 1e-5), "{norms:?}");
     }
 
     #[test]

@@ -30,18 +30,38 @@ pub struct Schedule {
 }
 
 impl Schedule {
-    /// The schedule of `cfg` at `step` (clamped to the last step).
+    /// The schedule of `cfg` at local `step` of a run planned for `cfg.steps` steps: the same as
+    /// [`Schedule::at_progress`] at `step / steps`, with warm-up counted in steps.
     pub fn at(cfg: &TrainConfig, step: u64) -> Self {
-        let total = cfg.steps.max(1);
-        let step = step.min(total);
-        let lr = if step < cfg.warmup {
-            cfg.start_lr + (cfg.lr - cfg.start_lr) * step as f64 / cfg.warmup as f64
+        Self::at_progress(cfg, step as f64 / cfg.steps.max(1) as f64)
+    }
+
+    /// The schedule when `done` of the planned run is complete (0 at the start, 1 at the end;
+    /// clamped to that range), whoever takes the steps: a federated worker passes the run's
+    /// global progress, so every worker follows the same schedule whatever its speed.
+    ///
+    /// As in V-JEPA (`ipe_scale`), the schedules are laid out over `schedule_stretch` times the
+    /// run (1.25 by default): at the end of the run the learning rate has not reached
+    /// `final_lr` and the EMA momentum has not reached `ema_end`, so the last steps still move
+    /// the target. Warm-up takes the first `warmup / steps` of the run, linearly from `start_lr`
+    /// to `lr`; then the learning rate follows a cosine to `final_lr` at `schedule_stretch`.
+    /// Weight decay follows a cosine and the EMA momentum a line over `[0, schedule_stretch]`.
+    pub fn at_progress(cfg: &TrainConfig, done: f64) -> Self {
+        let done = if done.is_finite() {
+            done.clamp(0.0, 1.0)
         } else {
-            let span = (total - cfg.warmup).max(1) as f64;
-            let progress = (step - cfg.warmup) as f64 / span;
+            0.0
+        };
+        let stretch = cfg.schedule_stretch.max(1.0);
+        let warm = (cfg.warmup as f64 / cfg.steps.max(1) as f64).min(1.0);
+        let lr = if done < warm {
+            cfg.start_lr + (cfg.lr - cfg.start_lr) * done / warm
+        } else {
+            let span = (stretch - warm).max(1e-12);
+            let progress = (done - warm) / span;
             cfg.final_lr + 0.5 * (cfg.lr - cfg.final_lr) * (1.0 + (PI * progress).cos())
         };
-        let progress = step as f64 / total as f64;
+        let progress = done / stretch;
         let weight_decay = cfg.weight_decay_end
             + 0.5 * (cfg.weight_decay - cfg.weight_decay_end) * (1.0 + (PI * progress).cos());
         let ema = cfg.ema_start + (cfg.ema_end - cfg.ema_start) * progress;
@@ -49,6 +69,23 @@ impl Schedule {
             lr,
             weight_decay,
             ema,
+        }
+    }
+
+    /// The schedule of a run without a planned end (a federation with `max_rounds = 0`) at its
+    /// `step`-th step: the warm-up of `cfg.warmup` steps, then constant (peak learning rate,
+    /// initial weight decay and EMA momentum), since no decay can be laid out over an unknown
+    /// length.
+    pub fn open_ended(cfg: &TrainConfig, step: u64) -> Self {
+        let lr = if step < cfg.warmup {
+            cfg.start_lr + (cfg.lr - cfg.start_lr) * step as f64 / cfg.warmup as f64
+        } else {
+            cfg.lr
+        };
+        Schedule {
+            lr,
+            weight_decay: cfg.weight_decay,
+            ema: cfg.ema_start,
         }
     }
 }
@@ -209,18 +246,42 @@ mod tests {
     use crate::config::Config;
 
     #[test]
-    fn schedule_warms_up_then_decays() {
+    fn schedule_warms_up_then_decays_without_reaching_its_end() {
         let mut cfg = Config::preset("tiny").unwrap().train;
         cfg.steps = 1000;
         cfg.warmup = 100;
         let s0 = Schedule::at(&cfg, 0);
         assert!((s0.lr - cfg.start_lr).abs() < 1e-12);
         assert!((Schedule::at(&cfg, 100).lr - cfg.lr).abs() < 1e-12);
-        assert!((Schedule::at(&cfg, 1000).lr - cfg.final_lr).abs() < 1e-9);
         assert!(Schedule::at(&cfg, 500).lr < cfg.lr);
         assert!((s0.weight_decay - 0.04).abs() < 1e-12);
-        assert!((Schedule::at(&cfg, 1000).weight_decay - 0.4).abs() < 1e-12);
         assert!((s0.ema - cfg.ema_start).abs() < 1e-12);
-        assert!((Schedule::at(&cfg, 1000).ema - 1.0).abs() < 1e-12);
+        // Stretched by 1.25: the end of the run is 80% of the way along every schedule.
+        let end = Schedule::at(&cfg, 1000);
+        assert!(end.lr > 10.0 * cfg.final_lr, "{end:?}");
+        assert!(end.ema < 1.0 && end.ema > cfg.ema_start, "{end:?}");
+        assert!((end.ema - (cfg.ema_start + (cfg.ema_end - cfg.ema_start) * 0.8)).abs() < 1e-12);
+        // Without the stretch the schedules end where V-JEPA's would at 1.0.
+        cfg.schedule_stretch = 1.0;
+        let end = Schedule::at(&cfg, 1000);
+        assert!((end.lr - cfg.final_lr).abs() < 1e-9);
+        assert!((end.weight_decay - 0.4).abs() < 1e-12);
+        assert!((end.ema - 1.0).abs() < 1e-12);
+        // Progress past the end (a late round) holds the last values.
+        assert_eq!(Schedule::at_progress(&cfg, 1.7), end);
+    }
+
+    #[test]
+    fn an_open_ended_run_holds_its_schedule_after_warm_up() {
+        let cfg = Config::preset("tiny").unwrap().train;
+        let s = Schedule::open_ended(&cfg, 0);
+        assert!((s.lr - cfg.start_lr).abs() < 1e-12);
+        for step in [cfg.warmup, 10 * cfg.steps, 100 * cfg.steps] {
+            let s = Schedule::open_ended(&cfg, step);
+            assert_eq!(
+                (s.lr, s.weight_decay, s.ema),
+                (cfg.lr, cfg.weight_decay, cfg.ema_start)
+            );
+        }
     }
 }

@@ -16,7 +16,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use crate::config::{Config, Objective};
 use crate::ema::ema_update;
 use crate::flat::{LengthMismatch, ParamLayout, init_params, load_flat, to_flat};
-use crate::loss::{l1, vicreg};
+use crate::loss::{l1, sigreg, vicreg};
 use crate::mask::{MaskBatch, MultiBlockMasker};
 use crate::model::{Encoder, Jepa, gather_tokens, host_f32, layer_norm_plain, tubelet};
 use crate::optim::{AdamW, Schedule};
@@ -77,7 +77,7 @@ pub struct StepStats {
     /// The L1 a constant predictor (the batch mean of the targets) would reach: a loss near
     /// this means the predictor learned nothing beyond the mean.
     pub mean_baseline: f64,
-    /// The VICReg term (0 with the EMA objective).
+    /// The VICReg or SIGReg term (0 with the EMA objective).
     pub vicreg: f64,
     /// Gradient norm before clipping.
     pub grad_norm: f64,
@@ -231,10 +231,32 @@ impl Trainer {
         &self.model
     }
 
-    /// One optimiser step on `batch`.
+    /// Gives this trainer its own stream of masks: `0` (the default) draws them from the run's
+    /// seed alone, any other value from the seed mixed with `stream`. Federated workers pass
+    /// their worker id, so that two workers at the same step never draw the same masks.
+    pub fn set_stream(&mut self, stream: u64) {
+        let seed = match stream {
+            0 => self.config.train.seed,
+            s => crate::rng::Rng::derive(self.config.train.seed, &[0x57_4ea3, s]).next_u64(),
+        };
+        self.masker = MultiBlockMasker::new(
+            self.config.model.grid(),
+            self.config.train.masks.clone(),
+            seed,
+        );
+    }
+
+    /// One optimiser step on `batch`, with the schedule of the run's own step count
+    /// ([`Schedule::at`]).
     pub fn step(&mut self, batch: &ClipBatch) -> StepStats {
+        let schedule = Schedule::at(&self.config.train, self.step);
+        self.step_with(batch, schedule)
+    }
+
+    /// One optimiser step on `batch` with a given learning rate, weight decay and EMA momentum
+    /// (a federated worker's, from the run's global progress).
+    pub fn step_with(&mut self, batch: &ClipBatch, schedule: Schedule) -> StepStats {
         let cfg = &self.config.train;
-        let schedule = Schedule::at(cfg, self.step);
         let ad = self.device.clone().autodiff();
         let b = batch.batch;
         // One upload of the batch; the autodiff view shares it (inputs need no gradient).
@@ -242,12 +264,16 @@ impl Trainer {
         let patches = plain.clone().autodiff();
         let masks = self.masker.sample(self.step, b);
 
-        // Targets: layer-normed features of the whole clip, without gradients.
+        // Targets: layer-normed features of the whole clip, without gradients (SIGReg: with
+        // gradients, through the online encoder itself).
         let full = match cfg.objective {
             Objective::Ema => self.target.forward(plain, None),
             Objective::Vicreg => self.model.encoder.valid().forward(plain, None),
+            Objective::Sigreg => self.model.encoder.valid().forward(plain.clone(), None),
         };
         let h = layer_norm_plain(full);
+        let h_grad = (cfg.objective == Objective::Sigreg)
+            .then(|| layer_norm_plain(self.model.encoder.forward(patches.clone(), None)));
 
         let mut pred_loss: Option<Tensor<1>> = None;
         let mut baseline: Option<Tensor<1>> = None;
@@ -257,12 +283,15 @@ impl Trainer {
             let h_t = gather_tokens(h.clone(), tgt.clone().inner());
             let mean = h_t.clone().mean_dim(1).mean_dim(0);
             let base = (h_t.clone() - mean).abs().mean();
-            let h_t = Tensor::from_inner(h_t);
+            let h_t = match &h_grad {
+                Some(h) => gather_tokens(h.clone(), tgt.clone()),
+                None => Tensor::from_inner(h_t),
+            };
             let z = self
                 .model
                 .encoder
                 .forward(patches.clone(), Some(ctx.clone()));
-            if cfg.objective == Objective::Vicreg {
+            if cfg.objective != Objective::Ema {
                 pooled.push(z.clone().mean_dim(1).squeeze_dim::<2>(1));
             }
             let pred = self.model.predictor.forward(z, ctx, tgt);
@@ -289,6 +318,15 @@ impl Trainer {
             let v = vicreg(a, c, cfg.vicreg);
             vicreg_value = v.total.clone().into_scalar::<f32>() as f64;
             loss = loss + v.total;
+        } else if cfg.objective == Objective::Sigreg {
+            let (lambda, slices) = cfg.sigreg;
+            let z = Tensor::cat(pooled, 0);
+            let width = z.dims()[1];
+            let seed = crate::rng::Rng::derive(cfg.seed, &[0x5169, self.step]).next_u64();
+            let dirs = crate::loss::sigreg_directions(width, slices, seed, &ad);
+            let reg = sigreg(z, dirs);
+            vicreg_value = reg.clone().into_scalar::<f32>() as f64;
+            loss = loss * (1.0 - lambda) + reg * lambda;
         }
         let loss_value: f32 = pred_loss.clone().inner().into_scalar();
         let base_value: f32 = (baseline.expect("at least one mask set") / sets).into_scalar();
@@ -303,7 +341,7 @@ impl Trainer {
                 self.target = ema_update(self.target.clone(), &self.model.encoder, schedule.ema);
             }
             // No EMA: the encoder itself is what gets evaluated and released.
-            Objective::Vicreg => self.target = self.model.encoder.valid(),
+            Objective::Vicreg | Objective::Sigreg => self.target = self.model.encoder.valid(),
         }
         let stats = StepStats {
             step: self.step,
@@ -501,18 +539,22 @@ mod tests {
     }
 
     #[test]
-    fn vicreg_objective_trains_without_an_ema() {
-        let (config, source) = tiny(Objective::Vicreg);
-        let mut t = Trainer::new(config.clone(), &Device::flex());
-        let s = t.step(&source.batch(0, 0, 4, &config.model));
-        assert!(
-            s.loss.is_finite() && s.vicreg.is_finite() && s.vicreg > 0.0,
-            "{s:?}"
-        );
-        // Without an EMA the released encoder is the online encoder itself.
-        let model = t.model_flat();
-        let enc_len = t.target_flat().len();
-        assert_eq!(&model[..enc_len], t.target_flat().as_slice());
+    fn vicreg_and_sigreg_objectives_train_without_an_ema() {
+        for objective in [Objective::Vicreg, Objective::Sigreg] {
+            let (config, source) = tiny(objective);
+            let mut t = Trainer::new(config.clone(), &Device::flex());
+            let before = t.model_flat();
+            let s = t.step(&source.batch(0, 0, 4, &config.model));
+            assert!(
+                s.loss.is_finite() && s.vicreg.is_finite() && s.vicreg > 0.0,
+                "{objective:?}: {s:?}"
+            );
+            assert_ne!(t.model_flat(), before, "{objective:?} did not train");
+            // Without an EMA the released encoder is the online encoder itself.
+            let model = t.model_flat();
+            let enc_len = t.target_flat().len();
+            assert_eq!(&model[..enc_len], t.target_flat().as_slice());
+        }
     }
 
     #[test]

@@ -83,11 +83,17 @@ pub fn cluster(name: &str, workers: &[&str], rounds: u64, extra: &str) -> Cluste
     std::fs::write(dir.join("run.toml"), run.to_toml()).unwrap();
     let port = free_port();
     let config = dir.join("coordinator.toml");
+    // A checkpoint every round unless the test sets its own interval.
+    let checkpoints = if extra.contains("checkpoint_every") {
+        ""
+    } else {
+        "checkpoint_every = 1\n"
+    };
     std::fs::write(
         &config,
         format!(
             "listen = \"127.0.0.1:{port}\"\nstate_dir = \"state\"\ncorpus = \"corpus\"\n\
-             ca_dir = \"ca\"\nrun_config = \"run.toml\"\ncheckpoint_every = 1\n{extra}\n\
+             ca_dir = \"ca\"\nrun_config = \"run.toml\"\n{checkpoints}{extra}\n\
              [rounds]\nsteps = 4\ngrace_ms = 60000\nmin_workers = {}\nmax_rounds = {rounds}\n\
              heartbeat_timeout_ms = 4000\nshards_per_round = 4\n",
             workers.len()

@@ -19,14 +19,15 @@ use amity_protocol::message::{
 };
 use amity_protocol::tls::{Identity, quic_client_config};
 use amity_shared::checkpoint::Checkpoint;
-use amity_shared::codec::{self, CodecSpec, ErrorFeedback};
+use amity_shared::codec::{CodecSpec, ErrorFeedback};
 use amity_shared::config::Config;
 use amity_shared::corpus::loader::ShardSet;
 use amity_shared::corpus::manifest::{ClipShape, Manifest, open_blobs};
 use amity_shared::data::ClipSource;
 use amity_shared::device::{Backend, Device};
 use amity_shared::federated::{
-    GlobalParams, LocalRoundOptions, LocalUpdate, RoundBudget, TargetPolicy, local_round,
+    GlobalParams, LocalRoundOptions, LocalUpdate, RoundBudget, RunProgress, TargetPolicy,
+    local_round,
 };
 use amity_shared::store::{BlobId, BlobStore, LocalStore};
 use amity_shared::train::Trainer;
@@ -306,7 +307,7 @@ async fn session(
     if let Err(e) = control.send(&ClientMsg::Register(caps)).await {
         return Ok(lost(e));
     }
-    let (run, codec, policy) = match control.recv::<ServerMsg>().await {
+    let (run, codec, policy, worker_id) = match control.recv::<ServerMsg>().await {
         Ok(Some(ServerMsg::Registered {
             run,
             codec,
@@ -330,7 +331,7 @@ async fn session(
                 }
             };
             tracing::info!(worker, %codec, %policy, preset = %run.preset, "registered");
-            (run, codec, policy)
+            (run, codec, policy, worker)
         }
         Ok(Some(ServerMsg::Error { code, message })) => {
             return Err(WorkerError::Refused(format!("{code:?}: {message}")));
@@ -356,7 +357,7 @@ async fn session(
 
     let mut heartbeat = tokio::time::interval(Duration::from_secs(2));
     let mut seq = 0;
-    let mut announce: Option<(u64, Hash, Hash, Option<StateDelta>, u64, u64)> = None;
+    let mut announce: Option<Announce> = None;
     let end = loop {
         tokio::select! {
             _ = heartbeat.tick() => {
@@ -370,15 +371,22 @@ async fn session(
                 }
             }
             msg = control.recv::<ServerMsg>() => match msg {
-                Ok(Some(ServerMsg::RoundAnnounce { round, state, params, delta, budget_ms, steps })) => {
-                    announce = Some((round, state, params, delta, budget_ms, steps));
+                Ok(Some(ServerMsg::RoundAnnounce {
+                    round, state, params, delta, budget_ms, steps, planned_rounds, flush,
+                })) => {
+                    announce = Some(Announce {
+                        round, state, params, delta, budget_ms, steps, planned_rounds, flush,
+                        shards: Vec::new(),
+                    });
                 }
                 Ok(Some(ServerMsg::ShardAssignment { round, shards })) => {
-                    let Some(a) = announce.take().filter(|a| a.0 == round) else {
+                    let Some(mut a) = announce.take().filter(|a| a.round == round) else {
                         tracing::warn!(round, "shard assignment without its announce");
                         continue;
                     };
-                    match train_round(opts, conn, &mut control, st, stop, a, shards, codec, policy).await {
+                    a.shards = shards;
+                    let session = Session { codec, policy, worker: worker_id };
+                    match train_round(opts, conn, &mut control, st, stop, a, session).await {
                         Ok(()) => {}
                         Err(end) => break end,
                     }
@@ -406,25 +414,52 @@ async fn session(
     Ok(end)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// A `RoundAnnounce`, kept until its shard assignment arrives (then `shards`).
+struct Announce {
+    round: u64,
+    state: Hash,
+    params: Hash,
+    delta: Option<StateDelta>,
+    budget_ms: u64,
+    steps: u64,
+    planned_rounds: u64,
+    flush: bool,
+    shards: Vec<Hash>,
+}
+
+/// What registration settled for the session.
+#[derive(Clone, Copy)]
+struct Session {
+    codec: CodecSpec,
+    policy: TargetPolicy,
+    /// The worker's id in the run (mixed into its batch and mask seeds).
+    worker: u64,
+}
+
 async fn train_round(
     opts: &WorkerOptions,
     conn: &quinn::Connection,
     control: &mut MsgStream,
     st: &mut Local,
     stop: &Arc<AtomicBool>,
-    (round, state, params_hash, delta, budget_ms, steps): (
-        u64,
-        Hash,
-        Hash,
-        Option<StateDelta>,
-        u64,
-        u64,
-    ),
-    shards: Vec<Hash>,
-    codec: CodecSpec,
-    policy: TargetPolicy,
+    announce: Announce,
+    Session {
+        codec,
+        policy,
+        worker,
+    }: Session,
 ) -> Result<(), SessionEnd> {
+    let Announce {
+        round,
+        state,
+        params: params_hash,
+        delta,
+        budget_ms,
+        steps,
+        planned_rounds,
+        flush,
+        shards,
+    } = announce;
     let started = Instant::now();
     let peer = opts.server_name.as_str();
     // 1. The global state.
@@ -440,11 +475,8 @@ async fn train_round(
         && *h == d.base
     {
         let bytes = fetch(conn, peer, &st.cache, BlobId(d.blob), &mut st.summary).await?;
-        let mut next = GlobalParams::clone(p);
-        match codec::decode_parts(&bytes, &next.parts()) {
-            Ok(values) if next.apply_delta(&values).is_ok() && next.hash() == params_hash => {
-                start = Some(Arc::new(next))
-            }
+        match p.after_delta(&bytes, d.target_momentum) {
+            Ok(next) if next.hash() == params_hash => start = Some(Arc::new(next)),
             Ok(_) => tracing::warn!(round, "delta did not reproduce the announced state"),
             Err(e) => tracing::warn!(round, "bad delta from coordinator: {e}"),
         }
@@ -504,6 +536,11 @@ async fn train_round(
         budget,
         policy,
         seed: run.train.seed ^ round.rotate_left(17),
+        worker,
+        progress: RunProgress {
+            round,
+            planned_rounds,
+        },
         slowdown: opts.slowdown,
     };
     let stop_flag = stop.clone();
@@ -551,11 +588,13 @@ async fn train_round(
         Some(Fault::Scale(f)) => update.model_delta.iter_mut().for_each(|v| *v *= f),
         None => {}
     }
-    // 4. Compress (error feedback keeps what top-k and int8 drop) and offer the blob.
+    // 4. Compress (error feedback keeps what top-k and int8 drop) and offer the blob. A flush
+    //    round goes out densely, so the residual is delivered before a checkpoint or the end.
     let values = update.wire_values();
+    let spec = if flush { codec.dense() } else { codec };
     let (bytes, _) = st
         .feedback
-        .encode_parts(&codec, &values, &update.wire_parts());
+        .encode_parts(&spec, &values, &update.wire_parts());
     let stored = st
         .cache
         .put(&bytes)
