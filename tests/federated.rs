@@ -60,7 +60,7 @@ fn three_workers_train_three_rounds_and_the_loss_falls() {
             round["dense_bytes"].as_u64().unwrap(),
         );
         // The last round (before the checkpoint) flushes every residual densely: int8, a
-        // quarter of fp32 at most. The others are compressed: a top-5% int8 update is far
+        // quarter of fp32 at most. The others are compressed: a sparseloco update is far
         // below dense fp32 traffic.
         let last = r + 1 == history.len();
         assert_eq!(round["flush"], last, "{round}");
