@@ -186,7 +186,9 @@ pub struct CoordinatorConfig {
     /// Target-encoder policy.
     #[serde(default = "default_policy")]
     pub target_policy: TargetPolicy,
-    /// Checkpoint interval in rounds.
+    /// Checkpoint interval in rounds. Each checkpoint is preceded by a flush round (dense int8
+    /// updates and state delta, about one byte per parameter each way and worker), which also
+    /// delivers every held-back residual at once: in short runs prefer one at the end.
     #[serde(default = "default_checkpoint_every")]
     pub checkpoint_every: u64,
     /// Round policy.
