@@ -583,15 +583,9 @@ fn write_values(out: &mut Vec<u8>, coding: ValueCoding, values: &[f32]) {
             }
         }
         ValueCoding::Int8 { block } => {
-            let scales: Vec<f32> = values
-                .chunks(block as usize)
-                .map(|b| {
-                    // A non-finite block gets a NaN scale so that the receiver refuses it.
-                    if b.iter().any(|v| !v.is_finite()) {
-                        return f32::NAN;
-                    }
-                    b.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 127.0
-                })
+            let scales: Vec<f32> = block_absmax(values, block)
+                .into_iter()
+                .map(|m| m / 127.0)
                 .collect();
             for s in &scales {
                 out.extend_from_slice(&s.to_le_bytes());
@@ -608,15 +602,7 @@ fn write_values(out: &mut Vec<u8>, coding: ValueCoding, values: &[f32]) {
             }
         }
         ValueCoding::Int2 { block } => {
-            let scales: Vec<f32> = values
-                .chunks(block as usize)
-                .map(|b| {
-                    if b.iter().any(|v| !v.is_finite()) {
-                        return f32::NAN;
-                    }
-                    b.iter().fold(0.0f32, |m, v| m.max(v.abs()))
-                })
-                .collect();
+            let scales = block_absmax(values, block);
             for s in &scales {
                 out.extend_from_slice(&s.to_le_bytes());
             }
@@ -645,6 +631,20 @@ fn write_values(out: &mut Vec<u8>, coding: ValueCoding, values: &[f32]) {
     }
 }
 
+/// Each block's largest magnitude; NaN for a block with a non-finite value, so that the
+/// receiver refuses it.
+fn block_absmax(values: &[f32], block: u32) -> Vec<f32> {
+    values
+        .chunks(block as usize)
+        .map(|b| {
+            if b.iter().any(|v| !v.is_finite()) {
+                return f32::NAN;
+            }
+            b.iter().fold(0.0f32, |m, v| m.max(v.abs()))
+        })
+        .collect()
+}
+
 /// The value of 2-bit `code` (0..=3) at scale `s`.
 fn int2_level(code: u8, s: f32) -> f32 {
     if s == 0.0 {
@@ -668,6 +668,18 @@ fn read_values(
         *at = end;
         Ok(s)
     };
+    // One f32 scale per block of `block` values, each finite and not negative.
+    let read_scales = |at: &mut usize, block: u32, what: &str| {
+        let blocks = k.div_ceil(block as usize);
+        let scales: Vec<f32> = take(at, blocks.saturating_mul(4))?
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect();
+        match scales.iter().find(|s| !(s.is_finite() && **s >= 0.0)) {
+            Some(s) => Err(CodecError::Body(format!("{what} block scale {s}"))),
+            None => Ok(scales),
+        }
+    };
     Ok(match coding {
         ValueCoding::F32 => take(at, k.saturating_mul(4))?
             .chunks_exact(4)
@@ -682,14 +694,7 @@ fn read_values(
             .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
             .collect(),
         ValueCoding::Int8 { block } => {
-            let blocks = k.div_ceil(block as usize);
-            let scales: Vec<f32> = take(at, blocks.saturating_mul(4))?
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
-                .collect();
-            if let Some(s) = scales.iter().find(|s| !(s.is_finite() && **s >= 0.0)) {
-                return Err(CodecError::Body(format!("int8 block scale {s}")));
-            }
+            let scales = read_scales(at, block, "int8")?;
             let q = take(at, k)?;
             q.chunks(block as usize)
                 .zip(&scales)
@@ -697,14 +702,7 @@ fn read_values(
                 .collect()
         }
         ValueCoding::Int2 { block } => {
-            let blocks = k.div_ceil(block as usize);
-            let scales: Vec<f32> = take(at, blocks.saturating_mul(4))?
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
-                .collect();
-            if let Some(s) = scales.iter().find(|s| !(s.is_finite() && **s >= 0.0)) {
-                return Err(CodecError::Body(format!("int2 block scale {s}")));
-            }
+            let scales = read_scales(at, block, "int2")?;
             let packed = take(at, k.div_ceil(4))?;
             if !k.is_multiple_of(4) && packed.last().is_some_and(|b| b >> (2 * (k % 4)) != 0) {
                 return Err(CodecError::Body("int2 padding bits set".into()));
