@@ -1068,59 +1068,18 @@ impl Core {
         let excess = self.norm_history.len().saturating_sub(NORM_HISTORY);
         self.norm_history.drain(..excess);
 
-        let base_hash = self.params_hash;
-        let mut delta_blob = None;
-        let mut momentum = None;
         let mut outer_step_ratio = 0.0;
-        if !accepted.is_empty() {
+        if accepted.is_empty() {
+            self.last_delta = None;
+            self.last_delta_momentum = None;
+        } else {
             let mean_steps = if samples > 0 {
                 weighted_steps / samples as f64
             } else {
                 0.0
             };
-            let (delta, ratio) = self.outer_update(&accepted);
-            outer_step_ratio = ratio;
-            // Under coordinator EMA the delta covers the model only: the target's EMA step is
-            // computed on both ends from the applied model.
-            let parts = match self.cfg.target_policy {
-                TargetPolicy::LocalEma => self.params.parts().to_vec(),
-                TargetPolicy::CoordinatorEma => vec![self.params.model.len()],
-            };
-            let spec = if flush {
-                self.cfg.downlink_codec.dense()
-            } else {
-                self.cfg.downlink_codec
-            };
-            let bytes = codec::encode_parts(&spec, &delta, &parts);
-            let sent = codec::decode_parts(&bytes, &parts).expect("our own encoding decodes");
-            self.down_residual = delta.iter().zip(&sent).map(|(d, s)| d - s).collect();
-            match self.cfg.target_policy {
-                TargetPolicy::LocalEma => self
-                    .params
-                    .apply_delta(&sent)
-                    .expect("delta has the state's length"),
-                TargetPolicy::CoordinatorEma => {
-                    for (p, d) in self.params.model.iter_mut().zip(&sent) {
-                        *p += d;
-                    }
-                    let m = self
-                        .progress(self.round)
-                        .target_momentum(&self.cfg.run.train, mean_steps);
-                    self.params.ema_target(m);
-                    momentum = Some(m);
-                }
-            }
-            self.params_hash = self.params.hash();
-            let id = BlobId::of(&bytes);
-            self.delta_bytes_len = bytes.len() as u64;
-            out.push(Action::StoreBlob {
-                what: "state delta",
-                bytes,
-            });
-            delta_blob = Some(id);
+            outer_step_ratio = self.step_and_publish(&accepted, mean_steps, flush, out);
         }
-        self.last_delta = delta_blob.map(|b| (base_hash, b));
-        self.last_delta_momentum = momentum;
         let params_hex = hex(&self.params_hash);
         let p = (self.params.model.len() + self.params.target.len()) as u64;
         let summary = RoundSummary {
@@ -1179,6 +1138,52 @@ impl Core {
             self.phase = Phase::Finished;
             out.push(Action::Finished);
         }
+    }
+
+    /// Takes the round's outer step, encodes it as the state delta workers will apply (densely
+    /// in a flush round; the codec's loss waits in the downlink residual), applies exactly what
+    /// was encoded (and, under coordinator EMA, the target's EMA step) and stores the delta.
+    /// Returns the outer step's norm over the mean pseudo-gradient's.
+    fn step_and_publish(
+        &mut self,
+        accepted: &[Candidate],
+        mean_steps: f64,
+        flush: bool,
+        out: &mut Vec<Action>,
+    ) -> f64 {
+        let base_hash = self.params_hash;
+        let (delta, ratio) = self.outer_update(accepted);
+        // Under coordinator EMA the delta covers the model only: the target's EMA step is
+        // computed on both ends from the applied model.
+        let (parts, momentum) = match self.cfg.target_policy {
+            TargetPolicy::LocalEma => (self.params.parts().to_vec(), None),
+            TargetPolicy::CoordinatorEma => {
+                let m = self
+                    .progress(self.round)
+                    .target_momentum(&self.cfg.run.train, mean_steps);
+                (vec![self.params.model.len()], Some(m))
+            }
+        };
+        let spec = if flush {
+            self.cfg.downlink_codec.dense()
+        } else {
+            self.cfg.downlink_codec
+        };
+        let bytes = codec::encode_parts(&spec, &delta, &parts);
+        let sent = codec::decode_parts(&bytes, &parts).expect("our own encoding decodes");
+        self.down_residual = delta.iter().zip(&sent).map(|(d, s)| d - s).collect();
+        self.params
+            .apply_state_delta(&sent, momentum)
+            .expect("delta has the state's length");
+        self.params_hash = self.params.hash();
+        self.delta_bytes_len = bytes.len() as u64;
+        self.last_delta = Some((base_hash, BlobId::of(&bytes)));
+        self.last_delta_momentum = momentum;
+        out.push(Action::StoreBlob {
+            what: "state delta",
+            bytes,
+        });
+        ratio
     }
 
     /// The round's aggregated outer step plus the downlink residual of earlier rounds, as a

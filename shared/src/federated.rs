@@ -113,22 +113,39 @@ impl GlobalParams {
         bytes: &[u8],
         target_momentum: Option<f32>,
     ) -> Result<GlobalParams, crate::codec::CodecError> {
+        let parts: Vec<usize> = match target_momentum {
+            None => self.parts().to_vec(),
+            Some(_) => vec![self.model.len()],
+        };
+        let values = crate::codec::decode_parts(bytes, &parts)?;
         let mut next = self.clone();
-        match target_momentum {
-            None => {
-                let values = crate::codec::decode_parts(bytes, &next.parts())?;
-                next.apply_delta(&values)
-                    .expect("decode_parts checked the lengths");
-            }
-            Some(m) => {
-                let values = crate::codec::decode_parts(bytes, &[next.model.len()])?;
-                for (p, d) in next.model.iter_mut().zip(&values) {
-                    *p += d;
-                }
-                next.ema_target(m);
-            }
-        }
+        next.apply_state_delta(&values, target_momentum)
+            .expect("decode_parts checked the lengths");
         Ok(next)
+    }
+
+    /// Applies a decoded state delta in place: over the model and the target, or, with a
+    /// target momentum (coordinator EMA), over the model only, then the target's EMA step. The
+    /// one way both the coordinator and the workers move a state, so their hashes agree.
+    pub fn apply_state_delta(
+        &mut self,
+        values: &[f32],
+        target_momentum: Option<f32>,
+    ) -> Result<(), LengthMismatch> {
+        let Some(m) = target_momentum else {
+            return self.apply_delta(values);
+        };
+        if values.len() != self.model.len() {
+            return Err(LengthMismatch {
+                want: self.model.len(),
+                got: values.len(),
+            });
+        }
+        for (p, d) in self.model.iter_mut().zip(values) {
+            *p += d;
+        }
+        self.ema_target(m);
+        Ok(())
     }
 
     /// Adds a delta over [`GlobalParams::concat`] in place (`f32` additions, so both ends that
