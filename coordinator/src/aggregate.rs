@@ -1,13 +1,24 @@
 //! Robust aggregation of pseudo-gradients and the outer optimiser: plain maths on flat vectors.
 //!
-//! Screening first: an update with a NaN or infinity, or whose L2 norm is more than
-//! `reject_ratio` times the median norm (of this round's updates and recent accepted ones), is
-//! rejected with a reason. The rest are averaged, weighted by the samples each processed
-//! (default), or by a coordinate-wise trimmed mean; optionally each is clipped to a multiple of
-//! the median norm first. The outer step is SGD with Nesterov momentum (lr 0.7, momentum 0.5
+//! Screening first, and every test holds with one or two workers (one of them hostile):
+//! - an update with a NaN or infinity is rejected;
+//! - so is one whose root-mean-square value exceeds the absolute cap `max_rms` (an honest
+//!   pseudo-gradient moves weights by far less than 1 each; a huge-but-finite update would
+//!   overflow the outer step);
+//! - so is one whose L2 norm is more than `reject_ratio` times the reference norm: the *lower*
+//!   median of this round's norms and recent accepted ones, so that with two updates the smaller
+//!   sets the bar (a hostile update can then at worst get an honest one rejected, never pass
+//!   itself off as the reference);
+//! - a claimed weight (samples processed) above `weight_cap` times the lower median weight is
+//!   cut to it: no claim of work buys more than that share of the mean.
+//!
+//! The rest are averaged, weighted by the samples each processed (default), or by a
+//! coordinate-wise trimmed mean; optionally each is clipped to a multiple of the reference norm
+//! first. The outer step is SGD with Nesterov momentum (lr 0.7, momentum 0.5
 //! by default; DiLoCo's 0.9 suits runs of hundreds of rounds); with lr 1 and no momentum it is
 //! FedAvg.
 
+#[cfg(test)]
 use amity_shared::stats::median;
 use serde::{Deserialize, Serialize};
 
@@ -21,8 +32,22 @@ pub struct AggregationConfig {
     pub trim: f64,
     /// Clip every update's norm to this multiple of the median norm (0: no clipping).
     pub clip_ratio: f64,
-    /// Reject updates whose norm exceeds this multiple of the median norm.
+    /// Reject updates whose norm exceeds this multiple of the reference (lower median) norm.
     pub reject_ratio: f64,
+    /// Reject updates whose root-mean-square value exceeds this, whatever the others send.
+    #[serde(default = "default_max_rms")]
+    pub max_rms: f64,
+    /// An update weighs at most this multiple of the lower median weight of the round.
+    #[serde(default = "default_weight_cap")]
+    pub weight_cap: f64,
+}
+
+fn default_max_rms() -> f64 {
+    1.0
+}
+
+fn default_weight_cap() -> f64 {
+    4.0
 }
 
 impl Default for AggregationConfig {
@@ -32,6 +57,8 @@ impl Default for AggregationConfig {
             trim: 0.2,
             clip_ratio: 0.0,
             reject_ratio: 10.0,
+            max_rms: default_max_rms(),
+            weight_cap: default_weight_cap(),
         }
     }
 }
@@ -89,8 +116,20 @@ pub fn norm(v: &[f32]) -> f64 {
     v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt()
 }
 
-/// Splits candidates into accepted and rejected (with the reason). `history` holds the norms of
-/// recently accepted updates; the reference is the median of those and this round's norms.
+/// The lower median of `v`: the middle value, or the smaller of the two middle ones (0 when
+/// empty). With two values it is the smaller, so one outlier cannot move it.
+pub fn lower_median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s[(s.len() - 1) / 2]
+}
+
+/// Splits candidates into accepted and rejected (with the reason), and caps the accepted ones'
+/// weights. `history` holds the norms of recently accepted updates; the reference norm is the
+/// lower median of those and this round's norms.
 pub fn screen(
     cands: Vec<Candidate>,
     history: &[f64],
@@ -101,6 +140,15 @@ pub fn screen(
     for c in cands {
         if c.values.iter().any(|v| !v.is_finite()) {
             rejected.push((c, "contains NaN or infinite values".to_owned()));
+            continue;
+        }
+        let rms = norm(&c.values) / (c.values.len().max(1) as f64).sqrt();
+        if rms > cfg.max_rms {
+            let why = format!(
+                "root-mean-square value {rms:.3e} exceeds the cap {:.3e}",
+                cfg.max_rms
+            );
+            rejected.push((c, why));
         } else {
             finite.push(c);
         }
@@ -108,18 +156,33 @@ pub fn screen(
     let norms: Vec<f64> = finite.iter().map(|c| norm(&c.values)).collect();
     let mut pool = norms.clone();
     pool.extend_from_slice(history);
-    let reference = median(&pool);
+    let reference = lower_median(&pool);
     let mut accepted = Vec::new();
     for (c, n) in finite.into_iter().zip(norms) {
         if reference > 0.0 && n > cfg.reject_ratio * reference {
             let why = format!(
-                "norm {n:.3e} is {:.0}x the median {reference:.3e} (limit {}x)",
+                "norm {n:.3e} is {:.0}x the reference {reference:.3e} (limit {}x)",
                 n / reference,
                 cfg.reject_ratio
             );
             rejected.push((c, why));
         } else {
             accepted.push(c);
+        }
+    }
+    let weights: Vec<f64> = accepted.iter().map(|c| c.weight).collect();
+    let most = cfg.weight_cap * lower_median(&weights);
+    if most > 0.0 {
+        for c in &mut accepted {
+            if c.weight > most {
+                tracing::warn!(
+                    from = %c.from,
+                    "claimed weight {:.3e} cut to {most:.3e} ({}x the lower median)",
+                    c.weight,
+                    cfg.weight_cap
+                );
+                c.weight = most;
+            }
         }
     }
     if cfg.clip_ratio > 0.0 && reference > 0.0 {
@@ -209,11 +272,21 @@ impl OuterOptimizer {
     /// The step to add to the parameters for the aggregated pseudo-gradient `g`:
     /// `buf = mu * buf + g`, then `-lr * (g + mu * buf)` (Nesterov) or `-lr * buf`.
     pub fn step(&mut self, g: &[f32]) -> Vec<f32> {
-        if self.momentum.len() != g.len() {
-            self.momentum = vec![0.0; g.len()];
-        }
+        let (step, momentum) = self.propose(g);
+        self.momentum = momentum;
+        step
+    }
+
+    /// [`OuterOptimizer::step`] without changing the optimiser: the step and the momentum
+    /// buffer it would leave, for the caller to check (finite?) before keeping the buffer.
+    pub fn propose(&self, g: &[f32]) -> (Vec<f32>, Vec<f32>) {
         let (lr, mu) = (self.cfg.lr as f32, self.cfg.momentum as f32);
-        self.momentum
+        let mut momentum = if self.momentum.len() == g.len() {
+            self.momentum.clone()
+        } else {
+            vec![0.0; g.len()]
+        };
+        let step = momentum
             .iter_mut()
             .zip(g)
             .map(|(b, g)| {
@@ -221,7 +294,8 @@ impl OuterOptimizer {
                 let dir = if self.cfg.nesterov { g + mu * *b } else { *b };
                 -lr * dir
             })
-            .collect()
+            .collect();
+        (step, momentum)
     }
 }
 
@@ -248,7 +322,11 @@ mod tests {
 
     #[test]
     fn screening_rejects_poison_and_outliers_and_names_why() {
-        let cfg = AggregationConfig::default();
+        // The relative screen alone (these values are far above the absolute cap).
+        let cfg = AggregationConfig {
+            max_rms: f64::INFINITY,
+            ..Default::default()
+        };
         let good = |n: &str, s: f32| cand(n, vec![s, -s, s], 1.0);
         let nan = cand("nan", vec![f32::NAN, 0.0, 0.0], 1.0);
         let huge = cand("huge", vec![100.0, -100.0, 100.0], 1.0);
@@ -259,7 +337,7 @@ mod tests {
         );
         assert_eq!(bad.len(), 2);
         assert!(bad[0].1.contains("NaN"));
-        assert!(bad[1].1.contains("median"), "{}", bad[1].1);
+        assert!(bad[1].1.contains("reference"), "{}", bad[1].1);
         // With two updates only, history keeps the reference honest.
         let (ok, bad) = screen(
             vec![good("a", 1.0), cand("huge", vec![100.0, 100.0, 100.0], 1.0)],
@@ -275,6 +353,7 @@ mod tests {
             clip_ratio: 1.0,
             rule: AggregationRule::TrimmedMean,
             trim: 0.25,
+            max_rms: f64::INFINITY,
             ..Default::default()
         };
         let cands = vec![
@@ -285,13 +364,13 @@ mod tests {
         ];
         let (ok, bad) = screen(cands, &[], &cfg);
         assert!(bad.is_empty());
-        // Median norm 2.5: c and d clipped to 2.5.
+        // Lower median norm 2: c and d clipped to 2.
         assert_eq!(
             ok.iter().map(|c| c.values[0]).collect::<Vec<_>>(),
-            [1.0, 2.0, 2.5, 2.5]
+            [1.0, 2.0, 2.0, 2.0]
         );
-        // Trim one from each end of [1, 2, 2.5, 2.5]: mean of [2, 2.5].
-        assert_eq!(combine(&ok, &cfg).unwrap(), vec![2.25]);
+        // Trim one from each end of [1, 2, 2, 2]: mean of [2, 2].
+        assert_eq!(combine(&ok, &cfg).unwrap(), vec![2.0]);
     }
 
     #[test]
@@ -313,5 +392,46 @@ mod tests {
         let s = n.step(&[1.0]);
         assert!((s[0] + 1.897).abs() < 1e-5, "{s:?}");
         assert!((median(&[3.0, 1.0, 2.0]) - 2.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn one_or_two_workers_cannot_pass_huge_values_or_buy_weight() {
+        let cfg = AggregationConfig::default();
+        let honest = cand("honest", vec![0.01, -0.02, 0.01, 0.0], 64.0);
+        // Finite but near f32::MAX: the absolute cap rejects it even alone.
+        let huge = cand("huge", vec![3e38, -3e38, 3e38, 3e38], 64.0);
+        let (ok, bad) = screen(vec![huge.clone()], &[], &cfg);
+        assert!(ok.is_empty());
+        assert!(bad[0].1.contains("root-mean-square"), "{}", bad[0].1);
+        let (ok, bad) = screen(vec![honest.clone(), huge], &[], &cfg);
+        assert_eq!(ok[0].from, "honest");
+        assert_eq!(bad.len(), 1);
+        // Scaled 50x, under the absolute cap: the lower median of two is the honest norm.
+        let scaled = cand(
+            "scaled",
+            honest.values.iter().map(|v| v * 50.0).collect(),
+            64.0,
+        );
+        let (ok, bad) = screen(vec![honest.clone(), scaled], &[], &cfg);
+        assert_eq!((ok.len(), bad.len()), (1, 1));
+        assert_eq!(bad[0].0.from, "scaled");
+        // Claiming u64::MAX samples buys at most `weight_cap` times the honest weight.
+        let greedy = cand("greedy", vec![0.0, 0.0, 0.0, 0.02], u64::MAX as f64);
+        let (ok, bad) = screen(vec![honest, greedy], &[], &cfg);
+        assert!(bad.is_empty());
+        assert_eq!(ok[1].weight, 4.0 * 64.0);
+        let mean = combine(&ok, &cfg).unwrap();
+        assert!((mean[3] - 0.016).abs() < 1e-6, "{mean:?}");
+        assert_eq!(lower_median(&[5.0, 1.0]), 1.0);
+        assert_eq!(lower_median(&[3.0, 1.0, 2.0]), 2.0);
+    }
+
+    #[test]
+    fn a_proposed_step_leaves_the_optimiser_unchanged() {
+        let mut o = OuterOptimizer::new(OuterConfig::default());
+        let (step, buf) = o.propose(&[1.0, 2.0]);
+        assert!(o.momentum.is_empty());
+        assert_eq!(o.step(&[1.0, 2.0]), step);
+        assert_eq!(o.momentum, buf);
     }
 }

@@ -792,14 +792,22 @@ impl Core {
         };
         w.last_seen_ms = self.now_ms;
         let name = w.info.name.clone();
-        let refuse = |out: &mut Vec<Action>, code, message: String| {
+        let running = matches!(self.phase, Phase::Running { .. });
+        // A refused update for the open round is that worker's delivery for it: counted as
+        // rejected, so that the round does not wait for it.
+        let for_open_round = running && u.round == self.round;
+        let refused = &mut self.refused;
+        let mut refuse = |out: &mut Vec<Action>, code, message: String| {
             tracing::warn!(worker, %name, "update refused: {message}");
+            if for_open_round {
+                refused.retain(|(n, _)| *n != name);
+                refused.push((name.clone(), message.clone()));
+            }
             out.push(Action::Send {
                 worker,
                 msg: ServerMsg::Error { code, message },
             });
         };
-        let running = matches!(self.phase, Phase::Running { .. });
         if u.round > self.round || (u.round == self.round && !running) {
             return refuse(
                 out,
@@ -820,6 +828,26 @@ impl Core {
                 out,
                 ErrorCode::Malformed,
                 format!("{} values, expected {want}", u.values.len()),
+            );
+        }
+        // Claims of work are bounded by what the run allows; they set the update's weight.
+        let batch = self.cfg.run.train.batch as u64;
+        let max_steps = self.cfg.rounds.steps;
+        if u.steps == 0 || u.samples > u.steps.saturating_mul(batch) {
+            return refuse(
+                out,
+                ErrorCode::Malformed,
+                format!(
+                    "claims {} samples in {} steps of batch {batch}",
+                    u.samples, u.steps
+                ),
+            );
+        }
+        if max_steps > 0 && u.steps > max_steps {
+            return refuse(
+                out,
+                ErrorCode::Malformed,
+                format!("claims {} steps in a round of {max_steps}", u.steps),
             );
         }
         let shards = if staleness == 0 {
@@ -853,6 +881,7 @@ impl Core {
         }
         let weight = self.weight(u.samples, staleness);
         self.received.retain(|p| p.from != name);
+        self.refused.retain(|(n, _)| *n != name);
         self.received.push(Pending {
             from: name,
             weight,
@@ -1046,14 +1075,15 @@ impl Core {
         let mut steps = 0;
         let mut loss_sum = 0.0;
         let mut weighted_steps = 0.0;
+        // Claimed counts are bounded on arrival; the sums still saturate rather than wrap.
         for p in received.iter().filter(|p| ok.contains(p.from.as_str())) {
-            samples += p.update.samples;
-            steps += p.update.steps;
+            samples = p.update.samples.saturating_add(samples);
+            steps = p.update.steps.saturating_add(steps);
             loss_sum += p.update.loss.mean * p.update.samples as f64;
             weighted_steps += p.update.steps as f64 * p.update.samples as f64;
             let prov = self.provenance.entry(p.from.clone()).or_default();
-            prov.samples += p.update.samples;
-            prov.steps += p.update.steps;
+            prov.samples = prov.samples.saturating_add(p.update.samples);
+            prov.steps = prov.steps.saturating_add(p.update.steps);
             prov.updates += 1;
             prov.shards += p.shards.len() as u64;
             for s in &p.shards {
@@ -1069,22 +1099,38 @@ impl Core {
         self.norm_history.drain(..excess);
 
         let mut outer_step_ratio = 0.0;
-        if accepted.is_empty() {
-            self.last_delta = None;
-            self.last_delta_momentum = None;
-        } else {
+        let mut rejected = rejected;
+        let mut accepted_names: Vec<String> = accepted.iter().map(|c| c.from.clone()).collect();
+        if !accepted.is_empty() {
             let mean_steps = if samples > 0 {
                 weighted_steps / samples as f64
             } else {
                 0.0
             };
-            outer_step_ratio = self.step_and_publish(&accepted, mean_steps, flush, out);
+            match self.step_and_publish(&accepted, mean_steps, flush, out) {
+                Ok(ratio) => outer_step_ratio = ratio,
+                Err(why) => {
+                    // Screening should make this unreachable; if not, the round leaves the
+                    // model as it was rather than publish a broken state.
+                    tracing::error!(round = self.round, "outer step dropped: {why}");
+                    for from in accepted_names.drain(..) {
+                        let prov = self.provenance.entry(from.clone()).or_default();
+                        prov.updates -= 1;
+                        prov.rejected += 1;
+                        rejected.push((from, why.clone()));
+                    }
+                }
+            }
+        }
+        if accepted_names.is_empty() {
+            self.last_delta = None;
+            self.last_delta_momentum = None;
         }
         let params_hex = hex(&self.params_hash);
         let p = (self.params.model.len() + self.params.target.len()) as u64;
         let summary = RoundSummary {
             round: self.round,
-            accepted: accepted.iter().map(|c| c.from.clone()).collect(),
+            accepted: accepted_names,
             rejected,
             missing,
             samples,
@@ -1096,7 +1142,7 @@ impl Core {
             },
             bytes_up,
             bytes_down,
-            dense_bytes: steps * p * 4 * 2,
+            dense_bytes: steps.saturating_mul(p * 4 * 2),
             params: params_hex.clone(),
             epoch: self.plan.epoch,
             outer_step_ratio,
@@ -1143,16 +1189,17 @@ impl Core {
     /// Takes the round's outer step, encodes it as the state delta workers will apply (densely
     /// in a flush round; the codec's loss waits in the downlink residual), applies exactly what
     /// was encoded (and, under coordinator EMA, the target's EMA step) and stores the delta.
-    /// Returns the outer step's norm over the mean pseudo-gradient's.
+    /// Returns the outer step's norm over the mean pseudo-gradient's, or why the step was
+    /// dropped (not finite), in which case nothing changed.
     fn step_and_publish(
         &mut self,
         accepted: &[Candidate],
         mean_steps: f64,
         flush: bool,
         out: &mut Vec<Action>,
-    ) -> f64 {
+    ) -> Result<f64, String> {
         let base_hash = self.params_hash;
-        let (delta, ratio) = self.outer_update(accepted);
+        let (delta, ratio, outer_momentum) = self.outer_update(accepted)?;
         // Under coordinator EMA the delta covers the model only: the target's EMA step is
         // computed on both ends from the applied model.
         let (parts, momentum) = match self.cfg.target_policy {
@@ -1170,11 +1217,23 @@ impl Core {
             self.cfg.downlink_codec
         };
         let bytes = codec::encode_parts(&spec, &delta, &parts);
-        let sent = codec::decode_parts(&bytes, &parts).expect("our own encoding decodes");
-        self.down_residual = delta.iter().zip(&sent).map(|(d, s)| d - s).collect();
-        self.params
+        let sent = codec::decode_parts(&bytes, &parts)
+            .map_err(|e| format!("the state delta does not decode: {e}"))?;
+        let mut params = self.params.clone();
+        params
             .apply_state_delta(&sent, momentum)
-            .expect("delta has the state's length");
+            .map_err(|e| format!("the state delta does not apply: {e}"))?;
+        if params
+            .model
+            .iter()
+            .chain(&params.target)
+            .any(|v| !v.is_finite())
+        {
+            return Err("the new parameters would not be finite".into());
+        }
+        self.params = params;
+        self.outer.momentum = outer_momentum;
+        self.down_residual = delta.iter().zip(&sent).map(|(d, s)| d - s).collect();
         self.params_hash = self.params.hash();
         self.delta_bytes_len = bytes.len() as u64;
         self.last_delta = Some((base_hash, BlobId::of(&bytes)));
@@ -1183,17 +1242,25 @@ impl Core {
             what: "state delta",
             bytes,
         });
-        ratio
+        Ok(ratio)
     }
 
     /// The round's aggregated outer step plus the downlink residual of earlier rounds, as a
-    /// delta over the model (then, under the local-EMA policy, the target), and the outer
-    /// step's norm over the mean pseudo-gradient's.
-    fn outer_update(&mut self, accepted: &[Candidate]) -> (Vec<f32>, f64) {
+    /// delta over the model (then, under the local-EMA policy, the target), the outer step's
+    /// norm over the mean pseudo-gradient's, and the outer momentum buffer to keep if the step
+    /// is taken. Fails, changing nothing, when the aggregate or the step is not finite.
+    fn outer_update(&self, accepted: &[Candidate]) -> Result<(Vec<f32>, f64, Vec<f32>), String> {
+        let finite = |v: &[f32]| v.iter().all(|x| x.is_finite());
         let m_len = self.params.model.len();
-        let g =
-            aggregate::combine_range(accepted, 0..m_len, &self.cfg.aggregation).expect("non-empty");
-        let step = self.outer.step(&g);
+        let g = aggregate::combine_range(accepted, 0..m_len, &self.cfg.aggregation)
+            .ok_or("no updates to combine")?;
+        if !finite(&g) {
+            return Err("the aggregated pseudo-gradient is not finite".into());
+        }
+        let (step, momentum) = self.outer.propose(&g);
+        if !finite(&step) {
+            return Err("the outer step is not finite".into());
+        }
         let g_norm = aggregate::norm(&g);
         let ratio = if g_norm > 0.0 {
             aggregate::norm(&step) / g_norm
@@ -1205,7 +1272,7 @@ impl Core {
             // The target moves by the mean of the workers' target moves.
             let len = m_len + self.params.target.len();
             let gt = aggregate::combine_range(accepted, m_len..len, &self.cfg.aggregation)
-                .expect("non-empty");
+                .ok_or("no updates to combine")?;
             delta.extend(gt.iter().map(|d| -d));
         }
         if self.down_residual.len() == delta.len() {
@@ -1213,7 +1280,10 @@ impl Core {
                 *d += r;
             }
         }
-        (delta, ratio)
+        if !finite(&delta) {
+            return Err("the state delta is not finite".into());
+        }
+        Ok((delta, ratio, momentum))
     }
 
     fn store_state(&mut self, out: &mut Vec<Action>) {
@@ -1628,9 +1698,108 @@ mod tests {
         );
         assert!(s.missing.is_empty());
         let huge = &core.history()[2].rejected;
-        assert!(huge[0].1.contains("median"), "{huge:?}");
+        assert!(huge[0].1.contains("reference"), "{huge:?}");
         assert_eq!(core.provenance()["evil"].rejected, 3);
         assert_eq!(core.provenance()["a"].updates, 4);
+    }
+
+    /// Security review H1: with one or two workers, a claimed `u64::MAX` samples and values
+    /// near `f32::MAX` neither panic the core nor reach the parameters, also on replay.
+    #[test]
+    fn one_hostile_worker_of_two_cannot_take_over_or_crash_the_core() {
+        let finite = |core: &Core| {
+            let p = core.params();
+            p.model.iter().chain(&p.target).all(|v| v.is_finite())
+        };
+        let greedy = |core: &Core| {
+            let mut u = update(core, 0, 1.0, 3);
+            u.samples = u64::MAX;
+            Event::Update {
+                worker: 2,
+                update: u,
+            }
+        };
+        let (mut core, _) = setup(TargetPolicy::LocalEma);
+        join(&mut core, 1, "honest", 10.0, 0);
+        join(&mut core, 2, "evil", 10.0, 0);
+        // Round 0: the claim is refused, and that refusal is evil's delivery for the round.
+        let acts = core.handle(greedy(&core), 5);
+        let refusal = sent_to(&acts, 2);
+        assert!(
+            matches!(refusal[..], [ServerMsg::Error { code: ErrorCode::Malformed, message }]
+                if message.contains("samples")),
+            "{refusal:?}"
+        );
+        send(&mut core, 1, 0, 1.0, 1, 10);
+        assert_eq!(core.round(), 1);
+        let s = &core.history()[0];
+        assert_eq!(s.accepted, ["honest"]);
+        assert!(s.rejected[0].1.contains("claims"), "{s:?}");
+        // Round 1: values near f32::MAX.
+        let mut huge = update(&core, 1, 1.0, 4);
+        huge.values
+            .iter_mut()
+            .for_each(|v| *v = 3e38_f32.copysign(*v));
+        let journalled = core.handle(
+            Event::Update {
+                worker: 2,
+                update: huge.clone(),
+            },
+            12,
+        );
+        send(&mut core, 1, 1, 1.0, 2, 14);
+        assert_eq!(core.round(), 2);
+        let s = &core.history()[1];
+        assert_eq!(s.accepted, ["honest"]);
+        assert!(s.rejected[0].1.contains("root-mean-square"), "{s:?}");
+        assert!(finite(&core));
+
+        // Replayed after a restart, the logged update is screened out again, without a panic.
+        let entry = journalled
+            .iter()
+            .find_map(|a| match a {
+                Action::Persist(e @ LogEntry::UpdateAccepted { .. }) => Some(e.clone()),
+                _ => None,
+            })
+            .expect("the update was journalled");
+        let (mut replayed, _) = setup(TargetPolicy::LocalEma);
+        join(&mut replayed, 1, "honest", 10.0, 0);
+        join(&mut replayed, 2, "evil", 10.0, 0);
+        replayed.handle(greedy(&replayed), 5);
+        send(&mut replayed, 1, 0, 1.0, 1, 10);
+        replayed.replay_update(&entry, huge.values.clone());
+        send(&mut replayed, 1, 1, 1.0, 2, 14);
+        assert_eq!(replayed.round(), 2);
+        assert_eq!(replayed.params_hash(), core.params_hash());
+
+        // With the screens switched off, the outer step itself overflows: it is dropped, the
+        // parameters stay as they were and the round still closes.
+        let (mut open, _) = setup(TargetPolicy::LocalEma);
+        open.cfg.aggregation.max_rms = f64::INFINITY;
+        open.cfg.aggregation.reject_ratio = f64::INFINITY;
+        join(&mut open, 1, "evil", 10.0, 0);
+        join(&mut open, 2, "evil2", 10.0, 0);
+        let before = open.params_hash();
+        for w in [1, 2] {
+            let mut u = update(&open, 0, 1.0, w);
+            u.values.iter_mut().for_each(|v| *v = 3e38);
+            open.handle(
+                Event::Update {
+                    worker: w,
+                    update: u,
+                },
+                10,
+            );
+        }
+        assert_eq!(open.round(), 1);
+        let s = &open.history()[0];
+        assert!(s.accepted.is_empty(), "{s:?}");
+        assert!(
+            s.rejected.iter().all(|(_, why)| why.contains("not finite")),
+            "{s:?}"
+        );
+        assert_eq!(open.params_hash(), before);
+        assert!(finite(&open));
     }
 
     #[test]
