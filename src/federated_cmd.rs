@@ -58,7 +58,8 @@ pub struct WorkerArgs {
     /// Make every step take this many times as long (stands in for slower hardware).
     #[arg(long, default_value_t = 1.0)]
     pub slowdown: f64,
-    /// Fault injection for tests: `nan` or `scale:<factor>`.
+    /// Fault injection for tests (a hostile institution): `nan`, `huge`, `flip`, `oversize`,
+    /// `replay`, `scale:<factor>`, `noise:<sigma>` or `claim:<factor>`.
     #[arg(long, hide = true)]
     pub fault: Option<String>,
 }
@@ -110,13 +111,27 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
 }
 
 fn parse_fault(s: &str) -> Result<Fault> {
-    if s == "nan" {
-        return Ok(Fault::Nan);
+    match s {
+        "nan" => return Ok(Fault::Nan),
+        "huge" => return Ok(Fault::Huge),
+        "flip" => return Ok(Fault::Flip),
+        "oversize" => return Ok(Fault::Oversize),
+        "replay" => return Ok(Fault::Replay),
+        _ => {}
     }
     if let Some(f) = s.strip_prefix("scale:") {
         return Ok(Fault::Scale(f.parse().context("--fault scale:<factor>")?));
     }
-    bail!("--fault {s}: expected nan or scale:<factor>")
+    if let Some(f) = s.strip_prefix("noise:") {
+        return Ok(Fault::Noise(f.parse().context("--fault noise:<sigma>")?));
+    }
+    if let Some(f) = s.strip_prefix("claim:") {
+        return Ok(Fault::Claim(f.parse().context("--fault claim:<factor>")?));
+    }
+    bail!(
+        "--fault {s}: expected nan, huge, flip, oversize, replay, scale:<factor>, \
+         noise:<sigma> or claim:<factor>"
+    )
 }
 
 pub fn worker(args: WorkerArgs) -> Result<()> {

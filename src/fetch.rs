@@ -19,7 +19,9 @@ use amity_protocol::conn::{ConnError, MsgStream, fetch_blob_bytes, fetch_blob_un
 use amity_protocol::message::{ClientMsg, ErrorCode, ServerMsg};
 use amity_protocol::tls::quic_anonymous_client_config;
 use amity_shared::release::sign::Trust;
-use amity_shared::release::{Begun, FetchReport, ReleaseError, Signed, Staging};
+use amity_shared::release::{
+    Begun, FetchReport, MAX_MANIFEST_BYTES, ReleaseError, Signed, Staging,
+};
 use amity_shared::store::BlobId;
 
 /// Where and how to fetch from a coordinator.
@@ -138,7 +140,8 @@ pub async fn fetch_quic(
             let (manifest_id, signature, real_name) = query(&mut control, &resolved).await?;
             if staging.is_none() {
                 let tmp = out.with_extension("manifest.part");
-                let bytes = fetch_blob_bytes(&conn, &peer, manifest_id.0, &tmp).await?;
+                let most = MAX_MANIFEST_BYTES as u64;
+                let bytes = fetch_blob_bytes(&conn, &peer, manifest_id.0, &tmp, most).await?;
                 let signed = Signed::parse(bytes, signature, &peer).map_err(Failure::release)?;
                 if signed.manifest.name != real_name {
                     return Err(Failure::Conn(ConnError::Unexpected {
@@ -203,7 +206,9 @@ pub async fn fetch_quic(
                     }
                     _ => None,
                 };
-                if let Err(e) = fetch_blob_until(&conn, &peer, f.blake3.0, &part, stop_at).await {
+                if let Err(e) =
+                    fetch_blob_until(&conn, &peer, f.blake3.0, &part, f.bytes, stop_at).await
+                {
                     if let ConnError::Stopped { bytes, .. } = &e {
                         dropped.store(true, Ordering::Relaxed);
                         tracing::warn!(

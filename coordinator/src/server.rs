@@ -7,11 +7,12 @@
 //! the coordinator pulls each update from its worker the same way, so every transfer is
 //! verified and resumable.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use amity_protocol::PROTOCOL_VERSION;
 use amity_protocol::conn::{
@@ -37,6 +38,40 @@ use crate::release;
 /// What the coordinator tells workers (in a `ShuttingDown` error and the connection close
 /// reason) when `max_rounds` are done: workers exit instead of reconnecting.
 pub const FINISHED_REASON: &str = "training finished";
+
+/// Connections of any kind at once. QUIC connections share one UDP socket, but each holds
+/// memory and, while it fetches, open files; beyond this, new ones are refused before their
+/// handshake.
+pub const MAX_CONNECTIONS: usize = 2048;
+/// Connections without a certificate (downstream users fetching releases) at once, in all.
+pub const MAX_ANONYMOUS: usize = 512;
+/// Connections without a certificate at once from one IP address.
+pub const MAX_ANONYMOUS_PER_IP: usize = 16;
+/// Streams an anonymous peer may have open at once: its control stream and a few fetches.
+pub const ANONYMOUS_STREAMS: u32 = 4;
+/// The time a peer has to finish its handshake, open its control stream and say Hello.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the coordinator turned away, for `status.json`: each attack it meets is logged where it
+/// happens and counted here.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Defence {
+    /// Connections refused before their handshake ([`MAX_CONNECTIONS`] reached).
+    pub connections_refused: u64,
+    /// Anonymous connections closed over [`MAX_ANONYMOUS`] or [`MAX_ANONYMOUS_PER_IP`].
+    pub anonymous_over_cap: u64,
+    /// Peers that did not finish the handshake and Hello within [`HELLO_TIMEOUT`].
+    pub hello_timeouts: u64,
+    /// Registrations refused to peers without a certificate.
+    pub registrations_refused: u64,
+    /// Updates refused before or while they were fetched (round not open, one already
+    /// received, longer than announced, not matching their id, undecodable), by institution.
+    pub updates_refused: BTreeMap<String, u64>,
+    /// Store or journal writes that failed and were retried (a full disk, say).
+    pub storage_faults: u64,
+    /// The last storage fault, until a write succeeds again.
+    pub storage_error: Option<String>,
+}
 
 /// Errors that stop the coordinator.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +111,8 @@ pub struct Status {
     pub history: Vec<RoundSummary>,
     /// Latest checkpoint file, if any.
     pub checkpoint: Option<PathBuf>,
+    /// What was turned away: refused connections and updates, storage faults.
+    pub defence: Defence,
 }
 
 /// Where the coordinator keeps its files under `state_dir`.
@@ -124,6 +161,106 @@ struct Shared {
     next_worker: AtomicU64,
     /// Outboards of served blobs: each round's state delta is hashed once, not per worker.
     outboards: OutboardCache,
+    /// The round the core has open (or will open next), for checks made before a transfer.
+    round: AtomicU64,
+    /// Whether updates for closed rounds are dropped (then they are refused unfetched).
+    late_dropped: bool,
+    /// Update pulls under way or done, by (worker name, round): one per worker and round.
+    pulls: Mutex<HashMap<(String, u64), PullState>>,
+    /// Anonymous connections open, per IP address.
+    anonymous: Mutex<HashMap<IpAddr, usize>>,
+    /// What was turned away.
+    defence: Mutex<Defence>,
+}
+
+/// An anonymous connection's place under the caps; dropping it frees the place.
+struct AnonymousSlot {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl Drop for AnonymousSlot {
+    fn drop(&mut self) {
+        let mut open = self.shared.anonymous.lock().expect("anonymous lock");
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Where a worker's update for a round stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PullState {
+    /// Being fetched.
+    Pulling,
+    /// Fetched and handed to the core.
+    Done,
+}
+
+impl Shared {
+    /// A place for an anonymous connection from `ip`, or `None` over the caps.
+    fn anonymous_slot(self: &Arc<Self>, ip: IpAddr) -> Option<AnonymousSlot> {
+        let mut open = self.anonymous.lock().expect("anonymous lock");
+        let total: usize = open.values().sum();
+        let here = open.entry(ip).or_default();
+        if total >= MAX_ANONYMOUS || *here >= MAX_ANONYMOUS_PER_IP {
+            if *here == 0 {
+                open.remove(&ip);
+            }
+            return None;
+        }
+        *here += 1;
+        Some(AnonymousSlot {
+            shared: self.clone(),
+            ip,
+        })
+    }
+
+    /// Counts a refused update from `from`.
+    fn count_refused_update(&self, from: &str) {
+        let mut d = self.defence.lock().expect("defence lock");
+        *d.updates_refused.entry(from.to_owned()).or_default() += 1;
+    }
+
+    /// Claims the pull of `from`'s update for `round`, or says why it may not happen: the round
+    /// is not open, or this worker's update for it is already being fetched or was fetched.
+    fn claim_pull(&self, from: &str, round: u64) -> Result<(), String> {
+        let open = self.round.load(Ordering::Relaxed);
+        if round > open {
+            return Err(format!("round {round} is not open (round {open} is)"));
+        }
+        if round < open && self.late_dropped {
+            return Err(format!("round {round} closed; late updates are dropped"));
+        }
+        let mut pulls = self.pulls.lock().expect("pulls lock");
+        // Forget pulls of rounds long closed.
+        pulls.retain(|(_, r), _| r + 64 >= open);
+        match pulls.get(&(from.to_owned(), round)) {
+            Some(PullState::Pulling) => {
+                Err(format!("an update for round {round} is already arriving"))
+            }
+            Some(PullState::Done) => {
+                Err(format!("an update for round {round} was already received"))
+            }
+            None => {
+                pulls.insert((from.to_owned(), round), PullState::Pulling);
+                Ok(())
+            }
+        }
+    }
+
+    /// Ends a claimed pull: kept as done, or released (a failed transfer may be retried).
+    fn end_pull(&self, from: &str, round: u64, done: bool) {
+        let mut pulls = self.pulls.lock().expect("pulls lock");
+        if done {
+            pulls.insert((from.to_owned(), round), PullState::Done);
+        } else {
+            pulls.remove(&(from.to_owned(), round));
+        }
+    }
 }
 
 impl Shared {
@@ -213,6 +350,7 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
     bound: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
 ) -> Result<Status, CoordinatorError> {
+    raise_open_file_limit();
     let layout = StateLayout {
         dir: cfg.state_dir.clone(),
     };
@@ -250,21 +388,62 @@ pub async fn run(
         outboxes: Arc::new(Mutex::new(HashMap::new())),
         next_worker: AtomicU64::new(1),
         outboards: OutboardCache::new(),
+        round: AtomicU64::new(core.round()),
+        late_dropped: core.config().rounds.late == crate::config::LatePolicy::Drop,
+        pulls: Mutex::new(HashMap::new()),
+        anonymous: Mutex::new(HashMap::new()),
+        defence: Mutex::new(Defence::default()),
     });
+    // Partial updates of an earlier run are never resumed (workers send afresh).
+    if let Ok(entries) = std::fs::read_dir(layout.incoming()) {
+        for e in entries.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
     let mut checkpoint = latest_checkpoint(&layout);
-    execute(&shared, &mut journal, initial, &mut checkpoint)?;
-    write_status(&layout, &core, &checkpoint);
+    for action in &initial {
+        execute_one(&shared, &mut journal, action, &mut checkpoint)?;
+    }
+    write_status(&shared, &core, &checkpoint);
 
     let accept = {
         let shared = shared.clone();
         let endpoint = endpoint.clone();
         tokio::spawn(async move {
             while let Some(incoming) = endpoint.accept().await {
+                if endpoint.open_connections() >= MAX_CONNECTIONS {
+                    tracing::warn!(
+                        from = %incoming.remote_address(),
+                        "connection refused: {MAX_CONNECTIONS} connections open"
+                    );
+                    shared
+                        .defence
+                        .lock()
+                        .expect("defence lock")
+                        .connections_refused += 1;
+                    incoming.refuse();
+                    continue;
+                }
+                // Address validation (a Retry round trip) before any handshake work, so that
+                // a spoofed source address cannot make us spend or send on its behalf.
+                let incoming = if incoming.remote_address_validated() {
+                    incoming
+                } else {
+                    match incoming.retry() {
+                        Ok(()) => continue,
+                        Err(e) => e.into_incoming(),
+                    }
+                };
                 let shared = shared.clone();
                 tokio::spawn(async move {
-                    match incoming.await {
-                        Ok(conn) => serve_connection(shared, conn).await,
-                        Err(e) => tracing::warn!("handshake refused: {e}"),
+                    let from = incoming.remote_address();
+                    match tokio::time::timeout(HELLO_TIMEOUT, incoming).await {
+                        Ok(Ok(conn)) => serve_connection(shared, conn).await,
+                        Ok(Err(e)) => tracing::warn!(%from, "handshake refused: {e}"),
+                        Err(_) => {
+                            tracing::warn!(%from, "handshake not finished in {HELLO_TIMEOUT:?}");
+                            shared.defence.lock().expect("defence lock").hello_timeouts += 1;
+                        }
                     }
                 });
             }
@@ -285,12 +464,45 @@ pub async fn run(
             },
         };
         let actions = core.handle(event, start.elapsed().as_millis() as u64);
+        shared.round.store(core.round(), Ordering::Relaxed);
         let closed = actions.iter().any(|a| matches!(a, Action::RoundClosed(_)));
-        if let Err(e) = execute(&shared, &mut journal, actions, &mut checkpoint) {
+        // A failed write (a full disk, too many open files) is retried in order, with backoff,
+        // until it succeeds or the operator stops the coordinator: nothing the core decided is
+        // skipped, and no resource error ends the coordinator on its own.
+        let mut stopped = None;
+        'actions: for action in actions {
+            let mut delay = Duration::from_secs(1);
+            loop {
+                match execute_one(&shared, &mut journal, &action, &mut checkpoint) {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::error!(
+                            "{e}; retrying in {delay:?} (nothing acknowledged is lost)"
+                        );
+                        {
+                            let mut d = shared.defence.lock().expect("defence lock");
+                            d.storage_faults += 1;
+                            d.storage_error = Some(e.to_string());
+                        }
+                        write_status(&shared, &core, &checkpoint);
+                        tokio::select! {
+                            _ = &mut shutdown => {
+                                stopped = Some(e);
+                                break 'actions;
+                            }
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                        delay = (delay * 2).min(Duration::from_secs(30));
+                    }
+                }
+            }
+            shared.defence.lock().expect("defence lock").storage_error = None;
+        }
+        if let Some(e) = stopped {
             break Err(e);
         }
         if closed {
-            write_status(&layout, &core, &checkpoint);
+            write_status(&shared, &core, &checkpoint);
         }
         if core.finished() {
             if exit_when_finished {
@@ -320,9 +532,34 @@ pub async fn run(
         reason,
     );
     accept.abort();
-    write_status(&layout, &core, &checkpoint);
+    write_status(&shared, &core, &checkpoint);
     result?;
-    Ok(status(&core, &checkpoint))
+    Ok(status(&shared, &core, &checkpoint))
+}
+
+/// Raises the soft limit on open files to the hard limit: every blob a peer fetches holds a file
+/// while it is served, and running out of descriptors would fail the store's writes.
+fn raise_open_file_limit() {
+    #[cfg(unix)]
+    {
+        let mut r = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit and setrlimit only read and write the struct passed to them.
+        let raised = unsafe {
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && {
+                let was = r.rlim_cur;
+                r.rlim_cur = r.rlim_max;
+                was >= r.rlim_max || libc::setrlimit(libc::RLIMIT_NOFILE, &r) == 0
+            }
+        };
+        if raised {
+            tracing::debug!(limit = r.rlim_cur, "open-file limit");
+        } else {
+            tracing::warn!("cannot raise the open-file limit");
+        }
+    }
 }
 
 fn latest_checkpoint(layout: &StateLayout) -> Option<PathBuf> {
@@ -330,7 +567,7 @@ fn latest_checkpoint(layout: &StateLayout) -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 
-fn status(core: &Core, checkpoint: &Option<PathBuf>) -> Status {
+fn status(shared: &Shared, core: &Core, checkpoint: &Option<PathBuf>) -> Status {
     Status {
         round: core.round(),
         params: hex(&core.params_hash()),
@@ -344,65 +581,82 @@ fn status(core: &Core, checkpoint: &Option<PathBuf>) -> Status {
         provenance: core.provenance().clone(),
         history: core.history().to_vec(),
         checkpoint: checkpoint.clone(),
+        defence: shared.defence.lock().expect("defence lock").clone(),
     }
 }
 
-fn write_status(layout: &StateLayout, core: &Core, checkpoint: &Option<PathBuf>) {
-    let s = status(core, checkpoint);
+fn write_status(shared: &Shared, core: &Core, checkpoint: &Option<PathBuf>) {
+    let layout = &shared.layout;
+    let s = status(shared, core, checkpoint);
     let tmp = layout.dir.join("status.json.tmp");
     let json = serde_json::to_vec_pretty(&s).expect("status serialises");
-    if std::fs::write(&tmp, json)
-        .and_then(|_| std::fs::rename(&tmp, layout.status()))
-        .is_err()
+    if let Err(e) = std::fs::write(&tmp, json).and_then(|_| std::fs::rename(&tmp, layout.status()))
     {
-        tracing::warn!("cannot write {}", layout.status().display());
+        tracing::warn!("cannot write {}: {e}", layout.status().display());
     }
 }
 
-fn execute(
+/// Copies `src` to `dst` atomically: into a temporary file beside `dst`, synced, then renamed
+/// over it, so that a reader (`amity release`) or a crash never sees half a checkpoint.
+fn install_copy(src: &std::path::Path, dst: &std::path::Path) -> std::io::Result<()> {
+    let tmp = dst.with_extension("tmp");
+    std::fs::copy(src, &tmp)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, dst)?;
+    if let Some(dir) = dst.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Carries out one action of the core. Fails only on storage (store, journal, checkpoint file).
+fn execute_one(
     shared: &Shared,
     journal: &mut Journal,
-    actions: Vec<Action>,
+    action: &Action,
     checkpoint: &mut Option<PathBuf>,
 ) -> Result<(), CoordinatorError> {
     let storage = |e: &dyn std::fmt::Display| CoordinatorError::Storage(e.to_string());
-    for action in actions {
-        match action {
-            Action::StoreBlob { what, bytes } => {
-                let stored = shared.store.put(&bytes).map_err(|e| storage(&e))?;
-                tracing::debug!(what, id = %stored.id.short(), len = stored.len, "stored");
-            }
-            Action::Persist(entry) => {
-                journal.append(&entry).map_err(|e| storage(&e))?;
-            }
-            Action::Send { worker, msg } => {
-                if let Some(tx) = shared.outboxes.lock().expect("outbox lock").get(&worker) {
-                    let _ = tx.send(msg);
-                }
-            }
-            Action::Checkpoint { round, blob } => {
-                let dir = shared.layout.checkpoints();
-                let file = dir.join(format!("round-{round}.safetensors"));
-                let latest = dir.join("latest.safetensors");
-                let src = shared.store.path(&blob);
-                std::fs::copy(&src, &file)
-                    .and_then(|_| std::fs::copy(&src, &latest))
-                    .map_err(|e| storage(&format!("{}: {e}", file.display())))?;
-                tracing::info!(round, file = %file.display(), "checkpoint written");
-                *checkpoint = Some(latest);
-            }
-            Action::RoundClosed(s) => {
-                tracing::info!(
-                    round = s.round,
-                    loss = s.loss,
-                    accepted = s.accepted.len(),
-                    bytes_up = s.bytes_up,
-                    bytes_down = s.bytes_down,
-                    "round summary"
-                );
-            }
-            Action::Finished => tracing::info!("all rounds done"),
+    match action {
+        Action::StoreBlob { what, bytes } => {
+            let stored = shared
+                .store
+                .put(bytes)
+                .map_err(|e| storage(&format!("storing the {what}: {e}")))?;
+            tracing::debug!(what, id = %stored.id.short(), len = stored.len, "stored");
         }
+        Action::Persist(entry) => {
+            journal
+                .append(entry)
+                .map_err(|e| storage(&format!("journal: {e}")))?;
+        }
+        Action::Send { worker, msg } => {
+            if let Some(tx) = shared.outboxes.lock().expect("outbox lock").get(worker) {
+                let _ = tx.send(msg.clone());
+            }
+        }
+        Action::Checkpoint { round, blob } => {
+            let dir = shared.layout.checkpoints();
+            let file = dir.join(format!("round-{round}.safetensors"));
+            let latest = dir.join("latest.safetensors");
+            let src = shared.store.path(blob);
+            for dst in [&file, &latest] {
+                install_copy(&src, dst).map_err(|e| storage(&format!("{}: {e}", dst.display())))?;
+            }
+            tracing::info!(round, file = %file.display(), "checkpoint written");
+            *checkpoint = Some(latest);
+        }
+        Action::RoundClosed(s) => {
+            tracing::info!(
+                round = s.round,
+                loss = s.loss,
+                accepted = s.accepted.len(),
+                bytes_up = s.bytes_up,
+                bytes_down = s.bytes_down,
+                "round summary"
+            );
+        }
+        Action::Finished => tracing::info!("all rounds done"),
     }
     Ok(())
 }
@@ -412,16 +666,59 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
     let named = peer_name(&conn);
     let anonymous = named.is_none();
     let peer = named.unwrap_or_else(|| format!("anonymous client {}", conn.remote_address()));
-    let mut control = match MsgStream::accept(&conn, &peer).await {
-        Ok(Some(s)) => s,
-        Ok(None) => return,
-        Err(e) => {
+    // A stranger gets a place under the caps and a few streams, or is sent away.
+    let _slot = if anonymous {
+        match shared.anonymous_slot(conn.remote_address().ip()) {
+            Some(slot) => {
+                conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(ANONYMOUS_STREAMS));
+                conn.set_max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+                Some(slot)
+            }
+            None => {
+                tracing::warn!(%peer, "closed: too many anonymous connections");
+                shared
+                    .defence
+                    .lock()
+                    .expect("defence lock")
+                    .anonymous_over_cap += 1;
+                conn.close(
+                    amity_protocol::conn::quic_code(ErrorCode::Unexpected),
+                    b"too many connections without a certificate; try again later",
+                );
+                return;
+            }
+        }
+    } else {
+        None
+    };
+    // The control stream and Hello first, in time.
+    let opened = tokio::time::timeout(HELLO_TIMEOUT, async {
+        let mut control = MsgStream::accept(&conn, &peer).await?;
+        let hello = match &mut control {
+            Some(c) => Some(c.recv::<ClientMsg>().await),
+            None => None,
+        };
+        Ok::<_, ConnError>((control, hello))
+    })
+    .await;
+    let (mut control, hello) = match opened {
+        Ok(Ok((Some(control), Some(hello)))) => (control, hello),
+        Ok(Ok(_)) => return,
+        Ok(Err(e)) => {
             tracing::warn!("{e}");
             return;
         }
+        Err(_) => {
+            tracing::warn!(%peer, "no Hello within {HELLO_TIMEOUT:?}: closing");
+            shared.defence.lock().expect("defence lock").hello_timeouts += 1;
+            conn.close(
+                amity_protocol::conn::quic_code(ErrorCode::Unexpected),
+                b"no Hello in time",
+            );
+            return;
+        }
     };
-    // Hello first.
-    match control.recv::<ClientMsg>().await {
+    match hello {
         Ok(Some(ClientMsg::Hello { protocol, .. })) if protocol == PROTOCOL_VERSION => {}
         Ok(Some(ClientMsg::Hello { protocol, .. })) => {
             let message =
@@ -481,6 +778,11 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
                     })
                     .await;
                 tracing::warn!(%peer, "refused registration without a certificate");
+                shared
+                    .defence
+                    .lock()
+                    .expect("defence lock")
+                    .registrations_refused += 1;
                 blobs.abort();
                 // Let the peer read the refusal before the connection goes.
                 control.finish();
@@ -586,6 +888,19 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
                     let _ = shared.events.send(Event::Heartbeat { worker });
                 }
                 Ok(Some(ClientMsg::UpdateHeader { round, blob, bytes, samples, steps, loss })) => {
+                    // Checked before a byte is fetched: the round, and one pull per round.
+                    if let Err(why) = shared.claim_pull(&peer, round) {
+                        tracing::warn!(%peer, round, "update refused unfetched: {why}");
+                        shared.count_refused_update(&peer);
+                        let refusal = ServerMsg::Error {
+                            code: ErrorCode::Unexpected,
+                            message: format!("update for round {round}: {why}"),
+                        };
+                        if let Some(tx) = shared.outboxes.lock().expect("outbox lock").get(&worker) {
+                            let _ = tx.send(refusal);
+                        }
+                        continue;
+                    }
                     let shared = shared.clone();
                     let conn = conn.clone();
                     let peer = peer.clone();
@@ -595,7 +910,9 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
                             first: loss.first as f64,
                             last: loss.last as f64,
                         };
-                        match pull_update(&shared, &conn, &peer, BlobId(blob), bytes).await {
+                        let pulled = pull_update(&shared, &conn, &peer, BlobId(blob), bytes).await;
+                        shared.end_pull(&peer, round, pulled.is_ok());
+                        match pulled {
                             Ok(values) => {
                                 let update = ArrivedUpdate {
                                     round, blob: BlobId(blob), bytes, samples, steps, loss, values,
@@ -604,6 +921,7 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
                             }
                             Err(e) => {
                                 tracing::warn!(%peer, round, "update refused: {e}");
+                                shared.count_refused_update(&peer);
                                 let reason = format!("refused on arrival: {e}");
                                 let refused = Event::UpdateRefused { worker, round, reason };
                                 let _ = shared.events.send(refused);
@@ -656,7 +974,8 @@ async fn pull_update(
             .layout
             .incoming()
             .join(format!("{}.part", id.to_hex()));
-        let bytes = fetch_blob_bytes(conn, peer, id.0, &part)
+        // The served length must be the announced one (the blob id fixes the content).
+        let bytes = fetch_blob_bytes(conn, peer, id.0, &part, announced)
             .await
             .map_err(|e: ConnError| e.to_string())?;
         shared.store.put(&bytes).map_err(|e| e.to_string())?;

@@ -84,6 +84,17 @@ pub enum ConnError {
         /// What arrived.
         what: String,
     },
+    /// The peer's blob header broke what was asked for: a blob longer than the receiver
+    /// accepts, or an offset other than the one requested. Refused before any byte is stored.
+    #[error("{peer}: blob {id}: {what}")]
+    Refused {
+        /// The peer.
+        peer: String,
+        /// The blob (hex).
+        id: String,
+        /// What was wrong.
+        what: String,
+    },
     /// A transfer stopped on purpose (fault injection) after `bytes` verified bytes.
     #[error("{peer}: transfer stopped after {bytes} bytes (fault injection)")]
     Stopped {
@@ -91,6 +102,14 @@ pub enum ConnError {
         peer: String,
         /// Verified bytes kept.
         bytes: u64,
+    },
+    /// The peer took no data for [`STALL_TIMEOUT`] (it grants no flow-control credit).
+    #[error("{peer}: stalled: took nothing for {secs} s")]
+    Stalled {
+        /// The peer.
+        peer: String,
+        /// Seconds waited.
+        secs: u64,
     },
     /// A local file.
     #[error("{path}: {source}")]
@@ -270,7 +289,26 @@ impl MsgStream {
 
     /// The next frame (`None` at a clean end of stream). A framing error resets the stream.
     pub async fn recv_frame(&mut self) -> Result<Option<(FrameKind, Vec<u8>)>, ConnError> {
+        self.recv_frame_of(&[FrameKind::Message, FrameKind::Outboard, FrameKind::Chunk])
+            .await
+    }
+
+    /// The next frame, which must be of one of the `allowed` kinds: another kind is refused
+    /// (stream reset) from its 5-byte prefix, before its payload is buffered.
+    pub async fn recv_frame_of(
+        &mut self,
+        allowed: &[FrameKind],
+    ) -> Result<Option<(FrameKind, Vec<u8>)>, ConnError> {
         loop {
+            if let Ok(Some(kind)) = self.decoder.next_kind()
+                && !allowed.contains(&kind)
+            {
+                self.refuse(ErrorCode::Unexpected, &format!("{kind:?} frame"));
+                return Err(ConnError::Unexpected {
+                    peer: self.peer.clone(),
+                    what: format!("{kind:?} frame where {allowed:?} belongs"),
+                });
+            }
             match self.decoder.next_frame() {
                 Ok(Some(f)) => return Ok(Some(f)),
                 Ok(None) => {}
@@ -318,16 +356,9 @@ impl MsgStream {
 
     /// The next message (`None` at a clean end of stream). Invalid bytes reset the stream.
     pub async fn recv<T: Message>(&mut self) -> Result<Option<T>, ConnError> {
-        let Some((kind, payload)) = self.recv_frame().await? else {
+        let Some((_, payload)) = self.recv_frame_of(&[FrameKind::Message]).await? else {
             return Ok(None);
         };
-        if kind != FrameKind::Message {
-            self.refuse(ErrorCode::Unexpected, &format!("{kind:?} frame"));
-            return Err(ConnError::Unexpected {
-                peer: self.peer.clone(),
-                what: format!("{kind:?} frame where a message belongs"),
-            });
-        }
         match T::from_wire(&payload) {
             Ok(m) => Ok(Some(m)),
             Err(source) => {
@@ -352,6 +383,8 @@ pub struct ServeFaults {
     pub corrupt_chunk: Option<u64>,
     /// Drop the connection after sending this many chunks.
     pub stop_after_chunks: Option<u64>,
+    /// Claim this offset in the header instead of the requested one (a hostile server).
+    pub forge_offset: Option<u64>,
 }
 
 fn file_io(path: &Path) -> impl FnOnce(std::io::Error) -> ConnError + '_ {
@@ -474,6 +507,26 @@ impl OutboardCache {
     }
 }
 
+/// How long a blob being served may wait for the peer to take more (to grant flow-control
+/// credit) before the stream is given up: a peer that stops reading cannot hold a file and a
+/// buffer forever. A 1 MiB chunk takes 8 s at 1 Mbit/s.
+pub const STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Writes `bytes`, or gives the stream up when the peer takes nothing for [`STALL_TIMEOUT`].
+async fn write_or_stall(stream: &mut MsgStream, bytes: &[u8]) -> Result<(), ConnError> {
+    match tokio::time::timeout(STALL_TIMEOUT, stream.write_raw(bytes)).await {
+        Ok(r) => r,
+        Err(_) => {
+            let secs = STALL_TIMEOUT.as_secs();
+            stream.refuse(ErrorCode::Unexpected, &format!("stalled for {secs} s"));
+            Err(ConnError::Stalled {
+                peer: stream.peer.clone(),
+                secs,
+            })
+        }
+    }
+}
+
 /// Serves blob `id` stored at `path` on `stream`, from byte `offset` (a chunk boundary):
 /// `BlobHeader`, the outboard (from `cache` when the file was hashed before), then the chunks.
 /// A stored copy that does not hash to `id` is refused with an error message instead.
@@ -525,12 +578,14 @@ pub async fn serve_blob(
         .send(&ServerMsg::BlobHeader {
             id,
             len: outboard.len,
-            offset,
+            offset: faults.forge_offset.unwrap_or(offset),
         })
         .await?;
-    stream
-        .write_raw(&encode_frame(FrameKind::Outboard, &outboard.to_bytes()))
-        .await?;
+    write_or_stall(
+        stream,
+        &encode_frame(FrameKind::Outboard, &outboard.to_bytes()),
+    )
+    .await?;
     let mut file = std::fs::File::open(path).map_err(file_io(path))?;
     file.seek(SeekFrom::Start(offset)).map_err(file_io(path))?;
     let mut buf = vec![0u8; CHUNK_SIZE];
@@ -547,18 +602,26 @@ pub async fn serve_blob(
         if faults.corrupt_chunk == Some(index) {
             buf[n / 2] ^= 0x40;
         }
-        stream.write_raw(&frame_prefix(FrameKind::Chunk, n)).await?;
-        stream.write_raw(&buf[..n]).await?;
+        write_or_stall(stream, &frame_prefix(FrameKind::Chunk, n)).await?;
+        write_or_stall(stream, &buf[..n]).await?;
     }
     stream.finish();
     Ok(())
 }
 
 /// Receives the blob `id` that follows on `stream` into `part` (a partial file: its verified
-/// prefix is kept across attempts). Returns the blob's length once the whole file hashes to
-/// `id`; on any error the verified prefix stays for the next attempt.
-pub async fn receive_blob(stream: &mut MsgStream, id: Hash, part: &Path) -> Result<u64, ConnError> {
-    receive_blob_until(stream, id, part, None).await
+/// prefix is kept across attempts), sent from byte `offset` as requested. Returns the blob's
+/// length once the whole file hashes to `id`; on any error the verified prefix stays for the
+/// next attempt. A header announcing more than `max_len` bytes or another offset than the one
+/// asked for is refused before anything is written.
+pub async fn receive_blob(
+    stream: &mut MsgStream,
+    id: Hash,
+    part: &Path,
+    offset: u64,
+    max_len: u64,
+) -> Result<u64, ConnError> {
+    receive_blob_until(stream, id, part, offset, max_len, None).await
 }
 
 /// [`receive_blob`], but with `stop_at`, stops once that many bytes are verified in `part`
@@ -568,6 +631,8 @@ async fn receive_blob_until(
     stream: &mut MsgStream,
     id: Hash,
     part: &Path,
+    requested: u64,
+    max_len: u64,
     stop_at: Option<u64>,
 ) -> Result<u64, ConnError> {
     let peer = stream.peer().to_owned();
@@ -596,7 +661,22 @@ async fn receive_blob_until(
             });
         }
     };
-    let outboard = match stream.recv_frame().await? {
+    let refused = |what: String| ConnError::Refused {
+        peer: peer.clone(),
+        id: hex(&id),
+        what,
+    };
+    if len > max_len {
+        return Err(refused(format!(
+            "{len} bytes announced, at most {max_len} accepted"
+        )));
+    }
+    if offset != requested {
+        return Err(refused(format!(
+            "sent from byte {offset}, byte {requested} was asked for"
+        )));
+    }
+    let outboard = match stream.recv_frame_of(&[FrameKind::Outboard]).await? {
         Some((FrameKind::Outboard, bytes)) => Outboard::from_bytes(&bytes).map_err(blob_err)?,
         other => {
             return Err(ConnError::Unexpected {
@@ -622,7 +702,7 @@ async fn receive_blob_until(
     // Reading the kept prefix leaves the file positioned at `offset`.
     let mut receiver = BlobReceiver::new(outboard, offset, &mut file).map_err(blob_err)?;
     while !receiver.done() {
-        match stream.recv_frame().await? {
+        match stream.recv_frame_of(&[FrameKind::Chunk]).await? {
             Some((FrameKind::Chunk, bytes)) => {
                 receiver.accept(&bytes).map_err(blob_err)?;
                 file.write_all(&bytes).map_err(file_io(part))?;
@@ -656,15 +736,16 @@ async fn receive_blob_until(
     Ok(len)
 }
 
-/// Fetches blob `id` from the peer on a new stream into `part`, resuming from the verified
-/// prefix already in `part`.
+/// Fetches blob `id` (at most `max_len` bytes) from the peer on a new stream into `part`,
+/// resuming from the verified prefix already in `part`.
 pub async fn fetch_blob(
     conn: &Connection,
     peer: &str,
     id: Hash,
     part: &Path,
+    max_len: u64,
 ) -> Result<u64, ConnError> {
-    fetch_blob_until(conn, peer, id, part, None).await
+    fetch_blob_until(conn, peer, id, part, max_len, None).await
 }
 
 /// [`fetch_blob`] that gives up with [`ConnError::Stopped`] once `stop_at` bytes of the blob
@@ -674,6 +755,7 @@ pub async fn fetch_blob_until(
     peer: &str,
     id: Hash,
     part: &Path,
+    max_len: u64,
     stop_at: Option<u64>,
 ) -> Result<u64, ConnError> {
     let have = std::fs::metadata(part).map(|m| m.len()).unwrap_or(0);
@@ -681,7 +763,7 @@ pub async fn fetch_blob_until(
     let mut stream = MsgStream::open(conn, peer).await?;
     stream.send(&ClientMsg::FetchBlob { id, offset }).await?;
     stream.finish();
-    receive_blob_until(&mut stream, id, part, stop_at).await
+    receive_blob_until(&mut stream, id, part, offset, max_len, stop_at).await
 }
 
 /// [`fetch_blob`], then the verified bytes in memory (the partial file is removed): for blobs
@@ -691,8 +773,9 @@ pub async fn fetch_blob_bytes(
     peer: &str,
     id: Hash,
     part: &Path,
+    max_len: u64,
 ) -> Result<Vec<u8>, ConnError> {
-    fetch_blob(conn, peer, id, part).await?;
+    fetch_blob(conn, peer, id, part, max_len).await?;
     let bytes = std::fs::read(part).map_err(file_io(part))?;
     let _ = std::fs::remove_file(part);
     Ok(bytes)

@@ -117,6 +117,17 @@ impl FrameDecoder {
         (5 + len).saturating_sub(avail.len()).max(1)
     }
 
+    /// The kind of the frame in progress, as soon as its 5-byte prefix is buffered (before its
+    /// payload is), so that a receiver can refuse a kind it does not expect at once.
+    pub fn next_kind(&self) -> Result<Option<FrameKind>, FrameError> {
+        match self.buf.get(self.start) {
+            Some(&b) if self.buffered() >= 5 => FrameKind::from_u8(b)
+                .map(Some)
+                .ok_or(FrameError::UnknownKind(b)),
+            _ => Ok(None),
+        }
+    }
+
     /// The next whole frame, if one is buffered. Errors are final for the stream.
     pub fn next_frame(&mut self) -> Result<Option<(FrameKind, Vec<u8>)>, FrameError> {
         let avail = &self.buf[self.start..];
@@ -157,6 +168,19 @@ impl FrameDecoder {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn the_kind_is_known_from_the_prefix_alone() {
+        let mut d = FrameDecoder::new();
+        d.push(&[FrameKind::Outboard as u8, 0, 0]);
+        assert_eq!(d.next_kind(), Ok(None));
+        d.push(&[0, 2]);
+        assert_eq!(d.next_kind(), Ok(Some(FrameKind::Outboard)));
+        assert_eq!(d.next_frame(), Ok(None), "the payload is still missing");
+        let mut d = FrameDecoder::new();
+        d.push(&[9, 0, 0, 0, 0]);
+        assert_eq!(d.next_kind(), Err(FrameError::UnknownKind(9)));
+    }
 
     proptest! {
         #[test]

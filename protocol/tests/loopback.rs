@@ -20,6 +20,9 @@ use amity_protocol::tls::{
 };
 use amity_protocol::{blob::BlobError, endpoint};
 
+/// No length limit on a fetch (the tests' own server).
+const MAX: u64 = u64::MAX;
+
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("amity-proto-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -221,6 +224,21 @@ async fn another_version_and_oversized_frames_close_the_stream_with_a_code() {
         "{err}"
     );
 
+    // The prefix of a 32 MiB outboard where a message belongs: refused from the prefix, not
+    // after buffering (the stream would otherwise wait for 32 MiB that never come).
+    let mut s = MsgStream::open(&conn, "coordinator").await.unwrap();
+    s.write_raw(&frame_prefix(FrameKind::Outboard, 32 << 20))
+        .await
+        .unwrap();
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(10), s.recv::<ServerMsg>())
+        .await
+        .expect("refused at once");
+    let err = answer.unwrap_err().to_string();
+    assert!(
+        err.contains(&format!("{}", ErrorCode::Unexpected as u16)),
+        "{err}"
+    );
+
     // The connection itself is still usable.
     assert!(matches!(
         hello(&conn).await.unwrap(),
@@ -243,15 +261,19 @@ async fn blobs_resume_after_a_cut_and_corrupt_chunks_are_caught() {
 
     // Cut after one chunk: the verified chunk stays.
     server.faults.lock().unwrap().stop_after_chunks = Some(1);
-    assert!(fetch_blob(&conn, "coordinator", id, &part).await.is_err());
+    assert!(
+        fetch_blob(&conn, "coordinator", id, &part, MAX)
+            .await
+            .is_err()
+    );
     assert_eq!(std::fs::metadata(&part).unwrap().len(), CHUNK_SIZE as u64);
 
     // A corrupted chunk 2: caught at that chunk; chunk 1 (verified) is kept.
     *server.faults.lock().unwrap() = ServeFaults {
         corrupt_chunk: Some(2),
-        stop_after_chunks: None,
+        ..Default::default()
     };
-    let err = fetch_blob(&conn, "coordinator", id, &part)
+    let err = fetch_blob(&conn, "coordinator", id, &part, MAX)
         .await
         .unwrap_err();
     assert!(
@@ -271,7 +293,9 @@ async fn blobs_resume_after_a_cut_and_corrupt_chunks_are_caught() {
 
     // A clean attempt resumes from byte 2 MiB and completes.
     *server.faults.lock().unwrap() = ServeFaults::default();
-    let len = fetch_blob(&conn, "coordinator", id, &part).await.unwrap();
+    let len = fetch_blob(&conn, "coordinator", id, &part, MAX)
+        .await
+        .unwrap();
     assert_eq!(len, data.len() as u64);
     assert_eq!(std::fs::read(&part).unwrap(), data);
     // Three requests for the blob, one hashing of the stored file.
@@ -279,7 +303,7 @@ async fn blobs_resume_after_a_cut_and_corrupt_chunks_are_caught() {
 
     // A blob the server does not have, and a server copy that rotted on disk.
     let missing = [7u8; 32];
-    let err = fetch_blob(&conn, "coordinator", missing, &dir.join("m.part"))
+    let err = fetch_blob(&conn, "coordinator", missing, &dir.join("m.part"), MAX)
         .await
         .unwrap_err();
     assert!(
@@ -295,7 +319,7 @@ async fn blobs_resume_after_a_cut_and_corrupt_chunks_are_caught() {
     let mut rotten = data.clone();
     rotten[5] ^= 1;
     std::fs::write(&stored, &rotten).unwrap();
-    let err = fetch_blob(&conn, "coordinator", id, &dir.join("r.part"))
+    let err = fetch_blob(&conn, "coordinator", id, &dir.join("r.part"), MAX)
         .await
         .unwrap_err()
         .to_string();
@@ -305,5 +329,43 @@ async fn blobs_resume_after_a_cut_and_corrupt_chunks_are_caught() {
         2,
         "a rewritten file is hashed again"
     );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Security review H2: a peer serving a blob longer than the receiver accepts, or from another
+/// offset than the one asked for, is refused at the header, before a byte is written.
+#[tokio::test]
+async fn an_oversized_or_misplaced_blob_is_refused_before_it_is_stored() {
+    let dir = scratch("hostile-blobs");
+    let (ca, _) = pki(&dir);
+    let data: Vec<u8> = (0..2 * CHUNK_SIZE + 5).map(|i| (i % 251) as u8).collect();
+    let id: Hash = *blake3::hash(&data).as_bytes();
+    let stored = dir.join("blob.bin");
+    std::fs::write(&stored, &data).unwrap();
+    let server = start_server(&ca, &[], HashMap::from([(id, stored)]));
+    let conn = connect(&ca, "uni-a", server.addr).await.unwrap();
+
+    let part = dir.join("small.part");
+    let err = fetch_blob(&conn, "coordinator", id, &part, 1000)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ConnError::Refused { .. }), "{err}");
+    assert!(err.to_string().contains("at most 1000"), "{err}");
+    assert!(!part.exists(), "nothing was written");
+
+    // Asked from byte 0, told "from 1 MiB": the receiver would have taken a megabyte of zeros
+    // as its verified prefix (an offset past the length is refused by message validation).
+    server.faults.lock().unwrap().forge_offset = Some(CHUNK_SIZE as u64);
+    let part = dir.join("forged.part");
+    let err = fetch_blob(&conn, "coordinator", id, &part, MAX)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("byte 0 was asked for"), "{err}");
+    assert!(!part.exists());
+    *server.faults.lock().unwrap() = ServeFaults::default();
+    let len = fetch_blob(&conn, "coordinator", id, &part, data.len() as u64)
+        .await
+        .unwrap();
+    assert_eq!(len, data.len() as u64);
     std::fs::remove_dir_all(&dir).unwrap();
 }

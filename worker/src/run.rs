@@ -36,13 +36,25 @@ use amity_shared::train::Trainer;
 /// `amity_coordinator::server::FINISHED_REASON`; the worker does not depend on the coordinator).
 const FINISHED_REASON: &str = "training finished";
 
-/// A deliberate misbehaviour, for the fault-injection tests.
+/// A deliberate misbehaviour, for the fault-injection and hostile-peer tests.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Fault {
     /// Upload a pseudo-gradient containing NaN.
     Nan,
     /// Upload the pseudo-gradient multiplied by this factor.
     Scale(f32),
+    /// Upload values near `f32::MAX` (finite, but an outer step over them overflows).
+    Huge,
+    /// Upload the negated pseudo-gradient.
+    Flip,
+    /// Upload Gaussian noise of this standard deviation instead of the pseudo-gradient.
+    Noise(f32),
+    /// Claim this many times the samples and steps done (to buy weight).
+    Claim(u64),
+    /// Announce the update one byte shorter than it is (the served blob is longer).
+    Oversize,
+    /// Offer the same update twice in a round.
+    Replay,
 }
 
 /// How to run a worker.
@@ -474,7 +486,8 @@ async fn train_round(
         && let (Some(d), Some((p, h))) = (delta, held.as_ref())
         && *h == d.base
     {
-        let bytes = fetch(conn, peer, &st.cache, BlobId(d.blob), &mut st.summary).await?;
+        let most = state_bytes_limit(p);
+        let bytes = fetch(conn, peer, &st.cache, BlobId(d.blob), most, &mut st.summary).await?;
         match p.after_delta(&bytes, d.target_momentum) {
             Ok(next) if next.hash() == params_hash => start = Some(Arc::new(next)),
             Ok(_) => tracing::warn!(round, "delta did not reproduce the announced state"),
@@ -484,7 +497,10 @@ async fn train_round(
     let start = match start {
         Some(s) => s,
         None => {
-            let bytes = fetch(conn, peer, &st.cache, BlobId(state), &mut st.summary).await?;
+            let most = held
+                .as_ref()
+                .map_or(MAX_SHARD_BYTES, |(p, _)| state_bytes_limit(p));
+            let bytes = fetch(conn, peer, &st.cache, BlobId(state), most, &mut st.summary).await?;
             let ckpt = Checkpoint::from_bytes(&bytes, "global state from coordinator")
                 .map_err(|e| SessionEnd::Lost(e.to_string()))?;
             let p = GlobalParams {
@@ -505,7 +521,7 @@ async fn train_round(
     for id in &ids {
         let local = st.local.as_ref().is_some_and(|(s, _)| s.contains(id));
         if !local && !st.cache.contains(id) {
-            fetch(conn, peer, &st.cache, *id, &mut st.summary).await?;
+            fetch(conn, peer, &st.cache, *id, MAX_SHARD_BYTES, &mut st.summary).await?;
         }
     }
     let trainer = st.trainer.take().expect("trainer made at registration");
@@ -586,7 +602,19 @@ async fn train_round(
     match opts.fault {
         Some(Fault::Nan) => update.model_delta[0] = f32::NAN,
         Some(Fault::Scale(f)) => update.model_delta.iter_mut().for_each(|v| *v *= f),
-        None => {}
+        Some(Fault::Huge) => update.model_delta.iter_mut().for_each(|v| *v = 3e38),
+        Some(Fault::Flip) => update.model_delta.iter_mut().for_each(|v| *v = -*v),
+        Some(Fault::Noise(sigma)) => {
+            let mut rng = amity_shared::rng::Rng::new(round);
+            for v in &mut update.model_delta {
+                *v = sigma * rng.normal() as f32;
+            }
+        }
+        Some(Fault::Claim(k)) => {
+            update.samples = update.samples.saturating_mul(k);
+            update.steps = update.steps.saturating_mul(k);
+        }
+        Some(Fault::Oversize | Fault::Replay) | None => {}
     }
     // 4. Compress (error feedback keeps what top-k and int8 drop) and offer the blob. A flush
     //    round goes out densely, so the residual is delivered before a checkpoint or the end.
@@ -600,10 +628,11 @@ async fn train_round(
         .put(&bytes)
         .map_err(|e| SessionEnd::Lost(e.to_string()))?;
     st.summary.bytes_up += bytes.len() as u64;
+    let announced = bytes.len() as u64 - u64::from(opts.fault == Some(Fault::Oversize));
     let header = ClientMsg::UpdateHeader {
         round,
         blob: stored.id.0,
-        bytes: bytes.len() as u64,
+        bytes: announced,
         samples: update.samples,
         steps: update.steps,
         loss: LossStats {
@@ -613,6 +642,9 @@ async fn train_round(
         },
     };
     control.send(&header).await.map_err(lost)?;
+    if opts.fault == Some(Fault::Replay) {
+        control.send(&header).await.map_err(lost)?;
+    }
     if opts.progress {
         eprintln!(
             "round {round} done: {} steps, {} clips, loss {:.4} -> {:.4}, update {} ({codec}), up {} down {}",
@@ -642,12 +674,24 @@ pub fn human(bytes: u64) -> String {
     }
 }
 
-/// Fetches blob `id` into the cache (verified, resumable) and returns its bytes.
+/// The most bytes a shard may have: ingest cuts shards at 64 MiB by default; this bound only
+/// keeps a broken or hostile server from filling the disk.
+const MAX_SHARD_BYTES: u64 = 16 << 30;
+
+/// The most bytes a global state or state delta for `params` may have: dense fp32 values plus
+/// room for the checkpoint's config and metadata.
+fn state_bytes_limit(params: &GlobalParams) -> u64 {
+    4 * (params.model.len() + params.target.len()) as u64 + (16 << 20)
+}
+
+/// Fetches blob `id` (at most `max_len` bytes) into the cache (verified, resumable) and
+/// returns its bytes.
 async fn fetch(
     conn: &quinn::Connection,
     peer: &str,
     cache: &LocalStore,
     id: BlobId,
+    max_len: u64,
     summary: &mut WorkerSummary,
 ) -> Result<Vec<u8>, SessionEnd> {
     if cache.contains(&id) {
@@ -657,7 +701,7 @@ async fn fetch(
         .root()
         .join("tmp")
         .join(format!("{}.fetch", id.to_hex()));
-    let bytes = fetch_blob_bytes(conn, peer, id.0, &part)
+    let bytes = fetch_blob_bytes(conn, peer, id.0, &part, max_len)
         .await
         .map_err(lost)?;
     summary.bytes_down += bytes.len() as u64;
