@@ -1,8 +1,8 @@
 //! Hostile peers against a real `amity coordinator` process on loopback: institutions whose
-//! workers lie (huge values, inflated work, a blob longer than announced, the same update twice)
-//! and strangers who open a thousand connections and never speak. In every case the coordinator
+//! workers lie (huge values, inflated work, a blob longer than announced, the same update twice,
+//! the honest update with its sign flipped) and strangers who open a thousand connections and never speak. In every case the coordinator
 //! keeps running, rounds keep closing, the weights stay finite, and `status.json` counts what
-//! was turned away (security review H1-H3).
+//! was turned away (security review H1-H3, and contribution scoring).
 
 mod common;
 use common::cluster::{cluster, wait};
@@ -48,6 +48,7 @@ fn lying_workers_are_refused_and_the_honest_ones_train() {
         "greedy-lab",
         "oversize-lab",
         "echo-lab",
+        "flip-lab",
     ];
     let c = cluster("hostile", &workers, 2, "");
     let mut coord = c.coordinator(true);
@@ -58,6 +59,7 @@ fn lying_workers_are_refused_and_the_honest_ones_train() {
         c.worker("greedy-lab", &["--fault", "claim:1000000"]),
         c.worker("oversize-lab", &["--fault", "oversize"]),
         c.worker("echo-lab", &["--fault", "replay"]),
+        c.worker("flip-lab", &["--fault", "flip"]),
     ];
     wait(&mut coord, Duration::from_secs(400), "coordinator", &|| {
         c.log("coordinator")
@@ -69,6 +71,7 @@ fn lying_workers_are_refused_and_the_honest_ones_train() {
     let st = c.status().unwrap();
     let history = st["history"].as_array().unwrap();
     assert_eq!(history.len(), 2, "{st}");
+
     for round in history {
         // The replayed update counts once; the second offer is refused unfetched.
         assert_eq!(
@@ -78,9 +81,23 @@ fn lying_workers_are_refused_and_the_honest_ones_train() {
         );
         assert_eq!(
             names(round, "rejected"),
-            ["greedy-lab", "huge-lab", "oversize-lab"],
+            ["flip-lab", "greedy-lab", "huge-lab", "oversize-lab"],
             "{round}"
         );
+        // Contribution scoring: the flipped update passes the norm screens (it has the honest
+        // norm) but raises the held-out loss, which the honest ones lower.
+        for (name, score) in round["scores"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| (s[0].as_str().unwrap(), s[1].as_f64().unwrap()))
+        {
+            if name == "flip-lab" {
+                assert!(score > 0.02, "{round}");
+            } else {
+                assert!(score < 0.0, "{round}");
+            }
+        }
         assert!(round["loss"].as_f64().unwrap().is_finite(), "{round}");
     }
     let reasons: Vec<&str> = history[0]["rejected"]
@@ -95,6 +112,10 @@ fn lying_workers_are_refused_and_the_honest_ones_train() {
     );
     assert!(reasons.iter().any(|r| r.contains("claims")), "{reasons:?}");
     assert!(reasons.iter().any(|r| r.contains("at most")), "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r.contains("held-out loss")),
+        "{reasons:?}"
+    );
     let refused = &st["defence"]["updates_refused"];
     assert_eq!(refused["echo-lab"], 2, "{st}");
     assert_eq!(refused["oversize-lab"], 2, "{st}");

@@ -40,6 +40,22 @@ pub struct AggregationConfig {
     /// An update weighs at most this multiple of the lower median weight of the round.
     #[serde(default = "default_weight_cap")]
     pub weight_cap: f64,
+    /// Held-out clips the coordinator scores every update on (0: no scoring; see
+    /// [`crate::scoring`]).
+    #[serde(default = "default_held_out_clips")]
+    pub held_out_clips: usize,
+    /// An update that raises the held-out loss by more than this fraction of it is rejected;
+    /// one that raises it by less is down-weighted in proportion.
+    #[serde(default = "default_score_tolerance")]
+    pub score_tolerance: f64,
+}
+
+fn default_held_out_clips() -> usize {
+    32
+}
+
+fn default_score_tolerance() -> f64 {
+    0.02
 }
 
 fn default_max_rms() -> f64 {
@@ -59,6 +75,8 @@ impl Default for AggregationConfig {
             reject_ratio: 10.0,
             max_rms: default_max_rms(),
             weight_cap: default_weight_cap(),
+            held_out_clips: default_held_out_clips(),
+            score_tolerance: default_score_tolerance(),
         }
     }
 }

@@ -37,6 +37,7 @@ use serde::Serialize;
 use crate::aggregate::OuterConfig;
 use crate::config::CoreConfig;
 use crate::core::{Action, ArrivedUpdate, Core, Event, JoinInfo};
+use crate::scoring::HeldOut;
 
 /// One federated configuration: the coordinator defaults with some keys changed.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,6 +54,8 @@ pub struct Variant {
     pub outer: OuterConfig,
     /// The anti-collapse objective of the inner steps.
     pub objective: Objective,
+    /// Held-out clips the coordinator scores updates on (0: no contribution scoring).
+    pub held_out: usize,
 }
 
 /// A variant that does not parse.
@@ -60,7 +63,7 @@ pub struct Variant {
 #[error(
     "bad variant `{0}`: expected `default` or key=value pairs joined by `,` with keys up, down \
      (codec names), policy (local-ema, coordinator-ema), lr, mu (outer SGD), nesterov \
-     (true/false), objective (ema, vicreg, sigreg)"
+     (true/false), objective (ema, vicreg, sigreg), held_out (clips scored on, 0: off)"
 )]
 pub struct BadVariant(pub String);
 
@@ -77,6 +80,7 @@ impl std::str::FromStr for Variant {
             policy: core.target_policy,
             outer: core.outer,
             objective: core.run.train.objective,
+            held_out: core.aggregation.held_out_clips,
         };
         if s == "default" {
             return Ok(v);
@@ -97,6 +101,7 @@ impl std::str::FromStr for Variant {
                 "lr" => v.outer.lr = val.parse().map_err(|_| bad())?,
                 "mu" => v.outer.momentum = val.parse().map_err(|_| bad())?,
                 "nesterov" => v.outer.nesterov = val.parse().map_err(|_| bad())?,
+                "held_out" => v.held_out = val.parse().map_err(|_| bad())?,
                 _ => return Err(bad()),
             }
         }
@@ -303,7 +308,13 @@ fn diloco(
     cfg.rounds.min_workers = opts.workers;
     cfg.rounds.max_rounds = rounds;
     cfg.checkpoint_every = 0;
+    cfg.aggregation.held_out_clips = variant.held_out;
     let (mut core, _) = Core::new(cfg, GlobalParams::seeded(&run), &[]);
+    if variant.held_out > 0 {
+        // Held-out clips like the coordinator's: synthetic, from a stream no worker draws.
+        let source = ClipSource::synthetic(&run.model);
+        core.set_scorer(Box::new(HeldOut::new(&run, &source, variant.held_out)));
+    }
     let srcs = sources(&run, opts.workers, non_iid);
     let mut trainers: Vec<Trainer> = (0..opts.workers)
         .map(|_| Trainer::new(run.clone(), &device))

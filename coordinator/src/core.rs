@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::aggregate::{self, Candidate, OuterOptimizer};
 use crate::config::{CoreConfig, LatePolicy};
+use crate::scoring::HeldOutLoss;
 
 /// A worker's session id, assigned by the shell.
 pub type WorkerId = u64;
@@ -212,6 +213,13 @@ pub struct RoundSummary {
     /// Whether the round was a flush (dense updates both ways, before a checkpoint or the end).
     #[serde(default)]
     pub flush: bool,
+    /// The held-out loss of the model before the round's step (contribution scoring on).
+    #[serde(default)]
+    pub held_out_loss: Option<f64>,
+    /// Each scored update's relative change of the held-out loss when applied alone
+    /// (negative: it helps).
+    #[serde(default)]
+    pub scores: Vec<(String, f64)>,
 }
 
 /// Per-institution accounting.
@@ -227,6 +235,13 @@ pub struct Provenance {
     pub rejected: u64,
     /// Shard-trainings contributed (a shard trained in two epochs counts twice).
     pub shards: u64,
+    /// Updates scored on the held-out clips.
+    #[serde(default)]
+    pub scored: u64,
+    /// Sum of their relative changes of the held-out loss (negative: they helped); over
+    /// `scored`, the institution's mean contribution score.
+    #[serde(default)]
+    pub loss_change: f64,
 }
 
 /// The scheduling of shards over epochs: each shard once per epoch, in a seeded order.
@@ -484,6 +499,8 @@ pub struct Core {
     started_any: bool,
     /// Parameters hash of the run's seeded initialisation.
     init_hash: Hash,
+    /// Measures each update's effect on held-out clips (contribution scoring), when set.
+    scorer: Option<Box<dyn HeldOutLoss>>,
 }
 
 const NORM_HISTORY: usize = 32;
@@ -520,6 +537,7 @@ impl Core {
             params,
             now_ms: 0,
             started_any: false,
+            scorer: None,
         };
         let mut out = Vec::new();
         core.store_state(&mut out);
@@ -553,6 +571,7 @@ impl Core {
             params: snap.params,
             now_ms: 0,
             started_any: false,
+            scorer: None,
         };
         if core.cfg.rounds.max_rounds > 0 && core.round >= core.cfg.rounds.max_rounds {
             core.phase = Phase::Finished;
@@ -1061,8 +1080,15 @@ impl Core {
         let flush = self.is_flush_round(self.round);
         let history: &[f64] = if flush { &[] } else { &self.norm_history };
         let (accepted, screened_out) = aggregate::screen(cands, history, &self.cfg.aggregation);
+        let (accepted, scored_out, held_out_loss, scores) = self.score(accepted);
+        for (from, change) in &scores {
+            let prov = self.provenance.entry(from.clone()).or_default();
+            prov.scored += 1;
+            prov.loss_change += change;
+        }
         let rejected: Vec<(String, String)> = screened_out
             .into_iter()
+            .chain(scored_out)
             .map(|(c, why)| (c.from, why))
             .chain(refused)
             .collect();
@@ -1147,6 +1173,8 @@ impl Core {
             epoch: self.plan.epoch,
             outer_step_ratio,
             flush,
+            held_out_loss,
+            scores,
         };
         tracing::info!(
             round = self.round,
@@ -1184,6 +1212,65 @@ impl Core {
             self.phase = Phase::Finished;
             out.push(Action::Finished);
         }
+    }
+
+    /// Sets the scorer that measures each update on held-out clips before it is aggregated.
+    pub fn set_scorer(&mut self, scorer: Box<dyn HeldOutLoss>) {
+        self.scorer = Some(scorer);
+    }
+
+    /// Contribution scoring (when a scorer is set): applies each screened update alone to the
+    /// model and measures the relative change of the held-out loss. An update that raises it by
+    /// more than `score_tolerance` is rejected with the reason; one that raises it by less is
+    /// down-weighted in proportion (by up to half). Returns the kept and rejected updates, the
+    /// loss before the step and every update's change.
+    #[allow(clippy::type_complexity)]
+    fn score(
+        &mut self,
+        accepted: Vec<Candidate>,
+    ) -> (
+        Vec<Candidate>,
+        Vec<(Candidate, String)>,
+        Option<f64>,
+        Vec<(String, f64)>,
+    ) {
+        let Some(scorer) = self.scorer.as_mut() else {
+            return (accepted, Vec::new(), None, Vec::new());
+        };
+        let base = scorer.loss(&self.params.model, &self.params.target);
+        if !(base.is_finite() && base > 0.0) {
+            tracing::warn!(
+                round = self.round,
+                "held-out loss {base}: updates not scored"
+            );
+            return (accepted, Vec::new(), None, Vec::new());
+        }
+        let tol = self.cfg.aggregation.score_tolerance;
+        let m = self.params.model.len();
+        let mut model = vec![0.0f32; m];
+        let (mut kept, mut out, mut scores) = (Vec::new(), Vec::new(), Vec::new());
+        for mut c in accepted {
+            for ((x, p), d) in model.iter_mut().zip(&self.params.model).zip(&c.values[..m]) {
+                *x = p - d;
+            }
+            let change = (scorer.loss(&model, &self.params.target) - base) / base;
+            scores.push((c.from.clone(), change));
+            // A NaN change is a rejection too.
+            if change.is_nan() || change > tol {
+                let why = format!(
+                    "raises the held-out loss by {:.2}% (limit {:.2}%)",
+                    100.0 * change,
+                    100.0 * tol
+                );
+                out.push((c, why));
+            } else {
+                if change > 0.0 {
+                    c.weight *= 1.0 - 0.5 * change / tol;
+                }
+                kept.push(c);
+            }
+        }
+        (kept, out, Some(base), scores)
     }
 
     /// Takes the round's outer step, encodes it as the state delta workers will apply (densely
@@ -1800,6 +1887,72 @@ mod tests {
         );
         assert_eq!(open.params_hash(), before);
         assert!(finite(&open));
+    }
+
+    /// A held-out loss for tests: the squared distance of the model to a goal.
+    #[derive(Debug)]
+    struct DistanceTo(Vec<f32>);
+
+    impl HeldOutLoss for DistanceTo {
+        fn loss(&mut self, model: &[f32], _target: &[f32]) -> f64 {
+            let d: f64 = model
+                .iter()
+                .zip(&self.0)
+                .map(|(m, g)| ((m - g) as f64).powi(2))
+                .sum();
+            d / model.len() as f64 + 1e-9
+        }
+    }
+
+    /// Contribution scoring: a flipped update at the honest norm passes every norm screen but
+    /// raises the held-out loss, and is rejected with the reason; the scores reach the summary
+    /// and the provenance.
+    #[test]
+    fn an_update_that_raises_the_held_out_loss_is_rejected() {
+        let (mut core, _) = setup(TargetPolicy::LocalEma);
+        join(&mut core, 1, "honest", 10.0, 0);
+        join(&mut core, 2, "flipped", 10.0, 0);
+        let honest = update(&core, 0, 30.0, 1);
+        let m = core.params().model.len();
+        // The goal lies where the honest update leads.
+        let goal: Vec<f32> = core
+            .params()
+            .model
+            .iter()
+            .zip(&honest.values[..m])
+            .map(|(p, d)| p - d)
+            .collect();
+        core.set_scorer(Box::new(DistanceTo(goal)));
+        let mut flipped = honest.clone();
+        flipped.values.iter_mut().for_each(|v| *v = -*v);
+        core.handle(
+            Event::Update {
+                worker: 1,
+                update: honest,
+            },
+            10,
+        );
+        core.handle(
+            Event::Update {
+                worker: 2,
+                update: flipped,
+            },
+            10,
+        );
+        assert_eq!(core.round(), 1);
+        let s = &core.history()[0];
+        assert_eq!(s.accepted, ["honest"]);
+        assert_eq!(s.rejected[0].0, "flipped");
+        assert!(s.rejected[0].1.contains("held-out loss"), "{s:?}");
+        let score = |name: &str| s.scores.iter().find(|(n, _)| n == name).unwrap().1;
+        assert!(
+            score("honest") < 0.0 && score("flipped") > 0.02,
+            "{:?}",
+            s.scores
+        );
+        assert!(s.held_out_loss.is_some_and(|l| l > 0.0));
+        assert_eq!(core.provenance()["flipped"].scored, 1);
+        assert!(core.provenance()["honest"].loss_change < 0.0);
     }
 
     #[test]

@@ -11,4 +11,5 @@ pub mod config;
 pub mod core;
 pub mod journal;
 pub mod release;
+pub mod scoring;
 pub mod server;

@@ -22,6 +22,7 @@ use amity_protocol::message::{ClientMsg, ErrorCode, Hash, ServerMsg};
 use amity_protocol::tls::{ClientAuth, Identity, peer_name, quic_server_config_with};
 use amity_shared::codec;
 use amity_shared::corpus::manifest::{Manifest, open_blobs};
+use amity_shared::data::ClipSource;
 use amity_shared::federated::{GlobalParams, RoundLoss};
 use amity_shared::store::{BlobId, BlobStore, LocalStore};
 use serde::Serialize;
@@ -34,6 +35,7 @@ use crate::core::{
 };
 use crate::journal::Journal;
 use crate::release;
+use crate::scoring::HeldOut;
 
 /// What the coordinator tells workers (in a `ShuttingDown` error and the connection close
 /// reason) when `max_rounds` are done: workers exit instead of reconnecting.
@@ -341,6 +343,22 @@ fn build_core(
     Ok(Core::new(core_cfg, params, &shards))
 }
 
+/// Gives `core` its contribution scorer: held-out clips from the coordinator's corpus (a seeded
+/// sample) or, without one, synthetic clips from a stream no worker draws.
+fn add_scorer(cfg: &CoordinatorConfig, core: &mut Core) -> Result<(), CoordinatorError> {
+    let clips = core.config().aggregation.held_out_clips;
+    if clips == 0 {
+        return Ok(());
+    }
+    let run = core.config().run.clone();
+    let source = match &cfg.corpus {
+        Some(dir) => ClipSource::shards(dir, &run.model, None).map_err(setup)?,
+        None => ClipSource::synthetic(&run.model),
+    };
+    core.set_scorer(Box::new(HeldOut::new(&run, &source, clips)));
+    Ok(())
+}
+
 /// Runs the coordinator until `shutdown` resolves (or, with `exit_when_finished`, until
 /// `max_rounds` are done). Returns the final status.
 pub async fn run(
@@ -364,6 +382,7 @@ pub async fn run(
     }
     let mut journal = Journal::open(&layout.journal()).map_err(setup)?;
     let (mut core, initial) = build_core(&cfg, &store, &journal)?;
+    add_scorer(&cfg, &mut core)?;
 
     let revoked: BTreeSet<String> = cfg.revoked.iter().cloned().collect();
     // Workers need an institution certificate; downstream users may download releases

@@ -19,6 +19,11 @@ pub struct Contributor {
     pub steps: u64,
     /// Updates of it the coordinator accepted.
     pub updates: u64,
+    /// Updates of it the coordinator rejected (screens, contribution scoring, refusals).
+    pub rejected: u64,
+    /// Mean relative change of the held-out loss its updates caused when applied alone
+    /// (negative: they helped), when the coordinator scored them.
+    pub score: Option<f64>,
 }
 
 /// The corpus the model was trained on.
@@ -138,11 +143,13 @@ pub fn render(c: &CardInfo) -> String {
     for k in &c.contributors {
         let _ = writeln!(
             s,
-            "    - {{name: {}, samples: {}, steps: {}, updates: {}}}",
+            "    - {{name: {}, samples: {}, steps: {}, updates: {}, rejected: {}, held_out_score: {}}}",
             y(&k.name),
             k.samples,
             k.steps,
-            k.updates
+            k.updates,
+            k.rejected,
+            k.score.map_or("null".to_owned(), |v| format!("{v:.5}"))
         );
     }
     let _ = writeln!(s, "  evaluation:");
@@ -248,16 +255,25 @@ pub fn render(c: &CardInfo) -> String {
     if !c.contributors.is_empty() {
         let _ = writeln!(
             s,
-            "| institution | clips | local steps | updates accepted |"
+            "| institution | clips | local steps | updates accepted | rejected | held-out loss change |"
         );
-        let _ = writeln!(s, "| --- | ---: | ---: | ---: |");
+        let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: |");
         for k in &c.contributors {
+            let score = k
+                .score
+                .map_or("-".to_owned(), |v| format!("{:+.2}%", 100.0 * v));
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} |",
-                k.name, k.samples, k.steps, k.updates
+                "| {} | {} | {} | {} | {} | {score} |",
+                k.name, k.samples, k.steps, k.updates, k.rejected
             );
         }
+        let _ = writeln!(
+            s,
+            "\nThe last column is the mean change of the coordinator's held-out loss that the \
+             institution's updates caused when applied alone (contribution scoring; negative \
+             helps)."
+        );
         let _ = writeln!(s);
     }
     let _ = writeln!(s, "## Evaluation");
@@ -337,6 +353,8 @@ mod tests {
                 samples: 100,
                 steps: 10,
                 updates: 5,
+                rejected: 1,
+                score: Some(-0.031),
             }],
             evaluation: vec![EvalResult {
                 metric: "velocity_r2".into(),

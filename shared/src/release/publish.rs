@@ -42,6 +42,12 @@ struct ProvenanceLine {
     steps: u64,
     #[serde(default)]
     updates: u64,
+    #[serde(default)]
+    rejected: u64,
+    #[serde(default)]
+    scored: u64,
+    #[serde(default)]
+    loss_change: f64,
 }
 
 /// The contributors recorded in a checkpoint's metadata, largest first.
@@ -58,6 +64,8 @@ pub fn contributors(ckpt: &Checkpoint) -> Vec<Contributor> {
             samples: p.samples,
             steps: p.steps,
             updates: p.updates,
+            rejected: p.rejected,
+            score: (p.scored > 0).then(|| p.loss_change / p.scored as f64),
         })
         .collect();
     out.sort_by(|a, b| b.samples.cmp(&a.samples).then(a.name.cmp(&b.name)));
