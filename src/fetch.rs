@@ -115,6 +115,21 @@ async fn query(
     }
 }
 
+/// Checks that the release a server answered with is the one asked for: the signed manifest's
+/// name must be the server's answer, and, unless `latest` was asked for, the name asked for. A
+/// server cannot hand out an older signed release under a newer name (security review M2).
+fn check_release_name(asked: &str, answered: &str, signed: &str) -> Result<(), String> {
+    if signed != answered {
+        return Err(format!("manifest of `{signed}` for release `{answered}`"));
+    }
+    if asked != "latest" && signed != asked {
+        return Err(format!(
+            "asked for release `{asked}`, the server sent the signed release `{signed}`"
+        ));
+    }
+    Ok(())
+}
+
 fn part_size(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
@@ -143,13 +158,10 @@ pub async fn fetch_quic(
                 let most = MAX_MANIFEST_BYTES as u64;
                 let bytes = fetch_blob_bytes(&conn, &peer, manifest_id.0, &tmp, most).await?;
                 let signed = Signed::parse(bytes, signature, &peer).map_err(Failure::release)?;
-                if signed.manifest.name != real_name {
+                if let Err(what) = check_release_name(name, &real_name, &signed.manifest.name) {
                     return Err(Failure::Conn(ConnError::Unexpected {
                         peer: peer.clone(),
-                        what: format!(
-                            "manifest of `{}` for release `{real_name}`",
-                            signed.manifest.name
-                        ),
+                        what,
                     }));
                 }
                 // Nothing but the manifest is downloaded before the signature verified.
@@ -285,5 +297,19 @@ impl From<ConnError> for Failure {
 impl Failure {
     fn release(e: ReleaseError) -> Self {
         Failure::Release(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_release_asked_for_by_name_must_be_that_release() {
+        assert!(check_release_name("v2", "v2", "v2").is_ok());
+        assert!(check_release_name("latest", "v7", "v7").is_ok());
+        let err = check_release_name("v2", "v1", "v1").unwrap_err();
+        assert!(err.contains("asked for release `v2`"), "{err}");
+        assert!(check_release_name("v2", "v2", "v1").is_err());
     }
 }

@@ -196,6 +196,36 @@ fn bad_sources_are_skipped_and_reported_never_fatal() {
         "--frames",
         "4",
     ]));
+    // A hostile MP4 (security review M7): its timing table covers one sample of twelve, which
+    // made the mp4 reader panic and took the whole ingest down.
+    ok(&amity(&[
+        "corpus",
+        "synth",
+        "--out",
+        s(&input.join("hostile")),
+        "--videos",
+        "1",
+        "--frames",
+        "12",
+    ]));
+    let hostile = input.join("hostile/video_00000.mp4");
+    let mut bytes = std::fs::read(&hostile).unwrap();
+    let at = bytes.windows(4).position(|w| w == b"stts").unwrap();
+    assert_eq!(
+        &bytes[at + 8..at + 12],
+        &1u32.to_be_bytes(),
+        "one timing entry"
+    );
+    bytes[at + 12..at + 16].copy_from_slice(&1u32.to_be_bytes());
+    std::fs::write(&hostile, bytes).unwrap();
+    // A 2x400 frame: scaling its short side to the model's size would make a huge image.
+    let thin = input.join("thin");
+    std::fs::create_dir_all(&thin).unwrap();
+    for f in 0..12 {
+        image::RgbImage::new(2, 400)
+            .save(thin.join(format!("{f:04}.png")))
+            .unwrap();
+    }
     let store = dir.join("store");
     let o = amity(&[
         "corpus",
@@ -208,8 +238,16 @@ fn bad_sources_are_skipped_and_reported_never_fatal() {
     ]);
     let text = ok(&o);
     assert!(text.contains("1 videos -> 4 clips"), "{text}"); // 12 frames, 8 per clip, 4 clips
-    assert!(text.contains("3 skipped"), "{text}");
-    for name in ["frames1", "broken.mp4", "video_00000.mp4"] {
+    assert!(text.contains("5 skipped"), "{text}");
+    assert!(text.contains("damaged sample tables"), "{text}");
+    assert!(text.contains("wider than 8:1"), "{text}");
+    for name in [
+        "frames1",
+        "broken.mp4",
+        "short/video_00000.mp4",
+        "hostile/video_00000.mp4",
+        "thin",
+    ] {
         assert!(
             text.lines()
                 .any(|l| l.starts_with("skipped") && l.contains(name)),
@@ -217,7 +255,7 @@ fn bad_sources_are_skipped_and_reported_never_fatal() {
         );
     }
     let m = Manifest::load(&store).unwrap();
-    assert_eq!(m.skipped.len(), 3);
+    assert_eq!(m.skipped.len(), 5);
     assert!(m.skipped.iter().any(|s| s.reason.contains("0005.png")));
     assert!(!m.labelled, "frame folders without labels");
     std::fs::remove_dir_all(&dir).unwrap();

@@ -54,6 +54,9 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>, CorpusError> {
     Ok(entries)
 }
 
+/// The most elongated frame accepted (long side over short side).
+pub const MAX_ASPECT: u32 = 8;
+
 /// Resizes an image so its short side is `size`, then crops the centre square.
 pub fn resize_centre_crop(img: &image::RgbImage, size: usize) -> Vec<u8> {
     let (w, h) = img.dimensions();
@@ -88,6 +91,14 @@ pub fn decode_frame_folder(
                 reason: e.to_string(),
             })?
             .to_rgb8();
+        let (w, h) = img.dimensions();
+        if w.max(h) > MAX_ASPECT * w.min(h).max(1) {
+            // Scaling the short side to `size` would make the long side huge.
+            return Err(CorpusError::Decode {
+                path: f.clone(),
+                reason: format!("{w}x{h} pixels: wider than {MAX_ASPECT}:1"),
+            });
+        }
         pixels.extend(resize_centre_crop(&img, size));
     }
     Ok(DecodedVideo {

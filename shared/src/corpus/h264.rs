@@ -208,6 +208,33 @@ pub fn decode_mp4(
     }
     let timescale = track.timescale().max(1) as f64;
     let samples = track.sample_count();
+    // The sample tables are the file's word: check them against each other and the file before
+    // trusting them (a timing table shorter than the size table panics the mp4 reader; a
+    // forged size would have it allocate up to 4 GiB for one sample).
+    let stbl = &track.trak.mdia.minf.stbl;
+    if track.trafs.is_empty() {
+        let timed: u64 = stbl
+            .stts
+            .entries
+            .iter()
+            .map(|e| e.sample_count as u64)
+            .sum();
+        if timed < samples as u64 {
+            return Err(fail(format!(
+                "damaged sample tables: {samples} samples, timing for {timed}"
+            )));
+        }
+    }
+    let biggest = if stbl.stsz.sample_size > 0 {
+        stbl.stsz.sample_size
+    } else {
+        stbl.stsz.sample_sizes.iter().copied().max().unwrap_or(0)
+    };
+    if biggest as u64 > len {
+        return Err(fail(format!(
+            "damaged sample tables: a sample of {biggest} bytes in a file of {len}"
+        )));
+    }
 
     let mut decoder = Decoder::with_api_config(OpenH264API::from_source(), DecoderConfig::new())
         .map_err(|e| fail(format!("openh264 decoder: {e}")))?;

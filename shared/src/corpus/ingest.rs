@@ -155,6 +155,15 @@ struct SourceClips {
 }
 
 /// Decodes one source and cuts its clips; `Err` is the reason it is skipped.
+/// The message of a caught panic.
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".to_owned())
+}
+
 fn cut_source(src: &Source, opts: &IngestOptions) -> Result<SourceClips, String> {
     let size = opts.model.image_size;
     let video: DecodedVideo = if src.is_frame_folder {
@@ -288,7 +297,14 @@ pub fn ingest(
                         if i >= window.len() {
                             break;
                         }
-                        let r = cut_source(&window[i], opts);
+                        // A panic in a decoder (a hostile file can find one in a library)
+                        // skips that source, never the ingest.
+                        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            cut_source(&window[i], opts)
+                        }))
+                        .unwrap_or_else(|panic| {
+                            Err(format!("decoder crashed: {}", panic_text(&panic)))
+                        });
                         *slots[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
                     }
                 });

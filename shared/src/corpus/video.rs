@@ -146,6 +146,65 @@ pub fn decode_video(
     }
 }
 
+/// The longest one FFmpeg decode may take before it is killed (a file built to make it spin).
+pub const FFMPEG_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// The most bytes of FFmpeg's error output kept (only its last line is reported).
+const STDERR_LIMIT: u64 = 64 << 10;
+
+/// Runs `cmd` to completion like [`Command::output`], but kills it after `limit` (then fails
+/// with `TimedOut`) and keeps at most [`STDERR_LIMIT`] bytes of its error output.
+fn output_within(
+    mut cmd: Command,
+    limit: std::time::Duration,
+) -> std::io::Result<std::process::Output> {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut stdout = child.stdout.take().expect("piped");
+    let stderr = child.stderr.take().expect("piped");
+    let out_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        stdout.read_to_end(&mut buf).map(|_| buf)
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let mut limited = stderr.take(STDERR_LIMIT);
+        let _ = limited.read_to_end(&mut buf);
+        // Drain the rest so the child never blocks on a full pipe.
+        let _ = std::io::copy(&mut limited.into_inner(), &mut std::io::sink());
+        buf
+    });
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("killed after {} s", limit.as_secs()),
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let stdout = out_reader
+        .join()
+        .map_err(|_| std::io::Error::other("stdout reader panicked"))??;
+    let stderr = err_reader.join().unwrap_or_default();
+    Ok(std::process::Output {
+        status,
+        stdout,
+        stderr,
+    })
+}
+
 /// Decodes through the `ffmpeg` tool, piping raw RGB frames.
 pub fn decode_ffmpeg(path: &Path, target: DecodeTarget) -> Result<DecodedVideo, CorpusError> {
     let s = target.size;
@@ -153,25 +212,30 @@ pub fn decode_ffmpeg(path: &Path, target: DecodeTarget) -> Result<DecodedVideo, 
         "fps={fps},scale={s}:{s}:force_original_aspect_ratio=increase:flags=bilinear,crop={s}:{s}",
         fps = target.fps
     );
-    let out = Command::new(ffmpeg_program())
-        .args([
-            "-nostdin",
-            "-hide_banner",
-            "-loglevel",
-            "error",
-            "-threads",
-            "1",
-        ])
-        .arg("-i")
-        .arg(path)
-        .args(["-map", "0:v:0", "-an", "-sn", "-vf", &filter])
-        .args(["-frames:v", &target.max_frames.to_string()])
-        .args(["-pix_fmt", "rgb24", "-f", "rawvideo", "pipe:1"])
-        .output()
-        .map_err(|source| CorpusError::Decode {
-            path: path.to_owned(),
-            reason: format!("cannot run `{}`: {source}", ffmpeg_program().display()),
-        })?;
+    // The input is named as a `file:` URL and only the file protocol is allowed, so a name or
+    // a playlist inside the file cannot make FFmpeg open the network or other files.
+    let mut input = std::ffi::OsString::from("file:");
+    input.push(path.as_os_str());
+    let mut cmd = Command::new(ffmpeg_program());
+    cmd.args([
+        "-nostdin",
+        "-hide_banner",
+        "-loglevel",
+        "error",
+        "-threads",
+        "1",
+        "-protocol_whitelist",
+        "file",
+    ])
+    .arg("-i")
+    .arg(&input)
+    .args(["-map", "0:v:0", "-an", "-sn", "-vf", &filter])
+    .args(["-frames:v", &target.max_frames.to_string()])
+    .args(["-pix_fmt", "rgb24", "-f", "rawvideo", "pipe:1"]);
+    let out = output_within(cmd, FFMPEG_TIMEOUT).map_err(|source| CorpusError::Decode {
+        path: path.to_owned(),
+        reason: format!("cannot run `{}`: {source}", ffmpeg_program().display()),
+    })?;
     let frame = s * s * 3;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -207,6 +271,24 @@ pub fn decode_ffmpeg(path: &Path, target: DecodeTarget) -> Result<DecodedVideo, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Security review L4: a decoder that hangs is killed, and its error output is bounded.
+    #[cfg(unix)]
+    #[test]
+    fn a_hung_decoder_is_killed_and_its_chatter_bounded() {
+        let mut sleep = Command::new("sh");
+        sleep.args(["-c", "sleep 30"]);
+        let start = std::time::Instant::now();
+        let err = output_within(sleep, std::time::Duration::from_millis(200)).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        assert!(start.elapsed() < std::time::Duration::from_secs(10));
+        let mut chatty = Command::new("sh");
+        chatty.args(["-c", "head -c 1000000 /dev/zero >&2; printf done"]);
+        let out = output_within(chatty, std::time::Duration::from_secs(30)).unwrap();
+        assert!(out.status.success());
+        assert_eq!(out.stdout, b"done");
+        assert_eq!(out.stderr.len() as u64, STDERR_LIMIT);
+    }
 
     #[test]
     fn choices_parse_and_extensions_are_recognised() {
