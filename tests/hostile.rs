@@ -50,7 +50,14 @@ fn lying_workers_are_refused_and_the_honest_ones_train() {
         "echo-lab",
         "flip-lab",
     ];
-    let c = cluster("hostile", &workers, 2, "");
+    // Contribution scoring is opt-in (see `amity_coordinator::scoring` for why), and not done
+    // in flush rounds: one checkpoint, after round 2 (the flush), so rounds 0 and 1 are scored.
+    let c = cluster(
+        "hostile",
+        &workers,
+        3,
+        "checkpoint_every = 3\n[aggregation]\nheld_out_clips = 32",
+    );
     let mut coord = c.coordinator(true);
     let mut ws: Vec<Child> = vec![
         c.worker("uni-a", &[]),
@@ -70,22 +77,13 @@ fn lying_workers_are_refused_and_the_honest_ones_train() {
     }
     let st = c.status().unwrap();
     let history = st["history"].as_array().unwrap();
-    assert_eq!(history.len(), 2, "{st}");
-
-    for round in history {
-        // The replayed update counts once; the second offer is refused unfetched.
-        assert_eq!(
-            names(round, "accepted"),
-            ["echo-lab", "uni-a", "uni-b"],
-            "{round}"
-        );
-        assert_eq!(
-            names(round, "rejected"),
-            ["flip-lab", "greedy-lab", "huge-lab", "oversize-lab"],
-            "{round}"
-        );
-        // Contribution scoring: the flipped update passes the norm screens (it has the honest
-        // norm) but raises the held-out loss, which the honest ones lower.
+    assert_eq!(history.len(), 3, "{st}");
+    // The flipped update has the honest norm: every norm screen passes it. Contribution scoring
+    // sees it (its held-out loss change has the opposite sign of the honest ones) but, on
+    // compressed rounds, below the 2% tolerance: it is down-weighted, not rejected. The flush
+    // round is not scored.
+    assert_eq!(history[2]["flush"], true);
+    for round in &history[..2] {
         for (name, score) in round["scores"]
             .as_array()
             .unwrap()
@@ -93,11 +91,25 @@ fn lying_workers_are_refused_and_the_honest_ones_train() {
             .map(|s| (s[0].as_str().unwrap(), s[1].as_f64().unwrap()))
         {
             if name == "flip-lab" {
-                assert!(score > 0.02, "{round}");
+                assert!(score > 0.0, "{round}");
             } else {
                 assert!(score < 0.0, "{round}");
             }
         }
+    }
+    assert!(history[2]["scores"].as_array().unwrap().is_empty());
+    for round in history {
+        // The replayed update counts once; the second offer is refused unfetched.
+        assert_eq!(
+            names(round, "accepted"),
+            ["echo-lab", "flip-lab", "uni-a", "uni-b"],
+            "{round}"
+        );
+        assert_eq!(
+            names(round, "rejected"),
+            ["greedy-lab", "huge-lab", "oversize-lab"],
+            "{round}"
+        );
         assert!(round["loss"].as_f64().unwrap().is_finite(), "{round}");
     }
     let reasons: Vec<&str> = history[0]["rejected"]
@@ -113,12 +125,14 @@ fn lying_workers_are_refused_and_the_honest_ones_train() {
     assert!(reasons.iter().any(|r| r.contains("claims")), "{reasons:?}");
     assert!(reasons.iter().any(|r| r.contains("at most")), "{reasons:?}");
     assert!(
-        reasons.iter().any(|r| r.contains("held-out loss")),
-        "{reasons:?}"
+        st["provenance"]["flip-lab"]["loss_change"]
+            .as_f64()
+            .unwrap()
+            > 0.0
     );
     let refused = &st["defence"]["updates_refused"];
-    assert_eq!(refused["echo-lab"], 2, "{st}");
-    assert_eq!(refused["oversize-lab"], 2, "{st}");
+    assert_eq!(refused["echo-lab"], 3, "{st}");
+    assert_eq!(refused["oversize-lab"], 3, "{st}");
     finite_checkpoint(&st);
     let log = c.log("coordinator");
     assert!(log.contains("already"), "the replay is logged");

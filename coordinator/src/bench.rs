@@ -56,6 +56,8 @@ pub struct Variant {
     pub objective: Objective,
     /// Held-out clips the coordinator scores updates on (0: no contribution scoring).
     pub held_out: usize,
+    /// Whether the last round flushes every residual densely.
+    pub flush: bool,
 }
 
 /// A variant that does not parse.
@@ -63,7 +65,7 @@ pub struct Variant {
 #[error(
     "bad variant `{0}`: expected `default` or key=value pairs joined by `,` with keys up, down \
      (codec names), policy (local-ema, coordinator-ema), lr, mu (outer SGD), nesterov \
-     (true/false), objective (ema, vicreg, sigreg), held_out (clips scored on, 0: off)"
+     (true/false), objective (ema, vicreg, sigreg), held_out (clips scored on, 0: off), flush (true/false)"
 )]
 pub struct BadVariant(pub String);
 
@@ -81,6 +83,7 @@ impl std::str::FromStr for Variant {
             outer: core.outer,
             objective: core.run.train.objective,
             held_out: core.aggregation.held_out_clips,
+            flush: core.rounds.flush,
         };
         if s == "default" {
             return Ok(v);
@@ -102,6 +105,7 @@ impl std::str::FromStr for Variant {
                 "mu" => v.outer.momentum = val.parse().map_err(|_| bad())?,
                 "nesterov" => v.outer.nesterov = val.parse().map_err(|_| bad())?,
                 "held_out" => v.held_out = val.parse().map_err(|_| bad())?,
+                "flush" => v.flush = val.parse().map_err(|_| bad())?,
                 _ => return Err(bad()),
             }
         }
@@ -309,6 +313,7 @@ fn diloco(
     cfg.rounds.max_rounds = rounds;
     cfg.checkpoint_every = 0;
     cfg.aggregation.held_out_clips = variant.held_out;
+    cfg.rounds.flush = variant.flush;
     let (mut core, _) = Core::new(cfg, GlobalParams::seeded(&run), &[]);
     if variant.held_out > 0 {
         // Held-out clips like the coordinator's: synthetic, from a stream no worker draws.

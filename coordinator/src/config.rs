@@ -68,6 +68,10 @@ pub struct RoundPolicy {
     pub heartbeat_timeout_ms: u64,
     /// Shards handed out per round in all, split in proportion to throughput (at least one each).
     pub shards_per_round: usize,
+    /// Flush rounds: the last round and every round before a checkpoint go out dense, so the
+    /// error-feedback residuals are delivered (false: they stay with the workers, and what is
+    /// released misses them).
+    pub flush: bool,
 }
 
 impl Default for RoundPolicy {
@@ -82,6 +86,7 @@ impl Default for RoundPolicy {
             staleness_discount: 0.5,
             heartbeat_timeout_ms: 15_000,
             shards_per_round: 6,
+            flush: true,
         }
     }
 }

@@ -446,8 +446,12 @@ impl Snapshot {
         let meta: SnapshotMeta =
             serde_json::from_slice(json).map_err(|e| SnapshotError(e.to_string()))?;
         let mut rest = &bytes[12 + n..];
-        let total: u64 = meta.lens.iter().sum();
-        if rest.len() as u64 != total * 4 {
+        let total = meta
+            .lens
+            .iter()
+            .try_fold(0u64, |sum, len| sum.checked_add(*len))
+            .and_then(|t| t.checked_mul(4));
+        if total != Some(rest.len() as u64) {
             return Err(bad("vector bytes do not match the recorded lengths"));
         }
         let mut take = |len: u64| {
@@ -505,6 +509,14 @@ pub struct Core {
 
 const NORM_HISTORY: usize = 32;
 
+/// The most shards one institution may register from its own corpus (at the default 64 MiB a
+/// shard, 256 GiB): what bounds the shard plan, which every snapshot holds.
+pub const MAX_LOCAL_SHARDS: usize = 4096;
+
+/// A worker's claimed throughput counts for at most this multiple of the median claim when
+/// shards are shared out, so that no claim takes every shard.
+const SPEED_CAP: f64 = 8.0;
+
 impl Core {
     /// A fresh run from `params` (the run config's seeded initialisation) over the coordinator's
     /// `shards`. Returns the actions that store the initial state.
@@ -546,7 +558,24 @@ impl Core {
 
     /// A core resumed from a snapshot (the accepted updates of the open round are then replayed
     /// with [`Core::replay_update`]). Returns the actions that store the state blob again.
-    pub fn restore(cfg: CoreConfig, snap: Snapshot) -> (Self, Vec<Action>) {
+    pub fn restore(cfg: CoreConfig, snap: Snapshot) -> Result<(Self, Vec<Action>), SnapshotError> {
+        // The snapshot must be of this run config's model: shapes checked before use.
+        let (ml, tl) = amity_shared::checkpoint::layouts(&cfg.run);
+        let (m, t) = (snap.params.model.len(), snap.params.target.len());
+        if (m, t) != (ml.total, tl.total) {
+            return Err(SnapshotError(format!(
+                "its state has {m} model and {t} target values; the run config's model has {} \
+                 and {} (was the run config changed?)",
+                ml.total, tl.total
+            )));
+        }
+        if ![0, m].contains(&snap.momentum.len())
+            || ![0, m, m + t].contains(&snap.down_residual.len())
+        {
+            return Err(SnapshotError(
+                "its optimiser state does not fit its parameters".into(),
+            ));
+        }
         let mut outer = OuterOptimizer::new(cfg.outer);
         outer.momentum = snap.momentum;
         let mut core = Core {
@@ -578,7 +607,7 @@ impl Core {
         }
         let mut out = Vec::new();
         core.store_state(&mut out);
-        (core, out)
+        Ok((core, out))
     }
 
     /// Re-adds an update that the log says was accepted before a restart.
@@ -697,7 +726,8 @@ impl Core {
     pub fn is_flush_round(&self, round: u64) -> bool {
         let max = self.cfg.rounds.max_rounds;
         let k = self.cfg.checkpoint_every;
-        (max > 0 && round + 1 == max) || (k > 0 && (round + 1).is_multiple_of(k))
+        self.cfg.rounds.flush
+            && ((max > 0 && round + 1 == max) || (k > 0 && (round + 1).is_multiple_of(k)))
     }
 
     /// Handles one event at time `now_ms` (milliseconds on any monotonic clock).
@@ -734,11 +764,26 @@ impl Core {
     }
 
     fn on_join(&mut self, worker: WorkerId, info: JoinInfo, out: &mut Vec<Action>) {
+        let mut owned = self
+            .plan
+            .shards
+            .values()
+            .filter(|(_, owner)| owner.as_deref() == Some(info.name.as_str()))
+            .count();
         for s in &info.local_shards {
+            if owned >= MAX_LOCAL_SHARDS {
+                tracing::warn!(
+                    worker,
+                    name = %info.name,
+                    "more than {MAX_LOCAL_SHARDS} local shards: the rest are ignored"
+                );
+                break;
+            }
             if let std::collections::btree_map::Entry::Vacant(e) = self.plan.shards.entry(s.id) {
                 // A newly registered corpus joins the current epoch.
                 e.insert((s.clips, Some(info.name.clone())));
                 self.plan.queue.push_back(s.id);
+                owned += 1;
             }
         }
         tracing::info!(
@@ -959,11 +1004,14 @@ impl Core {
                 r.budget_ms + r.grace_ms
             };
         let params_hash = self.params_hash;
-        let total_speed: f64 = self
+        let claimed: Vec<f64> = self
             .workers
             .values()
             .map(|w| w.info.samples_per_s.max(1e-3))
-            .sum();
+            .collect();
+        let most = SPEED_CAP * aggregate::lower_median(&claimed);
+        let speed = |claim: f64| claim.max(1e-3).min(most);
+        let total_speed: f64 = claimed.iter().map(|c| speed(*c)).sum();
         let seed = self.cfg.run.train.seed;
         let state_len = 4 * (self.params.model.len() + self.params.target.len()) as u64;
         let flush = self.is_flush_round(self.round);
@@ -972,7 +1020,7 @@ impl Core {
         let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
         for id in ids {
             let w = self.workers.get(&id).expect("listed above");
-            let share = w.info.samples_per_s.max(1e-3) / total_speed;
+            let share = speed(w.info.samples_per_s) / total_speed;
             let n = ((r.shards_per_round as f64 * share).round() as usize).max(1);
             let name = w.info.name.clone();
             let holds = w.holds;
@@ -1080,7 +1128,13 @@ impl Core {
         let flush = self.is_flush_round(self.round);
         let history: &[f64] = if flush { &[] } else { &self.norm_history };
         let (accepted, screened_out) = aggregate::screen(cands, history, &self.cfg.aggregation);
-        let (accepted, scored_out, held_out_loss, scores) = self.score(accepted);
+        // A flush round's updates carry every residual held back over the run: applied alone
+        // they are not comparable with a round's work, so they are not scored.
+        let (accepted, scored_out, held_out_loss, scores) = if flush {
+            (accepted, Vec::new(), None, Vec::new())
+        } else {
+            self.score(accepted)
+        };
         for (from, change) in &scores {
             let prov = self.provenance.entry(from.clone()).or_default();
             prov.scored += 1;
@@ -1998,7 +2052,12 @@ mod tests {
         };
 
         let snap = Snapshot::from_bytes(&snap_bytes).unwrap();
-        let (mut again, _) = Core::restore(core.config().clone(), snap);
+        let (mut again, _) = Core::restore(core.config().clone(), snap).unwrap();
+        // A snapshot of another model is refused, not restored.
+        let mut other = core.config().clone();
+        other.run.model.width *= 2;
+        let err = Core::restore(other, core.snapshot()).unwrap_err();
+        assert!(err.to_string().contains("run config"), "{err}");
         assert_eq!(again.round(), 1);
         assert_eq!(again.params().hash(), core.params().hash());
         again.replay_update(&entry, update(&core, 1, 1.0, 3).values);
@@ -2012,6 +2071,57 @@ mod tests {
 
         assert!(Snapshot::from_bytes(&snap_bytes[..snap_bytes.len() - 1]).is_err());
         assert!(Snapshot::from_bytes(b"AMSN").is_err());
+    }
+
+    /// Security review M4: registrations cannot grow the shard plan without bound, and a
+    /// claimed throughput cannot take every shard of a round.
+    #[test]
+    fn claims_at_registration_are_bounded() {
+        let (mut core, _) = setup(TargetPolicy::LocalEma);
+        core.cfg.rounds.min_workers = 3;
+        core.cfg.rounds.shards_per_round = 100;
+        let fake = |from: u32| -> Vec<ShardInfo> {
+            (from..from + 3000)
+                .map(|i| {
+                    let mut id = [0u8; 32];
+                    id[..4].copy_from_slice(&i.to_le_bytes());
+                    id[31] = 0xaa;
+                    ShardInfo {
+                        id: BlobId(id),
+                        clips: 1 << 24,
+                    }
+                })
+                .collect()
+        };
+        for (worker, from) in [(1, 0), (2, 3000)] {
+            core.handle(
+                Event::Joined {
+                    worker,
+                    info: JoinInfo {
+                        name: "squatter".into(),
+                        backend: "flex".into(),
+                        samples_per_s: 1e12,
+                        local_shards: fake(from),
+                    },
+                },
+                0,
+            );
+        }
+        let owned = |core: &Core, name: &str| {
+            core.plan()
+                .shards
+                .values()
+                .filter(|(_, o)| o.as_deref() == Some(name))
+                .count()
+        };
+        assert_eq!(owned(&core, "squatter"), MAX_LOCAL_SHARDS);
+        // Beside two workers that claim 10 clips/s, a claim of 1e12 counts as 80: 80 of the
+        // round's 100 shards at most, not all of them.
+        core.handle(Event::Left { worker: 2 }, 1);
+        join(&mut core, 3, "a", 10.0, 1);
+        let acts = join(&mut core, 4, "b", 10.0, 1);
+        let greedy = assignment(&acts, 1).len();
+        assert!((1..=80).contains(&greedy), "{greedy}");
     }
 
     #[test]

@@ -8,6 +8,23 @@
 //! weight or a rejection ([`crate::aggregate::AggregationConfig::score_tolerance`]); this module
 //! only measures.
 //!
+//! **Opt-in** (`aggregation.held_out_clips`, 0 by default), because the measure is not yet a
+//! reliable judge of harm. Measured:
+//! - `tests/hostile.rs` (tiny preset, 4 local steps a round, 4 honest workers and one sending
+//!   its update with the sign flipped): dense rounds move the held-out loss by -5% to -8% for
+//!   honest updates and +5% to +8% for the flipped one, which is rejected; compressed rounds
+//!   (sparseloco) by about -0.2% and +0.25%: the sign separates them, the 2% tolerance does not,
+//!   so the flipped update is only down-weighted.
+//! - `amity demo` (three honest workers, 10 s rounds): honest updates of one round ranged from
+//!   -26% to +23% (the fast worker's rounds 4 and 5 were rejected), because the loss is taken
+//!   against the coordinator's target, which the next rounds move; the flush round's updates
+//!   (every held-back residual, applied alone) read +90% to +156%, so flush rounds are not
+//!   scored.
+//!
+//! A sounder score would compare each update's end state with its own moved target plus a
+//! collapse guard, or a probe; the scores are logged per round, per institution and in the model
+//! card so that operators can see them meanwhile.
+//!
 //! The measure is the model's energy ([`Trainer::token_energies`]): the mean L1 error of the
 //! predictor on fixed multi-block target tokens from the context tokens, against the layer-normed
 //! features of the coordinator's current target encoder, over a fixed held-out batch. Everything

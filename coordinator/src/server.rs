@@ -305,7 +305,8 @@ fn build_core(
     if let Some(snap_id) = point.snapshot {
         let bytes = store.get(&snap_id).map_err(setup)?;
         let snap = Snapshot::from_bytes(&bytes).map_err(setup)?;
-        let (mut core, actions) = Core::restore(core_cfg, snap);
+        let (mut core, actions) =
+            Core::restore(core_cfg, snap).map_err(|e| setup(format!("snapshot {snap_id}: {e}")))?;
         let parts = core.update_parts();
         for entry in &point.accepted {
             if let LogEntry::UpdateAccepted { blob, .. } = entry {
