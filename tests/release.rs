@@ -230,6 +230,21 @@ fn anonymous_peers_get_releases_only(dir: &Path, addr: &str) {
             matches!(welcome, Some(ServerMsg::Welcome { .. })),
             "{welcome:?}"
         );
+        // A name as long as a message allows: the NotFound answer that echoes it still fits
+        // the limit (review L2; it was refused by the client as an invalid message).
+        control
+            .send(&ClientMsg::ReleaseQuery {
+                name: "x".repeat(4096),
+            })
+            .await
+            .unwrap();
+        match control.recv::<ServerMsg>().await.unwrap() {
+            Some(ServerMsg::Error {
+                code: ErrorCode::NotFound,
+                message,
+            }) => assert!(message.contains("bytes in all"), "{message}"),
+            other => panic!("{other:?}"),
+        }
         let part = dir.join("shard.part");
         match fetch_blob(&conn, "coordinator", shard.0, &part, u64::MAX).await {
             Err(ConnError::Remote {

@@ -18,7 +18,7 @@ use amity_protocol::PROTOCOL_VERSION;
 use amity_protocol::conn::{
     ConnError, MsgStream, OutboardCache, fetch_blob_bytes, serve_blob_requests,
 };
-use amity_protocol::message::{ClientMsg, ErrorCode, Hash, ServerMsg};
+use amity_protocol::message::{ClientMsg, ErrorCode, Hash, MAX_STRING, ServerMsg, brief};
 use amity_protocol::tls::{ClientAuth, Identity, peer_name, quic_server_config_with};
 use amity_shared::codec;
 use amity_shared::corpus::manifest::{Manifest, open_blobs};
@@ -752,7 +752,8 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
             return;
         }
         other => {
-            tracing::warn!(%peer, "expected Hello, got {other:?}");
+            let got = brief(&format!("{other:?}"), 200);
+            tracing::warn!(%peer, "expected Hello, got {got}");
             return;
         }
     }
@@ -825,16 +826,20 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
                             .map(|r| r.signed.manifest.name.as_str())
                             .collect();
                         names.sort_unstable();
+                        // Within a message's text limit however many releases there are
+                        // (and whatever name was asked for).
+                        let text = format!(
+                            "no release `{}` here (published: {})",
+                            brief(&name, 200),
+                            if names.is_empty() {
+                                "none".to_owned()
+                            } else {
+                                names.join(", ")
+                            }
+                        );
                         ServerMsg::Error {
                             code: ErrorCode::NotFound,
-                            message: format!(
-                                "no release `{name}` here (published: {})",
-                                if names.is_empty() {
-                                    "none".to_owned()
-                                } else {
-                                    names.join(", ")
-                                }
-                            ),
+                            message: brief(&text, MAX_STRING - 64),
                         }
                     }
                 };
@@ -855,7 +860,8 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
                 return;
             }
             other => {
-                tracing::warn!(%peer, "expected Register or ReleaseQuery, got {other:?}");
+                let got = brief(&format!("{other:?}"), 200);
+                tracing::warn!(%peer, "expected Register or ReleaseQuery, got {got}");
                 blobs.abort();
                 return;
             }
@@ -957,7 +963,8 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
                 }
                 Ok(Some(ClientMsg::Goodbye)) | Ok(None) => break,
                 Ok(Some(other)) => {
-                    tracing::warn!(%peer, "unexpected {other:?} on the control stream");
+                    let got = brief(&format!("{other:?}"), 200);
+                    tracing::warn!(%peer, "unexpected {got} on the control stream");
                 }
                 Err(e) => {
                     tracing::warn!("{e}");

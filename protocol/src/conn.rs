@@ -11,7 +11,7 @@ use quinn::{Connection, RecvStream, SendStream, VarInt};
 
 use crate::blob::{BlobError, BlobReceiver, CHUNK_SIZE, Outboard, chunk_count, chunk_len, hex};
 use crate::frame::{FrameDecoder, FrameError, FrameKind, encode_frame, frame_prefix};
-use crate::message::{ClientMsg, DecodeError, ErrorCode, Hash, Message, ServerMsg};
+use crate::message::{ClientMsg, DecodeError, ErrorCode, Hash, Message, ServerMsg, brief};
 
 /// Errors on a connection; each names the peer.
 #[derive(Debug, thiserror::Error)]
@@ -657,7 +657,10 @@ async fn receive_blob_until(
         other => {
             return Err(ConnError::Unexpected {
                 peer,
-                what: format!("{other:?} instead of the blob header"),
+                what: format!(
+                    "{} instead of the blob header",
+                    brief(&format!("{other:?}"), 200)
+                ),
             });
         }
     };
@@ -813,7 +816,9 @@ where
                         tracing::debug!("serving {}: {e}", hex(&id));
                     }
                 }
-                Ok(other) => stream.refuse(ErrorCode::Unexpected, &format!("{other:?}")),
+                Ok(other) => {
+                    stream.refuse(ErrorCode::Unexpected, &brief(&format!("{other:?}"), 200))
+                }
                 Err(e) => tracing::debug!("{e}"),
             }
         });

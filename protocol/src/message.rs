@@ -253,7 +253,21 @@ pub trait Validate {
     fn validate(&self) -> Result<(), DecodeError>;
 }
 
-const MAX_STRING: usize = 4096;
+/// The longest text field a message may carry (error messages, names).
+pub const MAX_STRING: usize = 4096;
+
+/// At most `max` bytes of `text` (cut at a character boundary), with how much was cut: for log
+/// lines and error texts that may hold what a peer sent (a message's `Debug` can be megabytes).
+pub fn brief(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes in all)", &text[..end], text.len())
+}
 const MAX_LIST: usize = 1 << 20;
 const MAX_RUN_CONFIG: usize = 64 << 10;
 
@@ -450,6 +464,15 @@ impl Message for ServerMsg {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn brief_texts_are_cut_at_a_character_boundary() {
+        assert_eq!(brief("short", 10), "short");
+        let long = "é".repeat(100);
+        let b = brief(&long, 11);
+        assert!(b.starts_with("ééééé..."), "{b}");
+        assert!(b.ends_with("(200 bytes in all)"), "{b}");
+    }
     use proptest::prelude::*;
 
     fn hash() -> impl Strategy<Value = Hash> {
