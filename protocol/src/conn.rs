@@ -694,6 +694,13 @@ async fn receive_blob_until(
             outboard.len
         ))));
     }
+    // A link planted where the partial file goes is removed, never written through.
+    if part
+        .symlink_metadata()
+        .is_ok_and(|m| m.file_type().is_symlink())
+    {
+        std::fs::remove_file(part).map_err(file_io(part))?;
+    }
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .read(true)

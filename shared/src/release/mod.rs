@@ -446,7 +446,25 @@ impl Staging {
         if stale {
             std::fs::remove_dir_all(&staging.dir).map_err(io(&staging.dir))?;
         }
+        // A staging folder that is a link, and links or folders planted inside one, are never
+        // followed: writing a part through a link would write wherever it points.
+        if staging
+            .dir
+            .symlink_metadata()
+            .is_ok_and(|m| m.file_type().is_symlink())
+        {
+            std::fs::remove_file(&staging.dir).map_err(io(&staging.dir))?;
+        }
         std::fs::create_dir_all(&staging.dir).map_err(io(&staging.dir))?;
+        for entry in std::fs::read_dir(&staging.dir).map_err(io(&staging.dir))? {
+            let path = entry.map_err(io(&staging.dir))?.path();
+            let kind = path.symlink_metadata().map_err(io(&path))?.file_type();
+            if kind.is_symlink() {
+                std::fs::remove_file(&path).map_err(io(&path))?;
+            } else if kind.is_dir() {
+                std::fs::remove_dir_all(&path).map_err(io(&path))?;
+            }
+        }
         write_synced(&staging.dir.join(MANIFEST), &staging.signed.bytes)?;
         Ok((staging, Begun::Staging))
     }
@@ -701,6 +719,28 @@ mod tests {
                 "a failed fetch is never presented as a release"
             );
         }
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// Security review L5: a link planted in a staging folder is removed, never written through.
+    #[cfg(unix)]
+    #[test]
+    fn staging_never_writes_through_a_planted_link() {
+        let d = dir("links");
+        let (src, key) = release(&d);
+        let out = d.join("out");
+        let staging = partial_of(&out);
+        std::fs::create_dir_all(&staging).unwrap();
+        // The same manifest, so the folder is not stale and would be resumed.
+        std::fs::copy(src.join(MANIFEST), staging.join(MANIFEST)).unwrap();
+        let victim = d.join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        for name in ["README.md.part", "README.md", "model.safetensors.part"] {
+            std::os::unix::fs::symlink(&victim, staging.join(name)).unwrap();
+        }
+        fetch_folder(&src, &out, &Trust::Key(key.public()), &mut |_| {}).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert_eq!(std::fs::read(out.join("README.md")).unwrap(), b"card");
         std::fs::remove_dir_all(&d).unwrap();
     }
 
