@@ -5,7 +5,7 @@
 //! depend on how fast the machine is; the demo and the bench use time budgets.
 
 mod common;
-use common::cluster::{cluster, synthetic_store, wait};
+use common::cluster::{cluster, interrupt, synthetic_store, wait};
 
 use std::path::Path;
 use std::process::Child;
@@ -370,12 +370,7 @@ fn a_worker_stopped_with_ctrl_c_leaves_cleanly() {
     let mut coord = c.coordinator(true);
     let mut ws: Vec<Child> = workers.iter().map(|w| c.worker(w, &[])).collect();
     c.wait_rounds(1, Duration::from_secs(240));
-    let pid = ws[2].id().to_string();
-    let sent = std::process::Command::new("kill")
-        .args(["-INT", &pid])
-        .status()
-        .unwrap();
-    assert!(sent.success());
+    interrupt(&ws[2]);
     wait(&mut ws[2], Duration::from_secs(30), "leaver", &|| {
         c.log("leaver")
     });

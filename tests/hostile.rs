@@ -5,7 +5,7 @@
 //! was turned away (security review H1-H3, and contribution scoring).
 
 mod common;
-use common::cluster::{cluster, wait};
+use common::cluster::{cluster, interrupt, wait};
 
 use std::path::Path;
 use std::process::Child;
@@ -195,12 +195,7 @@ fn a_thousand_silent_strangers_do_not_stop_training() {
     if let Some(rest) = Duration::from_secs(12).checked_sub(opened.elapsed()) {
         std::thread::sleep(rest);
     }
-    let pid = coord.id().to_string();
-    let sent = std::process::Command::new("kill")
-        .args(["-INT", &pid])
-        .status()
-        .unwrap();
-    assert!(sent.success());
+    interrupt(&coord);
     wait(&mut coord, Duration::from_secs(60), "coordinator", &|| {
         c.log("coordinator")
     });

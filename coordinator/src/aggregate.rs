@@ -18,6 +18,7 @@
 //! by default; DiLoCo's 0.9 suits runs of hundreds of rounds); with lr 1 and no momentum it is
 //! FedAvg.
 
+use amity_shared::stats::lower_median;
 #[cfg(test)]
 use amity_shared::stats::median;
 use serde::{Deserialize, Serialize};
@@ -135,17 +136,6 @@ pub struct Candidate {
 /// L2 norm, in f64.
 pub fn norm(v: &[f32]) -> f64 {
     v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt()
-}
-
-/// The lower median of `v`: the middle value, or the smaller of the two middle ones (0 when
-/// empty). With two values it is the smaller, so one outlier cannot move it.
-pub fn lower_median(v: &[f64]) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    s[(s.len() - 1) / 2]
 }
 
 /// Splits candidates into accepted and rejected (with the reason), and caps the accepted ones'
@@ -443,8 +433,6 @@ mod tests {
         assert_eq!(ok[1].weight, 4.0 * 64.0);
         let mean = combine(&ok, &cfg).unwrap();
         assert!((mean[3] - 0.016).abs() < 1e-6, "{mean:?}");
-        assert_eq!(lower_median(&[5.0, 1.0]), 1.0);
-        assert_eq!(lower_median(&[3.0, 1.0, 2.0]), 2.0);
     }
 
     #[test]

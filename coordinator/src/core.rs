@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::aggregate::{self, Candidate, OuterOptimizer};
 use crate::config::{CoreConfig, LatePolicy};
 use crate::scoring::HeldOutLoss;
+use amity_shared::stats::lower_median;
 
 /// A worker's session id, assigned by the shell.
 pub type WorkerId = u64;
@@ -1009,7 +1010,7 @@ impl Core {
             .values()
             .map(|w| w.info.samples_per_s.max(1e-3))
             .collect();
-        let most = SPEED_CAP * aggregate::lower_median(&claimed);
+        let most = SPEED_CAP * lower_median(&claimed);
         let speed = |claim: f64| claim.max(1e-3).min(most);
         let total_speed: f64 = claimed.iter().map(|c| speed(*c)).sum();
         let seed = self.cfg.run.train.seed;
@@ -1360,19 +1361,16 @@ impl Core {
         let bytes = codec::encode_parts(&spec, &delta, &parts);
         let sent = codec::decode_parts(&bytes, &parts)
             .map_err(|e| format!("the state delta does not decode: {e}"))?;
-        let mut params = self.params.clone();
-        params
-            .apply_state_delta(&sent, momentum)
-            .map_err(|e| format!("the state delta does not apply: {e}"))?;
-        if params
-            .model
-            .iter()
-            .chain(&params.target)
-            .any(|v| !v.is_finite())
-        {
+        // Checked before anything moves, without copying the state: finite parameters plus a
+        // finite delta must stay finite (the coordinator-EMA target step only averages finite
+        // values, so the parts the delta covers are all there is to check).
+        let state = self.params.model.iter().chain(&self.params.target);
+        if state.zip(&sent).any(|(p, d)| !(p + d).is_finite()) {
             return Err("the new parameters would not be finite".into());
         }
-        self.params = params;
+        self.params
+            .apply_state_delta(&sent, momentum)
+            .map_err(|e| format!("the state delta does not apply: {e}"))?;
         self.outer.momentum = outer_momentum;
         self.down_residual = delta.iter().zip(&sent).map(|(d, s)| d - s).collect();
         self.params_hash = self.params.hash();

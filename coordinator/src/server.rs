@@ -221,10 +221,14 @@ impl Shared {
         })
     }
 
+    /// Records something turned away (or a storage fault) in the `defence` counters.
+    fn count(&self, record: impl FnOnce(&mut Defence)) {
+        record(&mut self.defence.lock().expect("defence lock"));
+    }
+
     /// Counts a refused update from `from`.
     fn count_refused_update(&self, from: &str) {
-        let mut d = self.defence.lock().expect("defence lock");
-        *d.updates_refused.entry(from.to_owned()).or_default() += 1;
+        self.count(|d| *d.updates_refused.entry(from.to_owned()).or_default() += 1);
     }
 
     /// Claims the pull of `from`'s update for `round`, or says why it may not happen: the round
@@ -275,6 +279,13 @@ impl Shared {
         };
         for tx in self.outboxes.lock().expect("outbox lock").values() {
             let _ = tx.send(msg.clone());
+        }
+    }
+
+    /// Queues `msg` for `worker`'s connection, if it is still connected.
+    fn tell(&self, worker: WorkerId, msg: ServerMsg) {
+        if let Some(tx) = self.outboxes.lock().expect("outbox lock").get(&worker) {
+            let _ = tx.send(msg);
         }
     }
 
@@ -436,11 +447,7 @@ pub async fn run(
                         from = %incoming.remote_address(),
                         "connection refused: {MAX_CONNECTIONS} connections open"
                     );
-                    shared
-                        .defence
-                        .lock()
-                        .expect("defence lock")
-                        .connections_refused += 1;
+                    shared.count(|d| d.connections_refused += 1);
                     incoming.refuse();
                     continue;
                 }
@@ -462,7 +469,7 @@ pub async fn run(
                         Ok(Err(e)) => tracing::warn!(%from, "handshake refused: {e}"),
                         Err(_) => {
                             tracing::warn!(%from, "handshake not finished in {HELLO_TIMEOUT:?}");
-                            shared.defence.lock().expect("defence lock").hello_timeouts += 1;
+                            shared.count(|d| d.hello_timeouts += 1);
                         }
                     }
                 });
@@ -486,39 +493,16 @@ pub async fn run(
         let actions = core.handle(event, start.elapsed().as_millis() as u64);
         shared.round.store(core.round(), Ordering::Relaxed);
         let closed = actions.iter().any(|a| matches!(a, Action::RoundClosed(_)));
-        // A failed write (a full disk, too many open files) is retried in order, with backoff,
-        // until it succeeds or the operator stops the coordinator: nothing the core decided is
-        // skipped, and no resource error ends the coordinator on its own.
-        let mut stopped = None;
-        'actions: for action in actions {
-            let mut delay = Duration::from_secs(1);
-            loop {
-                match execute_one(&shared, &mut journal, &action, &mut checkpoint) {
-                    Ok(()) => break,
-                    Err(e) => {
-                        tracing::error!(
-                            "{e}; retrying in {delay:?} (nothing acknowledged is lost)"
-                        );
-                        {
-                            let mut d = shared.defence.lock().expect("defence lock");
-                            d.storage_faults += 1;
-                            d.storage_error = Some(e.to_string());
-                        }
-                        write_status(&shared, &core, &checkpoint);
-                        tokio::select! {
-                            _ = &mut shutdown => {
-                                stopped = Some(e);
-                                break 'actions;
-                            }
-                            _ = tokio::time::sleep(delay) => {}
-                        }
-                        delay = (delay * 2).min(Duration::from_secs(30));
-                    }
-                }
-            }
-            shared.defence.lock().expect("defence lock").storage_error = None;
-        }
-        if let Some(e) = stopped {
+        if let Err(e) = execute_retrying(
+            &shared,
+            &mut journal,
+            &mut core,
+            actions,
+            &mut checkpoint,
+            &mut shutdown,
+        )
+        .await
+        {
             break Err(e);
         }
         if closed {
@@ -629,6 +613,38 @@ fn install_copy(src: &std::path::Path, dst: &std::path::Path) -> std::io::Result
     Ok(())
 }
 
+/// Carries out the core's actions in order. A failed write (a full disk, too many open files) is
+/// retried with backoff until it succeeds or `shutdown` resolves (then its error is returned):
+/// nothing the core decided is skipped, and no resource error ends the coordinator on its own.
+async fn execute_retrying<F: std::future::Future<Output = ()>>(
+    shared: &Shared,
+    journal: &mut Journal,
+    // `&mut` only so that the future is `Send` (the core is not `Sync`); it is only read.
+    core: &mut Core,
+    actions: Vec<Action>,
+    checkpoint: &mut Option<PathBuf>,
+    shutdown: &mut std::pin::Pin<&mut F>,
+) -> Result<(), CoordinatorError> {
+    for action in actions {
+        let mut delay = Duration::from_secs(1);
+        while let Err(e) = execute_one(shared, journal, &action, checkpoint) {
+            tracing::error!("{e}; retrying in {delay:?} (nothing acknowledged is lost)");
+            shared.count(|d| {
+                d.storage_faults += 1;
+                d.storage_error = Some(e.to_string());
+            });
+            write_status(shared, core, checkpoint);
+            tokio::select! {
+                _ = shutdown.as_mut() => return Err(e),
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(30));
+        }
+        shared.count(|d| d.storage_error = None);
+    }
+    Ok(())
+}
+
 /// Carries out one action of the core. Fails only on storage (store, journal, checkpoint file).
 fn execute_one(
     shared: &Shared,
@@ -650,11 +666,7 @@ fn execute_one(
                 .append(entry)
                 .map_err(|e| storage(&format!("journal: {e}")))?;
         }
-        Action::Send { worker, msg } => {
-            if let Some(tx) = shared.outboxes.lock().expect("outbox lock").get(worker) {
-                let _ = tx.send(msg.clone());
-            }
-        }
+        Action::Send { worker, msg } => shared.tell(*worker, msg.clone()),
         Action::Checkpoint { round, blob } => {
             let dir = shared.layout.checkpoints();
             let file = dir.join(format!("round-{round}.safetensors"));
@@ -681,39 +693,37 @@ fn execute_one(
     Ok(())
 }
 
-async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
-    // A peer without a certificate is a downstream user: releases only.
-    let named = peer_name(&conn);
-    let anonymous = named.is_none();
-    let peer = named.unwrap_or_else(|| format!("anonymous client {}", conn.remote_address()));
-    // A stranger gets a place under the caps and a few streams, or is sent away.
-    let _slot = if anonymous {
-        match shared.anonymous_slot(conn.remote_address().ip()) {
-            Some(slot) => {
-                conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(ANONYMOUS_STREAMS));
-                conn.set_max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
-                Some(slot)
-            }
-            None => {
-                tracing::warn!(%peer, "closed: too many anonymous connections");
-                shared
-                    .defence
-                    .lock()
-                    .expect("defence lock")
-                    .anonymous_over_cap += 1;
-                conn.close(
-                    amity_protocol::conn::quic_code(ErrorCode::Unexpected),
-                    b"too many connections without a certificate; try again later",
-                );
-                return;
-            }
-        }
-    } else {
-        None
+/// A stranger gets a place under the caps and a few streams, or is sent away (`None`); a member
+/// always gets in (`Some(None)`).
+fn admit(
+    shared: &Arc<Shared>,
+    conn: &quinn::Connection,
+    peer: &str,
+    anonymous: bool,
+) -> Option<Option<AnonymousSlot>> {
+    if !anonymous {
+        return Some(None);
+    }
+    let Some(slot) = shared.anonymous_slot(conn.remote_address().ip()) else {
+        tracing::warn!(%peer, "closed: too many anonymous connections");
+        shared.count(|d| d.anonymous_over_cap += 1);
+        conn.close(
+            amity_protocol::conn::quic_code(ErrorCode::Unexpected),
+            b"too many connections without a certificate; try again later",
+        );
+        return None;
     };
-    // The control stream and Hello first, in time.
+    conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(ANONYMOUS_STREAMS));
+    conn.set_max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+    Some(Some(slot))
+}
+
+/// The peer's control stream and Hello, within [`HELLO_TIMEOUT`], answered with Welcome: the
+/// control stream, or `None` when the peer is gone, late, of another protocol version or not
+/// making sense (each said in the log or to the peer).
+async fn greet(shared: &Shared, conn: &quinn::Connection, peer: &str) -> Option<MsgStream> {
     let opened = tokio::time::timeout(HELLO_TIMEOUT, async {
-        let mut control = MsgStream::accept(&conn, &peer).await?;
+        let mut control = MsgStream::accept(conn, peer).await?;
         let hello = match &mut control {
             Some(c) => Some(c.recv::<ClientMsg>().await),
             None => None,
@@ -723,19 +733,19 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
     .await;
     let (mut control, hello) = match opened {
         Ok(Ok((Some(control), Some(hello)))) => (control, hello),
-        Ok(Ok(_)) => return,
+        Ok(Ok(_)) => return None,
         Ok(Err(e)) => {
             tracing::warn!("{e}");
-            return;
+            return None;
         }
         Err(_) => {
             tracing::warn!(%peer, "no Hello within {HELLO_TIMEOUT:?}: closing");
-            shared.defence.lock().expect("defence lock").hello_timeouts += 1;
+            shared.count(|d| d.hello_timeouts += 1);
             conn.close(
                 amity_protocol::conn::quic_code(ErrorCode::Unexpected),
                 b"no Hello in time",
             );
-            return;
+            return None;
         }
     };
     match hello {
@@ -749,21 +759,33 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
                     message,
                 })
                 .await;
-            return;
+            return None;
         }
         other => {
             let got = brief(&format!("{other:?}"), 200);
             tracing::warn!(%peer, "expected Hello, got {got}");
-            return;
+            return None;
         }
     }
     let welcome = ServerMsg::Welcome {
         protocol: PROTOCOL_VERSION,
-        identity: peer.clone(),
+        identity: peer.to_owned(),
     };
-    if control.send(&welcome).await.is_err() {
+    control.send(&welcome).await.ok()?;
+    Some(control)
+}
+
+async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
+    // A peer without a certificate is a downstream user: releases only.
+    let named = peer_name(&conn);
+    let anonymous = named.is_none();
+    let peer = named.unwrap_or_else(|| format!("anonymous client {}", conn.remote_address()));
+    let Some(_slot) = admit(&shared, &conn, &peer, anonymous) else {
         return;
-    }
+    };
+    let Some(mut control) = greet(&shared, &conn, &peer).await else {
+        return;
+    };
     // Blob requests on further streams: members get training blobs and releases, anonymous
     // peers releases only (never shards or states).
     let blobs = {
@@ -799,11 +821,7 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
                     })
                     .await;
                 tracing::warn!(%peer, "refused registration without a certificate");
-                shared
-                    .defence
-                    .lock()
-                    .expect("defence lock")
-                    .registrations_refused += 1;
+                shared.count(|d| d.registrations_refused += 1);
                 blobs.abort();
                 // Let the peer read the refusal before the connection goes.
                 control.finish();
@@ -913,53 +931,8 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
                 Ok(Some(ClientMsg::Heartbeat { .. })) => {
                     let _ = shared.events.send(Event::Heartbeat { worker });
                 }
-                Ok(Some(ClientMsg::UpdateHeader { round, blob, bytes, samples, steps, loss })) => {
-                    // Checked before a byte is fetched: the round, and one pull per round.
-                    if let Err(why) = shared.claim_pull(&peer, round) {
-                        tracing::warn!(%peer, round, "update refused unfetched: {why}");
-                        shared.count_refused_update(&peer);
-                        let refusal = ServerMsg::Error {
-                            code: ErrorCode::Unexpected,
-                            message: format!("update for round {round}: {why}"),
-                        };
-                        if let Some(tx) = shared.outboxes.lock().expect("outbox lock").get(&worker) {
-                            let _ = tx.send(refusal);
-                        }
-                        continue;
-                    }
-                    let shared = shared.clone();
-                    let conn = conn.clone();
-                    let peer = peer.clone();
-                    tokio::spawn(async move {
-                        let loss = RoundLoss {
-                            mean: loss.mean as f64,
-                            first: loss.first as f64,
-                            last: loss.last as f64,
-                        };
-                        let pulled = pull_update(&shared, &conn, &peer, BlobId(blob), bytes).await;
-                        shared.end_pull(&peer, round, pulled.is_ok());
-                        match pulled {
-                            Ok(values) => {
-                                let update = ArrivedUpdate {
-                                    round, blob: BlobId(blob), bytes, samples, steps, loss, values,
-                                };
-                                let _ = shared.events.send(Event::Update { worker, update });
-                            }
-                            Err(e) => {
-                                tracing::warn!(%peer, round, "update refused: {e}");
-                                shared.count_refused_update(&peer);
-                                let reason = format!("refused on arrival: {e}");
-                                let refused = Event::UpdateRefused { worker, round, reason };
-                                let _ = shared.events.send(refused);
-                                if let Some(tx) = shared.outboxes.lock().expect("outbox lock").get(&worker) {
-                                    let _ = tx.send(ServerMsg::Error {
-                                        code: ErrorCode::Malformed,
-                                        message: format!("update for round {round}: {e}"),
-                                    });
-                                }
-                            }
-                        }
-                    });
+                Ok(Some(header @ ClientMsg::UpdateHeader { .. })) => {
+                    offer_update(&shared, &conn, &peer, worker, header);
                 }
                 Ok(Some(ClientMsg::Goodbye)) | Ok(None) => break,
                 Ok(Some(other)) => {
@@ -976,6 +949,83 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
     shared.outboxes.lock().expect("outbox lock").remove(&worker);
     let _ = shared.events.send(Event::Left { worker });
     blobs.abort();
+}
+
+/// A worker offers its update (`header` is its `UpdateHeader`): refused at once when its round is
+/// not open or it was offered before, else pulled, decoded and handed to the core on a task of
+/// its own (a failed pull is the worker's delivery for the round, refused with the reason).
+fn offer_update(
+    shared: &Arc<Shared>,
+    conn: &quinn::Connection,
+    peer: &str,
+    worker: WorkerId,
+    header: ClientMsg,
+) {
+    let ClientMsg::UpdateHeader {
+        round,
+        blob,
+        bytes,
+        samples,
+        steps,
+        loss,
+    } = header
+    else {
+        return;
+    };
+    // Checked before a byte is fetched: the round, and one pull per round.
+    if let Err(why) = shared.claim_pull(peer, round) {
+        tracing::warn!(%peer, round, "update refused unfetched: {why}");
+        shared.count_refused_update(peer);
+        shared.tell(
+            worker,
+            ServerMsg::Error {
+                code: ErrorCode::Unexpected,
+                message: format!("update for round {round}: {why}"),
+            },
+        );
+        return;
+    }
+    let (shared, conn, peer) = (shared.clone(), conn.clone(), peer.to_owned());
+    tokio::spawn(async move {
+        let pulled = pull_update(&shared, &conn, &peer, BlobId(blob), bytes).await;
+        shared.end_pull(&peer, round, pulled.is_ok());
+        match pulled {
+            Ok(values) => {
+                let loss = RoundLoss {
+                    mean: loss.mean as f64,
+                    first: loss.first as f64,
+                    last: loss.last as f64,
+                };
+                let update = ArrivedUpdate {
+                    round,
+                    blob: BlobId(blob),
+                    bytes,
+                    samples,
+                    steps,
+                    loss,
+                    values,
+                };
+                let _ = shared.events.send(Event::Update { worker, update });
+            }
+            Err(e) => {
+                tracing::warn!(%peer, round, "update refused: {e}");
+                shared.count_refused_update(&peer);
+                let reason = format!("refused on arrival: {e}");
+                let _ = shared.events.send(Event::UpdateRefused {
+                    worker,
+                    round,
+                    reason,
+                });
+                shared.tell(
+                    worker,
+                    ServerMsg::Error {
+                        code: ErrorCode::Malformed,
+                        message: format!("update for round {round}: {e}"),
+                    },
+                );
+            }
+        }
+    });
 }
 
 /// Fetches an update from its worker into the store and decodes it (validated in full).

@@ -15,6 +15,18 @@ pub fn median<T: Copy + Into<f64>>(v: &[T]) -> f64 {
     }
 }
 
+/// The lower median of `v`: the middle value, or the smaller of the two middle ones (0 when
+/// empty). With two values it is the smaller, so one outlier cannot move it (the coordinator's
+/// screens take it as their reference).
+pub fn lower_median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s[(s.len() - 1) / 2]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -24,5 +36,8 @@ mod tests {
         assert_eq!(median(&[3.0f64, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0f32, 1.0, 3.0, 2.0]), 2.5);
         assert_eq!(median::<f64>(&[]), 0.0);
+        assert_eq!(lower_median(&[5.0, 1.0]), 1.0);
+        assert_eq!(lower_median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(lower_median(&[]), 0.0);
     }
 }

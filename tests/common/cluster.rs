@@ -164,6 +164,15 @@ impl Cluster {
     }
 }
 
+/// Sends `child` SIGINT, as Ctrl-C in its terminal would.
+pub fn interrupt(child: &Child) {
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
 pub fn wait(child: &mut Child, limit: Duration, what: &str, log: &dyn Fn() -> String) {
     let start = Instant::now();
     loop {
