@@ -195,7 +195,9 @@ pub struct RoundSummary {
     pub samples: u64,
     /// Local steps, summed over workers.
     pub steps: u64,
-    /// Sample-weighted mean of the workers' mean losses.
+    /// Sample-weighted mean of the workers' mean losses (NaN, `null` in JSON, when no update
+    /// was accepted).
+    #[serde(deserialize_with = "amity_shared::stats::f64_or_nan")]
     pub loss: f64,
     /// Bytes of updates received.
     pub bytes_up: u64,
@@ -209,7 +211,7 @@ pub struct RoundSummary {
     pub epoch: u64,
     /// Norm of the outer optimiser's step over the norm of the mean pseudo-gradient (model
     /// part): 1 for plain averaging at outer lr 1; Nesterov momentum makes it grow over rounds.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "amity_shared::stats::f64_or_nan")]
     pub outer_step_ratio: f64,
     /// Whether the round was a flush (dense updates both ways, before a checkpoint or the end).
     #[serde(default)]
@@ -241,7 +243,7 @@ pub struct Provenance {
     pub scored: u64,
     /// Sum of their relative changes of the held-out loss (negative: they helped); over
     /// `scored`, the institution's mean contribution score.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "amity_shared::stats::f64_or_nan")]
     pub loss_change: f64,
 }
 
@@ -650,6 +652,16 @@ impl Core {
         &self.params
     }
 
+    /// The blobs the core still serves or will aggregate: the global state, the last state
+    /// delta and the updates received for the open round. Everything else in the store belongs
+    /// to past rounds (see [`crate::retention`]).
+    pub fn live_blobs(&self) -> BTreeSet<BlobId> {
+        let mut live = BTreeSet::from([self.state_blob]);
+        live.extend(self.last_delta.map(|(_, id)| id));
+        live.extend(self.received.iter().map(|p| p.update.blob));
+        live
+    }
+
     /// `params().hash()`, cached.
     pub fn params_hash(&self) -> Hash {
         self.params_hash
@@ -781,9 +793,12 @@ impl Core {
                 break;
             }
             if let std::collections::btree_map::Entry::Vacant(e) = self.plan.shards.entry(s.id) {
-                // A newly registered corpus joins the current epoch.
+                // A newly registered corpus joins the current epoch (what it trained of this
+                // epoch before it left stays covered).
                 e.insert((s.clips, Some(info.name.clone())));
-                self.plan.queue.push_back(s.id);
+                if !self.plan.covered.contains(&s.id) {
+                    self.plan.queue.push_back(s.id);
+                }
                 owned += 1;
             }
         }
@@ -821,15 +836,38 @@ impl Core {
             return;
         };
         tracing::info!(worker, name = %w.info.name, "worker {why}");
-        let delivered = self.received.iter().any(|p| p.from == w.info.name);
-        if !delivered {
-            // Its shards go back to the front of the queue for the next round.
-            for id in w.assigned.into_iter().rev() {
+        // The shards of its assignment that no received update trained go back to the front
+        // of the queue (keyed by shard, not by institution: another session of the same
+        // institution may have delivered its own).
+        let trained: BTreeSet<BlobId> = self
+            .received
+            .iter()
+            .flat_map(|p| p.shards.iter().copied())
+            .collect();
+        for id in w.assigned.into_iter().rev() {
+            if !trained.contains(&id) {
                 self.plan.queue.push_front(id);
             }
         }
         if let Phase::Running { expected, .. } = &mut self.phase {
             expected.remove(&worker);
+        }
+        // An institution's own shards leave the plan with its last session (they come back
+        // when it registers again), so that shards of institutions gone do not pile up in it.
+        let name = w.info.name;
+        if !self.workers.values().any(|o| o.info.name == name) {
+            let own: BTreeSet<BlobId> = self
+                .plan
+                .shards
+                .iter()
+                .filter(|(_, (_, owner))| owner.as_deref() == Some(name.as_str()))
+                .map(|(id, _)| *id)
+                .collect();
+            if !own.is_empty() {
+                self.plan.shards.retain(|id, _| !own.contains(id));
+                self.plan.queue.retain(|id| !own.contains(id));
+                tracing::info!(name = %name, shards = own.len(), "its own shards leave the plan");
+            }
         }
     }
 
@@ -945,7 +983,19 @@ impl Core {
             }
         }
         let weight = self.weight(u.samples, staleness);
-        self.received.retain(|p| p.from != name);
+        // One update per institution a round: a later one (another session of it) replaces
+        // the earlier, whose shards go back to the queue unless the later one trained them.
+        let (replaced, kept): (Vec<Pending>, Vec<Pending>) = std::mem::take(&mut self.received)
+            .into_iter()
+            .partition(|p| p.from == name);
+        self.received = kept;
+        for p in replaced {
+            for id in p.shards.into_iter().rev() {
+                if !shards.contains(&id) {
+                    self.plan.queue.push_front(id);
+                }
+            }
+        }
         self.refused.retain(|(n, _)| *n != name);
         self.received.push(Pending {
             from: name,
@@ -1104,13 +1154,18 @@ impl Core {
                 !received.iter().any(|p| p.from == *name) && !refused.iter().any(|r| r.0 == *name)
             })
             .collect();
-        // Shards of workers that did not deliver go back to the queue.
+        // Shards that no received update trained go back to the queue: those of workers that
+        // did not deliver, also when another session of the same institution did.
+        let trained: BTreeSet<BlobId> = received
+            .iter()
+            .flat_map(|p| p.shards.iter().copied())
+            .collect();
         for id in &expected {
-            if let Some(w) = self.workers.get_mut(id)
-                && !received.iter().any(|p| p.from == w.info.name)
-            {
+            if let Some(w) = self.workers.get_mut(id) {
                 for s in std::mem::take(&mut w.assigned).into_iter().rev() {
-                    self.plan.queue.push_front(s);
+                    if !trained.contains(&s) {
+                        self.plan.queue.push_front(s);
+                    }
                 }
             }
         }
@@ -1309,7 +1364,9 @@ impl Core {
                 *x = p - d;
             }
             let change = (scorer.loss(&model, &self.params.target) - base) / base;
-            scores.push((c.from.clone(), change));
+            if change.is_finite() {
+                scores.push((c.from.clone(), change));
+            }
             // A NaN change is a rejection too.
             if change.is_nan() || change > tol {
                 let why = format!(
@@ -2071,6 +2128,64 @@ mod tests {
         assert!(Snapshot::from_bytes(b"AMSN").is_err());
     }
 
+    /// A round in which every update was rejected has no loss (NaN: `null` in JSON), and a
+    /// worker may report a NaN loss: snapshots and log entries holding them must still restore.
+    /// (Found by the storage-fault test: such a snapshot failed the restart.)
+    #[test]
+    fn snapshots_and_log_entries_with_nan_statistics_restore() {
+        let (mut core, _) = setup(TargetPolicy::LocalEma);
+        join(&mut core, 1, "a", 10.0, 0);
+        join(&mut core, 2, "b", 10.0, 0);
+        let mut acts = Vec::new();
+        for (worker, seed) in [(1, 1), (2, 2)] {
+            let mut bad = update(&core, 0, 1.0, seed);
+            bad.values[0] = f32::NAN;
+            bad.loss.mean = f64::NAN;
+            acts = core.handle(
+                Event::Update {
+                    worker,
+                    update: bad,
+                },
+                10,
+            );
+        }
+        let snap = acts
+            .iter()
+            .find_map(|a| match a {
+                Action::StoreBlob {
+                    what: "snapshot",
+                    bytes,
+                } => Some(bytes.clone()),
+                _ => None,
+            })
+            .expect("the round closed");
+        let snap = Snapshot::from_bytes(&snap).unwrap();
+        assert!(snap.meta.history[0].accepted.is_empty());
+        assert!(snap.meta.history[0].loss.is_nan());
+        let (again, _) = Core::restore(core.config().clone(), snap).unwrap();
+        assert_eq!(again.params().hash(), core.params().hash());
+        let entry = LogEntry::UpdateAccepted {
+            round: 0,
+            trained_round: 0,
+            from: "a".into(),
+            blob: BlobId([1; 32]),
+            bytes: 1,
+            samples: 1,
+            steps: 1,
+            loss: RoundLoss {
+                mean: f64::NAN,
+                first: f64::INFINITY,
+                last: 1.0,
+            },
+            shards: vec![],
+        };
+        let back: LogEntry = serde_json::from_slice(&serde_json::to_vec(&entry).unwrap()).unwrap();
+        let LogEntry::UpdateAccepted { loss, .. } = back else {
+            panic!("{back:?}")
+        };
+        assert!(loss.mean.is_nan() && loss.first.is_nan() && loss.last == 1.0);
+    }
+
     /// Security review M4: registrations cannot grow the shard plan without bound, and a
     /// claimed throughput cannot take every shard of a round.
     #[test]
@@ -2158,5 +2273,64 @@ mod tests {
             core.handle(Event::Heartbeat { worker: 2 }, 2002 + r * 3000);
         }
         assert!(seen_by_owner && !seen_by_other);
+        // When the institution leaves, its shard leaves the plan (no squatting across
+        // sessions); it is back when the institution registers again.
+        core.handle(Event::Left { worker: 1 }, 30_000);
+        assert_eq!(core.plan().clips(), 60);
+        assert!(!core.plan().queue.contains(&private.id));
+        core.handle(
+            Event::Joined {
+                worker: 3,
+                info: JoinInfo {
+                    name: "hospital".into(),
+                    backend: "flex".into(),
+                    samples_per_s: 1.0,
+                    local_shards: vec![private],
+                },
+            },
+            30_001,
+        );
+        assert_eq!(core.plan().clips(), 65);
+    }
+
+    /// Two sessions of one institution (review L3): the round counts one update per
+    /// institution, and what the other session was assigned goes back to the queue, whether it
+    /// sent nothing or its update was replaced by the other's.
+    #[test]
+    fn shards_of_a_second_session_of_an_institution_are_not_lost() {
+        for replaced in [false, true] {
+            let (mut core, _) = setup(TargetPolicy::LocalEma);
+            core.cfg.rounds.min_workers = 3;
+            core.cfg.rounds.shards_per_round = 3;
+            join(&mut core, 1, "uni-a", 10.0, 0);
+            join(&mut core, 2, "uni-a", 10.0, 1);
+            let acts = join(&mut core, 3, "uni-b", 10.0, 2);
+            let shards: Vec<Vec<Hash>> = (1..=3).map(|w| assignment(&acts, w)).collect();
+            assert!(shards.iter().all(|s| s.len() == 1), "{shards:?}");
+            send(&mut core, 1, 0, 1.0, 1, 10);
+            if replaced {
+                send(&mut core, 2, 0, 1.0, 2, 11);
+            }
+            let acts = send(&mut core, 3, 0, 1.0, 3, 12);
+            assert!(matches!(
+                acts.last(),
+                Some(Action::Send {
+                    msg: ServerMsg::ShardAssignment { round: 1, .. },
+                    ..
+                })
+            ));
+            let (lost, trained) = if replaced { (0, 1) } else { (1, 0) };
+            // Back in the queue, or already handed out again by the next round.
+            let again: Vec<Hash> = (1..=3).flat_map(|w| assignment(&acts, w)).collect();
+            let id = shards[lost][0];
+            assert!(
+                core.plan().queue.contains(&BlobId(id)) || again.contains(&id),
+                "replaced: {replaced}"
+            );
+            assert!(!core.plan().covered.contains(&BlobId(id)));
+            for w in [trained, 2] {
+                assert!(core.plan().covered.contains(&BlobId(shards[w][0])));
+            }
+        }
     }
 }

@@ -239,10 +239,13 @@ impl RoundBudget {
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub struct RoundLoss {
     /// Mean over the round's steps.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub mean: f64,
     /// First step.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub first: f64,
     /// Last step.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub last: f64,
 }
 

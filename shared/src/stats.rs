@@ -27,6 +27,14 @@ pub fn lower_median(v: &[f64]) -> f64 {
     s[(s.len() - 1) / 2]
 }
 
+/// Reads an `f64` that JSON may hold as `null`: serde_json writes NaN and infinities as `null`
+/// (JSON has no such numbers), so a statistic that was NaN (the mean loss of a round in which
+/// no update was accepted, say) must read back as NaN rather than fail the whole document.
+pub fn f64_or_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    use serde::Deserialize;
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
