@@ -235,7 +235,7 @@ pub fn run(out: &Path, videos: usize, rounds: u64, round_secs: f64) -> Result<()
             &source,
             "latest",
             &release_dir,
-            &Trust::Key(key.public()),
+            &Trust::key(key.public()),
         )
         .await?;
         let _ = published;

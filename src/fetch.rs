@@ -166,6 +166,12 @@ pub async fn fetch_quic(
                 }
                 // Nothing but the manifest is downloaded before the signature verified.
                 let outcome = signed.verify(trust).map_err(Failure::release)?;
+                if name == "latest" {
+                    let m = &signed.manifest;
+                    trust
+                        .check_fresh(&m.name, &m.publisher, m.round)
+                        .map_err(|e| Failure::release(e.into()))?;
+                }
                 let (s, begun) = Staging::begin(out, signed).map_err(Failure::release)?;
                 if begun == Begun::AlreadyPresent {
                     conn.close(0u32.into(), b"done");
@@ -279,6 +285,10 @@ pub async fn fetch_quic(
         }
     };
     endpoint.wait_idle().await;
+    let m = &report.manifest;
+    if let Err(e) = trust.remember(&m.publisher, m.key(), m.round) {
+        tracing::warn!("cannot record round {} of `{}`: {e}", m.round, m.publisher);
+    }
     Ok(report)
 }
 

@@ -1,5 +1,6 @@
 //! `amity release`, `amity fetch` and `amity embed`: publishing a model and using it downstream.
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,8 +13,9 @@ use clap::Args;
 use amity_coordinator::config::CoordinatorConfig;
 use amity_coordinator::release::{ReleaseRequest, release_round};
 use amity_shared::checkpoint::Checkpoint;
+use amity_shared::release::known::KnownPublishers;
 use amity_shared::release::publish::{PublishOptions, publish};
-use amity_shared::release::sign::{PublicKey, ReleaseKey, Trust, TrustOutcome};
+use amity_shared::release::sign::{PublicKey, ReleaseKey, SignError, Trust, TrustOutcome};
 use amity_shared::release::{FetchReport, MODEL, Signed, fetch_folder, verify_files};
 use amity_shared::train::Trainer;
 
@@ -65,9 +67,14 @@ pub struct FetchArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// The publisher's public key (64 hex digits or a `release.pub` file). Without it the key
-    /// is pinned on first use in the known-publishers file, like SSH's known hosts.
+    /// pinned for the publisher at this source in the known-publishers file must match, like
+    /// SSH's known hosts; a first use is asked about on a terminal and refused otherwise.
     #[arg(long)]
     pub key: Option<String>,
+    /// Pin an unknown publisher's key on first use without asking (scripts). Implied by `--ca`,
+    /// which authenticates the coordinator the key comes from.
+    #[arg(long)]
+    pub accept_new: bool,
     /// The known-publishers file (default: `$AMITY_KNOWN_PUBLISHERS` or
     /// `~/.amity/known_publishers`).
     #[arg(long)]
@@ -220,15 +227,47 @@ fn progress_bar(total: u64) -> indicatif::ProgressBar {
     bar
 }
 
-fn trust_of(args: &FetchArgs) -> Result<Trust> {
-    Ok(match &args.key {
-        Some(k) => Trust::Key(PublicKey::parse_arg(k)?),
-        None => Trust::KnownPublishers(
-            args.known_publishers
-                .clone()
-                .unwrap_or_else(Trust::default_file),
-        ),
+/// The trust of a fetch from `origin` (the coordinator's address or the mirror folder).
+fn trust_of(args: &FetchArgs, origin: String) -> Result<Trust> {
+    let key = args.key.as_deref().map(PublicKey::parse_arg).transpose()?;
+    let file = args
+        .known_publishers
+        .clone()
+        .unwrap_or_else(KnownPublishers::default_file);
+    Ok(Trust {
+        key,
+        known: Some(KnownPublishers::new(file)),
+        origin,
+        accept_new: args.accept_new || args.ca.is_some(),
     })
+}
+
+/// Whether `e` is a first use of a publisher that was not allowed to be pinned.
+fn unknown_publisher(e: &anyhow::Error) -> Option<&SignError> {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<SignError>())
+        .find(|s| matches!(s, SignError::UnknownPublisher { .. }))
+}
+
+/// Asks on the terminal whether to pin the key named in `e`.
+fn confirm_new_publisher(e: &SignError) -> Result<bool> {
+    use std::io::Write;
+    let SignError::UnknownPublisher {
+        publisher,
+        origin,
+        key,
+    } = e
+    else {
+        return Ok(false);
+    };
+    eprint!(
+        "first release from publisher `{publisher}` at {origin}.\nIts key is {key}.\n\
+         Check it with the publisher. Trust it from now on? [y/N] "
+    );
+    std::io::stderr().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "Yes"))
 }
 
 fn report(r: &FetchReport) {
@@ -262,12 +301,38 @@ fn report(r: &FetchReport) {
 
 /// Runs `amity fetch`.
 pub fn fetch(args: FetchArgs) -> Result<()> {
-    let trust = trust_of(&args)?;
+    let src = Path::new(&args.source);
+    let origin = if src.is_dir() {
+        std::fs::canonicalize(src)
+            .with_context(|| src.display().to_string())?
+            .display()
+            .to_string()
+    } else {
+        args.source.clone()
+    };
+    let mut trust = trust_of(&args, origin)?;
+    let r = match fetch_with(&args, &trust) {
+        Err(e) if std::io::stdin().is_terminal() && unknown_publisher(&e).is_some() => {
+            let asked = unknown_publisher(&e).expect("checked");
+            if !confirm_new_publisher(asked)? {
+                return Err(e);
+            }
+            trust.accept_new = true;
+            fetch_with(&args, &trust)?
+        }
+        other => other?,
+    };
+    report(&r);
+    Ok(())
+}
+
+/// One fetch from a folder or a coordinator under `trust`.
+fn fetch_with(args: &FetchArgs, trust: &Trust) -> Result<FetchReport> {
     let src = Path::new(&args.source);
     let r = if src.is_dir() {
         let signed = Signed::read(src)?;
         let bar = progress_bar(signed.manifest.total_bytes());
-        let r = fetch_folder(src, &args.out, &trust, &mut |n| bar.set_position(n));
+        let r = fetch_folder(src, &args.out, trust, &mut |n| bar.set_position(n));
         bar.finish_and_clear();
         r?
     } else {
@@ -286,10 +351,9 @@ pub fn fetch(args: FetchArgs) -> Result<()> {
             server_ca: args.ca.clone(),
             drop_after_bytes: args.fault_drop_after_bytes,
         };
-        fetch_over_quic(&source, &args.release, &args.out, &trust)?
+        fetch_over_quic(&source, &args.release, &args.out, trust)?
     };
-    report(&r);
-    Ok(())
+    Ok(r)
 }
 
 /// [`fetch_quic`] on a runtime of its own, with a progress bar.

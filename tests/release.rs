@@ -100,18 +100,30 @@ fn a_federated_model_is_released_fetched_over_quic_and_embeds_video() {
     same_files(&got, &published);
     same_files(&mirror, &published);
 
-    // Anonymously (no CA), trusting on first use; then a wrong key; then a missing release.
+    // Anonymously (no CA) and not on a terminal, without a key: refused, naming the key to
+    // check; with --accept-new, trusted on first use; then a wrong key; then a missing release.
     let known = c.dir.join("known_publishers");
     let got2 = c.dir.join("got2");
-    let out = ok(&amity(&[
-        "fetch",
-        &addr,
-        "v1",
-        "--out",
-        s(&got2),
-        "--known-publishers",
-        s(&known),
-    ]));
+    let anonymous = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "fetch",
+            &addr,
+            "--out",
+            s(out),
+            "--known-publishers",
+            s(&known),
+        ];
+        args.extend_from_slice(extra);
+        amity(&args)
+    };
+    let err = fails(&anonymous(&got2, &["v1"]));
+    let public = std::fs::read_to_string(&key).unwrap();
+    assert!(
+        err.contains("nothing here trusts yet") && err.contains(public.trim()),
+        "{err}"
+    );
+    assert!(!got2.exists() && !known.exists());
+    let out = ok(&anonymous(&got2, &["v1", "--accept-new"]));
     assert!(out.contains("trusting its key"), "{out}");
     same_files(&got2, &published);
     ok(&amity(&[
@@ -146,6 +158,35 @@ fn a_federated_model_is_released_fetched_over_quic_and_embeds_video() {
         "{err}"
     );
     anonymous_peers_get_releases_only(&c.dir, &addr);
+
+    // A server cannot roll `latest` back (review M2): an older release of the same publisher
+    // is published, the newer one withdrawn; `latest` is then refused, the old one by name not.
+    let older = tiny_checkpoint(&c.dir);
+    ok(&amity(&[
+        "release",
+        "--name",
+        "v0",
+        "--checkpoint",
+        s(&older),
+        "--publisher",
+        "coordinator",
+        "--key",
+        s(&ca.join("release.key")),
+        "--probe-videos",
+        "0",
+        "--out",
+        s(&c.dir.join("state/releases/v0")),
+    ]));
+    let got4 = c.dir.join("got4");
+    let out = ok(&anonymous(&got4, &["latest"]));
+    assert!(out.contains("fetched release `v1`"), "{out}");
+    std::fs::rename(c.dir.join("state/releases/v1"), c.dir.join("withdrawn")).unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    let err = fails(&anonymous(&c.dir.join("got5"), &["latest"]));
+    assert!(err.contains("refusing a rollback"), "{err}");
+    assert!(err.contains("release `v0` of round 0"), "{err}");
+    let out = ok(&anonymous(&c.dir.join("got6"), &["v0"]));
+    assert!(out.contains("fetched release `v0`"), "{out}");
     let _ = coordinator.kill();
     let _ = coordinator.wait();
 

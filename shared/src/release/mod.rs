@@ -15,6 +15,7 @@
 //! checks every field (format, names, paths that cannot leave the folder, sizes).
 
 pub mod card;
+pub mod known;
 pub mod publish;
 pub mod sign;
 
@@ -661,7 +662,7 @@ mod tests {
     fn fetch_from_a_folder_round_trips_and_refuses_tampering() {
         let d = dir("folder");
         let (src, key) = release(&d);
-        let trust = Trust::Key(key.public());
+        let trust = Trust::key(key.public());
         let out = d.join("out");
         let r = fetch_folder(&src, &out, &trust, &mut |_| {}).unwrap();
         assert!(!r.already_present);
@@ -708,7 +709,7 @@ mod tests {
         );
         // A wrong key.
         let other = ReleaseKey::generate(&d.join("other")).unwrap().0;
-        let e = fetch_folder(&out, &out2, &Trust::Key(other.public()), &mut |_| {}).unwrap_err();
+        let e = fetch_folder(&out, &out2, &Trust::key(other.public()), &mut |_| {}).unwrap_err();
         assert!(
             matches!(e, ReleaseError::Sign(SignError::UntrustedKey { .. })),
             "{e}"
@@ -738,7 +739,7 @@ mod tests {
         for name in ["README.md.part", "README.md", "model.safetensors.part"] {
             std::os::unix::fs::symlink(&victim, staging.join(name)).unwrap();
         }
-        fetch_folder(&src, &out, &Trust::Key(key.public()), &mut |_| {}).unwrap();
+        fetch_folder(&src, &out, &Trust::key(key.public()), &mut |_| {}).unwrap();
         assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
         assert_eq!(std::fs::read(out.join("README.md")).unwrap(), b"card");
         std::fs::remove_dir_all(&d).unwrap();

@@ -4,12 +4,14 @@
 //! signature made for a release can never be replayed as a signature of anything else. Keys are
 //! files of hex digits: `release.key` holds the PKCS#8 document (kept private, mode 0600),
 //! `release.pub` the 32-byte public key. Trust follows SSH's known hosts: a key given on the
-//! command line must match; otherwise the first key seen for a publisher is pinned in a known
-//! publishers file and any later, different key for that publisher is refused.
+//! command line must match; otherwise the key pinned for the publisher at that origin in the
+//! known-publishers file ([`super::known`]) must, and a first use is pinned only when allowed.
 
 use std::path::{Path, PathBuf};
 
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
+
+use super::known::{Known, KnownPublishers};
 
 /// Prefix of every signed message.
 pub const SIGNING_DOMAIN: &[u8] = b"amity-release-manifest-v1\0";
@@ -60,6 +62,38 @@ pub enum SignError {
         expected: String,
         /// Where the trusted key came from.
         trusted_from: String,
+    },
+    /// First release of a publisher from an origin, and pinning it was not allowed.
+    #[error(
+        "release from publisher `{publisher}` at {origin}, signed by key {key}, which nothing \
+         here trusts yet. Check that key with the publisher, then pass `--key {key}` (or \
+         `--accept-new` to pin it from now on, or `--ca` to authenticate the coordinator)"
+    )]
+    UnknownPublisher {
+        /// The publisher named by the manifest.
+        publisher: String,
+        /// Where the release came from.
+        origin: String,
+        /// The key the manifest states (hex).
+        key: String,
+    },
+    /// `latest` answered with an older release than one already fetched from there.
+    #[error(
+        "{origin} answered `latest` with release `{release}` of round {round}, but round \
+         {highest} was fetched from it before ({recorded_in}): refusing a rollback; ask for a \
+         release by name to fetch an older one"
+    )]
+    Rollback {
+        /// The release offered.
+        release: String,
+        /// Its round.
+        round: u64,
+        /// The highest round seen before.
+        highest: u64,
+        /// Where it came from.
+        origin: String,
+        /// Where the highest round is recorded.
+        recorded_in: String,
     },
 }
 
@@ -210,13 +244,20 @@ pub fn signature_text(sig: &[u8]) -> String {
     format!("{}\n", hex(sig))
 }
 
-/// Which key a release must be signed with.
+/// Which key a release must be signed with, and what is remembered about where it came from.
 #[derive(Debug, Clone)]
-pub enum Trust {
-    /// Exactly this key (given on the command line).
-    Key(PublicKey),
-    /// The key pinned for the publisher in this known-publishers file; pinned on first use.
-    KnownPublishers(PathBuf),
+pub struct Trust {
+    /// A key given on the command line: the release must be signed with exactly this key.
+    pub key: Option<PublicKey>,
+    /// The known-publishers file: the pins used when no key is given, and the highest round
+    /// fetched from each origin.
+    pub known: Option<KnownPublishers>,
+    /// Where releases come from: a coordinator's address or a mirror folder.
+    pub origin: String,
+    /// Pin an unknown publisher's key on first use without asking (`--accept-new`, or a
+    /// coordinator authenticated by its operator's CA). Otherwise first use is refused with
+    /// the key to check.
+    pub accept_new: bool,
 }
 
 /// What trust decided.
@@ -229,19 +270,19 @@ pub enum TrustOutcome {
 }
 
 impl Trust {
-    /// The default known-publishers file: `$AMITY_KNOWN_PUBLISHERS`, else
-    /// `~/.amity/known_publishers`.
-    pub fn default_file() -> PathBuf {
-        if let Some(p) = std::env::var_os("AMITY_KNOWN_PUBLISHERS") {
-            return PathBuf::from(p);
+    /// Exactly `key`, nothing remembered.
+    pub fn key(key: PublicKey) -> Self {
+        Trust {
+            key: Some(key),
+            known: None,
+            origin: String::new(),
+            accept_new: false,
         }
-        let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
-        home.join(".amity").join("known_publishers")
     }
 
     /// Checks that `manifest` (its bytes, release name, publisher and stated key) is signed by
-    /// `signature` under the trusted key. Pins the key on first use of a publisher, only after
-    /// the signature verified.
+    /// `signature` under the trusted key. Pins the key on first use of a publisher at this
+    /// origin, only after the signature verified and only if `accept_new`.
     pub fn check(
         &self,
         manifest: &[u8],
@@ -261,69 +302,69 @@ impl Trust {
             expected: expected.to_hex(),
             trusted_from: from,
         };
-        match self {
-            Trust::Key(k) => {
-                if *k != stated {
-                    return Err(mismatch(*k, "the key given".into()));
-                }
-                if !k.verifies(manifest, signature) {
-                    return Err(bad_sig(*k));
-                }
-                Ok(TrustOutcome::Trusted)
+        let trusted = |k: PublicKey, from: String| {
+            if k != stated {
+                return Err(mismatch(k, from));
             }
-            Trust::KnownPublishers(file) => {
-                let io = |source| SignError::Io {
-                    path: file.clone(),
-                    source,
-                };
-                let text = match std::fs::read_to_string(file) {
-                    Ok(t) => t,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-                    Err(e) => return Err(io(e)),
-                };
-                for (n, line) in text.lines().enumerate() {
-                    let mut words = line.split_whitespace();
-                    let (Some(name), Some(key)) = (words.next(), words.next()) else {
-                        continue;
-                    };
-                    if name != publisher {
-                        continue;
-                    }
-                    let pinned = PublicKey::from_hex(key).ok_or_else(|| SignError::BadKey {
-                        what: format!("{} line {}", file.display(), n + 1),
-                        reason: "not an Ed25519 public key".into(),
-                    })?;
-                    if pinned != stated {
-                        return Err(mismatch(
-                            pinned,
-                            format!("{} (line {})", file.display(), n + 1),
-                        ));
-                    }
-                    if !pinned.verifies(manifest, signature) {
-                        return Err(bad_sig(pinned));
-                    }
-                    return Ok(TrustOutcome::Trusted);
-                }
-                if !stated.verifies(manifest, signature) {
-                    return Err(bad_sig(stated));
-                }
-                if publisher.chars().any(char::is_whitespace) || publisher.is_empty() {
-                    return Err(SignError::BadKey {
-                        what: format!("release `{release}`"),
-                        reason: format!("publisher name {publisher:?} cannot be pinned"),
-                    });
-                }
-                if let Some(parent) = file.parent() {
-                    std::fs::create_dir_all(parent).map_err(io)?;
-                }
-                let mut all = text;
-                if !all.is_empty() && !all.ends_with('\n') {
-                    all.push('\n');
-                }
-                all.push_str(&format!("{publisher} {}\n", stated.to_hex()));
-                std::fs::write(file, all).map_err(io)?;
-                Ok(TrustOutcome::PinnedNew(file.clone()))
+            if !k.verifies(manifest, signature) {
+                return Err(bad_sig(k));
             }
+            Ok(TrustOutcome::Trusted)
+        };
+        if let Some(k) = self.key {
+            return trusted(k, "the key given".into());
+        }
+        let Some(known) = &self.known else {
+            return Err(SignError::BadKey {
+                what: format!("release `{release}`"),
+                reason: "no key given and no known-publishers file to trust one from".into(),
+            });
+        };
+        if let Some(pinned) = known.lookup(&self.origin, publisher)? {
+            return trusted(pinned.key, pinned.source);
+        }
+        if !stated.verifies(manifest, signature) {
+            return Err(bad_sig(stated));
+        }
+        if !self.accept_new {
+            return Err(SignError::UnknownPublisher {
+                publisher: publisher.to_owned(),
+                origin: self.origin.clone(),
+                key: stated.to_hex(),
+            });
+        }
+        known.pin(&self.origin, publisher, stated)?;
+        Ok(TrustOutcome::PinnedNew(known.file().to_owned()))
+    }
+
+    /// Refuses a `latest` answer older than the newest release already fetched from this origin
+    /// and publisher (a server rolling `latest` back). Without a known-publishers file nothing
+    /// is remembered, so nothing is refused.
+    pub fn check_fresh(&self, release: &str, publisher: &str, round: u64) -> Result<(), SignError> {
+        let Some(known) = &self.known else {
+            return Ok(());
+        };
+        match known.lookup(&self.origin, publisher)? {
+            Some(Known {
+                highest_round: Some(highest),
+                source,
+                ..
+            }) if round < highest => Err(SignError::Rollback {
+                release: release.to_owned(),
+                round,
+                highest,
+                origin: self.origin.clone(),
+                recorded_in: source,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Records that round `round` of `publisher` was fetched from this origin.
+    pub fn remember(&self, publisher: &str, key: PublicKey, round: u64) -> Result<(), SignError> {
+        match &self.known {
+            Some(known) => known.record_round(&self.origin, publisher, key, round),
+            None => Ok(()),
         }
     }
 }
@@ -357,12 +398,26 @@ mod tests {
     }
 
     #[test]
-    fn first_use_pins_and_a_changed_key_is_refused() {
+    fn first_use_pins_only_when_allowed_and_a_changed_key_is_refused() {
         let d = dir("tofu");
         let a = ReleaseKey::generate(&d.join("a")).unwrap().0;
         let b = ReleaseKey::generate(&d.join("b")).unwrap().0;
-        let trust = Trust::KnownPublishers(d.join("known"));
+        let known = KnownPublishers::new(d.join("known"));
+        let mut trust = Trust {
+            key: None,
+            known: Some(known.clone()),
+            origin: "coord.example:7700".into(),
+            accept_new: false,
+        };
         let m = b"manifest";
+        // Not interactive, no key: refused, naming the key to check (review M3).
+        let err = trust
+            .check(m, &a.sign(m), "r", "uni", a.public())
+            .unwrap_err();
+        assert!(matches!(err, SignError::UnknownPublisher { .. }), "{err}");
+        assert!(err.to_string().contains(&a.public().to_hex()), "{err}");
+        assert!(!d.join("known").exists(), "nothing pinned");
+        trust.accept_new = true;
         let out = trust.check(m, &a.sign(m), "r", "uni", a.public()).unwrap();
         assert!(matches!(out, TrustOutcome::PinnedNew(_)));
         let out = trust.check(m, &a.sign(m), "r", "uni", a.public()).unwrap();
@@ -376,12 +431,32 @@ mod tests {
             .check(m, &a.sign(m), "r", "other", b.public())
             .unwrap_err();
         assert!(matches!(err, SignError::BadSignature { .. }), "{err}");
-        let known = std::fs::read_to_string(d.join("known")).unwrap();
-        assert_eq!(known.lines().count(), 1);
-        let err = Trust::Key(b.public())
+        // Pins are per origin: the same publisher name elsewhere is another publisher.
+        let elsewhere = Trust {
+            origin: "other.example:7700".into(),
+            accept_new: false,
+            ..trust.clone()
+        };
+        let err = elsewhere
+            .check(m, &b.sign(m), "r", "uni", b.public())
+            .unwrap_err();
+        assert!(matches!(err, SignError::UnknownPublisher { .. }), "{err}");
+        let err = Trust::key(b.public())
             .check(m, &a.sign(m), "r", "uni", a.public())
             .unwrap_err();
         assert!(matches!(err, SignError::UntrustedKey { .. }), "{err}");
+
+        // Rollback of `latest` (review M2).
+        trust.check_fresh("v5", "uni", 5).unwrap();
+        trust.remember("uni", a.public(), 5).unwrap();
+        trust.check_fresh("v5", "uni", 5).unwrap();
+        let err = trust.check_fresh("v3", "uni", 3).unwrap_err();
+        assert!(
+            matches!(err, SignError::Rollback { highest: 5, .. }),
+            "{err}"
+        );
+        elsewhere.check_fresh("v3", "uni", 3).unwrap();
+        Trust::key(a.public()).check_fresh("v3", "uni", 3).unwrap();
         std::fs::remove_dir_all(&d).unwrap();
     }
 }
