@@ -123,6 +123,7 @@ pub fn run(out: &Path, videos: usize, rounds: u64, round_secs: f64) -> Result<()
         },
         outer: Default::default(),
         aggregation: AggregationConfig::default(),
+        retention: Default::default(),
     };
     std::fs::write(
         state_dir.join("coordinator.toml"),
@@ -146,14 +147,17 @@ pub fn run(out: &Path, videos: usize, rounds: u64, round_secs: f64) -> Result<()
         let (tx, rx) = tokio::sync::oneshot::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         // The coordinator stays up after the last round: it serves the release below.
+        let controls = server::Controls {
+            bound: Some(tx),
+            ..Default::default()
+        };
         let coordinator = tokio::spawn(server::run(
             cfg.clone(),
             coord_id,
-            false,
+            controls,
             async move {
                 let _ = stop_rx.await;
             },
-            Some(tx),
         ));
         let addr = rx.await.context("coordinator did not start")?;
         let mut workers = Vec::new();

@@ -17,7 +17,8 @@ use amity_worker::{Fault, WorkerOptions};
 /// `amity coordinator`: schedule rounds, aggregate, checkpoint.
 #[derive(Debug, Args)]
 pub struct CoordinatorArgs {
-    /// The coordinator's TOML config (see `amity_coordinator::config` for every key).
+    /// The coordinator's TOML config (see `amity_coordinator::config` for every key). Send the
+    /// process SIGHUP to reload its `revoked` list without a restart.
     #[arg(long)]
     pub config: PathBuf,
     /// Exit once `rounds.max_rounds` are done (instead of serving until Ctrl-C).
@@ -92,22 +93,52 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
     let identity = Identity::load_from_ca_dir(&cfg.ca_dir, &cfg.name)
         .with_context(|| format!("coordinator identity `{}`", cfg.name))?;
     let rt = runtime()?;
-    let status = rt.block_on(server::run(
-        cfg,
-        identity,
-        args.exit_when_finished,
-        async {
-            let _ = tokio::signal::ctrl_c().await;
-            tracing::info!("Ctrl-C: shutting down");
-        },
-        None,
-    ))?;
+    let (revocations, reloaded) = tokio::sync::mpsc::unbounded_channel();
+    rt.spawn(reload_revocations_on_hangup(
+        args.config.clone(),
+        revocations,
+    ));
+    let controls = server::Controls {
+        exit_when_finished: args.exit_when_finished,
+        bound: None,
+        revocations: Some(reloaded),
+    };
+    let status = rt.block_on(server::run(cfg, identity, controls, async {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("Ctrl-C: shutting down");
+    }))?;
     eprintln!(
         "coordinator stopped at round {} (params {})",
         status.round,
         &status.params[..16]
     );
     Ok(())
+}
+
+/// On every SIGHUP, re-reads `config` and hands its `revoked` list to the running coordinator
+/// (other settings need a restart). A config that no longer loads is reported and ignored.
+async fn reload_revocations_on_hangup(
+    config: PathBuf,
+    tx: tokio::sync::mpsc::UnboundedSender<Vec<String>>,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("cannot listen for SIGHUP ({e}): revocations load only at start");
+            return;
+        }
+    };
+    while hangups.recv().await.is_some() {
+        match CoordinatorConfig::load(&config) {
+            Ok(cfg) => {
+                if tx.send(cfg.revoked).is_err() {
+                    return;
+                }
+            }
+            Err(e) => tracing::error!("SIGHUP: {e:#}; keeping the revocation list as it was"),
+        }
+    }
 }
 
 fn parse_fault(s: &str) -> Result<Fault> {

@@ -398,3 +398,56 @@ fn a_worker_stopped_with_ctrl_c_leaves_cleanly() {
     }
     std::fs::remove_dir_all(&c.dir).unwrap();
 }
+
+/// Revoking an institution while it trains (its name added to `revoked` in `coordinator.toml`,
+/// then SIGHUP) cuts it off at once and keeps it out, without a restart; the others train on.
+#[test]
+fn an_institution_revoked_while_running_is_cut_off_without_a_restart() {
+    let c = cluster("revoke", &["uni-a", "uni-b"], 5, "revoked = []");
+    let mut coord = c.coordinator(true);
+    let mut a = c.worker("uni-a", &[]);
+    let mut b = c.worker("uni-b", &[]);
+    c.wait_rounds(1, Duration::from_secs(240));
+    let config = std::fs::read_to_string(&c.config).unwrap();
+    std::fs::write(
+        &c.config,
+        config.replace("revoked = []", "revoked = [\"uni-b\"]"),
+    )
+    .unwrap();
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &coord.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = b.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "uni-b still running:\n{}",
+            c.log("uni-b")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success(), "{}", c.log("uni-b"));
+    let log_b = c.log("uni-b");
+    assert!(log_b.contains("certificate revoked"), "{log_b}");
+    let log = c.log("coordinator");
+    assert!(log.contains("revocation list reloaded"), "{log}");
+    assert!(log.contains("closing its connection"), "{log}");
+    // The run finishes with uni-a alone after the revocation.
+    wait(&mut coord, Duration::from_secs(300), "coordinator", &|| {
+        c.log("coordinator")
+    });
+    wait(&mut a, Duration::from_secs(30), "worker", &|| {
+        c.log("uni-a")
+    });
+    let st = c.status().unwrap();
+    let history = st["history"].as_array().unwrap();
+    assert_eq!(history.len(), 5);
+    let last = names(history.last().unwrap(), "accepted");
+    assert_eq!(last, ["uni-a"], "{st}");
+    std::fs::remove_dir_all(&c.dir).unwrap();
+}

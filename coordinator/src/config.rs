@@ -19,6 +19,11 @@
 //! steps = 0                         # ... or this many local steps per round
 //! max_rounds = 100                  # the schedules follow round / max_rounds on every worker;
 //!                                   # 0 (no planned end) holds them constant after warm-up
+//!
+//! [retention]
+//! rounds = 4                        # states, snapshots, updates and log entries of the last 4
+//!                                   # rounds are kept; older ones are deleted after each round
+//! checkpoints = 0                   # round-N checkpoint files kept (0: all of them)
 //! ```
 //!
 //! The last round and every round before a checkpoint are *flush* rounds: workers send their
@@ -34,6 +39,7 @@ use amity_shared::federated::TargetPolicy;
 use serde::{Deserialize, Serialize};
 
 use crate::aggregate::{AggregationConfig, OuterConfig};
+use crate::retention::RetentionPolicy;
 
 /// What to do with an update for a round that has already closed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -205,6 +211,9 @@ pub struct CoordinatorConfig {
     /// Aggregation.
     #[serde(default)]
     pub aggregation: AggregationConfig,
+    /// What is kept on disk.
+    #[serde(default)]
+    pub retention: RetentionPolicy,
 }
 
 impl CoordinatorConfig {

@@ -98,6 +98,55 @@ impl Journal {
         Ok(out)
     }
 
+    /// Drops every entry before the `keep_rounds`-th last `RoundClosed` (at least one is kept,
+    /// so [`Journal::resume_point`] is unchanged). Returns how many entries were removed.
+    pub fn compact(&mut self, keep_rounds: usize) -> Result<u64, JournalError> {
+        let closed: Vec<u64> = {
+            let tx = self.db.begin_read().map_err(|e| self.err(&e))?;
+            let table = tx.open_table(LOG).map_err(|e| self.err(&e))?;
+            let mut keys = Vec::new();
+            for row in table.iter().map_err(|e| self.err(&e))? {
+                let (k, v) = row.map_err(|e| self.err(&e))?;
+                let entry: LogEntry = serde_json::from_slice(v.value())
+                    .map_err(|e| self.err(&format!("entry {}: {e}", k.value())))?;
+                if matches!(entry, LogEntry::RoundClosed { .. }) {
+                    keys.push(k.value());
+                }
+            }
+            keys
+        };
+        let keep = keep_rounds.max(1);
+        let Some(&cutoff) = closed.len().checked_sub(keep).map(|i| &closed[i]) else {
+            return Ok(0);
+        };
+        let tx = self.db.begin_write().map_err(|e| self.err(&e))?;
+        let mut removed = 0;
+        {
+            let mut table = tx.open_table(LOG).map_err(|e| self.err(&e))?;
+            table
+                .retain_in(..cutoff, |_, _| {
+                    removed += 1;
+                    false
+                })
+                .map_err(|e| self.err(&e))?;
+        }
+        tx.commit().map_err(|e| self.err(&e))?;
+        Ok(removed)
+    }
+
+    /// Every blob the log still names: the snapshots of its closed rounds and the updates it
+    /// accepted (what a restart or an operator's rollback needs).
+    pub fn referenced_blobs(&self) -> Result<Vec<BlobId>, JournalError> {
+        Ok(self
+            .entries()?
+            .into_iter()
+            .map(|entry| match entry {
+                LogEntry::RoundClosed { snapshot, .. } => snapshot,
+                LogEntry::UpdateAccepted { blob, .. } => blob,
+            })
+            .collect())
+    }
+
     /// The last closed round's snapshot and the updates accepted after it.
     pub fn resume_point(&self) -> Result<ResumePoint, JournalError> {
         let mut point = ResumePoint {
@@ -157,6 +206,54 @@ mod tests {
         assert_eq!(p.accepted, vec![accepted(1)]);
         assert_eq!(j.append(&accepted(1)).unwrap(), 3);
         assert_eq!(j.entries().unwrap().len(), 4);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn compaction_keeps_the_last_rounds_and_the_resume_point() {
+        let dir = std::env::temp_dir().join(format!("amity-journal-c-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("journal.redb");
+        let accepted = |round: u64| LogEntry::UpdateAccepted {
+            round,
+            trained_round: round,
+            from: "a".into(),
+            blob: BlobId([round as u8; 32]),
+            bytes: 1,
+            samples: 2,
+            steps: 3,
+            loss: RoundLoss::default(),
+            shards: vec![],
+        };
+        let closed = |round: u64| LogEntry::RoundClosed {
+            round,
+            snapshot: BlobId([100 + round as u8; 32]),
+            params: "ab".into(),
+        };
+        let mut j = Journal::open(&path).unwrap();
+        assert_eq!(j.compact(2).unwrap(), 0, "nothing closed yet");
+        for round in 0..10 {
+            j.append(&accepted(round)).unwrap();
+            j.append(&accepted(round)).unwrap();
+            j.append(&closed(round)).unwrap();
+        }
+        j.append(&accepted(10)).unwrap();
+        let before = j.resume_point().unwrap();
+        // Rounds 0..=7 go, except round 7's RoundClosed, which the kept round 8 builds on.
+        assert_eq!(j.compact(3).unwrap(), 23);
+        assert_eq!(j.resume_point().unwrap(), before);
+        let left = j.entries().unwrap();
+        assert_eq!(left.first(), Some(&closed(7)));
+        assert_eq!(left.len(), 1 + 3 * 2 + 1);
+        assert_eq!(j.referenced_blobs().unwrap().len(), left.len());
+        assert_eq!(j.compact(3).unwrap(), 0, "compaction is idempotent");
+        // Appends go on after the last key, and a reopened log sees the same.
+        let next = j.append(&accepted(10)).unwrap();
+        drop(j);
+        let j = Journal::open(&path).unwrap();
+        assert_eq!(j.entries().unwrap().len(), left.len() + 1);
+        assert_eq!(next, 31);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -11,5 +11,6 @@ pub mod config;
 pub mod core;
 pub mod journal;
 pub mod release;
+pub mod retention;
 pub mod scoring;
 pub mod server;

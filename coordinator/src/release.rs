@@ -47,6 +47,79 @@ pub fn scan(dir: &Path) -> Vec<Published> {
     out
 }
 
+/// The published releases, read once and kept: a request re-reads the folder only when its
+/// modification time changed, at most once per [`ReleaseIndex::RECHECK`], and off the runtime
+/// threads; so anonymous requests cannot make the coordinator parse every manifest each time
+/// (security review M8). Publishing renames a finished folder into place, which changes the
+/// folder's time.
+#[derive(Debug)]
+pub struct ReleaseIndex {
+    dir: PathBuf,
+    state: std::sync::Mutex<IndexState>,
+    refresh: tokio::sync::Mutex<()>,
+}
+
+#[derive(Debug, Default)]
+struct IndexState {
+    releases: std::sync::Arc<Vec<Published>>,
+    modified: Option<std::time::SystemTime>,
+    checked: Option<std::time::Instant>,
+}
+
+impl ReleaseIndex {
+    /// How stale a listing may be before the folder's time is looked at again.
+    pub const RECHECK: std::time::Duration = std::time::Duration::from_millis(250);
+
+    /// An index of `dir` (read on first use).
+    pub fn new(dir: PathBuf) -> Self {
+        ReleaseIndex {
+            dir,
+            state: Default::default(),
+            refresh: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The listing as last read (for blob lookups, which follow a query).
+    pub fn cached(&self) -> std::sync::Arc<Vec<Published>> {
+        self.state.lock().expect("index lock").releases.clone()
+    }
+
+    fn fresh(&self) -> Option<std::sync::Arc<Vec<Published>>> {
+        let st = self.state.lock().expect("index lock");
+        st.checked
+            .is_some_and(|t| t.elapsed() < Self::RECHECK)
+            .then(|| st.releases.clone())
+    }
+
+    /// The listing, re-read first if the folder changed since (one refresh at a time).
+    pub async fn current(&self) -> std::sync::Arc<Vec<Published>> {
+        if let Some(r) = self.fresh() {
+            return r;
+        }
+        let _one = self.refresh.lock().await;
+        if let Some(r) = self.fresh() {
+            return r;
+        }
+        let known = self.state.lock().expect("index lock").modified;
+        let dir = self.dir.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            let modified = std::fs::metadata(&dir).and_then(|m| m.modified()).ok();
+            let listing = (modified != known || modified.is_none()).then(|| scan(&dir));
+            (modified, listing)
+        })
+        .await;
+        let mut st = self.state.lock().expect("index lock");
+        if let Ok((modified, listing)) = read {
+            st.modified = modified;
+            if let Some(listing) = listing {
+                st.releases = std::sync::Arc::new(listing);
+            }
+        }
+        st.checked = Some(std::time::Instant::now());
+        st.releases.clone()
+    }
+}
+
 /// The release called `name`; `latest` is the one of the highest round (then name).
 pub fn find<'a>(releases: &'a [Published], name: &str) -> Option<&'a Published> {
     if name == "latest" && !releases.iter().any(|r| r.signed.manifest.name == "latest") {

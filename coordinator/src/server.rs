@@ -19,7 +19,7 @@ use amity_protocol::conn::{
     ConnError, MsgStream, OutboardCache, fetch_blob_bytes, serve_blob_requests,
 };
 use amity_protocol::message::{ClientMsg, ErrorCode, Hash, MAX_STRING, ServerMsg, brief};
-use amity_protocol::tls::{ClientAuth, Identity, peer_name, quic_server_config_with};
+use amity_protocol::tls::{ClientAuth, Identity, Revocations, peer_name, quic_server_config_with};
 use amity_shared::codec;
 use amity_shared::corpus::manifest::{Manifest, open_blobs};
 use amity_shared::data::ClipSource;
@@ -35,6 +35,7 @@ use crate::core::{
 };
 use crate::journal::Journal;
 use crate::release;
+use crate::retention::{Retention, Usage};
 use crate::scoring::HeldOut;
 
 /// What the coordinator tells workers (in a `ShuttingDown` error and the connection close
@@ -115,6 +116,8 @@ pub struct Status {
     pub checkpoint: Option<PathBuf>,
     /// What was turned away: refused connections and updates, storage faults.
     pub defence: Defence,
+    /// The store after the last retention sweep, and what retention removed.
+    pub storage: Usage,
 }
 
 /// Where the coordinator keeps its files under `state_dir`.
@@ -169,6 +172,16 @@ struct Shared {
     late_dropped: bool,
     /// Update pulls under way or done, by (worker name, round): one per worker and round.
     pulls: Mutex<HashMap<(String, u64), PullState>>,
+    /// Updates being pulled, or pulled and not yet handled by the core: retention keeps them.
+    pinned: Mutex<BTreeMap<BlobId, usize>>,
+    /// The last retention sweep's figures.
+    storage: Mutex<Usage>,
+    /// The published releases.
+    releases: release::ReleaseIndex,
+    /// Certificate names refused at the handshake (replaced while running).
+    revoked: Revocations,
+    /// Bumped when `revoked` changes, so that connections of newly revoked names close.
+    revocations_changed: tokio::sync::watch::Sender<u64>,
     /// Anonymous connections open, per IP address.
     anonymous: Mutex<HashMap<IpAddr, usize>>,
     /// What was turned away.
@@ -282,6 +295,22 @@ impl Shared {
         }
     }
 
+    /// Keeps blob `id` from retention until [`Shared::unpin`].
+    fn pin(&self, id: BlobId) {
+        *self.pinned.lock().expect("pin lock").entry(id).or_default() += 1;
+    }
+
+    /// Undoes one [`Shared::pin`].
+    fn unpin(&self, id: &BlobId) {
+        let mut pinned = self.pinned.lock().expect("pin lock");
+        if let Some(n) = pinned.get_mut(id) {
+            *n -= 1;
+            if *n == 0 {
+                pinned.remove(id);
+            }
+        }
+    }
+
     /// Queues `msg` for `worker`'s connection, if it is still connected.
     fn tell(&self, worker: WorkerId, msg: ServerMsg) {
         if let Some(tx) = self.outboxes.lock().expect("outbox lock").get(&worker) {
@@ -376,10 +405,14 @@ fn add_scorer(cfg: &CoordinatorConfig, core: &mut Core) -> Result<(), Coordinato
 pub async fn run(
     cfg: CoordinatorConfig,
     identity: Identity,
-    exit_when_finished: bool,
+    controls: Controls,
     shutdown: impl std::future::Future<Output = ()>,
-    bound: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
 ) -> Result<Status, CoordinatorError> {
+    let Controls {
+        exit_when_finished,
+        bound,
+        mut revocations,
+    } = controls;
     raise_open_file_limit();
     let layout = StateLayout {
         dir: cfg.state_dir.clone(),
@@ -396,7 +429,7 @@ pub async fn run(
     let (mut core, initial) = build_core(&cfg, &store, &journal)?;
     add_scorer(&cfg, &mut core)?;
 
-    let revoked: BTreeSet<String> = cfg.revoked.iter().cloned().collect();
+    let revoked = Revocations::new(cfg.revoked.iter().cloned());
     // Workers need an institution certificate; downstream users may download releases
     // without one (what an anonymous peer may do is decided per message below).
     let server_cfg =
@@ -422,9 +455,19 @@ pub async fn run(
         round: AtomicU64::new(core.round()),
         late_dropped: core.config().rounds.late == crate::config::LatePolicy::Drop,
         pulls: Mutex::new(HashMap::new()),
+        pinned: Mutex::new(BTreeMap::new()),
+        storage: Mutex::new(Usage::default()),
+        releases: release::ReleaseIndex::new(layout.releases()),
+        revoked,
+        revocations_changed: tokio::sync::watch::Sender::new(0),
         anonymous: Mutex::new(HashMap::new()),
         defence: Mutex::new(Defence::default()),
     });
+    match shared.store.clear_temp() {
+        Ok(0) => {}
+        Ok(n) => tracing::info!("removed {n} unfinished writes from the store"),
+        Err(e) => tracing::warn!("{e}"),
+    }
     // Partial updates of an earlier run are never resumed (workers send afresh).
     if let Ok(entries) = std::fs::read_dir(layout.incoming()) {
         for e in entries.flatten() {
@@ -435,6 +478,8 @@ pub async fn run(
     for action in &initial {
         execute_one(&shared, &mut journal, action, &mut checkpoint)?;
     }
+    let mut retention = Retention::new(cfg.retention);
+    sweep(&shared, &mut retention, &mut journal, &core);
     write_status(&shared, &core, &checkpoint);
 
     let accept = {
@@ -484,11 +529,20 @@ pub async fn run(
     let result = loop {
         let event = tokio::select! {
             _ = &mut shutdown => break Ok(()),
+            Some(names) = next_revocations(&mut revocations) => {
+                revoke(&shared, names);
+                continue;
+            }
             _ = tick.tick() => Event::Tick,
             e = events.recv() => match e {
                 Some(e) => e,
                 None => break Ok(()),
             },
+        };
+        // An update the core is about to see stays pinned until its decision is carried out.
+        let pulled = match &event {
+            Event::Update { update, .. } => Some(update.blob),
+            _ => None,
         };
         let actions = core.handle(event, start.elapsed().as_millis() as u64);
         shared.round.store(core.round(), Ordering::Relaxed);
@@ -505,7 +559,11 @@ pub async fn run(
         {
             break Err(e);
         }
+        if let Some(id) = pulled {
+            shared.unpin(&id);
+        }
         if closed {
+            sweep(&shared, &mut retention, &mut journal, &core);
             write_status(&shared, &core, &checkpoint);
         }
         if core.finished() {
@@ -539,6 +597,42 @@ pub async fn run(
     write_status(&shared, &core, &checkpoint);
     result?;
     Ok(status(&shared, &core, &checkpoint))
+}
+
+/// What drives [`run`] from outside besides its config.
+#[derive(Debug, Default)]
+pub struct Controls {
+    /// Return once `max_rounds` are done (otherwise stay up, serving checkpoints and releases).
+    pub exit_when_finished: bool,
+    /// Told the bound address once the endpoint listens.
+    pub bound: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
+    /// New revocation lists (`amity coordinator` sends one per SIGHUP, re-read from
+    /// `coordinator.toml`): names added are refused from their next handshake on, and their
+    /// open connections are closed.
+    pub revocations: Option<mpsc::UnboundedReceiver<Vec<String>>>,
+}
+
+async fn next_revocations(
+    rx: &mut Option<mpsc::UnboundedReceiver<Vec<String>>>,
+) -> Option<Vec<String>> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Replaces the revocation list and closes the connections of names newly on it.
+fn revoke(shared: &Shared, names: Vec<String>) {
+    let count = names.len();
+    let added = shared.revoked.replace(names);
+    tracing::info!(
+        revoked = count,
+        added = ?added,
+        "revocation list reloaded"
+    );
+    if !added.is_empty() {
+        shared.revocations_changed.send_modify(|n| *n += 1);
+    }
 }
 
 /// Raises the soft limit on open files to the hard limit: every blob a peer fetches holds a file
@@ -586,6 +680,7 @@ fn status(shared: &Shared, core: &Core, checkpoint: &Option<PathBuf>) -> Status 
         history: core.history().to_vec(),
         checkpoint: checkpoint.clone(),
         defence: shared.defence.lock().expect("defence lock").clone(),
+        storage: shared.storage.lock().expect("storage lock").clone(),
     }
 }
 
@@ -597,6 +692,35 @@ fn write_status(shared: &Shared, core: &Core, checkpoint: &Option<PathBuf>) {
     if let Err(e) = std::fs::write(&tmp, json).and_then(|_| std::fs::rename(&tmp, layout.status()))
     {
         tracing::warn!("cannot write {}: {e}", layout.status().display());
+    }
+}
+
+/// Deletes what no longer needs keeping ([`crate::retention`]). A failure is logged and counted,
+/// never fatal: the next round sweeps again.
+fn sweep(shared: &Shared, retention: &mut Retention, journal: &mut Journal, core: &Core) {
+    let pinned: BTreeSet<BlobId> = shared
+        .pinned
+        .lock()
+        .expect("pin lock")
+        .keys()
+        .copied()
+        .collect();
+    let swept = retention.sweep(
+        core.live_blobs(),
+        &pinned,
+        journal,
+        &shared.store,
+        &shared.layout.checkpoints(),
+    );
+    match swept {
+        Ok(()) => *shared.storage.lock().expect("storage lock") = retention.usage().clone(),
+        Err(e) => {
+            tracing::warn!("{e}; trying again after the next round");
+            shared.count(|d| {
+                d.storage_faults += 1;
+                d.storage_error = Some(e.to_string());
+            });
+        }
     }
 }
 
@@ -693,6 +817,38 @@ fn execute_one(
     Ok(())
 }
 
+/// Aborts a task when dropped (when the connection task that started it ends, however).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Closes `conn` (with [`ErrorCode::Revoked`]) once `peer`'s name is revoked.
+fn watch_revocation(
+    shared: &Shared,
+    conn: &quinn::Connection,
+    peer: &str,
+) -> tokio::task::JoinHandle<()> {
+    let mut changed = shared.revocations_changed.subscribe();
+    let revoked = shared.revoked.clone();
+    let (conn, peer) = (conn.clone(), peer.to_owned());
+    tokio::spawn(async move {
+        while changed.changed().await.is_ok() {
+            if revoked.contains(&peer) {
+                tracing::warn!(%peer, "certificate revoked: closing its connection");
+                conn.close(
+                    amity_protocol::conn::quic_code(ErrorCode::Revoked),
+                    b"certificate revoked",
+                );
+                return;
+            }
+        }
+    })
+}
+
 /// A stranger gets a place under the caps and a few streams, or is sent away (`None`); a member
 /// always gets in (`Some(None)`).
 fn admit(
@@ -702,6 +858,16 @@ fn admit(
     anonymous: bool,
 ) -> Option<Option<AnonymousSlot>> {
     if !anonymous {
+        // The handshake refuses revoked names; this holds even if a revocation came between
+        // the handshake's check and here.
+        if shared.revoked.contains(peer) {
+            tracing::warn!(%peer, "closed: certificate revoked");
+            conn.close(
+                amity_protocol::conn::quic_code(ErrorCode::Revoked),
+                b"certificate revoked",
+            );
+            return None;
+        }
         return Some(None);
     }
     let Some(slot) = shared.anonymous_slot(conn.remote_address().ip()) else {
@@ -786,6 +952,8 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
     let Some(mut control) = greet(&shared, &conn, &peer).await else {
         return;
     };
+    // A member whose name is revoked while connected is cut off at once.
+    let _cut_off = (!anonymous).then(|| AbortOnDrop(watch_revocation(&shared, &conn, &peer)));
     // Blob requests on further streams: members get training blobs and releases, anonymous
     // peers releases only (never shards or states).
     let blobs = {
@@ -804,7 +972,7 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
                 } else {
                     shared.blob_path(&id)
                 };
-                training.or_else(|| release::locate(&release::scan(&shared.layout.releases()), &id))
+                training.or_else(|| release::locate(&shared.releases.cached(), &id))
             },
         ))
     };
@@ -831,7 +999,7 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
             }
             Ok(Some(ClientMsg::Register(c))) => break c,
             Ok(Some(ClientMsg::ReleaseQuery { name })) => {
-                let releases = release::scan(&shared.layout.releases());
+                let releases = shared.releases.current().await;
                 let answer = match release::find(&releases, &name) {
                     Some(r) => ServerMsg::ReleaseInfo {
                         name: r.signed.manifest.name.clone(),
@@ -987,8 +1155,13 @@ fn offer_update(
     }
     let (shared, conn, peer) = (shared.clone(), conn.clone(), peer.to_owned());
     tokio::spawn(async move {
+        // Pinned from before it is stored until the core has handled it (the driver unpins).
+        shared.pin(BlobId(blob));
         let pulled = pull_update(&shared, &conn, &peer, BlobId(blob), bytes).await;
         shared.end_pull(&peer, round, pulled.is_ok());
+        if pulled.is_err() {
+            shared.unpin(&BlobId(blob));
+        }
         match pulled {
             Ok(values) => {
                 let loss = RoundLoss {
@@ -1007,7 +1180,24 @@ fn offer_update(
                 };
                 let _ = shared.events.send(Event::Update { worker, update });
             }
-            Err(e) => {
+            Err(PullError::Storage(e)) => {
+                // Not the worker's fault: counted as a storage fault, not against it. The
+                // update is dropped unacknowledged (the worker sends the next round's), and the
+                // round goes on without it.
+                tracing::error!(%peer, round, "cannot store the update: {e}");
+                shared.count(|d| {
+                    d.storage_faults += 1;
+                    d.storage_error = Some(e.clone());
+                });
+                shared.tell(
+                    worker,
+                    ServerMsg::Error {
+                        code: ErrorCode::Internal,
+                        message: format!("update for round {round} not stored here: {e}"),
+                    },
+                );
+            }
+            Err(PullError::Peer(e)) => {
                 tracing::warn!(%peer, round, "update refused: {e}");
                 shared.count_refused_update(&peer);
                 let reason = format!("refused on arrival: {e}");
@@ -1028,6 +1218,21 @@ fn offer_update(
     });
 }
 
+/// Why an update could not be pulled: the worker's doing, or our own disk's.
+#[derive(Debug)]
+enum PullError {
+    /// What the worker sent (or did not) is refused.
+    Peer(String),
+    /// Storing it failed here (a full disk): not the worker's fault.
+    Storage(String),
+}
+
+impl From<String> for PullError {
+    fn from(e: String) -> Self {
+        PullError::Peer(e)
+    }
+}
+
 /// Fetches an update from its worker into the store and decodes it (validated in full).
 async fn pull_update(
     shared: &Shared,
@@ -1035,28 +1240,39 @@ async fn pull_update(
     peer: &str,
     id: BlobId,
     announced: u64,
-) -> Result<Vec<f32>, String> {
+) -> Result<Vec<f32>, PullError> {
     // An update is at most a dense fp32 vector plus its header.
     let values: usize = shared.update_parts.iter().sum();
     let limit = values as u64 * 4 + 64 * shared.update_parts.len() as u64;
     if announced > limit {
-        return Err(format!(
+        return Err(PullError::Peer(format!(
             "{announced} bytes announced, at most {limit} allowed"
-        ));
+        )));
     }
-    let bytes = if shared.store.contains(&id) {
-        shared.store.get(&id).map_err(|e| e.to_string())?
-    } else {
-        let part = shared
-            .layout
-            .incoming()
-            .join(format!("{}.part", id.to_hex()));
-        // The served length must be the announced one (the blob id fixes the content).
-        let bytes = fetch_blob_bytes(conn, peer, id.0, &part, announced)
-            .await
-            .map_err(|e: ConnError| e.to_string())?;
-        shared.store.put(&bytes).map_err(|e| e.to_string())?;
-        bytes
-    };
-    codec::decode_parts(&bytes, &shared.update_parts).map_err(|e| e.to_string())
+    let decode = |bytes: &[u8]| codec::decode_parts(bytes, &shared.update_parts);
+    if shared.store.contains(&id) {
+        let bytes = shared
+            .store
+            .get(&id)
+            .map_err(|e| PullError::Storage(e.to_string()))?;
+        return Ok(decode(&bytes).map_err(|e| e.to_string())?);
+    }
+    let part = shared
+        .layout
+        .incoming()
+        .join(format!("{}.part", id.to_hex()));
+    // The served length must be the announced one (the blob id fixes the content).
+    let bytes = fetch_blob_bytes(conn, peer, id.0, &part, announced)
+        .await
+        .map_err(|e: ConnError| match e {
+            ConnError::Io { .. } => PullError::Storage(e.to_string()),
+            other => PullError::Peer(other.to_string()),
+        })?;
+    // Only what decodes is stored.
+    let values = decode(&bytes).map_err(|e| e.to_string())?;
+    shared
+        .store
+        .put(&bytes)
+        .map_err(|e| PullError::Storage(e.to_string()))?;
+    Ok(values)
 }

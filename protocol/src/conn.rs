@@ -170,6 +170,13 @@ impl HandshakeRefusal {
                 alert(c.error_code).map(HandshakeRefusal::ByPeer)
             }
             quinn::ConnectionError::TransportError(t) => alert(t.code).map(HandshakeRefusal::ByUs),
+            // A certificate revoked while connected: the server closes the connection with
+            // this code, and the next handshake would be refused with alert 44 anyway.
+            quinn::ConnectionError::ApplicationClosed(c)
+                if c.error_code == quic_code(ErrorCode::Revoked) =>
+            {
+                Some(HandshakeRefusal::ByPeer(TlsAlert(44)))
+            }
             _ => None,
         }
     }

@@ -269,11 +269,45 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The certificate names a server refuses, shared with its handshakes: replacing the list takes
+/// effect at the next handshake, without a restart.
+#[derive(Debug, Clone, Default)]
+pub struct Revocations(Arc<std::sync::RwLock<BTreeSet<String>>>);
+
+impl Revocations {
+    /// A list holding `names`.
+    pub fn new(names: impl IntoIterator<Item = String>) -> Self {
+        Revocations(Arc::new(std::sync::RwLock::new(
+            names.into_iter().collect(),
+        )))
+    }
+
+    /// Whether `name` is revoked.
+    pub fn contains(&self, name: &str) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .contains(name)
+    }
+
+    /// Replaces the list; returns the names newly revoked.
+    pub fn replace(&self, names: impl IntoIterator<Item = String>) -> Vec<String> {
+        let new: BTreeSet<String> = names.into_iter().collect();
+        let mut list = self
+            .0
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let added = new.difference(&list).cloned().collect();
+        *list = new;
+        added
+    }
+}
+
 /// Verifies clients against the CA, then refuses revoked names.
 #[derive(Debug)]
 struct RevocationCheck {
     inner: Arc<dyn ClientCertVerifier>,
-    revoked: BTreeSet<String>,
+    revoked: Revocations,
 }
 
 impl ClientCertVerifier for RevocationCheck {
@@ -341,7 +375,7 @@ pub enum ClientAuth {
 /// A rustls server config requiring client certificates from the CA, minus `revoked` names.
 pub fn server_tls(
     id: &Identity,
-    revoked: &BTreeSet<String>,
+    revoked: &Revocations,
     alpn: &[u8],
 ) -> Result<rustls::ServerConfig, TlsError> {
     server_tls_with(id, revoked, alpn, ClientAuth::Required)
@@ -349,7 +383,7 @@ pub fn server_tls(
 
 fn server_tls_with(
     id: &Identity,
-    revoked: &BTreeSet<String>,
+    revoked: &Revocations,
     alpn: &[u8],
     auth: ClientAuth,
 ) -> Result<rustls::ServerConfig, TlsError> {
@@ -372,6 +406,11 @@ fn server_tls_with(
         .with_single_cert(id.chain.clone(), id.key.clone_key())
         .map_err(|e| TlsError::Config(e.to_string()))?;
     cfg.alpn_protocols = vec![alpn.to_vec()];
+    // No session resumption: a resumed session skips the client-certificate check, and so
+    // would let a certificate revoked since its first handshake back in. Peers keep long-lived
+    // connections, so resumption would save little.
+    cfg.send_tls13_tickets = 0;
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     Ok(cfg)
 }
 
@@ -390,7 +429,7 @@ pub fn client_tls(id: &Identity, alpn: &[u8]) -> Result<rustls::ClientConfig, Tl
 /// The quinn server config for Amity: mutual TLS, every client with a certificate.
 pub fn quic_server_config(
     id: &Identity,
-    revoked: &BTreeSet<String>,
+    revoked: &Revocations,
 ) -> Result<quinn::ServerConfig, TlsError> {
     quic_server_config_with(id, revoked, ClientAuth::Required)
 }
@@ -398,7 +437,7 @@ pub fn quic_server_config(
 /// The quinn server config for Amity with the given client authentication.
 pub fn quic_server_config_with(
     id: &Identity,
-    revoked: &BTreeSet<String>,
+    revoked: &Revocations,
     auth: ClientAuth,
 ) -> Result<quinn::ServerConfig, TlsError> {
     let tls = server_tls_with(id, revoked, ALPN, auth)?;

@@ -1,7 +1,7 @@
 //! The protocol over real quinn endpoints on loopback: mutual TLS accept and reject, version
 //! mismatch, oversized frames, and blob transfer with resume and corruption detection.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,7 +16,7 @@ use amity_protocol::conn::{
 use amity_protocol::frame::{FrameKind, frame_prefix};
 use amity_protocol::message::{self, ClientMsg, ErrorCode, Hash, ServerMsg};
 use amity_protocol::tls::{
-    Identity, init_ca, issue, peer_name, quic_client_config, quic_server_config,
+    Identity, Revocations, init_ca, issue, peer_name, quic_client_config, quic_server_config,
 };
 use amity_protocol::{blob::BlobError, endpoint};
 
@@ -51,6 +51,7 @@ fn pki(dir: &Path) -> (PathBuf, PathBuf) {
 
 struct Server {
     addr: SocketAddr,
+    revoked: Revocations,
     accepted: Arc<AtomicUsize>,
     faults: Arc<std::sync::Mutex<ServeFaults>>,
     outboards: OutboardCache,
@@ -59,7 +60,7 @@ struct Server {
 /// A minimal coordinator: answers Hello with the peer's certificate name, serves blobs.
 fn start_server(ca: &Path, revoked: &[&str], blobs: HashMap<Hash, PathBuf>) -> Server {
     let id = Identity::load_from_ca_dir(ca, "coordinator").unwrap();
-    let revoked: BTreeSet<String> = revoked.iter().map(|s| s.to_string()).collect();
+    let revoked = Revocations::new(revoked.iter().map(|s| s.to_string()));
     let cfg = quic_server_config(&id, &revoked).unwrap();
     let ep = endpoint::server("127.0.0.1:0".parse().unwrap(), cfg).unwrap();
     let addr = ep.local_addr().unwrap();
@@ -106,6 +107,7 @@ fn start_server(ca: &Path, revoked: &[&str], blobs: HashMap<Hash, PathBuf>) -> S
     });
     Server {
         addr,
+        revoked,
         accepted,
         faults,
         outboards,
@@ -187,6 +189,27 @@ async fn mutual_tls_accepts_members_and_refuses_strangers_and_revoked_names() {
         1,
         "no refused peer got a connection"
     );
+    // Revocations change while the server runs: uni-a is refused from its next handshake on,
+    // also through the endpoint it connected with before (which holds a session it could
+    // resume, skipping the certificate check, if the server allowed resumption); uni-b is let
+    // back in.
+    let id = Identity::load_from_ca_dir(&ca, "uni-a").unwrap();
+    let ep = endpoint::client(server.addr, quic_client_config(&id).unwrap()).unwrap();
+    let first = ep
+        .connect(server.addr, "coordinator")
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(matches!(hello(&first).await, Ok(ServerMsg::Welcome { .. })));
+    first.close(0u32.into(), b"bye");
+    assert_eq!(server.revoked.replace(["uni-a".to_string()]), ["uni-a"]);
+    let refused = match ep.connect(server.addr, "coordinator").unwrap().await {
+        Err(e) => e.to_string(),
+        Ok(conn) => hello(&conn).await.expect_err("refused").to_string(),
+    };
+    assert!(refused.contains("Revoked"), "{refused}");
+    let conn = connect(&ca, "uni-b", server.addr).await.unwrap();
+    assert!(matches!(hello(&conn).await, Ok(ServerMsg::Welcome { .. })));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

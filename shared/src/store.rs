@@ -242,10 +242,28 @@ impl LocalStore {
         std::fs::create_dir_all(&dir).map_err(Self::io(&dir))?;
         std::fs::rename(temp, &dest).map_err(Self::io(&dest))?;
         // Make the rename itself durable.
-        if let Ok(d) = File::open(&dir) {
-            let _ = d.sync_all();
+        File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(Self::io(&dir))
+    }
+
+    /// Whether blob `id` is present with length `len` and its bytes hash to `id` (a blob
+    /// damaged on disk is rewritten by the next `put` of the same bytes, not kept).
+    fn holds_intact(&self, id: &BlobId, len: u64) -> Result<bool, StoreError> {
+        Ok(self.size(id)? == Some(len) && self.map_verified(id).is_ok())
+    }
+
+    /// Deletes the temporary files of writes that never finished (a crash, a full disk). Call
+    /// it only while nothing writes to the store, e.g. at start-up.
+    pub fn clear_temp(&self) -> Result<u64, StoreError> {
+        let dir = self.root.join("tmp");
+        let mut removed = 0;
+        for entry in std::fs::read_dir(&dir).map_err(Self::io(&dir))? {
+            let path = entry.map_err(Self::io(&dir))?.path();
+            std::fs::remove_file(&path).map_err(Self::io(&path))?;
+            removed += 1;
         }
-        Ok(())
+        Ok(removed)
     }
 }
 
@@ -280,7 +298,7 @@ impl BlobStore for LocalStore {
     fn put(&self, bytes: &[u8]) -> Result<Stored, StoreError> {
         let id = BlobId::of_large(bytes);
         let len = bytes.len() as u64;
-        if self.size(&id)? == Some(len) {
+        if self.holds_intact(&id, len)? {
             return Ok(Stored {
                 id,
                 len,
@@ -329,7 +347,7 @@ impl BlobStore for LocalStore {
                     actual: id,
                 });
             }
-            if self.size(&id)? == Some(len) {
+            if self.holds_intact(&id, len)? {
                 drop(f);
                 let _ = std::fs::remove_file(&temp);
                 return Ok(Stored {
@@ -475,6 +493,19 @@ mod tests {
             store.map_verified(&id),
             Err(StoreError::Corrupt { .. })
         ));
+        // Storing the same bytes again repairs the damaged copy (review L7), by either path.
+        let again = store.put(b"precious bytes").unwrap();
+        assert!(again.new, "a damaged copy is not taken for the blob");
+        assert_eq!(store.get(&id).unwrap(), b"precious bytes");
+        std::fs::write(&path, &bytes).unwrap();
+        store
+            .put_reader(&mut &b"precious bytes"[..], Some(id))
+            .unwrap();
+        assert_eq!(store.get(&id).unwrap(), b"precious bytes");
+        // Leftovers of interrupted writes are cleared.
+        std::fs::write(dir.join("tmp").join("1-2-3.part"), b"half").unwrap();
+        assert_eq!(store.clear_temp().unwrap(), 1);
+        assert_eq!(store.clear_temp().unwrap(), 0);
 
         let promised = BlobId::of(b"something else");
         let err = store
