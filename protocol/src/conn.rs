@@ -392,6 +392,8 @@ pub struct ServeFaults {
     pub stop_after_chunks: Option<u64>,
     /// Claim this offset in the header instead of the requested one (a hostile server).
     pub forge_offset: Option<u64>,
+    /// Give a stalled reader up after this instead of [`STALL_TIMEOUT`] (tests).
+    pub stall_timeout: Option<std::time::Duration>,
 }
 
 fn file_io(path: &Path) -> impl FnOnce(std::io::Error) -> ConnError + '_ {
@@ -519,12 +521,16 @@ impl OutboardCache {
 /// buffer forever. A 1 MiB chunk takes 8 s at 1 Mbit/s.
 pub const STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Writes `bytes`, or gives the stream up when the peer takes nothing for [`STALL_TIMEOUT`].
-async fn write_or_stall(stream: &mut MsgStream, bytes: &[u8]) -> Result<(), ConnError> {
-    match tokio::time::timeout(STALL_TIMEOUT, stream.write_raw(bytes)).await {
+/// Writes `bytes`, or gives the stream up when the peer takes nothing for `limit`.
+async fn write_or_stall(
+    stream: &mut MsgStream,
+    bytes: &[u8],
+    limit: std::time::Duration,
+) -> Result<(), ConnError> {
+    match tokio::time::timeout(limit, stream.write_raw(bytes)).await {
         Ok(r) => r,
         Err(_) => {
-            let secs = STALL_TIMEOUT.as_secs();
+            let secs = limit.as_secs();
             stream.refuse(ErrorCode::Unexpected, &format!("stalled for {secs} s"));
             Err(ConnError::Stalled {
                 peer: stream.peer.clone(),
@@ -588,9 +594,11 @@ pub async fn serve_blob(
             offset: faults.forge_offset.unwrap_or(offset),
         })
         .await?;
+    let stall = faults.stall_timeout.unwrap_or(STALL_TIMEOUT);
     write_or_stall(
         stream,
         &encode_frame(FrameKind::Outboard, &outboard.to_bytes()),
+        stall,
     )
     .await?;
     let mut file = std::fs::File::open(path).map_err(file_io(path))?;
@@ -609,8 +617,8 @@ pub async fn serve_blob(
         if faults.corrupt_chunk == Some(index) {
             buf[n / 2] ^= 0x40;
         }
-        write_or_stall(stream, &frame_prefix(FrameKind::Chunk, n)).await?;
-        write_or_stall(stream, &buf[..n]).await?;
+        write_or_stall(stream, &frame_prefix(FrameKind::Chunk, n), stall).await?;
+        write_or_stall(stream, &buf[..n], stall).await?;
     }
     stream.finish();
     Ok(())

@@ -52,6 +52,8 @@ fn pki(dir: &Path) -> (PathBuf, PathBuf) {
 struct Server {
     addr: SocketAddr,
     revoked: Revocations,
+    /// What serving blobs ended with, when it failed.
+    failures: Arc<std::sync::Mutex<Vec<String>>>,
     accepted: Arc<AtomicUsize>,
     faults: Arc<std::sync::Mutex<ServeFaults>>,
     outboards: OutboardCache,
@@ -70,17 +72,21 @@ fn start_server(ca: &Path, revoked: &[&str], blobs: HashMap<Hash, PathBuf>) -> S
     let blobs = Arc::new(blobs);
     let outboards = OutboardCache::new();
     let served = outboards.clone();
+    let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let failed = failures.clone();
     tokio::spawn(async move {
         while let Some(incoming) = ep.accept().await {
             let Ok(conn) = incoming.await else { continue };
             acc.fetch_add(1, Ordering::SeqCst);
             let name = peer_name(&conn).unwrap_or_default();
             let (blobs, fl, served) = (blobs.clone(), fl.clone(), served.clone());
+            let failed = failed.clone();
             tokio::spawn(async move {
                 while let Ok(Some(mut s)) = MsgStream::accept(&conn, &name).await {
                     let (blobs, faults) = (blobs.clone(), *fl.lock().unwrap());
                     let served = served.clone();
                     let name = name.clone();
+                    let failed = failed.clone();
                     tokio::spawn(async move {
                         match s.recv::<ClientMsg>().await {
                             Ok(Some(ClientMsg::Hello { .. })) => {
@@ -94,8 +100,11 @@ fn start_server(ca: &Path, revoked: &[&str], blobs: HashMap<Hash, PathBuf>) -> S
                             }
                             Ok(Some(ClientMsg::FetchBlob { id, offset })) => {
                                 let path = blobs.get(&id).cloned().unwrap_or_default();
-                                let _ =
+                                let served =
                                     serve_blob(&mut s, &path, id, offset, faults, &served).await;
+                                if let Err(e) = served {
+                                    failed.lock().unwrap().push(e.to_string());
+                                }
                             }
                             Ok(_) => {}
                             Err(e) => eprintln!("server: {e}"),
@@ -108,6 +117,7 @@ fn start_server(ca: &Path, revoked: &[&str], blobs: HashMap<Hash, PathBuf>) -> S
     Server {
         addr,
         revoked,
+        failures,
         accepted,
         faults,
         outboards,
@@ -390,5 +400,48 @@ async fn an_oversized_or_misplaced_blob_is_refused_before_it_is_stored() {
         .await
         .unwrap();
     assert_eq!(len, data.len() as u64);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A reader that asks for a blob and then takes nothing (grants no flow-control credit) holds a
+/// file and a buffer only until the stall timeout: the server gives the stream up, says why,
+/// and serves the next request on the same connection.
+#[tokio::test]
+async fn a_reader_that_takes_nothing_is_cut_off_after_the_stall_timeout() {
+    let dir = scratch("stall");
+    let (ca, _) = pki(&dir);
+    // Larger than the 16 MiB a stream may buffer, so the server's writes block.
+    let data: Vec<u8> = (0..20 * CHUNK_SIZE).map(|i| (i % 251) as u8).collect();
+    let id: Hash = *blake3::hash(&data).as_bytes();
+    let stored = dir.join("big.bin");
+    std::fs::write(&stored, &data).unwrap();
+    let server = start_server(&ca, &[], HashMap::from([(id, stored)]));
+    server.faults.lock().unwrap().stall_timeout = Some(std::time::Duration::from_secs(1));
+    let conn = connect(&ca, "uni-a", server.addr).await.unwrap();
+    let mut stalled = MsgStream::open(&conn, "coordinator").await.unwrap();
+    stalled
+        .send(&ClientMsg::FetchBlob { id, offset: 0 })
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let failure = loop {
+        if let Some(f) = server.failures.lock().unwrap().first().cloned() {
+            break f;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "the stalled stream was never given up"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert!(failure.contains("stalled"), "{failure}");
+    assert!(started.elapsed() >= std::time::Duration::from_secs(1));
+    // The connection itself is fine: the next fetch completes.
+    let part = dir.join("big.part");
+    fetch_blob(&conn, "coordinator", id, &part, MAX)
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&part).unwrap(), data);
+    drop(stalled);
     std::fs::remove_dir_all(&dir).unwrap();
 }
