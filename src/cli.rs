@@ -98,8 +98,9 @@ pub struct FederatedBenchArgs {
     pub iid_only: bool,
     /// Federated variants, separated by spaces or given once per flag: `default` (the
     /// coordinator's defaults), `none` (central runs only) or key=value pairs joined by `,`
-    /// (keys up, down, policy, lr, mu, nesterov, objective), e.g. `up=fp32,down=fp32`. The
-    /// first is the one `r2_default` and `reduction` report.
+    /// (keys up, down, policy, lr, mu, nesterov, objective, held_out, flush, attack), e.g.
+    /// `up=fp32,down=fp32` or `attack=flip` (worker 0 negates its updates). The first is the
+    /// one `r2_default` and `reduction` report.
     #[arg(long = "variant", default_values = ["default", "up=fp32,down=fp32"])]
     pub variants: Vec<String>,
     /// PNG of velocity R2 against bytes on the wire, one point per configuration.

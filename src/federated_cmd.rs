@@ -283,7 +283,8 @@ pub fn bench_federated(a: crate::cli::FederatedBenchArgs) -> Result<()> {
         let n = done.fetch_add(1, Ordering::Relaxed) + 1;
         println!(
             "  [{n}/{total} {:>5.0} s] {:<28} H {:>3} {:<7} seed {}  bytes {:>12}  loss {:.4}  \
-             velocity R2 {:.3}  max outer/mean {:.2}",
+             velocity R2 {:.3}  max outer/mean {:.2}  rejected w0 {} others {}  min cos \
+             history {:+.2}/{:+.2} peers {:+.2}/{:+.2} (w0/others)",
             began.elapsed().as_secs_f64(),
             r.name,
             r.h,
@@ -292,7 +293,13 @@ pub fn bench_federated(a: crate::cli::FederatedBenchArgs) -> Result<()> {
             r.bytes,
             r.loss,
             r.velocity_r2,
-            r.max_outer_step_ratio
+            r.max_outer_step_ratio,
+            r.rejected_w0,
+            r.rejected_others,
+            r.min_history_cos.0,
+            r.min_history_cos.1,
+            r.min_peer_cos.0,
+            r.min_peer_cos.1,
         )
     });
     println!(

@@ -78,23 +78,15 @@ fn lying_workers_are_refused_and_the_honest_ones_train() {
     let st = c.status().unwrap();
     let history = st["history"].as_array().unwrap();
     assert_eq!(history.len(), 3, "{st}");
-    // The flipped update has the honest norm: every norm screen passes it. Contribution scoring
-    // sees it (its held-out loss change has the opposite sign of the honest ones) but, on
-    // compressed rounds, below the 2% tolerance: it is down-weighted, not rejected. The flush
-    // round is not scored.
+    // The flipped update has the honest norm: every norm screen passes it. It points against
+    // the other updates, and the agreement screen rejects it. Contribution scoring sees the
+    // honest ones lower the held-out loss; the flush round is not scored.
     assert_eq!(history[2]["flush"], true);
     for round in &history[..2] {
-        for (name, score) in round["scores"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| (s[0].as_str().unwrap(), s[1].as_f64().unwrap()))
-        {
-            if name == "flip-lab" {
-                assert!(score > 0.0, "{round}");
-            } else {
-                assert!(score < 0.0, "{round}");
-            }
+        let scores = round["scores"].as_array().unwrap();
+        assert!(!scores.is_empty(), "{round}");
+        for score in scores {
+            assert!(score[1].as_f64().unwrap() < 0.0, "{round}");
         }
     }
     assert!(history[2]["scores"].as_array().unwrap().is_empty());
@@ -102,15 +94,22 @@ fn lying_workers_are_refused_and_the_honest_ones_train() {
         // The replayed update counts once; the second offer is refused unfetched.
         assert_eq!(
             names(round, "accepted"),
-            ["echo-lab", "flip-lab", "uni-a", "uni-b"],
+            ["echo-lab", "uni-a", "uni-b"],
             "{round}"
         );
         assert_eq!(
             names(round, "rejected"),
-            ["greedy-lab", "huge-lab", "oversize-lab"],
+            ["flip-lab", "greedy-lab", "huge-lab", "oversize-lab"],
             "{round}"
         );
         assert!(round["loss"].as_f64().unwrap().is_finite(), "{round}");
+        let flip = round["alignment"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["from"] == "flip-lab")
+            .unwrap();
+        assert!(flip["with_others"].as_f64().unwrap() < 0.0, "{round}");
     }
     let reasons: Vec<&str> = history[0]["rejected"]
         .as_array()
@@ -125,11 +124,10 @@ fn lying_workers_are_refused_and_the_honest_ones_train() {
     assert!(reasons.iter().any(|r| r.contains("claims")), "{reasons:?}");
     assert!(reasons.iter().any(|r| r.contains("at most")), "{reasons:?}");
     assert!(
-        st["provenance"]["flip-lab"]["loss_change"]
-            .as_f64()
-            .unwrap()
-            > 0.0
+        reasons.iter().any(|r| r.contains("points away")),
+        "{reasons:?}"
     );
+    assert_eq!(st["provenance"]["flip-lab"]["rejected"], 3, "{st}");
     let refused = &st["defence"]["updates_refused"];
     assert_eq!(refused["echo-lab"], 3, "{st}");
     assert_eq!(refused["oversize-lab"], 3, "{st}");

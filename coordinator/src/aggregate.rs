@@ -9,6 +9,16 @@
 //!   median of this round's norms and recent accepted ones, so that with two updates the smaller
 //!   sets the bar (a hostile update can then at worst get an honest one rejected, never pass
 //!   itself off as the reference);
+//! - with three or more updates, one whose cosine with the sum of the others is below
+//!   `min_agreement` (0: it points against them) is rejected, the worst first and one at a
+//!   time, until the rest agree. A sign-flipped update at the honest norm passes every norm
+//!   test but points against the others. Measured (`amity bench federated`, 3 workers, seed 0
+//!   and 1, H = 20 and 50, IID and not): honest updates agree at +0.29 to +0.66 with the
+//!   others, a flipped one at -0.72, noise at 0.00; with the screen the velocity R2 under a
+//!   flip is 0.318 against 0.316 without an attacker (-0.016 without the screen). In
+//!   `amity demo` (long time-budgeted rounds of unequal workers) honest agreement fell to
+//!   +0.03 in the first round, so the limit is 0, not higher: noise (cosine near 0) is not
+//!   reliably caught. With two updates there is no majority to agree with;
 //! - a claimed weight (samples processed) above `weight_cap` times the lower median weight is
 //!   cut to it: no claim of work buys more than that share of the mean.
 //!
@@ -41,6 +51,11 @@ pub struct AggregationConfig {
     /// An update weighs at most this multiple of the lower median weight of the round.
     #[serde(default = "default_weight_cap")]
     pub weight_cap: f64,
+    /// With three or more updates in a round, one whose cosine with the sum of the others is
+    /// below this is rejected, the worst first, until the rest agree (a sign-flipped update
+    /// points against the honest ones; -1 turns the screen off).
+    #[serde(default = "default_min_agreement")]
+    pub min_agreement: f64,
     /// Held-out clips the coordinator scores every update on (0, the default: no scoring; see
     /// [`crate::scoring`]).
     #[serde(default = "default_held_out_clips")]
@@ -70,6 +85,10 @@ fn default_weight_cap() -> f64 {
     4.0
 }
 
+fn default_min_agreement() -> f64 {
+    0.0
+}
+
 impl Default for AggregationConfig {
     fn default() -> Self {
         AggregationConfig {
@@ -79,6 +98,7 @@ impl Default for AggregationConfig {
             reject_ratio: 10.0,
             max_rms: default_max_rms(),
             weight_cap: default_weight_cap(),
+            min_agreement: default_min_agreement(),
             held_out_clips: default_held_out_clips(),
             score_tolerance: default_score_tolerance(),
         }
@@ -138,6 +158,57 @@ pub fn norm(v: &[f32]) -> f64 {
     v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt()
 }
 
+/// How one update points relative to the run's recent direction and to the other updates of
+/// its round (cosine similarities over the model part; `None` where there is nothing to
+/// compare with). Honest pseudo-gradients point roughly with both; a sign-flipped one against.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Alignment {
+    /// Sender.
+    pub from: String,
+    /// Cosine with the outer optimiser's momentum buffer (the recent global steps).
+    pub with_history: Option<f64>,
+    /// Cosine with the sum of the round's other updates.
+    pub with_others: Option<f64>,
+}
+
+fn cosine(a: &[f32], b: &[f64]) -> Option<f64> {
+    let (mut ab, mut aa, mut bb) = (0.0, 0.0, 0.0);
+    for (x, y) in a.iter().zip(b) {
+        let x = *x as f64;
+        ab += x * y;
+        aa += x * x;
+        bb += y * y;
+    }
+    let c = ab / (aa.sqrt() * bb.sqrt());
+    c.is_finite().then_some(c)
+}
+
+/// The [`Alignment`] of each candidate over its first `model` values, against `history` (the
+/// outer momentum buffer; empty before the first step) and the others of the round.
+pub fn alignments(cands: &[Candidate], history: &[f32], model: usize) -> Vec<Alignment> {
+    let mut total = vec![0.0f64; model];
+    for c in cands {
+        for (t, v) in total.iter_mut().zip(&c.values[..model.min(c.values.len())]) {
+            *t += *v as f64;
+        }
+    }
+    let history: Vec<f64> = history.iter().take(model).map(|x| *x as f64).collect();
+    cands
+        .iter()
+        .map(|c| {
+            let own = &c.values[..model.min(c.values.len())];
+            let others: Vec<f64> = total.iter().zip(own).map(|(t, v)| t - *v as f64).collect();
+            Alignment {
+                from: c.from.clone(),
+                with_history: (history.len() == own.len())
+                    .then(|| cosine(own, &history))
+                    .flatten(),
+                with_others: (cands.len() > 1).then(|| cosine(own, &others)).flatten(),
+            }
+        })
+        .collect()
+}
+
 /// Splits candidates into accepted and rejected (with the reason), and caps the accepted ones'
 /// weights. `history` holds the norms of recently accepted updates; the reference norm is the
 /// lower median of those and this round's norms.
@@ -181,6 +252,7 @@ pub fn screen(
             accepted.push(c);
         }
     }
+    disagreeing_out(&mut accepted, &mut rejected, cfg.min_agreement);
     let weights: Vec<f64> = accepted.iter().map(|c| c.weight).collect();
     let most = cfg.weight_cap * lower_median(&weights);
     if most > 0.0 {
@@ -207,6 +279,35 @@ pub fn screen(
         }
     }
     (accepted, rejected)
+}
+
+/// While three or more updates remain, rejects the one that agrees least with the sum of the
+/// others if its cosine is below `min`. One at a time, because a hostile update also lowers
+/// the agreement of the honest ones with "the others" it is part of.
+fn disagreeing_out(
+    accepted: &mut Vec<Candidate>,
+    rejected: &mut Vec<(Candidate, String)>,
+    min: f64,
+) {
+    while accepted.len() >= 3 {
+        let len = accepted[0].values.len();
+        let worst = alignments(accepted, &[], len)
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, a)| a.with_others.map(|c| (i, c)))
+            .min_by(|a, b| a.1.total_cmp(&b.1));
+        match worst {
+            Some((i, cos)) if cos < min => {
+                let c = accepted.remove(i);
+                let why = format!(
+                    "points away from the other updates (cosine {cos:+.2} with their sum, \
+                     limit {min:+.2})"
+                );
+                rejected.push((c, why));
+            }
+            _ => return,
+        }
+    }
 }
 
 /// Combines accepted updates (`None` when there are none).
@@ -320,6 +421,72 @@ mod tests {
             values,
             weight,
         }
+    }
+
+    #[test]
+    fn updates_that_point_away_from_the_others_are_rejected_one_at_a_time() {
+        let cfg = AggregationConfig::default();
+        // Small values: the RMS cap (1.0) is not what this is about.
+        let honest = |k: f32| vec![0.1 + k, 0.2 - k, -0.1, 0.05 + k];
+        let flipped: Vec<f32> = honest(0.0).iter().map(|v| -v).collect();
+        let noise = vec![0.2, -0.12, 0.0, 0.0]; // slightly against the honest direction
+        // Two honest and a flipped one: the flipped one goes, although it drags the honest
+        // ones' agreement with "the others" below zero too.
+        let cands = vec![
+            cand("a", honest(0.01), 1.0),
+            cand("x", flipped.clone(), 1.0),
+            cand("b", honest(-0.01), 1.0),
+        ];
+        let (ok, out) = screen(cands, &[], &cfg);
+        let names: Vec<&str> = ok.iter().map(|c| c.from.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert!(out[0].1.contains("points away"), "{}", out[0].1);
+        // Three honest, a flipped and a noise update: both hostile ones go.
+        let cands = vec![
+            cand("a", honest(0.01), 1.0),
+            cand("b", honest(-0.01), 1.0),
+            cand("c", honest(0.02), 1.0),
+            cand("x", flipped.clone(), 1.0),
+            cand("n", noise, 1.0),
+        ];
+        let (ok, out) = screen(cands, &[], &cfg);
+        assert_eq!(ok.len(), 3);
+        let mut gone: Vec<&str> = out.iter().map(|(c, _)| c.from.as_str()).collect();
+        gone.sort();
+        assert_eq!(gone, ["n", "x"]);
+        // With two updates there is no majority to agree with: nothing is judged.
+        let cands = vec![cand("a", honest(0.0), 1.0), cand("x", flipped, 1.0)];
+        assert_eq!(screen(cands, &[], &cfg).0.len(), 2);
+        // Off.
+        let off = AggregationConfig {
+            min_agreement: -1.0,
+            ..cfg
+        };
+        let cands = vec![
+            cand("a", honest(0.01), 1.0),
+            cand("x", honest(0.0).iter().map(|v| -v).collect(), 1.0),
+            cand("b", honest(-0.01), 1.0),
+        ];
+        assert_eq!(screen(cands, &[], &off).0.len(), 3);
+    }
+
+    #[test]
+    fn alignment_sees_a_flipped_update_against_history_and_peers() {
+        let honest = |k: f32| vec![1.0 + k, 2.0, -1.0, 0.5 - k];
+        let flipped: Vec<f32> = honest(0.0).iter().map(|v| -v).collect();
+        let cands = vec![
+            cand("a", honest(0.1), 1.0),
+            cand("b", honest(-0.1), 1.0),
+            cand("x", flipped, 1.0),
+        ];
+        let history = honest(0.0);
+        let al = alignments(&cands, &history, 3);
+        assert!(al[0].with_history.unwrap() > 0.9 && al[1].with_history.unwrap() > 0.9);
+        assert!(al[2].with_history.unwrap() < -0.9);
+        assert!(al[2].with_others.unwrap() < 0.0);
+        // Nothing to compare with: no momentum yet, a lone update.
+        let lone = alignments(&cands[..1], &[], 3);
+        assert_eq!((lone[0].with_history, lone[0].with_others), (None, None));
     }
 
     #[test]

@@ -18,6 +18,8 @@
 //!
 //! A variant is the defaults of [`CoreConfig::new`] with some keys changed, written
 //! `up=fp32,down=fp32`, `policy=local-ema`, `lr=1,mu=0`, `objective=sigreg`, or `default`.
+//! `attack=flip` (or `noise:S`, `scale:K`) makes worker 0 hostile, so that a variant's screens
+//! (`agree=`, `clip=`) can be judged by the probe with and without the attacker.
 
 use std::sync::Arc;
 
@@ -58,6 +60,59 @@ pub struct Variant {
     pub held_out: usize,
     /// Whether the last round flushes every residual densely.
     pub flush: bool,
+    /// What worker 0 does to its update (a hostile institution), if anything.
+    pub attack: Attack,
+    /// Aggregation settings (screens).
+    pub aggregation: crate::aggregate::AggregationConfig,
+}
+
+/// A model attack by worker 0: what it does to its (decoded) update before the coordinator sees
+/// it. Written `none`, `flip`, `scale:K` or `noise:S`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Attack {
+    /// An honest worker 0.
+    None,
+    /// The update negated (at the honest norm: norm screens cannot see it).
+    Flip,
+    /// The update times `K`.
+    Scale(f32),
+    /// Gaussian noise of `S` times the update's own root-mean-square value, in its place.
+    Noise(f32),
+}
+
+impl std::str::FromStr for Attack {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let arg = |v: &str| v.parse::<f32>().map_err(|_| ());
+        match s.split_once(':') {
+            None if s == "none" => Ok(Attack::None),
+            None if s == "flip" => Ok(Attack::Flip),
+            Some(("scale", k)) => Ok(Attack::Scale(arg(k)?)),
+            Some(("noise", k)) => Ok(Attack::Noise(arg(k)?)),
+            _ => Err(()),
+        }
+    }
+}
+
+impl Attack {
+    /// Applies the attack to `values` (round `round` seeds the noise).
+    fn apply(self, values: &mut [f32], round: u64) {
+        match self {
+            Attack::None => {}
+            Attack::Flip => values.iter_mut().for_each(|v| *v = -*v),
+            Attack::Scale(k) => values.iter_mut().for_each(|v| *v *= k),
+            Attack::Noise(s) => {
+                let rms = (values.iter().map(|v| (*v as f64).powi(2)).sum::<f64>()
+                    / values.len().max(1) as f64)
+                    .sqrt();
+                let mut rng = amity_shared::rng::Rng::derive(0xa77ac, &[round]);
+                values
+                    .iter_mut()
+                    .for_each(|v| *v = (s as f64 * rms * rng.normal()) as f32);
+            }
+        }
+    }
 }
 
 /// A variant that does not parse.
@@ -65,7 +120,9 @@ pub struct Variant {
 #[error(
     "bad variant `{0}`: expected `default` or key=value pairs joined by `,` with keys up, down \
      (codec names), policy (local-ema, coordinator-ema), lr, mu (outer SGD), nesterov \
-     (true/false), objective (ema, vicreg, sigreg), held_out (clips scored on, 0: off), flush (true/false)"
+     (true/false), objective (ema, vicreg, sigreg), held_out (clips scored on, 0: off), flush \
+     (true/false), attack (none, flip, scale:K, noise:S: worker 0 hostile), agree (min_agreement), \
+     clip (clip_ratio)"
 )]
 pub struct BadVariant(pub String);
 
@@ -84,6 +141,8 @@ impl std::str::FromStr for Variant {
             objective: core.run.train.objective,
             held_out: core.aggregation.held_out_clips,
             flush: core.rounds.flush,
+            attack: Attack::None,
+            aggregation: core.aggregation,
         };
         if s == "default" {
             return Ok(v);
@@ -106,6 +165,9 @@ impl std::str::FromStr for Variant {
                 "nesterov" => v.outer.nesterov = val.parse().map_err(|_| bad())?,
                 "held_out" => v.held_out = val.parse().map_err(|_| bad())?,
                 "flush" => v.flush = val.parse().map_err(|_| bad())?,
+                "attack" => v.attack = val.parse().map_err(|_| bad())?,
+                "agree" => v.aggregation.min_agreement = val.parse().map_err(|_| bad())?,
+                "clip" => v.aggregation.clip_ratio = val.parse().map_err(|_| bad())?,
                 _ => return Err(bad()),
             }
         }
@@ -160,6 +222,15 @@ pub struct RunReport {
     /// Largest outer-step norm over mean-pseudo-gradient norm of the run's rounds (0 for
     /// `central`).
     pub max_outer_step_ratio: f64,
+    /// Worker 0's updates rejected (under an attack: the attack caught).
+    pub rejected_w0: usize,
+    /// Updates of the other workers rejected.
+    pub rejected_others: usize,
+    /// Lowest cosine of worker 0's updates with the recent global steps, and of the others'
+    /// (ordinary rounds; NaN for `central`).
+    pub min_history_cos: (f64, f64),
+    /// Lowest cosine of worker 0's updates with the rest of their round, and of the others'.
+    pub min_peer_cos: (f64, f64),
 }
 
 /// A configuration's runs over the seeds.
@@ -284,6 +355,10 @@ fn central(opts: &FederatedBenchOptions, probes: &ProbeSet, seed: u64, non_iid: 
         loss,
         velocity_r2: probe_report(&t, probes).velocity_r2,
         max_outer_step_ratio: 0.0,
+        rejected_w0: 0,
+        rejected_others: 0,
+        min_history_cos: (f64::NAN, f64::NAN),
+        min_peer_cos: (f64::NAN, f64::NAN),
     }
 }
 
@@ -312,6 +387,7 @@ fn diloco(
     cfg.rounds.min_workers = opts.workers;
     cfg.rounds.max_rounds = rounds;
     cfg.checkpoint_every = 0;
+    cfg.aggregation = variant.aggregation;
     cfg.aggregation.held_out_clips = variant.held_out;
     cfg.rounds.flush = variant.flush;
     let (mut core, _) = Core::new(cfg, GlobalParams::seeded(&run), &[]);
@@ -366,7 +442,10 @@ fn diloco(
                 variant.up
             };
             let (wire, _) = feedback[w].encode_parts(&spec, &u.wire_values(), &parts);
-            let values = codec::decode_parts(&wire, &parts).expect("own encoding");
+            let mut values = codec::decode_parts(&wire, &parts).expect("own encoding");
+            if w == 0 {
+                variant.attack.apply(&mut values, round);
+            }
             now += 1;
             let update = ArrivedUpdate {
                 round,
@@ -393,6 +472,30 @@ fn diloco(
         }
     }
     let last = core.history().last().map_or(f64::NAN, |s| s.loss);
+    let (mut rejected_w0, mut rejected_others) = (0, 0);
+    let (mut hist, mut peer) = ((f64::NAN, f64::NAN), (f64::NAN, f64::NAN));
+    let lower = |a: f64, b: Option<f64>| b.map_or(a, |b| if a.is_nan() { b } else { a.min(b) });
+    for s in core.history() {
+        for (from, _) in &s.rejected {
+            if from == "w0" {
+                rejected_w0 += 1;
+            } else {
+                rejected_others += 1;
+            }
+        }
+        if s.flush {
+            continue;
+        }
+        for a in &s.alignment {
+            if a.from == "w0" {
+                hist.0 = lower(hist.0, a.with_history);
+                peer.0 = lower(peer.0, a.with_others);
+            } else {
+                hist.1 = lower(hist.1, a.with_history);
+                peer.1 = lower(peer.1, a.with_others);
+            }
+        }
+    }
     let p = core.params();
     let t = Trainer::from_flat(run, &p.model, Some(&p.target), &device).expect("layouts match");
     RunReport {
@@ -404,6 +507,10 @@ fn diloco(
         loss: last,
         velocity_r2: probe_report(&t, probes).velocity_r2,
         max_outer_step_ratio: max_ratio,
+        rejected_w0,
+        rejected_others,
+        min_history_cos: hist,
+        min_peer_cos: peer,
     }
 }
 
@@ -527,8 +634,15 @@ mod tests {
         assert_eq!((v.outer.lr, v.outer.momentum), (1.0, 0.0));
         assert_eq!(v.outer.nesterov, d.outer.nesterov);
         assert_eq!(v.objective, Objective::Sigreg);
-        for bad in ["up=zip", "lr", "colour=red", "policy=nobody"] {
+        for bad in ["up=zip", "lr", "colour=red", "policy=nobody", "attack=melt"] {
             assert!(bad.parse::<Variant>().is_err(), "{bad}");
         }
+        let a: Variant = "attack=scale:-2".parse().unwrap();
+        assert_eq!(a.attack, Attack::Scale(-2.0));
+        let mut v = vec![1.0f32, -2.0];
+        Attack::Flip.apply(&mut v, 0);
+        assert_eq!(v, [-1.0, 2.0]);
+        Attack::Noise(1.0).apply(&mut v, 0);
+        assert!(v != [-1.0, 2.0] && v.iter().all(|x| x.is_finite()));
     }
 }

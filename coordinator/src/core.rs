@@ -223,6 +223,9 @@ pub struct RoundSummary {
     /// (negative: it helps).
     #[serde(default)]
     pub scores: Vec<(String, f64)>,
+    /// How each update pointed relative to the recent global steps and to the others.
+    #[serde(default)]
+    pub alignment: Vec<aggregate::Alignment>,
 }
 
 /// Per-institution accounting.
@@ -1183,6 +1186,8 @@ impl Core {
         // are compared with each other, not with ordinary rounds (nor recorded among them).
         let flush = self.is_flush_round(self.round);
         let history: &[f64] = if flush { &[] } else { &self.norm_history };
+        let alignment =
+            aggregate::alignments(&cands, &self.outer.momentum, self.params.model.len());
         let (accepted, screened_out) = aggregate::screen(cands, history, &self.cfg.aggregation);
         // A flush round's updates carry every residual held back over the run: applied alone
         // they are not comparable with a round's work, so they are not scored.
@@ -1285,6 +1290,7 @@ impl Core {
             flush,
             held_out_loss,
             scores,
+            alignment,
         };
         tracing::info!(
             round = self.round,
