@@ -142,6 +142,18 @@ fn assert_checkpoint_whole(disk: &SmallDisk, c: &Cluster) {
     );
 }
 
+/// Blobs in a content store folder (`<root>/ab/ab12...`).
+fn blobs_in(root: &Path) -> usize {
+    std::fs::read_dir(root)
+        .map(|dirs| {
+            dirs.flatten()
+                .filter(|d| d.file_name().len() == 2)
+                .map(|d| std::fs::read_dir(d.path()).map_or(0, |f| f.count()))
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 fn spawn_coordinator(disk: &SmallDisk, c: &Cluster, exit_when_finished: bool) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -247,6 +259,13 @@ fn a_full_disk_and_a_crash_while_full_lose_nothing_the_coordinator_acknowledged(
     wait(&mut worker, Duration::from_secs(60), "worker", &|| {
         c.log("uni-a")
     });
+    // The worker's cache keeps the shards and the blobs of the last two rounds, not all eight.
+    let shards = blobs_in(&c.dir.join("corpus/blobs"));
+    let cached = blobs_in(&c.dir.join("cache-uni-a/blobs"));
+    assert!(
+        shards > 0 && cached <= shards + 6,
+        "{cached} blobs cached for {shards} shards"
+    );
     drop(disk);
     std::fs::remove_dir_all(&c.dir).unwrap();
 }

@@ -22,9 +22,14 @@
 //! - a claimed weight (samples processed) above `weight_cap` times the lower median weight is
 //!   cut to it: no claim of work buys more than that share of the mean.
 //!
-//! The rest are averaged, weighted by the samples each processed (default), or by a
-//! coordinate-wise trimmed mean; optionally each is clipped to a multiple of the reference norm
-//! first. The outer step is SGD with Nesterov momentum (lr 0.7, momentum 0.5
+//! Each accepted update is clipped to `clip_ratio` (1) times the lower median norm of the
+//! round's accepted updates, so that an update scaled up below `reject_ratio` counts as much as
+//! an ordinary one (bench, worker 0 sending 3x its update: velocity R2 0.206 without clipping,
+//! 0.320 with it at H = 50 and 0.296 at H = 20, against 0.316 and 0.301 without an attacker;
+//! `amity demo` with clipping: 0.304). The reference is this round's norms alone: against the
+//! history, which holds clipped norms, the limit ratcheted down until a run at H = 20 stopped
+//! learning (R2 -0.03). The rest are averaged, weighted by the samples each processed
+//! (default), or by a coordinate-wise trimmed mean. The outer step is SGD with Nesterov momentum (lr 0.7, momentum 0.5
 //! by default; DiLoCo's 0.9 suits runs of hundreds of rounds); with lr 1 and no momentum it is
 //! FedAvg.
 
@@ -41,7 +46,8 @@ pub struct AggregationConfig {
     pub rule: AggregationRule,
     /// Fraction cut from each end per coordinate by `trimmed-mean`.
     pub trim: f64,
-    /// Clip every update's norm to this multiple of the median norm (0: no clipping).
+    /// Clip every accepted update's norm to this multiple of the lower median norm of the
+    /// round's accepted updates (0: no clipping).
     pub clip_ratio: f64,
     /// Reject updates whose norm exceeds this multiple of the reference (lower median) norm.
     pub reject_ratio: f64,
@@ -94,7 +100,7 @@ impl Default for AggregationConfig {
         AggregationConfig {
             rule: AggregationRule::Mean,
             trim: 0.2,
-            clip_ratio: 0.0,
+            clip_ratio: 1.0,
             reject_ratio: 10.0,
             max_rms: default_max_rms(),
             weight_cap: default_weight_cap(),
@@ -159,7 +165,7 @@ pub fn norm(v: &[f32]) -> f64 {
 }
 
 /// How one update points relative to the run's recent direction and to the other updates of
-/// its round (cosine similarities over the model part; `None` where there is nothing to
+/// its round (cosine similarities over the whole update; `None` where there is nothing to
 /// compare with). Honest pseudo-gradients point roughly with both; a sign-flipped one against.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Alignment {
@@ -183,27 +189,35 @@ fn cosine(a: &[f32], b: &[f64]) -> Option<f64> {
     c.is_finite().then_some(c)
 }
 
-/// The [`Alignment`] of each candidate over its first `model` values, against `history` (the
-/// outer momentum buffer; empty before the first step) and the others of the round.
-pub fn alignments(cands: &[Candidate], history: &[f32], model: usize) -> Vec<Alignment> {
-    let mut total = vec![0.0f64; model];
+/// The [`Alignment`] of each candidate: against `history` (the outer momentum buffer, over the
+/// first values it covers; empty before the first step), and against the others of the round
+/// over the whole update.
+pub fn alignments(cands: &[Candidate], history: &[f32]) -> Vec<Alignment> {
+    let len = cands.first().map_or(0, |c| c.values.len());
+    let mut total = vec![0.0f64; len];
     for c in cands {
-        for (t, v) in total.iter_mut().zip(&c.values[..model.min(c.values.len())]) {
+        for (t, v) in total.iter_mut().zip(&c.values) {
             *t += *v as f64;
         }
     }
-    let history: Vec<f64> = history.iter().take(model).map(|x| *x as f64).collect();
+    let history: Vec<f64> = history.iter().map(|x| *x as f64).collect();
     cands
         .iter()
         .map(|c| {
-            let own = &c.values[..model.min(c.values.len())];
-            let others: Vec<f64> = total.iter().zip(own).map(|(t, v)| t - *v as f64).collect();
+            let others: Vec<f64> = total
+                .iter()
+                .zip(&c.values)
+                .map(|(t, v)| t - *v as f64)
+                .collect();
+            let covered = c.values.get(..history.len());
             Alignment {
                 from: c.from.clone(),
-                with_history: (history.len() == own.len())
-                    .then(|| cosine(own, &history))
+                with_history: covered
+                    .filter(|_| !history.is_empty())
+                    .and_then(|own| cosine(own, &history)),
+                with_others: (cands.len() > 1)
+                    .then(|| cosine(&c.values, &others))
                     .flatten(),
-                with_others: (cands.len() > 1).then(|| cosine(own, &others)).flatten(),
             }
         })
         .collect()
@@ -215,8 +229,9 @@ pub fn alignments(cands: &[Candidate], history: &[f32], model: usize) -> Vec<Ali
 pub fn screen(
     cands: Vec<Candidate>,
     history: &[f64],
+    direction: &[f32],
     cfg: &AggregationConfig,
-) -> (Vec<Candidate>, Vec<(Candidate, String)>) {
+) -> (Vec<Candidate>, Vec<(Candidate, String)>, Vec<Alignment>) {
     let mut rejected = Vec::new();
     let mut finite = Vec::new();
     for c in cands {
@@ -252,6 +267,9 @@ pub fn screen(
             accepted.push(c);
         }
     }
+    // How the updates that passed the norm screens point, as the agreement screen first sees
+    // them (and against the recent global steps, `direction`).
+    let alignment = alignments(&accepted, direction);
     disagreeing_out(&mut accepted, &mut rejected, cfg.min_agreement);
     let weights: Vec<f64> = accepted.iter().map(|c| c.weight).collect();
     let most = cfg.weight_cap * lower_median(&weights);
@@ -268,8 +286,13 @@ pub fn screen(
             }
         }
     }
-    if cfg.clip_ratio > 0.0 && reference > 0.0 {
-        let limit = cfg.clip_ratio * reference;
+    // Clipping is relative to this round's accepted norms only: against the history, which
+    // records clipped norms, the limit would ratchet down round after round (measured: at
+    // H = 20 the run stopped learning).
+    let round_norms: Vec<f64> = accepted.iter().map(|c| norm(&c.values)).collect();
+    let round_reference = lower_median(&round_norms);
+    if cfg.clip_ratio > 0.0 && round_reference > 0.0 {
+        let limit = cfg.clip_ratio * round_reference;
         for c in &mut accepted {
             let n = norm(&c.values);
             if n > limit {
@@ -278,7 +301,7 @@ pub fn screen(
             }
         }
     }
-    (accepted, rejected)
+    (accepted, rejected, alignment)
 }
 
 /// While three or more updates remain, rejects the one that agrees least with the sum of the
@@ -290,8 +313,7 @@ fn disagreeing_out(
     min: f64,
 ) {
     while accepted.len() >= 3 {
-        let len = accepted[0].values.len();
-        let worst = alignments(accepted, &[], len)
+        let worst = alignments(accepted, &[])
             .into_iter()
             .enumerate()
             .filter_map(|(i, a)| a.with_others.map(|c| (i, c)))
@@ -437,7 +459,7 @@ mod tests {
             cand("x", flipped.clone(), 1.0),
             cand("b", honest(-0.01), 1.0),
         ];
-        let (ok, out) = screen(cands, &[], &cfg);
+        let (ok, out, _) = screen(cands, &[], &[], &cfg);
         let names: Vec<&str> = ok.iter().map(|c| c.from.as_str()).collect();
         assert_eq!(names, ["a", "b"]);
         assert!(out[0].1.contains("points away"), "{}", out[0].1);
@@ -449,14 +471,14 @@ mod tests {
             cand("x", flipped.clone(), 1.0),
             cand("n", noise, 1.0),
         ];
-        let (ok, out) = screen(cands, &[], &cfg);
+        let (ok, out, _) = screen(cands, &[], &[], &cfg);
         assert_eq!(ok.len(), 3);
         let mut gone: Vec<&str> = out.iter().map(|(c, _)| c.from.as_str()).collect();
         gone.sort();
         assert_eq!(gone, ["n", "x"]);
         // With two updates there is no majority to agree with: nothing is judged.
         let cands = vec![cand("a", honest(0.0), 1.0), cand("x", flipped, 1.0)];
-        assert_eq!(screen(cands, &[], &cfg).0.len(), 2);
+        assert_eq!(screen(cands, &[], &[], &cfg).0.len(), 2);
         // Off.
         let off = AggregationConfig {
             min_agreement: -1.0,
@@ -467,7 +489,7 @@ mod tests {
             cand("x", honest(0.0).iter().map(|v| -v).collect(), 1.0),
             cand("b", honest(-0.01), 1.0),
         ];
-        assert_eq!(screen(cands, &[], &off).0.len(), 3);
+        assert_eq!(screen(cands, &[], &[], &off).0.len(), 3);
     }
 
     #[test]
@@ -480,12 +502,12 @@ mod tests {
             cand("x", flipped, 1.0),
         ];
         let history = honest(0.0);
-        let al = alignments(&cands, &history, 3);
+        let al = alignments(&cands, &history[..3]);
         assert!(al[0].with_history.unwrap() > 0.9 && al[1].with_history.unwrap() > 0.9);
         assert!(al[2].with_history.unwrap() < -0.9);
         assert!(al[2].with_others.unwrap() < 0.0);
         // Nothing to compare with: no momentum yet, a lone update.
-        let lone = alignments(&cands[..1], &[], 3);
+        let lone = alignments(&cands[..1], &[]);
         assert_eq!((lone[0].with_history, lone[0].with_others), (None, None));
     }
 
@@ -508,7 +530,12 @@ mod tests {
         let good = |n: &str, s: f32| cand(n, vec![s, -s, s], 1.0);
         let nan = cand("nan", vec![f32::NAN, 0.0, 0.0], 1.0);
         let huge = cand("huge", vec![100.0, -100.0, 100.0], 1.0);
-        let (ok, bad) = screen(vec![good("a", 1.0), good("b", 1.2), nan, huge], &[], &cfg);
+        let (ok, bad, _) = screen(
+            vec![good("a", 1.0), good("b", 1.2), nan, huge],
+            &[],
+            &[],
+            &cfg,
+        );
         assert_eq!(
             ok.iter().map(|c| c.from.as_str()).collect::<Vec<_>>(),
             ["a", "b"]
@@ -517,9 +544,10 @@ mod tests {
         assert!(bad[0].1.contains("NaN"));
         assert!(bad[1].1.contains("reference"), "{}", bad[1].1);
         // With two updates only, history keeps the reference honest.
-        let (ok, bad) = screen(
+        let (ok, bad, _) = screen(
             vec![good("a", 1.0), cand("huge", vec![100.0, 100.0, 100.0], 1.0)],
             &[1.7, 1.7, 1.7],
+            &[],
             &cfg,
         );
         assert_eq!((ok.len(), bad.len()), (1, 1));
@@ -540,7 +568,7 @@ mod tests {
             cand("c", vec![3.0], 1.0),
             cand("d", vec![9.0], 1.0),
         ];
-        let (ok, bad) = screen(cands, &[], &cfg);
+        let (ok, bad, _) = screen(cands, &[], &[], &cfg);
         assert!(bad.is_empty());
         // Lower median norm 2: c and d clipped to 2.
         assert_eq!(
@@ -578,10 +606,10 @@ mod tests {
         let honest = cand("honest", vec![0.01, -0.02, 0.01, 0.0], 64.0);
         // Finite but near f32::MAX: the absolute cap rejects it even alone.
         let huge = cand("huge", vec![3e38, -3e38, 3e38, 3e38], 64.0);
-        let (ok, bad) = screen(vec![huge.clone()], &[], &cfg);
+        let (ok, bad, _) = screen(vec![huge.clone()], &[], &[], &cfg);
         assert!(ok.is_empty());
         assert!(bad[0].1.contains("root-mean-square"), "{}", bad[0].1);
-        let (ok, bad) = screen(vec![honest.clone(), huge], &[], &cfg);
+        let (ok, bad, _) = screen(vec![honest.clone(), huge], &[], &[], &cfg);
         assert_eq!(ok[0].from, "honest");
         assert_eq!(bad.len(), 1);
         // Scaled 50x, under the absolute cap: the lower median of two is the honest norm.
@@ -590,12 +618,12 @@ mod tests {
             honest.values.iter().map(|v| v * 50.0).collect(),
             64.0,
         );
-        let (ok, bad) = screen(vec![honest.clone(), scaled], &[], &cfg);
+        let (ok, bad, _) = screen(vec![honest.clone(), scaled], &[], &[], &cfg);
         assert_eq!((ok.len(), bad.len()), (1, 1));
         assert_eq!(bad[0].0.from, "scaled");
         // Claiming u64::MAX samples buys at most `weight_cap` times the honest weight.
         let greedy = cand("greedy", vec![0.0, 0.0, 0.0, 0.02], u64::MAX as f64);
-        let (ok, bad) = screen(vec![honest, greedy], &[], &cfg);
+        let (ok, bad, _) = screen(vec![honest, greedy], &[], &[], &cfg);
         assert!(bad.is_empty());
         assert_eq!(ok[1].weight, 4.0 * 64.0);
         let mean = combine(&ok, &cfg).unwrap();

@@ -1186,9 +1186,8 @@ impl Core {
         // are compared with each other, not with ordinary rounds (nor recorded among them).
         let flush = self.is_flush_round(self.round);
         let history: &[f64] = if flush { &[] } else { &self.norm_history };
-        let alignment =
-            aggregate::alignments(&cands, &self.outer.momentum, self.params.model.len());
-        let (accepted, screened_out) = aggregate::screen(cands, history, &self.cfg.aggregation);
+        let (accepted, screened_out, alignment) =
+            aggregate::screen(cands, history, &self.outer.momentum, &self.cfg.aggregation);
         // A flush round's updates carry every residual held back over the run: applied alone
         // they are not comparable with a round's work, so they are not scored.
         let (accepted, scored_out, held_out_loss, scores) = if flush {

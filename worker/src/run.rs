@@ -120,6 +120,36 @@ struct Local {
     /// Outboards of the updates we served (a re-request after a dropped connection is not
     /// hashed again).
     outboards: OutboardCache,
+    /// Blobs of recent rounds in the cache (states, deltas, our updates), by round: deleted
+    /// two rounds on, so that a long run does not fill the disk. Shards stay (every epoch
+    /// trains them again).
+    transient: std::collections::VecDeque<(u64, Vec<BlobId>)>,
+}
+
+impl Local {
+    /// Notes that `id` in the cache belongs to round `round` only.
+    fn round_blob(&mut self, round: u64, id: BlobId) {
+        match self.transient.back_mut() {
+            Some((r, ids)) if *r == round => ids.push(id),
+            _ => self.transient.push_back((round, vec![id])),
+        }
+    }
+
+    /// Deletes the round blobs of rounds before `round - 1` (the previous round's update may
+    /// still be asked for).
+    fn forget_rounds_before(&mut self, round: u64) {
+        while let Some((r, _)) = self.transient.front() {
+            if *r + 1 >= round {
+                break;
+            }
+            let (_, ids) = self.transient.pop_front().expect("checked");
+            for id in ids {
+                if let Err(e) = self.cache.remove(&id) {
+                    tracing::warn!("cache: {e}");
+                }
+            }
+        }
+    }
 }
 
 enum SessionEnd {
@@ -159,6 +189,7 @@ pub async fn run(
         cache,
         local,
         outboards: OutboardCache::new(),
+        transient: Default::default(),
     };
     let client_cfg = quic_client_config(&identity).map_err(|e| setup(&e))?;
     let endpoint =
@@ -474,6 +505,7 @@ async fn train_round(
     } = announce;
     let started = Instant::now();
     let peer = opts.server_name.as_str();
+    st.forget_rounds_before(round);
     // 1. The global state.
     let held = st.params.clone();
     let mut start = held
@@ -488,6 +520,7 @@ async fn train_round(
     {
         let most = state_bytes_limit(p);
         let bytes = fetch(conn, peer, &st.cache, BlobId(d.blob), most, &mut st.summary).await?;
+        st.round_blob(round, BlobId(d.blob));
         match p.after_delta(&bytes, d.target_momentum) {
             Ok(next) if next.hash() == params_hash => start = Some(Arc::new(next)),
             Ok(_) => tracing::warn!(round, "delta did not reproduce the announced state"),
@@ -501,6 +534,7 @@ async fn train_round(
                 .as_ref()
                 .map_or(MAX_SHARD_BYTES, |(p, _)| state_bytes_limit(p));
             let bytes = fetch(conn, peer, &st.cache, BlobId(state), most, &mut st.summary).await?;
+            st.round_blob(round, BlobId(state));
             let ckpt = Checkpoint::from_bytes(&bytes, "global state from coordinator")
                 .map_err(|e| SessionEnd::Lost(e.to_string()))?;
             let p = GlobalParams {
@@ -627,6 +661,7 @@ async fn train_round(
         .cache
         .put(&bytes)
         .map_err(|e| SessionEnd::Lost(e.to_string()))?;
+    st.round_blob(round, stored.id);
     st.summary.bytes_up += bytes.len() as u64;
     let announced = bytes.len() as u64 - u64::from(opts.fault == Some(Fault::Oversize));
     let header = ClientMsg::UpdateHeader {
