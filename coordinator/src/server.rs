@@ -482,45 +482,7 @@ pub async fn run(
     sweep(&shared, &mut retention, &mut journal, &core);
     write_status(&shared, &core, &checkpoint);
 
-    let accept = {
-        let shared = shared.clone();
-        let endpoint = endpoint.clone();
-        tokio::spawn(async move {
-            while let Some(incoming) = endpoint.accept().await {
-                if endpoint.open_connections() >= MAX_CONNECTIONS {
-                    tracing::warn!(
-                        from = %incoming.remote_address(),
-                        "connection refused: {MAX_CONNECTIONS} connections open"
-                    );
-                    shared.count(|d| d.connections_refused += 1);
-                    incoming.refuse();
-                    continue;
-                }
-                // Address validation (a Retry round trip) before any handshake work, so that
-                // a spoofed source address cannot make us spend or send on its behalf.
-                let incoming = if incoming.remote_address_validated() {
-                    incoming
-                } else {
-                    match incoming.retry() {
-                        Ok(()) => continue,
-                        Err(e) => e.into_incoming(),
-                    }
-                };
-                let shared = shared.clone();
-                tokio::spawn(async move {
-                    let from = incoming.remote_address();
-                    match tokio::time::timeout(HELLO_TIMEOUT, incoming).await {
-                        Ok(Ok(conn)) => serve_connection(shared, conn).await,
-                        Ok(Err(e)) => tracing::warn!(%from, "handshake refused: {e}"),
-                        Err(_) => {
-                            tracing::warn!(%from, "handshake not finished in {HELLO_TIMEOUT:?}");
-                            shared.count(|d| d.hello_timeouts += 1);
-                        }
-                    }
-                });
-            }
-        })
-    };
+    let accept = tokio::spawn(accept_connections(shared.clone(), endpoint.clone()));
 
     let start = Instant::now();
     let mut told_finished = false;
@@ -597,6 +559,44 @@ pub async fn run(
     write_status(&shared, &core, &checkpoint);
     result?;
     Ok(status(&shared, &core, &checkpoint))
+}
+
+/// Accepts connections until the endpoint closes: over [`MAX_CONNECTIONS`] refused, unvalidated
+/// addresses sent a Retry first, the handshake given [`HELLO_TIMEOUT`], then one task each.
+async fn accept_connections(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
+    while let Some(incoming) = endpoint.accept().await {
+        if endpoint.open_connections() >= MAX_CONNECTIONS {
+            tracing::warn!(
+                from = %incoming.remote_address(),
+                "connection refused: {MAX_CONNECTIONS} connections open"
+            );
+            shared.count(|d| d.connections_refused += 1);
+            incoming.refuse();
+            continue;
+        }
+        // Address validation (a Retry round trip) before any handshake work, so that a spoofed
+        // source address cannot make us spend or send on its behalf.
+        let incoming = if incoming.remote_address_validated() {
+            incoming
+        } else {
+            match incoming.retry() {
+                Ok(()) => continue,
+                Err(e) => e.into_incoming(),
+            }
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let from = incoming.remote_address();
+            match tokio::time::timeout(HELLO_TIMEOUT, incoming).await {
+                Ok(Ok(conn)) => serve_connection(shared, conn).await,
+                Ok(Err(e)) => tracing::warn!(%from, "handshake refused: {e}"),
+                Err(_) => {
+                    tracing::warn!(%from, "handshake not finished in {HELLO_TIMEOUT:?}");
+                    shared.count(|d| d.hello_timeouts += 1);
+                }
+            }
+        });
+    }
 }
 
 /// What drives [`run`] from outside besides its config.
