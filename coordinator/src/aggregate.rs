@@ -177,21 +177,16 @@ pub struct Alignment {
     pub with_others: Option<f64>,
 }
 
-fn cosine(a: &[f32], b: &[f64]) -> Option<f64> {
-    let (mut ab, mut aa, mut bb) = (0.0, 0.0, 0.0);
-    for (x, y) in a.iter().zip(b) {
-        let x = *x as f64;
-        ab += x * y;
-        aa += x * x;
-        bb += y * y;
-    }
-    let c = ab / (aa.sqrt() * bb.sqrt());
+/// `ab / sqrt(aa * bb)`, `None` when not finite (a zero vector).
+fn cosine_of(ab: f64, aa: f64, bb: f64) -> Option<f64> {
+    let c = ab / (aa.max(0.0) * bb.max(0.0)).sqrt();
     c.is_finite().then_some(c)
 }
 
 /// The [`Alignment`] of each candidate: against `history` (the outer momentum buffer, over the
 /// first values it covers; empty before the first step), and against the others of the round
-/// over the whole update.
+/// over the whole update. One pass over each update, no copies: with `t` the sum of all,
+/// `c . (t - c) = c.t - c.c` and `|t - c|^2 = t.t - 2 c.t + c.c`.
 pub fn alignments(cands: &[Candidate], history: &[f32]) -> Vec<Alignment> {
     let len = cands.first().map_or(0, |c| c.values.len());
     let mut total = vec![0.0f64; len];
@@ -200,23 +195,34 @@ pub fn alignments(cands: &[Candidate], history: &[f32]) -> Vec<Alignment> {
             *t += *v as f64;
         }
     }
-    let history: Vec<f64> = history.iter().map(|x| *x as f64).collect();
+    let tt: f64 = total.iter().map(|t| t * t).sum();
+    let hh: f64 = history.iter().map(|h| (*h as f64).powi(2)).sum();
     cands
         .iter()
         .map(|c| {
-            let others: Vec<f64> = total
-                .iter()
-                .zip(&c.values)
-                .map(|(t, v)| t - *v as f64)
-                .collect();
-            let covered = c.values.get(..history.len());
+            let (mut ct, mut cc) = (0.0, 0.0);
+            for (v, t) in c.values.iter().zip(&total) {
+                let v = *v as f64;
+                ct += v * t;
+                cc += v * v;
+            }
+            let with_history = c
+                .values
+                .get(..history.len())
+                .filter(|_| !history.is_empty())
+                .and_then(|own| {
+                    let (mut ch, mut oo) = (0.0, 0.0);
+                    for (v, h) in own.iter().zip(history) {
+                        ch += *v as f64 * *h as f64;
+                        oo += (*v as f64).powi(2);
+                    }
+                    cosine_of(ch, oo, hh)
+                });
             Alignment {
                 from: c.from.clone(),
-                with_history: covered
-                    .filter(|_| !history.is_empty())
-                    .and_then(|own| cosine(own, &history)),
+                with_history,
                 with_others: (cands.len() > 1)
-                    .then(|| cosine(&c.values, &others))
+                    .then(|| cosine_of(ct - cc, cc, tt - 2.0 * ct + cc))
                     .flatten(),
             }
         })

@@ -292,6 +292,16 @@ impl ShardPlan {
         self.queue.extend(ids);
     }
 
+    /// Puts the `assigned` shards that are not in `trained` back at the front of the queue, in
+    /// their order.
+    fn requeue(&mut self, assigned: Vec<BlobId>, trained: &BTreeSet<BlobId>) {
+        for id in assigned.into_iter().rev() {
+            if !trained.contains(&id) {
+                self.queue.push_front(id);
+            }
+        }
+    }
+
     fn may_train(&self, id: &BlobId, name: &str) -> bool {
         match self.shards.get(id) {
             Some((_, None)) => true,
@@ -514,6 +524,25 @@ pub struct Core {
 }
 
 const NORM_HISTORY: usize = 32;
+
+/// A round's totals over its accepted updates.
+#[derive(Debug, Default)]
+struct Tally {
+    samples: u64,
+    steps: u64,
+    /// Sum of mean losses weighted by samples.
+    loss_sum: f64,
+    /// Sum of steps weighted by samples.
+    weighted_steps: f64,
+}
+
+/// The shards the received updates trained.
+fn trained_shards(received: &[Pending]) -> BTreeSet<BlobId> {
+    received
+        .iter()
+        .flat_map(|p| p.shards.iter().copied())
+        .collect()
+}
 
 /// The most shards one institution may register from its own corpus (at the default 64 MiB a
 /// shard, 256 GiB): what bounds the shard plan, which every snapshot holds.
@@ -842,16 +871,8 @@ impl Core {
         // The shards of its assignment that no received update trained go back to the front
         // of the queue (keyed by shard, not by institution: another session of the same
         // institution may have delivered its own).
-        let trained: BTreeSet<BlobId> = self
-            .received
-            .iter()
-            .flat_map(|p| p.shards.iter().copied())
-            .collect();
-        for id in w.assigned.into_iter().rev() {
-            if !trained.contains(&id) {
-                self.plan.queue.push_front(id);
-            }
-        }
+        let trained = trained_shards(&self.received);
+        self.plan.requeue(w.assigned, &trained);
         if let Phase::Running { expected, .. } = &mut self.phase {
             expected.remove(&worker);
         }
@@ -992,12 +1013,9 @@ impl Core {
             .into_iter()
             .partition(|p| p.from == name);
         self.received = kept;
+        let trained: BTreeSet<BlobId> = shards.iter().copied().collect();
         for p in replaced {
-            for id in p.shards.into_iter().rev() {
-                if !shards.contains(&id) {
-                    self.plan.queue.push_front(id);
-                }
-            }
+            self.plan.requeue(p.shards, &trained);
         }
         self.refused.retain(|(n, _)| *n != name);
         self.received.push(Pending {
@@ -1136,19 +1154,9 @@ impl Core {
     }
 
     fn close_round(&mut self, out: &mut Vec<Action>) {
-        let (expected, announced, bytes_down) =
-            match std::mem::replace(&mut self.phase, Phase::Idle) {
-                Phase::Running {
-                    expected,
-                    announced,
-                    bytes_down,
-                    ..
-                } => (expected, announced, bytes_down),
-                other => {
-                    self.phase = other;
-                    return;
-                }
-            };
+        let Some((expected, announced, bytes_down)) = self.end_running() else {
+            return;
+        };
         let mut received = std::mem::take(&mut self.received);
         let refused = std::mem::take(&mut self.refused);
         let missing: Vec<String> = announced
@@ -1159,17 +1167,10 @@ impl Core {
             .collect();
         // Shards that no received update trained go back to the queue: those of workers that
         // did not deliver, also when another session of the same institution did.
-        let trained: BTreeSet<BlobId> = received
-            .iter()
-            .flat_map(|p| p.shards.iter().copied())
-            .collect();
+        let trained = trained_shards(&received);
         for id in &expected {
             if let Some(w) = self.workers.get_mut(id) {
-                for s in std::mem::take(&mut w.assigned).into_iter().rev() {
-                    if !trained.contains(&s) {
-                        self.plan.queue.push_front(s);
-                    }
-                }
+                self.plan.requeue(std::mem::take(&mut w.assigned), &trained);
             }
         }
         let bytes_up: u64 = received.iter().map(|p| p.update.bytes).sum();
@@ -1195,48 +1196,13 @@ impl Core {
         } else {
             self.score(accepted)
         };
-        for (from, change) in &scores {
-            let prov = self.provenance.entry(from.clone()).or_default();
-            prov.scored += 1;
-            prov.loss_change += change;
-        }
-        let rejected: Vec<(String, String)> = screened_out
-            .into_iter()
-            .chain(scored_out)
-            .map(|(c, why)| (c.from, why))
-            .chain(refused)
-            .collect();
-        for (from, why) in &rejected {
-            tracing::warn!(round = self.round, %from, "update rejected: {why}");
-            self.provenance.entry(from.clone()).or_default().rejected += 1;
-        }
-        let ok: BTreeSet<&str> = accepted.iter().map(|c| c.from.as_str()).collect();
-        let mut samples = 0;
-        let mut steps = 0;
-        let mut loss_sum = 0.0;
-        let mut weighted_steps = 0.0;
-        // Claimed counts are bounded on arrival; the sums still saturate rather than wrap.
-        for p in received.iter().filter(|p| ok.contains(p.from.as_str())) {
-            samples = p.update.samples.saturating_add(samples);
-            steps = p.update.steps.saturating_add(steps);
-            loss_sum += p.update.loss.mean * p.update.samples as f64;
-            weighted_steps += p.update.steps as f64 * p.update.samples as f64;
-            let prov = self.provenance.entry(p.from.clone()).or_default();
-            prov.samples = prov.samples.saturating_add(p.update.samples);
-            prov.steps = prov.steps.saturating_add(p.update.steps);
-            prov.updates += 1;
-            prov.shards += p.shards.len() as u64;
-            for s in &p.shards {
-                self.plan.covered.insert(*s);
-            }
-        }
-        if !flush {
-            for c in &accepted {
-                self.norm_history.push(aggregate::norm(&c.values));
-            }
-        }
-        let excess = self.norm_history.len().saturating_sub(NORM_HISTORY);
-        self.norm_history.drain(..excess);
+        let rejected = self.record_verdicts(&scores, screened_out, scored_out, refused);
+        let Tally {
+            samples,
+            steps,
+            loss_sum,
+            weighted_steps,
+        } = self.count_accepted(&received, &accepted, flush);
 
         let mut outer_step_ratio = 0.0;
         let mut rejected = rejected;
@@ -1300,6 +1266,91 @@ impl Core {
             bytes_up,
             "round closed"
         );
+        self.publish_round(summary, params_hex, out);
+    }
+
+    /// Adds the scores and rejections to the provenance and logs each rejection; returns
+    /// every rejected update of the round with its reason.
+    fn record_verdicts(
+        &mut self,
+        scores: &[(String, f64)],
+        screened_out: Vec<(Candidate, String)>,
+        scored_out: Vec<(Candidate, String)>,
+        refused: Vec<(String, String)>,
+    ) -> Vec<(String, String)> {
+        for (from, change) in scores {
+            let prov = self.provenance.entry(from.clone()).or_default();
+            prov.scored += 1;
+            prov.loss_change += change;
+        }
+        let rejected: Vec<(String, String)> = screened_out
+            .into_iter()
+            .chain(scored_out)
+            .map(|(c, why)| (c.from, why))
+            .chain(refused)
+            .collect();
+        for (from, why) in &rejected {
+            tracing::warn!(round = self.round, %from, "update rejected: {why}");
+            self.provenance.entry(from.clone()).or_default().rejected += 1;
+        }
+        rejected
+    }
+
+    /// Ends the running phase (Idle until the next round starts): the round's expected workers,
+    /// everyone it was announced to and the bytes sent down; `None` when no round runs.
+    fn end_running(&mut self) -> Option<(BTreeSet<WorkerId>, Vec<String>, u64)> {
+        match std::mem::replace(&mut self.phase, Phase::Idle) {
+            Phase::Running {
+                expected,
+                announced,
+                bytes_down,
+                ..
+            } => Some((expected, announced, bytes_down)),
+            other => {
+                self.phase = other;
+                None
+            }
+        }
+    }
+
+    /// Adds the accepted updates' work to the provenance, their shards to the epoch's coverage
+    /// and (in ordinary rounds) their norms to the history; returns the round's totals.
+    fn count_accepted(
+        &mut self,
+        received: &[Pending],
+        accepted: &[Candidate],
+        flush: bool,
+    ) -> Tally {
+        let ok: BTreeSet<&str> = accepted.iter().map(|c| c.from.as_str()).collect();
+        let mut t = Tally::default();
+        // Claimed counts are bounded on arrival; the sums still saturate rather than wrap.
+        for p in received.iter().filter(|p| ok.contains(p.from.as_str())) {
+            t.samples = p.update.samples.saturating_add(t.samples);
+            t.steps = p.update.steps.saturating_add(t.steps);
+            t.loss_sum += p.update.loss.mean * p.update.samples as f64;
+            t.weighted_steps += p.update.steps as f64 * p.update.samples as f64;
+            let prov = self.provenance.entry(p.from.clone()).or_default();
+            prov.samples = prov.samples.saturating_add(p.update.samples);
+            prov.steps = prov.steps.saturating_add(p.update.steps);
+            prov.updates += 1;
+            prov.shards += p.shards.len() as u64;
+            for s in &p.shards {
+                self.plan.covered.insert(*s);
+            }
+        }
+        if !flush {
+            for c in accepted {
+                self.norm_history.push(aggregate::norm(&c.values));
+            }
+        }
+        let excess = self.norm_history.len().saturating_sub(NORM_HISTORY);
+        self.norm_history.drain(..excess);
+        t
+    }
+
+    /// Records the closed round and emits what follows from it: the next state, the snapshot
+    /// and its log entry, a checkpoint when due, the summary, and `Finished` after the last.
+    fn publish_round(&mut self, summary: RoundSummary, params_hex: String, out: &mut Vec<Action>) {
         self.history.push(summary.clone());
         self.round += 1;
         self.store_state(out);
@@ -1634,6 +1685,17 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    /// The snapshot blob the actions store, if any (a round closed).
+    fn snapshot_stored(actions: &[Action]) -> Option<Vec<u8>> {
+        actions.iter().find_map(|a| match a {
+            Action::StoreBlob {
+                what: "snapshot",
+                bytes,
+            } => Some(bytes.clone()),
+            _ => None,
+        })
     }
 
     fn assignment(actions: &[Action], worker: WorkerId) -> Vec<Hash> {
@@ -2095,16 +2157,7 @@ mod tests {
         join(&mut core, 2, "b", 10.0, 0);
         send(&mut core, 1, 0, 1.0, 1, 10);
         let acts = send(&mut core, 2, 0, 1.0, 2, 10);
-        let snap_bytes = acts
-            .iter()
-            .find_map(|a| match a {
-                Action::StoreBlob {
-                    what: "snapshot",
-                    bytes,
-                } => Some(bytes.clone()),
-                _ => None,
-            })
-            .unwrap();
+        let snap_bytes = snapshot_stored(&acts).unwrap();
         // An update of round 1 was accepted before the crash.
         let acts = send(&mut core, 1, 1, 1.0, 3, 20);
         let Action::Persist(entry) = acts[0].clone() else {
@@ -2154,16 +2207,7 @@ mod tests {
                 10,
             );
         }
-        let snap = acts
-            .iter()
-            .find_map(|a| match a {
-                Action::StoreBlob {
-                    what: "snapshot",
-                    bytes,
-                } => Some(bytes.clone()),
-                _ => None,
-            })
-            .expect("the round closed");
+        let snap = snapshot_stored(&acts).expect("the round closed");
         let snap = Snapshot::from_bytes(&snap).unwrap();
         assert!(snap.meta.history[0].accepted.is_empty());
         assert!(snap.meta.history[0].loss.is_nan());

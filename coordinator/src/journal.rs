@@ -171,13 +171,9 @@ mod tests {
     use super::*;
     use amity_shared::federated::RoundLoss;
 
-    #[test]
-    fn entries_survive_reopening_and_the_resume_point_follows_the_last_round() {
-        let dir = std::env::temp_dir().join(format!("amity-journal-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("journal.redb");
-        let accepted = |round| LogEntry::UpdateAccepted {
+    /// An update of `round` accepted from "a".
+    fn accepted(round: u64) -> LogEntry {
+        LogEntry::UpdateAccepted {
             round,
             trained_round: round,
             from: "a".into(),
@@ -187,7 +183,15 @@ mod tests {
             steps: 3,
             loss: RoundLoss::default(),
             shards: vec![],
-        };
+        }
+    }
+
+    #[test]
+    fn entries_survive_reopening_and_the_resume_point_follows_the_last_round() {
+        let dir = std::env::temp_dir().join(format!("amity-journal-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("journal.redb");
         {
             let mut j = Journal::open(&path).unwrap();
             assert_eq!(j.resume_point().unwrap().snapshot, None);
@@ -215,17 +219,6 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("journal.redb");
-        let accepted = |round: u64| LogEntry::UpdateAccepted {
-            round,
-            trained_round: round,
-            from: "a".into(),
-            blob: BlobId([round as u8; 32]),
-            bytes: 1,
-            samples: 2,
-            steps: 3,
-            loss: RoundLoss::default(),
-            shards: vec![],
-        };
         let closed = |round: u64| LogEntry::RoundClosed {
             round,
             snapshot: BlobId([100 + round as u8; 32]),

@@ -186,11 +186,10 @@ pub fn release_round(
     let layout = StateLayout {
         dir: cfg.state_dir.clone(),
     };
-    let file = match req.round {
-        Some(r) => format!("round-{r}.safetensors"),
-        None => "latest.safetensors".into(),
+    let checkpoint = match req.round {
+        Some(r) => layout.round_checkpoint(r),
+        None => layout.latest_checkpoint(),
     };
-    let checkpoint = layout.checkpoints().join(&file);
     if !checkpoint.exists() {
         let mut have: Vec<String> = std::fs::read_dir(layout.checkpoints())
             .map(|d| {

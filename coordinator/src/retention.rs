@@ -13,12 +13,12 @@
 //! touched).
 
 use std::collections::{BTreeSet, VecDeque};
-use std::path::Path;
 
 use amity_shared::store::{BlobId, BlobStore, LocalStore};
 use serde::{Deserialize, Serialize};
 
 use crate::journal::Journal;
+use crate::server::StateLayout;
 
 /// The `[retention]` table of `coordinator.toml`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,7 +92,7 @@ impl Retention {
         pinned: &BTreeSet<BlobId>,
         journal: &mut Journal,
         store: &LocalStore,
-        checkpoints: &Path,
+        layout: &StateLayout,
     ) -> Result<(), RetentionError> {
         let keep_rounds = self.policy.rounds.max(1) as usize;
         self.recent.push_back(live);
@@ -121,28 +121,16 @@ impl Retention {
         self.usage.bytes = bytes;
         if self.policy.checkpoints > 0 {
             self.usage.removed_checkpoints +=
-                trim_checkpoints(checkpoints, self.policy.checkpoints as usize)
-                    .map_err(|e| err(&format!("{}: {e}", checkpoints.display())))?;
+                trim_checkpoints(layout, self.policy.checkpoints as usize)
+                    .map_err(|e| err(&format!("{}: {e}", layout.checkpoints().display())))?;
         }
         Ok(())
     }
 }
 
 /// Deletes `round-N.safetensors` files beyond the newest `keep`; returns how many.
-fn trim_checkpoints(dir: &Path, keep: usize) -> std::io::Result<u64> {
-    let mut rounds: Vec<(u64, std::path::PathBuf)> = std::fs::read_dir(dir)?
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().into_string().ok()?;
-            let round = name
-                .strip_prefix("round-")?
-                .strip_suffix(".safetensors")?
-                .parse()
-                .ok()?;
-            Some((round, e.path()))
-        })
-        .collect();
-    rounds.sort();
+fn trim_checkpoints(layout: &StateLayout, keep: usize) -> std::io::Result<u64> {
+    let rounds = layout.round_checkpoints()?;
     let excess = rounds.len().saturating_sub(keep);
     for (_, path) in &rounds[..excess] {
         std::fs::remove_file(path)?;
@@ -165,7 +153,8 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let store = LocalStore::open(&dir.join("blobs")).unwrap();
         let mut journal = Journal::open(&dir.join("journal.redb")).unwrap();
-        let checkpoints = dir.join("checkpoints");
+        let layout = StateLayout { dir: dir.clone() };
+        let checkpoints = layout.checkpoints();
         std::fs::create_dir_all(&checkpoints).unwrap();
         let policy = RetentionPolicy {
             rounds: 3,
@@ -203,7 +192,7 @@ mod tests {
                     params: String::new(),
                 })
                 .unwrap();
-            std::fs::write(checkpoints.join(format!("round-{round}.safetensors")), b"x").unwrap();
+            std::fs::write(layout.round_checkpoint(round), b"x").unwrap();
             // An update of the next round is being pulled while the round closes.
             pinned_update = blob(round + 1, "update in flight");
             let pinned = BTreeSet::from([pinned_update]);
@@ -213,7 +202,7 @@ mod tests {
                     &pinned,
                     &mut journal,
                     &store,
-                    &checkpoints,
+                    &layout,
                 )
                 .unwrap();
             last_snapshot = Some(snapshot);

@@ -144,6 +144,32 @@ impl StateLayout {
     pub fn checkpoints(&self) -> PathBuf {
         self.dir.join("checkpoints")
     }
+    /// The newest checkpoint (`checkpoints/latest.safetensors`).
+    pub fn latest_checkpoint(&self) -> PathBuf {
+        self.checkpoints().join("latest.safetensors")
+    }
+    /// The checkpoint file of round `round` (`checkpoints/round-N.safetensors`).
+    pub fn round_checkpoint(&self, round: u64) -> PathBuf {
+        self.checkpoints()
+            .join(format!("round-{round}.safetensors"))
+    }
+    /// The round checkpoint files present, oldest first.
+    pub fn round_checkpoints(&self) -> std::io::Result<Vec<(u64, PathBuf)>> {
+        let mut rounds: Vec<(u64, PathBuf)> = std::fs::read_dir(self.checkpoints())?
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                let round = name
+                    .strip_prefix("round-")?
+                    .strip_suffix(".safetensors")?
+                    .parse()
+                    .ok()?;
+                Some((round, e.path()))
+            })
+            .collect();
+        rounds.sort();
+        Ok(rounds)
+    }
     /// Published releases, one folder each (plain folders: mirror them anywhere).
     pub fn releases(&self) -> PathBuf {
         self.dir.join("releases")
@@ -661,7 +687,7 @@ fn raise_open_file_limit() {
 }
 
 fn latest_checkpoint(layout: &StateLayout) -> Option<PathBuf> {
-    let p = layout.checkpoints().join("latest.safetensors");
+    let p = layout.latest_checkpoint();
     p.exists().then_some(p)
 }
 
@@ -710,7 +736,7 @@ fn sweep(shared: &Shared, retention: &mut Retention, journal: &mut Journal, core
         &pinned,
         journal,
         &shared.store,
-        &shared.layout.checkpoints(),
+        &shared.layout,
     );
     match swept {
         Ok(()) => *shared.storage.lock().expect("storage lock") = retention.usage().clone(),
@@ -792,9 +818,8 @@ fn execute_one(
         }
         Action::Send { worker, msg } => shared.tell(*worker, msg.clone()),
         Action::Checkpoint { round, blob } => {
-            let dir = shared.layout.checkpoints();
-            let file = dir.join(format!("round-{round}.safetensors"));
-            let latest = dir.join("latest.safetensors");
+            let file = shared.layout.round_checkpoint(*round);
+            let latest = shared.layout.latest_checkpoint();
             let src = shared.store.path(blob);
             for dst in [&file, &latest] {
                 install_copy(&src, dst).map_err(|e| storage(&format!("{}: {e}", dst.display())))?;

@@ -150,14 +150,20 @@ impl KnownPublishers {
     /// Index of the line for (origin, publisher): the origin's own line, else an old
     /// origin-less line for the publisher.
     fn position(lines: &[(String, Option<Line>)], origin: &str, publisher: &str) -> Option<usize> {
-        let origin = escape(origin);
-        let find = |want: Option<&str>| {
-            lines.iter().position(|(_, l)| {
-                l.as_ref()
-                    .is_some_and(|l| l.publisher == publisher && l.origin.as_deref() == want)
-            })
-        };
-        find(Some(&origin)).or_else(|| find(None))
+        Self::line_of(lines, Some(&escape(origin)), publisher)
+            .or_else(|| Self::line_of(lines, None, publisher))
+    }
+
+    /// Index of the line for exactly this (escaped) origin, or the origin-less one for `None`.
+    fn line_of(
+        lines: &[(String, Option<Line>)],
+        origin: Option<&str>,
+        publisher: &str,
+    ) -> Option<usize> {
+        lines.iter().position(|(_, l)| {
+            l.as_ref()
+                .is_some_and(|l| l.publisher == publisher && l.origin.as_deref() == origin)
+        })
     }
 
     /// What is known about `publisher` at `origin`.
@@ -205,11 +211,7 @@ impl KnownPublishers {
     ) -> Result<(), SignError> {
         let mut lines = self.read()?;
         let origin = escape(origin);
-        let exact = lines.iter().position(|(_, l)| {
-            l.as_ref()
-                .is_some_and(|l| l.publisher == publisher && l.origin.as_ref() == Some(&origin))
-        });
-        match exact {
+        match Self::line_of(&lines, Some(&origin), publisher) {
             Some(i) => {
                 let line = lines[i].1.as_mut().expect("parsed");
                 if line.round.is_some_and(|r| r >= round) {
