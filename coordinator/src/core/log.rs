@@ -1,0 +1,113 @@
+//! What the core records: the command log's entries, each closed round's summary and the
+//! per-institution accounting a release's provenance is built from.
+
+use amity_shared::federated::RoundLoss;
+use amity_shared::store::BlobId;
+use serde::{Deserialize, Serialize};
+
+use crate::aggregate;
+
+/// An entry of the command log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum LogEntry {
+    /// An update was accepted for aggregation (its blob is in the store).
+    UpdateAccepted {
+        /// Round it counts towards.
+        round: u64,
+        /// The round it was trained in.
+        trained_round: u64,
+        /// Sender's certificate name.
+        from: String,
+        /// Blob.
+        blob: BlobId,
+        /// Wire bytes.
+        bytes: u64,
+        /// Clips.
+        samples: u64,
+        /// Steps.
+        steps: u64,
+        /// Losses.
+        loss: RoundLoss,
+        /// Shards it trained on.
+        shards: Vec<BlobId>,
+    },
+    /// A round closed; its resulting state is the snapshot blob.
+    RoundClosed {
+        /// The round.
+        round: u64,
+        /// Snapshot blob.
+        snapshot: BlobId,
+        /// Parameters hash (hex) after the round.
+        params: String,
+    },
+}
+
+/// What a closed round did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundSummary {
+    /// Round number.
+    pub round: u64,
+    /// Updates aggregated.
+    pub accepted: Vec<String>,
+    /// Updates rejected, with reasons.
+    pub rejected: Vec<(String, String)>,
+    /// Workers expected but silent.
+    pub missing: Vec<String>,
+    /// Clips processed in the round.
+    pub samples: u64,
+    /// Local steps, summed over workers.
+    pub steps: u64,
+    /// Sample-weighted mean of the workers' mean losses (NaN, `null` in JSON, when no update
+    /// was accepted).
+    #[serde(deserialize_with = "amity_shared::stats::f64_or_nan")]
+    pub loss: f64,
+    /// Bytes of updates received.
+    pub bytes_up: u64,
+    /// Bytes of state sent for this round (delta or full, per worker).
+    pub bytes_down: u64,
+    /// What dense fp32 synchronisation every local step would have moved (up and down).
+    pub dense_bytes: u64,
+    /// Parameters hash (hex) after the round.
+    pub params: String,
+    /// Corpus epoch.
+    pub epoch: u64,
+    /// Norm of the outer optimiser's step over the norm of the mean pseudo-gradient (model
+    /// part): 1 for plain averaging at outer lr 1; Nesterov momentum makes it grow over rounds.
+    #[serde(default, deserialize_with = "amity_shared::stats::f64_or_nan")]
+    pub outer_step_ratio: f64,
+    /// Whether the round was a flush (dense updates both ways, before a checkpoint or the end).
+    #[serde(default)]
+    pub flush: bool,
+    /// The held-out loss of the model before the round's step (contribution scoring on).
+    #[serde(default)]
+    pub held_out_loss: Option<f64>,
+    /// Each scored update's relative change of the held-out loss when applied alone
+    /// (negative: it helps).
+    #[serde(default)]
+    pub scores: Vec<(String, f64)>,
+    /// How each update pointed relative to the recent global steps and to the others.
+    #[serde(default)]
+    pub alignment: Vec<aggregate::Alignment>,
+}
+
+/// Per-institution accounting.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Provenance {
+    /// Clips contributed.
+    pub samples: u64,
+    /// Local steps contributed.
+    pub steps: u64,
+    /// Updates accepted.
+    pub updates: u64,
+    /// Updates rejected.
+    pub rejected: u64,
+    /// Shard-trainings contributed (a shard trained in two epochs counts twice).
+    pub shards: u64,
+    /// Updates scored on the held-out clips.
+    #[serde(default)]
+    pub scored: u64,
+    /// Sum of their relative changes of the held-out loss (negative: they helped); over
+    /// `scored`, the institution's mean contribution score.
+    #[serde(default, deserialize_with = "amity_shared::stats::f64_or_nan")]
+    pub loss_change: f64,
+}

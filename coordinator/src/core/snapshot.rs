@@ -1,0 +1,117 @@
+//! The snapshot format: what a restart resumes from, as one content-addressed blob.
+
+use std::collections::BTreeMap;
+
+use amity_protocol::message::Hash;
+use amity_shared::federated::GlobalParams;
+use amity_shared::store::BlobId;
+use serde::{Deserialize, Serialize};
+
+use super::log::{Provenance, RoundSummary};
+use super::shard_plan::ShardPlan;
+
+/// The durable part of the core's state: what a restart resumes from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotMeta {
+    /// The next round to run.
+    pub round: u64,
+    /// Shard scheduling.
+    pub plan: ShardPlan,
+    /// Norms of recently accepted updates.
+    pub norm_history: Vec<f64>,
+    /// Per-institution accounting.
+    pub provenance: BTreeMap<String, Provenance>,
+    /// Every closed round.
+    pub history: Vec<RoundSummary>,
+    /// Blob of the previous state's delta (for workers holding it), and the base it applies to.
+    pub last_delta: Option<(Hash, BlobId)>,
+    /// Size of that delta blob.
+    pub last_delta_len: u64,
+    /// The target momentum workers apply after that delta (coordinator-EMA policy).
+    #[serde(default)]
+    pub last_delta_momentum: Option<f32>,
+    /// Parameters hash of the seeded initial state.
+    pub init_hash: Hash,
+    /// Lengths of the vectors that follow.
+    pub lens: [u64; 4],
+}
+
+/// A snapshot: metadata plus model, target, outer momentum and downlink residual.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    /// Metadata.
+    pub meta: SnapshotMeta,
+    /// Global parameters.
+    pub params: GlobalParams,
+    /// Outer momentum.
+    pub momentum: Vec<f32>,
+    /// Downlink error-feedback residual.
+    pub down_residual: Vec<f32>,
+}
+
+const SNAPSHOT_MAGIC: &[u8; 4] = b"AMSN";
+
+/// Why a snapshot blob cannot be restored.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid coordinator snapshot: {0}")]
+pub struct SnapshotError(pub String);
+
+impl Snapshot {
+    /// `"AMSN" | json length (u64) | JSON metadata | f32 vectors (LE)`.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let json = serde_json::to_vec(&self.meta).expect("snapshot metadata serialises");
+        let mut out = Vec::new();
+        out.extend_from_slice(SNAPSHOT_MAGIC);
+        out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+        out.extend_from_slice(&json);
+        for v in [
+            &self.params.model,
+            &self.params.target,
+            &self.momentum,
+            &self.down_residual,
+        ] {
+            for x in v.iter() {
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    /// Parses and checks a snapshot.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, SnapshotError> {
+        let bad = |m: &str| SnapshotError(m.to_owned());
+        if bytes.len() < 12 || &bytes[..4] != SNAPSHOT_MAGIC {
+            return Err(bad("missing magic bytes"));
+        }
+        let n = u64::from_le_bytes(bytes[4..12].try_into().expect("8 bytes")) as usize;
+        let json = bytes
+            .get(12..12usize.saturating_add(n))
+            .ok_or_else(|| bad("truncated metadata"))?;
+        let meta: SnapshotMeta =
+            serde_json::from_slice(json).map_err(|e| SnapshotError(e.to_string()))?;
+        let mut rest = &bytes[12 + n..];
+        let total = meta
+            .lens
+            .iter()
+            .try_fold(0u64, |sum, len| sum.checked_add(*len))
+            .and_then(|t| t.checked_mul(4));
+        if total != Some(rest.len() as u64) {
+            return Err(bad("vector bytes do not match the recorded lengths"));
+        }
+        let mut take = |len: u64| {
+            let (a, b) = rest.split_at(len as usize * 4);
+            rest = b;
+            a.chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+                .collect::<Vec<f32>>()
+        };
+        let [a, b, c, d] = meta.lens;
+        let (model, target, momentum, down_residual) = (take(a), take(b), take(c), take(d));
+        Ok(Snapshot {
+            meta,
+            params: GlobalParams { model, target },
+            momentum,
+            down_residual,
+        })
+    }
+}
