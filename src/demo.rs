@@ -18,6 +18,7 @@ use burn::tensor::Device;
 
 use amity_coordinator::aggregate::AggregationConfig;
 use amity_coordinator::config::{CoordinatorConfig, RoundPolicy};
+use amity_coordinator::layout::StateLayout;
 use amity_coordinator::release::{ReleaseRequest, release_round};
 use amity_coordinator::server;
 use amity_protocol::tls::Identity;
@@ -32,7 +33,7 @@ use amity_shared::release::sign::{ReleaseKey, Trust};
 use amity_shared::synth::SynthConfig;
 use amity_shared::train::Trainer;
 use amity_worker::WorkerOptions;
-use amity_worker::run::human;
+use amity_worker::human;
 
 use crate::fetch::QuicSource;
 
@@ -184,7 +185,10 @@ pub fn run(out: &Path, videos: usize, rounds: u64, round_secs: f64) -> Result<()
 
         // 4. Evaluate the final checkpoint, publish it as a signed release, and fetch it back
         //    over QUIC as a downstream user would (no certificate, the release key pinned).
-        let ckpt_path = state_dir.join("checkpoints").join("latest.safetensors");
+        let ckpt_path = StateLayout {
+            dir: state_dir.clone(),
+        }
+        .latest_checkpoint();
         let probe_ckpt = ckpt_path.clone();
         let probes = tokio::task::spawn_blocking(move || -> Result<_> {
             let ckpt = Checkpoint::load(&probe_ckpt)?;

@@ -206,8 +206,8 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         "worker done: {} rounds acknowledged, {} local steps, {} up, {} down",
         summary.rounds,
         summary.steps,
-        amity_worker::run::human(summary.bytes_up),
-        amity_worker::run::human(summary.bytes_down)
+        amity_worker::human(summary.bytes_up),
+        amity_worker::human(summary.bytes_down)
     );
     Ok(())
 }

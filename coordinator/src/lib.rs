@@ -10,6 +10,7 @@ pub mod bench;
 pub mod config;
 pub mod core;
 pub mod journal;
+pub mod layout;
 pub mod release;
 pub mod retention;
 pub mod scoring;

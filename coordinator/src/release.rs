@@ -15,7 +15,7 @@ use amity_shared::release::{MANIFEST, ReleaseError, Signed};
 use amity_shared::store::BlobId;
 
 use crate::config::CoordinatorConfig;
-use crate::server::StateLayout;
+use crate::layout::StateLayout;
 
 /// A release the coordinator holds.
 #[derive(Debug, Clone)]

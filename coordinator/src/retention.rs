@@ -18,7 +18,7 @@ use amity_shared::store::{BlobId, BlobStore, LocalStore};
 use serde::{Deserialize, Serialize};
 
 use crate::journal::Journal;
-use crate::server::StateLayout;
+use crate::layout::StateLayout;
 
 /// The `[retention]` table of `coordinator.toml`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -18,7 +18,9 @@ use amity_protocol::PROTOCOL_VERSION;
 use amity_protocol::conn::{
     ConnError, MsgStream, OutboardCache, fetch_blob_bytes, serve_blob_requests,
 };
-use amity_protocol::message::{ClientMsg, ErrorCode, Hash, MAX_STRING, ServerMsg, brief};
+use amity_protocol::message::{
+    Capabilities, ClientMsg, ErrorCode, Hash, MAX_STRING, ServerMsg, brief,
+};
 use amity_protocol::tls::{ClientAuth, Identity, Revocations, peer_name, quic_server_config_with};
 use amity_shared::codec;
 use amity_shared::corpus::manifest::{Manifest, open_blobs};
@@ -34,13 +36,14 @@ use crate::core::{
     Snapshot, WorkerId, hex,
 };
 use crate::journal::Journal;
+use crate::layout::StateLayout;
 use crate::release;
 use crate::retention::{Retention, Usage};
 use crate::scoring::HeldOut;
 
-/// What the coordinator tells workers (in a `ShuttingDown` error and the connection close
-/// reason) when `max_rounds` are done: workers exit instead of reconnecting.
-pub const FINISHED_REASON: &str = "training finished";
+/// What the coordinator says (with [`ErrorCode::Finished`], in an error message and as the
+/// connection close reason) when `max_rounds` are done: workers exit instead of reconnecting.
+const FINISHED_REASON: &str = "training finished";
 
 /// Connections of any kind at once. QUIC connections share one UDP socket, but each holds
 /// memory and, while it fetches, open files; beyond this, new ones are refused before their
@@ -120,66 +123,6 @@ pub struct Status {
     pub storage: Usage,
 }
 
-/// Where the coordinator keeps its files under `state_dir`.
-#[derive(Debug, Clone)]
-pub struct StateLayout {
-    /// The folder.
-    pub dir: PathBuf,
-}
-
-impl StateLayout {
-    /// The content store of states, deltas, snapshots and received updates.
-    pub fn blobs(&self) -> PathBuf {
-        self.dir.join("blobs")
-    }
-    /// The command log.
-    pub fn journal(&self) -> PathBuf {
-        self.dir.join("journal.redb")
-    }
-    /// `status.json`.
-    pub fn status(&self) -> PathBuf {
-        self.dir.join("status.json")
-    }
-    /// Checkpoints (`round-N.safetensors`, `latest.safetensors`).
-    pub fn checkpoints(&self) -> PathBuf {
-        self.dir.join("checkpoints")
-    }
-    /// The newest checkpoint (`checkpoints/latest.safetensors`).
-    pub fn latest_checkpoint(&self) -> PathBuf {
-        self.checkpoints().join("latest.safetensors")
-    }
-    /// The checkpoint file of round `round` (`checkpoints/round-N.safetensors`).
-    pub fn round_checkpoint(&self, round: u64) -> PathBuf {
-        self.checkpoints()
-            .join(format!("round-{round}.safetensors"))
-    }
-    /// The round checkpoint files present, oldest first.
-    pub fn round_checkpoints(&self) -> std::io::Result<Vec<(u64, PathBuf)>> {
-        let mut rounds: Vec<(u64, PathBuf)> = std::fs::read_dir(self.checkpoints())?
-            .flatten()
-            .filter_map(|e| {
-                let name = e.file_name().into_string().ok()?;
-                let round = name
-                    .strip_prefix("round-")?
-                    .strip_suffix(".safetensors")?
-                    .parse()
-                    .ok()?;
-                Some((round, e.path()))
-            })
-            .collect();
-        rounds.sort();
-        Ok(rounds)
-    }
-    /// Published releases, one folder each (plain folders: mirror them anywhere).
-    pub fn releases(&self) -> PathBuf {
-        self.dir.join("releases")
-    }
-    /// Partial downloads of updates.
-    pub fn incoming(&self) -> PathBuf {
-        self.dir.join("incoming")
-    }
-}
-
 type Outboxes = Arc<Mutex<HashMap<WorkerId, mpsc::UnboundedSender<ServerMsg>>>>;
 
 struct Shared {
@@ -239,6 +182,52 @@ enum PullState {
     Pulling,
     /// Fetched and handed to the core.
     Done,
+}
+
+impl Shared {
+    /// The shell's shared state over `store`, with the store's unfinished writes and the
+    /// partial updates of an earlier run cleared (workers send afresh).
+    fn open(
+        store: LocalStore,
+        corpus: Option<LocalStore>,
+        layout: &StateLayout,
+        core: &Core,
+        events_tx: mpsc::UnboundedSender<Event>,
+        revoked: Revocations,
+    ) -> Arc<Shared> {
+        let shared = Arc::new(Shared {
+            store,
+            corpus,
+            layout: layout.clone(),
+            update_parts: core.update_parts(),
+            events: events_tx,
+            outboxes: Arc::new(Mutex::new(HashMap::new())),
+            next_worker: AtomicU64::new(1),
+            outboards: OutboardCache::new(),
+            round: AtomicU64::new(core.round()),
+            late_dropped: core.config().rounds.late == crate::config::LatePolicy::Drop,
+            pulls: Mutex::new(HashMap::new()),
+            pinned: Mutex::new(BTreeMap::new()),
+            storage: Mutex::new(Usage::default()),
+            releases: release::ReleaseIndex::new(layout.releases()),
+            revoked,
+            revocations_changed: tokio::sync::watch::Sender::new(0),
+            anonymous: Mutex::new(HashMap::new()),
+            defence: Mutex::new(Defence::default()),
+        });
+        match shared.store.clear_temp() {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("removed {n} unfinished writes from the store"),
+            Err(e) => tracing::warn!("{e}"),
+        }
+        // Partial updates of an earlier run are never resumed (workers send afresh).
+        if let Ok(entries) = std::fs::read_dir(layout.incoming()) {
+            for e in entries.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        shared
+    }
 }
 
 impl Shared {
@@ -309,11 +298,11 @@ impl Shared {
 }
 
 impl Shared {
-    /// Sends every connected worker a `ShuttingDown` error with `message` (workers that read
-    /// [`FINISHED_REASON`] in it exit instead of reconnecting).
-    fn tell_everyone(&self, message: &str) {
+    /// Sends every connected worker an error with `code` (`Finished`: the workers exit;
+    /// `ShuttingDown`: they reconnect later) and `message`, the last message of their session.
+    fn tell_everyone(&self, code: ErrorCode, message: &str) {
         let msg = ServerMsg::Error {
-            code: ErrorCode::ShuttingDown,
+            code,
             message: message.into(),
         };
         for tx in self.outboxes.lock().expect("outbox lock").values() {
@@ -469,37 +458,7 @@ pub async fn run(
     }
 
     let (events_tx, mut events) = mpsc::unbounded_channel();
-    let shared = Arc::new(Shared {
-        store,
-        corpus,
-        layout: layout.clone(),
-        update_parts: core.update_parts(),
-        events: events_tx,
-        outboxes: Arc::new(Mutex::new(HashMap::new())),
-        next_worker: AtomicU64::new(1),
-        outboards: OutboardCache::new(),
-        round: AtomicU64::new(core.round()),
-        late_dropped: core.config().rounds.late == crate::config::LatePolicy::Drop,
-        pulls: Mutex::new(HashMap::new()),
-        pinned: Mutex::new(BTreeMap::new()),
-        storage: Mutex::new(Usage::default()),
-        releases: release::ReleaseIndex::new(layout.releases()),
-        revoked,
-        revocations_changed: tokio::sync::watch::Sender::new(0),
-        anonymous: Mutex::new(HashMap::new()),
-        defence: Mutex::new(Defence::default()),
-    });
-    match shared.store.clear_temp() {
-        Ok(0) => {}
-        Ok(n) => tracing::info!("removed {n} unfinished writes from the store"),
-        Err(e) => tracing::warn!("{e}"),
-    }
-    // Partial updates of an earlier run are never resumed (workers send afresh).
-    if let Ok(entries) = std::fs::read_dir(layout.incoming()) {
-        for e in entries.flatten() {
-            let _ = std::fs::remove_file(e.path());
-        }
-    }
+    let shared = Shared::open(store, corpus, &layout, &core, events_tx, revoked);
     let mut checkpoint = latest_checkpoint(&layout);
     for action in &initial {
         execute_one(&shared, &mut journal, action, &mut checkpoint)?;
@@ -561,26 +520,19 @@ pub async fn run(
             if !told_finished {
                 // Workers go home; the coordinator stays up to serve checkpoints and releases.
                 told_finished = true;
-                shared.tell_everyone(FINISHED_REASON);
+                shared.tell_everyone(ErrorCode::Finished, FINISHED_REASON);
             }
         }
     };
     // Tell the workers, then close.
-    shared.tell_everyone(if core.finished() {
-        FINISHED_REASON
+    let (code, reason) = if core.finished() {
+        (ErrorCode::Finished, FINISHED_REASON)
     } else {
-        "coordinator shutting down"
-    });
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let reason: &[u8] = if core.finished() {
-        FINISHED_REASON.as_bytes()
-    } else {
-        b"shutting down"
+        (ErrorCode::ShuttingDown, "coordinator shutting down")
     };
-    endpoint.close(
-        amity_protocol::conn::quic_code(ErrorCode::ShuttingDown),
-        reason,
-    );
+    shared.tell_everyone(code, reason);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    endpoint.close(amity_protocol::conn::quic_code(code), reason.as_bytes());
     accept.abort();
     write_status(&shared, &core, &checkpoint);
     result?;
@@ -966,6 +918,8 @@ async fn greet(shared: &Shared, conn: &quinn::Connection, peer: &str) -> Option<
     Some(control)
 }
 
+/// One connection's life: admission, Hello, then a downstream client's release queries or a
+/// member's worker session.
 async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
     // A peer without a certificate is a downstream user: releases only.
     let named = peer_name(&conn);
@@ -979,29 +933,64 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
     };
     // A member whose name is revoked while connected is cut off at once.
     let _cut_off = (!anonymous).then(|| AbortOnDrop(watch_revocation(&shared, &conn, &peer)));
-    // Blob requests on further streams: members get training blobs and releases, anonymous
-    // peers releases only (never shards or states).
-    let blobs = {
-        let shared = shared.clone();
-        let conn = conn.clone();
-        let peer = peer.clone();
-        let outboards = shared.outboards.clone();
-        tokio::spawn(serve_blob_requests(
-            conn,
-            peer,
-            outboards,
-            move |id: &Hash| {
-                let id = BlobId(*id);
-                let training = if anonymous {
-                    None
-                } else {
-                    shared.blob_path(&id)
-                };
-                training.or_else(|| release::locate(&shared.releases.cached(), &id))
-            },
-        ))
-    };
-    let caps = loop {
+    let blobs = serve_blobs(&shared, &conn, &peer, anonymous);
+    match registration(&shared, &conn, &mut control, &peer, anonymous).await {
+        Registration::Worker(caps) => {
+            worker_session(&shared, &conn, control, &peer, caps).await;
+            blobs.abort();
+        }
+        // A downstream client: it fetches blobs until it closes the connection.
+        Registration::Downstream => {
+            let _ = blobs.await;
+        }
+        Registration::Gone => blobs.abort(),
+    }
+}
+
+/// Serves blob requests on the connection's further streams: members get training blobs and
+/// releases, anonymous peers releases only (never shards or states).
+fn serve_blobs(
+    shared: &Arc<Shared>,
+    conn: &quinn::Connection,
+    peer: &str,
+    anonymous: bool,
+) -> tokio::task::JoinHandle<()> {
+    let located = shared.clone();
+    tokio::spawn(serve_blob_requests(
+        conn.clone(),
+        peer.to_owned(),
+        shared.outboards.clone(),
+        move |id: &Hash| {
+            let id = BlobId(*id);
+            let training = if anonymous {
+                None
+            } else {
+                located.blob_path(&id)
+            };
+            training.or_else(|| release::locate(&located.releases.cached(), &id))
+        },
+    ))
+}
+
+/// How a connection's control stream went before any round.
+enum Registration {
+    /// A member registered to train, with these capabilities.
+    Worker(Capabilities),
+    /// A downstream client said goodbye or closed its control stream; it may still fetch.
+    Downstream,
+    /// The peer is gone, was refused, or made no sense.
+    Gone,
+}
+
+/// Answers release queries until the peer registers (members only), leaves or breaks off.
+async fn registration(
+    shared: &Shared,
+    conn: &quinn::Connection,
+    control: &mut MsgStream,
+    peer: &str,
+    anonymous: bool,
+) -> Registration {
+    loop {
         match control.recv::<ClientMsg>().await {
             Ok(Some(ClientMsg::Register(_))) if anonymous => {
                 let message = "training needs an institution certificate from the operator's CA \
@@ -1015,69 +1004,75 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
                     .await;
                 tracing::warn!(%peer, "refused registration without a certificate");
                 shared.count(|d| d.registrations_refused += 1);
-                blobs.abort();
                 // Let the peer read the refusal before the connection goes.
                 control.finish();
                 let _ =
                     tokio::time::timeout(std::time::Duration::from_secs(2), conn.closed()).await;
-                return;
+                return Registration::Gone;
             }
-            Ok(Some(ClientMsg::Register(c))) => break c,
+            Ok(Some(ClientMsg::Register(c))) => return Registration::Worker(c),
             Ok(Some(ClientMsg::ReleaseQuery { name })) => {
-                let releases = shared.releases.current().await;
-                let answer = match release::find(&releases, &name) {
-                    Some(r) => ServerMsg::ReleaseInfo {
-                        name: r.signed.manifest.name.clone(),
-                        manifest: r.signed.manifest_id().0,
-                        signature: r.signed.signature.clone(),
-                    },
-                    None => {
-                        let mut names: Vec<&str> = releases
-                            .iter()
-                            .map(|r| r.signed.manifest.name.as_str())
-                            .collect();
-                        names.sort_unstable();
-                        // Within a message's text limit however many releases there are
-                        // (and whatever name was asked for).
-                        let text = format!(
-                            "no release `{}` here (published: {})",
-                            brief(&name, 200),
-                            if names.is_empty() {
-                                "none".to_owned()
-                            } else {
-                                names.join(", ")
-                            }
-                        );
-                        ServerMsg::Error {
-                            code: ErrorCode::NotFound,
-                            message: brief(&text, MAX_STRING - 64),
-                        }
-                    }
-                };
+                let answer = release_answer(shared, &name).await;
                 if control.send(&answer).await.is_err() {
-                    blobs.abort();
-                    return;
+                    return Registration::Gone;
                 }
             }
-            Ok(Some(ClientMsg::Goodbye)) | Ok(None) => {
-                // A downstream client: it fetches blobs until it closes the connection.
-                let _ = blobs.await;
-                return;
-            }
+            Ok(Some(ClientMsg::Goodbye)) | Ok(None) => return Registration::Downstream,
             Err(ConnError::Connection { .. }) => {
                 // A downstream client that fetched what it wanted and closed.
                 tracing::debug!(%peer, "connection closed");
-                blobs.abort();
-                return;
+                return Registration::Gone;
             }
             other => {
                 let got = brief(&format!("{other:?}"), 200);
                 tracing::warn!(%peer, "expected Register or ReleaseQuery, got {got}");
-                blobs.abort();
-                return;
+                return Registration::Gone;
             }
         }
-    };
+    }
+}
+
+/// The answer to a query for release `name`: its manifest, or which releases there are.
+async fn release_answer(shared: &Shared, name: &str) -> ServerMsg {
+    let releases = shared.releases.current().await;
+    if let Some(r) = release::find(&releases, name) {
+        return ServerMsg::ReleaseInfo {
+            name: r.signed.manifest.name.clone(),
+            manifest: r.signed.manifest_id().0,
+            signature: r.signed.signature.clone(),
+        };
+    }
+    let mut names: Vec<&str> = releases
+        .iter()
+        .map(|r| r.signed.manifest.name.as_str())
+        .collect();
+    names.sort_unstable();
+    // Within a message's text limit however many releases there are (and whatever name was
+    // asked for).
+    let text = format!(
+        "no release `{}` here (published: {})",
+        brief(name, 200),
+        if names.is_empty() {
+            "none".to_owned()
+        } else {
+            names.join(", ")
+        }
+    );
+    ServerMsg::Error {
+        code: ErrorCode::NotFound,
+        message: brief(&text, MAX_STRING - 64),
+    }
+}
+
+/// A registered worker's session: joins the core, then relays the core's messages to the worker
+/// and the worker's heartbeats and update offers to the core, until either side leaves.
+async fn worker_session(
+    shared: &Arc<Shared>,
+    conn: &quinn::Connection,
+    mut control: MsgStream,
+    peer: &str,
+    caps: Capabilities,
+) {
     let worker = shared.next_worker.fetch_add(1, Ordering::Relaxed);
     let (tx, mut outbox) = mpsc::unbounded_channel();
     shared
@@ -1094,18 +1089,20 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
         })
         .collect();
     let info = JoinInfo {
-        name: peer.clone(),
+        name: peer.to_owned(),
         backend: caps.backend.clone(),
         samples_per_s: caps.samples_per_s as f64,
         local_shards,
     };
     let _ = shared.events.send(Event::Joined { worker, info });
-
     loop {
         tokio::select! {
             msg = outbox.recv() => {
                 let Some(msg) = msg else { break };
-                let last = matches!(msg, ServerMsg::Error { code: ErrorCode::ShuttingDown, .. });
+                let last = matches!(
+                    msg,
+                    ServerMsg::Error { code: ErrorCode::ShuttingDown | ErrorCode::Finished, .. }
+                );
                 if control.send(&msg).await.is_err() {
                     break;
                 }
@@ -1125,7 +1122,7 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
                     let _ = shared.events.send(Event::Heartbeat { worker });
                 }
                 Ok(Some(header @ ClientMsg::UpdateHeader { .. })) => {
-                    offer_update(&shared, &conn, &peer, worker, header);
+                    offer_update(shared, conn, peer, worker, header);
                 }
                 Ok(Some(ClientMsg::Goodbye)) | Ok(None) => break,
                 Ok(Some(other)) => {
@@ -1141,7 +1138,6 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
     }
     shared.outboxes.lock().expect("outbox lock").remove(&worker);
     let _ = shared.events.send(Event::Left { worker });
-    blobs.abort();
 }
 
 /// A worker offers its update (`header` is its `UpdateHeader`): refused at once when its round is

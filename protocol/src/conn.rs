@@ -182,10 +182,32 @@ impl HandshakeRefusal {
     }
 }
 
+/// The application code the peer closed connection `e` with, when it closed it on purpose
+/// (for example [`ErrorCode::Finished`] at the end of a run).
+pub fn closed_with(e: &quinn::ConnectionError) -> Option<ErrorCode> {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(c) => u16::try_from(c.error_code.into_inner())
+            .ok()
+            .and_then(ErrorCode::from_u16),
+        _ => None,
+    }
+}
+
 impl ConnError {
     /// The TLS refusal behind this error, if the connection ended because a side's TLS refused
     /// the other's certificate (see [`HandshakeRefusal::of`]).
     pub fn handshake_refusal(&self) -> Option<HandshakeRefusal> {
+        self.connection_error().and_then(HandshakeRefusal::of)
+    }
+
+    /// The application code the peer closed the connection with, if it did (see
+    /// [`closed_with`]).
+    pub fn closed_with(&self) -> Option<ErrorCode> {
+        self.connection_error().and_then(closed_with)
+    }
+
+    /// The connection's end behind this error, when the error is the connection ending.
+    fn connection_error(&self) -> Option<&quinn::ConnectionError> {
         let connection = match self {
             ConnError::Connection { source, .. } => source,
             ConnError::Read {
@@ -198,7 +220,7 @@ impl ConnError {
             } => c,
             _ => return None,
         };
-        HandshakeRefusal::of(connection)
+        Some(connection)
     }
 }
 

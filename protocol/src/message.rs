@@ -78,6 +78,30 @@ pub enum ErrorCode {
     ShuttingDown = 8,
     /// Anything else.
     Internal = 9,
+    /// Training is over: the run reached its planned end. A worker told this leaves for good
+    /// instead of reconnecting.
+    Finished = 10,
+}
+
+impl ErrorCode {
+    /// The code numbered `v` on the wire (a QUIC application close or stream reset code).
+    pub fn from_u16(v: u16) -> Option<ErrorCode> {
+        use ErrorCode::*;
+        [
+            VersionMismatch,
+            FrameTooLarge,
+            Malformed,
+            Revoked,
+            Unexpected,
+            HashMismatch,
+            NotFound,
+            ShuttingDown,
+            Internal,
+            Finished,
+        ]
+        .into_iter()
+        .find(|c| *c as u16 == v)
+    }
 }
 
 /// Worker (or downstream client) to coordinator.

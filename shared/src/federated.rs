@@ -31,12 +31,38 @@ pub enum TargetPolicy {
     LocalEma,
 }
 
-impl std::fmt::Display for TargetPolicy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+impl TargetPolicy {
+    /// Every policy, in the order their names are listed in errors.
+    pub const ALL: [TargetPolicy; 2] = [TargetPolicy::CoordinatorEma, TargetPolicy::LocalEma];
+
+    /// The policy's name, as configs and the wire spell it.
+    pub fn name(self) -> &'static str {
+        match self {
             TargetPolicy::CoordinatorEma => "coordinator-ema",
             TargetPolicy::LocalEma => "local-ema",
-        })
+        }
+    }
+}
+
+impl std::fmt::Display for TargetPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A target-policy name that is none of [`TargetPolicy::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown target policy `{0}` (expected coordinator-ema or local-ema)")]
+pub struct UnknownTargetPolicy(pub String);
+
+impl std::str::FromStr for TargetPolicy {
+    type Err = UnknownTargetPolicy;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        TargetPolicy::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| UnknownTargetPolicy(s.to_owned()))
     }
 }
 
@@ -377,6 +403,17 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use burn::tensor::Device;
+
+    #[test]
+    fn target_policies_parse_from_their_names() {
+        for p in TargetPolicy::ALL {
+            assert_eq!(p.name().parse::<TargetPolicy>(), Ok(p));
+            // The serde spelling (configs, status files) is the same name.
+            assert_eq!(serde_json::to_string(&p).unwrap(), format!("\"{p}\""));
+        }
+        let err = "global-ema".parse::<TargetPolicy>().unwrap_err();
+        assert!(err.to_string().contains("global-ema"), "{err}");
+    }
 
     #[test]
     fn schedules_follow_announced_progress_whatever_the_worker_speed() {

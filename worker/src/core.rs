@@ -1,0 +1,929 @@
+//! The worker's decisions, without I/O (like `quinn-proto`, and like the coordinator's core).
+//!
+//! [`WorkerCore::handle`] takes an [`Input`] (the connection came up, a message arrived, a
+//! fetch or a training job finished, the heartbeat timer fired, Ctrl-C) with the time, and
+//! returns the [`WorkerAction`]s to carry out **in order**: connect, send a message, fetch a
+//! blob, train, store an update, finish. The async shell (`run.rs`) only moves bytes and runs
+//! the training job; every behaviour (registration, reconnecting with the optimiser state and
+//! the error-feedback residual kept, delta reconstruction, faults, Ctrl-C) is tested here
+//! without sockets.
+//!
+//! Some actions are requests the shell answers with one input: [`WorkerAction::Fetch`] with
+//! [`Input::Fetched`], [`WorkerAction::PrepareShards`] with [`Input::ShardsReady`],
+//! [`WorkerAction::MeasureThroughput`] with [`Input::Throughput`] and [`WorkerAction::Train`]
+//! with [`Input::Trained`]. When the shell cannot carry an action out (the connection drops, a
+//! cache write fails), it drops the actions after it and answers [`Input::Lost`].
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use amity_protocol::PROTOCOL_VERSION;
+use amity_protocol::conn::HandshakeRefusal;
+use amity_protocol::message::{
+    Capabilities, ClientMsg, ErrorCode, LocalShard, LossStats, ServerMsg, StateDelta,
+};
+use amity_shared::checkpoint::Checkpoint;
+use amity_shared::codec::{CodecSpec, ErrorFeedback};
+use amity_shared::config::Config;
+use amity_shared::federated::{
+    GlobalParams, LocalRoundOptions, LocalUpdate, RoundBudget, RunProgress, TargetPolicy,
+};
+use amity_shared::store::BlobId;
+
+/// The first wait before reconnecting; it doubles on each failed attempt up to
+/// [`MAX_BACKOFF`], and starts over once a connection is up.
+pub const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+
+/// The longest wait between reconnection attempts.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(8);
+
+/// How often the shell feeds [`Input::Tick`] (the heartbeat period).
+pub const HEARTBEAT: Duration = Duration::from_secs(2);
+
+/// The most bytes a shard may have: ingest cuts shards at 64 MiB by default; this bound only
+/// keeps a broken or hostile server from filling the disk.
+pub const MAX_SHARD_BYTES: u64 = 16 << 30;
+
+/// What the core is told.
+#[derive(Debug)]
+pub enum Input {
+    /// The connection to the coordinator is up (TLS done, control stream open).
+    Connected,
+    /// The connection failed, dropped or was closed, or the shell could not carry out an action.
+    Lost(Disconnect),
+    /// A message from the coordinator.
+    Message(ServerMsg),
+    /// Answer to [`WorkerAction::MeasureThroughput`]: clips per second.
+    Throughput(f32),
+    /// Answer to [`WorkerAction::Fetch`]: the blob's verified bytes, and how many of them came
+    /// over the network (0 when the cache held it).
+    Fetched {
+        /// The blob.
+        id: BlobId,
+        /// Its bytes.
+        bytes: Vec<u8>,
+        /// Bytes downloaded.
+        downloaded: u64,
+    },
+    /// Answer to [`WorkerAction::PrepareShards`]: every shard is local now.
+    ShardsReady {
+        /// Bytes downloaded.
+        downloaded: u64,
+    },
+    /// Answer to [`WorkerAction::Train`]: the local round's pseudo-gradient, or why it failed.
+    Trained(Result<LocalUpdate, String>),
+    /// The heartbeat timer fired (every [`HEARTBEAT`]).
+    Tick,
+    /// Ctrl-C: leave cleanly (a round under way is abandoned once its job returns).
+    Stop,
+}
+
+/// How a connection ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Disconnect {
+    /// It dropped or was closed: reconnect after a back-off, unless `code` says the run is over.
+    Lost {
+        /// What happened, for the log.
+        why: String,
+        /// The application code the coordinator closed the connection with, if it did.
+        code: Option<ErrorCode>,
+    },
+    /// A side's TLS refused the other's certificate: reconnecting cannot mend it.
+    Refused {
+        /// Which side refused, and with which alert.
+        refusal: HandshakeRefusal,
+        /// The error as the transport reported it.
+        detail: String,
+    },
+}
+
+impl Disconnect {
+    /// A connection lost for `why`, with no close code.
+    pub fn lost(why: impl Into<String>) -> Self {
+        Disconnect::Lost {
+            why: why.into(),
+            code: None,
+        }
+    }
+}
+
+/// What the core asks the shell to do.
+#[derive(Debug)]
+pub enum WorkerAction {
+    /// Connect to the coordinator now, then answer [`Input::Connected`] or [`Input::Lost`].
+    Connect,
+    /// Connect after waiting this long (the back-off after a lost connection).
+    ConnectAfter(Duration),
+    /// Close the connection (and stop serving blobs on it).
+    Disconnect,
+    /// Send a message on the control stream.
+    Send(ClientMsg),
+    /// Measure this machine's clips/s on the run's model and answer [`Input::Throughput`].
+    MeasureThroughput(Box<Config>),
+    /// Make a fresh trainer (fresh inner optimiser) for this run. Not asked when a reconnect
+    /// registers into the same run: the trainer and its AdamW state are kept.
+    NewTrainer(Box<Config>),
+    /// Fetch blob `id` (from the cache, else from the coordinator, at most `max_len` bytes) and
+    /// answer [`Input::Fetched`].
+    Fetch {
+        /// The blob.
+        id: BlobId,
+        /// The most bytes it may have.
+        max_len: u64,
+    },
+    /// Make every shard local (the institution's own store, the cache, else fetched, each at
+    /// most [`MAX_SHARD_BYTES`]) and answer [`Input::ShardsReady`].
+    PrepareShards(Vec<BlobId>),
+    /// Run a local round on a blocking thread and answer [`Input::Trained`].
+    Train(TrainJob),
+    /// Put this update into the cache, from where the coordinator pulls it.
+    StoreUpdate(Vec<u8>),
+    /// Delete these blobs from the cache (states, deltas and updates of rounds long gone).
+    Forget(Vec<BlobId>),
+    /// A progress line for the operator (only with `progress` on).
+    Report(String),
+    /// Stop: the run is over, Ctrl-C, or an error reconnecting cannot mend. The shell closes
+    /// the connection and returns [`WorkerCore::summary`] or the error.
+    Finish(Result<(), WorkerError>),
+}
+
+/// A local round for the shell to run.
+#[derive(Debug)]
+pub struct TrainJob {
+    /// The round.
+    pub round: u64,
+    /// The global state it starts from.
+    pub start: Arc<GlobalParams>,
+    /// The shards to draw clips from (empty: the synthetic stream).
+    pub shards: Vec<BlobId>,
+    /// Budget, policy, seeds and schedule position.
+    pub options: LocalRoundOptions,
+}
+
+/// What the core needs to know about this worker.
+#[derive(Debug, Clone)]
+pub struct CoreOptions {
+    /// The compute backend's name (`flex`, `cuda`, ...), announced at registration.
+    pub backend: String,
+    /// The institution's own shards (id, clips), announced at registration.
+    pub local_shards: Vec<(BlobId, u64)>,
+    /// Step time multiplier standing in for slower hardware (demo and tests).
+    pub slowdown: f64,
+    /// Deliberate misbehaviour (tests only).
+    pub fault: Option<Fault>,
+    /// Report a line per round.
+    pub progress: bool,
+}
+
+/// What registration settled for the session.
+#[derive(Debug, Clone, Copy)]
+struct Session {
+    codec: CodecSpec,
+    policy: TargetPolicy,
+    /// The worker's id in the run (mixed into its batch and mask seeds).
+    worker: u64,
+}
+
+/// A round from its announce to its upload.
+#[derive(Debug)]
+struct Round {
+    round: u64,
+    /// The announced state's blob id and parameters hash.
+    state: BlobId,
+    params: BlobId,
+    delta: Option<StateDelta>,
+    budget_ms: u64,
+    steps: u64,
+    planned_rounds: u64,
+    flush: bool,
+    shards: Vec<BlobId>,
+    /// When its shard assignment arrived (the time budget counts from there).
+    started_ms: u64,
+    /// The state it starts from, once held.
+    start: Option<Arc<GlobalParams>>,
+}
+
+/// Where the connection is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    /// Not connected (a connect is asked for or pending).
+    Down,
+    /// Hello sent, waiting for Welcome.
+    Hello,
+    /// Registering (throughput being measured, or Register sent).
+    Registering,
+    /// Registered: rounds come.
+    Up,
+}
+
+/// Where the current round is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Fetching the delta (then the full state if it does not reproduce the announced hash).
+    Delta,
+    /// Fetching the full state.
+    State,
+    /// Making the shards local.
+    Shards,
+    /// The training job runs.
+    Training,
+}
+
+/// The worker's state machine.
+#[derive(Debug)]
+pub struct WorkerCore {
+    opts: CoreOptions,
+    link: Link,
+    backoff: Duration,
+    /// The run's config, from the first registration on (kept across reconnects).
+    run: Option<Config>,
+    session: Option<Session>,
+    /// The global state held, and its parameters hash.
+    params: Option<(Arc<GlobalParams>, BlobId)>,
+    feedback: ErrorFeedback,
+    summary: WorkerSummary,
+    /// The announce waiting for its shard assignment.
+    announced: Option<Round>,
+    /// The round under way, and its step.
+    current: Option<(Round, Step)>,
+    /// A complete round (announce and shards) that arrived while the previous one was still
+    /// training: it starts when that one ends.
+    queued: Option<Round>,
+    /// Ctrl-C came while a training job ran: leave once it returns.
+    stopping: bool,
+    /// Heartbeat sequence number (increases over the worker's life).
+    seq: u64,
+    /// Throughput measured at the last registration.
+    throughput: f32,
+    /// Blobs in the cache that belong to one round (states, deltas, our updates), by round:
+    /// deleted two rounds on, so that a long run does not fill the disk. Shards stay (every
+    /// epoch trains them again).
+    transient: VecDeque<(u64, Vec<BlobId>)>,
+    finished: bool,
+}
+
+impl WorkerCore {
+    /// A worker that has not connected yet, and the action that connects it.
+    pub fn new(opts: CoreOptions) -> (Self, Vec<WorkerAction>) {
+        let core = WorkerCore {
+            opts,
+            link: Link::Down,
+            backoff: FIRST_BACKOFF,
+            run: None,
+            session: None,
+            params: None,
+            feedback: ErrorFeedback::new(),
+            summary: WorkerSummary::default(),
+            announced: None,
+            current: None,
+            queued: None,
+            stopping: false,
+            seq: 0,
+            throughput: 0.0,
+            transient: VecDeque::new(),
+            finished: false,
+        };
+        (core, vec![WorkerAction::Connect])
+    }
+
+    /// What the worker did so far.
+    pub fn summary(&self) -> &WorkerSummary {
+        &self.summary
+    }
+
+    /// The error-feedback residual: what compression held back from the updates sent so far.
+    pub fn residual(&self) -> &[f32] {
+        self.feedback.residual()
+    }
+
+    /// Whether the core has asked to finish.
+    pub fn finished(&self) -> bool {
+        self.finished
+    }
+
+    /// Handles one input at `now_ms` (milliseconds on any monotonic clock) and returns what to
+    /// do, in order.
+    pub fn handle(&mut self, input: Input, now_ms: u64) -> Vec<WorkerAction> {
+        let mut out = Vec::new();
+        if self.finished {
+            return out;
+        }
+        match input {
+            Input::Connected => {
+                self.link = Link::Hello;
+                self.backoff = FIRST_BACKOFF;
+                out.push(WorkerAction::Send(ClientMsg::Hello {
+                    protocol: PROTOCOL_VERSION,
+                    software: format!("amity {}", env!("CARGO_PKG_VERSION")),
+                }));
+            }
+            Input::Lost(d) => self.on_lost(d, &mut out),
+            Input::Message(msg) => self.on_message(msg, now_ms, &mut out),
+            Input::Throughput(clips_per_s) => {
+                self.throughput = clips_per_s;
+                if self.link == Link::Registering {
+                    out.push(self.register());
+                }
+            }
+            Input::Fetched {
+                id,
+                bytes,
+                downloaded,
+            } => {
+                self.summary.bytes_down += downloaded;
+                self.on_fetched(id, &bytes, now_ms, &mut out);
+            }
+            Input::ShardsReady { downloaded } => {
+                self.summary.bytes_down += downloaded;
+                if let Some((round, Step::Shards)) = self.current.take() {
+                    out.push(WorkerAction::Train(self.train_job(&round, now_ms)));
+                    self.current = Some((round, Step::Training));
+                }
+            }
+            Input::Trained(result) => self.on_trained(result, now_ms, &mut out),
+            Input::Tick => {
+                if self.link == Link::Up {
+                    self.seq += 1;
+                    out.push(WorkerAction::Send(ClientMsg::Heartbeat { seq: self.seq }));
+                }
+            }
+            Input::Stop => {
+                if matches!(self.current, Some((_, Step::Training))) {
+                    // The job sees the stop flag between steps; we say goodbye when it returns.
+                    self.stopping = true;
+                } else {
+                    self.leave(&mut out);
+                }
+            }
+        }
+        out
+    }
+
+    /// Says goodbye (when connected) and finishes.
+    fn leave(&mut self, out: &mut Vec<WorkerAction>) {
+        if self.link != Link::Down {
+            out.push(WorkerAction::Send(ClientMsg::Goodbye));
+            out.push(WorkerAction::Disconnect);
+        }
+        self.finish(Ok(()), out);
+    }
+
+    fn finish(&mut self, result: Result<(), WorkerError>, out: &mut Vec<WorkerAction>) {
+        self.finished = true;
+        out.push(WorkerAction::Finish(result));
+    }
+
+    fn on_lost(&mut self, d: Disconnect, out: &mut Vec<WorkerAction>) {
+        let was_up = self.link != Link::Down;
+        self.link = Link::Down;
+        self.session = None;
+        self.announced = None;
+        self.queued = None;
+        // A round that was fetching is abandoned; a training job runs on and its result is
+        // dropped when it returns (its round went with the session).
+        if !matches!(self.current, Some((_, Step::Training))) {
+            self.current = None;
+        }
+        match d {
+            Disconnect::Refused { refusal, detail } => {
+                let why = refusal_text(refusal, &detail);
+                self.finish(Err(WorkerError::Handshake(why)), out);
+            }
+            Disconnect::Lost {
+                code: Some(ErrorCode::Finished),
+                ..
+            } => {
+                tracing::info!("coordinator: training finished");
+                self.finish(Ok(()), out);
+            }
+            Disconnect::Lost { why, .. } => {
+                if self.stopping {
+                    return self.finish(Ok(()), out);
+                }
+                tracing::warn!("connection lost: {why}; retrying in {:?}", self.backoff);
+                if was_up {
+                    out.push(WorkerAction::Disconnect);
+                }
+                out.push(WorkerAction::ConnectAfter(self.backoff));
+                self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+
+    fn register(&self) -> WorkerAction {
+        WorkerAction::Send(ClientMsg::Register(Capabilities {
+            backend: self.opts.backend.clone(),
+            device_name: self.opts.backend.clone(),
+            memory_bytes: 0,
+            samples_per_s: self.throughput,
+            local_shards: self
+                .opts
+                .local_shards
+                .iter()
+                .map(|&(id, clips)| LocalShard { id: id.0, clips })
+                .collect(),
+        }))
+    }
+
+    fn on_message(&mut self, msg: ServerMsg, now_ms: u64, out: &mut Vec<WorkerAction>) {
+        match (self.link, msg) {
+            (_, ServerMsg::Error { code, message }) => self.on_error(code, message, out),
+            (Link::Hello, ServerMsg::Welcome { identity, .. }) => {
+                tracing::info!(%identity, "connected");
+                self.link = Link::Registering;
+                match (&self.run, &self.current) {
+                    // Not while a job trains: it would compete for the machine. The last
+                    // measurement stands.
+                    (Some(run), None) => {
+                        out.push(WorkerAction::MeasureThroughput(Box::new(run.clone())))
+                    }
+                    // Until the run's config arrives, the first round measures us.
+                    _ => out.push(self.register()),
+                }
+            }
+            (
+                Link::Registering,
+                ServerMsg::Registered {
+                    worker,
+                    run,
+                    codec,
+                    target_policy,
+                },
+            ) => match settle(&run, &codec, &target_policy) {
+                Ok((run, codec, policy)) => {
+                    tracing::info!(worker, %codec, %policy, preset = %run.preset, "registered");
+                    self.link = Link::Up;
+                    self.session = Some(Session {
+                        codec,
+                        policy,
+                        worker,
+                    });
+                    if self.run.as_ref() != Some(&run) {
+                        // A new run: a fresh trainer, and its seeded initialisation is round
+                        // 0's state, with no download.
+                        let init = GlobalParams::seeded(&run);
+                        let hash = BlobId(init.hash());
+                        self.params = Some((Arc::new(init), hash));
+                        self.feedback = ErrorFeedback::new();
+                        out.push(WorkerAction::NewTrainer(Box::new(run.clone())));
+                        self.run = Some(run);
+                    }
+                }
+                Err(why) => self.finish(Err(WorkerError::Refused(why)), out),
+            },
+            (Link::Hello | Link::Registering, other) => {
+                let expected = if self.link == Link::Hello {
+                    "Welcome"
+                } else {
+                    "Registered"
+                };
+                self.on_lost(
+                    Disconnect::lost(format!("expected {expected}, got {other:?}")),
+                    out,
+                );
+            }
+            (Link::Up, msg) => self.on_round_message(msg, now_ms, out),
+            (Link::Down, msg) => tracing::debug!("dropped {msg:?} after the connection ended"),
+        }
+    }
+
+    fn on_error(&mut self, code: ErrorCode, message: String, out: &mut Vec<WorkerAction>) {
+        match (self.link, code) {
+            (_, ErrorCode::Finished) => {
+                tracing::info!("coordinator: {message}");
+                self.leave(out);
+            }
+            (_, ErrorCode::ShuttingDown) => {
+                tracing::info!("coordinator: {message}");
+                self.on_lost(
+                    Disconnect::Lost {
+                        why: message,
+                        code: Some(code),
+                    },
+                    out,
+                );
+            }
+            // Refused before registration (version, revoked, bad capabilities): for good.
+            (Link::Hello | Link::Registering, _) => self.finish(
+                Err(WorkerError::Refused(format!("{code:?}: {message}"))),
+                out,
+            ),
+            _ => tracing::warn!(?code, "coordinator: {message}"),
+        }
+    }
+
+    fn on_round_message(&mut self, msg: ServerMsg, now_ms: u64, out: &mut Vec<WorkerAction>) {
+        match msg {
+            ServerMsg::RoundAnnounce {
+                round,
+                state,
+                params,
+                delta,
+                budget_ms,
+                steps,
+                planned_rounds,
+                flush,
+            } => {
+                self.announced = Some(Round {
+                    round,
+                    state: BlobId(state),
+                    params: BlobId(params),
+                    delta,
+                    budget_ms,
+                    steps,
+                    planned_rounds,
+                    flush,
+                    shards: Vec::new(),
+                    started_ms: now_ms,
+                    start: None,
+                });
+            }
+            ServerMsg::ShardAssignment { round, shards } => {
+                let Some(mut r) = self.announced.take().filter(|a| a.round == round) else {
+                    tracing::warn!(round, "shard assignment without its announce");
+                    return;
+                };
+                r.shards = shards.into_iter().map(BlobId).collect();
+                r.started_ms = now_ms;
+                if self.current.is_some() {
+                    self.queued = Some(r);
+                } else {
+                    self.begin(r, now_ms, out);
+                }
+            }
+            ServerMsg::Ack { of } => {
+                self.summary.rounds += 1;
+                tracing::debug!(round = of, "update acknowledged");
+            }
+            other => tracing::warn!("unexpected {other:?}"),
+        }
+    }
+
+    /// Starts round `r`: the state first (held, from a delta, or in full).
+    fn begin(&mut self, mut r: Round, now_ms: u64, out: &mut Vec<WorkerAction>) {
+        self.forget_rounds_before(r.round, out);
+        let held = self.params.clone();
+        if let Some((p, _)) = held.as_ref().filter(|(_, h)| *h == r.params) {
+            // We hold it (the seeded initial state, or one sent before).
+            r.start = Some(p.clone());
+            return self.after_state(r, now_ms, out);
+        }
+        match (r.delta, held) {
+            (Some(d), Some((p, h))) if h.0 == d.base => {
+                out.push(WorkerAction::Fetch {
+                    id: BlobId(d.blob),
+                    max_len: state_bytes_limit(&p),
+                });
+                self.current = Some((r, Step::Delta));
+            }
+            (_, held) => {
+                out.push(WorkerAction::Fetch {
+                    id: r.state,
+                    max_len: held.map_or(MAX_SHARD_BYTES, |(p, _)| state_bytes_limit(&p)),
+                });
+                self.current = Some((r, Step::State));
+            }
+        }
+    }
+
+    fn on_fetched(&mut self, id: BlobId, bytes: &[u8], now_ms: u64, out: &mut Vec<WorkerAction>) {
+        let Some((mut r, step)) = self.current.take() else {
+            return;
+        };
+        self.round_blob(r.round, id);
+        match step {
+            Step::Delta => {
+                let base = self.params.as_ref().map(|(p, _)| p.clone());
+                let momentum = r.delta.and_then(|d| d.target_momentum);
+                match base.map(|p| p.after_delta(bytes, momentum)) {
+                    Some(Ok(next)) if BlobId(next.hash()) == r.params => {
+                        r.start = Some(Arc::new(next));
+                        self.after_state(r, now_ms, out);
+                    }
+                    other => {
+                        match other {
+                            Some(Err(e)) => tracing::warn!(r.round, "bad delta: {e}"),
+                            _ => tracing::warn!(r.round, "delta did not give the announced state"),
+                        }
+                        // The full state, then.
+                        out.push(WorkerAction::Fetch {
+                            id: r.state,
+                            max_len: self
+                                .params
+                                .as_ref()
+                                .map_or(MAX_SHARD_BYTES, |(p, _)| state_bytes_limit(p)),
+                        });
+                        self.current = Some((r, Step::State));
+                    }
+                }
+            }
+            Step::State => {
+                let checked = Checkpoint::from_bytes(bytes, "global state from coordinator")
+                    .map_err(|e| e.to_string())
+                    .and_then(|c| {
+                        let p = GlobalParams {
+                            model: c.model,
+                            target: c.target,
+                        };
+                        if BlobId(p.hash()) == r.params {
+                            Ok(p)
+                        } else {
+                            Err("global state does not match its hash".into())
+                        }
+                    });
+                match checked {
+                    Ok(p) => {
+                        r.start = Some(Arc::new(p));
+                        self.after_state(r, now_ms, out);
+                    }
+                    Err(why) => self.on_lost(Disconnect::lost(why), out),
+                }
+            }
+            Step::Shards | Step::Training => self.current = Some((r, step)),
+        }
+    }
+
+    /// The state is held: keep it, then the shards.
+    fn after_state(&mut self, r: Round, now_ms: u64, out: &mut Vec<WorkerAction>) {
+        if let Some(start) = &r.start {
+            self.params = Some((start.clone(), r.params));
+        }
+        if r.shards.is_empty() {
+            let job = self.train_job(&r, now_ms);
+            out.push(WorkerAction::Train(job));
+            self.current = Some((r, Step::Training));
+        } else {
+            out.push(WorkerAction::PrepareShards(r.shards.clone()));
+            self.current = Some((r, Step::Shards));
+        }
+    }
+
+    fn train_job(&self, r: &Round, now_ms: u64) -> TrainJob {
+        let session = self
+            .session
+            .expect("rounds come only to a registered worker");
+        let seed = self.run.as_ref().map_or(0, |c| c.train.seed);
+        let budget = if r.steps > 0 {
+            RoundBudget::steps(r.steps)
+        } else {
+            let spent = now_ms.saturating_sub(r.started_ms);
+            RoundBudget {
+                steps: None,
+                time: Some(Duration::from_millis(r.budget_ms.saturating_sub(spent))),
+            }
+        };
+        TrainJob {
+            round: r.round,
+            start: r.start.clone().expect("the state is held before training"),
+            shards: r.shards.clone(),
+            options: LocalRoundOptions {
+                budget,
+                policy: session.policy,
+                seed: seed ^ r.round.rotate_left(17),
+                worker: session.worker,
+                progress: RunProgress {
+                    round: r.round,
+                    planned_rounds: r.planned_rounds,
+                },
+                slowdown: self.opts.slowdown,
+            },
+        }
+    }
+
+    fn on_trained(
+        &mut self,
+        result: Result<LocalUpdate, String>,
+        now_ms: u64,
+        out: &mut Vec<WorkerAction>,
+    ) {
+        let Some((r, Step::Training)) = self.current.take() else {
+            return;
+        };
+        if let Ok(u) = &result {
+            self.summary.steps += u.steps;
+        }
+        if self.stopping {
+            // Ctrl-C: the round's upload is abandoned.
+            return self.leave(out);
+        }
+        let update = match result {
+            Ok(u) => u,
+            Err(why) => return self.on_lost(Disconnect::lost(why), out),
+        };
+        match (self.link, self.session) {
+            (Link::Up, Some(session)) => self.offer(r.round, r.flush, update, session, out),
+            // The connection dropped while we trained: the round went with it.
+            _ => tracing::info!(
+                r.round,
+                "update dropped: the connection ended while training"
+            ),
+        }
+        if let Some(next) = self.queued.take() {
+            self.begin(next, now_ms, out);
+        }
+    }
+
+    /// Compresses the update (error feedback keeps what top-k and int8 drop) and offers it. A
+    /// flush round goes out densely, so the residual is delivered before a checkpoint or the
+    /// end.
+    fn offer(
+        &mut self,
+        round: u64,
+        flush: bool,
+        mut update: LocalUpdate,
+        session: Session,
+        out: &mut Vec<WorkerAction>,
+    ) {
+        apply_fault(self.opts.fault, round, &mut update);
+        let spec = if flush {
+            session.codec.dense()
+        } else {
+            session.codec
+        };
+        let (bytes, _) =
+            self.feedback
+                .encode_parts(&spec, &update.wire_values(), &update.wire_parts());
+        let id = BlobId::of(&bytes);
+        let len = bytes.len() as u64;
+        self.round_blob(round, id);
+        self.summary.bytes_up += len;
+        out.push(WorkerAction::StoreUpdate(bytes));
+        let header = ClientMsg::UpdateHeader {
+            round,
+            blob: id.0,
+            bytes: len - u64::from(self.opts.fault == Some(Fault::Oversize)),
+            samples: update.samples,
+            steps: update.steps,
+            loss: LossStats {
+                mean: update.loss.mean as f32,
+                first: update.loss.first as f32,
+                last: update.loss.last as f32,
+            },
+        };
+        if self.opts.fault == Some(Fault::Replay) {
+            out.push(WorkerAction::Send(header.clone()));
+        }
+        out.push(WorkerAction::Send(header));
+        if self.opts.progress {
+            out.push(WorkerAction::Report(format!(
+                "round {round} done: {} steps, {} clips, loss {:.4} -> {:.4}, update {} ({}), \
+                 up {} down {}",
+                update.steps,
+                update.samples,
+                update.loss.first,
+                update.loss.last,
+                human(len),
+                session.codec,
+                human(self.summary.bytes_up),
+                human(self.summary.bytes_down)
+            )));
+        }
+    }
+
+    /// Notes that `id` in the cache belongs to round `round` only.
+    fn round_blob(&mut self, round: u64, id: BlobId) {
+        match self.transient.back_mut() {
+            Some((r, ids)) if *r == round => ids.push(id),
+            _ => self.transient.push_back((round, vec![id])),
+        }
+    }
+
+    /// Forgets the round blobs of rounds before `round - 1` (the previous round's update may
+    /// still be asked for).
+    fn forget_rounds_before(&mut self, round: u64, out: &mut Vec<WorkerAction>) {
+        let mut gone = Vec::new();
+        while let Some((r, ids)) = self.transient.pop_front() {
+            if r + 1 >= round {
+                self.transient.push_front((r, ids));
+                break;
+            }
+            gone.extend(ids);
+        }
+        if !gone.is_empty() {
+            out.push(WorkerAction::Forget(gone));
+        }
+    }
+}
+
+/// Reads what `Registered` settled: the run's config, codec and target policy.
+fn settle(
+    run: &str,
+    codec: &str,
+    policy: &str,
+) -> Result<(Config, CodecSpec, TargetPolicy), String> {
+    let run: Config =
+        toml::from_str(run).map_err(|e| format!("run config from coordinator: {e}"))?;
+    run.validate().map_err(|e| format!("run config: {e}"))?;
+    let codec: CodecSpec = codec.parse().map_err(|e| format!("{e}"))?;
+    let policy: TargetPolicy = policy.parse().map_err(|e| format!("{e}"))?;
+    Ok((run, codec, policy))
+}
+
+/// Plays the deliberate misbehaviour `fault` on round `round`'s update (tests only).
+fn apply_fault(fault: Option<Fault>, round: u64, update: &mut LocalUpdate) {
+    match fault {
+        Some(Fault::Nan) => update.model_delta[0] = f32::NAN,
+        Some(Fault::Scale(f)) => update.model_delta.iter_mut().for_each(|v| *v *= f),
+        Some(Fault::Huge) => update.model_delta.iter_mut().for_each(|v| *v = 3e38),
+        Some(Fault::Flip) => update.model_delta.iter_mut().for_each(|v| *v = -*v),
+        Some(Fault::Noise(sigma)) => {
+            let mut rng = amity_shared::rng::Rng::new(round);
+            for v in &mut update.model_delta {
+                *v = sigma * rng.normal() as f32;
+            }
+        }
+        Some(Fault::Claim(k)) => {
+            update.samples = update.samples.saturating_mul(k);
+            update.steps = update.steps.saturating_mul(k);
+        }
+        Some(Fault::Oversize | Fault::Replay) | None => {}
+    }
+}
+
+/// The most bytes a global state or state delta for `params` may have: dense fp32 values plus
+/// room for the checkpoint's config and metadata.
+fn state_bytes_limit(params: &GlobalParams) -> u64 {
+    4 * (params.model.len() + params.target.len()) as u64 + (16 << 20)
+}
+
+/// What to tell the operator when a TLS handshake refused a certificate (`detail`: the error).
+fn refusal_text(r: HandshakeRefusal, detail: &str) -> String {
+    match r {
+        HandshakeRefusal::ByPeer(alert) => format!(
+            "{detail}\nthe coordinator refused this worker's certificate at the TLS handshake \
+             ({alert}): it must be issued by the coordinator's CA (`amity ca issue` in the \
+             coordinator's CA folder) and not be listed in its `revoked` names; not retrying"
+        ),
+        HandshakeRefusal::ByUs(alert) => format!(
+            "{detail}\nthis worker refused the coordinator's certificate at the TLS handshake \
+             ({alert}): check --ca (the CA certificate that issued the coordinator's) and \
+             --server-name (a name on the coordinator's certificate); not retrying"
+        ),
+    }
+}
+
+/// A deliberate misbehaviour, for the fault-injection and hostile-peer tests.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Fault {
+    /// Upload a pseudo-gradient containing NaN.
+    Nan,
+    /// Upload the pseudo-gradient multiplied by this factor.
+    Scale(f32),
+    /// Upload values near `f32::MAX` (finite, but an outer step over them overflows).
+    Huge,
+    /// Upload the negated pseudo-gradient.
+    Flip,
+    /// Upload Gaussian noise of this standard deviation instead of the pseudo-gradient.
+    Noise(f32),
+    /// Claim this many times the samples and steps done (to buy weight).
+    Claim(u64),
+    /// Announce the update one byte shorter than it is (the served blob is longer).
+    Oversize,
+    /// Offer the same update twice in a round.
+    Replay,
+}
+
+/// Errors that end a worker.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// Local set-up failed.
+    #[error("{0}")]
+    Setup(String),
+    /// The coordinator refused us for good.
+    #[error("coordinator refused: {0}")]
+    Refused(String),
+    /// A TLS handshake failed over certificates: reconnecting cannot mend it.
+    #[error("{0}")]
+    Handshake(String),
+}
+
+/// What a worker did, for its exit summary.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerSummary {
+    /// Rounds whose update was acknowledged.
+    pub rounds: u64,
+    /// Local steps taken.
+    pub steps: u64,
+    /// Bytes uploaded (updates).
+    pub bytes_up: u64,
+    /// Bytes downloaded (state, deltas, shards).
+    pub bytes_down: u64,
+}
+
+/// `1.2 MB` style sizes.
+pub fn human(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= 1e9 {
+        format!("{:.2} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.1} MB", b / 1e6)
+    } else if b >= 1e3 {
+        format!("{:.1} kB", b / 1e3)
+    } else {
+        format!("{bytes} B")
+    }
+}
+
+#[cfg(test)]
+mod tests;
