@@ -110,7 +110,7 @@ async fn query(
             name,
             manifest,
             signature,
-        }) => Ok((BlobId(manifest), signature, name)),
+        }) => Ok((manifest, signature, name)),
         other => Err(refusal(peer, other, "ReleaseInfo")),
     }
 }
@@ -156,7 +156,7 @@ pub async fn fetch_quic(
             if staging.is_none() {
                 let tmp = out.with_extension("manifest.part");
                 let most = MAX_MANIFEST_BYTES as u64;
-                let bytes = fetch_blob_bytes(&conn, &peer, manifest_id.0, &tmp, most).await?;
+                let bytes = fetch_blob_bytes(&conn, &peer, manifest_id, &tmp, most).await?;
                 let signed = Signed::parse(bytes, signature, &peer).map_err(Failure::release)?;
                 if let Err(what) = check_release_name(name, &real_name, &signed.manifest.name) {
                     return Err(Failure::Conn(ConnError::Unexpected {
@@ -225,7 +225,7 @@ pub async fn fetch_quic(
                     _ => None,
                 };
                 if let Err(e) =
-                    fetch_blob_until(&conn, &peer, f.blake3.0, &part, f.bytes, stop_at).await
+                    fetch_blob_until(&conn, &peer, f.blake3, &part, f.bytes, stop_at).await
                 {
                     if let ConnError::Stopped { bytes, .. } = &e {
                         dropped.store(true, Ordering::Relaxed);

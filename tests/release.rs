@@ -287,7 +287,7 @@ fn anonymous_peers_get_releases_only(dir: &Path, addr: &str) {
             other => panic!("{other:?}"),
         }
         let part = dir.join("shard.part");
-        match fetch_blob(&conn, "coordinator", shard.0, &part, u64::MAX).await {
+        match fetch_blob(&conn, "coordinator", shard, &part, u64::MAX).await {
             Err(ConnError::Remote {
                 code: ErrorCode::NotFound,
                 ..

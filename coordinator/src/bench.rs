@@ -38,7 +38,7 @@ use serde::Serialize;
 
 use crate::aggregate::OuterConfig;
 use crate::config::CoreConfig;
-use crate::core::{Action, ArrivedUpdate, Core, Event, JoinInfo};
+use crate::core::{Action, ArrivedUpdate, Core, Event, JoinInfo, WorkerId};
 use crate::scoring::HeldOut;
 
 /// One federated configuration: the coordinator defaults with some keys changed.
@@ -410,7 +410,7 @@ fn diloco(
         };
         core.handle(
             Event::Joined {
-                worker: w as u64,
+                worker: WorkerId(w as u64),
                 info,
             },
             0,
@@ -458,7 +458,7 @@ fn diloco(
             };
             let acts = core.handle(
                 Event::Update {
-                    worker: w as u64,
+                    worker: WorkerId(w as u64),
                     update,
                 },
                 now,

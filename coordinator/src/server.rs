@@ -18,9 +18,7 @@ use amity_protocol::PROTOCOL_VERSION;
 use amity_protocol::conn::{
     ConnError, MsgStream, OutboardCache, fetch_blob_bytes, serve_blob_requests,
 };
-use amity_protocol::message::{
-    Capabilities, ClientMsg, ErrorCode, Hash, MAX_STRING, ServerMsg, brief,
-};
+use amity_protocol::message::{Capabilities, ClientMsg, ErrorCode, MAX_STRING, ServerMsg, brief};
 use amity_protocol::tls::{ClientAuth, Identity, Revocations, peer_name, quic_server_config_with};
 use amity_shared::codec;
 use amity_shared::corpus::manifest::{Manifest, open_blobs};
@@ -33,7 +31,7 @@ use tokio::sync::mpsc;
 use crate::config::CoordinatorConfig;
 use crate::core::{
     Action, ArrivedUpdate, Core, Event, JoinInfo, LogEntry, Provenance, RoundSummary, ShardInfo,
-    Snapshot, WorkerId, hex,
+    Snapshot, WorkerId,
 };
 use crate::journal::Journal;
 use crate::layout::StateLayout;
@@ -373,7 +371,7 @@ fn build_core(
         }
         tracing::info!(
             round = core.round(),
-            params = %hex(&core.params_hash()),
+            params = %core.params_hash().to_hex(),
             replayed = point.accepted.len(),
             "resumed from the command log"
         );
@@ -646,7 +644,7 @@ fn latest_checkpoint(layout: &StateLayout) -> Option<PathBuf> {
 fn status(shared: &Shared, core: &Core, checkpoint: &Option<PathBuf>) -> Status {
     Status {
         round: core.round(),
-        params: hex(&core.params_hash()),
+        params: core.params_hash().to_hex(),
         finished: core.finished(),
         workers: core.workers(),
         epoch: core.plan().epoch,
@@ -960,14 +958,13 @@ fn serve_blobs(
         conn.clone(),
         peer.to_owned(),
         shared.outboards.clone(),
-        move |id: &Hash| {
-            let id = BlobId(*id);
+        move |id: &BlobId| {
             let training = if anonymous {
                 None
             } else {
-                located.blob_path(&id)
+                located.blob_path(id)
             };
-            training.or_else(|| release::locate(&located.releases.cached(), &id))
+            training.or_else(|| release::locate(&located.releases.cached(), id))
         },
     ))
 }
@@ -1038,7 +1035,7 @@ async fn release_answer(shared: &Shared, name: &str) -> ServerMsg {
     if let Some(r) = release::find(&releases, name) {
         return ServerMsg::ReleaseInfo {
             name: r.signed.manifest.name.clone(),
-            manifest: r.signed.manifest_id().0,
+            manifest: r.signed.manifest_id(),
             signature: r.signed.signature.clone(),
         };
     }
@@ -1073,7 +1070,7 @@ async fn worker_session(
     peer: &str,
     caps: Capabilities,
 ) {
-    let worker = shared.next_worker.fetch_add(1, Ordering::Relaxed);
+    let worker = WorkerId(shared.next_worker.fetch_add(1, Ordering::Relaxed));
     let (tx, mut outbox) = mpsc::unbounded_channel();
     shared
         .outboxes
@@ -1084,7 +1081,7 @@ async fn worker_session(
         .local_shards
         .iter()
         .map(|s| ShardInfo {
-            id: BlobId(s.id),
+            id: s.id,
             clips: s.clips,
         })
         .collect();
@@ -1177,11 +1174,11 @@ fn offer_update(
     let (shared, conn, peer) = (shared.clone(), conn.clone(), peer.to_owned());
     tokio::spawn(async move {
         // Pinned from before it is stored until the core has handled it (the driver unpins).
-        shared.pin(BlobId(blob));
-        let pulled = pull_update(&shared, &conn, &peer, BlobId(blob), bytes).await;
+        shared.pin(blob);
+        let pulled = pull_update(&shared, &conn, &peer, blob, bytes).await;
         shared.end_pull(&peer, round, pulled.is_ok());
         if pulled.is_err() {
-            shared.unpin(&BlobId(blob));
+            shared.unpin(&blob);
         }
         match pulled {
             Ok(values) => {
@@ -1192,7 +1189,7 @@ fn offer_update(
                 };
                 let update = ArrivedUpdate {
                     round,
-                    blob: BlobId(blob),
+                    blob,
                     bytes,
                     samples,
                     steps,
@@ -1283,7 +1280,7 @@ async fn pull_update(
         .incoming()
         .join(format!("{}.part", id.to_hex()));
     // The served length must be the announced one (the blob id fixes the content).
-    let bytes = fetch_blob_bytes(conn, peer, id.0, &part, announced)
+    let bytes = fetch_blob_bytes(conn, peer, id, &part, announced)
         .await
         .map_err(|e: ConnError| match e {
             ConnError::Io { .. } => PullError::Storage(e.to_string()),

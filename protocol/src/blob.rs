@@ -11,7 +11,7 @@
 
 use std::io::Read;
 
-use crate::message::Hash;
+use crate::id::{BlobId, hex};
 
 /// Bytes per chunk.
 pub const CHUNK_SIZE: usize = 1 << 20;
@@ -22,7 +22,7 @@ pub struct Outboard {
     /// Blob length in bytes.
     pub len: u64,
     /// BLAKE3 of each chunk, in order.
-    pub chunks: Vec<Hash>,
+    pub chunks: Vec<[u8; 32]>,
 }
 
 /// Why a transfer was refused.
@@ -81,7 +81,7 @@ pub fn chunk_len(len: u64, index: u64) -> usize {
 
 impl Outboard {
     /// Reads a blob once: its outboard, and its root hash checked against `id`.
-    pub fn compute(reader: &mut dyn Read, id: &Hash) -> Result<Self, BlobError> {
+    pub fn compute(reader: &mut dyn Read, id: &BlobId) -> Result<Self, BlobError> {
         let mut root = blake3::Hasher::new();
         let mut chunks = Vec::new();
         let mut buf = vec![0u8; CHUNK_SIZE];
@@ -108,7 +108,7 @@ impl Outboard {
             }
         }
         let actual = *root.finalize().as_bytes();
-        if &actual != id {
+        if actual != id.0 {
             return Err(BlobError::SenderCorrupt {
                 actual: hex(&actual),
             });
@@ -132,7 +132,7 @@ impl Outboard {
             return Err(BlobError::BadOutboard(format!("{} bytes", bytes.len())));
         }
         let len = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
-        let chunks: Vec<Hash> = bytes[8..]
+        let chunks: Vec<[u8; 32]> = bytes[8..]
             .chunks_exact(32)
             .map(|c| c.try_into().expect("32 bytes"))
             .collect();
@@ -224,9 +224,9 @@ impl BlobReceiver {
     }
 
     /// After the last chunk: accepts the blob only if the whole hashes to `id`.
-    pub fn finish(&self, id: &Hash) -> Result<(), BlobError> {
+    pub fn finish(&self, id: &BlobId) -> Result<(), BlobError> {
         let actual = *self.root.finalize().as_bytes();
-        if !self.done() || &actual != id {
+        if !self.done() || actual != id.0 {
             return Err(BlobError::RootMismatch {
                 actual: hex(&actual),
             });
@@ -235,19 +235,13 @@ impl BlobReceiver {
     }
 }
 
-/// Lowercase hex of a hash.
-pub fn hex(h: &Hash) -> String {
-    h.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn blob(n: usize) -> (Vec<u8>, Hash) {
+    fn blob(n: usize) -> (Vec<u8>, BlobId) {
         let bytes: Vec<u8> = (0..n).map(|i| (i * 7 % 251) as u8).collect();
-        let id = *blake3::hash(&bytes).as_bytes();
-        (bytes, id)
+        (bytes.clone(), BlobId::of(&bytes))
     }
 
     #[test]
@@ -277,7 +271,7 @@ mod tests {
         r.accept(&bytes[2 * CHUNK_SIZE..]).unwrap();
         assert!(r.done());
         r.finish(&id).unwrap();
-        assert!(r.finish(&[0; 32]).is_err());
+        assert!(r.finish(&BlobId([0; 32])).is_err());
         assert!(r.accept(b"more").is_err());
         assert!(BlobReceiver::new(ob.clone(), 5, &mut std::io::empty()).is_err());
         // A kept prefix that does not match the outboard is caught on resume.

@@ -9,9 +9,10 @@ use std::path::{Path, PathBuf};
 
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 
-use crate::blob::{BlobError, BlobReceiver, CHUNK_SIZE, Outboard, chunk_count, chunk_len, hex};
+use crate::blob::{BlobError, BlobReceiver, CHUNK_SIZE, Outboard, chunk_count, chunk_len};
 use crate::frame::{FrameDecoder, FrameError, FrameKind, encode_frame, frame_prefix};
-use crate::message::{ClientMsg, DecodeError, ErrorCode, Hash, Message, ServerMsg, brief};
+use crate::id::BlobId;
+use crate::message::{ClientMsg, DecodeError, ErrorCode, Message, ServerMsg, brief};
 
 /// Errors on a connection; each names the peer.
 #[derive(Debug, thiserror::Error)]
@@ -443,12 +444,12 @@ type Slot = std::sync::Arc<std::sync::Mutex<Option<CachedOutboard>>>;
 
 #[derive(Debug, Default)]
 struct CacheInner {
-    slots: std::collections::HashMap<Hash, Slot>,
+    slots: std::collections::HashMap<BlobId, Slot>,
     /// Chunk hashes stored per id (kept here, so that accounting never locks a slot while
     /// this lock is held: a slot's holder may be waiting for this lock).
-    sizes: std::collections::HashMap<Hash, usize>,
+    sizes: std::collections::HashMap<BlobId, usize>,
     /// Ids in the order their outboards were stored, for evicting the oldest.
-    order: std::collections::VecDeque<Hash>,
+    order: std::collections::VecDeque<BlobId>,
     /// Chunk hashes held, over all entries.
     chunks: usize,
     /// Stored files read and hashed so far.
@@ -486,7 +487,11 @@ impl OutboardCache {
     /// The outboard of blob `id` stored at `path`: from the cache when the file is unchanged,
     /// else read and hashed (blocking; a concurrent request for the same blob waits for it),
     /// refused when the file does not hash to `id`.
-    pub fn outboard(&self, path: &Path, id: &Hash) -> Result<std::sync::Arc<Outboard>, ConnError> {
+    pub fn outboard(
+        &self,
+        path: &Path,
+        id: &BlobId,
+    ) -> Result<std::sync::Arc<Outboard>, ConnError> {
         let meta = std::fs::metadata(path).map_err(file_io(path))?;
         let stamp = (meta.len(), meta.modified().ok());
         let slot = lock_anyway(&self.inner)
@@ -505,7 +510,7 @@ impl OutboardCache {
         lock_anyway(&self.inner).hashed += 1;
         let outboard = Outboard::compute(&mut f, id).map_err(|source| ConnError::Blob {
             peer: "local store".into(),
-            id: hex(id),
+            id: id.to_hex(),
             source,
         })?;
         let outboard = std::sync::Arc::new(outboard);
@@ -568,7 +573,7 @@ async fn write_or_stall(
 pub async fn serve_blob(
     stream: &mut MsgStream,
     path: &Path,
-    id: Hash,
+    id: BlobId,
     offset: u64,
     faults: ServeFaults,
     cache: &OutboardCache,
@@ -585,9 +590,10 @@ pub async fn serve_blob(
         Ok(o) => o,
         Err(e) => {
             let (code, message) = match &e {
-                ConnError::Io { .. } => {
-                    (ErrorCode::NotFound, format!("blob {}: not here", hex(&id)))
-                }
+                ConnError::Io { .. } => (
+                    ErrorCode::NotFound,
+                    format!("blob {}: not here", id.to_hex()),
+                ),
                 other => (ErrorCode::Internal, other.to_string()),
             };
             stream.send(&ServerMsg::Error { code, message }).await?;
@@ -653,7 +659,7 @@ pub async fn serve_blob(
 /// asked for is refused before anything is written.
 pub async fn receive_blob(
     stream: &mut MsgStream,
-    id: Hash,
+    id: BlobId,
     part: &Path,
     offset: u64,
     max_len: u64,
@@ -666,7 +672,7 @@ pub async fn receive_blob(
 /// for resume tests.
 async fn receive_blob_until(
     stream: &mut MsgStream,
-    id: Hash,
+    id: BlobId,
     part: &Path,
     requested: u64,
     max_len: u64,
@@ -675,7 +681,7 @@ async fn receive_blob_until(
     let peer = stream.peer().to_owned();
     let blob_err = |source| ConnError::Blob {
         peer: peer.clone(),
-        id: hex(&id),
+        id: id.to_hex(),
         source,
     };
     let (len, offset) = match stream.recv::<ServerMsg>().await? {
@@ -703,7 +709,7 @@ async fn receive_blob_until(
     };
     let refused = |what: String| ConnError::Refused {
         peer: peer.clone(),
-        id: hex(&id),
+        id: id.to_hex(),
         what,
     };
     if len > max_len {
@@ -788,7 +794,7 @@ async fn receive_blob_until(
 pub async fn fetch_blob(
     conn: &Connection,
     peer: &str,
-    id: Hash,
+    id: BlobId,
     part: &Path,
     max_len: u64,
 ) -> Result<u64, ConnError> {
@@ -800,7 +806,7 @@ pub async fn fetch_blob(
 pub async fn fetch_blob_until(
     conn: &Connection,
     peer: &str,
-    id: Hash,
+    id: BlobId,
     part: &Path,
     max_len: u64,
     stop_at: Option<u64>,
@@ -818,7 +824,7 @@ pub async fn fetch_blob_until(
 pub async fn fetch_blob_bytes(
     conn: &Connection,
     peer: &str,
-    id: Hash,
+    id: BlobId,
     part: &Path,
     max_len: u64,
 ) -> Result<Vec<u8>, ConnError> {
@@ -834,7 +840,7 @@ pub async fn fetch_blob_bytes(
 /// such a stream is refused.
 pub async fn serve_blob_requests<F>(conn: Connection, peer: String, cache: OutboardCache, locate: F)
 where
-    F: Fn(&Hash) -> Option<PathBuf> + Send + Sync + 'static,
+    F: Fn(&BlobId) -> Option<PathBuf> + Send + Sync + 'static,
 {
     let locate = std::sync::Arc::new(locate);
     while let Ok(Some(mut stream)) = MsgStream::accept(&conn, &peer).await {
@@ -849,7 +855,7 @@ where
                             serve_blob(&mut stream, &path, id, offset, faults, &cache).await
                         }
                         None => {
-                            let message = format!("blob {}: not here", hex(&id));
+                            let message = format!("blob {}: not here", id.to_hex());
                             let code = ErrorCode::NotFound;
                             let sent = stream.send(&ServerMsg::Error { code, message }).await;
                             stream.finish();
@@ -857,7 +863,7 @@ where
                         }
                     };
                     if let Err(e) = result {
-                        tracing::debug!("serving {}: {e}", hex(&id));
+                        tracing::debug!("serving {}: {e}", id.to_hex());
                     }
                 }
                 Ok(other) => {
@@ -880,7 +886,7 @@ mod tests {
         let path = dir.join("blob");
         let data: Vec<u8> = (0..4 * CHUNK_SIZE + 5).map(|i| (i % 251) as u8).collect();
         std::fs::write(&path, &data).unwrap();
-        let id: Hash = *blake3::hash(&data).as_bytes();
+        let id = BlobId::of(&data);
         let cache = OutboardCache::new();
         let start = std::sync::Barrier::new(8);
         let outboards: Vec<std::sync::Arc<Outboard>> = std::thread::scope(|s| {

@@ -17,5 +17,8 @@ pub mod blob;
 pub mod conn;
 pub mod endpoint;
 pub mod frame;
+pub mod id;
 pub mod message;
 pub mod tls;
+
+pub use id::BlobId;

@@ -9,13 +9,10 @@ use rkyv::rancor;
 use rkyv::util::AlignedVec;
 
 use crate::PROTOCOL_VERSION;
-use crate::blob::hex;
+use crate::id::BlobId;
 
 /// First bytes of every encoded message.
 pub const MESSAGE_MAGIC: &[u8; 4] = b"AMTY";
-
-/// A 32-byte BLAKE3 hash: a blob's id.
-pub type Hash = [u8; 32];
 
 /// What a worker reports about itself when it registers.
 #[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -37,7 +34,7 @@ pub struct Capabilities {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct LocalShard {
     /// The shard's blob id.
-    pub id: Hash,
+    pub id: BlobId,
     /// Clips in it (from the corpus manifest), `1..=MAX_SHARD_CLIPS`.
     pub clips: u64,
 }
@@ -126,7 +123,7 @@ pub enum ClientMsg {
         /// The round trained.
         round: u64,
         /// The compressed pseudo-gradient's blob id.
-        blob: Hash,
+        blob: BlobId,
         /// Its length in bytes.
         bytes: u64,
         /// Clips processed.
@@ -139,7 +136,7 @@ pub enum ClientMsg {
     /// Asks for a blob (shard, global state, checkpoint), from `offset` on.
     FetchBlob {
         /// The blob.
-        id: Hash,
+        id: BlobId,
         /// First byte wanted (for resuming).
         offset: u64,
     },
@@ -156,9 +153,9 @@ pub enum ClientMsg {
 #[derive(Debug, Clone, Copy, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct StateDelta {
     /// Parameters hash of the state the delta applies to.
-    pub base: Hash,
+    pub base: BlobId,
     /// Blob id of the encoded delta.
-    pub blob: Hash,
+    pub blob: BlobId,
     /// `None`: the delta covers the model and the target encoder. `Some(m)` (the
     /// coordinator-EMA policy): it covers the model only, and the target then takes one EMA
     /// step `target = m * target + (1 - m) * encoder` on both ends, bit-identically
@@ -192,9 +189,9 @@ pub enum ServerMsg {
         /// Round number.
         round: u64,
         /// Blob id of the global state to start from (a safetensors checkpoint).
-        state: Hash,
-        /// Hash of the state's parameters (`GlobalParams::hash`), to check a reconstruction.
-        params: Hash,
+        state: BlobId,
+        /// BlobId of the state's parameters (`GlobalParams::hash`), to check a reconstruction.
+        params: BlobId,
         /// The same state as a compressed delta from the previous one, for workers holding it.
         delta: Option<StateDelta>,
         /// Milliseconds the round lasts (time budget).
@@ -215,7 +212,7 @@ pub enum ServerMsg {
         /// Round number.
         round: u64,
         /// Shard ids.
-        shards: Vec<Hash>,
+        shards: Vec<BlobId>,
     },
     /// A message or upload was accepted.
     Ack {
@@ -225,7 +222,7 @@ pub enum ServerMsg {
     /// A blob follows on a stream the server opens: `len` bytes in total, sent from `offset`.
     BlobHeader {
         /// The blob.
-        id: Hash,
+        id: BlobId,
         /// Total length.
         len: u64,
         /// First byte sent.
@@ -236,7 +233,7 @@ pub enum ServerMsg {
         /// Release name.
         name: String,
         /// Blob id of its manifest.
-        manifest: Hash,
+        manifest: BlobId,
         /// The manifest's Ed25519 signature (64 bytes).
         signature: Vec<u8>,
     },
@@ -330,8 +327,7 @@ impl Validate for ClientMsg {
                 {
                     return Err(DecodeError::Invalid(format!(
                         "local shard {} claims {} clips (1..={MAX_SHARD_CLIPS})",
-                        hex(&s.id),
-                        s.clips
+                        s.id, s.clips
                     )));
                 }
                 if !(c.samples_per_s.is_finite() && c.samples_per_s >= 0.0) {
@@ -499,8 +495,8 @@ mod tests {
     }
     use proptest::prelude::*;
 
-    fn hash() -> impl Strategy<Value = Hash> {
-        any::<[u8; 32]>()
+    fn hash() -> impl Strategy<Value = BlobId> {
+        any::<[u8; 32]>().prop_map(BlobId)
     }
 
     fn client_msg() -> impl Strategy<Value = ClientMsg> {

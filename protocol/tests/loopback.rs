@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use amity_protocol::BlobId;
 use amity_protocol::PROTOCOL_VERSION;
 use amity_protocol::blob::CHUNK_SIZE;
 use amity_protocol::conn::{
@@ -14,7 +15,7 @@ use amity_protocol::conn::{
     serve_blob,
 };
 use amity_protocol::frame::{FrameKind, frame_prefix};
-use amity_protocol::message::{self, ClientMsg, ErrorCode, Hash, ServerMsg};
+use amity_protocol::message::{self, ClientMsg, ErrorCode, ServerMsg};
 use amity_protocol::tls::{
     Identity, Revocations, init_ca, issue, peer_name, quic_client_config, quic_server_config,
 };
@@ -60,7 +61,7 @@ struct Server {
 }
 
 /// A minimal coordinator: answers Hello with the peer's certificate name, serves blobs.
-fn start_server(ca: &Path, revoked: &[&str], blobs: HashMap<Hash, PathBuf>) -> Server {
+fn start_server(ca: &Path, revoked: &[&str], blobs: HashMap<BlobId, PathBuf>) -> Server {
     let id = Identity::load_from_ca_dir(ca, "coordinator").unwrap();
     let revoked = Revocations::new(revoked.iter().map(|s| s.to_string()));
     let cfg = quic_server_config(&id, &revoked).unwrap();
@@ -285,7 +286,7 @@ async fn blobs_resume_after_a_cut_and_corrupt_chunks_are_caught() {
     let dir = scratch("blobs");
     let (ca, _) = pki(&dir);
     let data: Vec<u8> = (0..3 * CHUNK_SIZE + 777).map(|i| (i % 253) as u8).collect();
-    let id: Hash = *blake3::hash(&data).as_bytes();
+    let id = BlobId::of(&data);
     let stored = dir.join("blob.bin");
     std::fs::write(&stored, &data).unwrap();
     let server = start_server(&ca, &[], HashMap::from([(id, stored.clone())]));
@@ -335,7 +336,7 @@ async fn blobs_resume_after_a_cut_and_corrupt_chunks_are_caught() {
     assert_eq!(server.outboards.hashed(), 1);
 
     // A blob the server does not have, and a server copy that rotted on disk.
-    let missing = [7u8; 32];
+    let missing = BlobId([7u8; 32]);
     let err = fetch_blob(&conn, "coordinator", missing, &dir.join("m.part"), MAX)
         .await
         .unwrap_err();
@@ -372,7 +373,7 @@ async fn an_oversized_or_misplaced_blob_is_refused_before_it_is_stored() {
     let dir = scratch("hostile-blobs");
     let (ca, _) = pki(&dir);
     let data: Vec<u8> = (0..2 * CHUNK_SIZE + 5).map(|i| (i % 251) as u8).collect();
-    let id: Hash = *blake3::hash(&data).as_bytes();
+    let id = BlobId::of(&data);
     let stored = dir.join("blob.bin");
     std::fs::write(&stored, &data).unwrap();
     let server = start_server(&ca, &[], HashMap::from([(id, stored)]));
@@ -412,7 +413,7 @@ async fn a_reader_that_takes_nothing_is_cut_off_after_the_stall_timeout() {
     let (ca, _) = pki(&dir);
     // Larger than the 16 MiB a stream may buffer, so the server's writes block.
     let data: Vec<u8> = (0..20 * CHUNK_SIZE).map(|i| (i % 251) as u8).collect();
-    let id: Hash = *blake3::hash(&data).as_bytes();
+    let id = BlobId::of(&data);
     let stored = dir.join("big.bin");
     std::fs::write(&stored, &data).unwrap();
     let server = start_server(&ca, &[], HashMap::from([(id, stored)]));

@@ -729,6 +729,12 @@ impl ErrorFeedback {
         Self::default()
     }
 
+    /// Error feedback that carries `residual` (one saved with [`ErrorFeedback::residual`]) into
+    /// the next update.
+    pub fn with_residual(residual: Vec<f32>) -> Self {
+        ErrorFeedback { residual }
+    }
+
     /// The residual carried to the next update.
     pub fn residual(&self) -> &[f32] {
         &self.residual

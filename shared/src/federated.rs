@@ -90,7 +90,7 @@ impl GlobalParams {
 
     /// BLAKE3 of the little-endian bytes of `model` then `target`: the name of a state that
     /// both ends compute and compare.
-    pub fn hash(&self) -> [u8; 32] {
+    pub fn hash(&self) -> crate::store::BlobId {
         // Hashed in blocks: one `update` per value costs far more than the hashing itself.
         let mut h = blake3::Hasher::new();
         let mut buf = Vec::with_capacity(4 * 4096);
@@ -102,7 +102,7 @@ impl GlobalParams {
             buf.extend(block.iter().flat_map(|v| v.to_le_bytes()));
             h.update(&buf);
         }
-        *h.finalize().as_bytes()
+        crate::store::BlobId(*h.finalize().as_bytes())
     }
 
     /// `model` followed by `target`, the vector state deltas are taken over.

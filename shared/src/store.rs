@@ -8,86 +8,12 @@
 //! Writes are atomic: a blob is written to a temporary file in the store, flushed with `fsync`,
 //! then renamed into place, so a crash never leaves a half-written blob under a valid id.
 
-use std::fmt;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use serde::{Deserialize, Serialize};
-
-/// The id of a blob: the BLAKE3 hash of its bytes, shown as 64 lowercase hex digits.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct BlobId(pub [u8; 32]);
-
-impl BlobId {
-    /// The id of `bytes`.
-    pub fn of(bytes: &[u8]) -> Self {
-        BlobId(*blake3::hash(bytes).as_bytes())
-    }
-
-    /// The id of `bytes`, hashing on every core (worth it above a few MiB).
-    pub fn of_large(bytes: &[u8]) -> Self {
-        if bytes.len() < 1 << 22 {
-            return Self::of(bytes);
-        }
-        let mut h = blake3::Hasher::new();
-        h.update_rayon(bytes);
-        BlobId(*h.finalize().as_bytes())
-    }
-
-    /// 64 hex digits.
-    pub fn to_hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
-    }
-
-    /// The first 12 hex digits, for messages.
-    pub fn short(&self) -> String {
-        self.to_hex()[..12].to_owned()
-    }
-}
-
-impl fmt::Display for BlobId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_hex())
-    }
-}
-
-impl fmt::Debug for BlobId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "BlobId({})", self.short())
-    }
-}
-
-impl FromStr for BlobId {
-    type Err = StoreError;
-
-    fn from_str(s: &str) -> Result<Self, StoreError> {
-        let bad = || StoreError::BadId(s.to_owned());
-        if s.len() != 64 || !s.is_ascii() {
-            return Err(bad());
-        }
-        let mut out = [0u8; 32];
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
-        }
-        Ok(BlobId(out))
-    }
-}
-
-impl Serialize for BlobId {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_hex())
-    }
-}
-
-impl<'de> Deserialize<'de> for BlobId {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
+pub use amity_protocol::id::BlobId;
 
 /// Errors of the content store; each names the blob and, for the disk, the file.
 #[derive(Debug, thiserror::Error)]
@@ -126,9 +52,6 @@ pub enum StoreError {
         /// What the bytes hash to.
         actual: BlobId,
     },
-    /// Not a 64-digit hex id.
-    #[error("{0:?} is not a blob id (expected 64 hex digits)")]
-    BadId(String),
 }
 
 /// What storing a blob did.

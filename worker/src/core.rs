@@ -421,7 +421,7 @@ impl WorkerCore {
                 .opts
                 .local_shards
                 .iter()
-                .map(|&(id, clips)| LocalShard { id: id.0, clips })
+                .map(|&(id, clips)| LocalShard { id, clips })
                 .collect(),
         }))
     }
@@ -463,7 +463,7 @@ impl WorkerCore {
                         // A new run: a fresh trainer, and its seeded initialisation is round
                         // 0's state, with no download.
                         let init = GlobalParams::seeded(&run);
-                        let hash = BlobId(init.hash());
+                        let hash = init.hash();
                         self.params = Some((Arc::new(init), hash));
                         self.feedback = ErrorFeedback::new();
                         out.push(WorkerAction::NewTrainer(Box::new(run.clone())));
@@ -527,8 +527,8 @@ impl WorkerCore {
             } => {
                 self.announced = Some(Round {
                     round,
-                    state: BlobId(state),
-                    params: BlobId(params),
+                    state,
+                    params,
                     delta,
                     budget_ms,
                     steps,
@@ -544,7 +544,7 @@ impl WorkerCore {
                     tracing::warn!(round, "shard assignment without its announce");
                     return;
                 };
-                r.shards = shards.into_iter().map(BlobId).collect();
+                r.shards = shards;
                 r.started_ms = now_ms;
                 if self.current.is_some() {
                     self.queued = Some(r);
@@ -570,9 +570,9 @@ impl WorkerCore {
             return self.after_state(r, now_ms, out);
         }
         match (r.delta, held) {
-            (Some(d), Some((p, h))) if h.0 == d.base => {
+            (Some(d), Some((p, h))) if h == d.base => {
                 out.push(WorkerAction::Fetch {
-                    id: BlobId(d.blob),
+                    id: d.blob,
                     max_len: state_bytes_limit(&p),
                 });
                 self.current = Some((r, Step::Delta));
@@ -597,7 +597,7 @@ impl WorkerCore {
                 let base = self.params.as_ref().map(|(p, _)| p.clone());
                 let momentum = r.delta.and_then(|d| d.target_momentum);
                 match base.map(|p| p.after_delta(bytes, momentum)) {
-                    Some(Ok(next)) if BlobId(next.hash()) == r.params => {
+                    Some(Ok(next)) if next.hash() == r.params => {
                         r.start = Some(Arc::new(next));
                         self.after_state(r, now_ms, out);
                     }
@@ -626,7 +626,7 @@ impl WorkerCore {
                             model: c.model,
                             target: c.target,
                         };
-                        if BlobId(p.hash()) == r.params {
+                        if p.hash() == r.params {
                             Ok(p)
                         } else {
                             Err("global state does not match its hash".into())
@@ -751,7 +751,7 @@ impl WorkerCore {
         out.push(WorkerAction::StoreUpdate(bytes));
         let header = ClientMsg::UpdateHeader {
             round,
-            blob: id.0,
+            blob: id,
             bytes: len - u64::from(self.opts.fault == Some(Fault::Oversize)),
             samples: update.samples,
             steps: update.steps,

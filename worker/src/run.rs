@@ -15,7 +15,7 @@ use amity_protocol::conn::{
     ConnError, HandshakeRefusal, MsgStream, OutboardCache, closed_with, fetch_blob_bytes,
     serve_blob_requests,
 };
-use amity_protocol::message::{ClientMsg, Hash, ServerMsg};
+use amity_protocol::message::{ClientMsg, ServerMsg};
 use amity_protocol::tls::{Identity, quic_client_config};
 use amity_shared::config::Config;
 use amity_shared::corpus::loader::ShardSet;
@@ -105,9 +105,10 @@ pub async fn run(
     shell.carry_out(first).await;
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     while shell.result.is_none() {
-        let input = shell.next_input(&mut heartbeat).await;
-        let actions = shell.core.handle(input, shell.now_ms());
-        shell.carry_out(actions).await;
+        for input in shell.next_inputs(&mut heartbeat).await {
+            let actions = shell.core.handle(input, shell.now_ms());
+            shell.carry_out(actions).await;
+        }
     }
     shell.close_link();
     shell.endpoint.wait_idle().await;
@@ -156,8 +157,21 @@ impl Shell {
         self.clock.elapsed().as_millis() as u64
     }
 
+    /// Ctrl-C, once, if it came since the core was last told.
+    fn stop_news(&mut self) -> Option<Input> {
+        let news = self.stop.load(Ordering::Relaxed) && !self.stop_told;
+        self.stop_told |= news;
+        news.then_some(Input::Stop)
+    }
+
     /// Waits for the next thing that happens: a message, the end of a training job, the
-    /// heartbeat timer, or the time to reconnect.
+    /// heartbeat timer, or the time to reconnect. Ctrl-C is told first when it came meanwhile
+    /// (a job cut short by it is then abandoned, not uploaded).
+    async fn next_inputs(&mut self, heartbeat: &mut tokio::time::Interval) -> Vec<Input> {
+        let next = self.next_input(heartbeat).await;
+        self.stop_news().into_iter().chain([next]).collect()
+    }
+
     async fn next_input(&mut self, heartbeat: &mut tokio::time::Interval) -> Input {
         tokio::select! {
             msg = recv(&mut self.link) => match msg {
@@ -182,14 +196,7 @@ impl Shell {
                     Err(e) => Input::Trained(Err(format!("training thread: {e}"))),
                 }
             }
-            _ = heartbeat.tick() => {
-                if self.stop.load(Ordering::Relaxed) && !self.stop_told {
-                    self.stop_told = true;
-                    Input::Stop
-                } else {
-                    Input::Tick
-                }
-            }
+            _ = heartbeat.tick() => Input::Tick,
             _ = until(self.reconnect_at) => {
                 self.reconnect_at = None;
                 self.connect().await
@@ -338,10 +345,7 @@ impl Shell {
             conn.clone(),
             name,
             self.outboards.clone(),
-            move |id: &Hash| {
-                let id = BlobId(*id);
-                cache.contains(&id).then(|| cache.path(&id))
-            },
+            move |id: &BlobId| cache.contains(id).then(|| cache.path(id)),
         ));
         self.link = Some(Link {
             conn,
@@ -374,7 +378,7 @@ impl Shell {
             .root()
             .join("tmp")
             .join(format!("{}.fetch", id.to_hex()));
-        let bytes = fetch_blob_bytes(&link.conn, &self.opts.server_name, id.0, &part, max_len)
+        let bytes = fetch_blob_bytes(&link.conn, &self.opts.server_name, id, &part, max_len)
             .await
             .map_err(|e| disconnect(&e))?;
         self.cache.put(&bytes).map_err(|e| store_err(&e))?;

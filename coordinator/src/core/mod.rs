@@ -25,9 +25,9 @@ pub use snapshot::{Snapshot, SnapshotError, SnapshotMeta};
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use amity_protocol::message::{ErrorCode, Hash, ServerMsg, StateDelta};
+use amity_protocol::message::{ErrorCode, ServerMsg, StateDelta};
 use amity_shared::checkpoint::Checkpoint;
-use amity_shared::codec;
+use amity_shared::codec::ErrorFeedback;
 use amity_shared::federated::{GlobalParams, RoundLoss, RunProgress, TargetPolicy};
 use amity_shared::store::BlobId;
 use serde::{Deserialize, Serialize};
@@ -37,8 +37,18 @@ use crate::config::{CoreConfig, LatePolicy};
 use crate::scoring::HeldOutLoss;
 use amity_shared::stats::lower_median;
 
-/// A worker's session id, assigned by the shell.
-pub type WorkerId = u64;
+/// A worker's session id, assigned by the shell (one per connection that registered; a worker
+/// that reconnects gets a new one). It is also the worker's id in the run, which `Registered`
+/// tells it and its batch and mask seeds mix in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct WorkerId(pub u64);
+
+impl std::fmt::Display for WorkerId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "worker {}", self.0)
+    }
+}
 
 /// What a worker declared when it joined.
 #[derive(Debug, Clone, PartialEq)]
@@ -160,7 +170,7 @@ struct WorkerState {
     info: JoinInfo,
     last_seen_ms: u64,
     /// Parameters hash of the state it was last sent.
-    holds: Option<Hash>,
+    holds: Option<BlobId>,
     /// Shards of its current assignment.
     assigned: Vec<BlobId>,
 }
@@ -197,12 +207,13 @@ pub struct Core {
     phase: Phase,
     params: GlobalParams,
     /// `params.hash()`, kept in step with `params` (hashing them is not free).
-    params_hash: Hash,
+    params_hash: BlobId,
     outer: OuterOptimizer,
-    down_residual: Vec<f32>,
+    /// Error feedback of the state deltas: what the downlink codec held back so far.
+    downlink: ErrorFeedback,
     /// Blob id of the checkpoint form of `params` (what workers without a base fetch).
     state_blob: BlobId,
-    last_delta: Option<(Hash, BlobId)>,
+    last_delta: Option<(BlobId, BlobId)>,
     /// Under the coordinator-EMA policy, the momentum of the target's EMA step that follows
     /// `last_delta` (both ends compute it; the target is never sent).
     last_delta_momentum: Option<f32>,
@@ -219,7 +230,7 @@ pub struct Core {
     /// Whether this process has started a round yet.
     started_any: bool,
     /// Parameters hash of the run's seeded initialisation.
-    init_hash: Hash,
+    init_hash: BlobId,
     /// Measures each update's effect on held-out clips (contribution scoring), when set.
     scorer: Option<Box<dyn HeldOutLoss>>,
 }
@@ -268,7 +279,7 @@ impl Core {
             cfg,
             round: 0,
             phase: Phase::Idle,
-            down_residual: Vec::new(),
+            downlink: ErrorFeedback::new(),
             state_blob: BlobId([0; 32]),
             last_delta: None,
             last_delta_momentum: None,
@@ -319,7 +330,7 @@ impl Core {
             cfg,
             round: snap.meta.round,
             phase: Phase::Idle,
-            down_residual: snap.down_residual,
+            downlink: ErrorFeedback::with_residual(snap.down_residual),
             state_blob: BlobId([0; 32]),
             last_delta: snap.meta.last_delta,
             last_delta_momentum: snap.meta.last_delta_momentum,
@@ -396,7 +407,7 @@ impl Core {
     }
 
     /// `params().hash()`, cached.
-    pub fn params_hash(&self) -> Hash {
+    pub fn params_hash(&self) -> BlobId {
         self.params_hash
     }
 
@@ -519,7 +530,7 @@ impl Core {
         for s in &info.local_shards {
             if owned >= MAX_LOCAL_SHARDS {
                 tracing::warn!(
-                    worker,
+                    worker = worker.0,
                     name = %info.name,
                     "more than {MAX_LOCAL_SHARDS} local shards: the rest are ignored"
                 );
@@ -536,7 +547,7 @@ impl Core {
             }
         }
         tracing::info!(
-            worker,
+            worker = worker.0,
             name = %info.name,
             backend = %info.backend,
             samples_per_s = info.samples_per_s,
@@ -556,7 +567,7 @@ impl Core {
         out.push(Action::Send {
             worker,
             msg: ServerMsg::Registered {
-                worker,
+                worker: worker.0,
                 run: self.cfg.run.to_toml(),
                 codec: self.cfg.codec.to_string(),
                 target_policy: self.cfg.target_policy.to_string(),
@@ -568,7 +579,7 @@ impl Core {
         let Some(w) = self.workers.remove(&worker) else {
             return;
         };
-        tracing::info!(worker, name = %w.info.name, "worker {why}");
+        tracing::info!(worker = worker.0, name = %w.info.name, "worker {why}");
         // The shards of its assignment that no received update trained go back to the front
         // of the queue (keyed by shard, not by institution: another session of the same
         // institution may have delivered its own).
@@ -626,7 +637,7 @@ impl Core {
         let for_open_round = running && u.round == self.round;
         let refused = &mut self.refused;
         let mut refuse = |out: &mut Vec<Action>, code, message: String| {
-            tracing::warn!(worker, %name, "update refused: {message}");
+            tracing::warn!(worker = worker.0, %name, "update refused: {message}");
             if for_open_round {
                 refused.retain(|(n, _)| *n != name);
                 refused.push((name.clone(), message.clone()));
@@ -784,17 +795,12 @@ impl Core {
                     self.params.model.len() as u64,
                     self.params.target.len() as u64,
                     self.outer.momentum.len() as u64,
-                    self.down_residual.len() as u64,
+                    self.downlink.residual().len() as u64,
                 ],
             },
             params: self.params.clone(),
             momentum: self.outer.momentum.clone(),
-            down_residual: self.down_residual.clone(),
+            down_residual: self.downlink.residual().to_vec(),
         }
     }
-}
-
-/// Lower-case hex of a hash.
-pub fn hex(h: &Hash) -> String {
-    h.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -40,7 +40,7 @@ impl Core {
                 .filter(|(base, _)| holds == Some(*base))
                 .map(|(base, blob)| StateDelta {
                     base,
-                    blob: blob.0,
+                    blob,
                     target_momentum: self.last_delta_momentum,
                 });
             bytes_down += match delta {
@@ -52,7 +52,7 @@ impl Core {
                 worker: id,
                 msg: ServerMsg::RoundAnnounce {
                     round: self.round,
-                    state: self.state_blob.0,
+                    state: self.state_blob,
                     params: params_hash,
                     delta,
                     budget_ms: r.budget_ms,
@@ -65,7 +65,7 @@ impl Core {
                 worker: id,
                 msg: ServerMsg::ShardAssignment {
                     round: self.round,
-                    shards: shards.iter().map(|s| s.0).collect(),
+                    shards: shards.clone(),
                 },
             });
             let w = self.workers.get_mut(&id).expect("listed above");
@@ -170,7 +170,7 @@ impl Core {
             self.last_delta = None;
             self.last_delta_momentum = None;
         }
-        let params_hex = hex(&self.params_hash);
+        let params_hex = self.params_hash.to_hex();
         let p = (self.params.model.len() + self.params.target.len()) as u64;
         let summary = RoundSummary {
             round: self.round,
@@ -409,21 +409,21 @@ impl Core {
         } else {
             self.cfg.downlink_codec
         };
-        let bytes = codec::encode_parts(&spec, &delta, &parts);
-        let sent = codec::decode_parts(&bytes, &parts)
-            .map_err(|e| format!("the state delta does not decode: {e}"))?;
+        // On a copy of the error feedback, so that a step dropped below leaves it as it was.
+        let mut downlink = self.downlink.clone();
+        let (bytes, sent) = downlink.encode_parts(&spec, &delta, &parts);
         // Checked before anything moves, without copying the state: finite parameters plus a
         // finite delta must stay finite (the coordinator-EMA target step only averages finite
         // values, so the parts the delta covers are all there is to check).
         let state = self.params.model.iter().chain(&self.params.target);
-        if state.zip(&sent).any(|(p, d)| !(p + d).is_finite()) {
+        if sent.len() != delta.len() || state.zip(&sent).any(|(p, d)| !(p + d).is_finite()) {
             return Err("the new parameters would not be finite".into());
         }
         self.params
             .apply_state_delta(&sent, momentum)
             .map_err(|e| format!("the state delta does not apply: {e}"))?;
         self.outer.momentum = outer_momentum;
-        self.down_residual = delta.iter().zip(&sent).map(|(d, s)| d - s).collect();
+        self.downlink = downlink;
         self.params_hash = self.params.hash();
         self.delta_bytes_len = bytes.len() as u64;
         self.last_delta = Some((base_hash, BlobId::of(&bytes)));
@@ -435,8 +435,8 @@ impl Core {
         Ok(ratio)
     }
 
-    /// The round's aggregated outer step plus the downlink residual of earlier rounds, as a
-    /// delta over the model (then, under the local-EMA policy, the target), the outer step's
+    /// The round's aggregated outer step as a delta over the model (then, under the local-EMA
+    /// policy, the target; the downlink error feedback adds what earlier deltas held back), the outer step's
     /// norm over the mean pseudo-gradient's, and the outer momentum buffer to keep if the step
     /// is taken. Fails, changing nothing, when the aggregate or the step is not finite.
     fn outer_update(&self, accepted: &[Candidate]) -> Result<(Vec<f32>, f64, Vec<f32>), String> {
@@ -465,21 +465,13 @@ impl Core {
                 .ok_or("no updates to combine")?;
             delta.extend(gt.iter().map(|d| -d));
         }
-        if self.down_residual.len() == delta.len() {
-            for (d, r) in delta.iter_mut().zip(&self.down_residual) {
-                *d += r;
-            }
-        }
-        if !finite(&delta) {
-            return Err("the state delta is not finite".into());
-        }
         Ok((delta, ratio, momentum))
     }
 
     pub(super) fn store_state(&mut self, out: &mut Vec<Action>) {
         let mut meta = BTreeMap::new();
         meta.insert("round".to_owned(), self.round.to_string());
-        meta.insert("params".to_owned(), hex(&self.params_hash));
+        meta.insert("params".to_owned(), self.params_hash.to_hex());
         // Who trained this state, for releases' model cards (`amity.provenance`).
         meta.insert(
             "provenance".to_owned(),

@@ -2,7 +2,6 @@
 
 use std::collections::BTreeMap;
 
-use amity_protocol::message::Hash;
 use amity_shared::federated::GlobalParams;
 use amity_shared::store::BlobId;
 use serde::{Deserialize, Serialize};
@@ -24,14 +23,14 @@ pub struct SnapshotMeta {
     /// Every closed round.
     pub history: Vec<RoundSummary>,
     /// Blob of the previous state's delta (for workers holding it), and the base it applies to.
-    pub last_delta: Option<(Hash, BlobId)>,
+    pub last_delta: Option<(BlobId, BlobId)>,
     /// Size of that delta blob.
     pub last_delta_len: u64,
     /// The target momentum workers apply after that delta (coordinator-EMA policy).
     #[serde(default)]
     pub last_delta_momentum: Option<f32>,
     /// Parameters hash of the seeded initial state.
-    pub init_hash: Hash,
+    pub init_hash: BlobId,
     /// Lengths of the vectors that follow.
     pub lens: [u64; 4],
 }

@@ -1,5 +1,6 @@
 use super::*;
 use amity_shared::checkpoint::layouts;
+use amity_shared::codec;
 use amity_shared::config::Config;
 use amity_shared::flat::init_params;
 use amity_shared::rng::Rng;
@@ -33,7 +34,9 @@ fn setup(policy: TargetPolicy) -> (Core, Vec<ShardInfo>) {
     (core, shards)
 }
 
-fn join(core: &mut Core, id: WorkerId, name: &str, speed: f64, now: u64) -> Vec<Action> {
+/// Test workers are named by their number.
+fn join(core: &mut Core, id: u64, name: &str, speed: f64, now: u64) -> Vec<Action> {
+    let id = WorkerId(id);
     core.handle(
         Event::Joined {
             worker: id,
@@ -69,19 +72,19 @@ fn update(core: &Core, round: u64, scale: f32, seed: u64) -> ArrivedUpdate {
 }
 
 /// Delivers the seeded update `seed` (values scaled by `scale`) from `worker` for `round`.
-fn send(
-    core: &mut Core,
-    worker: WorkerId,
-    round: u64,
-    scale: f32,
-    seed: u64,
-    now: u64,
-) -> Vec<Action> {
+fn send(core: &mut Core, worker: u64, round: u64, scale: f32, seed: u64, now: u64) -> Vec<Action> {
     let update = update(core, round, scale, seed);
-    core.handle(Event::Update { worker, update }, now)
+    core.handle(
+        Event::Update {
+            worker: WorkerId(worker),
+            update,
+        },
+        now,
+    )
 }
 
-fn sent_to(actions: &[Action], worker: WorkerId) -> Vec<&ServerMsg> {
+fn sent_to(actions: &[Action], worker: u64) -> Vec<&ServerMsg> {
+    let worker = WorkerId(worker);
     actions
         .iter()
         .filter_map(|a| match a {
@@ -102,7 +105,7 @@ fn snapshot_stored(actions: &[Action]) -> Option<Vec<u8>> {
     })
 }
 
-fn assignment(actions: &[Action], worker: WorkerId) -> Vec<Hash> {
+fn assignment(actions: &[Action], worker: u64) -> Vec<BlobId> {
     sent_to(actions, worker)
         .into_iter()
         .find_map(|m| match m {
@@ -179,7 +182,7 @@ fn a_round_runs(policy: TargetPolicy) {
     );
     let delta = announce.0.expect("delta offered");
     assert_eq!(delta.base, before);
-    assert_eq!(BlobId::of(&delta_bytes).0, delta.blob);
+    assert_eq!(BlobId::of(&delta_bytes), delta.blob);
     assert_eq!(announce.1, core.params().hash());
     // Under coordinator EMA the target is not in the delta: the worker takes the same EMA
     // step itself and lands on the same hash.
@@ -248,7 +251,7 @@ fn after_the_final_flush_the_parameters_hold_every_update() {
                 }
             }
             u.values = codec::decode_parts(&wire, &parts).unwrap();
-            let worker = w as u64 + 1;
+            let worker = WorkerId(w as u64 + 1);
             acts = core.handle(Event::Update { worker, update: u }, 10 + round);
         }
         if round < 3 {
@@ -287,7 +290,12 @@ fn a_silent_worker_does_not_stall_the_round_and_its_shards_return() {
     let lost = assignment(&acts, 2);
     send(&mut core, 1, 0, 1.0, 1, 100);
     // Heartbeats keep both alive; b never delivers.
-    core.handle(Event::Heartbeat { worker: 2 }, 1500);
+    core.handle(
+        Event::Heartbeat {
+            worker: WorkerId(2),
+        },
+        1500,
+    );
     assert_eq!(core.round(), 0);
     let acts = core.handle(Event::Tick, 2001);
     assert_eq!(core.round(), 1);
@@ -297,7 +305,7 @@ fn a_silent_worker_does_not_stall_the_round_and_its_shards_return() {
         (vec!["a".to_string()], vec!["b".to_string()])
     );
     // b's shards are handed out first in the next round.
-    let next: Vec<Hash> = [1, 2].iter().flat_map(|w| assignment(&acts, *w)).collect();
+    let next: Vec<BlobId> = [1, 2].iter().flat_map(|w| assignment(&acts, *w)).collect();
     assert!(
         lost.iter().all(|s| next.contains(s)),
         "{lost:?} vs {next:?}"
@@ -305,13 +313,18 @@ fn a_silent_worker_does_not_stall_the_round_and_its_shards_return() {
 
     // A worker that stops sending heartbeats is dropped and the round closes without it.
     send(&mut core, 1, 1, 1.0, 3, 2100);
-    core.handle(Event::Heartbeat { worker: 1 }, 17_000);
+    core.handle(
+        Event::Heartbeat {
+            worker: WorkerId(1),
+        },
+        17_000,
+    );
     assert_eq!(
         core.round(),
         2,
         "b timed out, a's update completes the round"
     );
-    assert_eq!(core.workers(), vec![(1, "a".to_string())]);
+    assert_eq!(core.workers(), vec![(WorkerId(1), "a".to_string())]);
 }
 
 #[test]
@@ -328,7 +341,7 @@ fn poisoned_and_huge_updates_are_rejected_and_leave_the_model_unharmed() {
     nan.values[5] = f32::NAN;
     core.handle(
         Event::Update {
-            worker: 3,
+            worker: WorkerId(3),
             update: nan,
         },
         20,
@@ -351,7 +364,7 @@ fn poisoned_and_huge_updates_are_rejected_and_leave_the_model_unharmed() {
     assert_eq!(core.round(), 3);
     core.handle(
         Event::UpdateRefused {
-            worker: 3,
+            worker: WorkerId(3),
             round: 3,
             reason: "int8 block scale NaN".into(),
         },
@@ -382,7 +395,7 @@ fn one_hostile_worker_of_two_cannot_take_over_or_crash_the_core() {
         let mut u = update(core, 0, 1.0, 3);
         u.samples = u64::MAX;
         Event::Update {
-            worker: 2,
+            worker: WorkerId(2),
             update: u,
         }
     };
@@ -409,7 +422,7 @@ fn one_hostile_worker_of_two_cannot_take_over_or_crash_the_core() {
         .for_each(|v| *v = 3e38_f32.copysign(*v));
     let journalled = core.handle(
         Event::Update {
-            worker: 2,
+            worker: WorkerId(2),
             update: huge.clone(),
         },
         12,
@@ -452,7 +465,7 @@ fn one_hostile_worker_of_two_cannot_take_over_or_crash_the_core() {
         u.values.iter_mut().for_each(|v| *v = 3e38);
         open.handle(
             Event::Update {
-                worker: w,
+                worker: WorkerId(w),
                 update: u,
             },
             10,
@@ -507,14 +520,14 @@ fn an_update_that_raises_the_held_out_loss_is_rejected() {
     flipped.values.iter_mut().for_each(|v| *v = -*v);
     core.handle(
         Event::Update {
-            worker: 1,
+            worker: WorkerId(1),
             update: honest,
         },
         10,
     );
     core.handle(
         Event::Update {
-            worker: 2,
+            worker: WorkerId(2),
             update: flipped,
         },
         10,
@@ -605,7 +618,7 @@ fn snapshots_and_log_entries_with_nan_statistics_restore() {
         bad.loss.mean = f64::NAN;
         acts = core.handle(
             Event::Update {
-                worker,
+                worker: WorkerId(worker),
                 update: bad,
             },
             10,
@@ -662,7 +675,7 @@ fn claims_at_registration_are_bounded() {
     for (worker, from) in [(1, 0), (2, 3000)] {
         core.handle(
             Event::Joined {
-                worker,
+                worker: WorkerId(worker),
                 info: JoinInfo {
                     name: "squatter".into(),
                     backend: "flex".into(),
@@ -683,7 +696,12 @@ fn claims_at_registration_are_bounded() {
     assert_eq!(owned(&core, "squatter"), MAX_LOCAL_SHARDS);
     // Beside two workers that claim 10 clips/s, a claim of 1e12 counts as 80: 80 of the
     // round's 100 shards at most, not all of them.
-    core.handle(Event::Left { worker: 2 }, 1);
+    core.handle(
+        Event::Left {
+            worker: WorkerId(2),
+        },
+        1,
+    );
     join(&mut core, 3, "a", 10.0, 1);
     let acts = join(&mut core, 4, "b", 10.0, 1);
     let greedy = assignment(&acts, 1).len();
@@ -699,7 +717,7 @@ fn institutions_own_their_local_shards() {
     };
     core.handle(
         Event::Joined {
-            worker: 1,
+            worker: WorkerId(1),
             info: JoinInfo {
                 name: "hospital".into(),
                 backend: "flex".into(),
@@ -718,22 +736,37 @@ fn institutions_own_their_local_shards() {
         // Every round the owner trains one shard; the fast worker gets the rest.
         let acts = core.handle(Event::Tick, 2001 + r * 3000);
         for (w, s) in [(1, &mut seen_by_owner), (2, &mut seen_by_other)] {
-            if assignment(&acts, w).contains(&private.id.0) {
+            if assignment(&acts, w).contains(&private.id) {
                 *s = true;
             }
         }
-        core.handle(Event::Heartbeat { worker: 1 }, 2002 + r * 3000);
-        core.handle(Event::Heartbeat { worker: 2 }, 2002 + r * 3000);
+        core.handle(
+            Event::Heartbeat {
+                worker: WorkerId(1),
+            },
+            2002 + r * 3000,
+        );
+        core.handle(
+            Event::Heartbeat {
+                worker: WorkerId(2),
+            },
+            2002 + r * 3000,
+        );
     }
     assert!(seen_by_owner && !seen_by_other);
     // When the institution leaves, its shard leaves the plan (no squatting across
     // sessions); it is back when the institution registers again.
-    core.handle(Event::Left { worker: 1 }, 30_000);
+    core.handle(
+        Event::Left {
+            worker: WorkerId(1),
+        },
+        30_000,
+    );
     assert_eq!(core.plan().clips(), 60);
     assert!(!core.plan().queue.contains(&private.id));
     core.handle(
         Event::Joined {
-            worker: 3,
+            worker: WorkerId(3),
             info: JoinInfo {
                 name: "hospital".into(),
                 backend: "flex".into(),
@@ -758,7 +791,7 @@ fn shards_of_a_second_session_of_an_institution_are_not_lost() {
         join(&mut core, 1, "uni-a", 10.0, 0);
         join(&mut core, 2, "uni-a", 10.0, 1);
         let acts = join(&mut core, 3, "uni-b", 10.0, 2);
-        let shards: Vec<Vec<Hash>> = (1..=3).map(|w| assignment(&acts, w)).collect();
+        let shards: Vec<Vec<BlobId>> = (1..=3).map(|w| assignment(&acts, w)).collect();
         assert!(shards.iter().all(|s| s.len() == 1), "{shards:?}");
         send(&mut core, 1, 0, 1.0, 1, 10);
         if replaced {
@@ -774,15 +807,15 @@ fn shards_of_a_second_session_of_an_institution_are_not_lost() {
         ));
         let (lost, trained) = if replaced { (0, 1) } else { (1, 0) };
         // Back in the queue, or already handed out again by the next round.
-        let again: Vec<Hash> = (1..=3).flat_map(|w| assignment(&acts, w)).collect();
+        let again: Vec<BlobId> = (1..=3).flat_map(|w| assignment(&acts, w)).collect();
         let id = shards[lost][0];
         assert!(
-            core.plan().queue.contains(&BlobId(id)) || again.contains(&id),
+            core.plan().queue.contains(&id) || again.contains(&id),
             "replaced: {replaced}"
         );
-        assert!(!core.plan().covered.contains(&BlobId(id)));
+        assert!(!core.plan().covered.contains(&id));
         for w in [trained, 2] {
-            assert!(core.plan().covered.contains(&BlobId(shards[w][0])));
+            assert!(core.plan().covered.contains(&shards[w][0]));
         }
     }
 }

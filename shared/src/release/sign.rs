@@ -9,6 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
+use amity_protocol::id::{hex, unhex};
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 
 use super::known::{Known, KnownPublishers};
@@ -97,20 +98,6 @@ pub enum SignError {
     },
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    let s = s.trim();
-    if !s.len().is_multiple_of(2) || !s.is_ascii() {
-        return None;
-    }
-    (0..s.len() / 2)
-        .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok())
-        .collect()
-}
-
 /// An Ed25519 public key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PublicKey(pub [u8; 32]);
@@ -118,7 +105,7 @@ pub struct PublicKey(pub [u8; 32]);
 impl PublicKey {
     /// From 64 hex digits.
     pub fn from_hex(s: &str) -> Option<Self> {
-        unhex(s)?.try_into().ok().map(PublicKey)
+        unhex(s.trim())?.try_into().ok().map(PublicKey)
     }
 
     /// 64 hex digits.
@@ -212,7 +199,7 @@ impl ReleaseKey {
             path: path.to_owned(),
             source,
         })?;
-        let doc = unhex(&text).ok_or_else(|| SignError::BadKey {
+        let doc = unhex(text.trim()).ok_or_else(|| SignError::BadKey {
             what: path.display().to_string(),
             reason: "not hex digits".into(),
         })?;
@@ -236,7 +223,7 @@ impl ReleaseKey {
 
 /// Signature file contents (hex + newline) to bytes.
 pub fn parse_signature(text: &str) -> Option<Vec<u8>> {
-    unhex(text).filter(|s| s.len() == 64)
+    unhex(text.trim()).filter(|s| s.len() == 64)
 }
 
 /// Signature bytes as the contents of `manifest.sig`.

@@ -54,8 +54,8 @@ fn announce(core: &mut WorkerCore, round: u64, params: BlobId, now: u64) -> Vec<
     let a = core.handle(
         Input::Message(ServerMsg::RoundAnnounce {
             round,
-            state: [9; 32],
-            params: params.0,
+            state: BlobId([9; 32]),
+            params,
             delta: None,
             budget_ms: 10_000,
             steps: 5,
@@ -98,7 +98,7 @@ fn train_job(acts: &[WorkerAction]) -> &TrainJob {
     }
 }
 
-fn header(acts: &[WorkerAction]) -> (u64, [u8; 32], u64) {
+fn header(acts: &[WorkerAction]) -> (u64, BlobId, u64) {
     let stored = acts.iter().find_map(|a| match a {
         WorkerAction::StoreUpdate(b) => Some(b),
         _ => None,
@@ -111,7 +111,7 @@ fn header(acts: &[WorkerAction]) -> (u64, [u8; 32], u64) {
     });
     let (stored, sent) = (stored.expect("update stored"), sent.expect("header sent"));
     assert_eq!(
-        BlobId::of(stored).0,
+        BlobId::of(stored),
         sent.1,
         "the header names the stored blob"
     );
@@ -123,7 +123,7 @@ fn registration_makes_a_trainer_and_round_zero_needs_no_download() {
     let (mut core, run, registered) = setup(None);
     let acts = register(&mut core, &registered);
     assert!(matches!(&acts[..], [WorkerAction::NewTrainer(c)] if **c == run));
-    let init = BlobId(GlobalParams::seeded(&run).hash());
+    let init = GlobalParams::seeded(&run).hash();
     let acts = announce(&mut core, 0, init, 100);
     // Held already (the seeded state): straight to training, no fetch.
     let job = train_job(&acts);
@@ -139,7 +139,7 @@ fn registration_makes_a_trainer_and_round_zero_needs_no_download() {
 fn reconnect_keeps_optimiser_state_and_residual() {
     let (mut core, run, registered) = setup(None);
     register(&mut core, &registered);
-    let init = BlobId(GlobalParams::seeded(&run).hash());
+    let init = GlobalParams::seeded(&run).hash();
     announce(&mut core, 0, init, 0);
     let acts = core.handle(Input::Trained(Ok(update(&run, 1))), 500);
     let (round, _, _) = header(&acts);
@@ -172,7 +172,7 @@ fn reconnect_keeps_optimiser_state_and_residual() {
     let (fresh, _) =
         ErrorFeedback::new().encode_parts(&spec, &next.wire_values(), &next.wire_parts());
     assert_ne!(
-        BlobId::of(&fresh).0,
+        BlobId::of(&fresh),
         blob,
         "the residual went into the update"
     );
@@ -285,7 +285,7 @@ fn a_finished_run_ends_the_worker() {
 fn a_round_abandoned_on_ctrl_c_says_goodbye() {
     let (mut core, run, registered) = setup(None);
     register(&mut core, &registered);
-    let init = BlobId(GlobalParams::seeded(&run).hash());
+    let init = GlobalParams::seeded(&run).hash();
     train_job(&announce(&mut core, 0, init, 0));
     // Ctrl-C while the job trains: nothing until it returns (it sees the stop flag).
     assert!(core.handle(Input::Stop, 10).is_empty());
@@ -366,7 +366,7 @@ fn a_state_not_held_is_fetched_and_checked_against_its_hash() {
         model: vec![0.5; GlobalParams::seeded(&run).model.len()],
         target: vec![0.25; GlobalParams::seeded(&run).target.len()],
     };
-    let hash = BlobId(other.hash());
+    let hash = other.hash();
     let acts = announce(&mut core, 3, hash, 0);
     let WorkerAction::Fetch { id, .. } = acts[0] else {
         panic!("{acts:?}")
@@ -395,7 +395,7 @@ fn a_state_not_held_is_fetched_and_checked_against_its_hash() {
 fn updates_are_faulted_only_when_asked_and_replays_sent_twice() {
     let (mut core, run, registered) = setup(Some(Fault::Replay));
     register(&mut core, &registered);
-    let init = BlobId(GlobalParams::seeded(&run).hash());
+    let init = GlobalParams::seeded(&run).hash();
     announce(&mut core, 0, init, 0);
     let acts = core.handle(Input::Trained(Ok(update(&run, 1))), 10);
     let headers = acts
@@ -420,7 +420,7 @@ fn updates_are_faulted_only_when_asked_and_replays_sent_twice() {
 fn an_assignment_while_training_waits_for_the_round_to_end() {
     let (mut core, run, registered) = setup(None);
     register(&mut core, &registered);
-    let init = BlobId(GlobalParams::seeded(&run).hash());
+    let init = GlobalParams::seeded(&run).hash();
     train_job(&announce(&mut core, 0, init, 0));
     // The next round is announced before this one's job returns (a slow worker).
     assert!(announce(&mut core, 1, init, 50).is_empty());
