@@ -1,0 +1,440 @@
+//! The async shell around [`Core`]: QUIC with mutual TLS, the command log, the content store.
+//!
+//! One driver task owns the core. Connection tasks turn what workers send into [`Event`]s on a
+//! channel; the driver handles each (plus a tick every 200 ms) and carries out the resulting
+//! [`Action`]s in order: blobs into the store, entries into the journal, messages to the
+//! connection tasks. Workers pull every blob (state, deltas, shards) on streams of their own;
+//! the coordinator pulls each update from its worker the same way, so every transfer is
+//! verified and resumable.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use amity_protocol::message::ErrorCode;
+use amity_protocol::tls::{ClientAuth, Identity, Revocations, quic_server_config_with};
+use amity_shared::codec;
+use amity_shared::corpus::manifest::{Manifest, open_blobs};
+use amity_shared::data::ClipSource;
+use amity_shared::federated::GlobalParams;
+use amity_shared::store::{BlobId, BlobStore, LocalStore};
+use tokio::sync::mpsc;
+
+use crate::config::CoordinatorConfig;
+use crate::core::{Action, Core, Event, LogEntry, ShardInfo, Snapshot};
+use crate::journal::Journal;
+use crate::layout::StateLayout;
+use crate::retention::Retention;
+use crate::scoring::HeldOut;
+
+mod connection;
+mod limits;
+mod pull;
+mod shared;
+mod status;
+
+pub use limits::{
+    ANONYMOUS_STREAMS, HELLO_TIMEOUT, MAX_ANONYMOUS, MAX_ANONYMOUS_PER_IP, MAX_CONNECTIONS,
+};
+pub use status::{Defence, Status};
+
+use connection::accept_connections;
+use shared::Shared;
+use status::{status, write_status};
+
+/// What the coordinator says (with [`ErrorCode::Finished`], in an error message and as the
+/// connection close reason) when `max_rounds` are done: workers exit instead of reconnecting.
+const FINISHED_REASON: &str = "training finished";
+
+/// Errors that stop the coordinator.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    /// Config, certificate, store, journal or snapshot problem at start-up.
+    #[error("{0}")]
+    Setup(String),
+    /// The store or journal failed while running (nothing acknowledged is lost).
+    #[error("{0}")]
+    Storage(String),
+}
+
+fn setup(e: impl std::fmt::Display) -> CoordinatorError {
+    CoordinatorError::Setup(e.to_string())
+}
+
+/// Builds the core: resumed from the journal when it holds a closed round, fresh otherwise.
+fn build_core(
+    cfg: &CoordinatorConfig,
+    store: &LocalStore,
+    journal: &Journal,
+) -> Result<(Core, Vec<Action>), CoordinatorError> {
+    let core_cfg = cfg.core().map_err(setup)?;
+    let point = journal.resume_point().map_err(setup)?;
+    if let Some(snap_id) = point.snapshot {
+        let bytes = store.get(&snap_id).map_err(setup)?;
+        let snap = Snapshot::from_bytes(&bytes).map_err(setup)?;
+        let (mut core, actions) =
+            Core::restore(core_cfg, snap).map_err(|e| setup(format!("snapshot {snap_id}: {e}")))?;
+        let parts = core.update_parts();
+        for entry in &point.accepted {
+            if let LogEntry::UpdateAccepted { blob, .. } = entry {
+                let bytes = store.get(blob).map_err(setup)?;
+                let values = codec::decode_parts(&bytes, &parts)
+                    .map_err(|e| setup(format!("logged update {blob}: {e}")))?;
+                core.replay_update(entry, values);
+            }
+        }
+        tracing::info!(
+            round = core.round(),
+            params = %core.params_hash().to_hex(),
+            replayed = point.accepted.len(),
+            "resumed from the command log"
+        );
+        return Ok((core, actions));
+    }
+    let run = &core_cfg.run;
+    let params = GlobalParams::seeded(run);
+    let shards = match &cfg.corpus {
+        Some(dir) => {
+            let m = Manifest::load(dir).map_err(setup)?;
+            m.check_model(&run.model)
+                .map_err(|r| setup(format!("{}: {r}", dir.display())))?;
+            m.shards
+                .iter()
+                .map(|s| ShardInfo {
+                    id: s.id,
+                    clips: s.clips,
+                })
+                .collect()
+        }
+        None => Vec::new(),
+    };
+    Ok(Core::new(core_cfg, params, &shards))
+}
+
+/// Gives `core` its contribution scorer: held-out clips from the coordinator's corpus (a seeded
+/// sample) or, without one, synthetic clips from a stream no worker draws.
+fn add_scorer(cfg: &CoordinatorConfig, core: &mut Core) -> Result<(), CoordinatorError> {
+    let clips = core.config().aggregation.held_out_clips;
+    if clips == 0 {
+        return Ok(());
+    }
+    let run = core.config().run.clone();
+    let source = match &cfg.corpus {
+        Some(dir) => ClipSource::shards(dir, &run.model, None).map_err(setup)?,
+        None => ClipSource::synthetic(&run.model),
+    };
+    core.set_scorer(Box::new(HeldOut::new(&run, &source, clips)));
+    Ok(())
+}
+
+/// Runs the coordinator until `shutdown` resolves (or, with `exit_when_finished`, until
+/// `max_rounds` are done). Returns the final status.
+pub async fn run(
+    cfg: CoordinatorConfig,
+    identity: Identity,
+    controls: Controls,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<Status, CoordinatorError> {
+    let Controls {
+        exit_when_finished,
+        bound,
+        mut revocations,
+    } = controls;
+    raise_open_file_limit();
+    let layout = StateLayout {
+        dir: cfg.state_dir.clone(),
+    };
+    let store = LocalStore::open(&layout.blobs()).map_err(setup)?;
+    let corpus = match &cfg.corpus {
+        Some(dir) => Some(open_blobs(dir).map_err(setup)?),
+        None => None,
+    };
+    for d in [layout.checkpoints(), layout.incoming()] {
+        std::fs::create_dir_all(&d).map_err(|e| setup(format!("{}: {e}", d.display())))?;
+    }
+    let mut journal = Journal::open(&layout.journal()).map_err(setup)?;
+    let (mut core, initial) = build_core(&cfg, &store, &journal)?;
+    add_scorer(&cfg, &mut core)?;
+
+    let revoked = Revocations::new(cfg.revoked.iter().cloned());
+    // Workers need an institution certificate; downstream users may download releases
+    // without one (what an anonymous peer may do is decided per message below).
+    let server_cfg =
+        quic_server_config_with(&identity, &revoked, ClientAuth::Optional).map_err(setup)?;
+    let endpoint = amity_protocol::endpoint::server(cfg.listen, server_cfg)
+        .map_err(|e| setup(format!("listen on {}: {e}", cfg.listen)))?;
+    let addr = endpoint.local_addr().map_err(setup)?;
+    tracing::info!(%addr, round = core.round(), "coordinator listening");
+    if let Some(tx) = bound {
+        let _ = tx.send(addr);
+    }
+
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let shared = Shared::open(store, corpus, &layout, &core, events_tx, revoked);
+    let mut checkpoint = latest_checkpoint(&layout);
+    for action in &initial {
+        execute_one(&shared, &mut journal, action, &mut checkpoint)?;
+    }
+    let mut retention = Retention::new(cfg.retention);
+    sweep(&shared, &mut retention, &mut journal, &core);
+    write_status(&shared, &core, &checkpoint);
+
+    let accept = tokio::spawn(accept_connections(shared.clone(), endpoint.clone()));
+
+    let start = Instant::now();
+    let mut told_finished = false;
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+    tokio::pin!(shutdown);
+    let result = loop {
+        let event = tokio::select! {
+            _ = &mut shutdown => break Ok(()),
+            Some(names) = next_revocations(&mut revocations) => {
+                revoke(&shared, names);
+                continue;
+            }
+            _ = tick.tick() => Event::Tick,
+            e = events.recv() => match e {
+                Some(e) => e,
+                None => break Ok(()),
+            },
+        };
+        // An update the core is about to see stays pinned until its decision is carried out.
+        let pulled = match &event {
+            Event::Update { update, .. } => Some(update.blob),
+            _ => None,
+        };
+        let actions = core.handle(event, start.elapsed().as_millis() as u64);
+        shared.round.store(core.round(), Ordering::Relaxed);
+        let closed = actions.iter().any(|a| matches!(a, Action::RoundClosed(_)));
+        if let Err(e) = execute_retrying(
+            &shared,
+            &mut journal,
+            &mut core,
+            actions,
+            &mut checkpoint,
+            &mut shutdown,
+        )
+        .await
+        {
+            break Err(e);
+        }
+        if let Some(id) = pulled {
+            shared.unpin(&id);
+        }
+        if closed {
+            sweep(&shared, &mut retention, &mut journal, &core);
+            write_status(&shared, &core, &checkpoint);
+        }
+        if core.finished() {
+            if exit_when_finished {
+                break Ok(());
+            }
+            if !told_finished {
+                // Workers go home; the coordinator stays up to serve checkpoints and releases.
+                told_finished = true;
+                shared.tell_everyone(ErrorCode::Finished, FINISHED_REASON);
+            }
+        }
+    };
+    // Tell the workers, then close.
+    let (code, reason) = if core.finished() {
+        (ErrorCode::Finished, FINISHED_REASON)
+    } else {
+        (ErrorCode::ShuttingDown, "coordinator shutting down")
+    };
+    shared.tell_everyone(code, reason);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    endpoint.close(amity_protocol::conn::quic_code(code), reason.as_bytes());
+    accept.abort();
+    write_status(&shared, &core, &checkpoint);
+    result?;
+    Ok(status(&shared, &core, &checkpoint))
+}
+
+/// What drives [`run`] from outside besides its config.
+#[derive(Debug, Default)]
+pub struct Controls {
+    /// Return once `max_rounds` are done (otherwise stay up, serving checkpoints and releases).
+    pub exit_when_finished: bool,
+    /// Told the bound address once the endpoint listens.
+    pub bound: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
+    /// New revocation lists (`amity coordinator` sends one per SIGHUP, re-read from
+    /// `coordinator.toml`): names added are refused from their next handshake on, and their
+    /// open connections are closed.
+    pub revocations: Option<mpsc::UnboundedReceiver<Vec<String>>>,
+}
+
+async fn next_revocations(
+    rx: &mut Option<mpsc::UnboundedReceiver<Vec<String>>>,
+) -> Option<Vec<String>> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Replaces the revocation list and closes the connections of names newly on it.
+fn revoke(shared: &Shared, names: Vec<String>) {
+    let count = names.len();
+    let added = shared.revoked.replace(names);
+    tracing::info!(
+        revoked = count,
+        added = ?added,
+        "revocation list reloaded"
+    );
+    if !added.is_empty() {
+        shared.revocations_changed.send_modify(|n| *n += 1);
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit: every blob a peer fetches holds a file
+/// while it is served, and running out of descriptors would fail the store's writes.
+fn raise_open_file_limit() {
+    #[cfg(unix)]
+    {
+        let mut r = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit and setrlimit only read and write the struct passed to them.
+        let raised = unsafe {
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && {
+                let was = r.rlim_cur;
+                r.rlim_cur = r.rlim_max;
+                was >= r.rlim_max || libc::setrlimit(libc::RLIMIT_NOFILE, &r) == 0
+            }
+        };
+        if raised {
+            tracing::debug!(limit = r.rlim_cur, "open-file limit");
+        } else {
+            tracing::warn!("cannot raise the open-file limit");
+        }
+    }
+}
+
+fn latest_checkpoint(layout: &StateLayout) -> Option<PathBuf> {
+    let p = layout.latest_checkpoint();
+    p.exists().then_some(p)
+}
+
+/// Deletes what no longer needs keeping ([`crate::retention`]). A failure is logged and counted,
+/// never fatal: the next round sweeps again.
+fn sweep(shared: &Shared, retention: &mut Retention, journal: &mut Journal, core: &Core) {
+    let pinned: BTreeSet<BlobId> = shared
+        .pinned
+        .lock()
+        .expect("pin lock")
+        .keys()
+        .copied()
+        .collect();
+    let swept = retention.sweep(
+        core.live_blobs(),
+        &pinned,
+        journal,
+        &shared.store,
+        &shared.layout,
+    );
+    match swept {
+        Ok(()) => *shared.storage.lock().expect("storage lock") = retention.usage().clone(),
+        Err(e) => {
+            tracing::warn!("{e}; trying again after the next round");
+            shared.count(|d| {
+                d.storage_faults += 1;
+                d.storage_error = Some(e.to_string());
+            });
+        }
+    }
+}
+
+/// Copies `src` to `dst` atomically: into a temporary file beside `dst`, synced, then renamed
+/// over it, so that a reader (`amity release`) or a crash never sees half a checkpoint.
+fn install_copy(src: &std::path::Path, dst: &std::path::Path) -> std::io::Result<()> {
+    let tmp = dst.with_extension("tmp");
+    std::fs::copy(src, &tmp)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, dst)?;
+    if let Some(dir) = dst.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Carries out the core's actions in order. A failed write (a full disk, too many open files) is
+/// retried with backoff until it succeeds or `shutdown` resolves (then its error is returned):
+/// nothing the core decided is skipped, and no resource error ends the coordinator on its own.
+async fn execute_retrying<F: std::future::Future<Output = ()>>(
+    shared: &Shared,
+    journal: &mut Journal,
+    // `&mut` only so that the future is `Send` (the core is not `Sync`); it is only read.
+    core: &mut Core,
+    actions: Vec<Action>,
+    checkpoint: &mut Option<PathBuf>,
+    shutdown: &mut std::pin::Pin<&mut F>,
+) -> Result<(), CoordinatorError> {
+    for action in actions {
+        let mut delay = Duration::from_secs(1);
+        while let Err(e) = execute_one(shared, journal, &action, checkpoint) {
+            tracing::error!("{e}; retrying in {delay:?} (nothing acknowledged is lost)");
+            shared.count(|d| {
+                d.storage_faults += 1;
+                d.storage_error = Some(e.to_string());
+            });
+            write_status(shared, core, checkpoint);
+            tokio::select! {
+                _ = shutdown.as_mut() => return Err(e),
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(30));
+        }
+        shared.count(|d| d.storage_error = None);
+    }
+    Ok(())
+}
+
+/// Carries out one action of the core. Fails only on storage (store, journal, checkpoint file).
+fn execute_one(
+    shared: &Shared,
+    journal: &mut Journal,
+    action: &Action,
+    checkpoint: &mut Option<PathBuf>,
+) -> Result<(), CoordinatorError> {
+    let storage = |e: &dyn std::fmt::Display| CoordinatorError::Storage(e.to_string());
+    match action {
+        Action::StoreBlob { what, bytes } => {
+            let stored = shared
+                .store
+                .put(bytes)
+                .map_err(|e| storage(&format!("storing the {what}: {e}")))?;
+            tracing::debug!(what, id = %stored.id.short(), len = stored.len, "stored");
+        }
+        Action::Persist(entry) => {
+            journal
+                .append(entry)
+                .map_err(|e| storage(&format!("journal: {e}")))?;
+        }
+        Action::Send { worker, msg } => shared.tell(*worker, msg.clone()),
+        Action::Checkpoint { round, blob } => {
+            let file = shared.layout.round_checkpoint(*round);
+            let latest = shared.layout.latest_checkpoint();
+            let src = shared.store.path(blob);
+            for dst in [&file, &latest] {
+                install_copy(&src, dst).map_err(|e| storage(&format!("{}: {e}", dst.display())))?;
+            }
+            tracing::info!(round, file = %file.display(), "checkpoint written");
+            *checkpoint = Some(latest);
+        }
+        Action::RoundClosed(s) => {
+            tracing::info!(
+                round = s.round,
+                loss = s.loss,
+                accepted = s.accepted.len(),
+                bytes_up = s.bytes_up,
+                bytes_down = s.bytes_down,
+                "round summary"
+            );
+        }
+        Action::Finished => tracing::info!("all rounds done"),
+    }
+    Ok(())
+}

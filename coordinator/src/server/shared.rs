@@ -1,0 +1,244 @@
+//! What the driver and the connection tasks share: the store, the outboxes, the pulls under
+//! way, the caps on strangers and the defence counters.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use amity_protocol::conn::OutboardCache;
+use amity_protocol::message::{ErrorCode, ServerMsg};
+use amity_protocol::tls::Revocations;
+use amity_shared::store::{BlobId, BlobStore, LocalStore};
+use tokio::sync::mpsc;
+
+use crate::core::{Core, Event, WorkerId};
+use crate::layout::StateLayout;
+use crate::release;
+use crate::retention::Usage;
+
+use super::limits::{MAX_ANONYMOUS, MAX_ANONYMOUS_PER_IP};
+use super::status::Defence;
+
+pub(super) type Outboxes = Arc<Mutex<HashMap<WorkerId, mpsc::UnboundedSender<ServerMsg>>>>;
+
+pub(super) struct Shared {
+    pub(super) store: LocalStore,
+    pub(super) corpus: Option<LocalStore>,
+    pub(super) layout: StateLayout,
+    pub(super) update_parts: Vec<usize>,
+    pub(super) events: mpsc::UnboundedSender<Event>,
+    pub(super) outboxes: Outboxes,
+    pub(super) next_worker: AtomicU64,
+    /// Outboards of served blobs: each round's state delta is hashed once, not per worker.
+    pub(super) outboards: OutboardCache,
+    /// The round the core has open (or will open next), for checks made before a transfer.
+    pub(super) round: AtomicU64,
+    /// Whether updates for closed rounds are dropped (then they are refused unfetched).
+    pub(super) late_dropped: bool,
+    /// Update pulls under way or done, by (worker name, round): one per worker and round.
+    pub(super) pulls: Mutex<HashMap<(String, u64), PullState>>,
+    /// Updates being pulled, or pulled and not yet handled by the core: retention keeps them.
+    pub(super) pinned: Mutex<BTreeMap<BlobId, usize>>,
+    /// The last retention sweep's figures.
+    pub(super) storage: Mutex<Usage>,
+    /// The published releases.
+    pub(super) releases: release::ReleaseIndex,
+    /// Certificate names refused at the handshake (replaced while running).
+    pub(super) revoked: Revocations,
+    /// Bumped when `revoked` changes, so that connections of newly revoked names close.
+    pub(super) revocations_changed: tokio::sync::watch::Sender<u64>,
+    /// Anonymous connections open, per IP address.
+    pub(super) anonymous: Mutex<HashMap<IpAddr, usize>>,
+    /// What was turned away.
+    pub(super) defence: Mutex<Defence>,
+}
+
+/// An anonymous connection's place under the caps; dropping it frees the place.
+pub(super) struct AnonymousSlot {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl Drop for AnonymousSlot {
+    fn drop(&mut self) {
+        let mut open = self.shared.anonymous.lock().expect("anonymous lock");
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Where a worker's update for a round stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum PullState {
+    /// Being fetched.
+    Pulling,
+    /// Fetched and handed to the core.
+    Done,
+}
+
+impl Shared {
+    /// The shell's shared state over `store`, with the store's unfinished writes and the
+    /// partial updates of an earlier run cleared (workers send afresh).
+    pub(super) fn open(
+        store: LocalStore,
+        corpus: Option<LocalStore>,
+        layout: &StateLayout,
+        core: &Core,
+        events_tx: mpsc::UnboundedSender<Event>,
+        revoked: Revocations,
+    ) -> Arc<Shared> {
+        let shared = Arc::new(Shared {
+            store,
+            corpus,
+            layout: layout.clone(),
+            update_parts: core.update_parts(),
+            events: events_tx,
+            outboxes: Arc::new(Mutex::new(HashMap::new())),
+            next_worker: AtomicU64::new(1),
+            outboards: OutboardCache::new(),
+            round: AtomicU64::new(core.round()),
+            late_dropped: core.config().rounds.late == crate::config::LatePolicy::Drop,
+            pulls: Mutex::new(HashMap::new()),
+            pinned: Mutex::new(BTreeMap::new()),
+            storage: Mutex::new(Usage::default()),
+            releases: release::ReleaseIndex::new(layout.releases()),
+            revoked,
+            revocations_changed: tokio::sync::watch::Sender::new(0),
+            anonymous: Mutex::new(HashMap::new()),
+            defence: Mutex::new(Defence::default()),
+        });
+        match shared.store.clear_temp() {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("removed {n} unfinished writes from the store"),
+            Err(e) => tracing::warn!("{e}"),
+        }
+        // Partial updates of an earlier run are never resumed (workers send afresh).
+        if let Ok(entries) = std::fs::read_dir(layout.incoming()) {
+            for e in entries.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        shared
+    }
+}
+
+impl Shared {
+    /// A place for an anonymous connection from `ip`, or `None` over the caps.
+    pub(super) fn anonymous_slot(self: &Arc<Self>, ip: IpAddr) -> Option<AnonymousSlot> {
+        let mut open = self.anonymous.lock().expect("anonymous lock");
+        let total: usize = open.values().sum();
+        let here = open.entry(ip).or_default();
+        if total >= MAX_ANONYMOUS || *here >= MAX_ANONYMOUS_PER_IP {
+            if *here == 0 {
+                open.remove(&ip);
+            }
+            return None;
+        }
+        *here += 1;
+        Some(AnonymousSlot {
+            shared: self.clone(),
+            ip,
+        })
+    }
+
+    /// Records something turned away (or a storage fault) in the `defence` counters.
+    pub(super) fn count(&self, record: impl FnOnce(&mut Defence)) {
+        record(&mut self.defence.lock().expect("defence lock"));
+    }
+
+    /// Counts a refused update from `from`.
+    pub(super) fn count_refused_update(&self, from: &str) {
+        self.count(|d| *d.updates_refused.entry(from.to_owned()).or_default() += 1);
+    }
+
+    /// Claims the pull of `from`'s update for `round`, or says why it may not happen: the round
+    /// is not open, or this worker's update for it is already being fetched or was fetched.
+    pub(super) fn claim_pull(&self, from: &str, round: u64) -> Result<(), String> {
+        let open = self.round.load(Ordering::Relaxed);
+        if round > open {
+            return Err(format!("round {round} is not open (round {open} is)"));
+        }
+        if round < open && self.late_dropped {
+            return Err(format!("round {round} closed; late updates are dropped"));
+        }
+        let mut pulls = self.pulls.lock().expect("pulls lock");
+        // Forget pulls of rounds long closed.
+        pulls.retain(|(_, r), _| r + 64 >= open);
+        match pulls.get(&(from.to_owned(), round)) {
+            Some(PullState::Pulling) => {
+                Err(format!("an update for round {round} is already arriving"))
+            }
+            Some(PullState::Done) => {
+                Err(format!("an update for round {round} was already received"))
+            }
+            None => {
+                pulls.insert((from.to_owned(), round), PullState::Pulling);
+                Ok(())
+            }
+        }
+    }
+
+    /// Ends a claimed pull: kept as done, or released (a failed transfer may be retried).
+    pub(super) fn end_pull(&self, from: &str, round: u64, done: bool) {
+        let mut pulls = self.pulls.lock().expect("pulls lock");
+        if done {
+            pulls.insert((from.to_owned(), round), PullState::Done);
+        } else {
+            pulls.remove(&(from.to_owned(), round));
+        }
+    }
+}
+
+impl Shared {
+    /// Sends every connected worker an error with `code` (`Finished`: the workers exit;
+    /// `ShuttingDown`: they reconnect later) and `message`, the last message of their session.
+    pub(super) fn tell_everyone(&self, code: ErrorCode, message: &str) {
+        let msg = ServerMsg::Error {
+            code,
+            message: message.into(),
+        };
+        for tx in self.outboxes.lock().expect("outbox lock").values() {
+            let _ = tx.send(msg.clone());
+        }
+    }
+
+    /// Keeps blob `id` from retention until [`Shared::unpin`].
+    pub(super) fn pin(&self, id: BlobId) {
+        *self.pinned.lock().expect("pin lock").entry(id).or_default() += 1;
+    }
+
+    /// Undoes one [`Shared::pin`].
+    pub(super) fn unpin(&self, id: &BlobId) {
+        let mut pinned = self.pinned.lock().expect("pin lock");
+        if let Some(n) = pinned.get_mut(id) {
+            *n -= 1;
+            if *n == 0 {
+                pinned.remove(id);
+            }
+        }
+    }
+
+    /// Queues `msg` for `worker`'s connection, if it is still connected.
+    pub(super) fn tell(&self, worker: WorkerId, msg: ServerMsg) {
+        if let Some(tx) = self.outboxes.lock().expect("outbox lock").get(&worker) {
+            let _ = tx.send(msg);
+        }
+    }
+
+    /// Where blob `id` lives, if the coordinator holds it.
+    pub(super) fn blob_path(&self, id: &BlobId) -> Option<PathBuf> {
+        if self.store.contains(id) {
+            return Some(self.store.path(id));
+        }
+        self.corpus
+            .as_ref()
+            .filter(|c| c.contains(id))
+            .map(|c| c.path(id))
+    }
+}

@@ -1,0 +1,95 @@
+//! What `status.json` holds, and how it is written after every round.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::core::{Core, Provenance, RoundSummary, WorkerId};
+use crate::retention::Usage;
+
+use super::shared::Shared;
+
+/// What the coordinator turned away, for `status.json`: each attack it meets is logged where it
+/// happens and counted here.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Defence {
+    /// Connections refused before their handshake ([`MAX_CONNECTIONS`] reached).
+    pub connections_refused: u64,
+    /// Anonymous connections closed over [`MAX_ANONYMOUS`] or [`MAX_ANONYMOUS_PER_IP`].
+    pub anonymous_over_cap: u64,
+    /// Peers that did not finish the handshake and Hello within [`HELLO_TIMEOUT`].
+    pub hello_timeouts: u64,
+    /// Registrations refused to peers without a certificate.
+    pub registrations_refused: u64,
+    /// Updates refused before or while they were fetched (round not open, one already
+    /// received, longer than announced, not matching their id, undecodable), by institution.
+    pub updates_refused: BTreeMap<String, u64>,
+    /// Store or journal writes that failed and were retried (a full disk, say).
+    pub storage_faults: u64,
+    /// The last storage fault, until a write succeeds again.
+    pub storage_error: Option<String>,
+}
+
+/// What `status.json` holds: the operator's view, rewritten after every round.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// Next round to run.
+    pub round: u64,
+    /// Parameters hash (hex).
+    pub params: String,
+    /// Whether `max_rounds` are done.
+    pub finished: bool,
+    /// Connected workers: (session, name).
+    pub workers: Vec<(WorkerId, String)>,
+    /// Corpus epoch and shards covered in it, of all.
+    pub epoch: u64,
+    /// Shards trained this epoch.
+    pub covered: usize,
+    /// Shards scheduled (the coordinator's corpus and every institution's own).
+    pub shards: usize,
+    /// Clips in the shards scheduled.
+    pub clips: u64,
+    /// Clips in the shards trained this epoch.
+    pub covered_clips: u64,
+    /// Per-institution accounting.
+    pub provenance: std::collections::BTreeMap<String, Provenance>,
+    /// Every closed round.
+    pub history: Vec<RoundSummary>,
+    /// Latest checkpoint file, if any.
+    pub checkpoint: Option<PathBuf>,
+    /// What was turned away: refused connections and updates, storage faults.
+    pub defence: Defence,
+    /// The store after the last retention sweep, and what retention removed.
+    pub storage: Usage,
+}
+
+pub(super) fn status(shared: &Shared, core: &Core, checkpoint: &Option<PathBuf>) -> Status {
+    Status {
+        round: core.round(),
+        params: core.params_hash().to_hex(),
+        finished: core.finished(),
+        workers: core.workers(),
+        epoch: core.plan().epoch,
+        covered: core.plan().covered.len(),
+        shards: core.plan().shards.len(),
+        clips: core.plan().clips(),
+        covered_clips: core.plan().covered_clips(),
+        provenance: core.provenance().clone(),
+        history: core.history().to_vec(),
+        checkpoint: checkpoint.clone(),
+        defence: shared.defence.lock().expect("defence lock").clone(),
+        storage: shared.storage.lock().expect("storage lock").clone(),
+    }
+}
+
+pub(super) fn write_status(shared: &Shared, core: &Core, checkpoint: &Option<PathBuf>) {
+    let layout = &shared.layout;
+    let s = status(shared, core, checkpoint);
+    let tmp = layout.dir.join("status.json.tmp");
+    let json = serde_json::to_vec_pretty(&s).expect("status serialises");
+    if let Err(e) = std::fs::write(&tmp, json).and_then(|_| std::fs::rename(&tmp, layout.status()))
+    {
+        tracing::warn!("cannot write {}: {e}", layout.status().display());
+    }
+}
