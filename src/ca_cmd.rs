@@ -1,6 +1,6 @@
 //! `amity ca`: the operator's certificate authority and institution certificates.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
@@ -68,6 +68,20 @@ pub fn run(args: CaArgs) -> Result<()> {
             );
         }
         CaCommand::ReleaseKey { dir } => crate::release_cmd::release_key(&dir)?,
+    }
+    Ok(())
+}
+
+/// Creates a CA with a coordinator and the named workers (for the demo and tests).
+pub fn make_pki(dir: &Path, workers: &[&str]) -> Result<()> {
+    init_ca(dir, "amity demo operator")?;
+    issue(
+        dir,
+        "coordinator",
+        &["localhost".into(), "127.0.0.1".into()],
+    )?;
+    for w in workers {
+        issue(dir, w, &[])?;
     }
     Ok(())
 }

@@ -23,7 +23,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the whole system locally: synthetic corpus, coordinator, three workers, release, planner.
-    Demo(crate::federated_cmd::DemoArgs),
+    Demo(crate::demo::DemoArgs),
     /// Run a coordinator: shard corpora, schedule rounds, aggregate updates, publish checkpoints.
     Coordinator(crate::federated_cmd::CoordinatorArgs),
     /// Join a coordinator with this machine's GPU or CPU and train on the shards it assigns.
@@ -165,7 +165,7 @@ pub struct TrainStepArgs {
 /// Runs one parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Demo(args) => crate::federated_cmd::demo(args),
+        Command::Demo(args) => crate::demo::demo(args),
         Command::Coordinator(args) => crate::federated_cmd::coordinator(args),
         Command::Worker(args) => crate::federated_cmd::worker(args),
         Command::Corpus(args) => crate::corpus_cmd::run(args),

@@ -8,13 +8,14 @@
 //! episodes with it, runs the surprise detector on one violation pair, and writes a summary and
 //! a loss-curve PNG.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use burn::tensor::Device;
+use clap::Args;
 
 use amity_coordinator::aggregate::AggregationConfig;
 use amity_coordinator::config::{CoordinatorConfig, RoundPolicy};
@@ -27,7 +28,8 @@ use amity_shared::config::Config;
 use amity_shared::corpus::ingest::{IngestOptions, ingest};
 use amity_shared::corpus::synthetic::{SynthCorpusOptions, write_synthetic_corpus};
 use amity_shared::device::Backend;
-use amity_shared::eval::{ProbeSet, probe_report};
+use amity_shared::eval::{ProbeReport, ProbeSet, probe_report};
+use amity_shared::release::FetchReport;
 use amity_shared::release::card::EvalResult;
 use amity_shared::release::sign::{ReleaseKey, Trust};
 use amity_shared::synth::SynthConfig;
@@ -38,6 +40,28 @@ use amity_worker::human;
 use crate::fetch::QuicSource;
 
 const WORKERS: [(&str, f64); 3] = [("uni-fast", 1.0), ("uni-medium", 2.0), ("uni-slow", 4.0)];
+
+/// `amity demo`: the whole system on one machine.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Folder for everything the demo writes (replaced if it holds an earlier demo).
+    #[arg(long, default_value = "amity-demo")]
+    pub out: PathBuf,
+    /// Synthetic videos to generate.
+    #[arg(long, default_value_t = 160)]
+    pub videos: usize,
+    /// Federated rounds.
+    #[arg(long, default_value_t = 10)]
+    pub rounds: u64,
+    /// Local training time per round, seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub round_secs: f64,
+}
+
+/// `amity demo`: runs the demo into `args.out`.
+pub fn demo(args: DemoArgs) -> Result<()> {
+    run(&args.out, args.videos, args.rounds, args.round_secs)
+}
 
 /// Runs the demo into `out`.
 pub fn run(out: &Path, videos: usize, rounds: u64, round_secs: f64) -> Result<()> {
@@ -51,6 +75,77 @@ pub fn run(out: &Path, videos: usize, rounds: u64, round_secs: f64) -> Result<()
     println!("amity demo: everything goes under {}", out.display());
 
     // 1. Corpus: synthetic MP4s with ground truth, cut into content-addressed shards.
+    let (run_cfg, store, shards) = corpus(&out, videos, began)?;
+
+    // 2. Trust: an operator CA, a coordinator certificate and one per institution.
+    let ca = out.join("ca");
+    let names: Vec<&str> = WORKERS.iter().map(|w| w.0).collect();
+    crate::ca_cmd::make_pki(&ca, &names)?;
+
+    // 3. Coordinator and workers, over loopback QUIC.
+    let state_dir = out.join("coordinator");
+    let cfg = coordinator_config(&state_dir, run_cfg, store, &ca, shards, rounds, round_secs)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    println!(
+        "training: {rounds} rounds of {round_secs} s, workers {} (slowdowns {:?}), uplink {} with \
+         error feedback, downlink {} deltas",
+        names.join(", "),
+        WORKERS.iter().map(|w| w.1).collect::<Vec<_>>(),
+        cfg.codec,
+        cfg.downlink_codec
+    );
+    let release_dir = out.join("downloaded-release");
+    let ended = rt.block_on(train_and_release(&out, &cfg, &release_dir))?;
+
+    // 5. Summary.
+    let totals = print_rounds(&ended.status);
+    let losses: Vec<f64> = ended.status.history.iter().map(|s| s.loss).collect();
+    print_outcome(&ended, &totals, &losses, rounds);
+    let ckpt_path = ended
+        .status
+        .checkpoint
+        .clone()
+        .context("the coordinator wrote no checkpoint")?;
+    let fetched = &ended.fetched;
+    let downstream = downstream(&fetched.out)?;
+    let png = out.join("loss.png");
+    crate::plot::line_chart(&png, &losses)?;
+    let (a, b) = &ended.probes;
+    let summary = serde_json::json!({
+        "rounds": ended.status.history.len(),
+        "loss": losses,
+        "bytes_up": totals.up,
+        "bytes_down": totals.down,
+        "dense_fp32_bytes": totals.dense,
+        "reduction": totals.reduction(),
+        "probes_trained": a,
+        "probes_random": b,
+        "checkpoint": ckpt_path,
+        "release": fetched.out,
+        "planning": downstream.0,
+        "surprise": downstream.1,
+        "params": ended.status.params,
+    });
+    std::fs::write(
+        out.join("summary.json"),
+        serde_json::to_vec_pretty(&summary)?,
+    )?;
+    println!(
+        "\ncheckpoint: {}\nloss curve: {}\nsummary:    {}\ncoordinator state, command log and status: {}",
+        ckpt_path.display(),
+        png.display(),
+        out.join("summary.json").display(),
+        state_dir.display()
+    );
+    println!("demo finished in {:.0} s", began.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Writes `videos` synthetic MP4s and ingests them into ~1 MiB shards: the run config (tiny
+/// preset, batch 16), the shard store and its shard count.
+fn corpus(out: &Path, videos: usize, began: Instant) -> Result<(Config, PathBuf, usize)> {
     let mut run_cfg = Config::preset("tiny")?;
     run_cfg.train.batch = 16;
     let videos_dir = out.join("videos");
@@ -78,29 +173,35 @@ pub fn run(out: &Path, videos: usize, rounds: u64, round_secs: f64) -> Result<()
         report.manifest.shards.len(),
         began.elapsed().as_secs_f64()
     );
+    Ok((run_cfg, store, report.manifest.shards.len()))
+}
 
-    // 2. Trust: an operator CA, a coordinator certificate and one per institution.
-    let ca = out.join("ca");
-    let names: Vec<&str> = WORKERS.iter().map(|w| w.0).collect();
-    crate::federated_cmd::make_pki(&ca, &names)?;
-
-    // 3. Coordinator and workers, over loopback QUIC.
-    let state_dir = out.join("coordinator");
+/// The demo coordinator's config (written to `coordinator.toml`, the run config to `run.toml`,
+/// both next to its state): the coordinator's defaults, every shard every round, one checkpoint
+/// after the last round.
+fn coordinator_config(
+    state_dir: &Path,
+    mut run_cfg: Config,
+    store: PathBuf,
+    ca: &Path,
+    shards: usize,
+    rounds: u64,
+    round_secs: f64,
+) -> Result<CoordinatorConfig> {
     let budget_ms = (round_secs * 1000.0) as u64;
     // Every worker's schedules follow the rounds (global progress), whatever its speed; the
-    // first tenth of the run warms up. The run config travels to the workers; it is written
-    // next to the coordinator's state.
+    // first tenth of the run warms up. The run config travels to the workers.
     run_cfg.train.warmup = (run_cfg.train.steps / 10).max(1);
-    std::fs::create_dir_all(&state_dir)?;
+    std::fs::create_dir_all(state_dir)?;
     let run_path = state_dir.join("run.toml");
     std::fs::write(&run_path, run_cfg.to_toml())?;
     // The coordinator's defaults (codecs, target policy, outer optimiser).
-    let default = amity_coordinator::config::CoreConfig::new(run_cfg.clone());
+    let default = amity_coordinator::config::CoreConfig::new(run_cfg);
     let cfg = CoordinatorConfig {
         listen: "127.0.0.1:0".parse()?,
-        state_dir: state_dir.clone(),
-        corpus: Some(store.clone()),
-        ca_dir: ca.clone(),
+        state_dir: state_dir.to_owned(),
+        corpus: Some(store),
+        ca_dir: ca.to_owned(),
         name: "coordinator".into(),
         revoked: Vec::new(),
         preset: None,
@@ -119,7 +220,7 @@ pub fn run(out: &Path, videos: usize, rounds: u64, round_secs: f64) -> Result<()
             max_rounds: rounds,
             // Every shard every round: each worker sees a fair share of the whole corpus rather
             // than a few shards over and over (many local epochs of 40-130 clips).
-            shards_per_round: report.manifest.shards.len(),
+            shards_per_round: shards,
             ..RoundPolicy::default()
         },
         outer: Default::default(),
@@ -130,130 +231,150 @@ pub fn run(out: &Path, videos: usize, rounds: u64, round_secs: f64) -> Result<()
         state_dir.join("coordinator.toml"),
         toml::to_string_pretty(&cfg).context("coordinator config")?,
     )?;
-    let coord_id = Identity::load_from_ca_dir(&ca, "coordinator")?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    println!(
-        "training: {rounds} rounds of {round_secs} s, workers {} (slowdowns {:?}), uplink {} with \
-         error feedback, downlink {} deltas",
-        names.join(", "),
-        WORKERS.iter().map(|w| w.1).collect::<Vec<_>>(),
-        cfg.codec,
-        cfg.downlink_codec
-    );
+    Ok(cfg)
+}
+
+/// What the training and release part of the demo ended with.
+struct Ended {
+    status: server::Status,
+    train_secs: f64,
+    /// Probes of the trained and the randomly initialised encoder.
+    probes: (ProbeReport, ProbeReport),
+    fetched: FetchReport,
+}
+
+/// Runs the coordinator and the workers until the last round, then evaluates the checkpoint,
+/// publishes it as a signed release and fetches it back over QUIC as a downstream user would (no
+/// certificate, the release key pinned).
+async fn train_and_release(
+    out: &Path,
+    cfg: &CoordinatorConfig,
+    release_dir: &Path,
+) -> Result<Ended> {
     let train_began = Instant::now();
-    let release_dir = out.join("downloaded-release");
-    let (status, train_secs, probes, fetched) = rt.block_on(async {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        // The coordinator stays up after the last round: it serves the release below.
-        let controls = server::Controls {
-            bound: Some(tx),
-            ..Default::default()
-        };
-        let coordinator = tokio::spawn(server::run(
-            cfg.clone(),
-            coord_id,
-            controls,
-            async move {
-                let _ = stop_rx.await;
-            },
-        ));
-        let addr = rx.await.context("coordinator did not start")?;
-        let mut workers = Vec::new();
-        for (name, slowdown) in WORKERS {
-            let opts = WorkerOptions {
-                coordinator: addr,
-                server_name: "coordinator".into(),
-                backend: Backend::Flex,
-                cache_dir: out.join("workers").join(name),
-                local_corpus: None,
-                slowdown,
-                fault: None,
-                progress: false,
-            };
-            let id = Identity::load_from_ca_dir(&ca, name)?;
-            let stop = Arc::new(AtomicBool::new(false));
-            workers.push(tokio::spawn(amity_worker::run(opts, id, stop)));
-        }
-        // Workers leave when the coordinator says training finished.
-        for w in workers {
-            w.await.context("worker task")??;
-        }
-        let train_secs = train_began.elapsed().as_secs_f64();
-
-        // 4. Evaluate the final checkpoint, publish it as a signed release, and fetch it back
-        //    over QUIC as a downstream user would (no certificate, the release key pinned).
-        let ckpt_path = StateLayout {
-            dir: state_dir.clone(),
-        }
-        .latest_checkpoint();
-        let probe_ckpt = ckpt_path.clone();
-        let probes = tokio::task::spawn_blocking(move || -> Result<_> {
-            let ckpt = Checkpoint::load(&probe_ckpt)?;
-            let device = Device::flex();
-            let trained = Trainer::from_checkpoint(&ckpt, &device)?;
-            let random = Trainer::new(ckpt.config.clone(), &device);
-            let m = &ckpt.config.model;
-            // The learning test's probe: with 400 fitted videos for 256 features the ridge probe
-            // itself caps R2.
-            let set = ProbeSet::synthetic(&SynthConfig::for_size(m.image_size, m.frames), 1000, 500);
-            Ok((probe_report(&trained, &set), probe_report(&random, &set)))
-        })
-        .await??;
-        let (key, _, key_pub) = ReleaseKey::generate(&ca)?;
-        let protocol = "ridge probe on frozen target-encoder features, 400 synthetic videos fitted, 200 held out";
-        let row = |metric: &str, value: f64, random: f64| EvalResult {
-            metric: metric.into(),
-            value,
-            random_init: Some(random),
-            protocol: protocol.into(),
-        };
-        let (a, b) = probes;
-        let req = ReleaseRequest {
-            name: "demo-v1".into(),
-            round: None,
-            probe_videos: 0,
-            licence: "Apache-2.0".into(),
-            evaluation: vec![
-                row("velocity_r2", a.velocity_r2, b.velocity_r2),
-                row("position_r2", a.position_r2, b.position_r2),
-                row("shape_accuracy", a.shape_acc, b.shape_acc),
-                row("colour_accuracy", a.colour_acc, b.colour_acc),
-            ],
-        };
-        let (signed, published) = release_round(&cfg, &req, &key)?;
-        println!(
-            "\nreleased `{}` (round {}): {} files, {}, signed with {} (public key {})",
-            signed.manifest.name,
-            signed.manifest.round,
-            signed.manifest.files.len(),
-            human(signed.manifest.total_bytes()),
-            key_pub.display(),
-            key.public().to_hex()
-        );
-        let source = QuicSource {
-            addr,
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    // The coordinator stays up after the last round: it serves the release below.
+    let controls = server::Controls {
+        bound: Some(tx),
+        ..Default::default()
+    };
+    let coord_id = Identity::load_from_ca_dir(&cfg.ca_dir, "coordinator")?;
+    let coordinator = tokio::spawn(server::run(cfg.clone(), coord_id, controls, async move {
+        let _ = stop_rx.await;
+    }));
+    let addr = rx.await.context("coordinator did not start")?;
+    let mut workers = Vec::new();
+    for (name, slowdown) in WORKERS {
+        let opts = WorkerOptions {
+            coordinator: addr,
             server_name: "coordinator".into(),
-            server_ca: None,
-            drop_after_bytes: None,
+            backend: Backend::Flex,
+            cache_dir: out.join("workers").join(name),
+            local_corpus: None,
+            slowdown,
+            fault: None,
+            progress: false,
         };
-        let fetched = crate::release_cmd::fetch_quic_with_bar(
-            &source,
-            "latest",
-            &release_dir,
-            &Trust::key(key.public()),
-        )
-        .await?;
-        let _ = published;
-        let _ = stop_tx.send(());
-        let status = coordinator.await.context("coordinator task")??;
-        anyhow::Ok((status, train_secs, probes, fetched))
-    })?;
-    let (a, b) = probes;
+        let id = Identity::load_from_ca_dir(&cfg.ca_dir, name)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        workers.push(tokio::spawn(amity_worker::run(opts, id, stop)));
+    }
+    // Workers leave when the coordinator says training finished.
+    for w in workers {
+        w.await.context("worker task")??;
+    }
+    let train_secs = train_began.elapsed().as_secs_f64();
 
-    // 5. Summary.
+    // 4. Evaluate the final checkpoint, publish it, fetch it back.
+    let ckpt_path = StateLayout {
+        dir: cfg.state_dir.clone(),
+    }
+    .latest_checkpoint();
+    let probes = tokio::task::spawn_blocking(move || probe_checkpoint(&ckpt_path)).await??;
+    let (key, _, key_pub) = ReleaseKey::generate(&cfg.ca_dir)?;
+    let (signed, _) = release_round(cfg, &release_request(&probes), &key)?;
+    println!(
+        "\nreleased `{}` (round {}): {} files, {}, signed with {} (public key {})",
+        signed.manifest.name,
+        signed.manifest.round,
+        signed.manifest.files.len(),
+        human(signed.manifest.total_bytes()),
+        key_pub.display(),
+        key.public().to_hex()
+    );
+    let source = QuicSource {
+        addr,
+        server_name: "coordinator".into(),
+        server_ca: None,
+        drop_after_bytes: None,
+    };
+    let trust = Trust::key(key.public());
+    let fetched =
+        crate::release_cmd::fetch_quic_with_bar(&source, "latest", release_dir, &trust).await?;
+    let _ = stop_tx.send(());
+    let status = coordinator.await.context("coordinator task")??;
+    Ok(Ended {
+        status,
+        train_secs,
+        probes,
+        fetched,
+    })
+}
+
+/// The frozen-encoder probes of the checkpoint at `path` and of its random initialisation.
+fn probe_checkpoint(path: &Path) -> Result<(ProbeReport, ProbeReport)> {
+    let ckpt = Checkpoint::load(path)?;
+    let device = Device::flex();
+    let trained = Trainer::from_checkpoint(&ckpt, &device)?;
+    let random = Trainer::new(ckpt.config.clone(), &device);
+    let m = &ckpt.config.model;
+    // The learning test's probe: with 400 fitted videos for 256 features the ridge probe itself
+    // caps R2.
+    let set = ProbeSet::synthetic(&SynthConfig::for_size(m.image_size, m.frames), 1000, 500);
+    Ok((probe_report(&trained, &set), probe_report(&random, &set)))
+}
+
+/// The demo release, its model card holding the probes against random initialisation.
+fn release_request((a, b): &(ProbeReport, ProbeReport)) -> ReleaseRequest {
+    let protocol =
+        "ridge probe on frozen target-encoder features, 400 synthetic videos fitted, 200 held out";
+    let row = |metric: &str, value: f64, random: f64| EvalResult {
+        metric: metric.into(),
+        value,
+        random_init: Some(random),
+        protocol: protocol.into(),
+    };
+    ReleaseRequest {
+        name: "demo-v1".into(),
+        round: None,
+        probe_videos: 0,
+        licence: "Apache-2.0".into(),
+        evaluation: vec![
+            row("velocity_r2", a.velocity_r2, b.velocity_r2),
+            row("position_r2", a.position_r2, b.position_r2),
+            row("shape_accuracy", a.shape_acc, b.shape_acc),
+            row("colour_accuracy", a.colour_acc, b.colour_acc),
+        ],
+    }
+}
+
+/// Bytes a run moved, and what dense fp32 synchronisation every step would have.
+struct Totals {
+    up: u64,
+    down: u64,
+    dense: u64,
+}
+
+impl Totals {
+    /// How many times fewer bytes than dense synchronisation.
+    fn reduction(&self) -> f64 {
+        self.dense as f64 / (self.up + self.down).max(1) as f64
+    }
+}
+
+/// Prints a line per round and returns the totals.
+fn print_rounds(status: &server::Status) -> Totals {
     println!(
         "\n{:>5} {:>8} {:>8} {:>10} {:>12} {:>12} {:>14} {:>10}",
         "round",
@@ -265,11 +386,15 @@ pub fn run(out: &Path, videos: usize, rounds: u64, round_secs: f64) -> Result<()
         "dense fp32/step",
         "outer/mean"
     );
-    let (mut up, mut down, mut dense) = (0u64, 0u64, 0u64);
+    let mut t = Totals {
+        up: 0,
+        down: 0,
+        dense: 0,
+    };
     for s in &status.history {
-        up += s.bytes_up;
-        down += s.bytes_down;
-        dense += s.dense_bytes;
+        t.up += s.bytes_up;
+        t.down += s.bytes_down;
+        t.dense += s.dense_bytes;
         println!(
             "{:>5} {:>8} {:>8} {:>10.4} {:>12} {:>12} {:>14} {:>10.2}{}",
             s.round,
@@ -283,18 +408,23 @@ pub fn run(out: &Path, videos: usize, rounds: u64, round_secs: f64) -> Result<()
             if s.flush { "  flush" } else { "" }
         );
     }
-    let sent = up + down;
+    t
+}
+
+/// Prints the bytes, the loss, the institutions' shares, the probes and the fetched release.
+fn print_outcome(ended: &Ended, t: &Totals, losses: &[f64], rounds: u64) {
+    let status = &ended.status;
     println!(
-        "\n{} rounds in {train_secs:.0} s. Sent {} in all (up {}, down {}); dense fp32 \
+        "\n{} rounds in {:.0} s. Sent {} in all (up {}, down {}); dense fp32 \
          synchronisation every local step would have sent {}: {:.0}x less.",
         status.history.len(),
-        human(sent),
-        human(up),
-        human(down),
-        human(dense),
-        dense as f64 / sent.max(1) as f64
+        ended.train_secs,
+        human(t.up + t.down),
+        human(t.up),
+        human(t.down),
+        human(t.dense),
+        t.reduction()
     );
-    let losses: Vec<f64> = status.history.iter().map(|s| s.loss).collect();
     let lowest = losses
         .iter()
         .copied()
@@ -314,10 +444,7 @@ pub fn run(out: &Path, videos: usize, rounds: u64, round_secs: f64) -> Result<()
             p.samples, p.steps, p.updates, p.rejected
         );
     }
-    let ckpt_path = status
-        .checkpoint
-        .clone()
-        .context("the coordinator wrote no checkpoint")?;
+    let (a, b) = &ended.probes;
     println!("\nfrozen-encoder probes on held-out synthetic videos (trained vs random init):");
     println!(
         "  velocity R2 {:.3} vs {:.3}; position R2 {:.3} vs {:.3}; shape acc {:.3} vs {:.3}; colour acc {:.3} vs {:.3}",
@@ -330,6 +457,7 @@ pub fn run(out: &Path, videos: usize, rounds: u64, round_secs: f64) -> Result<()
         a.colour_acc,
         b.colour_acc
     );
+    let fetched = &ended.fetched;
     println!(
         "downloaded release `{}` over QUIC like a downstream user: {} files, {} bytes, every \
          BLAKE3 and the Ed25519 signature verified, in {}",
@@ -338,37 +466,6 @@ pub fn run(out: &Path, videos: usize, rounds: u64, round_secs: f64) -> Result<()
         fetched.transferred,
         fetched.out.display()
     );
-    let downstream = downstream(&fetched.out)?;
-    let png = out.join("loss.png");
-    crate::plot::line_chart(&png, &losses)?;
-    let summary = serde_json::json!({
-        "rounds": status.history.len(),
-        "loss": losses,
-        "bytes_up": up,
-        "bytes_down": down,
-        "dense_fp32_bytes": dense,
-        "reduction": dense as f64 / sent.max(1) as f64,
-        "probes_trained": a,
-        "probes_random": b,
-        "checkpoint": ckpt_path,
-        "release": fetched.out,
-        "planning": downstream.0,
-        "surprise": downstream.1,
-        "params": status.params,
-    });
-    std::fs::write(
-        out.join("summary.json"),
-        serde_json::to_vec_pretty(&summary)?,
-    )?;
-    println!(
-        "\ncheckpoint: {}\nloss curve: {}\nsummary:    {}\ncoordinator state, command log and status: {}",
-        ckpt_path.display(),
-        png.display(),
-        out.join("summary.json").display(),
-        state_dir.display()
-    );
-    println!("demo finished in {:.0} s", began.elapsed().as_secs_f64());
-    Ok(())
 }
 
 /// What a downstream user does next with the fetched release: a world model on its frozen

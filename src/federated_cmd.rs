@@ -10,7 +10,7 @@ use clap::Args;
 
 use amity_coordinator::config::CoordinatorConfig;
 use amity_coordinator::server;
-use amity_protocol::tls::{Identity, init_ca, issue};
+use amity_protocol::tls::Identity;
 use amity_shared::device::Backend;
 use amity_worker::{Fault, WorkerOptions};
 
@@ -63,23 +63,6 @@ pub struct WorkerArgs {
     /// `replay`, `scale:<factor>`, `noise:<sigma>` or `claim:<factor>`.
     #[arg(long, hide = true)]
     pub fault: Option<String>,
-}
-
-/// `amity demo`: the whole system on one machine.
-#[derive(Debug, Args)]
-pub struct DemoArgs {
-    /// Folder for everything the demo writes (replaced if it holds an earlier demo).
-    #[arg(long, default_value = "amity-demo")]
-    pub out: PathBuf,
-    /// Synthetic videos to generate.
-    #[arg(long, default_value_t = 160)]
-    pub videos: usize,
-    /// Federated rounds.
-    #[arg(long, default_value_t = 10)]
-    pub rounds: u64,
-    /// Local training time per round, seconds.
-    #[arg(long, default_value_t = 10.0)]
-    pub round_secs: f64,
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -215,24 +198,6 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
 /// `ca/uni-a.crt` -> `ca/uni-a.key` (the layout `amity ca issue` writes).
 fn key_path_for(cert: &Path) -> PathBuf {
     cert.with_extension("key")
-}
-
-pub fn demo(args: DemoArgs) -> Result<()> {
-    crate::demo::run(&args.out, args.videos, args.rounds, args.round_secs)
-}
-
-/// Creates a CA with a coordinator and the named workers (for the demo and tests).
-pub fn make_pki(dir: &Path, workers: &[&str]) -> Result<()> {
-    init_ca(dir, "amity demo operator")?;
-    issue(
-        dir,
-        "coordinator",
-        &["localhost".into(), "127.0.0.1".into()],
-    )?;
-    for w in workers {
-        issue(dir, w, &[])?;
-    }
-    Ok(())
 }
 
 /// `amity bench federated`: every configuration over every seed, a summary table, the PNG of
