@@ -187,63 +187,7 @@ pub async fn fetch_quic(
                     what: format!("release `{resolved}` changed during the download; fetch again"),
                 }));
             }
-            // Files verified by an earlier attempt are hashed once here, not again below.
-            let (done, todo): (Vec<_>, Vec<_>) = s
-                .manifest()
-                .files
-                .iter()
-                .cloned()
-                .partition(|f| s.is_done(f));
-            let done_before: u64 = done.iter().map(|f| f.bytes).sum();
-            // Progress watches the partial files grow.
-            let watcher = {
-                let parts: Vec<PathBuf> = todo.iter().map(|f| s.part_path(f)).collect();
-                let progress = progress.clone();
-                tokio::spawn(async move {
-                    let mut tick = tokio::time::interval(Duration::from_millis(100));
-                    loop {
-                        tick.tick().await;
-                        let partial: u64 = parts.iter().map(|p| part_size(p)).sum();
-                        progress.store(done_before + partial, Ordering::Relaxed);
-                    }
-                })
-            };
-            let mut result = Ok(());
-            let mut done = done_before;
-            for f in &todo {
-                let part = s.part_path(f);
-                let have = part_size(&part);
-                if have > 0 {
-                    tracing::info!("resuming {} at byte {have} of {}", f.path, f.bytes);
-                }
-                // Fault injection (tests): the first transfer that reaches the limit is cut
-                // and the connection dropped.
-                let stop_at = match src.drop_after_bytes {
-                    Some(limit) if !dropped.load(Ordering::Relaxed) && f.bytes > limit => {
-                        Some(limit)
-                    }
-                    _ => None,
-                };
-                if let Err(e) =
-                    fetch_blob_until(&conn, &peer, f.blake3, &part, f.bytes, stop_at).await
-                {
-                    if let ConnError::Stopped { bytes, .. } = &e {
-                        dropped.store(true, Ordering::Relaxed);
-                        tracing::warn!(
-                            "fault injection: dropping the connection after {bytes} bytes of {}",
-                            f.path
-                        );
-                        conn.close(0u32.into(), b"fault injection");
-                    }
-                    result = Err(e);
-                    break;
-                }
-                s.accept(f).map_err(Failure::release)?;
-                done += f.bytes;
-                progress.store(done, Ordering::Relaxed);
-            }
-            watcher.abort();
-            result?;
+            download_files(&conn, &peer, s, src, &dropped, &progress).await?;
             conn.close(0u32.into(), b"done");
             Ok::<_, Failure>(None)
         };
@@ -290,6 +234,71 @@ pub async fn fetch_quic(
         tracing::warn!("cannot record round {} of `{}`: {e}", m.round, m.publisher);
     }
     Ok(report)
+}
+
+/// Downloads the staged release's files that an earlier attempt did not verify (resuming
+/// partial ones), verifying each, while `progress` follows the bytes.
+async fn download_files(
+    conn: &quinn::Connection,
+    peer: &str,
+    s: &Staging,
+    src: &QuicSource,
+    dropped: &AtomicBool,
+    progress: &Arc<AtomicU64>,
+) -> Result<(), Failure> {
+    // Files verified by an earlier attempt are hashed once here, not again below.
+    let (done, todo): (Vec<_>, Vec<_>) = s
+        .manifest()
+        .files
+        .iter()
+        .cloned()
+        .partition(|f| s.is_done(f));
+    let done_before: u64 = done.iter().map(|f| f.bytes).sum();
+    // Progress watches the partial files grow.
+    let watcher = {
+        let parts: Vec<PathBuf> = todo.iter().map(|f| s.part_path(f)).collect();
+        let progress = progress.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tick.tick().await;
+                let partial: u64 = parts.iter().map(|p| part_size(p)).sum();
+                progress.store(done_before + partial, Ordering::Relaxed);
+            }
+        })
+    };
+    let mut result = Ok(());
+    let mut done = done_before;
+    for f in &todo {
+        let part = s.part_path(f);
+        let have = part_size(&part);
+        if have > 0 {
+            tracing::info!("resuming {} at byte {have} of {}", f.path, f.bytes);
+        }
+        // Fault injection (tests): the first transfer that reaches the limit is cut
+        // and the connection dropped.
+        let stop_at = match src.drop_after_bytes {
+            Some(limit) if !dropped.load(Ordering::Relaxed) && f.bytes > limit => Some(limit),
+            _ => None,
+        };
+        if let Err(e) = fetch_blob_until(conn, peer, f.blake3, &part, f.bytes, stop_at).await {
+            if let ConnError::Stopped { bytes, .. } = &e {
+                dropped.store(true, Ordering::Relaxed);
+                tracing::warn!(
+                    "fault injection: dropping the connection after {bytes} bytes of {}",
+                    f.path
+                );
+                conn.close(0u32.into(), b"fault injection");
+            }
+            result = Err(e);
+            break;
+        }
+        s.accept(f).map_err(Failure::release)?;
+        done += f.bytes;
+        progress.store(done, Ordering::Relaxed);
+    }
+    watcher.abort();
+    result.map_err(Failure::Conn)
 }
 
 /// Why an attempt failed: the connection (retry and resume) or the release itself (stop).

@@ -250,45 +250,7 @@ pub fn plan(args: PlanArgs) -> Result<()> {
             out,
             steps,
             backend,
-        } => {
-            let backend = Backend::parse_available(&backend)?;
-            let device = backend.device(0)?;
-            let (kind, size, trajs) = load(&data)?;
-            let checkpoint = load_checkpoint(&ckpt)?;
-            let encoder = FrameEncoder::new(&checkpoint, &device).map_err(anyhow::Error::msg)?;
-            if encoder.size() != size {
-                bail!(
-                    "{}: frames are {size}x{size}, the encoder takes {}x{}; collect again with --size {}",
-                    data.display(),
-                    encoder.size(),
-                    encoder.size(),
-                    encoder.size()
-                );
-            }
-            let cfg = WorldModelConfig {
-                steps,
-                ..WorldModelConfig::default()
-            };
-            println!(
-                "training the {kind} world model on {backend}: {} episodes, {steps} steps",
-                trajs.len()
-            );
-            let (wm, fit) = WorldModel::fit(encoder, cfg, &trajs, 2000, &mut |s, tf, ro| {
-                if s % 100 == 0 || s + 1 == steps {
-                    println!("step {s}/{steps}: teacher forcing {tf:.4}, 2-step rollout {ro:.4}");
-                }
-            });
-            let (r2, report) = (fit.probe_r2, fit.train);
-            let path = out.unwrap_or_else(|| beside(&ckpt, kind));
-            wm.save(&path)?;
-            println!(
-                "{kind} world model: 2-step rollout error {:.4} -> {:.4} on held-out episodes; \
-                 position probe R2 {r2:.3}; saved to {}",
-                report.rollout_before,
-                report.rollout_after,
-                path.display()
-            );
-        }
+        } => train_world(&data, &ckpt, out, steps, &backend)?,
         PlanCommand::Run {
             env,
             ckpt,
@@ -380,6 +342,56 @@ pub fn plan(args: PlanArgs) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// `amity plan train`: an action-conditioned world model on the frozen encoder of `ckpt`,
+/// trained on the episodes in `data`.
+fn train_world(
+    data: &Path,
+    ckpt: &Path,
+    out: Option<PathBuf>,
+    steps: u64,
+    backend: &str,
+) -> Result<()> {
+    let backend = Backend::parse_available(backend)?;
+    let device = backend.device(0)?;
+    let (kind, size, trajs) = load(data)?;
+    let checkpoint = load_checkpoint(ckpt)?;
+    let encoder = FrameEncoder::new(&checkpoint, &device).map_err(anyhow::Error::msg)?;
+    if encoder.size() != size {
+        bail!(
+            "{}: frames are {size}x{size}, the encoder takes {}x{}; collect again with --size {}",
+            data.display(),
+            encoder.size(),
+            encoder.size(),
+            encoder.size()
+        );
+    }
+    let cfg = WorldModelConfig {
+        steps,
+        ..WorldModelConfig::default()
+    };
+    println!(
+        "training the {kind} world model on {backend}: {} episodes, {steps} steps",
+        trajs.len()
+    );
+    let (wm, fit) = WorldModel::fit(encoder, cfg, &trajs, 2000, &mut |s, tf, ro| {
+        if s % 100 == 0 || s + 1 == steps {
+            println!("step {s}/{steps}: teacher forcing {tf:.4}, 2-step rollout {ro:.4}");
+        }
+    });
+    let (r2, report) = (fit.probe_r2, fit.train);
+    let path = out.unwrap_or_else(|| beside(ckpt, kind));
+    wm.save(&path)?;
+    println!(
+        "{kind} world model: 2-step rollout error {:.4} -> {:.4} on held-out episodes; \
+         position probe R2 {r2:.3}; saved to {}",
+        report.rollout_before,
+        report.rollout_after,
+        path.display()
+    );
+
     Ok(())
 }
 

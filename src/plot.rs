@@ -97,6 +97,70 @@ fn register_font() -> Result<()> {
     Ok(())
 }
 
+/// Each configuration's colour in [`r2_against_bytes`], in order of first appearance: the
+/// central run black, the default variant blue, the others from a small palette.
+fn series_colours<'a>(
+    report: &amity_coordinator::bench::FederatedReport,
+    groups: &[&'a amity_coordinator::bench::GroupReport],
+) -> Vec<(&'a str, plotters::style::RGBColor)> {
+    use plotters::style::{BLACK, RGBColor};
+    let default = report
+        .groups
+        .iter()
+        .find(|g| g.name != "central")
+        .map(|g| g.name.clone());
+    let palette = [
+        RGBColor(230, 130, 20),
+        RGBColor(40, 160, 80),
+        RGBColor(150, 60, 180),
+        RGBColor(120, 120, 120),
+    ];
+    let mut names: Vec<&str> = Vec::new();
+    for g in groups {
+        if !names.contains(&g.name.as_str()) {
+            names.push(&g.name);
+        }
+    }
+    let mut others = 0;
+    names
+        .into_iter()
+        .map(|name| {
+            let colour = if name == "central" {
+                BLACK
+            } else if Some(name) == default.as_deref() {
+                RGBColor(31, 100, 200)
+            } else {
+                others += 1;
+                palette[(others - 1) % palette.len()]
+            };
+            (name, colour)
+        })
+        .collect()
+}
+
+/// The axes of [`r2_against_bytes`]: bytes (log scale, a factor 3 of room either side) and R²
+/// (every error bar and the random encoder's line, with 5% of room).
+fn bench_ranges(
+    r2_random: f64,
+    groups: &[&amity_coordinator::bench::GroupReport],
+) -> ((f64, f64), (f64, f64)) {
+    let (mut xlo, mut xhi) = (f64::INFINITY, f64::NEG_INFINITY);
+    let (mut ylo, mut yhi) = (r2_random.min(0.0), r2_random.max(0.0));
+    for g in groups {
+        xlo = xlo.min(g.bytes);
+        xhi = xhi.max(g.bytes);
+        ylo = ylo.min(g.r2_mean - g.r2_sd);
+        yhi = yhi.max(g.r2_mean + g.r2_sd);
+    }
+    if !xlo.is_finite() {
+        (xlo, xhi) = (1.0, 10.0);
+    }
+    let (xlo, xhi) = (xlo / 3.0, xhi * 3.0);
+    let pad = 0.05 * (yhi - ylo).max(0.05);
+    let (ylo, yhi) = (ylo - pad, yhi + pad);
+    ((xlo, xhi), (ylo, yhi))
+}
+
 /// `amity bench federated`'s picture: velocity-probe R² (mean over seeds, with the spread as an
 /// error bar) against bytes on the wire (log scale), one point per configuration: the central
 /// run at DDP fp32's bytes, the default variant, the other variants; IID filled, non-IID
@@ -112,20 +176,7 @@ pub fn r2_against_bytes(
         .iter()
         .filter(|g| g.bytes > 0.0 && g.r2_mean.is_finite())
         .collect();
-    let (mut xlo, mut xhi) = (f64::INFINITY, f64::NEG_INFINITY);
-    let (mut ylo, mut yhi) = (report.r2_random.min(0.0), report.r2_random.max(0.0));
-    for g in &groups {
-        xlo = xlo.min(g.bytes);
-        xhi = xhi.max(g.bytes);
-        ylo = ylo.min(g.r2_mean - g.r2_sd);
-        yhi = yhi.max(g.r2_mean + g.r2_sd);
-    }
-    if !xlo.is_finite() {
-        (xlo, xhi) = (1.0, 10.0);
-    }
-    let (xlo, xhi) = (xlo / 3.0, xhi * 3.0);
-    let pad = 0.05 * (yhi - ylo).max(0.05);
-    let (ylo, yhi) = (ylo - pad, yhi + pad);
+    let ((xlo, xhi), (ylo, yhi)) = bench_ranges(report.r2_random, &groups);
     let draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {
         let root = BitMapBackend::new(path, (900, 600)).into_drawing_area();
         root.fill(&WHITE)?;
@@ -158,33 +209,7 @@ pub fn r2_against_bytes(
             ))?
             .label(format!("random encoder ({random:.3})"))
             .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RED.stroke_width(2)));
-        let default = report
-            .groups
-            .iter()
-            .find(|g| g.name != "central")
-            .map(|g| g.name.clone());
-        let palette = [
-            RGBColor(230, 130, 20),
-            RGBColor(40, 160, 80),
-            RGBColor(150, 60, 180),
-            RGBColor(120, 120, 120),
-        ];
-        let mut names: Vec<&str> = Vec::new();
-        for g in &groups {
-            if !names.contains(&g.name.as_str()) {
-                names.push(&g.name);
-            }
-        }
-        let mut others = 0;
-        for name in names {
-            let colour = if name == "central" {
-                BLACK
-            } else if Some(name) == default.as_deref() {
-                RGBColor(31, 100, 200)
-            } else {
-                others += 1;
-                palette[(others - 1) % palette.len()]
-            };
+        for (name, colour) in series_colours(report, &groups) {
             let mine: Vec<_> = groups.iter().filter(|g| g.name == name).collect();
             chart.draw_series(mine.iter().map(|g| {
                 PathElement::new(

@@ -56,28 +56,8 @@ pub struct TrainArgs {
     pub out: PathBuf,
 }
 
-/// Runs `amity train`.
-pub fn run(args: TrainArgs) -> Result<()> {
-    let mut config = match &args.config {
-        Some(path) => Config::from_toml_file(path)?,
-        None => Config::preset(&args.preset)?,
-    };
-    if let Some(steps) = args.steps {
-        config.train.steps = steps;
-        config.train.warmup = config.train.warmup.min(steps / 10).max(1);
-    }
-    if let Some(b) = args.batch {
-        config.train.batch = b;
-    }
-    if let Some(s) = args.seed {
-        config.train.seed = s;
-    }
-    config.validate()?;
-    let backend = Backend::parse_available(&args.backend)?;
-    let device = backend.device(0)?;
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("cannot create output folder {}", args.out.display()))?;
-
+/// The clips to train on: the shard store given, else the synthetic stream (said on stderr).
+fn clip_source(args: &TrainArgs, config: &Config) -> Result<ClipSource> {
     let source = match &args.store {
         None => ClipSource::synthetic(&config.model),
         Some(dir) => {
@@ -102,6 +82,32 @@ pub fn run(args: TrainArgs) -> Result<()> {
         ),
         None => eprintln!("data: fresh synthetic moving-shapes clips"),
     }
+    Ok(source)
+}
+
+/// Runs `amity train`.
+pub fn run(args: TrainArgs) -> Result<()> {
+    let mut config = match &args.config {
+        Some(path) => Config::from_toml_file(path)?,
+        None => Config::preset(&args.preset)?,
+    };
+    if let Some(steps) = args.steps {
+        config.train.steps = steps;
+        config.train.warmup = config.train.warmup.min(steps / 10).max(1);
+    }
+    if let Some(b) = args.batch {
+        config.train.batch = b;
+    }
+    if let Some(s) = args.seed {
+        config.train.seed = s;
+    }
+    config.validate()?;
+    let backend = Backend::parse_available(&args.backend)?;
+    let device = backend.device(0)?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create output folder {}", args.out.display()))?;
+
+    let source = clip_source(&args, &config)?;
     std::fs::write(args.out.join("config.toml"), config.to_toml())
         .with_context(|| format!("cannot write {}", args.out.join("config.toml").display()))?;
 

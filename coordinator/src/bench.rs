@@ -367,17 +367,15 @@ fn ddp_bytes(opts: &FederatedBenchOptions, params: u64) -> u64 {
     opts.steps * opts.workers as u64 * params * 4 * 2
 }
 
-fn diloco(
+/// The coordinator core of one federated bench run: the variant's settings, `rounds` rounds of
+/// `h` steps, and every worker joined.
+fn bench_core(
     opts: &FederatedBenchOptions,
-    probes: &ProbeSet,
     variant: &Variant,
+    run: &Config,
     h: u64,
-    seed: u64,
-    non_iid: bool,
-) -> RunReport {
-    let run = run_config(opts, seed, variant.objective);
-    let device = Device::flex();
-    let rounds = opts.steps / h;
+    rounds: u64,
+) -> Core {
     let mut cfg = CoreConfig::new(run.clone());
     cfg.codec = variant.up;
     cfg.downlink_codec = variant.down;
@@ -390,17 +388,12 @@ fn diloco(
     cfg.aggregation = variant.aggregation;
     cfg.aggregation.held_out_clips = variant.held_out;
     cfg.rounds.flush = variant.flush;
-    let (mut core, _) = Core::new(cfg, GlobalParams::seeded(&run), &[]);
+    let (mut core, _) = Core::new(cfg, GlobalParams::seeded(run), &[]);
     if variant.held_out > 0 {
         // Held-out clips like the coordinator's: synthetic, from a stream no worker draws.
         let source = ClipSource::synthetic(&run.model);
-        core.set_scorer(Box::new(HeldOut::new(&run, &source, variant.held_out)));
+        core.set_scorer(Box::new(HeldOut::new(run, &source, variant.held_out)));
     }
-    let srcs = sources(&run, opts.workers, non_iid);
-    let mut trainers: Vec<Trainer> = (0..opts.workers)
-        .map(|_| Trainer::new(run.clone(), &device))
-        .collect();
-    let mut feedback = vec![ErrorFeedback::new(); opts.workers];
     for w in 0..opts.workers {
         let info = JoinInfo {
             name: format!("w{w}"),
@@ -416,6 +409,26 @@ fn diloco(
             0,
         );
     }
+    core
+}
+
+fn diloco(
+    opts: &FederatedBenchOptions,
+    probes: &ProbeSet,
+    variant: &Variant,
+    h: u64,
+    seed: u64,
+    non_iid: bool,
+) -> RunReport {
+    let run = run_config(opts, seed, variant.objective);
+    let device = Device::flex();
+    let rounds = opts.steps / h;
+    let mut core = bench_core(opts, variant, &run, h, rounds);
+    let srcs = sources(&run, opts.workers, non_iid);
+    let mut trainers: Vec<Trainer> = (0..opts.workers)
+        .map(|_| Trainer::new(run.clone(), &device))
+        .collect();
+    let mut feedback = vec![ErrorFeedback::new(); opts.workers];
     let (mut now, mut bytes, mut max_ratio) = (0, 0u64, 0.0f64);
     while !core.finished() {
         let round = core.round();
@@ -472,30 +485,7 @@ fn diloco(
         }
     }
     let last = core.history().last().map_or(f64::NAN, |s| s.loss);
-    let (mut rejected_w0, mut rejected_others) = (0, 0);
-    let (mut hist, mut peer) = ((f64::NAN, f64::NAN), (f64::NAN, f64::NAN));
-    let lower = |a: f64, b: Option<f64>| b.map_or(a, |b| if a.is_nan() { b } else { a.min(b) });
-    for s in core.history() {
-        for (from, _) in &s.rejected {
-            if from == "w0" {
-                rejected_w0 += 1;
-            } else {
-                rejected_others += 1;
-            }
-        }
-        if s.flush {
-            continue;
-        }
-        for a in &s.alignment {
-            if a.from == "w0" {
-                hist.0 = lower(hist.0, a.with_history);
-                peer.0 = lower(peer.0, a.with_others);
-            } else {
-                hist.1 = lower(hist.1, a.with_history);
-                peer.1 = lower(peer.1, a.with_others);
-            }
-        }
-    }
+    let screens = Screens::of(core.history());
     let p = core.params();
     let t = Trainer::from_flat(run, &p.model, Some(&p.target), &device).expect("layouts match");
     RunReport {
@@ -507,10 +497,54 @@ fn diloco(
         loss: last,
         velocity_r2: probe_report(&t, probes).velocity_r2,
         max_outer_step_ratio: max_ratio,
-        rejected_w0,
-        rejected_others,
-        min_history_cos: hist,
-        min_peer_cos: peer,
+        rejected_w0: screens.rejected_w0,
+        rejected_others: screens.rejected_others,
+        min_history_cos: screens.hist,
+        min_peer_cos: screens.peer,
+    }
+}
+
+/// What the screens did over a run: rejections of worker 0 (the attacker, when there is one)
+/// and of the others, and the lowest alignments (with history, with peers) of each.
+struct Screens {
+    rejected_w0: usize,
+    rejected_others: usize,
+    hist: (f64, f64),
+    peer: (f64, f64),
+}
+
+impl Screens {
+    fn of(history: &[crate::core::RoundSummary]) -> Self {
+        let (mut rejected_w0, mut rejected_others) = (0, 0);
+        let (mut hist, mut peer) = ((f64::NAN, f64::NAN), (f64::NAN, f64::NAN));
+        let lower = |a: f64, b: Option<f64>| b.map_or(a, |b| if a.is_nan() { b } else { a.min(b) });
+        for s in history {
+            for (from, _) in &s.rejected {
+                if from == "w0" {
+                    rejected_w0 += 1;
+                } else {
+                    rejected_others += 1;
+                }
+            }
+            if s.flush {
+                continue;
+            }
+            for a in &s.alignment {
+                if a.from == "w0" {
+                    hist.0 = lower(hist.0, a.with_history);
+                    peer.0 = lower(peer.0, a.with_others);
+                } else {
+                    hist.1 = lower(hist.1, a.with_history);
+                    peer.1 = lower(peer.1, a.with_others);
+                }
+            }
+        }
+        Screens {
+            rejected_w0,
+            rejected_others,
+            hist,
+            peer,
+        }
     }
 }
 

@@ -237,8 +237,18 @@ pub async fn run(
             }
         }
     };
-    // Tell the workers, then close.
-    let (code, reason) = if core.finished() {
+    say_goodbye(&shared, &endpoint, core.finished()).await;
+    accept.abort();
+    write_status(&shared, &core, &checkpoint);
+    result?;
+    Ok(status(&shared, &core, &checkpoint))
+}
+
+/// Tells every worker the run is over (`finished`: they leave for good) or the coordinator is
+/// going (they come back later), gives them a moment to read it, then closes the endpoint with
+/// the same code.
+async fn say_goodbye(shared: &Shared, endpoint: &quinn::Endpoint, finished: bool) {
+    let (code, reason) = if finished {
         (ErrorCode::Finished, FINISHED_REASON)
     } else {
         (ErrorCode::ShuttingDown, "coordinator shutting down")
@@ -246,10 +256,6 @@ pub async fn run(
     shared.tell_everyone(code, reason);
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     endpoint.close(amity_protocol::conn::quic_code(code), reason.as_bytes());
-    accept.abort();
-    write_status(&shared, &core, &checkpoint);
-    result?;
-    Ok(status(&shared, &core, &checkpoint))
 }
 
 /// What drives [`run`] from outside besides its config.

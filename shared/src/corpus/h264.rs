@@ -208,33 +208,7 @@ pub fn decode_mp4(
     }
     let timescale = track.timescale().max(1) as f64;
     let samples = track.sample_count();
-    // The sample tables are the file's word: check them against each other and the file before
-    // trusting them (a timing table shorter than the size table panics the mp4 reader; a
-    // forged size would have it allocate up to 4 GiB for one sample).
-    let stbl = &track.trak.mdia.minf.stbl;
-    if track.trafs.is_empty() {
-        let timed: u64 = stbl
-            .stts
-            .entries
-            .iter()
-            .map(|e| e.sample_count as u64)
-            .sum();
-        if timed < samples as u64 {
-            return Err(fail(format!(
-                "damaged sample tables: {samples} samples, timing for {timed}"
-            )));
-        }
-    }
-    let biggest = if stbl.stsz.sample_size > 0 {
-        stbl.stsz.sample_size
-    } else {
-        stbl.stsz.sample_sizes.iter().copied().max().unwrap_or(0)
-    };
-    if biggest as u64 > len {
-        return Err(fail(format!(
-            "damaged sample tables: a sample of {biggest} bytes in a file of {len}"
-        )));
-    }
+    check_sample_tables(track, samples, len).map_err(fail)?;
 
     let mut decoder = Decoder::with_api_config(OpenH264API::from_source(), DecoderConfig::new())
         .map_err(|e| fail(format!("openh264 decoder: {e}")))?;
@@ -262,16 +236,8 @@ pub fn decode_mp4(
         };
         let pts = (sample.start_time as f64 + sample.rendering_offset as f64) / timescale;
         end = pts + sample.duration as f64 / timescale;
-        annex_b.clear();
-        let mut rest: &[u8] = &sample.bytes;
-        while rest.len() >= 4 {
-            let n = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-            if n > rest.len() - 4 {
-                return Err(fail(format!("sample {sample_id}: NAL length past its end")));
-            }
-            annex_b.extend_from_slice(&[0, 0, 0, 1]);
-            annex_b.extend_from_slice(&rest[4..4 + n]);
-            rest = &rest[4 + n..];
+        if !to_annex_b(&sample.bytes, &mut annex_b) {
+            return Err(fail(format!("sample {sample_id}: NAL length past its end")));
         }
         let decoded = decoder.decode(&annex_b).map_err(|e| {
             fail(format!(
@@ -293,6 +259,54 @@ pub fn decode_mp4(
         return Err(fail("no frame could be decoded".into()));
     }
     Ok(video)
+}
+
+/// The sample tables are the file's word: checks them against each other and the file (of
+/// `len` bytes) before trusting them. A timing table shorter than the size table panics the mp4
+/// reader; a forged size would have it allocate up to 4 GiB for one sample.
+fn check_sample_tables(track: &mp4::Mp4Track, samples: u32, len: u64) -> Result<(), String> {
+    let stbl = &track.trak.mdia.minf.stbl;
+    if track.trafs.is_empty() {
+        let timed: u64 = stbl
+            .stts
+            .entries
+            .iter()
+            .map(|e| e.sample_count as u64)
+            .sum();
+        if timed < samples as u64 {
+            return Err(format!(
+                "damaged sample tables: {samples} samples, timing for {timed}"
+            ));
+        }
+    }
+    let biggest = if stbl.stsz.sample_size > 0 {
+        stbl.stsz.sample_size
+    } else {
+        stbl.stsz.sample_sizes.iter().copied().max().unwrap_or(0)
+    };
+    if biggest as u64 > len {
+        return Err(format!(
+            "damaged sample tables: a sample of {biggest} bytes in a file of {len}"
+        ));
+    }
+    Ok(())
+}
+
+/// Rewrites an MP4 sample's length-prefixed NAL units as Annex B (start codes) into `out`;
+/// `false` when a length runs past the sample's end.
+fn to_annex_b(sample: &[u8], out: &mut Vec<u8>) -> bool {
+    out.clear();
+    let mut rest = sample;
+    while rest.len() >= 4 {
+        let n = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        if n > rest.len() - 4 {
+            return false;
+        }
+        out.extend_from_slice(&[0, 0, 0, 1]);
+        out.extend_from_slice(&rest[4..4 + n]);
+        rest = &rest[4 + n..];
+    }
+    true
 }
 
 fn profile_name(idc: u8) -> String {

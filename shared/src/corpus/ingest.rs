@@ -224,6 +224,47 @@ fn cut_source(src: &Source, opts: &IngestOptions) -> Result<SourceClips, String>
     })
 }
 
+/// Cuts every source of `window` into clips on up to `threads` threads, in `window`'s order: each
+/// source's clips, or why it is skipped.
+fn decode_window(
+    window: &[Source],
+    opts: &IngestOptions,
+    threads: usize,
+) -> Vec<Result<SourceClips, String>> {
+    let next = AtomicUsize::new(0);
+    let slots: Vec<Mutex<Option<Result<SourceClips, String>>>> =
+        window.iter().map(|_| Mutex::new(None)).collect();
+    std::thread::scope(|s| {
+        for _ in 0..threads.min(window.len()) {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= window.len() {
+                        break;
+                    }
+                    // A panic in a decoder (a hostile file can find one in a library)
+                    // skips that source, never the ingest.
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        cut_source(&window[i], opts)
+                    }))
+                    .unwrap_or_else(|panic| {
+                        Err(format!("decoder crashed: {}", panic_text(&panic)))
+                    });
+                    *slots[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+                }
+            });
+        }
+    });
+    slots
+        .into_iter()
+        .map(|slot| {
+            slot.into_inner()
+                .unwrap_or_else(|p| p.into_inner())
+                .unwrap_or_else(|| Err("decoder thread stopped".into()))
+        })
+        .collect()
+}
+
 /// Ingests `input` into the shard store at `store_dir`, writing `manifest.json` last.
 pub fn ingest(
     input: &Path,
@@ -286,35 +327,8 @@ pub fn ingest(
     progress(&state);
     for window in sources.chunks(threads * 2) {
         // Decode a window of sources in parallel, then pack them in walk order.
-        let next = AtomicUsize::new(0);
-        let slots: Vec<Mutex<Option<Result<SourceClips, String>>>> =
-            window.iter().map(|_| Mutex::new(None)).collect();
-        std::thread::scope(|s| {
-            for _ in 0..threads.min(window.len()) {
-                s.spawn(|| {
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= window.len() {
-                            break;
-                        }
-                        // A panic in a decoder (a hostile file can find one in a library)
-                        // skips that source, never the ingest.
-                        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            cut_source(&window[i], opts)
-                        }))
-                        .unwrap_or_else(|panic| {
-                            Err(format!("decoder crashed: {}", panic_text(&panic)))
-                        });
-                        *slots[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
-                    }
-                });
-            }
-        });
-        for (src, slot) in window.iter().zip(slots) {
-            let result = slot
-                .into_inner()
-                .unwrap_or_else(|p| p.into_inner())
-                .unwrap_or_else(|| Err("decoder thread stopped".into()));
+        let decoded = decode_window(window, opts, threads);
+        for (src, result) in window.iter().zip(decoded) {
             match result {
                 Err(reason) => {
                     tracing::debug!("skipped {}: {reason}", src.path.display());

@@ -89,12 +89,19 @@ fn y(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_default()
 }
 
-/// Renders the card.
+/// Renders the card: YAML front matter, then the sections a downstream user reads.
 pub fn render(c: &CardInfo) -> String {
+    let mut s = String::new();
+    for section in [front_matter, intro, files, training, evaluation, usage] {
+        section(c, &mut s);
+    }
+    s
+}
+
+/// The YAML front matter (Hugging Face model-card style).
+fn front_matter(c: &CardInfo, s: &mut String) {
     let m = &c.config.model;
     let t = &c.config.train;
-    let grid = m.grid();
-    let mut s = String::new();
     let _ = writeln!(s, "---");
     let _ = writeln!(s, "license: {}", c.licence.to_ascii_lowercase());
     let _ = writeln!(s, "library_name: amity");
@@ -169,6 +176,12 @@ pub fn render(c: &CardInfo) -> String {
         );
     }
     let _ = writeln!(s, "---");
+}
+
+/// The title and what the model is.
+fn intro(c: &CardInfo, s: &mut String) {
+    let m = &c.config.model;
+    let grid = m.grid();
     let _ = writeln!(s);
     let _ = writeln!(s, "# {}", c.name);
     let _ = writeln!(s);
@@ -198,6 +211,10 @@ pub fn render(c: &CardInfo) -> String {
         m.patch
     );
     let _ = writeln!(s);
+}
+
+/// The files of a release.
+fn files(_: &CardInfo, s: &mut String) {
     let _ = writeln!(s, "## Files");
     let _ = writeln!(s);
     let _ = writeln!(
@@ -217,6 +234,11 @@ pub fn render(c: &CardInfo) -> String {
          by the publisher. `amity fetch` checks both."
     );
     let _ = writeln!(s);
+}
+
+/// How and by whom it was trained.
+fn training(c: &CardInfo, s: &mut String) {
+    let t = &c.config.train;
     let _ = writeln!(s, "## Training");
     let _ = writeln!(s);
     let how = if c.contributors.is_empty() {
@@ -276,6 +298,10 @@ pub fn render(c: &CardInfo) -> String {
         );
         let _ = writeln!(s);
     }
+}
+
+/// How it scores, against random initialisation.
+fn evaluation(c: &CardInfo, s: &mut String) {
     let _ = writeln!(s, "## Evaluation");
     let _ = writeln!(s);
     if c.evaluation.is_empty() {
@@ -303,6 +329,10 @@ pub fn render(c: &CardInfo) -> String {
         );
     }
     let _ = writeln!(s);
+}
+
+/// How to fetch and use it, and its licence.
+fn usage(c: &CardInfo, s: &mut String) {
     let _ = writeln!(s, "## Use");
     let _ = writeln!(s);
     let _ = writeln!(s, "```sh");
@@ -327,7 +357,6 @@ pub fn render(c: &CardInfo) -> String {
     let _ = writeln!(s, "## Licence");
     let _ = writeln!(s);
     let _ = writeln!(s, "{}", c.licence);
-    s
 }
 
 #[cfg(test)]
