@@ -66,55 +66,13 @@ pub enum Bench {
     Transfer(TransferBenchArgs),
     /// DDP vs DiLoCo vs compressed DiLoCo: bytes on the wire, loss and probe R² on equal
     /// samples; prints `{"bench":"federated",...}` last.
-    Federated(FederatedBenchArgs),
+    Federated(crate::federated_cmd::FederatedBenchArgs),
     /// Latent planning success beside a random policy and a simulator oracle, per environment;
     /// prints `{"bench":"plan",...}` last.
     Plan(crate::plan_cmd::PlanBenchArgs),
     /// Surprise detector: paired accuracy and AUROC on synthetic violation pairs; prints
     /// `{"bench":"surprise",...}` last.
     Surprise(crate::plan_cmd::SurpriseBenchArgs),
-}
-
-/// `amity bench federated`.
-#[derive(Debug, Args)]
-pub struct FederatedBenchArgs {
-    /// Simulated workers.
-    #[arg(long, default_value_t = 3)]
-    pub workers: usize,
-    /// Local steps each worker takes over the run (the same samples for every run).
-    #[arg(long, default_value_t = 300)]
-    pub steps: u64,
-    /// Local steps per round (DiLoCo's H), comma-separated; each must divide --steps.
-    #[arg(long, value_delimiter = ',', default_value = "20,50,100")]
-    pub local_steps: Vec<u64>,
-    /// Clips per local step and worker.
-    #[arg(long, default_value_t = 16)]
-    pub batch: usize,
-    /// Seeds, comma-separated: every configuration runs once per seed.
-    #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
-    pub seeds: Vec<u64>,
-    /// Skip the non-IID (colour-skewed) runs.
-    #[arg(long)]
-    pub iid_only: bool,
-    /// Federated variants, separated by spaces or given once per flag: `default` (the
-    /// coordinator's defaults), `none` (central runs only) or key=value pairs joined by `,`
-    /// (keys up, down, policy, lr, mu, nesterov, objective, held_out, flush, attack), e.g.
-    /// `up=fp32,down=fp32` or `attack=flip` (worker 0 negates its updates). The first is the
-    /// one `r2_default` and `reduction` report.
-    #[arg(long = "variant", default_values = ["default", "up=fp32,down=fp32"])]
-    pub variants: Vec<String>,
-    /// PNG of velocity R2 against bytes on the wire, one point per configuration.
-    #[arg(long, default_value = "bench-federated.png")]
-    pub plot: PathBuf,
-    /// Probe videos: fitted, held out (as the learning test's probe).
-    #[arg(long, value_delimiter = ',', num_args = 2, default_values_t = [1000, 500])]
-    pub probe_videos: Vec<usize>,
-    /// EMA momentum at the start of the run (default: the tiny preset's), for every run alike.
-    #[arg(long)]
-    pub ema_start: Option<f64>,
-    /// Skip the central reference runs (for sweeps over variants; the gap is then not known).
-    #[arg(long)]
-    pub skip_central: bool,
 }
 
 /// `amity bench transfer`.

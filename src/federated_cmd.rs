@@ -200,9 +200,51 @@ fn key_path_for(cert: &Path) -> PathBuf {
     cert.with_extension("key")
 }
 
+/// `amity bench federated`.
+#[derive(Debug, Args)]
+pub struct FederatedBenchArgs {
+    /// Simulated workers.
+    #[arg(long, default_value_t = 3)]
+    pub workers: usize,
+    /// Local steps each worker takes over the run (the same samples for every run).
+    #[arg(long, default_value_t = 300)]
+    pub steps: u64,
+    /// Local steps per round (DiLoCo's H), comma-separated; each must divide --steps.
+    #[arg(long, value_delimiter = ',', default_value = "20,50,100")]
+    pub local_steps: Vec<u64>,
+    /// Clips per local step and worker.
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// Seeds, comma-separated: every configuration runs once per seed.
+    #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
+    pub seeds: Vec<u64>,
+    /// Skip the non-IID (colour-skewed) runs.
+    #[arg(long)]
+    pub iid_only: bool,
+    /// Federated variants, separated by spaces or given once per flag: `default` (the
+    /// coordinator's defaults), `none` (central runs only) or key=value pairs joined by `,`
+    /// (keys up, down, policy, lr, mu, nesterov, objective, held_out, flush, attack), e.g.
+    /// `up=fp32,down=fp32` or `attack=flip` (worker 0 negates its updates). The first is the
+    /// one `r2_default` and `reduction` report.
+    #[arg(long = "variant", default_values = ["default", "up=fp32,down=fp32"])]
+    pub variants: Vec<String>,
+    /// PNG of velocity R2 against bytes on the wire, one point per configuration.
+    #[arg(long, default_value = "bench-federated.png")]
+    pub plot: PathBuf,
+    /// Probe videos: fitted, held out (as the learning test's probe).
+    #[arg(long, value_delimiter = ',', num_args = 2, default_values_t = [1000, 500])]
+    pub probe_videos: Vec<usize>,
+    /// EMA momentum at the start of the run (default: the tiny preset's), for every run alike.
+    #[arg(long)]
+    pub ema_start: Option<f64>,
+    /// Skip the central reference runs (for sweeps over variants; the gap is then not known).
+    #[arg(long)]
+    pub skip_central: bool,
+}
+
 /// `amity bench federated`: every configuration over every seed, a summary table, the PNG of
 /// R² against bytes, and the JSON line last.
-pub fn bench_federated(a: crate::cli::FederatedBenchArgs) -> Result<()> {
+pub fn bench_federated(a: FederatedBenchArgs) -> Result<()> {
     use amity_coordinator::bench::{FederatedBenchOptions, Variant, federated};
     if a.workers == 0 || a.batch == 0 || a.seeds.is_empty() || a.local_steps.is_empty() {
         bail!("--workers, --batch, --seeds and --local-steps must not be zero or empty");

@@ -18,7 +18,7 @@ use amity_protocol::PROTOCOL_VERSION;
 use amity_protocol::conn::{ConnError, MsgStream, fetch_blob_bytes, fetch_blob_until};
 use amity_protocol::message::{ClientMsg, ErrorCode, ServerMsg};
 use amity_protocol::tls::quic_anonymous_client_config;
-use amity_shared::release::sign::Trust;
+use amity_shared::release::known::Trust;
 use amity_shared::release::{
     Begun, FetchReport, MAX_MANIFEST_BYTES, ReleaseError, Signed, Staging,
 };
@@ -145,7 +145,7 @@ pub async fn fetch_quic(
     let cfg = quic_anonymous_client_config(src.server_ca.as_deref())?;
     let endpoint = amity_protocol::endpoint::client(src.addr, cfg)
         .with_context(|| format!("client endpoint for {}", src.addr))?;
-    let mut staging: Option<(Staging, amity_shared::release::sign::TrustOutcome)> = None;
+    let mut staging: Option<(Staging, amity_shared::release::known::TrustOutcome)> = None;
     let mut resolved = name.to_owned();
     let mut failures = 0u32;
     let dropped = Arc::new(AtomicBool::new(false));

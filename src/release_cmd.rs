@@ -14,8 +14,9 @@ use amity_coordinator::config::CoordinatorConfig;
 use amity_coordinator::release::{ReleaseRequest, release_round};
 use amity_shared::checkpoint::Checkpoint;
 use amity_shared::release::known::KnownPublishers;
+use amity_shared::release::known::{Trust, TrustOutcome};
 use amity_shared::release::publish::{PublishOptions, publish};
-use amity_shared::release::sign::{PublicKey, ReleaseKey, SignError, Trust, TrustOutcome};
+use amity_shared::release::sign::{PublicKey, ReleaseKey, SignError};
 use amity_shared::release::{FetchReport, MODEL, Signed, fetch_folder, verify_files};
 use amity_shared::train::Trainer;
 

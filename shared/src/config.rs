@@ -255,15 +255,6 @@ impl DataConfig {
             max_frames: 9000,
         }
     }
-
-    /// The clip sampling for a model's clip length.
-    pub fn clip_spec(&self, model: &ModelConfig) -> crate::corpus::clips::ClipSpec {
-        crate::corpus::clips::ClipSpec {
-            frames: model.frames,
-            frame_step: self.frame_step,
-            clips_per_video: self.clips_per_video,
-        }
-    }
 }
 
 /// A whole run: model and recipe.

@@ -37,7 +37,8 @@ mod status;
 pub use limits::{
     ANONYMOUS_STREAMS, HELLO_TIMEOUT, MAX_ANONYMOUS, MAX_ANONYMOUS_PER_IP, MAX_CONNECTIONS,
 };
-pub use status::{Defence, Status};
+pub use shared::Defence;
+pub use status::Status;
 
 use connection::accept_connections;
 use shared::Shared;

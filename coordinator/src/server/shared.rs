@@ -1,6 +1,7 @@
 //! What the driver and the connection tasks share: the store, the outboxes, the pulls under
 //! way, the caps on strangers and the defence counters.
 
+use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -19,7 +20,27 @@ use crate::release;
 use crate::retention::Usage;
 
 use super::limits::{MAX_ANONYMOUS, MAX_ANONYMOUS_PER_IP};
-use super::status::Defence;
+
+/// What the coordinator turned away, for `status.json`: each attack it meets is logged where it
+/// happens and counted here.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Defence {
+    /// Connections refused before their handshake ([`MAX_CONNECTIONS`] reached).
+    pub connections_refused: u64,
+    /// Anonymous connections closed over [`MAX_ANONYMOUS`] or [`MAX_ANONYMOUS_PER_IP`].
+    pub anonymous_over_cap: u64,
+    /// Peers that did not finish the handshake and Hello within [`HELLO_TIMEOUT`].
+    pub hello_timeouts: u64,
+    /// Registrations refused to peers without a certificate.
+    pub registrations_refused: u64,
+    /// Updates refused before or while they were fetched (round not open, one already
+    /// received, longer than announced, not matching their id, undecodable), by institution.
+    pub updates_refused: BTreeMap<String, u64>,
+    /// Store or journal writes that failed and were retried (a full disk, say).
+    pub storage_faults: u64,
+    /// The last storage fault, until a write succeeds again.
+    pub storage_error: Option<String>,
+}
 
 pub(super) type Outboxes = Arc<Mutex<HashMap<WorkerId, mpsc::UnboundedSender<ServerMsg>>>>;
 

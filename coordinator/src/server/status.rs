@@ -1,6 +1,5 @@
 //! What `status.json` holds, and how it is written after every round.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::Serialize;
@@ -8,28 +7,7 @@ use serde::Serialize;
 use crate::core::{Core, Provenance, RoundSummary, WorkerId};
 use crate::retention::Usage;
 
-use super::shared::Shared;
-
-/// What the coordinator turned away, for `status.json`: each attack it meets is logged where it
-/// happens and counted here.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct Defence {
-    /// Connections refused before their handshake ([`MAX_CONNECTIONS`] reached).
-    pub connections_refused: u64,
-    /// Anonymous connections closed over [`MAX_ANONYMOUS`] or [`MAX_ANONYMOUS_PER_IP`].
-    pub anonymous_over_cap: u64,
-    /// Peers that did not finish the handshake and Hello within [`HELLO_TIMEOUT`].
-    pub hello_timeouts: u64,
-    /// Registrations refused to peers without a certificate.
-    pub registrations_refused: u64,
-    /// Updates refused before or while they were fetched (round not open, one already
-    /// received, longer than announced, not matching their id, undecodable), by institution.
-    pub updates_refused: BTreeMap<String, u64>,
-    /// Store or journal writes that failed and were retried (a full disk, say).
-    pub storage_faults: u64,
-    /// The last storage fault, until a write succeeds again.
-    pub storage_error: Option<String>,
-}
+use super::shared::{Defence, Shared};
 
 /// What `status.json` holds: the operator's view, rewritten after every round.
 #[derive(Debug, Clone, Serialize)]

@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::{DataConfig, ModelConfig};
 use crate::rng::Rng;
 
 /// How clips are cut from videos.
@@ -16,6 +17,16 @@ pub struct ClipSpec {
 }
 
 impl ClipSpec {
+    /// The clip sampling of a run: the model's clip length, the data config's frame step and
+    /// clips per video.
+    pub fn for_config(data: &DataConfig, model: &ModelConfig) -> Self {
+        ClipSpec {
+            frames: model.frames,
+            frame_step: data.frame_step,
+            clips_per_video: data.clips_per_video,
+        }
+    }
+
     /// Source frames one clip spans.
     pub fn span(&self) -> usize {
         (self.frames - 1) * self.frame_step + 1

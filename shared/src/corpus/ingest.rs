@@ -178,7 +178,7 @@ fn cut_source(src: &Source, opts: &IngestOptions) -> Result<SourceClips, String>
         decode_video(&src.path, target, opts.decoder).map_err(|e| e.reason())?
     };
     let labels = read_labels(&src.path).map_err(|e| e.to_string())?;
-    let spec: ClipSpec = opts.data.clip_spec(&opts.model);
+    let spec = ClipSpec::for_config(&opts.data, &opts.model);
     let path_seed = u64::from_le_bytes(
         blake3::hash(src.rel.as_bytes()).as_bytes()[..8]
             .try_into()

@@ -25,7 +25,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::store::BlobId;
-use sign::{PublicKey, ReleaseKey, SignError, Trust, TrustOutcome};
+use known::{Trust, TrustOutcome};
+use sign::{PublicKey, ReleaseKey, SignError};
 
 /// The manifest format this code writes and reads.
 pub const FORMAT: &str = "amity-release/1";

@@ -12,8 +12,6 @@ use std::path::{Path, PathBuf};
 use amity_protocol::id::{hex, unhex};
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 
-use super::known::{Known, KnownPublishers};
-
 /// Prefix of every signed message.
 pub const SIGNING_DOMAIN: &[u8] = b"amity-release-manifest-v1\0";
 
@@ -231,134 +229,10 @@ pub fn signature_text(sig: &[u8]) -> String {
     format!("{}\n", hex(sig))
 }
 
-/// Which key a release must be signed with, and what is remembered about where it came from.
-#[derive(Debug, Clone)]
-pub struct Trust {
-    /// A key given on the command line: the release must be signed with exactly this key.
-    pub key: Option<PublicKey>,
-    /// The known-publishers file: the pins used when no key is given, and the highest round
-    /// fetched from each origin.
-    pub known: Option<KnownPublishers>,
-    /// Where releases come from: a coordinator's address or a mirror folder.
-    pub origin: String,
-    /// Pin an unknown publisher's key on first use without asking (`--accept-new`, or a
-    /// coordinator authenticated by its operator's CA). Otherwise first use is refused with
-    /// the key to check.
-    pub accept_new: bool,
-}
-
-/// What trust decided.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TrustOutcome {
-    /// The key matched the one given or pinned.
-    Trusted,
-    /// First use: the publisher's key was pinned in the file.
-    PinnedNew(PathBuf),
-}
-
-impl Trust {
-    /// Exactly `key`, nothing remembered.
-    pub fn key(key: PublicKey) -> Self {
-        Trust {
-            key: Some(key),
-            known: None,
-            origin: String::new(),
-            accept_new: false,
-        }
-    }
-
-    /// Checks that `manifest` (its bytes, release name, publisher and stated key) is signed by
-    /// `signature` under the trusted key. Pins the key on first use of a publisher at this
-    /// origin, only after the signature verified and only if `accept_new`.
-    pub fn check(
-        &self,
-        manifest: &[u8],
-        signature: &[u8],
-        release: &str,
-        publisher: &str,
-        stated: PublicKey,
-    ) -> Result<TrustOutcome, SignError> {
-        let bad_sig = |k: PublicKey| SignError::BadSignature {
-            release: release.to_owned(),
-            key: k.to_hex(),
-        };
-        let mismatch = |expected: PublicKey, from: String| SignError::UntrustedKey {
-            release: release.to_owned(),
-            publisher: publisher.to_owned(),
-            found: stated.to_hex(),
-            expected: expected.to_hex(),
-            trusted_from: from,
-        };
-        let trusted = |k: PublicKey, from: String| {
-            if k != stated {
-                return Err(mismatch(k, from));
-            }
-            if !k.verifies(manifest, signature) {
-                return Err(bad_sig(k));
-            }
-            Ok(TrustOutcome::Trusted)
-        };
-        if let Some(k) = self.key {
-            return trusted(k, "the key given".into());
-        }
-        let Some(known) = &self.known else {
-            return Err(SignError::BadKey {
-                what: format!("release `{release}`"),
-                reason: "no key given and no known-publishers file to trust one from".into(),
-            });
-        };
-        if let Some(pinned) = known.lookup(&self.origin, publisher)? {
-            return trusted(pinned.key, pinned.source);
-        }
-        if !stated.verifies(manifest, signature) {
-            return Err(bad_sig(stated));
-        }
-        if !self.accept_new {
-            return Err(SignError::UnknownPublisher {
-                publisher: publisher.to_owned(),
-                origin: self.origin.clone(),
-                key: stated.to_hex(),
-            });
-        }
-        known.pin(&self.origin, publisher, stated)?;
-        Ok(TrustOutcome::PinnedNew(known.file().to_owned()))
-    }
-
-    /// Refuses a `latest` answer older than the newest release already fetched from this origin
-    /// and publisher (a server rolling `latest` back). Without a known-publishers file nothing
-    /// is remembered, so nothing is refused.
-    pub fn check_fresh(&self, release: &str, publisher: &str, round: u64) -> Result<(), SignError> {
-        let Some(known) = &self.known else {
-            return Ok(());
-        };
-        match known.lookup(&self.origin, publisher)? {
-            Some(Known {
-                highest_round: Some(highest),
-                source,
-                ..
-            }) if round < highest => Err(SignError::Rollback {
-                release: release.to_owned(),
-                round,
-                highest,
-                origin: self.origin.clone(),
-                recorded_in: source,
-            }),
-            _ => Ok(()),
-        }
-    }
-
-    /// Records that round `round` of `publisher` was fetched from this origin.
-    pub fn remember(&self, publisher: &str, key: PublicKey, round: u64) -> Result<(), SignError> {
-        match &self.known {
-            Some(known) => known.record_round(&self.origin, publisher, key, round),
-            None => Ok(()),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::release::known::{KnownPublishers, Trust, TrustOutcome};
 
     fn dir(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("amity-sign-{tag}-{}", std::process::id()));
