@@ -484,7 +484,7 @@ fn downstream(release: &Path) -> Result<(serde_json::Value, serde_json::Value)> 
     let began = Instant::now();
     let ckpt = crate::release_cmd::load_release(release)?;
     let device = Device::flex();
-    let encoder = FrameEncoder::new(&ckpt, &device).map_err(anyhow::Error::msg)?;
+    let encoder = FrameEncoder::new(&ckpt, &device)?;
     let kind = EnvKind::PointMaze;
     let trajs = collect(kind, encoder.size(), 80, 16, 11);
     let cfg = WorldModelConfig {

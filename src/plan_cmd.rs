@@ -358,7 +358,7 @@ fn train_world(
     let device = backend.device(0)?;
     let (kind, size, trajs) = load(data)?;
     let checkpoint = load_checkpoint(ckpt)?;
-    let encoder = FrameEncoder::new(&checkpoint, &device).map_err(anyhow::Error::msg)?;
+    let encoder = FrameEncoder::new(&checkpoint, &device)?;
     if encoder.size() != size {
         bail!(
             "{}: frames are {size}x{size}, the encoder takes {}x{}; collect again with --size {}",

@@ -284,7 +284,7 @@ pub fn build_world_model(
     log: &mut dyn FnMut(String),
 ) -> Result<(WorldModel, f64, (f64, f64), f64), PlannerError> {
     let device = Device::flex();
-    let encoder = FrameEncoder::new(ckpt, &device).map_err(PlannerError::Invalid)?;
+    let encoder = FrameEncoder::new(ckpt, &device).map_err(PlannerError::other)?;
     let trajs = collect(
         kind,
         encoder.size(),

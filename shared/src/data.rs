@@ -46,9 +46,9 @@ impl ClipSource {
         let manifest = Manifest::load(store_dir)?;
         manifest
             .check_model(model)
-            .map_err(|reason| CorpusError::Mismatch {
+            .map_err(|e| CorpusError::Mismatch {
                 path: store_dir.to_owned(),
-                reason,
+                reason: e.to_string(),
             })?;
         Ok(ClipSource::Shards(Arc::new(ShardSet::open(
             store_dir, &manifest, ids,

@@ -2,6 +2,7 @@
 //! the first tubelet's tokens are kept, so the encoder sees one tubelet of two identical frames,
 //! as V-JEPA 2-AC encodes single images.
 
+use amity_shared::flat::LengthMismatch;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use amity_shared::checkpoint::Checkpoint;
@@ -18,10 +19,9 @@ pub struct FrameEncoder {
 
 impl FrameEncoder {
     /// The checkpoint's target encoder.
-    pub fn new(ckpt: &Checkpoint, device: &Device) -> Result<Self, String> {
+    pub fn new(ckpt: &Checkpoint, device: &Device) -> Result<Self, LengthMismatch> {
         let enc = Encoder::new(&ckpt.config.model, device);
-        let encoder =
-            amity_shared::flat::load_flat(enc, &ckpt.target).map_err(|e| e.to_string())?;
+        let encoder = amity_shared::flat::load_flat(enc, &ckpt.target)?;
         Ok(FrameEncoder {
             encoder,
             model: ckpt.config.model.clone(),

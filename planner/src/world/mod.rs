@@ -315,7 +315,7 @@ impl WorldModel {
             .ok_or_else(|| bad(format!("no `{CONFIG_KEY}` metadata")))
             .and_then(|j| serde_json::from_str(j).map_err(|e| bad(e.to_string())))?;
         let tensors = SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
-        let encoder = FrameEncoder::new(ckpt, device).map_err(bad)?;
+        let encoder = FrameEncoder::new(ckpt, device).map_err(|e| bad(e.to_string()))?;
         let shell = ActionPredictor::new(&config, encoder.tokens(), encoder.width(), device);
         let layout = ParamLayout::of(&shell);
         let mut flat = Vec::with_capacity(layout.total);

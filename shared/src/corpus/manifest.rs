@@ -170,16 +170,32 @@ impl Manifest {
     }
 
     /// Checks that the manifest can feed `model` (same clip shape).
-    pub fn check_model(&self, model: &ModelConfig) -> Result<(), String> {
+    pub fn check_model(&self, model: &ModelConfig) -> Result<(), ClipShapeMismatch> {
         let want = ClipShape::of(model);
         if self.clip != want {
-            return Err(format!(
-                "the corpus was cut for {} x {}px clips (preset {}), the model needs {} x {}px",
-                self.clip.frames, self.clip.size, self.preset, want.frames, want.size
-            ));
+            return Err(ClipShapeMismatch {
+                corpus: self.clip,
+                preset: self.preset.clone(),
+                model: want,
+            });
         }
         Ok(())
     }
+}
+
+/// A corpus cut for clips of another shape than the model takes.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error(
+    "the corpus was cut for {} x {}px clips (preset {preset}), the model needs {} x {}px",
+    corpus.frames, corpus.size, model.frames, model.size
+)]
+pub struct ClipShapeMismatch {
+    /// The corpus's clip shape.
+    pub corpus: ClipShape,
+    /// The preset the corpus was cut for.
+    pub preset: String,
+    /// The shape the model takes.
+    pub model: ClipShape,
 }
 
 /// Opens the blob store of a shard store folder.
