@@ -93,7 +93,7 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
     eprintln!(
         "coordinator stopped at round {} (params {})",
         status.round,
-        &status.params[..16]
+        &status.params.to_hex()[..16]
     );
     Ok(())
 }

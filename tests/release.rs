@@ -296,8 +296,6 @@ fn anonymous_peers_get_releases_only(dir: &Path, addr: &str) {
         }
         let caps = Capabilities {
             backend: "flex".into(),
-            device_name: "cpu".into(),
-            memory_bytes: 0,
             samples_per_s: 1.0,
             local_shards: Vec::new(),
         };

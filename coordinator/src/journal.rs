@@ -199,7 +199,7 @@ mod tests {
             j.append(&LogEntry::RoundClosed {
                 round: 0,
                 snapshot: BlobId([9; 32]),
-                params: "ab".into(),
+                params: BlobId([0xab; 32]),
             })
             .unwrap();
             j.append(&accepted(1)).unwrap();
@@ -222,7 +222,7 @@ mod tests {
         let closed = |round: u64| LogEntry::RoundClosed {
             round,
             snapshot: BlobId([100 + round as u8; 32]),
-            params: "ab".into(),
+            params: BlobId([0xab; 32]),
         };
         let mut j = Journal::open(&path).unwrap();
         assert_eq!(j.compact(2).unwrap(), 0, "nothing closed yet");

@@ -189,7 +189,7 @@ mod tests {
                 .append(&LogEntry::RoundClosed {
                     round,
                     snapshot,
-                    params: String::new(),
+                    params: BlobId([0; 32]),
                 })
                 .unwrap();
             std::fs::write(layout.round_checkpoint(round), b"x").unwrap();

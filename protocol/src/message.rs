@@ -19,10 +19,6 @@ pub const MESSAGE_MAGIC: &[u8; 4] = b"AMTY";
 pub struct Capabilities {
     /// Compute backend (`flex`, `cuda`, `wgpu`, ...).
     pub backend: String,
-    /// Device name as the backend reports it.
-    pub device_name: String,
-    /// Device memory in bytes (0 when unknown).
-    pub memory_bytes: u64,
     /// Measured training throughput, clips per second.
     pub samples_per_s: f32,
     /// Shards the worker already holds (its institution's own corpus), with their clip counts.
@@ -318,7 +314,6 @@ impl Validate for ClientMsg {
             ClientMsg::Hello { software, .. } => check_str("software", software),
             ClientMsg::Register(c) => {
                 check_str("backend", &c.backend)?;
-                check_str("device name", &c.device_name)?;
                 check_list("local shards", &c.local_shards)?;
                 if let Some(s) = c
                     .local_shards
@@ -505,25 +500,19 @@ mod tests {
                 .prop_map(|(protocol, software)| ClientMsg::Hello { protocol, software }),
             (
                 "[a-z]{1,8}",
-                ".{0,30}",
-                any::<u64>(),
                 0.0f32..1e6,
                 prop::collection::vec(
                     (hash(), 1..=MAX_SHARD_CLIPS).prop_map(|(id, clips)| LocalShard { id, clips }),
                     0..5
                 )
             )
-                .prop_map(
-                    |(backend, device_name, memory_bytes, samples_per_s, local_shards)| {
-                        ClientMsg::Register(Capabilities {
-                            backend,
-                            device_name,
-                            memory_bytes,
-                            samples_per_s,
-                            local_shards,
-                        })
-                    }
-                ),
+                .prop_map(|(backend, samples_per_s, local_shards)| {
+                    ClientMsg::Register(Capabilities {
+                        backend,
+                        samples_per_s,
+                        local_shards,
+                    })
+                }),
             any::<u64>().prop_map(|seq| ClientMsg::Heartbeat { seq }),
             (
                 any::<u64>(),
@@ -672,8 +661,6 @@ mod tests {
         ));
         let bad = ClientMsg::Register(Capabilities {
             backend: "flex".into(),
-            device_name: "cpu".into(),
-            memory_bytes: 0,
             samples_per_s: f32::NAN,
             local_shards: vec![],
         });

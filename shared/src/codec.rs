@@ -127,11 +127,6 @@ impl CodecSpec {
         }
     }
 
-    /// Whether decoding gives back exactly what was encoded.
-    pub fn is_lossless(&self) -> bool {
-        self.topk.is_none() && self.values == ValueCoding::F32
-    }
-
     /// Entries kept out of `len`.
     pub fn kept(&self, len: usize) -> usize {
         match self.topk {

@@ -9,7 +9,7 @@
 //! The federated code ships pseudo-gradients as differences of these vectors, so a round trip
 //! must be exact: it is (tested below), since values are copied, never recomputed.
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::{Tensor, TensorData};
 
 use crate::rng::Rng;
@@ -180,19 +180,6 @@ pub fn init_params(layout: &ParamLayout, seed: u64) -> Vec<f32> {
         }
     }
     flat
-}
-
-/// The parameter ids of a module in layout order (used to pair an encoder with its EMA copy).
-pub fn param_ids<M: Module>(module: &M) -> Vec<ParamId> {
-    struct Ids(Vec<ParamId>);
-    impl ModuleVisitor for Ids {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            self.0.push(param.id);
-        }
-    }
-    let mut ids = Ids(Vec::new());
-    module.visit(&mut ids);
-    ids.0
 }
 
 #[cfg(test)]

@@ -182,11 +182,6 @@ impl Trainer {
         self.step
     }
 
-    /// Sets the step counter (schedules and masks follow it), e.g. when resuming.
-    pub fn set_step(&mut self, step: u64) {
-        self.step = step;
-    }
-
     /// Holds the EMA target fixed during steps (`true`) or lets each step pull it towards the
     /// encoder (`false`, the default). A federated worker under the coordinator-EMA policy
     /// freezes it: the coordinator owns the target and ships it every round.

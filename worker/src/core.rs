@@ -302,8 +302,6 @@ impl WorkerCore {
     fn register(&self) -> WorkerAction {
         WorkerAction::Send(ClientMsg::Register(Capabilities {
             backend: self.opts.backend.clone(),
-            device_name: self.opts.backend.clone(),
-            memory_bytes: 0,
             samples_per_s: self.throughput,
             local_shards: self
                 .opts

@@ -37,8 +37,8 @@ pub enum LogEntry {
         round: u64,
         /// Snapshot blob.
         snapshot: BlobId,
-        /// Parameters hash (hex) after the round.
-        params: String,
+        /// Parameters hash after the round.
+        params: BlobId,
     },
 }
 
@@ -67,8 +67,8 @@ pub struct RoundSummary {
     pub bytes_down: u64,
     /// What dense fp32 synchronisation every local step would have moved (up and down).
     pub dense_bytes: u64,
-    /// Parameters hash (hex) after the round.
-    pub params: String,
+    /// Parameters hash after the round.
+    pub params: BlobId,
     /// Corpus epoch.
     pub epoch: u64,
     /// Norm of the outer optimiser's step over the norm of the mean pseudo-gradient (model

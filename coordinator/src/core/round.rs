@@ -170,7 +170,6 @@ impl Core {
             self.last_delta = None;
             self.last_delta_momentum = None;
         }
-        let params_hex = self.params_hash.to_hex();
         let p = (self.params.model.len() + self.params.target.len()) as u64;
         let summary = RoundSummary {
             round: self.round,
@@ -187,7 +186,7 @@ impl Core {
             bytes_up,
             bytes_down,
             dense_bytes: steps.saturating_mul(p * 4 * 2),
-            params: params_hex.clone(),
+            params: self.params_hash,
             epoch: self.plan.epoch,
             outer_step_ratio,
             flush,
@@ -204,7 +203,7 @@ impl Core {
             bytes_up,
             "round closed"
         );
-        self.publish_round(summary, params_hex, out);
+        self.publish_round(summary, out);
     }
 
     /// Adds the scores and rejections to the provenance and logs each rejection; returns
@@ -288,7 +287,7 @@ impl Core {
 
     /// Records the closed round and emits what follows from it: the next state, the snapshot
     /// and its log entry, a checkpoint when due, the summary, and `Finished` after the last.
-    fn publish_round(&mut self, summary: RoundSummary, params_hex: String, out: &mut Vec<Action>) {
+    fn publish_round(&mut self, summary: RoundSummary, out: &mut Vec<Action>) {
         self.history.push(summary.clone());
         self.round += 1;
         self.store_state(out);
@@ -301,7 +300,7 @@ impl Core {
         out.push(Action::Persist(LogEntry::RoundClosed {
             round: self.round - 1,
             snapshot: snap_id,
-            params: params_hex,
+            params: summary.params,
         }));
         let k = self.cfg.checkpoint_every;
         if k > 0 && self.round.is_multiple_of(k) {

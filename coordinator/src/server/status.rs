@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use amity_shared::store::BlobId;
 use serde::Serialize;
 
 use crate::core::{Core, Provenance, RoundSummary, WorkerId};
@@ -14,8 +15,8 @@ use super::shared::{Defence, Shared};
 pub struct Status {
     /// Next round to run.
     pub round: u64,
-    /// Parameters hash (hex).
-    pub params: String,
+    /// Parameters hash (hex in the file).
+    pub params: BlobId,
     /// Whether `max_rounds` are done.
     pub finished: bool,
     /// Connected workers: (session, name).
@@ -45,7 +46,7 @@ pub struct Status {
 pub(super) fn status(shared: &Shared, core: &Core, checkpoint: &Option<PathBuf>) -> Status {
     Status {
         round: core.round(),
-        params: core.params_hash().to_hex(),
+        params: core.params_hash(),
         finished: core.finished(),
         workers: core.workers(),
         epoch: core.plan().epoch,
