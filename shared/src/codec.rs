@@ -738,11 +738,12 @@ impl ErrorFeedback {
     /// Encodes `update + residual` with `spec` and keeps the part that was lost. Returns the
     /// bytes to send ([`encode`] format) and the values the receiver will decode.
     pub fn encode(&mut self, spec: &CodecSpec, update: &[f32]) -> (Vec<u8>, Vec<f32>) {
-        self.encode_with(update, |v| {
+        let codec = |v: &[f32]| {
             let bytes = encode(spec, v);
             let sent = decode(&bytes, v.len());
             (bytes, sent)
-        })
+        };
+        infallible(self.encode_if(update, codec, |_| Ok(())))
     }
 
     /// [`ErrorFeedback::encode`] part by part: the bytes are in the [`encode_parts`] format.
@@ -752,40 +753,68 @@ impl ErrorFeedback {
         update: &[f32],
         parts: &[usize],
     ) -> (Vec<u8>, Vec<f32>) {
-        self.encode_with(update, |v| {
+        infallible(self.encode_parts_if(spec, update, parts, |_| Ok(())))
+    }
+
+    /// [`ErrorFeedback::encode_parts`], kept only if `accept` takes the values the receiver will
+    /// decode: when it refuses, the residual stays as it was and its error is returned (the
+    /// coordinator's downlink, where a dropped state step must leave no trace).
+    pub fn encode_parts_if<E>(
+        &mut self,
+        spec: &CodecSpec,
+        update: &[f32],
+        parts: &[usize],
+        accept: impl FnOnce(&[f32]) -> Result<(), E>,
+    ) -> Result<(Vec<u8>, Vec<f32>), E> {
+        let codec = |v: &[f32]| {
             let bytes = encode_parts(spec, v, parts);
             let sent = decode_parts(&bytes, parts);
             (bytes, sent)
-        })
+        };
+        self.encode_if(update, codec, accept)
     }
 
-    fn encode_with(
+    fn encode_if<E>(
         &mut self,
         update: &[f32],
         codec: impl FnOnce(&[f32]) -> (Vec<u8>, Result<Vec<f32>, CodecError>),
-    ) -> (Vec<u8>, Vec<f32>) {
-        if self.residual.len() != update.len() {
-            self.residual = vec![0.0; update.len()];
-        }
-        let corrected: Vec<f32> = update
-            .iter()
-            .zip(&self.residual)
-            .map(|(u, r)| u + r)
-            .collect();
+        accept: impl FnOnce(&[f32]) -> Result<(), E>,
+    ) -> Result<(Vec<u8>, Vec<f32>), E> {
+        // A residual of another length (the first update, another model) counts as zeros.
+        let corrected: Vec<f32> = if self.residual.len() == update.len() {
+            update
+                .iter()
+                .zip(&self.residual)
+                .map(|(u, r)| u + r)
+                .collect()
+        } else {
+            update.to_vec()
+        };
         match codec(&corrected) {
             (bytes, Ok(sent)) => {
-                for ((r, c), s) in self.residual.iter_mut().zip(&corrected).zip(&sent) {
-                    *r = c - s;
+                accept(&sent)?;
+                self.residual = corrected;
+                for (r, s) in self.residual.iter_mut().zip(&sent) {
+                    *r -= s;
                 }
-                (bytes, sent)
+                Ok((bytes, sent))
             }
             // A non-finite update (training diverged): it goes out as it is, for the receiver
             // to reject, and the residual restarts rather than carry the poison forward.
             (bytes, Err(_)) => {
-                self.residual.iter_mut().for_each(|r| *r = 0.0);
-                (bytes, corrected)
+                accept(&corrected)?;
+                self.residual = vec![0.0; update.len()];
+                Ok((bytes, corrected))
             }
         }
+    }
+}
+
+/// The value of a result that cannot fail.
+fn infallible<T>(r: Result<T, std::convert::Infallible>) -> T {
+    match r {
+        Ok(t) => t,
+        Err(never) => match never {},
     }
 }
 

@@ -408,21 +408,24 @@ impl Core {
         } else {
             self.cfg.downlink_codec
         };
-        // On a copy of the error feedback, so that a step dropped below leaves it as it was.
-        let mut downlink = self.downlink.clone();
-        let (bytes, sent) = downlink.encode_parts(&spec, &delta, &parts);
-        // Checked before anything moves, without copying the state: finite parameters plus a
-        // finite delta must stay finite (the coordinator-EMA target step only averages finite
-        // values, so the parts the delta covers are all there is to check).
-        let state = self.params.model.iter().chain(&self.params.target);
-        if sent.len() != delta.len() || state.zip(&sent).any(|(p, d)| !(p + d).is_finite()) {
-            return Err("the new parameters would not be finite".into());
-        }
-        self.params
-            .apply_state_delta(&sent, momentum)
-            .map_err(|e| format!("the state delta does not apply: {e}"))?;
+        // The downlink residual moves only if the step is taken.
+        let params = &mut self.params;
+        let (bytes, _) = self
+            .downlink
+            .encode_parts_if(&spec, &delta, &parts, |sent| {
+                // Checked before anything moves, without copying the state: finite parameters
+                // plus a finite delta must stay finite (the coordinator-EMA target step only
+                // averages finite values, so the parts the delta covers are all there is to
+                // check).
+                let state = params.model.iter().chain(&params.target);
+                if sent.len() != delta.len() || state.zip(sent).any(|(p, d)| !(p + d).is_finite()) {
+                    return Err("the new parameters would not be finite".to_owned());
+                }
+                params
+                    .apply_state_delta(sent, momentum)
+                    .map_err(|e| format!("the state delta does not apply: {e}"))
+            })?;
         self.outer.momentum = outer_momentum;
-        self.downlink = downlink;
         self.params_hash = self.params.hash();
         self.delta_bytes_len = bytes.len() as u64;
         self.last_delta = Some((base_hash, BlobId::of(&bytes)));
