@@ -15,7 +15,7 @@ use amity_protocol::conn::{
     ConnError, HandshakeRefusal, MsgStream, OutboardCache, closed_with, fetch_blob_bytes,
     serve_blob_requests,
 };
-use amity_protocol::message::{ClientMsg, ServerMsg};
+use amity_protocol::message::ServerMsg;
 use amity_protocol::tls::{Identity, quic_client_config};
 use amity_shared::config::Config;
 use amity_shared::corpus::loader::ShardSet;
@@ -104,7 +104,9 @@ pub async fn run(
     };
     shell.carry_out(first).await;
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
-    while shell.result.is_none() {
+    // The core decides when the worker is done. Its `Finish` carries the outcome; a `Finish`
+    // dropped behind a failed goodbye (the coordinator closed first) is a clean end.
+    while shell.result.is_none() && !shell.core.finished() {
         for input in shell.next_inputs(&mut heartbeat).await {
             let actions = shell.core.handle(input, shell.now_ms());
             shell.carry_out(actions).await;
@@ -169,11 +171,11 @@ impl Shell {
     /// (a job cut short by it is then abandoned, not uploaded).
     async fn next_inputs(&mut self, heartbeat: &mut tokio::time::Interval) -> Vec<Input> {
         let next = self.next_input(heartbeat).await;
-        self.stop_news().into_iter().chain([next]).collect()
+        self.stop_news().into_iter().chain(next).collect()
     }
 
-    async fn next_input(&mut self, heartbeat: &mut tokio::time::Interval) -> Input {
-        tokio::select! {
+    async fn next_input(&mut self, heartbeat: &mut tokio::time::Interval) -> Option<Input> {
+        let input = tokio::select! {
             msg = recv(&mut self.link) => match msg {
                 Ok(Some(msg)) => Input::Message(msg),
                 Ok(None) => {
@@ -199,9 +201,11 @@ impl Shell {
             _ = heartbeat.tick() => Input::Tick,
             _ = until(self.reconnect_at) => {
                 self.reconnect_at = None;
-                self.connect().await
+                // None: a set-up error ended the worker (`result` holds it).
+                return self.connect().await;
             }
-        }
+        };
+        Some(input)
     }
 
     /// Carries out `actions` in order, then the actions of the inputs they answer with. A
@@ -230,18 +234,12 @@ impl Shell {
     /// Carries out one action; a request's answer comes back as the input.
     async fn perform(&mut self, action: WorkerAction) -> Result<Option<Input>, Disconnect> {
         match action {
-            WorkerAction::Connect => return Ok(Some(self.connect().await)),
+            WorkerAction::Connect => return Ok(self.connect().await),
             WorkerAction::ConnectAfter(wait) => {
                 tracing::warn!("reconnecting to {} in {wait:?}", self.opts.coordinator);
                 self.reconnect_at = Some(tokio::time::Instant::now() + wait);
             }
             WorkerAction::Disconnect => self.close_link(),
-            WorkerAction::Send(ClientMsg::Goodbye) => {
-                // A courtesy on the way out: the coordinator may have closed already.
-                if let Some(link) = self.link.as_mut() {
-                    let _ = link.control.send(&ClientMsg::Goodbye).await;
-                }
-            }
             WorkerAction::Send(msg) => {
                 let link = self
                     .link
@@ -306,8 +304,9 @@ impl Shell {
         Ok(None)
     }
 
-    /// Connects, opens the control stream and starts serving our blobs on the connection.
-    async fn connect(&mut self) -> Input {
+    /// Connects, opens the control stream and starts serving our blobs on the connection. `None`
+    /// when no retry can mend the failure (a bad address or server name): `result` holds it.
+    async fn connect(&mut self) -> Option<Input> {
         let (addr, name) = (self.opts.coordinator, self.opts.server_name.clone());
         let connecting = match self.endpoint.connect(addr, &name) {
             Ok(c) => c,
@@ -315,13 +314,13 @@ impl Shell {
                 // A bad address or server name: no retry can mend it.
                 let ended = Err(WorkerError::Setup(format!("connecting to {addr}: {e}")));
                 self.result = Some(ended);
-                return Input::Tick;
+                return None;
             }
         };
         let conn = match connecting.await {
             Ok(conn) => conn,
             Err(e) => {
-                return Input::Lost(match HandshakeRefusal::of(&e) {
+                return Some(Input::Lost(match HandshakeRefusal::of(&e) {
                     Some(refusal) => Disconnect::Refused {
                         refusal,
                         detail: format!("{addr}: {e}"),
@@ -330,14 +329,14 @@ impl Shell {
                         why: format!("{addr}: {e}"),
                         code: closed_with(&e),
                     },
-                });
+                }));
             }
         };
         let control = match MsgStream::open(&conn, &name).await {
             Ok(s) => s,
             Err(e) => {
                 conn.close(0u32.into(), b"bye");
-                return Input::Lost(disconnect(&e));
+                return Some(Input::Lost(disconnect(&e)));
             }
         };
         let cache = self.cache.clone();
@@ -352,7 +351,7 @@ impl Shell {
             control,
             server,
         });
-        Input::Connected
+        Some(Input::Connected)
     }
 
     fn close_link(&mut self) {
