@@ -230,6 +230,24 @@ fn error_feedback_makes_the_sent_sum_track_the_true_sum() {
 }
 
 #[test]
+fn a_refused_encode_leaves_the_residual_as_it_was() {
+    let spec: CodecSpec = "topk0.05+int8".parse().unwrap();
+    let parts = [600, 400];
+    let mut fb = ErrorFeedback::new();
+    fb.encode_parts(&spec, &gaussian(1000, 1), &parts);
+    let before = fb.residual().to_vec();
+    let next = gaussian(1000, 2);
+    let refused = fb.encode_parts_if(&spec, &next, &parts, |_| Err("step dropped"));
+    assert_eq!(refused.unwrap_err(), "step dropped");
+    assert_eq!(fb.residual(), &before[..], "nothing moved");
+    // Accepted, it is exactly what the unconditional encode gives.
+    let mut plain = fb.clone();
+    let accepted = fb.encode_parts_if(&spec, &next, &parts, |_| Ok::<(), ()>(()));
+    assert_eq!(accepted.unwrap(), plain.encode_parts(&spec, &next, &parts));
+    assert_eq!(fb, plain);
+}
+
+#[test]
 fn compressed_sizes_are_what_the_format_says() {
     let v = gaussian(100_000, 4);
     let dense = encode(&CodecSpec::FP32, &v).len();
