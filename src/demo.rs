@@ -23,22 +23,22 @@ use amity_coordinator::layout::StateLayout;
 use amity_coordinator::release::{ReleaseRequest, release_round};
 use amity_coordinator::server;
 use amity_protocol::tls::Identity;
+use amity_release::FetchReport;
+use amity_release::card::EvalResult;
+use amity_release::known::Trust;
+use amity_release::sign::ReleaseKey;
 use amity_shared::checkpoint::Checkpoint;
 use amity_shared::config::Config;
 use amity_shared::corpus::ingest::{IngestOptions, ingest};
 use amity_shared::corpus::synthetic::{SynthCorpusOptions, write_synthetic_corpus};
+use amity_shared::data::synth::SynthConfig;
 use amity_shared::device::Backend;
 use amity_shared::eval::{ProbeReport, ProbeSet, probe_report};
-use amity_shared::release::FetchReport;
-use amity_shared::release::card::EvalResult;
-use amity_shared::release::known::Trust;
-use amity_shared::release::sign::ReleaseKey;
-use amity_shared::synth::SynthConfig;
 use amity_shared::train::Trainer;
 use amity_worker::WorkerOptions;
 use amity_worker::human;
 
-use crate::fetch::QuicSource;
+use amity_release::fetch::QuicSource;
 
 const WORKERS: [(&str, f64); 3] = [("uni-fast", 1.0), ("uni-medium", 2.0), ("uni-slow", 4.0)];
 
@@ -479,10 +479,10 @@ fn downstream(release: &Path) -> Result<(serde_json::Value, serde_json::Value)> 
     use amity_planner::world::data::collect;
     use amity_planner::world::encode::FrameEncoder;
     use amity_planner::world::{WorldModel, WorldModelConfig};
-    use amity_shared::synth::{ViolationKind, generate_pair};
+    use amity_shared::data::synth::{ViolationKind, generate_pair};
 
     let began = Instant::now();
-    let ckpt = crate::release_cmd::load_release(release)?;
+    let ckpt = amity_release::load_model(release)?;
     let device = Device::flex();
     let encoder = FrameEncoder::new(&ckpt, &device)?;
     let kind = EnvKind::PointMaze;

@@ -3,12 +3,12 @@
 //! Each subcommand is a thin shell over a library crate (`amity-coordinator`, `amity-worker`,
 //! `amity-planner`, ...): argument parsing and error reporting live here, the work lives there.
 
+mod bench;
 mod ca_cmd;
 mod cli;
 mod corpus_cmd;
 mod demo;
 mod federated_cmd;
-mod fetch;
 mod plan_cmd;
 mod plot;
 mod release_cmd;

@@ -210,7 +210,7 @@ pub struct SurpriseBenchArgs {
 /// A checkpoint from a release folder (verified) or a checkpoint file.
 pub fn load_checkpoint(path: &Path) -> Result<Checkpoint> {
     if path.is_dir() {
-        crate::release_cmd::load_release(path)
+        Ok(amity_release::load_model(path)?)
     } else {
         Ok(Checkpoint::load(path)?)
     }
@@ -432,7 +432,7 @@ fn strip(path: &Path, size: usize, frames: &[Vec<u8>], expected: &[Vec<[f32; 2]>
 pub fn surprise(args: SurpriseArgs) -> Result<()> {
     let ckpt = load_checkpoint(&args.ckpt)?;
     let trainer = Trainer::from_checkpoint(&ckpt, &Device::flex())?;
-    let video = amity_shared::embed::decode_for(&args.video, &ckpt.config)?;
+    let video = amity_shared::eval::embed::decode_for(&args.video, &ckpt.config)?;
     // Beside the predictor, the yardstick: a predictor that forecasts worse than "the scene
     // stays as last seen" has not learned how things move, and its spikes say little.
     let mut both = curves(

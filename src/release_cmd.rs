@@ -12,15 +12,14 @@ use clap::Args;
 
 use amity_coordinator::config::CoordinatorConfig;
 use amity_coordinator::release::{ReleaseRequest, release_round};
-use amity_shared::checkpoint::Checkpoint;
-use amity_shared::release::known::KnownPublishers;
-use amity_shared::release::known::{Trust, TrustOutcome};
-use amity_shared::release::publish::{PublishOptions, publish};
-use amity_shared::release::sign::{PublicKey, ReleaseKey, SignError};
-use amity_shared::release::{FetchReport, MODEL, Signed, fetch_folder, verify_files};
+use amity_release::known::KnownPublishers;
+use amity_release::known::{Trust, TrustOutcome};
+use amity_release::publish::{PublishOptions, publish};
+use amity_release::sign::{PublicKey, ReleaseKey, SignError};
+use amity_release::{FetchReport, ReleaseError, Signed, fetch_folder};
 use amity_shared::train::Trainer;
 
-use crate::fetch::{QuicSource, fetch_quic};
+use amity_release::fetch::{FetchError, QuicSource, fetch_quic};
 
 /// `amity release`: a checkpoint becomes a signed release with a model card.
 #[derive(Debug, Args)]
@@ -244,10 +243,27 @@ fn trust_of(args: &FetchArgs, origin: String) -> Result<Trust> {
 }
 
 /// Whether `e` is a first use of a publisher that was not allowed to be pinned.
+/// The refusal may come as itself or inside a release or fetch error, whose `transparent` display
+/// hides it from the source chain: each is looked into.
 fn unknown_publisher(e: &anyhow::Error) -> Option<&SignError> {
     e.chain()
-        .filter_map(|c| c.downcast_ref::<SignError>())
+        .filter_map(sign_error)
         .find(|s| matches!(s, SignError::UnknownPublisher { .. }))
+}
+
+/// The signature error `c` is or wraps, if any.
+fn sign_error<'a>(c: &'a (dyn std::error::Error + 'static)) -> Option<&'a SignError> {
+    if let Some(s) = c.downcast_ref::<SignError>() {
+        return Some(s);
+    }
+    match (
+        c.downcast_ref::<ReleaseError>(),
+        c.downcast_ref::<FetchError>(),
+    ) {
+        (Some(ReleaseError::Sign(s)), _) => Some(s),
+        (_, Some(FetchError::Release(ReleaseError::Sign(s)))) => Some(s),
+        _ => None,
+    }
 }
 
 /// Asks on the terminal whether to pin the key named in `e`.
@@ -393,27 +409,25 @@ pub async fn fetch_quic_with_bar(
     let r = fetch_quic(source, release, out, trust, progress).await;
     ticker.abort();
     bar.finish_and_clear();
-    r
-}
-
-/// Loads a release folder's model after checking its files against its manifest.
-pub fn load_release(dir: &Path) -> Result<Checkpoint> {
-    let signed = Signed::read(dir)?;
-    verify_files(dir, &signed.manifest)?;
-    Ok(Checkpoint::load(&dir.join(MODEL))?)
+    Ok(r?)
 }
 
 /// Runs `amity embed`.
 pub fn embed(args: EmbedArgs) -> Result<()> {
-    let ckpt = load_release(&args.release)?;
+    let ckpt = amity_release::load_model(&args.release)?;
     let device = Device::flex();
     let trainer = Trainer::from_checkpoint(&ckpt, &device)?;
-    let video = amity_shared::embed::decode_for(&args.input, &ckpt.config)?;
-    let e = amity_shared::embed::embed_video(&trainer, &video, args.stride, args.tokens.is_some())?;
+    let video = amity_shared::eval::embed::decode_for(&args.input, &ckpt.config)?;
+    let e = amity_shared::eval::embed::embed_video(
+        &trainer,
+        &video,
+        args.stride,
+        args.tokens.is_some(),
+    )?;
     let clips = e.starts.len();
-    amity_shared::npy::write(&args.out, &[clips, e.width], &e.pooled)?;
+    amity_shared::eval::npy::write(&args.out, &[clips, e.width], &e.pooled)?;
     if let (Some(path), Some(t)) = (&args.tokens, &e.token_features) {
-        amity_shared::npy::write(path, &[clips, e.tokens, e.width], t)?;
+        amity_shared::eval::npy::write(path, &[clips, e.tokens, e.width], t)?;
     }
     let fps = ckpt.config.data.fps;
     println!(

@@ -13,11 +13,11 @@ use clap::Args;
 use amity_shared::checkpoint::Checkpoint;
 use amity_shared::config::Config;
 use amity_shared::corpus::manifest::MANIFEST_FILE;
+use amity_shared::data::synth::SynthConfig;
 use amity_shared::data::{ClipSource, Prefetcher};
 use amity_shared::device::Backend;
 use amity_shared::eval::{ProbeSet, probe_report, telemetry};
-use amity_shared::flat::ParamLayout;
-use amity_shared::synth::SynthConfig;
+use amity_shared::model::flat::ParamLayout;
 use amity_shared::train::Trainer;
 
 /// `amity train`.

@@ -1,13 +1,6 @@
 //! The `amity` binary as a user meets it: help, backends, and honest "not built yet" errors.
 
-use std::process::{Command, Output};
-
-fn amity(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_amity"))
-        .args(args)
-        .output()
-        .expect("the amity binary runs")
-}
+use crate::common::amity;
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()

@@ -1,14 +1,13 @@
 //! Corpora as a user meets them: `amity corpus synth`, `ingest`, `verify`, then `amity train`
 //! on the store; real MP4/WebM files made by the `ffmpeg` tool; damaged inputs and shards.
 
-mod common;
-use common::{amity, ok, s, scratch};
+use crate::common::{amity, ok, s, scratch};
 
 use std::process::Command;
 
 use amity_shared::corpus::manifest::Manifest;
 use amity_shared::corpus::video::ffmpeg_version;
-use amity_shared::synth::{SynthConfig, generate};
+use amity_shared::data::synth::{SynthConfig, generate};
 
 /// FFmpeg must be present where the test script installed it; elsewhere its tests say so.
 fn have_ffmpeg() -> bool {

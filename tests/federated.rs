@@ -4,8 +4,7 @@
 //! Rounds are step-budgeted here (a few local steps each) so that the tests are quick and do not
 //! depend on how fast the machine is; the demo and the bench use time budgets.
 
-mod common;
-use common::cluster::{cluster, interrupt, synthetic_store, wait};
+use crate::common::cluster::{cluster, interrupt, synthetic_store, wait};
 
 use std::path::Path;
 use std::process::Child;
@@ -212,7 +211,7 @@ fn a_restarted_coordinator_resumes_at_the_last_completed_round() {
 /// side refused what, not retry with back-off forever.
 #[test]
 fn a_refused_certificate_stops_the_worker_with_the_reason() {
-    use common::{amity, ok, s};
+    use crate::common::{amity, ok, s};
     use std::process::{Command, Stdio};
     let c = cluster(
         "refused",
@@ -293,8 +292,8 @@ fn a_refused_certificate_stops_the_worker_with_the_reason() {
 /// scheduled to it alone, trained, and their clips counted in the run's corpus.
 #[test]
 fn an_institutions_own_corpus_is_trained_and_counted() {
+    use crate::common::s;
     use amity_shared::corpus::manifest::Manifest;
-    use common::s;
     let workers = ["uni-a", "hospital"];
     let c = cluster("local-corpus", &workers, 3, "");
     let private = c.dir.join("private");

@@ -4,8 +4,7 @@
 //! keeps running, rounds keep closing, the weights stay finite, and `status.json` counts what
 //! was turned away (security review H1-H3, and contribution scoring).
 
-mod common;
-use common::cluster::{cluster, interrupt, wait};
+use crate::common::cluster::{cluster, interrupt, wait};
 
 use std::path::Path;
 use std::process::Child;

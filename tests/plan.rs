@@ -2,8 +2,7 @@
 //! on a released encoder: collect trajectories, train a world model beside the encoder, plan
 //! episodes and get a picture; score a video's surprise and get a plot.
 
-mod common;
-use common::{amity, ok, s, scratch, tiny_checkpoint};
+use crate::common::{amity, ok, s, scratch, tiny_checkpoint};
 
 #[test]
 fn collect_train_and_plan_from_the_command_line() {

@@ -3,16 +3,16 @@
 //! connection) or from a mirror folder, refuses anything tampered with, and `amity embed` and
 //! the documented Python snippet use it.
 
-mod common;
-use common::cluster::{cluster, wait};
-use common::{amity, ok, s, scratch, tiny_checkpoint};
+use crate::common::cluster::{cluster, wait};
+use crate::common::{amity, ok, s, scratch, tiny_checkpoint};
 
 use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
 use amity_shared::checkpoint::{Checkpoint, layouts};
-use amity_shared::train::{ClipBatch, Trainer};
+use amity_shared::data::ClipBatch;
+use amity_shared::train::Trainer;
 
 fn fails(o: &Output) -> String {
     let text = format!(
@@ -203,19 +203,19 @@ fn a_federated_model_is_released_fetched_over_quic_and_embeds_video() {
         "--tokens",
         s(&tok),
     ]));
-    let (fshape, pooled) = amity_shared::npy::read(&feat).unwrap();
-    let (tshape, tokens) = amity_shared::npy::read(&tok).unwrap();
+    let (fshape, pooled) = amity_shared::eval::npy::read(&feat).unwrap();
+    let (tshape, tokens) = amity_shared::eval::npy::read(&tok).unwrap();
     let ckpt = Checkpoint::load(&got.join("model.safetensors")).unwrap();
     let m = &ckpt.config.model;
     let device = burn::tensor::Device::flex();
     let enc = Trainer::from_checkpoint(&ckpt, &device).unwrap();
-    let decoded = amity_shared::embed::decode_for(&video, &ckpt.config).unwrap();
-    let starts = amity_shared::embed::clip_starts(decoded.frames, m.frames, 1, m.frames);
+    let decoded = amity_shared::eval::embed::decode_for(&video, &ckpt.config).unwrap();
+    let starts = amity_shared::eval::embed::clip_starts(decoded.frames, m.frames, 1, m.frames);
     assert_eq!(fshape, vec![starts.len(), m.width]);
     assert_eq!(tshape, vec![starts.len(), m.tokens(), m.width]);
     let clips: Vec<Vec<u8>> = starts
         .iter()
-        .map(|&st| amity_shared::embed::clip_at(&decoded, st, m.frames, 1))
+        .map(|&st| amity_shared::eval::embed::clip_at(&decoded, st, m.frames, 1))
         .collect();
     let direct = enc.token_features(&ClipBatch::from_clips(clips.iter().map(Vec::as_slice), m));
     let max_diff = direct

@@ -7,16 +7,14 @@
 //! reads and fills it through `/proc/<holder>/root`. Where the machine allows no namespaces the
 //! tests say so and return.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::common::cluster::{Cluster, cluster, synthetic_store, wait};
+use crate::common::{amity, s, scratch};
 use amity_shared::store::BlobId;
-use common::cluster::{Cluster, cluster, synthetic_store, wait};
-use common::{amity, s, scratch};
 use serde_json::Value;
 
 /// A tmpfs of a few MiB mounted over a folder in a private mount namespace.

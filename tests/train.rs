@@ -1,8 +1,7 @@
 //! `amity train` as a user runs it: synthetic data and a checkpoint that loads back (training
 //! from a shard store is exercised in `tests/corpus.rs`).
 
-mod common;
-use common::{amity, scratch};
+use crate::common::{amity, scratch};
 
 use amity_shared::checkpoint::Checkpoint;
 

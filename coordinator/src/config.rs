@@ -33,9 +33,9 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use amity_shared::codec::CodecSpec;
 use amity_shared::config::{Config, ConfigError};
 use amity_shared::federated::TargetPolicy;
+use amity_shared::federated::codec::CodecSpec;
 use serde::{Deserialize, Serialize};
 
 use crate::aggregate::{AggregationConfig, OuterConfig};

@@ -169,7 +169,7 @@ impl Journal {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use amity_shared::federated::RoundLoss;
+    use amity_shared::federated::LossStats;
 
     /// An update of `round` accepted from "a".
     fn accepted(round: u64) -> LogEntry {
@@ -181,7 +181,7 @@ mod tests {
             bytes: 1,
             samples: 2,
             steps: 3,
-            loss: RoundLoss::default(),
+            loss: LossStats::default(),
             shards: vec![],
         }
     }

@@ -6,7 +6,6 @@
 //! it can be tested without sockets and replicated with Raft.
 
 pub mod aggregate;
-pub mod bench;
 pub mod config;
 pub mod core;
 pub mod journal;

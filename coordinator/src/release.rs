@@ -7,11 +7,11 @@
 
 use std::path::{Path, PathBuf};
 
+use amity_release::card::CorpusInfo;
+use amity_release::publish::{PublishOptions, publish};
+use amity_release::sign::ReleaseKey;
+use amity_release::{MANIFEST, ReleaseError, Signed};
 use amity_shared::corpus::manifest::Manifest as CorpusManifest;
-use amity_shared::release::card::CorpusInfo;
-use amity_shared::release::publish::{PublishOptions, publish};
-use amity_shared::release::sign::ReleaseKey;
-use amity_shared::release::{MANIFEST, ReleaseError, Signed};
 use amity_shared::store::BlobId;
 
 use crate::config::CoordinatorConfig;
@@ -157,7 +157,7 @@ pub struct ReleaseRequest {
     /// Licence (SPDX id).
     pub licence: String,
     /// Evaluation results measured elsewhere.
-    pub evaluation: Vec<amity_shared::release::card::EvalResult>,
+    pub evaluation: Vec<amity_release::card::EvalResult>,
 }
 
 /// The corpus a coordinator trains on, for the model card.

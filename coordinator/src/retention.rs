@@ -142,7 +142,7 @@ fn trim_checkpoints(layout: &StateLayout, keep: usize) -> std::io::Result<u64> {
 mod tests {
     use super::*;
     use crate::core::LogEntry;
-    use amity_shared::federated::RoundLoss;
+    use amity_shared::federated::LossStats;
 
     /// Fifty rounds of a coordinator's writes (state, delta, snapshot, two updates, one of them
     /// rejected, a checkpoint): the store, the log and the checkpoints stay bounded, and what a
@@ -180,7 +180,7 @@ mod tests {
                     bytes: 1,
                     samples: 1,
                     steps: 1,
-                    loss: RoundLoss::default(),
+                    loss: LossStats::default(),
                     shards: vec![],
                 })
                 .unwrap();

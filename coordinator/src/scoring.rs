@@ -31,10 +31,11 @@
 //! is seeded, so a replay after a restart scores the same.
 
 use amity_shared::config::Config;
+use amity_shared::data::ClipBatch;
 use amity_shared::data::ClipSource;
-use amity_shared::mask::MultiBlockMasker;
 use amity_shared::rng::Rng;
-use amity_shared::train::{ClipBatch, Trainer};
+use amity_shared::train::MultiBlockMasker;
+use amity_shared::train::Trainer;
 use burn::tensor::Device;
 
 /// The held-out loss of a state (model and target encoder, flat): what the core asks of a

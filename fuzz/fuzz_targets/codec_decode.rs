@@ -3,7 +3,7 @@
 //! to the same values.
 #![no_main]
 
-use amity_shared::codec::{CodecSpec, decode_parts, encode_parts};
+use amity_shared::federated::codec::{CodecSpec, decode_parts, encode_parts};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

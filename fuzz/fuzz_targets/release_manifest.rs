@@ -2,7 +2,7 @@
 //! checks the signature): an error or a manifest whose file paths are all safe, never a panic.
 #![no_main]
 
-use amity_shared::release::{Manifest, valid_name};
+use amity_release::{Manifest, valid_name};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

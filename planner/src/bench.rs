@@ -427,7 +427,8 @@ pub fn pretrain_encoder(
     steps: u64,
     log: &mut dyn FnMut(String),
 ) -> Result<Checkpoint, PlannerError> {
-    use amity_shared::train::{ClipBatch, Trainer};
+    use amity_shared::data::ClipBatch;
+    use amity_shared::train::Trainer;
     let mut ckpt = crate::world::random_checkpoint("tiny", 0)?;
     if steps == 0 {
         return Ok(ckpt);

@@ -18,14 +18,31 @@ pub mod world;
 #[derive(Debug, thiserror::Error)]
 pub enum PlannerError {
     /// A file could not be read or written.
-    #[error("{0}")]
-    Io(String),
+    #[error("{path}")]
+    Io {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A name that is none of the environments or planners.
+    #[error(transparent)]
+    UnknownName(#[from] amity_shared::UnknownName),
     /// Bad input (a file, an argument).
     #[error("{0}")]
     Invalid(String),
 }
 
 impl PlannerError {
+    /// An I/O error on `path`.
+    pub fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Self + '_ {
+        move |source| PlannerError::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+
     /// Wraps another library's error.
     pub fn other(e: impl std::fmt::Display) -> Self {
         PlannerError::Invalid(e.to_string())

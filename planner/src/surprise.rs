@@ -12,9 +12,10 @@
 //! peak energy; pairs of a possible video and its impossible twin (identical up to a frame) are
 //! scored IntPhys-style: the impossible one should be the more surprising.
 
-use amity_shared::embed::clip_starts;
+use amity_shared::data::ClipBatch;
+use amity_shared::eval::embed::clip_starts;
 use amity_shared::stats::median;
-use amity_shared::train::{ClipBatch, Trainer};
+use amity_shared::train::Trainer;
 
 /// Windows per forward pass.
 const BATCH: usize = 32;

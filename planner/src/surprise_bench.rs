@@ -11,7 +11,7 @@ use serde::Serialize;
 use amity_shared::checkpoint::Checkpoint;
 use amity_shared::config::Config;
 use amity_shared::data::ClipSource;
-use amity_shared::synth::{SynthConfig, ViolationKind, bench_pair};
+use amity_shared::data::synth::{SynthConfig, ViolationKind, bench_pair};
 use amity_shared::train::Trainer;
 
 use crate::surprise::{Forecaster, auroc, curves, paired_accuracy, tie_share};
@@ -130,12 +130,15 @@ pub fn pretrain_tiny(steps: u64, device: &Device, log: &mut dyn FnMut(u64, f64))
     config.train.warmup = (steps / 10).max(1);
     // Besides V-JEPA's two spatial sets, one set that hides a whole span of time steps, so the
     // predictor also learns to predict frames it has not seen (what surprise asks of it).
-    config.train.masks.push(amity_shared::mask::MaskSetConfig {
-        num_blocks: 1,
-        spatial_scale: (1.0, 1.0),
-        temporal_scale: (0.5, 0.5),
-        aspect_ratio: (1.0, 1.0),
-    });
+    config
+        .train
+        .masks
+        .push(amity_shared::config::MaskSetConfig {
+            num_blocks: 1,
+            spatial_scale: (1.0, 1.0),
+            temporal_scale: (0.5, 0.5),
+            aspect_ratio: (1.0, 1.0),
+        });
     let source = ClipSource::synthetic(&config.model);
     let mut trainer = Trainer::new(config.clone(), device);
     for step in 0..steps {

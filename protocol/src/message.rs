@@ -38,15 +38,37 @@ pub struct LocalShard {
 /// The most clips a shard may claim: a bound on how far one peer can skew epoch accounting.
 pub const MAX_SHARD_CLIPS: u64 = 1 << 24;
 
-/// Loss statistics of a worker's local steps.
-#[derive(Debug, Clone, Copy, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+/// Loss statistics of a worker's local steps: what its round reports, on the wire and in the
+/// coordinator's log alike.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Default,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 pub struct LossStats {
     /// Mean loss over the round.
+    #[serde(deserialize_with = "f32_or_nan")]
     pub mean: f32,
     /// Loss at the first local step.
+    #[serde(deserialize_with = "f32_or_nan")]
     pub first: f32,
     /// Loss at the last local step.
+    #[serde(deserialize_with = "f32_or_nan")]
     pub last: f32,
+}
+
+/// Reads an `f32` that JSON may hold as `null`: serde_json writes NaN and infinities as `null`
+/// (a round whose every step diverged), and such a log must still read back.
+fn f32_or_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
+    use serde::Deserialize;
+    Ok(Option::<f32>::deserialize(d)?.unwrap_or(f32::NAN))
 }
 
 /// Why a request failed, machine-readable.
@@ -159,6 +181,32 @@ pub struct StateDelta {
     pub target_momentum: Option<f32>,
 }
 
+/// What a round starts from and how long it lasts: the announcement a worker keeps for the
+/// whole round.
+#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct RoundAnnounce {
+    /// Round number.
+    pub round: u64,
+    /// Blob id of the global state to start from (a safetensors checkpoint).
+    pub state: BlobId,
+    /// BlobId of the state's parameters (`GlobalParams::hash`), to check a reconstruction.
+    pub params: BlobId,
+    /// The same state as a compressed delta from the previous one, for workers holding it.
+    pub delta: Option<StateDelta>,
+    /// Milliseconds the round lasts (time budget).
+    pub budget_ms: u64,
+    /// Local steps, when the round is step-budgeted (0: time budget).
+    pub steps: u64,
+    /// Rounds planned for the run (0: no planned end). With `round`, this is the run's
+    /// global progress, which every worker's learning-rate, weight-decay and EMA schedules
+    /// follow whatever its speed.
+    pub planned_rounds: u64,
+    /// Send this round's update densely (no top-k), error-feedback residual included: the
+    /// coordinator is about to checkpoint or finish, and what it saves must hold every
+    /// step that was trained.
+    pub flush: bool,
+}
+
 /// Coordinator to worker (or downstream client).
 #[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum ServerMsg {
@@ -175,34 +223,13 @@ pub enum ServerMsg {
         worker: u64,
         /// The run's config (model shape and inner recipe) as TOML.
         run: String,
-        /// The codec updates must be compressed with (`amity_shared::codec` names).
+        /// The codec updates must be compressed with (`amity_shared::federated::codec` names).
         codec: String,
         /// The target-encoder policy (`coordinator-ema` or `local-ema`).
         target_policy: String,
     },
     /// A round starts.
-    RoundAnnounce {
-        /// Round number.
-        round: u64,
-        /// Blob id of the global state to start from (a safetensors checkpoint).
-        state: BlobId,
-        /// BlobId of the state's parameters (`GlobalParams::hash`), to check a reconstruction.
-        params: BlobId,
-        /// The same state as a compressed delta from the previous one, for workers holding it.
-        delta: Option<StateDelta>,
-        /// Milliseconds the round lasts (time budget).
-        budget_ms: u64,
-        /// Local steps, when the round is step-budgeted (0: time budget).
-        steps: u64,
-        /// Rounds planned for the run (0: no planned end). With `round`, this is the run's
-        /// global progress, which every worker's learning-rate, weight-decay and EMA schedules
-        /// follow whatever its speed.
-        planned_rounds: u64,
-        /// Send this round's update densely (no top-k), error-feedback residual included: the
-        /// coordinator is about to checkpoint or finish, and what it saves must hold every
-        /// step that was trained.
-        flush: bool,
-    },
+    RoundAnnounce(RoundAnnounce),
     /// The shards a worker trains on this round.
     ShardAssignment {
         /// Round number.
@@ -371,14 +398,14 @@ impl Validate for ServerMsg {
                 check_str("codec", codec)?;
                 check_str("target policy", target_policy)
             }
-            ServerMsg::RoundAnnounce {
+            ServerMsg::RoundAnnounce(RoundAnnounce {
                 delta:
                     Some(StateDelta {
                         target_momentum: Some(m),
                         ..
                     }),
                 ..
-            } if !(0.0..=1.0).contains(m) => Err(DecodeError::Invalid(format!(
+            }) if !(0.0..=1.0).contains(m) => Err(DecodeError::Invalid(format!(
                 "target momentum {m} outside [0, 1]"
             ))),
             ServerMsg::ShardAssignment { shards, .. } => check_list("shards", shards),
@@ -566,7 +593,7 @@ mod tests {
             )
                 .prop_map(
                     |(round, state, params, delta, budget_ms, steps, planned_rounds, flush)| {
-                        ServerMsg::RoundAnnounce {
+                        ServerMsg::RoundAnnounce(RoundAnnounce {
                             round,
                             state,
                             params,
@@ -579,7 +606,7 @@ mod tests {
                             steps,
                             planned_rounds,
                             flush,
-                        }
+                        })
                     }
                 ),
             (any::<u64>(), prop::collection::vec(hash(), 0..20))

@@ -14,7 +14,7 @@ use burn::tensor::Device;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
 use crate::config::Config;
-use crate::flat::ParamLayout;
+use crate::model::flat::ParamLayout;
 use crate::model::{Encoder, Jepa};
 
 /// Prefix of the target encoder's tensors.
@@ -249,7 +249,8 @@ impl Checkpoint {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::{ClipBatch, Trainer};
+    use crate::data::ClipBatch;
+    use crate::train::Trainer;
 
     fn tiny_trainer() -> Trainer {
         Trainer::new(Config::preset("tiny").unwrap(), &Device::flex())
@@ -281,7 +282,8 @@ mod tests {
             &Device::flex(),
         )
         .unwrap();
-        let video = crate::synth::generate(&crate::synth::SynthConfig::for_size(32, 8), 1);
+        let video =
+            crate::data::synth::generate(&crate::data::synth::SynthConfig::for_size(32, 8), 1);
         let batch = ClipBatch::from_clips([video.pixels.as_slice()], &ckpt.config.model);
         assert_eq!(t.pooled_features(&batch), restored.pooled_features(&batch));
         std::fs::remove_dir_all(&dir).unwrap();

@@ -1,4 +1,7 @@
-//! Small statistics every role uses.
+//! Small statistics every role uses, and the collapse statistics of a set of features (RankMe,
+//! per-dimension spread) that training telemetry and evaluation report.
+
+use crate::linalg::{gram, symmetric_eigenvalues};
 
 /// The median of `v` (the mean of the two middle values for an even count; 0 when empty).
 pub fn median<T: Copy + Into<f64>>(v: &[T]) -> f64 {
@@ -35,9 +38,44 @@ pub fn f64_or_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Erro
     Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
+/// RankMe (Garrido et al. 2023): `exp` of the entropy of the normalised singular values of an
+/// `n x d` embedding matrix. Between 1 (collapsed) and `min(n, d)`.
+pub fn rankme(z: &[f64], n: usize, d: usize) -> f64 {
+    let eig = symmetric_eigenvalues(&gram(z, n, d), d);
+    let sv: Vec<f64> = eig.iter().map(|&e| e.max(0.0).sqrt()).collect();
+    let total: f64 = sv.iter().sum::<f64>() + 1e-12;
+    let entropy: f64 = sv
+        .iter()
+        .map(|s| s / total + 1e-7)
+        .map(|p| -p * p.ln())
+        .sum();
+    entropy.exp()
+}
+
+/// Per-dimension standard deviation of `n x d` features: `(mean over dims, min over dims)`.
+pub fn feature_std(z: &[f64], n: usize, d: usize) -> (f64, f64) {
+    let mut mean = vec![0.0; d];
+    for r in 0..n {
+        for c in 0..d {
+            mean[c] += z[r * d + c] / n as f64;
+        }
+    }
+    let mut var = vec![0.0; d];
+    for r in 0..n {
+        for c in 0..d {
+            var[c] += (z[r * d + c] - mean[c]).powi(2) / n as f64;
+        }
+    }
+    let std: Vec<f64> = var.iter().map(|v| v.sqrt()).collect();
+    let avg = std.iter().sum::<f64>() / d as f64;
+    let min = std.iter().copied().fold(f64::INFINITY, f64::min);
+    (avg, min)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rng::Rng;
 
     #[test]
     fn median_of_odd_even_and_empty_samples() {
@@ -47,5 +85,17 @@ mod tests {
         assert_eq!(lower_median(&[5.0, 1.0]), 1.0);
         assert_eq!(lower_median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(lower_median(&[]), 0.0);
+    }
+
+    #[test]
+    fn rankme_of_collapsed_and_isotropic_embeddings() {
+        let (n, d) = (500, 8);
+        let collapsed: Vec<f64> = (0..n).flat_map(|r| vec![r as f64 * 0.01; d]).collect();
+        assert!(rankme(&collapsed, n, d) < 1.1);
+        let mut rng = Rng::new(2);
+        let iso: Vec<f64> = (0..n * d).map(|_| rng.normal()).collect();
+        assert!(rankme(&iso, n, d) > 7.5);
+        let (avg, min) = feature_std(&iso, n, d);
+        assert!((avg - 1.0).abs() < 0.1 && min > 0.85);
     }
 }

@@ -6,9 +6,10 @@
 //! cores).
 
 use amity_shared::config::Config;
+use amity_shared::data::ClipBatch;
+use amity_shared::data::synth::{SynthConfig, generate};
 use amity_shared::eval::{ProbeSet, probe_report, telemetry};
-use amity_shared::synth::{SynthConfig, generate};
-use amity_shared::train::{ClipBatch, Trainer};
+use amity_shared::train::Trainer;
 use burn::tensor::Device;
 
 #[test]

@@ -2,8 +2,9 @@
 //! features and a predictor pass with half the tokens as context.
 
 use amity_shared::config::Config;
-use amity_shared::synth::{SynthConfig, generate};
-use amity_shared::train::{ClipBatch, Trainer};
+use amity_shared::data::ClipBatch;
+use amity_shared::data::synth::{SynthConfig, generate};
+use amity_shared::train::Trainer;
 use burn::tensor::Device;
 
 fn forward_once(preset: &str) {

@@ -1,6 +1,4 @@
 //! Helpers the whole-system tests share: scratch folders and running the built binary.
-// Each test file uses its own subset.
-#![allow(dead_code)]
 
 pub mod cluster;
 

@@ -21,11 +21,11 @@ use std::time::Duration;
 use amity_protocol::PROTOCOL_VERSION;
 use amity_protocol::conn::HandshakeRefusal;
 use amity_protocol::message::{
-    Capabilities, ClientMsg, ErrorCode, LocalShard, LossStats, ServerMsg, StateDelta,
+    Capabilities, ClientMsg, ErrorCode, LocalShard, RoundAnnounce, ServerMsg,
 };
 use amity_shared::checkpoint::Checkpoint;
-use amity_shared::codec::{CodecSpec, ErrorFeedback};
 use amity_shared::config::Config;
+use amity_shared::federated::codec::{CodecSpec, ErrorFeedback};
 use amity_shared::federated::{
     GlobalParams, LocalRoundOptions, LocalUpdate, RoundBudget, RunProgress, TargetPolicy,
 };
@@ -76,15 +76,8 @@ struct Session {
 /// A round from its announce to its upload.
 #[derive(Debug)]
 struct Round {
-    round: u64,
-    /// The announced state's blob id and parameters hash.
-    state: BlobId,
-    params: BlobId,
-    delta: Option<StateDelta>,
-    budget_ms: u64,
-    steps: u64,
-    planned_rounds: u64,
-    flush: bool,
+    /// What the coordinator announced.
+    announce: RoundAnnounce,
     shards: Vec<BlobId>,
     /// When its shard assignment arrived (the time budget counts from there).
     started_ms: u64,
@@ -401,32 +394,17 @@ impl WorkerCore {
 
     fn on_round_message(&mut self, msg: ServerMsg, now_ms: u64, out: &mut Vec<WorkerAction>) {
         match msg {
-            ServerMsg::RoundAnnounce {
-                round,
-                state,
-                params,
-                delta,
-                budget_ms,
-                steps,
-                planned_rounds,
-                flush,
-            } => {
+            ServerMsg::RoundAnnounce(announce) => {
                 self.announced = Some(Round {
-                    round,
-                    state,
-                    params,
-                    delta,
-                    budget_ms,
-                    steps,
-                    planned_rounds,
-                    flush,
+                    announce,
                     shards: Vec::new(),
                     started_ms: now_ms,
                     start: None,
                 });
             }
             ServerMsg::ShardAssignment { round, shards } => {
-                let Some(mut r) = self.announced.take().filter(|a| a.round == round) else {
+                let Some(mut r) = self.announced.take().filter(|a| a.announce.round == round)
+                else {
                     tracing::warn!(round, "shard assignment without its announce");
                     return;
                 };
@@ -448,14 +426,14 @@ impl WorkerCore {
 
     /// Starts round `r`: the state first (held, from a delta, or in full).
     fn begin(&mut self, mut r: Round, now_ms: u64, out: &mut Vec<WorkerAction>) {
-        self.forget_rounds_before(r.round, out);
+        self.forget_rounds_before(r.announce.round, out);
         let held = self.params.clone();
-        if let Some((p, _)) = held.as_ref().filter(|(_, h)| *h == r.params) {
+        if let Some((p, _)) = held.as_ref().filter(|(_, h)| *h == r.announce.params) {
             // We hold it (the seeded initial state, or one sent before).
             r.start = Some(p.clone());
             return self.after_state(r, now_ms, out);
         }
-        match (r.delta, held) {
+        match (r.announce.delta, held) {
             (Some(d), Some((p, h))) if h == d.base => {
                 out.push(WorkerAction::Fetch {
                     id: d.blob,
@@ -465,7 +443,7 @@ impl WorkerCore {
             }
             (_, held) => {
                 out.push(WorkerAction::Fetch {
-                    id: r.state,
+                    id: r.announce.state,
                     max_len: held.map_or(MAX_SHARD_BYTES, |(p, _)| state_bytes_limit(&p)),
                 });
                 self.current = Some((r, Step::State));
@@ -477,24 +455,29 @@ impl WorkerCore {
         let Some((mut r, step)) = self.current.take() else {
             return;
         };
-        self.round_blob(r.round, id);
+        self.round_blob(r.announce.round, id);
         match step {
             Step::Delta => {
                 let base = self.params.as_ref().map(|(p, _)| p.clone());
-                let momentum = r.delta.and_then(|d| d.target_momentum);
+                let momentum = r.announce.delta.and_then(|d| d.target_momentum);
                 match base.map(|p| p.after_delta(bytes, momentum)) {
-                    Some(Ok(next)) if next.hash() == r.params => {
+                    Some(Ok(next)) if next.hash() == r.announce.params => {
                         r.start = Some(Arc::new(next));
                         self.after_state(r, now_ms, out);
                     }
                     other => {
                         match other {
-                            Some(Err(e)) => tracing::warn!(r.round, "bad delta: {e}"),
-                            _ => tracing::warn!(r.round, "delta did not give the announced state"),
+                            Some(Err(e)) => {
+                                tracing::warn!(round = r.announce.round, "bad delta: {e}")
+                            }
+                            _ => tracing::warn!(
+                                round = r.announce.round,
+                                "delta did not give the announced state"
+                            ),
                         }
                         // The full state, then.
                         out.push(WorkerAction::Fetch {
-                            id: r.state,
+                            id: r.announce.state,
                             max_len: self
                                 .params
                                 .as_ref()
@@ -512,7 +495,7 @@ impl WorkerCore {
                             model: c.model,
                             target: c.target,
                         };
-                        if p.hash() == r.params {
+                        if p.hash() == r.announce.params {
                             Ok(p)
                         } else {
                             Err("global state does not match its hash".into())
@@ -533,7 +516,7 @@ impl WorkerCore {
     /// The state is held: keep it, then the shards.
     fn after_state(&mut self, r: Round, now_ms: u64, out: &mut Vec<WorkerAction>) {
         if let Some(start) = &r.start {
-            self.params = Some((start.clone(), r.params));
+            self.params = Some((start.clone(), r.announce.params));
         }
         if r.shards.is_empty() {
             let job = self.train_job(&r, now_ms);
@@ -550,27 +533,29 @@ impl WorkerCore {
             .session
             .expect("rounds come only to a registered worker");
         let seed = self.run.as_ref().map_or(0, |c| c.train.seed);
-        let budget = if r.steps > 0 {
-            RoundBudget::steps(r.steps)
+        let budget = if r.announce.steps > 0 {
+            RoundBudget::steps(r.announce.steps)
         } else {
             let spent = now_ms.saturating_sub(r.started_ms);
             RoundBudget {
                 steps: None,
-                time: Some(Duration::from_millis(r.budget_ms.saturating_sub(spent))),
+                time: Some(Duration::from_millis(
+                    r.announce.budget_ms.saturating_sub(spent),
+                )),
             }
         };
         TrainJob {
-            round: r.round,
+            round: r.announce.round,
             start: r.start.clone().expect("the state is held before training"),
             shards: r.shards.clone(),
             options: LocalRoundOptions {
                 budget,
                 policy: session.policy,
-                seed: seed ^ r.round.rotate_left(17),
+                seed: seed ^ r.announce.round.rotate_left(17),
                 worker: session.worker,
                 progress: RunProgress {
-                    round: r.round,
-                    planned_rounds: r.planned_rounds,
+                    round: r.announce.round,
+                    planned_rounds: r.announce.planned_rounds,
                 },
                 slowdown: self.opts.slowdown,
             },
@@ -598,10 +583,12 @@ impl WorkerCore {
             Err(why) => return self.on_lost(Disconnect::lost(why), out),
         };
         match (self.link, self.session) {
-            (Link::Up, Some(session)) => self.offer(r.round, r.flush, update, session, out),
+            (Link::Up, Some(session)) => {
+                self.offer(r.announce.round, r.announce.flush, update, session, out)
+            }
             // The connection dropped while we trained: the round went with it.
             _ => tracing::info!(
-                r.round,
+                r.announce.round,
                 "update dropped: the connection ended while training"
             ),
         }
@@ -641,11 +628,7 @@ impl WorkerCore {
             bytes: len - u64::from(self.opts.fault == Some(Fault::Oversize)),
             samples: update.samples,
             steps: update.steps,
-            loss: LossStats {
-                mean: update.loss.mean as f32,
-                first: update.loss.first as f32,
-                last: update.loss.last as f32,
-            },
+            loss: update.loss,
         };
         if self.opts.fault == Some(Fault::Replay) {
             out.push(WorkerAction::Send(header.clone()));
@@ -773,9 +756,15 @@ pub enum Fault {
 /// Errors that end a worker.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    /// Local set-up failed.
-    #[error("{0}")]
-    Setup(String),
+    /// Local set-up failed (a device, the cache, the corpus, the TLS config, the address).
+    #[error("{what}")]
+    Setup {
+        /// What could not be set up.
+        what: String,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
     /// The coordinator refused us for good.
     #[error("coordinator refused: {0}")]
     Refused(String),

@@ -59,22 +59,29 @@ pub async fn run(
     identity: Identity,
     stop: Arc<AtomicBool>,
 ) -> Result<WorkerSummary, WorkerError> {
-    let setup = |e: &dyn std::fmt::Display| WorkerError::Setup(e.to_string());
+    fn setup<E: std::error::Error + Send + Sync + 'static>(
+        what: &str,
+    ) -> impl FnOnce(E) -> WorkerError + '_ {
+        move |e| WorkerError::Setup {
+            what: what.to_owned(),
+            source: Box::new(e),
+        }
+    }
     // Before anything else: a GPU without a driver is a clear error here, not a worker that
     // registers with no throughput and fails at its first round.
-    let device = opts.backend.device(0).map_err(|e| setup(&e))?;
-    let cache = LocalStore::open(&opts.cache_dir.join("blobs")).map_err(|e| setup(&e))?;
+    let device = opts.backend.device(0).map_err(setup("compute device"))?;
+    let cache = LocalStore::open(&opts.cache_dir.join("blobs")).map_err(setup("blob cache"))?;
     let local = match &opts.local_corpus {
         Some(dir) => {
-            let m = Manifest::load(dir).map_err(|e| setup(&e))?;
-            let blobs = open_blobs(dir).map_err(|e| setup(&e))?;
+            let m = Manifest::load(dir).map_err(setup("local corpus"))?;
+            let blobs = open_blobs(dir).map_err(setup("local corpus blobs"))?;
             Some((blobs, m.shards.iter().map(|s| (s.id, s.clips)).collect()))
         }
         None => None,
     };
-    let client_cfg = quic_client_config(&identity).map_err(|e| setup(&e))?;
-    let endpoint =
-        amity_protocol::endpoint::client(opts.coordinator, client_cfg).map_err(|e| setup(&e))?;
+    let client_cfg = quic_client_config(&identity).map_err(setup("TLS"))?;
+    let endpoint = amity_protocol::endpoint::client(opts.coordinator, client_cfg)
+        .map_err(setup("UDP socket"))?;
     let (core, first) = WorkerCore::new(CoreOptions {
         backend: opts.backend.name().into(),
         local_shards: local
@@ -312,7 +319,10 @@ impl Shell {
             Ok(c) => c,
             Err(e) => {
                 // A bad address or server name: no retry can mend it.
-                let ended = Err(WorkerError::Setup(format!("connecting to {addr}: {e}")));
+                let ended = Err(WorkerError::Setup {
+                    what: format!("connecting to {addr}"),
+                    source: Box::new(e),
+                });
                 self.result = Some(ended);
                 return None;
             }

@@ -1,7 +1,7 @@
 //! What the core records: the command log's entries, each closed round's summary and the
 //! per-institution accounting a release's provenance is built from.
 
-use amity_shared::federated::RoundLoss;
+use amity_shared::federated::LossStats;
 use amity_shared::store::BlobId;
 use serde::{Deserialize, Serialize};
 
@@ -27,7 +27,7 @@ pub enum LogEntry {
         /// Steps.
         steps: u64,
         /// Losses.
-        loss: RoundLoss,
+        loss: LossStats,
         /// Shards it trained on.
         shards: Vec<BlobId>,
     },

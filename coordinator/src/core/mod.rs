@@ -25,10 +25,10 @@ pub use snapshot::{Snapshot, SnapshotError, SnapshotMeta};
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use amity_protocol::message::{ErrorCode, ServerMsg, StateDelta};
+use amity_protocol::message::{ErrorCode, RoundAnnounce, ServerMsg, StateDelta};
 use amity_shared::checkpoint::Checkpoint;
-use amity_shared::codec::ErrorFeedback;
-use amity_shared::federated::{GlobalParams, RoundLoss, RunProgress, TargetPolicy};
+use amity_shared::federated::codec::ErrorFeedback;
+use amity_shared::federated::{GlobalParams, LossStats, RunProgress, TargetPolicy};
 use amity_shared::store::BlobId;
 use serde::{Deserialize, Serialize};
 
@@ -87,7 +87,7 @@ pub struct ArrivedUpdate {
     /// Local steps.
     pub steps: u64,
     /// Loss statistics.
-    pub loss: RoundLoss,
+    pub loss: LossStats,
     /// The decoded pseudo-gradient (model, then target under the local-EMA policy).
     pub values: Vec<f32>,
 }

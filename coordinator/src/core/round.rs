@@ -50,7 +50,7 @@ impl Core {
             };
             out.push(Action::Send {
                 worker: id,
-                msg: ServerMsg::RoundAnnounce {
+                msg: ServerMsg::RoundAnnounce(RoundAnnounce {
                     round: self.round,
                     state: self.state_blob,
                     params: params_hash,
@@ -59,7 +59,7 @@ impl Core {
                     steps: r.steps,
                     planned_rounds: r.max_rounds,
                     flush,
-                },
+                }),
             });
             out.push(Action::Send {
                 worker: id,
@@ -264,7 +264,7 @@ impl Core {
         for p in received.iter().filter(|p| ok.contains(p.from.as_str())) {
             t.samples = p.update.samples.saturating_add(t.samples);
             t.steps = p.update.steps.saturating_add(t.steps);
-            t.loss_sum += p.update.loss.mean * p.update.samples as f64;
+            t.loss_sum += p.update.loss.mean as f64 * p.update.samples as f64;
             t.weighted_steps += p.update.steps as f64 * p.update.samples as f64;
             let prov = self.provenance.entry(p.from.clone()).or_default();
             prov.samples = prov.samples.saturating_add(p.update.samples);

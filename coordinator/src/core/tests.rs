@@ -1,8 +1,8 @@
 use super::*;
 use amity_shared::checkpoint::layouts;
-use amity_shared::codec;
 use amity_shared::config::Config;
-use amity_shared::flat::init_params;
+use amity_shared::federated::codec;
+use amity_shared::model::flat::init_params;
 use amity_shared::rng::Rng;
 
 fn setup(policy: TargetPolicy) -> (Core, Vec<ShardInfo>) {
@@ -62,7 +62,7 @@ fn update(core: &Core, round: u64, scale: f32, seed: u64) -> ArrivedUpdate {
         bytes: 100,
         samples: 32,
         steps: 4,
-        loss: RoundLoss {
+        loss: LossStats {
             mean: 1.0,
             first: 1.1,
             last: 0.9,
@@ -170,12 +170,12 @@ fn a_round_runs(policy: TargetPolicy) {
         sent_to(&acts, 1)
             .into_iter()
             .find_map(|m| match m {
-                ServerMsg::RoundAnnounce {
+                ServerMsg::RoundAnnounce(RoundAnnounce {
                     round: 1,
                     delta,
                     params,
                     ..
-                } => Some((*delta, *params)),
+                }) => Some((*delta, *params)),
                 _ => None,
             })
             .unwrap(),
@@ -200,7 +200,7 @@ fn a_round_runs(policy: TargetPolicy) {
 #[test]
 fn after_the_final_flush_the_parameters_hold_every_update() {
     use crate::aggregate::OuterConfig;
-    use amity_shared::codec::{CodecSpec, ErrorFeedback};
+    use amity_shared::federated::codec::{CodecSpec, ErrorFeedback};
     let run = Config::preset("tiny").unwrap();
     let (ml, tl) = layouts(&run);
     let model = init_params(&ml, 1);
@@ -225,7 +225,7 @@ fn after_the_final_flush_the_parameters_hold_every_update() {
     let acts = join(&mut core, 2, "uni-b", 1.0, 0);
     let flush_announced = |acts: &[Action]| {
         sent_to(acts, 1).into_iter().find_map(|m| match m {
-            ServerMsg::RoundAnnounce { flush, .. } => Some(*flush),
+            ServerMsg::RoundAnnounce(RoundAnnounce { flush, .. }) => Some(*flush),
             _ => None,
         })
     };
@@ -615,7 +615,7 @@ fn snapshots_and_log_entries_with_nan_statistics_restore() {
     for (worker, seed) in [(1, 1), (2, 2)] {
         let mut bad = update(&core, 0, 1.0, seed);
         bad.values[0] = f32::NAN;
-        bad.loss.mean = f64::NAN;
+        bad.loss.mean = f32::NAN;
         acts = core.handle(
             Event::Update {
                 worker: WorkerId(worker),
@@ -638,9 +638,9 @@ fn snapshots_and_log_entries_with_nan_statistics_restore() {
         bytes: 1,
         samples: 1,
         steps: 1,
-        loss: RoundLoss {
-            mean: f64::NAN,
-            first: f64::INFINITY,
+        loss: LossStats {
+            mean: f32::NAN,
+            first: f32::INFINITY,
             last: 1.0,
         },
         shards: vec![],

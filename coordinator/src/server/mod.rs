@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 
 use amity_protocol::message::ErrorCode;
 use amity_protocol::tls::{ClientAuth, Identity, Revocations, quic_server_config_with};
-use amity_shared::codec;
 use amity_shared::corpus::manifest::{Manifest, open_blobs};
 use amity_shared::data::ClipSource;
 use amity_shared::federated::GlobalParams;
+use amity_shared::federated::codec;
 use amity_shared::store::{BlobId, BlobStore, LocalStore};
 use tokio::sync::mpsc;
 
@@ -48,19 +48,59 @@ use status::{status, write_status};
 /// connection close reason) when `max_rounds` are done: workers exit instead of reconnecting.
 const FINISHED_REASON: &str = "training finished";
 
-/// Errors that stop the coordinator.
+/// What a [`CoordinatorError`] came from.
+pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Errors that stop the coordinator. Each says what it was doing; its source says why.
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
     /// Config, certificate, store, journal or snapshot problem at start-up.
-    #[error("{0}")]
-    Setup(String),
+    #[error("{what}")]
+    Setup {
+        /// What could not be set up (naming the file or address).
+        what: String,
+        /// Why.
+        #[source]
+        source: Cause,
+    },
     /// The store or journal failed while running (nothing acknowledged is lost).
-    #[error("{0}")]
-    Storage(String),
+    #[error("{what}")]
+    Storage {
+        /// What could not be written (naming the file).
+        what: String,
+        /// Why.
+        #[source]
+        source: Cause,
+    },
 }
 
-fn setup(e: impl std::fmt::Display) -> CoordinatorError {
-    CoordinatorError::Setup(e.to_string())
+impl CoordinatorError {
+    /// The error and its causes on one line (`what: cause: cause`), for logs and `status.json`.
+    pub fn report(&self) -> String {
+        let mut line = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(c) = cause {
+            line = format!("{line}: {c}");
+            cause = c.source();
+        }
+        line
+    }
+}
+
+/// A start-up error while doing `what`.
+fn setup<E: Into<Cause>>(what: impl std::fmt::Display) -> impl FnOnce(E) -> CoordinatorError {
+    move |e| CoordinatorError::Setup {
+        what: what.to_string(),
+        source: e.into(),
+    }
+}
+
+/// A storage error while doing `what`.
+fn storage<E: Into<Cause>>(what: impl std::fmt::Display) -> impl FnOnce(E) -> CoordinatorError {
+    move |e| CoordinatorError::Storage {
+        what: what.to_string(),
+        source: e.into(),
+    }
 }
 
 /// Builds the core: resumed from the journal when it holds a closed round, fresh otherwise.
@@ -69,19 +109,23 @@ fn build_core(
     store: &LocalStore,
     journal: &Journal,
 ) -> Result<(Core, Vec<Action>), CoordinatorError> {
-    let core_cfg = cfg.core().map_err(setup)?;
-    let point = journal.resume_point().map_err(setup)?;
+    let core_cfg = cfg.core().map_err(setup("coordinator config"))?;
+    let point = journal.resume_point().map_err(setup("command log"))?;
     if let Some(snap_id) = point.snapshot {
-        let bytes = store.get(&snap_id).map_err(setup)?;
-        let snap = Snapshot::from_bytes(&bytes).map_err(setup)?;
+        let bytes = store
+            .get(&snap_id)
+            .map_err(setup(format!("snapshot {snap_id}")))?;
+        let snap = Snapshot::from_bytes(&bytes).map_err(setup(format!("snapshot {snap_id}")))?;
         let (mut core, actions) =
-            Core::restore(core_cfg, snap).map_err(|e| setup(format!("snapshot {snap_id}: {e}")))?;
+            Core::restore(core_cfg, snap).map_err(setup(format!("snapshot {snap_id}")))?;
         let parts = core.update_parts();
         for entry in &point.accepted {
             if let LogEntry::UpdateAccepted { blob, .. } = entry {
-                let bytes = store.get(blob).map_err(setup)?;
+                let bytes = store
+                    .get(blob)
+                    .map_err(setup(format!("logged update {blob}")))?;
                 let values = codec::decode_parts(&bytes, &parts)
-                    .map_err(|e| setup(format!("logged update {blob}: {e}")))?;
+                    .map_err(setup(format!("logged update {blob}")))?;
                 core.replay_update(entry, values);
             }
         }
@@ -97,9 +141,9 @@ fn build_core(
     let params = GlobalParams::seeded(run);
     let shards = match &cfg.corpus {
         Some(dir) => {
-            let m = Manifest::load(dir).map_err(setup)?;
+            let m = Manifest::load(dir).map_err(setup("corpus"))?;
             m.check_model(&run.model)
-                .map_err(|r| setup(format!("{}: {r}", dir.display())))?;
+                .map_err(setup(format!("corpus {}", dir.display())))?;
             m.shards
                 .iter()
                 .map(|s| ShardInfo {
@@ -122,7 +166,7 @@ fn add_scorer(cfg: &CoordinatorConfig, core: &mut Core) -> Result<(), Coordinato
     }
     let run = core.config().run.clone();
     let source = match &cfg.corpus {
-        Some(dir) => ClipSource::shards(dir, &run.model, None).map_err(setup)?,
+        Some(dir) => ClipSource::shards(dir, &run.model, None).map_err(setup("held-out clips"))?,
         None => ClipSource::synthetic(&run.model),
     };
     core.set_scorer(Box::new(HeldOut::new(&run, &source, clips)));
@@ -146,15 +190,15 @@ pub async fn run(
     let layout = StateLayout {
         dir: cfg.state_dir.clone(),
     };
-    let store = LocalStore::open(&layout.blobs()).map_err(setup)?;
+    let store = LocalStore::open(&layout.blobs()).map_err(setup("blob store"))?;
     let corpus = match &cfg.corpus {
-        Some(dir) => Some(open_blobs(dir).map_err(setup)?),
+        Some(dir) => Some(open_blobs(dir).map_err(setup("corpus blobs"))?),
         None => None,
     };
     for d in [layout.checkpoints(), layout.incoming()] {
-        std::fs::create_dir_all(&d).map_err(|e| setup(format!("{}: {e}", d.display())))?;
+        std::fs::create_dir_all(&d).map_err(setup(d.display()))?;
     }
-    let mut journal = Journal::open(&layout.journal()).map_err(setup)?;
+    let mut journal = Journal::open(&layout.journal()).map_err(setup("command log"))?;
     let (mut core, initial) = build_core(&cfg, &store, &journal)?;
     add_scorer(&cfg, &mut core)?;
 
@@ -162,10 +206,10 @@ pub async fn run(
     // Workers need an institution certificate; downstream users may download releases
     // without one (what an anonymous peer may do is decided per message below).
     let server_cfg =
-        quic_server_config_with(&identity, &revoked, ClientAuth::Optional).map_err(setup)?;
+        quic_server_config_with(&identity, &revoked, ClientAuth::Optional).map_err(setup("TLS"))?;
     let endpoint = amity_protocol::endpoint::server(cfg.listen, server_cfg)
-        .map_err(|e| setup(format!("listen on {}: {e}", cfg.listen)))?;
-    let addr = endpoint.local_addr().map_err(setup)?;
+        .map_err(setup(format!("listen on {}", cfg.listen)))?;
+    let addr = endpoint.local_addr().map_err(setup("listening address"))?;
     tracing::info!(%addr, round = core.round(), "coordinator listening");
     if let Some(tx) = bound {
         let _ = tx.send(addr);
@@ -382,10 +426,11 @@ async fn execute_retrying<F: std::future::Future<Output = ()>>(
     for action in actions {
         let mut delay = Duration::from_secs(1);
         while let Err(e) = execute_one(shared, journal, &action, checkpoint) {
-            tracing::error!("{e}; retrying in {delay:?} (nothing acknowledged is lost)");
+            let why = e.report();
+            tracing::error!("{why}; retrying in {delay:?} (nothing acknowledged is lost)");
             shared.count(|d| {
                 d.storage_faults += 1;
-                d.storage_error = Some(e.to_string());
+                d.storage_error = Some(why);
             });
             write_status(shared, core, checkpoint);
             tokio::select! {
@@ -406,19 +451,16 @@ fn execute_one(
     action: &Action,
     checkpoint: &mut Option<PathBuf>,
 ) -> Result<(), CoordinatorError> {
-    let storage = |e: &dyn std::fmt::Display| CoordinatorError::Storage(e.to_string());
     match action {
         Action::StoreBlob { what, bytes } => {
             let stored = shared
                 .store
                 .put(bytes)
-                .map_err(|e| storage(&format!("storing the {what}: {e}")))?;
+                .map_err(storage(format!("storing the {what}")))?;
             tracing::debug!(what, id = %stored.id.short(), len = stored.len, "stored");
         }
         Action::Persist(entry) => {
-            journal
-                .append(entry)
-                .map_err(|e| storage(&format!("journal: {e}")))?;
+            journal.append(entry).map_err(storage("journal"))?;
         }
         Action::Send { worker, msg } => shared.tell(*worker, msg.clone()),
         Action::Checkpoint { round, blob } => {
@@ -426,7 +468,7 @@ fn execute_one(
             let latest = shared.layout.latest_checkpoint();
             let src = shared.store.path(blob);
             for dst in [&file, &latest] {
-                install_copy(&src, dst).map_err(|e| storage(&format!("{}: {e}", dst.display())))?;
+                install_copy(&src, dst).map_err(storage(dst.display()))?;
             }
             tracing::info!(round, file = %file.display(), "checkpoint written");
             *checkpoint = Some(latest);

@@ -5,8 +5,7 @@ use std::sync::Arc;
 
 use amity_protocol::conn::{ConnError, fetch_blob_bytes};
 use amity_protocol::message::{ClientMsg, ErrorCode, ServerMsg};
-use amity_shared::codec;
-use amity_shared::federated::RoundLoss;
+use amity_shared::federated::codec;
 use amity_shared::store::{BlobId, BlobStore};
 
 use crate::core::{ArrivedUpdate, Event, WorkerId};
@@ -58,11 +57,6 @@ pub(super) fn offer_update(
         }
         match pulled {
             Ok(values) => {
-                let loss = RoundLoss {
-                    mean: loss.mean as f64,
-                    first: loss.first as f64,
-                    last: loss.last as f64,
-                };
                 let update = ArrivedUpdate {
                     round,
                     blob,

@@ -56,14 +56,16 @@ pub enum EnvKind {
 }
 
 impl std::str::FromStr for EnvKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = amity_shared::UnknownName;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "pointmaze" => Ok(EnvKind::PointMaze),
             "pushblock" => Ok(EnvKind::PushBlock),
-            other => Err(format!(
-                "unknown environment {other:?} (pointmaze, pushblock)"
-            )),
+            other => Err(amity_shared::UnknownName {
+                what: "environment",
+                got: other.to_owned(),
+                expected: &["pointmaze", "pushblock"],
+            }),
         }
     }
 }

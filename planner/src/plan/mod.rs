@@ -570,8 +570,11 @@ impl<'a> LatentPlanner<'a> {
                 self.wm.encoder.width(),
                 &ad,
             );
-            amity_shared::flat::load_flat(shell, &amity_shared::flat::to_flat(&self.wm.predictor))
-                .expect("the same layout")
+            amity_shared::model::flat::load_flat(
+                shell,
+                &amity_shared::model::flat::to_flat(&self.wm.predictor),
+            )
+            .expect("the same layout")
         });
         let h = start.len();
         let [_, p, d] = z0.dims();

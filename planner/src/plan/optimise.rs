@@ -73,13 +73,17 @@ pub enum Method {
 }
 
 impl std::str::FromStr for Method {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = amity_shared::UnknownName;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "cem" => Ok(Method::Cem),
             "mppi" => Ok(Method::Mppi),
             "gd" => Ok(Method::Gd),
-            other => Err(format!("unknown planner {other:?} (cem, mppi, gd)")),
+            other => Err(amity_shared::UnknownName {
+                what: "planner",
+                got: other.to_owned(),
+                expected: &["cem", "mppi", "gd"],
+            }),
         }
     }
 }

@@ -178,19 +178,17 @@ pub fn save(
     };
     let path = dir.join("dataset.json");
     let json = serde_json::to_vec(&index).map_err(PlannerError::other)?;
-    std::fs::write(&path, json)
-        .map_err(|e| PlannerError::Io(format!("{}: {e}", path.display())))?;
+    std::fs::write(&path, json).map_err(PlannerError::io(&path))?;
     Ok(index)
 }
 
 /// Reads a dataset written by [`save`], verifying every shard.
 pub fn load(dir: &Path) -> Result<(EnvKind, usize, Vec<Trajectory>), PlannerError> {
     let path = dir.join("dataset.json");
-    let text =
-        std::fs::read(&path).map_err(|e| PlannerError::Io(format!("{}: {e}", path.display())))?;
+    let text = std::fs::read(&path).map_err(PlannerError::io(&path))?;
     let index: DatasetIndex = serde_json::from_slice(&text)
         .map_err(|e| PlannerError::Invalid(format!("{}: {e}", path.display())))?;
-    let kind: EnvKind = index.env.parse().map_err(PlannerError::Invalid)?;
+    let kind: EnvKind = index.env.parse()?;
     let store = LocalStore::open(&dir.join("blobs")).map_err(PlannerError::other)?;
     let mut frames = Vec::new();
     for id in &index.shards {

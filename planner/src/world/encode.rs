@@ -2,13 +2,13 @@
 //! the first tubelet's tokens are kept, so the encoder sees one tubelet of two identical frames,
 //! as V-JEPA 2-AC encodes single images.
 
-use amity_shared::flat::LengthMismatch;
+use amity_shared::model::flat::LengthMismatch;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use amity_shared::checkpoint::Checkpoint;
 use amity_shared::config::ModelConfig;
+use amity_shared::data::ClipBatch;
 use amity_shared::model::{Encoder, host_f32, layer_norm_plain};
-use amity_shared::train::ClipBatch;
 
 /// The frozen (target) encoder of a checkpoint, applied to single frames.
 pub struct FrameEncoder {
@@ -21,7 +21,7 @@ impl FrameEncoder {
     /// The checkpoint's target encoder.
     pub fn new(ckpt: &Checkpoint, device: &Device) -> Result<Self, LengthMismatch> {
         let enc = Encoder::new(&ckpt.config.model, device);
-        let encoder = amity_shared::flat::load_flat(enc, &ckpt.target)?;
+        let encoder = amity_shared::model::flat::load_flat(enc, &ckpt.target)?;
         Ok(FrameEncoder {
             encoder,
             model: ckpt.config.model.clone(),

@@ -17,8 +17,8 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 
 use amity_shared::checkpoint::Checkpoint;
-use amity_shared::flat::{ParamLayout, load_flat, to_flat};
-use amity_shared::probe::Ridge;
+use amity_shared::eval::Ridge;
+use amity_shared::model::flat::{ParamLayout, load_flat, to_flat};
 
 use crate::PlannerError;
 use crate::env::ARENA;
@@ -150,7 +150,7 @@ pub fn fit_position_probe(lat: &Latents, agents: &[Vec<[f32; 2]>], limit: usize)
     let (xb, yb) = build(&picked[split..]);
     let ridge = Ridge::fit(&xa, &ya, split, d, 2, 10.0);
     let pred = ridge.predict(&xb, picked.len() - split);
-    let r2 = amity_shared::probe::r2(&pred, &yb, picked.len() - split);
+    let r2 = amity_shared::eval::r2(&pred, &yb, picked.len() - split);
     (ridge, r2)
 }
 
@@ -298,15 +298,14 @@ impl WorldModel {
         .into();
         let bytes = safetensors::serialize(views, Some(meta))
             .map_err(|e| PlannerError::Invalid(e.to_string()))?;
-        std::fs::write(path, bytes)
-            .map_err(|e| PlannerError::Io(format!("{}: {e}", path.display())))
+        std::fs::write(path, bytes).map_err(PlannerError::io(path))
     }
 
     /// Loads a world model saved by [`WorldModel::save`] on top of the encoder of `ckpt`.
     pub fn load(path: &Path, ckpt: &Checkpoint, device: &Device) -> Result<Self, PlannerError> {
         let name = path.display().to_string();
         let bad = |r: String| PlannerError::Invalid(format!("{name}: {r}"));
-        let bytes = std::fs::read(path).map_err(|e| PlannerError::Io(format!("{name}: {e}")))?;
+        let bytes = std::fs::read(path).map_err(PlannerError::io(path))?;
         let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
         let config: WorldModelConfig = header
             .metadata()
@@ -423,8 +422,8 @@ mod tests {
         wm.save(&path).unwrap();
         let back = WorldModel::load(&path, &ckpt, &device).unwrap();
         assert_eq!(
-            amity_shared::flat::to_flat(&back.predictor),
-            amity_shared::flat::to_flat(&wm.predictor)
+            amity_shared::model::flat::to_flat(&back.predictor),
+            amity_shared::model::flat::to_flat(&wm.predictor)
         );
         assert_eq!(back.probe.parts().2, wm.probe.parts().2);
         assert_eq!(

@@ -171,10 +171,11 @@ mod tests {
         let cfg = WorldModelConfig::default();
         let device = Device::flex();
         let layout =
-            amity_shared::flat::ParamLayout::of(&ActionPredictor::new(&cfg, 4, 8, &device));
-        let flat = amity_shared::flat::init_params(&layout, 3);
-        let p = amity_shared::flat::load_flat(ActionPredictor::new(&cfg, 4, 8, &device), &flat)
-            .unwrap();
+            amity_shared::model::flat::ParamLayout::of(&ActionPredictor::new(&cfg, 4, 8, &device));
+        let flat = amity_shared::model::flat::init_params(&layout, 3);
+        let p =
+            amity_shared::model::flat::load_flat(ActionPredictor::new(&cfg, 4, 8, &device), &flat)
+                .unwrap();
         let z = Tensor::<4>::random([1, 3, 4, 8], burn::tensor::Distribution::Default, &device);
         let s = Tensor::<3>::zeros([1, 3, 4], &device);
         let a = Tensor::<3>::zeros([1, 3, 2 * cfg.frameskip], &device);

@@ -10,10 +10,10 @@ use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
 
 use amity_shared::config::TrainConfig;
-use amity_shared::flat::{ParamLayout, init_params, load_flat};
-use amity_shared::optim::{AdamW, Schedule};
-use amity_shared::probe::Ridge;
+use amity_shared::eval::Ridge;
+use amity_shared::model::flat::{ParamLayout, init_params, load_flat};
 use amity_shared::rng::Rng;
+use amity_shared::train::{AdamW, Schedule};
 
 use super::WorldModelConfig;
 use super::data::{Latents, Trajectory};

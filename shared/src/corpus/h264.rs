@@ -391,7 +391,7 @@ impl Resampler {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::synth::{SynthConfig, generate};
+    use crate::data::synth::{SynthConfig, generate};
 
     pub(crate) fn psnr(a: &[u8], b: &[u8]) -> f64 {
         let mse = a

@@ -19,9 +19,9 @@ use super::manifest::{ClipShape, Manifest, ShardEntry, Skipped, open_blobs};
 use super::shard::ShardBuilder;
 use super::video::{DecodeTarget, DecoderChoice, decode_video, is_video_file};
 use crate::config::{DataConfig, ModelConfig};
+use crate::data::synth::VideoLabels;
 use crate::rng::Rng;
 use crate::store::BlobStore;
-use crate::synth::VideoLabels;
 
 /// Default target shard size.
 pub const DEFAULT_SHARD_BYTES: usize = 64 << 20;

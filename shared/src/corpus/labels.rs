@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::CorpusError;
-use crate::synth::{VideoLabels, ViolationKind};
+use crate::data::synth::{VideoLabels, ViolationKind};
 
 /// The name of a synthetic corpus's pair index.
 pub const PAIRS_FILE: &str = "pairs.json";
@@ -101,7 +101,7 @@ impl LabelsFile {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::synth::{SynthConfig, generate};
+    use crate::data::synth::{SynthConfig, generate};
 
     #[test]
     fn clip_labels_pick_frames_by_time() {

@@ -11,9 +11,9 @@ use std::sync::{Arc, Mutex};
 use super::CorpusError;
 use super::manifest::{ClipShape, Manifest, open_blobs};
 use super::shard::{ShardHeader, ShardView};
+use crate::data::synth::VideoLabels;
 use crate::rng::Rng;
 use crate::store::{BlobId, BlobStore, LocalStore};
-use crate::synth::VideoLabels;
 
 /// `(seed, epoch, clip order)`.
 type EpochOrder = (u64, u64, Arc<Vec<u32>>);

@@ -18,7 +18,7 @@
 use rkyv::rancor;
 use rkyv::util::AlignedVec;
 
-use crate::synth::VideoLabels;
+use crate::data::synth::VideoLabels;
 
 /// First bytes of every shard.
 pub const MAGIC: &[u8; 8] = b"AMSHARD\0";
@@ -324,7 +324,7 @@ impl ShardBytes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::synth::{SynthConfig, generate};
+    use crate::data::synth::{SynthConfig, generate};
 
     fn sample_shard() -> (Vec<u8>, Vec<Vec<u8>>) {
         let cfg = SynthConfig::for_size(16, 4);

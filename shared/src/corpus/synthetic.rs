@@ -1,6 +1,6 @@
 //! A synthetic corpus of real MP4 files with ground truth (`amity corpus synth`).
 //!
-//! Each video is a [`crate::synth`] moving-shapes video encoded as baseline H.264 (so the
+//! Each video is a [`crate::data::synth`] moving-shapes video encoded as baseline H.264 (so the
 //! built-in decoder reads it back) with a `.labels.json` beside it. In violation mode the corpus
 //! is a list of matched pairs, identical up to a frame `k` after which the second breaks a law,
 //! indexed in `pairs.json`.
@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use super::CorpusError;
 use super::h264::encode_mp4;
 use super::labels::{LabelsFile, PAIRS_FILE, PairRecord, write_labels};
+use crate::data::synth::{SynthConfig, ViolationKind, generate, generate_pair};
 use crate::rng::Rng;
-use crate::synth::{SynthConfig, ViolationKind, generate, generate_pair};
 
 /// One written item: its bytes and, for a pair, its record.
 type ItemResult = Result<(u64, Option<PairRecord>), CorpusError>;
@@ -124,7 +124,7 @@ pub fn write_synthetic_corpus(
 fn write_item(out: &Path, opts: &SynthCorpusOptions, cfg: &SynthConfig, i: usize) -> ItemResult {
     let seed = Rng::derive(opts.seed, &[0x5c0, i as u64]).next_u64();
     let fps = opts.fps as f64;
-    let write = |name: &str, v: &crate::synth::SynthVideo| -> Result<u64, CorpusError> {
+    let write = |name: &str, v: &crate::data::synth::SynthVideo| -> Result<u64, CorpusError> {
         let path: PathBuf = out.join(name);
         encode_mp4(&v.pixels, v.size, v.size, opts.fps, &path)?;
         write_labels(

@@ -34,16 +34,18 @@ pub enum DecoderChoice {
 }
 
 impl std::str::FromStr for DecoderChoice {
-    type Err = String;
+    type Err = crate::UnknownName;
 
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "auto" => Ok(DecoderChoice::Auto),
             "ffmpeg" => Ok(DecoderChoice::Ffmpeg),
             "builtin" => Ok(DecoderChoice::Builtin),
-            other => Err(format!(
-                "unknown decoder {other:?} (expected auto, ffmpeg or builtin)"
-            )),
+            other => Err(crate::UnknownName {
+                what: "decoder",
+                got: other.to_owned(),
+                expected: &["auto", "ffmpeg", "builtin"],
+            }),
         }
     }
 }
@@ -328,7 +330,7 @@ mod tests {
             eprintln!("ffmpeg not installed: FFmpeg path not checked");
             return;
         }
-        use crate::synth::{SynthConfig, generate};
+        use crate::data::synth::{SynthConfig, generate};
         let dir = std::env::temp_dir().join(format!("amity-ffmpeg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("v.mp4");

@@ -5,6 +5,7 @@
 //! [`Jepa`] pair that training, checkpoints and the flat parameter view work on.
 
 pub mod encoder;
+pub mod flat;
 pub mod posemb;
 pub mod predictor;
 pub mod tubelet;
@@ -31,7 +32,7 @@ pub struct Jepa {
 
 impl Jepa {
     /// A model of the given shape on `device`. Weights are placeholders until
-    /// [`crate::flat::init_params`] (or a checkpoint) sets them deterministically.
+    /// [`crate::model::flat::init_params`] (or a checkpoint) sets them deterministically.
     pub fn new(config: &ModelConfig, device: &Device) -> Self {
         Jepa {
             encoder: Encoder::new(config, device),

@@ -4,7 +4,7 @@
 //! `[sin(pos * w_i), cos(pos * w_i)]` with `w_i = 10000^(-i / (d/2))`, concatenated in the order
 //! (time, height, width), as in facebookresearch/jepa's `get_3d_sincos_pos_embed`.
 
-use crate::mask::TokenGrid;
+use crate::config::TokenGrid;
 
 /// `grid.len() x dim` row-major table, token order `(t, h, w)`.
 ///

@@ -2,7 +2,7 @@
 
 use super::*;
 use amity_protocol::conn::TlsAlert;
-use amity_shared::federated::RoundLoss;
+use amity_shared::federated::LossStats;
 
 /// A worker core for the tiny preset, and the run's `Registered` message.
 fn setup(fault: Option<Fault>) -> (WorkerCore, Config, ServerMsg) {
@@ -52,7 +52,7 @@ fn register(core: &mut WorkerCore, registered: &ServerMsg) -> Vec<WorkerAction> 
 /// Announces round `round` starting from `params` (no delta), with no shards.
 fn announce(core: &mut WorkerCore, round: u64, params: BlobId, now: u64) -> Vec<WorkerAction> {
     let a = core.handle(
-        Input::Message(ServerMsg::RoundAnnounce {
+        Input::Message(ServerMsg::RoundAnnounce(RoundAnnounce {
             round,
             state: BlobId([9; 32]),
             params,
@@ -61,7 +61,7 @@ fn announce(core: &mut WorkerCore, round: u64, params: BlobId, now: u64) -> Vec<
             steps: 5,
             planned_rounds: 10,
             flush: false,
-        }),
+        })),
         now,
     );
     assert!(a.is_empty(), "{a:?}");
@@ -83,7 +83,7 @@ fn update(run: &Config, seed: u64) -> LocalUpdate {
         target_delta: None,
         samples: 40,
         steps: 5,
-        loss: RoundLoss {
+        loss: LossStats {
             mean: 0.5,
             first: 0.6,
             last: 0.4,

@@ -6,14 +6,18 @@
 //! returns the **pseudo-gradient** `start - end`. The coordinator averages pseudo-gradients and
 //! applies its outer optimiser (see `amity-coordinator`).
 
+pub mod codec;
+
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+pub use amity_protocol::message::LossStats;
+
 use crate::config::TrainConfig;
 use crate::data::ClipSource;
-use crate::flat::LengthMismatch;
-use crate::optim::Schedule;
+use crate::model::flat::LengthMismatch;
+use crate::train::Schedule;
 use crate::train::Trainer;
 
 /// Who owns the EMA target encoder while workers take local steps.
@@ -50,19 +54,18 @@ impl std::fmt::Display for TargetPolicy {
     }
 }
 
-/// A target-policy name that is none of [`TargetPolicy::ALL`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown target policy `{0}` (expected coordinator-ema or local-ema)")]
-pub struct UnknownTargetPolicy(pub String);
-
 impl std::str::FromStr for TargetPolicy {
-    type Err = UnknownTargetPolicy;
+    type Err = crate::UnknownName;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         TargetPolicy::ALL
             .into_iter()
             .find(|p| p.name() == s)
-            .ok_or_else(|| UnknownTargetPolicy(s.to_owned()))
+            .ok_or_else(|| crate::UnknownName {
+                what: "target policy",
+                got: s.to_owned(),
+                expected: &["coordinator-ema", "local-ema"],
+            })
     }
 }
 
@@ -81,7 +84,7 @@ impl GlobalParams {
     /// encoder, which is the prefix of the model's flat layout.
     pub fn seeded(run: &crate::config::Config) -> Self {
         let (model_layout, target_layout) = crate::checkpoint::layouts(run);
-        let model = crate::flat::init_params(&model_layout, run.train.seed);
+        let model = crate::model::flat::init_params(&model_layout, run.train.seed);
         GlobalParams {
             target: model[..target_layout.total].to_vec(),
             model,
@@ -138,12 +141,12 @@ impl GlobalParams {
         &self,
         bytes: &[u8],
         target_momentum: Option<f32>,
-    ) -> Result<GlobalParams, crate::codec::CodecError> {
+    ) -> Result<GlobalParams, crate::federated::codec::CodecError> {
         let parts: Vec<usize> = match target_momentum {
             None => self.parts().to_vec(),
             Some(_) => vec![self.model.len()],
         };
-        let values = crate::codec::decode_parts(bytes, &parts)?;
+        let values = crate::federated::codec::decode_parts(bytes, &parts)?;
         let mut next = self.clone();
         next.apply_state_delta(&values, target_momentum)
             .expect("decode_parts checked the lengths");
@@ -261,20 +264,6 @@ impl RoundBudget {
     }
 }
 
-/// Loss statistics of a round's local steps.
-#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
-pub struct RoundLoss {
-    /// Mean over the round's steps.
-    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
-    pub mean: f64,
-    /// First step.
-    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
-    pub first: f64,
-    /// Last step.
-    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
-    pub last: f64,
-}
-
 /// What a worker's local round produced.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LocalUpdate {
@@ -287,7 +276,7 @@ pub struct LocalUpdate {
     /// Local steps taken.
     pub steps: u64,
     /// Loss statistics.
-    pub loss: RoundLoss,
+    pub loss: LossStats,
 }
 
 impl LocalUpdate {
@@ -354,7 +343,7 @@ pub fn local_round(
     let config = trainer.config().clone();
     let began = Instant::now();
     let (mut steps, mut samples, mut sum) = (0u64, 0u64, 0.0f64);
-    let mut loss = RoundLoss::default();
+    let mut loss = LossStats::default();
     loop {
         let t0 = Instant::now();
         let batch = source.batch(
@@ -372,9 +361,9 @@ pub fn local_round(
             std::thread::sleep(t0.elapsed().mul_f64(opts.slowdown - 1.0));
         }
         if steps == 0 {
-            loss.first = s.loss;
+            loss.first = s.loss as f32;
         }
-        loss.last = s.loss;
+        loss.last = s.loss as f32;
         sum += s.loss;
         steps += 1;
         samples += batch.batch as u64;
@@ -386,7 +375,7 @@ pub fn local_round(
             break;
         }
     }
-    loss.mean = sum / steps as f64;
+    loss.mean = (sum / steps as f64) as f32;
     let diff = |a: &[f32], b: Vec<f32>| a.iter().zip(b).map(|(x, y)| x - y).collect::<Vec<f32>>();
     Ok(LocalUpdate {
         model_delta: diff(&start.model, trainer.model_flat()),

@@ -5,7 +5,7 @@
 //! it tests whether the encoder understood motion), shape and colour (accuracy). A probe score
 //! means little alone: always report the same probe on a randomly initialised encoder beside it.
 
-use crate::linalg::{cholesky_solve, gram, symmetric_eigenvalues};
+use crate::linalg::{cholesky_solve, gram};
 
 /// Ridge penalties tried; the best on a validation split of the training set is kept.
 const LAMBDAS: [f64; 7] = [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0];
@@ -151,7 +151,7 @@ pub fn r2(pred: &[f64], y: &[f64], n: usize) -> f64 {
 }
 
 /// Share of rows whose arg-max matches the one-hot target.
-pub fn accuracy(pred: &[f64], y: &[f64], n: usize) -> f64 {
+fn accuracy(pred: &[f64], y: &[f64], n: usize) -> f64 {
     let k = y.len() / n.max(1);
     let argmax = |row: &[f64]| {
         row.iter()
@@ -186,40 +186,6 @@ pub fn probe(kind: ProbeKind, train: (&[f64], &[f64]), test: (&[f64], &[f64]), d
     };
     let ridge = Ridge::fit_cv(train.0, train.1, n_train, d, k, score);
     score(&ridge.predict(test.0, n_test), test.1, n_test)
-}
-
-/// RankMe (Garrido et al. 2023): `exp` of the entropy of the normalised singular values of an
-/// `n x d` embedding matrix. Between 1 (collapsed) and `min(n, d)`.
-pub fn rankme(z: &[f64], n: usize, d: usize) -> f64 {
-    let eig = symmetric_eigenvalues(&gram(z, n, d), d);
-    let sv: Vec<f64> = eig.iter().map(|&e| e.max(0.0).sqrt()).collect();
-    let total: f64 = sv.iter().sum::<f64>() + 1e-12;
-    let entropy: f64 = sv
-        .iter()
-        .map(|s| s / total + 1e-7)
-        .map(|p| -p * p.ln())
-        .sum();
-    entropy.exp()
-}
-
-/// Per-dimension standard deviation of `n x d` features: `(mean over dims, min over dims)`.
-pub fn feature_std(z: &[f64], n: usize, d: usize) -> (f64, f64) {
-    let mut mean = vec![0.0; d];
-    for r in 0..n {
-        for c in 0..d {
-            mean[c] += z[r * d + c] / n as f64;
-        }
-    }
-    let mut var = vec![0.0; d];
-    for r in 0..n {
-        for c in 0..d {
-            var[c] += (z[r * d + c] - mean[c]).powi(2) / n as f64;
-        }
-    }
-    let std: Vec<f64> = var.iter().map(|v| v.sqrt()).collect();
-    let avg = std.iter().sum::<f64>() / d as f64;
-    let min = std.iter().copied().fold(f64::INFINITY, f64::min);
-    (avg, min)
 }
 
 #[cfg(test)]
@@ -267,17 +233,5 @@ mod tests {
         let pred = [0.9, 0.1, 0.2, 0.8, 0.6, 0.4];
         let y = [1.0, 0.0, 0.0, 1.0, 0.0, 1.0];
         assert!((accuracy(&pred, &y, 3) - 2.0 / 3.0).abs() < 1e-12);
-    }
-
-    #[test]
-    fn rankme_of_collapsed_and_isotropic_embeddings() {
-        let (n, d) = (500, 8);
-        let collapsed: Vec<f64> = (0..n).flat_map(|r| vec![r as f64 * 0.01; d]).collect();
-        assert!(rankme(&collapsed, n, d) < 1.1);
-        let mut rng = Rng::new(2);
-        let iso: Vec<f64> = (0..n * d).map(|_| rng.normal()).collect();
-        assert!(rankme(&iso, n, d) > 7.5);
-        let (avg, min) = feature_std(&iso, n, d);
-        assert!((avg - 1.0).abs() < 0.1 && min > 0.85);
     }
 }

@@ -3,12 +3,21 @@
 //! Probes are fitted on one set of videos and scored on another (disjoint seeds): velocity and
 //! position (R²), shape and colour (accuracy), all from [`Trainer::probe_features`]. The same
 //! suite runs on a randomly initialised encoder for the baseline a number must be read against.
+//!
+//! Also here: `probe` (ridge probes), private and re-exported; [`embed`] (a video's clips through a released encoder) and [`npy`]
+//! (NumPy files), which `amity embed` and `amity surprise` use.
 
 use serde::Serialize;
 
-use crate::probe::{ProbeKind, probe};
-use crate::synth::{COLOURS, SynthConfig, SynthVideo, generate};
-use crate::train::{ClipBatch, Telemetry, Trainer};
+pub mod embed;
+pub mod npy;
+mod probe;
+
+pub use probe::{ProbeKind, Ridge, probe, r2};
+
+use crate::data::ClipBatch;
+use crate::data::synth::{COLOURS, SynthConfig, SynthVideo, generate};
+use crate::train::{Telemetry, Trainer};
 
 /// Videos for probing: a fitting split and a scoring split.
 #[derive(Debug, Clone)]

@@ -4,6 +4,8 @@
 //! replayed exactly from its config. [`Prefetcher`] computes the next batches on a background
 //! thread (decoding shards' bytes into normalised patches) while the trainer runs the current one.
 
+pub mod synth;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
@@ -13,10 +15,57 @@ use crate::config::ModelConfig;
 use crate::corpus::CorpusError;
 use crate::corpus::loader::ShardSet;
 use crate::corpus::manifest::Manifest;
+use crate::data::synth::{SynthConfig, generate};
 use crate::rng::Rng;
 use crate::store::BlobId;
-use crate::synth::{SynthConfig, generate};
-use crate::train::ClipBatch;
+use burn::tensor::{Device, Tensor, TensorData};
+
+use crate::model::tubelet;
+
+/// A batch of clips as tubelet patch vectors, ready for the encoder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClipBatch {
+    /// Clips in the batch.
+    pub batch: usize,
+    /// Tokens per clip.
+    pub tokens: usize,
+    /// Values per token.
+    pub patch_dim: usize,
+    /// `batch * tokens * patch_dim` normalised values.
+    pub patches: Vec<f32>,
+}
+
+impl ClipBatch {
+    /// Patchifies RGB clips (`frames x size x size x 3` bytes each).
+    pub fn from_clips<'a>(
+        clips: impl IntoIterator<Item = &'a [u8]>,
+        model: &crate::config::ModelConfig,
+    ) -> Self {
+        let mut patches = Vec::new();
+        let mut batch = 0;
+        for clip in clips {
+            tubelet::patchify(clip, model, &mut patches);
+            batch += 1;
+        }
+        ClipBatch {
+            batch,
+            tokens: model.tokens(),
+            patch_dim: model.patch_dim(),
+            patches,
+        }
+    }
+
+    /// The batch as a `[B, N, P]` tensor on `device`.
+    pub fn tensor(&self, device: &Device) -> Tensor<3> {
+        Tensor::from_data(
+            TensorData::new(
+                self.patches.clone(),
+                [self.batch, self.tokens, self.patch_dim],
+            ),
+            device,
+        )
+    }
+}
 
 /// A source of training clips.
 #[derive(Debug, Clone)]

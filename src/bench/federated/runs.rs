@@ -1,179 +1,45 @@
 //! `amity bench federated`: does the federated run learn what one trainer learns, and at what
 //! cost in bytes?
 //!
-//! Every run trains the tiny preset on the same synthetic world with the same samples: each of
+//! Every run trains the tiny preset on the same synthetic world with as many samples: each of
 //! `workers` draws `steps` local batches of `batch` clips from its own stream, then the frozen
-//! target encoder's velocity probe is fitted (the JEPA core's standard probe set).
+//! target encoder's velocity probe is fitted (the JEPA core's standard probe set). A federated
+//! worker mixes the round into its batch seed as a deployed worker does, so its batches are
+//! other draws from the same stream than the central run's.
 //!
 //! - `central`: the reference, one trainer taking `steps` steps on the global batch (every
 //!   worker's batch of that step together). It is also the quality of DDP with fp32 gradient
 //!   synchronisation every step (the same computation), whose bytes are counted as a ring
 //!   all-reduce moves them: `2 x 4 bytes x params` per worker per step.
 //! - one federated run per *variant* and per H (local steps per round, `steps / H` rounds)
-//!   through the real [`Core`] (sans-IO, no sockets), each worker's update encoded and decoded
-//!   exactly as on the wire, flush round included.
+//!   through the real coordinator core and one real worker core per worker, wired in process
+//!   ([`Federation`]): registration, state deltas, schedules, error feedback and flush rounds
+//!   are the deployed code's, only the sockets are missing.
 //! - with `non_iid`, all of it again where each worker only ever sees videos whose first
 //!   object has "its" colours (the central run then trains on the union of those pools).
 //! - over several seeds (model init, masks and data), reported as mean and spread.
 //!
-//! A variant is the defaults of [`CoreConfig::new`] with some keys changed, written
+//! A [`Variant`] is the defaults of [`CoreConfig::new`] with some keys changed, written
 //! `up=fp32,down=fp32`, `policy=local-ema`, `lr=1,mu=0`, `objective=sigreg`, or `default`.
 //! `attack=flip` (or `noise:S`, `scale:K`) makes worker 0 hostile, so that a variant's screens
 //! (`agree=`, `clip=`) can be judged by the probe with and without the attacker.
 
 use std::sync::Arc;
 
-use amity_shared::codec::{self, CodecSpec, ErrorFeedback};
 use amity_shared::config::{Config, Objective};
 use amity_shared::data::ClipSource;
+use amity_shared::data::synth::{SynthConfig, generate};
 use amity_shared::eval::{ProbeSet, probe_report};
-use amity_shared::federated::{
-    GlobalParams, LocalRoundOptions, RoundBudget, RunProgress, TargetPolicy, local_round,
-    worker_seed,
-};
-use amity_shared::synth::{SynthConfig, generate};
+use amity_shared::federated::worker_seed;
 use amity_shared::train::Trainer;
 use burn::tensor::Device;
 use serde::Serialize;
 
-use crate::aggregate::OuterConfig;
-use crate::config::CoreConfig;
-use crate::core::{Action, ArrivedUpdate, Core, Event, JoinInfo, WorkerId};
-use crate::scoring::HeldOut;
+use amity_coordinator::config::CoreConfig;
+use amity_coordinator::core::RoundSummary;
 
-/// One federated configuration: the coordinator defaults with some keys changed.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Variant {
-    /// How it was written (`default`, `up=fp32,down=fp32`, ...): its name in the report.
-    pub name: String,
-    /// Uplink codec.
-    pub up: CodecSpec,
-    /// Downlink codec.
-    pub down: CodecSpec,
-    /// Target-encoder policy.
-    pub policy: TargetPolicy,
-    /// Outer optimiser.
-    pub outer: OuterConfig,
-    /// The anti-collapse objective of the inner steps.
-    pub objective: Objective,
-    /// Held-out clips the coordinator scores updates on (0: no contribution scoring).
-    pub held_out: usize,
-    /// Whether the last round flushes every residual densely.
-    pub flush: bool,
-    /// What worker 0 does to its update (a hostile institution), if anything.
-    pub attack: Attack,
-    /// Aggregation settings (screens).
-    pub aggregation: crate::aggregate::AggregationConfig,
-}
-
-/// A model attack by worker 0: what it does to its (decoded) update before the coordinator sees
-/// it. Written `none`, `flip`, `scale:K` or `noise:S`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Attack {
-    /// An honest worker 0.
-    None,
-    /// The update negated (at the honest norm: norm screens cannot see it).
-    Flip,
-    /// The update times `K`.
-    Scale(f32),
-    /// Gaussian noise of `S` times the update's own root-mean-square value, in its place.
-    Noise(f32),
-}
-
-impl std::str::FromStr for Attack {
-    type Err = ();
-
-    fn from_str(s: &str) -> Result<Self, ()> {
-        let arg = |v: &str| v.parse::<f32>().map_err(|_| ());
-        match s.split_once(':') {
-            None if s == "none" => Ok(Attack::None),
-            None if s == "flip" => Ok(Attack::Flip),
-            Some(("scale", k)) => Ok(Attack::Scale(arg(k)?)),
-            Some(("noise", k)) => Ok(Attack::Noise(arg(k)?)),
-            _ => Err(()),
-        }
-    }
-}
-
-impl Attack {
-    /// Applies the attack to `values` (round `round` seeds the noise).
-    fn apply(self, values: &mut [f32], round: u64) {
-        match self {
-            Attack::None => {}
-            Attack::Flip => values.iter_mut().for_each(|v| *v = -*v),
-            Attack::Scale(k) => values.iter_mut().for_each(|v| *v *= k),
-            Attack::Noise(s) => {
-                let rms = (values.iter().map(|v| (*v as f64).powi(2)).sum::<f64>()
-                    / values.len().max(1) as f64)
-                    .sqrt();
-                let mut rng = amity_shared::rng::Rng::derive(0xa77ac, &[round]);
-                values
-                    .iter_mut()
-                    .for_each(|v| *v = (s as f64 * rms * rng.normal()) as f32);
-            }
-        }
-    }
-}
-
-/// A variant that does not parse.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "bad variant `{0}`: expected `default` or key=value pairs joined by `,` with keys up, down \
-     (codec names), policy (local-ema, coordinator-ema), lr, mu (outer SGD), nesterov \
-     (true/false), objective (ema, vicreg, sigreg), held_out (clips scored on, 0: off), flush \
-     (true/false), attack (none, flip, scale:K, noise:S: worker 0 hostile), agree (min_agreement), \
-     clip (clip_ratio)"
-)]
-pub struct BadVariant(pub String);
-
-impl std::str::FromStr for Variant {
-    type Err = BadVariant;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || BadVariant(s.to_owned());
-        let core = CoreConfig::new(Config::preset("tiny").expect("preset"));
-        let mut v = Variant {
-            name: s.to_owned(),
-            up: core.codec,
-            down: core.downlink_codec,
-            policy: core.target_policy,
-            outer: core.outer,
-            objective: core.run.train.objective,
-            held_out: core.aggregation.held_out_clips,
-            flush: core.rounds.flush,
-            attack: Attack::None,
-            aggregation: core.aggregation,
-        };
-        if s == "default" {
-            return Ok(v);
-        }
-        for pair in s.split(',') {
-            let (k, val) = pair.split_once('=').ok_or_else(bad)?;
-            match k {
-                "up" => v.up = val.parse().map_err(|_| bad())?,
-                "down" => v.down = val.parse().map_err(|_| bad())?,
-                "policy" => {
-                    v.policy = serde_json::from_value(serde_json::Value::String(val.into()))
-                        .map_err(|_| bad())?
-                }
-                "objective" => {
-                    v.objective = serde_json::from_value(serde_json::Value::String(val.into()))
-                        .map_err(|_| bad())?
-                }
-                "lr" => v.outer.lr = val.parse().map_err(|_| bad())?,
-                "mu" => v.outer.momentum = val.parse().map_err(|_| bad())?,
-                "nesterov" => v.outer.nesterov = val.parse().map_err(|_| bad())?,
-                "held_out" => v.held_out = val.parse().map_err(|_| bad())?,
-                "flush" => v.flush = val.parse().map_err(|_| bad())?,
-                "attack" => v.attack = val.parse().map_err(|_| bad())?,
-                "agree" => v.aggregation.min_agreement = val.parse().map_err(|_| bad())?,
-                "clip" => v.aggregation.clip_ratio = val.parse().map_err(|_| bad())?,
-                _ => return Err(bad()),
-            }
-        }
-        Ok(v)
-    }
-}
+use super::harness::{Federation, bench_config};
+use super::variant::Variant;
 
 /// Bench settings.
 #[derive(Debug, Clone)]
@@ -367,51 +233,8 @@ fn ddp_bytes(opts: &FederatedBenchOptions, params: u64) -> u64 {
     opts.steps * opts.workers as u64 * params * 4 * 2
 }
 
-/// The coordinator core of one federated bench run: the variant's settings, `rounds` rounds of
-/// `h` steps, and every worker joined.
-fn bench_core(
-    opts: &FederatedBenchOptions,
-    variant: &Variant,
-    run: &Config,
-    h: u64,
-    rounds: u64,
-) -> Core {
-    let mut cfg = CoreConfig::new(run.clone());
-    cfg.codec = variant.up;
-    cfg.downlink_codec = variant.down;
-    cfg.target_policy = variant.policy;
-    cfg.outer = variant.outer;
-    cfg.rounds.steps = h;
-    cfg.rounds.min_workers = opts.workers;
-    cfg.rounds.max_rounds = rounds;
-    cfg.checkpoint_every = 0;
-    cfg.aggregation = variant.aggregation;
-    cfg.aggregation.held_out_clips = variant.held_out;
-    cfg.rounds.flush = variant.flush;
-    let (mut core, _) = Core::new(cfg, GlobalParams::seeded(run), &[]);
-    if variant.held_out > 0 {
-        // Held-out clips like the coordinator's: synthetic, from a stream no worker draws.
-        let source = ClipSource::synthetic(&run.model);
-        core.set_scorer(Box::new(HeldOut::new(run, &source, variant.held_out)));
-    }
-    for w in 0..opts.workers {
-        let info = JoinInfo {
-            name: format!("w{w}"),
-            backend: "flex".into(),
-            samples_per_s: 1.0,
-            local_shards: Vec::new(),
-        };
-        core.handle(
-            Event::Joined {
-                worker: WorkerId(w as u64),
-                info,
-            },
-            0,
-        );
-    }
-    core
-}
-
+/// One federated run: the variant's coordinator and `opts.workers` worker cores wired in
+/// process ([`Federation`]), `steps / h` rounds of `h` local steps.
 fn diloco(
     opts: &FederatedBenchOptions,
     probes: &ProbeSet,
@@ -421,82 +244,31 @@ fn diloco(
     non_iid: bool,
 ) -> RunReport {
     let run = run_config(opts, seed, variant.objective);
-    let device = Device::flex();
-    let rounds = opts.steps / h;
-    let mut core = bench_core(opts, variant, &run, h, rounds);
-    let srcs = sources(&run, opts.workers, non_iid);
-    let mut trainers: Vec<Trainer> = (0..opts.workers)
-        .map(|_| Trainer::new(run.clone(), &device))
-        .collect();
-    let mut feedback = vec![ErrorFeedback::new(); opts.workers];
-    let (mut now, mut bytes, mut max_ratio) = (0, 0u64, 0.0f64);
-    while !core.finished() {
-        let round = core.round();
-        let flush = core.is_flush_round(round);
-        let start = core.params().clone();
-        for (w, trainer) in trainers.iter_mut().enumerate() {
-            let ropts = LocalRoundOptions {
-                budget: RoundBudget::steps(h),
-                policy: variant.policy,
-                seed: run.train.seed,
-                worker: w as u64,
-                progress: RunProgress {
-                    round,
-                    planned_rounds: rounds,
-                },
-                slowdown: 1.0,
-            };
-            let u = local_round(trainer, &start, &srcs[w], &ropts, |_, _| {}, || false)
-                .expect("layouts match");
-            let parts = core.update_parts();
-            let spec = if flush {
-                variant.up.dense()
-            } else {
-                variant.up
-            };
-            let (wire, _) = feedback[w].encode_parts(&spec, &u.wire_values(), &parts);
-            let mut values = codec::decode_parts(&wire, &parts).expect("own encoding");
-            if w == 0 {
-                variant.attack.apply(&mut values, round);
-            }
-            now += 1;
-            let update = ArrivedUpdate {
-                round,
-                blob: amity_shared::store::BlobId::of(&wire),
-                bytes: wire.len() as u64,
-                samples: u.samples,
-                steps: u.steps,
-                loss: u.loss,
-                values,
-            };
-            let acts = core.handle(
-                Event::Update {
-                    worker: WorkerId(w as u64),
-                    update,
-                },
-                now,
-            );
-            for a in acts {
-                if let Action::RoundClosed(s) = a {
-                    bytes += s.bytes_up + s.bytes_down;
-                    max_ratio = max_ratio.max(s.outer_step_ratio);
-                }
-            }
-        }
-    }
-    let last = core.history().last().map_or(f64::NAN, |s| s.loss);
-    let screens = Screens::of(core.history());
-    let p = core.params();
-    let t = Trainer::from_flat(run, &p.model, Some(&p.target), &device).expect("layouts match");
+    let mut cfg = CoreConfig::new(run.clone());
+    cfg.codec = variant.up;
+    cfg.downlink_codec = variant.down;
+    cfg.target_policy = variant.policy;
+    cfg.outer = variant.outer;
+    cfg.aggregation = variant.aggregation;
+    cfg.aggregation.held_out_clips = variant.held_out;
+    cfg.rounds.flush = variant.flush;
+    let cfg = bench_config(cfg, opts.workers, h, opts.steps / h);
+    let sources = sources(&run, opts.workers, non_iid);
+    let out = Federation::new(cfg, sources, variant.held_out, variant.attack).run();
+    let last = out.history.last().map_or(f64::NAN, |s| s.loss);
+    let screens = Screens::of(&out.history);
+    let p = &out.params;
+    let t =
+        Trainer::from_flat(run, &p.model, Some(&p.target), &Device::flex()).expect("layouts match");
     RunReport {
         name: variant.name.clone(),
         h,
         split: split_name(non_iid),
         seed,
-        bytes,
+        bytes: out.bytes,
         loss: last,
         velocity_r2: probe_report(&t, probes).velocity_r2,
-        max_outer_step_ratio: max_ratio,
+        max_outer_step_ratio: out.max_outer_step_ratio,
         rejected_w0: screens.rejected_w0,
         rejected_others: screens.rejected_others,
         min_history_cos: screens.hist,
@@ -514,7 +286,7 @@ struct Screens {
 }
 
 impl Screens {
-    fn of(history: &[crate::core::RoundSummary]) -> Self {
+    fn of(history: &[RoundSummary]) -> Self {
         let (mut rejected_w0, mut rejected_others) = (0, 0);
         let (mut hist, mut peer) = ((f64::NAN, f64::NAN), (f64::NAN, f64::NAN));
         let lower = |a: f64, b: Option<f64>| b.map_or(a, |b| if a.is_nan() { b } else { a.min(b) });
@@ -649,34 +421,5 @@ pub fn federated(opts: &FederatedBenchOptions, print: &dyn Fn(&RunReport)) -> Fe
         ),
         groups,
         runs,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn variants_parse_from_the_defaults() {
-        let d: Variant = "default".parse().unwrap();
-        let v: Variant = "up=fp32,down=topk0.1/64+int8,policy=local-ema,lr=1,mu=0,objective=sigreg"
-            .parse()
-            .unwrap();
-        assert_eq!(v.up, CodecSpec::FP32);
-        assert_eq!(v.down, "topk0.1/64+int8".parse().unwrap());
-        assert_eq!(v.policy, TargetPolicy::LocalEma);
-        assert_eq!((v.outer.lr, v.outer.momentum), (1.0, 0.0));
-        assert_eq!(v.outer.nesterov, d.outer.nesterov);
-        assert_eq!(v.objective, Objective::Sigreg);
-        for bad in ["up=zip", "lr", "colour=red", "policy=nobody", "attack=melt"] {
-            assert!(bad.parse::<Variant>().is_err(), "{bad}");
-        }
-        let a: Variant = "attack=scale:-2".parse().unwrap();
-        assert_eq!(a.attack, Attack::Scale(-2.0));
-        let mut v = vec![1.0f32, -2.0];
-        Attack::Flip.apply(&mut v, 0);
-        assert_eq!(v, [-1.0, 2.0]);
-        Attack::Noise(1.0).apply(&mut v, 0);
-        assert!(v != [-1.0, 2.0] && v.iter().all(|x| x.is_finite()));
     }
 }

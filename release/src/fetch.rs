@@ -1,10 +1,10 @@
-//! `amity fetch` over QUIC: a downstream client of a coordinator, without a certificate.
+//! Fetching a release over QUIC: a downstream client of a coordinator, without a certificate.
 //!
 //! It asks for the release by name, gets the manifest's blob id and signature, downloads and
 //! verifies the manifest, checks the signature under the trusted key **before** downloading
 //! anything else, then pulls every file by its BLAKE3 id into the staging folder. A broken
 //! connection reconnects and resumes each file from its verified prefix; the release appears
-//! under `--out` only once every file verified (see `amity_shared::release::Staging`).
+//! under `--out` only once every file verified (see [`Staging`](crate::Staging)).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -12,16 +12,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
-
-use amity_protocol::PROTOCOL_VERSION;
-use amity_protocol::conn::{ConnError, MsgStream, fetch_blob_bytes, fetch_blob_until};
+use crate::known::Trust;
+use crate::{Begun, FetchReport, MAX_MANIFEST_BYTES, ReleaseError, Signed, Staging};
+use amity_protocol::conn::{ConnError, MsgStream, fetch_blob_bytes, fetch_blob_until, hello};
 use amity_protocol::message::{ClientMsg, ErrorCode, ServerMsg};
-use amity_protocol::tls::quic_anonymous_client_config;
-use amity_shared::release::known::Trust;
-use amity_shared::release::{
-    Begun, FetchReport, MAX_MANIFEST_BYTES, ReleaseError, Signed, Staging,
-};
+use amity_protocol::tls::{TlsError, quic_anonymous_client_config};
 use amity_shared::store::BlobId;
 
 /// Where and how to fetch from a coordinator.
@@ -68,32 +63,9 @@ async fn open_session(
             peer: peer.clone(),
             source,
         })?;
-    let mut control = MsgStream::open(&conn, &peer).await?;
-    control
-        .send(&ClientMsg::Hello {
-            protocol: PROTOCOL_VERSION,
-            software: format!("amity fetch {}", env!("CARGO_PKG_VERSION")),
-        })
-        .await?;
-    match control.recv::<ServerMsg>().await? {
-        Some(ServerMsg::Welcome { .. }) => Ok((conn, control, peer)),
-        other => Err(refusal(peer, other, "Welcome")),
-    }
-}
-
-/// The error for an answer that is not the one expected: the peer's own error, or what came.
-fn refusal(peer: String, got: Option<ServerMsg>, expected: &str) -> ConnError {
-    match got {
-        Some(ServerMsg::Error { code, message }) => ConnError::Remote {
-            peer,
-            code,
-            message,
-        },
-        other => ConnError::Unexpected {
-            peer,
-            what: format!("{other:?} instead of {expected}"),
-        },
-    }
+    let software = format!("amity fetch {}", env!("CARGO_PKG_VERSION"));
+    let (control, _) = hello(&conn, &peer, &software).await?;
+    Ok((conn, control, peer))
 }
 
 /// Asks for release `name`: its manifest id and signature.
@@ -111,7 +83,7 @@ async fn query(
             manifest,
             signature,
         }) => Ok((manifest, signature, name)),
-        other => Err(refusal(peer, other, "ReleaseInfo")),
+        other => Err(ConnError::unexpected_answer(&peer, other, "ReleaseInfo")),
     }
 }
 
@@ -134,18 +106,55 @@ fn part_size(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
 
-/// Fetches release `name` from a coordinator into `out`.
+/// Why a fetch stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The client's TLS configuration could not be made (a bad `--ca` file).
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// No UDP socket for the client.
+    #[error("client endpoint for {addr}")]
+    Endpoint {
+        /// The coordinator's address.
+        addr: SocketAddr,
+        /// What the socket said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The release itself is refused (signature, trust, manifest, files), or could not be staged.
+    #[error(transparent)]
+    Release(#[from] ReleaseError),
+    /// The coordinator refused in a way retrying cannot change (no such release, another
+    /// protocol version).
+    #[error(transparent)]
+    Refused(ConnError),
+    /// The connection kept failing without progress.
+    #[error("giving up after {attempts} attempts without progress")]
+    GaveUp {
+        /// Attempts made in a row without a byte of progress.
+        attempts: u32,
+        /// The last failure.
+        #[source]
+        last: ConnError,
+    },
+}
+
+/// Fetches release `name` from a coordinator into `out`, resuming across reconnects;
+/// `progress` follows the file bytes verified or partly received.
 pub async fn fetch_quic(
     src: &QuicSource,
     name: &str,
     out: &Path,
     trust: &Trust,
     progress: Arc<AtomicU64>,
-) -> Result<FetchReport> {
+) -> Result<FetchReport, FetchError> {
     let cfg = quic_anonymous_client_config(src.server_ca.as_deref())?;
-    let endpoint = amity_protocol::endpoint::client(src.addr, cfg)
-        .with_context(|| format!("client endpoint for {}", src.addr))?;
-    let mut staging: Option<(Staging, amity_shared::release::known::TrustOutcome)> = None;
+    let endpoint =
+        amity_protocol::endpoint::client(src.addr, cfg).map_err(|source| FetchError::Endpoint {
+            addr: src.addr,
+            source,
+        })?;
+    let mut staging: Option<(Staging, crate::known::TrustOutcome)> = None;
     let mut resolved = name.to_owned();
     let mut failures = 0u32;
     let dropped = Arc::new(AtomicBool::new(false));
@@ -214,13 +223,16 @@ pub async fn fetch_quic(
                     already_present: false,
                 };
             }
-            Err(Failure::Release(e)) => return Err(anyhow!(e)),
-            Err(Failure::Conn(e)) if fatal(&e) => bail!("{e}"),
+            Err(Failure::Release(e)) => return Err(e.into()),
+            Err(Failure::Conn(e)) if fatal(&e) => return Err(FetchError::Refused(e)),
             Err(Failure::Conn(e)) => {
                 let progressed = progress.load(Ordering::Relaxed) > before;
                 failures = if progressed { 1 } else { failures + 1 };
                 if failures >= ATTEMPTS {
-                    bail!("giving up after {ATTEMPTS} attempts without progress: {e}");
+                    return Err(FetchError::GaveUp {
+                        attempts: ATTEMPTS,
+                        last: e,
+                    });
                 }
                 let wait = Duration::from_millis(200 << failures.min(5));
                 tracing::warn!("{e}; reconnecting in {wait:?} and resuming");

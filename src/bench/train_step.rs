@@ -13,13 +13,15 @@ use std::time::Instant;
 use burn::tensor::Device;
 use serde::Serialize;
 
-use crate::config::Config;
-use crate::mask::{MaskSetConfig, MultiBlockMasker};
-use crate::synth::{SynthConfig, generate};
-use crate::train::{ClipBatch, Trainer};
+use amity_shared::config::Config;
+use amity_shared::config::MaskSetConfig;
+use amity_shared::data::ClipBatch;
+use amity_shared::data::synth::{SynthConfig, generate};
+use amity_shared::train::MultiBlockMasker;
+use amity_shared::train::Trainer;
 
-use super::BenchError;
-use crate::stats::median;
+use amity_shared::stats::median;
+use anyhow::Result;
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -82,7 +84,7 @@ fn time_steps(config: Config, batches: &[ClipBatch], warmup: usize, steps: usize
 }
 
 /// Runs the bench, printing progress to stderr.
-pub fn train_step(opts: &TrainStepOptions) -> Result<TrainStepReport, BenchError> {
+pub fn train_step(opts: &TrainStepOptions) -> Result<TrainStepReport> {
     let mut config = Config::preset(&opts.preset)?;
     if let Some(b) = opts.batch {
         config.train.batch = b;
@@ -149,11 +151,8 @@ fn run_reference(
     batch: usize,
     ctx: usize,
     tgt: usize,
-) -> Result<f64, BenchError> {
-    let err = |reason: String| BenchError::Reference {
-        script: script.display().to_string(),
-        reason,
-    };
+) -> Result<f64> {
+    let err = |reason: String| anyhow::anyhow!("PyTorch reference {}: {reason}", script.display());
     let out = Command::new(python)
         .arg(script)
         .args(["--preset", &opts.preset])

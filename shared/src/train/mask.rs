@@ -14,68 +14,8 @@
 //!
 //! Everything is deterministic from `(seed, step)`.
 
-use serde::{Deserialize, Serialize};
-
+use crate::config::{MaskSetConfig, TokenGrid};
 use crate::rng::Rng;
-
-/// The token grid of a clip: `frames` tubelets in time, `height x width` patches in space.
-/// Token index = `(t * height + h) * width + w`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TokenGrid {
-    /// Number of tubelets along time (clip frames / tubelet length).
-    pub frames: usize,
-    /// Patches along the height.
-    pub height: usize,
-    /// Patches along the width.
-    pub width: usize,
-}
-
-impl TokenGrid {
-    /// Total number of tokens.
-    pub fn len(&self) -> usize {
-        self.frames * self.height * self.width
-    }
-
-    /// Whether the grid has no tokens.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-/// One mask set: how many blocks and how large. Defaults are V-JEPA's short-range set.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct MaskSetConfig {
-    /// Blocks whose union is the target.
-    pub num_blocks: usize,
-    /// Fraction of the spatial grid one block covers, sampled uniformly in this range.
-    pub spatial_scale: (f64, f64),
-    /// Fraction of the tubelets one block spans, sampled uniformly in this range (1.0 = tube).
-    pub temporal_scale: (f64, f64),
-    /// Block aspect ratio (height / width), sampled uniformly in this range.
-    pub aspect_ratio: (f64, f64),
-}
-
-impl MaskSetConfig {
-    /// V-JEPA's short-range set: 8 tube blocks at spatial scale 0.15.
-    pub fn short_range() -> Self {
-        MaskSetConfig {
-            num_blocks: 8,
-            spatial_scale: (0.15, 0.15),
-            temporal_scale: (1.0, 1.0),
-            aspect_ratio: (0.75, 1.5),
-        }
-    }
-
-    /// V-JEPA's long-range set: 2 tube blocks at spatial scale 0.7.
-    pub fn long_range() -> Self {
-        MaskSetConfig {
-            num_blocks: 2,
-            spatial_scale: (0.7, 0.7),
-            temporal_scale: (1.0, 1.0),
-            aspect_ratio: (0.75, 1.5),
-        }
-    }
-}
 
 /// The masks of one set for a whole batch: rectangular index lists, row-major `[batch, n]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -220,7 +160,8 @@ impl MultiBlockMasker {
 
 /// Mean fraction of tokens that are prediction targets, over `steps` batches of each set, as
 /// drawn *before* truncation would shrink it. Used to report the empirical masking ratio.
-pub fn masking_ratio(masker: &MultiBlockMasker, steps: u64, batch: usize) -> Vec<f64> {
+#[cfg(test)]
+fn masking_ratio(masker: &MultiBlockMasker, steps: u64, batch: usize) -> Vec<f64> {
     let n = masker.grid().len() as f64;
     let mut sums = vec![0.0; masker.sets.len()];
     for step in 0..steps {

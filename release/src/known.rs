@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::sign::{PublicKey, SignError};
+use crate::sign::{PublicKey, SignError};
 
 /// A known-publishers file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -361,7 +361,7 @@ impl Trust {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::release::sign::ReleaseKey;
+    use crate::sign::ReleaseKey;
 
     #[test]
     fn pins_are_per_origin_and_rounds_only_rise() {

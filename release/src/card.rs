@@ -6,7 +6,7 @@ use std::fmt::Write;
 
 use serde::Serialize;
 
-use crate::config::Config;
+use amity_shared::config::Config;
 
 /// One institution's contribution.
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -15,6 +15,7 @@
 //! checks every field (format, names, paths that cannot leave the folder, sizes).
 
 pub mod card;
+pub mod fetch;
 pub mod known;
 pub mod publish;
 pub mod sign;
@@ -24,7 +25,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::BlobId;
+use amity_shared::checkpoint::{Checkpoint, CheckpointError};
+use amity_shared::store::BlobId;
 use known::{Trust, TrustOutcome};
 use sign::{PublicKey, ReleaseKey, SignError};
 
@@ -90,9 +92,20 @@ pub enum ReleaseError {
     /// The output already exists.
     #[error("{0} already exists and is not this release; choose another --out or remove it")]
     Exists(PathBuf),
+    /// The release's model does not load.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
     /// Anything else (bad arguments).
     #[error("{0}")]
     Invalid(String),
+}
+
+/// Loads a release folder's model after checking every file against its manifest (the
+/// signature is checked when the release is fetched; see [`Signed::verify`]).
+pub fn load_model(dir: &Path) -> Result<Checkpoint, ReleaseError> {
+    let signed = Signed::read(dir)?;
+    verify_files(dir, &signed.manifest)?;
+    Ok(Checkpoint::load(&dir.join(MODEL))?)
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ReleaseError + '_ {

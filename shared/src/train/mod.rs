@@ -8,64 +8,30 @@
 //! With the `vicreg` objective the targets are the online encoder's own features (stop
 //! gradient) and VICReg on the pooled context features of the two first mask sets keeps them
 //! from collapsing; no EMA runs.
+//!
+//! Its pieces, private here and re-exported: `mask` (V-JEPA's multi-block tube masks), `loss`
+//! (L1, VICReg, SIGReg), `optim` (AdamW with V-JEPA's parameter groups, and the schedules),
+//! `ema` (the target update).
 
 use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
+mod ema;
+mod loss;
+mod mask;
+mod optim;
+
+pub use ema::ema_update;
+pub use loss::{Vicreg, l1, sigreg, sigreg_directions, vicreg};
+pub use mask::{MaskBatch, MultiBlockMasker};
+pub use optim::{AdamW, Schedule, StepInfo};
+
 use crate::config::{Config, Objective};
-use crate::ema::ema_update;
-use crate::flat::{LengthMismatch, ParamLayout, init_params, load_flat, to_flat};
-use crate::loss::{l1, sigreg, vicreg};
-use crate::mask::{MaskBatch, MultiBlockMasker};
-use crate::model::{Encoder, Jepa, gather_tokens, host_f32, layer_norm_plain, tubelet};
-use crate::optim::{AdamW, Schedule};
-use crate::probe::{feature_std, rankme};
-
-/// A batch of clips as tubelet patch vectors, ready for the encoder.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ClipBatch {
-    /// Clips in the batch.
-    pub batch: usize,
-    /// Tokens per clip.
-    pub tokens: usize,
-    /// Values per token.
-    pub patch_dim: usize,
-    /// `batch * tokens * patch_dim` normalised values.
-    pub patches: Vec<f32>,
-}
-
-impl ClipBatch {
-    /// Patchifies RGB clips (`frames x size x size x 3` bytes each).
-    pub fn from_clips<'a>(
-        clips: impl IntoIterator<Item = &'a [u8]>,
-        model: &crate::config::ModelConfig,
-    ) -> Self {
-        let mut patches = Vec::new();
-        let mut batch = 0;
-        for clip in clips {
-            tubelet::patchify(clip, model, &mut patches);
-            batch += 1;
-        }
-        ClipBatch {
-            batch,
-            tokens: model.tokens(),
-            patch_dim: model.patch_dim(),
-            patches,
-        }
-    }
-
-    /// The batch as a `[B, N, P]` tensor on `device`.
-    pub fn tensor(&self, device: &Device) -> Tensor<3> {
-        Tensor::from_data(
-            TensorData::new(
-                self.patches.clone(),
-                [self.batch, self.tokens, self.patch_dim],
-            ),
-            device,
-        )
-    }
-}
+use crate::data::ClipBatch;
+use crate::model::flat::{LengthMismatch, ParamLayout, init_params, load_flat, to_flat};
+use crate::model::{Encoder, Jepa, gather_tokens, host_f32, layer_norm_plain};
+use crate::stats::{feature_std, rankme};
 
 /// What one step did.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -318,7 +284,7 @@ impl Trainer {
             let z = Tensor::cat(pooled, 0);
             let width = z.dims()[1];
             let seed = crate::rng::Rng::derive(cfg.seed, &[0x5169, self.step]).next_u64();
-            let dirs = crate::loss::sigreg_directions(width, slices, seed, &ad);
+            let dirs = crate::train::sigreg_directions(width, slices, seed, &ad);
             let reg = sigreg(z, dirs);
             vicreg_value = reg.clone().into_scalar::<f32>() as f64;
             loss = loss * (1.0 - lambda) + reg * lambda;
@@ -599,10 +565,14 @@ mod tests {
         let m = &config.model;
         let t = Trainer::new(config.clone(), &Device::flex());
         let frame = m.image_size * m.image_size * 3;
-        let clips =
-            crate::synth::generate(&crate::synth::SynthConfig::for_size(m.image_size, 1), 5);
-        let other =
-            crate::synth::generate(&crate::synth::SynthConfig::for_size(m.image_size, 1), 6);
+        let clips = crate::data::synth::generate(
+            &crate::data::synth::SynthConfig::for_size(m.image_size, 1),
+            5,
+        );
+        let other = crate::data::synth::generate(
+            &crate::data::synth::SynthConfig::for_size(m.image_size, 1),
+            6,
+        );
         let still: Vec<u8> = (0..m.frames)
             .flat_map(|_| clips.frame(0).to_vec())
             .collect();

@@ -5,7 +5,7 @@
 //! files of hex digits: `release.key` holds the PKCS#8 document (kept private, mode 0600),
 //! `release.pub` the 32-byte public key. Trust follows SSH's known hosts: a key given on the
 //! command line must match; otherwise the key pinned for the publisher at that origin in the
-//! known-publishers file ([`super::known`]) must, and a first use is pinned only when allowed.
+//! known-publishers file ([`crate::known`]) must, and a first use is pinned only when allowed.
 
 use std::path::{Path, PathBuf};
 
@@ -232,7 +232,7 @@ pub fn signature_text(sig: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::release::known::{KnownPublishers, Trust, TrustOutcome};
+    use crate::known::{KnownPublishers, Trust, TrustOutcome};
 
     fn dir(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("amity-sign-{tag}-{}", std::process::id()));

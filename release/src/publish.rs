@@ -7,13 +7,13 @@ use std::path::Path;
 use burn::tensor::Device;
 use serde::Deserialize;
 
-use super::card::{CardInfo, Contributor, CorpusInfo, EvalResult, render};
-use super::sign::ReleaseKey;
-use super::{CARD, CONFIG, MODEL, ReleaseError, Signed, write_release};
-use crate::checkpoint::{Checkpoint, layouts};
-use crate::eval::{ProbeSet, probe_report};
-use crate::synth::SynthConfig;
-use crate::train::Trainer;
+use crate::card::{CardInfo, Contributor, CorpusInfo, EvalResult, render};
+use crate::sign::ReleaseKey;
+use crate::{CARD, CONFIG, MODEL, ReleaseError, Signed, write_release};
+use amity_shared::checkpoint::{Checkpoint, layouts};
+use amity_shared::data::synth::SynthConfig;
+use amity_shared::eval::{ProbeSet, probe_report};
+use amity_shared::train::Trainer;
 
 /// What a release is made of, besides the checkpoint.
 #[derive(Debug, Clone)]

@@ -12,7 +12,8 @@ use crate::config::Config;
 use crate::corpus::CorpusError;
 use crate::corpus::frames::{DecodedVideo, decode_frame_folder};
 use crate::corpus::video::{DecodeTarget, DecoderChoice, decode_video};
-use crate::train::{ClipBatch, Trainer};
+use crate::data::ClipBatch;
+use crate::train::Trainer;
 
 /// Clips encoded per forward pass.
 const BATCH: usize = 16;

@@ -15,13 +15,13 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::BenchError;
-use crate::config::Config;
-use crate::corpus::h264::{decode_mp4, encode_mp4};
-use crate::corpus::ingest::{IngestOptions, ingest};
-use crate::corpus::synthetic::{SynthCorpusOptions, write_synthetic_corpus};
-use crate::corpus::video::{DecodeTarget, decode_ffmpeg, ffmpeg_program, ffmpeg_version};
-use crate::synth::{SynthConfig, generate};
+use amity_shared::config::Config;
+use amity_shared::corpus::h264::{decode_mp4, encode_mp4};
+use amity_shared::corpus::ingest::{IngestOptions, ingest};
+use amity_shared::corpus::synthetic::{SynthCorpusOptions, write_synthetic_corpus};
+use amity_shared::corpus::video::{DecodeTarget, decode_ffmpeg, ffmpeg_program, ffmpeg_version};
+use amity_shared::data::synth::{SynthConfig, generate};
+use anyhow::{Context, Result, bail};
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -57,15 +57,11 @@ pub struct IngestBenchReport {
     pub builtin_fps: f64,
 }
 
-fn io(what: &str) -> impl FnOnce(std::io::Error) -> BenchError + '_ {
-    move |e| BenchError::Io(format!("{what}: {e}"))
-}
-
 /// Runs the bench, printing progress to stderr.
-pub fn ingest_bench(opts: &IngestBenchOptions) -> Result<IngestBenchReport, BenchError> {
+pub fn ingest_bench(opts: &IngestBenchOptions) -> Result<IngestBenchReport> {
     let config = Config::preset(&opts.preset)?;
     let _ = std::fs::remove_dir_all(&opts.scratch);
-    std::fs::create_dir_all(&opts.scratch).map_err(io("scratch folder"))?;
+    std::fs::create_dir_all(&opts.scratch).context("scratch folder")?;
     let corpus = opts.scratch.join("corpus");
     let store = opts.scratch.join("store");
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -119,7 +115,7 @@ pub fn ingest_bench(opts: &IngestBenchOptions) -> Result<IngestBenchReport, Benc
             max_frames: 1_000_000,
         };
         let (ours, base) = (0..3)
-            .map(|_| -> Result<(f64, f64), BenchError> {
+            .map(|_| -> Result<(f64, f64)> {
                 let t = Instant::now();
                 let v = decode_ffmpeg(&x264, target)?;
                 let ours = v.frames as f64 / t.elapsed().as_secs_f64();
@@ -179,7 +175,7 @@ fn wide_frames(frames: usize) -> Vec<u8> {
 }
 
 /// Ten seconds of FFmpeg's test pattern as ordinary x264 (high profile, B-frames).
-fn make_x264_file(path: &Path) -> Result<(), BenchError> {
+fn make_x264_file(path: &Path) -> Result<()> {
     run_ffmpeg(&[
         "-y",
         "-f",
@@ -194,18 +190,18 @@ fn make_x264_file(path: &Path) -> Result<(), BenchError> {
     ])
 }
 
-fn run_ffmpeg(args: &[&str]) -> Result<(), BenchError> {
+fn run_ffmpeg(args: &[&str]) -> Result<()> {
     let out = Command::new(ffmpeg_program())
         .args(["-nostdin", "-hide_banner", "-loglevel", "error"])
         .args(args)
         .output()
-        .map_err(io("running ffmpeg"))?;
+        .context("running ffmpeg")?;
     if !out.status.success() {
-        return Err(BenchError::Io(format!(
+        bail!(
             "ffmpeg {}: {}",
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
-        )));
+        );
     }
     Ok(())
 }

@@ -215,7 +215,7 @@ impl ModuleMapper for Update<'_> {
 }
 
 /// The global L2 norm of the gradients of `module`'s parameters.
-pub fn global_norm<M: Module>(module: &M, grads: &GradientsParams) -> f64 {
+fn global_norm<M: Module>(module: &M, grads: &GradientsParams) -> f64 {
     struct Norm<'a> {
         grads: &'a GradientsParams,
         parts: Vec<Tensor<1>>,

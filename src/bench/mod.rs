@@ -1,0 +1,183 @@
+//! `amity bench ...`: each benchmark runs its baseline in the same invocation and prints both
+//! with their ratio, ending with one JSON line of figures.
+//!
+//! The bodies of benches that only this command runs live here, next to it: `federated` (the
+//! real coordinator and worker cores wired in process), `ingest` and `train-step`. `transfer`
+//! lives in `amity-protocol` (it measures that crate's transport), `plan` and `surprise` in
+//! `amity-planner`.
+
+mod federated;
+mod ingest;
+mod train_step;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+
+/// `amity bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub bench: Bench,
+}
+
+/// The benchmarks. Each prints its baseline beside it; the last stdout line is JSON.
+#[derive(Debug, Subcommand)]
+pub enum Bench {
+    /// Median V-JEPA training step against the PyTorch reference on the same shapes.
+    TrainStep(TrainStepArgs),
+    /// Corpus ingest throughput, and our video decode beside the `ffmpeg` tool's.
+    Ingest(IngestBenchArgs),
+    /// Bulk transfer over loopback: QUIC beside TCP+TLS 1.3 and plain TCP.
+    Transfer(TransferBenchArgs),
+    /// DDP vs DiLoCo vs compressed DiLoCo: bytes on the wire, loss and probe R² on equal
+    /// samples; prints `{"bench":"federated",...}` last.
+    Federated(federated::FederatedBenchArgs),
+    /// Latent planning success beside a random policy and a simulator oracle, per environment;
+    /// prints `{"bench":"plan",...}` last.
+    Plan(crate::plan_cmd::PlanBenchArgs),
+    /// Surprise detector: paired accuracy and AUROC on synthetic violation pairs; prints
+    /// `{"bench":"surprise",...}` last.
+    Surprise(crate::plan_cmd::SurpriseBenchArgs),
+}
+
+/// `amity bench transfer`.
+#[derive(Debug, Args)]
+pub struct TransferBenchArgs {
+    /// MiB moved per transport.
+    #[arg(long, default_value_t = 1024)]
+    pub mib: u64,
+}
+
+/// `amity bench ingest`.
+#[derive(Debug, Args)]
+pub struct IngestBenchArgs {
+    /// Synthetic videos to ingest.
+    #[arg(long, default_value_t = 100)]
+    pub videos: usize,
+    /// Preset the corpus is cut for.
+    #[arg(long, default_value = "tiny")]
+    pub preset: String,
+}
+
+/// `amity bench train-step`.
+#[derive(Debug, Args)]
+pub struct TrainStepArgs {
+    /// Model preset.
+    #[arg(long, default_value = "tiny")]
+    pub preset: String,
+    /// Clips per step (default: the preset's).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Timed steps.
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// Untimed warm-up steps.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// The fixed PyTorch reference script.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/bench/torch_vjepa.py"))]
+    pub torch_script: PathBuf,
+    /// Python with PyTorch (default: $AMITY_BENCH_PYTHON, the setup-torch.sh venv, python3).
+    #[arg(long)]
+    pub python: Option<PathBuf>,
+    /// Skip the PyTorch reference.
+    #[arg(long)]
+    pub no_torch: bool,
+}
+
+/// Runs one benchmark.
+pub fn run(args: BenchArgs) -> Result<()> {
+    match args.bench {
+        Bench::Plan(a) => crate::plan_cmd::bench_plan(a),
+        Bench::Surprise(a) => crate::plan_cmd::bench_surprise(a),
+        Bench::Federated(a) => federated::run(a),
+        Bench::Transfer(a) => {
+            let scratch =
+                std::env::temp_dir().join(format!("amity-bench-transfer-{}", std::process::id()));
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let r = rt.block_on(amity_protocol::bench::transfer(a.mib << 20, &scratch))?;
+            println!(
+                "transfer {} MiB: QUIC {:.2} GB/s (1 stream {:.2}, 4 streams {:.2}), TCP+TLS {:.2} GB/s, \
+                 TCP {:.2} GB/s; QUIC/TLS {:.2}",
+                a.mib,
+                r.quic_gbps,
+                r.quic_1_stream_gbps,
+                r.quic_4_streams_gbps,
+                r.tls_gbps,
+                r.tcp_gbps,
+                r.ratio
+            );
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
+        Bench::Ingest(a) => {
+            use ingest::{IngestBenchOptions, ingest_bench};
+            let scratch =
+                std::env::temp_dir().join(format!("amity-bench-ingest-{}", std::process::id()));
+            let r = ingest_bench(&IngestBenchOptions {
+                videos: a.videos,
+                preset: a.preset,
+                scratch,
+            })?;
+            let fmt = |x: Option<f64>| x.map_or("n/a".to_owned(), |v| format!("{v:.0}"));
+            println!(
+                "ingest: {:.1} clips/s ({} clips, {:.2} s); decode {} frames/s vs ffmpeg alone {} \
+                 (ratio {}); built-in openh264 {:.0} frames/s",
+                r.clips_per_s,
+                r.clips,
+                r.seconds,
+                fmt(r.decode_fps),
+                fmt(r.ffmpeg_fps),
+                r.ratio.map_or("n/a".to_owned(), |v| format!("{v:.2}")),
+                r.builtin_fps
+            );
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
+        Bench::TrainStep(a) => {
+            use train_step::{TrainStepOptions, find_torch_python, train_step};
+            let (torch_script, python) = if a.no_torch {
+                (None, None)
+            } else if !a.torch_script.exists() {
+                eprintln!(
+                    "torch: reference script {} not found; torch_ms is null",
+                    a.torch_script.display()
+                );
+                (None, None)
+            } else {
+                (Some(a.torch_script), a.python.or_else(find_torch_python))
+            };
+            let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+            let report = train_step(&TrainStepOptions {
+                preset: a.preset,
+                batch: a.batch,
+                steps: a.steps,
+                warmup: a.warmup,
+                torch_script,
+                python,
+                threads,
+            })?;
+            if let Some(ratio) = report.ratio {
+                println!(
+                    "train-step {}: amity {:.2} ms, torch {:.2} ms, ratio {:.2}x (full 2-set step {:.2} ms)",
+                    report.preset,
+                    report.amity_ms,
+                    report.torch_ms.unwrap_or(f64::NAN),
+                    ratio,
+                    report.amity_full_step_ms
+                );
+            } else {
+                println!(
+                    "train-step {}: amity {:.2} ms (full 2-set step {:.2} ms), no torch baseline",
+                    report.preset, report.amity_ms, report.amity_full_step_ms
+                );
+            }
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
+    }
+}
