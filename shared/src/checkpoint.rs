@@ -107,7 +107,7 @@ impl Checkpoint {
                 (name.clone(), view)
             })
             .collect();
-        let mut meta: HashMap<String, String> = self
+        let mut meta: BTreeMap<String, String> = self
             .meta
             .iter()
             .map(|(k, v)| (format!("amity.{k}"), v.clone()))
@@ -116,7 +116,9 @@ impl Checkpoint {
             CONFIG_KEY.into(),
             serde_json::to_string(&self.config).expect("a Config always serialises"),
         );
-        safetensors::serialize(views, Some(meta)).expect("in-memory serialisation")
+        let hashed: HashMap<String, String> = meta.clone().into_iter().collect();
+        let bytes = safetensors::serialize(views, Some(hashed)).expect("in-memory serialisation");
+        canonical_metadata(bytes, &meta)
     }
 
     /// Writes the checkpoint to `path` atomically (temporary file, fsync, rename).
@@ -246,6 +248,25 @@ impl Checkpoint {
     }
 }
 
+/// safetensors writes its metadata map in hash-map order, so one checkpoint could get different
+/// bytes, and a different content id, from one serialisation to the next (two replicas of a
+/// coordinator, or one restarted, would disagree on a state's blob id). The map is rewritten in
+/// key order: the same length and meaning, one byte sequence.
+fn canonical_metadata(mut bytes: Vec<u8>, meta: &BTreeMap<String, String>) -> Vec<u8> {
+    const PREFIX: &[u8] = b"{\"__metadata__\":";
+    let canon = serde_json::to_vec(meta).expect("strings serialise");
+    let start = 8 + PREFIX.len();
+    let end = start + canon.len();
+    if bytes.len() >= end && bytes[8..start] == *PREFIX {
+        let written: Option<BTreeMap<String, String>> =
+            serde_json::from_slice(&bytes[start..end]).ok();
+        if written.as_ref() == Some(meta) {
+            bytes[start..end].copy_from_slice(&canon);
+        }
+    }
+    bytes
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,6 +284,19 @@ mod tests {
             target: t.target_flat(),
             meta: BTreeMap::from([("round".to_owned(), "3".to_owned())]),
         }
+    }
+
+    /// A checkpoint's bytes, and so its content id, do not depend on hash-map order.
+    #[test]
+    fn a_checkpoint_serialises_to_one_byte_sequence() {
+        let mut c = checkpoint_of(&tiny_trainer());
+        for k in ["params", "provenance", "corpus", "a", "z"] {
+            c.meta.insert(k.to_owned(), format!("value of {k}"));
+        }
+        let first = c.to_bytes();
+        assert!((0..20).all(|_| c.to_bytes() == first));
+        let back = Checkpoint::from_bytes(&first, "test").unwrap();
+        assert_eq!(back.meta, c.meta);
     }
 
     #[test]
