@@ -12,6 +12,7 @@
 //! [`Snapshot`] blob plus [`LogEntry::RoundClosed`]. Restarting = [`Core::restore`] from the
 //! last snapshot, then [`Core::replay_update`] for each accepted update logged after it.
 
+mod command;
 mod log;
 mod round;
 mod shard_plan;
@@ -19,6 +20,7 @@ mod snapshot;
 #[cfg(test)]
 mod tests;
 
+pub use command::{BadCommand, Command, LoggedEvent, UpdateRef};
 pub use log::{LogEntry, Provenance, RoundSummary};
 pub use shard_plan::ShardPlan;
 pub use snapshot::{Snapshot, SnapshotError, SnapshotMeta};
@@ -40,7 +42,7 @@ use amity_shared::stats::lower_median;
 /// A worker's session id, assigned by the shell (one per connection that registered; a worker
 /// that reconnects gets a new one). It is also the worker's id in the run, which `Registered`
 /// tells it and its batch and mask seeds mix in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct WorkerId(pub u64);
 
@@ -51,7 +53,7 @@ impl std::fmt::Display for WorkerId {
 }
 
 /// What a worker declared when it joined.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JoinInfo {
     /// Certificate name (the institution).
     pub name: String,
