@@ -11,6 +11,7 @@ pub mod core;
 pub mod journal;
 pub mod layout;
 pub mod release;
+pub mod replica;
 pub mod retention;
 pub mod scoring;
 pub mod server;

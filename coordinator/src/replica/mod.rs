@@ -1,0 +1,289 @@
+//! The coordinator's command log replicated with Raft (tikv's `raft`), sans-IO like the core:
+//! [`Replica`] takes ticks, proposals and peers' messages, and hands back what to send and the
+//! committed [`Command`]s to apply, in log order, to the replica's own [`Core`](crate::core::Core).
+//!
+//! Driving it, as raft-rs requires: call [`Replica::tick`] every [`TICK`], feed every message
+//! from a peer to [`Replica::step`], propose on the leader, and after each of these call
+//! [`Replica::ready`], then send what it returns and apply what it committed. `ready` has already
+//! made durable (in the [`LogStore`]) every entry and vote the messages it returns depend on.
+//!
+//! Not built yet (the Raft issue): the QUIC transport between replicas, the core's snapshots as
+//! Raft snapshots, membership changes, read-index status, and the server driving this.
+
+mod log_store;
+pub mod wire;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::Path;
+use std::time::Duration;
+
+use raft::prelude::{ConfChange, ConfChangeV2, Entry, EntryType, Message};
+use raft::{RawNode, StateRole};
+
+pub use log_store::{LogStore, LogStoreError};
+pub use wire::WireError;
+
+use crate::core::{BadCommand, Command};
+
+/// How often [`Replica::tick`] is to be called. An election starts after 10 ticks without a
+/// leader (1 s), heartbeats go every 3.
+pub const TICK: Duration = Duration::from_millis(100);
+
+/// Who a replica is and who its peers are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaConfig {
+    /// Its Raft id (not 0).
+    pub id: u64,
+    /// Every voter's id, its own included: the membership a new cluster starts with.
+    pub voters: Vec<u64>,
+}
+
+/// What a replica can fail at.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    /// Its log on disk.
+    #[error(transparent)]
+    Store(#[from] LogStoreError),
+    /// Raft refused (a bad config, a message for another group).
+    #[error("raft: {0}")]
+    Raft(#[from] raft::Error),
+    /// A peer's bytes.
+    #[error("from replica {peer}: {source}")]
+    Wire {
+        /// The peer, as its certificate says.
+        peer: u64,
+        /// What was wrong.
+        #[source]
+        source: WireError,
+    },
+    /// A peer sent a message in another replica's name.
+    #[error("replica {peer} sent a message as replica {claimed}")]
+    Impersonation {
+        /// The authenticated peer.
+        peer: u64,
+        /// The sender the message names.
+        claimed: u64,
+    },
+    /// Proposed on a replica that is not the leader.
+    #[error("not the leader (the leader is {leader:?})")]
+    NotLeader {
+        /// The leader this replica knows of, if any.
+        leader: Option<u64>,
+    },
+    /// A committed entry that is not a command: the log is corrupt.
+    #[error("log entry {index}: {source}")]
+    BadEntry {
+        /// Its index.
+        index: u64,
+        /// Why.
+        #[source]
+        source: BadCommand,
+    },
+}
+
+/// What [`Replica::ready`] asks the shell to do, in this order: restore the state machine from
+/// `snapshot` if there is one, apply `committed`, send `messages`.
+#[derive(Debug, Default)]
+pub struct Output {
+    /// Messages for peers: (replica id, bytes).
+    pub messages: Vec<(u64, Vec<u8>)>,
+    /// A snapshot from the leader replaced the log: the state machine's state at `index`.
+    pub snapshot: Option<(u64, Vec<u8>)>,
+    /// Commands committed since the last call, with their log index, in log order.
+    pub committed: Vec<(u64, Command)>,
+}
+
+/// One replica of the coordinator's command log.
+pub struct Replica {
+    node: RawNode<LogStore>,
+}
+
+impl std::fmt::Debug for Replica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replica")
+            .field("id", &self.node.raft.id)
+            .field("term", &self.node.raft.term)
+            .field("leader", &self.leader())
+            .finish()
+    }
+}
+
+impl Replica {
+    /// Opens replica `cfg.id` with its log at `path` (created with `cfg.voters` when new). A
+    /// reopened replica rebuilds its state machine from the log alone: [`Replica::base`], then every
+    /// committed command after it, which [`Replica::ready`] hands back again.
+    pub fn open(cfg: &ReplicaConfig, path: &Path) -> Result<Self, ReplicaError> {
+        let store = LogStore::open(path, &cfg.voters)?;
+        let config = raft::Config {
+            id: cfg.id,
+            election_tick: 10,
+            heartbeat_tick: 3,
+            // The snapshot is handed back as applied; entries after it are applied again.
+            applied: 0,
+            check_quorum: true,
+            pre_vote: true,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            ..raft::Config::default()
+        };
+        config.validate()?;
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let node = RawNode::new(&config, store, &logger)?;
+        Ok(Replica { node })
+    }
+
+    /// This replica's id.
+    pub fn id(&self) -> u64 {
+        self.node.raft.id
+    }
+
+    /// The current term.
+    pub fn term(&self) -> u64 {
+        self.node.raft.term
+    }
+
+    /// The leader this replica knows of.
+    pub fn leader(&self) -> Option<u64> {
+        Some(self.node.raft.leader_id).filter(|&l| l != raft::INVALID_ID)
+    }
+
+    /// Whether this replica leads.
+    pub fn is_leader(&self) -> bool {
+        self.node.raft.state == StateRole::Leader
+    }
+
+    /// The highest index known committed.
+    pub fn commit_index(&self) -> u64 {
+        self.node.raft.raft_log.committed
+    }
+
+    /// The snapshot the log starts from: (index, the state machine's state there), or `None`
+    /// when the log starts at the beginning. A reopened replica restores its state machine from
+    /// it, then applies what [`Replica::ready`] hands back as committed.
+    pub fn base(&self) -> Option<(u64, Vec<u8>)> {
+        let snap = self.node.store().latest_snapshot();
+        let index = snap.get_metadata().index;
+        (index > 0).then(|| (index, snap.get_data().to_vec()))
+    }
+
+    /// Advances Raft's clock by one [`TICK`].
+    pub fn tick(&mut self) {
+        self.node.tick();
+    }
+
+    /// Starts an election now (tests, and an operator's leader transfer).
+    pub fn campaign(&mut self) -> Result<(), ReplicaError> {
+        Ok(self.node.campaign()?)
+    }
+
+    /// Proposes `cmd` for the log. Only the leader accepts: a follower answers
+    /// [`ReplicaError::NotLeader`] with the leader it knows, for the caller to redirect to.
+    pub fn propose(&mut self, cmd: &Command) -> Result<(), ReplicaError> {
+        if !self.is_leader() {
+            return Err(ReplicaError::NotLeader {
+                leader: self.leader(),
+            });
+        }
+        Ok(self.node.propose(Vec::new(), cmd.to_bytes())?)
+    }
+
+    /// Takes a message that authenticated peer `peer` sent: checked, parsed, and refused unless
+    /// it is in `peer`'s own name and for this replica.
+    pub fn step(&mut self, peer: u64, bytes: &[u8]) -> Result<(), ReplicaError> {
+        let msg: Message =
+            wire::decode(bytes).map_err(|source| ReplicaError::Wire { peer, source })?;
+        if msg.from != peer {
+            return Err(ReplicaError::Impersonation {
+                peer,
+                claimed: msg.from,
+            });
+        }
+        if msg.to != self.id() {
+            return Err(ReplicaError::Wire {
+                peer,
+                source: WireError::Malformed("message for another replica"),
+            });
+        }
+        Ok(self.node.step(msg)?)
+    }
+
+    /// Compacts the log up to `index`, which the state machine has applied and whose state
+    /// there is `data`: a lagging replica gets that snapshot instead of the entries.
+    pub fn compact(&mut self, index: u64, data: Vec<u8>) -> Result<(), ReplicaError> {
+        Ok(self.node.mut_store().compact(index, data)?)
+    }
+
+    /// What to do now (see [`Output`]); everything the returned messages depend on is durable.
+    pub fn ready(&mut self) -> Result<Output, ReplicaError> {
+        let mut out = Output::default();
+        if !self.node.has_ready() {
+            return Ok(out);
+        }
+        let mut rd = self.node.ready();
+        // A leader's messages may go before its own entries are durable (raft-rs allows the
+        // leader to write in parallel with its followers); followers' wait below.
+        out.push(rd.take_messages());
+        if !rd.snapshot().is_empty() {
+            let snap = rd.snapshot().clone();
+            self.node.mut_store().apply_snapshot(&snap)?;
+            out.snapshot = Some((snap.get_metadata().index, snap.get_data().to_vec()));
+        }
+        self.collect(rd.take_committed_entries(), &mut out)?;
+        if !rd.entries().is_empty() {
+            self.node.mut_store().append(rd.entries())?;
+        }
+        if let Some(hs) = rd.hs() {
+            self.node.mut_store().set_hard_state(hs)?;
+        }
+        out.push(rd.take_persisted_messages());
+        let mut light = self.node.advance(rd);
+        if let Some(commit) = light.commit_index() {
+            self.node.mut_store().set_commit(commit)?;
+        }
+        out.push(light.take_messages());
+        self.collect(light.take_committed_entries(), &mut out)?;
+        self.node.advance_apply();
+        Ok(out)
+    }
+
+    /// Turns committed entries into commands (membership changes are applied here; a leader's
+    /// empty entry after its election carries nothing).
+    fn collect(&mut self, entries: Vec<Entry>, out: &mut Output) -> Result<(), ReplicaError> {
+        for e in entries {
+            match e.get_entry_type() {
+                EntryType::EntryNormal if e.get_data().is_empty() => {}
+                EntryType::EntryNormal => {
+                    let cmd = Command::from_bytes(e.get_data()).map_err(|source| {
+                        ReplicaError::BadEntry {
+                            index: e.index,
+                            source,
+                        }
+                    })?;
+                    out.committed.push((e.index, cmd));
+                }
+                EntryType::EntryConfChange => {
+                    let cc: ConfChange = protobuf::Message::parse_from_bytes(e.get_data())
+                        .map_err(|err| ReplicaError::Raft(raft::Error::CodecError(err)))?;
+                    let cs = self.node.apply_conf_change(&cc)?;
+                    self.node.mut_store().set_conf_state(&cs)?;
+                }
+                EntryType::EntryConfChangeV2 => {
+                    let cc: ConfChangeV2 = protobuf::Message::parse_from_bytes(e.get_data())
+                        .map_err(|err| ReplicaError::Raft(raft::Error::CodecError(err)))?;
+                    let cs = self.node.apply_conf_change(&cc)?;
+                    self.node.mut_store().set_conf_state(&cs)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Output {
+    fn push(&mut self, msgs: Vec<Message>) {
+        self.messages
+            .extend(msgs.iter().map(|m| (m.to, wire::encode(m))));
+    }
+}

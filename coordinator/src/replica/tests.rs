@@ -1,0 +1,272 @@
+//! Replicas in one process over a simulated network that can drop a replica or cut it off:
+//! election, ordering, a leader's death, a restart from disk, and catching up by snapshot.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::path::PathBuf;
+
+use super::*;
+use crate::core::LoggedEvent;
+
+struct Node {
+    replica: Option<Replica>,
+    /// What the state machine holds: the snapshot it restored (index, data) and the commands
+    /// applied after it.
+    base: Option<(u64, Vec<u8>)>,
+    applied: Vec<(u64, Command)>,
+}
+
+struct Cluster {
+    dir: PathBuf,
+    voters: Vec<u64>,
+    nodes: BTreeMap<u64, Node>,
+    /// Replicas whose messages, both ways, are dropped.
+    cut: BTreeSet<u64>,
+    /// The leader seen in each term: never two.
+    leaders: BTreeMap<u64, u64>,
+}
+
+fn cmd(i: u64) -> Command {
+    Command {
+        at_ms: i,
+        event: LoggedEvent::Tick,
+    }
+}
+
+impl Cluster {
+    fn new(name: &str, n: u64) -> Self {
+        let dir = std::env::temp_dir().join(format!("amity-replica-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let voters: Vec<u64> = (1..=n).collect();
+        let mut c = Cluster {
+            dir,
+            voters: voters.clone(),
+            nodes: BTreeMap::new(),
+            cut: BTreeSet::new(),
+            leaders: BTreeMap::new(),
+        };
+        for id in voters {
+            c.start(id);
+        }
+        c
+    }
+
+    fn start(&mut self, id: u64) {
+        let cfg = ReplicaConfig {
+            id,
+            voters: self.voters.clone(),
+        };
+        let replica = Replica::open(&cfg, &self.dir.join(format!("raft-{id}.redb"))).unwrap();
+        let base = replica.base();
+        self.nodes.insert(
+            id,
+            Node {
+                replica: Some(replica),
+                base,
+                applied: Vec::new(),
+            },
+        );
+    }
+
+    fn kill(&mut self, id: u64) {
+        self.nodes.get_mut(&id).unwrap().replica = None;
+    }
+
+    /// Handles every replica's ready output and delivers messages until nothing moves.
+    fn pump(&mut self) {
+        let mut queue: VecDeque<(u64, u64, Vec<u8>)> = VecDeque::new();
+        loop {
+            for (&id, node) in self.nodes.iter_mut() {
+                let Some(r) = node.replica.as_mut() else {
+                    continue;
+                };
+                let out = r.ready().unwrap();
+                if let Some(snap) = out.snapshot {
+                    node.base = Some(snap);
+                    node.applied.clear();
+                }
+                node.applied.extend(out.committed);
+                queue.extend(out.messages.into_iter().map(|(to, b)| (id, to, b)));
+                if r.is_leader() {
+                    let seen = *self.leaders.entry(r.term()).or_insert(id);
+                    assert_eq!(seen, id, "two leaders in term {}", r.term());
+                }
+            }
+            if queue.is_empty() {
+                return;
+            }
+            while let Some((from, to, bytes)) = queue.pop_front() {
+                if self.cut.contains(&from) || self.cut.contains(&to) {
+                    continue;
+                }
+                if let Some(r) = self.nodes.get_mut(&to).and_then(|n| n.replica.as_mut()) {
+                    r.step(from, &bytes).unwrap();
+                }
+            }
+        }
+    }
+
+    fn tick(&mut self, n: usize) {
+        for _ in 0..n {
+            for node in self.nodes.values_mut() {
+                if let Some(r) = node.replica.as_mut() {
+                    r.tick();
+                }
+            }
+            self.pump();
+        }
+    }
+
+    /// The live, connected leader, after ticking until there is one.
+    fn leader(&mut self) -> u64 {
+        for _ in 0..200 {
+            let found = self.nodes.iter().find_map(|(&id, n)| {
+                n.replica
+                    .as_ref()
+                    .filter(|r| r.is_leader() && !self.cut.contains(&id))
+                    .map(|_| id)
+            });
+            if let Some(id) = found {
+                return id;
+            }
+            self.tick(1);
+        }
+        panic!("no leader after 200 ticks");
+    }
+
+    fn propose(&mut self, range: std::ops::Range<u64>) {
+        let l = self.leader();
+        for i in range {
+            self.nodes
+                .get_mut(&l)
+                .unwrap()
+                .replica
+                .as_mut()
+                .unwrap()
+                .propose(&cmd(i))
+                .unwrap();
+        }
+        self.pump();
+        // A heartbeat round tells followers the new commit index.
+        self.tick(3);
+    }
+
+    fn commands(&self, id: u64) -> Vec<u64> {
+        self.nodes[&id]
+            .applied
+            .iter()
+            .map(|(_, c)| c.at_ms)
+            .collect()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.nodes.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn three_replicas_commit_the_same_commands_in_the_same_order() {
+    let mut c = Cluster::new("order", 3);
+    c.propose(0..10);
+    let want: Vec<u64> = (0..10).collect();
+    for id in 1..=3 {
+        assert_eq!(c.commands(id), want, "replica {id}");
+    }
+    // A follower refuses a proposal and names the leader.
+    let l = c.leader();
+    let f = (1..=3).find(|&i| i != l).unwrap();
+    let err = c
+        .nodes
+        .get_mut(&f)
+        .unwrap()
+        .replica
+        .as_mut()
+        .unwrap()
+        .propose(&cmd(99));
+    assert!(
+        matches!(err, Err(ReplicaError::NotLeader { leader: Some(x) }) if x == l),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn a_dead_leader_loses_nothing_committed_and_its_restart_catches_up() {
+    let mut c = Cluster::new("failover", 3);
+    c.propose(0..5);
+    let old = c.leader();
+    c.kill(old);
+    c.propose(5..10);
+    let new = c.leader();
+    assert_ne!(new, old);
+    let want: Vec<u64> = (0..10).collect();
+    for id in (1..=3).filter(|&i| i != old) {
+        assert_eq!(c.commands(id), want, "replica {id}");
+    }
+    // Restarted from its redb file alone, it replays its own log and receives the rest.
+    c.start(old);
+    c.tick(10);
+    assert_eq!(c.commands(old), want);
+    assert!(c.nodes[&old].replica.as_ref().unwrap().term() >= 2);
+}
+
+#[test]
+fn a_replica_cut_off_past_a_compaction_catches_up_by_snapshot() {
+    let mut c = Cluster::new("snapshot", 3);
+    c.propose(0..4);
+    let l = c.leader();
+    let lagging = (1..=3).find(|&i| i != l).unwrap();
+    c.cut.insert(lagging);
+    c.propose(4..20);
+    // Every connected replica compacts what it applied; its state there is a marker.
+    for (&id, node) in c.nodes.iter_mut() {
+        if id == lagging {
+            continue;
+        }
+        let (index, _) = *node.applied.last().unwrap();
+        let r = node.replica.as_mut().unwrap();
+        r.compact(index, format!("state at {index}").into_bytes())
+            .unwrap();
+    }
+    c.cut.clear();
+    c.propose(20..22);
+    c.tick(10);
+    let node = &c.nodes[&lagging];
+    let (index, data) = node.base.clone().expect("caught up by snapshot");
+    assert_eq!(data, format!("state at {index}").into_bytes());
+    // After the snapshot, the commands that followed it, and nothing twice.
+    assert_eq!(c.commands(lagging), vec![20, 21]);
+    // And restarted, it starts from that snapshot.
+    c.kill(lagging);
+    c.start(lagging);
+    assert_eq!(c.nodes[&lagging].base.as_ref().map(|b| b.0), Some(index));
+    c.tick(5);
+    assert_eq!(c.commands(lagging), vec![20, 21]);
+}
+
+#[test]
+fn a_message_in_another_replicas_name_is_refused() {
+    let mut c = Cluster::new("impersonation", 3);
+    c.leader();
+    let mut m = Message::default();
+    m.set_msg_type(raft::prelude::MessageType::MsgHeartbeat);
+    m.from = 3;
+    m.to = 1;
+    m.term = 99;
+    let bytes = wire::encode(&m);
+    let r = c.nodes.get_mut(&1).unwrap().replica.as_mut().unwrap();
+    let err = r.step(2, &bytes).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ReplicaError::Impersonation {
+                peer: 2,
+                claimed: 3
+            }
+        ),
+        "{err}"
+    );
+    assert!(r.step(2, b"\x0b\x0b\x0b").is_err());
+}
