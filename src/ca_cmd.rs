@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use clap::{Args, Subcommand};
 
-use amity_protocol::tls::{init_ca, issue};
+use amity_protocol::tls::{CertRole, init_ca, issue, issue_as};
 
 /// `amity ca`.
 #[derive(Debug, Args)]
@@ -26,7 +26,7 @@ pub enum CaCommand {
         #[arg(long, default_value = "Amity operator")]
         operator: String,
     },
-    /// Issue a certificate for an institution (a worker) or a coordinator.
+    /// Issue a certificate for an institution (a worker), a coordinator, or a coordinator replica.
     Issue {
         /// The CA folder.
         #[arg(long, default_value = "amity-ca")]
@@ -37,6 +37,10 @@ pub enum CaCommand {
         /// DNS names or IP addresses the holder serves under (coordinators only).
         #[arg(long = "host")]
         hosts: Vec<String>,
+        /// `member` (an institution or a single coordinator) or `replica` (a coordinator
+        /// replica: only such certificates may speak Raft to the other replicas).
+        #[arg(long, default_value = "member", value_parser = ["member", "replica"])]
+        role: String,
     },
     /// Create the coordinator's release signing key (`release.key`, `release.pub`, Ed25519);
     /// never overwrites one. Publish `release.pub` (or its hex) for downstream users.
@@ -59,8 +63,18 @@ pub fn run(args: CaArgs) -> Result<()> {
                 files.key().display()
             );
         }
-        CaCommand::Issue { dir, name, hosts } => {
-            let (cert, key) = issue(&dir, &name, &hosts)?;
+        CaCommand::Issue {
+            dir,
+            name,
+            hosts,
+            role,
+        } => {
+            let role = if role == "replica" {
+                CertRole::Replica
+            } else {
+                CertRole::Member
+            };
+            let (cert, key) = issue_as(&dir, &name, &hosts, role)?;
             println!(
                 "issued {name}: {} and {} (give both, with ca.crt, to {name})",
                 cert.display(),

@@ -12,6 +12,10 @@ pub const PROTOCOL_VERSION: u32 = 6;
 /// The QUIC ALPN token, so an Amity endpoint never mistakes another protocol's peer for its own.
 pub const ALPN: &[u8] = b"amity/1";
 
+/// The ALPN token between coordinator replicas (Raft traffic): a worker cannot reach a replica's
+/// peer port, nor a replica a worker's.
+pub const RAFT_ALPN: &[u8] = b"amity-raft/1";
+
 pub mod bench;
 pub mod blob;
 pub mod conn;

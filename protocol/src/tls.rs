@@ -21,7 +21,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 
-use crate::ALPN;
+use crate::{ALPN, RAFT_ALPN};
 
 /// Errors of certificate handling; each names the file where there is one.
 #[derive(Debug, thiserror::Error)]
@@ -154,9 +154,33 @@ pub fn init_ca(dir: &Path, operator: &str) -> Result<CaFiles, TlsError> {
     Ok(files)
 }
 
+/// What the holder of a certificate from the operator's CA is: an institution (a worker, or a
+/// single coordinator), or a replica of a replicated coordinator. A replica certificate carries
+/// the organisational unit [`REPLICA_UNIT`]; only such certificates may speak Raft.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertRole {
+    /// An institution's worker, or a single coordinator.
+    Member,
+    /// A coordinator replica.
+    Replica,
+}
+
+/// The organisational unit that marks a replica certificate.
+pub const REPLICA_UNIT: &str = "amity-replica";
+
 /// Issues a certificate for `name` signed by the CA in `dir`: usable as a client (worker,
 /// fetcher) and, with `hosts`, as a server reachable under those DNS names or IP addresses.
 pub fn issue(dir: &Path, name: &str, hosts: &[String]) -> Result<(PathBuf, PathBuf), TlsError> {
+    issue_as(dir, name, hosts, CertRole::Member)
+}
+
+/// [`issue`] for a certificate of role `role`.
+pub fn issue_as(
+    dir: &Path,
+    name: &str,
+    hosts: &[String],
+    role: CertRole,
+) -> Result<(PathBuf, PathBuf), TlsError> {
     check_name(name)?;
     let files = CaFiles {
         dir: dir.to_owned(),
@@ -176,6 +200,9 @@ pub fn issue(dir: &Path, name: &str, hosts: &[String]) -> Result<(PathBuf, PathB
     let mut params = CertificateParams::new(sans)?;
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, name);
+    if role == CertRole::Replica {
+        dn.push(DnType::OrganizationalUnitName, REPLICA_UNIT);
+    }
     params.distinguished_name = dn;
     params.extended_key_usages = vec![
         ExtendedKeyUsagePurpose::ClientAuth,
@@ -263,6 +290,22 @@ pub fn cert_name(cert: &CertificateDer<'_>) -> Option<String> {
         x509_parser::extensions::GeneralName::DNSName(d) => Some((*d).to_owned()),
         _ => None,
     })
+}
+
+/// The role a certificate marks (see [`CertRole`]).
+pub fn cert_role(cert: &CertificateDer<'_>) -> CertRole {
+    let Ok((_, x509)) = x509_parser::parse_x509_certificate(cert) else {
+        return CertRole::Member;
+    };
+    let replica = x509
+        .subject()
+        .iter_organizational_unit()
+        .any(|ou| ou.as_str() == Ok(REPLICA_UNIT));
+    if replica {
+        CertRole::Replica
+    } else {
+        CertRole::Member
+    }
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -453,6 +496,20 @@ pub fn quic_client_config(id: &Identity) -> Result<quinn::ClientConfig, TlsError
     quic_client(client_tls(id, ALPN)?)
 }
 
+/// The quinn configs between coordinator replicas: mutual TLS under [`RAFT_ALPN`], every peer
+/// with a certificate from the CA (its role is checked after the handshake, [`peer_role`]).
+pub fn quic_replica_configs(
+    id: &Identity,
+    revoked: &Revocations,
+) -> Result<(quinn::ServerConfig, quinn::ClientConfig), TlsError> {
+    let tls = server_tls_with(id, revoked, RAFT_ALPN, ClientAuth::Required)?;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(Arc::new(crate::endpoint::transport_config()));
+    Ok((server, quic_client(client_tls(id, RAFT_ALPN)?)?))
+}
+
 /// A rustls client config as quinn's, with Amity's transport settings.
 fn quic_client(tls: rustls::ClientConfig) -> Result<quinn::ClientConfig, TlsError> {
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
@@ -545,9 +602,18 @@ pub fn quic_anonymous_client_config(
 
 /// The certificate name of a connection's peer.
 pub fn peer_name(conn: &quinn::Connection) -> Option<String> {
+    peer_cert(conn).as_ref().and_then(cert_name)
+}
+
+/// The role of a connection's peer (`None` without a certificate).
+pub fn peer_role(conn: &quinn::Connection) -> Option<CertRole> {
+    peer_cert(conn).as_ref().map(cert_role)
+}
+
+fn peer_cert(conn: &quinn::Connection) -> Option<CertificateDer<'static>> {
     let certs = conn
         .peer_identity()?
         .downcast::<Vec<CertificateDer<'static>>>()
         .ok()?;
-    certs.first().and_then(cert_name)
+    certs.first().cloned()
 }

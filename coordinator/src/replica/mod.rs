@@ -7,10 +7,14 @@
 //! [`Replica::ready`], then send what it returns and apply what it committed. `ready` has already
 //! made durable (in the [`LogStore`]) every entry and vote the messages it returns depend on.
 //!
-//! Not built yet (the Raft issue): the QUIC transport between replicas, the core's snapshots as
-//! Raft snapshots, membership changes, read-index status, and the server driving this.
+//! Between replicas, [`Transport`] carries the bytes over QUIC with mutual TLS (replica
+//! certificates only).
+//!
+//! Not built yet (the Raft issue): the core's snapshots as Raft snapshots, membership changes,
+//! read-index status, and the coordinator's server driving a replica.
 
 mod log_store;
+mod transport;
 pub mod wire;
 
 #[cfg(test)]
@@ -23,6 +27,7 @@ use raft::prelude::{ConfChange, ConfChangeV2, Entry, EntryType, Message};
 use raft::{RawNode, StateRole};
 
 pub use log_store::{LogStore, LogStoreError};
+pub use transport::{MAX_RAFT_MESSAGE, PeerAddr, Transport, TransportError};
 pub use wire::WireError;
 
 use crate::core::{BadCommand, Command};

@@ -1,0 +1,210 @@
+//! Raft messages between replicas over QUIC: mutual TLS under
+//! [`RAFT_ALPN`](amity_protocol::RAFT_ALPN), each peer holding a
+//! *replica* certificate from the operator's CA whose name is one of the configured replicas.
+//!
+//! One unidirectional stream per message (Raft messages are few and small; a lost one is sent
+//! again by Raft itself), so no framing is needed beyond the stream's end, and a slow peer never
+//! holds up another. Each peer has a sender task with its own queue: it connects on demand, and
+//! drops messages while the peer is unreachable rather than queueing them without bound.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use amity_protocol::tls::{
+    CertRole, Identity, Revocations, TlsError, peer_name, peer_role, quic_replica_configs,
+};
+use tokio::sync::mpsc;
+
+/// The most bytes one Raft message may have (entries are batched up to 1 MiB per message).
+pub const MAX_RAFT_MESSAGE: usize = 4 << 20;
+
+/// Messages queued for one peer before new ones are dropped (Raft resends).
+const QUEUE: usize = 1024;
+
+/// Where a replica listens for its peers, and the name on its certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerAddr {
+    /// Its peer address.
+    pub addr: SocketAddr,
+    /// The name on its replica certificate.
+    pub name: String,
+}
+
+/// Why the transport could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The TLS configuration.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The UDP socket.
+    #[error("replica peer port {addr}")]
+    Socket {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A replica's connections to its peers.
+#[derive(Debug)]
+pub struct Transport {
+    endpoint: quinn::Endpoint,
+    outboxes: BTreeMap<u64, mpsc::Sender<Vec<u8>>>,
+    inbox: mpsc::Receiver<(u64, Vec<u8>)>,
+}
+
+impl Transport {
+    /// Listens on `listen` as replica `identity` and reaches `peers` (by Raft id; this
+    /// replica's own entry, if present, is ignored). Call inside a tokio runtime.
+    pub fn start(
+        listen: SocketAddr,
+        identity: &Identity,
+        revoked: &Revocations,
+        me: u64,
+        peers: &BTreeMap<u64, PeerAddr>,
+    ) -> Result<Self, TransportError> {
+        let (server, client) = quic_replica_configs(identity, revoked)?;
+        let mut endpoint = amity_protocol::endpoint::server(listen, server).map_err(|source| {
+            TransportError::Socket {
+                addr: listen,
+                source,
+            }
+        })?;
+        endpoint.set_default_client_config(client);
+        let peers: BTreeMap<u64, PeerAddr> = peers
+            .iter()
+            .filter(|(id, _)| **id != me)
+            .map(|(k, v)| (*k, v.clone()))
+            .collect();
+        let (tx, inbox) = mpsc::channel(QUEUE);
+        let by_name: BTreeMap<String, u64> =
+            peers.iter().map(|(id, p)| (p.name.clone(), *id)).collect();
+        tokio::spawn(accept(endpoint.clone(), by_name, tx));
+        let outboxes = peers
+            .into_iter()
+            .map(|(id, peer)| {
+                let (tx, rx) = mpsc::channel(QUEUE);
+                tokio::spawn(send_to(endpoint.clone(), id, peer, rx));
+                (id, tx)
+            })
+            .collect();
+        Ok(Transport {
+            endpoint,
+            outboxes,
+            inbox,
+        })
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Queues `bytes` for replica `to` (dropped when `to` is unknown or its queue is full).
+    pub fn send(&self, to: u64, bytes: Vec<u8>) {
+        if let Some(tx) = self.outboxes.get(&to) {
+            let _ = tx.try_send(bytes);
+        }
+    }
+
+    /// The next message from a peer: (its Raft id, bytes).
+    pub async fn recv(&mut self) -> Option<(u64, Vec<u8>)> {
+        self.inbox.recv().await
+    }
+
+    /// Closes every connection.
+    pub fn close(&self) {
+        self.endpoint.close(0u32.into(), b"replica stopping");
+    }
+}
+
+/// Accepts peers: only replica certificates whose name is a configured peer; each stream is one
+/// message, handed on with the peer's id.
+async fn accept(
+    endpoint: quinn::Endpoint,
+    by_name: BTreeMap<String, u64>,
+    tx: mpsc::Sender<(u64, Vec<u8>)>,
+) {
+    while let Some(incoming) = endpoint.accept().await {
+        let (by_name, tx) = (by_name.clone(), tx.clone());
+        tokio::spawn(async move {
+            let Ok(conn) = incoming.await else { return };
+            let name = peer_name(&conn).unwrap_or_default();
+            let id = match (peer_role(&conn), by_name.get(&name)) {
+                (Some(CertRole::Replica), Some(&id)) => id,
+                (role, _) => {
+                    tracing::warn!(%name, ?role, "refused a Raft peer: not a configured replica");
+                    conn.close(1u32.into(), b"not a replica of this coordinator");
+                    return;
+                }
+            };
+            while let Ok(mut stream) = conn.accept_uni().await {
+                match stream.read_to_end(MAX_RAFT_MESSAGE).await {
+                    Ok(bytes) => {
+                        if tx.send((id, bytes)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => tracing::debug!(replica = id, "raft message dropped: {e}"),
+                }
+            }
+        });
+    }
+}
+
+/// Sends `rx`'s messages to `peer`, connecting on demand; while it is unreachable, what arrives
+/// is dropped (Raft sends it again).
+async fn send_to(
+    endpoint: quinn::Endpoint,
+    id: u64,
+    peer: PeerAddr,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+) {
+    let mut conn: Option<quinn::Connection> = None;
+    let mut retry_at = tokio::time::Instant::now();
+    while let Some(bytes) = rx.recv().await {
+        if conn.as_ref().is_some_and(|c| c.close_reason().is_some()) {
+            conn = None;
+        }
+        if conn.is_none() {
+            if tokio::time::Instant::now() < retry_at {
+                continue;
+            }
+            match connect(&endpoint, &peer).await {
+                Ok(c) => conn = Some(c),
+                Err(e) => {
+                    tracing::debug!(replica = id, "unreachable: {e}");
+                    retry_at = tokio::time::Instant::now() + Duration::from_millis(200);
+                    continue;
+                }
+            }
+        }
+        let Some(c) = conn.as_ref() else { continue };
+        let sent = async {
+            let mut s = c.open_uni().await?;
+            s.write_all(&bytes).await?;
+            s.finish()?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+        };
+        if let Err(e) = sent.await {
+            tracing::debug!(replica = id, "send failed: {e}");
+            conn = None;
+        }
+    }
+}
+
+async fn connect(
+    endpoint: &quinn::Endpoint,
+    peer: &PeerAddr,
+) -> Result<quinn::Connection, Box<dyn std::error::Error + Send + Sync>> {
+    let conn = endpoint.connect(peer.addr, &peer.name)?.await?;
+    // The peer's certificate chained to the CA and names the peer; it must be a replica's too.
+    if peer_role(&conn) != Some(CertRole::Replica) {
+        conn.close(1u32.into(), b"not a replica");
+        return Err(format!("{} holds no replica certificate", peer.name).into());
+    }
+    Ok(conn)
+}
