@@ -23,7 +23,7 @@ mod tests;
 pub use command::{BadCommand, Command, LoggedEvent, UpdateRef};
 pub use log::{LogEntry, Provenance, RoundSummary};
 pub use shard_plan::ShardPlan;
-pub use snapshot::{Snapshot, SnapshotError, SnapshotMeta};
+pub use snapshot::{LiveState, Snapshot, SnapshotError, SnapshotMeta};
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -167,7 +167,7 @@ pub enum Action {
     Finished,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct WorkerState {
     info: JoinInfo,
     last_seen_ms: u64,
@@ -185,7 +185,7 @@ struct Pending {
     shards: Vec<BlobId>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 enum Phase {
     /// Waiting for enough workers.
     Idle,
@@ -353,6 +353,13 @@ impl Core {
         };
         if core.cfg.rounds.max_rounds > 0 && core.round >= core.cfg.rounds.max_rounds {
             core.phase = Phase::Finished;
+        }
+        if let Some(live) = snap.meta.live {
+            core.workers = live.workers.into_iter().collect();
+            core.phase = live.phase;
+            core.refused = live.refused;
+            core.now_ms = live.now_ms;
+            core.started_any = live.started_any;
         }
         let mut out = Vec::new();
         core.store_state(&mut out);
@@ -780,7 +787,26 @@ impl Core {
         }
     }
 
-    /// The durable state as a snapshot.
+    /// A snapshot that also holds the sessions and the round under way ([`LiveState`]), so a
+    /// replica restored from it applies the next commands exactly as the others do. `None` while
+    /// an update of the open round is pending (its values would not fit a small snapshot): the
+    /// replica's shell tries again after a later command.
+    pub fn replica_snapshot(&self) -> Option<Snapshot> {
+        if !self.received.is_empty() {
+            return None;
+        }
+        let mut snap = self.snapshot();
+        snap.meta.live = Some(LiveState {
+            workers: self.workers.iter().map(|(k, v)| (*k, v.clone())).collect(),
+            phase: self.phase.clone(),
+            refused: self.refused.clone(),
+            now_ms: self.now_ms,
+            started_any: self.started_any,
+        });
+        Some(snap)
+    }
+
+    /// The durable state as a snapshot: what a restart resumes from.
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
             meta: SnapshotMeta {
@@ -799,6 +825,7 @@ impl Core {
                     self.outer.momentum.len() as u64,
                     self.downlink.residual().len() as u64,
                 ],
+                live: None,
             },
             params: self.params.clone(),
             momentum: self.outer.momentum.clone(),

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::log::{Provenance, RoundSummary};
 use super::shard_plan::ShardPlan;
+use super::{Phase, WorkerId, WorkerState};
 
 /// The durable part of the core's state: what a restart resumes from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -33,6 +34,25 @@ pub struct SnapshotMeta {
     pub init_hash: BlobId,
     /// Lengths of the vectors that follow.
     pub lens: [u64; 4],
+    /// The sessions and the round under way, for a replica that restores this snapshot and
+    /// goes on applying the replicated log exactly where the others are
+    /// ([`Core::replica_snapshot`](super::Core::replica_snapshot)). A restarted single
+    /// coordinator's snapshot has none: its workers reconnect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live: Option<LiveState>,
+}
+
+/// The soft state of a core between two commands: its worker sessions and its phase. It holds
+/// no pending update (a replica snapshot is only taken when none is pending).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LiveState {
+    /// Every session, by id.
+    pub(super) workers: Vec<(WorkerId, WorkerState)>,
+    pub(super) phase: Phase,
+    /// Updates of the open round refused before decoding: (sender, reason).
+    pub(super) refused: Vec<(String, String)>,
+    pub(super) now_ms: u64,
+    pub(super) started_any: bool,
 }
 
 /// A snapshot: metadata plus model, target, outer momentum and downlink residual.
