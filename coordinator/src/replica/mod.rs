@@ -98,6 +98,9 @@ pub struct Output {
     pub snapshot: Option<(u64, Vec<u8>)>,
     /// Commands committed since the last call, with their log index, in log order.
     pub committed: Vec<(u64, Command)>,
+    /// Answers to [`Replica::read_index`]: (the request's context, the index to have applied
+    /// before reading). A read served once the state machine applied that index is linearizable.
+    pub reads: Vec<(Vec<u8>, u64)>,
 }
 
 /// One replica of the coordinator's command log.
@@ -214,6 +217,14 @@ impl Replica {
         Ok(self.node.step(msg)?)
     }
 
+    /// Asks for a linearizable read (a status or a release listing): once a quorum confirmed
+    /// this replica's leader still leads, [`Output::reads`] gives `ctx` back with the index the
+    /// state machine must have applied before answering. Works on followers (the leader is
+    /// asked); a leader cut off from its quorum never answers (it steps down instead).
+    pub fn read_index(&mut self, ctx: Vec<u8>) {
+        self.node.read_index(ctx);
+    }
+
     /// Compacts the log up to `index`, which the state machine has applied and whose state
     /// there is `data`: a lagging replica gets that snapshot instead of the entries.
     pub fn compact(&mut self, index: u64, data: Vec<u8>) -> Result<(), ReplicaError> {
@@ -227,6 +238,11 @@ impl Replica {
             return Ok(out);
         }
         let mut rd = self.node.ready();
+        out.reads = rd
+            .take_read_states()
+            .into_iter()
+            .map(|r| (r.request_ctx, r.index))
+            .collect();
         // A leader's messages may go before its own entries are durable (raft-rs allows the
         // leader to write in parallel with its followers); followers' wait below.
         out.push(rd.take_messages());

@@ -14,6 +14,8 @@ struct Node {
     /// applied after it.
     base: Option<(u64, Vec<u8>)>,
     applied: Vec<(u64, Command)>,
+    /// Read-index answers: (context, index).
+    reads: Vec<(Vec<u8>, u64)>,
 }
 
 struct Cluster {
@@ -65,6 +67,7 @@ impl Cluster {
                 replica: Some(replica),
                 base,
                 applied: Vec::new(),
+                reads: Vec::new(),
             },
         );
     }
@@ -87,6 +90,7 @@ impl Cluster {
                     node.applied.clear();
                 }
                 node.applied.extend(out.committed);
+                node.reads.extend(out.reads);
                 queue.extend(out.messages.into_iter().map(|(to, b)| (id, to, b)));
                 if r.is_leader() {
                     let seen = *self.leaders.entry(r.term()).or_insert(id);
@@ -444,3 +448,47 @@ fn an_overwritten_tail_is_gone_after_a_restart() {
 
 mod cores;
 mod quic;
+
+/// Read index: a leader and a follower both get an index at least the last commit, and a leader
+/// cut off from its quorum answers nothing (a stale read is never served).
+#[test]
+fn reads_are_linearizable_and_a_cut_off_leader_serves_none() {
+    let mut c = Cluster::new("read-index", 3);
+    c.propose(0..5);
+    let l = c.leader();
+    let f = (1..=3).find(|&i| i != l).unwrap();
+    let commit = c.nodes[&l].replica.as_ref().unwrap().commit_index();
+    for id in [l, f] {
+        let r = c.nodes.get_mut(&id).unwrap().replica.as_mut().unwrap();
+        r.read_index(format!("status from {id}").into_bytes());
+    }
+    c.tick(3);
+    for id in [l, f] {
+        let want = format!("status from {id}").into_bytes();
+        let got: Vec<u64> = c.nodes[&id]
+            .reads
+            .iter()
+            .filter(|(ctx, _)| *ctx == want)
+            .map(|(_, i)| *i)
+            .collect();
+        assert_eq!(got.len(), 1, "replica {id}: {:?}", c.nodes[&id].reads);
+        assert!(
+            got[0] >= commit,
+            "replica {id}: read at {} < commit {commit}",
+            got[0]
+        );
+    }
+    // The leader, cut off, is asked: no answer, while the others elect a new leader.
+    c.cut.insert(l);
+    let r = c.nodes.get_mut(&l).unwrap().replica.as_mut().unwrap();
+    r.read_index(b"stale?".to_vec());
+    c.tick(30);
+    assert!(
+        c.nodes[&l].reads.iter().all(|(ctx, _)| ctx != b"stale?"),
+        "a leader without its quorum answered a read"
+    );
+    assert!(
+        !c.nodes[&l].replica.as_ref().unwrap().is_leader(),
+        "it stepped down"
+    );
+}
