@@ -39,6 +39,9 @@ pub struct LogStore {
     snapshot: Snapshot,
     first: u64,
     last: u64,
+    /// Raft asked for a snapshot the stored one cannot serve (it predates the asking
+    /// replica's membership): the shell should compact now ([`LogStore::take_snapshot_wanted`]).
+    snapshot_wanted: std::cell::Cell<bool>,
 }
 
 impl std::fmt::Debug for LogStore {
@@ -99,6 +102,7 @@ impl LogStore {
             snapshot,
             first,
             last,
+            snapshot_wanted: std::cell::Cell::new(false),
         };
         // A new log records its starting membership at once.
         let cs = store.conf_state.clone();
@@ -230,6 +234,16 @@ impl LogStore {
         &self.snapshot
     }
 
+    /// Whether Raft asked for a newer snapshot than the stored one since the last call.
+    pub fn take_snapshot_wanted(&self) -> bool {
+        self.snapshot_wanted.replace(false)
+    }
+
+    /// The recorded membership.
+    pub fn conf_state(&self) -> &ConfState {
+        &self.conf_state
+    }
+
     /// The recorded hard state.
     pub fn hard_state(&self) -> &HardState {
         &self.hard_state
@@ -327,8 +341,14 @@ impl Storage for LogStore {
         Ok(self.last)
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        if self.snapshot.get_metadata().index < request_index {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        let meta = self.snapshot.get_metadata();
+        let members = meta.get_conf_state();
+        // A replica added after the snapshot was taken would refuse it (it is not in its
+        // membership): a newer one is made on demand.
+        let knows = members.voters.contains(&to) || members.learners.contains(&to);
+        if meta.index < request_index || !knows {
+            self.snapshot_wanted.set(true);
             return Err(raft::Error::Store(
                 StorageError::SnapshotTemporarilyUnavailable,
             ));

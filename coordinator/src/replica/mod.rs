@@ -23,7 +23,7 @@ mod tests;
 use std::path::Path;
 use std::time::Duration;
 
-use raft::prelude::{ConfChange, ConfChangeV2, Entry, EntryType, Message};
+use raft::prelude::{ConfChange, ConfChangeType, ConfChangeV2, Entry, EntryType, Message};
 use raft::{RawNode, StateRole};
 
 pub use log_store::{LogStore, LogStoreError};
@@ -41,8 +41,19 @@ pub const TICK: Duration = Duration::from_millis(100);
 pub struct ReplicaConfig {
     /// Its Raft id (not 0).
     pub id: u64,
-    /// Every voter's id, its own included: the membership a new cluster starts with.
+    /// Every voter's id, its own included: the membership a new cluster starts with. Empty for
+    /// a replica joining a running cluster: it waits until the leader adds it
+    /// ([`Replica::change_membership`]) and sends it a snapshot.
     pub voters: Vec<u64>,
+}
+
+/// One membership change (Raft's one-at-a-time changes: never two in flight).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Membership {
+    /// Add this replica as a voter.
+    Add(u64),
+    /// Remove this replica.
+    Remove(u64),
 }
 
 /// What a replica can fail at.
@@ -71,6 +82,12 @@ pub enum ReplicaError {
         /// The sender the message names.
         claimed: u64,
     },
+    /// A replica can only be added once the leader's log is compacted (its first entries are
+    /// gone), so that the new replica starts from a snapshot that holds the membership.
+    #[error(
+        "compact the log before adding a replica (it would replay entries without the membership they started from)"
+    )]
+    NotCompacted,
     /// Proposed on a replica that is not the leader.
     #[error("not the leader (the leader is {leader:?})")]
     NotLeader {
@@ -214,7 +231,43 @@ impl Replica {
                 source: WireError::Malformed("message for another replica"),
             });
         }
-        Ok(self.node.step(msg)?)
+        match self.node.step(msg) {
+            // From a replica removed from the group (it has not heard yet): dropped.
+            Err(raft::Error::StepPeerNotFound) => Ok(()),
+            other => Ok(other?),
+        }
+    }
+
+    /// Proposes a membership change (on the leader). It takes effect on each replica when
+    /// committed; [`Replica::voters`] then shows it.
+    pub fn change_membership(&mut self, change: Membership) -> Result<(), ReplicaError> {
+        if !self.is_leader() {
+            return Err(ReplicaError::NotLeader {
+                leader: self.leader(),
+            });
+        }
+        let mut cc = ConfChange::default();
+        match change {
+            Membership::Add(id) => {
+                if self.node.store().latest_snapshot().get_metadata().index == 0 {
+                    return Err(ReplicaError::NotCompacted);
+                }
+                cc.set_change_type(ConfChangeType::AddNode);
+                cc.node_id = id;
+            }
+            Membership::Remove(id) => {
+                cc.set_change_type(ConfChangeType::RemoveNode);
+                cc.node_id = id;
+            }
+        }
+        Ok(self.node.propose_conf_change(Vec::new(), cc)?)
+    }
+
+    /// The voters as this replica knows them.
+    pub fn voters(&self) -> Vec<u64> {
+        let mut v = self.node.store().conf_state().voters.clone();
+        v.sort_unstable();
+        v
     }
 
     /// Asks for a linearizable read (a status or a release listing): once a quorum confirmed
@@ -223,6 +276,12 @@ impl Replica {
     /// asked); a leader cut off from its quorum never answers (it steps down instead).
     pub fn read_index(&mut self, ctx: Vec<u8>) {
         self.node.read_index(ctx);
+    }
+
+    /// Whether a peer needs a snapshot newer than the stored one (a replica added since): the
+    /// shell should [`Replica::compact`] at what its state machine applied.
+    pub fn wants_snapshot(&self) -> bool {
+        self.node.store().take_snapshot_wanted()
     }
 
     /// Compacts the log up to `index`, which the state machine has applied and whose state

@@ -55,10 +55,11 @@ impl Cluster {
     }
 
     fn start(&mut self, id: u64) {
-        let cfg = ReplicaConfig {
-            id,
-            voters: self.voters.clone(),
-        };
+        self.start_with(id, self.voters.clone());
+    }
+
+    fn start_with(&mut self, id: u64, voters: Vec<u64>) {
+        let cfg = ReplicaConfig { id, voters };
         let replica = Replica::open(&cfg, &self.dir.join(format!("raft-{id}.redb"))).unwrap();
         let base = replica.base();
         self.nodes.insert(
@@ -91,6 +92,12 @@ impl Cluster {
                 }
                 node.applied.extend(out.committed);
                 node.reads.extend(out.reads);
+                if r.wants_snapshot()
+                    && let Some(&(index, _)) = node.applied.last()
+                {
+                    r.compact(index, format!("state at {index}").into_bytes())
+                        .unwrap();
+                }
                 queue.extend(out.messages.into_iter().map(|(to, b)| (id, to, b)));
                 if r.is_leader() {
                     let seen = *self.leaders.entry(r.term()).or_insert(id);
@@ -491,4 +498,55 @@ fn reads_are_linearizable_and_a_cut_off_leader_serves_none() {
         !c.nodes[&l].replica.as_ref().unwrap().is_leader(),
         "it stepped down"
     );
+}
+
+/// Membership one change at a time: a fourth replica, started empty, is added once the log is
+/// compacted and catches up by snapshot; then a first one is removed, and the three left commit.
+#[test]
+fn a_replica_is_added_from_a_snapshot_and_another_removed() {
+    let mut c = Cluster::new("membership", 3);
+    c.propose(0..4);
+    let l = c.leader();
+    let leader = c.nodes.get_mut(&l).unwrap().replica.as_mut().unwrap();
+    assert!(matches!(
+        leader.change_membership(Membership::Add(4)),
+        Err(ReplicaError::NotCompacted)
+    ));
+    for node in c.nodes.values_mut() {
+        let (index, _) = *node.applied.last().unwrap();
+        let r = node.replica.as_mut().unwrap();
+        r.compact(index, format!("state at {index}").into_bytes())
+            .unwrap();
+    }
+    c.start_with(4, Vec::new());
+    let leader = c.nodes.get_mut(&l).unwrap().replica.as_mut().unwrap();
+    leader.change_membership(Membership::Add(4)).unwrap();
+    c.pump();
+    c.tick(10);
+    c.propose(4..6);
+    assert_eq!(
+        c.nodes[&4].replica.as_ref().unwrap().voters(),
+        vec![1, 2, 3, 4]
+    );
+    assert!(c.nodes[&4].base.is_some(), "joined from a snapshot");
+    // Its state (the snapshot, then what followed) is at the leader's index.
+    let at = |n: &Node| {
+        n.applied
+            .last()
+            .map_or_else(|| n.base.as_ref().unwrap().0, |a| a.0)
+    };
+    assert_eq!(at(&c.nodes[&4]), at(&c.nodes[&l]));
+    // Remove a follower that is not the new one.
+    let gone = (1..=3).find(|&i| i != l).unwrap();
+    let leader = c.nodes.get_mut(&l).unwrap().replica.as_mut().unwrap();
+    leader.change_membership(Membership::Remove(gone)).unwrap();
+    c.pump();
+    c.tick(3);
+    c.kill(gone);
+    c.propose(6..8);
+    for id in (1..=4).filter(|&i| i != gone) {
+        let r = c.nodes[&id].replica.as_ref().unwrap();
+        assert_eq!(r.voters().len(), 3, "replica {id}");
+        assert_eq!(c.commands(id).last(), Some(&7), "replica {id}");
+    }
 }
