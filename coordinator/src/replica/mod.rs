@@ -14,6 +14,7 @@
 //! read-index status, and the coordinator's server driving a replica.
 
 mod log_store;
+pub mod machine;
 mod transport;
 pub mod wire;
 
@@ -27,6 +28,7 @@ use raft::prelude::{ConfChange, ConfChangeType, ConfChangeV2, Entry, EntryType, 
 use raft::{RawNode, StateRole};
 
 pub use log_store::{LogStore, LogStoreError};
+pub use machine::{MachineAction, ReplicatedCore};
 pub use transport::{MAX_RAFT_MESSAGE, PeerAddr, Transport, TransportError};
 pub use wire::WireError;
 
@@ -94,6 +96,9 @@ pub enum ReplicaError {
         /// The leader this replica knows of, if any.
         leader: Option<u64>,
     },
+    /// A core snapshot that a Raft snapshot names cannot be used.
+    #[error("replica snapshot: {0}")]
+    Snapshot(String),
     /// A committed entry that is not a command: the log is corrupt.
     #[error("log entry {index}: {source}")]
     BadEntry {

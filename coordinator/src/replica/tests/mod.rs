@@ -454,6 +454,7 @@ fn an_overwritten_tail_is_gone_after_a_restart() {
 }
 
 mod cores;
+mod machine;
 mod quic;
 
 /// Read index: a leader and a follower both get an index at least the last commit, and a leader

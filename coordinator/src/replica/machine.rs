@@ -1,0 +1,278 @@
+//! One replica of the coordinator, sans-IO: its Raft log ([`Replica`]) and the core it feeds.
+//!
+//! The leader turns what its connections report into [`Command`]s and proposes them; every
+//! replica applies the committed commands in log order to its own [`Core`], so all compute the
+//! same state. Only the leader talks to workers: the core's `Send` actions reach the leader's
+//! shell alone, and since a command is applied only once committed, a worker's update is
+//! acknowledged only after its command is durable on a quorum. An update's values travel as its
+//! blob: the leader holds them (it pulled the update); a follower asks its shell to pull the
+//! blob by id ([`MachineAction::Fetch`]) and applies the command once they are there. After a
+//! round closes, each replica compacts its log into a snapshot of its core
+//! ([`Core::replica_snapshot`]), stored as a blob whose id is the Raft snapshot's data; a replica
+//! that receives such a snapshot asks for that blob ([`MachineAction::FetchSnapshot`]).
+
+use std::collections::{BTreeMap, VecDeque};
+
+use amity_shared::store::BlobId;
+
+use super::{Replica, ReplicaError};
+use crate::config::CoreConfig;
+use crate::core::{Action, Command, Core, Event, LoggedEvent, Snapshot, WorkerId};
+
+/// How often the leader logs the time (the core's deadlines run on logged time only).
+pub const LOGGED_TICK_MS: u64 = 1000;
+
+/// What the shell is asked to do, in order.
+// Each action is made once and carried out once; boxing the large one would allocate for each.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum MachineAction {
+    /// Send bytes to peer replica `to`.
+    Peer {
+        /// The peer's Raft id.
+        to: u64,
+        /// The message.
+        bytes: Vec<u8>,
+    },
+    /// Carry out a core action. `Send`s only reach the leader's shell.
+    Core(Action),
+    /// Pull update blob `id` (from the leader) and hand its decoded values to
+    /// [`ReplicatedCore::update_values`].
+    Fetch(BlobId),
+    /// Pull core snapshot blob `id` and hand it to [`ReplicatedCore::restore`].
+    FetchSnapshot(BlobId),
+    /// This replica started or stopped leading. A shell that stops leading closes its workers'
+    /// connections (they reconnect to the new leader).
+    Leadership {
+        /// Whether it leads now.
+        leading: bool,
+        /// The leader it knows of.
+        leader: Option<u64>,
+        /// The term.
+        term: u64,
+    },
+}
+
+/// A replica of the coordinator (see the module docs).
+pub struct ReplicatedCore {
+    replica: Replica,
+    core: Core,
+    cfg: CoreConfig,
+    /// Committed commands not applied yet; the first may wait for its update's values or for a
+    /// snapshot to be restored.
+    waiting: VecDeque<(u64, Command)>,
+    /// Update values at hand, by blob id, until their command is applied.
+    values: BTreeMap<BlobId, Vec<f32>>,
+    /// A blob asked of the shell (update or snapshot), so it is asked once.
+    fetching: Option<BlobId>,
+    /// A Raft snapshot whose core snapshot blob is awaited.
+    restoring: Option<BlobId>,
+    leading: bool,
+    /// When this leader last logged the time.
+    last_logged_ms: Option<u64>,
+    /// The time of the last command applied.
+    applied_at: u64,
+    sessions: u64,
+}
+
+impl std::fmt::Debug for ReplicatedCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicatedCore")
+            .field("replica", &self.replica)
+            .field("round", &self.core.round())
+            .field("waiting", &self.waiting.len())
+            .finish()
+    }
+}
+
+impl ReplicatedCore {
+    /// A replica over `replica`'s log and `core`: a fresh core, or the one restored from the
+    /// snapshot blob that [`Replica::base`] names ([`snapshot_blob`] reads its id).
+    pub fn new(replica: Replica, core: Core) -> Self {
+        let cfg = core.config().clone();
+        ReplicatedCore {
+            replica,
+            core,
+            cfg,
+            waiting: VecDeque::new(),
+            values: BTreeMap::new(),
+            fetching: None,
+            restoring: None,
+            leading: false,
+            last_logged_ms: None,
+            applied_at: 0,
+            sessions: 0,
+        }
+    }
+
+    /// The core.
+    pub fn core(&self) -> &Core {
+        &self.core
+    }
+
+    /// The Raft replica.
+    pub fn replica(&self) -> &Replica {
+        &self.replica
+    }
+
+    /// A new session id for a worker that registers with this leader: unique across leaders,
+    /// since the term is part of it.
+    pub fn new_session(&mut self) -> WorkerId {
+        self.sessions += 1;
+        WorkerId(self.replica.term() << 32 | self.sessions)
+    }
+
+    /// Time passed: one Raft tick (call every [`super::TICK`]); the leader logs the time every
+    /// [`LOGGED_TICK_MS`].
+    pub fn tick(&mut self, now_ms: u64) -> Result<Vec<MachineAction>, ReplicaError> {
+        self.replica.tick();
+        if self.replica.is_leader()
+            && self
+                .last_logged_ms
+                .is_none_or(|t| now_ms >= t + LOGGED_TICK_MS)
+        {
+            self.last_logged_ms = Some(now_ms);
+            self.replica.propose(&Command::of(&Event::Tick, now_ms))?;
+        }
+        self.step()
+    }
+
+    /// A message from peer replica `from` (authenticated by the transport).
+    pub fn peer(&mut self, from: u64, bytes: &[u8]) -> Result<Vec<MachineAction>, ReplicaError> {
+        self.replica.step(from, bytes)?;
+        self.step()
+    }
+
+    /// What a worker connection reported, on the leader: logged, and applied once committed.
+    /// An update's values are kept, so the leader does not fetch what it pulled itself.
+    pub fn propose(
+        &mut self,
+        event: &Event,
+        now_ms: u64,
+    ) -> Result<Vec<MachineAction>, ReplicaError> {
+        self.replica.propose(&Command::of(event, now_ms))?;
+        if let Event::Update { update, .. } = event {
+            self.values.insert(update.blob, update.values.clone());
+        }
+        self.step()
+    }
+
+    /// The values of update blob `id`, pulled by the shell.
+    pub fn update_values(
+        &mut self,
+        id: BlobId,
+        values: Vec<f32>,
+    ) -> Result<Vec<MachineAction>, ReplicaError> {
+        self.values.insert(id, values);
+        if self.fetching == Some(id) {
+            self.fetching = None;
+        }
+        self.step()
+    }
+
+    /// The core snapshot a Raft snapshot named, pulled by the shell: the core restarts from it
+    /// and the commands after it apply.
+    pub fn restore(&mut self, snap: Snapshot) -> Result<Vec<MachineAction>, ReplicaError> {
+        let (core, actions) = Core::restore(self.cfg.clone(), snap)
+            .map_err(|e| ReplicaError::Snapshot(e.to_string()))?;
+        self.core = core;
+        self.restoring = None;
+        self.fetching = None;
+        let mut out: Vec<MachineAction> = actions.into_iter().map(MachineAction::Core).collect();
+        out.extend(self.step()?);
+        Ok(out)
+    }
+
+    /// Handles what Raft has ready, then applies what can be applied.
+    fn step(&mut self) -> Result<Vec<MachineAction>, ReplicaError> {
+        let mut out = Vec::new();
+        let ready = self.replica.ready()?;
+        out.extend(
+            ready
+                .messages
+                .into_iter()
+                .map(|(to, bytes)| MachineAction::Peer { to, bytes }),
+        );
+        if let Some((_, data)) = ready.snapshot {
+            let id = snapshot_blob(&data)?;
+            // Everything before the snapshot is in it.
+            self.waiting.clear();
+            self.restoring = Some(id);
+            self.fetching = Some(id);
+            out.push(MachineAction::FetchSnapshot(id));
+        }
+        self.waiting.extend(ready.committed);
+        self.apply(&mut out)?;
+        if self.replica.is_leader() != self.leading {
+            self.leading = self.replica.is_leader();
+            out.push(MachineAction::Leadership {
+                leading: self.leading,
+                leader: self.replica.leader(),
+                term: self.replica.term(),
+            });
+            if self.leading {
+                // The sessions of earlier leaders are gone with their connections: their
+                // workers register again here.
+                self.last_logged_ms = None;
+                for (worker, _) in self.core.workers() {
+                    let left = Command::of(&Event::Left { worker }, self.applied_at);
+                    self.replica.propose(&left)?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Applies the committed commands in order, as far as their values are at hand.
+    fn apply(&mut self, out: &mut Vec<MachineAction>) -> Result<(), ReplicaError> {
+        if self.restoring.is_some() {
+            return Ok(());
+        }
+        while let Some((index, cmd)) = self.waiting.front() {
+            if let LoggedEvent::Update { update, .. } = &cmd.event
+                && !self.values.contains_key(&update.blob)
+            {
+                if self.fetching != Some(update.blob) {
+                    self.fetching = Some(update.blob);
+                    out.push(MachineAction::Fetch(update.blob));
+                }
+                return Ok(());
+            }
+            let index = *index;
+            let (_, cmd) = self.waiting.pop_front().expect("checked above");
+            let values = &mut self.values;
+            let (event, at) = cmd
+                .into_event(|u| values.remove(&u.blob).ok_or(()))
+                .expect("values checked above");
+            let mut closed = false;
+            self.applied_at = self.applied_at.max(at);
+            for action in self.core.handle(event, at) {
+                match action {
+                    Action::Send { .. } if !self.leading => {}
+                    Action::RoundClosed(_) => {
+                        closed = true;
+                        out.push(MachineAction::Core(action));
+                    }
+                    other => out.push(MachineAction::Core(other)),
+                }
+            }
+            if closed && let Some(snap) = self.core.replica_snapshot() {
+                let bytes = snap.to_bytes();
+                let id = BlobId::of(&bytes);
+                out.push(MachineAction::Core(Action::StoreBlob {
+                    what: "replica snapshot",
+                    bytes,
+                }));
+                self.replica.compact(index, id.to_hex().into_bytes())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The core snapshot blob a Raft snapshot's data names (its hex id).
+pub fn snapshot_blob(data: &[u8]) -> Result<BlobId, ReplicaError> {
+    String::from_utf8_lossy(data)
+        .parse()
+        .map_err(|_| ReplicaError::Snapshot("a Raft snapshot that names no core snapshot".into()))
+}
