@@ -47,6 +47,14 @@ fn three_workers_train_three_rounds_and_the_loss_falls() {
     for (w, name) in ws.iter_mut().zip(workers) {
         wait(w, Duration::from_secs(30), name, &|| c.log(name));
     }
+    // Logs written to a file carry no terminal colour codes.
+    for name in ["coordinator", "uni-a"] {
+        let log = c.log(name);
+        assert!(
+            log.contains("INFO") && !log.contains('\x1b'),
+            "{name}: {log}"
+        );
+    }
     let st = c.status().unwrap();
     let l = losses(&st);
     assert_eq!(l.len(), 3);
