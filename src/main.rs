@@ -34,7 +34,10 @@ fn main() -> ExitCode {
     // SAFETY: sets a process-wide allocator option before any other thread exists.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     let args = cli::Cli::parse();
-    init_tracing(args.verbose);
+    // The demo and the benches print their own progress lines; the libraries' INFO lines would
+    // bury them (`-v` or `RUST_LOG` bring them back).
+    let own_progress = matches!(args.command, cli::Command::Demo(_) | cli::Command::Bench(_));
+    init_tracing(args.verbose, own_progress);
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -45,8 +48,9 @@ fn main() -> ExitCode {
 }
 
 /// Logs go to stderr; `RUST_LOG` overrides the level chosen with `-v`.
-fn init_tracing(verbose: u8) {
+fn init_tracing(verbose: u8, own_progress: bool) {
     let default = match verbose {
+        0 if own_progress => "warn",
         0 => "info",
         1 => "debug",
         _ => "trace",

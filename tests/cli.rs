@@ -154,3 +154,44 @@ fn fetch_and_release_name_what_is_wrong() {
         "{err}"
     );
 }
+
+/// `amity bench federated` through the real coordinator and worker cores, on a run small
+/// enough for a test: it ends with its JSON line, writes its plot, and prints its own progress
+/// lines without the libraries' INFO lines.
+#[test]
+fn the_federated_bench_runs_and_ends_with_its_json_line() {
+    let dir = crate::common::scratch("bench-federated");
+    let plot = dir.join("bench.png");
+    let out = amity(&[
+        "bench",
+        "federated",
+        "--workers",
+        "2",
+        "--steps",
+        "4",
+        "--local-steps",
+        "2",
+        "--seeds",
+        "0",
+        "--iid-only",
+        "--skip-central",
+        "--batch",
+        "2",
+        "--probe-videos",
+        "20",
+        "10",
+        "--variant",
+        "default",
+        "--plot",
+        plot.to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let last = stdout.lines().last().unwrap_or("");
+    let json: serde_json::Value = serde_json::from_str(last).expect("last line is JSON");
+    assert_eq!(json["bench"], "federated", "{last}");
+    assert_eq!(json["runs"].as_array().map(Vec::len), Some(1), "{last}");
+    assert!(json["reduction"].as_f64().unwrap() > 1.0, "{last}");
+    assert!(plot.exists());
+    assert!(!stderr.contains(" INFO "), "{stderr}");
+}
