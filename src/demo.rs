@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -281,10 +281,18 @@ async fn train_and_release(
         let stop = Arc::new(AtomicBool::new(false));
         workers.push(tokio::spawn(amity_worker::run(opts, id, stop)));
     }
+    let status = StateLayout {
+        dir: cfg.state_dir.clone(),
+    }
+    .status();
+    let shown = Arc::new(AtomicUsize::new(0));
+    let ticker = tokio::spawn(round_progress(status.clone(), train_began, shown.clone()));
     // Workers leave when the coordinator says training finished.
     for w in workers {
         w.await.context("worker task")??;
     }
+    ticker.abort();
+    print_new_rounds(&status, train_began, &shown);
     let train_secs = train_began.elapsed().as_secs_f64();
 
     // 4. Evaluate the final checkpoint, publish it, fetch it back.
@@ -321,6 +329,37 @@ async fn train_and_release(
         probes,
         fetched,
     })
+}
+
+/// A line per closed round while training runs, read from the coordinator's `status.json`
+/// every half second; `shown` counts the rounds printed.
+async fn round_progress(status: PathBuf, began: Instant, shown: Arc<AtomicUsize>) {
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        print_new_rounds(&status, began, &shown);
+    }
+}
+
+/// Prints the rounds of `status` after the first `shown`.
+fn print_new_rounds(status: &Path, began: Instant, shown: &AtomicUsize) {
+    let Ok(bytes) = std::fs::read(status) else {
+        return;
+    };
+    let Ok(st) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+        return;
+    };
+    let history = st["history"].as_array().cloned().unwrap_or_default();
+    let done = shown.load(Ordering::Relaxed);
+    for r in history.iter().skip(done) {
+        println!(
+            "  round {} closed after {:.0} s: loss {:.4}, {} updates accepted",
+            r["round"],
+            began.elapsed().as_secs_f64(),
+            r["loss"].as_f64().unwrap_or(f64::NAN),
+            r["accepted"].as_array().map_or(0, Vec::len)
+        );
+    }
+    shown.fetch_max(history.len(), Ordering::Relaxed);
 }
 
 /// The frozen-encoder probes of the checkpoint at `path` and of its random initialisation.
