@@ -70,8 +70,9 @@ pub struct ReplicatedCore {
     leading: bool,
     /// When this leader last logged the time.
     last_logged_ms: Option<u64>,
-    /// The time of the last command applied.
+    /// The time and log index of the last command applied.
     applied_at: u64,
+    applied_index: u64,
     sessions: u64,
 }
 
@@ -101,6 +102,7 @@ impl ReplicatedCore {
             leading: false,
             last_logged_ms: None,
             applied_at: 0,
+            applied_index: 0,
             sessions: 0,
         }
     }
@@ -147,12 +149,13 @@ impl ReplicatedCore {
     /// An update's values are kept, so the leader does not fetch what it pulled itself.
     pub fn propose(
         &mut self,
-        event: &Event,
+        event: Event,
         now_ms: u64,
     ) -> Result<Vec<MachineAction>, ReplicaError> {
-        self.replica.propose(&Command::of(event, now_ms))?;
+        self.replica.propose(&Command::of(&event, now_ms))?;
+        // The values move into the map: no copy of a model-sized vector per update.
         if let Event::Update { update, .. } = event {
-            self.values.insert(update.blob, update.values.clone());
+            self.values.insert(update.blob, update.values);
         }
         self.step()
     }
@@ -256,17 +259,32 @@ impl ReplicatedCore {
                     other => out.push(MachineAction::Core(other)),
                 }
             }
-            if closed && let Some(snap) = self.core.replica_snapshot() {
-                let bytes = snap.to_bytes();
-                let id = BlobId::of(&bytes);
-                out.push(MachineAction::Core(Action::StoreBlob {
-                    what: "replica snapshot",
-                    bytes,
-                }));
-                self.replica.compact(index, id.to_hex().into_bytes())?;
+            self.applied_index = index;
+            if closed {
+                self.compact(out)?;
             }
         }
+        // A replica added since the last snapshot needs a newer one (see `Replica::wants_snapshot`).
+        if self.replica.wants_snapshot() && self.applied_index > 0 {
+            self.compact(out)?;
+        }
         Ok(())
+    }
+
+    /// Compacts the log at the last applied command into a snapshot blob of the core (none while
+    /// an update is pending: a later command will do).
+    fn compact(&mut self, out: &mut Vec<MachineAction>) -> Result<(), ReplicaError> {
+        let Some(snap) = self.core.replica_snapshot() else {
+            return Ok(());
+        };
+        let bytes = snap.to_bytes();
+        let id = BlobId::of(&bytes);
+        out.push(MachineAction::Core(Action::StoreBlob {
+            what: "replica snapshot",
+            bytes,
+        }));
+        self.replica
+            .compact(self.applied_index, id.to_hex().into_bytes())
     }
 }
 

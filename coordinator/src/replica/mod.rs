@@ -203,11 +203,6 @@ impl Replica {
         self.node.tick();
     }
 
-    /// Starts an election now (tests, and an operator's leader transfer).
-    pub fn campaign(&mut self) -> Result<(), ReplicaError> {
-        Ok(self.node.campaign()?)
-    }
-
     /// Proposes `cmd` for the log. Only the leader accepts: a follower answers
     /// [`ReplicaError::NotLeader`] with the leader it knows, for the caller to redirect to.
     pub fn propose(&mut self, cmd: &Command) -> Result<(), ReplicaError> {

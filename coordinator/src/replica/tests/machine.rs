@@ -150,7 +150,7 @@ impl Machines {
         }
         let l = self.leader();
         let now = self.now_ms;
-        let actions = self.node(l).propose(&event, now).unwrap();
+        let actions = self.node(l).propose(event, now).unwrap();
         let mut queue = VecDeque::new();
         self.shell(l, actions, &mut queue);
         self.deliver(queue);
