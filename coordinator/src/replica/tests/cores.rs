@@ -8,18 +8,12 @@ use super::*;
 /// replica holds the same parameters hash at every index it applied.
 #[test]
 fn cores_on_three_replicas_agree_through_a_leader_death_mid_round() {
-    use crate::config::CoreConfig;
-    use crate::core::{ArrivedUpdate, Core, Event, JoinInfo, WorkerId};
-    use amity_shared::config::Config;
-    use amity_shared::federated::{GlobalParams, LossStats};
-    use amity_shared::rng::Rng;
+    use crate::core::{Core, Event, WorkerId};
+    use amity_shared::federated::GlobalParams;
     use amity_shared::store::BlobId;
 
-    let run = Config::preset("tiny").unwrap();
-    let mut cfg = CoreConfig::new(run.clone());
-    cfg.rounds.min_workers = 3;
-    cfg.rounds.steps = 2;
-    let start = GlobalParams::seeded(&run);
+    let cfg = core_config();
+    let start = GlobalParams::seeded(&cfg.run);
     let new_core = || Core::new(cfg.clone(), start.clone(), &[]).0;
     let mut c = Cluster::new("cores", 3);
     let mut cores: BTreeMap<u64, (Core, usize)> = (1..=3).map(|id| (id, (new_core(), 0))).collect();
@@ -58,12 +52,7 @@ fn cores_on_three_replicas_agree_through_a_leader_death_mid_round() {
         c.tick(3);
     };
     for w in 1..=3u64 {
-        let info = JoinInfo {
-            name: format!("uni-{w}"),
-            backend: "flex".into(),
-            samples_per_s: 1.0,
-            local_shards: Vec::new(),
-        };
+        let info = join_info(&format!("uni-{w}"));
         propose(
             &mut c,
             &Event::Joined {
@@ -74,30 +63,7 @@ fn cores_on_three_replicas_agree_through_a_leader_death_mid_round() {
     }
     apply(&c, &mut cores, &blobs);
     let len = cores[&1].0.update_len();
-    // Honest workers: one shared direction, each with its own noise (the screens pass them).
-    let common: Vec<f32> = {
-        let mut rng = Rng::new(0);
-        (0..len).map(|_| 1e-3 * rng.normal() as f32).collect()
-    };
-    let update = |w: u64| {
-        let mut rng = Rng::new(w);
-        ArrivedUpdate {
-            round: 0,
-            blob: BlobId::of(&w.to_le_bytes()),
-            bytes: 100,
-            samples: 64,
-            steps: 2,
-            loss: LossStats {
-                mean: 0.5,
-                first: 0.6,
-                last: 0.4,
-            },
-            values: common
-                .iter()
-                .map(|c| c + 3e-4 * rng.normal() as f32)
-                .collect(),
-        }
-    };
+    let update = |w: u64| honest_update(len, 0, w);
     for w in 1..=2u64 {
         let u = update(w);
         blobs.insert(u.blob, u.values.clone());
@@ -150,18 +116,12 @@ fn cores_on_three_replicas_agree_through_a_leader_death_mid_round() {
 /// from it, its core takes the next round's updates in step with the others.
 #[test]
 fn a_core_restored_from_a_replica_snapshot_goes_on_in_step() {
-    use crate::config::CoreConfig;
-    use crate::core::{ArrivedUpdate, Core, Event, JoinInfo, Snapshot, WorkerId};
-    use amity_shared::config::Config;
-    use amity_shared::federated::{GlobalParams, LossStats};
-    use amity_shared::rng::Rng;
+    use crate::core::{Core, Event, Snapshot, WorkerId};
+    use amity_shared::federated::GlobalParams;
     use amity_shared::store::BlobId;
 
-    let run = Config::preset("tiny").unwrap();
-    let mut cfg = CoreConfig::new(run.clone());
-    cfg.rounds.min_workers = 3;
-    cfg.rounds.steps = 2;
-    let start = GlobalParams::seeded(&run);
+    let cfg = core_config();
+    let start = GlobalParams::seeded(&cfg.run);
     let mut c = Cluster::new("core-snapshot", 3);
     // Per replica: its core, the commands applied to it, and the snapshot index it restored.
     let mut cores: BTreeMap<u64, (Core, usize, u64)> = (1..=3)
@@ -203,12 +163,7 @@ fn a_core_restored_from_a_replica_snapshot_goes_on_in_step() {
         c.tick(3);
     };
     for w in 1..=3u64 {
-        let info = JoinInfo {
-            name: format!("uni-{w}"),
-            backend: "flex".into(),
-            samples_per_s: 1.0,
-            local_shards: Vec::new(),
-        };
+        let info = join_info(&format!("uni-{w}"));
         propose(
             &mut c,
             &Event::Joined {
@@ -218,29 +173,7 @@ fn a_core_restored_from_a_replica_snapshot_goes_on_in_step() {
         );
     }
     let len = cores[&1].0.update_len();
-    let common: Vec<f32> = {
-        let mut rng = Rng::new(0);
-        (0..len).map(|_| 1e-3 * rng.normal() as f32).collect()
-    };
-    let update = |w: u64, round: u64| {
-        let mut rng = Rng::new(w + 10 * round);
-        ArrivedUpdate {
-            round,
-            blob: BlobId::of(&(w + 10 * round).to_le_bytes()),
-            bytes: 100,
-            samples: 64,
-            steps: 2,
-            loss: LossStats {
-                mean: 0.5,
-                first: 0.6,
-                last: 0.4,
-            },
-            values: common
-                .iter()
-                .map(|c| c + 3e-4 * rng.normal() as f32)
-                .collect(),
-        }
-    };
+    let update = |w: u64, round: u64| honest_update(len, round, w + 10 * round);
     let l = c.leader();
     let lagging = (1..=3).find(|&i| i != l).unwrap();
     c.cut.insert(lagging);

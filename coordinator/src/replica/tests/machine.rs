@@ -3,11 +3,9 @@
 
 use super::*;
 use crate::config::CoreConfig;
-use crate::core::{Action, ArrivedUpdate, Core, Event, JoinInfo, Snapshot, WorkerId};
+use crate::core::{Action, Core, Event, Snapshot, WorkerId};
 use amity_protocol::message::ServerMsg;
-use amity_shared::config::Config;
-use amity_shared::federated::{GlobalParams, LossStats};
-use amity_shared::rng::Rng;
+use amity_shared::federated::GlobalParams;
 use amity_shared::store::BlobId;
 
 struct Machines {
@@ -29,10 +27,7 @@ impl Machines {
             std::env::temp_dir().join(format!("amity-machines-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let run = Config::preset("tiny").unwrap();
-        let mut cfg = CoreConfig::new(run);
-        cfg.rounds.min_workers = 3;
-        cfg.rounds.steps = 2;
+        let cfg = core_config();
         let mut m = Machines {
             dir,
             cfg,
@@ -165,15 +160,6 @@ impl Drop for Machines {
     }
 }
 
-fn joined(name: &str) -> JoinInfo {
-    JoinInfo {
-        name: name.into(),
-        backend: "flex".into(),
-        samples_per_s: 1.0,
-        local_shards: Vec::new(),
-    }
-}
-
 /// The replicated coordinator's round trip: three workers join the leader, two updates are
 /// committed (followers pull their values by blob), the leader dies; the new leader drops the
 /// old sessions, the workers join it again, and every replica closes round 0 with the two
@@ -187,32 +173,12 @@ fn a_round_goes_on_through_a_leader_death_with_every_committed_update() {
     for (i, &worker) in sessions.iter().enumerate() {
         m.report(Event::Joined {
             worker,
-            info: joined(&format!("uni-{i}")),
+            info: join_info(&format!("uni-{i}")),
         });
     }
     let len = m.node(first).core().update_len();
-    let common: Vec<f32> = {
-        let mut rng = Rng::new(0);
-        (0..len).map(|_| 1e-3 * rng.normal() as f32).collect()
-    };
     for (i, &worker) in sessions.iter().take(2).enumerate() {
-        let mut rng = Rng::new(i as u64 + 1);
-        let update = ArrivedUpdate {
-            round: 0,
-            blob: BlobId::of(&(i as u64).to_le_bytes()),
-            bytes: 100,
-            samples: 64,
-            steps: 2,
-            loss: LossStats {
-                mean: 0.5,
-                first: 0.6,
-                last: 0.4,
-            },
-            values: common
-                .iter()
-                .map(|c| c + 3e-4 * rng.normal() as f32)
-                .collect(),
-        };
+        let update = honest_update(len, 0, i as u64 + 1);
         m.report(Event::Update { worker, update });
     }
     // Acknowledged: the leader's shell was asked to ack both updates.
@@ -230,7 +196,7 @@ fn a_round_goes_on_through_a_leader_death_with_every_committed_update() {
         let worker = m.node(second).new_session();
         m.report(Event::Joined {
             worker,
-            info: joined(&format!("uni-{i}")),
+            info: join_info(&format!("uni-{i}")),
         });
     }
     m.tick(10);

@@ -453,6 +453,49 @@ fn an_overwritten_tail_is_gone_after_a_restart() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// The core config the replicated-core tests run: the tiny preset, three workers to start a
+/// run, two local steps a round.
+fn core_config() -> crate::config::CoreConfig {
+    let run = amity_shared::config::Config::preset("tiny").unwrap();
+    let mut cfg = crate::config::CoreConfig::new(run);
+    cfg.rounds.min_workers = 3;
+    cfg.rounds.steps = 2;
+    cfg
+}
+
+/// What institution `name` declares when it joins.
+fn join_info(name: &str) -> crate::core::JoinInfo {
+    crate::core::JoinInfo {
+        name: name.into(),
+        backend: "flex".into(),
+        samples_per_s: 1.0,
+        local_shards: Vec::new(),
+    }
+}
+
+/// An honest update of `len` values for `round` (blob and noise seeded by `seed`): one shared
+/// direction plus its own noise, as honest workers' updates look (the screens pass them).
+fn honest_update(len: usize, round: u64, seed: u64) -> crate::core::ArrivedUpdate {
+    use amity_shared::rng::Rng;
+    let mut common = Rng::new(0);
+    let mut noise = Rng::new(seed);
+    crate::core::ArrivedUpdate {
+        round,
+        blob: amity_shared::store::BlobId::of(&seed.to_le_bytes()),
+        bytes: 100,
+        samples: 64,
+        steps: 2,
+        loss: amity_shared::federated::LossStats {
+            mean: 0.5,
+            first: 0.6,
+            last: 0.4,
+        },
+        values: (0..len)
+            .map(|_| 1e-3 * common.normal() as f32 + 3e-4 * noise.normal() as f32)
+            .collect(),
+    }
+}
+
 mod cores;
 mod machine;
 mod quic;
