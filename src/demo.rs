@@ -35,8 +35,8 @@ use amity_shared::data::synth::SynthConfig;
 use amity_shared::device::Backend;
 use amity_shared::eval::{ProbeReport, ProbeSet, probe_report};
 use amity_shared::train::Trainer;
-use amity_worker::WorkerOptions;
 use amity_worker::human;
+use amity_worker::{CoordinatorAddr, WorkerOptions};
 
 use amity_release::fetch::QuicSource;
 
@@ -227,6 +227,7 @@ fn coordinator_config(
         outer: Default::default(),
         aggregation: AggregationConfig::default(),
         retention: Default::default(),
+        replication: None,
     };
     std::fs::write(
         state_dir.join("coordinator.toml"),
@@ -268,8 +269,10 @@ async fn train_and_release(
     let mut workers = Vec::new();
     for (name, slowdown) in WORKERS {
         let opts = WorkerOptions {
-            coordinator: addr,
-            server_name: "coordinator".into(),
+            coordinators: vec![CoordinatorAddr {
+                addr,
+                name: "coordinator".into(),
+            }],
             backend: Backend::Flex,
             cache_dir: out.join("workers").join(name),
             local_corpus: None,

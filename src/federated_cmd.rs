@@ -1,6 +1,5 @@
 //! `amity coordinator`, `amity worker` and `amity demo`.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,7 +11,7 @@ use amity_coordinator::config::CoordinatorConfig;
 use amity_coordinator::server;
 use amity_protocol::tls::Identity;
 use amity_shared::device::Backend;
-use amity_worker::{Fault, WorkerOptions};
+use amity_worker::{CoordinatorAddr, Fault, WorkerOptions};
 
 /// `amity coordinator`: schedule rounds, aggregate, checkpoint.
 #[derive(Debug, Args)]
@@ -29,9 +28,11 @@ pub struct CoordinatorArgs {
 /// `amity worker`: train rounds for a coordinator.
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
-    /// The coordinator's address (`host:port`).
-    #[arg(long)]
-    pub coordinator: Option<SocketAddr>,
+    /// The coordinator's address (`host:port`), or every replica's, comma-separated
+    /// (`a:7700,b:7700,c:7700`); an entry may name its certificate (`coord-a@a:7700`), else
+    /// `--server-name` is expected.
+    #[arg(long, value_delimiter = ',')]
+    pub coordinator: Vec<String>,
     /// This worker's certificate (from `amity ca issue`).
     #[arg(long)]
     pub cert: Option<PathBuf>,
@@ -41,7 +42,7 @@ pub struct WorkerArgs {
     /// The operator CA certificate.
     #[arg(long)]
     pub ca: Option<PathBuf>,
-    /// The coordinator's certificate name.
+    /// The certificate name expected of coordinator addresses that name none.
     #[arg(long, default_value = "coordinator")]
     pub server_name: String,
     /// Compute backend (`--list-backends` shows this build's).
@@ -157,15 +158,20 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         return Ok(());
     }
     let backend = Backend::parse_available(&args.backend)?;
-    let (Some(coordinator), Some(cert), Some(ca)) = (args.coordinator, &args.cert, &args.ca) else {
+    let (false, Some(cert), Some(ca)) = (args.coordinator.is_empty(), &args.cert, &args.ca) else {
         bail!("amity worker needs --coordinator <addr>, --cert <file> and --ca <file>");
     };
+    let coordinators = args
+        .coordinator
+        .iter()
+        .map(|a| CoordinatorAddr::parse(a.trim(), &args.server_name))
+        .collect::<Result<Vec<_>, String>>()
+        .map_err(|e| anyhow::anyhow!("--coordinator {e}"))?;
     let key = args.key.clone().unwrap_or_else(|| key_path_for(cert));
     let identity = Identity::load(cert, &key, ca)?;
     let fault = args.fault.as_deref().map(parse_fault).transpose()?;
     let opts = WorkerOptions {
-        coordinator,
-        server_name: args.server_name,
+        coordinators,
         backend,
         cache_dir: args.cache,
         local_corpus: args.corpus,

@@ -12,5 +12,6 @@ mod federated;
 mod hostile;
 mod plan;
 mod release;
+mod replicated;
 mod storage;
 mod train;

@@ -24,6 +24,15 @@
 //! rounds = 4                        # states, snapshots, updates and log entries of the last 4
 //!                                   # rounds are kept; older ones are deleted after each round
 //! checkpoints = 0                   # round-N checkpoint files kept (0: all of them)
+//!
+//! [replication]                     # optional: one of 3 or 5 Raft replicas (without this
+//! id = 1                            #   table, a single coordinator with its own journal)
+//! replicas = [                      # every replica, this one included; `name` is its replica
+//!   { id = 1, name = "coord-paris", peer = "10.0.0.1:7710", workers = "10.0.0.1:7700" },
+//!   { id = 2, name = "coord-delft", peer = "10.0.0.2:7710", workers = "10.0.0.2:7700" },
+//!   { id = 3, name = "coord-turin", peer = "10.0.0.3:7710", workers = "10.0.0.3:7700" },
+//! ]                                 #   certificate (`amity ca issue --role replica`), and this
+//!                                   #   replica's must be `name` above
 //! ```
 //!
 //! The last round and every round before a checkpoint are *flush* rounds: workers send their
@@ -214,6 +223,71 @@ pub struct CoordinatorConfig {
     /// What is kept on disk.
     #[serde(default)]
     pub retention: RetentionPolicy,
+    /// This coordinator as one replica of several (Raft); absent for a single coordinator.
+    #[serde(default)]
+    pub replication: Option<ReplicationConfig>,
+}
+
+/// `[replication]`: who this replica is and where every replica is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationConfig {
+    /// This replica's Raft id (one of `replicas`).
+    pub id: u64,
+    /// Every replica, this one included.
+    pub replicas: Vec<ReplicaEntry>,
+}
+
+/// One replica of the coordinator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaEntry {
+    /// Its Raft id (not 0, unique).
+    pub id: u64,
+    /// The name on its replica certificate (what workers and peers connect to).
+    pub name: String,
+    /// Where its peers reach it (the Raft port).
+    pub peer: SocketAddr,
+    /// Where workers reach it (its `listen` address as seen from outside).
+    pub workers: SocketAddr,
+}
+
+impl ReplicationConfig {
+    /// This replica's entry.
+    pub fn me(&self) -> Option<&ReplicaEntry> {
+        self.replicas.iter().find(|r| r.id == self.id)
+    }
+
+    /// The entry of replica `id`.
+    pub fn replica(&self, id: u64) -> Option<&ReplicaEntry> {
+        self.replicas.iter().find(|r| r.id == id)
+    }
+
+    /// Checks the table against the coordinator's certificate `name`.
+    pub fn check(&self, name: &str) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(format!("[replication]: {m}")));
+        let mut ids = std::collections::BTreeSet::new();
+        let mut names = std::collections::BTreeSet::new();
+        for r in &self.replicas {
+            if r.id == 0 || !ids.insert(r.id) {
+                return bad(format!("replica id {} is 0 or listed twice", r.id));
+            }
+            if !names.insert(r.name.as_str()) {
+                return bad(format!("replica name `{}` listed twice", r.name));
+            }
+        }
+        match self.me() {
+            None => bad(format!("id = {} is not one of `replicas`", self.id)),
+            Some(me) if me.name != name => bad(format!(
+                "this replica's entry is named `{}` but the coordinator's `name` is `{name}`",
+                me.name
+            )),
+            Some(_) if self.replicas.len() < 2 => bad(
+                "list at least 2 replicas (3 or 5 survive a loss; omit the table for one)".into(),
+            ),
+            Some(_) => Ok(()),
+        }
+    }
 }
 
 impl CoordinatorConfig {
@@ -237,7 +311,11 @@ impl CoordinatorConfig {
                 *p = base.join(&*p);
             }
         }
-        cfg.core().map_err(|e| match e {
+        let replication = match &cfg.replication {
+            Some(r) => r.check(&cfg.name),
+            None => Ok(()),
+        };
+        replication.and_then(|()| cfg.core()).map_err(|e| match e {
             ConfigError::Invalid(m) => ConfigError::Invalid(format!("{}: {m}", path.display())),
             other => other,
         })?;

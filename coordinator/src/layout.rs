@@ -3,7 +3,8 @@
 //! ```text
 //! state_dir/
 //!   blobs/            content store: states, deltas, snapshots, received updates
-//!   journal.redb      the command log
+//!   journal.redb      the command log (a single coordinator)
+//!   raft.redb         the replicated command log (a replica)
 //!   status.json       what `amity status` and operators read
 //!   checkpoints/      round-N.safetensors, latest.safetensors
 //!   releases/         published releases, one folder each
@@ -27,6 +28,10 @@ impl StateLayout {
     /// The command log.
     pub fn journal(&self) -> PathBuf {
         self.dir.join("journal.redb")
+    }
+    /// A replica's Raft log (instead of the journal).
+    pub fn raft_log(&self) -> PathBuf {
+        self.dir.join("raft.redb")
     }
     /// `status.json`.
     pub fn status(&self) -> PathBuf {

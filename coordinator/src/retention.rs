@@ -84,13 +84,14 @@ impl Retention {
         &self.usage
     }
 
-    /// Compacts the log and deletes every blob that is neither `live` now, nor live after one of
-    /// the last rounds, nor named by the log, nor `pinned`; then trims old checkpoint files.
+    /// Compacts the journal (a replica has none: its Raft log compacts itself) and deletes every
+    /// blob that is neither `live` now, nor live after one of the last rounds, nor named by the
+    /// journal, nor `pinned`; then trims old checkpoint files.
     pub fn sweep(
         &mut self,
         live: BTreeSet<BlobId>,
         pinned: &BTreeSet<BlobId>,
-        journal: &mut Journal,
+        journal: Option<&mut Journal>,
         store: &LocalStore,
         layout: &StateLayout,
     ) -> Result<(), RetentionError> {
@@ -100,9 +101,11 @@ impl Retention {
             self.recent.pop_front();
         }
         let err = |e: &dyn std::fmt::Display| RetentionError(e.to_string());
-        self.usage.removed_entries += journal.compact(keep_rounds).map_err(|e| err(&e))?;
         let mut keep: BTreeSet<BlobId> = self.recent.iter().flatten().copied().collect();
-        keep.extend(journal.referenced_blobs().map_err(|e| err(&e))?);
+        if let Some(journal) = journal {
+            self.usage.removed_entries += journal.compact(keep_rounds).map_err(|e| err(&e))?;
+            keep.extend(journal.referenced_blobs().map_err(|e| err(&e))?);
+        }
         keep.extend(pinned.iter().copied());
 
         let (mut blobs, mut bytes) = (0, 0);
@@ -200,7 +203,7 @@ mod tests {
                 .sweep(
                     BTreeSet::from([state, delta]),
                     &pinned,
-                    &mut journal,
+                    Some(&mut journal),
                     &store,
                     &layout,
                 )

@@ -30,6 +30,10 @@ pub const MAX_MTU: u16 = 6500;
 /// UDP socket buffer size asked of the OS.
 pub const SOCKET_BUFFER: usize = 8 << 20;
 
+/// How long a connection may hear nothing from its peer before it counts as lost (also the
+/// limit on a handshake with a peer that does not answer).
+pub const IDLE_TIMEOUT_MS: u32 = 10_000;
+
 /// The transport settings every Amity endpoint uses.
 pub fn transport_config() -> TransportConfig {
     let mut t = TransportConfig::default();
@@ -38,8 +42,10 @@ pub fn transport_config() -> TransportConfig {
     t.send_window(64 << 20);
     t.max_concurrent_bidi_streams(VarInt::from_u32(256));
     t.max_concurrent_uni_streams(VarInt::from_u32(256));
-    t.keep_alive_interval(Some(Duration::from_secs(5)));
-    t.max_idle_timeout(Some(VarInt::from_u32(60_000).into()));
+    // A peer that vanishes (a coordinator replica killed) is noticed within 10 s, so that its
+    // workers move on to the next replica; keep-alives hold a quiet connection open meanwhile.
+    t.keep_alive_interval(Some(Duration::from_secs(2)));
+    t.max_idle_timeout(Some(VarInt::from_u32(IDLE_TIMEOUT_MS).into()));
     t.initial_mtu(1452);
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     // Probe up to jumbo frames: on an ordinary internet path the probes are lost and the

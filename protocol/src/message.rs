@@ -96,6 +96,10 @@ pub enum ErrorCode {
     /// Training is over: the run reached its planned end. A worker told this leaves for good
     /// instead of reconnecting.
     Finished = 10,
+    /// This coordinator replica does not lead: the message is the leader's worker address as
+    /// `name@host:port` (its certificate name and address), or empty while none is known. The
+    /// worker connects there (or to its next replica) instead.
+    NotLeader = 11,
 }
 
 impl ErrorCode {
@@ -113,6 +117,7 @@ impl ErrorCode {
             ShuttingDown,
             Internal,
             Finished,
+            NotLeader,
         ]
         .into_iter()
         .find(|c| *c as u16 == v)
@@ -671,17 +676,21 @@ mod tests {
 
     #[test]
     fn another_version_is_a_clear_error() {
+        let theirs = PROTOCOL_VERSION + 1;
         let mut bytes = encode(&ClientMsg::Goodbye);
-        bytes[4..8].copy_from_slice(&7u32.to_le_bytes());
+        bytes[4..8].copy_from_slice(&theirs.to_le_bytes());
         let err = decode::<ClientMsg>(&bytes).unwrap_err();
         assert_eq!(
             err,
             DecodeError::Version {
-                theirs: 7,
+                theirs,
                 ours: PROTOCOL_VERSION
             }
         );
-        assert!(err.to_string().contains("version 7"), "{err}");
+        assert!(
+            err.to_string().contains(&format!("version {theirs}")),
+            "{err}"
+        );
         assert!(matches!(
             decode::<ClientMsg>(b"GET / HTTP/1.1"),
             Err(DecodeError::NotAMessage(_))

@@ -131,6 +131,10 @@ pub struct WorkerCore {
     /// A complete round (announce and shards) that arrived while the previous one was still
     /// training: it starts when that one ends.
     queued: Option<Round>,
+    /// The last update offered and not acknowledged yet (its header; the blob stays in the
+    /// cache): offered again when a new session (another coordinator replica, after a failover)
+    /// announces the same round, since an update the old leader had not committed is not there.
+    unacked: Option<ClientMsg>,
     /// Ctrl-C came while a training job ran: leave once it returns.
     stopping: bool,
     /// Heartbeat sequence number (increases over the worker's life).
@@ -159,6 +163,7 @@ impl WorkerCore {
             announced: None,
             current: None,
             queued: None,
+            unacked: None,
             stopping: false,
             seq: 0,
             throughput: 0.0,
@@ -383,6 +388,24 @@ impl WorkerCore {
                     out,
                 );
             }
+            // A replica that does not lead: to the leader it names (or the next address).
+            (_, ErrorCode::NotLeader) => {
+                let leader = (!message.is_empty()).then_some(message);
+                tracing::info!("coordinator replica does not lead; leader: {leader:?}");
+                let why = format!(
+                    "not the leader (leader: {})",
+                    leader.as_deref().unwrap_or("?")
+                );
+                out.push(WorkerAction::Redirect(leader));
+                self.backoff = FIRST_BACKOFF;
+                self.on_lost(
+                    Disconnect::Lost {
+                        why,
+                        code: Some(code),
+                    },
+                    out,
+                );
+            }
             // Refused before registration (version, revoked, bad capabilities): for good.
             (Link::Hello | Link::Registering, _) => self.finish(
                 Err(WorkerError::Refused(format!("{code:?}: {message}"))),
@@ -410,6 +433,9 @@ impl WorkerCore {
                 };
                 r.shards = shards;
                 r.started_ms = now_ms;
+                if self.offer_again(round, out) {
+                    return;
+                }
                 if self.current.is_some() {
                     self.queued = Some(r);
                 } else {
@@ -417,10 +443,35 @@ impl WorkerCore {
                 }
             }
             ServerMsg::Ack { of } => {
+                if matches!(self.unacked, Some(ClientMsg::UpdateHeader { round, .. }) if round == of)
+                {
+                    self.unacked = None;
+                }
                 self.summary.rounds += 1;
                 tracing::debug!(round = of, "update acknowledged");
+                if self.opts.progress {
+                    out.push(WorkerAction::Report(format!("round {of} acknowledged")));
+                }
             }
             other => tracing::warn!("unexpected {other:?}"),
+        }
+    }
+
+    /// A round announced again (to a new session, after a failover) for which an update was
+    /// offered and not acknowledged: offered again instead of training the round twice. An
+    /// unacknowledged update of an earlier round is dropped (its round closed without it).
+    fn offer_again(&mut self, round: u64, out: &mut Vec<WorkerAction>) -> bool {
+        match &self.unacked {
+            Some(header @ ClientMsg::UpdateHeader { round: r, .. }) if *r == round => {
+                tracing::info!(round, "offering the unacknowledged update again");
+                out.push(WorkerAction::Send(header.clone()));
+                true
+            }
+            Some(_) => {
+                self.unacked = None;
+                false
+            }
+            None => false,
         }
     }
 
@@ -633,6 +684,7 @@ impl WorkerCore {
         if self.opts.fault == Some(Fault::Replay) {
             out.push(WorkerAction::Send(header.clone()));
         }
+        self.unacked = Some(header.clone());
         out.push(WorkerAction::Send(header));
         if self.opts.progress {
             out.push(WorkerAction::Report(format!(

@@ -32,13 +32,46 @@ use crate::core::{
     WorkerCore, WorkerError, WorkerSummary, human,
 };
 
+/// Where a coordinator (or one replica of it) is reached, and the name on its certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoordinatorAddr {
+    /// Its worker port.
+    pub addr: SocketAddr,
+    /// The name its certificate must carry.
+    pub name: String,
+}
+
+impl CoordinatorAddr {
+    /// `host:port` (certificate name `default_name`) or `name@host:port`, the host resolved.
+    pub fn parse(s: &str, default_name: &str) -> Result<Self, String> {
+        let (name, host) = match s.split_once('@') {
+            Some((n, h)) if !n.is_empty() => (n, h),
+            Some(_) => return Err(format!("`{s}`: empty certificate name before `@`")),
+            None => (default_name, s),
+        };
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(host)
+            .map_err(|e| format!("`{host}`: {e}"))?
+            .next()
+            .ok_or_else(|| format!("`{host}` resolves to no address"))?;
+        Ok(CoordinatorAddr {
+            addr,
+            name: name.to_owned(),
+        })
+    }
+}
+
+impl std::fmt::Display for CoordinatorAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.name, self.addr)
+    }
+}
+
 /// How to run a worker.
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
-    /// Coordinator address.
-    pub coordinator: SocketAddr,
-    /// The coordinator's certificate name.
-    pub server_name: String,
+    /// The coordinator, or every replica of it (tried in turn; a replica that does not lead
+    /// names the leader, which is tried next). Not empty.
+    pub coordinators: Vec<CoordinatorAddr>,
     /// Compute backend.
     pub backend: Backend,
     /// Cache of fetched shards and outgoing updates.
@@ -80,8 +113,16 @@ pub async fn run(
         None => None,
     };
     let client_cfg = quic_client_config(&identity).map_err(setup("TLS"))?;
-    let endpoint = amity_protocol::endpoint::client(opts.coordinator, client_cfg)
-        .map_err(setup("UDP socket"))?;
+    let target = opts
+        .coordinators
+        .first()
+        .cloned()
+        .ok_or(WorkerError::Setup {
+            what: "coordinator address".into(),
+            source: "no coordinator address given".into(),
+        })?;
+    let endpoint =
+        amity_protocol::endpoint::client(target.addr, client_cfg).map_err(setup("UDP socket"))?;
     let (core, first) = WorkerCore::new(CoreOptions {
         backend: opts.backend.name().into(),
         local_shards: local
@@ -98,6 +139,9 @@ pub async fn run(
         cache,
         local: local.map(|(store, _)| store),
         endpoint,
+        target,
+        next: 0,
+        redirect: None,
         link: None,
         trainer: None,
         job: None,
@@ -144,6 +188,12 @@ struct Shell {
     /// The institution's own shard store.
     local: Option<LocalStore>,
     endpoint: quinn::Endpoint,
+    /// The coordinator connected to (or last tried).
+    target: CoordinatorAddr,
+    /// Index in `opts.coordinators` of the next one to try.
+    next: usize,
+    /// The leader a replica named: tried next, before the list.
+    redirect: Option<CoordinatorAddr>,
     link: Option<Link>,
     /// The trainer (model and AdamW state) between rounds; inside `job` while one runs.
     trainer: Option<Trainer>,
@@ -243,10 +293,25 @@ impl Shell {
         match action {
             WorkerAction::Connect => return Ok(self.connect().await),
             WorkerAction::ConnectAfter(wait) => {
-                tracing::warn!("reconnecting to {} in {wait:?}", self.opts.coordinator);
+                let to = match &self.redirect {
+                    Some(leader) => leader.to_string(),
+                    None if self.opts.coordinators.len() == 1 => self.target.to_string(),
+                    None => "the next coordinator replica".to_owned(),
+                };
+                tracing::warn!("reconnecting to {to} in {wait:?}");
                 self.reconnect_at = Some(tokio::time::Instant::now() + wait);
             }
             WorkerAction::Disconnect => self.close_link(),
+            WorkerAction::Redirect(leader) => {
+                let named = leader.and_then(|l| match CoordinatorAddr::parse(&l, "") {
+                    Ok(a) => Some(a),
+                    Err(e) => {
+                        tracing::warn!("the replica named an unusable leader {e}");
+                        None
+                    }
+                });
+                self.redirect = named;
+            }
             WorkerAction::Send(msg) => {
                 let link = self
                     .link
@@ -311,10 +376,34 @@ impl Shell {
         Ok(None)
     }
 
-    /// Connects, opens the control stream and starts serving our blobs on the connection. `None`
-    /// when no retry can mend the failure (a bad address or server name): `result` holds it.
+    /// The next address of the list is the one to try.
+    fn advance(&mut self) {
+        self.next = (self.next + 1) % self.opts.coordinators.len();
+    }
+
+    /// Connects (to the leader a replica named, else the next address of the list in turn),
+    /// opens the control stream and starts serving our blobs on the connection. `None` when no
+    /// retry can mend the failure (a bad address or server name): `result` holds it.
     async fn connect(&mut self) -> Option<Input> {
-        let (addr, name) = (self.opts.coordinator, self.opts.server_name.clone());
+        self.target = match self.redirect.take() {
+            Some(t) => t,
+            None => {
+                // Round robin, skipping the one just connected to: a live replica names the
+                // leader, and one that just vanished is not waited for first.
+                let mut t = self.opts.coordinators[self.next].clone();
+                self.advance();
+                if t == self.target && self.opts.coordinators.len() > 1 {
+                    t = self.opts.coordinators[self.next].clone();
+                    self.advance();
+                }
+                t
+            }
+        };
+        self.connect_to().await
+    }
+
+    async fn connect_to(&mut self) -> Option<Input> {
+        let (addr, name) = (self.target.addr, self.target.name.clone());
         let connecting = match self.endpoint.connect(addr, &name) {
             Ok(c) => c,
             Err(e) => {
@@ -387,7 +476,7 @@ impl Shell {
             .root()
             .join("tmp")
             .join(format!("{}.fetch", id.to_hex()));
-        let bytes = fetch_blob_bytes(&link.conn, &self.opts.server_name, id, &part, max_len)
+        let bytes = fetch_blob_bytes(&link.conn, &self.target.name, id, &part, max_len)
             .await
             .map_err(|e| disconnect(&e))?;
         self.cache.put(&bytes).map_err(|e| store_err(&e))?;

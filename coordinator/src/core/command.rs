@@ -5,9 +5,10 @@
 //! hash-map order. A replicated coordinator (the Raft issue) therefore puts these commands, not
 //! the core's outputs, in its log: each replica applies the committed commands in log order to its
 //! own core and computes the same parameters, bit for bit, reading only the time written in the
-//! command, never its own clock. An update's values come from its blob (which every replica
-//! pulls by its BLAKE3 id) through the one decoder, so a log entry stays a few hundred bytes
-//! whatever the model's size.
+//! command, never its own clock. An update's values come from its encoded blob through the one
+//! decoder. In a Raft entry ([`Command::to_entry`]) the encoded update travels with the command,
+//! so that an update is committed (and acknowledged) only once a quorum holds its bytes, not just
+//! its name: a leader that dies right after acknowledging cannot take the only copy with it.
 
 use serde::{Deserialize, Serialize};
 
@@ -67,6 +68,10 @@ pub enum LoggedEvent {
 /// An [`ArrivedUpdate`] without its values.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UpdateRef {
+    /// The encoded update (the bytes of `blob`) when the command came from or goes into a Raft
+    /// entry; `None` in the journal, whose updates live in the content store.
+    #[serde(skip)]
+    pub encoded: Option<Vec<u8>>,
     /// The round the worker trained.
     pub round: u64,
     /// The blob holding the encoded pseudo-gradient.
@@ -83,8 +88,14 @@ pub struct UpdateRef {
 
 /// A command whose bytes do not parse.
 #[derive(Debug, thiserror::Error)]
-#[error("command log entry does not parse")]
-pub struct BadCommand(#[from] serde_json::Error);
+pub enum BadCommand {
+    /// The JSON part.
+    #[error("command log entry does not parse")]
+    Json(#[from] serde_json::Error),
+    /// Bytes after a command that carries none.
+    #[error("command log entry has bytes after a command that is not an update")]
+    Trailing,
+}
 
 impl Command {
     /// The command recording `event`, handled at `at_ms`.
@@ -99,6 +110,7 @@ impl Command {
             Event::Update { worker, update } => LoggedEvent::Update {
                 worker: *worker,
                 update: UpdateRef {
+                    encoded: None,
                     round: update.round,
                     blob: update.blob,
                     bytes: update.bytes,
@@ -171,5 +183,36 @@ impl Command {
     /// A command from a log entry's bytes.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, BadCommand> {
         Ok(serde_json::from_slice(bytes)?)
+    }
+
+    /// The command as a Raft entry's data: its JSON, then (for an update that carries its
+    /// encoded bytes) a zero byte and those bytes. JSON never holds a raw zero byte.
+    pub fn to_entry(&self) -> Vec<u8> {
+        let mut data = self.to_bytes();
+        if let LoggedEvent::Update { update, .. } = &self.event
+            && let Some(encoded) = &update.encoded
+        {
+            data.reserve(1 + encoded.len());
+            data.push(0);
+            data.extend_from_slice(encoded);
+        }
+        data
+    }
+
+    /// A command from a Raft entry's data ([`Command::to_entry`]).
+    pub fn from_entry(data: &[u8]) -> Result<Self, BadCommand> {
+        let (json, encoded) = match data.iter().position(|&b| b == 0) {
+            Some(at) => (&data[..at], Some(&data[at + 1..])),
+            None => (data, None),
+        };
+        let mut cmd = Command::from_bytes(json)?;
+        match (&mut cmd.event, encoded) {
+            (LoggedEvent::Update { update, .. }, Some(bytes)) => {
+                update.encoded = Some(bytes.to_vec());
+            }
+            (_, None) => {}
+            (_, Some(_)) => return Err(BadCommand::Trailing),
+        }
+        Ok(cmd)
     }
 }

@@ -501,7 +501,10 @@ impl Core {
         self.now_ms = now_ms;
         let mut out = Vec::new();
         match event {
-            Event::Joined { worker, info } => self.on_join(worker, info, &mut out),
+            Event::Joined { worker, info } => {
+                self.on_join(worker, info, &mut out);
+                self.rejoin_round(worker, &mut out);
+            }
             Event::Left { worker } => self.on_leave(worker, "left"),
             Event::Heartbeat { worker } => {
                 if let Some(w) = self.workers.get_mut(&worker) {
@@ -771,12 +774,15 @@ impl Core {
                     expected,
                     ..
                 } => {
-                    let all_in = expected.iter().all(|id| {
-                        self.workers.get(id).is_some_and(|w| {
-                            self.received.iter().any(|p| p.from == w.info.name)
-                                || self.refused.iter().any(|(n, _)| *n == w.info.name)
-                        })
-                    });
+                    // With every session gone, the round waits for its deadline: they may join
+                    // again (a lost connection, a new coordinator replica leading) and deliver.
+                    let all_in = !expected.is_empty()
+                        && expected.iter().all(|id| {
+                            self.workers.get(id).is_some_and(|w| {
+                                self.received.iter().any(|p| p.from == w.info.name)
+                                    || self.refused.iter().any(|(n, _)| *n == w.info.name)
+                            })
+                        });
                     if self.now_ms >= *deadline_ms || all_in {
                         self.close_round(out);
                         continue;

@@ -6,14 +6,13 @@ use super::*;
 impl Core {
     pub(super) fn start_round(&mut self, out: &mut Vec<Action>) {
         self.started_any = true;
-        let r = &self.cfg.rounds;
+        let r = self.cfg.rounds;
         let deadline_ms = self.now_ms
             + if r.steps > 0 {
                 r.grace_ms
             } else {
                 r.budget_ms + r.grace_ms
             };
-        let params_hash = self.params_hash;
         let claimed: Vec<f64> = self
             .workers
             .values()
@@ -22,8 +21,6 @@ impl Core {
         let most = SPEED_CAP * lower_median(&claimed);
         let speed = |claim: f64| claim.max(1e-3).min(most);
         let total_speed: f64 = claimed.iter().map(|c| speed(*c)).sum();
-        let seed = self.cfg.run.train.seed;
-        let state_len = 4 * (self.params.model.len() + self.params.target.len()) as u64;
         let flush = self.is_flush_round(self.round);
         let mut bytes_down = 0;
         let mut expected = BTreeSet::new();
@@ -32,45 +29,7 @@ impl Core {
             let w = self.workers.get(&id).expect("listed above");
             let share = speed(w.info.samples_per_s) / total_speed;
             let n = ((r.shards_per_round as f64 * share).round() as usize).max(1);
-            let name = w.info.name.clone();
-            let holds = w.holds;
-            let shards = self.plan.take(n, &name, seed);
-            let delta = self
-                .last_delta
-                .filter(|(base, _)| holds == Some(*base))
-                .map(|(base, blob)| StateDelta {
-                    base,
-                    blob,
-                    target_momentum: self.last_delta_momentum,
-                });
-            bytes_down += match delta {
-                _ if holds == Some(params_hash) => 0,
-                Some(_) => self.delta_bytes_len,
-                None => state_len,
-            };
-            out.push(Action::Send {
-                worker: id,
-                msg: ServerMsg::RoundAnnounce(RoundAnnounce {
-                    round: self.round,
-                    state: self.state_blob,
-                    params: params_hash,
-                    delta,
-                    budget_ms: r.budget_ms,
-                    steps: r.steps,
-                    planned_rounds: r.max_rounds,
-                    flush,
-                }),
-            });
-            out.push(Action::Send {
-                worker: id,
-                msg: ServerMsg::ShardAssignment {
-                    round: self.round,
-                    shards: shards.clone(),
-                },
-            });
-            let w = self.workers.get_mut(&id).expect("listed above");
-            w.holds = Some(params_hash);
-            w.assigned = shards;
+            bytes_down += self.announce_round(id, n, flush, out);
             expected.insert(id);
         }
         tracing::info!(
@@ -89,6 +48,95 @@ impl Core {
             announced,
             bytes_down,
         };
+    }
+
+    /// Announces the open round to session `id` with `n` shards from the plan; returns the bytes
+    /// it will download (nothing, a delta or the whole state).
+    fn announce_round(
+        &mut self,
+        id: WorkerId,
+        n: usize,
+        flush: bool,
+        out: &mut Vec<Action>,
+    ) -> u64 {
+        let r = &self.cfg.rounds;
+        let params_hash = self.params_hash;
+        let state_len = 4 * (self.params.model.len() + self.params.target.len()) as u64;
+        let seed = self.cfg.run.train.seed;
+        let Some(w) = self.workers.get(&id) else {
+            return 0;
+        };
+        let name = w.info.name.clone();
+        let holds = w.holds;
+        let shards = self.plan.take(n, &name, seed);
+        let delta = self
+            .last_delta
+            .filter(|(base, _)| holds == Some(*base))
+            .map(|(base, blob)| StateDelta {
+                base,
+                blob,
+                target_momentum: self.last_delta_momentum,
+            });
+        let bytes_down = match delta {
+            _ if holds == Some(params_hash) => 0,
+            Some(_) => self.delta_bytes_len,
+            None => state_len,
+        };
+        out.push(Action::Send {
+            worker: id,
+            msg: ServerMsg::RoundAnnounce(RoundAnnounce {
+                round: self.round,
+                state: self.state_blob,
+                params: params_hash,
+                delta,
+                budget_ms: r.budget_ms,
+                steps: r.steps,
+                planned_rounds: r.max_rounds,
+                flush,
+            }),
+        });
+        out.push(Action::Send {
+            worker: id,
+            msg: ServerMsg::ShardAssignment {
+                round: self.round,
+                shards: shards.clone(),
+            },
+        });
+        let w = self.workers.get_mut(&id).expect("checked above");
+        w.holds = Some(params_hash);
+        w.assigned = shards;
+        bytes_down
+    }
+
+    /// An institution the open round was announced to joins again before it delivered (it lost
+    /// its connection, or a new coordinator replica leads): the round is announced to its new
+    /// session too, which offers the update it trained again or trains the round, and the round
+    /// waits for it as for the others.
+    pub(super) fn rejoin_round(&mut self, id: WorkerId, out: &mut Vec<Action>) {
+        let Phase::Running { announced, .. } = &self.phase else {
+            return;
+        };
+        let Some(name) = self.workers.get(&id).map(|w| w.info.name.clone()) else {
+            return;
+        };
+        let delivered = self.received.iter().any(|p| p.from == name)
+            || self.refused.iter().any(|(n, _)| *n == name);
+        if delivered || !announced.contains(&name) {
+            return;
+        }
+        let n = (self.cfg.rounds.shards_per_round / announced.len().max(1)).max(1);
+        let flush = self.is_flush_round(self.round);
+        let bytes = self.announce_round(id, n, flush, out);
+        if let Phase::Running {
+            expected,
+            bytes_down,
+            ..
+        } = &mut self.phase
+        {
+            expected.insert(id);
+            *bytes_down += bytes;
+        }
+        tracing::info!(worker = id.0, %name, round = self.round, "rejoined the open round");
     }
 
     pub(super) fn close_round(&mut self, out: &mut Vec<Action>) {

@@ -4,9 +4,9 @@
 //! replica applies the committed commands in log order to its own [`Core`], so all compute the
 //! same state. Only the leader talks to workers: the core's `Send` actions reach the leader's
 //! shell alone, and since a command is applied only once committed, a worker's update is
-//! acknowledged only after its command is durable on a quorum. An update's values travel as its
-//! blob: the leader holds them (it pulled the update); a follower asks its shell to pull the
-//! blob by id ([`MachineAction::Fetch`]) and applies the command once they are there. After a
+//! acknowledged only after its command is durable on a quorum. An update's encoded bytes travel
+//! in its log entry ([`Command::to_entry`]): a follower decodes them with the one codec, checked
+//! against the blob id the leader named; the leader keeps the values it decoded itself. After a
 //! round closes, each replica compacts its log into a snapshot of its core
 //! ([`Core::replica_snapshot`]), stored as a blob whose id is the Raft snapshot's data; a replica
 //! that receives such a snapshot asks for that blob ([`MachineAction::FetchSnapshot`]).
@@ -17,7 +17,8 @@ use amity_shared::store::BlobId;
 
 use super::{Replica, ReplicaError};
 use crate::config::CoreConfig;
-use crate::core::{Action, Command, Core, Event, LoggedEvent, Snapshot, WorkerId};
+use crate::core::{Action, Command, Core, Event, LoggedEvent, Snapshot, UpdateRef, WorkerId};
+use amity_shared::federated::codec;
 
 /// How often the leader logs the time (the core's deadlines run on logged time only).
 pub const LOGGED_TICK_MS: u64 = 1000;
@@ -36,10 +37,7 @@ pub enum MachineAction {
     },
     /// Carry out a core action. `Send`s only reach the leader's shell.
     Core(Action),
-    /// Pull update blob `id` (from the leader) and hand its decoded values to
-    /// [`ReplicatedCore::update_values`].
-    Fetch(BlobId),
-    /// Pull core snapshot blob `id` and hand it to [`ReplicatedCore::restore`].
+    /// Pull core snapshot blob `id` from a peer and hand it to [`ReplicatedCore::restore`].
     FetchSnapshot(BlobId),
     /// This replica started or stopped leading. A shell that stops leading closes its workers'
     /// connections (they reconnect to the new leader).
@@ -58,13 +56,11 @@ pub struct ReplicatedCore {
     replica: Replica,
     core: Core,
     cfg: CoreConfig,
-    /// Committed commands not applied yet; the first may wait for its update's values or for a
-    /// snapshot to be restored.
+    /// Committed commands not applied yet (while a snapshot is restored).
     waiting: VecDeque<(u64, Command)>,
-    /// Update values at hand, by blob id, until their command is applied.
+    /// The values of updates this leader proposed, by blob id, until their command is applied
+    /// (no need to decode what it decoded already).
     values: BTreeMap<BlobId, Vec<f32>>,
-    /// A blob asked of the shell (update or snapshot), so it is asked once.
-    fetching: Option<BlobId>,
     /// A Raft snapshot whose core snapshot blob is awaited.
     restoring: Option<BlobId>,
     leading: bool,
@@ -97,7 +93,6 @@ impl ReplicatedCore {
             cfg,
             waiting: VecDeque::new(),
             values: BTreeMap::new(),
-            fetching: None,
             restoring: None,
             leading: false,
             last_logged_ms: None,
@@ -117,6 +112,16 @@ impl ReplicatedCore {
         &self.replica
     }
 
+    /// The log index of the last command applied to the core.
+    pub fn applied_index(&self) -> u64 {
+        self.applied_index
+    }
+
+    /// Asks for a linearizable read ([`Replica::read_index`]).
+    pub fn read_index(&mut self, ctx: Vec<u8>) {
+        self.replica.read_index(ctx);
+    }
+
     /// A new session id for a worker that registers with this leader: unique across leaders,
     /// since the term is part of it.
     pub fn new_session(&mut self) -> WorkerId {
@@ -127,6 +132,8 @@ impl ReplicatedCore {
     /// Time passed: one Raft tick (call every [`super::TICK`]); the leader logs the time every
     /// [`LOGGED_TICK_MS`].
     pub fn tick(&mut self, now_ms: u64) -> Result<Vec<MachineAction>, ReplicaError> {
+        // Logged time never goes back, whichever replica's clock it comes from.
+        let now_ms = now_ms.max(self.applied_at);
         self.replica.tick();
         if self.replica.is_leader()
             && self
@@ -146,29 +153,22 @@ impl ReplicatedCore {
     }
 
     /// What a worker connection reported, on the leader: logged, and applied once committed.
-    /// An update's values are kept, so the leader does not fetch what it pulled itself.
+    /// An update goes with `encoded`, the bytes its values were decoded from (the blob it names),
+    /// which its log entry carries to every replica; the leader keeps the values.
     pub fn propose(
         &mut self,
         event: Event,
+        encoded: Option<Vec<u8>>,
         now_ms: u64,
     ) -> Result<Vec<MachineAction>, ReplicaError> {
-        self.replica.propose(&Command::of(&event, now_ms))?;
+        let mut cmd = Command::of(&event, now_ms.max(self.applied_at));
+        if let LoggedEvent::Update { update, .. } = &mut cmd.event {
+            update.encoded = encoded;
+        }
+        self.replica.propose(&cmd)?;
         // The values move into the map: no copy of a model-sized vector per update.
         if let Event::Update { update, .. } = event {
             self.values.insert(update.blob, update.values);
-        }
-        self.step()
-    }
-
-    /// The values of update blob `id`, pulled by the shell.
-    pub fn update_values(
-        &mut self,
-        id: BlobId,
-        values: Vec<f32>,
-    ) -> Result<Vec<MachineAction>, ReplicaError> {
-        self.values.insert(id, values);
-        if self.fetching == Some(id) {
-            self.fetching = None;
         }
         self.step()
     }
@@ -180,7 +180,6 @@ impl ReplicatedCore {
             .map_err(|e| ReplicaError::Snapshot(e.to_string()))?;
         self.core = core;
         self.restoring = None;
-        self.fetching = None;
         let mut out: Vec<MachineAction> = actions.into_iter().map(MachineAction::Core).collect();
         out.extend(self.step()?);
         Ok(out)
@@ -201,7 +200,6 @@ impl ReplicatedCore {
             // Everything before the snapshot is in it.
             self.waiting.clear();
             self.restoring = Some(id);
-            self.fetching = Some(id);
             out.push(MachineAction::FetchSnapshot(id));
         }
         self.waiting.extend(ready.committed);
@@ -214,39 +212,30 @@ impl ReplicatedCore {
                 term: self.replica.term(),
             });
             if self.leading {
-                // The sessions of earlier leaders are gone with their connections: their
-                // workers register again here.
+                // The sessions of earlier leaders lost their connections: their workers register
+                // again here, under new sessions that an open round is announced to again. The
+                // old sessions stay until their heartbeats time out (logged time), so that the
+                // open round waits that long for workers still on their way back.
                 self.last_logged_ms = None;
-                for (worker, _) in self.core.workers() {
-                    let left = Command::of(&Event::Left { worker }, self.applied_at);
-                    self.replica.propose(&left)?;
-                }
             }
         }
         Ok(out)
     }
 
-    /// Applies the committed commands in order, as far as their values are at hand.
+    /// Applies the committed commands in order (none while a snapshot is being restored).
     fn apply(&mut self, out: &mut Vec<MachineAction>) -> Result<(), ReplicaError> {
         if self.restoring.is_some() {
             return Ok(());
         }
-        while let Some((index, cmd)) = self.waiting.front() {
-            if let LoggedEvent::Update { update, .. } = &cmd.event
-                && !self.values.contains_key(&update.blob)
-            {
-                if self.fetching != Some(update.blob) {
-                    self.fetching = Some(update.blob);
-                    out.push(MachineAction::Fetch(update.blob));
-                }
-                return Ok(());
-            }
-            let index = *index;
-            let (_, cmd) = self.waiting.pop_front().expect("checked above");
+        while let Some((index, cmd)) = self.waiting.pop_front() {
             let values = &mut self.values;
+            let parts = self.core.update_parts();
             let (event, at) = cmd
-                .into_event(|u| values.remove(&u.blob).ok_or(()))
-                .expect("values checked above");
+                .into_event(|u| match values.remove(&u.blob) {
+                    Some(v) => Ok(v),
+                    None => decode_update(u, &parts),
+                })
+                .map_err(|why| ReplicaError::BadUpdate { index, why })?;
             let mut closed = false;
             self.applied_at = self.applied_at.max(at);
             for action in self.core.handle(event, at) {
@@ -286,6 +275,19 @@ impl ReplicatedCore {
         self.replica
             .compact(self.applied_index, id.to_hex().into_bytes())
     }
+}
+
+/// The values of a committed update, from the encoded bytes its entry carries: they must be the
+/// blob it names and decode to the model's shape (the leader checked both before proposing).
+fn decode_update(update: &UpdateRef, parts: &[usize]) -> Result<Vec<f32>, String> {
+    let bytes = update
+        .encoded
+        .as_deref()
+        .ok_or("an update entry without its bytes")?;
+    if BlobId::of(bytes) != update.blob {
+        return Err(format!("the bytes are not blob {}", update.blob));
+    }
+    codec::decode_parts(bytes, parts).map_err(|e| e.to_string())
 }
 
 /// The core snapshot blob a Raft snapshot's data names (its hex id).

@@ -10,8 +10,8 @@
 //! Between replicas, [`Transport`] carries the bytes over QUIC with mutual TLS (replica
 //! certificates only).
 //!
-//! Not built yet (the Raft issue): the core's snapshots as Raft snapshots, membership changes,
-//! read-index status, and the coordinator's server driving a replica.
+//! [`ReplicatedCore`] puts a [`Core`](crate::core::Core) on top: the coordinator's server drives
+//! one in replicated mode.
 
 mod log_store;
 pub mod machine;
@@ -29,7 +29,9 @@ use raft::{RawNode, StateRole};
 
 pub use log_store::{LogStore, LogStoreError};
 pub use machine::{MachineAction, ReplicatedCore};
-pub use transport::{MAX_RAFT_MESSAGE, PeerAddr, Transport, TransportError};
+pub use transport::{
+    BlobFetcher, FetchError, Locate, MAX_RAFT_MESSAGE, PeerAddr, Transport, TransportError,
+};
 pub use wire::WireError;
 
 use crate::core::{BadCommand, Command};
@@ -99,6 +101,15 @@ pub enum ReplicaError {
     /// A core snapshot that a Raft snapshot names cannot be used.
     #[error("replica snapshot: {0}")]
     Snapshot(String),
+    /// A committed update whose bytes are missing, not the blob it names, or undecodable: the
+    /// log is corrupt.
+    #[error("log entry {index}: {why}")]
+    BadUpdate {
+        /// Its index.
+        index: u64,
+        /// What is wrong.
+        why: String,
+    },
     /// A committed entry that is not a command: the log is corrupt.
     #[error("log entry {index}: {source}")]
     BadEntry {
@@ -203,15 +214,16 @@ impl Replica {
         self.node.tick();
     }
 
-    /// Proposes `cmd` for the log. Only the leader accepts: a follower answers
-    /// [`ReplicaError::NotLeader`] with the leader it knows, for the caller to redirect to.
+    /// Proposes `cmd` for the log, with the encoded update it carries, if any. Only the leader
+    /// accepts: a follower answers [`ReplicaError::NotLeader`] with the leader it knows, for the
+    /// caller to redirect to.
     pub fn propose(&mut self, cmd: &Command) -> Result<(), ReplicaError> {
         if !self.is_leader() {
             return Err(ReplicaError::NotLeader {
                 leader: self.leader(),
             });
         }
-        Ok(self.node.propose(Vec::new(), cmd.to_bytes())?)
+        Ok(self.node.propose(Vec::new(), cmd.to_entry())?)
     }
 
     /// Takes a message that authenticated peer `peer` sent: checked, parsed, and refused unless
@@ -261,6 +273,23 @@ impl Replica {
             }
         }
         Ok(self.node.propose_conf_change(Vec::new(), cc)?)
+    }
+
+    /// On the leader, each replica's highest log index known to be stored there, by id (its lag
+    /// is the commit index minus this); empty on a follower, which cannot know.
+    pub fn matched(&self) -> Vec<(u64, u64)> {
+        if !self.is_leader() {
+            return Vec::new();
+        }
+        let mut m: Vec<(u64, u64)> = self
+            .node
+            .raft
+            .prs()
+            .iter()
+            .map(|(id, p)| (*id, p.matched))
+            .collect();
+        m.sort_unstable();
+        m
     }
 
     /// The voters as this replica knows them.
@@ -335,7 +364,7 @@ impl Replica {
             match e.get_entry_type() {
                 EntryType::EntryNormal if e.get_data().is_empty() => {}
                 EntryType::EntryNormal => {
-                    let cmd = Command::from_bytes(e.get_data()).map_err(|source| {
+                    let cmd = Command::from_entry(e.get_data()).map_err(|source| {
                         ReplicaError::BadEntry {
                             index: e.index,
                             source,

@@ -6,17 +6,27 @@
 //! again by Raft itself), so no framing is needed beyond the stream's end, and a slow peer never
 //! holds up another. Each peer has a sender task with its own queue: it connects on demand, and
 //! drops messages while the peer is unreachable rather than queueing them without bound.
+//!
+//! The same connections serve blobs to peers on bidirectional streams (the protocol's verified,
+//! resumable blob fetch): a replica that receives a Raft snapshot pulls the core snapshot it
+//! names from a peer with a [`BlobFetcher`].
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
+
+use amity_protocol::conn::{ConnError, OutboardCache, fetch_blob, serve_blob_requests};
+use amity_shared::store::BlobId;
 
 use amity_protocol::tls::{
     CertRole, Identity, Revocations, TlsError, peer_name, peer_role, quic_replica_configs,
 };
 use tokio::sync::mpsc;
 
-/// The most bytes one Raft message may have (entries are batched up to 1 MiB per message).
+/// The most bytes one Raft message may have besides its largest entry (entries are batched up
+/// to 1 MiB per message; one larger entry, an update carrying its bytes, goes alone).
 pub const MAX_RAFT_MESSAGE: usize = 4 << 20;
 
 /// Messages queued for one peer before new ones are dropped (Raft resends).
@@ -48,23 +58,85 @@ pub enum TransportError {
     },
 }
 
+/// Where a replica finds a blob a peer asks for (its content store), if it holds it.
+pub type Locate = Arc<dyn Fn(&BlobId) -> Option<PathBuf> + Send + Sync>;
+
 /// A replica's connections to its peers.
 #[derive(Debug)]
 pub struct Transport {
     endpoint: quinn::Endpoint,
+    peers: BTreeMap<u64, PeerAddr>,
     outboxes: BTreeMap<u64, mpsc::Sender<Vec<u8>>>,
     inbox: mpsc::Receiver<(u64, Vec<u8>)>,
 }
 
+/// Pulls blobs from peer replicas (cloned into the tasks that fetch).
+#[derive(Debug, Clone)]
+pub struct BlobFetcher {
+    endpoint: quinn::Endpoint,
+    peers: BTreeMap<u64, PeerAddr>,
+}
+
+/// Why a blob could not be pulled from a peer.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// Not a configured peer.
+    #[error("replica {0} is not a configured peer")]
+    UnknownPeer(u64),
+    /// It could not be reached.
+    #[error("replica {peer}: {why}")]
+    Unreachable {
+        /// The peer.
+        peer: u64,
+        /// Why.
+        why: String,
+    },
+    /// The transfer (refused, cut, not matching its id).
+    #[error(transparent)]
+    Transfer(#[from] ConnError),
+}
+
+impl BlobFetcher {
+    /// Fetches blob `id` (at most `max_len` bytes) from replica `from` into `part`, verified
+    /// against its id and resumed from what `part` holds. Returns its length.
+    pub async fn fetch(
+        &self,
+        from: u64,
+        id: BlobId,
+        part: &Path,
+        max_len: u64,
+    ) -> Result<u64, FetchError> {
+        let peer = self.peers.get(&from).ok_or(FetchError::UnknownPeer(from))?;
+        let conn = connect(&self.endpoint, peer)
+            .await
+            .map_err(|e| FetchError::Unreachable {
+                peer: from,
+                why: e.to_string(),
+            })?;
+        let got = fetch_blob(&conn, &peer.name, id, part, max_len).await;
+        conn.close(0u32.into(), b"done");
+        Ok(got?)
+    }
+
+    /// The peers' ids.
+    pub fn peers(&self) -> impl Iterator<Item = u64> + '_ {
+        self.peers.keys().copied()
+    }
+}
+
 impl Transport {
     /// Listens on `listen` as replica `identity` and reaches `peers` (by Raft id; this
-    /// replica's own entry, if present, is ignored). Call inside a tokio runtime.
+    /// replica's own entry, if present, is ignored); serves peers the blobs `locate` finds.
+    /// Messages over `max_entry` + [`MAX_RAFT_MESSAGE`] bytes are dropped. Call inside a tokio
+    /// runtime.
     pub fn start(
         listen: SocketAddr,
         identity: &Identity,
         revoked: &Revocations,
         me: u64,
         peers: &BTreeMap<u64, PeerAddr>,
+        locate: Locate,
+        max_entry: usize,
     ) -> Result<Self, TransportError> {
         let (server, client) = quic_replica_configs(identity, revoked)?;
         let mut endpoint = amity_protocol::endpoint::server(listen, server).map_err(|source| {
@@ -82,20 +154,30 @@ impl Transport {
         let (tx, inbox) = mpsc::channel(QUEUE);
         let by_name: BTreeMap<String, u64> =
             peers.iter().map(|(id, p)| (p.name.clone(), *id)).collect();
-        tokio::spawn(accept(endpoint.clone(), by_name, tx));
+        let limit = MAX_RAFT_MESSAGE + max_entry;
+        tokio::spawn(accept(endpoint.clone(), by_name, tx, locate, limit));
         let outboxes = peers
-            .into_iter()
-            .map(|(id, peer)| {
+            .iter()
+            .map(|(&id, peer)| {
                 let (tx, rx) = mpsc::channel(QUEUE);
-                tokio::spawn(send_to(endpoint.clone(), id, peer, rx));
+                tokio::spawn(send_to(endpoint.clone(), id, peer.clone(), rx));
                 (id, tx)
             })
             .collect();
         Ok(Transport {
             endpoint,
+            peers,
             outboxes,
             inbox,
         })
+    }
+
+    /// A handle that pulls blobs from the peers.
+    pub fn fetcher(&self) -> BlobFetcher {
+        BlobFetcher {
+            endpoint: self.endpoint.clone(),
+            peers: self.peers.clone(),
+        }
     }
 
     /// The address it listens on.
@@ -121,15 +203,20 @@ impl Transport {
     }
 }
 
-/// Accepts peers: only replica certificates whose name is a configured peer; each stream is one
-/// message, handed on with the peer's id.
+/// Accepts peers: only replica certificates whose name is a configured peer; each
+/// unidirectional stream is one message, handed on with the peer's id, and each bidirectional
+/// one a blob request.
 async fn accept(
     endpoint: quinn::Endpoint,
     by_name: BTreeMap<String, u64>,
     tx: mpsc::Sender<(u64, Vec<u8>)>,
+    locate: Locate,
+    limit: usize,
 ) {
+    let outboards = OutboardCache::new();
     while let Some(incoming) = endpoint.accept().await {
         let (by_name, tx) = (by_name.clone(), tx.clone());
+        let (locate, outboards) = (locate.clone(), outboards.clone());
         tokio::spawn(async move {
             let Ok(conn) = incoming.await else { return };
             let name = peer_name(&conn).unwrap_or_default();
@@ -141,8 +228,14 @@ async fn accept(
                     return;
                 }
             };
+            let serving = tokio::spawn(serve_blob_requests(
+                conn.clone(),
+                name,
+                outboards,
+                move |id: &BlobId| locate(id),
+            ));
             while let Ok(mut stream) = conn.accept_uni().await {
-                match stream.read_to_end(MAX_RAFT_MESSAGE).await {
+                match stream.read_to_end(limit).await {
                     Ok(bytes) => {
                         if tx.send((id, bytes)).await.is_err() {
                             return;
@@ -151,6 +244,7 @@ async fn accept(
                     Err(e) => tracing::debug!(replica = id, "raft message dropped: {e}"),
                 }
             }
+            serving.abort();
         });
     }
 }

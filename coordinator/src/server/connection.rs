@@ -271,6 +271,20 @@ async fn registration(
                     tokio::time::timeout(std::time::Duration::from_secs(2), conn.closed()).await;
                 return Registration::Gone;
             }
+            Ok(Some(ClientMsg::Register(_))) if shared.redirect_to().is_some() => {
+                let leader = shared.redirect_to().unwrap_or_default();
+                tracing::info!(%peer, "sent to the leader `{leader}`");
+                let _ = control
+                    .send(&ServerMsg::Error {
+                        code: ErrorCode::NotLeader,
+                        message: leader,
+                    })
+                    .await;
+                control.finish();
+                let _ =
+                    tokio::time::timeout(std::time::Duration::from_secs(2), conn.closed()).await;
+                return Registration::Gone;
+            }
             Ok(Some(ClientMsg::Register(c))) => return Registration::Worker(c),
             Ok(Some(ClientMsg::ReleaseQuery { name })) => {
                 let answer = release_answer(shared, &name).await;
@@ -362,7 +376,10 @@ async fn worker_session(
                 let Some(msg) = msg else { break };
                 let last = matches!(
                     msg,
-                    ServerMsg::Error { code: ErrorCode::ShuttingDown | ErrorCode::Finished, .. }
+                    ServerMsg::Error {
+                        code: ErrorCode::ShuttingDown | ErrorCode::Finished | ErrorCode::NotLeader,
+                        ..
+                    }
                 );
                 if control.send(&msg).await.is_err() {
                     break;

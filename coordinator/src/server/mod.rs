@@ -25,18 +25,21 @@ use crate::config::CoordinatorConfig;
 use crate::core::{Action, Core, Event, LogEntry, ShardInfo, Snapshot};
 use crate::journal::Journal;
 use crate::layout::StateLayout;
+use crate::replica::{self, ReplicatedCore};
 use crate::retention::Retention;
 use crate::scoring::HeldOut;
 
 mod connection;
 mod limits;
 mod pull;
+mod replicated;
 mod shared;
 mod status;
 
 pub use limits::{
     ANONYMOUS_STREAMS, HELLO_TIMEOUT, MAX_ANONYMOUS, MAX_ANONYMOUS_PER_IP, MAX_CONNECTIONS,
 };
+pub use replicated::ReplicaStatus;
 pub use shared::Defence;
 pub use status::Status;
 
@@ -111,32 +114,38 @@ fn build_core(
 ) -> Result<(Core, Vec<Action>), CoordinatorError> {
     let core_cfg = cfg.core().map_err(setup("coordinator config"))?;
     let point = journal.resume_point().map_err(setup("command log"))?;
-    if let Some(snap_id) = point.snapshot {
-        let bytes = store
-            .get(&snap_id)
-            .map_err(setup(format!("snapshot {snap_id}")))?;
-        let snap = Snapshot::from_bytes(&bytes).map_err(setup(format!("snapshot {snap_id}")))?;
-        let (mut core, actions) =
-            Core::restore(core_cfg, snap).map_err(setup(format!("snapshot {snap_id}")))?;
-        let parts = core.update_parts();
-        for entry in &point.accepted {
-            if let LogEntry::UpdateAccepted { blob, .. } = entry {
-                let bytes = store
-                    .get(blob)
-                    .map_err(setup(format!("logged update {blob}")))?;
-                let values = codec::decode_parts(&bytes, &parts)
-                    .map_err(setup(format!("logged update {blob}")))?;
-                core.replay_update(entry, values);
-            }
+    let Some(snap_id) = point.snapshot else {
+        return fresh_core(cfg);
+    };
+    let bytes = store
+        .get(&snap_id)
+        .map_err(setup(format!("snapshot {snap_id}")))?;
+    let snap = Snapshot::from_bytes(&bytes).map_err(setup(format!("snapshot {snap_id}")))?;
+    let (mut core, actions) =
+        Core::restore(core_cfg, snap).map_err(setup(format!("snapshot {snap_id}")))?;
+    let parts = core.update_parts();
+    for entry in &point.accepted {
+        if let LogEntry::UpdateAccepted { blob, .. } = entry {
+            let bytes = store
+                .get(blob)
+                .map_err(setup(format!("logged update {blob}")))?;
+            let values = codec::decode_parts(&bytes, &parts)
+                .map_err(setup(format!("logged update {blob}")))?;
+            core.replay_update(entry, values);
         }
-        tracing::info!(
-            round = core.round(),
-            params = %core.params_hash().to_hex(),
-            replayed = point.accepted.len(),
-            "resumed from the command log"
-        );
-        return Ok((core, actions));
     }
+    tracing::info!(
+        round = core.round(),
+        params = %core.params_hash().to_hex(),
+        replayed = point.accepted.len(),
+        "resumed from the command log"
+    );
+    Ok((core, actions))
+}
+
+/// A core at round 0: the run's seeded parameters and the corpus's shards.
+fn fresh_core(cfg: &CoordinatorConfig) -> Result<(Core, Vec<Action>), CoordinatorError> {
+    let core_cfg = cfg.core().map_err(setup("coordinator config"))?;
     let run = &core_cfg.run;
     let params = GlobalParams::seeded(run);
     let shards = match &cfg.corpus {
@@ -173,11 +182,79 @@ fn add_scorer(cfg: &CoordinatorConfig, core: &mut Core) -> Result<(), Coordinato
     Ok(())
 }
 
+/// What both kinds of coordinator open before they run: the store, the corpus, the endpoint.
+struct Opened {
+    store: LocalStore,
+    corpus: Option<LocalStore>,
+    layout: StateLayout,
+    revoked: Revocations,
+}
+
+impl Opened {
+    fn open(cfg: &CoordinatorConfig) -> Result<Self, CoordinatorError> {
+        let layout = StateLayout {
+            dir: cfg.state_dir.clone(),
+        };
+        let store = LocalStore::open(&layout.blobs()).map_err(setup("blob store"))?;
+        let corpus = match &cfg.corpus {
+            Some(dir) => Some(open_blobs(dir).map_err(setup("corpus blobs"))?),
+            None => None,
+        };
+        for d in [layout.checkpoints(), layout.incoming()] {
+            std::fs::create_dir_all(&d).map_err(setup(d.display()))?;
+        }
+        let revoked = Revocations::new(cfg.revoked.iter().cloned());
+        Ok(Opened {
+            store,
+            corpus,
+            layout,
+            revoked,
+        })
+    }
+
+    /// The workers' endpoint. Workers need an institution certificate; downstream users may
+    /// download releases without one (what an anonymous peer may do is decided per message).
+    fn listen(
+        &self,
+        cfg: &CoordinatorConfig,
+        identity: &Identity,
+        bound: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
+    ) -> Result<quinn::Endpoint, CoordinatorError> {
+        let server_cfg = quic_server_config_with(identity, &self.revoked, ClientAuth::Optional)
+            .map_err(setup("TLS"))?;
+        let endpoint = amity_protocol::endpoint::server(cfg.listen, server_cfg)
+            .map_err(setup(format!("listen on {}", cfg.listen)))?;
+        let addr = endpoint.local_addr().map_err(setup("listening address"))?;
+        tracing::info!(%addr, "coordinator listening");
+        if let Some(tx) = bound {
+            let _ = tx.send(addr);
+        }
+        Ok(endpoint)
+    }
+}
+
 /// Runs the coordinator until `shutdown` resolves (or, with `exit_when_finished`, until
-/// `max_rounds` are done). Returns the final status.
+/// `max_rounds` are done). Returns the final status. With `[replication]` it runs as one
+/// replica of several ([`replicated`]), otherwise alone with its own journal.
 pub async fn run(
     cfg: CoordinatorConfig,
     identity: Identity,
+    controls: Controls,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<Status, CoordinatorError> {
+    raise_open_file_limit();
+    let opened = Opened::open(&cfg)?;
+    match cfg.replication.clone() {
+        Some(rep) => run_replicated(cfg, rep, identity, opened, controls, shutdown).await,
+        None => run_single(cfg, identity, opened, controls, shutdown).await,
+    }
+}
+
+/// A coordinator alone: its core, journalled.
+async fn run_single(
+    cfg: CoordinatorConfig,
+    identity: Identity,
+    opened: Opened,
     controls: Controls,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<Status, CoordinatorError> {
@@ -186,40 +263,22 @@ pub async fn run(
         bound,
         mut revocations,
     } = controls;
-    raise_open_file_limit();
-    let layout = StateLayout {
-        dir: cfg.state_dir.clone(),
-    };
-    let store = LocalStore::open(&layout.blobs()).map_err(setup("blob store"))?;
-    let corpus = match &cfg.corpus {
-        Some(dir) => Some(open_blobs(dir).map_err(setup("corpus blobs"))?),
-        None => None,
-    };
-    for d in [layout.checkpoints(), layout.incoming()] {
-        std::fs::create_dir_all(&d).map_err(setup(d.display()))?;
-    }
-    let mut journal = Journal::open(&layout.journal()).map_err(setup("command log"))?;
-    let (mut core, initial) = build_core(&cfg, &store, &journal)?;
+    let mut journal = Journal::open(&opened.layout.journal()).map_err(setup("command log"))?;
+    let (mut core, initial) = build_core(&cfg, &opened.store, &journal)?;
     add_scorer(&cfg, &mut core)?;
-
-    let revoked = Revocations::new(cfg.revoked.iter().cloned());
-    // Workers need an institution certificate; downstream users may download releases
-    // without one (what an anonymous peer may do is decided per message below).
-    let server_cfg =
-        quic_server_config_with(&identity, &revoked, ClientAuth::Optional).map_err(setup("TLS"))?;
-    let endpoint = amity_protocol::endpoint::server(cfg.listen, server_cfg)
-        .map_err(setup(format!("listen on {}", cfg.listen)))?;
-    let addr = endpoint.local_addr().map_err(setup("listening address"))?;
-    tracing::info!(%addr, round = core.round(), "coordinator listening");
-    if let Some(tx) = bound {
-        let _ = tx.send(addr);
-    }
+    let endpoint = opened.listen(&cfg, &identity, bound)?;
+    let Opened {
+        store,
+        corpus,
+        layout,
+        revoked,
+    } = opened;
 
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let shared = Shared::open(store, corpus, &layout, &core, events_tx, revoked);
     let mut checkpoint = latest_checkpoint(&layout);
     for action in &initial {
-        execute_one(&shared, &mut journal, action, &mut checkpoint)?;
+        execute_one(&shared, Some(&mut journal), action, &mut checkpoint)?;
     }
     let mut retention = Retention::new(cfg.retention);
     sweep(&shared, &mut retention, &mut journal, &core);
@@ -287,6 +346,139 @@ pub async fn run(
     write_status(&shared, &core, &checkpoint);
     result?;
     Ok(status(&shared, &core, &checkpoint))
+}
+
+/// One replica of a replicated coordinator: a [`ReplicatedCore`] over the Raft log, driven by
+/// ticks, peers' messages and (on the leader) what the connections report.
+async fn run_replicated(
+    cfg: CoordinatorConfig,
+    rep: crate::config::ReplicationConfig,
+    identity: Identity,
+    opened: Opened,
+    controls: Controls,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<Status, CoordinatorError> {
+    let Controls {
+        exit_when_finished,
+        bound,
+        mut revocations,
+    } = controls;
+    let (replica, mut core, initial) =
+        replicated::open_replica(&cfg, &rep, &opened.store, &opened.layout.raft_log())?;
+    add_scorer(&cfg, &mut core)?;
+    let mut rc = ReplicatedCore::new(replica, core);
+    let max_entry = update_limit(&rc.core().update_parts()) as usize;
+    let transport =
+        replicated::start_transport(&rep, &identity, &opened.revoked, &opened.store, max_entry)?;
+    let endpoint = opened.listen(&cfg, &identity, bound)?;
+    let Opened {
+        store,
+        corpus,
+        layout,
+        revoked,
+    } = opened;
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let shared = Shared::open(store, corpus, &layout, rc.core(), events_tx, revoked);
+    // Workers are sent to the leader until this replica leads.
+    *shared.redirect.lock().expect("redirect lock") = Some(String::new());
+    let mut driver = replicated::Driver {
+        shared: &shared,
+        rep: &rep,
+        transport,
+        retention: Retention::new(cfg.retention),
+        checkpoint: latest_checkpoint(&layout),
+        snapshots: mpsc::unbounded_channel(),
+    };
+    driver.carry_out(
+        &mut rc,
+        Ok(initial
+            .into_iter()
+            .map(replica::MachineAction::Core)
+            .collect()),
+    )?;
+    write_status(&shared, rc.core(), &driver.checkpoint);
+    let accept = tokio::spawn(accept_connections(shared.clone(), endpoint.clone()));
+
+    let mut told_finished = false;
+    let mut tick = tokio::time::interval(replicated::REPLICA_TICK);
+    tokio::pin!(shutdown);
+    let result = loop {
+        let now = replicated::now_ms();
+        let actions = tokio::select! {
+            _ = &mut shutdown => break Ok(()),
+            Some(names) = next_revocations(&mut revocations) => {
+                revoke(&shared, names);
+                continue;
+            }
+            _ = tick.tick() => rc.tick(now),
+            Some((from, bytes)) = driver.transport.recv() => rc.peer(from, &bytes),
+            Some(pulled) = driver.snapshots.1.recv() => match pulled {
+                Ok(snap) => rc.restore(snap),
+                Err(e) => {
+                    // Asked again when the leader sends the snapshot again.
+                    tracing::warn!("{e}");
+                    continue;
+                }
+            },
+            e = events.recv() => match e {
+                Some(event) => propose(&shared, &mut rc, event, now),
+                None => break Ok(()),
+            },
+        };
+        if let Err(e) = driver.carry_out(&mut rc, actions) {
+            break Err(e);
+        }
+        if rc.core().finished() {
+            if exit_when_finished {
+                break Ok(());
+            }
+            if !told_finished && rc.replica().is_leader() {
+                told_finished = true;
+                driver.finished();
+            }
+        }
+    };
+    say_goodbye(&shared, &endpoint, rc.core().finished()).await;
+    accept.abort();
+    driver.transport.close();
+    write_status(&shared, rc.core(), &driver.checkpoint);
+    result?;
+    Ok(status(&shared, rc.core(), &driver.checkpoint))
+}
+
+/// Proposes what a connection reported (an update with its encoded bytes, read back from the
+/// store its pull wrote them to). Not leading any more: dropped (the connection is being sent
+/// to the leader).
+fn propose(
+    shared: &Shared,
+    rc: &mut ReplicatedCore,
+    event: Event,
+    now: u64,
+) -> Result<Vec<replica::MachineAction>, replica::ReplicaError> {
+    let encoded = match &event {
+        Event::Update { update, .. } => {
+            let bytes = shared.store.get(&update.blob);
+            shared.unpin(&update.blob);
+            match bytes {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    tracing::error!("update {}: {e}; dropped unacknowledged", update.blob);
+                    return Ok(Vec::new());
+                }
+            }
+        }
+        _ => None,
+    };
+    if !rc.replica().is_leader() {
+        return Ok(Vec::new());
+    }
+    rc.propose(event, encoded, now)
+}
+
+/// The most bytes an update may have: a dense fp32 vector plus a header per part.
+pub(crate) fn update_limit(parts: &[usize]) -> u64 {
+    let values: usize = parts.iter().sum();
+    values as u64 * 4 + 64 * parts.len() as u64
 }
 
 /// Tells every worker the run is over (`finished`: they leave for good) or the coordinator is
@@ -379,9 +571,20 @@ fn sweep(shared: &Shared, retention: &mut Retention, journal: &mut Journal, core
         .keys()
         .copied()
         .collect();
+    sweep_with(shared, retention, Some(journal), core, &pinned);
+}
+
+/// [`sweep`] with the journal, if any, and the blobs to keep given.
+fn sweep_with(
+    shared: &Shared,
+    retention: &mut Retention,
+    journal: Option<&mut Journal>,
+    core: &Core,
+    pinned: &BTreeSet<BlobId>,
+) {
     let swept = retention.sweep(
         core.live_blobs(),
-        &pinned,
+        pinned,
         journal,
         &shared.store,
         &shared.layout,
@@ -425,7 +628,7 @@ async fn execute_retrying<F: std::future::Future<Output = ()>>(
 ) -> Result<(), CoordinatorError> {
     for action in actions {
         let mut delay = Duration::from_secs(1);
-        while let Err(e) = execute_one(shared, journal, &action, checkpoint) {
+        while let Err(e) = execute_one(shared, Some(&mut *journal), &action, checkpoint) {
             let why = e.report();
             tracing::error!("{why}; retrying in {delay:?} (nothing acknowledged is lost)");
             shared.count(|d| {
@@ -445,9 +648,10 @@ async fn execute_retrying<F: std::future::Future<Output = ()>>(
 }
 
 /// Carries out one action of the core. Fails only on storage (store, journal, checkpoint file).
+/// Without a journal (a replica: the Raft log holds its commands), entries are not written.
 fn execute_one(
     shared: &Shared,
-    journal: &mut Journal,
+    journal: Option<&mut Journal>,
     action: &Action,
     checkpoint: &mut Option<PathBuf>,
 ) -> Result<(), CoordinatorError> {
@@ -460,7 +664,9 @@ fn execute_one(
             tracing::debug!(what, id = %stored.id.short(), len = stored.len, "stored");
         }
         Action::Persist(entry) => {
-            journal.append(entry).map_err(storage("journal"))?;
+            if let Some(journal) = journal {
+                journal.append(entry).map_err(storage("journal"))?;
+            }
         }
         Action::Send { worker, msg } => shared.tell(*worker, msg.clone()),
         Action::Checkpoint { round, blob } => {

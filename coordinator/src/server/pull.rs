@@ -129,9 +129,7 @@ async fn pull_update(
     id: BlobId,
     announced: u64,
 ) -> Result<Vec<f32>, PullError> {
-    // An update is at most a dense fp32 vector plus its header.
-    let values: usize = shared.update_parts.iter().sum();
-    let limit = values as u64 * 4 + 64 * shared.update_parts.len() as u64;
+    let limit = super::update_limit(&shared.update_parts);
     if announced > limit {
         return Err(PullError::Peer(format!(
             "{announced} bytes announced, at most {limit} allowed"

@@ -74,6 +74,11 @@ pub(super) struct Shared {
     pub(super) anonymous: Mutex<HashMap<IpAddr, usize>>,
     /// What was turned away.
     pub(super) defence: Mutex<Defence>,
+    /// A replica that does not lead: where registering workers are sent (the leader's
+    /// `name@host:port`, empty while none is known). `None`: workers are served here.
+    pub(super) redirect: Mutex<Option<String>>,
+    /// A replica's place in its group, for `status.json`.
+    pub(super) replica: Mutex<Option<super::ReplicaStatus>>,
 }
 
 /// An anonymous connection's place under the caps; dropping it frees the place.
@@ -133,6 +138,8 @@ impl Shared {
             revocations_changed: tokio::sync::watch::Sender::new(0),
             anonymous: Mutex::new(HashMap::new()),
             defence: Mutex::new(Defence::default()),
+            redirect: Mutex::new(None),
+            replica: Mutex::new(None),
         });
         match shared.store.clear_temp() {
             Ok(0) => {}
@@ -227,6 +234,11 @@ impl Shared {
         for tx in self.outboxes.lock().expect("outbox lock").values() {
             let _ = tx.send(msg.clone());
         }
+    }
+
+    /// Where registering workers are sent, on a replica that does not lead.
+    pub(super) fn redirect_to(&self) -> Option<String> {
+        self.redirect.lock().expect("redirect lock").clone()
     }
 
     /// Keeps blob `id` from retention until [`Shared::unpin`].

@@ -41,6 +41,9 @@ pub struct Status {
     pub defence: Defence,
     /// The store after the last retention sweep, and what retention removed.
     pub storage: Usage,
+    /// A replica's place in its group (term, leader, commit, applied, lag); `None` for a single
+    /// coordinator.
+    pub replica: Option<super::ReplicaStatus>,
 }
 
 pub(super) fn status(shared: &Shared, core: &Core, checkpoint: &Option<PathBuf>) -> Status {
@@ -59,6 +62,7 @@ pub(super) fn status(shared: &Shared, core: &Core, checkpoint: &Option<PathBuf>)
         checkpoint: checkpoint.clone(),
         defence: shared.defence.lock().expect("defence lock").clone(),
         storage: shared.storage.lock().expect("storage lock").clone(),
+        replica: shared.replica.lock().expect("replica lock").clone(),
     }
 }
 

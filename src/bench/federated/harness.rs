@@ -190,7 +190,10 @@ impl Federation {
             WorkerAction::Send(ClientMsg::Heartbeat { .. }) => {
                 self.tell_coordinator(Event::Heartbeat { worker })
             }
-            WorkerAction::Send(ClientMsg::Goodbye) | WorkerAction::Disconnect => {}
+            // One coordinator here: never a replica that does not lead.
+            WorkerAction::Send(ClientMsg::Goodbye)
+            | WorkerAction::Disconnect
+            | WorkerAction::Redirect(_) => {}
             WorkerAction::Send(ClientMsg::UpdateHeader {
                 round,
                 blob,

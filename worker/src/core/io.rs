@@ -84,6 +84,9 @@ pub enum WorkerAction {
     ConnectAfter(Duration),
     /// Close the connection (and stop serving blobs on it).
     Disconnect,
+    /// The coordinator replica does not lead: connect next to the one named
+    /// (`name@host:port`), or to the next address given when none is known.
+    Redirect(Option<String>),
     /// Send a message on the control stream.
     Send(ClientMsg),
     /// Measure this machine's clips/s on the run's model and answer [`Input::Throughput`].

@@ -437,3 +437,65 @@ fn an_assignment_while_training_waits_for_the_round_to_end() {
         .collect();
     assert_eq!(beats, [1, 2, 3]);
 }
+
+/// A coordinator replica that does not lead sends the worker to the leader it names (or, when it
+/// knows none, to the next address); after a failover the update the old leader never
+/// acknowledged is offered again for the same round instead of training it twice, and an
+/// acknowledged one is not.
+#[test]
+fn a_failover_redirects_and_offers_the_unacknowledged_update_again() {
+    let (mut core, run, registered) = setup(None);
+    let hello = core.handle(Input::Connected, 0);
+    assert!(matches!(
+        hello[..],
+        [WorkerAction::Send(ClientMsg::Hello { .. })]
+    ));
+    core.handle(Input::Message(welcome()), 0);
+    let not_leader = |leader: &str| {
+        Input::Message(ServerMsg::Error {
+            code: ErrorCode::NotLeader,
+            message: leader.into(),
+        })
+    };
+    let acts = core.handle(not_leader("coord-2@10.0.0.2:7700"), 10);
+    assert!(
+        matches!(&acts[..], [WorkerAction::Redirect(Some(l)), WorkerAction::Disconnect, WorkerAction::ConnectAfter(d)]
+            if l == "coord-2@10.0.0.2:7700" && *d == FIRST_BACKOFF),
+        "{acts:?}"
+    );
+    assert!(!core.finished(), "a redirect is not a refusal");
+
+    register(&mut core, &registered);
+    let init = GlobalParams::seeded(&run).hash();
+    announce(&mut core, 0, init, 0);
+    let acts = core.handle(Input::Trained(Ok(update(&run, 1))), 500);
+    let (round, blob, _) = header(&acts);
+    // The leader dies before acknowledging; the next replica knows no leader yet.
+    core.handle(Input::Lost(Disconnect::lost("reset")), 600);
+    let hello = core.handle(Input::Connected, 700);
+    assert!(matches!(
+        hello[..],
+        [WorkerAction::Send(ClientMsg::Hello { .. })]
+    ));
+    core.handle(Input::Message(welcome()), 700);
+    let acts = core.handle(not_leader(""), 710);
+    assert!(matches!(acts[0], WorkerAction::Redirect(None)), "{acts:?}");
+    // The new leader announces round 0 again: the same update is offered, nothing trains.
+    register(&mut core, &registered);
+    let acts = announce(&mut core, round, init, 800);
+    assert!(
+        matches!(&acts[..], [WorkerAction::Send(ClientMsg::UpdateHeader { round: 0, blob: b, .. })] if *b == blob),
+        "{acts:?}"
+    );
+    core.handle(Input::Message(ServerMsg::Ack { of: 0 }), 900);
+    // Round 1 trains as usual; acknowledged, it is not offered again on a later failover.
+    let acts = announce(&mut core, 1, init, 1000);
+    train_job(&acts);
+    let acts = core.handle(Input::Trained(Ok(update(&run, 2))), 1500);
+    header(&acts);
+    core.handle(Input::Message(ServerMsg::Ack { of: 1 }), 1600);
+    core.handle(Input::Lost(Disconnect::lost("reset")), 1700);
+    register(&mut core, &registered);
+    let acts = announce(&mut core, 1, init, 1800);
+    train_job(&acts);
+}

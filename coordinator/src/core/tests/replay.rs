@@ -111,3 +111,48 @@ fn a_core_replaying_the_logged_commands_computes_the_same_state() {
     );
     assert!(Command::from_bytes(b"{\"at_ms\":1}").is_err());
 }
+
+/// A Raft entry carries an update's encoded bytes after the command's JSON, and gives them back;
+/// bytes after any other command are refused.
+#[test]
+fn raft_entries_carry_the_encoded_update() {
+    use crate::core::{LoggedEvent, UpdateRef};
+    let update = UpdateRef {
+        encoded: Some(vec![0, 1, 2, 255, 0]),
+        round: 3,
+        blob: amity_shared::store::BlobId::of(&[0, 1, 2, 255, 0]),
+        bytes: 5,
+        samples: 8,
+        steps: 2,
+        loss: amity_shared::federated::LossStats {
+            mean: f32::NAN,
+            first: 1.0,
+            last: 0.5,
+        },
+    };
+    let cmd = Command {
+        at_ms: 1234,
+        event: LoggedEvent::Update {
+            worker: WorkerId(7),
+            update,
+        },
+    };
+    let back = Command::from_entry(&cmd.to_entry()).unwrap();
+    let (LoggedEvent::Update { update: a, .. }, LoggedEvent::Update { update: b, .. }) =
+        (&back.event, &cmd.event)
+    else {
+        panic!("{back:?}");
+    };
+    assert_eq!(a.encoded, b.encoded);
+    assert_eq!((a.blob, a.round, back.at_ms), (b.blob, b.round, 1234));
+    // The journal's form leaves the bytes out.
+    assert!(!cmd.to_bytes().contains(&0));
+    let tick = Command::of(&Event::Tick, 5);
+    assert_eq!(Command::from_entry(&tick.to_entry()).unwrap(), tick);
+    let mut trailing = tick.to_entry();
+    trailing.extend_from_slice(&[0, 9]);
+    assert!(matches!(
+        Command::from_entry(&trailing),
+        Err(crate::core::BadCommand::Trailing)
+    ));
+}

@@ -1,21 +1,21 @@
 //! Replicated cores ([`ReplicatedCore`]) over the simulated network, with the shell's duties
-//! played here: a blob store every replica can pull from, and the workers' messages recorded.
+//! played here: a blob store every replica can pull snapshots from, and the workers' messages
+//! recorded.
 
 use super::*;
 use crate::config::CoreConfig;
 use crate::core::{Action, Core, Event, Snapshot, WorkerId};
 use amity_protocol::message::ServerMsg;
 use amity_shared::federated::GlobalParams;
+use amity_shared::federated::codec::{self, CodecSpec};
 use amity_shared::store::BlobId;
 
 struct Machines {
     dir: PathBuf,
     cfg: CoreConfig,
     nodes: BTreeMap<u64, Option<ReplicatedCore>>,
-    /// Blobs stored by any replica (snapshots), and every update's values (what the leader
-    /// pulled; followers fetch them from it).
+    /// Blobs stored by any replica (snapshots).
     blobs: BTreeMap<BlobId, Vec<u8>>,
-    values: BTreeMap<BlobId, Vec<f32>>,
     /// Messages to workers, by the replica whose shell was asked to send them.
     sent: BTreeMap<u64, Vec<ServerMsg>>,
     now_ms: u64,
@@ -33,7 +33,6 @@ impl Machines {
             cfg,
             nodes: BTreeMap::new(),
             blobs: BTreeMap::new(),
-            values: BTreeMap::new(),
             sent: BTreeMap::new(),
             now_ms: 0,
         };
@@ -86,10 +85,6 @@ impl Machines {
                     self.blobs.insert(BlobId::of(&bytes), bytes);
                 }
                 MachineAction::Core(_) | MachineAction::Leadership { .. } => {}
-                MachineAction::Fetch(blob) => {
-                    let v = self.values[&blob].clone();
-                    todo.extend(self.node(id).update_values(blob, v).unwrap());
-                }
                 MachineAction::FetchSnapshot(blob) => {
                     let snap = Snapshot::from_bytes(&self.blobs[&blob]).unwrap();
                     todo.extend(self.node(id).restore(snap).unwrap());
@@ -138,14 +133,23 @@ impl Machines {
         panic!("no leader");
     }
 
-    /// What the leader's connections report: proposed, then ticks until it is everywhere.
-    fn report(&mut self, event: Event) {
-        if let Event::Update { update, .. } = &event {
-            self.values.insert(update.blob, update.values.clone());
-        }
+    /// What the leader's connections report: proposed, then ticks until it is everywhere. An
+    /// update goes with its encoded bytes (dense fp32 here; its values and blob are set from
+    /// them, as the leader's pull decodes).
+    fn report(&mut self, mut event: Event) {
         let l = self.leader();
+        let encoded = match &mut event {
+            Event::Update { update, .. } => {
+                let parts = self.node(l).core().update_parts();
+                let bytes = codec::encode_parts(&CodecSpec::FP32, &update.values, &parts);
+                update.blob = BlobId::of(&bytes);
+                update.values = codec::decode_parts(&bytes, &parts).unwrap();
+                Some(bytes)
+            }
+            _ => None,
+        };
         let now = self.now_ms;
-        let actions = self.node(l).propose(event, now).unwrap();
+        let actions = self.node(l).propose(event, encoded, now).unwrap();
         let mut queue = VecDeque::new();
         self.shell(l, actions, &mut queue);
         self.deliver(queue);
@@ -161,9 +165,10 @@ impl Drop for Machines {
 }
 
 /// The replicated coordinator's round trip: three workers join the leader, two updates are
-/// committed (followers pull their values by blob), the leader dies; the new leader drops the
-/// old sessions, the workers join it again, and every replica closes round 0 with the two
-/// committed updates, on the same parameters hash. Only leaders ever spoke to workers, and the
+/// committed (their bytes travel in their log entries), the leader dies; the workers join the new
+/// leader, the one that had not delivered is announced the open
+/// round and delivers, and every replica closes round 0 with the three updates, on the same
+/// parameters hash. Only leaders ever spoke to workers, and the
 /// restarted old leader replays to the same state.
 #[test]
 fn a_round_goes_on_through_a_leader_death_with_every_committed_update() {
@@ -191,20 +196,41 @@ fn a_round_goes_on_through_a_leader_death_with_every_committed_update() {
     let second = m.leader();
     assert_ne!(second, first);
     m.tick(10);
-    // The workers register again with the new leader; round 0 closed without the silent third.
+    // The workers register again with the new leader. The two that delivered wait for the next
+    // round; the third is announced the open round 0 again and delivers now.
+    let mut third = None;
     for i in 0..3 {
         let worker = m.node(second).new_session();
         m.report(Event::Joined {
             worker,
             info: join_info(&format!("uni-{i}")),
         });
+        third = Some(worker);
     }
+    let announced = m.sent[&second]
+        .iter()
+        .filter(|msg| matches!(msg, ServerMsg::RoundAnnounce(a) if a.round == 0))
+        .count();
+    assert_eq!(
+        announced, 1,
+        "round 0 is announced to the returning third alone"
+    );
+    m.tick(10);
+    assert!(
+        m.node(second).core().history().is_empty(),
+        "round 0 waits for it"
+    );
+    let update = honest_update(len, 0, 3);
+    m.report(Event::Update {
+        worker: third.unwrap(),
+        update,
+    });
     m.tick(10);
     let core = m.node(second).core();
     let s = &core.history()[0];
     let mut accepted = s.accepted.clone();
     accepted.sort();
-    assert_eq!(accepted, ["uni-0", "uni-1"], "{s:?}");
+    assert_eq!(accepted, ["uni-0", "uni-1", "uni-2"], "{s:?}");
     let hash = core.params().hash();
     let followers: Vec<u64> = (1..=3).filter(|&i| i != first && i != second).collect();
     for &f in &followers {

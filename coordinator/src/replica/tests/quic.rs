@@ -36,7 +36,8 @@ async fn drive(
 }
 
 /// Three replicas on loopback QUIC with replica certificates elect a leader and commit the same
-/// commands in the same order; a member (institution) certificate is refused at the peer port.
+/// commands in the same order; a member (institution) certificate is refused at the peer port;
+/// a replica pulls a blob from a peer, verified against its id, and one the peer lacks fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_over_quic_commit_in_order_and_refuse_a_member() {
     use amity_protocol::tls::{CertRole, Identity, Revocations, init_ca, issue, issue_as};
@@ -77,7 +78,18 @@ async fn three_replicas_over_quic_commit_in_order_and_refuse_a_member() {
     let (committed_tx, mut committed) = tokio::sync::mpsc::unbounded_channel();
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
+    let mut fetchers = BTreeMap::new();
+    // Replica 1 holds one blob (a file named by its id).
+    let blob = vec![7u8; 300_000];
+    let blob_id = amity_shared::store::BlobId::of(&blob);
+    std::fs::create_dir_all(dir.join("blobs")).unwrap();
+    std::fs::write(dir.join("blobs").join(blob_id.to_hex()), &blob).unwrap();
     for id in 1..=3u64 {
+        let held = dir.join("blobs");
+        let locate: super::super::transport::Locate = std::sync::Arc::new(move |b| {
+            let p = held.join(b.to_hex());
+            (id == 1 && p.exists()).then_some(p)
+        });
         let identity = Identity::load_from_ca_dir(&ca, &format!("replica-{id}")).unwrap();
         let net = Transport::start(
             peers[&id].addr,
@@ -85,8 +97,11 @@ async fn three_replicas_over_quic_commit_in_order_and_refuse_a_member() {
             &Revocations::default(),
             id,
             &peers,
+            locate,
+            0,
         )
         .unwrap();
+        fetchers.insert(id, net.fetcher());
         let cfg = ReplicaConfig {
             id,
             voters: vec![1, 2, 3],
@@ -141,6 +156,17 @@ async fn three_replicas_over_quic_commit_in_order_and_refuse_a_member() {
             seen.entry(id).or_default().push((index, at));
         }
     }
+    let part = dir.join("pulled.part");
+    let len = fetchers[&3]
+        .fetch(1, blob_id, &part, 1 << 20)
+        .await
+        .unwrap();
+    assert_eq!(len, blob.len() as u64);
+    assert_eq!(std::fs::read(&part).unwrap(), blob);
+    let missing = fetchers[&3]
+        .fetch(2, blob_id, &dir.join("missing.part"), 1 << 20)
+        .await;
+    assert!(missing.is_err(), "{missing:?}");
     let _ = stop_tx.send(true);
     for t in tasks {
         t.await.unwrap();

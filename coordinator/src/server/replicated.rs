@@ -1,0 +1,332 @@
+//! The driver of a replicated coordinator: the same connections and store as a single one, with
+//! a [`ReplicatedCore`] where the core and its journal were.
+//!
+//! What the connections report is proposed (on the leader; a follower sends registering workers
+//! to the leader with [`ErrorCode::NotLeader`]), a Raft tick runs every [`TICK`], peers'
+//! messages come from the [`Transport`], and the machine's actions are carried out in order:
+//! messages to peers, the core's actions (its journal entries skipped: the Raft log is the
+//! journal), and snapshot blobs pulled from a peer. Logged time is the wall clock in ms since
+//! the Unix epoch, which every replica reads alike and the machine keeps from going back.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use amity_protocol::message::ErrorCode;
+use amity_protocol::tls::{Identity, Revocations};
+use amity_shared::store::{BlobId, BlobStore, LocalStore};
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::config::{CoordinatorConfig, ReplicationConfig};
+use crate::core::{Action, Core, Snapshot};
+use crate::replica::machine::snapshot_blob;
+use crate::replica::{
+    BlobFetcher, MachineAction, PeerAddr, Replica, ReplicaConfig, ReplicaError, ReplicatedCore,
+    TICK, Transport,
+};
+use crate::retention::Retention;
+
+use super::shared::Shared;
+use super::status::write_status;
+use super::{CoordinatorError, FINISHED_REASON, execute_one, setup, storage};
+
+/// A replica's place in the group, for `status.json`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ReplicaStatus {
+    /// Its Raft id.
+    pub id: u64,
+    /// The current term.
+    pub term: u64,
+    /// The leader it knows of.
+    pub leader: Option<u64>,
+    /// The highest log index known committed.
+    pub commit: u64,
+    /// The last index applied to its core.
+    pub applied: u64,
+    /// The voters.
+    pub voters: Vec<u64>,
+    /// On the leader: how far each replica's log is behind the commit index, by id.
+    pub lag: BTreeMap<u64, u64>,
+}
+
+/// The replica's Raft log and its core (restored from the snapshot the log starts from, else
+/// fresh), with the core's first actions.
+pub(super) fn open_replica(
+    cfg: &CoordinatorConfig,
+    rep: &ReplicationConfig,
+    store: &LocalStore,
+    raft_log: &std::path::Path,
+) -> Result<(Replica, Core, Vec<Action>), CoordinatorError> {
+    let replica_cfg = ReplicaConfig {
+        id: rep.id,
+        voters: rep.replicas.iter().map(|r| r.id).collect(),
+    };
+    let replica =
+        Replica::open(&replica_cfg, raft_log).map_err(setup(format!("{}", raft_log.display())))?;
+    let (core, actions) = match replica.base() {
+        Some((index, data)) => {
+            let what = format!("replica snapshot at log index {index}");
+            let id = snapshot_blob(&data).map_err(setup(&what))?;
+            let bytes = store
+                .get(&id)
+                .map_err(setup(format!("{what} (blob {id})")))?;
+            let snap = Snapshot::from_bytes(&bytes).map_err(setup(&what))?;
+            let core_cfg = cfg.core().map_err(setup("coordinator config"))?;
+            Core::restore(core_cfg, snap).map_err(setup(&what))?
+        }
+        None => super::fresh_core(cfg)?,
+    };
+    Ok((replica, core, actions))
+}
+
+/// Starts the peer transport: replica certificates only, serving peers the blobs in `store`.
+pub(super) fn start_transport(
+    rep: &ReplicationConfig,
+    identity: &Identity,
+    revoked: &Revocations,
+    store: &LocalStore,
+    max_entry: usize,
+) -> Result<Transport, CoordinatorError> {
+    let me = rep.me().expect("checked when the config loaded");
+    let peers: BTreeMap<u64, PeerAddr> = rep
+        .replicas
+        .iter()
+        .map(|r| {
+            (
+                r.id,
+                PeerAddr {
+                    addr: r.peer,
+                    name: r.name.clone(),
+                },
+            )
+        })
+        .collect();
+    let held = store.clone();
+    let locate = Arc::new(move |id: &BlobId| held.contains(id).then(|| held.path(id)));
+    Transport::start(
+        me.peer, identity, revoked, rep.id, &peers, locate, max_entry,
+    )
+    .map_err(setup(format!("replica peer port {}", me.peer)))
+}
+
+/// A core snapshot pulled from a peer, or why it could not be.
+pub(super) type Pulled = Result<Snapshot, String>;
+
+/// What the driver loop needs besides the replica.
+pub(super) struct Driver<'a> {
+    pub(super) shared: &'a Arc<Shared>,
+    pub(super) rep: &'a ReplicationConfig,
+    pub(super) transport: Transport,
+    pub(super) retention: Retention,
+    pub(super) checkpoint: Option<PathBuf>,
+    /// Snapshots pulled from peers, by the tasks that pull them.
+    pub(super) snapshots: (
+        mpsc::UnboundedSender<Pulled>,
+        mpsc::UnboundedReceiver<Pulled>,
+    ),
+}
+
+/// Milliseconds since the Unix epoch: the time a leader logs.
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Driver<'_> {
+    /// One input's actions, carried out. Errors from peers are logged (Raft copes with a lost
+    /// message); a storage error stops the replica.
+    pub(super) fn carry_out(
+        &mut self,
+        rc: &mut ReplicatedCore,
+        actions: Result<Vec<MachineAction>, ReplicaError>,
+    ) -> Result<(), CoordinatorError> {
+        let mut todo: std::collections::VecDeque<MachineAction> = match actions {
+            Ok(a) => a.into(),
+            Err(ReplicaError::Store(e)) => return Err(storage("the Raft log")(e)),
+            Err(e) => {
+                tracing::warn!("replica: {e}");
+                return Ok(());
+            }
+        };
+        let (mut closed, mut changed) = (false, false);
+        while let Some(action) = todo.pop_front() {
+            match action {
+                MachineAction::Peer { to, bytes } => self.transport.send(to, bytes),
+                MachineAction::Core(Action::Persist(_)) => {}
+                MachineAction::Core(action) => {
+                    closed |= matches!(action, Action::RoundClosed(_));
+                    execute_one(self.shared, None, &action, &mut self.checkpoint)?;
+                }
+                MachineAction::FetchSnapshot(id) => self.pull_snapshot(rc, id),
+                MachineAction::Leadership {
+                    leading,
+                    leader,
+                    term,
+                } => {
+                    changed = true;
+                    self.leadership(leading, leader, term);
+                }
+            }
+        }
+        if !rc.replica().is_leader() {
+            // The leader a follower knows of changes without this one's leadership changing.
+            let to = leader_address(self.rep, rc.replica().leader());
+            *self.shared.redirect.lock().expect("redirect lock") = Some(to);
+        }
+        let round = rc.core().round();
+        // A snapshot restored moves the round without closing one here.
+        changed |= self.shared.round.swap(round, Ordering::Relaxed) != round;
+        *self.shared.replica.lock().expect("replica lock") = Some(replica_status(rc));
+        if closed {
+            self.sweep(rc);
+        }
+        if closed || changed {
+            write_status(self.shared, rc.core(), &self.checkpoint);
+        }
+        Ok(())
+    }
+
+    /// Starts pulling core snapshot `id` from the peers (the leader first), unless it is here.
+    fn pull_snapshot(&self, rc: &ReplicatedCore, id: BlobId) {
+        let tx = self.snapshots.0.clone();
+        let store = self.shared.store.clone();
+        let fetcher = self.transport.fetcher();
+        let leader = rc.replica().leader();
+        let part = self
+            .shared
+            .layout
+            .incoming()
+            .join(format!("{}.part", id.to_hex()));
+        tokio::spawn(async move {
+            let got = fetch_snapshot(&fetcher, leader, id, &store, &part).await;
+            let _ = tx.send(got);
+        });
+    }
+
+    /// Leadership changed: workers are served here, or sent to the leader.
+    fn leadership(&self, leading: bool, leader: Option<u64>, term: u64) {
+        let shared = self.shared;
+        if leading {
+            tracing::info!(term, "leading: serving workers");
+            // Session ids unique across leaders: the term is in them.
+            shared.next_worker.store(term << 32 | 1, Ordering::Relaxed);
+            *shared.redirect.lock().expect("redirect lock") = None;
+        } else {
+            let to = leader_address(self.rep, leader);
+            tracing::info!(term, ?leader, "following: workers go to {to:?}");
+            let was_leading = shared.redirect.lock().expect("redirect lock").is_none();
+            *shared.redirect.lock().expect("redirect lock") = Some(to.clone());
+            if was_leading {
+                shared.tell_everyone(ErrorCode::NotLeader, &to);
+            }
+        }
+    }
+
+    /// Deletes what no longer needs keeping, the snapshot the Raft log starts from kept.
+    fn sweep(&mut self, rc: &ReplicatedCore) {
+        let mut pinned: BTreeSet<BlobId> = self
+            .shared
+            .pinned
+            .lock()
+            .expect("pin lock")
+            .keys()
+            .copied()
+            .collect();
+        if let Some((_, data)) = rc.replica().base()
+            && let Ok(id) = snapshot_blob(&data)
+        {
+            pinned.insert(id);
+        }
+        super::sweep_with(self.shared, &mut self.retention, None, rc.core(), &pinned);
+    }
+
+    /// After `max_rounds`: workers go home (the leader tells them; followers never held any).
+    pub(super) fn finished(&self) {
+        self.shared
+            .tell_everyone(ErrorCode::Finished, FINISHED_REASON);
+    }
+}
+
+/// `name@host:port` of replica `leader`'s worker port, or empty when none is known.
+fn leader_address(rep: &ReplicationConfig, leader: Option<u64>) -> String {
+    leader
+        .and_then(|id| rep.replica(id))
+        .map(|r| format!("{}@{}", r.name, r.workers))
+        .unwrap_or_default()
+}
+
+fn replica_status(rc: &ReplicatedCore) -> ReplicaStatus {
+    let r = rc.replica();
+    let commit = r.commit_index();
+    ReplicaStatus {
+        id: r.id(),
+        term: r.term(),
+        leader: r.leader(),
+        commit,
+        applied: rc.applied_index(),
+        voters: r.voters(),
+        lag: r
+            .matched()
+            .into_iter()
+            .map(|(id, m)| (id, commit.saturating_sub(m)))
+            .collect(),
+    }
+}
+
+/// Pulls core snapshot `id` into `store` from the leader, else any peer, and parses it.
+async fn fetch_snapshot(
+    fetcher: &BlobFetcher,
+    leader: Option<u64>,
+    id: BlobId,
+    store: &LocalStore,
+    part: &std::path::Path,
+) -> Result<Snapshot, String> {
+    if !store.contains(&id) {
+        let order: Vec<u64> = leader
+            .into_iter()
+            .chain(fetcher.peers().filter(|p| Some(*p) != leader))
+            .collect();
+        let mut last = String::from("no peer to pull it from");
+        let mut pulled = false;
+        for _attempt in 0..3 {
+            for &peer in &order {
+                match fetcher.fetch(peer, id, part, MAX_SNAPSHOT_BYTES).await {
+                    Ok(_) => {
+                        pulled = true;
+                        break;
+                    }
+                    Err(e) => last = e.to_string(),
+                }
+            }
+            if pulled {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        if !pulled {
+            return Err(format!("replica snapshot {id}: {last}"));
+        }
+        let bytes = std::fs::read(part).map_err(|e| format!("{}: {e}", part.display()))?;
+        let _ = std::fs::remove_file(part);
+        store
+            .put(&bytes)
+            .map_err(|e| format!("storing replica snapshot {id}: {e}"))?;
+    }
+    let bytes = store.get(&id).map_err(|e| e.to_string())?;
+    Snapshot::from_bytes(&bytes).map_err(|e| format!("replica snapshot {id}: {e}"))
+}
+
+/// The most bytes a core snapshot pulled from a peer may have.
+const MAX_SNAPSHOT_BYTES: u64 = 16 << 30;
+
+/// Now, for the machine.
+pub(super) fn now_ms() -> u64 {
+    wall_ms()
+}
+
+/// How often the replica ticks.
+pub(super) const REPLICA_TICK: Duration = TICK;
