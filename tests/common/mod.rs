@@ -1,6 +1,7 @@
 //! Helpers the whole-system tests share: scratch folders and running the built binary.
 
 pub mod cluster;
+pub mod netns;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -37,6 +37,15 @@ pub enum MachineAction {
     },
     /// Carry out a core action. `Send`s only reach the leader's shell.
     Core(Action),
+    /// Store this core snapshot durably as a blob, then call [`ReplicatedCore::snapshot_stored`]:
+    /// the log is compacted into a snapshot naming the blob only once the blob is on disk, so
+    /// that a crash in between never leaves a log that names a blob nobody stored.
+    StoreSnapshot {
+        /// The log index the core's state is at.
+        index: u64,
+        /// The core snapshot ([`Core::replica_snapshot`]).
+        bytes: Vec<u8>,
+    },
     /// Pull core snapshot blob `id` from a peer and hand it to [`ReplicatedCore::restore`].
     FetchSnapshot(BlobId),
     /// This replica started or stopped leading. A shell that stops leading closes its workers'
@@ -195,8 +204,9 @@ impl ReplicatedCore {
                 .into_iter()
                 .map(|(to, bytes)| MachineAction::Peer { to, bytes }),
         );
-        if let Some((_, data)) = ready.snapshot {
+        if let Some((index, data)) = ready.snapshot {
             let id = snapshot_blob(&data)?;
+            tracing::info!(index, blob = %id.short(), "the leader sent a snapshot");
             // Everything before the snapshot is in it.
             self.waiting.clear();
             self.restoring = Some(id);
@@ -260,20 +270,33 @@ impl ReplicatedCore {
         Ok(())
     }
 
-    /// Compacts the log at the last applied command into a snapshot blob of the core (none while
-    /// an update is pending: a later command will do).
+    /// Asks the shell to store a snapshot of the core at the last applied command, after which
+    /// the log is compacted there (none while an update is pending: a later command will do).
     fn compact(&mut self, out: &mut Vec<MachineAction>) -> Result<(), ReplicaError> {
         let Some(snap) = self.core.replica_snapshot() else {
             return Ok(());
         };
-        let bytes = snap.to_bytes();
-        let id = BlobId::of(&bytes);
-        out.push(MachineAction::Core(Action::StoreBlob {
-            what: "replica snapshot",
-            bytes,
-        }));
-        self.replica
-            .compact(self.applied_index, id.to_hex().into_bytes())
+        out.push(MachineAction::StoreSnapshot {
+            index: self.applied_index,
+            bytes: snap.to_bytes(),
+        });
+        Ok(())
+    }
+
+    /// The core snapshot of [`MachineAction::StoreSnapshot`] is stored as blob `id`: the log is
+    /// compacted up to `index` into a Raft snapshot naming it (nothing happens when a newer
+    /// snapshot replaced the log meanwhile).
+    pub fn snapshot_stored(&mut self, index: u64, id: BlobId) -> Result<(), ReplicaError> {
+        tracing::debug!(index, blob = %id.short(), "log compacted");
+        self.replica.compact(index, id.to_hex().into_bytes())
+    }
+
+    /// The log starts from a snapshot whose core blob is not at hand (a crash cut its pull
+    /// short): nothing is applied until the shell has pulled it from a peer and handed it to
+    /// [`ReplicatedCore::restore`].
+    pub fn await_snapshot(&mut self, id: BlobId) -> Vec<MachineAction> {
+        self.restoring = Some(id);
+        vec![MachineAction::FetchSnapshot(id)]
     }
 }
 

@@ -272,6 +272,9 @@ async fn send_to(
                 Err(e) => {
                     tracing::debug!(replica = id, "unreachable: {e}");
                     retry_at = tokio::time::Instant::now() + Duration::from_millis(200);
+                    // What queued up while the attempt lasted is stale: Raft sends again what
+                    // still matters once the peer answers.
+                    while rx.try_recv().is_ok() {}
                     continue;
                 }
             }

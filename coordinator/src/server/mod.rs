@@ -363,10 +363,17 @@ async fn run_replicated(
         bound,
         mut revocations,
     } = controls;
-    let (replica, mut core, initial) =
+    let (replica, mut core, initial, missing) =
         replicated::open_replica(&cfg, &rep, &opened.store, &opened.layout.raft_log())?;
     add_scorer(&cfg, &mut core)?;
     let mut rc = ReplicatedCore::new(replica, core);
+    let mut initial: Vec<replica::MachineAction> = initial
+        .into_iter()
+        .map(replica::MachineAction::Core)
+        .collect();
+    if let Some(id) = missing {
+        initial.extend(rc.await_snapshot(id));
+    }
     let max_entry = update_limit(&rc.core().update_parts()) as usize;
     let transport =
         replicated::start_transport(&rep, &identity, &opened.revoked, &opened.store, max_entry)?;
@@ -389,13 +396,7 @@ async fn run_replicated(
         checkpoint: latest_checkpoint(&layout),
         snapshots: mpsc::unbounded_channel(),
     };
-    driver.carry_out(
-        &mut rc,
-        Ok(initial
-            .into_iter()
-            .map(replica::MachineAction::Core)
-            .collect()),
-    )?;
+    driver.carry_out(&mut rc, Ok(initial))?;
     write_status(&shared, rc.core(), &driver.checkpoint);
     let accept = tokio::spawn(accept_connections(shared.clone(), endpoint.clone()));
 
@@ -413,7 +414,10 @@ async fn run_replicated(
             _ = tick.tick() => rc.tick(now),
             Some((from, bytes)) = driver.transport.recv() => rc.peer(from, &bytes),
             Some(pulled) = driver.snapshots.1.recv() => match pulled {
-                Ok(snap) => rc.restore(snap),
+                Ok(snap) => {
+                    tracing::info!(round = snap.meta.round, "restored from a peer's snapshot");
+                    rc.restore(snap)
+                }
                 Err(e) => {
                     // Asked again when the leader sends the snapshot again.
                     tracing::warn!("{e}");

@@ -52,6 +52,11 @@ pub struct ReplicaStatus {
     pub lag: BTreeMap<u64, u64>,
 }
 
+/// What [`open_replica`] opened: the Raft log, the core, the core's first actions, and the
+/// snapshot blob to pull from a peer before anything applies (when the log starts from one that
+/// is not here).
+pub(super) type Opened = (Replica, Core, Vec<Action>, Option<BlobId>);
+
 /// The replica's Raft log and its core (restored from the snapshot the log starts from, else
 /// fresh), with the core's first actions.
 pub(super) fn open_replica(
@@ -59,27 +64,41 @@ pub(super) fn open_replica(
     rep: &ReplicationConfig,
     store: &LocalStore,
     raft_log: &std::path::Path,
-) -> Result<(Replica, Core, Vec<Action>), CoordinatorError> {
+) -> Result<Opened, CoordinatorError> {
     let replica_cfg = ReplicaConfig {
         id: rep.id,
         voters: rep.replicas.iter().map(|r| r.id).collect(),
     };
     let replica =
         Replica::open(&replica_cfg, raft_log).map_err(setup(format!("{}", raft_log.display())))?;
-    let (core, actions) = match replica.base() {
+    let base = match replica.base() {
         Some((index, data)) => {
             let what = format!("replica snapshot at log index {index}");
-            let id = snapshot_blob(&data).map_err(setup(&what))?;
+            Some((snapshot_blob(&data).map_err(setup(&what))?, what))
+        }
+        None => None,
+    };
+    match base {
+        Some((id, what)) if store.contains(&id) => {
             let bytes = store
                 .get(&id)
                 .map_err(setup(format!("{what} (blob {id})")))?;
             let snap = Snapshot::from_bytes(&bytes).map_err(setup(&what))?;
             let core_cfg = cfg.core().map_err(setup("coordinator config"))?;
-            Core::restore(core_cfg, snap).map_err(setup(&what))?
+            let (core, actions) = Core::restore(core_cfg, snap).map_err(setup(&what))?;
+            Ok((replica, core, actions, None))
         }
-        None => super::fresh_core(cfg)?,
-    };
-    Ok((replica, core, actions))
+        // A crash cut its pull short: a fresh core stands in until a peer's copy arrives.
+        Some((id, what)) => {
+            tracing::warn!("{what}: blob {id} is not here; pulling it from a peer");
+            let (core, actions) = super::fresh_core(cfg)?;
+            Ok((replica, core, actions, Some(id)))
+        }
+        None => {
+            let (core, actions) = super::fresh_core(cfg)?;
+            Ok((replica, core, actions, None))
+        }
+    }
 }
 
 /// Starts the peer transport: replica certificates only, serving peers the blobs in `store`.
@@ -160,6 +179,17 @@ impl Driver<'_> {
                 MachineAction::Core(action) => {
                     closed |= matches!(action, Action::RoundClosed(_));
                     execute_one(self.shared, None, &action, &mut self.checkpoint)?;
+                }
+                MachineAction::StoreSnapshot { index, bytes } => {
+                    let stored = self
+                        .shared
+                        .store
+                        .put(&bytes)
+                        .map_err(storage("storing the replica snapshot"))?;
+                    // Only now that the blob is on disk may the log name it.
+                    if let Err(e) = rc.snapshot_stored(index, stored.id) {
+                        return Err(storage("the Raft log")(e));
+                    }
                 }
                 MachineAction::FetchSnapshot(id) => self.pull_snapshot(rc, id),
                 MachineAction::Leadership {

@@ -85,6 +85,11 @@ impl Machines {
                     self.blobs.insert(BlobId::of(&bytes), bytes);
                 }
                 MachineAction::Core(_) | MachineAction::Leadership { .. } => {}
+                MachineAction::StoreSnapshot { index, bytes } => {
+                    let blob = BlobId::of(&bytes);
+                    self.blobs.insert(blob, bytes);
+                    self.node(id).snapshot_stored(index, blob).unwrap();
+                }
                 MachineAction::FetchSnapshot(blob) => {
                     let snap = Snapshot::from_bytes(&self.blobs[&blob]).unwrap();
                     todo.extend(self.node(id).restore(snap).unwrap());
@@ -232,6 +237,13 @@ fn a_round_goes_on_through_a_leader_death_with_every_committed_update() {
     accepted.sort();
     assert_eq!(accepted, ["uni-0", "uni-1", "uni-2"], "{s:?}");
     let hash = core.params().hash();
+    // Each replica compacted its log into a snapshot of the core when the round closed.
+    for id in 1..=3 {
+        if let Some(Some(n)) = m.nodes.get(&id) {
+            let base = n.replica().base().map(|(i, _)| i);
+            assert!(base.is_some_and(|i| i > 0), "replica {id}: {base:?}");
+        }
+    }
     let followers: Vec<u64> = (1..=3).filter(|&i| i != first && i != second).collect();
     for &f in &followers {
         assert_eq!(m.node(f).core().params().hash(), hash, "replica {f}");
