@@ -99,3 +99,8 @@ pub fn make_pki(dir: &Path, workers: &[&str]) -> Result<()> {
     }
     Ok(())
 }
+
+/// `ca/uni-a.crt` -> `ca/uni-a.key` (the layout `amity ca issue` writes).
+pub(crate) fn key_path_for(cert: &Path) -> PathBuf {
+    cert.with_extension("key")
+}

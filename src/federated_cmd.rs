@@ -1,6 +1,6 @@
 //! `amity coordinator`, `amity worker` and `amity demo`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -15,14 +15,28 @@ use amity_worker::{CoordinatorAddr, Fault, WorkerOptions};
 
 /// `amity coordinator`: schedule rounds, aggregate, checkpoint.
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct CoordinatorArgs {
     /// The coordinator's TOML config (see `amity_coordinator::config` for every key). Send the
     /// process SIGHUP to reload its `revoked` list without a restart.
     #[arg(long)]
-    pub config: PathBuf,
+    pub config: Option<PathBuf>,
     /// Exit once `rounds.max_rounds` are done (instead of serving until Ctrl-C).
     #[arg(long)]
     pub exit_when_finished: bool,
+    /// Ask a running coordinator instead of running one.
+    #[command(subcommand)]
+    pub command: Option<CoordinatorCommand>,
+}
+
+/// What `amity coordinator` can ask a running coordinator.
+#[derive(Debug, clap::Subcommand)]
+pub enum CoordinatorCommand {
+    /// Print the state of each coordinator (or replica) given: round, parameters, workers and,
+    /// for a replica, its term, leader, commit and applied index and (on the leader) every
+    /// replica's lag. Each answer is a linearizable read: it holds everything committed before
+    /// the question.
+    Status(crate::status_cmd::StatusArgs),
 }
 
 /// `amity worker`: train rounds for a coordinator.
@@ -73,15 +87,18 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
-    let cfg = CoordinatorConfig::load(&args.config)?;
+    if let Some(CoordinatorCommand::Status(status)) = args.command {
+        return crate::status_cmd::status(status);
+    }
+    let Some(config) = args.config else {
+        bail!("amity coordinator needs --config <coordinator.toml> (or `status` to ask one)");
+    };
+    let cfg = CoordinatorConfig::load(&config)?;
     let identity = Identity::load_from_ca_dir(&cfg.ca_dir, &cfg.name)
         .with_context(|| format!("coordinator identity `{}`", cfg.name))?;
     let rt = runtime()?;
     let (revocations, reloaded) = tokio::sync::mpsc::unbounded_channel();
-    rt.spawn(reload_revocations_on_hangup(
-        args.config.clone(),
-        revocations,
-    ));
+    rt.spawn(reload_revocations_on_hangup(config.clone(), revocations));
     let controls = server::Controls {
         exit_when_finished: args.exit_when_finished,
         bound: None,
@@ -167,7 +184,10 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         .map(|a| CoordinatorAddr::parse(a.trim(), &args.server_name))
         .collect::<Result<Vec<_>, String>>()
         .map_err(|e| anyhow::anyhow!("--coordinator {e}"))?;
-    let key = args.key.clone().unwrap_or_else(|| key_path_for(cert));
+    let key = args
+        .key
+        .clone()
+        .unwrap_or_else(|| crate::ca_cmd::key_path_for(cert));
     let identity = Identity::load(cert, &key, ca)?;
     let fault = args.fault.as_deref().map(parse_fault).transpose()?;
     let opts = WorkerOptions {
@@ -199,9 +219,4 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         amity_worker::human(summary.bytes_down)
     );
     Ok(())
-}
-
-/// `ca/uni-a.crt` -> `ca/uni-a.key` (the layout `amity ca issue` writes).
-fn key_path_for(cert: &Path) -> PathBuf {
-    cert.with_extension("key")
 }

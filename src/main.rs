@@ -12,6 +12,7 @@ mod federated_cmd;
 mod plan_cmd;
 mod plot;
 mod release_cmd;
+mod status_cmd;
 mod train_cmd;
 
 use std::process::ExitCode;

@@ -5,6 +5,7 @@
 //! depend on how fast the machine is; the demo and the bench use time budgets.
 
 use crate::common::cluster::{cluster, interrupt, synthetic_store, wait};
+use crate::common::{amity, ok, s};
 
 use std::path::Path;
 use std::process::Child;
@@ -140,6 +141,23 @@ fn a_worker_killed_mid_round_does_not_stall_training() {
     ws[2].kill().unwrap();
     ws[2].wait().unwrap();
     let killed_at = Instant::now();
+    // An institution asks the running coordinator for its state.
+    let ca = c.dir.join("ca");
+    let asked = amity(&[
+        "coordinator",
+        "status",
+        "--coordinator",
+        &format!("127.0.0.1:{}", c.port),
+        "--cert",
+        s(&ca.join("uni-a.crt")),
+        "--ca",
+        s(&ca.join("ca.crt")),
+    ]);
+    let text = ok(&asked);
+    assert!(
+        text.contains(": round ") && text.contains("closed") && !text.contains("replica"),
+        "{text}"
+    );
     wait(&mut coord, Duration::from_secs(300), "coordinator", &|| {
         c.log("coordinator")
     });

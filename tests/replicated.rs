@@ -340,6 +340,30 @@ impl Group {
         self.status(ids[0]).unwrap()
     }
 
+    /// `amity coordinator status --json` run on worker 0's host against every replica, as
+    /// that institution: one answer per replica.
+    fn status_cli(&self) -> Vec<Value> {
+        let ca = self.dir.join("ca");
+        let out = self
+            .net
+            .command(REPLICAS as usize, env!("CARGO_BIN_EXE_amity"))
+            .args(["coordinator", "status", "--json"])
+            .args(["--coordinator", &self.addresses()])
+            .args(["--cert", s(&ca.join(format!("{}.crt", self.workers[0])))])
+            .args(["--ca", s(&ca.join("ca.crt"))])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
     fn log(&self, id: u64) -> String {
         std::fs::read_to_string(self.dir.join(format!("replica-{id}.log"))).unwrap_or_default()
     }
@@ -380,6 +404,22 @@ fn a_partitioned_follower_catches_up_by_snapshot() {
         g.log(cut).contains("restored from a peer's snapshot"),
         "replica {cut} caught up without a snapshot:\n{}",
         g.logs()
+    );
+    // `amity coordinator status`, asked of every replica: one answer each (linearizable), all
+    // at the last round, one term and leader, and the leader reports each replica's lag.
+    let answers = g.status_cli();
+    assert_eq!(answers.len(), REPLICAS as usize, "{answers:?}");
+    for a in &answers {
+        assert_eq!(a["closed"], ROUNDS, "{a}");
+        assert_eq!(a["params"], answers[0]["params"], "{answers:?}");
+        assert_eq!(a["replica"]["leader"], answers[0]["replica"]["leader"]);
+    }
+    let leader = answers[0]["replica"]["leader"].as_u64().unwrap();
+    let lag = &answers[leader as usize - 1]["replica"]["lag"];
+    assert_eq!(
+        lag.as_object().map(|m| m.len()),
+        Some(REPLICAS as usize),
+        "{answers:?}"
     );
 }
 
@@ -471,7 +511,7 @@ impl Observed {
 /// (`AMITY_FAULT_SEED`), bounded in time.
 #[test]
 fn randomized_faults_keep_the_replicas_consistent() {
-    const ROUNDS: u64 = 14;
+    const ROUNDS: u64 = 30;
     let seed: u64 = std::env::var("AMITY_FAULT_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -491,7 +531,7 @@ fn randomized_faults_keep_the_replicas_consistent() {
     let mut down: Option<(u64, &str)> = None;
     let mut steps = Vec::new();
     let start = Instant::now();
-    for step in 0..12 {
+    for step in 0..16 {
         if g.leader().is_some_and(|l| g.rounds(l) >= ROUNDS as usize) {
             break;
         }

@@ -168,8 +168,48 @@ pub enum ClientMsg {
         /// The release name.
         name: String,
     },
+    /// Asks for the coordinator's state (`amity coordinator status`; certificate holders
+    /// only), answered with [`ServerMsg::Status`]. A replica answers once its state holds every
+    /// command committed before the question (a Raft read index), whichever replica is asked.
+    StatusQuery,
     /// The client leaves cleanly.
     Goodbye,
+}
+
+/// The coordinator's state, as [`ServerMsg::Status`] reports it.
+#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct CoordinatorStatus {
+    /// The round under way (or next to run).
+    pub round: u64,
+    /// Rounds closed.
+    pub closed: u64,
+    /// Parameters hash of the current global state.
+    pub params: BlobId,
+    /// Whether the run reached its planned end.
+    pub finished: bool,
+    /// Worker sessions.
+    pub workers: u32,
+    /// A replica's place in its group; `None` for a single coordinator.
+    pub replica: Option<ReplicaState>,
+}
+
+/// One replica's view of its Raft group.
+#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct ReplicaState {
+    /// Its Raft id.
+    pub id: u64,
+    /// The current term.
+    pub term: u64,
+    /// The leader it knows of (0: none).
+    pub leader: u64,
+    /// The highest log index known committed.
+    pub commit: u64,
+    /// The last index applied to its core.
+    pub applied: u64,
+    /// The voters.
+    pub voters: Vec<u64>,
+    /// On the leader: (replica id, log entries it is behind the commit index).
+    pub lag: Vec<(u64, u64)>,
 }
 
 /// A global state as a delta from an earlier one.
@@ -265,6 +305,8 @@ pub enum ServerMsg {
         /// The manifest's Ed25519 signature (64 bytes).
         signature: Vec<u8>,
     },
+    /// Answer to [`ClientMsg::StatusQuery`].
+    Status(CoordinatorStatus),
     /// A request failed.
     Error {
         /// Machine-readable reason.
@@ -377,9 +419,10 @@ impl Validate for ClientMsg {
                 Ok(())
             }
             ClientMsg::ReleaseQuery { name } => check_str("release name", name),
-            ClientMsg::Heartbeat { .. } | ClientMsg::FetchBlob { .. } | ClientMsg::Goodbye => {
-                Ok(())
-            }
+            ClientMsg::Heartbeat { .. }
+            | ClientMsg::FetchBlob { .. }
+            | ClientMsg::StatusQuery
+            | ClientMsg::Goodbye => Ok(()),
         }
     }
 }
@@ -430,6 +473,12 @@ impl Validate for ServerMsg {
                 Ok(())
             }
             ServerMsg::Error { message, .. } => check_str("error message", message),
+            ServerMsg::Status(CoordinatorStatus {
+                replica: Some(r), ..
+            }) => {
+                check_list("voters", &r.voters)?;
+                check_list("replica lags", &r.lag)
+            }
             _ => Ok(()),
         }
     }
@@ -570,6 +619,7 @@ mod tests {
                 }),
             (hash(), any::<u64>()).prop_map(|(id, offset)| ClientMsg::FetchBlob { id, offset }),
             ".{0,20}".prop_map(|name| ClientMsg::ReleaseQuery { name }),
+            Just(ClientMsg::StatusQuery),
             Just(ClientMsg::Goodbye),
         ]
     }
@@ -614,6 +664,35 @@ mod tests {
                         })
                     }
                 ),
+            (
+                any::<u64>(),
+                hash(),
+                any::<bool>(),
+                prop::option::of((
+                    any::<u64>(),
+                    any::<u64>(),
+                    prop::collection::vec(any::<u64>(), 0..6),
+                    prop::collection::vec((any::<u64>(), any::<u64>()), 0..6)
+                ))
+            )
+                .prop_map(|(round, params, finished, replica)| {
+                    ServerMsg::Status(CoordinatorStatus {
+                        round,
+                        closed: round / 2,
+                        params,
+                        finished,
+                        workers: 3,
+                        replica: replica.map(|(term, commit, voters, lag)| ReplicaState {
+                            id: 1,
+                            term,
+                            leader: 2,
+                            commit,
+                            applied: commit / 2,
+                            voters,
+                            lag,
+                        }),
+                    })
+                }),
             (any::<u64>(), prop::collection::vec(hash(), 0..20))
                 .prop_map(|(round, shards)| ServerMsg::ShardAssignment { round, shards }),
             any::<u64>().prop_map(|of| ServerMsg::Ack { of }),

@@ -46,6 +46,15 @@ pub enum MachineAction {
         /// The core snapshot ([`Core::replica_snapshot`]).
         bytes: Vec<u8>,
     },
+    /// A read asked with [`ReplicatedCore::read_index`] may be answered once the core has
+    /// applied `index` ([`ReplicatedCore::applied_index`]): it then reflects every command
+    /// committed before the question.
+    ReadReady {
+        /// The context the read was asked with.
+        ctx: Vec<u8>,
+        /// The index to have applied first.
+        index: u64,
+    },
     /// Pull core snapshot blob `id` from a peer and hand it to [`ReplicatedCore::restore`].
     FetchSnapshot(BlobId),
     /// This replica started or stopped leading. A shell that stops leading closes its workers'
@@ -126,9 +135,11 @@ impl ReplicatedCore {
         self.applied_index
     }
 
-    /// Asks for a linearizable read ([`Replica::read_index`]).
-    pub fn read_index(&mut self, ctx: Vec<u8>) {
+    /// Asks for a linearizable read ([`Replica::read_index`]), answered by
+    /// [`MachineAction::ReadReady`] with `ctx`.
+    pub fn read_index(&mut self, ctx: Vec<u8>) -> Result<Vec<MachineAction>, ReplicaError> {
         self.replica.read_index(ctx);
+        self.step()
     }
 
     /// A new session id for a worker that registers with this leader: unique across leaders,
@@ -203,6 +214,12 @@ impl ReplicatedCore {
                 .messages
                 .into_iter()
                 .map(|(to, bytes)| MachineAction::Peer { to, bytes }),
+        );
+        out.extend(
+            ready
+                .reads
+                .into_iter()
+                .map(|(ctx, index)| MachineAction::ReadReady { ctx, index }),
         );
         if let Some((index, data)) = ready.snapshot {
             let id = snapshot_blob(&data)?;

@@ -286,6 +286,12 @@ async fn registration(
                 return Registration::Gone;
             }
             Ok(Some(ClientMsg::Register(c))) => return Registration::Worker(c),
+            Ok(Some(ClientMsg::StatusQuery)) => {
+                let answer = status_answer(shared, anonymous).await;
+                if control.send(&answer).await.is_err() {
+                    return Registration::Gone;
+                }
+            }
             Ok(Some(ClientMsg::ReleaseQuery { name })) => {
                 let answer = release_answer(shared, &name).await;
                 if control.send(&answer).await.is_err() {
@@ -306,6 +312,36 @@ async fn registration(
         }
     }
 }
+
+/// The answer to a status question: the driver's, or why there is none (no certificate; a
+/// replica that reaches no leader cannot answer linearizably).
+async fn status_answer(shared: &Shared, anonymous: bool) -> ServerMsg {
+    let error = |code, message: &str| ServerMsg::Error {
+        code,
+        message: message.to_owned(),
+    };
+    if anonymous {
+        return error(
+            ErrorCode::Unexpected,
+            "the coordinator's status is for certificate holders (operators, institutions)",
+        );
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if shared.queries.send(tx).is_err() {
+        return error(ErrorCode::ShuttingDown, "the coordinator is stopping");
+    }
+    match tokio::time::timeout(STATUS_TIMEOUT, rx).await {
+        Ok(Ok(status)) => ServerMsg::Status(status),
+        _ => error(
+            ErrorCode::Internal,
+            "no answer within 5 s: this replica reaches no leader (a read must be confirmed \
+             by a majority); ask another replica",
+        ),
+    }
+}
+
+/// How long a status question waits for its answer.
+const STATUS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The answer to a query for release `name`: its manifest, or which releases there are.
 async fn release_answer(shared: &Shared, name: &str) -> ServerMsg {

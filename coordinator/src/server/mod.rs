@@ -51,6 +51,10 @@ use status::{status, write_status};
 /// connection close reason) when `max_rounds` are done: workers exit instead of reconnecting.
 const FINISHED_REASON: &str = "training finished";
 
+/// A status question from a connection: where its answer goes.
+pub(crate) type StatusQuestion =
+    tokio::sync::oneshot::Sender<amity_protocol::message::CoordinatorStatus>;
+
 /// What a [`CoordinatorError`] came from.
 pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
 
@@ -275,7 +279,10 @@ async fn run_single(
     } = opened;
 
     let (events_tx, mut events) = mpsc::unbounded_channel();
-    let shared = Shared::open(store, corpus, &layout, &core, events_tx, revoked);
+    let (queries_tx, mut queries) = mpsc::unbounded_channel::<StatusQuestion>();
+    let shared = Shared::open(
+        store, corpus, &layout, &core, events_tx, queries_tx, revoked,
+    );
     let mut checkpoint = latest_checkpoint(&layout);
     for action in &initial {
         execute_one(&shared, Some(&mut journal), action, &mut checkpoint)?;
@@ -298,6 +305,10 @@ async fn run_single(
                 continue;
             }
             _ = tick.tick() => Event::Tick,
+            Some(answer) = queries.recv() => {
+                let _ = answer.send(status::coordinator_status(&core, None));
+                continue;
+            }
             e = events.recv() => match e {
                 Some(e) => e,
                 None => break Ok(()),
@@ -385,7 +396,16 @@ async fn run_replicated(
         revoked,
     } = opened;
     let (events_tx, mut events) = mpsc::unbounded_channel();
-    let shared = Shared::open(store, corpus, &layout, rc.core(), events_tx, revoked);
+    let (queries_tx, mut queries) = mpsc::unbounded_channel::<StatusQuestion>();
+    let shared = Shared::open(
+        store,
+        corpus,
+        &layout,
+        rc.core(),
+        events_tx,
+        queries_tx,
+        revoked,
+    );
     // Workers are sent to the leader until this replica leads.
     *shared.redirect.lock().expect("redirect lock") = Some(String::new());
     let mut driver = replicated::Driver {
@@ -395,6 +415,7 @@ async fn run_replicated(
         retention: Retention::new(cfg.retention),
         checkpoint: latest_checkpoint(&layout),
         snapshots: mpsc::unbounded_channel(),
+        reads: replicated::Reads::default(),
     };
     driver.carry_out(&mut rc, Ok(initial))?;
     write_status(&shared, rc.core(), &driver.checkpoint);
@@ -424,6 +445,10 @@ async fn run_replicated(
                     continue;
                 }
             },
+            Some(answer) = queries.recv() => {
+                let ctx = driver.reads.ask(answer);
+                rc.read_index(ctx)
+            }
             e = events.recv() => match e {
                 Some(event) => propose(&shared, &mut rc, event, now),
                 None => break Ok(()),

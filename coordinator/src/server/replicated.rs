@@ -141,11 +141,55 @@ pub(super) struct Driver<'a> {
     pub(super) transport: Transport,
     pub(super) retention: Retention,
     pub(super) checkpoint: Option<PathBuf>,
+    /// Status questions waiting for their read index.
+    pub(super) reads: Reads,
     /// Snapshots pulled from peers, by the tasks that pull them.
     pub(super) snapshots: (
         mpsc::UnboundedSender<Pulled>,
         mpsc::UnboundedReceiver<Pulled>,
     ),
+}
+
+/// Status questions asked as linearizable reads: each waits for its read index, then for the
+/// core to have applied it.
+#[derive(Default)]
+pub(super) struct Reads {
+    next: u64,
+    asked: BTreeMap<u64, super::StatusQuestion>,
+    /// (index to have applied, question) of reads confirmed by a quorum.
+    ready: Vec<(u64, u64)>,
+}
+
+impl Reads {
+    /// Keeps `answer` and returns the context to ask the read with.
+    pub(super) fn ask(&mut self, answer: super::StatusQuestion) -> Vec<u8> {
+        self.next += 1;
+        // Questions whose asker gave up are forgotten.
+        self.asked.retain(|_, a| !a.is_closed());
+        self.asked.insert(self.next, answer);
+        self.next.to_le_bytes().to_vec()
+    }
+
+    fn confirmed(&mut self, ctx: &[u8], index: u64) {
+        if let Ok(b) = <[u8; 8]>::try_from(ctx) {
+            self.ready.push((index, u64::from_le_bytes(b)));
+        }
+    }
+
+    /// Answers every confirmed read whose index the core has applied.
+    fn answer(&mut self, rc: &ReplicatedCore, status: &ReplicaStatus) {
+        let applied = rc.applied_index();
+        let (now, later): (Vec<_>, Vec<_>) = self
+            .ready
+            .drain(..)
+            .partition(|(index, _)| *index <= applied);
+        self.ready = later;
+        for (_, id) in now {
+            if let Some(a) = self.asked.remove(&id) {
+                let _ = a.send(super::status::coordinator_status(rc.core(), Some(status)));
+            }
+        }
+    }
 }
 
 /// Milliseconds since the Unix epoch: the time a leader logs.
@@ -191,6 +235,7 @@ impl Driver<'_> {
                         return Err(storage("the Raft log")(e));
                     }
                 }
+                MachineAction::ReadReady { ctx, index } => self.reads.confirmed(&ctx, index),
                 MachineAction::FetchSnapshot(id) => self.pull_snapshot(rc, id),
                 MachineAction::Leadership {
                     leading,
@@ -210,7 +255,9 @@ impl Driver<'_> {
         let round = rc.core().round();
         // A snapshot restored moves the round without closing one here.
         changed |= self.shared.round.swap(round, Ordering::Relaxed) != round;
-        *self.shared.replica.lock().expect("replica lock") = Some(replica_status(rc));
+        let status = replica_status(rc);
+        self.reads.answer(rc, &status);
+        *self.shared.replica.lock().expect("replica lock") = Some(status);
         if closed {
             self.sweep(rc);
         }

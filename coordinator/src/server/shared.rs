@@ -50,6 +50,8 @@ pub(super) struct Shared {
     pub(super) layout: StateLayout,
     pub(super) update_parts: Vec<usize>,
     pub(super) events: mpsc::UnboundedSender<Event>,
+    /// Status questions for the driver, each with where to send its answer.
+    pub(super) queries: mpsc::UnboundedSender<super::StatusQuestion>,
     pub(super) outboxes: Outboxes,
     pub(super) next_worker: AtomicU64,
     /// Outboards of served blobs: each round's state delta is hashed once, not per worker.
@@ -117,6 +119,7 @@ impl Shared {
         layout: &StateLayout,
         core: &Core,
         events_tx: mpsc::UnboundedSender<Event>,
+        queries: mpsc::UnboundedSender<super::StatusQuestion>,
         revoked: Revocations,
     ) -> Arc<Shared> {
         let shared = Arc::new(Shared {
@@ -125,6 +128,7 @@ impl Shared {
             layout: layout.clone(),
             update_parts: core.update_parts(),
             events: events_tx,
+            queries,
             outboxes: Arc::new(Mutex::new(HashMap::new())),
             next_worker: AtomicU64::new(1),
             outboards: OutboardCache::new(),

@@ -66,6 +66,30 @@ pub(super) fn status(shared: &Shared, core: &Core, checkpoint: &Option<PathBuf>)
     }
 }
 
+/// What a [`ClientMsg::StatusQuery`](amity_protocol::message::ClientMsg::StatusQuery) is
+/// answered with.
+pub(super) fn coordinator_status(
+    core: &Core,
+    replica: Option<&super::ReplicaStatus>,
+) -> amity_protocol::message::CoordinatorStatus {
+    amity_protocol::message::CoordinatorStatus {
+        round: core.round(),
+        closed: core.history().len() as u64,
+        params: core.params_hash(),
+        finished: core.finished(),
+        workers: core.workers().len() as u32,
+        replica: replica.map(|r| amity_protocol::message::ReplicaState {
+            id: r.id,
+            term: r.term,
+            leader: r.leader.unwrap_or(0),
+            commit: r.commit,
+            applied: r.applied,
+            voters: r.voters.clone(),
+            lag: r.lag.iter().map(|(k, v)| (*k, *v)).collect(),
+        }),
+    }
+}
+
 pub(super) fn write_status(shared: &Shared, core: &Core, checkpoint: &Option<PathBuf>) {
     let layout = &shared.layout;
     let s = status(shared, core, checkpoint);

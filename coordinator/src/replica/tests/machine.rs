@@ -84,7 +84,9 @@ impl Machines {
                 MachineAction::Core(Action::StoreBlob { bytes, .. }) => {
                     self.blobs.insert(BlobId::of(&bytes), bytes);
                 }
-                MachineAction::Core(_) | MachineAction::Leadership { .. } => {}
+                MachineAction::Core(_)
+                | MachineAction::Leadership { .. }
+                | MachineAction::ReadReady { .. } => {}
                 MachineAction::StoreSnapshot { index, bytes } => {
                     let blob = BlobId::of(&bytes);
                     self.blobs.insert(blob, bytes);

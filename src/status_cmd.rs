@@ -1,0 +1,160 @@
+//! `amity coordinator status`: asks running coordinators (or every replica of one) for their
+//! state over the protocol, as a certificate holder.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::json;
+
+use amity_protocol::conn::{MsgStream, hello};
+use amity_protocol::message::{ClientMsg, CoordinatorStatus, ServerMsg};
+use amity_protocol::tls::{Identity, quic_client_config};
+use amity_worker::CoordinatorAddr;
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::ca_cmd::key_path_for;
+
+/// `amity coordinator status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The coordinator's address, or every replica's, comma-separated (`host:port` or
+    /// `name@host:port`).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub coordinator: Vec<String>,
+    /// Your certificate (an operator's or an institution's).
+    #[arg(long)]
+    pub cert: PathBuf,
+    /// Its private key (default: the certificate's path with `.key`).
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// The operator CA certificate.
+    #[arg(long)]
+    pub ca: PathBuf,
+    /// The certificate name expected of addresses that name none.
+    #[arg(long, default_value = "coordinator")]
+    pub server_name: String,
+    /// Print one JSON object per coordinator instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// How long one coordinator may take to answer.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Asks each address in turn and prints what it says; fails when none answered.
+pub fn status(args: StatusArgs) -> Result<()> {
+    let key = args.key.clone().unwrap_or_else(|| key_path_for(&args.cert));
+    let identity = Identity::load(&args.cert, &key, &args.ca)?;
+    let targets = args
+        .coordinator
+        .iter()
+        .map(|a| CoordinatorAddr::parse(a.trim(), &args.server_name))
+        .collect::<Result<Vec<_>, String>>()
+        .map_err(|e| anyhow!("--coordinator {e}"))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let mut answered = 0;
+    for target in &targets {
+        let asked = rt.block_on(async {
+            tokio::time::timeout(ANSWER_TIMEOUT, ask(&identity, target))
+                .await
+                .map_err(|_| anyhow!("no answer within {ANSWER_TIMEOUT:?}"))?
+        });
+        match asked {
+            Ok(s) => {
+                answered += 1;
+                if args.json {
+                    println!("{}", as_json(target, &s));
+                } else {
+                    print!("{}", as_text(target, &s));
+                }
+            }
+            Err(e) => eprintln!("{target}: {e:#}"),
+        }
+    }
+    if answered == 0 {
+        bail!("no coordinator answered");
+    }
+    Ok(())
+}
+
+/// One status question to `target`.
+async fn ask(identity: &Identity, target: &CoordinatorAddr) -> Result<CoordinatorStatus> {
+    let cfg = quic_client_config(identity)?;
+    let endpoint = amity_protocol::endpoint::client(target.addr, cfg)?;
+    let conn = endpoint
+        .connect(target.addr, &target.name)?
+        .await
+        .with_context(|| format!("connecting to {target}"))?;
+    let (mut control, _) = hello(&conn, &target.name, "amity coordinator status").await?;
+    control.send(&ClientMsg::StatusQuery).await?;
+    let answer = control.recv::<ServerMsg>().await?;
+    let _ = control.send(&ClientMsg::Goodbye).await;
+    finish(control, &conn).await;
+    endpoint.wait_idle().await;
+    match answer {
+        Some(ServerMsg::Status(s)) => Ok(s),
+        Some(ServerMsg::Error { code, message }) => bail!("{code:?}: {message}"),
+        other => bail!("expected a status, got {other:?}"),
+    }
+}
+
+async fn finish(mut control: MsgStream, conn: &quinn::Connection) {
+    control.finish();
+    conn.close(0u32.into(), b"done");
+}
+
+fn as_text(target: &CoordinatorAddr, s: &CoordinatorStatus) -> String {
+    let mut out = format!(
+        "{target}: round {} ({} closed{}), params {}, {} worker sessions\n",
+        s.round,
+        s.closed,
+        if s.finished { ", finished" } else { "" },
+        &s.params.to_hex()[..16],
+        s.workers
+    );
+    if let Some(r) = &s.replica {
+        let leader = match r.leader {
+            0 => "none known".to_owned(),
+            l if l == r.id => format!("{l} (this one)"),
+            l => l.to_string(),
+        };
+        out += &format!(
+            "  replica {} of {:?}: term {}, leader {leader}, commit {}, applied {}\n",
+            r.id, r.voters, r.term, r.commit, r.applied
+        );
+        if !r.lag.is_empty() {
+            let lags: Vec<String> = r
+                .lag
+                .iter()
+                .map(|(id, behind)| format!("replica {id} {behind} behind"))
+                .collect();
+            out += &format!("  lag: {}\n", lags.join(", "));
+        }
+    }
+    out
+}
+
+fn as_json(target: &CoordinatorAddr, s: &CoordinatorStatus) -> serde_json::Value {
+    json!({
+        "coordinator": target.to_string(),
+        "round": s.round,
+        "closed": s.closed,
+        "params": s.params.to_hex(),
+        "finished": s.finished,
+        "workers": s.workers,
+        "replica": s.replica.as_ref().map(|r| json!({
+            "id": r.id,
+            "term": r.term,
+            "leader": (r.leader != 0).then_some(r.leader),
+            "commit": r.commit,
+            "applied": r.applied,
+            "voters": r.voters,
+            "lag": r.lag.iter().map(|(id, b)| (id.to_string(), json!(b))).collect::<serde_json::Map<_, _>>(),
+        })),
+    })
+}
