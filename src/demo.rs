@@ -146,7 +146,11 @@ pub fn run(out: &Path, videos: usize, rounds: u64, round_secs: f64) -> Result<()
 
 /// Writes `videos` synthetic MP4s and ingests them into ~1 MiB shards: the run config (tiny
 /// preset, batch 16), the shard store and its shard count.
-fn corpus(out: &Path, videos: usize, began: Instant) -> Result<(Config, PathBuf, usize)> {
+pub(crate) fn corpus(
+    out: &Path,
+    videos: usize,
+    began: Instant,
+) -> Result<(Config, PathBuf, usize)> {
     let mut run_cfg = Config::preset("tiny")?;
     run_cfg.train.batch = 16;
     let videos_dir = out.join("videos");

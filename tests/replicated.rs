@@ -201,12 +201,18 @@ impl Group {
         }
     }
 
-    /// The leader as the live replicas' status files say (the one that says it is).
+    /// The leader as the live replicas' status files say: the one that says it leads, in the
+    /// highest term any says (a restarted replica's file may predate the last election).
     fn leader(&self) -> Option<u64> {
-        self.procs.keys().copied().find(|&id| {
-            self.status(id)
-                .is_some_and(|s| s["replica"]["leader"].as_u64() == Some(id))
-        })
+        self.procs
+            .keys()
+            .filter_map(|&id| {
+                let s = self.status(id)?;
+                let term = s["replica"]["term"].as_u64()?;
+                (s["replica"]["leader"].as_u64() == Some(id)).then_some((term, id))
+            })
+            .max()
+            .map(|(_, id)| id)
     }
 }
 

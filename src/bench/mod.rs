@@ -2,12 +2,14 @@
 //! with their ratio, ending with one JSON line of figures.
 //!
 //! The bodies of benches that only this command runs live here, next to it: `federated` (the
-//! real coordinator and worker cores wired in process), `ingest` and `train-step`. `transfer`
+//! real coordinator and worker cores wired in process), `replication` (coordinator processes on
+//! loopback), `ingest` and `train-step`. `transfer`
 //! lives in `amity-protocol` (it measures that crate's transport), `plan` and `surprise` in
 //! `amity-planner`.
 
 mod federated;
 mod ingest;
+mod replication;
 mod train_step;
 
 use std::path::PathBuf;
@@ -34,6 +36,9 @@ pub enum Bench {
     /// DDP vs DiLoCo vs compressed DiLoCo: bytes on the wire, loss and probe R² on equal
     /// samples; prints `{"bench":"federated",...}` last.
     Federated(federated::FederatedBenchArgs),
+    /// A replicated coordinator beside a single one: seconds and bytes per round, failover time
+    /// over repeated leader kills, snapshot transfer; prints `{"bench":"replication",...}` last.
+    Replication(replication::ReplicationBenchArgs),
     /// Latent planning success beside a random policy and a simulator oracle, per environment;
     /// prints `{"bench":"plan",...}` last.
     Plan(crate::plan_cmd::PlanBenchArgs),
@@ -93,6 +98,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Bench::Plan(a) => crate::plan_cmd::bench_plan(a),
         Bench::Surprise(a) => crate::plan_cmd::bench_surprise(a),
         Bench::Federated(a) => federated::run(a),
+        Bench::Replication(a) => replication::run(a),
         Bench::Transfer(a) => {
             let scratch =
                 std::env::temp_dir().join(format!("amity-bench-transfer-{}", std::process::id()));

@@ -65,6 +65,8 @@ pub type Locate = Arc<dyn Fn(&BlobId) -> Option<PathBuf> + Send + Sync>;
 #[derive(Debug)]
 pub struct Transport {
     endpoint: quinn::Endpoint,
+    /// Raft message bytes written to peers so far.
+    sent: Arc<std::sync::atomic::AtomicU64>,
     peers: BTreeMap<u64, PeerAddr>,
     outboxes: BTreeMap<u64, mpsc::Sender<Vec<u8>>>,
     inbox: mpsc::Receiver<(u64, Vec<u8>)>,
@@ -156,16 +158,19 @@ impl Transport {
             peers.iter().map(|(id, p)| (p.name.clone(), *id)).collect();
         let limit = MAX_RAFT_MESSAGE + max_entry;
         tokio::spawn(accept(endpoint.clone(), by_name, tx, locate, limit));
+        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let outboxes = peers
             .iter()
             .map(|(&id, peer)| {
                 let (tx, rx) = mpsc::channel(QUEUE);
-                tokio::spawn(send_to(endpoint.clone(), id, peer.clone(), rx));
+                let sender = send_to(endpoint.clone(), id, peer.clone(), rx, sent.clone());
+                tokio::spawn(sender);
                 (id, tx)
             })
             .collect();
         Ok(Transport {
             endpoint,
+            sent,
             peers,
             outboxes,
             inbox,
@@ -178,6 +183,12 @@ impl Transport {
             endpoint: self.endpoint.clone(),
             peers: self.peers.clone(),
         }
+    }
+
+    /// Raft message bytes written to peers so far (the cost of replication on the wire, before
+    /// QUIC's framing; snapshot blobs pulled by peers are not counted).
+    pub fn bytes_sent(&self) -> u64 {
+        self.sent.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The address it listens on.
@@ -256,6 +267,7 @@ async fn send_to(
     id: u64,
     peer: PeerAddr,
     mut rx: mpsc::Receiver<Vec<u8>>,
+    sent: Arc<std::sync::atomic::AtomicU64>,
 ) {
     let mut conn: Option<quinn::Connection> = None;
     let mut retry_at = tokio::time::Instant::now();
@@ -280,15 +292,20 @@ async fn send_to(
             }
         }
         let Some(c) = conn.as_ref() else { continue };
-        let sent = async {
+        let written = async {
             let mut s = c.open_uni().await?;
             s.write_all(&bytes).await?;
             s.finish()?;
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
         };
-        if let Err(e) = sent.await {
-            tracing::debug!(replica = id, "send failed: {e}");
-            conn = None;
+        match written.await {
+            Ok(()) => {
+                sent.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+            Err(e) => {
+                tracing::debug!(replica = id, "send failed: {e}");
+                conn = None;
+            }
         }
     }
 }

@@ -50,6 +50,8 @@ pub struct ReplicaStatus {
     pub voters: Vec<u64>,
     /// On the leader: how far each replica's log is behind the commit index, by id.
     pub lag: BTreeMap<u64, u64>,
+    /// Raft message bytes this replica sent its peers since it started.
+    pub bytes_sent: u64,
 }
 
 /// What [`open_replica`] opened: the Raft log, the core, the core's first actions, and the
@@ -255,7 +257,8 @@ impl Driver<'_> {
         let round = rc.core().round();
         // A snapshot restored moves the round without closing one here.
         changed |= self.shared.round.swap(round, Ordering::Relaxed) != round;
-        let status = replica_status(rc);
+        let mut status = replica_status(rc);
+        status.bytes_sent = self.transport.bytes_sent();
         self.reads.answer(rc, &status);
         *self.shared.replica.lock().expect("replica lock") = Some(status);
         if closed {
@@ -351,6 +354,7 @@ fn replica_status(rc: &ReplicatedCore) -> ReplicaStatus {
             .into_iter()
             .map(|(id, m)| (id, commit.saturating_sub(m)))
             .collect(),
+        bytes_sent: 0,
     }
 }
 
