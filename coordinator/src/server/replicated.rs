@@ -21,7 +21,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::config::{CoordinatorConfig, ReplicationConfig};
-use crate::core::{Action, Core, Snapshot};
+use crate::core::{Action, Core, LogEntry, Snapshot};
 use crate::replica::machine::snapshot_blob;
 use crate::replica::{
     BlobFetcher, MachineAction, PeerAddr, Replica, ReplicaConfig, ReplicaError, ReplicatedCore,
@@ -217,11 +217,25 @@ impl Driver<'_> {
                 return Ok(());
             }
         };
+        // The snapshots the core makes for a journal's `RoundClosed` entry: a replica keeps no
+        // journal (its own replica snapshots stand in), so they are not written.
+        let journal_snapshots: BTreeSet<BlobId> = todo
+            .iter()
+            .filter_map(|a| match a {
+                MachineAction::Core(Action::Persist(LogEntry::RoundClosed {
+                    snapshot, ..
+                })) => Some(*snapshot),
+                _ => None,
+            })
+            .collect();
         let (mut closed, mut changed) = (false, false);
         while let Some(action) = todo.pop_front() {
             match action {
                 MachineAction::Peer { to, bytes } => self.transport.send(to, bytes),
                 MachineAction::Core(Action::Persist(_)) => {}
+                MachineAction::Core(Action::StoreBlob { bytes, .. })
+                    if !journal_snapshots.is_empty()
+                        && journal_snapshots.contains(&BlobId::of(&bytes)) => {}
                 MachineAction::Core(action) => {
                     closed |= matches!(action, Action::RoundClosed(_));
                     execute_one(self.shared, None, &action, &mut self.checkpoint)?;
