@@ -420,6 +420,11 @@ impl Core {
         self.params_hash
     }
 
+    /// The time of the last event it handled (ms; logged time on a replica).
+    pub fn now_ms(&self) -> u64 {
+        self.now_ms
+    }
+
     /// The round under way (or next to run).
     pub fn round(&self) -> u64 {
         self.round

@@ -265,3 +265,52 @@ fn a_round_goes_on_through_a_leader_death_with_every_committed_update() {
         m.node(second).core().history().len()
     );
 }
+
+/// Clock jumps on the leader: logged time never goes back. A new leader whose clock is far
+/// behind the old one's freezes the cores' time (no deadline passes, the open round stays open)
+/// until its clock catches up; a jump forward past the deadline then closes the round, on every
+/// replica alike.
+#[test]
+fn a_leader_clock_behind_never_turns_logged_time_back() {
+    let mut m = Machines::new("clock");
+    m.now_ms = 5_000_000;
+    let first = m.leader();
+    for i in 0..3 {
+        let worker = m.node(first).new_session();
+        m.report(Event::Joined {
+            worker,
+            info: join_info(&format!("uni-{i}")),
+        });
+    }
+    assert_eq!(m.node(first).core().round(), 0);
+    let before = m.node(first).core().now_ms();
+    assert!(before >= 5_000_000, "{before}");
+    *m.nodes.get_mut(&first).unwrap() = None;
+    // The next leader's clock is more than an hour behind.
+    m.now_ms = 1_000;
+    let second = m.leader();
+    m.tick(40);
+    for id in (1..=3).filter(|&i| i != first) {
+        let core = m.node(id).core();
+        assert!(
+            core.now_ms() >= before,
+            "replica {id}: {} < {before}",
+            core.now_ms()
+        );
+        assert!(
+            core.history().is_empty(),
+            "replica {id} closed a round on a clock jump"
+        );
+    }
+    // Its clock jumps past the round's deadline (and the silent workers' heartbeats).
+    m.now_ms = before + 120_000;
+    m.tick(20);
+    let closed = m.node(second).core().history().len();
+    assert_eq!(
+        closed, 1,
+        "the round closes once logged time passes its deadline"
+    );
+    for id in (1..=3).filter(|&i| i != first) {
+        assert_eq!(m.node(id).core().history().len(), closed, "replica {id}");
+    }
+}
