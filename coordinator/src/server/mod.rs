@@ -422,7 +422,7 @@ async fn run_replicated(
     let accept = tokio::spawn(accept_connections(shared.clone(), endpoint.clone()));
 
     let mut told_finished = false;
-    let mut tick = tokio::time::interval(replicated::REPLICA_TICK);
+    let mut tick = tokio::time::interval(replica::TICK);
     tokio::pin!(shutdown);
     let result = loop {
         let now = replicated::now_ms();

@@ -25,7 +25,7 @@ use crate::core::{Action, Core, LogEntry, Snapshot};
 use crate::replica::machine::snapshot_blob;
 use crate::replica::{
     BlobFetcher, MachineAction, PeerAddr, Replica, ReplicaConfig, ReplicaError, ReplicatedCore,
-    TICK, Transport,
+    Transport,
 };
 use crate::retention::Retention;
 
@@ -194,8 +194,9 @@ impl Reads {
     }
 }
 
-/// Milliseconds since the Unix epoch: the time a leader logs.
-fn wall_ms() -> u64 {
+/// Milliseconds since the Unix epoch: the time a leader logs (the machine keeps it from going
+/// back).
+pub(super) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -417,11 +418,3 @@ async fn fetch_snapshot(
 
 /// The most bytes a core snapshot pulled from a peer may have.
 const MAX_SNAPSHOT_BYTES: u64 = 16 << 30;
-
-/// Now, for the machine.
-pub(super) fn now_ms() -> u64 {
-    wall_ms()
-}
-
-/// How often the replica ticks.
-pub(super) const REPLICA_TICK: Duration = TICK;
