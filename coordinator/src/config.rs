@@ -125,6 +125,10 @@ pub struct CoreConfig {
     pub target_policy: TargetPolicy,
     /// Checkpoint every this many rounds (0: never).
     pub checkpoint_every: u64,
+    /// Whether the shell keeps a journal (a single coordinator): the core then emits its
+    /// entries and the round snapshots they name. A replica keeps none (its Raft log and replica
+    /// snapshots stand in), so its core makes neither.
+    pub journal: bool,
 }
 
 impl CoreConfig {
@@ -141,6 +145,7 @@ impl CoreConfig {
             downlink_codec: default_downlink(),
             target_policy: TargetPolicy::LocalEma,
             checkpoint_every: 5,
+            journal: true,
         }
     }
 }
@@ -356,6 +361,7 @@ impl CoordinatorConfig {
             downlink_codec: self.downlink_codec,
             target_policy: self.target_policy,
             checkpoint_every: self.checkpoint_every,
+            journal: self.replication.is_none(),
         })
     }
 }

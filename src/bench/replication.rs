@@ -19,7 +19,11 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::{Value, json};
 
-use amity_coordinator::config::CoreConfig;
+use std::net::SocketAddr;
+
+use amity_coordinator::config::{
+    CoordinatorConfig, CoreConfig, ReplicaEntry, ReplicationConfig, RoundPolicy,
+};
 use amity_coordinator::core::Core;
 use amity_coordinator::replica::{PeerAddr, Transport};
 use amity_protocol::tls::{CertRole, Identity, Revocations, init_ca, issue, issue_as};
@@ -193,6 +197,41 @@ fn setup(out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A single coordinator's config listening on `listen`: the coordinator's defaults, 4-step
+/// rounds, `rounds` of them (0: no end), no checkpoints.
+fn coordinator_config(out: &Path, listen: SocketAddr, rounds: u64) -> Result<CoordinatorConfig> {
+    let run_path = out.join("run.toml");
+    let default = CoreConfig::new(Config::from_toml_file(&run_path)?);
+    Ok(CoordinatorConfig {
+        listen,
+        state_dir: "state".into(),
+        corpus: Some(out.join("corpus")),
+        ca_dir: out.join("ca"),
+        name: "coordinator".into(),
+        revoked: Vec::new(),
+        preset: None,
+        run_config: Some(run_path),
+        inner_steps: 0,
+        codec: default.codec,
+        downlink_codec: default.downlink_codec,
+        target_policy: default.target_policy,
+        checkpoint_every: 0,
+        rounds: RoundPolicy {
+            steps: 4,
+            grace_ms: 60_000,
+            min_workers: WORKERS.len(),
+            max_rounds: rounds,
+            heartbeat_timeout_ms: 15_000,
+            shards_per_round: 4,
+            ..RoundPolicy::default()
+        },
+        outer: Default::default(),
+        aggregation: Default::default(),
+        retention: Default::default(),
+        replication: None,
+    })
+}
+
 /// A free UDP port on loopback.
 fn free_port() -> Result<u16> {
     Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
@@ -214,47 +253,31 @@ impl Fleet {
     /// Writes the configs of `replicas` replicas (or one single coordinator) under `dir`.
     fn new(out: &Path, name: &str, replicas: Option<u64>, rounds: u64) -> Result<Fleet> {
         let dir = out.join(name);
-        let n = replicas.unwrap_or(1);
         let mut ports = BTreeMap::new();
-        for id in 1..=n {
+        for id in 1..=replicas.unwrap_or(1) {
             ports.insert(id, (free_port()?, free_port()?));
         }
-        let table: Vec<String> = ports
+        let entries: Vec<ReplicaEntry> = ports
             .iter()
-            .map(|(id, (w, p))| {
-                format!(
-                    "  {{ id = {id}, name = \"coord-{id}\", peer = \"127.0.0.1:{p}\", \
-                     workers = \"127.0.0.1:{w}\" }},"
-                )
+            .map(|(&id, &(w, p))| ReplicaEntry {
+                id,
+                name: format!("coord-{id}"),
+                peer: SocketAddr::from(([127, 0, 0, 1], p)),
+                workers: SocketAddr::from(([127, 0, 0, 1], w)),
             })
             .collect();
-        for (id, (w, _)) in &ports {
-            let home = dir.join(format!("coordinator-{id}"));
+        for e in &entries {
+            let home = dir.join(format!("coordinator-{}", e.id));
             std::fs::create_dir_all(&home)?;
-            let (name, replication) = match replicas {
-                Some(_) => (
-                    format!("coord-{id}"),
-                    format!(
-                        "[replication]\nid = {id}\nreplicas = [\n{}\n]\n",
-                        table.join("\n")
-                    ),
-                ),
-                None => ("coordinator".to_owned(), String::new()),
-            };
-            std::fs::write(
-                home.join("coordinator.toml"),
-                format!(
-                    "listen = \"127.0.0.1:{w}\"\nstate_dir = \"state\"\ncorpus = \"{corpus}\"\n\
-                     ca_dir = \"{ca}\"\nname = \"{name}\"\nrun_config = \"{run}\"\n\
-                     checkpoint_every = 0\n[rounds]\nsteps = 4\ngrace_ms = 60000\n\
-                     min_workers = {workers}\nmax_rounds = {rounds}\n\
-                     heartbeat_timeout_ms = 15000\nshards_per_round = 4\n{replication}",
-                    corpus = out.join("corpus").display(),
-                    ca = out.join("ca").display(),
-                    run = out.join("run.toml").display(),
-                    workers = WORKERS.len(),
-                ),
-            )?;
+            let mut cfg = coordinator_config(out, e.workers, rounds)?;
+            if replicas.is_some() {
+                cfg.name = e.name.clone();
+                cfg.replication = Some(ReplicationConfig {
+                    id: e.id,
+                    replicas: entries.clone(),
+                });
+            }
+            std::fs::write(home.join("coordinator.toml"), toml::to_string_pretty(&cfg)?)?;
         }
         Ok(Fleet {
             dir,

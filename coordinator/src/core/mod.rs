@@ -722,7 +722,9 @@ impl Core {
             loss: u.loss,
             shards: shards.clone(),
         };
-        out.push(Action::Persist(entry));
+        if self.cfg.journal {
+            out.push(Action::Persist(entry));
+        }
         out.push(Action::Send {
             worker,
             msg: ServerMsg::Ack { of: u.round },

@@ -334,22 +334,25 @@ impl Core {
     }
 
     /// Records the closed round and emits what follows from it: the next state, the snapshot
-    /// and its log entry, a checkpoint when due, the summary, and `Finished` after the last.
+    /// and its log entry (with a journal), a checkpoint when due, the summary, and `Finished`
+    /// after the last.
     fn publish_round(&mut self, summary: RoundSummary, out: &mut Vec<Action>) {
         self.history.push(summary.clone());
         self.round += 1;
         self.store_state(out);
-        let snapshot = self.snapshot().to_bytes();
-        let snap_id = BlobId::of(&snapshot);
-        out.push(Action::StoreBlob {
-            what: "snapshot",
-            bytes: snapshot,
-        });
-        out.push(Action::Persist(LogEntry::RoundClosed {
-            round: self.round - 1,
-            snapshot: snap_id,
-            params: summary.params,
-        }));
+        if self.cfg.journal {
+            let snapshot = self.snapshot().to_bytes();
+            let snap_id = BlobId::of(&snapshot);
+            out.push(Action::StoreBlob {
+                what: "snapshot",
+                bytes: snapshot,
+            });
+            out.push(Action::Persist(LogEntry::RoundClosed {
+                round: self.round - 1,
+                snapshot: snap_id,
+                params: summary.params,
+            }));
+        }
         let k = self.cfg.checkpoint_every;
         if k > 0 && self.round.is_multiple_of(k) {
             out.push(Action::Checkpoint {

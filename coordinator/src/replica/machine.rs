@@ -255,12 +255,11 @@ impl ReplicatedCore {
             return Ok(());
         }
         while let Some((index, cmd)) = self.waiting.pop_front() {
-            let values = &mut self.values;
-            let parts = self.core.update_parts();
+            let (values, core) = (&mut self.values, &self.core);
             let (event, at) = cmd
                 .into_event(|u| match values.remove(&u.blob) {
                     Some(v) => Ok(v),
-                    None => decode_update(u, &parts),
+                    None => decode_update(u, &core.update_parts()),
                 })
                 .map_err(|why| ReplicaError::BadUpdate { index, why })?;
             let mut closed = false;

@@ -271,8 +271,10 @@ async fn registration(
                     tokio::time::timeout(std::time::Duration::from_secs(2), conn.closed()).await;
                 return Registration::Gone;
             }
-            Ok(Some(ClientMsg::Register(_))) if shared.redirect_to().is_some() => {
-                let leader = shared.redirect_to().unwrap_or_default();
+            Ok(Some(ClientMsg::Register(c))) => {
+                let Some(leader) = shared.redirect_to() else {
+                    return Registration::Worker(c);
+                };
                 tracing::info!(%peer, "sent to the leader `{leader}`");
                 let _ = control
                     .send(&ServerMsg::Error {
@@ -285,7 +287,6 @@ async fn registration(
                     tokio::time::timeout(std::time::Duration::from_secs(2), conn.closed()).await;
                 return Registration::Gone;
             }
-            Ok(Some(ClientMsg::Register(c))) => return Registration::Worker(c),
             Ok(Some(ClientMsg::StatusQuery)) => {
                 let answer = status_answer(shared, anonymous).await;
                 if control.send(&answer).await.is_err() {

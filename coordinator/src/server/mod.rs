@@ -288,7 +288,7 @@ async fn run_single(
         execute_one(&shared, Some(&mut journal), action, &mut checkpoint)?;
     }
     let mut retention = Retention::new(cfg.retention);
-    sweep(&shared, &mut retention, &mut journal, &core);
+    sweep(&shared, &mut retention, Some(&mut journal), &core, None);
     write_status(&shared, &core, &checkpoint);
 
     let accept = tokio::spawn(accept_connections(shared.clone(), endpoint.clone()));
@@ -338,7 +338,7 @@ async fn run_single(
             shared.unpin(&id);
         }
         if closed {
-            sweep(&shared, &mut retention, &mut journal, &core);
+            sweep(&shared, &mut retention, Some(&mut journal), &core, None);
             write_status(&shared, &core, &checkpoint);
         }
         if core.finished() {
@@ -590,30 +590,27 @@ fn latest_checkpoint(layout: &StateLayout) -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 
-/// Deletes what no longer needs keeping ([`crate::retention`]). A failure is logged and counted,
-/// never fatal: the next round sweeps again.
-fn sweep(shared: &Shared, retention: &mut Retention, journal: &mut Journal, core: &Core) {
-    let pinned: BTreeSet<BlobId> = shared
+/// Deletes what no longer needs keeping ([`crate::retention`]): what is live, pinned, named by
+/// the journal (if any) or `keep` (a replica's base snapshot) stays. A failure is logged and
+/// counted, never fatal: the next round sweeps again.
+fn sweep(
+    shared: &Shared,
+    retention: &mut Retention,
+    journal: Option<&mut Journal>,
+    core: &Core,
+    keep: Option<BlobId>,
+) {
+    let mut pinned: BTreeSet<BlobId> = shared
         .pinned
         .lock()
         .expect("pin lock")
         .keys()
         .copied()
         .collect();
-    sweep_with(shared, retention, Some(journal), core, &pinned);
-}
-
-/// [`sweep`] with the journal, if any, and the blobs to keep given.
-fn sweep_with(
-    shared: &Shared,
-    retention: &mut Retention,
-    journal: Option<&mut Journal>,
-    core: &Core,
-    pinned: &BTreeSet<BlobId>,
-) {
+    pinned.extend(keep);
     let swept = retention.sweep(
         core.live_blobs(),
-        pinned,
+        &pinned,
         journal,
         &shared.store,
         &shared.layout,

@@ -4,11 +4,11 @@
 //! What the connections report is proposed (on the leader; a follower sends registering workers
 //! to the leader with [`ErrorCode::NotLeader`]), a Raft tick runs every [`TICK`], peers'
 //! messages come from the [`Transport`], and the machine's actions are carried out in order:
-//! messages to peers, the core's actions (its journal entries skipped: the Raft log is the
-//! journal), and snapshot blobs pulled from a peer. Logged time is the wall clock in ms since
+//! messages to peers, the core's actions (it makes no journal entries, `CoreConfig::journal`:
+//! the Raft log is the journal), and snapshot blobs pulled from a peer. Logged time is the wall clock in ms since
 //! the Unix epoch, which every replica reads alike and the machine keeps from going back.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -21,7 +21,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::config::{CoordinatorConfig, ReplicationConfig};
-use crate::core::{Action, Core, LogEntry, Snapshot};
+use crate::core::{Action, Core, Snapshot};
 use crate::replica::machine::snapshot_blob;
 use crate::replica::{
     BlobFetcher, MachineAction, PeerAddr, Replica, ReplicaConfig, ReplicaError, ReplicatedCore,
@@ -218,25 +218,10 @@ impl Driver<'_> {
                 return Ok(());
             }
         };
-        // The snapshots the core makes for a journal's `RoundClosed` entry: a replica keeps no
-        // journal (its own replica snapshots stand in), so they are not written.
-        let journal_snapshots: BTreeSet<BlobId> = todo
-            .iter()
-            .filter_map(|a| match a {
-                MachineAction::Core(Action::Persist(LogEntry::RoundClosed {
-                    snapshot, ..
-                })) => Some(*snapshot),
-                _ => None,
-            })
-            .collect();
         let (mut closed, mut changed) = (false, false);
         while let Some(action) = todo.pop_front() {
             match action {
                 MachineAction::Peer { to, bytes } => self.transport.send(to, bytes),
-                MachineAction::Core(Action::Persist(_)) => {}
-                MachineAction::Core(Action::StoreBlob { bytes, .. })
-                    if !journal_snapshots.is_empty()
-                        && journal_snapshots.contains(&BlobId::of(&bytes)) => {}
                 MachineAction::Core(action) => {
                     closed |= matches!(action, Action::RoundClosed(_));
                     execute_one(self.shared, None, &action, &mut self.checkpoint)?;
@@ -323,20 +308,11 @@ impl Driver<'_> {
 
     /// Deletes what no longer needs keeping, the snapshot the Raft log starts from kept.
     fn sweep(&mut self, rc: &ReplicatedCore) {
-        let mut pinned: BTreeSet<BlobId> = self
-            .shared
-            .pinned
-            .lock()
-            .expect("pin lock")
-            .keys()
-            .copied()
-            .collect();
-        if let Some((_, data)) = rc.replica().base()
-            && let Ok(id) = snapshot_blob(&data)
-        {
-            pinned.insert(id);
-        }
-        super::sweep_with(self.shared, &mut self.retention, None, rc.core(), &pinned);
+        let base = rc
+            .replica()
+            .base()
+            .and_then(|(_, data)| snapshot_blob(&data).ok());
+        super::sweep(self.shared, &mut self.retention, None, rc.core(), base);
     }
 
     /// After `max_rounds`: workers go home (the leader tells them; followers never held any).

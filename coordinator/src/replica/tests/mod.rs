@@ -454,12 +454,14 @@ fn an_overwritten_tail_is_gone_after_a_restart() {
 }
 
 /// The core config the replicated-core tests run: the tiny preset, three workers to start a
-/// run, two local steps a round.
+/// run, two local steps a round, no journal.
 fn core_config() -> crate::config::CoreConfig {
     let run = amity_shared::config::Config::preset("tiny").unwrap();
     let mut cfg = crate::config::CoreConfig::new(run);
     cfg.rounds.min_workers = 3;
     cfg.rounds.steps = 2;
+    // As in a replica: the Raft log stands in for the journal.
+    cfg.journal = false;
     cfg
 }
 
