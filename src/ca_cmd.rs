@@ -37,9 +37,10 @@ pub enum CaCommand {
         /// DNS names or IP addresses the holder serves under (coordinators only).
         #[arg(long = "host")]
         hosts: Vec<String>,
-        /// `member` (an institution or a single coordinator) or `replica` (a coordinator
-        /// replica: only such certificates may speak Raft to the other replicas).
-        #[arg(long, default_value = "member", value_parser = ["member", "replica"])]
+        /// `member` (an institution or a single coordinator), `replica` (a coordinator
+        /// replica: only such certificates may speak Raft to the other replicas) or `operator`
+        /// (whoever runs the coordinator: only such may change its membership).
+        #[arg(long, default_value = "member", value_parser = ["member", "replica", "operator"])]
         role: String,
     },
     /// Create the coordinator's release signing key (`release.key`, `release.pub`, Ed25519);
@@ -69,10 +70,10 @@ pub fn run(args: CaArgs) -> Result<()> {
             hosts,
             role,
         } => {
-            let role = if role == "replica" {
-                CertRole::Replica
-            } else {
-                CertRole::Member
+            let role = match role.as_str() {
+                "replica" => CertRole::Replica,
+                "operator" => CertRole::Operator,
+                _ => CertRole::Member,
             };
             let (cert, key) = issue_as(&dir, &name, &hosts, role)?;
             println!(

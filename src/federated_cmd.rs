@@ -37,6 +37,9 @@ pub enum CoordinatorCommand {
     /// replica's lag. Each answer is a linearizable read: it holds everything committed before
     /// the question.
     Status(crate::status_cmd::StatusArgs),
+    /// Add, remove or replace a replica of a replicated coordinator, one change at a time
+    /// (an operator certificate: `amity ca issue --role operator`).
+    Members(crate::members_cmd::MembersArgs),
 }
 
 /// `amity worker`: train rounds for a coordinator.
@@ -87,8 +90,10 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
-    if let Some(CoordinatorCommand::Status(status)) = args.command {
-        return crate::status_cmd::status(status);
+    match args.command {
+        Some(CoordinatorCommand::Status(status)) => return crate::status_cmd::status(status),
+        Some(CoordinatorCommand::Members(members)) => return crate::members_cmd::members(members),
+        None => {}
     }
     let Some(config) = args.config else {
         bail!("amity coordinator needs --config <coordinator.toml> (or `status` to ask one)");

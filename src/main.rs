@@ -9,6 +9,7 @@ mod cli;
 mod corpus_cmd;
 mod demo;
 mod federated_cmd;
+mod members_cmd;
 mod plan_cmd;
 mod plot;
 mod release_cmd;

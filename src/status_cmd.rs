@@ -1,5 +1,6 @@
 //! `amity coordinator status`: asks running coordinators (or every replica of one) for their
-//! state over the protocol, as a certificate holder.
+//! state over the protocol, as a certificate holder. [`ask`] is the one way the CLI puts a
+//! question to a running coordinator (`amity coordinator members` uses it too).
 
 use std::time::Duration;
 
@@ -17,9 +18,9 @@ use clap::Args;
 
 use crate::ca_cmd::key_path_for;
 
-/// `amity coordinator status`.
+/// Where a running coordinator is and who asks it.
 #[derive(Debug, Args)]
-pub struct StatusArgs {
+pub struct ConnectArgs {
     /// The coordinator's address, or every replica's, comma-separated (`host:port` or
     /// `name@host:port`).
     #[arg(long, value_delimiter = ',', required = true)]
@@ -36,34 +37,46 @@ pub struct StatusArgs {
     /// The certificate name expected of addresses that name none.
     #[arg(long, default_value = "coordinator")]
     pub server_name: String,
+}
+
+impl ConnectArgs {
+    /// The identity to ask with and the addresses to ask.
+    pub fn open(&self) -> Result<(Identity, Vec<CoordinatorAddr>)> {
+        let key = self.key.clone().unwrap_or_else(|| key_path_for(&self.cert));
+        let identity = Identity::load(&self.cert, &key, &self.ca)?;
+        let targets = self
+            .coordinator
+            .iter()
+            .map(|a| CoordinatorAddr::parse(a.trim(), &self.server_name))
+            .collect::<Result<Vec<_>, String>>()
+            .map_err(|e| anyhow!("--coordinator {e}"))?;
+        Ok((identity, targets))
+    }
+}
+
+/// `amity coordinator status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Where and as whom.
+    #[command(flatten)]
+    pub connect: ConnectArgs,
     /// Print one JSON object per coordinator instead of text.
     #[arg(long)]
     pub json: bool,
 }
 
 /// How long one coordinator may take to answer.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
+pub(crate) const ANSWER_TIMEOUT: Duration = Duration::from_secs(25);
 
 /// Asks each address in turn and prints what it says; fails when none answered.
 pub fn status(args: StatusArgs) -> Result<()> {
-    let key = args.key.clone().unwrap_or_else(|| key_path_for(&args.cert));
-    let identity = Identity::load(&args.cert, &key, &args.ca)?;
-    let targets = args
-        .coordinator
-        .iter()
-        .map(|a| CoordinatorAddr::parse(a.trim(), &args.server_name))
-        .collect::<Result<Vec<_>, String>>()
-        .map_err(|e| anyhow!("--coordinator {e}"))?;
+    let (identity, targets) = args.connect.open()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let mut answered = 0;
     for target in &targets {
-        let asked = rt.block_on(async {
-            tokio::time::timeout(ANSWER_TIMEOUT, ask(&identity, target))
-                .await
-                .map_err(|_| anyhow!("no answer within {ANSWER_TIMEOUT:?}"))?
-        });
+        let asked = rt.block_on(ask_status(&identity, target));
         match asked {
             Ok(s) => {
                 answered += 1;
@@ -83,24 +96,42 @@ pub fn status(args: StatusArgs) -> Result<()> {
 }
 
 /// One status question to `target`.
-async fn ask(identity: &Identity, target: &CoordinatorAddr) -> Result<CoordinatorStatus> {
-    let cfg = quic_client_config(identity)?;
-    let endpoint = amity_protocol::endpoint::client(target.addr, cfg)?;
-    let conn = endpoint
-        .connect(target.addr, &target.name)?
-        .await
-        .with_context(|| format!("connecting to {target}"))?;
-    let (mut control, _) = hello(&conn, &target.name, "amity coordinator status").await?;
-    control.send(&ClientMsg::StatusQuery).await?;
-    let answer = control.recv::<ServerMsg>().await?;
-    let _ = control.send(&ClientMsg::Goodbye).await;
-    finish(control, &conn).await;
-    endpoint.wait_idle().await;
-    match answer {
-        Some(ServerMsg::Status(s)) => Ok(s),
-        Some(ServerMsg::Error { code, message }) => bail!("{code:?}: {message}"),
+pub(crate) async fn ask_status(
+    identity: &Identity,
+    target: &CoordinatorAddr,
+) -> Result<CoordinatorStatus> {
+    match ask(identity, target, ClientMsg::StatusQuery).await? {
+        ServerMsg::Status(s) => Ok(s),
+        ServerMsg::Error { code, message } => bail!("{code:?}: {message}"),
         other => bail!("expected a status, got {other:?}"),
     }
+}
+
+/// Puts `question` to the coordinator at `target` and returns its answer (within
+/// [`ANSWER_TIMEOUT`]).
+pub(crate) async fn ask(
+    identity: &Identity,
+    target: &CoordinatorAddr,
+    question: ClientMsg,
+) -> Result<ServerMsg> {
+    let asked = async {
+        let cfg = quic_client_config(identity)?;
+        let endpoint = amity_protocol::endpoint::client(target.addr, cfg)?;
+        let conn = endpoint
+            .connect(target.addr, &target.name)?
+            .await
+            .with_context(|| format!("connecting to {target}"))?;
+        let (mut control, _) = hello(&conn, &target.name, "amity coordinator").await?;
+        control.send(&question).await?;
+        let answer = control.recv::<ServerMsg>().await?;
+        let _ = control.send(&ClientMsg::Goodbye).await;
+        finish(control, &conn).await;
+        endpoint.wait_idle().await;
+        answer.ok_or_else(|| anyhow!("{target} closed without answering"))
+    };
+    tokio::time::timeout(ANSWER_TIMEOUT, asked)
+        .await
+        .map_err(|_| anyhow!("no answer within {ANSWER_TIMEOUT:?}"))?
 }
 
 async fn finish(mut control: MsgStream, conn: &quinn::Connection) {
@@ -108,7 +139,7 @@ async fn finish(mut control: MsgStream, conn: &quinn::Connection) {
     conn.close(0u32.into(), b"done");
 }
 
-fn as_text(target: &CoordinatorAddr, s: &CoordinatorStatus) -> String {
+pub(crate) fn as_text(target: &CoordinatorAddr, s: &CoordinatorStatus) -> String {
     let mut out = format!(
         "{target}: round {} ({} closed{}), params {}, {} worker sessions\n",
         s.round,

@@ -22,23 +22,42 @@ const WORKER_PORT: u16 = 7700;
 const PEER_PORT: u16 = 7710;
 
 /// Three replicas' files and processes, and the network of their hosts: replica `id` on host
-/// `id - 1`, worker `i` on host `REPLICAS + i`.
+/// `id - 1`, spare replicas (configured to join) after them, then worker `i`.
 struct Group {
     dir: PathBuf,
     net: Net,
     workers: Vec<String>,
+    /// Replicas configured to join the group later, ids `REPLICAS + 1 ..`.
+    spares: u64,
     procs: BTreeMap<u64, Child>,
 }
 
 impl Group {
-    /// A corpus, a CA with replica and worker certificates, and one config per replica.
+    /// A corpus, a CA with replica, worker and operator certificates, and one config per
+    /// replica.
     fn new(name: &str, workers: &[&str], rounds: u64) -> Group {
-        let net = Net::new(REPLICAS as usize + workers.len());
+        Group::with_spares(name, workers, rounds, 0)
+    }
+
+    /// [`Group::new`] with `spares` replicas more, configured to join a running group.
+    fn with_spares(name: &str, workers: &[&str], rounds: u64, spares: u64) -> Group {
+        let all = REPLICAS + spares;
+        let net = Net::new(all as usize + workers.len());
         let dir = scratch(name);
         synthetic_store(&dir.join("videos"), &dir.join("corpus"), 12, 3);
         let ca = dir.join("ca");
         ok(&amity(&["ca", "init", "--dir", s(&ca)]));
-        for id in 1..=REPLICAS {
+        ok(&amity(&[
+            "ca",
+            "issue",
+            "--dir",
+            s(&ca),
+            "--name",
+            "operator",
+            "--role",
+            "operator",
+        ]));
+        for id in 1..=all {
             ok(&amity(&[
                 "ca",
                 "issue",
@@ -61,7 +80,7 @@ impl Group {
         run.train.warmup = 5;
         std::fs::write(dir.join("run.toml"), run.to_toml()).unwrap();
         let host = |id: u64| net.addr(id as usize - 1);
-        let replicas: Vec<String> = (1..=REPLICAS)
+        let replicas: Vec<String> = (1..=all)
             .map(|id| {
                 let h = host(id);
                 format!(
@@ -70,9 +89,15 @@ impl Group {
                 )
             })
             .collect();
-        for id in 1..=REPLICAS {
+        for id in 1..=all {
             let home = dir.join(format!("replica-{id}"));
             std::fs::create_dir_all(&home).unwrap();
+            // The group's replicas list themselves; a spare lists them and itself, and joins.
+            let listed = if id <= REPLICAS {
+                &replicas[..REPLICAS as usize]
+            } else {
+                &replicas[..]
+            };
             std::fs::write(
                 home.join("coordinator.toml"),
                 format!(
@@ -81,10 +106,11 @@ impl Group {
                      run_config = \"../run.toml\"\ncheckpoint_every = 2\n\
                      [rounds]\nsteps = 4\ngrace_ms = 60000\nmin_workers = {}\n\
                      max_rounds = {rounds}\nheartbeat_timeout_ms = 15000\nshards_per_round = 4\n\
-                     [replication]\nid = {id}\nreplicas = [\n{}\n]\n",
+                     [replication]\nid = {id}\njoin = {}\nreplicas = [\n{}\n]\n",
                     host(id),
                     workers.len(),
-                    replicas.join("\n")
+                    id > REPLICAS,
+                    listed.join("\n")
                 ),
             )
             .unwrap();
@@ -93,8 +119,14 @@ impl Group {
             dir,
             net,
             workers: workers.iter().map(|w| w.to_string()).collect(),
+            spares,
             procs: BTreeMap::new(),
         }
+    }
+
+    /// The host of worker `i`.
+    fn worker_host(&self, i: usize) -> usize {
+        (REPLICAS + self.spares) as usize + i
     }
 
     fn home(&self, id: u64) -> PathBuf {
@@ -130,8 +162,13 @@ impl Group {
 
     /// Every replica's address, as a worker's `--coordinator` takes them.
     fn addresses(&self) -> String {
-        (1..=REPLICAS)
-            .map(|id| {
+        self.addresses_of(&(1..=REPLICAS).collect::<Vec<_>>())
+    }
+
+    /// Replicas `ids`' addresses, as `--coordinator` takes them.
+    fn addresses_of(&self, ids: &[u64]) -> String {
+        ids.iter()
+            .map(|&id| {
                 let h = self.net.addr(id as usize - 1);
                 format!("coord-{id}@{h}:{WORKER_PORT}")
             })
@@ -149,7 +186,7 @@ impl Group {
         let ca = self.dir.join("ca");
         let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).unwrap();
         self.net
-            .command(REPLICAS as usize + i, env!("CARGO_BIN_EXE_amity"))
+            .command(self.worker_host(i), env!("CARGO_BIN_EXE_amity"))
             .args(["worker", "--coordinator", &self.addresses()])
             .args(["--cert", s(&ca.join(format!("{name}.crt")))])
             .args(["--ca", s(&ca.join("ca.crt"))])
@@ -349,12 +386,17 @@ impl Group {
     /// `amity coordinator status --json` run on worker 0's host against every replica, as
     /// that institution: one answer per replica.
     fn status_cli(&self) -> Vec<Value> {
+        self.status_cli_of(&(1..=REPLICAS).collect::<Vec<_>>())
+    }
+
+    /// [`Group::status_cli`] asking replicas `ids`.
+    fn status_cli_of(&self, ids: &[u64]) -> Vec<Value> {
         let ca = self.dir.join("ca");
         let out = self
             .net
-            .command(REPLICAS as usize, env!("CARGO_BIN_EXE_amity"))
+            .command(self.worker_host(0), env!("CARGO_BIN_EXE_amity"))
             .args(["coordinator", "status", "--json"])
-            .args(["--coordinator", &self.addresses()])
+            .args(["--coordinator", &self.addresses_of(ids)])
             .args(["--cert", s(&ca.join(format!("{}.crt", self.workers[0])))])
             .args(["--ca", s(&ca.join("ca.crt"))])
             .output()
@@ -427,6 +469,109 @@ fn a_partitioned_follower_catches_up_by_snapshot() {
         Some(REPLICAS as usize),
         "{answers:?}"
     );
+}
+
+impl Group {
+    /// `amity coordinator members <change>` run on worker 0's host against the first three
+    /// replicas, with certificate `cert` (`operator` for the operator's).
+    fn members_cli(&self, cert: &str, change: &[&str]) -> std::process::Output {
+        let ca = self.dir.join("ca");
+        self.net
+            .command(self.worker_host(0), env!("CARGO_BIN_EXE_amity"))
+            .args(["coordinator", "members"])
+            .args(["--coordinator", &self.addresses()])
+            .args(["--cert", s(&ca.join(format!("{cert}.crt")))])
+            .args(["--ca", s(&ca.join("ca.crt"))])
+            .args(change)
+            .output()
+            .unwrap()
+    }
+}
+
+/// Membership by CLI while two workers train: the operator replaces the leader by a fourth
+/// replica (started to join). The fourth is added, catches up from a snapshot, the leader hands
+/// over and is removed; the run finishes on the new group, whose three replicas agree, and the
+/// status every one of them gives lists the new voters. An institution's certificate may not
+/// change membership.
+#[test]
+fn the_operator_replaces_the_leader_by_a_new_replica() {
+    const ROUNDS: u64 = 10;
+    let workers = ["uni-a", "uni-b"];
+    let mut g = Group::with_spares("replicated-members", &workers, ROUNDS, 1);
+    for id in 1..=REPLICAS {
+        g.start(id);
+    }
+    let mut procs = g.workers();
+    g.wait_for("two rounds on a leader", Duration::from_secs(240), |g| {
+        g.leader().is_some_and(|l| g.rounds(l) >= 2)
+    });
+    let new = REPLICAS + 1;
+    g.start(new);
+    let refused = g.members_cli("uni-a", &["remove", "--id", "1"]);
+    assert!(
+        !refused.status.success(),
+        "an institution changed membership"
+    );
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("operator certificate"), "{said}");
+
+    let old = g.leader().unwrap();
+    let h = g.net.addr(new as usize - 1);
+    let (peer, at) = (format!("{h}:{PEER_PORT}"), format!("{h}:{WORKER_PORT}"));
+    let out = g.members_cli(
+        "operator",
+        &[
+            "replace",
+            "--old",
+            &old.to_string(),
+            "--id",
+            &new.to_string(),
+            "--name",
+            &format!("coord-{new}"),
+            "--peer",
+            &peer,
+            "--workers",
+            &at,
+        ],
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "{text}
+{}",
+        g.logs()
+    );
+    assert!(text.contains(&format!("replica {old} removed")), "{text}");
+    g.kill(old);
+    for (w, p) in workers.iter().zip(&mut procs) {
+        wait(p, Duration::from_secs(300), w, &|| g.logs());
+    }
+    let group: Vec<u64> = (1..=new).filter(|&i| i != old).collect();
+    let end = g.wait_agreed(&group, ROUNDS as usize, Duration::from_secs(60));
+    let agreed = accepted(&end);
+    for w in workers {
+        let missing: Vec<_> = acknowledged(&g, w).difference(&agreed).cloned().collect();
+        assert!(
+            missing.is_empty(),
+            "acknowledged, not in the history: {missing:?}"
+        );
+    }
+    assert!(
+        g.log(new).contains("restored from a peer's snapshot"),
+        "replica {new} joined without a snapshot:
+{}",
+        g.logs()
+    );
+    let answers = g.status_cli_of(&group);
+    assert_eq!(answers.len(), group.len(), "{answers:?}");
+    for a in &answers {
+        assert_eq!(a["replica"]["voters"], serde_json::json!(group), "{a}");
+        assert_eq!(a["closed"], ROUNDS, "{a}");
+    }
 }
 
 /// Every replica killed at once mid-run, then all restarted: each rebuilds its core from its

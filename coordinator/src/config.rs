@@ -239,8 +239,15 @@ pub struct CoordinatorConfig {
 pub struct ReplicationConfig {
     /// This replica's Raft id (one of `replicas`).
     pub id: u64,
-    /// Every replica, this one included.
+    /// Every replica, this one included. Read when the replica's Raft log is new; after that
+    /// the log's record rules, which membership changes (`amity coordinator members`) keep
+    /// up to date on every replica.
     pub replicas: Vec<ReplicaEntry>,
+    /// This replica joins a running group: it starts with no vote and waits until the operator
+    /// adds it (`amity coordinator members add`), then catches up from a snapshot. `replicas`
+    /// lists the running group's replicas and this one.
+    #[serde(default)]
+    pub join: bool,
 }
 
 /// One replica of the coordinator.

@@ -172,8 +172,34 @@ pub enum ClientMsg {
     /// only), answered with [`ServerMsg::Status`]. A replica answers once its state holds every
     /// command committed before the question (a Raft read index), whichever replica is asked.
     StatusQuery,
+    /// Changes a replicated coordinator's membership (`amity coordinator members`; operator
+    /// certificates only), one replica at a time. Answered with [`ServerMsg::Status`] once the
+    /// change is committed, or [`ErrorCode::NotLeader`] from a replica that does not lead.
+    ChangeMembership(MembershipChange),
     /// The client leaves cleanly.
     Goodbye,
+}
+
+/// One membership change of a replicated coordinator.
+#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum MembershipChange {
+    /// Add a replica as a voter. It must be running, configured to join, with a replica
+    /// certificate named `name`.
+    Add {
+        /// Its Raft id (not 0, unused in the group).
+        id: u64,
+        /// The name on its replica certificate.
+        name: String,
+        /// Where the other replicas reach it (`host:port`, its Raft port).
+        peer: String,
+        /// Where workers reach it (`host:port`).
+        workers: String,
+    },
+    /// Remove a replica from the group.
+    Remove {
+        /// Its Raft id.
+        id: u64,
+    },
 }
 
 /// The coordinator's state, as [`ServerMsg::Status`] reports it.
@@ -419,6 +445,32 @@ impl Validate for ClientMsg {
                 Ok(())
             }
             ClientMsg::ReleaseQuery { name } => check_str("release name", name),
+            ClientMsg::ChangeMembership(MembershipChange::Add {
+                id,
+                name,
+                peer,
+                workers,
+            }) => {
+                if *id == 0 {
+                    return Err(DecodeError::Invalid("replica id 0".into()));
+                }
+                check_str("replica name", name)?;
+                for (what, addr) in [("peer address", peer), ("worker address", workers)] {
+                    if addr.parse::<std::net::SocketAddr>().is_err() {
+                        return Err(DecodeError::Invalid(format!(
+                            "{what} `{}` is not host:port",
+                            brief(addr, 64)
+                        )));
+                    }
+                }
+                Ok(())
+            }
+            ClientMsg::ChangeMembership(MembershipChange::Remove { id }) => {
+                if *id == 0 {
+                    return Err(DecodeError::Invalid("replica id 0".into()));
+                }
+                Ok(())
+            }
             ClientMsg::Heartbeat { .. }
             | ClientMsg::FetchBlob { .. }
             | ClientMsg::StatusQuery
@@ -620,6 +672,15 @@ mod tests {
             (hash(), any::<u64>()).prop_map(|(id, offset)| ClientMsg::FetchBlob { id, offset }),
             ".{0,20}".prop_map(|name| ClientMsg::ReleaseQuery { name }),
             Just(ClientMsg::StatusQuery),
+            (1u64.., "[a-z]{1,10}", 1u16..).prop_map(|(id, name, port)| {
+                ClientMsg::ChangeMembership(MembershipChange::Add {
+                    id,
+                    name,
+                    peer: format!("10.0.0.1:{port}"),
+                    workers: format!("10.0.0.1:{}", port.wrapping_add(1).max(1)),
+                })
+            }),
+            (1u64..).prop_map(|id| ClientMsg::ChangeMembership(MembershipChange::Remove { id })),
             Just(ClientMsg::Goodbye),
         ]
     }

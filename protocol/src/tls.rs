@@ -155,18 +155,25 @@ pub fn init_ca(dir: &Path, operator: &str) -> Result<CaFiles, TlsError> {
 }
 
 /// What the holder of a certificate from the operator's CA is: an institution (a worker, or a
-/// single coordinator), or a replica of a replicated coordinator. A replica certificate carries
-/// the organisational unit [`REPLICA_UNIT`]; only such certificates may speak Raft.
+/// single coordinator), a replica of a replicated coordinator, or the operator. A replica
+/// certificate carries the organisational unit [`REPLICA_UNIT`] (only such certificates may
+/// speak Raft), an operator's [`OPERATOR_UNIT`] (only such may change the coordinator, as
+/// `amity coordinator members` does).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CertRole {
     /// An institution's worker, or a single coordinator.
     Member,
     /// A coordinator replica.
     Replica,
+    /// The operator running the coordinator.
+    Operator,
 }
 
 /// The organisational unit that marks a replica certificate.
 pub const REPLICA_UNIT: &str = "amity-replica";
+
+/// The organisational unit that marks an operator certificate.
+pub const OPERATOR_UNIT: &str = "amity-operator";
 
 /// Issues a certificate for `name` signed by the CA in `dir`: usable as a client (worker,
 /// fetcher) and, with `hosts`, as a server reachable under those DNS names or IP addresses.
@@ -200,8 +207,10 @@ pub fn issue_as(
     let mut params = CertificateParams::new(sans)?;
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, name);
-    if role == CertRole::Replica {
-        dn.push(DnType::OrganizationalUnitName, REPLICA_UNIT);
+    match role {
+        CertRole::Replica => dn.push(DnType::OrganizationalUnitName, REPLICA_UNIT),
+        CertRole::Operator => dn.push(DnType::OrganizationalUnitName, OPERATOR_UNIT),
+        CertRole::Member => {}
     }
     params.distinguished_name = dn;
     params.extended_key_usages = vec![
@@ -297,12 +306,15 @@ pub fn cert_role(cert: &CertificateDer<'_>) -> CertRole {
     let Ok((_, x509)) = x509_parser::parse_x509_certificate(cert) else {
         return CertRole::Member;
     };
-    let replica = x509
-        .subject()
-        .iter_organizational_unit()
-        .any(|ou| ou.as_str() == Ok(REPLICA_UNIT));
-    if replica {
+    let unit = |unit: &str| {
+        x509.subject()
+            .iter_organizational_unit()
+            .any(|ou| ou.as_str() == Ok(unit))
+    };
+    if unit(REPLICA_UNIT) {
         CertRole::Replica
+    } else if unit(OPERATOR_UNIT) {
+        CertRole::Operator
     } else {
         CertRole::Member
     }

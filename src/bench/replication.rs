@@ -275,6 +275,7 @@ impl Fleet {
                 cfg.replication = Some(ReplicationConfig {
                     id: e.id,
                     replicas: entries.clone(),
+                    join: false,
                 });
             }
             std::fs::write(home.join("coordinator.toml"), toml::to_string_pretty(&cfg)?)?;

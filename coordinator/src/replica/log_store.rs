@@ -1,10 +1,14 @@
 //! One replica's Raft state on disk, in redb: the log entries, the hard state (term, vote,
-//! commit), the membership and the latest snapshot. Every write is a committed (fsynced)
+//! commit), the membership (voter ids, and each replica's names and addresses) and the latest
+//! snapshot. Every write is a committed (fsynced)
 //! transaction, so by the time [`Replica`](super::Replica) sends a message that depends on it, it
 //! survives a crash.
 //!
 //! The log holds entries `first..=last`; everything before `first` was compacted into the
 //! snapshot, whose index is `first - 1` (0, and empty, on a fresh replica).
+//!
+//! A snapshot's data carries the replicas' addresses beside the state machine's state
+//! ([`frame`]), so that a replica that joins from a snapshot learns where its peers are.
 
 use std::path::{Path, PathBuf};
 
@@ -13,11 +17,14 @@ use raft::prelude::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
+use crate::config::ReplicaEntry;
+
 const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_entries");
 const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_state");
 const HARD_STATE: &str = "hard_state";
 const CONF_STATE: &str = "conf_state";
 const SNAPSHOT: &str = "snapshot";
+const MEMBERS: &str = "members";
 
 /// A failure of the Raft log's database; names the file.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +43,8 @@ pub struct LogStore {
     path: PathBuf,
     hard_state: HardState,
     conf_state: ConfState,
+    /// Every replica's names and addresses (voters, and replicas configured but not added).
+    members: Vec<ReplicaEntry>,
     snapshot: Snapshot,
     first: u64,
     last: u64,
@@ -56,12 +65,17 @@ impl std::fmt::Debug for LogStore {
 }
 
 impl LogStore {
-    /// Opens the log at `path`, creating it with membership `voters` when it is new (every
-    /// replica of a new cluster must start from the same voters).
-    pub fn open(path: &Path, voters: &[u64]) -> Result<Self, LogStoreError> {
+    /// Opens the log at `path`, creating it with membership `voters` and the replicas'
+    /// addresses `members` when it is new (every replica of a new cluster must start from the
+    /// same voters). A log that exists keeps what it recorded.
+    pub fn open(
+        path: &Path,
+        voters: &[u64],
+        members: &[ReplicaEntry],
+    ) -> Result<Self, LogStoreError> {
         let db = Database::create(path).map_err(error(path))?;
         let tx = db.begin_write().map_err(error(path))?;
-        let (hard_state, conf_state, snapshot, first, last) = {
+        let (hard_state, conf_state, members, snapshot, first, last) = {
             let state = tx.open_table(STATE).map_err(error(path))?;
             let read = |key: &str| -> Result<Option<Vec<u8>>, LogStoreError> {
                 Ok(state
@@ -77,6 +91,10 @@ impl LogStore {
                 Some(b) => ConfState::parse_from_bytes(&b).map_err(error(path))?,
                 None => ConfState::from((voters.to_vec(), Vec::new())),
             };
+            let members = match read(MEMBERS)? {
+                Some(b) => serde_json::from_slice(&b).map_err(error(path))?,
+                None => members.to_vec(),
+            };
             let snapshot = match read(SNAPSHOT)? {
                 Some(b) => Snapshot::parse_from_bytes(&b).map_err(error(path))?,
                 None => Snapshot::default(),
@@ -91,7 +109,7 @@ impl LogStore {
                 .last()
                 .map_err(error(path))?
                 .map_or(snap_index, |(k, _)| k.value());
-            (hard_state, conf_state, snapshot, first, last)
+            (hard_state, conf_state, members, snapshot, first, last)
         };
         tx.commit().map_err(error(path))?;
         let mut store = LogStore {
@@ -99,14 +117,15 @@ impl LogStore {
             path: path.to_owned(),
             hard_state,
             conf_state,
+            members,
             snapshot,
             first,
             last,
             snapshot_wanted: std::cell::Cell::new(false),
         };
         // A new log records its starting membership at once.
-        let cs = store.conf_state.clone();
-        store.set_conf_state(&cs)?;
+        let (cs, members) = (store.conf_state.clone(), store.members.clone());
+        store.set_membership(&cs, members)?;
         Ok(store)
     }
 
@@ -172,17 +191,24 @@ impl LogStore {
         self.set_hard_state(&hs)
     }
 
-    /// Records the membership.
-    pub fn set_conf_state(&mut self, cs: &ConfState) -> Result<(), LogStoreError> {
+    /// Records the membership: the voters, and every replica's addresses.
+    pub fn set_membership(
+        &mut self,
+        cs: &ConfState,
+        members: Vec<ReplicaEntry>,
+    ) -> Result<(), LogStoreError> {
         let bytes = cs.write_to_bytes().map_err(self.error_of())?;
-        self.write(&[(CONF_STATE, bytes)], None, &[])?;
+        let listed = serde_json::to_vec(&members).map_err(error(&self.path))?;
+        self.write(&[(CONF_STATE, bytes), (MEMBERS, listed)], None, &[])?;
         self.conf_state = cs.clone();
+        self.members = members;
         Ok(())
     }
 
     /// Replaces the log by a snapshot from the leader: every entry goes, the membership and the
-    /// commit index come from the snapshot.
-    pub fn apply_snapshot(&mut self, snap: &Snapshot) -> Result<(), LogStoreError> {
+    /// commit index come from the snapshot. Returns the state machine's part of its data.
+    pub fn apply_snapshot(&mut self, snap: &Snapshot) -> Result<Vec<u8>, LogStoreError> {
+        let (members, state) = unframe(snap.get_data()).map_err(error(&self.path))?;
         let meta = snap.get_metadata();
         let mut hs = self.hard_state.clone();
         hs.term = hs.term.max(meta.term);
@@ -196,14 +222,19 @@ impl LogStore {
                     .map_err(self.error_of())?,
             ),
             (HARD_STATE, hs.write_to_bytes().map_err(self.error_of())?),
+            (
+                MEMBERS,
+                serde_json::to_vec(&members).map_err(error(&self.path))?,
+            ),
         ];
         self.write(&puts, Some(0..u64::MAX), &[])?;
         self.hard_state = hs;
         self.conf_state = meta.get_conf_state().clone();
+        self.members = members;
         self.snapshot = snap.clone();
         self.first = meta.index + 1;
         self.last = meta.index;
-        Ok(())
+        Ok(state)
     }
 
     /// Compacts the log up to `index` (applied by the state machine, whose state there is
@@ -217,7 +248,7 @@ impl LogStore {
             source: Box::new(e),
         })?;
         let mut snap = Snapshot::default();
-        snap.set_data(data.into());
+        snap.set_data(frame(&self.members, &data).into());
         let meta = snap.mut_metadata();
         meta.index = index;
         meta.term = term;
@@ -229,9 +260,20 @@ impl LogStore {
         Ok(())
     }
 
-    /// The latest snapshot (index 0 and empty data when there is none).
-    pub fn latest_snapshot(&self) -> &Snapshot {
-        &self.snapshot
+    /// The latest snapshot's index and the state machine's state there (`None` on a log that
+    /// starts at the beginning).
+    pub fn base(&self) -> Result<Option<(u64, Vec<u8>)>, LogStoreError> {
+        let index = self.snapshot.get_metadata().index;
+        if index == 0 {
+            return Ok(None);
+        }
+        let (_, state) = unframe(self.snapshot.get_data()).map_err(error(&self.path))?;
+        Ok(Some((index, state)))
+    }
+
+    /// Every replica's names and addresses, as recorded.
+    pub fn members(&self) -> &[ReplicaEntry] {
+        &self.members
     }
 
     /// Whether Raft asked for a newer snapshot than the stored one since the last call.
@@ -266,6 +308,29 @@ impl LogStore {
             .ok_or_else(unavailable)?;
         Entry::parse_from_bytes(bytes.value()).map_err(|_| unavailable())
     }
+}
+
+/// A snapshot's data: the length of the replicas' list as JSON (u32, little-endian), the list,
+/// then the state machine's state.
+fn frame(members: &[ReplicaEntry], state: &[u8]) -> Vec<u8> {
+    let listed = serde_json::to_vec(members).expect("a list of replicas serialises");
+    let mut out = Vec::with_capacity(4 + listed.len() + state.len());
+    out.extend_from_slice(&(listed.len() as u32).to_le_bytes());
+    out.extend_from_slice(&listed);
+    out.extend_from_slice(state);
+    out
+}
+
+/// Splits a snapshot's data made by [`frame`] (it came from a peer: checked).
+fn unframe(data: &[u8]) -> Result<(Vec<ReplicaEntry>, Vec<u8>), String> {
+    let bad = || "a snapshot whose data does not start with the replicas' list".to_owned();
+    let len = data
+        .get(..4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .ok_or_else(bad)?;
+    let listed = data.get(4..4 + len).ok_or_else(bad)?;
+    let members = serde_json::from_slice(listed).map_err(|e| format!("{}: {e}", bad()))?;
+    Ok((members, data[4 + len..].to_vec()))
 }
 
 /// The error for a database failure on `path`.

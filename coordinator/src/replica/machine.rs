@@ -15,8 +15,8 @@ use std::collections::{BTreeMap, VecDeque};
 
 use amity_shared::store::BlobId;
 
-use super::{Replica, ReplicaError};
-use crate::config::CoreConfig;
+use super::{Membership, Replica, ReplicaError};
+use crate::config::{CoreConfig, ReplicaEntry};
 use crate::core::{Action, Command, Core, Event, LoggedEvent, Snapshot, UpdateRef, WorkerId};
 use amity_shared::federated::codec;
 
@@ -57,6 +57,14 @@ pub enum MachineAction {
     },
     /// Pull core snapshot blob `id` from a peer and hand it to [`ReplicatedCore::restore`].
     FetchSnapshot(BlobId),
+    /// The membership changed: the voters now, and where every replica is (the shell's
+    /// transport follows the list; a replica no longer among the voters stops).
+    Membership {
+        /// The voters' ids.
+        voters: Vec<u64>,
+        /// Every replica's names and addresses.
+        members: Vec<ReplicaEntry>,
+    },
     /// This replica started or stopped leading. A shell that stops leading closes its workers'
     /// connections (they reconnect to the new leader).
     Leadership {
@@ -193,6 +201,22 @@ impl ReplicatedCore {
         self.step()
     }
 
+    /// Proposes a membership change (on the leader; see [`Replica::change_membership`]).
+    pub fn change_membership(
+        &mut self,
+        change: Membership,
+    ) -> Result<Vec<MachineAction>, ReplicaError> {
+        self.replica.change_membership(change)?;
+        self.step()
+    }
+
+    /// On the leader: hands leadership to the most up-to-date other voter
+    /// ([`Replica::hand_over`]).
+    pub fn hand_over(&mut self) -> Result<(Option<u64>, Vec<MachineAction>), ReplicaError> {
+        let to = self.replica.hand_over();
+        Ok((to, self.step()?))
+    }
+
     /// The core snapshot a Raft snapshot named, pulled by the shell: the core restarts from it
     /// and the commands after it apply.
     pub fn restore(&mut self, snap: Snapshot) -> Result<Vec<MachineAction>, ReplicaError> {
@@ -228,6 +252,12 @@ impl ReplicatedCore {
             self.waiting.clear();
             self.restoring = Some(id);
             out.push(MachineAction::FetchSnapshot(id));
+        }
+        if ready.membership_changed {
+            out.push(MachineAction::Membership {
+                voters: self.replica.voters(),
+                members: self.replica.members().to_vec(),
+            });
         }
         self.waiting.extend(ready.committed);
         self.apply(&mut out)?;

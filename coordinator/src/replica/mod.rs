@@ -34,6 +34,7 @@ pub use transport::{
 };
 pub use wire::WireError;
 
+use crate::config::ReplicaEntry;
 use crate::core::{BadCommand, Command};
 
 /// How often [`Replica::tick`] is to be called. An election starts after 10 ticks without a
@@ -49,13 +50,16 @@ pub struct ReplicaConfig {
     /// a replica joining a running cluster: it waits until the leader adds it
     /// ([`Replica::change_membership`]) and sends it a snapshot.
     pub voters: Vec<u64>,
+    /// Where the replicas it knows of are (a joining replica lists the running group's, to
+    /// accept their messages). A log that exists keeps the list it recorded.
+    pub members: Vec<ReplicaEntry>,
 }
 
 /// One membership change (Raft's one-at-a-time changes: never two in flight).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Membership {
-    /// Add this replica as a voter.
-    Add(u64),
+    /// Add this replica as a voter; every replica learns its addresses with the change.
+    Add(ReplicaEntry),
     /// Remove this replica.
     Remove(u64),
 }
@@ -92,6 +96,9 @@ pub enum ReplicaError {
         "compact the log before adding a replica (it would replay entries without the membership they started from)"
     )]
     NotCompacted,
+    /// A membership change that cannot be made as asked.
+    #[error("membership: {0}")]
+    Membership(String),
     /// Proposed on a replica that is not the leader.
     #[error("not the leader (the leader is {leader:?})")]
     NotLeader {
@@ -134,6 +141,9 @@ pub struct Output {
     /// Answers to [`Replica::read_index`]: (the request's context, the index to have applied
     /// before reading). A read served once the state machine applied that index is linearizable.
     pub reads: Vec<(Vec<u8>, u64)>,
+    /// The membership changed (a change committed, or a snapshot replaced it): see
+    /// [`Replica::voters`] and [`Replica::members`].
+    pub membership_changed: bool,
 }
 
 /// One replica of the coordinator's command log.
@@ -156,7 +166,7 @@ impl Replica {
     /// reopened replica rebuilds its state machine from the log alone: [`Replica::base`], then every
     /// committed command after it, which [`Replica::ready`] hands back again.
     pub fn open(cfg: &ReplicaConfig, path: &Path) -> Result<Self, ReplicaError> {
-        let store = LogStore::open(path, &cfg.voters)?;
+        let store = LogStore::open(path, &cfg.voters, &cfg.members)?;
         let config = raft::Config {
             id: cfg.id,
             election_tick: 10,
@@ -203,10 +213,8 @@ impl Replica {
     /// The snapshot the log starts from: (index, the state machine's state there), or `None`
     /// when the log starts at the beginning. A reopened replica restores its state machine from
     /// it, then applies what [`Replica::ready`] hands back as committed.
-    pub fn base(&self) -> Option<(u64, Vec<u8>)> {
-        let snap = self.node.store().latest_snapshot();
-        let index = snap.get_metadata().index;
-        (index > 0).then(|| (index, snap.get_data().to_vec()))
+    pub fn base(&self) -> Result<Option<(u64, Vec<u8>)>, ReplicaError> {
+        Ok(self.node.store().base()?)
     }
 
     /// Advances Raft's clock by one [`TICK`].
@@ -251,28 +259,69 @@ impl Replica {
     }
 
     /// Proposes a membership change (on the leader). It takes effect on each replica when
-    /// committed; [`Replica::voters`] then shows it.
+    /// committed; [`Replica::voters`] then shows it (Raft drops a change proposed while another
+    /// is in flight: check the voters). The leader does not remove itself: it hands leadership
+    /// over first ([`Replica::hand_over`]).
     pub fn change_membership(&mut self, change: Membership) -> Result<(), ReplicaError> {
         if !self.is_leader() {
             return Err(ReplicaError::NotLeader {
                 leader: self.leader(),
             });
         }
+        let voters = self.voters();
+        let refuse = |why: String| Err(ReplicaError::Membership(why));
         let mut cc = ConfChange::default();
         match change {
-            Membership::Add(id) => {
-                if self.node.store().latest_snapshot().get_metadata().index == 0 {
+            Membership::Add(entry) => {
+                if entry.id == 0 || voters.contains(&entry.id) {
+                    return refuse(format!("replica {} is 0 or a voter already", entry.id));
+                }
+                let taken = self
+                    .members()
+                    .iter()
+                    .any(|m| m.name == entry.name && voters.contains(&m.id));
+                if taken {
+                    return refuse(format!("a voter is named `{}` already", entry.name));
+                }
+                if self.node.store().base()?.is_none() {
                     return Err(ReplicaError::NotCompacted);
                 }
                 cc.set_change_type(ConfChangeType::AddNode);
-                cc.node_id = id;
+                cc.node_id = entry.id;
+                cc.context = serde_json::to_vec(&entry)
+                    .expect("a replica entry serialises")
+                    .into();
             }
             Membership::Remove(id) => {
+                if !voters.contains(&id) {
+                    return refuse(format!("replica {id} is not a voter (voters: {voters:?})"));
+                }
+                if voters.len() == 1 {
+                    return refuse("the last voter cannot be removed".into());
+                }
+                if id == self.id() {
+                    return refuse(format!("replica {id} leads: hand over first"));
+                }
                 cc.set_change_type(ConfChangeType::RemoveNode);
                 cc.node_id = id;
             }
         }
         Ok(self.node.propose_conf_change(Vec::new(), cc)?)
+    }
+
+    /// On the leader: hands leadership to the voter whose log is furthest along, other than
+    /// itself (before it is removed). Returns that voter, or `None` when there is none.
+    pub fn hand_over(&mut self) -> Option<u64> {
+        let me = self.id();
+        let voters = self.voters();
+        let to = self
+            .matched()
+            .into_iter()
+            .filter(|(id, _)| *id != me && voters.contains(id))
+            .max_by_key(|(_, m)| *m)
+            .map(|(id, _)| id)?;
+        self.node.transfer_leader(to);
+        Some(to)
     }
 
     /// On the leader, each replica's highest log index known to be stored there, by id (its lag
@@ -297,6 +346,12 @@ impl Replica {
         let mut v = self.node.store().conf_state().voters.clone();
         v.sort_unstable();
         v
+    }
+
+    /// Every replica's names and addresses as this replica knows them: the voters', and
+    /// replicas configured but not (or no longer) voting.
+    pub fn members(&self) -> &[ReplicaEntry] {
+        self.node.store().members()
     }
 
     /// Asks for a linearizable read (a status or a release listing): once a quorum confirmed
@@ -336,8 +391,9 @@ impl Replica {
         out.push(rd.take_messages());
         if !rd.snapshot().is_empty() {
             let snap = rd.snapshot().clone();
-            self.node.mut_store().apply_snapshot(&snap)?;
-            out.snapshot = Some((snap.get_metadata().index, snap.get_data().to_vec()));
+            let state = self.node.mut_store().apply_snapshot(&snap)?;
+            out.snapshot = Some((snap.get_metadata().index, state));
+            out.membership_changed = true;
         }
         self.collect(rd.take_committed_entries(), &mut out)?;
         if !rd.entries().is_empty() {
@@ -376,13 +432,31 @@ impl Replica {
                     let cc: ConfChange = protobuf::Message::parse_from_bytes(e.get_data())
                         .map_err(|err| ReplicaError::Raft(raft::Error::CodecError(err)))?;
                     let cs = self.node.apply_conf_change(&cc)?;
-                    self.node.mut_store().set_conf_state(&cs)?;
+                    let mut members = self.members().to_vec();
+                    if cc.get_change_type() == ConfChangeType::AddNode {
+                        // The added replica's addresses ride in the change (a later entry for
+                        // the same id replaces an earlier one).
+                        let entry: ReplicaEntry =
+                            serde_json::from_slice(&cc.context).map_err(|err| {
+                                ReplicaError::BadEntry {
+                                    index: e.index,
+                                    source: BadCommand::Json(err),
+                                }
+                            })?;
+                        members.retain(|m| m.id != entry.id && m.name != entry.name);
+                        members.push(entry);
+                    }
+                    self.node.mut_store().set_membership(&cs, members)?;
+                    out.membership_changed = true;
                 }
                 EntryType::EntryConfChangeV2 => {
+                    // Never proposed here (changes go one at a time); applied as Raft says.
                     let cc: ConfChangeV2 = protobuf::Message::parse_from_bytes(e.get_data())
                         .map_err(|err| ReplicaError::Raft(raft::Error::CodecError(err)))?;
                     let cs = self.node.apply_conf_change(&cc)?;
-                    self.node.mut_store().set_conf_state(&cs)?;
+                    let members = self.members().to_vec();
+                    self.node.mut_store().set_membership(&cs, members)?;
+                    out.membership_changed = true;
                 }
             }
         }

@@ -1,6 +1,7 @@
 //! Raft messages between replicas over QUIC: mutual TLS under
 //! [`RAFT_ALPN`](amity_protocol::RAFT_ALPN), each peer holding a
-//! *replica* certificate from the operator's CA whose name is one of the configured replicas.
+//! *replica* certificate from the operator's CA whose name is one of the group's replicas (the
+//! list follows membership changes: [`Transport::set_peers`]).
 //!
 //! One unidirectional stream per message (Raft messages are few and small; a lost one is sent
 //! again by Raft itself), so no framing is needed beyond the stream's end, and a slow peer never
@@ -14,7 +15,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use amity_protocol::conn::{ConnError, OutboardCache, fetch_blob, serve_blob_requests};
@@ -61,13 +62,17 @@ pub enum TransportError {
 /// Where a replica finds a blob a peer asks for (its content store), if it holds it.
 pub type Locate = Arc<dyn Fn(&BlobId) -> Option<PathBuf> + Send + Sync>;
 
+/// The peers by Raft id, shared by the sender, the acceptor and the blob fetchers.
+type Peers = Arc<RwLock<BTreeMap<u64, PeerAddr>>>;
+
 /// A replica's connections to its peers.
 #[derive(Debug)]
 pub struct Transport {
     endpoint: quinn::Endpoint,
+    me: u64,
     /// Raft message bytes written to peers so far.
     sent: Arc<std::sync::atomic::AtomicU64>,
-    peers: BTreeMap<u64, PeerAddr>,
+    peers: Peers,
     outboxes: BTreeMap<u64, mpsc::Sender<Vec<u8>>>,
     inbox: mpsc::Receiver<(u64, Vec<u8>)>,
 }
@@ -76,7 +81,7 @@ pub struct Transport {
 #[derive(Debug, Clone)]
 pub struct BlobFetcher {
     endpoint: quinn::Endpoint,
-    peers: BTreeMap<u64, PeerAddr>,
+    peers: Peers,
 }
 
 /// Why a blob could not be pulled from a peer.
@@ -108,8 +113,14 @@ impl BlobFetcher {
         part: &Path,
         max_len: u64,
     ) -> Result<u64, FetchError> {
-        let peer = self.peers.get(&from).ok_or(FetchError::UnknownPeer(from))?;
-        let conn = connect(&self.endpoint, peer)
+        let peer = self
+            .peers
+            .read()
+            .expect("peers lock")
+            .get(&from)
+            .cloned()
+            .ok_or(FetchError::UnknownPeer(from))?;
+        let conn = connect(&self.endpoint, &peer)
             .await
             .map_err(|e| FetchError::Unreachable {
                 peer: from,
@@ -121,8 +132,13 @@ impl BlobFetcher {
     }
 
     /// The peers' ids.
-    pub fn peers(&self) -> impl Iterator<Item = u64> + '_ {
-        self.peers.keys().copied()
+    pub fn peers(&self) -> Vec<u64> {
+        self.peers
+            .read()
+            .expect("peers lock")
+            .keys()
+            .copied()
+            .collect()
     }
 }
 
@@ -148,33 +164,50 @@ impl Transport {
             }
         })?;
         endpoint.set_default_client_config(client);
+        let (tx, inbox) = mpsc::channel(QUEUE);
+        let shared: Peers = Arc::default();
+        let limit = MAX_RAFT_MESSAGE + max_entry;
+        tokio::spawn(accept(endpoint.clone(), shared.clone(), tx, locate, limit));
+        let mut transport = Transport {
+            endpoint,
+            me,
+            sent: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            peers: shared,
+            outboxes: BTreeMap::new(),
+            inbox,
+        };
+        transport.set_peers(peers);
+        Ok(transport)
+    }
+
+    /// The group changed: from now on reach and accept exactly `peers` (this replica's own
+    /// entry, if present, is ignored). A peer whose address changed is reconnected.
+    pub fn set_peers(&mut self, peers: &BTreeMap<u64, PeerAddr>) {
         let peers: BTreeMap<u64, PeerAddr> = peers
             .iter()
-            .filter(|(id, _)| **id != me)
+            .filter(|(id, _)| **id != self.me)
             .map(|(k, v)| (*k, v.clone()))
             .collect();
-        let (tx, inbox) = mpsc::channel(QUEUE);
-        let by_name: BTreeMap<String, u64> =
-            peers.iter().map(|(id, p)| (p.name.clone(), *id)).collect();
-        let limit = MAX_RAFT_MESSAGE + max_entry;
-        tokio::spawn(accept(endpoint.clone(), by_name, tx, locate, limit));
-        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let outboxes = peers
-            .iter()
-            .map(|(&id, peer)| {
-                let (tx, rx) = mpsc::channel(QUEUE);
-                let sender = send_to(endpoint.clone(), id, peer.clone(), rx, sent.clone());
-                tokio::spawn(sender);
-                (id, tx)
-            })
-            .collect();
-        Ok(Transport {
-            endpoint,
-            sent,
-            peers,
-            outboxes,
-            inbox,
-        })
+        let mut known = self.peers.write().expect("peers lock");
+        // Dropping a sender's queue ends its task.
+        self.outboxes
+            .retain(|id, _| known.get(id).is_some_and(|p| peers.get(id) == Some(p)));
+        for (&id, peer) in &peers {
+            if self.outboxes.contains_key(&id) {
+                continue;
+            }
+            let (tx, rx) = mpsc::channel(QUEUE);
+            let sender = send_to(
+                self.endpoint.clone(),
+                id,
+                peer.clone(),
+                rx,
+                self.sent.clone(),
+            );
+            tokio::spawn(sender);
+            self.outboxes.insert(id, tx);
+        }
+        *known = peers;
     }
 
     /// A handle that pulls blobs from the peers.
@@ -214,25 +247,31 @@ impl Transport {
     }
 }
 
-/// Accepts peers: only replica certificates whose name is a configured peer; each
+/// Accepts peers: only replica certificates whose name is one of `peers`; each
 /// unidirectional stream is one message, handed on with the peer's id, and each bidirectional
 /// one a blob request.
 async fn accept(
     endpoint: quinn::Endpoint,
-    by_name: BTreeMap<String, u64>,
+    peers: Peers,
     tx: mpsc::Sender<(u64, Vec<u8>)>,
     locate: Locate,
     limit: usize,
 ) {
     let outboards = OutboardCache::new();
     while let Some(incoming) = endpoint.accept().await {
-        let (by_name, tx) = (by_name.clone(), tx.clone());
+        let (peers, tx) = (peers.clone(), tx.clone());
         let (locate, outboards) = (locate.clone(), outboards.clone());
         tokio::spawn(async move {
             let Ok(conn) = incoming.await else { return };
             let name = peer_name(&conn).unwrap_or_default();
-            let id = match (peer_role(&conn), by_name.get(&name)) {
-                (Some(CertRole::Replica), Some(&id)) => id,
+            let known = peers
+                .read()
+                .expect("peers lock")
+                .iter()
+                .find(|(_, p)| p.name == name)
+                .map(|(id, _)| *id);
+            let id = match (peer_role(&conn), known) {
+                (Some(CertRole::Replica), Some(id)) => id,
                 (role, _) => {
                     tracing::warn!(%name, ?role, "refused a Raft peer: not a configured replica");
                     conn.close(1u32.into(), b"not a replica of this coordinator");

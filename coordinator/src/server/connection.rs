@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use amity_protocol::PROTOCOL_VERSION;
 use amity_protocol::conn::{ConnError, MsgStream, serve_blob_requests};
 use amity_protocol::message::{Capabilities, ClientMsg, ErrorCode, MAX_STRING, ServerMsg, brief};
-use amity_protocol::tls::peer_name;
+use amity_protocol::tls::{CertRole, peer_name, peer_role};
 use amity_shared::store::BlobId;
 use tokio::sync::mpsc;
 
@@ -293,6 +293,13 @@ async fn registration(
                     return Registration::Gone;
                 }
             }
+            Ok(Some(ClientMsg::ChangeMembership(change))) => {
+                let operator = peer_role(conn) == Some(CertRole::Operator);
+                let answer = membership_answer(shared, change, operator, peer).await;
+                if control.send(&answer).await.is_err() {
+                    return Registration::Gone;
+                }
+            }
             Ok(Some(ClientMsg::ReleaseQuery { name })) => {
                 let answer = release_answer(shared, &name).await;
                 if control.send(&answer).await.is_err() {
@@ -328,7 +335,7 @@ async fn status_answer(shared: &Shared, anonymous: bool) -> ServerMsg {
         );
     }
     let (tx, rx) = tokio::sync::oneshot::channel();
-    if shared.queries.send(tx).is_err() {
+    if shared.queries.send(super::Query::Status(tx)).is_err() {
         return error(ErrorCode::ShuttingDown, "the coordinator is stopping");
     }
     match tokio::time::timeout(STATUS_TIMEOUT, rx).await {
@@ -340,6 +347,46 @@ async fn status_answer(shared: &Shared, anonymous: bool) -> ServerMsg {
         ),
     }
 }
+
+/// The answer to a membership change: the status once it is committed, or why not.
+async fn membership_answer(
+    shared: &Shared,
+    change: amity_protocol::message::MembershipChange,
+    operator: bool,
+    peer: &str,
+) -> ServerMsg {
+    let error = |code, message: &str| ServerMsg::Error {
+        code,
+        message: message.to_owned(),
+    };
+    if !operator {
+        tracing::warn!(%peer, "refused a membership change: not an operator certificate");
+        return error(
+            ErrorCode::Unexpected,
+            "membership changes need an operator certificate (amity ca issue --role operator)",
+        );
+    }
+    tracing::info!(%peer, ?change, "membership change asked");
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if shared
+        .queries
+        .send(super::Query::Membership(change, tx))
+        .is_err()
+    {
+        return error(ErrorCode::ShuttingDown, "the coordinator is stopping");
+    }
+    match tokio::time::timeout(MEMBERSHIP_TIMEOUT, rx).await {
+        Ok(Ok(answer)) => answer,
+        _ => error(
+            ErrorCode::Internal,
+            "not committed within 20 s (no quorum, or another change still in flight): \
+             see `amity coordinator status` before asking again",
+        ),
+    }
+}
+
+/// How long a membership change waits to be committed.
+const MEMBERSHIP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// How long a status question waits for its answer.
 const STATUS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);

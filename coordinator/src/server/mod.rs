@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use amity_protocol::message::ErrorCode;
+use amity_protocol::message::{ErrorCode, ServerMsg};
 use amity_protocol::tls::{ClientAuth, Identity, Revocations, quic_server_config_with};
 use amity_shared::corpus::manifest::{Manifest, open_blobs};
 use amity_shared::data::ClipSource;
@@ -54,6 +54,18 @@ const FINISHED_REASON: &str = "training finished";
 /// A status question from a connection: where its answer goes.
 pub(crate) type StatusQuestion =
     tokio::sync::oneshot::Sender<amity_protocol::message::CoordinatorStatus>;
+
+/// What a connection asks the driver.
+pub(crate) enum Query {
+    /// The coordinator's state (a linearizable read on a replica).
+    Status(StatusQuestion),
+    /// A membership change (operators only; checked by the connection), answered with the
+    /// status once committed, or with why not.
+    Membership(
+        amity_protocol::message::MembershipChange,
+        tokio::sync::oneshot::Sender<amity_protocol::message::ServerMsg>,
+    ),
+}
 
 /// What a [`CoordinatorError`] came from.
 pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -279,7 +291,7 @@ async fn run_single(
     } = opened;
 
     let (events_tx, mut events) = mpsc::unbounded_channel();
-    let (queries_tx, mut queries) = mpsc::unbounded_channel::<StatusQuestion>();
+    let (queries_tx, mut queries) = mpsc::unbounded_channel::<Query>();
     let shared = Shared::open(
         store, corpus, &layout, &core, events_tx, queries_tx, revoked,
     );
@@ -305,8 +317,20 @@ async fn run_single(
                 continue;
             }
             _ = tick.tick() => Event::Tick,
-            Some(answer) = queries.recv() => {
-                let _ = answer.send(status::coordinator_status(&core, None));
+            Some(query) = queries.recv() => {
+                match query {
+                    Query::Status(answer) => {
+                        let _ = answer.send(status::coordinator_status(&core, None));
+                    }
+                    Query::Membership(_, answer) => {
+                        let _ = answer.send(ServerMsg::Error {
+                            code: ErrorCode::Unexpected,
+                            message: "this coordinator is not replicated: it has no members \
+                                      to change"
+                                .into(),
+                        });
+                    }
+                }
                 continue;
             }
             e = events.recv() => match e {
@@ -386,8 +410,15 @@ async fn run_replicated(
         initial.extend(rc.await_snapshot(id));
     }
     let max_entry = update_limit(&rc.core().update_parts()) as usize;
-    let transport =
-        replicated::start_transport(&rep, &identity, &opened.revoked, &opened.store, max_entry)?;
+    let members = rc.replica().members().to_vec();
+    let transport = replicated::start_transport(
+        &rep,
+        &members,
+        &identity,
+        &opened.revoked,
+        &opened.store,
+        max_entry,
+    )?;
     let endpoint = opened.listen(&cfg, &identity, bound)?;
     let Opened {
         store,
@@ -396,7 +427,7 @@ async fn run_replicated(
         revoked,
     } = opened;
     let (events_tx, mut events) = mpsc::unbounded_channel();
-    let (queries_tx, mut queries) = mpsc::unbounded_channel::<StatusQuestion>();
+    let (queries_tx, mut queries) = mpsc::unbounded_channel::<Query>();
     let shared = Shared::open(
         store,
         corpus,
@@ -410,7 +441,10 @@ async fn run_replicated(
     *shared.redirect.lock().expect("redirect lock") = Some(String::new());
     let mut driver = replicated::Driver {
         shared: &shared,
-        rep: &rep,
+        voted: rc.replica().voters().contains(&rep.id),
+        members,
+        removed: false,
+        changes: Vec::new(),
         transport,
         retention: Retention::new(cfg.retention),
         checkpoint: latest_checkpoint(&layout),
@@ -445,10 +479,13 @@ async fn run_replicated(
                     continue;
                 }
             },
-            Some(answer) = queries.recv() => {
-                let ctx = driver.reads.ask(answer);
-                rc.read_index(ctx)
-            }
+            Some(query) = queries.recv() => match query {
+                Query::Status(answer) => {
+                    let ctx = driver.reads.ask(answer);
+                    rc.read_index(ctx)
+                }
+                Query::Membership(change, answer) => driver.change_membership(&mut rc, change, answer),
+            },
             e = events.recv() => match e {
                 Some(event) => propose(&shared, &mut rc, event, now),
                 None => break Ok(()),
@@ -456,6 +493,12 @@ async fn run_replicated(
         };
         if let Err(e) = driver.carry_out(&mut rc, actions) {
             break Err(e);
+        }
+        if driver.removed {
+            tracing::warn!(
+                "this replica was removed from the group: stopping (its state dir may be deleted)"
+            );
+            break Ok(());
         }
         if rc.core().finished() {
             if exit_when_finished {

@@ -14,18 +14,18 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use amity_protocol::message::ErrorCode;
+use amity_protocol::message::{ErrorCode, MembershipChange, ServerMsg};
 use amity_protocol::tls::{Identity, Revocations};
 use amity_shared::store::{BlobId, BlobStore, LocalStore};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::config::{CoordinatorConfig, ReplicationConfig};
+use crate::config::{CoordinatorConfig, ReplicaEntry, ReplicationConfig};
 use crate::core::{Action, Core, Snapshot};
 use crate::replica::machine::snapshot_blob;
 use crate::replica::{
-    BlobFetcher, MachineAction, PeerAddr, Replica, ReplicaConfig, ReplicaError, ReplicatedCore,
-    Transport,
+    BlobFetcher, MachineAction, Membership, PeerAddr, Replica, ReplicaConfig, ReplicaError,
+    ReplicatedCore, Transport,
 };
 use crate::retention::Retention;
 
@@ -69,11 +69,16 @@ pub(super) fn open_replica(
 ) -> Result<Opened, CoordinatorError> {
     let replica_cfg = ReplicaConfig {
         id: rep.id,
-        voters: rep.replicas.iter().map(|r| r.id).collect(),
+        voters: if rep.join {
+            Vec::new()
+        } else {
+            rep.replicas.iter().map(|r| r.id).collect()
+        },
+        members: rep.replicas.clone(),
     };
-    let replica =
-        Replica::open(&replica_cfg, raft_log).map_err(setup(format!("{}", raft_log.display())))?;
-    let base = match replica.base() {
+    let log = format!("{}", raft_log.display());
+    let replica = Replica::open(&replica_cfg, raft_log).map_err(setup(&log))?;
+    let base = match replica.base().map_err(setup(&log))? {
         Some((index, data)) => {
             let what = format!("replica snapshot at log index {index}");
             Some((snapshot_blob(&data).map_err(setup(&what))?, what))
@@ -103,17 +108,34 @@ pub(super) fn open_replica(
     }
 }
 
-/// Starts the peer transport: replica certificates only, serving peers the blobs in `store`.
+/// Starts the peer transport on this replica's peer port (from its config entry), reaching the
+/// replicas the log records: replica certificates only, serving peers the blobs in `store`.
 pub(super) fn start_transport(
     rep: &ReplicationConfig,
+    members: &[ReplicaEntry],
     identity: &Identity,
     revoked: &Revocations,
     store: &LocalStore,
     max_entry: usize,
 ) -> Result<Transport, CoordinatorError> {
     let me = rep.me().expect("checked when the config loaded");
-    let peers: BTreeMap<u64, PeerAddr> = rep
-        .replicas
+    let held = store.clone();
+    let locate = Arc::new(move |id: &BlobId| held.contains(id).then(|| held.path(id)));
+    Transport::start(
+        me.peer,
+        identity,
+        revoked,
+        rep.id,
+        &peer_addrs(members),
+        locate,
+        max_entry,
+    )
+    .map_err(setup(format!("replica peer port {}", me.peer)))
+}
+
+/// The transport's view of the replicas.
+fn peer_addrs(members: &[ReplicaEntry]) -> BTreeMap<u64, PeerAddr> {
+    members
         .iter()
         .map(|r| {
             (
@@ -124,13 +146,7 @@ pub(super) fn start_transport(
                 },
             )
         })
-        .collect();
-    let held = store.clone();
-    let locate = Arc::new(move |id: &BlobId| held.contains(id).then(|| held.path(id)));
-    Transport::start(
-        me.peer, identity, revoked, rep.id, &peers, locate, max_entry,
-    )
-    .map_err(setup(format!("replica peer port {}", me.peer)))
+        .collect()
 }
 
 /// A core snapshot pulled from a peer, or why it could not be.
@@ -139,7 +155,14 @@ pub(super) type Pulled = Result<Snapshot, String>;
 /// What the driver loop needs besides the replica.
 pub(super) struct Driver<'a> {
     pub(super) shared: &'a Arc<Shared>,
-    pub(super) rep: &'a ReplicationConfig,
+    /// Every replica's names and addresses, as the log records them.
+    pub(super) members: Vec<ReplicaEntry>,
+    /// Whether this replica has been a voter (a joining one is not yet).
+    pub(super) voted: bool,
+    /// It was a voter and is no longer: it stops.
+    pub(super) removed: bool,
+    /// Membership changes proposed here, answered once committed.
+    pub(super) changes: Vec<(Membership, tokio::sync::oneshot::Sender<ServerMsg>)>,
     pub(super) transport: Transport,
     pub(super) retention: Retention,
     pub(super) checkpoint: Option<PathBuf>,
@@ -247,11 +270,15 @@ impl Driver<'_> {
                     changed = true;
                     self.leadership(leading, leader, term);
                 }
+                MachineAction::Membership { voters, members } => {
+                    changed = true;
+                    self.membership(rc.replica().id(), &voters, members);
+                }
             }
         }
         if !rc.replica().is_leader() {
             // The leader a follower knows of changes without this one's leadership changing.
-            let to = leader_address(self.rep, rc.replica().leader());
+            let to = leader_address(&self.members, rc.replica().leader());
             *self.shared.redirect.lock().expect("redirect lock") = Some(to);
         }
         let round = rc.core().round();
@@ -260,6 +287,7 @@ impl Driver<'_> {
         let mut status = replica_status(rc);
         status.bytes_sent = self.transport.bytes_sent();
         self.reads.answer(rc, &status);
+        self.answer_changes(rc, &status);
         *self.shared.replica.lock().expect("replica lock") = Some(status);
         if closed {
             self.sweep(rc);
@@ -268,6 +296,93 @@ impl Driver<'_> {
             write_status(self.shared, rc.core(), &self.checkpoint);
         }
         Ok(())
+    }
+
+    /// The group changed: the transport follows, and a replica voted out stops.
+    fn membership(&mut self, me: u64, voters: &[u64], members: Vec<ReplicaEntry>) {
+        tracing::info!(?voters, "membership changed");
+        self.transport.set_peers(&peer_addrs(&members));
+        self.members = members;
+        if voters.contains(&me) {
+            self.voted = true;
+        } else if self.voted {
+            self.removed = true;
+        }
+    }
+
+    /// A membership change an operator asked for: proposed on the leader (which hands over
+    /// first when it is the one to go), else the operator is sent to the leader. The answer
+    /// waits for the change to commit.
+    pub(super) fn change_membership(
+        &mut self,
+        rc: &mut ReplicatedCore,
+        change: MembershipChange,
+        answer: tokio::sync::oneshot::Sender<ServerMsg>,
+    ) -> Result<Vec<MachineAction>, ReplicaError> {
+        let refuse = |code, message: String| ServerMsg::Error { code, message };
+        let not_leader =
+            |leader| refuse(ErrorCode::NotLeader, leader_address(&self.members, leader));
+        if !rc.replica().is_leader() {
+            let _ = answer.send(not_leader(rc.replica().leader()));
+            return Ok(Vec::new());
+        }
+        let change = match change {
+            MembershipChange::Remove { id } if id == rc.replica().id() => {
+                let (to, actions) = rc.hand_over()?;
+                tracing::info!(?to, "asked to remove this leader: handing over first");
+                let _ = answer.send(not_leader(to));
+                return Ok(actions);
+            }
+            MembershipChange::Remove { id } => Membership::Remove(id),
+            MembershipChange::Add {
+                id,
+                name,
+                peer,
+                workers,
+            } => match (peer.parse(), workers.parse()) {
+                (Ok(peer), Ok(workers)) => Membership::Add(ReplicaEntry {
+                    id,
+                    name,
+                    peer,
+                    workers,
+                }),
+                _ => {
+                    let why = format!("addresses `{peer}`, `{workers}` are not host:port");
+                    let _ = answer.send(refuse(ErrorCode::Malformed, why));
+                    return Ok(Vec::new());
+                }
+            },
+        };
+        match rc.change_membership(change.clone()) {
+            Ok(actions) => {
+                self.changes.push((change, answer));
+                Ok(actions)
+            }
+            Err(e @ (ReplicaError::Membership(_) | ReplicaError::NotCompacted)) => {
+                let _ = answer.send(refuse(ErrorCode::Unexpected, e.to_string()));
+                Ok(Vec::new())
+            }
+            Err(e) => {
+                let _ = answer.send(refuse(ErrorCode::Internal, e.to_string()));
+                Err(e)
+            }
+        }
+    }
+
+    /// Answers the membership changes the voters now show.
+    fn answer_changes(&mut self, rc: &ReplicatedCore, status: &ReplicaStatus) {
+        let voters = &status.voters;
+        let (done, waiting): (Vec<_>, Vec<_>) =
+            self.changes.drain(..).partition(|(c, _)| match c {
+                Membership::Add(e) => voters.contains(&e.id),
+                Membership::Remove(id) => !voters.contains(id),
+            });
+        self.changes = waiting;
+        self.changes.retain(|(_, a)| !a.is_closed());
+        for (_, answer) in done {
+            let s = super::status::coordinator_status(rc.core(), Some(status));
+            let _ = answer.send(ServerMsg::Status(s));
+        }
     }
 
     /// Starts pulling core snapshot `id` from the peers (the leader first), unless it is here.
@@ -296,7 +411,7 @@ impl Driver<'_> {
             shared.next_worker.store(term << 32 | 1, Ordering::Relaxed);
             *shared.redirect.lock().expect("redirect lock") = None;
         } else {
-            let to = leader_address(self.rep, leader);
+            let to = leader_address(&self.members, leader);
             tracing::info!(term, ?leader, "following: workers go to {to:?}");
             let was_leading = shared.redirect.lock().expect("redirect lock").is_none();
             *shared.redirect.lock().expect("redirect lock") = Some(to.clone());
@@ -311,6 +426,8 @@ impl Driver<'_> {
         let base = rc
             .replica()
             .base()
+            .ok()
+            .flatten()
             .and_then(|(_, data)| snapshot_blob(&data).ok());
         super::sweep(self.shared, &mut self.retention, None, rc.core(), base);
     }
@@ -323,9 +440,9 @@ impl Driver<'_> {
 }
 
 /// `name@host:port` of replica `leader`'s worker port, or empty when none is known.
-fn leader_address(rep: &ReplicationConfig, leader: Option<u64>) -> String {
+fn leader_address(members: &[ReplicaEntry], leader: Option<u64>) -> String {
     leader
-        .and_then(|id| rep.replica(id))
+        .and_then(|id| members.iter().find(|r| r.id == id))
         .map(|r| format!("{}@{}", r.name, r.workers))
         .unwrap_or_default()
 }
@@ -360,7 +477,7 @@ async fn fetch_snapshot(
     if !store.contains(&id) {
         let order: Vec<u64> = leader
             .into_iter()
-            .chain(fetcher.peers().filter(|p| Some(*p) != leader))
+            .chain(fetcher.peers().into_iter().filter(|p| Some(*p) != leader))
             .collect();
         let mut last = String::from("no peer to pull it from");
         let mut pulled = false;

@@ -51,7 +51,7 @@ pub(super) struct Shared {
     pub(super) update_parts: Vec<usize>,
     pub(super) events: mpsc::UnboundedSender<Event>,
     /// Status questions for the driver, each with where to send its answer.
-    pub(super) queries: mpsc::UnboundedSender<super::StatusQuestion>,
+    pub(super) queries: mpsc::UnboundedSender<super::Query>,
     pub(super) outboxes: Outboxes,
     pub(super) next_worker: AtomicU64,
     /// Outboards of served blobs: each round's state delta is hashed once, not per worker.
@@ -119,7 +119,7 @@ impl Shared {
         layout: &StateLayout,
         core: &Core,
         events_tx: mpsc::UnboundedSender<Event>,
-        queries: mpsc::UnboundedSender<super::StatusQuestion>,
+        queries: mpsc::UnboundedSender<super::Query>,
         revoked: Revocations,
     ) -> Arc<Shared> {
         let shared = Arc::new(Shared {

@@ -46,9 +46,10 @@ impl Machines {
         let cfg = ReplicaConfig {
             id,
             voters: vec![1, 2, 3],
+            members: (1..=3).map(super::entry).collect(),
         };
         let replica = Replica::open(&cfg, &self.dir.join(format!("raft-{id}.redb"))).unwrap();
-        let core = match replica.base() {
+        let core = match replica.base().unwrap() {
             Some((_, data)) => {
                 let blob = super::super::machine::snapshot_blob(&data).unwrap();
                 let snap = Snapshot::from_bytes(&self.blobs[&blob]).unwrap();
@@ -86,6 +87,7 @@ impl Machines {
                 }
                 MachineAction::Core(_)
                 | MachineAction::Leadership { .. }
+                | MachineAction::Membership { .. }
                 | MachineAction::ReadReady { .. } => {}
                 MachineAction::StoreSnapshot { index, bytes } => {
                     let blob = BlobId::of(&bytes);
@@ -242,7 +244,7 @@ fn a_round_goes_on_through_a_leader_death_with_every_committed_update() {
     // Each replica compacted its log into a snapshot of the core when the round closed.
     for id in 1..=3 {
         if let Some(Some(n)) = m.nodes.get(&id) {
-            let base = n.replica().base().map(|(i, _)| i);
+            let base = n.replica().base().unwrap().map(|(i, _)| i);
             assert!(base.is_some_and(|i| i > 0), "replica {id}: {base:?}");
         }
     }

@@ -28,6 +28,16 @@ struct Cluster {
     leaders: BTreeMap<u64, u64>,
 }
 
+/// Replica `id`'s entry in the group's list (addresses are never dialled here).
+pub(super) fn entry(id: u64) -> ReplicaEntry {
+    ReplicaEntry {
+        id,
+        name: format!("replica-{id}"),
+        peer: format!("10.0.0.{id}:7701").parse().unwrap(),
+        workers: format!("10.0.0.{id}:7700").parse().unwrap(),
+    }
+}
+
 fn cmd(i: u64) -> Command {
     Command {
         at_ms: i,
@@ -59,9 +69,15 @@ impl Cluster {
     }
 
     fn start_with(&mut self, id: u64, voters: Vec<u64>) {
-        let cfg = ReplicaConfig { id, voters };
+        let ids: BTreeSet<u64> = voters.iter().copied().chain([id]).collect();
+        let members = ids.into_iter().map(entry).collect();
+        let cfg = ReplicaConfig {
+            id,
+            voters,
+            members,
+        };
         let replica = Replica::open(&cfg, &self.dir.join(format!("raft-{id}.redb"))).unwrap();
-        let base = replica.base();
+        let base = replica.base().unwrap();
         self.nodes.insert(
             id,
             Node {
@@ -432,7 +448,7 @@ fn an_overwritten_tail_is_gone_after_a_restart() {
         e
     };
     {
-        let mut s = LogStore::open(&path, &[1, 2, 3]).unwrap();
+        let mut s = LogStore::open(&path, &[1, 2, 3], &[]).unwrap();
         s.append(&(1..=5).map(|i| entry(i, 1)).collect::<Vec<_>>())
             .unwrap();
         s.append(&[entry(3, 2)]).unwrap();
@@ -442,7 +458,7 @@ fn an_overwritten_tail_is_gone_after_a_restart() {
         hs.commit = 2;
         s.set_hard_state(&hs).unwrap();
     }
-    let s = LogStore::open(&path, &[]).unwrap();
+    let s = LogStore::open(&path, &[], &[]).unwrap();
     use raft::Storage;
     assert_eq!(s.last_index().unwrap(), 3);
     assert_eq!(s.term(3).unwrap(), 2);
@@ -555,7 +571,7 @@ fn a_replica_is_added_from_a_snapshot_and_another_removed() {
     let l = c.leader();
     let leader = c.nodes.get_mut(&l).unwrap().replica.as_mut().unwrap();
     assert!(matches!(
-        leader.change_membership(Membership::Add(4)),
+        leader.change_membership(Membership::Add(entry(4))),
         Err(ReplicaError::NotCompacted)
     ));
     for node in c.nodes.values_mut() {
@@ -564,9 +580,27 @@ fn a_replica_is_added_from_a_snapshot_and_another_removed() {
         r.compact(index, format!("state at {index}").into_bytes())
             .unwrap();
     }
+    // It knows the group's addresses (from its config), not yet its vote.
     c.start_with(4, Vec::new());
+    let mut added = entry(4);
+    added.name = "replica-4-renamed".into();
     let leader = c.nodes.get_mut(&l).unwrap().replica.as_mut().unwrap();
-    leader.change_membership(Membership::Add(4)).unwrap();
+    for refused in [
+        Membership::Add(entry(l)),
+        Membership::Remove(l),
+        Membership::Remove(9),
+    ] {
+        assert!(
+            matches!(
+                leader.change_membership(refused.clone()),
+                Err(ReplicaError::Membership(_))
+            ),
+            "{refused:?}"
+        );
+    }
+    leader
+        .change_membership(Membership::Add(added.clone()))
+        .unwrap();
     c.pump();
     c.tick(10);
     c.propose(4..6);
@@ -575,6 +609,19 @@ fn a_replica_is_added_from_a_snapshot_and_another_removed() {
         vec![1, 2, 3, 4]
     );
     assert!(c.nodes[&4].base.is_some(), "joined from a snapshot");
+    // Every replica learnt the new one's addresses from the change (the new one from the
+    // snapshot and the change after it), replacing what it was configured with.
+    for id in 1..=4 {
+        let members = c.nodes[&id].replica.as_ref().unwrap().members().to_vec();
+        let names: Vec<&str> = members.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(
+            names.iter().filter(|n| n.starts_with("replica-4")).count(),
+            1,
+            "replica {id}: {names:?}"
+        );
+        assert!(members.contains(&added), "replica {id}: {names:?}");
+        assert_eq!(members.len(), 4, "replica {id}: {names:?}");
+    }
     // Its state (the snapshot, then what followed) is at the leader's index.
     let at = |n: &Node| {
         n.applied

@@ -105,6 +105,7 @@ async fn three_replicas_over_quic_commit_in_order_and_refuse_a_member() {
         let cfg = ReplicaConfig {
             id,
             voters: vec![1, 2, 3],
+            members: Vec::new(),
         };
         let replica = Replica::open(&cfg, &dir.join(format!("raft-{id}.redb"))).unwrap();
         tasks.push(tokio::spawn(drive(
