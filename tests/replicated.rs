@@ -29,8 +29,14 @@ struct Group {
     workers: Vec<String>,
     /// Replicas configured to join the group later, ids `REPLICAS + 1 ..`.
     spares: u64,
+    /// Replicas run with libfaketime, their wall clocks offset by what `clock-<id>` holds
+    /// (monotonic clocks untouched), so that a test can make them jump.
+    fake_clocks: bool,
     procs: BTreeMap<u64, Child>,
 }
+
+/// Where Debian's libfaketime puts its multi-threaded library.
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
 
 impl Group {
     /// A corpus, a CA with replica, worker and operator certificates, and one config per
@@ -120,8 +126,16 @@ impl Group {
             net,
             workers: workers.iter().map(|w| w.to_string()).collect(),
             spares,
+            fake_clocks: false,
             procs: BTreeMap::new(),
         }
+    }
+
+    /// Sets replica `id`'s wall clock `offset_s` seconds off the true time (the replica reads
+    /// it within a second; see [`Group::fake_clocks`]).
+    fn set_clock(&self, id: u64, offset_s: i64) {
+        let file = self.dir.join(format!("clock-{id}"));
+        std::fs::write(file, format!("{offset_s:+}s\n")).unwrap();
     }
 
     /// The host of worker `i`.
@@ -140,9 +154,24 @@ impl Group {
             .append(true)
             .open(self.dir.join(format!("replica-{id}.log")))
             .unwrap();
-        let child = self
+        let mut cmd = self
             .net
-            .command(id as usize - 1, env!("CARGO_BIN_EXE_amity"))
+            .command(id as usize - 1, env!("CARGO_BIN_EXE_amity"));
+        if self.fake_clocks {
+            assert!(
+                std::path::Path::new(LIBFAKETIME).exists(),
+                "{LIBFAKETIME} is missing: run scripts/install-deps"
+            );
+            let file = self.dir.join(format!("clock-{id}"));
+            if !file.exists() {
+                self.set_clock(id, 0);
+            }
+            cmd.env("LD_PRELOAD", LIBFAKETIME)
+                .env("FAKETIME_TIMESTAMP_FILE", &file)
+                .env("FAKETIME_CACHE_DURATION", "1")
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+        }
+        let child = cmd
             .args(["coordinator", "--config"])
             .arg(self.home(id).join("coordinator.toml"))
             .stdout(Stdio::null())
@@ -654,9 +683,10 @@ impl Observed {
     }
 }
 
-/// The randomized fault test: from a fixed seed, kills, restarts, partitions and heals at
-/// random moments while two workers train, one replica down or cut off at a time (so a quorum
-/// stays); after every step: at most one leader per term, closed rounds never change, equal
+/// The randomized fault test: from a fixed seed, kills, restarts, partitions, heals and
+/// clock jumps (a replica's wall clock set up to two minutes off, either way, with libfaketime)
+/// at random moments while two workers train, one replica down or cut off at a time (so a
+/// quorum stays); after every step: at most one leader per term, closed rounds never change, equal
 /// parameters after equal rounds on every replica. At the end every acknowledged update is in
 /// the agreed history and every replica holds the same state. Reproducible from the seed
 /// (`AMITY_FAULT_SEED`), bounded in time.
@@ -670,9 +700,11 @@ fn randomized_faults_keep_the_replicas_consistent() {
     let mut rng = amity_shared::rng::Rng::new(seed);
     let workers = ["uni-a", "uni-b"];
     let mut g = Group::new("replicated-faults", &workers, ROUNDS);
+    g.fake_clocks = true;
     for id in 1..=REPLICAS {
         g.start(id);
     }
+    let mut offsets: BTreeMap<u64, i64> = (1..=REPLICAS).map(|id| (id, 0)).collect();
     let mut procs = g.workers();
     g.wait_for("a first round", Duration::from_secs(240), |g| {
         g.leader().is_some_and(|l| g.rounds(l) >= 1)
@@ -689,6 +721,19 @@ fn randomized_faults_keep_the_replicas_consistent() {
         std::thread::sleep(Duration::from_millis(500 + (rng.uniform() * 2500.0) as u64));
         let victim = 1 + (rng.uniform() * REPLICAS as f64) as u64 % REPLICAS;
         let leader_first = rng.uniform() < 0.5;
+        if rng.uniform() < 0.3 {
+            let id = match g.leader() {
+                Some(l) if leader_first => l,
+                _ => victim,
+            };
+            let by = [-90, -45, 45, 90][(rng.uniform() * 4.0) as usize % 4];
+            let to = (offsets[&id] + by).clamp(-120, 120);
+            offsets.insert(id, to);
+            g.set_clock(id, to);
+            steps.push(format!("clock {id} {to:+}s"));
+            seen.check(&g, step);
+            continue;
+        }
         let what = match down.take() {
             Some((id, "killed")) => {
                 g.start(id);

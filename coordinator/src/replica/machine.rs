@@ -23,6 +23,25 @@ use amity_shared::federated::codec;
 /// How often the leader logs the time (the core's deadlines run on logged time only).
 pub const LOGGED_TICK_MS: u64 = 1000;
 
+/// What logged time may run ahead of the bound that the leader's monotonic clock sets (see
+/// [`Clock`]), for the latency between logging a time and applying it.
+const CLOCK_SLACK_MS: u64 = 250;
+
+/// A reading of the shell's two clocks. Logged time follows the leader's wall clock while that
+/// runs at between half and twice the speed of its monotonic clock since the last command
+/// applied (plus [`CLOCK_SLACK_MS`] ahead), and never goes back: a wall clock that jumps (NTP
+/// stepping it, an operator setting it, a leader whose clock is far off the last one's) moves
+/// logged time at most twice as fast as real time and never stops it for long, so deadlines and
+/// heartbeat timeouts keep their meaning. A jump, or a restart after downtime, is absorbed at
+/// that rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Clock {
+    /// Milliseconds since the Unix epoch, as this machine believes.
+    pub wall_ms: u64,
+    /// Milliseconds of a monotonic clock (this process's; only differences matter).
+    pub mono_ms: u64,
+}
+
 /// What the shell is asked to do, in order.
 // Each action is made once and carried out once; boxing the large one would allocate for each.
 #[allow(clippy::large_enum_variant)]
@@ -92,9 +111,11 @@ pub struct ReplicatedCore {
     leading: bool,
     /// When this leader last logged the time.
     last_logged_ms: Option<u64>,
-    /// The time and log index of the last command applied.
-    applied_at: u64,
+    /// The log index of the last command applied, and the monotonic time it was applied at.
     applied_index: u64,
+    applied_mono: u64,
+    /// The latest monotonic time the shell gave.
+    mono: u64,
     sessions: u64,
 }
 
@@ -122,8 +143,9 @@ impl ReplicatedCore {
             restoring: None,
             leading: false,
             last_logged_ms: None,
-            applied_at: 0,
             applied_index: 0,
+            applied_mono: 0,
+            mono: 0,
             sessions: 0,
         }
     }
@@ -158,20 +180,34 @@ impl ReplicatedCore {
     }
 
     /// Time passed: one Raft tick (call every [`super::TICK`]); the leader logs the time every
-    /// [`LOGGED_TICK_MS`].
-    pub fn tick(&mut self, now_ms: u64) -> Result<Vec<MachineAction>, ReplicaError> {
-        // Logged time never goes back, whichever replica's clock it comes from.
-        let now_ms = now_ms.max(self.applied_at);
+    /// [`LOGGED_TICK_MS`] of its monotonic clock.
+    pub fn tick(&mut self, clock: Clock) -> Result<Vec<MachineAction>, ReplicaError> {
+        self.mono = self.mono.max(clock.mono_ms);
         self.replica.tick();
         if self.replica.is_leader()
             && self
                 .last_logged_ms
-                .is_none_or(|t| now_ms >= t + LOGGED_TICK_MS)
+                .is_none_or(|t| self.mono >= t + LOGGED_TICK_MS)
         {
-            self.last_logged_ms = Some(now_ms);
-            self.replica.propose(&Command::of(&Event::Tick, now_ms))?;
+            self.last_logged_ms = Some(self.mono);
+            let at = self.logged_time(clock);
+            self.replica.propose(&Command::of(&Event::Tick, at))?;
         }
         self.step()
+    }
+
+    /// The time to log now (see [`Clock`]): the wall clock, kept within what the monotonic
+    /// clock allows since the last command applied, and never before it.
+    fn logged_time(&self, clock: Clock) -> u64 {
+        let last = self.core.now_ms();
+        if last == 0 {
+            // Nothing logged yet: nothing to measure the clock against.
+            return clock.wall_ms;
+        }
+        let dt = self.mono.saturating_sub(self.applied_mono);
+        let low = last + dt / 2;
+        let high = last + 2 * dt + CLOCK_SLACK_MS;
+        clock.wall_ms.clamp(low, high)
     }
 
     /// A message from peer replica `from` (authenticated by the transport).
@@ -187,9 +223,10 @@ impl ReplicatedCore {
         &mut self,
         event: Event,
         encoded: Option<Vec<u8>>,
-        now_ms: u64,
+        clock: Clock,
     ) -> Result<Vec<MachineAction>, ReplicaError> {
-        let mut cmd = Command::of(&event, now_ms.max(self.applied_at));
+        self.mono = self.mono.max(clock.mono_ms);
+        let mut cmd = Command::of(&event, self.logged_time(clock));
         if let LoggedEvent::Update { update, .. } = &mut cmd.event {
             update.encoded = encoded;
         }
@@ -293,7 +330,10 @@ impl ReplicatedCore {
                 })
                 .map_err(|why| ReplicaError::BadUpdate { index, why })?;
             let mut closed = false;
-            self.applied_at = self.applied_at.max(at);
+            self.applied_mono = self.mono;
+            // Logged time never goes back (the leader logs no earlier time; this holds it for
+            // a log written otherwise).
+            let at = at.max(self.core.now_ms());
             for action in self.core.handle(event, at) {
                 match action {
                     Action::Send { .. } if !self.leading => {}

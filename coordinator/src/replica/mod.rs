@@ -28,7 +28,7 @@ use raft::prelude::{ConfChange, ConfChangeType, ConfChangeV2, Entry, EntryType, 
 use raft::{RawNode, StateRole};
 
 pub use log_store::{LogStore, LogStoreError};
-pub use machine::{MachineAction, ReplicatedCore};
+pub use machine::{Clock, MachineAction, ReplicatedCore};
 pub use transport::{
     BlobFetcher, FetchError, Locate, MAX_RAFT_MESSAGE, PeerAddr, Transport, TransportError,
 };

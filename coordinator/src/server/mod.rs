@@ -459,7 +459,7 @@ async fn run_replicated(
     let mut tick = tokio::time::interval(replica::TICK);
     tokio::pin!(shutdown);
     let result = loop {
-        let now = replicated::now_ms();
+        let now = replicated::clock();
         let actions = tokio::select! {
             _ = &mut shutdown => break Ok(()),
             Some(names) = next_revocations(&mut revocations) => {
@@ -525,7 +525,7 @@ fn propose(
     shared: &Shared,
     rc: &mut ReplicatedCore,
     event: Event,
-    now: u64,
+    now: replica::Clock,
 ) -> Result<Vec<replica::MachineAction>, replica::ReplicaError> {
     let encoded = match &event {
         Event::Update { update, .. } => {

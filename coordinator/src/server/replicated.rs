@@ -5,8 +5,9 @@
 //! to the leader with [`ErrorCode::NotLeader`]), a Raft tick runs every [`TICK`], peers'
 //! messages come from the [`Transport`], and the machine's actions are carried out in order:
 //! messages to peers, the core's actions (it makes no journal entries, `CoreConfig::journal`:
-//! the Raft log is the journal), and snapshot blobs pulled from a peer. Logged time is the wall clock in ms since
-//! the Unix epoch, which every replica reads alike and the machine keeps from going back.
+//! the Raft log is the journal), and snapshot blobs pulled from a peer. Logged time is the
+//! wall clock in ms since the Unix epoch, which the machine keeps from going back or running
+//! off ([`Clock`]).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -24,7 +25,7 @@ use crate::config::{CoordinatorConfig, ReplicaEntry, ReplicationConfig};
 use crate::core::{Action, Core, Snapshot};
 use crate::replica::machine::snapshot_blob;
 use crate::replica::{
-    BlobFetcher, MachineAction, Membership, PeerAddr, Replica, ReplicaConfig, ReplicaError,
+    BlobFetcher, Clock, MachineAction, Membership, PeerAddr, Replica, ReplicaConfig, ReplicaError,
     ReplicatedCore, Transport,
 };
 use crate::retention::Retention;
@@ -217,12 +218,18 @@ impl Reads {
     }
 }
 
-/// Milliseconds since the Unix epoch: the time a leader logs (the machine keeps it from going
-/// back).
-pub(super) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
+/// The clocks now: the wall clock (ms since the Unix epoch: the time a leader logs, within the
+/// bounds [`Clock`] describes) and a monotonic one (ms since this process first asked).
+pub(super) fn clock() -> Clock {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(std::time::Instant::now);
+    let wall_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+        .map_or(0, |d| d.as_millis() as u64);
+    Clock {
+        wall_ms,
+        mono_ms: start.elapsed().as_millis() as u64,
+    }
 }
 
 impl Driver<'_> {
