@@ -603,6 +603,93 @@ fn the_operator_replaces_the_leader_by_a_new_replica() {
     }
 }
 
+/// Releases belong to the group: one published on a follower (`amity release --config` on its
+/// state folder) is committed, copied to every replica, and fetched verified from the leader; a
+/// replica that was down when it was published copies it once back. A name no replica
+/// published is refused by each.
+#[test]
+fn a_release_published_on_one_replica_is_served_by_every_one() {
+    const ROUNDS: u64 = 4;
+    let workers = ["uni-a", "uni-b"];
+    let mut g = Group::new("replicated-release", &workers, ROUNDS);
+    for id in 1..=REPLICAS {
+        g.start(id);
+    }
+    let mut procs = g.workers();
+    for (w, p) in workers.iter().zip(&mut procs) {
+        wait(p, Duration::from_secs(300), w, &|| g.logs());
+    }
+    let all: Vec<u64> = (1..=REPLICAS).collect();
+    g.wait_agreed(&all, ROUNDS as usize, Duration::from_secs(60));
+    let leader = g.leader().unwrap();
+    let mut followers = (1..=REPLICAS).filter(|&i| i != leader);
+    let (publisher, down) = (followers.next().unwrap(), followers.next().unwrap());
+    g.kill(down);
+    let ca = g.dir.join("ca");
+    ok(&amity(&["ca", "release-key", "--dir", s(&ca)]));
+    let config = g.home(publisher).join("coordinator.toml");
+    ok(&amity(&[
+        "release",
+        "--config",
+        s(&config),
+        "--name",
+        "r1",
+        "--probe-videos",
+        "0",
+    ]));
+    let homes: Vec<PathBuf> = (1..=REPLICAS).map(|id| g.home(id)).collect();
+    let manifest = |id: u64| {
+        std::fs::read(homes[id as usize - 1].join("state/releases/r1/manifest.json")).ok()
+    };
+    g.wait_for(
+        "the leader copied the release",
+        Duration::from_secs(60),
+        |_| manifest(leader).is_some(),
+    );
+    assert_eq!(manifest(leader), manifest(publisher));
+    // Fetched from the leader by an institution, as anyone fetches a release.
+    let fetch = |g: &Group, from: u64, name: &str, out: &std::path::Path| {
+        let h = g.net.addr(from as usize - 1);
+        g.net
+            .command(g.worker_host(0), env!("CARGO_BIN_EXE_amity"))
+            .args(["fetch", &format!("{h}:{WORKER_PORT}"), name])
+            .args(["--out", s(out), "--key", s(&ca.join("release.pub"))])
+            .args(["--ca", s(&ca.join("ca.crt"))])
+            .args(["--server-name", &format!("coord-{from}")])
+            .output()
+            .unwrap()
+    };
+    let got = fetch(&g, leader, "latest", &g.dir.join("got-leader"));
+    let said =
+        String::from_utf8_lossy(&got.stdout).into_owned() + &String::from_utf8_lossy(&got.stderr);
+    assert!(
+        got.status.success(),
+        "{said}
+{}",
+        g.logs()
+    );
+    assert!(said.contains("fetched release `r1`"), "{said}");
+    assert_eq!(
+        std::fs::read(g.dir.join("got-leader/manifest.json")).ok(),
+        manifest(publisher)
+    );
+    // The replica that was down catches up with the log, then copies the release.
+    g.start(down);
+    g.wait_for(
+        "the restarted replica copied the release",
+        Duration::from_secs(60),
+        |_| manifest(down).is_some(),
+    );
+    assert_eq!(manifest(down), manifest(publisher));
+    let missing = fetch(&g, down, "r2", &g.dir.join("got-r2"));
+    let said = String::from_utf8_lossy(&missing.stderr);
+    assert!(!missing.status.success(), "{said}");
+    assert!(
+        said.contains("no release `r2`") && said.contains("r1"),
+        "{said}"
+    );
+}
+
 /// Every replica killed at once mid-run, then all restarted: each rebuilds its core from its
 /// own log (snapshot and the commands after it), the workers find the new leader, and training
 /// resumes at the last committed round: the rounds closed before the crash are unchanged.

@@ -7,8 +7,9 @@
 //! The log holds entries `first..=last`; everything before `first` was compacted into the
 //! snapshot, whose index is `first - 1` (0, and empty, on a fresh replica).
 //!
-//! A snapshot's data carries the replicas' addresses beside the state machine's state
-//! ([`frame`]), so that a replica that joins from a snapshot learns where its peers are.
+//! A snapshot's data carries the replicas' addresses and the releases committed beside the
+//! state machine's state ([`frame`]), so that a replica that joins from a snapshot learns where
+//! its peers are and what it is to serve.
 
 use std::path::{Path, PathBuf};
 
@@ -17,6 +18,7 @@ use raft::prelude::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
+use super::{Group, ReleaseRecord};
 use crate::config::ReplicaEntry;
 
 const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_entries");
@@ -24,7 +26,7 @@ const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_state");
 const HARD_STATE: &str = "hard_state";
 const CONF_STATE: &str = "conf_state";
 const SNAPSHOT: &str = "snapshot";
-const MEMBERS: &str = "members";
+const GROUP: &str = "group";
 
 /// A failure of the Raft log's database; names the file.
 #[derive(Debug, thiserror::Error)]
@@ -43,8 +45,9 @@ pub struct LogStore {
     path: PathBuf,
     hard_state: HardState,
     conf_state: ConfState,
-    /// Every replica's names and addresses (voters, and replicas configured but not added).
-    members: Vec<ReplicaEntry>,
+    /// Every replica's names and addresses (voters, and replicas configured but not added),
+    /// and the releases committed.
+    group: Group,
     snapshot: Snapshot,
     first: u64,
     last: u64,
@@ -75,7 +78,7 @@ impl LogStore {
     ) -> Result<Self, LogStoreError> {
         let db = Database::create(path).map_err(error(path))?;
         let tx = db.begin_write().map_err(error(path))?;
-        let (hard_state, conf_state, members, snapshot, first, last) = {
+        let (hard_state, conf_state, group, snapshot, first, last) = {
             let state = tx.open_table(STATE).map_err(error(path))?;
             let read = |key: &str| -> Result<Option<Vec<u8>>, LogStoreError> {
                 Ok(state
@@ -91,9 +94,12 @@ impl LogStore {
                 Some(b) => ConfState::parse_from_bytes(&b).map_err(error(path))?,
                 None => ConfState::from((voters.to_vec(), Vec::new())),
             };
-            let members = match read(MEMBERS)? {
+            let group = match read(GROUP)? {
                 Some(b) => serde_json::from_slice(&b).map_err(error(path))?,
-                None => members.to_vec(),
+                None => Group {
+                    members: members.to_vec(),
+                    releases: Vec::new(),
+                },
             };
             let snapshot = match read(SNAPSHOT)? {
                 Some(b) => Snapshot::parse_from_bytes(&b).map_err(error(path))?,
@@ -109,7 +115,7 @@ impl LogStore {
                 .last()
                 .map_err(error(path))?
                 .map_or(snap_index, |(k, _)| k.value());
-            (hard_state, conf_state, members, snapshot, first, last)
+            (hard_state, conf_state, group, snapshot, first, last)
         };
         tx.commit().map_err(error(path))?;
         let mut store = LogStore {
@@ -117,14 +123,14 @@ impl LogStore {
             path: path.to_owned(),
             hard_state,
             conf_state,
-            members,
+            group,
             snapshot,
             first,
             last,
             snapshot_wanted: std::cell::Cell::new(false),
         };
         // A new log records its starting membership at once.
-        let (cs, members) = (store.conf_state.clone(), store.members.clone());
+        let (cs, members) = (store.conf_state.clone(), store.group.members.clone());
         store.set_membership(&cs, members)?;
         Ok(store)
     }
@@ -198,17 +204,31 @@ impl LogStore {
         members: Vec<ReplicaEntry>,
     ) -> Result<(), LogStoreError> {
         let bytes = cs.write_to_bytes().map_err(self.error_of())?;
-        let listed = serde_json::to_vec(&members).map_err(error(&self.path))?;
-        self.write(&[(CONF_STATE, bytes), (MEMBERS, listed)], None, &[])?;
+        let group = Group {
+            members,
+            releases: self.group.releases.clone(),
+        };
+        let listed = serde_json::to_vec(&group).map_err(error(&self.path))?;
+        self.write(&[(CONF_STATE, bytes), (GROUP, listed)], None, &[])?;
         self.conf_state = cs.clone();
-        self.members = members;
+        self.group = group;
+        Ok(())
+    }
+
+    /// Records a committed release.
+    pub fn add_release(&mut self, release: ReleaseRecord) -> Result<(), LogStoreError> {
+        let mut group = self.group.clone();
+        group.releases.push(release);
+        let listed = serde_json::to_vec(&group).map_err(error(&self.path))?;
+        self.write(&[(GROUP, listed)], None, &[])?;
+        self.group = group;
         Ok(())
     }
 
     /// Replaces the log by a snapshot from the leader: every entry goes, the membership and the
     /// commit index come from the snapshot. Returns the state machine's part of its data.
     pub fn apply_snapshot(&mut self, snap: &Snapshot) -> Result<Vec<u8>, LogStoreError> {
-        let (members, state) = unframe(snap.get_data()).map_err(error(&self.path))?;
+        let (group, state) = unframe(snap.get_data()).map_err(error(&self.path))?;
         let meta = snap.get_metadata();
         let mut hs = self.hard_state.clone();
         hs.term = hs.term.max(meta.term);
@@ -223,14 +243,14 @@ impl LogStore {
             ),
             (HARD_STATE, hs.write_to_bytes().map_err(self.error_of())?),
             (
-                MEMBERS,
-                serde_json::to_vec(&members).map_err(error(&self.path))?,
+                GROUP,
+                serde_json::to_vec(&group).map_err(error(&self.path))?,
             ),
         ];
         self.write(&puts, Some(0..u64::MAX), &[])?;
         self.hard_state = hs;
         self.conf_state = meta.get_conf_state().clone();
-        self.members = members;
+        self.group = group;
         self.snapshot = snap.clone();
         self.first = meta.index + 1;
         self.last = meta.index;
@@ -248,7 +268,7 @@ impl LogStore {
             source: Box::new(e),
         })?;
         let mut snap = Snapshot::default();
-        snap.set_data(frame(&self.members, &data).into());
+        snap.set_data(frame(&self.group, &data).into());
         let meta = snap.mut_metadata();
         meta.index = index;
         meta.term = term;
@@ -271,9 +291,9 @@ impl LogStore {
         Ok(Some((index, state)))
     }
 
-    /// Every replica's names and addresses, as recorded.
-    pub fn members(&self) -> &[ReplicaEntry] {
-        &self.members
+    /// Every replica's names and addresses, and the releases committed, as recorded.
+    pub fn group(&self) -> &Group {
+        &self.group
     }
 
     /// Whether Raft asked for a newer snapshot than the stored one since the last call.
@@ -310,10 +330,10 @@ impl LogStore {
     }
 }
 
-/// A snapshot's data: the length of the replicas' list as JSON (u32, little-endian), the list,
+/// A snapshot's data: the length of the [`Group`] as JSON (u32, little-endian), the group,
 /// then the state machine's state.
-fn frame(members: &[ReplicaEntry], state: &[u8]) -> Vec<u8> {
-    let listed = serde_json::to_vec(members).expect("a list of replicas serialises");
+fn frame(group: &Group, state: &[u8]) -> Vec<u8> {
+    let listed = serde_json::to_vec(group).expect("a group serialises");
     let mut out = Vec::with_capacity(4 + listed.len() + state.len());
     out.extend_from_slice(&(listed.len() as u32).to_le_bytes());
     out.extend_from_slice(&listed);
@@ -322,15 +342,15 @@ fn frame(members: &[ReplicaEntry], state: &[u8]) -> Vec<u8> {
 }
 
 /// Splits a snapshot's data made by [`frame`] (it came from a peer: checked).
-fn unframe(data: &[u8]) -> Result<(Vec<ReplicaEntry>, Vec<u8>), String> {
-    let bad = || "a snapshot whose data does not start with the replicas' list".to_owned();
+fn unframe(data: &[u8]) -> Result<(Group, Vec<u8>), String> {
+    let bad = || "a snapshot whose data does not start with the replicas' group".to_owned();
     let len = data
         .get(..4)
         .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
         .ok_or_else(bad)?;
     let listed = data.get(4..4 + len).ok_or_else(bad)?;
-    let members = serde_json::from_slice(listed).map_err(|e| format!("{}: {e}", bad()))?;
-    Ok((members, data[4 + len..].to_vec()))
+    let group = serde_json::from_slice(listed).map_err(|e| format!("{}: {e}", bad()))?;
+    Ok((group, data[4 + len..].to_vec()))
 }
 
 /// The error for a database failure on `path`.

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use amity_shared::store::BlobId;
 
-use super::{Membership, Replica, ReplicaError};
+use super::{Membership, ReleaseRecord, Replica, ReplicaError};
 use crate::config::{CoreConfig, ReplicaEntry};
 use crate::core::{Action, Command, Core, Event, LoggedEvent, Snapshot, UpdateRef, WorkerId};
 use amity_shared::federated::codec;
@@ -84,6 +84,9 @@ pub enum MachineAction {
         /// Every replica's names and addresses.
         members: Vec<ReplicaEntry>,
     },
+    /// The releases committed changed: every one of them, in log order (the shell copies the
+    /// ones it does not hold from a replica that does).
+    Releases(Vec<ReleaseRecord>),
     /// This replica started or stopped leading. A shell that stops leading closes its workers'
     /// connections (they reconnect to the new leader).
     Leadership {
@@ -247,6 +250,15 @@ impl ReplicatedCore {
         self.step()
     }
 
+    /// Proposes a release found published here ([`Replica::propose_release`]).
+    pub fn propose_release(
+        &mut self,
+        release: &ReleaseRecord,
+    ) -> Result<Vec<MachineAction>, ReplicaError> {
+        self.replica.propose_release(release)?;
+        self.step()
+    }
+
     /// On the leader: hands leadership to the most up-to-date other voter
     /// ([`Replica::hand_over`]).
     pub fn hand_over(&mut self) -> Result<(Option<u64>, Vec<MachineAction>), ReplicaError> {
@@ -295,6 +307,9 @@ impl ReplicatedCore {
                 voters: self.replica.voters(),
                 members: self.replica.members().to_vec(),
             });
+        }
+        if ready.releases_changed {
+            out.push(MachineAction::Releases(self.replica.releases().to_vec()));
         }
         self.waiting.extend(ready.committed);
         self.apply(&mut out)?;

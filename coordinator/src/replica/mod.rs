@@ -34,8 +34,43 @@ pub use transport::{
 };
 pub use wire::WireError;
 
+use amity_shared::store::BlobId;
+use serde::{Deserialize, Serialize};
+
 use crate::config::ReplicaEntry;
 use crate::core::{BadCommand, Command};
+
+/// The context that marks a log entry as a [`ReleaseRecord`] (other entries hold commands).
+const RELEASE_ENTRY: &[u8] = b"release";
+
+/// What the group holds besides the core: where every replica is, and the releases committed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Group {
+    /// Every replica's names and addresses (voters, and replicas configured but not added).
+    pub members: Vec<ReplicaEntry>,
+    /// The releases committed, in log order (one per name: the first committed wins).
+    #[serde(default)]
+    pub releases: Vec<ReleaseRecord>,
+}
+
+/// A release committed to the group: a replica found it published in its state folder
+/// (`amity release`) and proposed it; every replica copies it from there and serves it, and
+/// release queries are answered from these records (linearizably, after a read index).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseRecord {
+    /// Its name.
+    pub name: String,
+    /// The round of its checkpoint (`latest` is the highest).
+    pub round: u64,
+    /// The blob id of its manifest.
+    pub manifest: BlobId,
+    /// The manifest's Ed25519 signature.
+    pub signature: Vec<u8>,
+    /// The publisher's public key (hex), which the copies are checked against.
+    pub key: String,
+    /// The replica that holds it first.
+    pub from: u64,
+}
 
 /// How often [`Replica::tick`] is to be called. An election starts after 10 ticks without a
 /// leader (1 s), heartbeats go every 3.
@@ -144,6 +179,8 @@ pub struct Output {
     /// The membership changed (a change committed, or a snapshot replaced it): see
     /// [`Replica::voters`] and [`Replica::members`].
     pub membership_changed: bool,
+    /// A release was committed, or a snapshot replaced the list: see [`Replica::releases`].
+    pub releases_changed: bool,
 }
 
 /// One replica of the coordinator's command log.
@@ -232,6 +269,19 @@ impl Replica {
             });
         }
         Ok(self.node.propose(Vec::new(), cmd.to_entry())?)
+    }
+
+    /// Proposes a release for the group (on any replica: a follower forwards it to the
+    /// leader). Raft may drop it (no leader known, a leader change): propose again until
+    /// [`Replica::releases`] holds it.
+    pub fn propose_release(&mut self, release: &ReleaseRecord) -> Result<(), ReplicaError> {
+        let data = serde_json::to_vec(release).expect("a release record serialises");
+        Ok(self.node.propose(RELEASE_ENTRY.to_vec(), data)?)
+    }
+
+    /// The releases committed, in log order.
+    pub fn releases(&self) -> &[ReleaseRecord] {
+        &self.node.store().group().releases
     }
 
     /// Takes a message that authenticated peer `peer` sent: checked, parsed, and refused unless
@@ -351,7 +401,7 @@ impl Replica {
     /// Every replica's names and addresses as this replica knows them: the voters', and
     /// replicas configured but not (or no longer) voting.
     pub fn members(&self) -> &[ReplicaEntry] {
-        self.node.store().members()
+        &self.node.store().group().members
     }
 
     /// Asks for a linearizable read (a status or a release listing): once a quorum confirmed
@@ -394,6 +444,7 @@ impl Replica {
             let state = self.node.mut_store().apply_snapshot(&snap)?;
             out.snapshot = Some((snap.get_metadata().index, state));
             out.membership_changed = true;
+            out.releases_changed = true;
         }
         self.collect(rd.take_committed_entries(), &mut out)?;
         if !rd.entries().is_empty() {
@@ -419,6 +470,20 @@ impl Replica {
         for e in entries {
             match e.get_entry_type() {
                 EntryType::EntryNormal if e.get_data().is_empty() => {}
+                EntryType::EntryNormal if e.get_context() == RELEASE_ENTRY => {
+                    let release: ReleaseRecord =
+                        serde_json::from_slice(e.get_data()).map_err(|err| {
+                            ReplicaError::BadEntry {
+                                index: e.index,
+                                source: BadCommand::Json(err),
+                            }
+                        })?;
+                    // Proposed again while the first was on its way: the first stands.
+                    if !self.releases().iter().any(|r| r.name == release.name) {
+                        self.node.mut_store().add_release(release)?;
+                        out.releases_changed = true;
+                    }
+                }
                 EntryType::EntryNormal => {
                     let cmd = Command::from_entry(e.get_data()).map_err(|source| {
                         ReplicaError::BadEntry {

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 
 use amity_protocol::PROTOCOL_VERSION;
 use amity_protocol::conn::{ConnError, MsgStream, serve_blob_requests};
-use amity_protocol::message::{Capabilities, ClientMsg, ErrorCode, MAX_STRING, ServerMsg, brief};
+use amity_protocol::message::{Capabilities, ClientMsg, ErrorCode, ServerMsg, brief};
 use amity_protocol::tls::{CertRole, peer_name, peer_role};
 use amity_shared::store::BlobId;
 use tokio::sync::mpsc;
@@ -391,8 +391,33 @@ const MEMBERSHIP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2
 /// How long a status question waits for its answer.
 const STATUS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// The answer to a query for release `name`: its manifest, or which releases there are.
+/// The answer to a query for release `name`: its manifest, or which releases there are. A
+/// replica answers from the releases its group committed, after a read index (see
+/// `releases.rs`).
 async fn release_answer(shared: &Shared, name: &str) -> ServerMsg {
+    if shared.replica.lock().expect("replica lock").is_some() {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if shared
+            .queries
+            .send(super::Query::Release(name.to_owned(), tx))
+            .is_err()
+        {
+            return ServerMsg::Error {
+                code: ErrorCode::ShuttingDown,
+                message: "the coordinator is stopping".into(),
+            };
+        }
+        let wait = STATUS_TIMEOUT + std::time::Duration::from_millis(super::releases::COPY_WAIT_MS);
+        return match tokio::time::timeout(wait, rx).await {
+            Ok(Ok(answer)) => answer,
+            _ => ServerMsg::Error {
+                code: ErrorCode::Internal,
+                message: "no answer: this replica reaches no leader (a read must be confirmed \
+                          by a majority); ask another replica"
+                    .into(),
+            },
+        };
+    }
     let releases = shared.releases.current().await;
     if let Some(r) = release::find(&releases, name) {
         return ServerMsg::ReleaseInfo {
@@ -401,26 +426,11 @@ async fn release_answer(shared: &Shared, name: &str) -> ServerMsg {
             signature: r.signed.signature.clone(),
         };
     }
-    let mut names: Vec<&str> = releases
+    let names: Vec<&str> = releases
         .iter()
         .map(|r| r.signed.manifest.name.as_str())
         .collect();
-    names.sort_unstable();
-    // Within a message's text limit however many releases there are (and whatever name was
-    // asked for).
-    let text = format!(
-        "no release `{}` here (published: {})",
-        brief(name, 200),
-        if names.is_empty() {
-            "none".to_owned()
-        } else {
-            names.join(", ")
-        }
-    );
-    ServerMsg::Error {
-        code: ErrorCode::NotFound,
-        message: brief(&text, MAX_STRING - 64),
-    }
+    super::releases::not_found(name, &names)
 }
 
 /// A registered worker's session: joins the core, then relays the core's messages to the worker

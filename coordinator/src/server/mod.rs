@@ -32,6 +32,7 @@ use crate::scoring::HeldOut;
 mod connection;
 mod limits;
 mod pull;
+mod releases;
 mod replicated;
 mod shared;
 mod status;
@@ -63,6 +64,11 @@ pub(crate) enum Query {
     /// status once committed, or with why not.
     Membership(
         amity_protocol::message::MembershipChange,
+        tokio::sync::oneshot::Sender<amity_protocol::message::ServerMsg>,
+    ),
+    /// A release query to a replica (a linearizable read of the group's releases).
+    Release(
+        String,
         tokio::sync::oneshot::Sender<amity_protocol::message::ServerMsg>,
     ),
 }
@@ -330,6 +336,8 @@ async fn run_single(
                                 .into(),
                         });
                     }
+                    // Connections answer release queries themselves here.
+                    Query::Release(_, answer) => drop(answer),
                 }
                 continue;
             }
@@ -398,17 +406,7 @@ async fn run_replicated(
         bound,
         mut revocations,
     } = controls;
-    let (replica, mut core, initial, missing) =
-        replicated::open_replica(&cfg, &rep, &opened.store, &opened.layout.raft_log())?;
-    add_scorer(&cfg, &mut core)?;
-    let mut rc = ReplicatedCore::new(replica, core);
-    let mut initial: Vec<replica::MachineAction> = initial
-        .into_iter()
-        .map(replica::MachineAction::Core)
-        .collect();
-    if let Some(id) = missing {
-        initial.extend(rc.await_snapshot(id));
-    }
+    let (mut rc, initial) = replicated::open_machine(&cfg, &rep, &opened)?;
     let max_entry = update_limit(&rc.core().update_parts()) as usize;
     let members = rc.replica().members().to_vec();
     let transport = replicated::start_transport(
@@ -439,21 +437,12 @@ async fn run_replicated(
     );
     // Workers are sent to the leader until this replica leads.
     *shared.redirect.lock().expect("redirect lock") = Some(String::new());
-    let mut driver = replicated::Driver {
-        shared: &shared,
-        voted: rc.replica().voters().contains(&rep.id),
-        members,
-        removed: false,
-        changes: Vec::new(),
-        transport,
-        retention: Retention::new(cfg.retention),
-        checkpoint: latest_checkpoint(&layout),
-        snapshots: mpsc::unbounded_channel(),
-        reads: replicated::Reads::default(),
-    };
+    let mut driver = replicated::Driver::new(&shared, &rc, transport, &cfg, &layout);
     driver.carry_out(&mut rc, Ok(initial))?;
     write_status(&shared, rc.core(), &driver.checkpoint);
     let accept = tokio::spawn(accept_connections(shared.clone(), endpoint.clone()));
+    // Releases published here (`amity release`) are noticed within a second.
+    let rescan = tokio::spawn(releases::rescan(shared.clone()));
 
     let mut told_finished = false;
     let mut tick = tokio::time::interval(replica::TICK);
@@ -466,7 +455,11 @@ async fn run_replicated(
                 revoke(&shared, names);
                 continue;
             }
-            _ = tick.tick() => rc.tick(now),
+            _ = tick.tick() => driver.tick(&mut rc, now),
+            Some(copied) = driver.releases.next_copied() => {
+                driver.releases.copied(copied, now.mono_ms);
+                continue;
+            }
             Some((from, bytes)) = driver.transport.recv() => rc.peer(from, &bytes),
             Some(pulled) = driver.snapshots.1.recv() => match pulled {
                 Ok(snap) => {
@@ -479,13 +472,7 @@ async fn run_replicated(
                     continue;
                 }
             },
-            Some(query) = queries.recv() => match query {
-                Query::Status(answer) => {
-                    let ctx = driver.reads.ask(answer);
-                    rc.read_index(ctx)
-                }
-                Query::Membership(change, answer) => driver.change_membership(&mut rc, change, answer),
-            },
+            Some(query) = queries.recv() => driver.query(&mut rc, query),
             e = events.recv() => match e {
                 Some(event) => propose(&shared, &mut rc, event, now),
                 None => break Ok(()),
@@ -512,6 +499,7 @@ async fn run_replicated(
     };
     say_goodbye(&shared, &endpoint, rc.core().finished()).await;
     accept.abort();
+    rescan.abort();
     driver.transport.close();
     write_status(&shared, rc.core(), &driver.checkpoint);
     result?;

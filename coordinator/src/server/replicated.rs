@@ -30,6 +30,7 @@ use crate::replica::{
 };
 use crate::retention::Retention;
 
+use super::releases::Releases;
 use super::shared::Shared;
 use super::status::write_status;
 use super::{CoordinatorError, FINISHED_REASON, execute_one, setup, storage};
@@ -58,16 +59,16 @@ pub struct ReplicaStatus {
 /// What [`open_replica`] opened: the Raft log, the core, the core's first actions, and the
 /// snapshot blob to pull from a peer before anything applies (when the log starts from one that
 /// is not here).
-pub(super) type Opened = (Replica, Core, Vec<Action>, Option<BlobId>);
+type OpenedReplica = (Replica, Core, Vec<Action>, Option<BlobId>);
 
 /// The replica's Raft log and its core (restored from the snapshot the log starts from, else
 /// fresh), with the core's first actions.
-pub(super) fn open_replica(
+fn open_replica(
     cfg: &CoordinatorConfig,
     rep: &ReplicationConfig,
     store: &LocalStore,
     raft_log: &std::path::Path,
-) -> Result<Opened, CoordinatorError> {
+) -> Result<OpenedReplica, CoordinatorError> {
     let replica_cfg = ReplicaConfig {
         id: rep.id,
         voters: if rep.join {
@@ -107,6 +108,25 @@ pub(super) fn open_replica(
             Ok((replica, core, actions, None))
         }
     }
+}
+
+/// The replica's machine over its Raft log and its core (scorer added), with the actions to
+/// carry out first (the core's, and pulling the snapshot the log starts from when it is not
+/// here).
+pub(super) fn open_machine(
+    cfg: &CoordinatorConfig,
+    rep: &ReplicationConfig,
+    opened: &super::Opened,
+) -> Result<(ReplicatedCore, Vec<MachineAction>), CoordinatorError> {
+    let (replica, mut core, initial, missing) =
+        open_replica(cfg, rep, &opened.store, &opened.layout.raft_log())?;
+    super::add_scorer(cfg, &mut core)?;
+    let mut rc = ReplicatedCore::new(replica, core);
+    let mut initial: Vec<MachineAction> = initial.into_iter().map(MachineAction::Core).collect();
+    if let Some(id) = missing {
+        initial.extend(rc.await_snapshot(id));
+    }
+    Ok((rc, initial))
 }
 
 /// Starts the peer transport on this replica's peer port (from its config entry), reaching the
@@ -164,6 +184,8 @@ pub(super) struct Driver<'a> {
     pub(super) removed: bool,
     /// Membership changes proposed here, answered once committed.
     pub(super) changes: Vec<(Membership, tokio::sync::oneshot::Sender<ServerMsg>)>,
+    /// The group's releases: proposed, copied here, asked for.
+    pub(super) releases: Releases,
     pub(super) transport: Transport,
     pub(super) retention: Retention,
     pub(super) checkpoint: Option<PathBuf>,
@@ -176,23 +198,40 @@ pub(super) struct Driver<'a> {
     ),
 }
 
-/// Status questions asked as linearizable reads: each waits for its read index, then for the
-/// core to have applied it.
+/// A question answered as a linearizable read.
+enum Question {
+    /// The coordinator's state.
+    Status(super::StatusQuestion),
+    /// A release, by name.
+    Release(String, tokio::sync::oneshot::Sender<ServerMsg>),
+}
+
+impl Question {
+    fn is_closed(&self) -> bool {
+        match self {
+            Question::Status(a) => a.is_closed(),
+            Question::Release(_, a) => a.is_closed(),
+        }
+    }
+}
+
+/// Questions asked as linearizable reads: each waits for its read index, then for the core to
+/// have applied it.
 #[derive(Default)]
 pub(super) struct Reads {
     next: u64,
-    asked: BTreeMap<u64, super::StatusQuestion>,
+    asked: BTreeMap<u64, Question>,
     /// (index to have applied, question) of reads confirmed by a quorum.
     ready: Vec<(u64, u64)>,
 }
 
 impl Reads {
-    /// Keeps `answer` and returns the context to ask the read with.
-    pub(super) fn ask(&mut self, answer: super::StatusQuestion) -> Vec<u8> {
+    /// Keeps `question` and returns the context to ask the read with.
+    fn ask(&mut self, question: Question) -> Vec<u8> {
         self.next += 1;
         // Questions whose asker gave up are forgotten.
         self.asked.retain(|_, a| !a.is_closed());
-        self.asked.insert(self.next, answer);
+        self.asked.insert(self.next, question);
         self.next.to_le_bytes().to_vec()
     }
 
@@ -202,19 +241,17 @@ impl Reads {
         }
     }
 
-    /// Answers every confirmed read whose index the core has applied.
-    fn answer(&mut self, rc: &ReplicatedCore, status: &ReplicaStatus) {
+    /// The confirmed reads whose index the core has applied.
+    fn applied(&mut self, rc: &ReplicatedCore) -> Vec<Question> {
         let applied = rc.applied_index();
         let (now, later): (Vec<_>, Vec<_>) = self
             .ready
             .drain(..)
             .partition(|(index, _)| *index <= applied);
         self.ready = later;
-        for (_, id) in now {
-            if let Some(a) = self.asked.remove(&id) {
-                let _ = a.send(super::status::coordinator_status(rc.core(), Some(status)));
-            }
-        }
+        now.into_iter()
+            .filter_map(|(_, id)| self.asked.remove(&id))
+            .collect()
     }
 }
 
@@ -232,7 +269,31 @@ pub(super) fn clock() -> Clock {
     }
 }
 
-impl Driver<'_> {
+impl<'a> Driver<'a> {
+    /// The driver of replica `rc`, reaching its peers over `transport`.
+    pub(super) fn new(
+        shared: &'a Arc<Shared>,
+        rc: &ReplicatedCore,
+        transport: Transport,
+        cfg: &CoordinatorConfig,
+        layout: &crate::layout::StateLayout,
+    ) -> Self {
+        let r = rc.replica();
+        Driver {
+            shared,
+            voted: r.voters().contains(&r.id()),
+            members: r.members().to_vec(),
+            removed: false,
+            changes: Vec::new(),
+            releases: Releases::new(r.releases().to_vec(), cfg.ca_dir.join("ca.crt")),
+            transport,
+            retention: Retention::new(cfg.retention),
+            checkpoint: super::latest_checkpoint(layout),
+            snapshots: mpsc::unbounded_channel(),
+            reads: Reads::default(),
+        }
+    }
+
     /// One input's actions, carried out. Errors from peers are logged (Raft copes with a lost
     /// message); a storage error stops the replica.
     pub(super) fn carry_out(
@@ -281,6 +342,12 @@ impl Driver<'_> {
                     changed = true;
                     self.membership(rc.replica().id(), &voters, members);
                 }
+                MachineAction::Releases(committed) => {
+                    self.releases.committed(committed);
+                    let (me, mono) = (rc.replica().id(), clock().mono_ms);
+                    self.releases
+                        .copy_missing(self.shared, &self.members, me, mono);
+                }
             }
         }
         if !rc.replica().is_leader() {
@@ -293,7 +360,19 @@ impl Driver<'_> {
         changed |= self.shared.round.swap(round, Ordering::Relaxed) != round;
         let mut status = replica_status(rc);
         status.bytes_sent = self.transport.bytes_sent();
-        self.reads.answer(rc, &status);
+        let mono = clock().mono_ms;
+        for question in self.reads.applied(rc) {
+            match question {
+                Question::Status(answer) => {
+                    let _ =
+                        answer.send(super::status::coordinator_status(rc.core(), Some(&status)));
+                }
+                Question::Release(name, answer) => {
+                    self.releases.ask(self.shared, &name, answer, mono)
+                }
+            }
+        }
+        self.releases.answer_waiting(self.shared, mono);
         self.answer_changes(rc, &status);
         *self.shared.replica.lock().expect("replica lock") = Some(status);
         if closed {
@@ -303,6 +382,38 @@ impl Driver<'_> {
             write_status(self.shared, rc.core(), &self.checkpoint);
         }
         Ok(())
+    }
+
+    /// A connection's question: a status or release query becomes a read index, a
+    /// membership change a proposal.
+    pub(super) fn query(
+        &mut self,
+        rc: &mut ReplicatedCore,
+        query: super::Query,
+    ) -> Result<Vec<MachineAction>, ReplicaError> {
+        let question = match query {
+            super::Query::Status(answer) => Question::Status(answer),
+            super::Query::Release(name, answer) => Question::Release(name, answer),
+            super::Query::Membership(change, answer) => {
+                return self.change_membership(rc, change, answer);
+            }
+        };
+        let ctx = self.reads.ask(question);
+        rc.read_index(ctx)
+    }
+
+    /// A Raft tick; releases published here are proposed, and those missing here copied.
+    pub(super) fn tick(
+        &mut self,
+        rc: &mut ReplicatedCore,
+        now: Clock,
+    ) -> Result<Vec<MachineAction>, ReplicaError> {
+        let mut actions = rc.tick(now)?;
+        actions.extend(self.releases.offer(self.shared, rc, now.mono_ms)?);
+        let me = rc.replica().id();
+        self.releases
+            .copy_missing(self.shared, &self.members, me, now.mono_ms);
+        Ok(actions)
     }
 
     /// The group changed: the transport follows, and a replica voted out stops.
@@ -320,7 +431,7 @@ impl Driver<'_> {
     /// A membership change an operator asked for: proposed on the leader (which hands over
     /// first when it is the one to go), else the operator is sent to the leader. The answer
     /// waits for the change to commit.
-    pub(super) fn change_membership(
+    fn change_membership(
         &mut self,
         rc: &mut ReplicatedCore,
         change: MembershipChange,

@@ -91,6 +91,7 @@ impl Machines {
                 MachineAction::Core(_)
                 | MachineAction::Leadership { .. }
                 | MachineAction::Membership { .. }
+                | MachineAction::Releases(_)
                 | MachineAction::ReadReady { .. } => {}
                 MachineAction::StoreSnapshot { index, bytes } => {
                     let blob = BlobId::of(&bytes);

@@ -569,6 +569,21 @@ fn a_replica_is_added_from_a_snapshot_and_another_removed() {
     let mut c = Cluster::new("membership", 3);
     c.propose(0..4);
     let l = c.leader();
+    // A release proposed on a follower (forwarded to the leader), twice: committed once.
+    let release = ReleaseRecord {
+        name: "r1".into(),
+        round: 3,
+        manifest: BlobId::of(b"manifest"),
+        signature: vec![7; 64],
+        key: "00".repeat(32),
+        from: (1..=3).find(|&i| i != l).unwrap(),
+    };
+    for _ in 0..2 {
+        let follower = c.nodes.get_mut(&release.from).unwrap().replica.as_mut();
+        follower.unwrap().propose_release(&release).unwrap();
+        c.pump();
+    }
+    c.propose(4..5);
     let leader = c.nodes.get_mut(&l).unwrap().replica.as_mut().unwrap();
     assert!(matches!(
         leader.change_membership(Membership::Add(entry(4))),
@@ -603,7 +618,7 @@ fn a_replica_is_added_from_a_snapshot_and_another_removed() {
         .unwrap();
     c.pump();
     c.tick(10);
-    c.propose(4..6);
+    c.propose(5..6);
     assert_eq!(
         c.nodes[&4].replica.as_ref().unwrap().voters(),
         vec![1, 2, 3, 4]
@@ -621,6 +636,9 @@ fn a_replica_is_added_from_a_snapshot_and_another_removed() {
         );
         assert!(members.contains(&added), "replica {id}: {names:?}");
         assert_eq!(members.len(), 4, "replica {id}: {names:?}");
+        // The release too (the new one learnt it from the snapshot).
+        let releases = c.nodes[&id].replica.as_ref().unwrap().releases().to_vec();
+        assert_eq!(releases, vec![release.clone()], "replica {id}");
     }
     // Its state (the snapshot, then what followed) is at the leader's index.
     let at = |n: &Node| {
