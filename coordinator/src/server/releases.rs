@@ -87,7 +87,8 @@ impl Releases {
         match result {
             Ok(()) => {
                 tracing::info!(release = %name, "release copied here");
-                self.copying.remove(&name);
+                // Not copied again while the index has yet to see it (it rescans each second).
+                self.copying.insert(name, Some(mono_ms + COPY_AGAIN_MS));
             }
             Err(e) => {
                 tracing::warn!(release = %name, "copying the release: {e}; trying again");
@@ -156,6 +157,7 @@ impl Releases {
         let here = shared.releases.cached();
         for r in &self.committed {
             if held(&here, r) {
+                self.copying.remove(&r.name);
                 continue;
             }
             match self.copying.get(&r.name) {

@@ -445,7 +445,9 @@ impl<'a> Driver<'a> {
             return Ok(Vec::new());
         }
         let change = match change {
-            MembershipChange::Remove { id } if id == rc.replica().id() => {
+            MembershipChange::Remove { id }
+                if id == rc.replica().id() && rc.replica().voters().len() > 1 =>
+            {
                 let (to, actions) = rc.hand_over()?;
                 tracing::info!(?to, "asked to remove this leader: handing over first");
                 let _ = answer.send(not_leader(to));
