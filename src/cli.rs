@@ -13,8 +13,22 @@ pub struct Cli {
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
 
+    /// Log lines on stderr: `text` for people (colour only on a terminal), `json` for log
+    /// collectors (one JSON object per line; a worker's progress lines become log events too).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (timestamp, level, target, fields).
+    Json,
 }
 
 /// Everything `amity` can do.
@@ -51,7 +65,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Demo(args) => crate::demo::demo(args),
         Command::Coordinator(args) => crate::federated_cmd::coordinator(args),
-        Command::Worker(args) => crate::federated_cmd::worker(args),
+        Command::Worker(args) => crate::federated_cmd::worker(args, cli.log_format),
         Command::Corpus(args) => crate::corpus_cmd::run(args),
         Command::Train(args) => crate::train_cmd::run(args),
         Command::Release(a) => crate::release_cmd::release(a),

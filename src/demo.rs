@@ -282,7 +282,7 @@ async fn train_and_release(
             local_corpus: None,
             slowdown,
             fault: None,
-            progress: false,
+            progress: amity_worker::Progress::Off,
         };
         let id = Identity::load_from_ca_dir(&cfg.ca_dir, name)?;
         let stop = Arc::new(AtomicBool::new(false));

@@ -113,7 +113,8 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
         let _ = tokio::signal::ctrl_c().await;
         tracing::info!("Ctrl-C: shutting down");
     }))?;
-    eprintln!(
+    // A log line like the rest, so that `--log-format json` output stays one object per line.
+    tracing::info!(
         "coordinator stopped at round {} (params {})",
         status.round,
         &status.params.to_hex()[..16]
@@ -171,7 +172,8 @@ fn parse_fault(s: &str) -> Result<Fault> {
     )
 }
 
-pub fn worker(args: WorkerArgs) -> Result<()> {
+/// Runs `amity worker`; progress lines follow `log_format` (JSON log events for collectors).
+pub fn worker(args: WorkerArgs, log_format: crate::cli::LogFormat) -> Result<()> {
     let compiled: Vec<&str> = Backend::compiled().iter().map(|b| b.name()).collect();
     if args.list_backends {
         for name in &compiled {
@@ -202,26 +204,30 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         local_corpus: args.corpus,
         slowdown: args.slowdown.max(1.0),
         fault,
-        progress: true,
+        progress: match log_format {
+            crate::cli::LogFormat::Text => amity_worker::Progress::Lines,
+            crate::cli::LogFormat::Json => amity_worker::Progress::Log,
+        },
     };
+    let progress = opts.progress;
     let stop = Arc::new(AtomicBool::new(false));
     let rt = runtime()?;
     let summary = rt.block_on(async {
         let s = stop.clone();
         tokio::spawn(async move {
             if tokio::signal::ctrl_c().await.is_ok() {
-                eprintln!("Ctrl-C: abandoning the current round and leaving");
+                progress.say("Ctrl-C: abandoning the current round and leaving");
                 s.store(true, Ordering::Relaxed);
             }
         });
         amity_worker::run(opts, identity, stop).await
     })?;
-    eprintln!(
+    progress.say(&format!(
         "worker done: {} rounds acknowledged, {} local steps, {} up, {} down",
         summary.rounds,
         summary.steps,
         amity_worker::human(summary.bytes_up),
         amity_worker::human(summary.bytes_down)
-    );
+    ));
     Ok(())
 }

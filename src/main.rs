@@ -39,9 +39,14 @@ fn main() -> ExitCode {
     // The demo and the benches print their own progress lines; the libraries' INFO lines would
     // bury them (`-v` or `RUST_LOG` bring them back).
     let own_progress = matches!(args.command, cli::Command::Demo(_) | cli::Command::Bench(_));
-    init_tracing(args.verbose, own_progress);
+    let format = args.log_format;
+    init_tracing(args.verbose, own_progress, format);
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(err) if format == cli::LogFormat::Json => {
+            tracing::error!("{err:#}");
+            ExitCode::FAILURE
+        }
         Err(err) => {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
@@ -49,8 +54,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// Logs go to stderr; `RUST_LOG` overrides the level chosen with `-v`.
-fn init_tracing(verbose: u8, own_progress: bool) {
+/// Logs go to stderr, as text or JSON; `RUST_LOG` overrides the level chosen with `-v`.
+fn init_tracing(verbose: u8, own_progress: bool, format: cli::LogFormat) {
     let default = match verbose {
         0 if own_progress => "warn",
         0 => "info",
@@ -59,10 +64,14 @@ fn init_tracing(verbose: u8, own_progress: bool) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    // Colour only on a terminal: a log redirected to a file or a collector stays plain text.
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        // Colour only on a terminal: a log redirected to a file stays plain text.
+        cli::LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        cli::LogFormat::Json => logs.json().flatten_event(true).with_ansi(false).init(),
+    }
 }

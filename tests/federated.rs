@@ -91,6 +91,38 @@ fn three_workers_train_three_rounds_and_the_loss_falls() {
     std::fs::remove_dir_all(&c.dir).unwrap();
 }
 
+/// `--log-format json` for log collectors: every line a coordinator and a worker write on
+/// stderr over a round is one JSON object with a timestamp, a level and a message, the
+/// worker's progress lines included.
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let c = cluster("json-logs", &["uni-a"], 1, "");
+    let mut coord = c.coordinator_with(true, &["--log-format", "json"]);
+    let mut w = c.worker("uni-a", &["--log-format", "json"]);
+    wait(&mut coord, Duration::from_secs(300), "coordinator", &|| {
+        c.log("coordinator")
+    });
+    wait(&mut w, Duration::from_secs(30), "uni-a", &|| c.log("uni-a"));
+    for name in ["coordinator", "uni-a"] {
+        let log = c.log(name);
+        let lines: Vec<Value> = log
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{name}: {e}: {l}")))
+            .collect();
+        assert!(lines.len() > 3, "{name}: {log}");
+        for l in &lines {
+            assert!(
+                l["timestamp"].is_string() && l["level"].is_string() && l["message"].is_string(),
+                "{name}: {l}"
+            );
+        }
+        if name == "uni-a" {
+            let said = |m: &str| lines.iter().any(|l| l["message"] == m);
+            assert!(said("round 0 acknowledged"), "{log}");
+        }
+    }
+}
+
 #[test]
 fn poisoned_and_huge_updates_are_rejected_and_the_model_is_unharmed() {
     let workers = ["uni-a", "uni-b", "nan-lab", "loud-lab"];

@@ -270,11 +270,6 @@ impl ReplicationConfig {
         self.replicas.iter().find(|r| r.id == self.id)
     }
 
-    /// The entry of replica `id`.
-    pub fn replica(&self, id: u64) -> Option<&ReplicaEntry> {
-        self.replicas.iter().find(|r| r.id == id)
-    }
-
     /// Checks the table against the coordinator's certificate `name`.
     pub fn check(&self, name: &str) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(format!("[replication]: {m}")));

@@ -105,8 +105,14 @@ pub fn cluster(name: &str, workers: &[&str], rounds: u64, extra: &str) -> Cluste
 
 impl Cluster {
     pub fn coordinator(&self, exit_when_finished: bool) -> Child {
+        self.coordinator_with(exit_when_finished, &[])
+    }
+
+    /// [`Cluster::coordinator`] with `extra` arguments.
+    pub fn coordinator_with(&self, exit_when_finished: bool, extra: &[&str]) -> Child {
         let mut c = Command::new(env!("CARGO_BIN_EXE_amity"));
-        c.args(["coordinator", "--config", s(&self.config)]);
+        c.args(["coordinator", "--config", s(&self.config)])
+            .args(extra);
         if exit_when_finished {
             c.arg("--exit-when-finished");
         }

@@ -13,4 +13,4 @@ pub mod core;
 pub mod run;
 
 pub use core::{Fault, WorkerCore, WorkerError, WorkerSummary, human};
-pub use run::{CoordinatorAddr, WorkerOptions, run};
+pub use run::{CoordinatorAddr, Progress, WorkerOptions, run};

@@ -82,8 +82,31 @@ pub struct WorkerOptions {
     pub slowdown: f64,
     /// Deliberate misbehaviour (tests only).
     pub fault: Option<Fault>,
-    /// Print a progress line per round on stderr.
-    pub progress: bool,
+    /// Where progress lines (steps, rounds) go.
+    pub progress: Progress,
+}
+
+/// Where a worker's progress lines go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// Nowhere (the caller shows its own).
+    Off,
+    /// Plain lines on stderr, for a person.
+    Lines,
+    /// INFO log events (target `amity_worker::progress`), for a log collector
+    /// (`--log-format json`): every line on stderr is then one JSON object.
+    Log,
+}
+
+impl Progress {
+    /// Shows `line` where it goes.
+    pub fn say(self, line: &str) {
+        match self {
+            Progress::Off => {}
+            Progress::Lines => eprintln!("{line}"),
+            Progress::Log => tracing::info!(target: "amity_worker::progress", "{line}"),
+        }
+    }
 }
 
 /// Runs a worker until the coordinator finishes training or `stop` is set (Ctrl-C).
@@ -131,7 +154,7 @@ pub async fn run(
             .unwrap_or_default(),
         slowdown: opts.slowdown,
         fault: opts.fault,
-        progress: opts.progress,
+        progress: opts.progress != Progress::Off,
     });
     let mut shell = Shell {
         opts,
@@ -370,7 +393,7 @@ impl Shell {
                     }
                 }
             }
-            WorkerAction::Report(line) => eprintln!("{line}"),
+            WorkerAction::Report(line) => self.opts.progress.say(&line),
             WorkerAction::Finish(result) => self.result = Some(result),
         }
         Ok(None)
@@ -513,13 +536,13 @@ impl Shell {
             let t0 = Instant::now();
             let round = job.round;
             let mut on_step = |step: u64, loss: f64| {
-                if progress && step.is_multiple_of(5) {
+                if progress != Progress::Off && step.is_multiple_of(5) {
                     let rate = (step * run.train.batch as u64) as f64 / t0.elapsed().as_secs_f64();
-                    eprintln!(
+                    progress.say(&format!(
                         "round {round} step {step} loss {loss:.4} {rate:.1} clips/s up {} down {}",
                         human(up),
                         human(down)
-                    );
+                    ));
                 }
             };
             let r = local_round(
