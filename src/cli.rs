@@ -15,20 +15,11 @@ pub struct Cli {
 
     /// Log lines on stderr: `text` for people (colour only on a terminal), `json` for log
     /// collectors (one JSON object per line; a worker's progress lines become log events too).
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
+    #[arg(long, global = true, value_enum, default_value_t = crate::logging::LogFormat::Text)]
+    pub log_format: crate::logging::LogFormat,
 
     #[command(subcommand)]
     pub command: Command,
-}
-
-/// How log lines are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line (timestamp, level, target, fields).
-    Json,
 }
 
 /// Everything `amity` can do.

@@ -173,7 +173,7 @@ fn parse_fault(s: &str) -> Result<Fault> {
 }
 
 /// Runs `amity worker`; progress lines follow `log_format` (JSON log events for collectors).
-pub fn worker(args: WorkerArgs, log_format: crate::cli::LogFormat) -> Result<()> {
+pub fn worker(args: WorkerArgs, log_format: crate::logging::LogFormat) -> Result<()> {
     let compiled: Vec<&str> = Backend::compiled().iter().map(|b| b.name()).collect();
     if args.list_backends {
         for name in &compiled {
@@ -205,8 +205,8 @@ pub fn worker(args: WorkerArgs, log_format: crate::cli::LogFormat) -> Result<()>
         slowdown: args.slowdown.max(1.0),
         fault,
         progress: match log_format {
-            crate::cli::LogFormat::Text => amity_worker::Progress::Lines,
-            crate::cli::LogFormat::Json => amity_worker::Progress::Log,
+            crate::logging::LogFormat::Text => amity_worker::Progress::Lines,
+            crate::logging::LogFormat::Json => amity_worker::Progress::Log,
         },
     };
     let progress = opts.progress;

@@ -9,6 +9,7 @@ mod cli;
 mod corpus_cmd;
 mod demo;
 mod federated_cmd;
+mod logging;
 mod members_cmd;
 mod plan_cmd;
 mod plot;
@@ -40,10 +41,10 @@ fn main() -> ExitCode {
     // bury them (`-v` or `RUST_LOG` bring them back).
     let own_progress = matches!(args.command, cli::Command::Demo(_) | cli::Command::Bench(_));
     let format = args.log_format;
-    init_tracing(args.verbose, own_progress, format);
+    logging::init(args.verbose, own_progress, format);
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(err) if format == cli::LogFormat::Json => {
+        Err(err) if format == logging::LogFormat::Json => {
             tracing::error!("{err:#}");
             ExitCode::FAILURE
         }
@@ -51,27 +52,5 @@ fn main() -> ExitCode {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// Logs go to stderr, as text or JSON; `RUST_LOG` overrides the level chosen with `-v`.
-fn init_tracing(verbose: u8, own_progress: bool, format: cli::LogFormat) {
-    let default = match verbose {
-        0 if own_progress => "warn",
-        0 => "info",
-        1 => "debug",
-        _ => "trace",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        // Colour only on a terminal: a log redirected to a file stays plain text.
-        cli::LogFormat::Text => logs
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
-        cli::LogFormat::Json => logs.json().flatten_event(true).with_ansi(false).init(),
     }
 }
