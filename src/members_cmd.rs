@@ -51,17 +51,25 @@ pub struct NewReplica {
 /// One membership change.
 #[derive(Debug, Subcommand)]
 pub enum MembersCommand {
-    /// Add a replica as a voter. Start it first, with `join = true` in its `[replication]`
-    /// table; it catches up from a snapshot.
-    Add(NewReplica),
+    /// Add a replica: first as a learner (it catches up from a snapshot without changing the
+    /// quorum), then, once its log matches the leader's, as a voter. Start it first, with
+    /// `join = true` in its `[replication]` table.
+    Add {
+        /// The replica to add.
+        #[command(flatten)]
+        new: NewReplica,
+        /// How long it may take to catch up, in seconds.
+        #[arg(long, default_value_t = 300)]
+        catch_up_s: u64,
+    },
     /// Remove a replica (when it leads, it hands over first). Stop its process afterwards.
     Remove {
         /// Its Raft id.
         #[arg(long)]
         id: u64,
     },
-    /// Replace replica `--old` by a new one: add the new one, wait until its log has caught up
-    /// with the leader's, then remove the old one.
+    /// Replace replica `--old` by a new one: add the new one (as `add` does), then remove the
+    /// old one.
     Replace {
         /// The replica to retire.
         #[arg(long)]
@@ -83,36 +91,47 @@ pub fn members(args: MembersArgs) -> Result<()> {
         .build()?;
     rt.block_on(async {
         match args.change {
-            MembersCommand::Add(new) => {
-                let s = change(&identity, &targets, add(&new)).await?;
-                println!("replica {} added: voters {:?}", new.id, voters(&s));
+            MembersCommand::Add { new, catch_up_s } => {
+                add_voter(&identity, &targets, &new, catch_up_s).await?;
             }
             MembersCommand::Remove { id } => {
-                let s = change(&identity, &targets, MembershipChange::Remove { id }).await?;
-                println!(
-                    "replica {id} removed: voters {:?}; stop its process (its state dir is no \
-                     longer needed)",
-                    voters(&s)
-                );
+                remove(&identity, &targets, id).await?;
             }
             MembersCommand::Replace {
                 old,
                 new,
                 catch_up_s,
             } => {
-                let s = change(&identity, &targets, add(&new)).await?;
-                println!("replica {} added: voters {:?}", new.id, voters(&s));
-                caught_up(&identity, &targets, new.id, Duration::from_secs(catch_up_s)).await?;
-                let s = change(&identity, &targets, MembershipChange::Remove { id: old }).await?;
-                println!(
-                    "replica {old} removed: voters {:?}; stop its process (its state dir is no \
-                     longer needed)",
-                    voters(&s)
-                );
+                add_voter(&identity, &targets, &new, catch_up_s).await?;
+                remove(&identity, &targets, old).await?;
             }
         }
         Ok(())
     })
+}
+
+/// Adds `new` as a learner, waits until it caught up, then makes it a voter.
+async fn add_voter(
+    identity: &Identity,
+    targets: &[CoordinatorAddr],
+    new: &NewReplica,
+    catch_up_s: u64,
+) -> Result<()> {
+    change(identity, targets, add(new)).await?;
+    println!("replica {} added as a learner", new.id);
+    caught_up(identity, targets, new.id, Duration::from_secs(catch_up_s)).await?;
+    let s = change(identity, targets, MembershipChange::Promote { id: new.id }).await?;
+    println!("replica {} votes: voters {:?}", new.id, voters(&s));
+    Ok(())
+}
+
+async fn remove(identity: &Identity, targets: &[CoordinatorAddr], id: u64) -> Result<()> {
+    let s = change(identity, targets, MembershipChange::Remove { id }).await?;
+    println!(
+        "replica {id} removed: voters {:?}; stop its process (its state dir is no longer needed)",
+        voters(&s)
+    );
+    Ok(())
 }
 
 fn add(new: &NewReplica) -> MembershipChange {
@@ -208,7 +227,8 @@ async fn caught_up(
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     bail!(
-        "replica {id} did not catch up within {within:?}: it stays a voter; check it with \
-         `amity coordinator status`, then remove it or the old one yourself"
+        "replica {id} did not catch up within {within:?}: it stays a learner (no vote); check \
+         it with `amity coordinator status`, then remove it (`members remove --id {id}`) or run \
+         `add` again"
     )
 }

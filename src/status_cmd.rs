@@ -154,8 +154,13 @@ pub(crate) fn as_text(target: &CoordinatorAddr, s: &CoordinatorStatus) -> String
             l if l == r.id => format!("{l} (this one)"),
             l => l.to_string(),
         };
+        let learners = if r.learners.is_empty() {
+            String::new()
+        } else {
+            format!(" (learners {:?})", r.learners)
+        };
         out += &format!(
-            "  replica {} of {:?}: term {}, leader {leader}, commit {}, applied {}\n",
+            "  replica {} of {:?}{learners}: term {}, leader {leader}, commit {}, applied {}\n",
             r.id, r.voters, r.term, r.commit, r.applied
         );
         if !r.lag.is_empty() {
@@ -185,6 +190,7 @@ fn as_json(target: &CoordinatorAddr, s: &CoordinatorStatus) -> serde_json::Value
             "commit": r.commit,
             "applied": r.applied,
             "voters": r.voters,
+            "learners": r.learners,
             "lag": r.lag.iter().map(|(id, b)| (id.to_string(), json!(b))).collect::<serde_json::Map<_, _>>(),
         })),
     })

@@ -183,8 +183,9 @@ pub enum ClientMsg {
 /// One membership change of a replicated coordinator.
 #[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum MembershipChange {
-    /// Add a replica as a voter. It must be running, configured to join, with a replica
-    /// certificate named `name`.
+    /// Add a replica as a learner: it receives the log (from a snapshot) but does not vote,
+    /// so the group's quorum is unchanged while it catches up. It must be running, configured
+    /// to join, with a replica certificate named `name`.
     Add {
         /// Its Raft id (not 0, unused in the group).
         id: u64,
@@ -194,6 +195,11 @@ pub enum MembershipChange {
         peer: String,
         /// Where workers reach it (`host:port`).
         workers: String,
+    },
+    /// Make a learner a voter (once it has caught up).
+    Promote {
+        /// Its Raft id.
+        id: u64,
     },
     /// Remove a replica from the group.
     Remove {
@@ -234,6 +240,8 @@ pub struct ReplicaState {
     pub applied: u64,
     /// The voters.
     pub voters: Vec<u64>,
+    /// The learners: replicas added that do not vote yet.
+    pub learners: Vec<u64>,
     /// On the leader: (replica id, log entries it is behind the commit index).
     pub lag: Vec<(u64, u64)>,
 }
@@ -465,7 +473,9 @@ impl Validate for ClientMsg {
                 }
                 Ok(())
             }
-            ClientMsg::ChangeMembership(MembershipChange::Remove { id }) => {
+            ClientMsg::ChangeMembership(
+                MembershipChange::Remove { id } | MembershipChange::Promote { id },
+            ) => {
                 if *id == 0 {
                     return Err(DecodeError::Invalid("replica id 0".into()));
                 }
@@ -529,6 +539,7 @@ impl Validate for ServerMsg {
                 replica: Some(r), ..
             }) => {
                 check_list("voters", &r.voters)?;
+                check_list("learners", &r.learners)?;
                 check_list("replica lags", &r.lag)
             }
             _ => Ok(()),
@@ -681,6 +692,7 @@ mod tests {
                 })
             }),
             (1u64..).prop_map(|id| ClientMsg::ChangeMembership(MembershipChange::Remove { id })),
+            (1u64..).prop_map(|id| ClientMsg::ChangeMembership(MembershipChange::Promote { id })),
             Just(ClientMsg::Goodbye),
         ]
     }
@@ -749,6 +761,7 @@ mod tests {
                             leader: 2,
                             commit,
                             applied: commit / 2,
+                            learners: voters.iter().map(|v| v + 1).collect(),
                             voters,
                             lag,
                         }),

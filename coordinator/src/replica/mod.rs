@@ -93,8 +93,11 @@ pub struct ReplicaConfig {
 /// One membership change (Raft's one-at-a-time changes: never two in flight).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Membership {
-    /// Add this replica as a voter; every replica learns its addresses with the change.
+    /// Add this replica as a learner (it gets the log, it does not vote, the quorum stays);
+    /// every replica learns its addresses with the change.
     Add(ReplicaEntry),
+    /// Make this learner a voter.
+    Promote(u64),
     /// Remove this replica.
     Remove(u64),
 }
@@ -323,8 +326,11 @@ impl Replica {
         let mut cc = ConfChange::default();
         match change {
             Membership::Add(entry) => {
-                if entry.id == 0 || voters.contains(&entry.id) {
-                    return refuse(format!("replica {} is 0 or a voter already", entry.id));
+                if entry.id == 0
+                    || voters.contains(&entry.id)
+                    || self.learners().contains(&entry.id)
+                {
+                    return refuse(format!("replica {} is 0 or in the group already", entry.id));
                 }
                 let taken = self
                     .members()
@@ -336,17 +342,27 @@ impl Replica {
                 if self.node.store().base()?.is_none() {
                     return Err(ReplicaError::NotCompacted);
                 }
-                cc.set_change_type(ConfChangeType::AddNode);
+                cc.set_change_type(ConfChangeType::AddLearnerNode);
                 cc.node_id = entry.id;
                 cc.context = serde_json::to_vec(&entry)
                     .expect("a replica entry serialises")
                     .into();
             }
-            Membership::Remove(id) => {
-                if !voters.contains(&id) {
-                    return refuse(format!("replica {id} is not a voter (voters: {voters:?})"));
+            Membership::Promote(id) => {
+                if !self.learners().contains(&id) {
+                    return refuse(format!("replica {id} is not a learner (add it first)"));
                 }
-                if voters.len() == 1 {
+                cc.set_change_type(ConfChangeType::AddNode);
+                cc.node_id = id;
+            }
+            Membership::Remove(id) => {
+                if !voters.contains(&id) && !self.learners().contains(&id) {
+                    return refuse(format!(
+                        "replica {id} is not in the group (voters: {voters:?}, learners: {:?})",
+                        self.learners()
+                    ));
+                }
+                if voters == [id] {
                     return refuse("the last voter cannot be removed".into());
                 }
                 if id == self.id() {
@@ -394,6 +410,13 @@ impl Replica {
     /// The voters as this replica knows them.
     pub fn voters(&self) -> Vec<u64> {
         let mut v = self.node.store().conf_state().voters.clone();
+        v.sort_unstable();
+        v
+    }
+
+    /// The learners (added, not voting yet) as this replica knows them.
+    pub fn learners(&self) -> Vec<u64> {
+        let mut v = self.node.store().conf_state().learners.clone();
         v.sort_unstable();
         v
     }
@@ -498,7 +521,7 @@ impl Replica {
                         .map_err(|err| ReplicaError::Raft(raft::Error::CodecError(err)))?;
                     let cs = self.node.apply_conf_change(&cc)?;
                     let mut members = self.members().to_vec();
-                    if cc.get_change_type() == ConfChangeType::AddNode {
+                    if cc.get_change_type() == ConfChangeType::AddLearnerNode {
                         // The added replica's addresses ride in the change (a later entry for
                         // the same id replaces an earlier one).
                         let entry: ReplicaEntry =

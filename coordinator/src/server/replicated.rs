@@ -50,6 +50,8 @@ pub struct ReplicaStatus {
     pub applied: u64,
     /// The voters.
     pub voters: Vec<u64>,
+    /// The learners (added, not voting yet).
+    pub learners: Vec<u64>,
     /// On the leader: how far each replica's log is behind the commit index, by id.
     pub lag: BTreeMap<u64, u64>,
     /// Raft message bytes this replica sent its peers since it started.
@@ -454,6 +456,7 @@ impl<'a> Driver<'a> {
                 return Ok(actions);
             }
             MembershipChange::Remove { id } => Membership::Remove(id),
+            MembershipChange::Promote { id } => Membership::Promote(id),
             MembershipChange::Add {
                 id,
                 name,
@@ -494,8 +497,9 @@ impl<'a> Driver<'a> {
         let voters = &status.voters;
         let (done, waiting): (Vec<_>, Vec<_>) =
             self.changes.drain(..).partition(|(c, _)| match c {
-                Membership::Add(e) => voters.contains(&e.id),
-                Membership::Remove(id) => !voters.contains(id),
+                Membership::Add(e) => status.learners.contains(&e.id),
+                Membership::Promote(id) => voters.contains(id),
+                Membership::Remove(id) => !voters.contains(id) && !status.learners.contains(id),
             });
         self.changes = waiting;
         self.changes.retain(|(_, a)| !a.is_closed());
@@ -577,6 +581,7 @@ fn replica_status(rc: &ReplicatedCore) -> ReplicaStatus {
         commit,
         applied: rc.applied_index(),
         voters: r.voters(),
+        learners: r.learners(),
         lag: r
             .matched()
             .into_iter()

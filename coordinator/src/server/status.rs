@@ -85,6 +85,7 @@ pub(super) fn coordinator_status(
             commit: r.commit,
             applied: r.applied,
             voters: r.voters.clone(),
+            learners: r.learners.clone(),
             lag: r.lag.iter().map(|(k, v)| (*k, *v)).collect(),
         }),
     }

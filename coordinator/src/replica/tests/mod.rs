@@ -562,8 +562,9 @@ fn reads_are_linearizable_and_a_cut_off_leader_serves_none() {
     );
 }
 
-/// Membership one change at a time: a fourth replica, started empty, is added once the log is
-/// compacted and catches up by snapshot; then a first one is removed, and the three left commit.
+/// Membership one change at a time: a fourth replica, started empty, is added as a learner once
+/// the log is compacted, catches up by snapshot and is promoted to voter; then a first one is
+/// removed, and the three left commit.
 #[test]
 fn a_replica_is_added_from_a_snapshot_and_another_removed() {
     let mut c = Cluster::new("membership", 3);
@@ -619,11 +620,20 @@ fn a_replica_is_added_from_a_snapshot_and_another_removed() {
     c.pump();
     c.tick(10);
     c.propose(5..6);
-    assert_eq!(
-        c.nodes[&4].replica.as_ref().unwrap().voters(),
-        vec![1, 2, 3, 4]
-    );
+    // A learner first: it gets the log, the quorum stays three voters.
+    let r4 = c.nodes[&4].replica.as_ref().unwrap();
+    assert_eq!((r4.voters(), r4.learners()), (vec![1, 2, 3], vec![4]));
     assert!(c.nodes[&4].base.is_some(), "joined from a snapshot");
+    let leader = c.nodes.get_mut(&l).unwrap().replica.as_mut().unwrap();
+    assert!(matches!(
+        leader.change_membership(Membership::Promote(9)),
+        Err(ReplicaError::Membership(_))
+    ));
+    leader.change_membership(Membership::Promote(4)).unwrap();
+    c.pump();
+    c.tick(3);
+    let r4 = c.nodes[&4].replica.as_ref().unwrap();
+    assert_eq!((r4.voters(), r4.learners()), (vec![1, 2, 3, 4], vec![]));
     // Every replica learnt the new one's addresses from the change (the new one from the
     // snapshot and the change after it), replacing what it was configured with.
     for id in 1..=4 {
