@@ -8,10 +8,9 @@ use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use amity_shared::config::Config;
 use serde_json::Value;
 
-use super::common::cluster::{synthetic_store, wait};
+use super::common::cluster::{federation_files, wait};
 use super::common::netns::Net;
 use super::common::{amity, ok, s, scratch};
 
@@ -50,9 +49,7 @@ impl Group {
         let all = REPLICAS + spares;
         let net = Net::new(all as usize + workers.len());
         let dir = scratch(name);
-        synthetic_store(&dir.join("videos"), &dir.join("corpus"), 12, 3);
-        let ca = dir.join("ca");
-        ok(&amity(&["ca", "init", "--dir", s(&ca)]));
+        let ca = federation_files(&dir, workers);
         ok(&amity(&[
             "ca",
             "issue",
@@ -77,14 +74,6 @@ impl Group {
                 "replica",
             ]));
         }
-        for w in workers {
-            ok(&amity(&["ca", "issue", "--dir", s(&ca), "--name", w]));
-        }
-        let mut run = Config::preset("tiny").unwrap();
-        run.train.batch = 8;
-        run.train.steps = 60;
-        run.train.warmup = 5;
-        std::fs::write(dir.join("run.toml"), run.to_toml()).unwrap();
         let host = |id: u64| net.addr(id as usize - 1);
         let replicas: Vec<String> = (1..=all)
             .map(|id| {
@@ -186,6 +175,21 @@ impl Group {
         if let Some(mut c) = self.procs.remove(&id) {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+
+    /// Starts the group's replicas, then every worker (the workers' processes).
+    fn start_all(&mut self) -> Vec<Child> {
+        for id in 1..=REPLICAS {
+            self.start(id);
+        }
+        self.workers()
+    }
+
+    /// Waits for every worker to finish its run (within 300 s), failing with every log.
+    fn wait_workers(&self, procs: &mut [Child]) {
+        for (w, p) in self.workers.iter().zip(procs) {
+            wait(p, Duration::from_secs(300), w, &|| self.logs());
         }
     }
 
@@ -324,10 +328,7 @@ fn the_leader_killed_mid_round_loses_no_acknowledged_update() {
     const ROUNDS: u64 = 8;
     let workers = ["uni-a", "uni-b"];
     let mut g = Group::new("replicated-failover", &workers, ROUNDS);
-    for id in 1..=REPLICAS {
-        g.start(id);
-    }
-    let mut procs = g.workers();
+    let mut procs = g.start_all();
     g.wait_for("two rounds on a leader", Duration::from_secs(240), |g| {
         g.leader().is_some_and(|l| g.rounds(l) >= 2)
     });
@@ -351,9 +352,7 @@ fn the_leader_killed_mid_round_loses_no_acknowledged_update() {
          closed the open round {:.1} s later",
         killed_at.elapsed().as_secs_f64()
     );
-    for (w, p) in workers.iter().zip(&mut procs) {
-        wait(p, Duration::from_secs(300), w, &|| g.logs());
-    }
+    g.wait_workers(&mut procs);
     let survivors: Vec<u64> = (1..=REPLICAS).filter(|&i| i != old).collect();
     g.wait_for("every survivor finished", Duration::from_secs(30), |g| {
         survivors.iter().all(|&i| g.rounds(i) == ROUNDS as usize)
@@ -453,10 +452,7 @@ impl Group {
 fn a_partitioned_follower_catches_up_by_snapshot() {
     const ROUNDS: u64 = 8;
     let mut g = Group::new("replicated-partition", &["uni-a", "uni-b"], ROUNDS);
-    for id in 1..=REPLICAS {
-        g.start(id);
-    }
-    let mut procs = g.workers();
+    let mut procs = g.start_all();
     g.wait_for("a round on a leader", Duration::from_secs(240), |g| {
         g.leader().is_some_and(|l| g.rounds(l) >= 1)
     });
@@ -472,9 +468,7 @@ fn a_partitioned_follower_catches_up_by_snapshot() {
     std::thread::sleep(Duration::from_secs(12));
     assert!(g.rounds(cut) <= at_cut + 1, "a cut-off replica went on");
     g.net.heal(cut as usize - 1);
-    for (w, p) in g.workers.clone().iter().zip(&mut procs) {
-        wait(p, Duration::from_secs(300), w, &|| g.logs());
-    }
+    g.wait_workers(&mut procs);
     let all: Vec<u64> = (1..=REPLICAS).collect();
     g.wait_agreed(&all, ROUNDS as usize, Duration::from_secs(60));
     assert!(
@@ -527,10 +521,7 @@ fn the_operator_replaces_the_leader_by_a_new_replica() {
     const ROUNDS: u64 = 10;
     let workers = ["uni-a", "uni-b"];
     let mut g = Group::with_spares("replicated-members", &workers, ROUNDS, 1);
-    for id in 1..=REPLICAS {
-        g.start(id);
-    }
-    let mut procs = g.workers();
+    let mut procs = g.start_all();
     g.wait_for("two rounds on a leader", Duration::from_secs(240), |g| {
         g.leader().is_some_and(|l| g.rounds(l) >= 2)
     });
@@ -576,9 +567,7 @@ fn the_operator_replaces_the_leader_by_a_new_replica() {
     );
     assert!(text.contains(&format!("replica {old} removed")), "{text}");
     g.kill(old);
-    for (w, p) in workers.iter().zip(&mut procs) {
-        wait(p, Duration::from_secs(300), w, &|| g.logs());
-    }
+    g.wait_workers(&mut procs);
     let group: Vec<u64> = (1..=new).filter(|&i| i != old).collect();
     let end = g.wait_agreed(&group, ROUNDS as usize, Duration::from_secs(60));
     let agreed = accepted(&end);
@@ -612,13 +601,8 @@ fn a_release_published_on_one_replica_is_served_by_every_one() {
     const ROUNDS: u64 = 4;
     let workers = ["uni-a", "uni-b"];
     let mut g = Group::new("replicated-release", &workers, ROUNDS);
-    for id in 1..=REPLICAS {
-        g.start(id);
-    }
-    let mut procs = g.workers();
-    for (w, p) in workers.iter().zip(&mut procs) {
-        wait(p, Duration::from_secs(300), w, &|| g.logs());
-    }
+    let mut procs = g.start_all();
+    g.wait_workers(&mut procs);
     let all: Vec<u64> = (1..=REPLICAS).collect();
     g.wait_agreed(&all, ROUNDS as usize, Duration::from_secs(60));
     let leader = g.leader().unwrap();
@@ -697,10 +681,7 @@ fn a_release_published_on_one_replica_is_served_by_every_one() {
 fn all_replicas_restarted_at_once_resume_at_the_last_committed_round() {
     const ROUNDS: u64 = 8;
     let mut g = Group::new("replicated-restart", &["uni-a", "uni-b"], ROUNDS);
-    for id in 1..=REPLICAS {
-        g.start(id);
-    }
-    let mut procs = g.workers();
+    let mut procs = g.start_all();
     g.wait_for("three rounds", Duration::from_secs(240), |g| {
         g.leader().is_some_and(|l| g.rounds(l) >= 3)
     });
@@ -712,9 +693,7 @@ fn all_replicas_restarted_at_once_resume_at_the_last_committed_round() {
     for id in 1..=REPLICAS {
         g.start(id);
     }
-    for (w, p) in g.workers.clone().iter().zip(&mut procs) {
-        wait(p, Duration::from_secs(300), w, &|| g.logs());
-    }
+    g.wait_workers(&mut procs);
     let all: Vec<u64> = (1..=REPLICAS).collect();
     let end = g.wait_agreed(&all, ROUNDS as usize, Duration::from_secs(60));
     for st in before {

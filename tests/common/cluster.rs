@@ -57,12 +57,28 @@ pub fn synthetic_store(videos: &Path, store: &Path, n: usize, seed: u64) {
     ]));
 }
 
-/// A corpus, a CA with the workers' certificates, a run config and a coordinator config.
-pub fn cluster(name: &str, workers: &[&str], rounds: u64, extra: &str) -> Cluster {
-    let dir = scratch(name);
+/// What every federation in the tests starts from, in `dir`: a synthetic corpus (`corpus/`), a
+/// CA (`ca/`) with a certificate for each of `workers`, and the run config (`run.toml`: the
+/// tiny preset, batch 8, 60 steps). Returns the CA folder.
+pub fn federation_files(dir: &Path, workers: &[&str]) -> PathBuf {
     synthetic_store(&dir.join("videos"), &dir.join("corpus"), 12, 3);
     let ca = dir.join("ca");
     ok(&amity(&["ca", "init", "--dir", s(&ca)]));
+    for w in workers {
+        ok(&amity(&["ca", "issue", "--dir", s(&ca), "--name", w]));
+    }
+    let mut run = Config::preset("tiny").unwrap();
+    run.train.batch = 8;
+    run.train.steps = 60;
+    run.train.warmup = 5;
+    std::fs::write(dir.join("run.toml"), run.to_toml()).unwrap();
+    ca
+}
+
+/// A corpus, a CA with the workers' certificates, a run config and a coordinator config.
+pub fn cluster(name: &str, workers: &[&str], rounds: u64, extra: &str) -> Cluster {
+    let dir = scratch(name);
+    let ca = federation_files(&dir, workers);
     ok(&amity(&[
         "ca",
         "issue",
@@ -73,14 +89,6 @@ pub fn cluster(name: &str, workers: &[&str], rounds: u64, extra: &str) -> Cluste
         "--host",
         "localhost",
     ]));
-    for w in workers {
-        ok(&amity(&["ca", "issue", "--dir", s(&ca), "--name", w]));
-    }
-    let mut run = Config::preset("tiny").unwrap();
-    run.train.batch = 8;
-    run.train.steps = 60;
-    run.train.warmup = 5;
-    std::fs::write(dir.join("run.toml"), run.to_toml()).unwrap();
     let port = free_port();
     let config = dir.join("coordinator.toml");
     // A checkpoint every round unless the test sets its own interval.

@@ -280,10 +280,15 @@ impl LogStore {
         Ok(())
     }
 
+    /// The index of the latest snapshot (0 on a log that starts at the beginning).
+    pub fn snapshot_index(&self) -> u64 {
+        self.snapshot.get_metadata().index
+    }
+
     /// The latest snapshot's index and the state machine's state there (`None` on a log that
     /// starts at the beginning).
     pub fn base(&self) -> Result<Option<(u64, Vec<u8>)>, LogStoreError> {
-        let index = self.snapshot.get_metadata().index;
+        let index = self.snapshot_index();
         if index == 0 {
             return Ok(None);
         }

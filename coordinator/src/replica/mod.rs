@@ -339,7 +339,7 @@ impl Replica {
                 if taken {
                     return refuse(format!("a voter is named `{}` already", entry.name));
                 }
-                if self.node.store().base()?.is_none() {
+                if self.node.store().snapshot_index() == 0 {
                     return Err(ReplicaError::NotCompacted);
                 }
                 cc.set_change_type(ConfChangeType::AddLearnerNode);

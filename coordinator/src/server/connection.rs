@@ -324,28 +324,17 @@ async fn registration(
 /// The answer to a status question: the driver's, or why there is none (no certificate; a
 /// replica that reaches no leader cannot answer linearizably).
 async fn status_answer(shared: &Shared, anonymous: bool) -> ServerMsg {
-    let error = |code, message: &str| ServerMsg::Error {
-        code,
-        message: message.to_owned(),
-    };
     if anonymous {
-        return error(
-            ErrorCode::Unexpected,
-            "the coordinator's status is for certificate holders (operators, institutions)",
-        );
+        return ServerMsg::Error {
+            code: ErrorCode::Unexpected,
+            message: "the coordinator's status is for certificate holders (operators, \
+                      institutions)"
+                .into(),
+        };
     }
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    if shared.queries.send(super::Query::Status(tx)).is_err() {
-        return error(ErrorCode::ShuttingDown, "the coordinator is stopping");
-    }
-    match tokio::time::timeout(STATUS_TIMEOUT, rx).await {
-        Ok(Ok(status)) => ServerMsg::Status(status),
-        _ => error(
-            ErrorCode::Internal,
-            "no answer within 5 s: this replica reaches no leader (a read must be confirmed \
-             by a majority); ask another replica",
-        ),
-    }
+    let late = "no answer within 5 s: this replica reaches no leader (a read must be confirmed \
+                by a majority); ask another replica";
+    ask_driver(shared, super::Query::Status, STATUS_TIMEOUT, late).await
 }
 
 /// The answer to a membership change: the status once it is committed, or why not.
@@ -355,33 +344,43 @@ async fn membership_answer(
     operator: bool,
     peer: &str,
 ) -> ServerMsg {
-    let error = |code, message: &str| ServerMsg::Error {
-        code,
-        message: message.to_owned(),
-    };
     if !operator {
         tracing::warn!(%peer, "refused a membership change: not an operator certificate");
-        return error(
-            ErrorCode::Unexpected,
-            "membership changes need an operator certificate (amity ca issue --role operator)",
-        );
+        return ServerMsg::Error {
+            code: ErrorCode::Unexpected,
+            message: "membership changes need an operator certificate (amity ca issue --role \
+                      operator)"
+                .into(),
+        };
     }
     tracing::info!(%peer, ?change, "membership change asked");
+    let late = "not committed within 20 s (no quorum, or another change still in flight): see \
+                `amity coordinator status` before asking again";
+    let query = |answer| super::Query::Membership(change, answer);
+    ask_driver(shared, query, MEMBERSHIP_TIMEOUT, late).await
+}
+
+/// Puts a question to the driver (`query` wraps where its answer goes) and waits `wait` for the
+/// answer; `late` says why none came.
+async fn ask_driver(
+    shared: &Shared,
+    query: impl FnOnce(super::Answer) -> super::Query,
+    wait: std::time::Duration,
+    late: &str,
+) -> ServerMsg {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    if shared
-        .queries
-        .send(super::Query::Membership(change, tx))
-        .is_err()
-    {
-        return error(ErrorCode::ShuttingDown, "the coordinator is stopping");
+    if shared.queries.send(query(tx)).is_err() {
+        return ServerMsg::Error {
+            code: ErrorCode::ShuttingDown,
+            message: "the coordinator is stopping".into(),
+        };
     }
-    match tokio::time::timeout(MEMBERSHIP_TIMEOUT, rx).await {
+    match tokio::time::timeout(wait, rx).await {
         Ok(Ok(answer)) => answer,
-        _ => error(
-            ErrorCode::Internal,
-            "not committed within 20 s (no quorum, or another change still in flight): \
-             see `amity coordinator status` before asking again",
-        ),
+        _ => ServerMsg::Error {
+            code: ErrorCode::Internal,
+            message: late.to_owned(),
+        },
     }
 }
 
@@ -396,27 +395,11 @@ const STATUS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// `releases.rs`).
 async fn release_answer(shared: &Shared, name: &str) -> ServerMsg {
     if shared.replica.lock().expect("replica lock").is_some() {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        if shared
-            .queries
-            .send(super::Query::Release(name.to_owned(), tx))
-            .is_err()
-        {
-            return ServerMsg::Error {
-                code: ErrorCode::ShuttingDown,
-                message: "the coordinator is stopping".into(),
-            };
-        }
         let wait = STATUS_TIMEOUT + std::time::Duration::from_millis(super::releases::COPY_WAIT_MS);
-        return match tokio::time::timeout(wait, rx).await {
-            Ok(Ok(answer)) => answer,
-            _ => ServerMsg::Error {
-                code: ErrorCode::Internal,
-                message: "no answer: this replica reaches no leader (a read must be confirmed \
-                          by a majority); ask another replica"
-                    .into(),
-            },
-        };
+        let late = "no answer: this replica reaches no leader (a read must be confirmed by a \
+                    majority); ask another replica";
+        let query = |answer| super::Query::Release(name.to_owned(), answer);
+        return ask_driver(shared, query, wait, late).await;
     }
     let releases = shared.releases.current().await;
     if let Some(r) = release::find(&releases, name) {

@@ -52,25 +52,18 @@ use status::{status, write_status};
 /// connection close reason) when `max_rounds` are done: workers exit instead of reconnecting.
 const FINISHED_REASON: &str = "training finished";
 
-/// A status question from a connection: where its answer goes.
-pub(crate) type StatusQuestion =
-    tokio::sync::oneshot::Sender<amity_protocol::message::CoordinatorStatus>;
+/// Where the driver's answer to a connection's question goes.
+pub(crate) type Answer = tokio::sync::oneshot::Sender<ServerMsg>;
 
-/// What a connection asks the driver.
+/// What a connection asks the driver; each is answered with the message to send back.
 pub(crate) enum Query {
     /// The coordinator's state (a linearizable read on a replica).
-    Status(StatusQuestion),
+    Status(Answer),
     /// A membership change (operators only; checked by the connection), answered with the
     /// status once committed, or with why not.
-    Membership(
-        amity_protocol::message::MembershipChange,
-        tokio::sync::oneshot::Sender<amity_protocol::message::ServerMsg>,
-    ),
+    Membership(amity_protocol::message::MembershipChange, Answer),
     /// A release query to a replica (a linearizable read of the group's releases).
-    Release(
-        String,
-        tokio::sync::oneshot::Sender<amity_protocol::message::ServerMsg>,
-    ),
+    Release(String, Answer),
 }
 
 /// What a [`CoordinatorError`] came from.
@@ -326,7 +319,9 @@ async fn run_single(
             Some(query) = queries.recv() => {
                 match query {
                     Query::Status(answer) => {
-                        let _ = answer.send(status::coordinator_status(&core, None));
+                        let _ = answer.send(ServerMsg::Status(status::coordinator_status(
+                            &core, None,
+                        )));
                     }
                     Query::Membership(_, answer) => {
                         let _ = answer.send(ServerMsg::Error {

@@ -18,7 +18,7 @@ use amity_protocol::message::{ErrorCode, MAX_STRING, ServerMsg, brief};
 use amity_release::fetch::{QuicSource, fetch_quic};
 use amity_release::known::Trust;
 use amity_release::sign::PublicKey;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use crate::config::ReplicaEntry;
 use crate::release;
@@ -48,7 +48,7 @@ pub(super) struct Releases {
     conflicts: BTreeSet<String>,
     /// Release queries past their read index, waiting for their release to be copied here:
     /// (give up at, release, where the answer goes).
-    waiting: Vec<(u64, ReleaseRecord, oneshot::Sender<ServerMsg>)>,
+    waiting: Vec<(u64, ReleaseRecord, super::Answer)>,
     /// Copies report here.
     done: (
         mpsc::UnboundedSender<Copied>,
@@ -211,13 +211,7 @@ impl Releases {
 
     /// A release query whose read index this replica has applied: answered from the committed
     /// releases once the one it names is here.
-    pub(super) fn ask(
-        &mut self,
-        shared: &Shared,
-        name: &str,
-        answer: oneshot::Sender<ServerMsg>,
-        mono_ms: u64,
-    ) {
+    pub(super) fn ask(&mut self, shared: &Shared, name: &str, answer: super::Answer, mono_ms: u64) {
         match resolve(&self.committed, name) {
             None => {
                 let names: Vec<&str> = self.committed.iter().map(|r| r.name.as_str()).collect();

@@ -185,7 +185,7 @@ pub(super) struct Driver<'a> {
     /// It was a voter and is no longer: it stops.
     pub(super) removed: bool,
     /// Membership changes proposed here, answered once committed.
-    pub(super) changes: Vec<(Membership, tokio::sync::oneshot::Sender<ServerMsg>)>,
+    pub(super) changes: Vec<(Membership, super::Answer)>,
     /// The group's releases: proposed, copied here, asked for.
     pub(super) releases: Releases,
     pub(super) transport: Transport,
@@ -200,22 +200,9 @@ pub(super) struct Driver<'a> {
     ),
 }
 
-/// A question answered as a linearizable read.
-enum Question {
-    /// The coordinator's state.
-    Status(super::StatusQuestion),
-    /// A release, by name.
-    Release(String, tokio::sync::oneshot::Sender<ServerMsg>),
-}
-
-impl Question {
-    fn is_closed(&self) -> bool {
-        match self {
-            Question::Status(a) => a.is_closed(),
-            Question::Release(_, a) => a.is_closed(),
-        }
-    }
-}
+/// A question answered as a linearizable read: the coordinator's state (no release named), or
+/// a release by name; and where the answer goes.
+type Question = (Option<String>, super::Answer);
 
 /// Questions asked as linearizable reads: each waits for its read index, then for the core to
 /// have applied it.
@@ -232,7 +219,7 @@ impl Reads {
     fn ask(&mut self, question: Question) -> Vec<u8> {
         self.next += 1;
         // Questions whose asker gave up are forgotten.
-        self.asked.retain(|_, a| !a.is_closed());
+        self.asked.retain(|_, (_, a)| !a.is_closed());
         self.asked.insert(self.next, question);
         self.next.to_le_bytes().to_vec()
     }
@@ -363,15 +350,13 @@ impl<'a> Driver<'a> {
         let mut status = replica_status(rc);
         status.bytes_sent = self.transport.bytes_sent();
         let mono = clock().mono_ms;
-        for question in self.reads.applied(rc) {
-            match question {
-                Question::Status(answer) => {
-                    let _ =
-                        answer.send(super::status::coordinator_status(rc.core(), Some(&status)));
+        for (release, answer) in self.reads.applied(rc) {
+            match release {
+                None => {
+                    let s = super::status::coordinator_status(rc.core(), Some(&status));
+                    let _ = answer.send(ServerMsg::Status(s));
                 }
-                Question::Release(name, answer) => {
-                    self.releases.ask(self.shared, &name, answer, mono)
-                }
+                Some(name) => self.releases.ask(self.shared, &name, answer, mono),
             }
         }
         self.releases.answer_waiting(self.shared, mono);
@@ -394,8 +379,8 @@ impl<'a> Driver<'a> {
         query: super::Query,
     ) -> Result<Vec<MachineAction>, ReplicaError> {
         let question = match query {
-            super::Query::Status(answer) => Question::Status(answer),
-            super::Query::Release(name, answer) => Question::Release(name, answer),
+            super::Query::Status(answer) => (None, answer),
+            super::Query::Release(name, answer) => (Some(name), answer),
             super::Query::Membership(change, answer) => {
                 return self.change_membership(rc, change, answer);
             }
@@ -437,7 +422,7 @@ impl<'a> Driver<'a> {
         &mut self,
         rc: &mut ReplicatedCore,
         change: MembershipChange,
-        answer: tokio::sync::oneshot::Sender<ServerMsg>,
+        answer: super::Answer,
     ) -> Result<Vec<MachineAction>, ReplicaError> {
         let refuse = |code, message: String| ServerMsg::Error { code, message };
         let not_leader =
