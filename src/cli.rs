@@ -31,6 +31,9 @@ pub enum Command {
     Coordinator(crate::federated_cmd::CoordinatorArgs),
     /// Join a coordinator with this machine's GPU or CPU and train on the shards it assigns.
     Worker(crate::federated_cmd::WorkerArgs),
+    /// Check this machine before joining: backends and speed, memory, disk, UDP buffers,
+    /// certificate, and path MTU, reachability, round trip and clock offset to the coordinator.
+    Doctor(crate::doctor_cmd::DoctorArgs),
     /// Synthesise, ingest and inspect video corpora as content-addressed shards.
     Corpus(crate::corpus_cmd::CorpusArgs),
     /// Train the JEPA on this machine alone, from a shard store or synthetic clips.
@@ -57,6 +60,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Demo(args) => crate::demo::demo(args),
         Command::Coordinator(args) => crate::federated_cmd::coordinator(args),
         Command::Worker(args) => crate::federated_cmd::worker(args, cli.log_format),
+        Command::Doctor(args) => crate::doctor_cmd::doctor(args),
         Command::Corpus(args) => crate::corpus_cmd::run(args),
         Command::Train(args) => crate::train_cmd::run(args),
         Command::Release(a) => crate::release_cmd::release(a),

@@ -232,6 +232,12 @@ fn coordinator_config(
         aggregation: AggregationConfig::default(),
         retention: Default::default(),
         replication: None,
+        // The dashboard on a free loopback port, for a person watching the demo.
+        http: Some(amity_coordinator::config::HttpConfig {
+            listen: "127.0.0.1:0".parse()?,
+            admin_token_file: None,
+            telemetry_clips: 32,
+        }),
     };
     std::fs::write(
         state_dir.join("coordinator.toml"),
@@ -261,8 +267,10 @@ async fn train_and_release(
     let (tx, rx) = tokio::sync::oneshot::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     // The coordinator stays up after the last round: it serves the release below.
+    let (http_tx, http_rx) = tokio::sync::oneshot::channel();
     let controls = server::Controls {
         bound: Some(tx),
+        http_bound: Some(http_tx),
         ..Default::default()
     };
     let coord_id = Identity::load_from_ca_dir(&cfg.ca_dir, "coordinator")?;
@@ -270,6 +278,9 @@ async fn train_and_release(
         let _ = stop_rx.await;
     }));
     let addr = rx.await.context("coordinator did not start")?;
+    if let Ok(web) = http_rx.await {
+        println!("  dashboard: http://{web}/ (while the demo trains)");
+    }
     let mut workers = Vec::new();
     for (name, slowdown) in WORKERS {
         let opts = WorkerOptions {
@@ -283,6 +294,7 @@ async fn train_and_release(
             slowdown,
             fault: None,
             progress: amity_worker::Progress::Off,
+            metrics: None,
         };
         let id = Identity::load_from_ca_dir(&cfg.ca_dir, name)?;
         let stop = Arc::new(AtomicBool::new(false));

@@ -81,6 +81,9 @@ pub struct WorkerArgs {
     /// `replay`, `scale:<factor>`, `noise:<sigma>` or `claim:<factor>`.
     #[arg(long, hide = true)]
     pub fault: Option<String>,
+    /// Serve Prometheus `/metrics` on this TCP address (e.g. `127.0.0.1:9465`).
+    #[arg(long)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -107,6 +110,7 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
     let controls = server::Controls {
         exit_when_finished: args.exit_when_finished,
         bound: None,
+        http_bound: None,
         revocations: Some(reloaded),
     };
     let status = rt.block_on(server::run(cfg, identity, controls, async {
@@ -208,6 +212,7 @@ pub fn worker(args: WorkerArgs, log_format: crate::logging::LogFormat) -> Result
             crate::logging::LogFormat::Text => amity_worker::Progress::Lines,
             crate::logging::LogFormat::Json => amity_worker::Progress::Log,
         },
+        metrics: args.metrics_listen,
     };
     let progress = opts.progress;
     let stop = Arc::new(AtomicBool::new(false));

@@ -8,6 +8,7 @@ mod ca_cmd;
 mod cli;
 mod corpus_cmd;
 mod demo;
+mod doctor_cmd;
 mod federated_cmd;
 mod logging;
 mod members_cmd;

@@ -27,7 +27,7 @@ fn run(tool: &str, args: &[&str]) -> std::process::Output {
 fn the_example_coordinator_config_loads_with_the_built_in_defaults() {
     let cfg = CoordinatorConfig::load(&deploy().join("coordinator.toml")).unwrap();
     let text = "listen = \"0.0.0.0:7700\"\nstate_dir = \"/var/lib/amity/coordinator\"\n\
-                ca_dir = \"/etc/amity/ca\"\npreset = \"tiny\"\n";
+                ca_dir = \"/etc/amity/ca\"\npreset = \"tiny\"\n[http]\n";
     let dir = scratch("deploy-config");
     std::fs::write(dir.join("minimal.toml"), text).unwrap();
     let minimal = CoordinatorConfig::load(&dir.join("minimal.toml")).unwrap();

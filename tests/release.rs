@@ -4,7 +4,7 @@
 //! the documented Python snippet use it.
 
 use crate::common::cluster::{cluster, wait};
-use crate::common::{amity, ok, s, scratch, tiny_checkpoint};
+use crate::common::{amity, ok, python_venv, s, scratch, tiny_checkpoint};
 
 use std::path::Path;
 use std::process::Output;
@@ -321,28 +321,7 @@ fn python_snippet_loads_the_release(release: &Path, ckpt: &Checkpoint) {
         return;
     };
     assert!(out.status.success());
-    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("python-interop");
-    let python = venv.join("bin/python");
-    let ready = std::process::Command::new(&python)
-        .args(["-c", "import numpy, safetensors"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ready {
-        let made = std::process::Command::new("python3")
-            .args(["-m", "venv", s(&venv)])
-            .output()
-            .unwrap();
-        assert!(made.status.success(), "python3 -m venv: {made:?}");
-        let pip = std::process::Command::new(venv.join("bin/pip"))
-            .args(["install", "-q", "numpy", "safetensors"])
-            .output()
-            .unwrap();
-        assert!(
-            pip.status.success(),
-            "pip install numpy safetensors: {}",
-            String::from_utf8_lossy(&pip.stderr)
-        );
-    }
+    let python = python_venv("python-interop", &["numpy", "safetensors"]);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/load_release.py");
     let out = std::process::Command::new(&python)
         .arg(&script)

@@ -8,6 +8,7 @@ mod common;
 
 mod cli;
 mod corpus;
+mod dashboard;
 mod deploy;
 mod federated;
 mod hostile;

@@ -310,6 +310,25 @@ pub fn screen(
     (accepted, rejected, alignment)
 }
 
+/// A short, stable label for a rejection reason written by the coordinator (the screens here,
+/// contribution scoring, the shell's refusals), for a metric's `reason` label: `non_finite`,
+/// `rms_cap`, `norm`, `disagreement`, `held_out_loss`, `refused` (did not decode or match its
+/// announcement), else `other`.
+pub fn rejection_kind(reason: &str) -> &'static str {
+    const KINDS: [(&str, &str); 6] = [
+        ("contains NaN", "non_finite"),
+        ("root-mean-square value", "rms_cap"),
+        ("norm ", "norm"),
+        ("points away", "disagreement"),
+        ("raises the held-out loss", "held_out_loss"),
+        ("refused on arrival", "refused"),
+    ];
+    KINDS
+        .iter()
+        .find(|(start, _)| reason.starts_with(start))
+        .map_or("other", |(_, kind)| kind)
+}
+
 /// While three or more updates remain, rejects the one that agrees least with the sum of the
 /// others if its cosine is below `min`. One at a time, because a hostile update also lowers
 /// the agreement of the honest ones with "the others" it is part of.
@@ -449,6 +468,34 @@ mod tests {
             values,
             weight,
         }
+    }
+
+    #[test]
+    fn each_screen_s_reason_has_its_kind() {
+        let cfg = AggregationConfig::default();
+        let small = |k: f32| vec![0.01 + k, 0.02, -0.01, 0.005];
+        let cands = vec![
+            cand("a", small(0.0), 1.0),
+            cand("b", small(0.001), 1.0),
+            cand("c", small(-0.001), 1.0),
+            cand("nan", vec![f32::NAN, 0.0, 0.0, 0.0], 1.0),
+            cand("big", vec![10.0; 4], 1.0),
+            cand("long", small(0.0).iter().map(|v| v * 50.0).collect(), 1.0),
+        ];
+        let (_, out, _) = screen(cands, &[], &[], &cfg);
+        let kinds: Vec<(&str, &str)> = out
+            .iter()
+            .map(|(c, why)| (c.from.as_str(), rejection_kind(why)))
+            .collect();
+        assert_eq!(
+            kinds,
+            [("nan", "non_finite"), ("big", "rms_cap"), ("long", "norm")]
+        );
+        assert_eq!(
+            rejection_kind("points away from the others"),
+            "disagreement"
+        );
+        assert_eq!(rejection_kind("something new"), "other");
     }
 
     #[test]

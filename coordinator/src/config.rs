@@ -231,6 +231,65 @@ pub struct CoordinatorConfig {
     /// This coordinator as one replica of several (Raft); absent for a single coordinator.
     #[serde(default)]
     pub replication: Option<ReplicationConfig>,
+    /// The dashboard, `/metrics` and the admin actions over HTTP; absent: no HTTP server.
+    #[serde(default)]
+    pub http: Option<HttpConfig>,
+}
+
+/// `[http]`: the operator's web surface ([`crate::server`]'s dashboard, `/metrics`,
+/// `/status.json` and the admin actions).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// TCP address to serve on. Loopback by default: reach it through an SSH tunnel or a
+    /// reverse proxy that adds TLS.
+    #[serde(default = "default_http_listen")]
+    pub listen: SocketAddr,
+    /// A file holding the bearer token that admin actions (pause, resume, revoke) must present.
+    /// Without it admin actions are refused. Over plain HTTP the token is only accepted on a
+    /// loopback address (elsewhere it would cross the network in clear).
+    #[serde(default)]
+    pub admin_token_file: Option<PathBuf>,
+    /// Held-out clips on which the target encoder's collapse telemetry (per-dimension std,
+    /// RankMe) is measured after every round, for the dashboard and `/metrics` (0: off).
+    #[serde(default = "default_telemetry_clips")]
+    pub telemetry_clips: usize,
+}
+
+fn default_http_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9464))
+}
+fn default_telemetry_clips() -> usize {
+    64
+}
+
+impl HttpConfig {
+    /// The admin token, read from `admin_token_file` (surrounding whitespace trimmed).
+    pub fn admin_token(&self) -> Result<Option<String>, ConfigError> {
+        let Some(path) = &self.admin_token_file else {
+            return Ok(None);
+        };
+        let token = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let token = token.trim().to_owned();
+        if token.len() < 16 {
+            return Err(ConfigError::Invalid(format!(
+                "{}: an admin token needs at least 16 characters (e.g. `openssl rand -hex 32`)",
+                path.display()
+            )));
+        }
+        if !self.listen.ip().is_loopback() {
+            return Err(ConfigError::Invalid(format!(
+                "[http] listen = {}: admin actions over plain HTTP are only served on a loopback \
+                 address, where the token does not cross the network; bind to 127.0.0.1 and put \
+                 a TLS reverse proxy or an SSH tunnel in front, or drop admin_token_file",
+                self.listen
+            )));
+        }
+        Ok(Some(token))
+    }
 }
 
 /// `[replication]`: who this replica is and where every replica is.
@@ -313,6 +372,7 @@ impl CoordinatorConfig {
             .into_iter()
             .chain(cfg.corpus.as_mut())
             .chain(cfg.run_config.as_mut())
+            .chain(cfg.http.as_mut().and_then(|h| h.admin_token_file.as_mut()))
         {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -322,10 +382,17 @@ impl CoordinatorConfig {
             Some(r) => r.check(&cfg.name),
             None => Ok(()),
         };
-        replication.and_then(|()| cfg.core()).map_err(|e| match e {
-            ConfigError::Invalid(m) => ConfigError::Invalid(format!("{}: {m}", path.display())),
-            other => other,
-        })?;
+        let http = match &cfg.http {
+            Some(h) => h.admin_token().map(drop),
+            None => Ok(()),
+        };
+        replication
+            .and(http)
+            .and_then(|()| cfg.core())
+            .map_err(|e| match e {
+                ConfigError::Invalid(m) => ConfigError::Invalid(format!("{}: {m}", path.display())),
+                other => other,
+            })?;
         Ok(cfg)
     }
 

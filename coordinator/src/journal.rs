@@ -36,8 +36,8 @@ pub struct Journal {
 pub struct ResumePoint {
     /// The snapshot of the last closed round (`None`: no round closed yet).
     pub snapshot: Option<BlobId>,
-    /// Updates accepted after it, in order.
-    pub accepted: Vec<LogEntry>,
+    /// What was logged after it, in order: accepted updates and operator decisions.
+    pub after: Vec<LogEntry>,
 }
 
 impl Journal {
@@ -140,26 +140,27 @@ impl Journal {
         Ok(self
             .entries()?
             .into_iter()
-            .map(|entry| match entry {
-                LogEntry::RoundClosed { snapshot, .. } => snapshot,
-                LogEntry::UpdateAccepted { blob, .. } => blob,
+            .filter_map(|entry| match entry {
+                LogEntry::RoundClosed { snapshot, .. } => Some(snapshot),
+                LogEntry::UpdateAccepted { blob, .. } => Some(blob),
+                LogEntry::Operator(_) => None,
             })
             .collect())
     }
 
-    /// The last closed round's snapshot and the updates accepted after it.
+    /// The last closed round's snapshot and what was logged after it.
     pub fn resume_point(&self) -> Result<ResumePoint, JournalError> {
         let mut point = ResumePoint {
             snapshot: None,
-            accepted: Vec::new(),
+            after: Vec::new(),
         };
         for entry in self.entries()? {
             match entry {
                 LogEntry::RoundClosed { snapshot, .. } => {
                     point.snapshot = Some(snapshot);
-                    point.accepted.clear();
+                    point.after.clear();
                 }
-                accepted @ LogEntry::UpdateAccepted { .. } => point.accepted.push(accepted),
+                later => point.after.push(later),
             }
         }
         Ok(point)
@@ -207,7 +208,7 @@ mod tests {
         let mut j = Journal::open(&path).unwrap();
         let p = j.resume_point().unwrap();
         assert_eq!(p.snapshot, Some(BlobId([9; 32])));
-        assert_eq!(p.accepted, vec![accepted(1)]);
+        assert_eq!(p.after, vec![accepted(1)]);
         assert_eq!(j.append(&accepted(1)).unwrap(), 3);
         assert_eq!(j.entries().unwrap().len(), 4);
         std::fs::remove_dir_all(&dir).unwrap();

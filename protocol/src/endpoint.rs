@@ -85,6 +85,56 @@ pub fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     Ok(socket.into())
 }
 
+/// The UDP buffer sizes the OS grants a socket that asks for [`SOCKET_BUFFER`]: (receive,
+/// send) in bytes. Linux caps them at `net.core.rmem_max` / `wmem_max`.
+pub fn granted_buffers() -> std::io::Result<(usize, usize)> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    // Linux reports twice what it grants (the other half is its own bookkeeping).
+    let halve = |n: usize| if cfg!(target_os = "linux") { n / 2 } else { n };
+    Ok((
+        halve(socket.recv_buffer_size()?),
+        halve(socket.send_buffer_size()?),
+    ))
+}
+
+/// The path MTU towards `to` as the kernel knows it now (the route's interface MTU until
+/// path-MTU discovery learns a smaller one), in bytes of IP packet. Linux only.
+#[cfg(target_os = "linux")]
+pub fn path_mtu(to: SocketAddr) -> std::io::Result<u32> {
+    use std::os::fd::AsRawFd;
+    let bind: SocketAddr = if to.is_ipv6() {
+        "[::]:0".parse().expect("address")
+    } else {
+        "0.0.0.0:0".parse().expect("address")
+    };
+    let socket = UdpSocket::bind(bind)?;
+    socket.connect(to)?;
+    let (level, name) = if to.is_ipv6() {
+        (libc::IPPROTO_IPV6, libc::IPV6_MTU)
+    } else {
+        (libc::IPPROTO_IP, libc::IP_MTU)
+    };
+    let mut mtu: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `mtu`, an int it is given the size of.
+    let r = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (&mut mtu as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(mtu as u32)
+}
+
 /// A server endpoint on `addr` (port 0 picks a free port).
 pub fn server(addr: SocketAddr, config: quinn::ServerConfig) -> std::io::Result<quinn::Endpoint> {
     quinn::Endpoint::new(

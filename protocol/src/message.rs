@@ -295,6 +295,9 @@ pub enum ServerMsg {
         protocol: u32,
         /// The peer's identity as the server sees it (its certificate name).
         identity: String,
+        /// The server's wall clock when it answered, milliseconds since the Unix epoch (what
+        /// `amity doctor` measures a clock offset against).
+        time_ms: u64,
     },
     /// Registration accepted.
     Registered {
@@ -699,8 +702,13 @@ mod tests {
 
     fn server_msg() -> impl Strategy<Value = ServerMsg> {
         prop_oneof![
-            (any::<u32>(), ".{0,30}")
-                .prop_map(|(protocol, identity)| ServerMsg::Welcome { protocol, identity }),
+            (any::<u32>(), ".{0,30}", any::<u64>()).prop_map(|(protocol, identity, time_ms)| {
+                ServerMsg::Welcome {
+                    protocol,
+                    identity,
+                    time_ms,
+                }
+            }),
             (any::<u64>(), ".{0,200}", ".{0,20}").prop_map(|(worker, run, codec)| {
                 ServerMsg::Registered {
                     worker,

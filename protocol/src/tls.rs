@@ -88,13 +88,17 @@ fn write_new(path: &Path, contents: &str, secret: bool) -> Result<(), TlsError> 
     f.sync_all().map_err(io)
 }
 
-fn check_name(name: &str) -> Result<(), TlsError> {
-    let ok = !name.is_empty()
+/// Whether `name` is a usable certificate name: 1-64 of `A-Z a-z 0-9 - _ .`.
+pub fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
         && name.len() <= 64
         && name
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok {
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn check_name(name: &str) -> Result<(), TlsError> {
+    if is_valid_name(name) {
         Ok(())
     } else {
         Err(TlsError::BadName(name.to_owned()))
@@ -301,6 +305,28 @@ pub fn cert_name(cert: &CertificateDer<'_>) -> Option<String> {
     })
 }
 
+/// A certificate's validity window (not before, not after), seconds since the Unix epoch.
+pub fn cert_validity(cert: &CertificateDer<'_>) -> Option<(i64, i64)> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let v = x509.validity();
+    Some((v.not_before.timestamp(), v.not_after.timestamp()))
+}
+
+/// Whether `cert` is issued by `ca`: it names `ca`'s subject as its issuer and its signature
+/// verifies with `ca`'s key.
+pub fn issued_by(cert: &CertificateDer<'_>, ca: &CertificateDer<'_>) -> bool {
+    match (
+        x509_parser::parse_x509_certificate(cert),
+        x509_parser::parse_x509_certificate(ca),
+    ) {
+        (Ok((_, c)), Ok((_, a))) => {
+            c.issuer().as_raw() == a.subject().as_raw()
+                && c.verify_signature(Some(a.public_key())).is_ok()
+        }
+        _ => false,
+    }
+}
+
 /// The role a certificate marks (see [`CertRole`]).
 pub fn cert_role(cert: &CertificateDer<'_>) -> CertRole {
     let Ok((_, x509)) = x509_parser::parse_x509_certificate(cert) else {
@@ -343,6 +369,14 @@ impl Revocations {
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .contains(name)
+    }
+
+    /// The names on the list.
+    pub fn names(&self) -> BTreeSet<String> {
+        self.0
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 
     /// Replaces the list; returns the names newly revoked.
@@ -628,4 +662,33 @@ fn peer_cert(conn: &quinn::Connection) -> Option<CertificateDer<'static>> {
         .downcast::<Vec<CertificateDer<'static>>>()
         .ok()?;
     certs.first().cloned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_certificate_is_issued_by_its_own_ca_only_and_reads_its_validity() {
+        let root = std::env::temp_dir().join(format!("amity-tls-issued-{}", std::process::id()));
+        let (a, b) = (root.join("a"), root.join("b"));
+        for dir in [&a, &b] {
+            let _ = std::fs::remove_dir_all(dir);
+            // Same operator name: same subject, different keys.
+            init_ca(dir, "Example Consortium").unwrap();
+        }
+        issue(&a, "uni-a", &[]).unwrap();
+        let id = Identity::load_from_ca_dir(&a, "uni-a").unwrap();
+        let other = Identity::load(
+            &a.join("uni-a.crt"),
+            &a.join("uni-a.key"),
+            &b.join("ca.crt"),
+        )
+        .unwrap();
+        assert!(issued_by(&id.chain[0], &id.ca));
+        assert!(!issued_by(&other.chain[0], &other.ca));
+        let (from, until) = cert_validity(&id.chain[0]).unwrap();
+        assert!(from < until);
+        let _ = std::fs::remove_dir_all(&root);
+    }
 }

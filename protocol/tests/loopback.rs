@@ -95,6 +95,7 @@ fn start_server(ca: &Path, revoked: &[&str], blobs: HashMap<BlobId, PathBuf>) ->
                                     .send(&ServerMsg::Welcome {
                                         protocol: PROTOCOL_VERSION,
                                         identity: name,
+                                        time_ms: 0,
                                     })
                                     .await;
                                 s.finish();
@@ -157,7 +158,9 @@ async fn mutual_tls_accepts_members_and_refuses_strangers_and_revoked_names() {
     let conn = connect(&ca, "uni-a", server.addr).await.unwrap();
     assert_eq!(peer_name(&conn).as_deref(), Some("coordinator"));
     match hello(&conn).await.unwrap() {
-        ServerMsg::Welcome { identity, protocol } => {
+        ServerMsg::Welcome {
+            identity, protocol, ..
+        } => {
             assert_eq!(
                 identity, "uni-a",
                 "the worker's identity is its certificate name"

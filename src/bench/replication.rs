@@ -229,6 +229,7 @@ fn coordinator_config(out: &Path, listen: SocketAddr, rounds: u64) -> Result<Coo
         aggregation: Default::default(),
         retention: Default::default(),
         replication: None,
+        http: None,
     })
 }
 

@@ -54,3 +54,33 @@ pub fn tiny_checkpoint(dir: &Path) -> PathBuf {
     ]));
     out.join("checkpoint.safetensors")
 }
+
+/// The Python of a virtual environment under the test target folder holding `packages` (from
+/// PyPI), made on first use and kept between runs (`name` tells environments apart).
+pub fn python_venv(name: &str, packages: &[&str]) -> PathBuf {
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let python = venv.join("bin/python");
+    let imports: Vec<String> = packages.iter().map(|p| p.replace('-', "_")).collect();
+    let ready = Command::new(&python)
+        .args(["-c", &format!("import {}", imports.join(", "))])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ready {
+        let made = Command::new("python3")
+            .args(["-m", "venv", s(&venv)])
+            .output()
+            .unwrap();
+        assert!(made.status.success(), "python3 -m venv: {made:?}");
+        let pip = Command::new(venv.join("bin/pip"))
+            .args(["install", "-q"])
+            .args(packages)
+            .output()
+            .unwrap();
+        assert!(
+            pip.status.success(),
+            "pip install {packages:?}: {}",
+            String::from_utf8_lossy(&pip.stderr)
+        );
+    }
+    python
+}

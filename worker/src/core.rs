@@ -32,8 +32,10 @@ use amity_shared::federated::{
 use amity_shared::store::BlobId;
 
 mod io;
+mod report;
 
 pub use io::{Disconnect, Input, TrainJob, WorkerAction};
+pub use report::{WorkerGauges, WorkerSummary, human};
 
 /// The first wait before reconnecting; it doubles on each failed attempt up to
 /// [`MAX_BACKOFF`], and starts over once a connection is up.
@@ -141,6 +143,8 @@ pub struct WorkerCore {
     seq: u64,
     /// Throughput measured at the last registration.
     throughput: f32,
+    /// When the running training job started, and the clips per second of the last one.
+    training: (u64, Option<f32>),
     /// Blobs in the cache that belong to one round (states, deltas, our updates), by round:
     /// deleted two rounds on, so that a long run does not fill the disk. Shards stay (every
     /// epoch trains them again).
@@ -167,6 +171,7 @@ impl WorkerCore {
             stopping: false,
             seq: 0,
             throughput: 0.0,
+            training: (0, None),
             transient: VecDeque::new(),
             finished: false,
         };
@@ -176,6 +181,15 @@ impl WorkerCore {
     /// What the worker did so far.
     pub fn summary(&self) -> &WorkerSummary {
         &self.summary
+    }
+
+    /// Where the worker stands now.
+    pub fn gauges(&self) -> WorkerGauges {
+        WorkerGauges {
+            registered: self.link == Link::Up,
+            round: self.current.as_ref().map(|(r, _)| r.announce.round),
+            samples_per_s: self.training.1.unwrap_or(self.throughput),
+        }
     }
 
     /// The error-feedback residual: what compression held back from the updates sent so far.
@@ -223,6 +237,7 @@ impl WorkerCore {
             Input::ShardsReady { downloaded } => {
                 self.summary.bytes_down += downloaded;
                 if let Some((round, Step::Shards)) = self.current.take() {
+                    self.training.0 = now_ms;
                     out.push(WorkerAction::Train(self.train_job(&round, now_ms)));
                     self.current = Some((round, Step::Training));
                 }
@@ -570,6 +585,7 @@ impl WorkerCore {
             self.params = Some((start.clone(), r.announce.params));
         }
         if r.shards.is_empty() {
+            self.training.0 = now_ms;
             let job = self.train_job(&r, now_ms);
             out.push(WorkerAction::Train(job));
             self.current = Some((r, Step::Training));
@@ -624,6 +640,12 @@ impl WorkerCore {
         };
         if let Ok(u) = &result {
             self.summary.steps += u.steps;
+            self.summary.samples += u.samples;
+            self.summary.last_loss = u.loss.mean;
+            let secs = now_ms.saturating_sub(self.training.0) as f32 / 1000.0;
+            if secs > 0.0 && u.samples > 0 {
+                self.training.1 = Some(u.samples as f32 / secs);
+            }
         }
         if self.stopping {
             // Ctrl-C: the round's upload is abandoned.
@@ -823,33 +845,6 @@ pub enum WorkerError {
     /// A TLS handshake failed over certificates: reconnecting cannot mend it.
     #[error("{0}")]
     Handshake(String),
-}
-
-/// What a worker did, for its exit summary.
-#[derive(Debug, Clone, Default)]
-pub struct WorkerSummary {
-    /// Rounds whose update was acknowledged.
-    pub rounds: u64,
-    /// Local steps taken.
-    pub steps: u64,
-    /// Bytes uploaded (updates).
-    pub bytes_up: u64,
-    /// Bytes downloaded (state, deltas, shards).
-    pub bytes_down: u64,
-}
-
-/// `1.2 MB` style sizes.
-pub fn human(bytes: u64) -> String {
-    let b = bytes as f64;
-    if b >= 1e9 {
-        format!("{:.2} GB", b / 1e9)
-    } else if b >= 1e6 {
-        format!("{:.1} MB", b / 1e6)
-    } else if b >= 1e3 {
-        format!("{:.1} kB", b / 1e3)
-    } else {
-        format!("{bytes} B")
-    }
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 pub use amity_shared::device::Backend;
 
 pub mod core;
+pub mod metrics;
 pub mod run;
 
 pub use core::{Fault, WorkerCore, WorkerError, WorkerSummary, human};

@@ -84,6 +84,8 @@ pub struct WorkerOptions {
     pub fault: Option<Fault>,
     /// Where progress lines (steps, rounds) go.
     pub progress: Progress,
+    /// TCP address to serve Prometheus `/metrics` on (`None`: no metrics server).
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Where a worker's progress lines go.
@@ -177,6 +179,19 @@ pub async fn run(
         core,
     };
     shell.carry_out(first).await;
+    let board = crate::metrics::Board::new(shell.opts.backend.name());
+    let metrics = match shell.opts.metrics {
+        Some(addr) => {
+            let what = format!("metrics on {addr}");
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(setup(&what))?;
+            let bound = listener.local_addr().map_err(setup(&what))?;
+            tracing::info!(url = %format!("http://{bound}/metrics"), "metrics listening");
+            Some(crate::metrics::serve(listener, board.clone()))
+        }
+        None => None,
+    };
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     // The core decides when the worker is done. Its `Finish` carries the outcome; a `Finish`
     // dropped behind a failed goodbye (the coordinator closed first) is a clean end.
@@ -185,6 +200,10 @@ pub async fn run(
             let actions = shell.core.handle(input, shell.now_ms());
             shell.carry_out(actions).await;
         }
+        board.set(shell.core.summary(), shell.core.gauges());
+    }
+    if let Some(m) = metrics {
+        m.abort();
     }
     shell.close_link();
     shell.endpoint.wait_idle().await;
@@ -600,7 +619,10 @@ async fn until(at: Option<tokio::time::Instant>) {
 }
 
 /// Measures clips/s of this machine on the run's model (a few steps, after one warm-up).
-fn measure_throughput(run: &Config, device: &Device, slowdown: f64) -> f32 {
+/// Training throughput of `run`'s model on `device`, clips per second (a few steps of a batch
+/// of at most 8, after one to warm up), times `1 / slowdown`. What a worker registers with, and
+/// what `amity doctor` reports.
+pub fn measure_throughput(run: &Config, device: &Device, slowdown: f64) -> f32 {
     let mut cfg = run.clone();
     cfg.train.batch = cfg.train.batch.min(8);
     let mut t = Trainer::new(cfg.clone(), device);

@@ -61,6 +61,8 @@ pub enum LoggedEvent {
         /// Why.
         reason: String,
     },
+    /// [`Event::Operator`].
+    Operator(super::OperatorAction),
     /// [`Event::Tick`].
     Tick,
 }
@@ -128,6 +130,7 @@ impl Command {
                 round: *round,
                 reason: reason.clone(),
             },
+            Event::Operator(action) => LoggedEvent::Operator(action.clone()),
             Event::Tick => LoggedEvent::Tick,
         };
         Command {
@@ -170,6 +173,7 @@ impl Command {
                 round,
                 reason,
             },
+            LoggedEvent::Operator(action) => Event::Operator(action),
             LoggedEvent::Tick => Event::Tick,
         };
         Ok((event, self.at_ms))

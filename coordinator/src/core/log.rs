@@ -40,6 +40,8 @@ pub enum LogEntry {
         /// Parameters hash after the round.
         params: BlobId,
     },
+    /// An operator decision (applied on a restart after the snapshot it follows).
+    Operator(super::OperatorAction),
 }
 
 /// What a closed round did.

@@ -14,16 +14,20 @@
 
 mod command;
 mod log;
+mod operator;
 mod round;
 mod shard_plan;
 mod snapshot;
 #[cfg(test)]
 mod tests;
+mod view;
 
 pub use command::{BadCommand, Command, LoggedEvent, UpdateRef};
 pub use log::{LogEntry, Provenance, RoundSummary};
+pub use operator::{OperatorAction, OperatorState};
 pub use shard_plan::ShardPlan;
 pub use snapshot::{LiveState, Snapshot, SnapshotError, SnapshotMeta};
+pub use view::SessionView;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -131,6 +135,8 @@ pub enum Event {
         /// Why.
         reason: String,
     },
+    /// An operator decided something ([`OperatorAction`]).
+    Operator(OperatorAction),
     /// Time passed.
     Tick,
 }
@@ -165,6 +171,9 @@ pub enum Action {
     RoundClosed(RoundSummary),
     /// The configured number of rounds is done.
     Finished,
+    /// The operator's decisions changed (or, at start-up, are these): apply what the shell
+    /// enforces (revoked names).
+    Operator(OperatorState),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -235,6 +244,8 @@ pub struct Core {
     init_hash: BlobId,
     /// Measures each update's effect on held-out clips (contribution scoring), when set.
     scorer: Option<Box<dyn HeldOutLoss>>,
+    /// The operator's standing decisions (pause, revoked names).
+    operator: OperatorState,
 }
 
 const NORM_HISTORY: usize = 32;
@@ -299,6 +310,7 @@ impl Core {
             now_ms: 0,
             started_any: false,
             scorer: None,
+            operator: OperatorState::default(),
         };
         let mut out = Vec::new();
         core.store_state(&mut out);
@@ -350,6 +362,7 @@ impl Core {
             now_ms: 0,
             started_any: false,
             scorer: None,
+            operator: snap.meta.operator,
         };
         if core.cfg.rounds.max_rounds > 0 && core.round >= core.cfg.rounds.max_rounds {
             core.phase = Phase::Finished;
@@ -363,6 +376,7 @@ impl Core {
         }
         let mut out = Vec::new();
         core.store_state(&mut out);
+        out.push(Action::Operator(core.operator.clone()));
         Ok((core, out))
     }
 
@@ -530,6 +544,7 @@ impl Core {
                     self.refused.push((name, reason));
                 }
             }
+            Event::Operator(action) => self.on_operator(action, &mut out),
             Event::Tick => {}
         }
         self.expire_silent();
@@ -538,6 +553,18 @@ impl Core {
     }
 
     fn on_join(&mut self, worker: WorkerId, info: JoinInfo, out: &mut Vec<Action>) {
+        // The shell refuses revoked names at the handshake; one that registered before the
+        // revocation reached it is turned away here.
+        if self.operator.revoked.contains(&info.name) {
+            out.push(Action::Send {
+                worker,
+                msg: ServerMsg::Error {
+                    code: ErrorCode::Revoked,
+                    message: format!("{} is revoked by the operator", info.name),
+                },
+            });
+            return;
+        }
         let mut owned = self
             .plan
             .shards
@@ -762,6 +789,7 @@ impl Core {
         loop {
             match &self.phase {
                 Phase::Finished => return,
+                Phase::Idle if self.operator.paused => return,
                 Phase::Idle => {
                     // `min_workers` gates the first round this process runs (also after a
                     // restart, so that reconnecting workers are gathered before the open round
@@ -839,6 +867,7 @@ impl Core {
                     self.downlink.residual().len() as u64,
                 ],
                 live: None,
+                operator: self.operator.clone(),
             },
             params: self.params.clone(),
             momentum: self.outer.momentum.clone(),

@@ -40,6 +40,9 @@ pub struct SnapshotMeta {
     /// coordinator's snapshot has none: its workers reconnect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub live: Option<LiveState>,
+    /// The operator's standing decisions (pause, revoked names).
+    #[serde(default)]
+    pub operator: super::OperatorState,
 }
 
 /// The soft state of a core between two commands: its worker sessions and its phase. It holds

@@ -175,6 +175,7 @@ async fn greet(shared: &Shared, conn: &quinn::Connection, peer: &str) -> Option<
     let welcome = ServerMsg::Welcome {
         protocol: PROTOCOL_VERSION,
         identity: peer.to_owned(),
+        time_ms: amity_protocol::conn::unix_ms(),
     };
     control.send(&welcome).await.ok()?;
     Some(control)

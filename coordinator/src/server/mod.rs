@@ -30,19 +30,22 @@ use crate::retention::Retention;
 use crate::scoring::HeldOut;
 
 mod connection;
+mod http;
 mod limits;
 mod pull;
 mod releases;
 mod replicated;
 mod shared;
 mod status;
+mod telemetry;
 
 pub use limits::{
     ANONYMOUS_STREAMS, HELLO_TIMEOUT, MAX_ANONYMOUS, MAX_ANONYMOUS_PER_IP, MAX_CONNECTIONS,
 };
 pub use replicated::ReplicaStatus;
 pub use shared::Defence;
-pub use status::Status;
+pub use status::{ReleaseView, Status};
+pub use telemetry::RoundTelemetry;
 
 use connection::accept_connections;
 use shared::Shared;
@@ -64,6 +67,12 @@ pub(crate) enum Query {
     Membership(amity_protocol::message::MembershipChange, Answer),
     /// A release query to a replica (a linearizable read of the group's releases).
     Release(String, Answer),
+    /// The full status as this process sees it, for the dashboard and `/metrics` (not a
+    /// linearizable read).
+    Dashboard(tokio::sync::oneshot::Sender<Box<Status>>),
+    /// An operator decision from the admin API, answered with the status once carried out
+    /// (committed, on a replica), or with why not.
+    Operator(crate::core::OperatorAction, Answer),
 }
 
 /// What a [`CoordinatorError`] came from.
@@ -121,7 +130,8 @@ fn storage<E: Into<Cause>>(what: impl std::fmt::Display) -> impl FnOnce(E) -> Co
     }
 }
 
-/// Builds the core: resumed from the journal when it holds a closed round, fresh otherwise.
+/// Builds the core: resumed from the journal when it holds a closed round, fresh otherwise; then
+/// what was logged after that round (accepted updates, operator decisions) is replayed.
 fn build_core(
     cfg: &CoordinatorConfig,
     store: &LocalStore,
@@ -129,32 +139,43 @@ fn build_core(
 ) -> Result<(Core, Vec<Action>), CoordinatorError> {
     let core_cfg = cfg.core().map_err(setup("coordinator config"))?;
     let point = journal.resume_point().map_err(setup("command log"))?;
-    let Some(snap_id) = point.snapshot else {
-        return fresh_core(cfg);
-    };
-    let bytes = store
-        .get(&snap_id)
-        .map_err(setup(format!("snapshot {snap_id}")))?;
-    let snap = Snapshot::from_bytes(&bytes).map_err(setup(format!("snapshot {snap_id}")))?;
-    let (mut core, actions) =
-        Core::restore(core_cfg, snap).map_err(setup(format!("snapshot {snap_id}")))?;
-    let parts = core.update_parts();
-    for entry in &point.accepted {
-        if let LogEntry::UpdateAccepted { blob, .. } = entry {
+    let (mut core, mut actions) = match point.snapshot {
+        None => fresh_core(cfg)?,
+        Some(snap_id) => {
             let bytes = store
-                .get(blob)
-                .map_err(setup(format!("logged update {blob}")))?;
-            let values = codec::decode_parts(&bytes, &parts)
-                .map_err(setup(format!("logged update {blob}")))?;
-            core.replay_update(entry, values);
+                .get(&snap_id)
+                .map_err(setup(format!("snapshot {snap_id}")))?;
+            let snap =
+                Snapshot::from_bytes(&bytes).map_err(setup(format!("snapshot {snap_id}")))?;
+            Core::restore(core_cfg, snap).map_err(setup(format!("snapshot {snap_id}")))?
+        }
+    };
+    let parts = core.update_parts();
+    for entry in &point.after {
+        match entry {
+            LogEntry::UpdateAccepted { blob, .. } => {
+                let bytes = store
+                    .get(blob)
+                    .map_err(setup(format!("logged update {blob}")))?;
+                let values = codec::decode_parts(&bytes, &parts)
+                    .map_err(setup(format!("logged update {blob}")))?;
+                core.replay_update(entry, values);
+            }
+            LogEntry::Operator(action) => core.replay_operator(action),
+            LogEntry::RoundClosed { .. } => {}
         }
     }
-    tracing::info!(
-        round = core.round(),
-        params = %core.params_hash().to_hex(),
-        replayed = point.accepted.len(),
-        "resumed from the command log"
-    );
+    if !point.after.is_empty() {
+        actions.push(Action::Operator(core.operator().clone()));
+    }
+    if point.snapshot.is_some() {
+        tracing::info!(
+            round = core.round(),
+            params = %core.params_hash().to_hex(),
+            replayed = point.after.len(),
+            "resumed from the command log"
+        );
+    }
     Ok((core, actions))
 }
 
@@ -276,6 +297,7 @@ async fn run_single(
     let Controls {
         exit_when_finished,
         bound,
+        http_bound,
         mut revocations,
     } = controls;
     let mut journal = Journal::open(&opened.layout.journal()).map_err(setup("command log"))?;
@@ -303,9 +325,12 @@ async fn run_single(
     write_status(&shared, &core, &checkpoint);
 
     let accept = tokio::spawn(accept_connections(shared.clone(), endpoint.clone()));
+    let web = start_web(&cfg, &shared, core.config(), http_bound).await?;
 
     let start = Instant::now();
     let mut told_finished = false;
+    // The answer owed to an operator decision being carried out.
+    let mut decided = None;
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
     tokio::pin!(shutdown);
     let result = loop {
@@ -317,24 +342,13 @@ async fn run_single(
             }
             _ = tick.tick() => Event::Tick,
             Some(query) = queries.recv() => {
-                match query {
-                    Query::Status(answer) => {
-                        let _ = answer.send(ServerMsg::Status(status::coordinator_status(
-                            &core, None,
-                        )));
+                match answer_here(&shared, &core, &checkpoint, query) {
+                    Some((action, answer)) => {
+                        decided = Some(answer);
+                        Event::Operator(action)
                     }
-                    Query::Membership(_, answer) => {
-                        let _ = answer.send(ServerMsg::Error {
-                            code: ErrorCode::Unexpected,
-                            message: "this coordinator is not replicated: it has no members \
-                                      to change"
-                                .into(),
-                        });
-                    }
-                    // Connections answer release queries themselves here.
-                    Query::Release(_, answer) => drop(answer),
+                    None => continue,
                 }
-                continue;
             }
             e = events.recv() => match e {
                 Some(e) => e,
@@ -364,9 +378,13 @@ async fn run_single(
         if let Some(id) = pulled {
             shared.unpin(&id);
         }
+        if let Some(answer) = decided.take() {
+            let _ = answer.send(ServerMsg::Status(status::coordinator_status(&core, None)));
+        }
         if closed {
             sweep(&shared, &mut retention, Some(&mut journal), &core, None);
             write_status(&shared, &core, &checkpoint);
+            observe_round(&shared, &core);
         }
         if core.finished() {
             if exit_when_finished {
@@ -381,6 +399,9 @@ async fn run_single(
     };
     say_goodbye(&shared, &endpoint, core.finished()).await;
     accept.abort();
+    if let Some(web) = web {
+        web.abort();
+    }
     write_status(&shared, &core, &checkpoint);
     result?;
     Ok(status(&shared, &core, &checkpoint))
@@ -399,6 +420,7 @@ async fn run_replicated(
     let Controls {
         exit_when_finished,
         bound,
+        http_bound,
         mut revocations,
     } = controls;
     let (mut rc, initial) = replicated::open_machine(&cfg, &rep, &opened)?;
@@ -436,6 +458,7 @@ async fn run_replicated(
     driver.carry_out(&mut rc, Ok(initial))?;
     write_status(&shared, rc.core(), &driver.checkpoint);
     let accept = tokio::spawn(accept_connections(shared.clone(), endpoint.clone()));
+    let web = start_web(&cfg, &shared, rc.core().config(), http_bound).await?;
     // Releases published here (`amity release`) are noticed within a second.
     let rescan = tokio::spawn(releases::rescan(shared.clone()));
 
@@ -495,10 +518,84 @@ async fn run_replicated(
     say_goodbye(&shared, &endpoint, rc.core().finished()).await;
     accept.abort();
     rescan.abort();
+    if let Some(web) = web {
+        web.abort();
+    }
     driver.transport.close();
     write_status(&shared, rc.core(), &driver.checkpoint);
     result?;
     Ok(status(&shared, rc.core(), &driver.checkpoint))
+}
+
+/// Answers a question a single coordinator's driver can answer at once; an operator decision is
+/// returned, to be handled as an event and answered once carried out.
+fn answer_here(
+    shared: &Shared,
+    core: &Core,
+    checkpoint: &Option<PathBuf>,
+    query: Query,
+) -> Option<(crate::core::OperatorAction, Answer)> {
+    match query {
+        Query::Status(answer) => {
+            let _ = answer.send(ServerMsg::Status(status::coordinator_status(core, None)));
+        }
+        Query::Membership(_, answer) => {
+            let _ = answer.send(ServerMsg::Error {
+                code: ErrorCode::Unexpected,
+                message: "this coordinator is not replicated: it has no members to change".into(),
+            });
+        }
+        // Connections answer release queries themselves here.
+        Query::Release(_, answer) => drop(answer),
+        Query::Dashboard(answer) => {
+            let _ = answer.send(Box::new(status(shared, core, checkpoint)));
+        }
+        Query::Operator(action, answer) => return Some((action, answer)),
+    }
+    None
+}
+
+/// Starts the operator's web surface and the telemetry probe it shows (with `[http]`).
+async fn start_web(
+    cfg: &CoordinatorConfig,
+    shared: &std::sync::Arc<Shared>,
+    core: &crate::config::CoreConfig,
+    bound: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
+) -> Result<Option<tokio::task::JoinHandle<()>>, CoordinatorError> {
+    let Some(http) = &cfg.http else {
+        return Ok(None);
+    };
+    let token = http.admin_token().map_err(setup("[http]"))?;
+    let listener = tokio::net::TcpListener::bind(http.listen)
+        .await
+        .map_err(setup(format!("dashboard on {}", http.listen)))?;
+    let addr = listener.local_addr().map_err(setup("dashboard address"))?;
+    if http.telemetry_clips > 0 {
+        let source = match &cfg.corpus {
+            Some(dir) => {
+                ClipSource::shards(dir, &core.run.model, None).map_err(setup("telemetry clips"))?
+            }
+            None => ClipSource::synthetic(&core.run.model),
+        };
+        let probe = telemetry::Probe::start(core.run.clone(), source, http.telemetry_clips);
+        let _ = shared.telemetry.set(probe);
+    }
+    tracing::info!(
+        url = %format!("http://{addr}/"),
+        admin = token.is_some(),
+        "dashboard listening"
+    );
+    if let Some(tx) = bound {
+        let _ = tx.send(addr);
+    }
+    Ok(Some(http::serve(listener, shared.clone(), token)))
+}
+
+/// What the shell notes after a round closed: the target encoder's telemetry.
+fn observe_round(shared: &Shared, core: &Core) {
+    if let (Some(probe), Some(last)) = (shared.telemetry.get(), core.history().last()) {
+        probe.measure(last.round, &core.params().target);
+    }
 }
 
 /// Proposes what a connection reported (an update with its encoded bytes, read back from the
@@ -557,6 +654,8 @@ pub struct Controls {
     pub exit_when_finished: bool,
     /// Told the bound address once the endpoint listens.
     pub bound: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
+    /// Told the dashboard's bound address once it listens (with `[http]`).
+    pub http_bound: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
     /// New revocation lists (`amity coordinator` sends one per SIGHUP, re-read from
     /// `coordinator.toml`): names added are refused from their next handshake on, and their
     /// open connections are closed.
@@ -572,18 +671,10 @@ async fn next_revocations(
     }
 }
 
-/// Replaces the revocation list and closes the connections of names newly on it.
+/// Replaces the config file's revocation list (re-read on SIGHUP); the operator's revocations
+/// stay.
 fn revoke(shared: &Shared, names: Vec<String>) {
-    let count = names.len();
-    let added = shared.revoked.replace(names);
-    tracing::info!(
-        revoked = count,
-        added = ?added,
-        "revocation list reloaded"
-    );
-    if !added.is_empty() {
-        shared.revocations_changed.send_modify(|n| *n += 1);
-    }
+    shared.set_revoked(Some(names.into_iter().collect()), None);
 }
 
 /// Raises the soft limit on open files to the hard limit: every blob a peer fetches holds a file
@@ -742,6 +833,7 @@ fn execute_one(
             );
         }
         Action::Finished => tracing::info!("all rounds done"),
+        Action::Operator(state) => shared.set_revoked(None, Some(state.revoked.clone())),
     }
     Ok(())
 }

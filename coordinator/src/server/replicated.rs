@@ -186,6 +186,9 @@ pub(super) struct Driver<'a> {
     pub(super) removed: bool,
     /// Membership changes proposed here, answered once committed.
     pub(super) changes: Vec<(Membership, super::Answer)>,
+    /// Operator decisions proposed here, answered in order as they apply (dropped, so that the
+    /// asker retries, when leadership is lost).
+    pub(super) decisions: std::collections::VecDeque<super::Answer>,
     /// The group's releases: proposed, copied here, asked for.
     pub(super) releases: Releases,
     pub(super) transport: Transport,
@@ -274,6 +277,7 @@ impl<'a> Driver<'a> {
             members: r.members().to_vec(),
             removed: false,
             changes: Vec::new(),
+            decisions: std::collections::VecDeque::new(),
             releases: Releases::new(r.releases().to_vec(), cfg.ca_dir.join("ca.crt")),
             transport,
             retention: Retention::new(cfg.retention),
@@ -305,6 +309,13 @@ impl<'a> Driver<'a> {
                 MachineAction::Core(action) => {
                     closed |= matches!(action, Action::RoundClosed(_));
                     execute_one(self.shared, None, &action, &mut self.checkpoint)?;
+                    if matches!(action, Action::Operator(_))
+                        && rc.replica().is_leader()
+                        && let Some(answer) = self.decisions.pop_front()
+                    {
+                        let s = super::status::coordinator_status(rc.core(), None);
+                        let _ = answer.send(ServerMsg::Status(s));
+                    }
                 }
                 MachineAction::StoreSnapshot { index, bytes } => {
                     let stored = self
@@ -325,6 +336,9 @@ impl<'a> Driver<'a> {
                     term,
                 } => {
                     changed = true;
+                    if !leading {
+                        self.decisions.clear();
+                    }
                     self.leadership(leading, leader, term);
                 }
                 MachineAction::Membership { voters, members } => {
@@ -364,6 +378,7 @@ impl<'a> Driver<'a> {
         *self.shared.replica.lock().expect("replica lock") = Some(status);
         if closed {
             self.sweep(rc);
+            super::observe_round(self.shared, rc.core());
         }
         if closed || changed {
             write_status(self.shared, rc.core(), &self.checkpoint);
@@ -383,6 +398,24 @@ impl<'a> Driver<'a> {
             super::Query::Release(name, answer) => (Some(name), answer),
             super::Query::Membership(change, answer) => {
                 return self.change_membership(rc, change, answer);
+            }
+            super::Query::Dashboard(answer) => {
+                let s = super::status::status(self.shared, rc.core(), &self.checkpoint);
+                let _ = answer.send(Box::new(s));
+                return Ok(Vec::new());
+            }
+            super::Query::Operator(action, answer) => {
+                if !rc.replica().is_leader() {
+                    let leader = leader_address(&self.members, rc.replica().leader());
+                    let _ = answer.send(ServerMsg::Error {
+                        code: ErrorCode::NotLeader,
+                        message: leader,
+                    });
+                    return Ok(Vec::new());
+                }
+                let actions = rc.propose(crate::core::Event::Operator(action), None, clock())?;
+                self.decisions.push_back(answer);
+                return Ok(actions);
             }
         };
         let ctx = self.reads.ask(question);

@@ -2,7 +2,7 @@
 //! way, the caps on strangers and the defence counters.
 
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -70,6 +70,8 @@ pub(super) struct Shared {
     pub(super) releases: release::ReleaseIndex,
     /// Certificate names refused at the handshake (replaced while running).
     pub(super) revoked: Revocations,
+    /// What `revoked` is the union of: the config file's list and the operator's decisions.
+    pub(super) revoked_by: Mutex<RevokedBy>,
     /// Bumped when `revoked` changes, so that connections of newly revoked names close.
     pub(super) revocations_changed: tokio::sync::watch::Sender<u64>,
     /// Anonymous connections open, per IP address.
@@ -81,6 +83,16 @@ pub(super) struct Shared {
     pub(super) redirect: Mutex<Option<String>>,
     /// A replica's place in its group, for `status.json`.
     pub(super) replica: Mutex<Option<super::ReplicaStatus>>,
+    /// Collapse telemetry after each round (started with `[http]`).
+    pub(super) telemetry: std::sync::OnceLock<super::telemetry::Probe>,
+}
+
+/// Where the revoked names come from.
+pub(super) struct RevokedBy {
+    /// `revoked` in `coordinator.toml` (re-read on SIGHUP).
+    pub(super) config: BTreeSet<String>,
+    /// Revoked by an operator while running (the core's [`crate::core::OperatorState`]).
+    pub(super) operator: BTreeSet<String>,
 }
 
 /// An anonymous connection's place under the caps; dropping it frees the place.
@@ -138,12 +150,17 @@ impl Shared {
             pinned: Mutex::new(BTreeMap::new()),
             storage: Mutex::new(Usage::default()),
             releases: release::ReleaseIndex::new(layout.releases()),
+            revoked_by: Mutex::new(RevokedBy {
+                config: revoked.names(),
+                operator: BTreeSet::new(),
+            }),
             revoked,
             revocations_changed: tokio::sync::watch::Sender::new(0),
             anonymous: Mutex::new(HashMap::new()),
             defence: Mutex::new(Defence::default()),
             redirect: Mutex::new(None),
             replica: Mutex::new(None),
+            telemetry: std::sync::OnceLock::new(),
         });
         match shared.store.clear_temp() {
             Ok(0) => {}
@@ -161,6 +178,29 @@ impl Shared {
 }
 
 impl Shared {
+    /// Replaces one source of revoked names (`config` or `operator`, whichever is given): the
+    /// handshake refuses the union from now on, and open connections of names newly on it close.
+    pub(super) fn set_revoked(
+        &self,
+        config: Option<BTreeSet<String>>,
+        operator: Option<BTreeSet<String>>,
+    ) {
+        let mut by = self.revoked_by.lock().expect("revoked lock");
+        if let Some(c) = config {
+            by.config = c;
+        }
+        if let Some(o) = operator {
+            by.operator = o;
+        }
+        let all: Vec<String> = by.config.union(&by.operator).cloned().collect();
+        let count = all.len();
+        let added = self.revoked.replace(all);
+        tracing::info!(revoked = count, added = ?added, "revocation list changed");
+        if !added.is_empty() {
+            self.revocations_changed.send_modify(|n| *n += 1);
+        }
+    }
+
     /// A place for an anonymous connection from `ip`, or `None` over the caps.
     pub(super) fn anonymous_slot(self: &Arc<Self>, ip: IpAddr) -> Option<AnonymousSlot> {
         let mut open = self.anonymous.lock().expect("anonymous lock");

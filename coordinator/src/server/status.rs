@@ -5,10 +5,11 @@ use std::path::PathBuf;
 use amity_shared::store::BlobId;
 use serde::Serialize;
 
-use crate::core::{Core, Provenance, RoundSummary, WorkerId};
+use crate::core::{Core, OperatorState, Provenance, RoundSummary, SessionView};
 use crate::retention::Usage;
 
 use super::shared::{Defence, Shared};
+use super::telemetry::RoundTelemetry;
 
 /// What `status.json` holds: the operator's view, rewritten after every round.
 #[derive(Debug, Clone, Serialize)]
@@ -19,8 +20,12 @@ pub struct Status {
     pub params: BlobId,
     /// Whether `max_rounds` are done.
     pub finished: bool,
-    /// Connected workers: (session, name).
-    pub workers: Vec<(WorkerId, String)>,
+    /// Whether a round is under way.
+    pub running: bool,
+    /// The operator's standing decisions: paused, names revoked while running.
+    pub operator: OperatorState,
+    /// Connected workers.
+    pub workers: Vec<SessionView>,
     /// Corpus epoch and shards covered in it, of all.
     pub epoch: u64,
     /// Shards trained this epoch.
@@ -44,6 +49,23 @@ pub struct Status {
     /// A replica's place in its group (term, leader, commit, applied, lag); `None` for a single
     /// coordinator.
     pub replica: Option<super::ReplicaStatus>,
+    /// The target encoder's collapse telemetry after each round this process saw (with `[http]`).
+    pub telemetry: Vec<RoundTelemetry>,
+    /// The releases published here.
+    pub releases: Vec<ReleaseView>,
+}
+
+/// A published release, as `status.json` lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReleaseView {
+    /// Its name.
+    pub name: String,
+    /// The round its weights are from.
+    pub round: u64,
+    /// BLAKE3 of its signed manifest (hex in the file).
+    pub manifest: BlobId,
+    /// The publisher's Ed25519 public key, hex.
+    pub key: String,
 }
 
 pub(super) fn status(shared: &Shared, core: &Core, checkpoint: &Option<PathBuf>) -> Status {
@@ -51,7 +73,9 @@ pub(super) fn status(shared: &Shared, core: &Core, checkpoint: &Option<PathBuf>)
         round: core.round(),
         params: core.params_hash(),
         finished: core.finished(),
-        workers: core.workers(),
+        running: core.running(),
+        operator: core.operator().clone(),
+        workers: core.sessions(),
         epoch: core.plan().epoch,
         covered: core.plan().covered.len(),
         shards: core.plan().shards.len(),
@@ -63,6 +87,22 @@ pub(super) fn status(shared: &Shared, core: &Core, checkpoint: &Option<PathBuf>)
         defence: shared.defence.lock().expect("defence lock").clone(),
         storage: shared.storage.lock().expect("storage lock").clone(),
         replica: shared.replica.lock().expect("replica lock").clone(),
+        telemetry: shared
+            .telemetry
+            .get()
+            .map(|p| p.results())
+            .unwrap_or_default(),
+        releases: shared
+            .releases
+            .cached()
+            .iter()
+            .map(|p| ReleaseView {
+                name: p.signed.manifest.name.clone(),
+                round: p.signed.manifest.round,
+                manifest: p.signed.manifest_id(),
+                key: p.signed.manifest.key().to_hex(),
+            })
+            .collect(),
     }
 }
 

@@ -249,15 +249,30 @@ impl ConnError {
     }
 }
 
+/// What a server's `Welcome` said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Welcomed {
+    /// The client's identity as the server sees it (its certificate name, or `anonymous`).
+    pub identity: String,
+    /// The server's wall clock when it answered, milliseconds since the Unix epoch.
+    pub time_ms: u64,
+}
+
+/// Now on the wall clock, milliseconds since the Unix epoch (0 before it).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// A client's first exchange on a fresh connection: opens the control stream, says `Hello` as
-/// `software`, and returns the stream with the identity the server's `Welcome` gives the client
-/// (its certificate name, or `anonymous`). A refusal (another protocol version, a revoked
-/// certificate) is the server's [`ConnError::Remote`].
+/// `software`, and returns the stream with what the server's `Welcome` said. A refusal (another
+/// protocol version, a revoked certificate) is the server's [`ConnError::Remote`].
 pub async fn hello(
     conn: &Connection,
     peer: &str,
     software: &str,
-) -> Result<(MsgStream, String), ConnError> {
+) -> Result<(MsgStream, Welcomed), ConnError> {
     let mut control = MsgStream::open(conn, peer).await?;
     control
         .send(&ClientMsg::Hello {
@@ -266,7 +281,9 @@ pub async fn hello(
         })
         .await?;
     match control.recv::<ServerMsg>().await? {
-        Some(ServerMsg::Welcome { identity, .. }) => Ok((control, identity)),
+        Some(ServerMsg::Welcome {
+            identity, time_ms, ..
+        }) => Ok((control, Welcomed { identity, time_ms })),
         other => Err(ConnError::unexpected_answer(peer, other, "Welcome")),
     }
 }

@@ -151,7 +151,10 @@ impl Federation {
                     self.bytes += s.bytes_up + s.bytes_down;
                     self.max_ratio = self.max_ratio.max(s.outer_step_ratio);
                 }
-                Action::Persist(_) | Action::Checkpoint { .. } | Action::Finished => {}
+                Action::Persist(_)
+                | Action::Checkpoint { .. }
+                | Action::Finished
+                | Action::Operator(_) => {}
             }
         }
     }
@@ -174,6 +177,7 @@ impl Federation {
                 let welcome = ServerMsg::Welcome {
                     protocol: PROTOCOL_VERSION,
                     identity: format!("w{w}"),
+                    time_ms: 0,
                 };
                 self.inbox.push_back((w, Input::Message(welcome)));
             }

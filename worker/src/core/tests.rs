@@ -28,6 +28,7 @@ fn welcome() -> ServerMsg {
     ServerMsg::Welcome {
         protocol: PROTOCOL_VERSION,
         identity: "uni-a".into(),
+        time_ms: 0,
     }
 }
 

@@ -820,4 +820,5 @@ fn shards_of_a_second_session_of_an_institution_are_not_lost() {
     }
 }
 
+mod operator;
 mod replay;
