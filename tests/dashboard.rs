@@ -317,8 +317,37 @@ fn the_doctor_reaches_the_coordinator(c: &Cluster) {
     assert!(text.contains("FAIL  certificate"), "{text}");
 }
 
-fn start(c: &Cluster) -> Child {
-    c.coordinator(false)
+/// Processes killed when the test ends, passed or failed: a failed assertion must not leave a
+/// coordinator and workers training in the background.
+struct Reaper {
+    /// Processes the test also waits for itself, by pid.
+    pids: Vec<u32>,
+    /// Processes only the reaper ends.
+    owned: Vec<Child>,
+}
+
+impl Reaper {
+    /// `child`, to be killed at the end unless it exited.
+    fn keep(&mut self, child: Child) -> Child {
+        self.pids.push(child.id());
+        child
+    }
+
+    fn own(&mut self, child: Child) {
+        self.owned.push(child);
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for pid in &self.pids {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).output();
+        }
+        for child in &mut self.owned {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 #[test]
@@ -337,10 +366,14 @@ fn the_dashboard_metrics_and_admin_actions_work_for_an_operator() {
     )
     .unwrap();
     std::fs::write(c.dir.join("admin-token"), format!("{TOKEN}\n")).unwrap();
-    let mut coord = start(&c);
+    let mut reaper = Reaper {
+        pids: Vec::new(),
+        owned: Vec::new(),
+    };
+    let mut coord = reaper.keep(c.coordinator(false));
     let (pa, pb) = (free_port(), free_port());
-    let mut a = c.worker("uni-a", &["--metrics-listen", &format!("127.0.0.1:{pa}")]);
-    let mut b = c.worker("uni-b", &["--metrics-listen", &format!("127.0.0.1:{pb}")]);
+    reaper.own(c.worker("uni-a", &["--metrics-listen", &format!("127.0.0.1:{pa}")]));
+    let mut b = reaper.keep(c.worker("uni-b", &["--metrics-listen", &format!("127.0.0.1:{pb}")]));
     c.wait_rounds(2, Duration::from_secs(240));
     wait_for(
         "both workers connected",
@@ -396,7 +429,7 @@ fn the_dashboard_metrics_and_admin_actions_work_for_an_operator() {
     wait(&mut coord, Duration::from_secs(30), "coordinator", &|| {
         c.log("coordinator")
     });
-    let mut coord = start(&c);
+    reaper.own(c.coordinator(false));
     wait_for("the dashboard back", Duration::from_secs(60), &c, || {
         TcpStream::connect(("127.0.0.1", web)).is_ok()
     });
@@ -424,10 +457,6 @@ fn the_dashboard_metrics_and_admin_actions_work_for_an_operator() {
     let st = c.status().unwrap();
     let last = st["history"].as_array().unwrap().last().unwrap().clone();
     assert_eq!(last["accepted"], serde_json::json!(["uni-a"]), "{last}");
-    let _ = a.kill();
-    let _ = coord.kill();
-    let _ = a.wait();
-    let _ = coord.wait();
 }
 
 /// Every metric the Grafana dashboard in `deploy/` queries is one the coordinator or a worker

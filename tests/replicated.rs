@@ -34,6 +34,10 @@ struct Group {
     procs: BTreeMap<u64, Child>,
 }
 
+/// The operator's bearer token for every replica's admin actions (`[http]` on each replica's
+/// loopback, reached with curl inside its network namespace).
+const ADMIN_TOKEN: &str = "replicated-admin-token-0123456789";
+
 /// Where Debian's libfaketime puts its multi-threaded library.
 const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
 
@@ -101,6 +105,7 @@ impl Group {
                      run_config = \"../run.toml\"\ncheckpoint_every = 2\n\
                      [rounds]\nsteps = 4\ngrace_ms = 60000\nmin_workers = {}\n\
                      max_rounds = {rounds}\nheartbeat_timeout_ms = 15000\nshards_per_round = 4\n\
+                     [http]\nadmin_token_file = \"../admin-token\"\ntelemetry_clips = 0\n\
                      [replication]\nid = {id}\njoin = {}\nreplicas = [\n{}\n]\n",
                     host(id),
                     workers.len(),
@@ -110,6 +115,7 @@ impl Group {
             )
             .unwrap();
         }
+        std::fs::write(dir.join("admin-token"), ADMIN_TOKEN).unwrap();
         Group {
             dir,
             net,
@@ -491,6 +497,74 @@ fn a_partitioned_follower_catches_up_by_snapshot() {
         lag.as_object().map(|m| m.len()),
         Some(REPLICAS as usize),
         "{answers:?}"
+    );
+    the_web_surface_knows_its_replica(&g, leader);
+}
+
+impl Group {
+    /// An HTTP request to replica `id`'s web surface, made on its host with curl: the status
+    /// code and the body.
+    fn http(&self, id: u64, method: &str, path: &str) -> (u16, String) {
+        let out = self
+            .net
+            .command(id as usize - 1, "curl")
+            .args(["-s", "-X", method, "-w", "\n%{http_code}"])
+            .args(["-H", &format!("Authorization: Bearer {ADMIN_TOKEN}")])
+            .arg(format!("http://127.0.0.1:9464{path}"))
+            .output()
+            .expect("curl (scripts/install-deps installs it)");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        (code.trim().parse().unwrap_or(0), body.to_owned())
+    }
+
+    /// Sample `name` (no labels) of replica `id`'s `/metrics`.
+    fn metric(&self, id: u64, name: &str) -> f64 {
+        let (code, text) = self.http(id, "GET", "/metrics");
+        assert_eq!(code, 200, "{text}");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+    }
+}
+
+/// Each replica's `/metrics` shows its Raft place as its `status.json` does; an admin action on
+/// a follower is refused naming the leader, and one on the leader is replicated to every
+/// replica.
+fn the_web_surface_knows_its_replica(g: &Group, leader: u64) {
+    for id in 1..=REPLICAS {
+        let st = g.status(id).unwrap();
+        assert_eq!(
+            g.metric(id, "amity_raft_term"),
+            st["replica"]["term"].as_f64().unwrap()
+        );
+        let leads = if id == leader { 1.0 } else { 0.0 };
+        assert_eq!(g.metric(id, "amity_raft_is_leader"), leads, "replica {id}");
+        assert_eq!(
+            g.metric(id, "amity_raft_leader"),
+            leader as f64,
+            "replica {id}"
+        );
+    }
+    let follower = (1..=REPLICAS).find(|&i| i != leader).unwrap();
+    let (code, said) = g.http(follower, "POST", "/admin/pause");
+    assert_eq!(code, 409, "{said}");
+    assert!(said.contains(&format!("coord-{leader}@")), "{said}");
+    let (code, said) = g.http(leader, "POST", &format!("/admin/revoke/coord-{follower}"));
+    assert_eq!(code, 400, "a replica is removed, not revoked: {said}");
+    let (code, said) = g.http(leader, "POST", "/admin/revoke/uni-z");
+    assert_eq!(code, 200, "{said}");
+    g.wait_for(
+        "the revocation on every replica",
+        Duration::from_secs(30),
+        |g| {
+            (1..=REPLICAS).all(|id| {
+                let (_, body) = g.http(id, "GET", "/status.json");
+                serde_json::from_str::<Value>(&body)
+                    .is_ok_and(|s| s["operator"]["revoked"] == serde_json::json!(["uni-z"]))
+            })
+        },
     );
 }
 

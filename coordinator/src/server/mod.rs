@@ -674,6 +674,10 @@ async fn next_revocations(
 /// Replaces the config file's revocation list (re-read on SIGHUP); the operator's revocations
 /// stay.
 fn revoke(shared: &Shared, names: Vec<String>) {
+    tracing::info!(
+        names = names.len(),
+        "revocation list reloaded from the config file"
+    );
     shared.set_revoked(Some(names.into_iter().collect()), None);
 }
 

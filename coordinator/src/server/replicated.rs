@@ -413,6 +413,20 @@ impl<'a> Driver<'a> {
                     });
                     return Ok(Vec::new());
                 }
+                // Revoking a replica's name would cut it off its group: membership changes
+                // remove replicas.
+                if let crate::core::OperatorAction::Revoke { name } = &action
+                    && self.members.iter().any(|m| &m.name == name)
+                {
+                    let _ = answer.send(ServerMsg::Error {
+                        code: ErrorCode::Unexpected,
+                        message: format!(
+                            "`{name}` is a replica of this group: remove it with `amity \
+                             coordinator members remove` instead"
+                        ),
+                    });
+                    return Ok(Vec::new());
+                }
                 let actions = rc.propose(crate::core::Event::Operator(action), None, clock())?;
                 self.decisions.push_back(answer);
                 return Ok(actions);

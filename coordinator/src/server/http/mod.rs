@@ -202,7 +202,10 @@ async fn decide(web: &Web, headers: &HeaderMap, action: OperatorAction) -> Respo
         }
         Ok(_) | Err(_) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("{action}: leadership changed before it committed; ask again\n"),
+            format!(
+                "{action}: not carried out (the coordinator is stopping, or this replica lost \
+                 its leadership before the decision committed); ask again\n"
+            ),
         )
             .into_response(),
     }
