@@ -6,7 +6,7 @@
 //! the token, then pause, revoke (the revoked worker is turned away), a restart that keeps both,
 //! and resume.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Command};
@@ -15,29 +15,9 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::common::cluster::{Cluster, cluster, free_port, interrupt, wait};
-use crate::common::{python_venv, s};
+use crate::common::{http, python_venv, s};
 
 const TOKEN: &str = "0123456789abcdef0123456789abcdef";
-
-/// One HTTP/1.1 request to `127.0.0.1:port`; returns the status code and the body.
-fn http(port: u16, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Length: 0\r\n\
-         Connection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP answer");
-    let code = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap();
-    (code, body.to_owned())
-}
 
 /// `/metrics` at `port`, parsed by `prometheus_client`: sample name -> [(labels, value)] (a
 /// family without samples is there with none).

@@ -1,14 +1,15 @@
 //! The deployment files in `deploy/` are what an operator installs, so they are checked as the
 //! tools that read them check them: the example config loads as the coordinator loads it, the
 //! systemd units pass `systemd-analyze verify` (with this build's binary in `ExecStart`), and the
-//! SLURM script passes `shellcheck` (both installed by `scripts/install-deps`).
+//! SLURM script passes `shellcheck` (both installed by `scripts/install-deps`), and where a Docker
+//! engine runs, the container images build and the compose testnet trains.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use amity_coordinator::config::CoordinatorConfig;
 
-use super::common::scratch;
+use super::common::{http, python_venv, scratch, try_http};
 
 fn deploy() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy")
@@ -59,12 +60,150 @@ fn the_systemd_units_verify() {
 }
 
 #[test]
-fn the_slurm_script_passes_shellcheck() {
-    let script = deploy().join("slurm/amity-worker.sbatch");
-    let out = run("shellcheck", &[script.to_str().unwrap()]);
+fn the_slurm_and_image_scripts_pass_shellcheck() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for script in [
+        deploy().join("slurm/amity-worker.sbatch"),
+        root.join("scripts/docker-images"),
+    ] {
+        let out = run("shellcheck", &[script.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}
+
+/// The container images build from a debootstrap base (no registry needed) and the compose
+/// testnet (an init step making every certificate, three replicas, three workers) trains: two
+/// rounds closed, every replica agreeing on the leader. Skipped, saying so, where no Docker
+/// engine runs.
+#[test]
+fn the_container_testnet_trains() {
+    if !run("docker", &["info"]).status.success() {
+        eprintln!("no Docker engine here: the container testnet is not checked");
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let built = Command::new(root.join("scripts/docker-images"))
+        .arg(env!("CARGO_BIN_EXE_amity"))
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "scripts/docker-images: {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let testnet = Testnet::up();
+    let start = std::time::Instant::now();
+    loop {
+        let st: serde_json::Value = match try_http(9461, "GET", "/status.json", None) {
+            Ok((200, body)) => serde_json::from_str(&body).unwrap(),
+            _ => serde_json::Value::Null,
+        };
+        if st["history"].as_array().is_some_and(|h| h.len() >= 2) {
+            assert_eq!(st["workers"].as_array().unwrap().len(), 3, "{st}");
+            break;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(240),
+            "no two rounds in the testnet:\n{}",
+            testnet.logs()
+        );
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+    let leaders: Vec<serde_json::Value> = [9461, 9462, 9463]
+        .iter()
+        .map(|&port| {
+            let (_, body) = http(port, "GET", "/status.json", None);
+            let st: serde_json::Value = serde_json::from_str(&body).unwrap();
+            st["replica"]["leader"].clone()
+        })
+        .collect();
+    assert!(
+        leaders[0].is_u64() && leaders.iter().all(|l| *l == leaders[0]),
+        "{leaders:?}\n{}",
+        testnet.logs()
+    );
+}
+
+/// The compose testnet of `deploy/docker/testnet`, taken down (volumes too) when dropped.
+struct Testnet;
+
+impl Testnet {
+    const PROJECT: &str = "amity-testnet-check";
+
+    /// `docker compose`, or Debian's `docker-compose` where the plugin is missing.
+    fn compose(args: &[&str]) -> std::process::Output {
+        let file = deploy().join("docker/testnet/compose.yaml");
+        let file = file.to_str().unwrap();
+        let common = ["-p", Self::PROJECT, "-f", file];
+        let plugin = run("docker", &["compose", "version"]).status.success();
+        if plugin {
+            run("docker", &[&["compose"], &common[..], args].concat())
+        } else {
+            run("docker-compose", &[&common[..], args].concat())
+        }
+    }
+
+    fn up() -> Testnet {
+        Self::compose(&["down", "-v"]);
+        let out = Self::compose(&["up", "-d"]);
+        assert!(
+            out.status.success(),
+            "compose up: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Testnet
+    }
+
+    fn logs(&self) -> String {
+        let out = Self::compose(&["logs", "--no-color", "--tail=30"]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Testnet {
+    fn drop(&mut self) {
+        Self::compose(&["down", "-v"]);
+    }
+}
+
+/// The Helm chart renders (Debian packages no helm: `tests/helm_render.py` renders the chart's
+/// subset of the template language and refuses anything else), its values pass its
+/// `values.schema.json`, every object passes the Kubernetes 1.30 API schema (strict: no unknown
+/// fields), and the coordinator.toml it renders loads.
+#[test]
+fn the_helm_chart_renders_to_valid_kubernetes_objects() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let python = python_venv("helm-check", &["kubernetes-validate"]);
+    let out = Command::new(python)
+        .arg(root.join("tests/helm_render.py"))
+        .arg(deploy().join("helm/amity"))
+        .arg("1.30.0")
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
+    let rendered: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        rendered["objects"],
+        serde_json::json!([
+            "ConfigMap/amity-coordinator",
+            "Service/amity-coordinator",
+            "StatefulSet/amity-coordinator",
+            "Deployment/amity-worker"
+        ])
+    );
+    // The config the chart renders is one the coordinator loads.
+    let dir = scratch("helm-config");
+    let file = dir.join("coordinator.toml");
+    std::fs::write(&file, rendered["coordinator_toml"].as_str().unwrap()).unwrap();
+    let cfg = CoordinatorConfig::load(&file).unwrap();
+    assert!(cfg.http.is_some() && cfg.replication.is_none());
 }

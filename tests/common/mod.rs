@@ -3,6 +3,7 @@
 pub mod cluster;
 pub mod netns;
 
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -83,4 +84,37 @@ pub fn python_venv(name: &str, packages: &[&str]) -> PathBuf {
         );
     }
     python
+}
+
+/// One HTTP/1.1 request to `127.0.0.1:port`; returns the status code and the body.
+pub fn http(port: u16, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    try_http(port, method, path, token)
+        .unwrap_or_else(|e| panic!("{method} http://127.0.0.1:{port}{path}: {e}"))
+}
+
+/// [`http`], or why no answer came (nothing listening yet, the connection closed early).
+pub fn try_http(
+    port: u16,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> std::io::Result<(u16, String)> {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Length: 0\r\n\
+         Connection: close\r\n\r\n"
+    )?;
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw)?;
+    let bad = || std::io::Error::other(format!("not an HTTP answer: {raw:?}"));
+    let (head, body) = raw.split_once("\r\n\r\n").ok_or_else(bad)?;
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(bad)?;
+    Ok((code, body.to_owned()))
 }

@@ -324,8 +324,8 @@ async fn run_single(
     sweep(&shared, &mut retention, Some(&mut journal), &core, None);
     write_status(&shared, &core, &checkpoint);
 
-    let accept = tokio::spawn(accept_connections(shared.clone(), endpoint.clone()));
     let web = start_web(&cfg, &shared, core.config(), http_bound).await?;
+    let accept = tokio::spawn(accept_connections(shared.clone(), endpoint.clone()));
 
     let start = Instant::now();
     let mut told_finished = false;
@@ -457,8 +457,8 @@ async fn run_replicated(
     let mut driver = replicated::Driver::new(&shared, &rc, transport, &cfg, &layout);
     driver.carry_out(&mut rc, Ok(initial))?;
     write_status(&shared, rc.core(), &driver.checkpoint);
-    let accept = tokio::spawn(accept_connections(shared.clone(), endpoint.clone()));
     let web = start_web(&cfg, &shared, rc.core().config(), http_bound).await?;
+    let accept = tokio::spawn(accept_connections(shared.clone(), endpoint.clone()));
     // Releases published here (`amity release`) are noticed within a second.
     let rescan = tokio::spawn(releases::rescan(shared.clone()));
 
