@@ -11,6 +11,7 @@ use amity_coordinator::config::CoordinatorConfig;
 use amity_coordinator::server;
 use amity_protocol::tls::Identity;
 use amity_shared::device::Backend;
+use amity_worker::config::WorkerConfig;
 use amity_worker::{CoordinatorAddr, Fault, WorkerOptions};
 
 /// `amity coordinator`: schedule rounds, aggregate, checkpoint.
@@ -45,6 +46,10 @@ pub enum CoordinatorCommand {
 /// `amity worker`: train rounds for a coordinator.
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
+    /// A `worker.toml` holding these settings (`deploy/worker.toml` lists every key); a flag
+    /// given here wins over the file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// The coordinator's address (`host:port`), or every replica's, comma-separated
     /// (`a:7700,b:7700,c:7700`); an entry may name its certificate (`coord-a@a:7700`), else
     /// `--server-name` is expected.
@@ -59,18 +64,19 @@ pub struct WorkerArgs {
     /// The operator CA certificate.
     #[arg(long)]
     pub ca: Option<PathBuf>,
-    /// The certificate name expected of coordinator addresses that name none.
-    #[arg(long, default_value = "coordinator")]
-    pub server_name: String,
-    /// Compute backend (`--list-backends` shows this build's).
-    #[arg(long, default_value = "flex")]
-    pub backend: String,
+    /// The certificate name expected of coordinator addresses that name none
+    /// [default: coordinator].
+    #[arg(long)]
+    pub server_name: Option<String>,
+    /// Compute backend (`--list-backends` shows this build's) [default: flex].
+    #[arg(long)]
+    pub backend: Option<String>,
     /// List the backends compiled into this build and exit.
     #[arg(long)]
     pub list_backends: bool,
-    /// Cache folder for fetched shards and outgoing updates.
-    #[arg(long, default_value = "amity-worker-cache")]
-    pub cache: PathBuf,
+    /// Cache folder for fetched shards and outgoing updates [default: amity-worker-cache].
+    #[arg(long)]
+    pub cache: Option<PathBuf>,
     /// Your institution's own shard store: registered by shard id, never uploaded.
     #[arg(long)]
     pub corpus: Option<PathBuf>,
@@ -84,6 +90,32 @@ pub struct WorkerArgs {
     /// Serve Prometheus `/metrics` on this TCP address (e.g. `127.0.0.1:9465`).
     #[arg(long)]
     pub metrics_listen: Option<std::net::SocketAddr>,
+}
+
+impl WorkerArgs {
+    /// The settings: `--config`'s file, with every flag given here over it.
+    fn settings(&self) -> Result<WorkerConfig> {
+        let file = match &self.config {
+            Some(path) => WorkerConfig::load(path)?,
+            None => WorkerConfig::default(),
+        };
+        let over = |flag: &Option<PathBuf>, file: Option<PathBuf>| flag.clone().or(file);
+        Ok(WorkerConfig {
+            coordinator: if self.coordinator.is_empty() {
+                file.coordinator
+            } else {
+                self.coordinator.clone()
+            },
+            cert: over(&self.cert, file.cert),
+            key: over(&self.key, file.key),
+            ca: over(&self.ca, file.ca),
+            cache: over(&self.cache, file.cache),
+            corpus: over(&self.corpus, file.corpus),
+            server_name: self.server_name.clone().or(file.server_name),
+            backend: self.backend.clone().or(file.backend),
+            metrics_listen: self.metrics_listen.or(file.metrics_listen),
+        })
+    }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -185,17 +217,23 @@ pub fn worker(args: WorkerArgs, log_format: crate::logging::LogFormat) -> Result
         }
         return Ok(());
     }
-    let backend = Backend::parse_available(&args.backend)?;
-    let (false, Some(cert), Some(ca)) = (args.coordinator.is_empty(), &args.cert, &args.ca) else {
-        bail!("amity worker needs --coordinator <addr>, --cert <file> and --ca <file>");
+    let cfg = args.settings()?;
+    let backend = Backend::parse_available(cfg.backend.as_deref().unwrap_or("flex"))?;
+    let (false, Some(cert), Some(ca)) = (cfg.coordinator.is_empty(), &cfg.cert, &cfg.ca) else {
+        bail!(
+            "amity worker needs a coordinator, a certificate and the CA certificate: \
+             --coordinator <addr> --cert <file> --ca <file>, or `coordinator`, `cert` and `ca` \
+             in --config <worker.toml>"
+        );
     };
-    let coordinators = args
+    let server_name = cfg.server_name.as_deref().unwrap_or("coordinator");
+    let coordinators = cfg
         .coordinator
         .iter()
-        .map(|a| CoordinatorAddr::parse(a.trim(), &args.server_name))
+        .map(|a| CoordinatorAddr::parse(a.trim(), server_name))
         .collect::<Result<Vec<_>, String>>()
-        .map_err(|e| anyhow::anyhow!("--coordinator {e}"))?;
-    let key = args
+        .map_err(|e| anyhow::anyhow!("coordinator {e}"))?;
+    let key = cfg
         .key
         .clone()
         .unwrap_or_else(|| crate::ca_cmd::key_path_for(cert));
@@ -204,15 +242,18 @@ pub fn worker(args: WorkerArgs, log_format: crate::logging::LogFormat) -> Result
     let opts = WorkerOptions {
         coordinators,
         backend,
-        cache_dir: args.cache,
-        local_corpus: args.corpus,
+        cache_dir: cfg
+            .cache
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("amity-worker-cache")),
+        local_corpus: cfg.corpus.clone(),
         slowdown: args.slowdown.max(1.0),
         fault,
         progress: match log_format {
             crate::logging::LogFormat::Text => amity_worker::Progress::Lines,
             crate::logging::LogFormat::Json => amity_worker::Progress::Log,
         },
-        metrics: args.metrics_listen,
+        metrics: cfg.metrics_listen,
     };
     let progress = opts.progress;
     let stop = Arc::new(AtomicBool::new(false));

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use amity_coordinator::config::CoordinatorConfig;
+use amity_worker::config::WorkerConfig;
 
 use super::common::{http, python_venv, scratch, try_http};
 
@@ -36,6 +37,31 @@ fn the_example_coordinator_config_loads_with_the_built_in_defaults() {
         cfg, minimal,
         "deploy/coordinator.toml strays from the defaults"
     );
+}
+
+/// The example worker config loads, and a flag given on the command line wins over it.
+#[test]
+fn the_example_worker_config_loads_and_flags_win_over_it() {
+    let file = deploy().join("worker.toml");
+    let cfg = WorkerConfig::load(&file).unwrap();
+    assert_eq!(cfg.coordinator.len(), 3);
+    assert_eq!(cfg.backend.as_deref(), Some("flex"));
+    assert_eq!(cfg.cache, Some(PathBuf::from("/var/cache/amity/worker")));
+    assert_eq!(cfg.key, None, "the key defaults to the certificate's path");
+    // The file's coordinators do not resolve here and its certificate does not exist: the
+    // flags' are the ones used.
+    let out = super::common::amity(&[
+        "worker",
+        "--config",
+        file.to_str().unwrap(),
+        "--coordinator",
+        "127.0.0.1:7700",
+        "--cert",
+        "/nonexistent/from-the-flag.crt",
+    ]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(said.contains("from-the-flag.crt"), "{said}");
 }
 
 #[test]

@@ -9,6 +9,7 @@
 
 pub use amity_shared::device::Backend;
 
+pub mod config;
 pub mod core;
 pub mod metrics;
 pub mod run;
