@@ -25,6 +25,11 @@
 //!                                   # rounds are kept; older ones are deleted after each round
 //! checkpoints = 0                   # round-N checkpoint files kept (0: all of them)
 //!
+//! [http]                            # optional: dashboard, /status.json, /metrics, admin
+//! listen = "127.0.0.1:9464"         #   (loopback: reach it through an SSH tunnel or a proxy)
+//! admin_token_file = "admin-token"  #   bearer token for pause, resume, revoke (optional)
+//! telemetry_clips = 64              #   held-out clips for RankMe and feature std per round
+//!
 //! [replication]                     # optional: one of 3 or 5 Raft replicas (without this
 //! id = 1                            #   table, a single coordinator with its own journal)
 //! replicas = [                      # every replica, this one included; `name` is its replica
