@@ -9,7 +9,7 @@
 use std::io::Write;
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -297,39 +297,6 @@ fn the_doctor_reaches_the_coordinator(c: &Cluster) {
     assert!(text.contains("FAIL  certificate"), "{text}");
 }
 
-/// Processes killed when the test ends, passed or failed: a failed assertion must not leave a
-/// coordinator and workers training in the background.
-struct Reaper {
-    /// Processes the test also waits for itself, by pid.
-    pids: Vec<u32>,
-    /// Processes only the reaper ends.
-    owned: Vec<Child>,
-}
-
-impl Reaper {
-    /// `child`, to be killed at the end unless it exited.
-    fn keep(&mut self, child: Child) -> Child {
-        self.pids.push(child.id());
-        child
-    }
-
-    fn own(&mut self, child: Child) {
-        self.owned.push(child);
-    }
-}
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        for pid in &self.pids {
-            let _ = Command::new("kill").args(["-9", &pid.to_string()]).output();
-        }
-        for child in &mut self.owned {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 #[test]
 fn the_dashboard_metrics_and_admin_actions_work_for_an_operator() {
     let web = free_port();
@@ -346,14 +313,10 @@ fn the_dashboard_metrics_and_admin_actions_work_for_an_operator() {
     )
     .unwrap();
     std::fs::write(c.dir.join("admin-token"), format!("{TOKEN}\n")).unwrap();
-    let mut reaper = Reaper {
-        pids: Vec::new(),
-        owned: Vec::new(),
-    };
-    let mut coord = reaper.keep(c.coordinator(false));
+    let mut coord = c.coordinator(false);
     let (pa, pb) = (free_port(), free_port());
-    reaper.own(c.worker("uni-a", &["--metrics-listen", &format!("127.0.0.1:{pa}")]));
-    let mut b = reaper.keep(c.worker("uni-b", &["--metrics-listen", &format!("127.0.0.1:{pb}")]));
+    let _a = c.worker("uni-a", &["--metrics-listen", &format!("127.0.0.1:{pa}")]);
+    let mut b = c.worker("uni-b", &["--metrics-listen", &format!("127.0.0.1:{pb}")]);
     c.wait_rounds(2, Duration::from_secs(240));
     wait_for(
         "both workers connected",
@@ -409,7 +372,7 @@ fn the_dashboard_metrics_and_admin_actions_work_for_an_operator() {
     wait(&mut coord, Duration::from_secs(30), "coordinator", &|| {
         c.log("coordinator")
     });
-    reaper.own(c.coordinator(false));
+    let _coord = c.coordinator(false);
     wait_for("the dashboard back", Duration::from_secs(60), &c, || {
         TcpStream::connect(("127.0.0.1", web)).is_ok()
     });

@@ -4,11 +4,10 @@
 //! Rounds are step-budgeted here (a few local steps each) so that the tests are quick and do not
 //! depend on how fast the machine is; the demo and the bench use time budgets.
 
-use crate::common::cluster::{cluster, interrupt, synthetic_store, wait};
+use crate::common::cluster::{Proc, cluster, interrupt, synthetic_store, wait};
 use crate::common::{amity, ok, s};
 
 use std::path::Path;
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -41,7 +40,7 @@ fn three_workers_train_three_rounds_and_the_loss_falls() {
     // One checkpoint, after the last round: rounds 0 and 1 go compressed, round 2 flushes.
     let c = cluster("three", &workers, 3, "checkpoint_every = 3");
     let mut coord = c.coordinator(true);
-    let mut ws: Vec<Child> = workers.iter().map(|w| c.worker(w, &[])).collect();
+    let mut ws: Vec<Proc> = workers.iter().map(|w| c.worker(w, &[])).collect();
     wait(&mut coord, Duration::from_secs(300), "coordinator", &|| {
         c.log("coordinator")
     });
@@ -167,7 +166,7 @@ fn a_worker_killed_mid_round_does_not_stall_training() {
     let workers = ["uni-a", "uni-b", "doomed"];
     let c = cluster("sigkill", &workers, 3, "");
     let mut coord = c.coordinator(true);
-    let mut ws: Vec<Child> = workers.iter().map(|w| c.worker(w, &[])).collect();
+    let mut ws: Vec<Proc> = workers.iter().map(|w| c.worker(w, &[])).collect();
     // After the first round closes, the next is under way: kill one worker (SIGKILL).
     c.wait_rounds(1, Duration::from_secs(240));
     ws[2].kill().unwrap();
@@ -223,7 +222,7 @@ fn a_restarted_coordinator_resumes_at_the_last_completed_round() {
     let workers = ["uni-a", "uni-b"];
     let c = cluster("restart", &workers, 4, "");
     let mut coord = c.coordinator(false);
-    let mut ws: Vec<Child> = workers.iter().map(|w| c.worker(w, &[])).collect();
+    let mut ws: Vec<Proc> = workers.iter().map(|w| c.worker(w, &[])).collect();
     c.wait_rounds(2, Duration::from_secs(240));
     coord.kill().unwrap();
     coord.wait().unwrap();
@@ -425,7 +424,7 @@ fn a_worker_stopped_with_ctrl_c_leaves_cleanly() {
     let workers = ["uni-a", "uni-b", "leaver"];
     let c = cluster("ctrl-c", &workers, 3, "");
     let mut coord = c.coordinator(true);
-    let mut ws: Vec<Child> = workers.iter().map(|w| c.worker(w, &[])).collect();
+    let mut ws: Vec<Proc> = workers.iter().map(|w| c.worker(w, &[])).collect();
     c.wait_rounds(1, Duration::from_secs(240));
     interrupt(&ws[2]);
     wait(&mut ws[2], Duration::from_secs(30), "leaver", &|| {

@@ -4,10 +4,9 @@
 //! keeps running, rounds keep closing, the weights stay finite, and `status.json` counts what
 //! was turned away (security review H1-H3, and contribution scoring).
 
-use crate::common::cluster::{cluster, interrupt, wait};
+use crate::common::cluster::{Proc, cluster, interrupt, wait};
 
 use std::path::Path;
-use std::process::Child;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -58,7 +57,7 @@ fn lying_workers_are_refused_and_the_honest_ones_train() {
         "checkpoint_every = 3\n[aggregation]\nheld_out_clips = 32",
     );
     let mut coord = c.coordinator(true);
-    let mut ws: Vec<Child> = vec![
+    let mut ws: Vec<Proc> = vec![
         c.worker("uni-a", &[]),
         c.worker("uni-b", &[]),
         c.worker("huge-lab", &["--fault", "huge"]),
@@ -180,7 +179,7 @@ fn a_thousand_silent_strangers_do_not_stop_training() {
         }
         (endpoint, held)
     });
-    let mut ws: Vec<Child> = workers.iter().map(|w| c.worker(w, &[])).collect();
+    let mut ws: Vec<Proc> = workers.iter().map(|w| c.worker(w, &[])).collect();
     let st = c.wait_rounds(3, Duration::from_secs(300));
     for w in &mut ws {
         wait(w, Duration::from_secs(30), "worker", &|| c.log("uni-a"));

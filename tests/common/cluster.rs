@@ -18,6 +18,33 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A child process that is killed (and reaped) when dropped still running: a failed assertion
+/// must not leave a coordinator or workers training in the background (one such run slowed the
+/// next CI run to a crawl). It dereferences to its [`Child`].
+pub struct Proc(pub Child);
+
+impl std::ops::Deref for Proc {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// A federation's files and port.
 pub struct Cluster {
     /// Its folder.
@@ -112,12 +139,12 @@ pub fn cluster(name: &str, workers: &[&str], rounds: u64, extra: &str) -> Cluste
 }
 
 impl Cluster {
-    pub fn coordinator(&self, exit_when_finished: bool) -> Child {
+    pub fn coordinator(&self, exit_when_finished: bool) -> Proc {
         self.coordinator_with(exit_when_finished, &[])
     }
 
     /// [`Cluster::coordinator`] with `extra` arguments.
-    pub fn coordinator_with(&self, exit_when_finished: bool, extra: &[&str]) -> Child {
+    pub fn coordinator_with(&self, exit_when_finished: bool, extra: &[&str]) -> Proc {
         let mut c = Command::new(env!("CARGO_BIN_EXE_amity"));
         c.args(["coordinator", "--config", s(&self.config)])
             .args(extra);
@@ -125,13 +152,13 @@ impl Cluster {
             c.arg("--exit-when-finished");
         }
         let log = std::fs::File::create(self.dir.join("coordinator.log")).unwrap();
-        c.stdout(Stdio::null()).stderr(log).spawn().unwrap()
+        Proc(c.stdout(Stdio::null()).stderr(log).spawn().unwrap())
     }
 
-    pub fn worker(&self, name: &str, extra: &[&str]) -> Child {
+    pub fn worker(&self, name: &str, extra: &[&str]) -> Proc {
         let ca = self.dir.join("ca");
         let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).unwrap();
-        Command::new(env!("CARGO_BIN_EXE_amity"))
+        let child = Command::new(env!("CARGO_BIN_EXE_amity"))
             .args([
                 "worker",
                 "--coordinator",
@@ -147,7 +174,8 @@ impl Cluster {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .unwrap()
+            .unwrap();
+        Proc(child)
     }
 
     pub fn status(&self) -> Option<Value> {
