@@ -207,13 +207,21 @@ fn output_within(
     })
 }
 
+/// The FFmpeg filter chain that brings a video to `target`: its frame rate, then scaled so the
+/// short side is `size` (bilinear) and centre-cropped square. `amity bench ingest` runs the same
+/// chain in its `ffmpeg` baseline.
+pub fn ffmpeg_filter(target: DecodeTarget) -> String {
+    let s = target.size;
+    format!(
+        "fps={fps},scale={s}:{s}:force_original_aspect_ratio=increase:flags=bilinear,crop={s}:{s}",
+        fps = target.fps
+    )
+}
+
 /// Decodes through the `ffmpeg` tool, piping raw RGB frames.
 pub fn decode_ffmpeg(path: &Path, target: DecodeTarget) -> Result<DecodedVideo, CorpusError> {
     let s = target.size;
-    let filter = format!(
-        "fps={fps},scale={s}:{s}:force_original_aspect_ratio=increase:flags=bilinear,crop={s}:{s}",
-        fps = target.fps
-    );
+    let filter = ffmpeg_filter(target);
     // The input is named as a `file:` URL and only the file protocol is allowed, so a name or
     // a playlist inside the file cannot make FFmpeg open the network or other files.
     let mut input = std::ffi::OsString::from("file:");
