@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use clap::{Args, Subcommand};
 
-use amity_protocol::tls::{CertRole, init_ca, issue, issue_as};
+use amity_protocol::tls::{CertRole, Identity, init_ca, issue, issue_as};
 
 /// `amity ca`.
 #[derive(Debug, Args)]
@@ -101,7 +101,14 @@ pub fn make_pki(dir: &Path, workers: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// `ca/uni-a.crt` -> `ca/uni-a.key` (the layout `amity ca issue` writes).
-pub(crate) fn key_path_for(cert: &Path) -> PathBuf {
-    cert.with_extension("key")
+/// The identity in certificate `cert`, its key (`key`, else beside the certificate with `.key`:
+/// the layout `amity ca issue` writes) and the CA certificate `ca`: how every command that
+/// takes `--cert`, `--key` and `--ca` loads them.
+pub(crate) fn load_identity(
+    cert: &Path,
+    key: Option<&Path>,
+    ca: &Path,
+) -> Result<Identity, amity_protocol::tls::TlsError> {
+    let key = key.map_or_else(|| cert.with_extension("key"), Path::to_path_buf);
+    Identity::load(cert, &key, ca)
 }

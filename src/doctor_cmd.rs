@@ -312,11 +312,7 @@ fn certificate(args: &DoctorArgs, checks: &mut Vec<Check>) -> Option<Identity> {
         );
         return None;
     };
-    let key = args
-        .key
-        .clone()
-        .unwrap_or_else(|| crate::ca_cmd::key_path_for(cert));
-    let identity = match Identity::load(cert, &key, ca) {
+    let identity = match crate::ca_cmd::load_identity(cert, args.key.as_deref(), ca) {
         Ok(i) => i,
         Err(e) => {
             checks.push(

@@ -233,11 +233,7 @@ pub fn worker(args: WorkerArgs, log_format: crate::logging::LogFormat) -> Result
         .map(|a| CoordinatorAddr::parse(a.trim(), server_name))
         .collect::<Result<Vec<_>, String>>()
         .map_err(|e| anyhow::anyhow!("coordinator {e}"))?;
-    let key = cfg
-        .key
-        .clone()
-        .unwrap_or_else(|| crate::ca_cmd::key_path_for(cert));
-    let identity = Identity::load(cert, &key, ca)?;
+    let identity = crate::ca_cmd::load_identity(cert, cfg.key.as_deref(), ca)?;
     let fault = args.fault.as_deref().map(parse_fault).transpose()?;
     let opts = WorkerOptions {
         coordinators,

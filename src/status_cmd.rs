@@ -16,7 +16,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::ca_cmd::key_path_for;
+use crate::ca_cmd::load_identity;
 
 /// Where a running coordinator is and who asks it.
 #[derive(Debug, Args)]
@@ -42,8 +42,7 @@ pub struct ConnectArgs {
 impl ConnectArgs {
     /// The identity to ask with and the addresses to ask.
     pub fn open(&self) -> Result<(Identity, Vec<CoordinatorAddr>)> {
-        let key = self.key.clone().unwrap_or_else(|| key_path_for(&self.cert));
-        let identity = Identity::load(&self.cert, &key, &self.ca)?;
+        let identity = load_identity(&self.cert, self.key.as_deref(), &self.ca)?;
         let targets = self
             .coordinator
             .iter()

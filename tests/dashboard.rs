@@ -74,18 +74,6 @@ fn live(port: u16) -> Value {
     serde_json::from_str(&body).unwrap()
 }
 
-fn wait_for(what: &str, limit: Duration, c: &Cluster, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(
-            start.elapsed() < limit,
-            "{what}: not after {limit:?}; coordinator log:\n{}",
-            c.log("coordinator")
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// Runs chromium headless on `url` with `args` and returns its stdout.
 fn chromium(dir: &Path, url: &str, args: &[&str]) -> String {
     let out = Command::new("chromium")
@@ -214,10 +202,9 @@ fn metrics_match_the_status(c: &Cluster, web: u16) -> Value {
 }
 
 fn a_worker_reports_its_metrics(c: &Cluster, port: u16) -> Value {
-    wait_for(
+    c.wait_for(
         "a round of uni-a's acknowledged",
         Duration::from_secs(120),
-        c,
         || sample(&scrape(port), "amity_worker_rounds_total", &[]) >= 1.0,
     );
     let m = scrape(port);
@@ -318,12 +305,9 @@ fn the_dashboard_metrics_and_admin_actions_work_for_an_operator() {
     let _a = c.worker("uni-a", &["--metrics-listen", &format!("127.0.0.1:{pa}")]);
     let mut b = c.worker("uni-b", &["--metrics-listen", &format!("127.0.0.1:{pb}")]);
     c.wait_rounds(2, Duration::from_secs(240));
-    wait_for(
-        "both workers connected",
-        Duration::from_secs(60),
-        &c,
-        || live(web)["workers"].as_array().unwrap().len() == 2,
-    );
+    c.wait_for("both workers connected", Duration::from_secs(60), || {
+        live(web)["workers"].as_array().unwrap().len() == 2
+    });
     let worker_metrics = a_worker_reports_its_metrics(&c, pa);
     the_doctor_reaches_the_coordinator(&c);
     the_browser_shows_workers_and_loss(&c, web);
@@ -337,7 +321,7 @@ fn the_dashboard_metrics_and_admin_actions_work_for_an_operator() {
     let (code, said) = http(web, "POST", "/admin/pause", Some(TOKEN));
     assert_eq!(code, 200, "{said}");
     // The round under way closes; no other starts.
-    wait_for("paused and idle", Duration::from_secs(120), &c, || {
+    c.wait_for("paused and idle", Duration::from_secs(120), || {
         c.status()
             .is_some_and(|s| s["operator"]["paused"] == true && s["running"] == false)
     });
@@ -356,7 +340,7 @@ fn the_dashboard_metrics_and_admin_actions_work_for_an_operator() {
     let (code, said) = http(web, "POST", "/admin/revoke/uni-b", Some(TOKEN));
     assert_eq!(code, 200, "{said}");
     assert_eq!(http(web, "POST", "/admin/revoke/a%2Fb", Some(TOKEN)).0, 400);
-    wait_for("uni-b gone", Duration::from_secs(60), &c, || {
+    c.wait_for("uni-b gone", Duration::from_secs(60), || {
         let st = live(web);
         let names: Vec<&str> = st["workers"]
             .as_array()
@@ -373,7 +357,7 @@ fn the_dashboard_metrics_and_admin_actions_work_for_an_operator() {
         c.log("coordinator")
     });
     let _coord = c.coordinator(false);
-    wait_for("the dashboard back", Duration::from_secs(60), &c, || {
+    c.wait_for("the dashboard back", Duration::from_secs(60), || {
         TcpStream::connect(("127.0.0.1", web)).is_ok()
     });
     let st = live(web);

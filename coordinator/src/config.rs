@@ -47,7 +47,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use amity_shared::config::{Config, ConfigError};
+use amity_shared::config::{Config, ConfigError, read_toml, relative_to};
 use amity_shared::federated::TargetPolicy;
 use amity_shared::federated::codec::CodecSpec;
 use serde::{Deserialize, Serialize};
@@ -364,25 +364,15 @@ impl ReplicationConfig {
 impl CoordinatorConfig {
     /// Reads and checks a config file; relative paths are taken from the file's folder.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        let mut cfg: CoordinatorConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.display().to_string(),
-            source: Box::new(e),
-        })?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut cfg.state_dir, &mut cfg.ca_dir]
-            .into_iter()
-            .chain(cfg.corpus.as_mut())
-            .chain(cfg.run_config.as_mut())
-            .chain(cfg.http.as_mut().and_then(|h| h.admin_token_file.as_mut()))
-        {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
-        }
+        let mut cfg: CoordinatorConfig = read_toml(path)?;
+        relative_to(
+            path,
+            [&mut cfg.state_dir, &mut cfg.ca_dir]
+                .into_iter()
+                .chain(cfg.corpus.as_mut())
+                .chain(cfg.run_config.as_mut())
+                .chain(cfg.http.as_mut().and_then(|h| h.admin_token_file.as_mut())),
+        );
         let replication = match &cfg.replication {
             Some(r) => r.check(&cfg.name),
             None => Ok(()),

@@ -3,9 +3,32 @@
 //! Configs are TOML on disk (`Config::from_toml_file`) and JSON inside checkpoints. A run is
 //! reproducible from its config: every random choice draws from `train.seed`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+/// Reads TOML file `path` as a `T`, naming the file in any error: the one way Amity reads a
+/// config file (the run config, `coordinator.toml`, `worker.toml`).
+pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.display().to_string(),
+        source: Box::new(e),
+    })
+}
+
+/// Takes each relative path in `paths` from the folder of config file `file`.
+pub fn relative_to<'a>(file: &Path, paths: impl IntoIterator<Item = &'a mut PathBuf>) {
+    let base = file.parent().unwrap_or(Path::new("."));
+    for p in paths {
+        if p.is_relative() {
+            *p = base.join(&*p);
+        }
+    }
+}
 
 /// Errors loading or validating a config.
 #[derive(Debug, thiserror::Error)]
@@ -341,14 +364,7 @@ impl Config {
 
     /// Reads a TOML config, naming the file in every error.
     pub fn from_toml_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        let config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.display().to_string(),
-            source: Box::new(e),
-        })?;
+        let config: Config = read_toml(path)?;
         config.validate()?;
         Ok(config)
     }

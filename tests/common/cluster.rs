@@ -189,16 +189,20 @@ impl Cluster {
 
     /// Waits until the status shows `round` or more closed rounds.
     pub fn wait_rounds(&self, rounds: usize, limit: Duration) -> Value {
+        let closed = |st: &Value| st["history"].as_array().map_or(0, |h| h.len()) >= rounds;
+        self.wait_for(&format!("{rounds} rounds"), limit, || {
+            self.status().is_some_and(|st| closed(&st))
+        });
+        self.status().expect("status.json")
+    }
+
+    /// Waits until `done` holds, failing with `what` and the coordinator's log after `limit`.
+    pub fn wait_for(&self, what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
         let start = Instant::now();
-        loop {
-            if let Some(st) = self.status()
-                && st["history"].as_array().map_or(0, |h| h.len()) >= rounds
-            {
-                return st;
-            }
+        while !done() {
             assert!(
                 start.elapsed() < limit,
-                "no {rounds} rounds after {limit:?}; coordinator log:\n{}",
+                "{what}: not after {limit:?}; coordinator log:\n{}",
                 self.log("coordinator")
             );
             std::thread::sleep(Duration::from_millis(200));

@@ -13,7 +13,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use amity_shared::config::ConfigError;
+use amity_shared::config::{ConfigError, read_toml, relative_to};
 use serde::{Deserialize, Serialize};
 
 /// The whole `worker.toml`; every key is optional (the flags or their defaults fill the rest).
@@ -44,29 +44,19 @@ pub struct WorkerConfig {
 impl WorkerConfig {
     /// Reads a config file; relative paths are taken from the file's folder.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        let mut cfg: WorkerConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.display().to_string(),
-            source: Box::new(e),
-        })?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        for p in [
-            &mut cfg.cert,
-            &mut cfg.key,
-            &mut cfg.ca,
-            &mut cfg.cache,
-            &mut cfg.corpus,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
-        }
+        let mut cfg: WorkerConfig = read_toml(path)?;
+        relative_to(
+            path,
+            [
+                &mut cfg.cert,
+                &mut cfg.key,
+                &mut cfg.ca,
+                &mut cfg.cache,
+                &mut cfg.corpus,
+            ]
+            .into_iter()
+            .flatten(),
+        );
         Ok(cfg)
     }
 }

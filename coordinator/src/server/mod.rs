@@ -165,7 +165,12 @@ fn build_core(
             LogEntry::RoundClosed { .. } => {}
         }
     }
-    if !point.after.is_empty() {
+    // `restore` reported the snapshot's decisions; later ones change them.
+    if point
+        .after
+        .iter()
+        .any(|e| matches!(e, LogEntry::Operator(_)))
+    {
         actions.push(Action::Operator(core.operator().clone()));
     }
     if point.snapshot.is_some() {
