@@ -10,6 +10,7 @@ mod corpus_cmd;
 mod demo;
 mod doctor_cmd;
 mod federated_cmd;
+mod heap;
 mod logging;
 mod members_cmd;
 mod plan_cmd;
@@ -23,9 +24,10 @@ use std::process::ExitCode;
 use clap::Parser;
 
 /// burn's CPU backend allocates and frees many same-sized buffers every step; mimalloc reuses
-/// them instead of faulting fresh pages in (measured in `amity bench train-step`).
+/// them instead of faulting fresh pages in (measured in `amity bench train-step`). It counts
+/// heap bytes only when a bench asks ([`heap`]).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: heap::Counting = heap::Counting;
 
 /// `mi_option_purge_delay` in the mimalloc v2 sources that `libmimalloc-sys` bundles
 /// (`mimalloc.h`, enum `mi_option_e`); the crate has no named constant for it.

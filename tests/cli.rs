@@ -195,3 +195,36 @@ fn the_federated_bench_runs_and_ends_with_its_json_line() {
     assert!(plot.exists());
     assert!(!stderr.contains(" INFO "), "{stderr}");
 }
+
+/// `amity bench scale` on a small federation: the real core closes every round with the
+/// flipped updates rejected, holds no update in memory (its peak stays within a few model
+/// states whatever the worker count), and ends with its JSON line.
+#[test]
+fn the_scale_bench_closes_its_rounds_and_ends_with_its_json_line() {
+    let dir = crate::common::scratch("bench-scale");
+    let out = amity(&[
+        "bench",
+        "scale",
+        "--workers",
+        "60",
+        "--flipped",
+        "3",
+        "--scratch",
+        dir.join("store").to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let last = stdout.lines().last().unwrap_or("");
+    let json: serde_json::Value = serde_json::from_str(last).expect("last line is JSON");
+    assert_eq!(json["bench"], "scale", "{last}");
+    assert_eq!(json["workers"], 60, "{last}");
+    for round in json["rounds"].as_array().expect("rounds") {
+        assert_eq!(round["accepted"], 57, "{last}");
+        assert_eq!(round["rejected"], 3, "{last}");
+    }
+    // 60 dense updates would be 60 model states; streamed, the round needs a few.
+    let peak = json["peak_mem_ratio"].as_f64().unwrap();
+    assert!(peak > 0.5 && peak < 10.0, "{last}");
+    assert!(json["close_ms"].as_f64().unwrap() > 0.0, "{last}");
+    assert!(!dir.join("store").exists(), "the bench removes its store");
+}

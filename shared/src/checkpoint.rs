@@ -7,6 +7,7 @@
 //! samples seen, ...). Loading checks every tensor's presence, dtype and shape against the
 //! config and names the first that does not match.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
@@ -87,19 +88,35 @@ pub fn layouts(config: &Config) -> (ParamLayout, ParamLayout) {
 impl Checkpoint {
     /// Serialises to safetensors bytes.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let (model_layout, target_layout) = layouts(&self.config);
-        let mut bytes: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        Checkpoint::bytes_of(&self.config, &self.model, &self.target, &self.meta)
+    }
+
+    /// The bytes [`Checkpoint::to_bytes`] writes for a checkpoint of these parts, without
+    /// gathering them into a `Checkpoint` first: the tensors are viewed in place (on a
+    /// little-endian machine, where an `f32` slice already is its safetensors bytes), so the
+    /// only model-sized buffer is the result.
+    pub fn bytes_of(
+        config: &Config,
+        model: &[f32],
+        target: &[f32],
+        meta: &BTreeMap<String, String>,
+    ) -> Vec<u8> {
+        let (model_layout, target_layout) = layouts(config);
+        let mut tensors: Vec<(String, Vec<usize>, Cow<'_, [u8]>)> = Vec::new();
         for (layout, values, prefix) in [
-            (&model_layout, &self.model, ""),
-            (&target_layout, &self.target, TARGET_PREFIX),
+            (&model_layout, model, ""),
+            (&target_layout, target, TARGET_PREFIX),
         ] {
             for p in &layout.params {
                 let slice = &values[p.offset..p.offset + p.len()];
-                let raw: Vec<u8> = slice.iter().flat_map(|v| v.to_le_bytes()).collect();
-                bytes.push((format!("{prefix}{}", p.name), p.shape.clone(), raw));
+                tensors.push((
+                    format!("{prefix}{}", p.name),
+                    p.shape.clone(),
+                    le_bytes(slice),
+                ));
             }
         }
-        let views: Vec<(String, TensorView<'_>)> = bytes
+        let views: Vec<(String, TensorView<'_>)> = tensors
             .iter()
             .map(|(name, shape, raw)| {
                 let view = TensorView::new(Dtype::F32, shape.clone(), raw)
@@ -107,14 +124,13 @@ impl Checkpoint {
                 (name.clone(), view)
             })
             .collect();
-        let mut meta: BTreeMap<String, String> = self
-            .meta
+        let mut meta: BTreeMap<String, String> = meta
             .iter()
             .map(|(k, v)| (format!("amity.{k}"), v.clone()))
             .collect();
         meta.insert(
             CONFIG_KEY.into(),
-            serde_json::to_string(&self.config).expect("a Config always serialises"),
+            serde_json::to_string(config).expect("a Config always serialises"),
         );
         let hashed: HashMap<String, String> = meta.clone().into_iter().collect();
         let bytes = safetensors::serialize(views, Some(hashed)).expect("in-memory serialisation");
@@ -252,6 +268,15 @@ impl Checkpoint {
 /// bytes, and a different content id, from one serialisation to the next (two replicas of a
 /// coordinator, or one restarted, would disagree on a state's blob id). The map is rewritten in
 /// key order: the same length and meaning, one byte sequence.
+/// `values` as little-endian bytes: borrowed where that is how they lie in memory.
+fn le_bytes(values: &[f32]) -> Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        Cow::Borrowed(bytemuck::cast_slice(values))
+    } else {
+        Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
+}
+
 fn canonical_metadata(mut bytes: Vec<u8>, meta: &BTreeMap<String, String>) -> Vec<u8> {
     const PREFIX: &[u8] = b"{\"__metadata__\":";
     let canon = serde_json::to_vec(meta).expect("strings serialise");

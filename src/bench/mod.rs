@@ -3,13 +3,15 @@
 //!
 //! The bodies of benches that only this command runs live here, next to it: `federated` (the
 //! real coordinator and worker cores wired in process), `replication` (coordinator processes on
-//! loopback), `ingest` and `train-step`. `transfer`
+//! loopback), `scale` (the coordinator core with a thousand simulated workers), `ingest` and
+//! `train-step`. `transfer`
 //! lives in `amity-protocol` (it measures that crate's transport), `plan` and `surprise` in
 //! `amity-planner`.
 
 mod federated;
 mod ingest;
 mod replication;
+mod scale;
 mod train_step;
 
 use std::path::PathBuf;
@@ -45,6 +47,9 @@ pub enum Bench {
     /// Surprise detector: paired accuracy and AUROC on synthetic violation pairs; prints
     /// `{"bench":"surprise",...}` last.
     Surprise(crate::plan_cmd::SurpriseBenchArgs),
+    /// The coordinator core with 1000 simulated workers: round close time, peak memory over
+    /// the model state, aggregation beside memcpy; prints `{"bench":"scale",...}` last.
+    Scale(scale::ScaleBenchArgs),
 }
 
 /// `amity bench transfer`.
@@ -99,6 +104,23 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Bench::Surprise(a) => crate::plan_cmd::bench_surprise(a),
         Bench::Federated(a) => federated::run(a),
         Bench::Replication(a) => replication::run(a),
+        Bench::Scale(a) => {
+            let r = scale::run(a)?;
+            println!(
+                "scale {} workers ({}, {}): round close {:.0} ms, heap peak {:.2}x the model state, \
+                 aggregation {:.2} GB/s = {:.2}x memcpy ({:.2} GB/s)",
+                r.workers,
+                r.preset,
+                r.codec,
+                r.close_ms,
+                r.peak_mem_ratio,
+                r.agg_gbps,
+                r.agg_vs_memcpy,
+                r.memcpy_gbps
+            );
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
         Bench::Transfer(a) => {
             let scratch =
                 std::env::temp_dir().join(format!("amity-bench-transfer-{}", std::process::id()));

@@ -12,7 +12,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{ArrivedUpdate, Event, JoinInfo, WorkerId};
+use super::{ArrivedUpdate, Event, JoinInfo, UpdateValues, WorkerId};
 use amity_shared::federated::LossStats;
 use amity_shared::store::BlobId;
 
@@ -143,7 +143,7 @@ impl Command {
     /// content store and codec); its error is returned as is.
     pub fn into_event<E>(
         self,
-        values: impl FnOnce(&UpdateRef) -> Result<Vec<f32>, E>,
+        values: impl FnOnce(&UpdateRef) -> Result<UpdateValues, E>,
     ) -> Result<(Event, u64), E> {
         let event = match self.event {
             LoggedEvent::Joined { worker, info } => Event::Joined { worker, info },

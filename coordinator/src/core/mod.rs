@@ -39,6 +39,7 @@ use amity_shared::store::BlobId;
 use serde::{Deserialize, Serialize};
 
 use crate::aggregate::{self, Candidate, OuterOptimizer};
+pub use crate::aggregate::{ReadUpdate, UpdateValues};
 use crate::config::{CoreConfig, LatePolicy};
 use crate::scoring::HeldOutLoss;
 use amity_shared::stats::lower_median;
@@ -94,8 +95,9 @@ pub struct ArrivedUpdate {
     pub steps: u64,
     /// Loss statistics.
     pub loss: LossStats,
-    /// The decoded pseudo-gradient (model, then target under the local-EMA policy).
-    pub values: Vec<f32>,
+    /// The pseudo-gradient (model, then target under the local-EMA policy), decoded and
+    /// validated by the shell: held, or read back from its store when the round closes.
+    pub values: UpdateValues,
 }
 
 /// Inputs.
@@ -381,7 +383,7 @@ impl Core {
     }
 
     /// Re-adds an update that the log says was accepted before a restart.
-    pub fn replay_update(&mut self, entry: &LogEntry, values: Vec<f32>) {
+    pub fn replay_update(&mut self, entry: &LogEntry, values: impl Into<UpdateValues>) {
         if let LogEntry::UpdateAccepted {
             round,
             trained_round,
@@ -408,7 +410,7 @@ impl Core {
                     samples: *samples,
                     steps: *steps,
                     loss: *loss,
-                    values,
+                    values: values.into(),
                 },
             });
         }
@@ -811,12 +813,16 @@ impl Core {
                 } => {
                     // With every session gone, the round waits for its deadline: they may join
                     // again (a lost connection, a new coordinator replica leading) and deliver.
+                    // (A set, not a scan per session: with a thousand workers the scans made
+                    // every arrival cost O(workers^2).)
+                    let delivered: BTreeSet<&str> = (self.received.iter().map(|p| p.from.as_str()))
+                        .chain(self.refused.iter().map(|(n, _)| n.as_str()))
+                        .collect();
                     let all_in = !expected.is_empty()
                         && expected.iter().all(|id| {
-                            self.workers.get(id).is_some_and(|w| {
-                                self.received.iter().any(|p| p.from == w.info.name)
-                                    || self.refused.iter().any(|(n, _)| *n == w.info.name)
-                            })
+                            self.workers
+                                .get(id)
+                                .is_some_and(|w| delivered.contains(w.info.name.as_str()))
                         });
                     if self.now_ms >= *deadline_ms || all_in {
                         self.close_round(out);
@@ -845,33 +851,5 @@ impl Core {
             started_any: self.started_any,
         });
         Some(snap)
-    }
-
-    /// The durable state as a snapshot: what a restart resumes from.
-    pub fn snapshot(&self) -> Snapshot {
-        Snapshot {
-            meta: SnapshotMeta {
-                round: self.round,
-                plan: self.plan.clone(),
-                norm_history: self.norm_history.clone(),
-                provenance: self.provenance.clone(),
-                history: self.history.clone(),
-                last_delta: self.last_delta,
-                last_delta_len: self.delta_bytes_len,
-                last_delta_momentum: self.last_delta_momentum,
-                init_hash: self.init_hash,
-                lens: [
-                    self.params.model.len() as u64,
-                    self.params.target.len() as u64,
-                    self.outer.momentum.len() as u64,
-                    self.downlink.residual().len() as u64,
-                ],
-                live: None,
-                operator: self.operator.clone(),
-            },
-            params: self.params.clone(),
-            momentum: self.outer.momentum.clone(),
-            down_residual: self.downlink.residual().to_vec(),
-        }
     }
 }

@@ -163,10 +163,9 @@ impl Core {
         // The values move into the candidates; the rest of `received` feeds the statistics.
         let cands: Vec<Candidate> = received
             .iter_mut()
-            .map(|p| Candidate {
-                from: p.from.clone(),
-                values: std::mem::take(&mut p.update.values),
-                weight: p.weight,
+            .map(|p| {
+                let values = std::mem::replace(&mut p.update.values, Vec::new().into());
+                Candidate::new(p.from.clone(), values, p.weight)
             })
             .collect();
         // A flush round's updates carry every worker's error-feedback residual, so their norms
@@ -325,7 +324,7 @@ impl Core {
         }
         if !flush {
             for c in accepted {
-                self.norm_history.push(aggregate::norm(&c.values));
+                self.norm_history.push(c.norm);
             }
         }
         let excess = self.norm_history.len().saturating_sub(NORM_HISTORY);
@@ -341,7 +340,7 @@ impl Core {
         self.round += 1;
         self.store_state(out);
         if self.cfg.journal {
-            let snapshot = self.snapshot().to_bytes();
+            let snapshot = self.snapshot_bytes();
             let snap_id = BlobId::of(&snapshot);
             out.push(Action::StoreBlob {
                 what: "snapshot",
@@ -404,8 +403,18 @@ impl Core {
         let mut model = vec![0.0f32; m];
         let (mut kept, mut out, mut scores) = (Vec::new(), Vec::new(), Vec::new());
         for mut c in accepted {
-            for ((x, p), d) in model.iter_mut().zip(&self.params.model).zip(&c.values[..m]) {
-                *x = p - d;
+            model.copy_from_slice(&self.params.model);
+            match c.values.read() {
+                Ok(v) => v.for_each(|i, d| {
+                    if i < m {
+                        model[i] -= d * c.scale;
+                    }
+                }),
+                Err(e) => {
+                    let why = format!("the update could not be read back: {e}");
+                    out.push((c, why));
+                    continue;
+                }
             }
             let change = (scorer.loss(&model, &self.params.target) - base) / base;
             if change.is_finite() {
@@ -494,29 +503,28 @@ impl Core {
     /// is taken. Fails, changing nothing, when the aggregate or the step is not finite.
     fn outer_update(&self, accepted: &[Candidate]) -> Result<(Vec<f32>, f64, Vec<f32>), String> {
         let finite = |v: &[f32]| v.iter().all(|x| x.is_finite());
-        let m_len = self.params.model.len();
-        let g = aggregate::combine_range(accepted, 0..m_len, &self.cfg.aggregation)
-            .ok_or("no updates to combine")?;
-        if !finite(&g) {
+        // One pass over every update for the whole state: the model's part, then (local EMA)
+        // the target's. The step is then taken in place: at a thousand workers the round's
+        // memory is these few model-sized vectors (`amity bench scale`).
+        let mut delta = aggregate::combine(accepted, &self.cfg.aggregation)?;
+        if !finite(&delta) {
             return Err("the aggregated pseudo-gradient is not finite".into());
         }
-        let (step, momentum) = self.outer.propose(&g);
-        if !finite(&step) {
+        let m = self.params.model.len().min(delta.len());
+        let g_norm = aggregate::norm(&delta[..m]);
+        let momentum = self.outer.step_in_place(&mut delta[..m]);
+        if !finite(&delta[..m]) {
             return Err("the outer step is not finite".into());
         }
-        let g_norm = aggregate::norm(&g);
         let ratio = if g_norm > 0.0 {
-            aggregate::norm(&step) / g_norm
+            aggregate::norm(&delta[..m]) / g_norm
         } else {
             0.0
         };
-        let mut delta = step;
-        if self.cfg.target_policy == TargetPolicy::LocalEma {
-            // The target moves by the mean of the workers' target moves.
-            let len = m_len + self.params.target.len();
-            let gt = aggregate::combine_range(accepted, m_len..len, &self.cfg.aggregation)
-                .ok_or("no updates to combine")?;
-            delta.extend(gt.iter().map(|d| -d));
+        // Under the local-EMA policy the target moves by the mean of the workers' target moves
+        // (the rest of the vector); under coordinator EMA the update is the model alone.
+        for d in &mut delta[m..] {
+            *d = -*d;
         }
         Ok((delta, ratio, momentum))
     }
@@ -530,13 +538,12 @@ impl Core {
             "provenance".to_owned(),
             serde_json::to_string(&self.provenance).expect("provenance serialises"),
         );
-        let bytes = Checkpoint {
-            config: self.cfg.run.clone(),
-            model: self.params.model.clone(),
-            target: self.params.target.clone(),
-            meta,
-        }
-        .to_bytes();
+        let bytes = Checkpoint::bytes_of(
+            &self.cfg.run,
+            &self.params.model,
+            &self.params.target,
+            &meta,
+        );
         self.state_blob = BlobId::of(&bytes);
         out.push(Action::StoreBlob {
             what: "global state",

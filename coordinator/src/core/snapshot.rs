@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::log::{Provenance, RoundSummary};
 use super::shard_plan::ShardPlan;
-use super::{Phase, WorkerId, WorkerState};
+use super::{Core, Phase, WorkerId, WorkerState};
 
 /// The durable part of the core's state: what a restart resumes from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -73,6 +73,24 @@ pub struct Snapshot {
 
 const SNAPSHOT_MAGIC: &[u8; 4] = b"AMSN";
 
+/// The bytes of a snapshot of `meta` and the four vectors (model, target, outer momentum,
+/// downlink residual), written from where they are (no copy of the state first), into a buffer
+/// of exactly the right size.
+pub(super) fn write(meta: &SnapshotMeta, vectors: [&[f32]; 4]) -> Vec<u8> {
+    let json = serde_json::to_vec(meta).expect("snapshot metadata serialises");
+    let values: usize = vectors.iter().map(|v| v.len()).sum();
+    let mut out = Vec::with_capacity(12 + json.len() + 4 * values);
+    out.extend_from_slice(SNAPSHOT_MAGIC);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    for v in vectors {
+        for x in v {
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+    out
+}
+
 /// Why a snapshot blob cannot be restored.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid coordinator snapshot: {0}")]
@@ -81,22 +99,15 @@ pub struct SnapshotError(pub String);
 impl Snapshot {
     /// `"AMSN" | json length (u64) | JSON metadata | f32 vectors (LE)`.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let json = serde_json::to_vec(&self.meta).expect("snapshot metadata serialises");
-        let mut out = Vec::new();
-        out.extend_from_slice(SNAPSHOT_MAGIC);
-        out.extend_from_slice(&(json.len() as u64).to_le_bytes());
-        out.extend_from_slice(&json);
-        for v in [
-            &self.params.model,
-            &self.params.target,
-            &self.momentum,
-            &self.down_residual,
-        ] {
-            for x in v.iter() {
-                out.extend_from_slice(&x.to_le_bytes());
-            }
-        }
-        out
+        write(
+            &self.meta,
+            [
+                &self.params.model,
+                &self.params.target,
+                &self.momentum,
+                &self.down_residual,
+            ],
+        )
     }
 
     /// Parses and checks a snapshot.
@@ -135,5 +146,52 @@ impl Snapshot {
             momentum,
             down_residual,
         })
+    }
+}
+
+impl Core {
+    /// The durable state as a snapshot: what a restart resumes from.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            meta: self.snapshot_meta(),
+            params: self.params.clone(),
+            momentum: self.outer.momentum.clone(),
+            down_residual: self.downlink.residual().to_vec(),
+        }
+    }
+
+    /// [`Core::snapshot`]'s bytes, written from the core's own vectors (no copy of the state).
+    pub fn snapshot_bytes(&self) -> Vec<u8> {
+        write(
+            &self.snapshot_meta(),
+            [
+                &self.params.model,
+                &self.params.target,
+                &self.outer.momentum,
+                self.downlink.residual(),
+            ],
+        )
+    }
+
+    fn snapshot_meta(&self) -> SnapshotMeta {
+        SnapshotMeta {
+            round: self.round,
+            plan: self.plan.clone(),
+            norm_history: self.norm_history.clone(),
+            provenance: self.provenance.clone(),
+            history: self.history.clone(),
+            last_delta: self.last_delta,
+            last_delta_len: self.delta_bytes_len,
+            last_delta_momentum: self.last_delta_momentum,
+            init_hash: self.init_hash,
+            lens: [
+                self.params.model.len() as u64,
+                self.params.target.len() as u64,
+                self.outer.momentum.len() as u64,
+                self.downlink.residual().len() as u64,
+            ],
+            live: None,
+            operator: self.operator.clone(),
+        }
     }
 }

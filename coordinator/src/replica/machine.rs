@@ -17,7 +17,9 @@ use amity_shared::store::BlobId;
 
 use super::{Membership, ReleaseRecord, Replica, ReplicaError};
 use crate::config::{CoreConfig, ReplicaEntry};
-use crate::core::{Action, Command, Core, Event, LoggedEvent, Snapshot, UpdateRef, WorkerId};
+use crate::core::{
+    Action, Command, Core, Event, LoggedEvent, Snapshot, UpdateRef, UpdateValues, WorkerId,
+};
 use amity_shared::federated::codec;
 
 /// How often the leader logs the time (the core's deadlines run on logged time only).
@@ -108,7 +110,7 @@ pub struct ReplicatedCore {
     waiting: VecDeque<(u64, Command)>,
     /// The values of updates this leader proposed, by blob id, until their command is applied
     /// (no need to decode what it decoded already).
-    values: BTreeMap<BlobId, Vec<f32>>,
+    values: BTreeMap<BlobId, UpdateValues>,
     /// A Raft snapshot whose core snapshot blob is awaited.
     restoring: Option<BlobId>,
     leading: bool,
@@ -403,7 +405,9 @@ impl ReplicatedCore {
 
 /// The values of a committed update, from the encoded bytes its entry carries: they must be the
 /// blob it names and decode to the model's shape (the leader checked both before proposing).
-fn decode_update(update: &UpdateRef, parts: &[usize]) -> Result<Vec<f32>, String> {
+/// An update a follower received in a log entry: checked against the blob it names and held as
+/// the codec sent it (sparse: a fraction of the model's size).
+fn decode_update(update: &UpdateRef, parts: &[usize]) -> Result<UpdateValues, String> {
     let bytes = update
         .encoded
         .as_deref()
@@ -411,7 +415,9 @@ fn decode_update(update: &UpdateRef, parts: &[usize]) -> Result<Vec<f32>, String
     if BlobId::of(bytes) != update.blob {
         return Err(format!("the bytes are not blob {}", update.blob));
     }
-    codec::decode_parts(bytes, parts).map_err(|e| e.to_string())
+    codec::decode_parts_entries(bytes, parts)
+        .map(UpdateValues::from)
+        .map_err(|e| e.to_string())
 }
 
 /// The core snapshot blob a Raft snapshot's data names (its hex id).

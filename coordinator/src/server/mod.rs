@@ -9,6 +9,7 @@
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -21,6 +22,7 @@ use amity_shared::federated::codec;
 use amity_shared::store::{BlobId, BlobStore, LocalStore};
 use tokio::sync::mpsc;
 
+use crate::aggregate::StoredUpdate;
 use crate::config::CoordinatorConfig;
 use crate::core::{Action, Core, Event, LogEntry, ShardInfo, Snapshot};
 use crate::journal::Journal;
@@ -150,16 +152,18 @@ fn build_core(
             Core::restore(core_cfg, snap).map_err(setup(format!("snapshot {snap_id}")))?
         }
     };
-    let parts = core.update_parts();
+    let parts: Arc<[usize]> = core.update_parts().into();
     for entry in &point.after {
         match entry {
             LogEntry::UpdateAccepted { blob, .. } => {
+                // Decoded once to check it; the core reads it back when the round closes.
                 let bytes = store
                     .get(blob)
                     .map_err(setup(format!("logged update {blob}")))?;
-                let values = codec::decode_parts(&bytes, &parts)
+                codec::decode_parts_entries(&bytes, &parts)
                     .map_err(setup(format!("logged update {blob}")))?;
-                core.replay_update(entry, values);
+                let values = StoredUpdate::new(store.clone(), *blob, parts.clone());
+                core.replay_update(entry, values.into_values());
             }
             LogEntry::Operator(action) => core.replay_operator(action),
             LogEntry::RoundClosed { .. } => {}
@@ -605,19 +609,28 @@ fn observe_round(shared: &Shared, core: &Core) {
 
 /// Proposes what a connection reported (an update with its encoded bytes, read back from the
 /// store its pull wrote them to). Not leading any more: dropped (the connection is being sent
-/// to the leader).
+/// to the leader). The leader holds the update's values as the codec sent them, like every
+/// follower: its blob is unpinned here, and a sweep after a round closes before the proposal
+/// commits could delete it.
 fn propose(
     shared: &Shared,
     rc: &mut ReplicatedCore,
-    event: Event,
+    mut event: Event,
     now: replica::Clock,
 ) -> Result<Vec<replica::MachineAction>, replica::ReplicaError> {
-    let encoded = match &event {
+    let encoded = match &mut event {
         Event::Update { update, .. } => {
             let bytes = shared.store.get(&update.blob);
             shared.unpin(&update.blob);
-            match bytes {
-                Ok(b) => Some(b),
+            let held = bytes.map_err(|e| e.to_string()).and_then(|b| {
+                let e = codec::decode_parts_entries(&b, &shared.update_parts);
+                e.map(|e| (b, e)).map_err(|e| e.to_string())
+            });
+            match held {
+                Ok((b, entries)) => {
+                    update.values = entries.into();
+                    Some(b)
+                }
                 Err(e) => {
                     tracing::error!("update {}: {e}; dropped unacknowledged", update.blob);
                     return Ok(Vec::new());

@@ -8,6 +8,7 @@ use amity_protocol::message::{ClientMsg, ErrorCode, ServerMsg};
 use amity_shared::federated::codec;
 use amity_shared::store::{BlobId, BlobStore};
 
+use crate::aggregate::{StoredUpdate, UpdateValues};
 use crate::core::{ArrivedUpdate, Event, WorkerId};
 
 use super::shared::Shared;
@@ -128,20 +129,25 @@ async fn pull_update(
     peer: &str,
     id: BlobId,
     announced: u64,
-) -> Result<Vec<f32>, PullError> {
+) -> Result<UpdateValues, PullError> {
     let limit = super::update_limit(&shared.update_parts);
     if announced > limit {
         return Err(PullError::Peer(format!(
             "{announced} bytes announced, at most {limit} allowed"
         )));
     }
-    let decode = |bytes: &[u8]| codec::decode_parts(bytes, &shared.update_parts);
+    // Decoded once here to validate it; the core reads it back from the store when the round
+    // closes (it holds no update in memory meanwhile).
+    let decode = |bytes: &[u8]| codec::decode_parts_entries(bytes, &shared.update_parts);
+    let stored =
+        || StoredUpdate::new(shared.store.clone(), id, shared.update_parts.clone()).into_values();
     if shared.store.contains(&id) {
         let bytes = shared
             .store
             .get(&id)
             .map_err(|e| PullError::Storage(e.to_string()))?;
-        return Ok(decode(&bytes).map_err(|e| e.to_string())?);
+        decode(&bytes).map_err(|e| e.to_string())?;
+        return Ok(stored());
     }
     let part = shared
         .layout
@@ -155,10 +161,10 @@ async fn pull_update(
             other => PullError::Peer(other.to_string()),
         })?;
     // Only what decodes is stored.
-    let values = decode(&bytes).map_err(|e| e.to_string())?;
+    decode(&bytes).map_err(|e| e.to_string())?;
     shared
         .store
         .put(&bytes)
         .map_err(|e| PullError::Storage(e.to_string()))?;
-    Ok(values)
+    Ok(stored())
 }

@@ -48,7 +48,7 @@ pub(super) struct Shared {
     pub(super) store: LocalStore,
     pub(super) corpus: Option<LocalStore>,
     pub(super) layout: StateLayout,
-    pub(super) update_parts: Vec<usize>,
+    pub(super) update_parts: Arc<[usize]>,
     pub(super) events: mpsc::UnboundedSender<Event>,
     /// Status questions for the driver, each with where to send its answer.
     pub(super) queries: mpsc::UnboundedSender<super::Query>,
@@ -138,7 +138,7 @@ impl Shared {
             store,
             corpus,
             layout: layout.clone(),
-            update_parts: core.update_parts(),
+            update_parts: core.update_parts().into(),
             events: events_tx,
             queries,
             outboxes: Arc::new(Mutex::new(HashMap::new())),

@@ -30,6 +30,9 @@ use std::str::FromStr;
 use half::{bf16, f16};
 use serde::{Deserialize, Serialize};
 
+mod entries;
+pub use entries::Entries;
+
 const MAGIC: &[u8; 4] = b"AMUP";
 const FORMAT: u8 = 1;
 const HEADER: usize = 4 + 4 + 8 + 4 + 8;
@@ -329,6 +332,20 @@ pub fn encode(spec: &CodecSpec, values: &[f32]) -> Vec<u8> {
 /// Decodes an update of `want` values, validating every byte: header, lengths, index order and
 /// range, finite scales, no trailing bytes.
 pub fn decode(bytes: &[u8], want: usize) -> Result<Vec<f32>, CodecError> {
+    let (indices, kept) = decode_kept(bytes, want)?;
+    let Some(indices) = indices else {
+        return Ok(kept);
+    };
+    let mut dense = vec![0.0f32; want];
+    for (i, v) in indices.into_iter().zip(kept) {
+        dense[i as usize] = v;
+    }
+    Ok(dense)
+}
+
+/// [`decode`] without densifying: the kept values and, for a sparse update, their indices
+/// (ascending, each below `want`).
+fn decode_kept(bytes: &[u8], want: usize) -> Result<(Option<Vec<u32>>, Vec<f32>), CodecError> {
     if bytes.len() < HEADER || &bytes[..4] != MAGIC {
         return Err(CodecError::Header("missing magic bytes".into()));
     }
@@ -399,14 +416,7 @@ pub fn decode(bytes: &[u8], want: usize) -> Result<Vec<f32>, CodecError> {
             bytes.len() - at
         )));
     }
-    if !sparse {
-        return Ok(kept);
-    }
-    let mut dense = vec![0.0f32; want];
-    for (i, v) in indices.into_iter().zip(kept) {
-        dense[i as usize] = v;
-    }
-    Ok(dense)
+    Ok((sparse.then_some(indices), kept))
 }
 
 /// Encodes a vector made of `parts` (lengths summing to `values.len()`), each part on its own
@@ -429,6 +439,11 @@ pub fn encode_parts(spec: &CodecSpec, values: &[f32], parts: &[usize]) -> Vec<u8
 
 /// Decodes [`encode_parts`] output for parts of the given lengths, validating everything.
 pub fn decode_parts(bytes: &[u8], parts: &[usize]) -> Result<Vec<f32>, CodecError> {
+    Ok(decode_parts_entries(bytes, parts)?.to_dense())
+}
+
+/// [`decode_parts`] without densifying: what was sent of each part, validated the same way.
+pub fn decode_parts_entries(bytes: &[u8], parts: &[usize]) -> Result<Entries, CodecError> {
     if bytes.len() < 4 {
         return Err(CodecError::Header("missing part count".into()));
     }
@@ -440,7 +455,7 @@ pub fn decode_parts(bytes: &[u8], parts: &[usize]) -> Result<Vec<f32>, CodecErro
         )));
     }
     let mut at = 4;
-    let mut out = Vec::with_capacity(parts.iter().sum());
+    let mut out = Entries::new();
     for &n in parts {
         let len = bytes
             .get(at..at + 8)
@@ -452,7 +467,8 @@ pub fn decode_parts(bytes: &[u8], parts: &[usize]) -> Result<Vec<f32>, CodecErro
             .and_then(|l| at.checked_add(l))
             .filter(|&e| e <= bytes.len())
             .ok_or_else(|| CodecError::Body("part runs past the end".into()))?;
-        out.extend(decode(&bytes[at..end], n)?);
+        let (indices, kept) = decode_kept(&bytes[at..end], n)?;
+        out.push_part(n, indices, kept);
         at = end;
     }
     if at != bytes.len() {

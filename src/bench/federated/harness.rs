@@ -222,7 +222,7 @@ impl Federation {
                     samples,
                     steps,
                     loss,
-                    values,
+                    values: values.into(),
                 };
                 self.tell_coordinator(Event::Update { worker, update });
             }

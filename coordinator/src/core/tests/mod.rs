@@ -67,7 +67,7 @@ fn update(core: &Core, round: u64, scale: f32, seed: u64) -> ArrivedUpdate {
             first: 1.1,
             last: 0.9,
         },
-        values,
+        values: values.into(),
     }
 }
 
@@ -240,17 +240,18 @@ fn after_the_final_flush_the_parameters_hold_every_update() {
         let mut acts = Vec::new();
         for (w, fb) in feedback.iter_mut().enumerate() {
             let mut u = update(&core, round, 1.0, 10 * round + w as u64 + 1);
-            for (d, v) in dense.iter_mut().zip(&u.values) {
+            let values = u.values.to_dense().unwrap();
+            for (d, v) in dense.iter_mut().zip(&values) {
                 *d += 0.5 * *v as f64;
             }
             let spec: CodecSpec = if flush { cfg.codec.dense() } else { cfg.codec };
-            let (wire, sent) = fb.encode_parts(&spec, &u.values, &parts);
+            let (wire, sent) = fb.encode_parts(&spec, &values, &parts);
             if !flush {
                 for (d, v) in sent_before_flush.iter_mut().zip(&sent) {
                     *d += 0.5 * *v as f64;
                 }
             }
-            u.values = codec::decode_parts(&wire, &parts).unwrap();
+            u.values = codec::decode_parts_entries(&wire, &parts).unwrap().into();
             let worker = WorkerId(w as u64 + 1);
             acts = core.handle(Event::Update { worker, update: u }, 10 + round);
         }
@@ -338,7 +339,7 @@ fn poisoned_and_huge_updates_are_rejected_and_leave_the_model_unharmed() {
     send(&mut core, 2, 0, 1.0, 2, 10);
     assert_eq!(core.round(), 1);
     let mut nan = update(&core, 1, 1.0, 3);
-    nan.values[5] = f32::NAN;
+    nan.values.held_mut().unwrap()[5] = f32::NAN;
     core.handle(
         Event::Update {
             worker: WorkerId(3),
@@ -418,6 +419,8 @@ fn one_hostile_worker_of_two_cannot_take_over_or_crash_the_core() {
     // Round 1: values near f32::MAX.
     let mut huge = update(&core, 1, 1.0, 4);
     huge.values
+        .held_mut()
+        .unwrap()
         .iter_mut()
         .for_each(|v| *v = 3e38_f32.copysign(*v));
     let journalled = core.handle(
@@ -462,7 +465,11 @@ fn one_hostile_worker_of_two_cannot_take_over_or_crash_the_core() {
     let before = open.params_hash();
     for w in [1, 2] {
         let mut u = update(&open, 0, 1.0, w);
-        u.values.iter_mut().for_each(|v| *v = 3e38);
+        u.values
+            .held_mut()
+            .unwrap()
+            .iter_mut()
+            .for_each(|v| *v = 3e38);
         open.handle(
             Event::Update {
                 worker: WorkerId(w),
@@ -512,12 +519,17 @@ fn an_update_that_raises_the_held_out_loss_is_rejected() {
         .params()
         .model
         .iter()
-        .zip(&honest.values[..m])
+        .zip(&honest.values.to_dense().unwrap()[..m])
         .map(|(p, d)| p - d)
         .collect();
     core.set_scorer(Box::new(DistanceTo(goal)));
     let mut flipped = honest.clone();
-    flipped.values.iter_mut().for_each(|v| *v = -*v);
+    flipped
+        .values
+        .held_mut()
+        .unwrap()
+        .iter_mut()
+        .for_each(|v| *v = -*v);
     core.handle(
         Event::Update {
             worker: WorkerId(1),
@@ -614,7 +626,7 @@ fn snapshots_and_log_entries_with_nan_statistics_restore() {
     let mut acts = Vec::new();
     for (worker, seed) in [(1, 1), (2, 2)] {
         let mut bad = update(&core, 0, 1.0, seed);
-        bad.values[0] = f32::NAN;
+        bad.values.held_mut().unwrap()[0] = f32::NAN;
         bad.loss.mean = f32::NAN;
         acts = core.handle(
             Event::Update {

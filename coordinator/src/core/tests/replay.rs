@@ -10,7 +10,7 @@ use super::*;
 fn a_core_replaying_the_logged_commands_computes_the_same_state() {
     let (mut leader, _) = setup(TargetPolicy::CoordinatorEma);
     let (mut replica, _) = setup(TargetPolicy::CoordinatorEma);
-    let mut blobs: std::collections::HashMap<BlobId, Vec<f32>> = Default::default();
+    let mut blobs: std::collections::HashMap<BlobId, UpdateValues> = Default::default();
     let mut log: Vec<Vec<u8>> = Vec::new();
     let mut step = |leader: &mut Core, event: Event, now: u64| {
         if let Event::Update { update, .. } = &event {
@@ -66,7 +66,7 @@ fn a_core_replaying_the_logged_commands_computes_the_same_state() {
     step(&mut leader, Event::Tick, 2001);
     assert_eq!(leader.round(), 1);
     let mut bad = update(&leader, 1, 1.0, 2);
-    bad.values[3] = f32::NAN;
+    bad.values.held_mut().unwrap()[3] = f32::NAN;
     bad.loss.mean = f32::NAN;
     step(
         &mut leader,

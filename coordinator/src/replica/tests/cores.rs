@@ -1,6 +1,7 @@
 //! Cores on replicas: each applies the committed commands to its own core.
 
 use super::*;
+use crate::core::UpdateValues;
 
 /// The replicated coordinator in miniature: three replicas each apply the committed commands to
 /// their own core. The leader dies inside a round's upload window, after two of three updates
@@ -18,12 +19,12 @@ fn cores_on_three_replicas_agree_through_a_leader_death_mid_round() {
     let mut c = Cluster::new("cores", 3);
     let mut cores: BTreeMap<u64, (Core, usize)> = (1..=3).map(|id| (id, (new_core(), 0))).collect();
     // Every update's values, by blob id: what replicas pull from each other.
-    let mut blobs: BTreeMap<BlobId, Vec<f32>> = BTreeMap::new();
+    let mut blobs: BTreeMap<BlobId, UpdateValues> = BTreeMap::new();
     // (index, params hash) each replica reached.
     let mut hashes: BTreeMap<u64, BlobId> = BTreeMap::new();
     let mut apply = |c: &Cluster,
                      cores: &mut BTreeMap<u64, (Core, usize)>,
-                     blobs: &BTreeMap<BlobId, Vec<f32>>| {
+                     blobs: &BTreeMap<BlobId, UpdateValues>| {
         for (&id, node) in &c.nodes {
             let (core, done) = cores.get_mut(&id).unwrap();
             for (index, cmd) in &node.applied[*done..] {
@@ -127,11 +128,11 @@ fn a_core_restored_from_a_replica_snapshot_goes_on_in_step() {
     let mut cores: BTreeMap<u64, (Core, usize, u64)> = (1..=3)
         .map(|id| (id, (Core::new(cfg.clone(), start.clone(), &[]).0, 0, 0)))
         .collect();
-    let mut values: BTreeMap<BlobId, Vec<f32>> = BTreeMap::new();
+    let mut values: BTreeMap<BlobId, UpdateValues> = BTreeMap::new();
     let mut snapshots: BTreeMap<BlobId, Vec<u8>> = BTreeMap::new();
     let apply = |c: &Cluster,
                  cores: &mut BTreeMap<u64, (Core, usize, u64)>,
-                 values: &BTreeMap<BlobId, Vec<f32>>,
+                 values: &BTreeMap<BlobId, UpdateValues>,
                  snapshots: &BTreeMap<BlobId, Vec<u8>>| {
         for (&id, node) in &c.nodes {
             let (core, done, restored) = cores.get_mut(&id).unwrap();

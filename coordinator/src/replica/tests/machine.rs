@@ -163,9 +163,10 @@ impl Machines {
         let encoded = match &mut event {
             Event::Update { update, .. } => {
                 let parts = self.node(l).core().update_parts();
-                let bytes = codec::encode_parts(&CodecSpec::FP32, &update.values, &parts);
+                let values = update.values.to_dense().unwrap();
+                let bytes = codec::encode_parts(&CodecSpec::FP32, &values, &parts);
                 update.blob = BlobId::of(&bytes);
-                update.values = codec::decode_parts(&bytes, &parts).unwrap();
+                update.values = codec::decode_parts(&bytes, &parts).unwrap().into();
                 Some(bytes)
             }
             _ => None,

@@ -510,7 +510,8 @@ fn honest_update(len: usize, round: u64, seed: u64) -> crate::core::ArrivedUpdat
         },
         values: (0..len)
             .map(|_| 1e-3 * common.normal() as f32 + 3e-4 * noise.normal() as f32)
-            .collect(),
+            .collect::<Vec<f32>>()
+            .into(),
     }
 }
 
