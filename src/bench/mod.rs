@@ -95,6 +95,12 @@ pub struct TrainStepArgs {
     /// Skip the PyTorch reference.
     #[arg(long)]
     pub no_torch: bool,
+    /// The backend Amity's step runs on (`flex`, or a GPU backend compiled in).
+    #[arg(long, default_value = "flex")]
+    pub backend: String,
+    /// PyTorch's device for the reference (default: `cpu` beside `flex`, else `cuda`).
+    #[arg(long)]
+    pub torch_device: Option<String>,
 }
 
 /// Runs one benchmark.
@@ -180,6 +186,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 (Some(a.torch_script), a.python.or_else(find_torch_python))
             };
             let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+            let backend = amity_shared::device::Backend::parse_available(&a.backend)?;
+            let torch_device = a.torch_device.unwrap_or_else(|| {
+                let cpu = backend == amity_shared::device::Backend::Flex;
+                (if cpu { "cpu" } else { "cuda" }).to_owned()
+            });
             let report = train_step(&TrainStepOptions {
                 preset: a.preset,
                 batch: a.batch,
@@ -188,6 +199,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 torch_script,
                 python,
                 threads,
+                backend,
+                torch_device,
             })?;
             if let Some(ratio) = report.ratio {
                 println!(

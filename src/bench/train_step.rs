@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use burn::tensor::Device;
+use amity_shared::device::{Backend, Device};
 use serde::Serialize;
 
 use amity_shared::config::Config;
@@ -40,6 +40,10 @@ pub struct TrainStepOptions {
     pub python: Option<PathBuf>,
     /// CPU threads for PyTorch (match the machine).
     pub threads: usize,
+    /// The backend Amity's step runs on.
+    pub backend: Backend,
+    /// PyTorch's device for the reference (`cpu`, `cuda`).
+    pub torch_device: String,
 }
 
 /// The figures of one run; serialised as the bench's last line.
@@ -69,8 +73,14 @@ pub struct TrainStepReport {
     pub amity_full_step_ms: f64,
 }
 
-fn time_steps(config: Config, batches: &[ClipBatch], warmup: usize, steps: usize) -> f64 {
-    let mut trainer = Trainer::new(config, &Device::flex());
+fn time_steps(
+    config: Config,
+    device: &Device,
+    batches: &[ClipBatch],
+    warmup: usize,
+    steps: usize,
+) -> f64 {
+    let mut trainer = Trainer::new(config, device);
     let mut times = Vec::with_capacity(steps);
     for i in 0..warmup + steps {
         let batch = &batches[i % batches.len()];
@@ -117,9 +127,10 @@ pub fn train_step(opts: &TrainStepOptions) -> Result<TrainStepReport> {
         opts.preset,
         config.model.tokens()
     );
-    let amity_ms = time_steps(single, &batches, opts.warmup, opts.steps);
+    let device = opts.backend.device(0)?;
+    let amity_ms = time_steps(single, &device, &batches, opts.warmup, opts.steps);
     eprintln!("amity: single-set step median {amity_ms:.2} ms");
-    let amity_full_step_ms = time_steps(config.clone(), &batches, opts.warmup, opts.steps);
+    let amity_full_step_ms = time_steps(config.clone(), &device, &batches, opts.warmup, opts.steps);
     eprintln!("amity: full V-JEPA step (2 mask sets) median {amity_full_step_ms:.2} ms");
 
     let torch_ms = match (&opts.torch_script, &opts.python) {
@@ -132,7 +143,7 @@ pub fn train_step(opts: &TrainStepOptions) -> Result<TrainStepReport> {
     Ok(TrainStepReport {
         bench: "train-step",
         preset: opts.preset.clone(),
-        backend: "flex".into(),
+        backend: opts.backend.name().into(),
         batch: b,
         tokens: config.model.tokens(),
         ctx,
@@ -161,6 +172,7 @@ fn run_reference(
         .args(["--steps", &opts.steps.to_string()])
         .args(["--warmup", &opts.warmup.to_string()])
         .args(["--threads", &opts.threads.to_string()])
+        .args(["--device", &opts.torch_device])
         .output()
         .map_err(|e| err(format!("cannot run {}: {e}", python.display())))?;
     if !out.status.success() {
