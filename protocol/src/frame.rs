@@ -155,6 +155,30 @@ impl FrameDecoder {
         Ok(Some((kind, payload)))
     }
 
+    /// When exactly a frame's 5-byte prefix is buffered (nothing of its payload): consumes it
+    /// and returns the frame's kind and payload length, so that the caller reads the payload
+    /// straight from the stream into its own buffer (one copy fewer per byte for 1 MiB blob
+    /// chunks). `None` otherwise; an unknown kind or a length over the kind's maximum is an
+    /// error, as in [`FrameDecoder::next_frame`].
+    pub fn take_prefix(&mut self) -> Result<Option<(FrameKind, usize)>, FrameError> {
+        let avail = &self.buf[self.start..];
+        if avail.len() != 5 {
+            return Ok(None);
+        }
+        let kind = FrameKind::from_u8(avail[0]).ok_or(FrameError::UnknownKind(avail[0]))?;
+        let len = u32::from_le_bytes([avail[1], avail[2], avail[3], avail[4]]) as usize;
+        if len > kind.max_len() {
+            return Err(FrameError::TooLarge {
+                kind,
+                len,
+                max: kind.max_len(),
+            });
+        }
+        self.buf.clear();
+        self.start = 0;
+        Ok(Some((kind, len)))
+    }
+
     /// Called at the end of the stream: leftover bytes mean a cut-off frame.
     pub fn finish(&self) -> Result<(), FrameError> {
         match self.buffered() {
@@ -168,6 +192,25 @@ impl FrameDecoder {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_lone_prefix_can_be_taken_and_the_payload_read_elsewhere() {
+        let mut d = FrameDecoder::new();
+        let frame = encode_frame(FrameKind::Chunk, &[7u8; 300]);
+        d.push(&frame[..3]);
+        assert_eq!(d.take_prefix().unwrap(), None);
+        d.push(&frame[3..5]);
+        assert_eq!(d.take_prefix().unwrap(), Some((FrameKind::Chunk, 300)));
+        assert_eq!(d.buffered(), 0);
+        // With payload bytes buffered behind it, the prefix stays for `next_frame`.
+        d.push(&frame[..6]);
+        assert_eq!(d.take_prefix().unwrap(), None);
+        let mut big = vec![FrameKind::Message as u8];
+        big.extend_from_slice(&u32::MAX.to_le_bytes());
+        let mut d = FrameDecoder::new();
+        d.push(&big);
+        assert!(matches!(d.take_prefix(), Err(FrameError::TooLarge { .. })));
+    }
 
     #[test]
     fn the_kind_is_known_from_the_prefix_alone() {

@@ -300,7 +300,6 @@ pub struct MsgStream {
     recv: RecvStream,
     decoder: FrameDecoder,
     peer: String,
-    buf: Vec<u8>,
 }
 
 impl MsgStream {
@@ -311,7 +310,6 @@ impl MsgStream {
             recv,
             decoder: FrameDecoder::new(),
             peer: peer.to_owned(),
-            buf: vec![0u8; 64 << 10],
         }
     }
 
@@ -390,54 +388,129 @@ impl MsgStream {
             if let Ok(Some(kind)) = self.decoder.next_kind()
                 && !allowed.contains(&kind)
             {
-                self.refuse(ErrorCode::Unexpected, &format!("{kind:?} frame"));
-                return Err(ConnError::Unexpected {
-                    peer: self.peer.clone(),
-                    what: format!("{kind:?} frame where {allowed:?} belongs"),
-                });
+                return Err(self.unexpected_kind(kind, allowed));
             }
             match self.decoder.next_frame() {
                 Ok(Some(f)) => return Ok(Some(f)),
                 Ok(None) => {}
-                Err(source) => {
-                    let code = match source {
-                        FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
-                        _ => ErrorCode::Malformed,
-                    };
-                    self.refuse(code, &source);
-                    return Err(ConnError::Frame {
-                        peer: self.peer.clone(),
-                        source,
-                    });
-                }
+                Err(source) => return Err(self.frame_error(source)),
             }
-            let want = self.decoder.wanted().min(self.buf.len());
-            let n = self
-                .recv
-                .read(&mut self.buf[..want])
-                .await
-                .map_err(|source| match source {
-                    quinn::ReadError::ConnectionLost(source) => ConnError::Connection {
+            let want = self.decoder.wanted();
+            if !self.fill(want).await? {
+                return match self.decoder.finish() {
+                    Ok(()) => Ok(None),
+                    Err(source) => Err(ConnError::Frame {
                         peer: self.peer.clone(),
                         source,
-                    },
-                    source => ConnError::Read {
-                        peer: self.peer.clone(),
-                        source,
-                    },
-                })?;
-            match n {
-                Some(n) => self.decoder.push(&self.buf[..n]),
-                None => {
-                    return match self.decoder.finish() {
-                        Ok(()) => Ok(None),
-                        Err(source) => Err(ConnError::Frame {
-                            peer: self.peer.clone(),
-                            source,
-                        }),
-                    };
-                }
+                    }),
+                };
             }
+        }
+    }
+
+    /// Reads up to `want` bytes of the stream into the frame decoder, as quinn hands them over
+    /// (no staging buffer); `false` at the end of the stream.
+    async fn fill(&mut self, want: usize) -> Result<bool, ConnError> {
+        match self.recv.read_chunk(want, true).await {
+            Ok(Some(chunk)) => {
+                self.decoder.push(&chunk.bytes);
+                Ok(true)
+            }
+            Ok(None) => Ok(false),
+            Err(source) => Err(self.read_error(source)),
+        }
+    }
+
+    fn read_error(&self, source: quinn::ReadError) -> ConnError {
+        match source {
+            quinn::ReadError::ConnectionLost(source) => ConnError::Connection {
+                peer: self.peer.clone(),
+                source,
+            },
+            source => ConnError::Read {
+                peer: self.peer.clone(),
+                source,
+            },
+        }
+    }
+
+    /// The next frame, which must be of kind `kind`, its payload read into `out` (cleared
+    /// first) straight from the stream: one copy, where [`MsgStream::recv_frame_of`] makes two
+    /// more (the 1 MiB chunks of a blob go this way). A frame of another kind is refused from
+    /// its prefix, as there. `false` at a clean end of the stream.
+    pub async fn recv_payload_into(
+        &mut self,
+        kind: FrameKind,
+        out: &mut Vec<u8>,
+    ) -> Result<bool, ConnError> {
+        loop {
+            let prefix = match self.decoder.take_prefix() {
+                Ok(p) => p,
+                Err(source) => return Err(self.frame_error(source)),
+            };
+            if let Some((got, len)) = prefix {
+                if got != kind {
+                    return Err(self.unexpected_kind(got, &[kind]));
+                }
+                out.clear();
+                out.reserve(len);
+                while out.len() < len {
+                    match self.recv.read_chunk(len - out.len(), true).await {
+                        Ok(Some(chunk)) => out.extend_from_slice(&chunk.bytes),
+                        Ok(None) => {
+                            let source = FrameError::Truncated(5 + out.len());
+                            return Err(ConnError::Frame {
+                                peer: self.peer.clone(),
+                                source,
+                            });
+                        }
+                        Err(source) => return Err(self.read_error(source)),
+                    }
+                }
+                return Ok(true);
+            }
+            if self.decoder.buffered() >= 5 {
+                // Part of the payload is buffered already: the frame decoder's way.
+                return Ok(match self.recv_frame_of(&[kind]).await? {
+                    Some((_, payload)) => {
+                        *out = payload;
+                        true
+                    }
+                    None => false,
+                });
+            }
+            let want = self.decoder.wanted();
+            if !self.fill(want).await? {
+                return match self.decoder.finish() {
+                    Ok(()) => Ok(false),
+                    Err(source) => Err(ConnError::Frame {
+                        peer: self.peer.clone(),
+                        source,
+                    }),
+                };
+            }
+        }
+    }
+
+    /// Resets the stream over a malformed frame and says why.
+    fn frame_error(&mut self, source: FrameError) -> ConnError {
+        let code = match source {
+            FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
+            _ => ErrorCode::Malformed,
+        };
+        self.refuse(code, &source);
+        ConnError::Frame {
+            peer: self.peer.clone(),
+            source,
+        }
+    }
+
+    /// Resets the stream over a frame of a kind not `allowed` here and says why.
+    fn unexpected_kind(&mut self, kind: FrameKind, allowed: &[FrameKind]) -> ConnError {
+        self.refuse(ErrorCode::Unexpected, &format!("{kind:?} frame"));
+        ConnError::Unexpected {
+            peer: self.peer.clone(),
+            what: format!("{kind:?} frame where {allowed:?} belongs"),
         }
     }
 
