@@ -228,3 +228,27 @@ fn the_scale_bench_closes_its_rounds_and_ends_with_its_json_line() {
     assert!(json["close_ms"].as_f64().unwrap() > 0.0, "{last}");
     assert!(!dir.join("store").exists(), "the bench removes its store");
 }
+
+/// `amity bench transfer` on a few MiB: every transport moves the bytes (our blob protocol
+/// verifies and writes them), and the last line holds the figures the issue names.
+#[test]
+fn the_transfer_bench_moves_every_transport_and_ends_with_its_json_line() {
+    let out = amity(&["bench", "transfer", "--mib", "8"]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let last = stdout.lines().last().unwrap_or("");
+    let json: serde_json::Value = serde_json::from_str(last).expect("last line is JSON");
+    assert_eq!(json["bench"], "transfer", "{last}");
+    for key in [
+        "quic_gbps",
+        "bare_quinn_gbps",
+        "ratio_bare",
+        "ratio",
+        "tls_gbps",
+        "tcp_gbps",
+    ] {
+        let v = json[key].as_f64().unwrap_or(0.0);
+        assert!(v > 0.0 && v.is_finite(), "{key} in {last}");
+    }
+    assert!(stderr.contains("our receiver per GiB"), "{stderr}");
+}
