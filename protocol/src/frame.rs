@@ -130,19 +130,10 @@ impl FrameDecoder {
 
     /// The next whole frame, if one is buffered. Errors are final for the stream.
     pub fn next_frame(&mut self) -> Result<Option<(FrameKind, Vec<u8>)>, FrameError> {
-        let avail = &self.buf[self.start..];
-        if avail.len() < 5 {
+        let Some((kind, len)) = self.prefix()? else {
             return Ok(None);
-        }
-        let kind = FrameKind::from_u8(avail[0]).ok_or(FrameError::UnknownKind(avail[0]))?;
-        let len = u32::from_le_bytes([avail[1], avail[2], avail[3], avail[4]]) as usize;
-        if len > kind.max_len() {
-            return Err(FrameError::TooLarge {
-                kind,
-                len,
-                max: kind.max_len(),
-            });
-        }
+        };
+        let avail = &self.buf[self.start..];
         if avail.len() < 5 + len {
             return Ok(None);
         }
@@ -161,8 +152,20 @@ impl FrameDecoder {
     /// chunks). `None` otherwise; an unknown kind or a length over the kind's maximum is an
     /// error, as in [`FrameDecoder::next_frame`].
     pub fn take_prefix(&mut self) -> Result<Option<(FrameKind, usize)>, FrameError> {
+        if self.buffered() != 5 {
+            return Ok(None);
+        }
+        let prefix = self.prefix()?;
+        self.buf.clear();
+        self.start = 0;
+        Ok(prefix)
+    }
+
+    /// The buffered frame's kind and payload length, checked against the kind's maximum, once
+    /// its 5-byte prefix is buffered.
+    fn prefix(&self) -> Result<Option<(FrameKind, usize)>, FrameError> {
         let avail = &self.buf[self.start..];
-        if avail.len() != 5 {
+        if avail.len() < 5 {
             return Ok(None);
         }
         let kind = FrameKind::from_u8(avail[0]).ok_or(FrameError::UnknownKind(avail[0]))?;
@@ -174,8 +177,6 @@ impl FrameDecoder {
                 max: kind.max_len(),
             });
         }
-        self.buf.clear();
-        self.start = 0;
         Ok(Some((kind, len)))
     }
 

@@ -397,13 +397,7 @@ impl MsgStream {
             }
             let want = self.decoder.wanted();
             if !self.fill(want).await? {
-                return match self.decoder.finish() {
-                    Ok(()) => Ok(None),
-                    Err(source) => Err(ConnError::Frame {
-                        peer: self.peer.clone(),
-                        source,
-                    }),
-                };
+                return self.ended().map(|()| None);
             }
         }
     }
@@ -419,6 +413,14 @@ impl MsgStream {
             Ok(None) => Ok(false),
             Err(source) => Err(self.read_error(source)),
         }
+    }
+
+    /// At the end of the stream: clean, or a frame was cut off.
+    fn ended(&self) -> Result<(), ConnError> {
+        self.decoder.finish().map_err(|source| ConnError::Frame {
+            peer: self.peer.clone(),
+            source,
+        })
     }
 
     fn read_error(&self, source: quinn::ReadError) -> ConnError {
@@ -481,13 +483,7 @@ impl MsgStream {
             }
             let want = self.decoder.wanted();
             if !self.fill(want).await? {
-                return match self.decoder.finish() {
-                    Ok(()) => Ok(false),
-                    Err(source) => Err(ConnError::Frame {
-                        peer: self.peer.clone(),
-                        source,
-                    }),
-                };
+                return self.ended().map(|()| false);
             }
         }
     }
