@@ -132,11 +132,20 @@ async fn three_replicas_over_quic_commit_in_order_and_refuse_a_member() {
         .expect("the replica closes a member's connection");
     assert!(format!("{closed}").contains("not a replica"), "{closed}");
 
-    // Proposals go to everyone; only the leader takes them. Retry until all ten are in.
+    // Proposals go to everyone; only the leader takes them. Retry until all ten are in on every
+    // replica: ten distinct commands, not ten entries (a retried proposal can commit twice, and
+    // counting entries ended the wait before the last command committed: seen once in CI).
     let mut seen: BTreeMap<u64, Vec<(u64, u64)>> = BTreeMap::new();
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
     let mut next = 0u64;
-    while seen.values().map(Vec::len).min().unwrap_or(0) < 10 || seen.len() < 3 {
+    let all_in = |seen: &BTreeMap<u64, Vec<(u64, u64)>>| {
+        seen.len() == 3
+            && seen.values().all(|s| {
+                let ats: std::collections::BTreeSet<u64> = s.iter().map(|(_, at)| *at).collect();
+                (0..10).all(|i| ats.contains(&i))
+            })
+    };
+    while !all_in(&seen) {
         assert!(
             tokio::time::Instant::now() < deadline,
             "not committed in time: {seen:?}"
