@@ -457,7 +457,7 @@ fn print_rounds(status: &server::Status) -> Totals {
         println!(
             "{:>5} {:>8} {:>8} {:>10.4} {:>12} {:>12} {:>14} {:>10.2}{}",
             s.round,
-            s.accepted.len(),
+            s.accepted_count(),
             s.samples,
             s.loss,
             human(s.bytes_up),

@@ -140,11 +140,14 @@ impl Journal {
         Ok(self
             .entries()?
             .into_iter()
-            .filter_map(|entry| match entry {
-                LogEntry::RoundClosed { snapshot, .. } => Some(snapshot),
-                LogEntry::UpdateAccepted { blob, .. } => Some(blob),
-                LogEntry::Operator(_) => None,
+            .flat_map(|entry| match entry {
+                LogEntry::RoundClosed {
+                    snapshot, state, ..
+                } => vec![Some(snapshot), state],
+                LogEntry::UpdateAccepted { blob, .. } => vec![Some(blob)],
+                LogEntry::Operator(_) => Vec::new(),
             })
+            .flatten()
             .collect())
     }
 
@@ -201,6 +204,7 @@ mod tests {
                 round: 0,
                 snapshot: BlobId([9; 32]),
                 params: BlobId([0xab; 32]),
+                state: None,
             })
             .unwrap();
             j.append(&accepted(1)).unwrap();
@@ -224,6 +228,7 @@ mod tests {
             round,
             snapshot: BlobId([100 + round as u8; 32]),
             params: BlobId([0xab; 32]),
+            state: Some(BlobId([200 + round as u8; 32])),
         };
         let mut j = Journal::open(&path).unwrap();
         assert_eq!(j.compact(2).unwrap(), 0, "nothing closed yet");
@@ -240,7 +245,14 @@ mod tests {
         let left = j.entries().unwrap();
         assert_eq!(left.first(), Some(&closed(7)));
         assert_eq!(left.len(), 1 + 3 * 2 + 1);
-        assert_eq!(j.referenced_blobs().unwrap().len(), left.len());
+        // The updates, and the snapshot and global state of each close.
+        let referenced = j.referenced_blobs().unwrap();
+        assert_eq!(referenced.len(), left.len() + 3);
+        assert!(
+            [7, 8, 9]
+                .iter()
+                .all(|r| referenced.contains(&BlobId([200 + r; 32])))
+        );
         assert_eq!(j.compact(3).unwrap(), 0, "compaction is idempotent");
         // Appends go on after the last key, and a reopened log sees the same.
         let next = j.append(&accepted(10)).unwrap();

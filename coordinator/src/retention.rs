@@ -169,6 +169,7 @@ mod tests {
             store.put(bytes.as_bytes()).unwrap().id
         };
         let (mut last_snapshot, mut pinned_update) = (None, BlobId([0; 32]));
+        let mut last_state = BlobId([0; 32]);
         for round in 0..50u64 {
             let state = blob(round, "state");
             let delta = blob(round, "delta");
@@ -193,6 +194,7 @@ mod tests {
                     round,
                     snapshot,
                     params: BlobId([0; 32]),
+                    state: Some(state),
                 })
                 .unwrap();
             std::fs::write(layout.round_checkpoint(round), b"x").unwrap();
@@ -209,6 +211,7 @@ mod tests {
                 )
                 .unwrap();
             last_snapshot = Some(snapshot);
+            last_state = state;
         }
         // Three rounds of state and delta, three snapshots, the updates accepted after the first
         // of them (named by the log), and the update in flight.
@@ -228,6 +231,18 @@ mod tests {
         let usage = retention.usage();
         assert_eq!(usage.blobs, left.len() as u64);
         assert_eq!(usage.removed_checkpoints, 48);
+        // A restarted coordinator's first sweep remembers no live set: the global state the
+        // last snapshot names for its parameters stays because the log names it.
+        Retention::new(policy)
+            .sweep(
+                BTreeSet::new(),
+                &BTreeSet::new(),
+                Some(&mut journal),
+                &store,
+                &layout,
+            )
+            .unwrap();
+        assert!(store.contains(&last_state) && store.contains(&last_snapshot.unwrap()));
         assert_eq!(usage.removed_blobs, 50 * 6 - left.len() as u64);
         std::fs::remove_dir_all(&dir).unwrap();
     }

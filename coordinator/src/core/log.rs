@@ -39,6 +39,10 @@ pub enum LogEntry {
         snapshot: BlobId,
         /// Parameters hash after the round.
         params: BlobId,
+        /// The global-state blob the snapshot names for its parameters (absent in logs
+        /// written before snapshots named one).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        state: Option<BlobId>,
     },
     /// An operator decision (applied on a restart after the snapshot it follows).
     Operator(super::OperatorAction),
@@ -90,6 +94,68 @@ pub struct RoundSummary {
     /// How each update pointed relative to the recent global steps and to the others.
     #[serde(default)]
     pub alignment: Vec<aggregate::Alignment>,
+    /// Set once the per-worker lists above (accepted, rejected, missing, scores, alignment)
+    /// were dropped, [`DETAIL_ROUNDS`] rounds after the close, so that the history every
+    /// snapshot and status carries grows by a few numbers per round rather than by the number
+    /// of workers: their counts stay here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thinned: Option<ThinnedCounts>,
+}
+
+/// Rounds whose summaries keep their per-worker lists; older ones keep counts
+/// ([`RoundSummary::thin`]). At 1000 workers a summary's lists are ~200 KB.
+pub const DETAIL_ROUNDS: usize = 64;
+
+/// What a thinned [`RoundSummary`] keeps of its per-worker lists.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThinnedCounts {
+    /// Updates aggregated.
+    pub accepted: u64,
+    /// Workers expected but silent.
+    pub missing: u64,
+    /// Updates rejected, by kind ([`aggregate::rejection_kind`]).
+    pub rejected: std::collections::BTreeMap<String, u64>,
+}
+
+impl RoundSummary {
+    /// Drops the per-worker lists, keeping their counts (idempotent).
+    pub fn thin(&mut self) {
+        if self.thinned.is_some() {
+            return;
+        }
+        let counts = ThinnedCounts {
+            accepted: self.accepted.len() as u64,
+            missing: self.missing.len() as u64,
+            rejected: self.rejected_by_kind(),
+        };
+        self.accepted = Vec::new();
+        self.rejected = Vec::new();
+        self.missing = Vec::new();
+        self.scores = Vec::new();
+        self.alignment = Vec::new();
+        self.thinned = Some(counts);
+    }
+
+    /// Updates aggregated (thinned or not).
+    pub fn accepted_count(&self) -> u64 {
+        self.thinned
+            .as_ref()
+            .map_or(self.accepted.len() as u64, |t| t.accepted)
+    }
+
+    /// Updates rejected, by kind ([`aggregate::rejection_kind`]), thinned or not.
+    pub fn rejected_by_kind(&self) -> std::collections::BTreeMap<String, u64> {
+        if let Some(t) = &self.thinned {
+            return t.rejected.clone();
+        }
+        let mut by_kind = std::collections::BTreeMap::new();
+        for (_, why) in &self.rejected {
+            *by_kind
+                .entry(aggregate::rejection_kind(why).to_owned())
+                .or_default() += 1;
+        }
+        by_kind
+    }
 }
 
 /// Per-institution accounting.

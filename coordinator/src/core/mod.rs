@@ -23,7 +23,7 @@ mod tests;
 mod view;
 
 pub use command::{BadCommand, Command, LoggedEvent, UpdateRef};
-pub use log::{LogEntry, Provenance, RoundSummary};
+pub use log::{DETAIL_ROUNDS, LogEntry, Provenance, RoundSummary, ThinnedCounts};
 pub use operator::{OperatorAction, OperatorState};
 pub use shard_plan::ShardPlan;
 pub use snapshot::{LiveState, Snapshot, SnapshotError, SnapshotMeta};
@@ -839,17 +839,35 @@ impl Core {
     /// an update of the open round is pending (its values would not fit a small snapshot): the
     /// replica's shell tries again after a later command.
     pub fn replica_snapshot(&self) -> Option<Snapshot> {
+        let live = self.live_state()?;
+        let mut snap = self.snapshot();
+        snap.meta.live = Some(live);
+        Some(snap)
+    }
+
+    /// [`Core::replica_snapshot`]'s bytes, naming the global-state blob for the parameters as
+    /// [`Core::snapshot_bytes`] does (a replica that pulls it pulls that blob too).
+    pub fn replica_snapshot_bytes(&self) -> Option<Vec<u8>> {
+        let live = self.live_state()?;
+        let mut meta = self.snapshot_meta();
+        meta.live = Some(live);
+        Some(snapshot::write(
+            &meta,
+            [&[], &[], &self.outer.momentum, self.downlink.residual()],
+        ))
+    }
+
+    /// The sessions and phase, or `None` while an update is pending.
+    fn live_state(&self) -> Option<LiveState> {
         if !self.received.is_empty() {
             return None;
         }
-        let mut snap = self.snapshot();
-        snap.meta.live = Some(LiveState {
+        Some(LiveState {
             workers: self.workers.iter().map(|(k, v)| (*k, v.clone())).collect(),
             phase: self.phase.clone(),
             refused: self.refused.clone(),
             now_ms: self.now_ms,
             started_any: self.started_any,
-        });
-        Some(snap)
+        })
     }
 }

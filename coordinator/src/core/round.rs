@@ -240,6 +240,7 @@ impl Core {
             held_out_loss,
             scores,
             alignment,
+            thinned: None,
         };
         tracing::info!(
             round = self.round,
@@ -337,6 +338,9 @@ impl Core {
     /// after the last.
     fn publish_round(&mut self, summary: RoundSummary, out: &mut Vec<Action>) {
         self.history.push(summary.clone());
+        if let Some(old) = self.history.len().checked_sub(DETAIL_ROUNDS + 1) {
+            self.history[old].thin();
+        }
         self.round += 1;
         self.store_state(out);
         if self.cfg.journal {
@@ -350,6 +354,7 @@ impl Core {
                 round: self.round - 1,
                 snapshot: snap_id,
                 params: summary.params,
+                state: Some(self.state_blob),
             }));
         }
         let k = self.cfg.checkpoint_every;

@@ -1,7 +1,14 @@
-//! The snapshot format: what a restart resumes from, as one content-addressed blob.
+//! The snapshot format: what a restart resumes from, as a content-addressed blob.
+//!
+//! A snapshot the core writes names the round's global-state blob (the checkpoint of model and
+//! target it stored just before) instead of repeating those values: a round then writes the
+//! parameters once, not twice, and its close holds one copy of them in bytes, not two. Reading
+//! such a snapshot takes that blob too ([`Snapshot::read`]); a snapshot with the parameters
+//! embedded ([`Snapshot::to_bytes`]) reads on its own.
 
 use std::collections::BTreeMap;
 
+use amity_shared::checkpoint::Checkpoint;
 use amity_shared::federated::GlobalParams;
 use amity_shared::store::BlobId;
 use serde::{Deserialize, Serialize};
@@ -32,8 +39,12 @@ pub struct SnapshotMeta {
     pub last_delta_momentum: Option<f32>,
     /// Parameters hash of the seeded initial state.
     pub init_hash: BlobId,
-    /// Lengths of the vectors that follow.
+    /// Lengths of the vectors that follow (model, target, outer momentum, downlink residual).
     pub lens: [u64; 4],
+    /// The global-state blob (a checkpoint) holding the model and target, when they are not
+    /// embedded: `lens[0]` and `lens[1]` are then 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<BlobId>,
     /// The sessions and the round under way, for a replica that restores this snapshot and
     /// goes on applying the replicated log exactly where the others are
     /// ([`Core::replica_snapshot`](super::Core::replica_snapshot)). A restarted single
@@ -97,10 +108,19 @@ pub(super) fn write(meta: &SnapshotMeta, vectors: [&[f32]; 4]) -> Vec<u8> {
 pub struct SnapshotError(pub String);
 
 impl Snapshot {
-    /// `"AMSN" | json length (u64) | JSON metadata | f32 vectors (LE)`.
+    /// `"AMSN" | json length (u64) | JSON metadata | f32 vectors (LE)`, with the parameters
+    /// embedded: these bytes read on their own.
     pub fn to_bytes(&self) -> Vec<u8> {
+        let mut meta = self.meta.clone();
+        meta.state = None;
+        meta.lens = [
+            self.params.model.len() as u64,
+            self.params.target.len() as u64,
+            self.momentum.len() as u64,
+            self.down_residual.len() as u64,
+        ];
         write(
-            &self.meta,
+            &meta,
             [
                 &self.params.model,
                 &self.params.target,
@@ -110,19 +130,30 @@ impl Snapshot {
         )
     }
 
-    /// Parses and checks a snapshot.
+    /// Parses and checks a snapshot that embeds its parameters (one that names a global-state
+    /// blob needs [`Snapshot::read`]).
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, SnapshotError> {
+        Self::read(bytes, |id| {
+            Err(format!(
+                "its parameters are in global-state blob {id}, which was not given"
+            ))
+        })
+    }
+
+    /// The global-state blob a snapshot's bytes name for their parameters (`None` when they
+    /// embed them): what must be at hand before [`Snapshot::read`].
+    pub fn state_blob(bytes: &[u8]) -> Result<Option<BlobId>, SnapshotError> {
+        Ok(split(bytes)?.0.state)
+    }
+
+    /// Parses and checks a snapshot; `state` gives the bytes of the global-state blob it names,
+    /// if it names one (parsed as a checkpoint, its id checked).
+    pub fn read(
+        bytes: &[u8],
+        state: impl FnOnce(&BlobId) -> Result<Vec<u8>, String>,
+    ) -> Result<Self, SnapshotError> {
         let bad = |m: &str| SnapshotError(m.to_owned());
-        if bytes.len() < 12 || &bytes[..4] != SNAPSHOT_MAGIC {
-            return Err(bad("missing magic bytes"));
-        }
-        let n = u64::from_le_bytes(bytes[4..12].try_into().expect("8 bytes")) as usize;
-        let json = bytes
-            .get(12..12usize.saturating_add(n))
-            .ok_or_else(|| bad("truncated metadata"))?;
-        let meta: SnapshotMeta =
-            serde_json::from_slice(json).map_err(|e| SnapshotError(e.to_string()))?;
-        let mut rest = &bytes[12 + n..];
+        let (meta, mut rest) = split(bytes)?;
         let total = meta
             .lens
             .iter()
@@ -140,40 +171,84 @@ impl Snapshot {
         };
         let [a, b, c, d] = meta.lens;
         let (model, target, momentum, down_residual) = (take(a), take(b), take(c), take(d));
+        let mut meta = meta;
+        let params = match meta.state {
+            None => GlobalParams { model, target },
+            Some(id) => {
+                if a != 0 || b != 0 {
+                    return Err(bad(
+                        "it both embeds parameters and names a global-state blob",
+                    ));
+                }
+                let state_bytes =
+                    state(&id).map_err(|e| SnapshotError(format!("global state {id}: {e}")))?;
+                if BlobId::of(&state_bytes) != id {
+                    return Err(SnapshotError(format!(
+                        "the bytes given for global state {id} have another hash"
+                    )));
+                }
+                let checkpoint =
+                    Checkpoint::from_bytes(&state_bytes, &format!("global state {id}"))
+                        .map_err(|e| SnapshotError(e.to_string()))?;
+                // The lengths now describe what was read (`to_bytes` embeds them).
+                meta.lens[0] = checkpoint.model.len() as u64;
+                meta.lens[1] = checkpoint.target.len() as u64;
+                GlobalParams {
+                    model: checkpoint.model,
+                    target: checkpoint.target,
+                }
+            }
+        };
         Ok(Snapshot {
             meta,
-            params: GlobalParams { model, target },
+            params,
             momentum,
             down_residual,
         })
     }
 }
 
+/// A snapshot's metadata and the vector bytes after it.
+fn split(bytes: &[u8]) -> Result<(SnapshotMeta, &[u8]), SnapshotError> {
+    let bad = |m: &str| SnapshotError(m.to_owned());
+    if bytes.len() < 12 || &bytes[..4] != SNAPSHOT_MAGIC {
+        return Err(bad("missing magic bytes"));
+    }
+    let n = u64::from_le_bytes(bytes[4..12].try_into().expect("8 bytes")) as usize;
+    let json = bytes
+        .get(12..12usize.saturating_add(n))
+        .ok_or_else(|| bad("truncated metadata"))?;
+    let meta: SnapshotMeta =
+        serde_json::from_slice(json).map_err(|e| SnapshotError(e.to_string()))?;
+    Ok((meta, &bytes[12 + n..]))
+}
+
 impl Core {
     /// The durable state as a snapshot: what a restart resumes from.
     pub fn snapshot(&self) -> Snapshot {
+        let mut meta = self.snapshot_meta();
+        meta.state = None;
+        meta.lens[0] = self.params.model.len() as u64;
+        meta.lens[1] = self.params.target.len() as u64;
         Snapshot {
-            meta: self.snapshot_meta(),
+            meta,
             params: self.params.clone(),
             momentum: self.outer.momentum.clone(),
             down_residual: self.downlink.residual().to_vec(),
         }
     }
 
-    /// [`Core::snapshot`]'s bytes, written from the core's own vectors (no copy of the state).
+    /// [`Core::snapshot`]'s bytes, naming the global-state blob last stored
+    /// (stored at the last close, start or restore) for the parameters, the rest written from the core's own vectors.
     pub fn snapshot_bytes(&self) -> Vec<u8> {
         write(
             &self.snapshot_meta(),
-            [
-                &self.params.model,
-                &self.params.target,
-                &self.outer.momentum,
-                self.downlink.residual(),
-            ],
+            [&[], &[], &self.outer.momentum, self.downlink.residual()],
         )
     }
 
-    fn snapshot_meta(&self) -> SnapshotMeta {
+    /// The metadata of a snapshot naming the global-state blob.
+    pub(super) fn snapshot_meta(&self) -> SnapshotMeta {
         SnapshotMeta {
             round: self.round,
             plan: self.plan.clone(),
@@ -185,11 +260,12 @@ impl Core {
             last_delta_momentum: self.last_delta_momentum,
             init_hash: self.init_hash,
             lens: [
-                self.params.model.len() as u64,
-                self.params.target.len() as u64,
+                0,
+                0,
                 self.outer.momentum.len() as u64,
                 self.downlink.residual().len() as u64,
             ],
+            state: Some(self.state_blob),
             live: None,
             operator: self.operator.clone(),
         }

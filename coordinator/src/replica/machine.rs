@@ -64,7 +64,8 @@ pub enum MachineAction {
     StoreSnapshot {
         /// The log index the core's state is at.
         index: u64,
-        /// The core snapshot ([`Core::replica_snapshot`]).
+        /// The core snapshot ([`Core::replica_snapshot_bytes`]: it names the global-state blob
+        /// stored before it).
         bytes: Vec<u8>,
     },
     /// A read asked with [`ReplicatedCore::read_index`] may be answered once the core has
@@ -376,12 +377,12 @@ impl ReplicatedCore {
     /// Asks the shell to store a snapshot of the core at the last applied command, after which
     /// the log is compacted there (none while an update is pending: a later command will do).
     fn compact(&mut self, out: &mut Vec<MachineAction>) -> Result<(), ReplicaError> {
-        let Some(snap) = self.core.replica_snapshot() else {
+        let Some(bytes) = self.core.replica_snapshot_bytes() else {
             return Ok(());
         };
         out.push(MachineAction::StoreSnapshot {
             index: self.applied_index,
-            bytes: snap.to_bytes(),
+            bytes,
         });
         Ok(())
     }

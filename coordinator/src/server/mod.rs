@@ -144,11 +144,8 @@ fn build_core(
     let (mut core, mut actions) = match point.snapshot {
         None => fresh_core(cfg)?,
         Some(snap_id) => {
-            let bytes = store
-                .get(&snap_id)
-                .map_err(setup(format!("snapshot {snap_id}")))?;
             let snap =
-                Snapshot::from_bytes(&bytes).map_err(setup(format!("snapshot {snap_id}")))?;
+                read_snapshot(store, &snap_id).map_err(setup(format!("snapshot {snap_id}")))?;
             Core::restore(core_cfg, snap).map_err(setup(format!("snapshot {snap_id}")))?
         }
     };
@@ -330,7 +327,7 @@ async fn run_single(
         execute_one(&shared, Some(&mut journal), action, &mut checkpoint)?;
     }
     let mut retention = Retention::new(cfg.retention);
-    sweep(&shared, &mut retention, Some(&mut journal), &core, None);
+    sweep(&shared, &mut retention, Some(&mut journal), &core, &[]);
     write_status(&shared, &core, &checkpoint);
 
     let web = start_web(&cfg, &shared, core.config(), http_bound).await?;
@@ -391,7 +388,7 @@ async fn run_single(
             let _ = answer.send(ServerMsg::Status(status::coordinator_status(&core, None)));
         }
         if closed {
-            sweep(&shared, &mut retention, Some(&mut journal), &core, None);
+            sweep(&shared, &mut retention, Some(&mut journal), &core, &[]);
             write_status(&shared, &core, &checkpoint);
             observe_round(&shared, &core);
         }
@@ -724,20 +721,29 @@ fn raise_open_file_limit() {
     }
 }
 
+/// Reads snapshot `id` from `store`, with the global-state blob it names for its parameters
+/// (each checked against its id).
+fn read_snapshot(store: &LocalStore, id: &BlobId) -> Result<Snapshot, Cause> {
+    let bytes = store.get(id)?;
+    Ok(Snapshot::read(&bytes, |state| {
+        store.get(state).map_err(|e| e.to_string())
+    })?)
+}
+
 fn latest_checkpoint(layout: &StateLayout) -> Option<PathBuf> {
     let p = layout.latest_checkpoint();
     p.exists().then_some(p)
 }
 
 /// Deletes what no longer needs keeping ([`crate::retention`]): what is live, pinned, named by
-/// the journal (if any) or `keep` (a replica's base snapshot) stays. A failure is logged and
+/// the journal (if any) or `keep` (a replica's base snapshot and its global state) stays. A failure is logged and
 /// counted, never fatal: the next round sweeps again.
 fn sweep(
     shared: &Shared,
     retention: &mut Retention,
     journal: Option<&mut Journal>,
     core: &Core,
-    keep: Option<BlobId>,
+    keep: &[BlobId],
 ) {
     let mut pinned: BTreeSet<BlobId> = shared
         .pinned
@@ -746,7 +752,7 @@ fn sweep(
         .keys()
         .copied()
         .collect();
-    pinned.extend(keep);
+    pinned.extend(keep.iter().copied());
     let swept = retention.sweep(
         core.live_blobs(),
         &pinned,

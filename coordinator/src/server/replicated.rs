@@ -90,11 +90,9 @@ fn open_replica(
         None => None,
     };
     match base {
-        Some((id, what)) if store.contains(&id) => {
-            let bytes = store
-                .get(&id)
-                .map_err(setup(format!("{what} (blob {id})")))?;
-            let snap = Snapshot::from_bytes(&bytes).map_err(setup(&what))?;
+        Some((id, what)) if snapshot_at_hand(store, &id) => {
+            let snap =
+                super::read_snapshot(store, &id).map_err(setup(format!("{what} (blob {id})")))?;
             let core_cfg = cfg.core().map_err(setup("coordinator config"))?;
             let (core, actions) = Core::restore(core_cfg, snap).map_err(setup(&what))?;
             Ok((replica, core, actions, None))
@@ -109,6 +107,17 @@ fn open_replica(
             let (core, actions) = super::fresh_core(cfg)?;
             Ok((replica, core, actions, None))
         }
+    }
+}
+
+/// Whether snapshot `id` and the global state it names are both in `store` (else they are
+/// pulled from a peer).
+fn snapshot_at_hand(store: &LocalStore, id: &BlobId) -> bool {
+    match store.get(id).map(|bytes| Snapshot::state_blob(&bytes)) {
+        Ok(Ok(Some(state))) => store.contains(&state),
+        Ok(Ok(None)) => true,
+        // Unreadable: reading it again reports why.
+        Ok(Err(_)) | Err(_) => store.contains(id),
     }
 }
 
@@ -196,6 +205,9 @@ pub(super) struct Driver<'a> {
     pub(super) checkpoint: Option<PathBuf>,
     /// Status questions waiting for their read index.
     pub(super) reads: Reads,
+    /// The snapshot the Raft log starts from and the global state it names (read once per
+    /// snapshot), which retention keeps.
+    pub(super) base_blobs: Option<Vec<BlobId>>,
     /// Snapshots pulled from peers, by the tasks that pull them.
     pub(super) snapshots: (
         mpsc::UnboundedSender<Pulled>,
@@ -283,6 +295,7 @@ impl<'a> Driver<'a> {
             retention: Retention::new(cfg.retention),
             checkpoint: super::latest_checkpoint(layout),
             snapshots: mpsc::unbounded_channel(),
+            base_blobs: None,
             reads: Reads::default(),
         }
     }
@@ -577,7 +590,8 @@ impl<'a> Driver<'a> {
         }
     }
 
-    /// Deletes what no longer needs keeping, the snapshot the Raft log starts from kept.
+    /// Deletes what no longer needs keeping, the snapshot the Raft log starts from (and the
+    /// global state it names) kept.
     fn sweep(&mut self, rc: &ReplicatedCore) {
         let base = rc
             .replica()
@@ -585,7 +599,31 @@ impl<'a> Driver<'a> {
             .ok()
             .flatten()
             .and_then(|(_, data)| snapshot_blob(&data).ok());
-        super::sweep(self.shared, &mut self.retention, None, rc.core(), base);
+        let keep = match base {
+            None => Vec::new(),
+            Some(id) => match &self.base_blobs {
+                Some(kept) if kept[0] == id => kept.clone(),
+                _ => {
+                    // Read once per base; while it cannot be read (still being pulled), only
+                    // its id is kept and the next sweep reads again.
+                    let named = self
+                        .shared
+                        .store
+                        .get(&id)
+                        .ok()
+                        .map(|bytes| Snapshot::state_blob(&bytes).ok().flatten());
+                    match named {
+                        Some(state) => {
+                            let kept: Vec<BlobId> = std::iter::once(id).chain(state).collect();
+                            self.base_blobs = Some(kept.clone());
+                            kept
+                        }
+                        None => vec![id],
+                    }
+                }
+            },
+        };
+        super::sweep(self.shared, &mut self.retention, None, rc.core(), &keep);
     }
 
     /// After `max_rounds`: workers go home (the leader tells them; followers never held any).
@@ -623,7 +661,8 @@ fn replica_status(rc: &ReplicatedCore) -> ReplicaStatus {
     }
 }
 
-/// Pulls core snapshot `id` into `store` from the leader, else any peer, and parses it.
+/// Pulls core snapshot `id` into `store` from the leader, else any peer, with the global-state
+/// blob it names, and parses it.
 async fn fetch_snapshot(
     fetcher: &BlobFetcher,
     leader: Option<u64>,
@@ -631,40 +670,55 @@ async fn fetch_snapshot(
     store: &LocalStore,
     part: &std::path::Path,
 ) -> Result<Snapshot, String> {
-    if !store.contains(&id) {
-        let order: Vec<u64> = leader
-            .into_iter()
-            .chain(fetcher.peers().into_iter().filter(|p| Some(*p) != leader))
-            .collect();
-        let mut last = String::from("no peer to pull it from");
-        let mut pulled = false;
-        for _attempt in 0..3 {
-            for &peer in &order {
-                match fetcher.fetch(peer, id, part, MAX_SNAPSHOT_BYTES).await {
-                    Ok(_) => {
-                        pulled = true;
-                        break;
-                    }
-                    Err(e) => last = e.to_string(),
-                }
-            }
-            if pulled {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        if !pulled {
-            return Err(format!("replica snapshot {id}: {last}"));
-        }
-        let bytes = std::fs::read(part).map_err(|e| format!("{}: {e}", part.display()))?;
-        let _ = std::fs::remove_file(part);
-        store
-            .put(&bytes)
-            .map_err(|e| format!("storing replica snapshot {id}: {e}"))?;
-    }
+    let order: Vec<u64> = leader
+        .into_iter()
+        .chain(fetcher.peers().into_iter().filter(|p| Some(*p) != leader))
+        .collect();
+    let what = format!("replica snapshot {id}");
+    pull_blob(fetcher, &order, id, store, part, &what).await?;
     let bytes = store.get(&id).map_err(|e| e.to_string())?;
-    Snapshot::from_bytes(&bytes).map_err(|e| format!("replica snapshot {id}: {e}"))
+    if let Some(state) = Snapshot::state_blob(&bytes).map_err(|e| format!("{what}: {e}"))? {
+        let part = part.with_extension("state.part");
+        let state_what = format!("{what}: its global state {state}");
+        pull_blob(fetcher, &order, state, store, &part, &state_what).await?;
+    }
+    Snapshot::read(&bytes, |state| store.get(state).map_err(|e| e.to_string()))
+        .map_err(|e| format!("{what}: {e}"))
 }
 
-/// The most bytes a core snapshot pulled from a peer may have.
+/// Pulls blob `id` into `store` unless it is there: from the peers in `order`, three times
+/// round; `what` names it in the error.
+async fn pull_blob(
+    fetcher: &BlobFetcher,
+    order: &[u64],
+    id: BlobId,
+    store: &LocalStore,
+    part: &std::path::Path,
+    what: &str,
+) -> Result<(), String> {
+    if store.contains(&id) {
+        return Ok(());
+    }
+    let mut last = String::from("no peer to pull it from");
+    for _attempt in 0..3 {
+        for &peer in order {
+            match fetcher.fetch(peer, id, part, MAX_SNAPSHOT_BYTES).await {
+                Ok(_) => {
+                    let bytes =
+                        std::fs::read(part).map_err(|e| format!("{}: {e}", part.display()))?;
+                    let _ = std::fs::remove_file(part);
+                    store
+                        .put(&bytes)
+                        .map_err(|e| format!("storing {what}: {e}"))?;
+                    return Ok(());
+                }
+                Err(e) => last = e.to_string(),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Err(format!("{what}: {last}"))
+}
+
+/// The most bytes a core snapshot (or the global state it names) pulled from a peer may have.
 const MAX_SNAPSHOT_BYTES: u64 = 16 << 30;

@@ -105,6 +105,34 @@ fn snapshot_stored(actions: &[Action]) -> Option<Vec<u8>> {
     })
 }
 
+/// The global-state blob among `actions`.
+fn state_stored(actions: &[Action]) -> &[u8] {
+    actions
+        .iter()
+        .find_map(|a| match a {
+            Action::StoreBlob {
+                what: "global state",
+                bytes,
+            } => Some(bytes.as_slice()),
+            _ => None,
+        })
+        .expect("a global state stored")
+}
+
+/// Reads snapshot `bytes` with the global-state blob it names, looked for among `actions`'
+/// stored blobs.
+fn read_snapshot(bytes: &[u8], actions: &[Action]) -> Result<Snapshot, SnapshotError> {
+    Snapshot::read(bytes, |id| {
+        actions
+            .iter()
+            .find_map(|a| match a {
+                Action::StoreBlob { bytes, .. } if BlobId::of(bytes) == *id => Some(bytes.clone()),
+                _ => None,
+            })
+            .ok_or_else(|| "not among the blobs stored".to_owned())
+    })
+}
+
 fn assignment(actions: &[Action], worker: u64) -> Vec<BlobId> {
     sent_to(actions, worker)
         .into_iter()
@@ -585,15 +613,44 @@ fn a_restored_core_resumes_with_the_same_parameters_and_replayed_updates() {
     join(&mut core, 1, "a", 10.0, 0);
     join(&mut core, 2, "b", 10.0, 0);
     send(&mut core, 1, 0, 1.0, 1, 10);
-    let acts = send(&mut core, 2, 0, 1.0, 2, 10);
-    let snap_bytes = snapshot_stored(&acts).unwrap();
+    let closing = send(&mut core, 2, 0, 1.0, 2, 10);
+    let snap_bytes = snapshot_stored(&closing).unwrap();
     // An update of round 1 was accepted before the crash.
     let acts = send(&mut core, 1, 1, 1.0, 3, 20);
     let Action::Persist(entry) = acts[0].clone() else {
         panic!("{acts:?}")
     };
 
-    let snap = Snapshot::from_bytes(&snap_bytes).unwrap();
+    // The snapshot names the global state stored just before it for its parameters: it reads
+    // with that blob, not without it, and holds the core's parameters.
+    let err = Snapshot::from_bytes(&snap_bytes).unwrap_err();
+    assert!(err.to_string().contains("global-state blob"), "{err}");
+    let snap = read_snapshot(&snap_bytes, &closing).unwrap();
+    assert_eq!(snap.params.hash(), core.params().hash());
+    assert_eq!(
+        Snapshot::state_blob(&snap_bytes).unwrap(),
+        Some(BlobId::of(state_stored(&closing)))
+    );
+    let params_bytes = 4 * (snap.params.model.len() + snap.params.target.len());
+    let saved = snap.to_bytes().len() as i64 - snap_bytes.len() as i64;
+    assert!(
+        (saved - params_bytes as i64).abs() < 200,
+        "{saved} vs {params_bytes}"
+    );
+    let wrong = Snapshot::read(&snap_bytes, |_| Ok(b"not the state".to_vec())).unwrap_err();
+    assert!(wrong.to_string().contains("another hash"), "{wrong}");
+    // Embedded parameters (a snapshot's own bytes) read alone, the same.
+    let embedded = Snapshot::from_bytes(&snap.to_bytes()).unwrap();
+    assert_eq!(embedded.meta.state, None);
+    assert_eq!(embedded.meta.lens, snap.meta.lens);
+    assert_eq!(
+        (
+            &embedded.params,
+            &embedded.momentum,
+            &embedded.down_residual
+        ),
+        (&snap.params, &snap.momentum, &snap.down_residual)
+    );
     let (mut again, _) = Core::restore(core.config().clone(), snap).unwrap();
     // A snapshot of another model is refused, not restored.
     let mut other = core.config().clone();
@@ -637,7 +694,7 @@ fn snapshots_and_log_entries_with_nan_statistics_restore() {
         );
     }
     let snap = snapshot_stored(&acts).expect("the round closed");
-    let snap = Snapshot::from_bytes(&snap).unwrap();
+    let snap = read_snapshot(&snap, &acts).unwrap();
     assert!(snap.meta.history[0].accepted.is_empty());
     assert!(snap.meta.history[0].loss.is_nan());
     let (again, _) = Core::restore(core.config().clone(), snap).unwrap();
@@ -834,3 +891,55 @@ fn shards_of_a_second_session_of_an_institution_are_not_lost() {
 
 mod operator;
 mod replay;
+
+/// After [`DETAIL_ROUNDS`] rounds a summary keeps counts instead of per-worker lists, so that
+/// the history every snapshot carries grows by a few numbers per round, whatever the number of
+/// workers; the counts (and what `/metrics` derives from them) are those of the lists.
+#[test]
+fn old_round_summaries_keep_counts_instead_of_per_worker_lists() {
+    let (mut core, _) = setup(TargetPolicy::LocalEma);
+    join(&mut core, 1, "a", 10.0, 0);
+    join(&mut core, 2, "b", 10.0, 0);
+    let mut sizes = Vec::new();
+    let mut now = 10;
+    for round in 0..DETAIL_ROUNDS as u64 + 3 {
+        send(&mut core, 1, round, 1.0, 1 + round, now);
+        let mut bad = update(&core, round, 1.0, 200 + round);
+        bad.values.held_mut().unwrap()[0] = f32::NAN;
+        let acts = core.handle(
+            Event::Update {
+                worker: WorkerId(2),
+                update: bad,
+            },
+            now,
+        );
+        let closed = snapshot_stored(&acts);
+        sizes.push(
+            closed
+                .unwrap_or_else(|| panic!("round {round} did not close: {acts:?}"))
+                .len(),
+        );
+        now += 10;
+    }
+    let h = core.history();
+    assert_eq!(h.len(), DETAIL_ROUNDS + 3);
+    let kinds = std::collections::BTreeMap::from([("non_finite".to_owned(), 1)]);
+    for (i, s) in h.iter().enumerate() {
+        assert_eq!(s.accepted_count(), 1, "round {i}");
+        assert_eq!(s.rejected_by_kind(), kinds, "round {i}");
+        let thinned = i < 3;
+        assert_eq!(s.thinned.is_some(), thinned, "round {i}");
+        assert_eq!(s.accepted.is_empty(), thinned, "round {i}");
+        assert_eq!(s.rejected.is_empty(), thinned, "round {i}");
+    }
+    // Once summaries thin, a round adds less to the snapshot than one with lists did.
+    let grew = |i: usize| sizes[i] as i64 - sizes[i - 1] as i64;
+    let (detailed, thinned) = (grew(DETAIL_ROUNDS - 1), grew(DETAIL_ROUNDS + 2));
+    assert!(thinned < detailed, "{thinned} >= {detailed}");
+    // Thinning is idempotent and survives a snapshot.
+    let mut again = h[0].clone();
+    again.thin();
+    assert_eq!(again, h[0]);
+    let json = serde_json::to_string(&h[0]).unwrap();
+    assert_eq!(serde_json::from_str::<RoundSummary>(&json).unwrap(), h[0]);
+}

@@ -55,7 +55,13 @@ impl Machines {
         let core = match replica.base().unwrap() {
             Some((_, data)) => {
                 let blob = super::super::machine::snapshot_blob(&data).unwrap();
-                let snap = Snapshot::from_bytes(&self.blobs[&blob]).unwrap();
+                let snap = Snapshot::read(&self.blobs[&blob], |s| {
+                    self.blobs
+                        .get(s)
+                        .cloned()
+                        .ok_or_else(|| "not stored".into())
+                })
+                .unwrap();
                 Core::restore(self.cfg.clone(), snap).unwrap().0
             }
             None => {
@@ -99,7 +105,14 @@ impl Machines {
                     self.node(id).snapshot_stored(index, blob).unwrap();
                 }
                 MachineAction::FetchSnapshot(blob) => {
-                    let snap = Snapshot::from_bytes(&self.blobs[&blob]).unwrap();
+                    // What a shell pulls: the snapshot and the global state it names.
+                    let snap = Snapshot::read(&self.blobs[&blob], |s| {
+                        self.blobs
+                            .get(s)
+                            .cloned()
+                            .ok_or_else(|| "not stored".into())
+                    })
+                    .unwrap();
                     todo.extend(self.node(id).restore(snap).unwrap());
                 }
             }

@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 
 use amity_protocol::metrics::{Kind, MetricsText};
 
-use crate::aggregate::rejection_kind;
 use crate::server::Status;
 
 /// `status` as a `/metrics` page.
@@ -151,9 +150,9 @@ fn updates(m: &mut MetricsText, s: &Status) {
     for (inst, p) in &s.provenance {
         m.sample(name, &[("institution", inst)], p.updates as f64);
     }
-    let mut by_reason: BTreeMap<&str, u64> = BTreeMap::new();
-    for (_, why) in s.history.iter().flat_map(|r| &r.rejected) {
-        *by_reason.entry(rejection_kind(why)).or_default() += 1;
+    let mut by_reason: BTreeMap<String, u64> = BTreeMap::new();
+    for (kind, n) in s.history.iter().flat_map(|r| r.rejected_by_kind()) {
+        *by_reason.entry(kind).or_default() += n;
     }
     let name = "amity_updates_rejected_total";
     m.family(
@@ -162,7 +161,7 @@ fn updates(m: &mut MetricsText, s: &Status) {
         "Updates rejected at a round's close, by reason.",
     );
     for (reason, n) in by_reason {
-        m.sample(name, &[("reason", reason)], n as f64);
+        m.sample(name, &[("reason", reason.as_str())], n as f64);
     }
     let name = "amity_updates_refused_total";
     m.family(
