@@ -76,6 +76,9 @@ pub struct RoundFigures {
     /// The heap's peak during the round, bytes in all since before the model state was made
     /// (the core's own state included).
     pub total_peak_bytes: i64,
+    /// Bytes of the blobs the close hands the shell to store (global state, state delta,
+    /// snapshot), part of the peak.
+    pub output_bytes: i64,
     /// Updates accepted and rejected.
     pub accepted: usize,
     /// Updates rejected.
@@ -244,6 +247,7 @@ fn deliver(
     heap::reset_peak();
     let mut arrivals = 0.0;
     let mut close = None;
+    let mut output = 0i64;
     for (w, (blob, bytes)) in blobs.into_iter().enumerate() {
         *now += 1;
         let update = ArrivedUpdate {
@@ -272,7 +276,27 @@ fn deliver(
             Action::RoundClosed(s) => Some(s.clone()),
             _ => None,
         }) {
-            Some(summary) => close = Some((took, summary)),
+            Some(summary) => {
+                // What the close hands the shell to store (state, delta, snapshot): part of
+                // the peak, the rest is the close's working memory.
+                let stored: Vec<(&str, usize)> = actions
+                    .iter()
+                    .filter_map(|a| match a {
+                        Action::StoreBlob { what, bytes } => Some((*what, bytes.len())),
+                        _ => None,
+                    })
+                    .collect();
+                output = stored.iter().map(|(_, n)| *n as i64).sum();
+                eprintln!(
+                    "  round {round} stores {}",
+                    stored
+                        .iter()
+                        .map(|(w, n)| format!("{w} {:.2} MiB", *n as f64 / (1 << 20) as f64))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                close = Some((took, summary))
+            }
             None => arrivals += took,
         }
     }
@@ -287,6 +311,7 @@ fn deliver(
         // (the first round allocates the outer momentum and the downlink residual).
         peak_bytes: (heap::peak() - rest.max(heap::live())) as i64,
         total_peak_bytes: heap::peak() as i64,
+        output_bytes: output,
         accepted: summary.accepted.len(),
         rejected: summary.rejected.len(),
     })

@@ -689,7 +689,7 @@ impl WorkerCore {
         };
         let (bytes, _) =
             self.feedback
-                .encode_parts(&spec, &update.wire_values(), &update.wire_parts());
+                .encode_parts(&spec, update.wire_values(), &update.wire_parts());
         let id = BlobId::of(&bytes);
         let len = bytes.len() as u64;
         self.round_blob(round, id);

@@ -95,16 +95,38 @@ pub struct RoundSummary {
     #[serde(default)]
     pub alignment: Vec<aggregate::Alignment>,
     /// Set once the per-worker lists above (accepted, rejected, missing, scores, alignment)
-    /// were dropped, [`DETAIL_ROUNDS`] rounds after the close, so that the history every
+    /// were dropped, [`DETAIL_ROUNDS`] rounds after the close or sooner when many workers fill
+    /// [`DETAIL_ENTRIES`], so that the history every
     /// snapshot and status carries grows by a few numbers per round rather than by the number
     /// of workers: their counts stay here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub thinned: Option<ThinnedCounts>,
 }
 
-/// Rounds whose summaries keep their per-worker lists; older ones keep counts
-/// ([`RoundSummary::thin`]). At 1000 workers a summary's lists are ~200 KB.
+/// The most recent rounds whose summaries keep their per-worker lists; older ones keep counts
+/// ([`RoundSummary::thin`]).
 pub const DETAIL_ROUNDS: usize = 64;
+
+/// The most per-worker entries the detailed summaries hold together (the newest always keeps
+/// its lists): at 1000 workers a summary has ~2000 (~200 KB as JSON, a tenth of the tiny
+/// preset's model state, written in every snapshot), so only the last two or three keep them.
+pub const DETAIL_ENTRIES: usize = 4096;
+
+/// Thins every summary but the newest ones that fit in [`DETAIL_ROUNDS`] and
+/// [`DETAIL_ENTRIES`].
+pub(super) fn thin_history(history: &mut [RoundSummary]) {
+    let mut entries = 0;
+    for (age, summary) in history.iter_mut().rev().enumerate() {
+        if summary.thinned.is_some() {
+            // Everything older was thinned before it.
+            break;
+        }
+        entries += summary.entries();
+        if age > 0 && (age >= DETAIL_ROUNDS || entries > DETAIL_ENTRIES) {
+            summary.thin();
+        }
+    }
+}
 
 /// What a thinned [`RoundSummary`] keeps of its per-worker lists.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -134,6 +156,15 @@ impl RoundSummary {
         self.scores = Vec::new();
         self.alignment = Vec::new();
         self.thinned = Some(counts);
+    }
+
+    /// Per-worker entries in the lists.
+    fn entries(&self) -> usize {
+        self.accepted.len()
+            + self.rejected.len()
+            + self.missing.len()
+            + self.scores.len()
+            + self.alignment.len()
     }
 
     /// Updates aggregated (thinned or not).

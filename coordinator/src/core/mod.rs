@@ -23,7 +23,7 @@ mod tests;
 mod view;
 
 pub use command::{BadCommand, Command, LoggedEvent, UpdateRef};
-pub use log::{DETAIL_ROUNDS, LogEntry, Provenance, RoundSummary, ThinnedCounts};
+pub use log::{DETAIL_ENTRIES, DETAIL_ROUNDS, LogEntry, Provenance, RoundSummary, ThinnedCounts};
 pub use operator::{OperatorAction, OperatorState};
 pub use shard_plan::ShardPlan;
 pub use snapshot::{LiveState, Snapshot, SnapshotError, SnapshotMeta};

@@ -338,9 +338,7 @@ impl Core {
     /// after the last.
     fn publish_round(&mut self, summary: RoundSummary, out: &mut Vec<Action>) {
         self.history.push(summary.clone());
-        if let Some(old) = self.history.len().checked_sub(DETAIL_ROUNDS + 1) {
-            self.history[old].thin();
-        }
+        log::thin_history(&mut self.history);
         self.round += 1;
         self.store_state(out);
         if self.cfg.journal {
@@ -473,17 +471,19 @@ impl Core {
         } else {
             self.cfg.downlink_codec
         };
-        // The downlink residual moves only if the step is taken.
+        // The downlink residual moves only if the step is taken. The delta's buffer becomes the
+        // next residual (one model-sized vector fewer at the round's peak).
         let params = &mut self.params;
+        let len = delta.len();
         let (bytes, _) = self
             .downlink
-            .encode_parts_if(&spec, &delta, &parts, |sent| {
+            .encode_parts_if(&spec, delta, &parts, |sent| {
                 // Checked before anything moves, without copying the state: finite parameters
                 // plus a finite delta must stay finite (the coordinator-EMA target step only
                 // averages finite values, so the parts the delta covers are all there is to
                 // check).
                 let state = params.model.iter().chain(&params.target);
-                if sent.len() != delta.len() || state.zip(sent).any(|(p, d)| !(p + d).is_finite()) {
+                if sent.len() != len || state.zip(sent).any(|(p, d)| !(p + d).is_finite()) {
                     return Err("the new parameters would not be finite".to_owned());
                 }
                 params

@@ -438,12 +438,39 @@ pub fn encode_parts(spec: &CodecSpec, values: &[f32], parts: &[usize]) -> Vec<u8
 }
 
 /// Decodes [`encode_parts`] output for parts of the given lengths, validating everything.
+/// Each part is written into the result as it is decoded (no second copy of the update).
 pub fn decode_parts(bytes: &[u8], parts: &[usize]) -> Result<Vec<f32>, CodecError> {
-    Ok(decode_parts_entries(bytes, parts)?.to_dense())
+    let mut dense = Vec::with_capacity(parts.iter().sum());
+    for_each_part(bytes, parts, |n, indices, kept| match indices {
+        None => dense.extend_from_slice(&kept),
+        Some(indices) => {
+            let start = dense.len();
+            dense.resize(start + n, 0.0);
+            for (i, v) in indices.into_iter().zip(kept) {
+                dense[start + i as usize] = v;
+            }
+        }
+    })?;
+    Ok(dense)
 }
 
 /// [`decode_parts`] without densifying: what was sent of each part, validated the same way.
 pub fn decode_parts_entries(bytes: &[u8], parts: &[usize]) -> Result<Entries, CodecError> {
+    let mut out = Entries::new();
+    for_each_part(bytes, parts, |n, indices, kept| {
+        out.push_part(n, indices, kept)
+    })?;
+    Ok(out)
+}
+
+/// Decodes [`encode_parts`] output part by part, handing each to `f` (its length, the kept
+/// indices or `None` when dense, the values) as soon as it is validated; fails on the first
+/// part or header that does not check out.
+fn for_each_part(
+    bytes: &[u8],
+    parts: &[usize],
+    mut f: impl FnMut(usize, Option<Vec<u32>>, Vec<f32>),
+) -> Result<(), CodecError> {
     if bytes.len() < 4 {
         return Err(CodecError::Header("missing part count".into()));
     }
@@ -455,7 +482,6 @@ pub fn decode_parts_entries(bytes: &[u8], parts: &[usize]) -> Result<Entries, Co
         )));
     }
     let mut at = 4;
-    let mut out = Entries::new();
     for &n in parts {
         let len = bytes
             .get(at..at + 8)
@@ -468,7 +494,7 @@ pub fn decode_parts_entries(bytes: &[u8], parts: &[usize]) -> Result<Entries, Co
             .filter(|&e| e <= bytes.len())
             .ok_or_else(|| CodecError::Body("part runs past the end".into()))?;
         let (indices, kept) = decode_kept(&bytes[at..end], n)?;
-        out.push_part(n, indices, kept);
+        f(n, indices, kept);
         at = end;
     }
     if at != bytes.len() {
@@ -477,7 +503,7 @@ pub fn decode_parts_entries(bytes: &[u8], parts: &[usize]) -> Result<Entries, Co
             bytes.len() - at
         )));
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Indices of the `k` entries of largest magnitude, ascending. NaN counts as largest, so a
@@ -752,8 +778,11 @@ impl ErrorFeedback {
     }
 
     /// Encodes `update + residual` with `spec` and keeps the part that was lost. Returns the
-    /// bytes to send ([`encode`] format) and the values the receiver will decode.
-    pub fn encode(&mut self, spec: &CodecSpec, update: &[f32]) -> (Vec<u8>, Vec<f32>) {
+    /// bytes to send ([`encode`] format) and the values the receiver will decode. The update is
+    /// taken by value: the residual is added into its buffer, which becomes the next residual
+    /// (no copy of a model-sized vector; at the coordinator's close that is a model state of
+    /// peak memory).
+    pub fn encode(&mut self, spec: &CodecSpec, update: Vec<f32>) -> (Vec<u8>, Vec<f32>) {
         let codec = |v: &[f32]| {
             let bytes = encode(spec, v);
             let sent = decode(&bytes, v.len());
@@ -766,7 +795,7 @@ impl ErrorFeedback {
     pub fn encode_parts(
         &mut self,
         spec: &CodecSpec,
-        update: &[f32],
+        update: Vec<f32>,
         parts: &[usize],
     ) -> (Vec<u8>, Vec<f32>) {
         infallible(self.encode_parts_if(spec, update, parts, |_| Ok(())))
@@ -778,7 +807,7 @@ impl ErrorFeedback {
     pub fn encode_parts_if<E>(
         &mut self,
         spec: &CodecSpec,
-        update: &[f32],
+        update: Vec<f32>,
         parts: &[usize],
         accept: impl FnOnce(&[f32]) -> Result<(), E>,
     ) -> Result<(Vec<u8>, Vec<f32>), E> {
@@ -792,20 +821,17 @@ impl ErrorFeedback {
 
     fn encode_if<E>(
         &mut self,
-        update: &[f32],
+        update: Vec<f32>,
         codec: impl FnOnce(&[f32]) -> (Vec<u8>, Result<Vec<f32>, CodecError>),
         accept: impl FnOnce(&[f32]) -> Result<(), E>,
     ) -> Result<(Vec<u8>, Vec<f32>), E> {
+        let mut corrected = update;
         // A residual of another length (the first update, another model) counts as zeros.
-        let corrected: Vec<f32> = if self.residual.len() == update.len() {
-            update
-                .iter()
-                .zip(&self.residual)
-                .map(|(u, r)| u + r)
-                .collect()
-        } else {
-            update.to_vec()
-        };
+        if self.residual.len() == corrected.len() {
+            for (u, r) in corrected.iter_mut().zip(&self.residual) {
+                *u += r;
+            }
+        }
         match codec(&corrected) {
             (bytes, Ok(sent)) => {
                 accept(&sent)?;
@@ -819,7 +845,7 @@ impl ErrorFeedback {
             // to reject, and the residual restarts rather than carry the poison forward.
             (bytes, Err(_)) => {
                 accept(&corrected)?;
-                self.residual = vec![0.0; update.len()];
+                self.residual = vec![0.0; corrected.len()];
                 Ok((bytes, corrected))
             }
         }

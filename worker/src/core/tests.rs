@@ -171,7 +171,7 @@ fn reconnect_keeps_optimiser_state_and_residual() {
     let (_, blob, _) = header(&acts);
     let spec: CodecSpec = "topk0.01+int8".parse().unwrap();
     let (fresh, _) =
-        ErrorFeedback::new().encode_parts(&spec, &next.wire_values(), &next.wire_parts());
+        ErrorFeedback::new().encode_parts(&spec, next.wire_values(), &next.wire_parts());
     assert_ne!(
         BlobId::of(&fresh),
         blob,

@@ -273,7 +273,7 @@ fn after_the_final_flush_the_parameters_hold_every_update() {
                 *d += 0.5 * *v as f64;
             }
             let spec: CodecSpec = if flush { cfg.codec.dense() } else { cfg.codec };
-            let (wire, sent) = fb.encode_parts(&spec, &values, &parts);
+            let (wire, sent) = fb.encode_parts(&spec, values.clone(), &parts);
             if !flush {
                 for (d, v) in sent_before_flush.iter_mut().zip(&sent) {
                     *d += 0.5 * *v as f64;
@@ -936,6 +936,21 @@ fn old_round_summaries_keep_counts_instead_of_per_worker_lists() {
     let grew = |i: usize| sizes[i] as i64 - sizes[i - 1] as i64;
     let (detailed, thinned) = (grew(DETAIL_ROUNDS - 1), grew(DETAIL_ROUNDS + 2));
     assert!(thinned < detailed, "{thinned} >= {detailed}");
+    // Many workers thin sooner: only the newest summaries within DETAIL_ENTRIES keep lists.
+    let mut big = h[h.len() - 1].clone();
+    big.accepted = (0..DETAIL_ENTRIES / 2 - 10)
+        .map(|i| format!("w{i}"))
+        .collect();
+    let mut many = vec![big.clone(); 4];
+    log::thin_history(&mut many);
+    let kept: Vec<bool> = many.iter().map(|s| s.thinned.is_none()).collect();
+    assert_eq!(kept, [false, false, true, true]);
+    assert_eq!(many[0].accepted_count(), big.accepted.len() as u64);
+    // The newest keeps its lists whatever their size.
+    big.accepted = (0..2 * DETAIL_ENTRIES).map(|i| format!("w{i}")).collect();
+    let mut one = vec![big];
+    log::thin_history(&mut one);
+    assert!(one[0].thinned.is_none());
     // Thinning is idempotent and survives a snapshot.
     let mut again = h[0].clone();
     again.thin();

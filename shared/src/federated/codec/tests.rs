@@ -191,7 +191,7 @@ fn error_feedback_makes_the_sent_sum_track_the_true_sum() {
             .enumerate()
             .map(|(i, z)| z + 0.001 * ((i % 7) as f32 - 3.0))
             .collect();
-        let (_, sent) = ef.encode(&spec, &update);
+        let (_, sent) = ef.encode(&spec, update.clone());
         for i in 0..n {
             true_sum[i] += update[i] as f64;
             sent_sum[i] += sent[i] as f64;
@@ -234,16 +234,16 @@ fn a_refused_encode_leaves_the_residual_as_it_was() {
     let spec: CodecSpec = "topk0.05+int8".parse().unwrap();
     let parts = [600, 400];
     let mut fb = ErrorFeedback::new();
-    fb.encode_parts(&spec, &gaussian(1000, 1), &parts);
+    fb.encode_parts(&spec, gaussian(1000, 1), &parts);
     let before = fb.residual().to_vec();
     let next = gaussian(1000, 2);
-    let refused = fb.encode_parts_if(&spec, &next, &parts, |_| Err("step dropped"));
+    let refused = fb.encode_parts_if(&spec, next.clone(), &parts, |_| Err("step dropped"));
     assert_eq!(refused.unwrap_err(), "step dropped");
     assert_eq!(fb.residual(), &before[..], "nothing moved");
     // Accepted, it is exactly what the unconditional encode gives.
     let mut plain = fb.clone();
-    let accepted = fb.encode_parts_if(&spec, &next, &parts, |_| Ok::<(), ()>(()));
-    assert_eq!(accepted.unwrap(), plain.encode_parts(&spec, &next, &parts));
+    let accepted = fb.encode_parts_if(&spec, next.clone(), &parts, |_| Ok::<(), ()>(()));
+    assert_eq!(accepted.unwrap(), plain.encode_parts(&spec, next, &parts));
     assert_eq!(fb, plain);
 }
 
@@ -263,7 +263,7 @@ fn error_feedback_passes_poison_on_without_keeping_it() {
     let spec: CodecSpec = "topk0.1+int8".parse().unwrap();
     let mut v = gaussian(100, 8);
     v[0] = f32::NAN;
-    let (bytes, _) = ef.encode(&spec, &v);
+    let (bytes, _) = ef.encode(&spec, v);
     assert!(decode(&bytes, 100).is_err());
     assert!(ef.residual().iter().all(|r| *r == 0.0));
 }
