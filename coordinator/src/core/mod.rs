@@ -848,13 +848,7 @@ impl Core {
     /// [`Core::replica_snapshot`]'s bytes, naming the global-state blob for the parameters as
     /// [`Core::snapshot_bytes`] does (a replica that pulls it pulls that blob too).
     pub fn replica_snapshot_bytes(&self) -> Option<Vec<u8>> {
-        let live = self.live_state()?;
-        let mut meta = self.snapshot_meta();
-        meta.live = Some(live);
-        Some(snapshot::write(
-            &meta,
-            [&[], &[], &self.outer.momentum, self.downlink.residual()],
-        ))
+        Some(self.named_snapshot_bytes(Some(self.live_state()?)))
     }
 
     /// The sessions and phase, or `None` while an update is pending.

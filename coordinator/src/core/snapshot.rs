@@ -224,31 +224,33 @@ fn split(bytes: &[u8]) -> Result<(SnapshotMeta, &[u8]), SnapshotError> {
 }
 
 impl Core {
-    /// The durable state as a snapshot: what a restart resumes from.
+    /// The durable state as a snapshot, parameters embedded: what a restart resumes from.
     pub fn snapshot(&self) -> Snapshot {
-        let mut meta = self.snapshot_meta();
-        meta.state = None;
-        meta.lens[0] = self.params.model.len() as u64;
-        meta.lens[1] = self.params.target.len() as u64;
         Snapshot {
-            meta,
+            meta: self.snapshot_meta(false, None),
             params: self.params.clone(),
             momentum: self.outer.momentum.clone(),
             down_residual: self.downlink.residual().to_vec(),
         }
     }
 
-    /// [`Core::snapshot`]'s bytes, naming the global-state blob last stored
-    /// (stored at the last close, start or restore) for the parameters, the rest written from the core's own vectors.
+    /// [`Core::snapshot`]'s bytes, but naming the global-state blob stored at the last close,
+    /// start or restore for the parameters; the rest is written from the core's own vectors.
     pub fn snapshot_bytes(&self) -> Vec<u8> {
+        self.named_snapshot_bytes(None)
+    }
+
+    /// The bytes of a snapshot naming the global-state blob, with `live` (a replica's).
+    pub(super) fn named_snapshot_bytes(&self, live: Option<LiveState>) -> Vec<u8> {
         write(
-            &self.snapshot_meta(),
+            &self.snapshot_meta(true, live),
             [&[], &[], &self.outer.momentum, self.downlink.residual()],
         )
     }
 
-    /// The metadata of a snapshot naming the global-state blob.
-    pub(super) fn snapshot_meta(&self) -> SnapshotMeta {
+    /// A snapshot's metadata: parameters in the global-state blob (`named`) or embedded.
+    fn snapshot_meta(&self, named: bool, live: Option<LiveState>) -> SnapshotMeta {
+        let embedded = |len: usize| if named { 0 } else { len as u64 };
         SnapshotMeta {
             round: self.round,
             plan: self.plan.clone(),
@@ -260,13 +262,13 @@ impl Core {
             last_delta_momentum: self.last_delta_momentum,
             init_hash: self.init_hash,
             lens: [
-                0,
-                0,
+                embedded(self.params.model.len()),
+                embedded(self.params.target.len()),
                 self.outer.momentum.len() as u64,
                 self.downlink.residual().len() as u64,
             ],
-            state: Some(self.state_blob),
-            live: None,
+            state: named.then_some(self.state_blob),
+            live,
             operator: self.operator.clone(),
         }
     }

@@ -55,13 +55,7 @@ impl Machines {
         let core = match replica.base().unwrap() {
             Some((_, data)) => {
                 let blob = super::super::machine::snapshot_blob(&data).unwrap();
-                let snap = Snapshot::read(&self.blobs[&blob], |s| {
-                    self.blobs
-                        .get(s)
-                        .cloned()
-                        .ok_or_else(|| "not stored".into())
-                })
-                .unwrap();
+                let snap = read_snapshot(&self.blobs, blob);
                 Core::restore(self.cfg.clone(), snap).unwrap().0
             }
             None => {
@@ -105,14 +99,7 @@ impl Machines {
                     self.node(id).snapshot_stored(index, blob).unwrap();
                 }
                 MachineAction::FetchSnapshot(blob) => {
-                    // What a shell pulls: the snapshot and the global state it names.
-                    let snap = Snapshot::read(&self.blobs[&blob], |s| {
-                        self.blobs
-                            .get(s)
-                            .cloned()
-                            .ok_or_else(|| "not stored".into())
-                    })
-                    .unwrap();
+                    let snap = read_snapshot(&self.blobs, blob);
                     todo.extend(self.node(id).restore(snap).unwrap());
                 }
             }
@@ -191,6 +178,14 @@ impl Machines {
         self.deliver(queue);
         self.tick(3);
     }
+}
+
+/// Snapshot `blob` read as a shell reads it: with the global-state blob it names.
+fn read_snapshot(blobs: &BTreeMap<BlobId, Vec<u8>>, blob: BlobId) -> Snapshot {
+    Snapshot::read(&blobs[&blob], |s| {
+        blobs.get(s).cloned().ok_or_else(|| "not stored".into())
+    })
+    .unwrap()
 }
 
 impl Drop for Machines {
