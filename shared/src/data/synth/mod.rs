@@ -1,13 +1,17 @@
 //! Synthetic moving-shapes videos with ground truth.
 //!
 //! Circles, squares and triangles in several colours move in straight lines, bounce off the
-//! walls, optionally fall under gravity, and pass behind an occluding bar. Every frame's object
-//! positions and velocities are recorded, so frozen-encoder probes can test whether an encoder
-//! understood *motion* (velocity cannot be read from a single frame). A violation can be injected
-//! at frame `k` (vanish, teleport, change shape or colour) to build matched possible/impossible
-//! pairs for the surprise detector.
+//! frame's edges and off a visible wall when the scene has one, optionally fall under gravity,
+//! and pass behind an occluding bar (in a share of scenes wide enough to hide them completely).
+//! Every frame's object positions and velocities are recorded, so frozen-encoder probes can test
+//! whether an encoder understood *motion* (velocity cannot be read from a single frame). A
+//! violation can be injected at frame `k` (vanish, teleport, change shape or colour) to build
+//! matched possible/impossible pairs for the surprise detector; [`quadruplet`] builds the
+//! counterbalanced sets.
 //!
 //! Coordinates are in units of the frame side (0..1), velocities in frame sides per frame.
+
+pub mod quadruplet;
 
 use serde::{Deserialize, Serialize};
 
@@ -144,6 +148,23 @@ pub struct SynthConfig {
     /// Width of the occluding bar, in frame sides.
     #[serde(default = "default_occluder_width")]
     pub occluder_width: f64,
+    /// Share of occluding bars made wide enough to hide the largest object completely
+    /// ([`full_occluder_width`]): without them an object is never out of sight, and object
+    /// permanence is nothing the data could teach. 0 in configs written before walls existed.
+    #[serde(default)]
+    pub full_occlusion_prob: f64,
+    /// Probability that a scene has a visible wall that objects bounce off (solidity). A scene
+    /// with a wall has no occluder. 0 in configs written before walls existed.
+    #[serde(default)]
+    pub wall_prob: f64,
+}
+
+/// Width of a wall, in frame sides.
+pub const WALL_WIDTH: f32 = 0.05;
+
+/// An occluding bar wide enough to hide an object of radius `r` with a margin.
+pub fn full_occluder_width(r: f64) -> f64 {
+    2.0 * r + 0.06
 }
 
 fn default_occluder_width() -> f64 {
@@ -151,7 +172,8 @@ fn default_occluder_width() -> f64 {
 }
 
 impl SynthConfig {
-    /// Videos for a preset's clip size.
+    /// Videos for a preset's clip size: one object; 30% of scenes occluded, three quarters of
+    /// those by a bar that hides the object completely (22% of clips); 20% with a wall.
     pub fn for_size(size: usize, frames: usize) -> Self {
         SynthConfig {
             size,
@@ -163,6 +185,8 @@ impl SynthConfig {
             radius: (0.12, 0.2),
             textured_background: true,
             occluder_width: default_occluder_width(),
+            full_occlusion_prob: 0.75,
+            wall_prob: 0.2,
         }
     }
 }
@@ -265,15 +289,38 @@ struct Body {
     pos: [f32; 2],
     vel: [f32; 2],
     vanished: bool,
-    /// Passes through walls (a solidity violation).
+    /// Passes through the frame's edges and the wall (a solidity violation).
     ghost: bool,
+    /// Passes through the wall, but not the frame's edges (the solidity quadruplets).
+    through_wall: bool,
     /// Vanishes once fully behind the occluder (an object-permanence violation).
     lost_behind: bool,
+}
+
+/// A vertical wall across the whole frame height that objects bounce off.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Wall {
+    /// Horizontal extent `[x0, x1]`.
+    x: [f32; 2],
+    /// Rendered. An undrawn wall still stops objects: "bounces off nothing", the impossible
+    /// mirror of passing through a visible wall.
+    drawn: bool,
+}
+
+/// A scene before it runs: what is in it and how it moves.
+#[derive(Debug, Clone)]
+struct Scene {
+    gravity: bool,
+    occluder: Option<[f32; 2]>,
+    wall: Option<Wall>,
+    background: Background,
+    bodies: Vec<Body>,
 }
 
 const GRAVITY: f32 = 0.004;
 const BACKGROUND: [u8; 3] = [24, 24, 28];
 const OCCLUDER: [u8; 3] = [150, 150, 150];
+const WALL: [u8; 3] = [190, 110, 60];
 
 /// Generates the video of `seed` (a possible video).
 pub fn generate(cfg: &SynthConfig, seed: u64) -> SynthVideo {
@@ -327,7 +374,7 @@ fn conditional_pair(cfg: &SynthConfig, seed: u64, kind: ViolationKind) -> (Synth
     let mut cfg = cfg.clone();
     if kind == ViolationKind::NoReappear {
         cfg.occluder_prob = 1.0;
-        cfg.occluder_width = cfg.occluder_width.max(2.0 * cfg.radius.1 + 0.06);
+        cfg.occluder_width = cfg.occluder_width.max(full_occluder_width(cfg.radius.1));
     }
     let mut fallback = None;
     for attempt in 0..200u64 {
@@ -372,17 +419,31 @@ fn seen_before(labels: &VideoLabels, frame: usize) -> usize {
 }
 
 fn generate_with(cfg: &SynthConfig, seed: u64, violation: Option<Violation>) -> SynthVideo {
+    simulate(cfg, seed, draw_scene(cfg, seed), violation)
+}
+
+/// The scene of `seed`. Walls and full occlusions draw from a stream of their own, so a config
+/// without them (`wall_prob` and `full_occlusion_prob` 0) gives the scenes it always gave.
+fn draw_scene(cfg: &SynthConfig, seed: u64) -> Scene {
     let mut rng = Rng::new(seed);
+    let mut extra = Rng::derive(seed, &[0xa11]);
+    let full = extra.uniform() < cfg.full_occlusion_prob;
+    let wall_side = (extra.uniform() < cfg.wall_prob).then(|| extra.below(2));
     let n_obj = 1 + rng.below(cfg.max_objects.max(1));
     let gravity = rng.uniform() < cfg.gravity_prob;
     let occluder = if rng.uniform() < cfg.occluder_prob {
-        let w = cfg.occluder_width.clamp(0.02, 0.6);
+        let w = if full {
+            cfg.occluder_width.max(full_occluder_width(cfg.radius.1))
+        } else {
+            cfg.occluder_width
+        };
+        let w = w.clamp(0.02, 0.6);
         let x0 = rng.range_f64(0.3, (0.6f64).min(0.98 - w).max(0.3)) as f32;
         Some([x0, x0 + w as f32])
     } else {
         None
     };
-    let mut bodies: Vec<Body> = (0..n_obj)
+    let bodies: Vec<Body> = (0..n_obj)
         .map(|_| {
             let radius = rng.range_f64(cfg.radius.0, cfg.radius.1) as f32;
             let speed = rng.range_f64(0.3, 1.0) * cfg.max_speed;
@@ -398,19 +459,60 @@ fn generate_with(cfg: &SynthConfig, seed: u64, violation: Option<Violation>) -> 
                 vel: [(speed * angle.cos()) as f32, (speed * angle.sin()) as f32],
                 vanished: false,
                 ghost: false,
+                through_wall: false,
                 lost_behind: false,
             }
         })
         .collect();
-    // The violation's own random choices come from a separate stream so that the twin's
-    // possible part is bit-identical to the possible video.
-    let mut vrng = Rng::derive(seed, &[0x51de]);
     let background = if cfg.textured_background {
         Background::random(&mut Rng::derive(seed, &[0xb6]))
     } else {
         Background::flat(BACKGROUND)
     };
+    let mut scene = Scene {
+        gravity,
+        occluder,
+        wall: None,
+        background,
+        bodies,
+    };
+    if let Some(side) = wall_side {
+        // Off centre, so the larger side holds the largest object with room to move; the
+        // objects start there. A scene with a wall has no occluder (it could hide the wall).
+        let x = if side == 0 {
+            let x0 = extra.range_f64(0.62, 0.72) as f32;
+            [x0, x0 + WALL_WIDTH]
+        } else {
+            let x1 = extra.range_f64(0.28, 0.38) as f32;
+            [x1 - WALL_WIDTH, x1]
+        };
+        let (lo, hi) = if side == 0 { (0.0, x[0]) } else { (x[1], 1.0) };
+        for b in &mut scene.bodies {
+            b.pos[0] = extra.range_f64((lo + b.radius) as f64, (hi - b.radius) as f64) as f32;
+        }
+        scene.occluder = None;
+        scene.wall = Some(Wall { x, drawn: true });
+    }
+    scene
+}
 
+/// Runs `scene` for `cfg.frames` frames, breaking the law of `violation` from its frame on.
+fn simulate(
+    cfg: &SynthConfig,
+    seed: u64,
+    scene: Scene,
+    violation: Option<Violation>,
+) -> SynthVideo {
+    let Scene {
+        gravity,
+        occluder,
+        wall,
+        background,
+        mut bodies,
+    } = scene;
+    // The violation's own random choices come from a separate stream so that the twin's
+    // possible part is bit-identical to the possible video.
+    let mut vrng = Rng::derive(seed, &[0x51de]);
     let objects = bodies
         .iter()
         .map(|b| ObjectLabel {
@@ -426,32 +528,7 @@ fn generate_with(cfg: &SynthConfig, seed: u64, violation: Option<Violation>) -> 
         if let Some(v) = violation
             && v.frame == f
         {
-            let b = &mut bodies[0];
-            match v.kind {
-                ViolationKind::Vanish => b.vanished = true,
-                ViolationKind::Teleport => {
-                    // Jump at least a third of the frame away, staying inside it.
-                    let r = b.radius;
-                    loop {
-                        let p = [
-                            vrng.range_f64(r as f64, 1.0 - r as f64) as f32,
-                            vrng.range_f64(r as f64, 1.0 - r as f64) as f32,
-                        ];
-                        if ((p[0] - b.pos[0]).powi(2) + (p[1] - b.pos[1]).powi(2)).sqrt() > 0.33 {
-                            b.pos = p;
-                            break;
-                        }
-                    }
-                }
-                ViolationKind::ShapeChange => {
-                    b.shape = Shape::ALL[(b.shape.index() + 1 + vrng.below(2)) % 3]
-                }
-                ViolationKind::ColourChange => {
-                    b.colour = (b.colour + 1 + vrng.below(COLOURS.len() - 1)) % COLOURS.len()
-                }
-                ViolationKind::NoReappear => b.lost_behind = true,
-                ViolationKind::PassThroughWall => b.ghost = true,
-            }
+            break_law(&mut bodies[0], v.kind, &mut vrng);
         }
         for b in &mut bodies {
             if b.lost_behind && hidden_by(occluder, b) {
@@ -467,16 +544,15 @@ fn generate_with(cfg: &SynthConfig, seed: u64, violation: Option<Violation>) -> 
                 visible: !b.vanished && !hidden_by(occluder, b),
             })
             .collect();
-        render(
-            &mut pixels[f * px..(f + 1) * px],
-            cfg.size,
-            &bodies,
+        let scenery = Scenery {
             occluder,
-            &background,
-        );
+            wall: wall.filter(|w| w.drawn).map(|w| w.x),
+            background: &background,
+        };
+        render(&mut pixels[f * px..(f + 1) * px], cfg.size, &bodies, &scenery);
         frames.push(record);
         for b in &mut bodies {
-            step(b, gravity);
+            step(b, gravity, wall.map(|w| w.x));
         }
     }
     SynthVideo {
@@ -492,18 +568,63 @@ fn generate_with(cfg: &SynthConfig, seed: u64, violation: Option<Violation>) -> 
     }
 }
 
+/// Breaks the law of `kind` on `b` (the frame the violation starts).
+fn break_law(b: &mut Body, kind: ViolationKind, vrng: &mut Rng) {
+    match kind {
+        ViolationKind::Vanish => b.vanished = true,
+        ViolationKind::Teleport => {
+            // Jump at least a third of the frame away, staying inside it.
+            let r = b.radius;
+            loop {
+                let p = [
+                    vrng.range_f64(r as f64, 1.0 - r as f64) as f32,
+                    vrng.range_f64(r as f64, 1.0 - r as f64) as f32,
+                ];
+                if ((p[0] - b.pos[0]).powi(2) + (p[1] - b.pos[1]).powi(2)).sqrt() > 0.33 {
+                    b.pos = p;
+                    break;
+                }
+            }
+        }
+        ViolationKind::ShapeChange => {
+            b.shape = Shape::ALL[(b.shape.index() + 1 + vrng.below(2)) % 3]
+        }
+        ViolationKind::ColourChange => {
+            b.colour = (b.colour + 1 + vrng.below(COLOURS.len() - 1)) % COLOURS.len()
+        }
+        ViolationKind::NoReappear => b.lost_behind = true,
+        ViolationKind::PassThroughWall => b.ghost = true,
+    }
+}
+
 fn hidden_by(occluder: Option<[f32; 2]>, b: &Body) -> bool {
     occluder.is_some_and(|[x0, x1]| b.pos[0] - b.radius >= x0 && b.pos[0] + b.radius <= x1)
 }
 
-fn step(b: &mut Body, gravity: bool) {
+/// Moves `b` one frame: gravity, then each axis, reflected off the frame's edges and, in x, off
+/// `wall` (the side it came from decides the face).
+fn step(b: &mut Body, gravity: bool, wall: Option<[f32; 2]>) {
     if gravity {
         b.vel[1] += GRAVITY;
     }
     for axis in 0..2 {
+        let before = b.pos[axis];
         b.pos[axis] += b.vel[axis];
         if b.ghost {
             continue;
+        }
+        if axis == 0
+            && !b.through_wall
+            && let Some([x0, x1]) = wall
+        {
+            let r = b.radius;
+            if before + r <= x0 + 1e-6 && b.pos[0] + r > x0 {
+                b.pos[0] = 2.0 * (x0 - r) - b.pos[0];
+                b.vel[0] = -b.vel[0].abs();
+            } else if before - r >= x1 - 1e-6 && b.pos[0] - r < x1 {
+                b.pos[0] = 2.0 * (x1 + r) - b.pos[0];
+                b.vel[0] = b.vel[0].abs();
+            }
         }
         if b.pos[axis] < b.radius {
             b.pos[axis] = 2.0 * b.radius - b.pos[axis];
@@ -569,16 +690,19 @@ impl Background {
     }
 }
 
-/// Renders one frame with 2x2 supersampling.
-fn render(
-    out: &mut [u8],
-    size: usize,
-    bodies: &[Body],
+/// What a frame shows besides the objects.
+struct Scenery<'a> {
     occluder: Option<[f32; 2]>,
-    background: &Background,
-) {
+    wall: Option<[f32; 2]>,
+    background: &'a Background,
+}
+
+/// Renders one frame with 2x2 supersampling: background, objects, the wall (an object passing
+/// through it is inside it), the occluder.
+fn render(out: &mut [u8], size: usize, bodies: &[Body], scenery: &Scenery<'_>) {
     const SUB: [f32; 2] = [0.25, 0.75];
     let inv = 1.0 / size as f32;
+    let inside = |bar: Option<[f32; 2]>, x: f32| bar.is_some_and(|[x0, x1]| x >= x0 && x <= x1);
     for py in 0..size {
         for px in 0..size {
             let mut acc = [0u32; 3];
@@ -586,16 +710,16 @@ fn render(
                 for sx in SUB {
                     let x = (px as f32 + sx) * inv;
                     let y = (py as f32 + sy) * inv;
-                    let mut colour = background.at(x, y);
+                    let mut colour = scenery.background.at(x, y);
                     for b in bodies.iter().filter(|b| !b.vanished) {
                         if covers(b, x, y) {
                             colour = COLOURS[b.colour].1;
                         }
                     }
-                    if let Some([x0, x1]) = occluder
-                        && x >= x0
-                        && x <= x1
-                    {
+                    if inside(scenery.wall, x) {
+                        colour = WALL;
+                    }
+                    if inside(scenery.occluder, x) {
                         colour = OCCLUDER;
                     }
                     for c in 0..3 {
@@ -663,6 +787,11 @@ mod tests {
 
     #[test]
     fn pairs_are_identical_until_the_violation_frame() {
+        // Without walls, so that going through a wall means leaving through the frame's edge.
+        let cfg = || SynthConfig {
+            wall_prob: 0.0,
+            ..self::cfg()
+        };
         for (i, kind) in ViolationKind::ALL.into_iter().enumerate() {
             let (a, b) = generate_pair(&cfg(), 100 + i as u64, kind);
             let k = b
