@@ -2,7 +2,9 @@
 //! is (a latent world model, the true simulator, or a test's quadratic):
 //!
 //! - **CEM**: sample around a Gaussian, refit it to the elites, with momentum on mean and std
-//!   (V-JEPA 2-AC's 0.15) and a warm start from the shifted previous plan.
+//!   (V-JEPA 2-AC's 0.15) and a warm start from the shifted previous plan. The plan is the
+//!   distribution's final mean, as V-JEPA 2-AC's `cem()` returns ("choose final action to be
+//!   mean of distribution"): the best single sample also carries the world model's noise.
 //! - **MPPI**: the same sampling, the mean replaced by the energy-weighted average
 //!   (`exp(-(E - min E) / temperature)`).
 //!
@@ -33,6 +35,41 @@ pub struct SearchConfig {
     pub min_std: f32,
     /// MPPI temperature, as a fraction of the energy spread of an iteration's samples.
     pub temperature: f32,
+    /// What the search returns. Configs written before this field return the best sample.
+    #[serde(default = "Returns::best")]
+    pub returns: Returns,
+}
+
+/// What a sampling search returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Returns {
+    /// The distribution's mean after the last iteration (V-JEPA 2-AC), scored once more so the
+    /// plan carries its energy.
+    Mean,
+    /// The lowest-energy sample seen in any iteration.
+    Best,
+}
+
+impl Returns {
+    fn best() -> Self {
+        Returns::Best
+    }
+}
+
+impl std::str::FromStr for Returns {
+    type Err = amity_shared::UnknownName;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "mean" => Ok(Returns::Mean),
+            "best" => Ok(Returns::Best),
+            other => Err(amity_shared::UnknownName {
+                what: "search result",
+                got: other.to_owned(),
+                expected: &["mean", "best"],
+            }),
+        }
+    }
 }
 
 impl Default for SearchConfig {
@@ -55,6 +92,7 @@ impl Default for SearchConfig {
             init_std: 0.8,
             min_std: 0.05,
             temperature: 0.1,
+            returns: Returns::Mean,
         }
     }
 }
@@ -101,7 +139,8 @@ pub struct Plan {
 pub type Energy<'a> = dyn FnMut(&[Vec<Action>]) -> Vec<f32> + 'a;
 
 /// Searches for the lowest-energy action sequence. `warm` (the previous plan shifted by one
-/// step) seeds the mean; a cold start has mean 0.
+/// step) seeds the mean; a cold start has mean 0. Returns the final mean or the best sample
+/// ([`SearchConfig::returns`]).
 pub fn search(
     method: Method,
     cfg: &SearchConfig,
@@ -167,7 +206,17 @@ pub fn search(
             }
         }
     }
-    best
+    match cfg.returns {
+        Returns::Best => best,
+        Returns::Mean => {
+            let actions: Vec<Action> = mean.iter().map(|a| clamp_action(*a)).collect();
+            let energy = energy(std::slice::from_ref(&actions))
+                .first()
+                .copied()
+                .unwrap_or(f32::INFINITY);
+            Plan { actions, energy }
+        }
+    }
 }
 
 /// Weighted mean and std per step and dimension.
@@ -228,19 +277,26 @@ mod tests {
                 })
                 .collect()
         };
-        for method in [Method::Cem, Method::Mppi] {
+        for (method, returns) in [
+            (Method::Cem, Returns::Mean),
+            (Method::Cem, Returns::Best),
+            (Method::Mppi, Returns::Mean),
+        ] {
             let cfg = SearchConfig {
                 horizon: 3,
                 samples: 200,
                 iterations: 12,
+                returns,
                 ..SearchConfig::default()
             };
             let mut rng = Rng::new(1);
             let plan = search(method, &cfg, None, &mut rng, &mut quad);
+            let again: f32 = quad(std::slice::from_ref(&plan.actions))[0];
+            assert_eq!(plan.energy, again, "the plan carries its own energy");
             for (a, b) in plan.actions.iter().zip(&target) {
                 assert!(
                     (a[0] - b[0]).abs() < 0.06 && (a[1] - b[1]).abs() < 0.06,
-                    "{method:?}: {:?}",
+                    "{method:?} {returns:?}: {:?}",
                     plan.actions
                 );
             }
