@@ -533,7 +533,7 @@ fn downstream(release: &Path) -> Result<(serde_json::Value, serde_json::Value)> 
     use amity_planner::env::{EnvKind, make};
     use amity_planner::plan::optimise::{Method, SearchConfig};
     use amity_planner::plan::{LatentPlanner, Metric, run_episode};
-    use amity_planner::surprise::curve;
+    use amity_planner::surprise::{Scoring, curve};
     use amity_planner::world::data::collect;
     use amity_planner::world::encode::FrameEncoder;
     use amity_planner::world::{WorldModel, WorldModelConfig};
@@ -591,8 +591,8 @@ fn downstream(release: &Path) -> Result<(serde_json::Value, serde_json::Value)> 
     let (possible, impossible) = generate_pair(&synth, 424_242, ViolationKind::Teleport);
     let at = impossible.labels.violation.map_or(0, |v| v.frame);
     let (a, b) = (
-        curve(&trainer, &possible.pixels, 32, 1),
-        curve(&trainer, &impossible.pixels, 32, 1),
+        curve(&trainer, &Scoring::DEFAULT, &possible.pixels, 32, 1),
+        curve(&trainer, &Scoring::DEFAULT, &impossible.pixels, 32, 1),
     );
     let (a_after, b_after) = (a.peak_from(at), b.peak_from(at));
     println!(

@@ -9,11 +9,12 @@ use clap::{Args, Subcommand};
 
 use amity_planner::bench::{PlanBenchOptions, bench_env, pretrain_encoder};
 use amity_planner::env::{ARENA, EnvKind, make};
-use amity_planner::plan::optimise::{Method, SearchConfig};
+use amity_planner::plan::optimise::{Method, Returns, SearchConfig};
 use amity_planner::plan::{LatentPlanner, Metric, ReadoutWeights, run_episode, two_level_settings};
-use amity_planner::surprise::{Forecaster, curves};
+use amity_planner::surprise::{Forecaster, Scoring, curves};
 use amity_planner::surprise_bench::{
-    SurpriseBenchOptions, SurpriseScores, run as run_surprise_bench,
+    QuadrupletScores, SurpriseBenchOptions, SurpriseScores, pretrain_tiny,
+    run as run_surprise_bench,
 };
 use amity_planner::world::data::{collect, load, save};
 use amity_planner::world::encode::FrameEncoder;
@@ -184,6 +185,16 @@ pub struct PlanBenchArgs {
     /// Skip the randomly initialised encoder's run.
     #[arg(long)]
     pub no_random_encoder: bool,
+    /// Candidate sequences per search iteration (default: the search's own, 96).
+    #[arg(long)]
+    pub samples: Option<usize>,
+    /// Search iterations per plan (default: the search's own, 3).
+    #[arg(long)]
+    pub iterations: Option<usize>,
+    /// What the search returns: `mean` (the distribution's final mean, V-JEPA 2-AC) or `best`
+    /// (the lowest-energy sample seen).
+    #[arg(long, default_value = "mean")]
+    pub returns: Returns,
 }
 
 /// `amity bench surprise`.
@@ -196,15 +207,25 @@ pub struct SurpriseBenchArgs {
     /// Pretraining steps when no `--ckpt` is given.
     #[arg(long, default_value_t = 1500)]
     pub train_steps: u64,
-    /// Violation pairs (the kinds take turns).
+    /// Violation pairs (the kinds take turns), scored as the first detector was.
     #[arg(long, default_value_t = 100)]
     pub pairs: usize,
+    /// Counterbalanced test quadruplets (the five kinds take turns).
+    #[arg(long, default_value_t = 100)]
+    pub quadruplets: usize,
+    /// Validation quadruplets (other seeds) the headline's scoring is chosen on.
+    #[arg(long, default_value_t = 40)]
+    pub validation: usize,
     /// Frames per video.
     #[arg(long, default_value_t = 32)]
     pub frames: usize,
     /// Compute backend of the pretraining and scoring.
     #[arg(long, default_value = "flex")]
     pub backend: String,
+    /// Where to save the bench's pretrained checkpoint (when no `--ckpt` is given), to score it
+    /// again later with `--ckpt` without pretraining again.
+    #[arg(long)]
+    pub save_ckpt: Option<PathBuf>,
 }
 
 /// A checkpoint from a release folder (verified) or a checkpoint file.
@@ -435,8 +456,11 @@ pub fn surprise(args: SurpriseArgs) -> Result<()> {
     let video = amity_shared::eval::embed::decode_for(&args.video, &ckpt.config)?;
     // Beside the predictor, the yardstick: a predictor that forecasts worse than "the scene
     // stays as last seen" has not learned how things move, and its spikes say little.
+    let scoring = Scoring::DEFAULT;
+    println!("scoring: {scoring}");
     let mut both = curves(
         &trainer,
+        &scoring,
         &[Forecaster::Predictor, Forecaster::Persistence],
         &video.pixels,
         video.frames,
@@ -511,7 +535,15 @@ pub fn bench_plan(a: PlanBenchArgs) -> Result<()> {
             steps: a.world_steps,
             ..WorldModelConfig::default()
         },
-        search: SearchConfig::default(),
+        search: {
+            let d = SearchConfig::default();
+            SearchConfig {
+                samples: a.samples.unwrap_or(d.samples),
+                iterations: a.iterations.unwrap_or(d.iterations),
+                returns: a.returns,
+                ..d
+            }
+        },
         method: a.planner,
         metric: Metric::L1,
         position_weight: a.position_weight,
@@ -567,30 +599,76 @@ pub fn bench_surprise(a: SurpriseBenchArgs) -> Result<()> {
         Some(p) => Some(load_checkpoint(p)?),
         None => None,
     };
-    if checkpoint.is_none() {
-        println!(
-            "pretraining the tiny preset (predictor {} wide) on synthetic clips for {} steps on {backend}",
-            amity_planner::surprise_bench::PREDICTOR_WIDTH,
-            a.train_steps
-        );
-    }
+    let checkpoint = match checkpoint {
+        Some(c) => c,
+        None => {
+            println!(
+                "pretraining the tiny preset (predictor {} wide) on synthetic clips for {} steps on {backend}",
+                amity_planner::surprise_bench::PREDICTOR_WIDTH,
+                a.train_steps
+            );
+            let every = (a.train_steps / 10).max(1);
+            let trainer = pretrain_tiny(a.train_steps, &device, &mut |s, loss| {
+                if s % every == 0 {
+                    println!("  step {s}: loss {loss:.4}");
+                }
+            });
+            let config = trainer.config().clone();
+            let ckpt = Checkpoint {
+                model: trainer.model_flat(),
+                target: trainer.target_flat(),
+                meta: [("steps".to_owned(), a.train_steps.to_string())].into(),
+                config,
+            };
+            if let Some(path) = &a.save_ckpt {
+                ckpt.save(path)?;
+                println!("pretrained checkpoint saved to {}", path.display());
+            }
+            ckpt
+        }
+    };
     let opts = SurpriseBenchOptions {
         pairs: a.pairs,
+        quadruplets: a.quadruplets,
+        validation: a.validation,
         frames: a.frames,
         checkpoint,
-        train_steps: a.train_steps,
         device,
     };
-    let every = (a.train_steps / 5).max(1);
-    let r = run_surprise_bench(&opts, &mut |s, loss| {
-        if s % every == 0 {
-            println!("  step {s}: loss {loss:.4}");
-        }
-    });
+    let r = run_surprise_bench(&opts, &mut |line| println!("  {line}"));
     println!(
-        "{} pairs of {} frames ({:.1} s to score)",
-        r.pairs, a.frames, r.seconds
+        "{} quadruplets (+{} for validation) and {} pairs of {} frames ({:.1} s to score)",
+        r.quadruplets, r.validation, r.pairs, a.frames, r.seconds
     );
+    println!("relative accuracy of every scoring (trained encoder):");
+    println!("  {:>10} {:>6}  scoring", "validation", "test");
+    for row in &r.scorings {
+        println!("  {:>10.3} {:>6.3}  {}", row.validation, row.test, row.scoring);
+    }
+    println!("counterbalanced quadruplets, scored by {}:", r.scoring);
+    println!(
+        "{:<16} {:>10} {:>10} {:>12}",
+        "", "trained", "random", "persistence"
+    );
+    let quad = [
+        &r.counterbalanced,
+        &r.counterbalanced_random,
+        &r.counterbalanced_persistence,
+    ];
+    let qrow = |name: &str, f: &dyn Fn(&QuadrupletScores) -> f64| {
+        println!(
+            "{name:<16} {:>10.3} {:>10.3} {:>12.3}",
+            f(quad[0]),
+            f(quad[1]),
+            f(quad[2])
+        );
+    };
+    qrow("relative acc.", &|s| s.relative_accuracy);
+    qrow("AUROC", &|s| s.auroc);
+    for (i, (kind, _)) in r.counterbalanced.per_kind_relative.iter().enumerate() {
+        qrow(kind, &|s| s.per_kind_relative[i].1);
+    }
+    println!("violation pairs (the first detector's benchmark), scored by {}:", Scoring::PAIRED);
     println!(
         "{:<16} {:>10} {:>10} {:>12}",
         "", "trained", "random", "persistence"
@@ -610,7 +688,14 @@ pub fn bench_surprise(a: SurpriseBenchArgs) -> Result<()> {
     for (i, (kind, _)) in r.trained.per_kind.iter().enumerate() {
         row(kind, &|s| s.per_kind[i].1);
     }
-    let scores = |s: &SurpriseScores| {
+    let quad_json = |s: &QuadrupletScores| {
+        serde_json::json!({
+            "relative_accuracy": s.relative_accuracy,
+            "auroc": s.auroc,
+            "per_kind_relative": kind_map(&s.per_kind_relative),
+        })
+    };
+    let pair_json = |s: &SurpriseScores| {
         serde_json::json!({
             "paired_accuracy": s.paired_accuracy,
             "auroc": s.auroc,
@@ -618,18 +703,27 @@ pub fn bench_surprise(a: SurpriseBenchArgs) -> Result<()> {
             "ties": s.ties,
         })
     };
+    let per_kind = kind_map(&r.counterbalanced.per_kind_relative);
     println!(
         "{}",
         serde_json::json!({
             "bench": "surprise",
+            "relative_accuracy": r.counterbalanced.relative_accuracy,
+            "per_kind_relative": per_kind,
             "paired_accuracy": r.trained.paired_accuracy,
-            "auroc": r.trained.auroc,
-            "possible_energy": r.trained.possible_energy,
-            "ties": r.trained.ties,
-            "random_init": scores(&r.random),
-            "persistence": scores(&r.persistence),
-            "per_kind": r.trained.per_kind,
+            "auroc": r.counterbalanced.auroc,
+            "scoring": r.scoring,
+            "quadruplets": r.quadruplets,
+            "paired": pair_json(&r.trained),
+            "paired_per_kind": r.trained.per_kind,
+            "random_init": { "counterbalanced": quad_json(&r.counterbalanced_random), "paired": pair_json(&r.random) },
+            "persistence": { "counterbalanced": quad_json(&r.counterbalanced_persistence), "paired": pair_json(&r.persistence) },
         })
     );
     Ok(())
+}
+
+/// `[(kind, figure)]` as a JSON object.
+fn kind_map(rows: &[(String, f64)]) -> serde_json::Map<String, serde_json::Value> {
+    rows.iter().map(|(k, v)| (k.clone(), (*v).into())).collect()
 }

@@ -156,8 +156,12 @@ fn the_surprise_bench_scores_the_predictor_beside_its_baselines() {
         s(&ckpt),
         "--pairs",
         "6",
+        "--quadruplets",
+        "5",
+        "--validation",
+        "5",
         "--frames",
-        "12",
+        "16",
     ]));
     let last = out.lines().last().expect("output");
     let json: serde_json::Value = serde_json::from_str(last).expect("the last line is JSON");
@@ -170,7 +174,20 @@ fn the_surprise_bench_scores_the_predictor_beside_its_baselines() {
         msg.contains("unknown backend `tpu`") && msg.contains("flex"),
         "{msg}"
     );
-    for scores in [&json, &json["random_init"], &json["persistence"]] {
+    // The headline keys: the counterbalanced set (one quadruplet of each of the five kinds,
+    // so every accuracy is 0, 0.5 or 1), and the paired figure kept beside it.
+    let in_unit = |v: &serde_json::Value| v.as_f64().is_some_and(|x| (0.0..=1.0).contains(&x));
+    assert!(in_unit(&json["relative_accuracy"]), "{last}");
+    assert!(in_unit(&json["auroc"]), "{last}");
+    assert!(in_unit(&json["paired_accuracy"]), "{last}");
+    let kinds = json["per_kind_relative"].as_object().expect("per kind");
+    assert_eq!(kinds.len(), 5, "{last}");
+    for kind in ["permanence", "solidity", "continuity", "shape", "colour"] {
+        let acc = kinds[kind].as_f64().expect("an accuracy");
+        assert!([0.0, 0.5, 1.0].contains(&acc), "{last}");
+    }
+    assert!(json["scoring"].as_str().is_some_and(|s| s.contains("windows")));
+    for scores in [&json["paired"], &json["random_init"]["paired"], &json["persistence"]["paired"]] {
         let acc = scores["paired_accuracy"]
             .as_f64()
             .expect("a paired accuracy");
@@ -181,8 +198,14 @@ fn the_surprise_bench_scores_the_predictor_beside_its_baselines() {
         let ties = scores["ties"].as_f64().expect("a share of ties");
         assert!((0.0..=1.0).contains(&ties), "{last}");
     }
-    // One row per violation kind, the three forecasters side by side.
-    assert_eq!(json["per_kind"].as_array().map(Vec::len), Some(6), "{last}");
+    for baseline in [&json["random_init"], &json["persistence"]] {
+        assert!(in_unit(&baseline["counterbalanced"]["relative_accuracy"]), "{last}");
+    }
+    // One row per violation kind of the pairs, the three forecasters side by side; one row
+    // per scoring (16) with its validation and test figures, besides the two tables' headings
+    // and the JSON line naming theirs.
+    assert_eq!(json["paired_per_kind"].as_array().map(Vec::len), Some(6), "{last}");
     assert!(out.contains("persistence"), "{out}");
+    assert_eq!(out.matches(" over windows").count(), 16 + 3, "{out}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

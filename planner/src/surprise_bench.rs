@@ -1,7 +1,12 @@
-//! `amity bench surprise`: IntPhys-style paired accuracy and AUROC of the surprise detector on
-//! the synthetic violation pairs, for a trained encoder and a randomly initialised one, beside
+//! `amity bench surprise`: the surprise detector on counterbalanced quadruplets (IntPhys's
+//! relative accuracy, per kind, and AUROC) and on the first detector's violation pairs (paired
+//! accuracy, kept for comparison), for a trained encoder and a randomly initialised one, beside
 //! the persistence baseline (the scene stays as last seen) on the trained encoder's features:
 //! the forecaster a predictor has to beat.
+//!
+//! Every [`Scoring`] is computed; the headline uses the one that scores best on a validation
+//! set of quadruplets drawn from other seeds than the test set, so the choice does not peek at
+//! the figures it reports.
 
 use std::time::Instant;
 
@@ -11,23 +16,30 @@ use serde::Serialize;
 use amity_shared::checkpoint::Checkpoint;
 use amity_shared::config::Config;
 use amity_shared::data::ClipSource;
+use amity_shared::data::synth::quadruplet::{
+    Quadruplet, QUADRUPLET_SEED, QuadrupletKind, VALIDATION_QUADRUPLET_SEED, quadruplet_in_set,
+};
 use amity_shared::data::synth::{SynthConfig, ViolationKind, bench_pair};
 use amity_shared::train::Trainer;
 
-use crate::surprise::{Forecaster, auroc, curves, paired_accuracy, tie_share};
+use crate::surprise::{
+    Contexts, Forecaster, Scoring, WindowStats, auroc, curves, paired_accuracy, quadruplet_correct,
+    tie_share, window_stats,
+};
 
 /// What to measure.
 #[derive(Debug, Clone)]
 pub struct SurpriseBenchOptions {
     /// Pairs (the violation kinds take turns).
     pub pairs: usize,
+    /// Test quadruplets (the kinds take turns).
+    pub quadruplets: usize,
+    /// Validation quadruplets the headline's scoring is chosen on.
+    pub validation: usize,
     /// Frames per video.
     pub frames: usize,
-    /// The encoder to evaluate; `None` trains the tiny preset (with a wider predictor, see
-    /// [`pretrain_tiny`]) for `train_steps` on synthetic clips first.
-    pub checkpoint: Option<Checkpoint>,
-    /// Pretraining steps when no checkpoint is given.
-    pub train_steps: u64,
+    /// The encoder and predictor to evaluate (for example from [`pretrain_tiny`]).
+    pub checkpoint: Checkpoint,
     /// Where the encoders are trained and run.
     pub device: Device,
 }
@@ -48,19 +60,132 @@ pub struct SurpriseScores {
     pub possible_energy: f64,
 }
 
+/// Scores of one forecaster on the counterbalanced quadruplets under one [`Scoring`].
+#[derive(Debug, Clone, Serialize)]
+pub struct QuadrupletScores {
+    /// Share of quadruplets whose impossible videos are together the more surprising.
+    pub relative_accuracy: f64,
+    /// Relative accuracy per kind.
+    pub per_kind_relative: Vec<(String, f64)>,
+    /// AUROC of impossible vs possible videos by surprise, pooled over the quadruplets.
+    pub auroc: f64,
+}
+
+/// One scoring's relative accuracy (trained encoder) on the validation and the test set.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScoringRow {
+    /// The scoring.
+    pub scoring: String,
+    /// On the validation quadruplets.
+    pub validation: f64,
+    /// On the test quadruplets.
+    pub test: f64,
+}
+
 /// The bench's result.
 #[derive(Debug, Clone, Serialize)]
 pub struct SurpriseBenchReport {
-    /// The evaluated encoder.
+    /// The evaluated encoder on the pairs ([`Scoring::PAIRED`]).
     pub trained: SurpriseScores,
-    /// A randomly initialised encoder of the same shape.
+    /// A randomly initialised encoder of the same shape, on the pairs.
     pub random: SurpriseScores,
-    /// The persistence baseline on the evaluated encoder's features.
+    /// The persistence baseline on the evaluated encoder's features, on the pairs.
     pub persistence: SurpriseScores,
+    /// The scoring chosen on the validation quadruplets.
+    pub scoring: String,
+    /// The evaluated encoder on the test quadruplets, under the chosen scoring.
+    pub counterbalanced: QuadrupletScores,
+    /// The random encoder on the test quadruplets, same scoring.
+    pub counterbalanced_random: QuadrupletScores,
+    /// Persistence on the test quadruplets, same scoring.
+    pub counterbalanced_persistence: QuadrupletScores,
+    /// Every scoring's relative accuracy, validation and test (trained encoder).
+    pub scorings: Vec<ScoringRow>,
     /// Pairs scored.
     pub pairs: usize,
-    /// Seconds spent scoring (all three).
+    /// Test quadruplets scored.
+    pub quadruplets: usize,
+    /// Validation quadruplets scored.
+    pub validation: usize,
+    /// Seconds spent scoring (everything).
     pub seconds: f64,
+}
+
+/// The window statistics of one quadruplet's videos: `[possible, impossible]`, two each.
+type QuadrupletStats = [[WindowStats; 2]; 2];
+
+/// Every context length, so that every [`Scoring`] can be read off the statistics.
+fn all_context_steps(trainer: &Trainer) -> Vec<usize> {
+    let every = Scoring {
+        contexts: Contexts::Every,
+        ..Scoring::DEFAULT
+    };
+    every.context_steps(trainer.config().model.grid().frames)
+}
+
+/// The statistics of each of `forecasters` on each quadruplet: `out[forecaster][quadruplet]`.
+fn quadruplet_stats(
+    trainer: &Trainer,
+    forecasters: &[Forecaster],
+    quads: &[Quadruplet],
+    frames: usize,
+    progress: &mut dyn FnMut(usize),
+) -> Vec<Vec<QuadrupletStats>> {
+    let steps = all_context_steps(trainer);
+    let mut out: Vec<Vec<QuadrupletStats>> = vec![Vec::with_capacity(quads.len()); forecasters.len()];
+    for q in quads {
+        let videos = [&q.possible[0], &q.possible[1], &q.impossible[0], &q.impossible[1]];
+        let mut per: Vec<_> = videos
+            .iter()
+            .map(|v| window_stats(trainer, forecasters, &v.pixels, frames, 1, &steps).into_iter())
+            .collect();
+        for out in out.iter_mut() {
+            let mut next = |i: usize| per[i].next().expect("one per forecaster");
+            out.push([[next(0), next(1)], [next(2), next(3)]]);
+        }
+        progress(4);
+    }
+    out
+}
+
+/// Relative accuracy, per kind and AUROC of one forecaster's statistics under `scoring`.
+fn quadruplet_scores(
+    scoring: &Scoring,
+    stats: &[QuadrupletStats],
+    kinds: &[QuadrupletKind],
+) -> QuadrupletScores {
+    let surprise = |s: &WindowStats| scoring.surprise(&scoring.curve(s));
+    let scored: Vec<([f32; 2], [f32; 2])> = stats
+        .iter()
+        .map(|[p, i]| {
+            (
+                [surprise(&p[0]), surprise(&p[1])],
+                [surprise(&i[0]), surprise(&i[1])],
+            )
+        })
+        .collect();
+    let relative = |sel: &mut dyn Iterator<Item = &([f32; 2], [f32; 2])>| {
+        let (mut sum, mut n) = (0.0, 0usize);
+        for (p, i) in sel {
+            sum += quadruplet_correct(*p, *i);
+            n += 1;
+        }
+        if n == 0 { f64::NAN } else { sum / n as f64 }
+    };
+    let per_kind_relative = QuadrupletKind::ALL
+        .iter()
+        .map(|k| {
+            let mut sel = scored.iter().zip(kinds).filter(|(_, q)| *q == k).map(|(s, _)| s);
+            (k.to_string(), relative(&mut sel))
+        })
+        .collect();
+    let possible: Vec<f32> = scored.iter().flat_map(|(p, _)| *p).collect();
+    let impossible: Vec<f32> = scored.iter().flat_map(|(_, i)| *i).collect();
+    QuadrupletScores {
+        relative_accuracy: relative(&mut scored.iter()),
+        per_kind_relative,
+        auroc: auroc(&possible, &impossible),
+    }
 }
 
 /// The scores of each of `forecasters` on `pairs`, one pass over the videos for all of them.
@@ -75,8 +200,8 @@ fn scores(
     let mut possible_sum = vec![0.0; n];
     let mut windows = 0usize;
     for (_, possible, impossible) in pairs {
-        let p = curves(trainer, forecasters, possible, frames, 1);
-        let i = curves(trainer, forecasters, impossible, frames, 1);
+        let p = curves(trainer, &Scoring::PAIRED, forecasters, possible, frames, 1);
+        let i = curves(trainer, &Scoring::PAIRED, forecasters, impossible, frames, 1);
         windows += p[0].energy.len();
         for (f, (p, i)) in p.iter().zip(&i).enumerate() {
             possible_sum[f] += p.energy.iter().map(|&e| e as f64).sum::<f64>();
@@ -150,24 +275,36 @@ pub fn pretrain_tiny(steps: u64, device: &Device, log: &mut dyn FnMut(u64, f64))
 }
 
 /// Runs the bench.
-pub fn run(opts: &SurpriseBenchOptions, log: &mut dyn FnMut(u64, f64)) -> SurpriseBenchReport {
+///
+/// `log` hears progress lines while the videos are scored.
+pub fn run(opts: &SurpriseBenchOptions, log: &mut dyn FnMut(String)) -> SurpriseBenchReport {
     let device = &opts.device;
-    let trained = match &opts.checkpoint {
-        Some(c) => {
-            Trainer::from_checkpoint(c, device).expect("a checkpoint loaded against its own config")
-        }
-        None => pretrain_tiny(opts.train_steps, device, log),
-    };
+    let trained = Trainer::from_checkpoint(&opts.checkpoint, device)
+        .expect("a checkpoint loaded against its own config");
     let config = trained.config().clone();
     let random = Trainer::new(config.clone(), device);
     let m = &config.model;
     let cfg = SynthConfig::for_size(m.image_size, opts.frames);
+    // The pairs as the first detector was measured on: no walls, no wide occluders.
+    let paired_cfg = SynthConfig {
+        wall_prob: 0.0,
+        full_occlusion_prob: 0.0,
+        ..cfg.clone()
+    };
     let pairs: Vec<(ViolationKind, Vec<u8>, Vec<u8>)> = (0..opts.pairs)
         .map(|i| {
-            let (kind, p, q) = bench_pair(&cfg, i);
+            let (kind, p, q) = bench_pair(&paired_cfg, i);
             (kind, p.pixels, q.pixels)
         })
         .collect();
+    let set = |first: u64, n: usize| -> Vec<Quadruplet> {
+        (0..n).map(|i| quadruplet_in_set(&cfg, first, i)).collect()
+    };
+    let (test, validation) = (
+        set(QUADRUPLET_SEED, opts.quadruplets),
+        set(VALIDATION_QUADRUPLET_SEED, opts.validation),
+    );
+    let kinds = |q: &[Quadruplet]| q.iter().map(|q| q.kind).collect::<Vec<_>>();
     let began = Instant::now();
     let mut t = scores(
         &trained,
@@ -176,12 +313,72 @@ pub fn run(opts: &SurpriseBenchOptions, log: &mut dyn FnMut(u64, f64)) -> Surpri
         opts.frames,
     );
     let r = scores(&random, &[Forecaster::Predictor], &pairs, opts.frames).remove(0);
-    let (persistence, trained) = (t.remove(1), t.remove(0));
+    let (persistence, trained_pairs) = (t.remove(1), t.remove(0));
+    log(format!(
+        "scored {} pairs in {:.0} s",
+        pairs.len(),
+        began.elapsed().as_secs_f64()
+    ));
+    let total = 4 * (2 * test.len() + validation.len());
+    let mut done = 0usize;
+    let mut progress = |n: usize| {
+        let before = done * 10 / total.max(1);
+        done += n;
+        if done * 10 / total.max(1) > before {
+            log(format!(
+                "scored {done}/{total} quadruplet videos ({:.0} s)",
+                began.elapsed().as_secs_f64()
+            ));
+        }
+    };
+    let both = [Forecaster::Predictor, Forecaster::Persistence];
+    let mut test_stats = quadruplet_stats(&trained, &both, &test, opts.frames, &mut progress);
+    let (test_persistence, test_trained) = (test_stats.remove(1), test_stats.remove(0));
+    let test_random = quadruplet_stats(
+        &random,
+        &[Forecaster::Predictor],
+        &test,
+        opts.frames,
+        &mut progress,
+    )
+    .remove(0);
+    let valid = quadruplet_stats(
+        &trained,
+        &[Forecaster::Predictor],
+        &validation,
+        opts.frames,
+        &mut progress,
+    )
+    .remove(0);
+    let (test_kinds, valid_kinds) = (kinds(&test), kinds(&validation));
+    let scorings: Vec<ScoringRow> = Scoring::all()
+        .iter()
+        .map(|s| ScoringRow {
+            scoring: s.to_string(),
+            validation: quadruplet_scores(s, &valid, &valid_kinds).relative_accuracy,
+            test: quadruplet_scores(s, &test_trained, &test_kinds).relative_accuracy,
+        })
+        .collect();
+    // The first best on validation (NaN, no validation set, keeps the default).
+    let chosen = Scoring::all()
+        .into_iter()
+        .zip(&scorings)
+        .fold((Scoring::DEFAULT, f64::NEG_INFINITY), |best, (s, row)| {
+            if row.validation > best.1 { (s, row.validation) } else { best }
+        })
+        .0;
     SurpriseBenchReport {
-        trained,
+        trained: trained_pairs,
         random: r,
         persistence,
+        scoring: chosen.to_string(),
+        counterbalanced: quadruplet_scores(&chosen, &test_trained, &test_kinds),
+        counterbalanced_random: quadruplet_scores(&chosen, &test_random, &test_kinds),
+        counterbalanced_persistence: quadruplet_scores(&chosen, &test_persistence, &test_kinds),
+        scorings,
         pairs: pairs.len(),
+        quadruplets: test.len(),
+        validation: validation.len(),
         seconds: began.elapsed().as_secs_f64(),
     }
 }
