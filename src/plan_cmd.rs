@@ -13,7 +13,7 @@ use amity_planner::plan::optimise::{Method, Returns, SearchConfig};
 use amity_planner::plan::{LatentPlanner, Metric, ReadoutWeights, run_episode, two_level_settings};
 use amity_planner::surprise::{Forecaster, Scoring, curves};
 use amity_planner::surprise_bench::{
-    QuadrupletScores, SurpriseBenchOptions, SurpriseScores, pretrain_tiny,
+    QuadrupletScores, SurpriseBenchOptions, SurpriseBenchReport, SurpriseScores, pretrain_tiny,
     run as run_surprise_bench,
 };
 use amity_planner::world::data::{collect, load, save};
@@ -191,9 +191,9 @@ pub struct PlanBenchArgs {
     /// Search iterations per plan (default: the search's own, 3).
     #[arg(long)]
     pub iterations: Option<usize>,
-    /// What the search returns: `mean` (the distribution's final mean, V-JEPA 2-AC) or `best`
-    /// (the lowest-energy sample seen).
-    #[arg(long, default_value = "mean")]
+    /// What the search returns: `best` (the lowest-energy sample seen) or `mean` (the
+    /// distribution's final mean, V-JEPA 2-AC; it needs more iterations than the default 3).
+    #[arg(long, default_value = "best")]
     pub returns: Returns,
 }
 
@@ -452,6 +452,13 @@ fn strip(path: &Path, size: usize, frames: &[Vec<u8>], expected: &[Vec<[f32; 2]>
 /// Runs `amity surprise`.
 pub fn surprise(args: SurpriseArgs) -> Result<()> {
     let ckpt = load_checkpoint(&args.ckpt)?;
+    let steps = ckpt.config.model.grid().frames;
+    if steps < 2 {
+        bail!(
+            "{}: a clip of this model is {steps} tubelet time step(s); surprise forecasts later              time steps from earlier ones and needs at least 2",
+            args.ckpt.display()
+        );
+    }
     let trainer = Trainer::from_checkpoint(&ckpt, &Device::flex())?;
     let video = amity_shared::eval::embed::decode_for(&args.video, &ckpt.config)?;
     // Beside the predictor, the yardstick: a predictor that forecasts worse than "the scene
@@ -636,14 +643,23 @@ pub fn bench_surprise(a: SurpriseBenchArgs) -> Result<()> {
         device,
     };
     let r = run_surprise_bench(&opts, &mut |line| println!("  {line}"));
+    print_surprise_report(&r, a.frames);
+    Ok(())
+}
+
+/// The surprise bench's tables, then its JSON line.
+fn print_surprise_report(r: &SurpriseBenchReport, frames: usize) {
     println!(
         "{} quadruplets (+{} for validation) and {} pairs of {} frames ({:.1} s to score)",
-        r.quadruplets, r.validation, r.pairs, a.frames, r.seconds
+        r.quadruplets, r.validation, r.pairs, frames, r.seconds
     );
     println!("relative accuracy of every scoring (trained encoder):");
     println!("  {:>10} {:>6}  scoring", "validation", "test");
     for row in &r.scorings {
-        println!("  {:>10.3} {:>6.3}  {}", row.validation, row.test, row.scoring);
+        println!(
+            "  {:>10.3} {:>6.3}  {}",
+            row.validation, row.test, row.scoring
+        );
     }
     println!("counterbalanced quadruplets, scored by {}:", r.scoring);
     println!(
@@ -668,7 +684,10 @@ pub fn bench_surprise(a: SurpriseBenchArgs) -> Result<()> {
     for (i, (kind, _)) in r.counterbalanced.per_kind_relative.iter().enumerate() {
         qrow(kind, &|s| s.per_kind_relative[i].1);
     }
-    println!("violation pairs (the first detector's benchmark), scored by {}:", Scoring::PAIRED);
+    println!(
+        "violation pairs (the first detector's benchmark), scored by {}:",
+        Scoring::PAIRED
+    );
     println!(
         "{:<16} {:>10} {:>10} {:>12}",
         "", "trained", "random", "persistence"
@@ -720,7 +739,6 @@ pub fn bench_surprise(a: SurpriseBenchArgs) -> Result<()> {
             "persistence": { "counterbalanced": quad_json(&r.counterbalanced_persistence), "paired": pair_json(&r.persistence) },
         })
     );
-    Ok(())
 }
 
 /// `[(kind, figure)]` as a JSON object.

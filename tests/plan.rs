@@ -186,8 +186,16 @@ fn the_surprise_bench_scores_the_predictor_beside_its_baselines() {
         let acc = kinds[kind].as_f64().expect("an accuracy");
         assert!([0.0, 0.5, 1.0].contains(&acc), "{last}");
     }
-    assert!(json["scoring"].as_str().is_some_and(|s| s.contains("windows")));
-    for scores in [&json["paired"], &json["random_init"]["paired"], &json["persistence"]["paired"]] {
+    assert!(
+        json["scoring"]
+            .as_str()
+            .is_some_and(|s| s.contains("windows"))
+    );
+    for scores in [
+        &json["paired"],
+        &json["random_init"]["paired"],
+        &json["persistence"]["paired"],
+    ] {
         let acc = scores["paired_accuracy"]
             .as_f64()
             .expect("a paired accuracy");
@@ -199,12 +207,19 @@ fn the_surprise_bench_scores_the_predictor_beside_its_baselines() {
         assert!((0.0..=1.0).contains(&ties), "{last}");
     }
     for baseline in [&json["random_init"], &json["persistence"]] {
-        assert!(in_unit(&baseline["counterbalanced"]["relative_accuracy"]), "{last}");
+        assert!(
+            in_unit(&baseline["counterbalanced"]["relative_accuracy"]),
+            "{last}"
+        );
     }
     // One row per violation kind of the pairs, the three forecasters side by side; one row
     // per scoring (16) with its validation and test figures, besides the two tables' headings
     // and the JSON line naming theirs.
-    assert_eq!(json["paired_per_kind"].as_array().map(Vec::len), Some(6), "{last}");
+    assert_eq!(
+        json["paired_per_kind"].as_array().map(Vec::len),
+        Some(6),
+        "{last}"
+    );
     assert!(out.contains("persistence"), "{out}");
     assert_eq!(out.matches(" over windows").count(), 16 + 3, "{out}");
     std::fs::remove_dir_all(&dir).unwrap();

@@ -17,7 +17,7 @@ use amity_shared::checkpoint::Checkpoint;
 use amity_shared::config::Config;
 use amity_shared::data::ClipSource;
 use amity_shared::data::synth::quadruplet::{
-    Quadruplet, QUADRUPLET_SEED, QuadrupletKind, VALIDATION_QUADRUPLET_SEED, quadruplet_in_set,
+    QUADRUPLET_SEED, Quadruplet, QuadrupletKind, VALIDATION_QUADRUPLET_SEED, quadruplet_in_set,
 };
 use amity_shared::data::synth::{SynthConfig, ViolationKind, bench_pair};
 use amity_shared::train::Trainer;
@@ -132,9 +132,15 @@ fn quadruplet_stats(
     progress: &mut dyn FnMut(usize),
 ) -> Vec<Vec<QuadrupletStats>> {
     let steps = all_context_steps(trainer);
-    let mut out: Vec<Vec<QuadrupletStats>> = vec![Vec::with_capacity(quads.len()); forecasters.len()];
+    let mut out: Vec<Vec<QuadrupletStats>> =
+        vec![Vec::with_capacity(quads.len()); forecasters.len()];
     for q in quads {
-        let videos = [&q.possible[0], &q.possible[1], &q.impossible[0], &q.impossible[1]];
+        let videos = [
+            &q.possible[0],
+            &q.possible[1],
+            &q.impossible[0],
+            &q.impossible[1],
+        ];
         let mut per: Vec<_> = videos
             .iter()
             .map(|v| window_stats(trainer, forecasters, &v.pixels, frames, 1, &steps).into_iter())
@@ -175,7 +181,11 @@ fn quadruplet_scores(
     let per_kind_relative = QuadrupletKind::ALL
         .iter()
         .map(|k| {
-            let mut sel = scored.iter().zip(kinds).filter(|(_, q)| *q == k).map(|(s, _)| s);
+            let mut sel = scored
+                .iter()
+                .zip(kinds)
+                .filter(|(_, q)| *q == k)
+                .map(|(s, _)| s);
             (k.to_string(), relative(&mut sel))
         })
         .collect();
@@ -201,7 +211,14 @@ fn scores(
     let mut windows = 0usize;
     for (_, possible, impossible) in pairs {
         let p = curves(trainer, &Scoring::PAIRED, forecasters, possible, frames, 1);
-        let i = curves(trainer, &Scoring::PAIRED, forecasters, impossible, frames, 1);
+        let i = curves(
+            trainer,
+            &Scoring::PAIRED,
+            forecasters,
+            impossible,
+            frames,
+            1,
+        );
         windows += p[0].energy.len();
         for (f, (p, i)) in p.iter().zip(&i).enumerate() {
             possible_sum[f] += p.energy.iter().map(|&e| e as f64).sum::<f64>();
@@ -364,7 +381,11 @@ pub fn run(opts: &SurpriseBenchOptions, log: &mut dyn FnMut(String)) -> Surprise
         .into_iter()
         .zip(&scorings)
         .fold((Scoring::DEFAULT, f64::NEG_INFINITY), |best, (s, row)| {
-            if row.validation > best.1 { (s, row.validation) } else { best }
+            if row.validation > best.1 {
+                (s, row.validation)
+            } else {
+                best
+            }
         })
         .0;
     SurpriseBenchReport {

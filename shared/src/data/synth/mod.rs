@@ -549,7 +549,12 @@ fn simulate(
             wall: wall.filter(|w| w.drawn).map(|w| w.x),
             background: &background,
         };
-        render(&mut pixels[f * px..(f + 1) * px], cfg.size, &bodies, &scenery);
+        render(
+            &mut pixels[f * px..(f + 1) * px],
+            cfg.size,
+            &bodies,
+            &scenery,
+        );
         frames.push(record);
         for b in &mut bodies {
             step(b, gravity, wall.map(|w| w.x));

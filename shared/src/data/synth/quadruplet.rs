@@ -198,7 +198,10 @@ fn permanence(cfg: &SynthConfig, seed: u64) -> Option<Quadruplet> {
     let r_max = ((1.0 - 0.06) / 6.0f64).min(cfg.radius.1);
     b.radius = rng.range_f64(cfg.radius.0.min(r_max), r_max) as f32;
     let w = full_occluder_width(b.radius as f64) as f32 - 0.06 + rng.range_f64(0.02, 0.06) as f32;
-    let x0 = rng.range_f64(2.0 * b.radius as f64, 1.0 - 2.0 * b.radius as f64 - w as f64) as f32;
+    let x0 = rng.range_f64(
+        2.0 * b.radius as f64,
+        1.0 - 2.0 * b.radius as f64 - w as f64,
+    ) as f32;
     scene.occluder = Some([x0, x0 + w]);
     // Start fully in view on one side and reach the bar's centre near the middle of the video.
     let (r, centre) = (b.radius as f64, (x0 + w / 2.0) as f64);
@@ -402,8 +405,14 @@ mod tests {
             let c = q.event;
             let v = |video: &SynthVideo, f: usize| video.labels.frames[f][0].vel[0];
             let (bounce, through) = (&q.possible[0], &q.impossible[0]);
-            assert!(v(bounce, c - 1) * v(bounce, c) < 0.0, "reverses at the wall");
-            assert!(v(through, c - 1) * v(through, c) > 0.0, "goes on through it");
+            assert!(
+                v(bounce, c - 1) * v(bounce, c) < 0.0,
+                "reverses at the wall"
+            );
+            assert!(
+                v(through, c - 1) * v(through, c) > 0.0,
+                "goes on through it"
+            );
         }
     }
 
