@@ -281,7 +281,10 @@ pub fn pretrain_tiny(steps: u64, device: &Device, log: &mut dyn FnMut(u64, f64))
             temporal_scale: (0.5, 0.5),
             aspect_ratio: (1.0, 1.0),
         });
-    let source = ClipSource::synthetic(&config.model);
+    // With walls and full occlusions: what the counterbalanced quadruplets test.
+    let m = &config.model;
+    let source =
+        ClipSource::Synthetic(SynthConfig::for_size(m.image_size, m.frames).with_physics_events());
     let mut trainer = Trainer::new(config.clone(), device);
     for step in 0..steps {
         let batch = source.batch(config.train.seed, step, config.train.batch, &config.model);
@@ -302,12 +305,9 @@ pub fn run(opts: &SurpriseBenchOptions, log: &mut dyn FnMut(String)) -> Surprise
     let random = Trainer::new(config.clone(), device);
     let m = &config.model;
     let cfg = SynthConfig::for_size(m.image_size, opts.frames);
-    // The pairs as the first detector was measured on: no walls, no wide occluders.
-    let paired_cfg = SynthConfig {
-        wall_prob: 0.0,
-        full_occlusion_prob: 0.0,
-        ..cfg.clone()
-    };
+    // The pairs as the first detector was measured on (the default scenes: no walls, no wide
+    // occluders).
+    let paired_cfg = cfg.clone();
     let pairs: Vec<(ViolationKind, Vec<u8>, Vec<u8>)> = (0..opts.pairs)
         .map(|i| {
             let (kind, p, q) = bench_pair(&paired_cfg, i);

@@ -172,8 +172,12 @@ fn default_occluder_width() -> f64 {
 }
 
 impl SynthConfig {
-    /// Videos for a preset's clip size: one object; 30% of scenes occluded, three quarters of
-    /// those by a bar that hides the object completely (22% of clips); 20% with a wall.
+    /// Videos for a preset's clip size: one object, 30% of scenes behind a narrow bar, no walls.
+    ///
+    /// Walls and full occlusions are not in this default: with them (20% walls, 22% of clips
+    /// fully hidden for a while) the learning test's 400 steps gave a velocity R² of 0.004
+    /// against 0.37 without (a hidden object's velocity is noise to the probe, and bounces flip
+    /// it). [`SynthConfig::with_physics_events`] adds them where the task is intuitive physics.
     pub fn for_size(size: usize, frames: usize) -> Self {
         SynthConfig {
             size,
@@ -185,8 +189,19 @@ impl SynthConfig {
             radius: (0.12, 0.2),
             textured_background: true,
             occluder_width: default_occluder_width(),
+            full_occlusion_prob: 0.0,
+            wall_prob: 0.0,
+        }
+    }
+
+    /// The same scenes plus what intuitive physics needs to see: a wall objects bounce off in
+    /// 20% of them, and three quarters of the occluding bars wide enough to hide the object
+    /// (22% of clips). The surprise bench pretrains on these.
+    pub fn with_physics_events(self) -> Self {
+        SynthConfig {
             full_occlusion_prob: 0.75,
             wall_prob: 0.2,
+            ..self
         }
     }
 }
@@ -756,8 +771,14 @@ mod tests {
 
     #[test]
     fn objects_stay_inside_and_move_with_their_velocity() {
-        for seed in 0..50 {
-            let v = generate(&cfg(), seed);
+        for seed in 0..100 {
+            // Half with walls and wide bars.
+            let cfg = if seed % 2 == 0 {
+                cfg()
+            } else {
+                cfg().with_physics_events()
+            };
+            let v = generate(&cfg, seed);
             assert_eq!(v.pixels.len(), 8 * 32 * 32 * 3);
             for w in v.labels.frames.windows(2) {
                 for (a, b) in w[0].iter().zip(&w[1]) {
@@ -792,11 +813,7 @@ mod tests {
 
     #[test]
     fn pairs_are_identical_until_the_violation_frame() {
-        // Without walls, so that going through a wall means leaving through the frame's edge.
-        let cfg = || SynthConfig {
-            wall_prob: 0.0,
-            ..self::cfg()
-        };
+        // Without walls (the default), so going through a wall means leaving through an edge.
         for (i, kind) in ViolationKind::ALL.into_iter().enumerate() {
             let (a, b) = generate_pair(&cfg(), 100 + i as u64, kind);
             let k = b
