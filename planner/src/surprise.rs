@@ -117,6 +117,16 @@ pub enum Contexts {
     Every,
 }
 
+impl Contexts {
+    /// The context lengths (in tubelet time steps) of a window of `time_steps`.
+    pub fn steps(self, time_steps: usize) -> Vec<usize> {
+        match self {
+            Contexts::Half => vec![(time_steps / 2).max(1)],
+            Contexts::Every => (1..time_steps.max(2)).collect(),
+        }
+    }
+}
+
 /// How a video's window energies become its surprise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum WindowStat {
@@ -185,10 +195,7 @@ impl Scoring {
 
     /// The context lengths (in tubelet time steps) of a window of `time_steps`.
     pub fn context_steps(&self, time_steps: usize) -> Vec<usize> {
-        match self.contexts {
-            Contexts::Half => vec![(time_steps / 2).max(1)],
-            Contexts::Every => (1..time_steps.max(2)).collect(),
-        }
+        self.contexts.steps(time_steps)
     }
 
     /// The energy curve of one video under this scoring (`stats` must hold its contexts).
@@ -405,9 +412,16 @@ fn token_stats(errors: &[f32], per_window: usize) -> Vec<[f32; 2]> {
 /// IntPhys's relative score of one quadruplet: whether its two impossible videos are together
 /// more surprising than its two possible ones (1, ties 0.5, else 0). A detector biased toward
 /// any one segment gains as much on one side as on the other.
+/// It is the paired comparison of the summed surprises, so a set's relative accuracy is
+/// [`paired_accuracy`] over `(possible sum, impossible sum)` pairs.
 pub fn quadruplet_correct(possible: [f32; 2], impossible: [f32; 2]) -> f64 {
-    let (p, i) = (possible[0] + possible[1], impossible[0] + impossible[1]);
-    match i.partial_cmp(&p) {
+    beats(impossible[0] + impossible[1], possible[0] + possible[1])
+}
+
+/// 1 when `impossible` is the more surprising, 0.5 on a tie, else 0 (the comparison every
+/// score here counts).
+fn beats(impossible: f32, possible: f32) -> f64 {
+    match impossible.partial_cmp(&possible) {
         Some(std::cmp::Ordering::Greater) => 1.0,
         Some(std::cmp::Ordering::Equal) => 0.5,
         _ => 0.0,
@@ -420,14 +434,7 @@ pub fn paired_accuracy(pairs: &[(f32, f32)]) -> f64 {
     if pairs.is_empty() {
         return f64::NAN;
     }
-    let wins: f64 = pairs
-        .iter()
-        .map(|(p, i)| match i.partial_cmp(p) {
-            Some(std::cmp::Ordering::Greater) => 1.0,
-            Some(std::cmp::Ordering::Equal) => 0.5,
-            _ => 0.0,
-        })
-        .sum();
+    let wins: f64 = pairs.iter().map(|&(p, i)| beats(i, p)).sum();
     wins / pairs.len() as f64
 }
 
@@ -450,11 +457,7 @@ pub fn auroc(possible: &[f32], impossible: &[f32]) -> f64 {
     let mut u = 0.0;
     for i in impossible {
         for p in possible {
-            u += match i.partial_cmp(p) {
-                Some(std::cmp::Ordering::Greater) => 1.0,
-                Some(std::cmp::Ordering::Equal) => 0.5,
-                _ => 0.0,
-            };
+            u += beats(*i, *p);
         }
     }
     u / (possible.len() * impossible.len()) as f64

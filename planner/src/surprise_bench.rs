@@ -23,8 +23,8 @@ use amity_shared::data::synth::{SynthConfig, ViolationKind, bench_pair};
 use amity_shared::train::Trainer;
 
 use crate::surprise::{
-    Contexts, Forecaster, Scoring, WindowStats, auroc, curves, paired_accuracy, quadruplet_correct,
-    tie_share, window_stats,
+    Contexts, Forecaster, Scoring, WindowStats, auroc, curves, paired_accuracy, tie_share,
+    window_stats,
 };
 
 /// What to measure.
@@ -116,11 +116,7 @@ type QuadrupletStats = [[WindowStats; 2]; 2];
 
 /// Every context length, so that every [`Scoring`] can be read off the statistics.
 fn all_context_steps(trainer: &Trainer) -> Vec<usize> {
-    let every = Scoring {
-        contexts: Contexts::Every,
-        ..Scoring::DEFAULT
-    };
-    every.context_steps(trainer.config().model.grid().frames)
+    Contexts::Every.steps(trainer.config().model.grid().frames)
 }
 
 /// The statistics of each of `forecasters` on each quadruplet: `out[forecaster][quadruplet]`.
@@ -170,29 +166,27 @@ fn quadruplet_scores(
             )
         })
         .collect();
-    let relative = |sel: &mut dyn Iterator<Item = &([f32; 2], [f32; 2])>| {
-        let (mut sum, mut n) = (0.0, 0usize);
-        for (p, i) in sel {
-            sum += quadruplet_correct(*p, *i);
-            n += 1;
-        }
-        if n == 0 { f64::NAN } else { sum / n as f64 }
-    };
+    // A quadruplet is right when its impossible pair is together the more surprising.
+    let sums: Vec<(f32, f32)> = scored
+        .iter()
+        .map(|(p, i)| (p[0] + p[1], i[0] + i[1]))
+        .collect();
     let per_kind_relative = QuadrupletKind::ALL
         .iter()
         .map(|k| {
-            let mut sel = scored
+            let sel: Vec<(f32, f32)> = sums
                 .iter()
                 .zip(kinds)
                 .filter(|(_, q)| *q == k)
-                .map(|(s, _)| s);
-            (k.to_string(), relative(&mut sel))
+                .map(|(s, _)| *s)
+                .collect();
+            (k.to_string(), paired_accuracy(&sel))
         })
         .collect();
     let possible: Vec<f32> = scored.iter().flat_map(|(p, _)| *p).collect();
     let impossible: Vec<f32> = scored.iter().flat_map(|(_, i)| *i).collect();
     QuadrupletScores {
-        relative_accuracy: relative(&mut scored.iter()),
+        relative_accuracy: paired_accuracy(&sums),
         per_kind_relative,
         auroc: auroc(&possible, &impossible),
     }
@@ -307,10 +301,9 @@ pub fn run(opts: &SurpriseBenchOptions, log: &mut dyn FnMut(String)) -> Surprise
     let cfg = SynthConfig::for_size(m.image_size, opts.frames);
     // The pairs as the first detector was measured on (the default scenes: no walls, no wide
     // occluders).
-    let paired_cfg = cfg.clone();
     let pairs: Vec<(ViolationKind, Vec<u8>, Vec<u8>)> = (0..opts.pairs)
         .map(|i| {
-            let (kind, p, q) = bench_pair(&paired_cfg, i);
+            let (kind, p, q) = bench_pair(&cfg, i);
             (kind, p.pixels, q.pixels)
         })
         .collect();

@@ -307,7 +307,7 @@ fn solidity(cfg: &SynthConfig, seed: u64) -> Option<Quadruplet> {
         s.wall = s.wall.map(|w| Wall { drawn: false, ..w });
         s
     };
-    let mut open_scene = hide(through_scene);
+    let mut open_scene = through_scene;
     open_scene.wall = None;
     let goes_on = simulate(cfg, seed, open_scene, None);
     let bounces_off_nothing = simulate(cfg, seed, hide(scene), None);
