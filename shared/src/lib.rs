@@ -7,7 +7,8 @@
 //! Its folders are its layers, each using only those above it:
 //!
 //! 1. foundations: [`config`] (presets, token grids, mask sets), [`rng`], [`stats`] (medians,
-//!    RankMe), [`store`] (the content store), [`device`] (compute backends), and `linalg`;
+//!    RankMe), [`store`] (the content store), [`device`] (compute backends), [`kernels`] (Amity's
+//!    own CPU kernels inside burn), and `linalg`;
 //! 2. [`model`]: the V-JEPA encoder and predictor, and [`model::flat`], the flat parameter view;
 //!    [`checkpoint`], their file format;
 //! 3. data: [`corpus`] (video files to shards) and [`data`] (clip batches and sources, the
@@ -27,6 +28,7 @@ pub mod data;
 pub mod device;
 pub mod eval;
 pub mod federated;
+pub mod kernels;
 mod linalg;
 pub mod model;
 pub mod rng;

@@ -4,7 +4,9 @@
 //! pass per step, exact GELU, AdamW, EMA), run as a subprocess in the same invocation. To compare
 //! the same work, Amity's step is timed with a **single** mask set (V-JEPA's long-range set) and
 //! the reference is given exactly the batch, context and target token counts that set produced;
-//! the full two-set V-JEPA step is timed as well and reported beside it.
+//! the full two-set V-JEPA step is timed as well and reported beside it. The single-set step is
+//! timed a second time with burn's own CPU operations in place of `amity_shared::kernels`, so
+//! that the kernels' gain is measured side by side in the same run.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,6 +19,7 @@ use amity_shared::config::Config;
 use amity_shared::config::MaskSetConfig;
 use amity_shared::data::ClipBatch;
 use amity_shared::data::synth::{SynthConfig, generate};
+use amity_shared::kernels::{Kernels, set_kernels};
 use amity_shared::train::MultiBlockMasker;
 use amity_shared::train::Trainer;
 
@@ -69,6 +72,11 @@ pub struct TrainStepReport {
     pub torch_ms: Option<f64>,
     /// `amity_ms / torch_ms` (below 1 means Amity is faster).
     pub ratio: Option<f64>,
+    /// Median single-set step with burn's own CPU operations in place of Amity's kernels
+    /// (`amity_shared::kernels`), timed in the same run: the kernels' baseline.
+    pub burn_kernels_ms: f64,
+    /// `burn_kernels_ms / amity_ms` (above 1 means the kernels help).
+    pub kernel_speedup: f64,
     /// Median full V-JEPA step (both mask sets), Amity.
     pub amity_full_step_ms: f64,
 }
@@ -128,8 +136,16 @@ pub fn train_step(opts: &TrainStepOptions) -> Result<TrainStepReport> {
         config.model.tokens()
     );
     let device = opts.backend.device(0)?;
-    let amity_ms = time_steps(single, &device, &batches, opts.warmup, opts.steps);
+    let amity_ms = time_steps(single.clone(), &device, &batches, opts.warmup, opts.steps);
     eprintln!("amity: single-set step median {amity_ms:.2} ms");
+    set_kernels(Kernels::Burn);
+    let burn_kernels_ms = time_steps(single, &device, &batches, opts.warmup, opts.steps);
+    set_kernels(Kernels::Amity);
+    eprintln!(
+        "amity: single-set step with burn's operations instead of Amity's kernels median \
+         {burn_kernels_ms:.2} ms (kernels: {:.2}x)",
+        burn_kernels_ms / amity_ms
+    );
     let amity_full_step_ms = time_steps(config.clone(), &device, &batches, opts.warmup, opts.steps);
     eprintln!("amity: full V-JEPA step (2 mask sets) median {amity_full_step_ms:.2} ms");
 
@@ -150,6 +166,8 @@ pub fn train_step(opts: &TrainStepOptions) -> Result<TrainStepReport> {
         tgt,
         amity_ms,
         ratio: torch_ms.map(|t| amity_ms / t),
+        burn_kernels_ms,
+        kernel_speedup: burn_kernels_ms / amity_ms,
         torch_ms,
         amity_full_step_ms,
     })

@@ -1,14 +1,12 @@
 //! The pre-norm transformer block shared by the encoder and the predictor.
 //!
 //! `x + proj(attn(norm1(x)))`, then `x + fc2(gelu(fc1(norm2(x))))`. Query, key and value come
-//! from one fused linear layer; attention is burn's scaled dot-product attention, which backends
-//! may fuse.
+//! from one fused linear layer; attention and GELU are [`crate::kernels`]' (Amity's own on the CPU,
+//! burn's elsewhere).
 
+use crate::kernels::{attention, gelu};
 use burn::module::Module;
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::tensor::activation::gelu;
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Tensor};
 
 /// LayerNorm epsilon used everywhere (V-JEPA's 1e-6).
@@ -66,7 +64,7 @@ impl Block {
             (Some(q), Some(k), Some(v)) => (q, k, v),
             _ => unreachable!("chunk(3) of a 3h axis gives three parts"),
         };
-        let o = attention(q, k, v, mask, None, AttentionModuleOptions::default());
+        let o = attention(q, k, v, mask);
         let o = o.swap_dims(1, 2).reshape([b, n, d]);
         let x = x + self.proj.forward(o);
         let m = self

@@ -1,0 +1,220 @@
+//! Amity's own CPU kernels, added to burn through its backend extension API.
+//!
+//! Where the training step's profile (issue #29) shows burn's CPU backend spending time in scalar
+//! code, the operation is implemented here, vectorised and threaded, with a hand-written backward:
+//!
+//! - [`gelu()`]: exact GELU (`x Φ(x)`, as PyTorch's default and V-JEPA's), forward and backward;
+//! - [`attention()`]: scaled dot-product attention whose backward recomputes the scores from the
+//!   log-sum-exp instead of keeping every head's `N × N` probabilities.
+//!
+//! The model calls these functions instead of burn's. They run Amity's kernel on the CPU backend
+//! (`flex`, with or without autodiff, `f32` tensors) and burn's own operation everywhere else (GPU
+//! backends, other dtypes), so results never depend on whether an extension exists for a backend.
+//! [`set_kernels`] switches back to burn's operations on the CPU too: `amity bench train-step`
+//! uses it to time both in one run.
+
+pub mod attention;
+mod extension;
+pub mod gelu;
+mod simd;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use burn::backend::{Dispatch, DispatchDevice};
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Bool, DType, Tensor};
+
+use extension::AmityOps;
+
+/// Which implementation the operations of this module run on the CPU backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernels {
+    /// Amity's kernels (the default).
+    Amity,
+    /// burn's own operations, as if this module did not exist (the baseline of the bench).
+    Burn,
+}
+
+static BURN_ONLY: AtomicBool = AtomicBool::new(false);
+
+/// Chooses the implementation for the whole process (a benchmark switch; training is the same
+/// computation either way, within `f32` rounding).
+pub fn set_kernels(kernels: Kernels) {
+    BURN_ONLY.store(kernels == Kernels::Burn, Ordering::Relaxed);
+}
+
+/// The implementation in use.
+pub fn kernels() -> Kernels {
+    if BURN_ONLY.load(Ordering::Relaxed) {
+        Kernels::Burn
+    } else {
+        Kernels::Amity
+    }
+}
+
+/// Whether Amity's kernels run for `x`: `f32` on the CPU backend, and not switched off.
+fn enabled_for<const D: usize>(x: &Tensor<D>) -> bool {
+    kernels() == Kernels::Amity
+        && x.dtype() == DType::F32
+        && matches!(x.device().inner().as_dispatch(), DispatchDevice::Flex(_))
+}
+
+/// Exact GELU, `x Φ(x)`, differentiable.
+pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    if enabled_for(&x) {
+        Tensor::from_dispatch(<Dispatch as AmityOps>::exact_gelu(x.into_dispatch()))
+    } else {
+        burn::tensor::activation::gelu(x)
+    }
+}
+
+/// `softmax(Q Kᵀ / √d + mask) V` over `[batch, heads, tokens, channels]`, differentiable; `mask`
+/// is `[batch, heads, n_q, n_k]`, true where a query may not look.
+///
+/// Unmasked calls run Amity's kernel; masked ones (the planner's causal predictor) burn's.
+pub fn attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    mask: Option<Tensor<4, Bool>>,
+) -> Tensor<4> {
+    if mask.is_none() && enabled_for(&q) && k.dtype() == DType::F32 && v.dtype() == DType::F32 {
+        let scale = 1.0 / (q.dims()[3] as f32).sqrt();
+        let out = <Dispatch as AmityOps>::fused_attention(
+            q.into_dispatch(),
+            k.into_dispatch(),
+            v.into_dispatch(),
+            scale,
+        );
+        Tensor::from_dispatch(out)
+    } else {
+        burn::tensor::module::attention(q, k, v, mask, None, AttentionModuleOptions::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Device;
+
+    fn input(device: &Device) -> Tensor<2> {
+        let values: Vec<f32> = (0..6 * 50).map(|i| (i as f32 - 150.0) * 0.04).collect();
+        Tensor::<1>::from_floats(values.as_slice(), device).reshape([6, 50])
+    }
+
+    fn max_abs_diff(a: Tensor<2>, b: Tensor<2>) -> f32 {
+        let a = a.into_data().try_to_vec::<f32>().expect("f32 tensor");
+        let b = b.into_data().try_to_vec::<f32>().expect("f32 tensor");
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn gelu_and_its_gradient_match_burns_exact_gelu() {
+        let device = Device::flex().autodiff();
+        // Strided input (a transpose) and a downstream weighting, so the gradient is not all ones.
+        let w = Tensor::<1>::from_floats(
+            (0..300)
+                .map(|i| (i % 7) as f32 - 3.0)
+                .collect::<Vec<_>>()
+                .as_slice(),
+            &device,
+        )
+        .reshape([50, 6]);
+        let run = |ours: bool| {
+            let x = input(&device).require_grad();
+            let xt = x.clone().transpose();
+            let y = if ours {
+                gelu(xt)
+            } else {
+                burn::tensor::activation::gelu(xt)
+            };
+            let loss = (y.clone() * w.clone()).sum();
+            let grads = loss.backward();
+            let g = x.grad(&grads).expect("x requires grad");
+            (y.inner(), g)
+        };
+        let (y_ours, g_ours) = run(true);
+        let (y_burn, g_burn) = run(false);
+        assert!(max_abs_diff(y_ours.transpose(), y_burn.transpose()) < 1e-6);
+        assert!(max_abs_diff(g_ours, g_burn) < 4e-6);
+    }
+
+    #[test]
+    fn f32_tensors_on_the_cpu_backend_take_amitys_kernels() {
+        assert!(enabled_for(&input(&Device::flex())));
+        assert!(enabled_for(&input(&Device::flex().autodiff())));
+        assert!(!enabled_for(&input(&Device::flex()).cast(DType::F64)));
+    }
+
+    #[test]
+    fn without_autodiff_it_matches_burns_exact_gelu() {
+        let device = Device::flex();
+        let ours = gelu(input(&device));
+        let burns = burn::tensor::activation::gelu(input(&device));
+        assert!(max_abs_diff(ours, burns) < 1e-6);
+    }
+}
+
+#[cfg(test)]
+mod attention_tests {
+    use super::*;
+    use burn::tensor::{Device, Distribution};
+
+    fn max_abs_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
+        let a = a.into_data().try_to_vec::<f32>().expect("f32 tensor");
+        let b = b.into_data().try_to_vec::<f32>().expect("f32 tensor");
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn attention_and_its_gradients_match_burns() {
+        let device = Device::flex().autodiff();
+        device.seed(7);
+        // [batch 2, tokens 9, 3 × heads 3 × channels 5], split as the transformer block does.
+        let qkv0 = Tensor::<4>::random([2, 9, 9, 5], Distribution::Normal(0.0, 1.0), &device);
+        let w = Tensor::<4>::random([2, 3, 9, 5], Distribution::Normal(0.0, 1.0), &device);
+        let run = |ours: bool| {
+            let qkv = qkv0.clone().detach().require_grad();
+            let parts = qkv.clone().swap_dims(1, 2).chunk(3, 1);
+            let (q, k, v) = (parts[0].clone(), parts[1].clone(), parts[2].clone());
+            let o = if ours {
+                attention(q, k, v, None)
+            } else {
+                burn::tensor::module::attention(
+                    q,
+                    k,
+                    v,
+                    None,
+                    None,
+                    AttentionModuleOptions::default(),
+                )
+            };
+            let grads = (o.clone() * w.clone()).sum().backward();
+            (o.inner(), qkv.grad(&grads).expect("qkv requires grad"))
+        };
+        let (o_ours, g_ours) = run(true);
+        let (o_burn, g_burn) = run(false);
+        assert!(max_abs_diff(o_ours, o_burn) < 2e-6);
+        assert!(max_abs_diff(g_ours, g_burn) < 2e-5);
+    }
+
+    #[test]
+    fn without_autodiff_attention_matches_burns() {
+        let device = Device::flex();
+        device.seed(8);
+        let t = || Tensor::<4>::random([1, 2, 7, 4], Distribution::Normal(0.0, 2.0), &device);
+        let (q, k, v) = (t(), t(), t());
+        let ours = attention(q.clone(), k.clone(), v.clone(), None);
+        let burns =
+            burn::tensor::module::attention(q, k, v, None, None, AttentionModuleOptions::default());
+        assert!(max_abs_diff(ours, burns) < 2e-6);
+    }
+}
