@@ -23,13 +23,9 @@ use super::{attention, gelu};
 pub trait AmityOps: Backend {
     /// Exact GELU, `x Φ(x)`.
     fn exact_gelu(x: FloatTensor<Self>) -> FloatTensor<Self>;
-    /// `softmax(scale Q Kᵀ) V` over `[batch, heads, tokens, channels]` tensors, no mask.
-    fn fused_attention(
-        q: FloatTensor<Self>,
-        k: FloatTensor<Self>,
-        v: FloatTensor<Self>,
-        scale: f32,
-    ) -> FloatTensor<Self>;
+    /// Unmasked multi-head self-attention from a fused projection `qkv` (`[batch, tokens,
+    /// 3 × width]`, query, key, value, each `heads × head_dim`) to `[batch, tokens, width]`.
+    fn self_attention(qkv: FloatTensor<Self>, heads: usize) -> FloatTensor<Self>;
 }
 
 /// What the autodiff implementation of [`AmityOps`] needs from the backend underneath: forward
@@ -37,29 +33,26 @@ pub trait AmityOps: Backend {
 pub trait CpuKernels: Backend {
     /// `grad · gelu'(x)`.
     fn exact_gelu_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self>;
-    /// The attention output and the log-sum-exp of each score row (`[batch, heads, tokens]`).
-    fn attention_with_lse(
-        q: FloatTensor<Self>,
-        k: FloatTensor<Self>,
-        v: FloatTensor<Self>,
-        scale: f32,
+    /// [`AmityOps::self_attention`] and the log-sum-exp of each score row (`[batch, heads,
+    /// tokens]`).
+    fn self_attention_with_lse(
+        qkv: FloatTensor<Self>,
+        heads: usize,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
-    /// `(dQ, dK, dV)` from the inputs, the output, its log-sum-exp and the output's gradient.
-    fn attention_backward(
+    /// The gradient of `qkv` from what the forward kept and the output's gradient.
+    fn self_attention_backward(
         saved: AttentionSaved<Self>,
         grad: FloatTensor<Self>,
-    ) -> [FloatTensor<Self>; 3];
+    ) -> FloatTensor<Self>;
 }
 
 /// What the attention's backward keeps from its forward.
 #[derive(Debug, Clone)]
 pub struct AttentionSaved<B: Backend> {
-    q: FloatTensor<B>,
-    k: FloatTensor<B>,
-    v: FloatTensor<B>,
+    qkv: FloatTensor<B>,
     out: FloatTensor<B>,
     lse: FloatTensor<B>,
-    scale: f32,
+    heads: usize,
 }
 
 /// `x`'s elements in logical order, as one slice (copied only if `x` is strided).
@@ -105,34 +98,21 @@ fn check_f32(tensors: &[&FlexTensor], op: &str) {
     }
 }
 
-/// The attention shape of `[batch, heads, n, d]` queries, keys and values.
-fn attention_shape(
-    q: &FlexTensor,
-    k: &FlexTensor,
-    v: &FlexTensor,
-) -> (attention::Shape, [usize; 4]) {
-    let (q, k, v) = (q.layout().shape(), k.layout().shape(), v.layout().shape());
+/// The attention shape of a `[batch, tokens, 3 × width]` `qkv` tensor, and its scale `1/√head_dim`.
+fn attention_shape(qkv: &FlexTensor, heads: usize) -> (attention::Shape, f32) {
+    let dims = qkv.layout().shape();
     assert!(
-        q.num_dims() == 4 && k.num_dims() == 4 && v.num_dims() == 4,
-        "attention: 4-d tensors"
+        dims.num_dims() == 3 && heads > 0 && dims[2] % (3 * heads) == 0,
+        "self-attention: qkv {dims:?} is not [batch, tokens, 3 x {heads} heads x head_dim]"
     );
-    assert!(
-        q[0] == k[0]
-            && q[1] == k[1]
-            && k[0] == v[0]
-            && k[1] == v[1]
-            && q[3] == k[3]
-            && k[2] == v[2],
-        "attention: query {q:?}, key {k:?} and value {v:?} do not fit"
-    );
+    let head_dim = dims[2] / (3 * heads);
     let shape = attention::Shape {
-        heads: q[0] * q[1],
-        n_q: q[2],
-        n_k: k[2],
-        d: q[3],
-        d_v: v[3],
+        batch: dims[0],
+        tokens: dims[1],
+        heads,
+        head_dim,
     };
-    (shape, [q[0], q[1], q[2], v[3]])
+    (shape, 1.0 / (head_dim as f32).sqrt())
 }
 
 impl AmityOps for Flex {
@@ -141,13 +121,8 @@ impl AmityOps for Flex {
         map_f32(x, gelu::forward_in_place)
     }
 
-    fn fused_attention(
-        q: FloatTensor<Self>,
-        k: FloatTensor<Self>,
-        v: FloatTensor<Self>,
-        scale: f32,
-    ) -> FloatTensor<Self> {
-        Self::attention_with_lse(q, k, v, scale).0
+    fn self_attention(qkv: FloatTensor<Self>, heads: usize) -> FloatTensor<Self> {
+        Self::self_attention_with_lse(qkv, heads).0
     }
 }
 
@@ -163,41 +138,38 @@ impl CpuKernels for Flex {
         map_f32(grad, |g| gelu::backward_in_place(slice(&x), g))
     }
 
-    fn attention_with_lse(
-        q: FloatTensor<Self>,
-        k: FloatTensor<Self>,
-        v: FloatTensor<Self>,
-        scale: f32,
+    fn self_attention_with_lse(
+        qkv: FloatTensor<Self>,
+        heads: usize,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        check_f32(&[&q, &k, &v], "attention");
-        let (shape, out_dims) = attention_shape(&q, &k, &v);
-        let (q, k, v) = (contiguous(q), contiguous(k), contiguous(v));
-        let (out, lse) = attention::forward(slice(&q), slice(&k), slice(&v), shape, scale);
-        (tensor(out, &out_dims), tensor(lse, &out_dims[..3]))
+        check_f32(&[&qkv], "self-attention");
+        let (shape, scale) = attention_shape(&qkv, heads);
+        let qkv = contiguous(qkv);
+        let (out, lse) = attention::forward(slice(&qkv), shape, scale);
+        let width = heads * shape.head_dim;
+        (
+            tensor(out, &[shape.batch, shape.tokens, width]),
+            tensor(lse, &[shape.batch, heads, shape.tokens]),
+        )
     }
 
-    fn attention_backward(
+    fn self_attention_backward(
         s: AttentionSaved<Self>,
         grad: FloatTensor<Self>,
-    ) -> [FloatTensor<Self>; 3] {
-        check_f32(&[&grad], "attention backward");
-        let (shape, _) = attention_shape(&s.q, &s.k, &s.v);
-        let dims = |t: &FlexTensor| t.layout().shape().to_vec();
-        let (q_dims, k_dims, v_dims) = (dims(&s.q), dims(&s.k), dims(&s.v));
-        let [q, k, v, out, lse, grad] = [s.q, s.k, s.v, s.out, s.lse, grad].map(contiguous);
-        let (dq, dk, dv) = attention::backward(
-            (slice(&q), slice(&k), slice(&v)),
+    ) -> FloatTensor<Self> {
+        check_f32(&[&grad], "self-attention backward");
+        let (shape, scale) = attention_shape(&s.qkv, s.heads);
+        let dims = s.qkv.layout().shape().to_vec();
+        let [qkv, out, lse, grad] = [s.qkv, s.out, s.lse, grad].map(contiguous);
+        let d = attention::backward(
+            slice(&qkv),
             slice(&out),
             slice(&lse),
             slice(&grad),
             shape,
-            s.scale,
+            scale,
         );
-        [
-            tensor(dq, &q_dims),
-            tensor(dk, &k_dims),
-            tensor(dv, &v_dims),
-        ]
+        tensor(d, &dims)
     }
 }
 
@@ -216,21 +188,18 @@ impl<B: CpuKernels> Backward<B, 1> for ExactGeluBackward {
     }
 }
 
-/// The autodiff node of [`AmityOps::fused_attention`].
+/// The autodiff node of [`AmityOps::self_attention`].
 #[derive(Debug)]
 struct AttentionBackward;
 
-impl<B: CpuKernels> Backward<B, 3> for AttentionBackward {
+impl<B: CpuKernels> Backward<B, 1> for AttentionBackward {
     type State = AttentionSaved<B>;
 
-    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let grad = grads.consume::<B>(&ops.node);
-        let d = B::attention_backward(ops.state, grad);
-        for (parent, d) in ops.parents.into_iter().zip(d) {
-            if let Some(parent) = parent {
-                grads.register::<B>(parent.id, d);
-            }
-        }
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let saved = ops.state;
+        unary::<B, _>(ops.parents, ops.node, grads, |grad| {
+            B::self_attention_backward(saved, grad)
+        });
     }
 }
 
@@ -250,34 +219,24 @@ impl<B: AmityOps + CpuKernels, C: CheckpointStrategy> AmityOps for Autodiff<B, C
         }
     }
 
-    fn fused_attention(
-        q: FloatTensor<Self>,
-        k: FloatTensor<Self>,
-        v: FloatTensor<Self>,
-        scale: f32,
-    ) -> FloatTensor<Self> {
+    fn self_attention(qkv: FloatTensor<Self>, heads: usize) -> FloatTensor<Self> {
         match AttentionBackward
-            .prepare::<C>([q.node(), k.node(), v.node()])
+            .prepare::<C>([qkv.node()])
             .compute_bound()
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
-                let (out, lse) = B::attention_with_lse(q.clone(), k.clone(), v.clone(), scale);
+                let qkv = qkv.into_primitive();
+                let (out, lse) = B::self_attention_with_lse(qkv.clone(), heads);
                 let saved = AttentionSaved {
-                    q,
-                    k,
-                    v,
+                    qkv,
                     out: out.clone(),
                     lse,
-                    scale,
+                    heads,
                 };
                 prep.finish(saved, out)
             }
-            OpsKind::UnTracked(prep) => {
-                let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
-                prep.finish(B::fused_attention(q, k, v, scale))
-            }
+            OpsKind::UnTracked(prep) => prep.finish(B::self_attention(qkv.into_primitive(), heads)),
         }
     }
 }

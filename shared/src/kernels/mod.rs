@@ -4,8 +4,9 @@
 //! code, the operation is implemented here, vectorised and threaded, with a hand-written backward:
 //!
 //! - [`gelu()`]: exact GELU (`x Φ(x)`, as PyTorch's default and V-JEPA's), forward and backward;
-//! - [`attention()`]: scaled dot-product attention whose backward recomputes the scores from the
-//!   log-sum-exp instead of keeping every head's `N × N` probabilities.
+//! - [`self_attention()`]: multi-head attention straight from the fused `qkv` projection, whose
+//!   backward recomputes the scores from the log-sum-exp instead of keeping every head's `N × N`
+//!   probabilities.
 //!
 //! The model calls these functions instead of burn's. They run Amity's kernel on the CPU backend
 //! (`flex`, with or without autodiff, `f32` tensors) and burn's own operation everywhere else (GPU
@@ -68,28 +69,29 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     }
 }
 
-/// `softmax(Q Kᵀ / √d + mask) V` over `[batch, heads, tokens, channels]`, differentiable; `mask`
-/// is `[batch, heads, n_q, n_k]`, true where a query may not look.
+/// Multi-head self-attention, differentiable: `qkv` is the fused projection `[batch, tokens,
+/// 3 × width]` (queries, keys, values, each `heads × head_dim` channels), the result
+/// `softmax(Q Kᵀ / √head_dim + mask) V` with its heads merged, `[batch, tokens, width]`. `mask`
+/// is `[batch, heads, tokens, tokens]`, true where a query may not look.
 ///
-/// Unmasked calls run Amity's kernel; masked ones (the planner's causal predictor) burn's.
-pub fn attention(
-    q: Tensor<4>,
-    k: Tensor<4>,
-    v: Tensor<4>,
-    mask: Option<Tensor<4, Bool>>,
-) -> Tensor<4> {
-    if mask.is_none() && enabled_for(&q) && k.dtype() == DType::F32 && v.dtype() == DType::F32 {
-        let scale = 1.0 / (q.dims()[3] as f32).sqrt();
-        let out = <Dispatch as AmityOps>::fused_attention(
-            q.into_dispatch(),
-            k.into_dispatch(),
-            v.into_dispatch(),
-            scale,
-        );
-        Tensor::from_dispatch(out)
-    } else {
-        burn::tensor::module::attention(q, k, v, mask, None, AttentionModuleOptions::default())
+/// Unmasked calls run Amity's kernel, which reads `qkv` and writes the merged heads in place;
+/// masked ones (the planner's causal predictor) split the heads for burn's attention.
+pub fn self_attention(qkv: Tensor<3>, heads: usize, mask: Option<Tensor<4, Bool>>) -> Tensor<3> {
+    if mask.is_none() && enabled_for(&qkv) {
+        return Tensor::from_dispatch(<Dispatch as AmityOps>::self_attention(
+            qkv.into_dispatch(),
+            heads,
+        ));
     }
+    let [b, n, three_d] = qkv.dims();
+    let head_dim = three_d / (3 * heads);
+    let qkv = qkv.reshape([b, n, 3 * heads, head_dim]).swap_dims(1, 2);
+    let mut parts = qkv.chunk(3, 1).into_iter();
+    let (Some(q), Some(k), Some(v)) = (parts.next(), parts.next(), parts.next()) else {
+        unreachable!("chunk(3) of a 3 x heads axis gives three parts")
+    };
+    let o = burn::tensor::module::attention(q, k, v, mask, None, AttentionModuleOptions::default());
+    o.swap_dims(1, 2).reshape([b, n, heads * head_dim])
 }
 
 #[cfg(test)]
@@ -174,28 +176,26 @@ mod attention_tests {
             .fold(0.0, f32::max)
     }
 
+    /// burn's attention on the split heads (an all-false mask takes that path and masks
+    /// nothing; the process-wide switch is left alone, as other tests run concurrently).
+    fn split_reference(qkv: Tensor<3>, heads: usize) -> Tensor<3> {
+        let [b, n, _] = qkv.dims();
+        let mask = Tensor::<4>::zeros([b, heads, n, n], &qkv.device()).greater_elem(0.0);
+        self_attention(qkv, heads, Some(mask))
+    }
+
     #[test]
     fn attention_and_its_gradients_match_burns() {
         let device = Device::flex().autodiff();
         device.seed(7);
-        // [batch 2, tokens 9, 3 × heads 3 × channels 5], split as the transformer block does.
-        let qkv0 = Tensor::<4>::random([2, 9, 9, 5], Distribution::Normal(0.0, 1.0), &device);
-        let w = Tensor::<4>::random([2, 3, 9, 5], Distribution::Normal(0.0, 1.0), &device);
+        let qkv0 = Tensor::<3>::random([2, 9, 3 * 3 * 5], Distribution::Normal(0.0, 1.0), &device);
+        let w = Tensor::<3>::random([2, 9, 15], Distribution::Normal(0.0, 1.0), &device);
         let run = |ours: bool| {
             let qkv = qkv0.clone().detach().require_grad();
-            let parts = qkv.clone().swap_dims(1, 2).chunk(3, 1);
-            let (q, k, v) = (parts[0].clone(), parts[1].clone(), parts[2].clone());
             let o = if ours {
-                attention(q, k, v, None)
+                self_attention(qkv.clone(), 3, None)
             } else {
-                burn::tensor::module::attention(
-                    q,
-                    k,
-                    v,
-                    None,
-                    None,
-                    AttentionModuleOptions::default(),
-                )
+                split_reference(qkv.clone(), 3)
             };
             let grads = (o.clone() * w.clone()).sum().backward();
             (o.inner(), qkv.grad(&grads).expect("qkv requires grad"))
@@ -210,11 +210,8 @@ mod attention_tests {
     fn without_autodiff_attention_matches_burns() {
         let device = Device::flex();
         device.seed(8);
-        let t = || Tensor::<4>::random([1, 2, 7, 4], Distribution::Normal(0.0, 2.0), &device);
-        let (q, k, v) = (t(), t(), t());
-        let ours = attention(q.clone(), k.clone(), v.clone(), None);
-        let burns =
-            burn::tensor::module::attention(q, k, v, None, None, AttentionModuleOptions::default());
-        assert!(max_abs_diff(ours, burns) < 2e-6);
+        let qkv = Tensor::<3>::random([1, 7, 3 * 2 * 4], Distribution::Normal(0.0, 2.0), &device);
+        let ours = self_attention(qkv.clone(), 2, None);
+        assert!(max_abs_diff(ours, split_reference(qkv, 2)) < 2e-6);
     }
 }

@@ -4,7 +4,7 @@
 //! from one fused linear layer; attention and GELU are [`crate::kernels`]' (Amity's own on the CPU,
 //! burn's elsewhere).
 
-use crate::kernels::{attention, gelu};
+use crate::kernels::{gelu, self_attention};
 use burn::module::Module;
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::{Bool, Device, Tensor};
@@ -52,20 +52,8 @@ impl Block {
 
     /// `[B, N, D]` → `[B, N, D]`, with an optional attention mask `[B, H, N, N]` (true = blocked).
     pub fn forward(&self, x: Tensor<3>, mask: Option<Tensor<4, Bool>>) -> Tensor<3> {
-        let [b, n, d] = x.dims();
-        let h = self.heads;
-        let qkv = self
-            .qkv
-            .forward(self.norm1.forward(x.clone()))
-            .reshape([b, n, 3 * h, d / h])
-            .swap_dims(1, 2);
-        let mut parts = qkv.chunk(3, 1).into_iter();
-        let (q, k, v) = match (parts.next(), parts.next(), parts.next()) {
-            (Some(q), Some(k), Some(v)) => (q, k, v),
-            _ => unreachable!("chunk(3) of a 3h axis gives three parts"),
-        };
-        let o = attention(q, k, v, mask);
-        let o = o.swap_dims(1, 2).reshape([b, n, d]);
+        let qkv = self.qkv.forward(self.norm1.forward(x.clone()));
+        let o = self_attention(qkv, self.heads, mask);
         let x = x + self.proj.forward(o);
         let m = self
             .fc2
