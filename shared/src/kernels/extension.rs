@@ -102,7 +102,7 @@ fn check_f32(tensors: &[&FlexTensor], op: &str) {
 fn attention_shape(qkv: &FlexTensor, heads: usize) -> (attention::Shape, f32) {
     let dims = qkv.layout().shape();
     assert!(
-        dims.num_dims() == 3 && heads > 0 && dims[2] % (3 * heads) == 0,
+        dims.num_dims() == 3 && heads > 0 && dims[2].is_multiple_of(3 * heads),
         "self-attention: qkv {dims:?} is not [batch, tokens, 3 x {heads} heads x head_dim]"
     );
     let head_dim = dims[2] / (3 * heads);
