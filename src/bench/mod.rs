@@ -102,6 +102,10 @@ pub struct TrainStepArgs {
     /// PyTorch's device for the reference (default: `cpu` beside `flex`, else `cuda`).
     #[arg(long)]
     pub torch_device: Option<String>,
+    /// CPU kernels to time: `both` (Amity's, then burn's operations in their place, side by
+    /// side), or only `amity` or `burn` (for profilers such as callgrind: one kind per process).
+    #[arg(long, default_value = "both", value_parser = ["both", "amity", "burn"])]
+    pub kernels: String,
 }
 
 /// Runs one benchmark.
@@ -174,6 +178,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             Ok(())
         }
         Bench::TrainStep(a) => {
+            use amity_shared::kernels::Kernels;
             use train_step::{TrainStepOptions, find_torch_python, train_step};
             let (torch_script, python) = if a.no_torch {
                 (None, None)
@@ -202,6 +207,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 threads,
                 backend,
                 torch_device,
+                kernels: match a.kernels.as_str() {
+                    "amity" => vec![Kernels::Amity],
+                    "burn" => vec![Kernels::Burn],
+                    _ => vec![Kernels::Amity, Kernels::Burn],
+                },
             })?;
             if let Some(ratio) = report.ratio {
                 println!(

@@ -47,6 +47,9 @@ pub struct TrainStepOptions {
     pub backend: Backend,
     /// PyTorch's device for the reference (`cpu`, `cuda`).
     pub torch_device: String,
+    /// CPU kernels to time: the first gives `amity_ms` and the full step, a second (burn's
+    /// operations) gives `burn_kernels_ms`.
+    pub kernels: Vec<Kernels>,
 }
 
 /// The figures of one run; serialised as the bench's last line.
@@ -72,11 +75,14 @@ pub struct TrainStepReport {
     pub torch_ms: Option<f64>,
     /// `amity_ms / torch_ms` (below 1 means Amity is faster).
     pub ratio: Option<f64>,
-    /// Median single-set step with burn's own CPU operations in place of Amity's kernels
-    /// (`amity_shared::kernels`), timed in the same run: the kernels' baseline.
-    pub burn_kernels_ms: f64,
+    /// The CPU kernels `amity_ms` and the full step ran with: `amity` (`amity_shared::kernels`)
+    /// or `burn` (burn's own operations in their place).
+    pub kernels: &'static str,
+    /// Median single-set step with burn's own CPU operations in place of Amity's kernels, timed
+    /// in the same run: the kernels' baseline (`null` when not asked for).
+    pub burn_kernels_ms: Option<f64>,
     /// `burn_kernels_ms / amity_ms` (above 1 means the kernels help).
-    pub kernel_speedup: f64,
+    pub kernel_speedup: Option<f64>,
     /// Median full V-JEPA step (both mask sets), Amity.
     pub amity_full_step_ms: f64,
 }
@@ -136,16 +142,23 @@ pub fn train_step(opts: &TrainStepOptions) -> Result<TrainStepReport> {
         config.model.tokens()
     );
     let device = opts.backend.device(0)?;
+    let primary = opts.kernels.first().copied().unwrap_or(Kernels::Amity);
+    set_kernels(primary);
     let amity_ms = time_steps(single.clone(), &device, &batches, opts.warmup, opts.steps);
-    eprintln!("amity: single-set step median {amity_ms:.2} ms");
-    set_kernels(Kernels::Burn);
-    let burn_kernels_ms = time_steps(single, &device, &batches, opts.warmup, opts.steps);
-    set_kernels(Kernels::Amity);
-    eprintln!(
-        "amity: single-set step with burn's operations instead of Amity's kernels median \
-         {burn_kernels_ms:.2} ms (kernels: {:.2}x)",
-        burn_kernels_ms / amity_ms
-    );
+    eprintln!("amity: single-set step median {amity_ms:.2} ms ({primary:?} kernels)");
+    let burn_kernels_ms = if opts.kernels.len() > 1 {
+        set_kernels(Kernels::Burn);
+        let ms = time_steps(single, &device, &batches, opts.warmup, opts.steps);
+        set_kernels(primary);
+        eprintln!(
+            "amity: single-set step with burn's operations instead of Amity's kernels median \
+             {ms:.2} ms (kernels: {:.2}x)",
+            ms / amity_ms
+        );
+        Some(ms)
+    } else {
+        None
+    };
     let amity_full_step_ms = time_steps(config.clone(), &device, &batches, opts.warmup, opts.steps);
     eprintln!("amity: full V-JEPA step (2 mask sets) median {amity_full_step_ms:.2} ms");
 
@@ -166,8 +179,12 @@ pub fn train_step(opts: &TrainStepOptions) -> Result<TrainStepReport> {
         tgt,
         amity_ms,
         ratio: torch_ms.map(|t| amity_ms / t),
+        kernels: match primary {
+            Kernels::Amity => "amity",
+            Kernels::Burn => "burn",
+        },
         burn_kernels_ms,
-        kernel_speedup: burn_kernels_ms / amity_ms,
+        kernel_speedup: burn_kernels_ms.map(|b| b / amity_ms),
         torch_ms,
         amity_full_step_ms,
     })

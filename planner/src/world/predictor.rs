@@ -9,7 +9,7 @@ use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::{Bool, Device, Tensor, TensorData};
 
 use amity_shared::model::layer_norm_plain;
-use amity_shared::model::vit::{Block, LN_EPS};
+use amity_shared::model::vit::{Block, LN_EPS, norm};
 
 use super::WorldModelConfig;
 
@@ -115,7 +115,7 @@ impl ActionPredictor {
         for block in &self.blocks {
             x = block.forward(x, Some(mask.clone()));
         }
-        let x = self.norm.forward(x).reshape([b, t, p + 2, w]);
+        let x = norm(&self.norm, x).reshape([b, t, p + 2, w]);
         // Residual: a step predicts the change of its frame's latents, so an untrained model
         // already copies the present and training spends itself on what actions change.
         let frames = input

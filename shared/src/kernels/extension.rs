@@ -16,7 +16,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Flex, backend_extension};
 use burn::tensor::{DType, Shape as TensorShape};
 
-use super::{attention, gelu};
+use super::{attention, gelu, layer_norm};
 
 /// Differentiable operations Amity implements itself for the CPU backend (`f32` tensors).
 #[backend_extension(Flex, Autodiff)]
@@ -26,6 +26,13 @@ pub trait AmityOps: Backend {
     /// Unmasked multi-head self-attention from a fused projection `qkv` (`[batch, tokens,
     /// 3 × width]`, query, key, value, each `heads × head_dim`) to `[batch, tokens, width]`.
     fn self_attention(qkv: FloatTensor<Self>, heads: usize) -> FloatTensor<Self>;
+    /// Layer normalisation over the last axis, `(x - μ) / √(σ² + eps) · gamma + beta`.
+    fn fused_layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f32,
+    ) -> FloatTensor<Self>;
 }
 
 /// What the autodiff implementation of [`AmityOps`] needs from the backend underneath: forward
@@ -39,6 +46,18 @@ pub trait CpuKernels: Backend {
         qkv: FloatTensor<Self>,
         heads: usize,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
+    /// [`AmityOps::fused_layer_norm`] and each row's mean and `1/√(σ² + eps)` (`[rows, 2]`).
+    fn layer_norm_with_stats(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+    /// `(dx, dγ, dβ)` from what the forward kept and the output's gradient.
+    fn layer_norm_backward(
+        saved: LayerNormSaved<Self>,
+        grad: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 3];
     /// The gradient of `qkv` from what the forward kept and the output's gradient.
     fn self_attention_backward(
         saved: AttentionSaved<Self>,
@@ -53,6 +72,14 @@ pub struct AttentionSaved<B: Backend> {
     out: FloatTensor<B>,
     lse: FloatTensor<B>,
     heads: usize,
+}
+
+/// What the layer norm's backward keeps from its forward.
+#[derive(Debug, Clone)]
+pub struct LayerNormSaved<B: Backend> {
+    x: FloatTensor<B>,
+    gamma: FloatTensor<B>,
+    stats: FloatTensor<B>,
 }
 
 /// `x`'s elements in logical order, as one slice (copied only if `x` is strided).
@@ -124,9 +151,45 @@ impl AmityOps for Flex {
     fn self_attention(qkv: FloatTensor<Self>, heads: usize) -> FloatTensor<Self> {
         Self::self_attention_with_lse(qkv, heads).0
     }
+
+    fn fused_layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f32,
+    ) -> FloatTensor<Self> {
+        Self::layer_norm_with_stats(x, gamma, beta, eps).0
+    }
 }
 
 impl CpuKernels for Flex {
+    fn layer_norm_with_stats(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        check_f32(&[&x, &gamma, &beta], "layer norm");
+        let dims = x.layout().shape().to_vec();
+        let [x, gamma, beta] = [x, gamma, beta].map(contiguous);
+        let (y, stats) = layer_norm::forward(slice(&x), slice(&gamma), slice(&beta), eps);
+        let rows = stats.len() / 2;
+        (tensor(y, &dims), tensor(stats, &[rows, 2]))
+    }
+
+    fn layer_norm_backward(
+        s: LayerNormSaved<Self>,
+        grad: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 3] {
+        check_f32(&[&grad], "layer norm backward");
+        let dims = s.x.layout().shape().to_vec();
+        let d = s.gamma.layout().shape().num_elements();
+        let [x, gamma, stats, grad] = [s.x, s.gamma, s.stats, grad].map(contiguous);
+        let (dx, dg, db) =
+            layer_norm::backward(slice(&x), slice(&gamma), slice(&stats), slice(&grad));
+        [tensor(dx, &dims), tensor(dg, &[d]), tensor(db, &[d])]
+    }
+
     fn exact_gelu_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
         check_f32(&[&x, &grad], "gelu backward");
         assert_eq!(
@@ -203,7 +266,51 @@ impl<B: CpuKernels> Backward<B, 1> for AttentionBackward {
     }
 }
 
+/// The autodiff node of [`AmityOps::fused_layer_norm`] (parents: `x`, `gamma`, `beta`).
+#[derive(Debug)]
+struct LayerNormBackward;
+
+impl<B: CpuKernels> Backward<B, 3> for LayerNormBackward {
+    type State = LayerNormSaved<B>;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        let d = B::layer_norm_backward(ops.state, grad);
+        for (parent, d) in ops.parents.into_iter().zip(d) {
+            if let Some(parent) = parent {
+                grads.register::<B>(parent.id, d);
+            }
+        }
+    }
+}
+
 impl<B: AmityOps + CpuKernels, C: CheckpointStrategy> AmityOps for Autodiff<B, C> {
+    fn fused_layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f32,
+    ) -> FloatTensor<Self> {
+        match LayerNormBackward
+            .prepare::<C>([x.node(), gamma.node(), beta.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (x, gamma) = (x.into_primitive(), gamma.into_primitive());
+                let (y, stats) =
+                    B::layer_norm_with_stats(x.clone(), gamma.clone(), beta.into_primitive(), eps);
+                prep.finish(LayerNormSaved { x, gamma, stats }, y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::fused_layer_norm(
+                x.into_primitive(),
+                gamma.into_primitive(),
+                beta.into_primitive(),
+                eps,
+            )),
+        }
+    }
+
     fn exact_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
         // Compute-bound: the input is kept for the backward, as burn's own GELU node does.
         match ExactGeluBackward

@@ -4,6 +4,8 @@
 //! code, the operation is implemented here, vectorised and threaded, with a hand-written backward:
 //!
 //! - [`gelu()`]: exact GELU (`x Φ(x)`, as PyTorch's default and V-JEPA's), forward and backward;
+//! - [`layer_norm()`]: layer normalisation with its own backward (burn's autodiff composes it
+//!   from nine operations);
 //! - [`self_attention()`]: multi-head attention straight from the fused `qkv` projection, whose
 //!   backward recomputes the scores from the log-sum-exp instead of keeping every head's `N × N`
 //!   probabilities.
@@ -17,6 +19,7 @@
 pub mod attention;
 mod extension;
 pub mod gelu;
+pub mod layer_norm;
 mod simd;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -66,6 +69,26 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
         Tensor::from_dispatch(<Dispatch as AmityOps>::exact_gelu(x.into_dispatch()))
     } else {
         burn::tensor::activation::gelu(x)
+    }
+}
+
+/// Layer normalisation over the last axis, differentiable: `(x - μ) / √(σ² + eps) · gamma + beta`
+/// with the biased variance, as `burn::nn::LayerNorm` and PyTorch's.
+pub fn layer_norm<const D: usize>(
+    x: Tensor<D>,
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    eps: f64,
+) -> Tensor<D> {
+    if enabled_for(&x) && gamma.dtype() == DType::F32 && beta.dtype() == DType::F32 {
+        Tensor::from_dispatch(<Dispatch as AmityOps>::fused_layer_norm(
+            x.into_dispatch(),
+            gamma.into_dispatch(),
+            beta.into_dispatch(),
+            eps as f32,
+        ))
+    } else {
+        burn::tensor::module::layer_norm(x, gamma, Some(beta), eps)
     }
 }
 
@@ -213,5 +236,58 @@ mod attention_tests {
         let qkv = Tensor::<3>::random([1, 7, 3 * 2 * 4], Distribution::Normal(0.0, 2.0), &device);
         let ours = self_attention(qkv.clone(), 2, None);
         assert!(max_abs_diff(ours, split_reference(qkv, 2)) < 2e-6);
+    }
+}
+
+#[cfg(test)]
+mod layer_norm_tests {
+    use super::*;
+    use burn::nn::LayerNormConfig;
+    use burn::tensor::{Device, Distribution};
+
+    #[test]
+    fn layer_norm_and_its_gradients_match_burns_module() {
+        let device = Device::flex().autodiff();
+        device.seed(11);
+        let mut norm = LayerNormConfig::new(24).with_epsilon(1e-6).init(&device);
+        // Non-trivial gamma and beta, so that their gradients and their use are both checked.
+        norm.gamma = norm.gamma.map(|g| {
+            g.random_like(Distribution::Uniform(0.5, 1.5))
+                .require_grad()
+        });
+        norm.beta = norm
+            .beta
+            .map(|b| b.map(|b| b.random_like(Distribution::Normal(0.0, 1.0)).require_grad()));
+        let x0 = Tensor::<3>::random([3, 70, 24], Distribution::Normal(1.0, 2.0), &device);
+        let w = Tensor::<3>::random([3, 70, 24], Distribution::Normal(0.0, 1.0), &device);
+        let run = |ours: bool| {
+            let x = x0.clone().detach().require_grad();
+            let (gamma, beta) = (
+                norm.gamma.val(),
+                norm.beta.as_ref().map(|b| b.val()).expect("bias"),
+            );
+            let y = if ours {
+                layer_norm(x.clone(), gamma.clone(), beta.clone(), 1e-6)
+            } else {
+                norm.forward(x.clone())
+            };
+            let grads = (y.clone() * w.clone()).sum().backward();
+            let get = |t: Tensor<1>| t.grad(&grads).expect("requires grad").into_data();
+            (
+                y.inner().into_data(),
+                x.grad(&grads).expect("requires grad").into_data(),
+                get(gamma),
+                get(beta),
+            )
+        };
+        let ours = run(true);
+        let burns = run(false);
+        let tol = burn::tensor::Tolerance::<f32>::absolute(5e-5);
+        ours.0.assert_approx_eq::<f32>(&burns.0, tol);
+        ours.1.assert_approx_eq::<f32>(&burns.1, tol);
+        ours.2
+            .assert_approx_eq::<f32>(&burns.2, burn::tensor::Tolerance::<f32>::absolute(5e-4));
+        ours.3
+            .assert_approx_eq::<f32>(&burns.3, burn::tensor::Tolerance::<f32>::absolute(5e-4));
     }
 }

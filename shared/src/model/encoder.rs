@@ -4,7 +4,7 @@ use burn::module::Module;
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
-use super::vit::{Block, LN_EPS};
+use super::vit::{Block, LN_EPS, norm};
 use super::{gather_tokens, posemb, select_rows};
 use crate::config::ModelConfig;
 
@@ -57,6 +57,6 @@ impl Encoder {
         for block in &self.blocks {
             x = block.forward(x, None);
         }
-        self.norm.forward(x)
+        norm(&self.norm, x)
     }
 }

@@ -4,7 +4,7 @@ use burn::module::{Module, Param};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
-use super::vit::{Block, LN_EPS};
+use super::vit::{Block, LN_EPS, norm};
 use super::{posemb, select_rows};
 use crate::config::ModelConfig;
 
@@ -62,7 +62,7 @@ impl Predictor {
         for block in &self.blocks {
             z = block.forward(z, None);
         }
-        let z = self.norm.forward(z).narrow(1, kc, kt);
+        let z = norm(&self.norm, z).narrow(1, kc, kt);
         self.head.forward(z)
     }
 }

@@ -4,13 +4,22 @@
 //! from one fused linear layer; attention and GELU are [`crate::kernels`]' (Amity's own on the CPU,
 //! burn's elsewhere).
 
-use crate::kernels::{gelu, self_attention};
+use crate::kernels::{gelu, layer_norm, self_attention};
 use burn::module::Module;
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::{Bool, Device, Tensor};
 
 /// LayerNorm epsilon used everywhere (V-JEPA's 1e-6).
 pub const LN_EPS: f64 = 1e-6;
+
+/// `norm(x)` through [`crate::kernels::layer_norm`]. Every `LayerNorm` of the model is built with
+/// [`LN_EPS`] (burn keeps a module's epsilon private, so it is passed here).
+pub fn norm<const D: usize>(norm: &LayerNorm, x: Tensor<D>) -> Tensor<D> {
+    match &norm.beta {
+        Some(beta) => layer_norm(x, norm.gamma.val(), beta.val(), LN_EPS),
+        None => norm.forward(x),
+    }
+}
 
 /// A pre-norm transformer block.
 #[derive(Module, Debug)]
@@ -52,12 +61,12 @@ impl Block {
 
     /// `[B, N, D]` → `[B, N, D]`, with an optional attention mask `[B, H, N, N]` (true = blocked).
     pub fn forward(&self, x: Tensor<3>, mask: Option<Tensor<4, Bool>>) -> Tensor<3> {
-        let qkv = self.qkv.forward(self.norm1.forward(x.clone()));
+        let qkv = self.qkv.forward(norm(&self.norm1, x.clone()));
         let o = self_attention(qkv, self.heads, mask);
         let x = x + self.proj.forward(o);
         let m = self
             .fc2
-            .forward(gelu(self.fc1.forward(self.norm2.forward(x.clone()))));
+            .forward(gelu(self.fc1.forward(norm(&self.norm2, x.clone()))));
         x + m
     }
 }
