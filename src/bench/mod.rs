@@ -178,8 +178,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             Ok(())
         }
         Bench::TrainStep(a) => {
-            use amity_shared::kernels::Kernels;
-            use train_step::{TrainStepOptions, find_torch_python, train_step};
+            use train_step::{TrainStepOptions, find_torch_python, kernels_to_time, train_step};
             let (torch_script, python) = if a.no_torch {
                 (None, None)
             } else if !a.torch_script.exists() {
@@ -207,11 +206,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 threads,
                 backend,
                 torch_device,
-                kernels: match a.kernels.as_str() {
-                    "amity" => vec![Kernels::Amity],
-                    "burn" => vec![Kernels::Burn],
-                    _ => vec![Kernels::Amity, Kernels::Burn],
-                },
+                kernels: kernels_to_time(&a.kernels),
             })?;
             if let Some(ratio) = report.ratio {
                 println!(

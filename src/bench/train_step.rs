@@ -107,6 +107,15 @@ fn time_steps(
     median(&times)
 }
 
+/// The kernels `--kernels` names, in timing order: `amity`, `burn`, or `both` (Amity's first).
+pub fn kernels_to_time(name: &str) -> Vec<Kernels> {
+    match name {
+        "amity" => vec![Kernels::Amity],
+        "burn" => vec![Kernels::Burn],
+        _ => vec![Kernels::Amity, Kernels::Burn],
+    }
+}
+
 /// Runs the bench, printing progress to stderr.
 pub fn train_step(opts: &TrainStepOptions) -> Result<TrainStepReport> {
     let mut config = Config::preset(&opts.preset)?;
