@@ -158,7 +158,7 @@ vectorised!(fn rows_backward_simd => rows_backward, (
 pub fn forward(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
     let d = gamma.len();
     assert!(
-        d > 0 && x.len() % d == 0 && beta.len() == d,
+        d > 0 && x.len().is_multiple_of(d) && beta.len() == d,
         "layer norm: shapes do not fit"
     );
     let rows = x.len() / d;
@@ -184,7 +184,7 @@ pub fn backward(
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let d = gamma.len();
     assert!(
-        d > 0 && x.len() % d == 0 && grad.len() == x.len(),
+        d > 0 && x.len().is_multiple_of(d) && grad.len() == x.len(),
         "layer norm: shapes do not fit"
     );
     assert_eq!(
