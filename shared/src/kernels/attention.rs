@@ -20,7 +20,7 @@
 
 use rayon::prelude::*;
 
-use super::simd::{exp_nonpositive, simd, vectorised};
+use super::simd::{exp_nonpositive, simd, sum, vectorised};
 
 /// The shape of one attention call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,20 +73,6 @@ fn gather_transposed(qkv: &[f32], shape: Shape, part: usize, head: usize) -> Vec
         }
     }
     dst
-}
-
-/// `Σ xs` with eight accumulators (vectorisable, and the same order at every width).
-#[inline(always)]
-fn sum(xs: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let chunks = xs.chunks_exact(8);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for (a, &x) in acc.iter_mut().zip(c) {
-            *a += x;
-        }
-    }
-    acc.iter().sum::<f32>() + tail.iter().sum::<f32>()
 }
 
 /// `out = Σ_j w[j] data[base + j·stride ..][..out.len()]`: a weighted sum of rows (of `V` for an

@@ -13,24 +13,10 @@
 
 use rayon::prelude::*;
 
-use super::simd::{simd, vectorised};
+use super::simd::{simd, sum, vectorised};
 
 /// Rows per parallel task (and per partial sum of `dγ`, `dβ`).
 const ROWS_PER_TASK: usize = 64;
-
-/// `Σ xs` with eight accumulators.
-#[inline(always)]
-fn sum(xs: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let chunks = xs.chunks_exact(8);
-    let tail: f32 = chunks.remainder().iter().sum();
-    for c in chunks {
-        for (a, &x) in acc.iter_mut().zip(c) {
-            *a += x;
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
 
 /// `Σ (x - μ)²` with eight accumulators.
 #[inline(always)]

@@ -117,6 +117,18 @@ pub fn self_attention(qkv: Tensor<3>, heads: usize, mask: Option<Tensor<4, Bool>
     o.swap_dims(1, 2).reshape([b, n, heads * head_dim])
 }
 
+/// The largest absolute difference between two tensors' values (test helper).
+#[cfg(test)]
+fn max_abs_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
+    let a = a.into_data().try_to_vec::<f32>().expect("f32 tensor");
+    let b = b.into_data().try_to_vec::<f32>().expect("f32 tensor");
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,16 +137,6 @@ mod tests {
     fn input(device: &Device) -> Tensor<2> {
         let values: Vec<f32> = (0..6 * 50).map(|i| (i as f32 - 150.0) * 0.04).collect();
         Tensor::<1>::from_floats(values.as_slice(), device).reshape([6, 50])
-    }
-
-    fn max_abs_diff(a: Tensor<2>, b: Tensor<2>) -> f32 {
-        let a = a.into_data().try_to_vec::<f32>().expect("f32 tensor");
-        let b = b.into_data().try_to_vec::<f32>().expect("f32 tensor");
-        assert_eq!(a.len(), b.len());
-        a.iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max)
     }
 
     #[test]
@@ -188,16 +190,6 @@ mod tests {
 mod attention_tests {
     use super::*;
     use burn::tensor::{Device, Distribution};
-
-    fn max_abs_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
-        let a = a.into_data().try_to_vec::<f32>().expect("f32 tensor");
-        let b = b.into_data().try_to_vec::<f32>().expect("f32 tensor");
-        assert_eq!(a.len(), b.len());
-        a.iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max)
-    }
 
     /// burn's attention on the split heads (an all-false mask takes that path and masks
     /// nothing; the process-wide switch is left alone, as other tests run concurrently).

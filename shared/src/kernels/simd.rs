@@ -64,6 +64,21 @@ macro_rules! vectorised {
 }
 pub(crate) use vectorised;
 
+/// `Σ xs` with eight accumulators: vectorisable (LLVM does not reorder a single running sum),
+/// and the same order at every vector width.
+#[inline(always)]
+pub(crate) fn sum(xs: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let chunks = xs.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += x;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// `e^a` for `a ≤ ~0.5` (the kernels only need non-positive arguments, up to rounding).
 ///
 /// Cephes `expf`: `a = n ln2 + r` with `|r| ≤ ln2/2`, a degree-6 polynomial for `e^r`, then
