@@ -10,7 +10,7 @@
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Flex, backend_extension};
@@ -236,51 +236,58 @@ impl CpuKernels for Flex {
     }
 }
 
-/// The autodiff node of [`AmityOps::exact_gelu`]; its state is the input.
-#[derive(Debug)]
-struct ExactGeluBackward;
+/// The autodiff node of a kernel: its backward is one [`CpuKernels`] call from the saved state `S`
+/// and the output's gradient to the gradients of the `N` inputs.
+struct KernelBackward<B: Backend, S, const N: usize>(fn(S, FloatTensor<B>) -> [FloatTensor<B>; N]);
 
-impl<B: CpuKernels> Backward<B, 1> for ExactGeluBackward {
-    type State = FloatTensor<B>;
-
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let x = ops.state;
-        unary::<B, _>(ops.parents, ops.node, grads, |grad| {
-            B::exact_gelu_backward(x, grad)
-        });
+impl<B: Backend, S, const N: usize> std::fmt::Debug for KernelBackward<B, S, N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KernelBackward")
     }
 }
 
-/// The autodiff node of [`AmityOps::self_attention`].
-#[derive(Debug)]
-struct AttentionBackward;
+impl<B: Backend, S: Clone + Send + std::fmt::Debug + 'static, const N: usize> Backward<B, N>
+    for KernelBackward<B, S, N>
+{
+    type State = S;
 
-impl<B: CpuKernels> Backward<B, 1> for AttentionBackward {
-    type State = AttentionSaved<B>;
-
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let saved = ops.state;
-        unary::<B, _>(ops.parents, ops.node, grads, |grad| {
-            B::self_attention_backward(saved, grad)
-        });
-    }
-}
-
-/// The autodiff node of [`AmityOps::fused_layer_norm`] (parents: `x`, `gamma`, `beta`).
-#[derive(Debug)]
-struct LayerNormBackward;
-
-impl<B: CpuKernels> Backward<B, 3> for LayerNormBackward {
-    type State = LayerNormSaved<B>;
-
-    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+    fn backward(self, ops: Ops<S, N>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad = grads.consume::<B>(&ops.node);
-        let d = B::layer_norm_backward(ops.state, grad);
-        for (parent, d) in ops.parents.into_iter().zip(d) {
+        for (parent, d) in ops.parents.into_iter().zip((self.0)(ops.state, grad)) {
             if let Some(parent) = parent {
                 grads.register::<B>(parent.id, d);
             }
         }
+    }
+}
+
+/// Records a kernel on the autodiff graph (`C`, the checkpoint strategy, is named by the caller:
+/// the tensors do not carry it). It is compute-bound: what its backward needs is kept
+/// (as burn's own GELU node keeps its input), never recomputed. `tracked` computes the output
+/// and that state when a gradient is wanted, `untracked` the output alone otherwise.
+fn record<B, C, S, const N: usize>(
+    inputs: [FloatTensor<Autodiff<B, C>>; N],
+    backward: fn(S, FloatTensor<B>) -> [FloatTensor<B>; N],
+    tracked: impl FnOnce([FloatTensor<B>; N]) -> (S, FloatTensor<B>),
+    untracked: impl FnOnce([FloatTensor<B>; N]) -> FloatTensor<B>,
+) -> FloatTensor<Autodiff<B, C>>
+where
+    B: Backend,
+    C: CheckpointStrategy,
+    S: Clone + Send + std::fmt::Debug + 'static,
+{
+    let nodes = inputs.each_ref().map(|t| t.node());
+    let prep = KernelBackward(backward)
+        .prepare::<C>(nodes)
+        .compute_bound()
+        .stateful();
+    let primitives = inputs.map(|t| t.into_primitive());
+    match prep {
+        OpsKind::Tracked(prep) => {
+            let (state, out) = tracked(primitives);
+            prep.finish(state, out)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(untracked(primitives)),
     }
 }
 
@@ -291,49 +298,31 @@ impl<B: AmityOps + CpuKernels, C: CheckpointStrategy> AmityOps for Autodiff<B, C
         beta: FloatTensor<Self>,
         eps: f32,
     ) -> FloatTensor<Self> {
-        match LayerNormBackward
-            .prepare::<C>([x.node(), gamma.node(), beta.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let (x, gamma) = (x.into_primitive(), gamma.into_primitive());
-                let (y, stats) =
-                    B::layer_norm_with_stats(x.clone(), gamma.clone(), beta.into_primitive(), eps);
-                prep.finish(LayerNormSaved { x, gamma, stats }, y)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::fused_layer_norm(
-                x.into_primitive(),
-                gamma.into_primitive(),
-                beta.into_primitive(),
-                eps,
-            )),
-        }
+        record::<B, C, _, 3>(
+            [x, gamma, beta],
+            B::layer_norm_backward,
+            |[x, gamma, beta]| {
+                let (y, stats) = B::layer_norm_with_stats(x.clone(), gamma.clone(), beta, eps);
+                (LayerNormSaved { x, gamma, stats }, y)
+            },
+            |[x, gamma, beta]| B::fused_layer_norm(x, gamma, beta, eps),
+        )
     }
 
     fn exact_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        // Compute-bound: the input is kept for the backward, as burn's own GELU node does.
-        match ExactGeluBackward
-            .prepare::<C>([x.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let input = x.into_primitive();
-                prep.finish(input.clone(), B::exact_gelu(input))
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::exact_gelu(x.into_primitive())),
-        }
+        record::<B, C, _, 1>(
+            [x],
+            |x, grad| [B::exact_gelu_backward(x, grad)],
+            |[x]| (x.clone(), B::exact_gelu(x)),
+            |[x]| B::exact_gelu(x),
+        )
     }
 
     fn self_attention(qkv: FloatTensor<Self>, heads: usize) -> FloatTensor<Self> {
-        match AttentionBackward
-            .prepare::<C>([qkv.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let qkv = qkv.into_primitive();
+        record::<B, C, _, 1>(
+            [qkv],
+            |saved, grad| [B::self_attention_backward(saved, grad)],
+            |[qkv]| {
                 let (out, lse) = B::self_attention_with_lse(qkv.clone(), heads);
                 let saved = AttentionSaved {
                     qkv,
@@ -341,9 +330,9 @@ impl<B: AmityOps + CpuKernels, C: CheckpointStrategy> AmityOps for Autodiff<B, C
                     lse,
                     heads,
                 };
-                prep.finish(saved, out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::self_attention(qkv.into_primitive(), heads)),
-        }
+                (saved, out)
+            },
+            |[qkv]| B::self_attention(qkv, heads),
+        )
     }
 }
