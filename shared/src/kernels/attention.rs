@@ -4,19 +4,25 @@
 //! projection's output `qkv` (`[batch, tokens, 3, heads, head_dim]`) and written as
 //! `[batch, tokens, heads, head_dim]`, so that the transformer block needs no split, transpose or
 //! merge copies around it. The forward keeps only `O` and the log-sum-exp of each score row
-//! (`lse`); the backward recomputes each row's probabilities from `Q`, `K` and `lse`
-//! (`P = e^{sQKᵀ - lse}`), so that no `N × N` matrix outlives the row it belongs to (as in
+//! (`lse`); the backward recomputes the probabilities from `Q`, `K` and `lse`
+//! (`P = e^{sQKᵀ - lse}`), so that no `N × N` matrix outlives the head it belongs to (as in
 //! FlashAttention). With `D = rowsum(dO ∘ O)`:
 //!
 //! `dV = Pᵀ dO`, `dP = dO Vᵀ`, `dS = P ∘ (dP - D)`, `dQ = s dS K`, `dK = s dSᵀ Q`.
 //!
 //! burn's autodiff instead builds attention from a matrix product, a softmax and another
-//! product, and keeps the `N × N` probabilities of every head for the backward.
+//! product, and keeps the `N × N` probabilities of every head of every layer for the backward.
 //!
-//! The forward runs (batch, head) pairs in parallel, the backward batches. Inside a head, loops
-//! run along contiguous rows (`K`, and `V` for the backward, are gathered transposed first) and
-//! accumulate 16 lanes at a time in local arrays that stay in registers; reductions use eight
-//! accumulators. So the loops vectorise and every sum has a fixed order.
+//! Clips run in parallel, heads one after another inside a clip. Each head's matrix products
+//! go through the `gemm` crate (the one burn's CPU backend multiplies with, single-threaded
+//! here), reading `Q`, `K`, `V` and `dO` where they lie through strides and writing `O` and the
+//! head's columns of `d qkv` in place; one `N × N` score block (two in the backward) is reused
+//! across the heads. The row-wise softmax parts between the products are plain vectorised loops.
+//! An earlier version computed every product row by row in its own loops: at 256 tokens the
+//! attention was 40% of the `small` step, since each query row streamed all of `K` and `V` from
+//! the cache; a blocked product loads each of them once per tile of rows.
+
+use std::marker::PhantomData;
 
 use rayon::prelude::*;
 
@@ -55,71 +61,115 @@ impl Shape {
     fn out_offset(&self, i: usize, head: usize) -> usize {
         (i * self.heads + head) * self.head_dim
     }
+
+    /// One head's `part` (0 `Q`, 1 `K`, 2 `V`) in a clip's `qkv` block: `[tokens, head_dim]`.
+    fn part<'a>(&self, qkv: &'a [f32], part: usize, head: usize) -> Matrix<'a> {
+        let row_stride = self.offset(1, 0, 0);
+        Matrix::new(
+            qkv,
+            self.offset(0, part, head),
+            [self.tokens, self.head_dim],
+            [row_stride, 1],
+        )
+    }
+
+    /// One head's rows in a clip's output (or output gradient) block: `[tokens, head_dim]`.
+    fn head_rows<'a>(&self, out: &'a [f32], head: usize) -> Matrix<'a> {
+        let row_stride = self.out_offset(1, 0);
+        Matrix::new(
+            out,
+            self.out_offset(0, head),
+            [self.tokens, self.head_dim],
+            [row_stride, 1],
+        )
+    }
 }
 
-/// `[head_dim, tokens]`: one head's keys or values gathered from a batch's `qkv` block and
-/// transposed, so that loops over the tokens run along contiguous memory.
-fn gather_transposed(qkv: &[f32], shape: Shape, part: usize, head: usize) -> Vec<f32> {
-    let Shape {
-        tokens: n,
-        head_dim: dh,
-        ..
-    } = shape;
-    let mut dst = vec![0.0; dh * n];
-    for j in 0..n {
-        let row = &qkv[shape.offset(j, part, head)..][..dh];
-        for (c, &x) in row.iter().enumerate() {
-            dst[c * n + j] = x;
+/// A strided matrix inside a slice: element `(r, c)` is at `start + r·strides[0] + c·strides[1]`.
+/// Construction checks that every element lies inside the slice, which is what makes the
+/// `gemm` call in [`product`] sound.
+#[derive(Clone, Copy)]
+struct Matrix<'a> {
+    ptr: *const f32,
+    dims: [usize; 2],
+    strides: [usize; 2],
+    _slice: PhantomData<&'a [f32]>,
+}
+
+impl<'a> Matrix<'a> {
+    /// # Panics
+    /// If an element would lie outside `data`, or the matrix is empty (caller bugs).
+    fn new(data: &'a [f32], start: usize, dims: [usize; 2], strides: [usize; 2]) -> Self {
+        assert!(dims[0] > 0 && dims[1] > 0, "attention: empty matrix");
+        let last = start + (dims[0] - 1) * strides[0] + (dims[1] - 1) * strides[1];
+        assert!(last < data.len(), "attention: matrix outside its slice");
+        Matrix {
+            ptr: data[start..].as_ptr(),
+            dims,
+            strides,
+            _slice: PhantomData,
         }
     }
-    dst
+
+    /// The same elements, transposed.
+    fn t(self) -> Self {
+        Matrix {
+            dims: [self.dims[1], self.dims[0]],
+            strides: [self.strides[1], self.strides[0]],
+            ..self
+        }
+    }
 }
 
-/// `out = Σ_j w[j] data[base + j·stride ..][..out.len()]`: a weighted sum of rows (of `V` for an
-/// output row, of `K` for a row of `dQ`).
+/// `dst[start..]` viewed as a `dims` matrix with `strides`, overwritten with `scale · lhs · rhs`
+/// by one thread.
 ///
-/// The sum runs over 16 (then 8, then 1) channels at a time in a local array that stays in
-/// registers. Adding each weighted row into `out` in memory instead made a chain of dependent
-/// stores and loads per key that took 40% of the first forward kernel.
-#[inline(always)]
-fn weighted_rows(w: &[f32], data: &[f32], base: usize, stride: usize, out: &mut [f32]) {
-    /// Four partial sums over alternating keys, so that four additions are in flight at once
-    /// rather than one chain of `n` dependent ones.
-    #[inline(always)]
-    fn block<const W: usize>(w: &[f32], data: &[f32], base: usize, stride: usize, out: &mut [f32]) {
-        let mut acc = [[0.0f32; W]; 4];
-        let quads = w.chunks_exact(4);
-        let tail = quads.remainder();
-        for (q, w4) in quads.enumerate() {
-            for (lane, (a, &wj)) in acc.iter_mut().zip(w4).enumerate() {
-                let row = &data[base + (4 * q + lane) * stride..][..W];
-                for (a, &x) in a.iter_mut().zip(row) {
-                    *a += wj * x;
-                }
-            }
-        }
-        for (t, &wj) in tail.iter().enumerate() {
-            let row = &data[base + (w.len() - tail.len() + t) * stride..][..W];
-            for (a, &x) in acc[0].iter_mut().zip(row) {
-                *a += wj * x;
-            }
-        }
-        for (c, o) in out[..W].iter_mut().enumerate() {
-            *o = (acc[0][c] + acc[1][c]) + (acc[2][c] + acc[3][c]);
-        }
-    }
-    let mut c = 0;
-    while c + 16 <= out.len() {
-        block::<16>(w, data, base + c, stride, &mut out[c..]);
-        c += 16;
-    }
-    while c + 8 <= out.len() {
-        block::<8>(w, data, base + c, stride, &mut out[c..]);
-        c += 8;
-    }
-    while c < out.len() {
-        block::<1>(w, data, base + c, stride, &mut out[c..]);
-        c += 1;
+/// # Panics
+/// If the shapes do not chain or `dst`'s elements would lie outside it (caller bugs).
+fn product(
+    dst: &mut [f32],
+    start: usize,
+    strides: [usize; 2],
+    lhs: Matrix,
+    rhs: Matrix,
+    scale: f32,
+) {
+    let [m, k] = lhs.dims;
+    let n = rhs.dims[1];
+    assert_eq!(rhs.dims[0], k, "attention: product shapes do not chain");
+    let last = start + (m - 1) * strides[0] + (n - 1) * strides[1];
+    assert!(
+        last < dst.len(),
+        "attention: product outside its destination"
+    );
+    let out = dst[start..].as_mut_ptr();
+    let s = |x: usize| x as isize;
+    // SAFETY: the inputs were checked to lie inside their slices (`Matrix::new`) and the output
+    // inside `dst` (above); `dst` is borrowed mutably, so it overlaps neither input; `gemm` reads
+    // `lhs` and `rhs` and writes `m × n` elements of `dst` at those strides (with `read_dst`
+    // false it never reads them).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out,
+            s(strides[1]),
+            s(strides[0]),
+            false,
+            lhs.ptr,
+            s(lhs.strides[1]),
+            s(lhs.strides[0]),
+            rhs.ptr,
+            s(rhs.strides[1]),
+            s(rhs.strides[0]),
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
     }
 }
 
@@ -139,132 +189,58 @@ fn max(xs: &[f32]) -> f32 {
         .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m })
 }
 
-/// `s[j] = scale · Σ_c q[c] kt[c][j]`: one query's scores against all keys (`kt` is `Kᵀ`,
-/// `[head_dim, n]`), 64 keys at a time in registers (four vectors of additions in flight).
+/// Each row of the scores `s` (`[tokens, tokens]`) becomes its probabilities, and `lse` its
+/// log-sum-exp.
 #[inline(always)]
-fn scores(q: &[f32], kt: &[f32], scale: f32, s: &mut [f32]) {
-    #[inline(always)]
-    fn block<const W: usize>(q: &[f32], kt: &[f32], n: usize, j: usize, scale: f32, s: &mut [f32]) {
-        let mut acc = [0.0f32; W];
-        for (c, &qc) in q.iter().enumerate() {
-            for (a, &k) in acc.iter_mut().zip(&kt[c * n + j..][..W]) {
-                *a += qc * k;
-            }
+fn softmax_rows(s: &mut [f32], lse: &mut [f32]) {
+    for (row, lse_i) in s.chunks_exact_mut(lse.len()).zip(lse) {
+        let m = max(row);
+        for x in row.iter_mut() {
+            *x = exp_nonpositive(*x - m);
         }
-        for (sj, a) in s[j..][..W].iter_mut().zip(acc) {
-            *sj = a * scale;
-        }
-    }
-    let n = s.len();
-    let mut j = 0;
-    while j + 64 <= n {
-        block::<64>(q, kt, n, j, scale, s);
-        j += 64;
-    }
-    while j + 16 <= n {
-        block::<16>(q, kt, n, j, scale, s);
-        j += 16;
-    }
-    while j < n {
-        block::<1>(q, kt, n, j, scale, s);
-        j += 1;
-    }
-}
-
-/// `y += a x`.
-#[inline(always)]
-fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-    for (y, &x) in y.iter_mut().zip(x) {
-        *y += a * x;
-    }
-}
-
-/// One head's forward: `out` (`[tokens, head_dim]`) and `lse` (`[tokens]`).
-#[inline(always)]
-fn head_forward(
-    qkv: &[f32],
-    shape: Shape,
-    head: usize,
-    scale: f32,
-    out: &mut [f32],
-    lse: &mut [f32],
-) {
-    let Shape {
-        tokens: n,
-        head_dim: dh,
-        ..
-    } = shape;
-    let kt = gather_transposed(qkv, shape, 1, head);
-    let (v_base, stride) = (shape.offset(0, 2, head), shape.offset(1, 0, 0));
-    let mut p = vec![0.0f32; n];
-    for (i, (oi, lse_i)) in out.chunks_exact_mut(dh).zip(lse).enumerate() {
-        scores(&qkv[shape.offset(i, 0, head)..][..dh], &kt, scale, &mut p);
-        let m = max(&p);
-        for pj in p.iter_mut() {
-            *pj = exp_nonpositive(*pj - m);
-        }
-        let l = sum(&p);
-        weighted_rows(&p, qkv, v_base, stride, oi);
+        let l = sum(row);
         let inv = 1.0 / l;
-        for o in oi.iter_mut() {
-            *o *= inv;
+        for x in row.iter_mut() {
+            *x *= inv;
         }
         *lse_i = m + l.ln();
     }
 }
 
-/// One clip's inputs to the backward.
-struct ClipBackward<'a> {
-    qkv: &'a [f32],
-    out: &'a [f32],
-    lse: &'a [f32],
-    grad_out: &'a [f32],
-}
-
-/// One head's backward, written into its rows of a clip's `d_qkv` block (zeroed beforehand).
+/// From the scores `s` and `dp = dO Vᵀ` (`[tokens, tokens]` each): `s` becomes the
+/// probabilities `P` and `dp` becomes `dS · scale = P ∘ (dP - D) · scale`, with `D_i =
+/// rowsum(dO ∘ O)_i` in `delta`.
 #[inline(always)]
-fn head_backward(c: &ClipBackward<'_>, shape: Shape, head: usize, scale: f32, d_qkv: &mut [f32]) {
-    let Shape {
-        tokens: n,
-        head_dim: dh,
-        ..
-    } = shape;
-    let kt = gather_transposed(c.qkv, shape, 1, head);
-    let vt = gather_transposed(c.qkv, shape, 2, head);
-    let (k_base, stride) = (shape.offset(0, 1, head), shape.offset(1, 0, 0));
-    let lse = &c.lse[head * n..][..n];
-    let mut p = vec![0.0f32; n];
-    let mut dp = vec![0.0f32; n];
-    let mut ds = vec![0.0f32; n];
-    let mut dq = vec![0.0f32; dh];
-    for (i, &lse_i) in lse.iter().enumerate() {
-        let qi = &c.qkv[shape.offset(i, 0, head)..][..dh];
-        let oi = &c.out[shape.out_offset(i, head)..][..dh];
-        let doi = &c.grad_out[shape.out_offset(i, head)..][..dh];
-        scores(qi, &kt, scale, &mut p);
-        for pj in p.iter_mut() {
-            *pj = exp_nonpositive(*pj - lse_i);
-        }
-        // dp[j] = Σ_c dO[i][c] V[j][c], D_i = Σ_c dO[i][c] O[i][c].
-        scores(doi, &vt, 1.0, &mut dp);
-        let delta: f32 = doi.iter().zip(oi).map(|(&g, &o)| g * o).sum();
-        for ((dsj, &pj), &dpj) in ds.iter_mut().zip(&p).zip(&dp) {
-            *dsj = pj * (dpj - delta) * scale;
-        }
-        weighted_rows(&ds, c.qkv, k_base, stride, &mut dq);
-        d_qkv[shape.offset(i, 0, head)..][..dh].copy_from_slice(&dq);
-        for (j, (&dsj, &pj)) in ds.iter().zip(&p).enumerate() {
-            axpy(dsj, qi, &mut d_qkv[shape.offset(j, 1, head)..][..dh]);
-            axpy(pj, doi, &mut d_qkv[shape.offset(j, 2, head)..][..dh]);
+fn score_gradients(s: &mut [f32], dp: &mut [f32], lse: &[f32], delta: &[f32], scale: f32) {
+    let n = lse.len();
+    for (((p, dp), &lse_i), &d_i) in s
+        .chunks_exact_mut(n)
+        .zip(dp.chunks_exact_mut(n))
+        .zip(lse)
+        .zip(delta)
+    {
+        for (p, dp) in p.iter_mut().zip(dp.iter_mut()) {
+            *p = exp_nonpositive(*p - lse_i);
+            *dp = *p * (*dp - d_i) * scale;
         }
     }
 }
 
-vectorised!(fn head_forward_simd => head_forward, (
-    qkv: &[f32], shape: Shape, head: usize, scale: f32, out: &mut [f32], lse: &mut [f32],
-));
-vectorised!(fn head_backward_simd => head_backward, (
-    c: &ClipBackward<'_>, shape: Shape, head: usize, scale: f32, d_qkv: &mut [f32],
+/// `delta[i] = Σ_c dO[i][c] O[i][c]` over one head's rows of a clip's output block.
+fn row_dots(grad_out: &[f32], out: &[f32], shape: Shape, head: usize, delta: &mut [f32]) {
+    for (i, d) in delta.iter_mut().enumerate() {
+        let at = shape.out_offset(i, head);
+        let (g, o) = (
+            &grad_out[at..][..shape.head_dim],
+            &out[at..][..shape.head_dim],
+        );
+        *d = g.iter().zip(o).map(|(&g, &o)| g * o).sum();
+    }
+}
+
+vectorised!(fn softmax_rows_simd => softmax_rows, (s: &mut [f32], lse: &mut [f32]));
+vectorised!(fn score_gradients_simd => score_gradients, (
+    s: &mut [f32], dp: &mut [f32], lse: &[f32], delta: &[f32], scale: f32,
 ));
 
 /// The forward pass from `qkv`: returns `out` (`[batch, tokens, heads, head_dim]`) and `lse`
@@ -277,31 +253,25 @@ pub fn forward(qkv: &[f32], shape: Shape, scale: f32) -> (Vec<f32>, Vec<f32>) {
         batch,
         tokens: n,
         heads,
-        head_dim: dh,
+        ..
     } = shape;
     assert_eq!(qkv.len(), batch * shape.qkv_len(), "attention: qkv length");
     assert!(n > 0, "attention: no tokens");
-    // Heads write into a head-major buffer in parallel, then it is laid out token-major.
-    let mut by_head = vec![0.0f32; batch * heads * n * dh];
+    let mut out = vec![0.0f32; batch * shape.out_len()];
     let mut lse = vec![0.0f32; batch * heads * n];
     let simd = simd();
-    by_head
-        .par_chunks_mut(n * dh)
-        .zip(lse.par_chunks_mut(n))
-        .enumerate()
-        .for_each(|(bh, (o, l))| {
-            let qkv = &qkv[(bh / heads) * shape.qkv_len()..][..shape.qkv_len()];
-            head_forward_simd(simd, qkv, shape, bh % heads, scale, o, l);
-        });
-    let mut out = vec![0.0f32; batch * shape.out_len()];
     out.par_chunks_mut(shape.out_len())
-        .zip(by_head.par_chunks(heads * n * dh))
-        .for_each(|(o, hm)| {
-            for h in 0..heads {
-                for i in 0..n {
-                    o[shape.out_offset(i, h)..][..dh]
-                        .copy_from_slice(&hm[(h * n + i) * dh..][..dh]);
-                }
+        .zip(lse.par_chunks_mut(heads * n))
+        .zip(qkv.par_chunks(shape.qkv_len()))
+        .for_each(|((out, lse), qkv)| {
+            let mut s = vec![0.0f32; n * n];
+            for (h, lse) in lse.chunks_exact_mut(n).enumerate() {
+                let [q, k, v] = [0, 1, 2].map(|part| shape.part(qkv, part, h));
+                product(&mut s, 0, [n, 1], q, k.t(), scale);
+                softmax_rows_simd(simd, &mut s, lse);
+                let p = Matrix::new(&s, 0, [n, n], [n, 1]);
+                let o = shape.out_offset(0, h);
+                product(out, o, [shape.out_offset(1, 0), 1], p, v, 1.0);
             }
         });
     (out, lse)
@@ -343,18 +313,28 @@ pub fn backward(
     );
     let mut d_qkv = vec![0.0f32; qkv.len()];
     let simd = simd();
+    let row = shape.offset(1, 0, 0);
     d_qkv
         .par_chunks_mut(shape.qkv_len())
-        .enumerate()
-        .for_each(|(b, d)| {
-            let clip = ClipBackward {
-                qkv: &qkv[b * shape.qkv_len()..][..shape.qkv_len()],
-                out: &out[b * shape.out_len()..][..shape.out_len()],
-                lse: &lse[b * heads * n..][..heads * n],
-                grad_out: &grad_out[b * shape.out_len()..][..shape.out_len()],
-            };
-            for h in 0..heads {
-                head_backward_simd(simd, &clip, shape, h, scale, d);
+        .zip(qkv.par_chunks(shape.qkv_len()))
+        .zip(out.par_chunks(shape.out_len()))
+        .zip(grad_out.par_chunks(shape.out_len()))
+        .zip(lse.par_chunks(heads * n))
+        .for_each(|((((d, qkv), out), grad_out), lse)| {
+            let mut s = vec![0.0f32; n * n];
+            let mut dp = vec![0.0f32; n * n];
+            let mut delta = vec![0.0f32; n];
+            for (h, lse) in lse.chunks_exact(n).enumerate() {
+                let [q, k, v] = [0, 1, 2].map(|part| shape.part(qkv, part, h));
+                let d_o = shape.head_rows(grad_out, h);
+                product(&mut s, 0, [n, 1], q, k.t(), scale);
+                product(&mut dp, 0, [n, 1], d_o, v.t(), 1.0);
+                row_dots(grad_out, out, shape, h, &mut delta);
+                score_gradients_simd(simd, &mut s, &mut dp, lse, &delta, scale);
+                let [p, ds] = [&s, &dp].map(|m| Matrix::new(m, 0, [n, n], [n, 1]));
+                product(d, shape.offset(0, 0, h), [row, 1], ds, k, 1.0);
+                product(d, shape.offset(0, 1, h), [row, 1], ds.t(), q, 1.0);
+                product(d, shape.offset(0, 2, h), [row, 1], p.t(), d_o, 1.0);
             }
         });
     d_qkv
