@@ -26,7 +26,7 @@ use std::marker::PhantomData;
 
 use rayon::prelude::*;
 
-use super::simd::{exp_nonpositive, simd, sum, vectorised};
+use super::simd::{exp_nonpositive, simd, vectorised};
 
 /// The shape of one attention call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,20 +189,29 @@ fn max(xs: &[f32]) -> f32 {
         .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m })
 }
 
-/// Each row of the scores `s` (`[tokens, tokens]`) becomes its probabilities, and `lse` its
-/// log-sum-exp.
+/// Each row of the scores `s` (`[tokens, tokens]`) becomes `e^{s - max}`, unnormalised;
+/// `inv_sum` gets each row's `1 / Σ e^{s - max}` (the caller scales the product `P V` by it,
+/// `head_dim` floats a row instead of `tokens`) and `lse` its log-sum-exp.
 #[inline(always)]
-fn softmax_rows(s: &mut [f32], lse: &mut [f32]) {
-    for (row, lse_i) in s.chunks_exact_mut(lse.len()).zip(lse) {
+fn softmax_rows(s: &mut [f32], lse: &mut [f32], inv_sum: &mut [f32]) {
+    for ((row, lse_i), inv_i) in s.chunks_exact_mut(lse.len()).zip(lse).zip(inv_sum) {
         let m = max(row);
-        for x in row.iter_mut() {
+        // The exponentials and their sum in one pass, in `simd::sum`'s order.
+        let mut acc = [0.0f32; 8];
+        let mut chunks = row.chunks_exact_mut(8);
+        for c in &mut chunks {
+            for (a, x) in acc.iter_mut().zip(c) {
+                *x = exp_nonpositive(*x - m);
+                *a += *x;
+            }
+        }
+        let mut tail = 0.0f32;
+        for x in chunks.into_remainder() {
             *x = exp_nonpositive(*x - m);
+            tail += *x;
         }
-        let l = sum(row);
-        let inv = 1.0 / l;
-        for x in row.iter_mut() {
-            *x *= inv;
-        }
+        let l = acc.iter().sum::<f32>() + tail;
+        *inv_i = 1.0 / l;
         *lse_i = m + l.ln();
     }
 }
@@ -238,7 +247,9 @@ fn row_dots(grad_out: &[f32], out: &[f32], shape: Shape, head: usize, delta: &mu
     }
 }
 
-vectorised!(fn softmax_rows_simd => softmax_rows, (s: &mut [f32], lse: &mut [f32]));
+vectorised!(fn softmax_rows_simd => softmax_rows, (
+    s: &mut [f32], lse: &mut [f32], inv_sum: &mut [f32],
+));
 vectorised!(fn score_gradients_simd => score_gradients, (
     s: &mut [f32], dp: &mut [f32], lse: &[f32], delta: &[f32], scale: f32,
 ));
@@ -265,13 +276,19 @@ pub fn forward(qkv: &[f32], shape: Shape, scale: f32) -> (Vec<f32>, Vec<f32>) {
         .zip(qkv.par_chunks(shape.qkv_len()))
         .for_each(|((out, lse), qkv)| {
             let mut s = vec![0.0f32; n * n];
+            let mut inv_sum = vec![0.0f32; n];
             for (h, lse) in lse.chunks_exact_mut(n).enumerate() {
                 let [q, k, v] = [0, 1, 2].map(|part| shape.part(qkv, part, h));
                 product(&mut s, 0, [n, 1], q, k.t(), scale);
-                softmax_rows_simd(simd, &mut s, lse);
-                let p = Matrix::new(&s, 0, [n, n], [n, 1]);
+                softmax_rows_simd(simd, &mut s, lse, &mut inv_sum);
+                let e = Matrix::new(&s, 0, [n, n], [n, 1]);
                 let o = shape.out_offset(0, h);
-                product(out, o, [shape.out_offset(1, 0), 1], p, v, 1.0);
+                product(out, o, [shape.out_offset(1, 0), 1], e, v, 1.0);
+                for (i, &inv) in inv_sum.iter().enumerate() {
+                    for x in &mut out[shape.out_offset(i, h)..][..shape.head_dim] {
+                        *x *= inv;
+                    }
+                }
             }
         });
     (out, lse)
