@@ -16,8 +16,8 @@
 //! Clips run in parallel, heads one after another inside a clip. Each head's matrix products
 //! go through the `gemm` crate (the one burn's CPU backend multiplies with, single-threaded
 //! here), reading `Q`, `K`, `V` and `dO` where they lie through strides and writing `O` and the
-//! head's columns of `d qkv` in place; one `N × N` score block (two in the backward) is reused
-//! across the heads. The row-wise softmax parts between the products are plain vectorised loops.
+//! head's columns of `d qkv` in place; one `N × N` score block (two in the backward) per rayon
+//! job is reused across its clips and their heads. The row-wise softmax parts between the products are plain vectorised loops.
 //! An earlier version computed every product row by row in its own loops: at 256 tokens the
 //! attention was 40% of the `small` step, since each query row streamed all of `K` and `V` from
 //! the cache; a blocked product loads each of them once per tile of rows.
@@ -26,7 +26,7 @@ use std::marker::PhantomData;
 
 use rayon::prelude::*;
 
-use super::simd::{exp_nonpositive, simd, vectorised};
+use super::simd::{dot, exp_nonpositive, map_in_place_sum, simd, vectorised};
 
 /// The shape of one attention call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -196,21 +196,7 @@ fn max(xs: &[f32]) -> f32 {
 fn softmax_rows(s: &mut [f32], lse: &mut [f32], inv_sum: &mut [f32]) {
     for ((row, lse_i), inv_i) in s.chunks_exact_mut(lse.len()).zip(lse).zip(inv_sum) {
         let m = max(row);
-        // The exponentials and their sum in one pass, in `simd::sum`'s order.
-        let mut acc = [0.0f32; 8];
-        let mut chunks = row.chunks_exact_mut(8);
-        for c in &mut chunks {
-            for (a, x) in acc.iter_mut().zip(c) {
-                *x = exp_nonpositive(*x - m);
-                *a += *x;
-            }
-        }
-        let mut tail = 0.0f32;
-        for x in chunks.into_remainder() {
-            *x = exp_nonpositive(*x - m);
-            tail += *x;
-        }
-        let l = acc.iter().sum::<f32>() + tail;
+        let l = map_in_place_sum(row, |x| exp_nonpositive(x - m));
         *inv_i = 1.0 / l;
         *lse_i = m + l.ln();
     }
@@ -239,11 +225,10 @@ fn score_gradients(s: &mut [f32], dp: &mut [f32], lse: &[f32], delta: &[f32], sc
 fn row_dots(grad_out: &[f32], out: &[f32], shape: Shape, head: usize, delta: &mut [f32]) {
     for (i, d) in delta.iter_mut().enumerate() {
         let at = shape.out_offset(i, head);
-        let (g, o) = (
+        *d = dot(
             &grad_out[at..][..shape.head_dim],
             &out[at..][..shape.head_dim],
         );
-        *d = g.iter().zip(o).map(|(&g, &o)| g * o).sum();
     }
 }
 
@@ -274,23 +259,25 @@ pub fn forward(qkv: &[f32], shape: Shape, scale: f32) -> (Vec<f32>, Vec<f32>) {
     out.par_chunks_mut(shape.out_len())
         .zip(lse.par_chunks_mut(heads * n))
         .zip(qkv.par_chunks(shape.qkv_len()))
-        .for_each(|((out, lse), qkv)| {
-            let mut s = vec![0.0f32; n * n];
-            let mut inv_sum = vec![0.0f32; n];
-            for (h, lse) in lse.chunks_exact_mut(n).enumerate() {
-                let [q, k, v] = [0, 1, 2].map(|part| shape.part(qkv, part, h));
-                product(&mut s, 0, [n, 1], q, k.t(), scale);
-                softmax_rows_simd(simd, &mut s, lse, &mut inv_sum);
-                let e = Matrix::new(&s, 0, [n, n], [n, 1]);
-                let o = shape.out_offset(0, h);
-                product(out, o, [shape.out_offset(1, 0), 1], e, v, 1.0);
-                for (i, &inv) in inv_sum.iter().enumerate() {
-                    for x in &mut out[shape.out_offset(i, h)..][..shape.head_dim] {
-                        *x *= inv;
+        // One score block per rayon job (not per clip): the products overwrite it.
+        .for_each_init(
+            || (vec![0.0f32; n * n], vec![0.0f32; n]),
+            |(s, inv_sum), ((out, lse), qkv)| {
+                for (h, lse) in lse.chunks_exact_mut(n).enumerate() {
+                    let [q, k, v] = [0, 1, 2].map(|part| shape.part(qkv, part, h));
+                    product(s, 0, [n, 1], q, k.t(), scale);
+                    softmax_rows_simd(simd, s, lse, inv_sum);
+                    let e = Matrix::new(s, 0, [n, n], [n, 1]);
+                    let o = shape.out_offset(0, h);
+                    product(out, o, [shape.out_offset(1, 0), 1], e, v, 1.0);
+                    for (i, &inv) in inv_sum.iter().enumerate() {
+                        for x in &mut out[shape.out_offset(i, h)..][..shape.head_dim] {
+                            *x *= inv;
+                        }
                     }
                 }
-            }
-        });
+            },
+        );
     (out, lse)
 }
 
@@ -337,23 +324,24 @@ pub fn backward(
         .zip(out.par_chunks(shape.out_len()))
         .zip(grad_out.par_chunks(shape.out_len()))
         .zip(lse.par_chunks(heads * n))
-        .for_each(|((((d, qkv), out), grad_out), lse)| {
-            let mut s = vec![0.0f32; n * n];
-            let mut dp = vec![0.0f32; n * n];
-            let mut delta = vec![0.0f32; n];
-            for (h, lse) in lse.chunks_exact(n).enumerate() {
-                let [q, k, v] = [0, 1, 2].map(|part| shape.part(qkv, part, h));
-                let d_o = shape.head_rows(grad_out, h);
-                product(&mut s, 0, [n, 1], q, k.t(), scale);
-                product(&mut dp, 0, [n, 1], d_o, v.t(), 1.0);
-                row_dots(grad_out, out, shape, h, &mut delta);
-                score_gradients_simd(simd, &mut s, &mut dp, lse, &delta, scale);
-                let [p, ds] = [&s, &dp].map(|m| Matrix::new(m, 0, [n, n], [n, 1]));
-                product(d, shape.offset(0, 0, h), [row, 1], ds, k, 1.0);
-                product(d, shape.offset(0, 1, h), [row, 1], ds.t(), q, 1.0);
-                product(d, shape.offset(0, 2, h), [row, 1], p.t(), d_o, 1.0);
-            }
-        });
+        // Score blocks per rayon job (not per clip): the products overwrite them.
+        .for_each_init(
+            || (vec![0.0f32; n * n], vec![0.0f32; n * n], vec![0.0f32; n]),
+            |(s, dp, delta), ((((d, qkv), out), grad_out), lse)| {
+                for (h, lse) in lse.chunks_exact(n).enumerate() {
+                    let [q, k, v] = [0, 1, 2].map(|part| shape.part(qkv, part, h));
+                    let d_o = shape.head_rows(grad_out, h);
+                    product(s, 0, [n, 1], q, k.t(), scale);
+                    product(dp, 0, [n, 1], d_o, v.t(), 1.0);
+                    row_dots(grad_out, out, shape, h, delta);
+                    score_gradients_simd(simd, s, dp, lse, delta, scale);
+                    let [p, ds] = [&*s, &*dp].map(|m| Matrix::new(m, 0, [n, n], [n, 1]));
+                    product(d, shape.offset(0, 0, h), [row, 1], ds, k, 1.0);
+                    product(d, shape.offset(0, 1, h), [row, 1], ds.t(), q, 1.0);
+                    product(d, shape.offset(0, 2, h), [row, 1], p.t(), d_o, 1.0);
+                }
+            },
+        );
     d_qkv
 }
 

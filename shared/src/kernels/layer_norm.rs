@@ -13,35 +13,17 @@
 
 use rayon::prelude::*;
 
-use super::simd::{simd, sum, vectorised};
+use super::simd::{dot, simd, sum, sum_map, vectorised};
 
 /// Rows per parallel task (and per partial sum of `dγ`, `dβ`).
 const ROWS_PER_TASK: usize = 64;
-
-/// `Σ (x - μ)²` with eight accumulators.
-#[inline(always)]
-fn centred_squares(xs: &[f32], mean: f32) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let chunks = xs.chunks_exact(8);
-    let tail: f32 = chunks
-        .remainder()
-        .iter()
-        .map(|&x| (x - mean) * (x - mean))
-        .sum();
-    for c in chunks {
-        for (a, &x) in acc.iter_mut().zip(c) {
-            *a += (x - mean) * (x - mean);
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
 
 /// Statistics of one row: `(μ, ρ)`.
 #[inline(always)]
 fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
     let d = x.len() as f32;
     let mean = sum(x) / d;
-    let var = centred_squares(x, mean) / d;
+    let var = sum_map(x, |x| (x - mean) * (x - mean)) / d;
     (mean, 1.0 / (var + eps).sqrt())
 }
 
@@ -102,20 +84,7 @@ fn rows_backward(r: &RowsBackward<'_>, dx: &mut [f32], partial: &mut [f32], scra
         }
         let inv_d = 1.0 / d as f32;
         let mean_g = sum(g) * inv_d;
-        let mut acc = [0.0f32; 8];
-        let (cg, cx) = (g.chunks_exact(8), xhat.chunks_exact(8));
-        let tail: f32 = cg
-            .remainder()
-            .iter()
-            .zip(cx.remainder())
-            .map(|(a, b)| a * b)
-            .sum();
-        for (g8, x8) in cg.zip(cx) {
-            for ((a, &gv), &xv) in acc.iter_mut().zip(g8).zip(x8) {
-                *a += gv * xv;
-            }
-        }
-        let mean_gx = (acc.iter().sum::<f32>() + tail) * inv_d;
+        let mean_gx = dot(g, xhat) * inv_d;
         for (((dx, &gc), &xh), ((dgm, dbt), &dy)) in dxr
             .iter_mut()
             .zip(g.iter())

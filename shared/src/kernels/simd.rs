@@ -64,17 +64,62 @@ macro_rules! vectorised {
 }
 pub(crate) use vectorised;
 
-/// `Σ xs` with eight accumulators: vectorisable (LLVM does not reorder a single running sum),
-/// and the same order at every vector width.
+/// `Σ f(x)` over `xs` with eight accumulators: vectorisable (LLVM does not reorder a single
+/// running sum), and the same order at every vector width. Every reduction of the kernels goes
+/// through this order ([`sum`], [`dot`], [`map_in_place_sum`]).
 #[inline(always)]
-pub(crate) fn sum(xs: &[f32]) -> f32 {
+pub(crate) fn sum_map(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     let mut acc = [0.0f32; 8];
     let chunks = xs.chunks_exact(8);
-    let tail: f32 = chunks.remainder().iter().sum();
+    let tail: f32 = chunks.remainder().iter().map(|&x| f(x)).sum();
     for c in chunks {
         for (a, &x) in acc.iter_mut().zip(c) {
-            *a += x;
+            *a += f(x);
         }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `Σ xs`, in [`sum_map`]'s order.
+#[inline(always)]
+pub(crate) fn sum(xs: &[f32]) -> f32 {
+    sum_map(xs, |x| x)
+}
+
+/// `Σ a[i] b[i]` over the shorter length, in [`sum_map`]'s order.
+#[inline(always)]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (a8, b8) in ca.zip(cb) {
+        for ((acc, &x), &y) in acc.iter_mut().zip(a8).zip(b8) {
+            *acc += x * y;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Replaces every `x` by `f(x)` and returns `Σ f(x)`, in [`sum_map`]'s order, in one pass.
+#[inline(always)]
+pub(crate) fn map_in_place_sum(xs: &mut [f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let mut chunks = xs.chunks_exact_mut(8);
+    for c in &mut chunks {
+        for (a, x) in acc.iter_mut().zip(c) {
+            *x = f(*x);
+            *a += *x;
+        }
+    }
+    let mut tail = 0.0f32;
+    for x in chunks.into_remainder() {
+        *x = f(*x);
+        tail += *x;
     }
     acc.iter().sum::<f32>() + tail
 }
