@@ -104,8 +104,8 @@ pub struct TrainStepArgs {
     pub torch_device: Option<String>,
     /// CPU kernels to time: `both` (Amity's, then burn's operations in their place, side by
     /// side), or only `amity` or `burn` (for profilers such as callgrind: one kind per process).
-    #[arg(long, default_value = "both", value_parser = ["both", "amity", "burn"])]
-    pub kernels: String,
+    #[arg(long, value_enum, default_value_t = train_step::KernelsToTime::Both)]
+    pub kernels: train_step::KernelsToTime,
 }
 
 /// Runs one benchmark.
@@ -178,7 +178,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             Ok(())
         }
         Bench::TrainStep(a) => {
-            use train_step::{TrainStepOptions, find_torch_python, kernels_to_time, train_step};
+            use train_step::{TrainStepOptions, find_torch_python, train_step};
             let (torch_script, python) = if a.no_torch {
                 (None, None)
             } else if !a.torch_script.exists() {
@@ -206,7 +206,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 threads,
                 backend,
                 torch_device,
-                kernels: kernels_to_time(&a.kernels),
+                kernels: a.kernels,
             })?;
             if let Some(ratio) = report.ratio {
                 println!(

@@ -47,9 +47,9 @@ pub struct TrainStepOptions {
     pub backend: Backend,
     /// PyTorch's device for the reference (`cpu`, `cuda`).
     pub torch_device: String,
-    /// CPU kernels to time: the first gives `amity_ms` and the full step, a second (burn's
-    /// operations) gives `burn_kernels_ms`.
-    pub kernels: Vec<Kernels>,
+    /// CPU kernels to time: `Amity` or `Burn` give `amity_ms` and the full step; `Both` gives
+    /// them with Amity's and adds `burn_kernels_ms` with burn's operations.
+    pub kernels: KernelsToTime,
 }
 
 /// The figures of one run; serialised as the bench's last line.
@@ -107,13 +107,15 @@ fn time_steps(
     median(&times)
 }
 
-/// The kernels `--kernels` names, in timing order: `amity`, `burn`, or `both` (Amity's first).
-pub fn kernels_to_time(name: &str) -> Vec<Kernels> {
-    match name {
-        "amity" => vec![Kernels::Amity],
-        "burn" => vec![Kernels::Burn],
-        _ => vec![Kernels::Amity, Kernels::Burn],
-    }
+/// Which CPU kernels the bench times (`--kernels`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KernelsToTime {
+    /// Amity's, then burn's operations in their place, side by side.
+    Both,
+    /// Amity's only (one kind per process, for profilers such as callgrind).
+    Amity,
+    /// burn's operations only.
+    Burn,
 }
 
 /// Runs the bench, printing progress to stderr.
@@ -151,11 +153,14 @@ pub fn train_step(opts: &TrainStepOptions) -> Result<TrainStepReport> {
         config.model.tokens()
     );
     let device = opts.backend.device(0)?;
-    let primary = opts.kernels.first().copied().unwrap_or(Kernels::Amity);
+    let primary = match opts.kernels {
+        KernelsToTime::Burn => Kernels::Burn,
+        KernelsToTime::Both | KernelsToTime::Amity => Kernels::Amity,
+    };
     set_kernels(primary);
     let amity_ms = time_steps(single.clone(), &device, &batches, opts.warmup, opts.steps);
     eprintln!("amity: single-set step median {amity_ms:.2} ms ({primary:?} kernels)");
-    let burn_kernels_ms = if opts.kernels.len() > 1 {
+    let burn_kernels_ms = if opts.kernels == KernelsToTime::Both {
         set_kernels(Kernels::Burn);
         let ms = time_steps(single, &device, &batches, opts.warmup, opts.steps);
         set_kernels(primary);
