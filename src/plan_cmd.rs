@@ -7,10 +7,12 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use clap::{Args, Subcommand};
 
-use amity_planner::bench::{PlanBenchOptions, bench_env, pretrain_encoder};
-use amity_planner::env::{ARENA, EnvKind, make};
+use amity_planner::bench::{PlanBenchOptions, PlanRow, bench_env, pretrain_encoder};
+use amity_planner::env::{ARENA, EnvKind, WaypointRule, make};
 use amity_planner::plan::optimise::{Method, Returns, SearchConfig};
-use amity_planner::plan::{LatentPlanner, Metric, ReadoutWeights, run_episode, two_level_settings};
+use amity_planner::plan::{
+    HighLevel, LatentPlanner, Metric, ReadoutWeights, run_episode, two_level_settings,
+};
 use amity_planner::surprise::{Forecaster, Scoring, curves};
 use amity_planner::surprise_bench::{
     QuadrupletScores, SurpriseBenchOptions, SurpriseBenchReport, SurpriseScores, pretrain_tiny,
@@ -110,17 +112,32 @@ pub enum PlanCommand {
         /// PushBlock 1.
         #[arg(long)]
         arena_weight: Option<f32>,
-        /// Planning levels: 2 (an environment with a contact rule: PushBlock) lets the rule pick
-        /// the agent's waypoints from where the frozen probes read the block in the frame and in
-        /// the goal image, and the latent planner reach them with its measured settings
-        /// (position 3, arena 1, a search every step over 4 predictor steps); 1 plans on the
-        /// energy alone. Default: 2 where the environment has a rule (PushBlock), else 1.
+        /// Planning levels: 2 (an environment with an object to move: PushBlock) lets a high
+        /// level (`--high-level`) pick the agent's waypoints from the agent's position and where
+        /// the frozen probes read the block in the frame and in the goal image, and the latent
+        /// planner reach them with its measured settings (position 3, arena 1, a search every
+        /// step over 4 predictor steps); 1 plans on the energy alone. Default: 2 where the
+        /// environment has an object (PushBlock), else 1.
         #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
         levels: Option<u8>,
+        /// What picks the waypoints of a two-level plan: `learnt` (the world model's subgoal
+        /// proposer, trained with it from the collected episodes) or `rule` (the environment's
+        /// hand-written contact rule).
+        #[arg(long, value_enum, default_value_t = HighLevelArg::Learnt)]
+        high_level: HighLevelArg,
         /// The PNG strip of the first episode.
         #[arg(long, default_value = "plan.png")]
         out: PathBuf,
     },
+}
+
+/// What picks the waypoints of a two-level plan (`amity plan run --high-level`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum HighLevelArg {
+    /// The world model's learnt subgoal proposer.
+    Learnt,
+    /// The environment's hand-written contact rule.
+    Rule,
 }
 
 /// `amity surprise`.
@@ -195,6 +212,15 @@ pub struct PlanBenchArgs {
     /// distribution's final mean, V-JEPA 2-AC; it needs more iterations than the default 3).
     #[arg(long, default_value = "best")]
     pub returns: Returns,
+    /// The rows to run, of `latent` (latent energy alone, the headline), `readout` (with the
+    /// read-out terms), `rule` and `learnt` (PushBlock on two levels, the contact rule or the
+    /// learnt subgoal proposer on top), `random`, `oracle`.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "latent,readout,rule,learnt,random,oracle"
+    )]
+    pub rows: Vec<PlanRow>,
 }
 
 /// `amity bench surprise`.
@@ -284,13 +310,14 @@ pub fn plan(args: PlanArgs) -> Result<()> {
             object_weight,
             arena_weight,
             levels,
+            high_level,
             out,
         } => {
             let rule = match (levels, env.waypoint_rule()) {
                 (Some(1), _) | (None, None) => None,
                 (_, Some(rule)) => Some(rule),
                 (Some(_), None) => bail!(
-                    "--levels 2 needs an environment with a contact rule (pushblock); {env} has none"
+                    "--levels 2 needs an environment with an object to move (pushblock); {env} has none"
                 ),
             };
             if rule.is_some()
@@ -311,18 +338,14 @@ pub fn plan(args: PlanArgs) -> Result<()> {
                 )
             })?;
             let mut p = if let Some(rule) = rule {
-                println!(
-                    "two levels: {env}'s contact rule picks the agent's waypoints, the latent planner \
-                     reaches them ({})",
-                    two_level_settings()
-                );
+                let high = pick_high_level(high_level, rule, &wm, &path)?;
                 LatentPlanner::two_level(
                     &wm,
                     planner,
                     &SearchConfig::default(),
                     Metric::L1,
                     1,
-                    rule,
+                    high,
                 )
             } else {
                 let weights =
@@ -367,6 +390,36 @@ pub fn plan(args: PlanArgs) -> Result<()> {
     Ok(())
 }
 
+/// The high level `arg` asks for on `wm` (loaded from `path`), said on stdout; a world model
+/// without a learnt proposer is refused by name.
+fn pick_high_level<'a>(
+    arg: HighLevelArg,
+    rule: WaypointRule,
+    wm: &'a WorldModel,
+    path: &Path,
+) -> Result<HighLevel<'a>> {
+    let high = match (arg, &wm.subgoals) {
+        (HighLevelArg::Rule, _) => HighLevel::Rule(rule),
+        (HighLevelArg::Learnt, Some(m)) => HighLevel::Learnt(m),
+        (HighLevelArg::Learnt, None) => bail!(
+            "{}: this world model has no learnt subgoal proposer (no episode it was trained on \
+             moved the block far enough to learn from, or it was written before there was one): \
+             train it again with `amity plan train` on more or longer episodes, or pass \
+             --high-level rule",
+            path.display()
+        ),
+    };
+    let what = match high {
+        HighLevel::Learnt(_) => "the learnt subgoal proposer",
+        HighLevel::Rule(_) => "the contact rule",
+    };
+    println!(
+        "two levels: {what} picks the agent's waypoints, the latent planner reaches them ({})",
+        two_level_settings()
+    );
+    Ok(high)
+}
+
 /// `amity plan train`: an action-conditioned world model on the frozen encoder of `ckpt`,
 /// trained on the episodes in `data`.
 fn train_world(
@@ -404,6 +457,18 @@ fn train_world(
         }
     });
     let (r2, report) = (fit.probe_r2, fit.train);
+    match (&fit.subgoal, fit.object_probe_r2) {
+        (Some(s), _) => println!(
+            "learnt subgoals: {} hindsight windows; held-out error {:.2} arena units (the agent \
+             staying still: {:.2})",
+            s.train_windows, s.error, s.still_error
+        ),
+        (None, Some(_)) => println!(
+            "learnt subgoals: none (no episode moved the {kind} object far enough to learn \
+             from: collect more or longer episodes; `plan run` needs --high-level rule)"
+        ),
+        (None, None) => {}
+    }
     let path = out.unwrap_or_else(|| beside(ckpt, kind));
     wm.save(&path)?;
     println!(
@@ -557,6 +622,7 @@ pub fn bench_plan(a: PlanBenchArgs) -> Result<()> {
         position_weight: a.position_weight,
         object_weight: a.object_weight,
         arena_weight: a.arena_weight,
+        rows: a.rows.clone(),
     };
     let mut log = |s: String| println!("{s}");
     let given = match &a.ckpt {
@@ -576,9 +642,20 @@ pub fn bench_plan(a: PlanBenchArgs) -> Result<()> {
             None => pretrain_encoder(*kind, a.pretrain_steps, &mut log)?,
         };
         let r = bench_env(*kind, &ckpt, &opts, &mut log)?;
+        let rate = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
         println!(
-            "{kind}: latent {:.2}  random {:.2}  oracle {:.2}  ({:.0} ms/action, Spearman {:.3})",
-            r.latent, r.random, r.oracle, r.ms_per_action, r.spearman
+            "{kind}: latent {}  readout {}  rule {}  learnt {}  random {}  oracle {}  \
+             (slowest {:.0} ms/action, Spearman predicted {:.3}, reached {:.3}, {} forbidden entries)",
+            rate(r.latent),
+            rate(r.readout),
+            rate(r.rule),
+            rate(r.learnt),
+            rate(r.random),
+            rate(r.oracle),
+            r.ms_per_action,
+            r.spearman_predicted,
+            r.spearman_reached,
+            r.forbidden_entries
         );
         json.insert(kind.to_string(), serde_json::to_value(&r)?);
         if !a.no_random_encoder {
@@ -586,8 +663,9 @@ pub fn bench_plan(a: PlanBenchArgs) -> Result<()> {
             let rnd = pretrain_encoder(*kind, 0, &mut log)?;
             let r = bench_env(*kind, &rnd, &opts, &mut log)?;
             println!(
-                "{kind} (random encoder): latent {:.2}, Spearman {:.3}",
-                r.latent, r.spearman
+                "{kind} (random encoder): latent {}, Spearman predicted {:.3}",
+                rate(r.latent),
+                r.spearman_predicted
             );
             random_json.insert(kind.to_string(), serde_json::to_value(&r)?);
         }

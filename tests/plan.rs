@@ -17,11 +17,11 @@ fn collect_train_and_plan_from_the_command_line() {
         "--episodes",
         "12",
         "--steps",
-        "8",
+        "20",
         "--out",
         s(&data),
     ]));
-    assert!(out.contains("12 episodes x 8 actions"), "{out}");
+    assert!(out.contains("12 episodes x 20 actions"), "{out}");
     let out = ok(&amity(&[
         "plan",
         "train",
@@ -33,6 +33,11 @@ fn collect_train_and_plan_from_the_command_line() {
         "20",
     ]));
     assert!(out.contains("2-step rollout error"), "{out}");
+    // Pushes in the scripted episodes: the subgoal proposer is trained with the world model.
+    assert!(
+        out.contains("learnt subgoals: ") && out.contains("hindsight windows"),
+        "{out}"
+    );
     assert!(
         out.contains("training the pushblock world model on flex: 12 episodes"),
         "{out}"
@@ -47,17 +52,20 @@ fn collect_train_and_plan_from_the_command_line() {
         args.extend(extra);
         ok(&amity(&args))
     };
-    // PushBlock has a contact rule, so it plans on two levels unless told otherwise: the rule
-    // picks waypoints, the latent planner reaches them.
+    // PushBlock has an object to move, so it plans on two levels unless told otherwise: the
+    // subgoal proposer trained with the world model picks waypoints, the latent planner
+    // reaches them; the hand-written contact rule can take its place.
     let out = plan_run(&[]);
     assert!(
         out.contains("episode 0:") && out.contains("ms per action"),
         "{out}"
     );
     assert!(
-        out.contains("two levels: pushblock's contact rule"),
+        out.contains("two levels: the learnt subgoal proposer picks"),
         "{out}"
     );
+    let out = plan_run(&["--high-level", "rule"]);
+    assert!(out.contains("two levels: the contact rule picks"), "{out}");
     assert!(image::open(&png).is_ok(), "a PNG strip of the rollout");
     // One level plans with the environment's measured read-out weights, as the bench does.
     let out = plan_run(&["--levels", "1"]);

@@ -1,7 +1,11 @@
-//! `amity bench plan`: success rates of the latent planner beside a random policy and an oracle
-//! that plans on the true simulator, per environment, plus planning time per action and the
-//! energy landscape's Spearman correlation with the true distance to the goal.
+//! `amity bench plan`: success rates per environment of the latent planner on the latent
+//! energy alone (the headline: the world model's own judgement), with the read-out terms, and
+//! on two levels with the learnt subgoal proposer or the hand-written contact rule on top
+//! (PushBlock), beside a random policy and an oracle that plans on the true simulator; plus
+//! planning time per action and the energy landscape's Spearman correlation with the true
+//! distance to the goal. Each of these is a [`PlanRow`]; the bench runs those asked for.
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use burn::tensor::Device;
@@ -15,12 +19,12 @@ use crate::PlannerError;
 use crate::env::{EnvKind, make};
 use crate::plan::optimise::{Method, SearchConfig};
 use crate::plan::{
-    LatentPlanner, Metric, OraclePlanner, Policy, RandomPolicy, ReadoutWeights, run_episode,
-    two_level_settings,
+    HighLevel, LatentPlanner, Metric, OraclePlanner, Policy, RandomPolicy, ReadoutWeights,
+    run_episode, two_level_settings,
 };
 use crate::world::data::{Trajectory, collect};
 use crate::world::encode::FrameEncoder;
-use crate::world::{WorldModel, WorldModelConfig};
+use crate::world::{FitReport, WorldModel, WorldModelConfig};
 
 /// What the bench runs.
 #[derive(Debug, Clone)]
@@ -49,35 +53,95 @@ pub struct PlanBenchOptions {
     pub object_weight: Option<f32>,
     /// See `position_weight`.
     pub arena_weight: Option<f32>,
+    /// The rows to run.
+    pub rows: Vec<PlanRow>,
 }
 
-/// One environment's figures.
+/// A row of the bench: one policy run over the episodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PlanRow {
+    /// The latent planner on the latent energy alone (the world model's own judgement).
+    Latent,
+    /// The latent planner with the read-out terms added to its energy.
+    Readout,
+    /// Two levels, the task's hand-written contact rule on top (environments with one).
+    Rule,
+    /// Two levels, the world model's learnt subgoal proposer on top (environments with an
+    /// object).
+    Learnt,
+    /// Uniform random actions.
+    Random,
+    /// The same search on the true simulator.
+    Oracle,
+}
+
+impl PlanRow {
+    /// Every row, in the order the bench runs them.
+    pub const ALL: [PlanRow; 6] = [
+        PlanRow::Latent,
+        PlanRow::Readout,
+        PlanRow::Rule,
+        PlanRow::Learnt,
+        PlanRow::Random,
+        PlanRow::Oracle,
+    ];
+    const NAMES: [&'static str; 6] = ["latent", "readout", "rule", "learnt", "random", "oracle"];
+
+    /// Its name on the command line and in the JSON line.
+    pub fn name(self) -> &'static str {
+        Self::NAMES[self as usize]
+    }
+}
+
+impl std::fmt::Display for PlanRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for PlanRow {
+    type Err = amity_shared::UnknownName;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        PlanRow::ALL
+            .into_iter()
+            .find(|r| r.name() == s)
+            .ok_or_else(|| amity_shared::UnknownName {
+                what: "bench row",
+                got: s.to_owned(),
+                expected: &PlanRow::NAMES,
+            })
+    }
+}
+
+/// One environment's figures. A row not run (not asked for, or not applicable: `rule` and
+/// `learnt` need an object, `readout` its weights) is `None`.
 #[derive(Debug, Clone, Serialize)]
 pub struct EnvReport {
-    /// Latent planner success rate (energy: latent distance alone).
-    pub latent: f64,
+    /// Success rate of the latent planner on the latent energy alone: the headline.
+    pub latent: Option<f64>,
     /// The latent planner with the read-out terms (the position term and, where the
-    /// environment has an object, the object term) added to its energy (`None` when not run).
-    pub latent_readout: Option<f64>,
-    /// Its milliseconds per action.
-    pub latent_readout_ms_per_action: Option<f64>,
-    /// The two-level planner ([`LatentPlanner::two_level`]: the environment's contact rule picks
-    /// the agent's waypoints from the probes' readings, the latent planner reaches them); `None`
-    /// for an environment without a rule.
-    pub latent_two_level: Option<f64>,
-    /// Its milliseconds per action.
-    pub latent_two_level_ms_per_action: Option<f64>,
+    /// environment has an object, the object term, and the arena term) added to its energy.
+    pub readout: Option<f64>,
+    /// The two-level planner with the task's contact rule as its high level
+    /// ([`HighLevel::Rule`]).
+    pub rule: Option<f64>,
+    /// The two-level planner with the world model's learnt subgoal proposer as its high level
+    /// ([`HighLevel::Learnt`]).
+    pub learnt: Option<f64>,
     /// Random policy success rate.
-    pub random: f64,
+    pub random: Option<f64>,
     /// Oracle (true simulator) success rate.
-    pub oracle: f64,
-    /// Latent planner milliseconds per action.
+    pub oracle: Option<f64>,
+    /// The slowest world-model planner row's milliseconds per action (the goal is under 1 s).
     pub ms_per_action: f64,
-    /// Spearman correlation of one-step latent energy with the true distance to the goal.
-    pub spearman: f64,
+    /// Milliseconds per action of each world-model planner row run.
+    pub ms_per_action_by_row: BTreeMap<String, f64>,
+    /// Spearman correlation of one-step latent energy with the true distance to the goal,
+    /// the frames predicted by the world model.
+    pub spearman_predicted: f64,
     /// The same with the frames really reached encoded (the encoder alone, no predictor).
-    pub spearman_encoder: f64,
-    /// Episodes in which a latent planner's agent entered a forbidden zone (all its runs).
+    pub spearman_reached: f64,
+    /// Episodes in which a world-model planner's agent entered a forbidden zone (all its rows).
     pub forbidden_entries: usize,
     /// Position-probe R² on held-out frames.
     pub probe_r2: f64,
@@ -88,6 +152,9 @@ pub struct EnvReport {
     /// Per predictor step of an open-loop rollout on held-out episodes, the positions' mean
     /// errors (arena units).
     pub rollout_drift: Vec<Drift>,
+    /// The learnt subgoal proposer's held-out error and its "stay still" baseline (arena
+    /// units), when the world model has one.
+    pub subgoal_error: Option<(f64, f64)>,
 }
 
 fn rate(
@@ -282,7 +349,7 @@ pub fn build_world_model(
     ckpt: &Checkpoint,
     opts: &PlanBenchOptions,
     log: &mut dyn FnMut(String),
-) -> Result<(WorldModel, f64, (f64, f64), f64), PlannerError> {
+) -> Result<(WorldModel, FitReport, f64), PlannerError> {
     let device = Device::flex();
     let encoder = FrameEncoder::new(ckpt, &device).map_err(PlannerError::other)?;
     let trajs = collect(
@@ -310,13 +377,70 @@ pub fn build_world_model(
     if let Some(r2) = report.object_probe_r2 {
         log(format!("  {kind}: object probe R2 {r2:.3}"));
     }
-    let secs = t.elapsed().as_secs_f64();
-    Ok((
-        wm,
-        report.probe_r2,
-        (report.train.rollout_before, report.train.rollout_after),
-        secs,
-    ))
+    if let Some(s) = &report.subgoal {
+        log(format!(
+            "  {kind}: learnt subgoals: {} hindsight windows; held-out error {:.2} arena units \
+             ({} windows; the agent staying still: {:.2})",
+            s.train_windows, s.error, s.held_windows, s.still_error
+        ));
+    }
+    Ok((wm, report, t.elapsed().as_secs_f64()))
+}
+
+/// The policy of `row` on `wm` and what to call it, or `None` where the row does not apply
+/// (`readout` with every weight 0, `rule` without a contact rule, `rule` and `learnt` without
+/// an object).
+fn row_policy<'a>(
+    row: PlanRow,
+    kind: EnvKind,
+    wm: &'a WorldModel,
+    opts: &PlanBenchOptions,
+) -> Option<(Box<dyn Policy + 'a>, String)> {
+    let latent = || LatentPlanner::new(wm, opts.method, opts.search.clone(), opts.metric, 1);
+    let two_level =
+        |high| LatentPlanner::two_level(wm, opts.method, &opts.search, opts.metric, 1, high);
+    let weights = ReadoutWeights::default_with(
+        kind,
+        opts.position_weight,
+        opts.object_weight,
+        opts.arena_weight,
+    );
+    let object = wm.object_probe.is_some();
+    Some(match row {
+        PlanRow::Latent => (
+            Box::new(latent()),
+            "latent planner (latent energy alone)".into(),
+        ),
+        PlanRow::Readout if weights.any() => (
+            Box::new(latent().with_readout_weights(weights)),
+            format!(
+                "latent planner + read-out terms (position {}, object {}, arena {})",
+                weights.position, weights.object, weights.arena
+            ),
+        ),
+        PlanRow::Rule if object => (
+            Box::new(two_level(HighLevel::Rule(kind.waypoint_rule()?))),
+            format!("two levels, contact rule on top ({})", two_level_settings()),
+        ),
+        PlanRow::Learnt if object => (
+            Box::new(two_level(HighLevel::Learnt(wm.subgoals.as_ref()?))),
+            format!(
+                "two levels, learnt subgoals on top ({})",
+                two_level_settings()
+            ),
+        ),
+        PlanRow::Random => (Box::new(RandomPolicy::new(2)), "random policy".into()),
+        PlanRow::Oracle => (
+            Box::new(OraclePlanner::new(
+                opts.method,
+                opts.search.clone(),
+                wm.config.frameskip,
+                3,
+            )),
+            "oracle (the same search on the simulator)".into(),
+        ),
+        _ => return None,
+    })
 }
 
 /// Runs the bench for one environment with the encoder of `ckpt`.
@@ -326,7 +450,9 @@ pub fn bench_env(
     opts: &PlanBenchOptions,
     log: &mut dyn FnMut(String),
 ) -> Result<EnvReport, PlannerError> {
-    let (wm, r2, rollout, train_seconds) = build_world_model(kind, ckpt, opts, log)?;
+    let (wm, fit, train_seconds) = build_world_model(kind, ckpt, opts, log)?;
+    let (r2, subgoal) = (fit.probe_r2, fit.subgoal);
+    let rollout = (fit.train.rollout_before, fit.train.rollout_after);
     let size = wm.encoder.size();
     let (spearman, spearman_encoder) =
         energy_landscape(&wm, kind, &opts.search, opts.metric, 10, 32);
@@ -355,68 +481,52 @@ pub fn bench_env(
         "  {kind}: probe R2 {r2:.3}, rollout error {:.4} -> {:.4}, energy-landscape Spearman {spearman:.3} (encoder alone {spearman_encoder:.3})",
         rollout.0, rollout.1
     ));
-    let mut latent = LatentPlanner::new(&wm, opts.method, opts.search.clone(), opts.metric, 1);
-    let (l, ms, entries) = rate(kind, size, opts.episodes, opts.max_steps, &mut latent);
-    log(format!(
-        "  {kind}: latent planner {l:.2} ({ms:.0} ms/action, {entries} forbidden entries)"
-    ));
-    let (mut latent_readout, mut latent_readout_ms) = (None, None);
-    let mut entries = entries;
-    let weights = ReadoutWeights::default_with(
-        kind,
-        opts.position_weight,
-        opts.object_weight,
-        opts.arena_weight,
-    );
-    if weights.any() {
-        let mut p = LatentPlanner::new(&wm, opts.method, opts.search.clone(), opts.metric, 1)
-            .with_readout_weights(weights);
-        let (lp, msp, ep) = rate(kind, size, opts.episodes, opts.max_steps, &mut p);
-        log(format!(
-            "  {kind}: latent planner + read-out terms (position {}, object {}, arena {}) {lp:.2} ({msp:.0} ms/action, {ep} forbidden entries)",
-            weights.position, weights.object, weights.arena
-        ));
-        (latent_readout, latent_readout_ms) = (Some(lp), Some(msp));
-        entries += ep;
-    }
-    let (mut latent_two_level, mut latent_two_level_ms) = (None, None);
-    if let Some(rule) = kind.waypoint_rule() {
-        let mut p = LatentPlanner::two_level(&wm, opts.method, &opts.search, opts.metric, 1, rule);
-        let (lt, mst, et) = rate(kind, size, opts.episodes, opts.max_steps, &mut p);
-        log(format!(
-            "  {kind}: two-level latent planner (contact rule on the probes' readings, {}) {lt:.2} ({mst:.0} ms/action, {et} forbidden entries)",
-            two_level_settings()
-        ));
-        (latent_two_level, latent_two_level_ms) = (Some(lt), Some(mst));
-        entries += et;
-    }
-    let (r, _, _) = rate(
-        kind,
-        size,
-        opts.episodes,
-        opts.max_steps,
-        &mut RandomPolicy::new(2),
-    );
-    let mut oracle = OraclePlanner::new(opts.method, opts.search.clone(), wm.config.frameskip, 3);
-    let (o, _, _) = rate(kind, size, opts.episodes, opts.max_steps, &mut oracle);
-    log(format!("  {kind}: random {r:.2}, oracle {o:.2}"));
-    Ok(EnvReport {
-        latent: l,
-        latent_readout,
-        latent_readout_ms_per_action: latent_readout_ms,
-        latent_two_level,
-        latent_two_level_ms_per_action: latent_two_level_ms,
-        random: r,
-        oracle: o,
-        ms_per_action: ms,
-        spearman,
-        spearman_encoder,
-        forbidden_entries: entries,
+    let mut report = EnvReport {
+        latent: None,
+        readout: None,
+        rule: None,
+        learnt: None,
+        random: None,
+        oracle: None,
+        ms_per_action: 0.0,
+        ms_per_action_by_row: BTreeMap::new(),
+        spearman_predicted: spearman,
+        spearman_reached: spearman_encoder,
+        forbidden_entries: 0,
         probe_r2: r2,
         rollout_error: rollout,
         train_seconds,
         rollout_drift: drift,
-    })
+        subgoal_error: subgoal.map(|s| (s.error, s.still_error)),
+    };
+    for &row in &opts.rows {
+        let Some((mut policy, what)) = row_policy(row, kind, &wm, opts) else {
+            continue;
+        };
+        let (success, ms, entries) =
+            rate(kind, size, opts.episodes, opts.max_steps, policy.as_mut());
+        let world_model = !matches!(row, PlanRow::Random | PlanRow::Oracle);
+        if world_model {
+            log(format!(
+                "  {kind}: {what}: {success:.2} ({ms:.0} ms/action, {entries} forbidden entries)"
+            ));
+            report.forbidden_entries += entries;
+            report.ms_per_action = report.ms_per_action.max(ms);
+            report.ms_per_action_by_row.insert(row.to_string(), ms);
+        } else {
+            log(format!("  {kind}: {what}: {success:.2}"));
+        }
+        let slot = match row {
+            PlanRow::Latent => &mut report.latent,
+            PlanRow::Readout => &mut report.readout,
+            PlanRow::Rule => &mut report.rule,
+            PlanRow::Learnt => &mut report.learnt,
+            PlanRow::Random => &mut report.random,
+            PlanRow::Oracle => &mut report.oracle,
+        };
+        *slot = Some(success);
+    }
+    Ok(report)
 }
 
 /// Pretrains the tiny preset's JEPA on clips of the environment's own videos (collected with the

@@ -131,7 +131,8 @@ fn the_two_level_planner_aims_each_search_at_the_rules_waypoint() {
         iterations: 1,
         ..SearchConfig::default()
     };
-    let mut planner = LatentPlanner::two_level(&wm, Method::Cem, &search, Metric::L1, 1, rule);
+    let high = HighLevel::Rule(rule);
+    let mut planner = LatentPlanner::two_level(&wm, Method::Cem, &search, Metric::L1, 1, high);
     assert_eq!(planner.cfg.horizon, TWO_LEVEL_HORIZON);
     let mut env = make(EnvKind::PushBlock, wm.encoder.size());
     env.reset(900_000);

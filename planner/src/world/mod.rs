@@ -2,11 +2,13 @@
 //! and a position probe (fitted once on the latents, then frozen) for guardrails.
 //!
 //! Files: [`encode`] (frames → latents), [`predictor`] (the model), [`data`] (trajectories),
-//! [`train`] (the training loop), and here the config, the assembled model and its file.
+//! [`train`] (the training loop), [`subgoal`] (the learnt high level for tasks that move an
+//! object), and here the config, the assembled model and its file.
 
 pub mod data;
 pub mod encode;
 pub mod predictor;
+pub mod subgoal;
 pub mod train;
 
 use std::collections::HashMap;
@@ -25,6 +27,7 @@ use crate::env::ARENA;
 use data::{Latents, Trajectory};
 use encode::FrameEncoder;
 use predictor::ActionPredictor;
+use subgoal::{SubgoalConfig, SubgoalModel, SubgoalReport};
 
 /// The predictor's shape and training recipe.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -165,6 +168,9 @@ pub struct WorldModel {
     /// Latents → the task object's position / ARENA, for environments with one
     /// ([`crate::env::Env::object`]).
     pub object_probe: Option<Ridge>,
+    /// The learnt high level (where the agent should head to move the object towards a
+    /// target), for environments with an object.
+    pub subgoals: Option<SubgoalModel>,
     /// Its config.
     pub config: WorldModelConfig,
 }
@@ -178,16 +184,20 @@ pub struct FitReport {
     pub object_probe_r2: Option<f64>,
     /// The predictor's training.
     pub train: train::TrainReport,
+    /// The subgoal proposer's training, when there is one.
+    pub subgoal: Option<SubgoalReport>,
 }
 
 /// Metadata key of the world model's config.
 const CONFIG_KEY: &str = "amity.world_model";
+/// Metadata key of the subgoal proposer's config (absent: no proposer).
+const SUBGOAL_KEY: &str = "amity.subgoal";
 
 impl WorldModel {
     /// Builds a world model on the frozen `encoder` from trajectories: encodes them, fits the
     /// position probes (agent, and the task object when the trajectories record one) on up to
     /// `probe_frames` frames, then trains the predictor (`log` gets step, teacher-forcing and
-    /// rollout losses).
+    /// rollout losses) and, where there is an object, the subgoal proposer.
     pub fn fit(
         encoder: FrameEncoder,
         config: WorldModelConfig,
@@ -212,16 +222,26 @@ impl WorldModel {
         }
         let readouts = train::Readouts::new(&read);
         let (predictor, train) = train::train(&config, &lat, trajs, Some(&readouts), &device, log);
+        let subgoal_config = SubgoalConfig {
+            seed: config.seed,
+            ..SubgoalConfig::default()
+        };
+        let subgoals = object_truth
+            .is_some()
+            .then(|| SubgoalModel::fit(trajs, subgoal_config, &device, &mut |_, _| {}))
+            .flatten();
         let report = FitReport {
             probe_r2,
             object_probe_r2: objects.as_ref().map(|o| o.1),
             train,
+            subgoal: subgoals.as_ref().map(|s| s.1.clone()),
         };
         let wm = WorldModel {
             encoder,
             predictor,
             probe,
             object_probe: objects.map(|o| o.0),
+            subgoals: subgoals.map(|s| s.0),
             config,
         };
         (wm, report)
@@ -254,21 +274,13 @@ impl WorldModel {
             .collect()
     }
 
-    /// Writes the predictor and the probe as safetensors (the encoder stays in its checkpoint).
+    /// Writes the predictor, the probes and the subgoal proposer as safetensors (the encoder
+    /// stays in its checkpoint).
     pub fn save(&self, path: &Path) -> Result<(), PlannerError> {
-        let layout = ParamLayout::of(&self.predictor);
-        let flat = to_flat(&self.predictor);
-        let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = layout
-            .params
-            .iter()
-            .map(|p| {
-                let raw = flat[p.offset..p.offset + p.len()]
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect();
-                (format!("predictor.{}", p.name), p.shape.clone(), raw)
-            })
-            .collect();
+        let mut owned = module_tensors("predictor", &self.predictor);
+        if let Some(s) = &self.subgoals {
+            owned.extend(module_tensors("subgoal", &s.net));
+        }
         let probes = std::iter::once(("probe", &self.probe))
             .chain(self.object_probe.as_ref().map(|p| ("object_probe", p)));
         for (prefix, probe) in probes {
@@ -291,11 +303,15 @@ impl WorldModel {
                 (n.clone(), view)
             })
             .collect();
-        let meta: HashMap<String, String> = [(
+        let mut meta: HashMap<String, String> = [(
             CONFIG_KEY.to_owned(),
             serde_json::to_string(&self.config).expect("a config serialises"),
         )]
         .into();
+        if let Some(s) = &self.subgoals {
+            let config = serde_json::to_string(&s.config).expect("a config serialises");
+            meta.insert(SUBGOAL_KEY.to_owned(), config);
+        }
         let bytes = safetensors::serialize(views, Some(meta))
             .map_err(|e| PlannerError::Invalid(e.to_string()))?;
         std::fs::write(path, bytes).map_err(PlannerError::io(path))
@@ -307,37 +323,30 @@ impl WorldModel {
         let bad = |r: String| PlannerError::Invalid(format!("{name}: {r}"));
         let bytes = std::fs::read(path).map_err(PlannerError::io(path))?;
         let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
-        let config: WorldModelConfig = header
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get(CONFIG_KEY))
+        let meta = header.metadata().clone().unwrap_or_default();
+        let config: WorldModelConfig = meta
+            .get(CONFIG_KEY)
             .ok_or_else(|| bad(format!("no `{CONFIG_KEY}` metadata")))
             .and_then(|j| serde_json::from_str(j).map_err(|e| bad(e.to_string())))?;
+        let subgoal_config: Option<SubgoalConfig> = meta
+            .get(SUBGOAL_KEY)
+            .map(|j| serde_json::from_str(j).map_err(|e| bad(format!("{SUBGOAL_KEY}: {e}"))))
+            .transpose()?;
+        if let Some(c) = &subgoal_config {
+            c.check().map_err(bad)?;
+        }
         let tensors = SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
         let encoder = FrameEncoder::new(ckpt, device).map_err(|e| bad(e.to_string()))?;
         let shell = ActionPredictor::new(&config, encoder.tokens(), encoder.width(), device);
-        let layout = ParamLayout::of(&shell);
-        let mut flat = Vec::with_capacity(layout.total);
-        for p in &layout.params {
-            let t = tensors
-                .tensor(&format!("predictor.{}", p.name))
-                .map_err(|_| bad(format!("tensor predictor.{} is missing", p.name)))?;
-            if t.dtype() != Dtype::F32 || t.shape() != p.shape.as_slice() {
-                return Err(bad(format!(
-                    "tensor predictor.{} is {:?} {:?}, expected F32 {:?} (a world model for another encoder?)",
-                    p.name,
-                    t.dtype(),
-                    t.shape(),
-                    p.shape
-                )));
+        let predictor = load_module(&tensors, "predictor", shell).map_err(bad)?;
+        let subgoals = match subgoal_config {
+            Some(config) => {
+                let shell = subgoal::SubgoalNet::new(&config, device);
+                let net = load_module(&tensors, "subgoal", shell).map_err(bad)?;
+                Some(SubgoalModel { net, config })
             }
-            flat.extend(
-                t.data()
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-            );
-        }
-        let predictor = load_flat(shell, &flat).map_err(|e| bad(e.to_string()))?;
+            None => None,
+        };
         let f64s = |n: &str| -> Result<Vec<f64>, PlannerError> {
             let t = tensors
                 .tensor(n)
@@ -373,9 +382,61 @@ impl WorldModel {
             predictor,
             probe,
             object_probe,
+            subgoals,
             config,
         })
     }
+}
+
+/// A module's parameters as `(prefix.name, shape, little-endian f32 bytes)`.
+fn module_tensors<M: burn::module::Module>(
+    prefix: &str,
+    m: &M,
+) -> Vec<(String, Vec<usize>, Vec<u8>)> {
+    let layout = ParamLayout::of(m);
+    let flat = to_flat(m);
+    layout
+        .params
+        .iter()
+        .map(|p| {
+            let raw = flat[p.offset..p.offset + p.len()]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect();
+            (format!("{prefix}.{}", p.name), p.shape.clone(), raw)
+        })
+        .collect()
+}
+
+/// Loads the tensors `prefix.*` written by [`module_tensors`] into `shell`, checking every
+/// dtype and shape.
+fn load_module<M: burn::module::Module>(
+    tensors: &SafeTensors<'_>,
+    prefix: &str,
+    shell: M,
+) -> Result<M, String> {
+    let layout = ParamLayout::of(&shell);
+    let mut flat = Vec::with_capacity(layout.total);
+    for p in &layout.params {
+        let t = tensors
+            .tensor(&format!("{prefix}.{}", p.name))
+            .map_err(|_| format!("tensor {prefix}.{} is missing", p.name))?;
+        if t.dtype() != Dtype::F32 || t.shape() != p.shape.as_slice() {
+            return Err(format!(
+                "tensor {prefix}.{} is {:?} {:?}, expected F32 {:?} (a world model for another encoder?)",
+                p.name,
+                t.dtype(),
+                t.shape(),
+                p.shape
+            ));
+        }
+        flat.extend(
+            t.data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        );
+    }
+    load_flat(shell, &flat).map_err(|e| e.to_string())
 }
 
 /// A randomly initialised (seeded) checkpoint of a preset: the encoder baseline every planning
@@ -429,6 +490,14 @@ mod tests {
         assert_eq!(
             back.object_probe.as_ref().map(|p| p.parts().2.to_vec()),
             wm.object_probe.as_ref().map(|p| p.parts().2.to_vec())
+        );
+        // The learnt high level too, with its config.
+        let (a, b) = (wm.subgoals.as_ref(), back.subgoals.as_ref());
+        let (a, b) = (a.expect("a subgoal proposer"), b.expect("kept in the file"));
+        assert_eq!(a.config, b.config);
+        assert_eq!(
+            amity_shared::model::flat::to_flat(&a.net),
+            amity_shared::model::flat::to_flat(&b.net)
         );
         std::fs::remove_file(&path).unwrap();
     }
