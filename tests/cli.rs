@@ -246,6 +246,10 @@ fn the_transfer_bench_moves_every_transport_and_ends_with_its_json_line() {
         "ratio",
         "tls_gbps",
         "tcp_gbps",
+        "quic_cpu_s_per_gib",
+        "bare_cpu_s_per_gib",
+        "bare_to_file_gbps",
+        "ratio_bare_to_file",
     ] {
         let v = json[key].as_f64().unwrap_or(0.0);
         assert!(v > 0.0 && v.is_finite(), "{key} in {last}");

@@ -139,17 +139,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 .enable_all()
                 .build()?;
             let r = rt.block_on(amity_protocol::bench::transfer(a.mib << 20, &scratch))?;
-            println!(
-                "transfer {} MiB: ours (blob protocol on QUIC) {:.2} GB/s, bare quinn {:.2} GB/s \
-                 (ours/bare {:.2}), TCP+TLS {:.2} GB/s (ours/TLS {:.2}), TCP {:.2} GB/s",
-                a.mib,
-                r.quic_gbps,
-                r.bare_quinn_gbps,
-                r.ratio_bare,
-                r.tls_gbps,
-                r.ratio,
-                r.tcp_gbps
-            );
+            print_transfer(&r, a.mib);
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }
@@ -227,4 +217,25 @@ pub fn run(args: BenchArgs) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `amity bench transfer`'s summary line.
+fn print_transfer(r: &amity_protocol::bench::TransferReport, mib: u64) {
+    println!(
+        "transfer {} MiB: ours (blob protocol on QUIC) {:.2} GB/s, bare quinn {:.2} GB/s \
+         (ours/bare {:.2}), bare quinn to a file {:.2} GB/s (ours/that {:.2}), TCP+TLS {:.2} \
+         GB/s (ours/TLS {:.2}), TCP {:.2} GB/s; CPU per GiB, both ends: ours {:.2} s, bare quinn \
+         {:.2} s",
+        mib,
+        r.quic_gbps,
+        r.bare_quinn_gbps,
+        r.ratio_bare,
+        r.bare_to_file_gbps,
+        r.ratio_bare_to_file,
+        r.tls_gbps,
+        r.ratio,
+        r.tcp_gbps,
+        r.quic_cpu_s_per_gib,
+        r.bare_cpu_s_per_gib
+    );
 }

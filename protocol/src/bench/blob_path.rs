@@ -8,7 +8,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::quic::{QuicPathStats, Setup, connect};
-use super::{TransferError, gbps, io};
+use super::{TransferError, cpu_per_gib, cpu_seconds, gbps, io};
 use crate::blob::CHUNK_SIZE;
 use crate::conn::{OutboardCache, fetch_blob, serve_blob_requests};
 use crate::frame::{FrameDecoder, FrameKind, frame_prefix};
@@ -56,13 +56,14 @@ fn write_blob(path: &Path, bytes: u64) -> Result<BlobId, TransferError> {
 /// `FetchBlob` request with the header, the outboard (its cache warm, as for a round's state
 /// that every worker fetches) and framed 1 MiB chunks read from the file; the client checks
 /// each chunk, writes it to the partial file, syncs it and checks the whole against the id.
-/// Files live in `dir`. GB/s from the request to the checked file, and the sender's path.
+/// Files live in `dir`. GB/s and CPU seconds per GiB from the request to the checked file, and
+/// the sender's path.
 pub(super) async fn blob(
     bytes: u64,
     server_id: &Identity,
     client_id: &Identity,
     dir: &Path,
-) -> Result<(f64, QuicPathStats), TransferError> {
+) -> Result<(f64, f64, QuicPathStats), TransferError> {
     let path = dir.join("blob");
     let part = dir.join("blob.part");
     let id = write_blob(&path, bytes)?;
@@ -81,11 +82,11 @@ pub(super) async fn blob(
         locate,
     ));
     let conn = pair.client.clone();
-    let start = Instant::now();
+    let (start, cpu) = (Instant::now(), cpu_seconds());
     let got = fetch_blob(&conn, "bench server", id, &part, bytes)
         .await
         .map_err(|e| TransferError::Io(e.to_string()))?;
-    let secs = start.elapsed().as_secs_f64();
+    let (secs, cpu) = (start.elapsed().as_secs_f64(), cpu_seconds() - cpu);
     let stats = QuicPathStats::of(&pair.server);
     conn.close(0u32.into(), b"done");
     let _ = std::fs::remove_file(&part);
@@ -93,7 +94,7 @@ pub(super) async fn blob(
     if got != bytes {
         return Err(TransferError::Io(format!("fetched {got} of {bytes} bytes")));
     }
-    Ok((gbps(got, secs), stats))
+    Ok((gbps(got, secs), cpu_per_gib(cpu, got), stats))
 }
 
 /// Times the receiver's own steps on `mib` MiB held in memory (files in `dir`).

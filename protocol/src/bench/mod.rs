@@ -9,8 +9,14 @@
 //!   one) so that a disk's speed is not what is measured.
 //! - **Bare quinn** (`bare_quinn_gbps`): one stream of raw bytes with quinn's defaults, 4 MiB
 //!   UDP buffers and packets up to [`crate::endpoint::MAX_MTU`], reading without copies.
+//! - **Bare quinn to a file** (`bare_to_file_gbps`): the same, its receiver handing what it
+//!   reads to a thread that writes it to a file beside ours and syncs it: the ceiling for any
+//!   receiver that keeps the bytes. On a VM whose fresh memory pages are slow to fault in, the
+//!   file write alone halves bare quinn; `ratio_bare_to_file` is what our protocol costs on top.
 //! - **Our endpoint, raw**: the same raw stream with our endpoint settings (one stream and
 //!   four), which separates the settings from the protocol.
+//! - **CPU seconds per GiB** (`quic_cpu_s_per_gib`, `bare_cpu_s_per_gib`): both ends together,
+//!   over the timed window; where the two ends share the cores, GB/s is cores over this.
 //! - **TCP + TLS 1.3** and **TCP**, from a 1 MiB buffer.
 //!
 //! The time runs from the first request or write to the receiver having the last byte. The
@@ -47,6 +53,19 @@ pub struct TransferReport {
     pub bare_quinn_gbps: f64,
     /// `quic_gbps / bare_quinn_gbps`.
     pub ratio_bare: f64,
+    /// CPU seconds (user + system, both ends together: they share this process) per GiB moved
+    /// by our path (median of three). Unlike GB/s this does not depend on how the two ends
+    /// share the cores: on a machine where they cannot run side by side, throughput is cores
+    /// over this.
+    pub quic_cpu_s_per_gib: f64,
+    /// The same for bare quinn.
+    pub bare_cpu_s_per_gib: f64,
+    /// Bare quinn whose receiver writes what it reads to a file in the same place as ours and
+    /// syncs it (a writer thread, no protocol of ours): the ceiling for any receiver that keeps
+    /// the bytes on this machine (median of three).
+    pub bare_to_file_gbps: f64,
+    /// `quic_gbps / bare_to_file_gbps`: what our protocol itself costs.
+    pub ratio_bare_to_file: f64,
     /// Our endpoint settings, one raw stream (median of three).
     pub quic_raw_1_stream_gbps: f64,
     /// Our endpoint settings, four raw streams on one connection.
@@ -78,6 +97,30 @@ pub enum TransferError {
 
 fn io<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> TransferError {
     move |e| TransferError::Io(format!("{what}: {e}"))
+}
+
+/// CPU time (user + system) this process has used, in seconds (NaN off Linux).
+fn cpu_seconds() -> f64 {
+    #[cfg(target_os = "linux")]
+    {
+        let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+        // SAFETY: getrusage writes a whole `rusage` into the pointer it is given, which points
+        // at one; on failure (impossible for RUSAGE_SELF) the zeroed value is read.
+        let usage = unsafe {
+            libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr());
+            usage.assume_init()
+        };
+        let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+        secs(usage.ru_utime) + secs(usage.ru_stime)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        f64::NAN
+    }
+}
+
+fn cpu_per_gib(cpu_seconds: f64, bytes: u64) -> f64 {
+    cpu_seconds * (1u64 << 30) as f64 / bytes.max(1) as f64
 }
 
 fn gbps(bytes: u64, secs: f64) -> f64 {
@@ -116,23 +159,33 @@ async fn run_all(
     // Loopback throughput on a shared machine varies by 2x from one run to the next: each of
     // the compared transfers runs three times, interleaved, and the medians are reported.
     let (mut ours, mut bare, mut raw_1) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ours_cpu, mut bare_cpu, mut to_file) = (Vec::new(), Vec::new(), Vec::new());
     let (mut quic_path, mut bare_path) = (None, None);
     for rep in 1..=3 {
-        let (g, path) = blob_path::blob(bytes, server_id, client_id, files).await?;
+        let (g, cpu, path) = blob_path::blob(bytes, server_id, client_id, files).await?;
+        ours_cpu.push(cpu);
         eprintln!(
-            "[{rep}/3] ours (blob protocol):  {g:.2} GB/s ({})",
+            "[{rep}/3] ours (blob protocol):  {g:.2} GB/s, {:.2} CPU s/GiB ({})",
+            ours_cpu[ours_cpu.len() - 1],
             path.describe()
         );
         ours.push(g);
         quic_path.get_or_insert(path);
-        let (g, path) = quic::raw(Setup::Bare, bytes, 1, server_id, client_id).await?;
+        let (g, cpu, path) = quic::raw(Setup::Bare, bytes, 1, server_id, client_id, None).await?;
+        bare_cpu.push(cpu);
         eprintln!(
-            "[{rep}/3] bare quinn, 1 stream:  {g:.2} GB/s ({})",
+            "[{rep}/3] bare quinn, 1 stream:  {g:.2} GB/s, {:.2} CPU s/GiB ({})",
+            bare_cpu[bare_cpu.len() - 1],
             path.describe()
         );
         bare.push(g);
         bare_path.get_or_insert(path);
-        let (g, path) = quic::raw(Setup::Ours, bytes, 1, server_id, client_id).await?;
+        let sink = Some(files.join("bare"));
+        let (g, _, _) =
+            quic::raw(Setup::Bare, bytes, 1, server_id, client_id, sink.as_deref()).await?;
+        eprintln!("[{rep}/3] bare quinn to a file:  {g:.2} GB/s");
+        to_file.push(g);
+        let (g, _, path) = quic::raw(Setup::Ours, bytes, 1, server_id, client_id, None).await?;
         eprintln!(
             "[{rep}/3] our endpoint, raw:     {g:.2} GB/s ({})",
             path.describe()
@@ -144,11 +197,13 @@ async fn run_all(
         v[v.len() / 2]
     };
     let (ours, bare, raw_1) = (median(&mut ours), median(&mut bare), median(&mut raw_1));
+    let (ours_cpu, bare_cpu) = (median(&mut ours_cpu), median(&mut bare_cpu));
+    let to_file = median(&mut to_file);
     let (quic_path, bare_path) = (
         quic_path.expect("three runs"),
         bare_path.expect("three runs"),
     );
-    let (raw_4, _) = quic::raw(Setup::Ours, bytes, 4, server_id, client_id).await?;
+    let (raw_4, _, _) = quic::raw(Setup::Ours, bytes, 4, server_id, client_id, None).await?;
     eprintln!("our endpoint, 4 raw streams: {raw_4:.2} GB/s");
     let tls = tcp(bytes, Some((server_id, client_id))).await?;
     eprintln!("TCP + TLS 1.3:         {tls:.2} GB/s");
@@ -171,6 +226,10 @@ async fn run_all(
         quic_gbps: ours,
         bare_quinn_gbps: bare,
         ratio_bare: ours / bare,
+        quic_cpu_s_per_gib: ours_cpu,
+        bare_cpu_s_per_gib: bare_cpu,
+        bare_to_file_gbps: to_file,
+        ratio_bare_to_file: ours / to_file,
         quic_raw_1_stream_gbps: raw_1,
         quic_raw_4_streams_gbps: raw_4,
         tls_gbps: tls,

@@ -1,13 +1,14 @@
 //! Raw QUIC streams, no protocol of ours: with our endpoint settings, and bare quinn.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
 use quinn::{EndpointConfig, TokioRuntime, TransportConfig};
 use serde::Serialize;
 
-use super::{TransferError, gbps, io};
+use super::{TransferError, cpu_per_gib, cpu_seconds, gbps, io};
 use crate::endpoint::{self, MAX_MTU};
 use crate::tls::{Identity, quic_client_config, quic_server_config};
 
@@ -174,6 +175,7 @@ pub(super) async fn connect(
 
 /// Moves `bytes` over `streams` unidirectional streams of one connection with `setup`'s
 /// settings: writes from a 1 MiB buffer, reads without copying (`read_chunk`). GB/s and the
+/// CPU seconds per GiB (both ends) from the first write to the last byte read, and the
 /// sender's path figures.
 pub(super) async fn raw(
     setup: Setup,
@@ -181,17 +183,30 @@ pub(super) async fn raw(
     streams: u64,
     server_id: &Identity,
     client_id: &Identity,
-) -> Result<(f64, QuicPathStats), TransferError> {
+    sink: Option<&Path>,
+) -> Result<(f64, f64, QuicPathStats), TransferError> {
     let pair = connect(setup, server_id, client_id).await?;
+    let sink = sink.map(Path::to_owned);
     let conn = pair.client.clone();
     let per_stream = bytes / streams;
     let server_conn = pair.server.clone();
     let receiver = tokio::spawn(async move {
         let conn = server_conn;
         let mut tasks = Vec::new();
-        for _ in 0..streams {
+        for i in 0..streams {
             let mut recv = conn.accept_uni().await.map_err(|e| e.to_string())?;
+            let file = sink.as_ref().map(|p| p.with_extension(format!("{i}")));
             tasks.push(tokio::spawn(async move {
+                let (tx, writer) = match file {
+                    Some(path) => {
+                        let (tx, rx) = tokio::sync::mpsc::channel(64);
+                        (
+                            Some(tx),
+                            Some(tokio::task::spawn_blocking(|| write_all(path, rx))),
+                        )
+                    }
+                    None => (None, None),
+                };
                 let mut n = 0u64;
                 while let Some(c) = recv
                     .read_chunk(usize::MAX, true)
@@ -199,6 +214,13 @@ pub(super) async fn raw(
                     .map_err(|e| e.to_string())?
                 {
                     n += c.bytes.len() as u64;
+                    if let Some(tx) = &tx {
+                        tx.send(c.bytes).await.map_err(|e| e.to_string())?;
+                    }
+                }
+                drop(tx);
+                if let Some(w) = writer {
+                    w.await.map_err(|e| e.to_string())??;
                 }
                 Ok::<u64, String>(n)
             }));
@@ -209,7 +231,7 @@ pub(super) async fn raw(
         }
         Ok::<(u64, Instant), String>((total, Instant::now()))
     });
-    let start = Instant::now();
+    let (start, cpu) = (Instant::now(), cpu_seconds());
     let mut senders = Vec::new();
     for _ in 0..streams {
         let mut send = conn.open_uni().await.map_err(io("QUIC stream"))?;
@@ -234,6 +256,7 @@ pub(super) async fn raw(
         .await
         .map_err(io("QUIC receiver"))?
         .map_err(io("QUIC receive"))?;
+    let cpu = cpu_seconds() - cpu;
     let path = QuicPathStats::of(&conn);
     conn.close(0u32.into(), b"done");
     if got != per_stream * streams {
@@ -241,5 +264,25 @@ pub(super) async fn raw(
             "QUIC moved {got} of {bytes} bytes"
         )));
     }
-    Ok((gbps(got, (end - start).as_secs_f64()), path))
+    let secs = (end - start).as_secs_f64();
+    Ok((gbps(got, secs), cpu_per_gib(cpu, got), path))
+}
+
+/// Writes what arrives on `rx` to a new file at `path`, syncs it and removes it: what any
+/// receiver that keeps the bytes pays the machine, with no protocol of ours.
+fn write_all(
+    path: std::path::PathBuf,
+    mut rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+) -> Result<(), String> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    while let Some(b) = rx.blocking_recv() {
+        f.write_all(&b)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    f.sync_all()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    drop(f);
+    let _ = std::fs::remove_file(&path);
+    Ok(())
 }
