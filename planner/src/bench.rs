@@ -76,7 +76,7 @@ pub enum PlanRow {
 }
 
 impl PlanRow {
-    /// Every row, in the order the bench runs them.
+    /// Every row, in the order `--rows` lists them by default.
     pub const ALL: [PlanRow; 6] = [
         PlanRow::Latent,
         PlanRow::Readout,
@@ -575,4 +575,18 @@ pub fn pretrain_encoder(
     ckpt.model = trainer.model_flat();
     ckpt.target = trainer.target_flat();
     Ok(ckpt)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_parse_by_name_and_unknown_ones_are_refused() {
+        for row in PlanRow::ALL {
+            assert_eq!(row.to_string().parse::<PlanRow>().unwrap(), row);
+        }
+        let err = "two_level".parse::<PlanRow>().unwrap_err().to_string();
+        assert!(err.contains("two_level") && err.contains("learnt"), "{err}");
+    }
 }
