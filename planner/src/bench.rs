@@ -58,7 +58,7 @@ pub struct PlanBenchOptions {
 }
 
 /// A row of the bench: one policy run over the episodes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PlanRow {
     /// The latent planner on the latent energy alone (the world model's own judgement).
     Latent,

@@ -125,7 +125,7 @@ impl SubgoalNet {
 }
 
 /// The features of one query (arena units in, roughly unit scale out).
-pub fn features(agent: [f32; 2], object: [f32; 2], target: [f32; 2]) -> [f32; FEATURES] {
+fn features(agent: [f32; 2], object: [f32; 2], target: [f32; 2]) -> [f32; FEATURES] {
     let c = |v: f32| v / ARENA * 2.0 - 1.0;
     let d = |a: f32, b: f32| (a - b) / ARENA * 4.0;
     [

@@ -186,7 +186,10 @@ pub(super) async fn raw(
     sink: Option<&Path>,
 ) -> Result<(f64, f64, QuicPathStats), TransferError> {
     let pair = connect(setup, server_id, client_id).await?;
-    let sink = sink.map(Path::to_owned);
+    let files: Vec<std::path::PathBuf> = (0..streams)
+        .filter_map(|i| sink.map(|p| p.with_extension(format!("{i}"))))
+        .collect();
+    let sink_files = files.clone();
     let conn = pair.client.clone();
     let per_stream = bytes / streams;
     let server_conn = pair.server.clone();
@@ -195,7 +198,7 @@ pub(super) async fn raw(
         let mut tasks = Vec::new();
         for i in 0..streams {
             let mut recv = conn.accept_uni().await.map_err(|e| e.to_string())?;
-            let file = sink.as_ref().map(|p| p.with_extension(format!("{i}")));
+            let file = sink_files.get(i as usize).cloned();
             tasks.push(tokio::spawn(async move {
                 let (tx, writer) = match file {
                     Some(path) => {
@@ -257,6 +260,9 @@ pub(super) async fn raw(
         .map_err(io("QUIC receiver"))?
         .map_err(io("QUIC receive"))?;
     let cpu = cpu_seconds() - cpu;
+    for f in &files {
+        let _ = std::fs::remove_file(f);
+    }
     let path = QuicPathStats::of(&conn);
     conn.close(0u32.into(), b"done");
     if got != per_stream * streams {
@@ -268,8 +274,9 @@ pub(super) async fn raw(
     Ok((gbps(got, secs), cpu_per_gib(cpu, got), path))
 }
 
-/// Writes what arrives on `rx` to a new file at `path`, syncs it and removes it: what any
-/// receiver that keeps the bytes pays the machine, with no protocol of ours.
+/// Writes what arrives on `rx` to a new file at `path` and syncs it: what any receiver that
+/// keeps the bytes pays the machine, with no protocol of ours. The caller removes the file
+/// after the clock stops, as ours removes its partial file.
 fn write_all(
     path: std::path::PathBuf,
     mut rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
@@ -280,9 +287,5 @@ fn write_all(
         f.write_all(&b)
             .map_err(|e| format!("{}: {e}", path.display()))?;
     }
-    f.sync_all()
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    drop(f);
-    let _ = std::fs::remove_file(&path);
-    Ok(())
+    f.sync_all().map_err(|e| format!("{}: {e}", path.display()))
 }
