@@ -250,6 +250,7 @@ fn the_transfer_bench_moves_every_transport_and_ends_with_its_json_line() {
         "bare_cpu_s_per_gib",
         "bare_to_file_gbps",
         "ratio_bare_to_file",
+        "bare_to_file_cpu_s_per_gib",
     ] {
         let v = json[key].as_f64().unwrap_or(0.0);
         assert!(v > 0.0 && v.is_finite(), "{key} in {last}");

@@ -225,7 +225,7 @@ fn print_transfer(r: &amity_protocol::bench::TransferReport, mib: u64) {
         "transfer {} MiB: ours (blob protocol on QUIC) {:.2} GB/s, bare quinn {:.2} GB/s \
          (ours/bare {:.2}), bare quinn to a file {:.2} GB/s (ours/that {:.2}), TCP+TLS {:.2} \
          GB/s (ours/TLS {:.2}), TCP {:.2} GB/s; CPU per GiB, both ends: ours {:.2} s, bare quinn \
-         {:.2} s",
+         {:.2} s, bare quinn to a file {:.2} s",
         mib,
         r.quic_gbps,
         r.bare_quinn_gbps,
@@ -236,6 +236,7 @@ fn print_transfer(r: &amity_protocol::bench::TransferReport, mib: u64) {
         r.ratio,
         r.tcp_gbps,
         r.quic_cpu_s_per_gib,
-        r.bare_cpu_s_per_gib
+        r.bare_cpu_s_per_gib,
+        r.bare_to_file_cpu_s_per_gib
     );
 }

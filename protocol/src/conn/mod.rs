@@ -360,6 +360,25 @@ impl MsgStream {
             })
     }
 
+    /// Writes one buffer of raw bytes (framing already applied) without copying it: quinn
+    /// keeps the buffer until the peer acknowledges it, where [`MsgStream::write_raw`] copies
+    /// the slice first.
+    pub async fn write_bytes(&mut self, bytes: bytes::Bytes) -> Result<(), ConnError> {
+        self.send
+            .write_chunk(bytes)
+            .await
+            .map_err(|source| match source {
+                quinn::WriteError::ConnectionLost(source) => ConnError::Connection {
+                    peer: self.peer.clone(),
+                    source,
+                },
+                source => ConnError::Write {
+                    peer: self.peer.clone(),
+                    source,
+                },
+            })
+    }
+
     /// Sends one message.
     pub async fn send<T: Message>(&mut self, msg: &T) -> Result<(), ConnError> {
         let frame = encode_frame(FrameKind::Message, &msg.to_wire());
@@ -436,15 +455,17 @@ impl MsgStream {
         }
     }
 
-    /// The next frame, which must be of kind `kind`, its payload read into `out` (cleared
-    /// first) straight from the stream: one copy, where [`MsgStream::recv_frame_of`] makes two
-    /// more (the 1 MiB chunks of a blob go this way). A frame of another kind is refused from
-    /// its prefix, as there. `false` at a clean end of the stream.
-    pub async fn recv_payload_into(
+    /// The next frame, which must be of kind `kind`, its payload as the pieces quinn hands
+    /// over (`pieces` cleared first; their lengths add up to the frame's): no copy here, where
+    /// [`MsgStream::recv_frame_of`] makes two (the 1 MiB chunks of a blob go this way, and
+    /// the thread that checks and stores them joins the pieces). A frame of another kind is
+    /// refused from its prefix, as there. `false` at a clean end of the stream.
+    pub async fn recv_payload_pieces(
         &mut self,
         kind: FrameKind,
-        out: &mut Vec<u8>,
+        pieces: &mut Vec<bytes::Bytes>,
     ) -> Result<bool, ConnError> {
+        pieces.clear();
         loop {
             let prefix = match self.decoder.take_prefix() {
                 Ok(p) => p,
@@ -454,13 +475,15 @@ impl MsgStream {
                 if got != kind {
                     return Err(self.unexpected_kind(got, &[kind]));
                 }
-                out.clear();
-                out.reserve(len);
-                while out.len() < len {
-                    match self.recv.read_chunk(len - out.len(), true).await {
-                        Ok(Some(chunk)) => out.extend_from_slice(&chunk.bytes),
+                let mut have = 0;
+                while have < len {
+                    match self.recv.read_chunk(len - have, true).await {
+                        Ok(Some(chunk)) => {
+                            have += chunk.bytes.len();
+                            pieces.push(chunk.bytes);
+                        }
                         Ok(None) => {
-                            let source = FrameError::Truncated(5 + out.len());
+                            let source = FrameError::Truncated(5 + have);
                             return Err(ConnError::Frame {
                                 peer: self.peer.clone(),
                                 source,
@@ -475,7 +498,7 @@ impl MsgStream {
                 // Part of the payload is buffered already: the frame decoder's way.
                 return Ok(match self.recv_frame_of(&[kind]).await? {
                     Some((_, payload)) => {
-                        *out = payload;
+                        pieces.push(payload.into());
                         true
                     }
                     None => false,
