@@ -472,16 +472,31 @@ impl ChunkSink {
     }
 }
 
-/// A chunk being checked and written: the sink comes back with the outcome.
-type ChunkWrite = tokio::task::JoinHandle<(ChunkSink, Result<(), WriteFailure>)>;
+/// The next chunk frame's payload on `stream`, as quinn's pieces; the end of the stream here is
+/// an error.
+async fn next_chunk(stream: &mut MsgStream) -> Result<Vec<bytes::Bytes>, ConnError> {
+    let mut pieces = Vec::new();
+    if stream
+        .recv_payload_pieces(FrameKind::Chunk, &mut pieces)
+        .await?
+    {
+        Ok(pieces)
+    } else {
+        Err(ConnError::Unexpected {
+            peer: stream.peer().to_owned(),
+            what: "the end of the stream before the last chunk".into(),
+        })
+    }
+}
 
 /// Receives `take` chunk frames from `stream`, each checked by `receiver` and appended to
 /// `file` on a blocking thread while this task reads the next one: hashing and writing a chunk
 /// in the task that reads the connection held the runtime up, the UDP buffer overflowed and
 /// the congestion window collapsed (measured in `amity bench transfer`: losses and RTTs several
 /// times those of a bare quinn stream). Each chunk holds a blocking thread only while it is
-/// written, so a peer that trickles its bytes holds none. Only verified chunks reach the file.
-/// Returns both, for the caller to finish.
+/// written, so a peer that trickles its bytes holds none. Only verified chunks reach the file;
+/// a chunk that fails its check is reported before a read error that followed it. Returns
+/// both, for the caller to finish.
 async fn receive_chunks(
     stream: &mut MsgStream,
     id: &BlobId,
@@ -502,64 +517,37 @@ async fn receive_chunks(
             source,
         },
     };
-    let joined = |w: ChunkWrite| async {
-        w.await.map_err(|e| ConnError::Io {
-            path: part.to_owned(),
-            source: std::io::Error::other(e),
-        })
-    };
-    let mut sink = Some(ChunkSink {
+    let mut sink = ChunkSink {
         receiver,
         file,
         joined: Vec::with_capacity(CHUNK_SIZE),
-    });
-    let mut writing: Option<ChunkWrite> = None;
-    let mut read_error = None;
-    let mut pieces = Vec::new();
-    for _ in 0..take {
-        match stream
-            .recv_payload_pieces(FrameKind::Chunk, &mut pieces)
-            .await
-        {
-            Ok(true) => {}
-            Ok(false) => {
-                read_error = Some(ConnError::Unexpected {
-                    peer: peer.clone(),
-                    what: "the end of the stream before the last chunk".into(),
-                });
-                break;
-            }
-            Err(e) => {
-                read_error = Some(e);
-                break;
-            }
+    };
+    let mut left = take;
+    let mut next = if left > 0 {
+        Some(next_chunk(stream).await)
+    } else {
+        None
+    };
+    while let Some(read) = next.take() {
+        let pieces = read?;
+        left -= 1;
+        let mut busy = sink;
+        let write = tokio::task::spawn_blocking(move || {
+            let result = busy.write(pieces);
+            (busy, result)
+        });
+        // The next chunk comes in while this one is checked and written.
+        if left > 0 {
+            next = Some(next_chunk(stream).await);
         }
-        if let Some(w) = writing.take() {
-            let (done, result) = joined(w).await?;
-            result.map_err(&failed)?;
-            sink = Some(done);
-        }
-        let Some(mut s) = sink.take() else {
-            unreachable!("the sink is back whenever no write is in flight")
-        };
-        let chunk = std::mem::take(&mut pieces);
-        writing = Some(tokio::task::spawn_blocking(move || {
-            let result = s.write(chunk);
-            (s, result)
-        }));
-    }
-    if let Some(w) = writing.take() {
-        let (done, result) = joined(w).await?;
+        let (done, result) = write.await.map_err(|e| ConnError::Io {
+            path: part.to_owned(),
+            source: std::io::Error::other(e),
+        })?;
         result.map_err(&failed)?;
-        sink = Some(done);
+        sink = done;
     }
-    if let Some(e) = read_error {
-        return Err(e);
-    }
-    match sink {
-        Some(s) => Ok((s.receiver, s.file)),
-        None => unreachable!("the sink is back once the last write is joined"),
-    }
+    Ok((sink.receiver, sink.file))
 }
 
 /// Fetches blob `id` (at most `max_len` bytes) from the peer on a new stream into `part`,
