@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use clap::{Args, Subcommand};
 
-use amity_planner::bench::{PlanBenchOptions, PlanRow, bench_env, pretrain_encoder};
+use amity_planner::bench::{PlanBenchOptions, PlanRow, SweepPoint, bench_env, pretrain_encoder};
 use amity_planner::env::{ARENA, EnvKind, WaypointRule, make};
 use amity_planner::plan::optimise::{Method, Returns, SearchConfig};
 use amity_planner::plan::{
@@ -221,6 +221,11 @@ pub struct PlanBenchArgs {
         default_value = "latent,readout,rule,learnt,random,oracle"
     )]
     pub rows: Vec<PlanRow>,
+    /// Search settings to run the `latent` row again with, on the same world model, after the
+    /// rows: a comma-separated list of `SAMPLESxITERATIONS`, each optionally `:mean` or `:best`
+    /// (for example `48x3,96x3,96x6:mean`). Each point costs as much as a row.
+    #[arg(long, value_delimiter = ',')]
+    pub sweep: Vec<SweepPoint>,
 }
 
 /// `amity bench surprise`.
@@ -623,6 +628,7 @@ pub fn bench_plan(a: PlanBenchArgs) -> Result<()> {
         object_weight: a.object_weight,
         arena_weight: a.arena_weight,
         rows: a.rows.clone(),
+        sweep: a.sweep.clone(),
     };
     let mut log = |s: String| println!("{s}");
     let given = match &a.ckpt {

@@ -53,6 +53,18 @@ fn unknown_backend_is_a_clear_error() {
 }
 
 #[test]
+fn a_bad_plan_sweep_point_is_refused_before_anything_runs() {
+    let out = amity(&["bench", "plan", "--sweep", "96x3,96x0:mean"]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("\"96x0:mean\"") && err.contains("SAMPLESxITERATIONS"),
+        "{err}"
+    );
+    assert!(text(&out.stdout).is_empty(), "nothing ran");
+}
+
+#[test]
 fn worker_without_a_coordinator_says_what_it_needs() {
     let out = amity(&["worker"]);
     assert!(!out.status.success());

@@ -17,7 +17,7 @@ use amity_shared::rng::Rng;
 
 use crate::PlannerError;
 use crate::env::{EnvKind, make};
-use crate::plan::optimise::{Method, SearchConfig};
+use crate::plan::optimise::{Method, Returns, SearchConfig};
 use crate::plan::{
     HighLevel, LatentPlanner, Metric, OraclePlanner, Policy, RandomPolicy, ReadoutWeights,
     run_episode, two_level_settings,
@@ -55,6 +55,93 @@ pub struct PlanBenchOptions {
     pub arena_weight: Option<f32>,
     /// The rows to run.
     pub rows: Vec<PlanRow>,
+    /// Search settings the `latent` row runs again with, on the same world model, after the
+    /// rows (empty: none).
+    pub sweep: Vec<SweepPoint>,
+}
+
+/// One point of a search sweep: candidates per iteration, iterations, and what the search
+/// returns. Written `96x3` (the search's `returns`) or `96x6:mean` / `96x3:best`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SweepPoint {
+    /// Candidate sequences per iteration.
+    pub samples: usize,
+    /// Iterations per plan.
+    pub iterations: usize,
+    /// What the search returns (`None`: the bench's own setting).
+    pub returns: Option<Returns>,
+}
+
+impl SweepPoint {
+    /// `search` with this point's settings.
+    pub fn apply(&self, search: &SearchConfig) -> SearchConfig {
+        SearchConfig {
+            samples: self.samples,
+            iterations: self.iterations,
+            // CEM refits to its elites: never more of them than there are candidates.
+            elites: search.elites.min(self.samples),
+            returns: self.returns.unwrap_or(search.returns),
+            ..search.clone()
+        }
+    }
+}
+
+impl std::fmt::Display for SweepPoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{}", self.samples, self.iterations)?;
+        match self.returns {
+            Some(Returns::Mean) => write!(f, ":mean"),
+            Some(Returns::Best) => write!(f, ":best"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Why a sweep point did not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "sweep point {got:?}: expected SAMPLESxITERATIONS with both at least 1, optionally :mean or :best (for example 96x6:mean)"
+)]
+pub struct BadSweepPoint {
+    /// What was given.
+    pub got: String,
+}
+
+impl std::str::FromStr for SweepPoint {
+    type Err = BadSweepPoint;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || BadSweepPoint { got: s.to_owned() };
+        let (counts, returns) = match s.split_once(':') {
+            Some((c, r)) => (c, Some(r.parse::<Returns>().map_err(|_| bad())?)),
+            None => (s, None),
+        };
+        let (samples, iterations) = counts.split_once('x').ok_or_else(bad)?;
+        let count = |t: &str| t.parse::<usize>().ok().filter(|&n| n >= 1).ok_or_else(bad);
+        Ok(SweepPoint {
+            samples: count(samples)?,
+            iterations: count(iterations)?,
+            returns,
+        })
+    }
+}
+
+/// The `latent` row at one [`SweepPoint`].
+#[derive(Debug, Clone, Serialize)]
+pub struct SweepResult {
+    /// The point, as written on the command line.
+    pub point: String,
+    /// Candidates per iteration.
+    pub samples: usize,
+    /// Iterations per plan.
+    pub iterations: usize,
+    /// What the search returned (`mean` or `best`).
+    pub returns: String,
+    /// Success rate.
+    pub success: f64,
+    /// Milliseconds per action.
+    pub ms_per_action: f64,
+    /// Episodes in which the agent entered a forbidden zone.
+    pub forbidden_entries: usize,
 }
 
 /// A row of the bench: one policy run over the episodes.
@@ -155,6 +242,8 @@ pub struct EnvReport {
     /// The learnt subgoal proposer's held-out error and its "stay still" baseline (arena
     /// units), when the world model has one.
     pub subgoal_error: Option<(f64, f64)>,
+    /// The `latent` row at each point of the search sweep (empty without one).
+    pub sweep: Vec<SweepResult>,
 }
 
 fn rate(
@@ -498,6 +587,7 @@ pub fn bench_env(
         train_seconds,
         rollout_drift: drift,
         subgoal_error: subgoal.map(|s| (s.error, s.still_error)),
+        sweep: Vec::new(),
     };
     for &row in &opts.rows {
         let Some((mut policy, what)) = row_policy(row, kind, &wm, opts) else {
@@ -525,6 +615,25 @@ pub fn bench_env(
             PlanRow::Oracle => &mut report.oracle,
         };
         *slot = Some(success);
+    }
+    for point in &opts.sweep {
+        let search = point.apply(&opts.search);
+        let returns = format!("{:?}", search.returns).to_lowercase();
+        let mut policy = LatentPlanner::new(&wm, opts.method, search, opts.metric, 1);
+        let (success, ms, entries) = rate(kind, size, opts.episodes, opts.max_steps, &mut policy);
+        log(format!(
+            "  {kind}: sweep {point} (latent energy alone, returns {returns}): {success:.2} \
+             ({ms:.0} ms/action, {entries} forbidden entries)"
+        ));
+        report.sweep.push(SweepResult {
+            point: point.to_string(),
+            samples: point.samples,
+            iterations: point.iterations,
+            returns,
+            success,
+            ms_per_action: ms,
+            forbidden_entries: entries,
+        });
     }
     Ok(report)
 }
@@ -580,6 +689,47 @@ pub fn pretrain_encoder(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sweep_points_parse_print_and_refuse_what_is_not_one() {
+        let p: SweepPoint = "96x6:mean".parse().unwrap();
+        assert_eq!(
+            p,
+            SweepPoint {
+                samples: 96,
+                iterations: 6,
+                returns: Some(Returns::Mean)
+            }
+        );
+        assert_eq!(p.to_string(), "96x6:mean");
+        let q: SweepPoint = "48x3".parse().unwrap();
+        assert_eq!((q.samples, q.iterations, q.returns), (48, 3, None));
+        assert_eq!(q.to_string(), "48x3");
+        for bad in [
+            "96",
+            "0x3",
+            "96x0",
+            "x3",
+            "96x3:median",
+            "96x3x2",
+            "-1x3",
+            "",
+        ] {
+            let err = bad.parse::<SweepPoint>().unwrap_err();
+            assert!(
+                err.to_string().contains("SAMPLESxITERATIONS"),
+                "{bad}: {err}"
+            );
+        }
+        // Applied to a search: the counts and returns change, fewer elites than samples never.
+        let base = SearchConfig::default();
+        let tiny: SweepPoint = "4x2:best".parse().unwrap();
+        let s = tiny.apply(&base);
+        assert_eq!((s.samples, s.iterations, s.returns), (4, 2, Returns::Best));
+        assert_eq!(s.elites, base.elites.min(4));
+        assert_eq!(s.horizon, base.horizon);
+        assert_eq!(q.apply(&base).returns, base.returns);
+    }
 
     #[test]
     fn rows_parse_by_name_and_unknown_ones_are_refused() {
