@@ -90,8 +90,7 @@ impl std::fmt::Display for SweepPoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}x{}", self.samples, self.iterations)?;
         match self.returns {
-            Some(Returns::Mean) => write!(f, ":mean"),
-            Some(Returns::Best) => write!(f, ":best"),
+            Some(r) => write!(f, ":{r}"),
             None => Ok(()),
         }
     }
@@ -618,7 +617,7 @@ pub fn bench_env(
     }
     for point in &opts.sweep {
         let search = point.apply(&opts.search);
-        let returns = format!("{:?}", search.returns).to_lowercase();
+        let returns = search.returns.to_string();
         let mut policy = LatentPlanner::new(&wm, opts.method, search, opts.metric, 1);
         let (success, ms, entries) = rate(kind, size, opts.episodes, opts.max_steps, &mut policy);
         log(format!(

@@ -57,18 +57,36 @@ impl Returns {
     }
 }
 
+impl Returns {
+    const ALL: [Returns; 2] = [Returns::Mean, Returns::Best];
+    const NAMES: [&'static str; 2] = ["mean", "best"];
+
+    /// Its name on the command line, in configs and in bench output.
+    pub fn name(self) -> &'static str {
+        match self {
+            Returns::Mean => "mean",
+            Returns::Best => "best",
+        }
+    }
+}
+
+impl std::fmt::Display for Returns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl std::str::FromStr for Returns {
     type Err = amity_shared::UnknownName;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "mean" => Ok(Returns::Mean),
-            "best" => Ok(Returns::Best),
-            other => Err(amity_shared::UnknownName {
+        Returns::ALL
+            .into_iter()
+            .find(|r| r.name() == s)
+            .ok_or_else(|| amity_shared::UnknownName {
                 what: "search result",
-                got: other.to_owned(),
-                expected: &["mean", "best"],
-            }),
-        }
+                got: s.to_owned(),
+                expected: &Returns::NAMES,
+            })
     }
 }
 
@@ -265,6 +283,15 @@ pub fn shift(plan: &[Action]) -> Vec<Action> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn returns_round_trip_by_name_as_serde_writes_them() {
+        for r in Returns::ALL {
+            assert_eq!(r.name().parse::<Returns>().unwrap(), r);
+            assert_eq!(serde_json::to_value(r).unwrap(), r.name());
+        }
+        assert!("median".parse::<Returns>().is_err());
+    }
 
     #[test]
     fn cem_and_mppi_find_the_minimum_of_a_quadratic() {

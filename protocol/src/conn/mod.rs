@@ -348,16 +348,7 @@ impl MsgStream {
         self.send
             .write_all(bytes)
             .await
-            .map_err(|source| match source {
-                quinn::WriteError::ConnectionLost(source) => ConnError::Connection {
-                    peer: self.peer.clone(),
-                    source,
-                },
-                source => ConnError::Write {
-                    peer: self.peer.clone(),
-                    source,
-                },
-            })
+            .map_err(|source| self.write_error(source))
     }
 
     /// Writes one buffer of raw bytes (framing already applied) without copying it: quinn
@@ -367,16 +358,7 @@ impl MsgStream {
         self.send
             .write_chunk(bytes)
             .await
-            .map_err(|source| match source {
-                quinn::WriteError::ConnectionLost(source) => ConnError::Connection {
-                    peer: self.peer.clone(),
-                    source,
-                },
-                source => ConnError::Write {
-                    peer: self.peer.clone(),
-                    source,
-                },
-            })
+            .map_err(|source| self.write_error(source))
     }
 
     /// Sends one message.
@@ -440,6 +422,19 @@ impl MsgStream {
             peer: self.peer.clone(),
             source,
         })
+    }
+
+    fn write_error(&self, source: quinn::WriteError) -> ConnError {
+        match source {
+            quinn::WriteError::ConnectionLost(source) => ConnError::Connection {
+                peer: self.peer.clone(),
+                source,
+            },
+            source => ConnError::Write {
+                peer: self.peer.clone(),
+                source,
+            },
+        }
     }
 
     fn read_error(&self, source: quinn::ReadError) -> ConnError {
