@@ -85,6 +85,38 @@ pub struct TrainStepReport {
     pub kernel_speedup: Option<f64>,
     /// Median full V-JEPA step (both mask sets), Amity.
     pub amity_full_step_ms: f64,
+    /// The CPU both ran on (`model name` in `/proc/cpuinfo`; `null` where it cannot be read).
+    /// The ratio moves with it: one release build measured 0.90-0.95 on one session's machine
+    /// and 1.43 on another's.
+    pub cpu: Option<String>,
+    /// The widest x86 vector extension the CPU offers (`avx512f`, `avx2`, or `none`); our
+    /// kernels and PyTorch's pick their code paths by it.
+    pub simd: &'static str,
+    /// CPU threads both were given.
+    pub threads: usize,
+}
+
+/// The CPU's model name from `/proc/cpuinfo` (Linux), if it can be read.
+fn cpu_model() -> Option<String> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    info.lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_owned())
+}
+
+/// The widest vector extension detected at run time.
+fn simd_level() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return "avx512f";
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            return "avx2";
+        }
+    }
+    "none"
 }
 
 fn time_steps(
@@ -148,9 +180,12 @@ pub fn train_step(opts: &TrainStepOptions) -> Result<TrainStepReport> {
     let tgt = median(&shapes.iter().map(|s| s.1 as f64).collect::<Vec<_>>()) as usize;
 
     eprintln!(
-        "amity: preset {} batch {b} tokens {} (single set: ctx {ctx} tgt {tgt})",
+        "amity: preset {} batch {b} tokens {} (single set: ctx {ctx} tgt {tgt}) on {} ({}, {} threads)",
         opts.preset,
-        config.model.tokens()
+        config.model.tokens(),
+        cpu_model().as_deref().unwrap_or("an unnamed CPU"),
+        simd_level(),
+        opts.threads
     );
     let device = opts.backend.device(0)?;
     let primary = match opts.kernels {
@@ -201,6 +236,9 @@ pub fn train_step(opts: &TrainStepOptions) -> Result<TrainStepReport> {
         kernel_speedup: burn_kernels_ms.map(|b| b / amity_ms),
         torch_ms,
         amity_full_step_ms,
+        cpu: cpu_model(),
+        simd: simd_level(),
+        threads: opts.threads,
     })
 }
 
