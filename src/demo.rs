@@ -532,7 +532,7 @@ fn print_outcome(ended: &Ended, t: &Totals, losses: &[f64], rounds: u64) {
 fn downstream(release: &Path) -> Result<(serde_json::Value, serde_json::Value)> {
     use amity_planner::env::{EnvKind, make};
     use amity_planner::plan::optimise::{Method, SearchConfig};
-    use amity_planner::plan::{LatentPlanner, Metric, run_episode};
+    use amity_planner::plan::{LatentEnergy, LatentPlanner, run_episode};
     use amity_planner::surprise::{Scoring, curve};
     use amity_planner::world::data::collect;
     use amity_planner::world::encode::FrameEncoder;
@@ -561,8 +561,14 @@ fn downstream(release: &Path) -> Result<(serde_json::Value, serde_json::Value)> 
     );
     // The latent energy plus the position term: on this tiny encoder the latent distance alone
     // is too flat to steer by (see `amity bench plan`, which reports both).
-    let mut planner = LatentPlanner::new(&wm, Method::Cem, SearchConfig::default(), Metric::L1, 1)
-        .with_readout_weights(amity_planner::plan::ReadoutWeights::default_for(kind));
+    let mut planner = LatentPlanner::new(
+        &wm,
+        Method::Cem,
+        SearchConfig::default(),
+        LatentEnergy::default(),
+        1,
+    )
+    .with_readout_weights(amity_planner::plan::ReadoutWeights::default_for(kind));
     println!("  planner: CEM on the latent energy + position term, guardrails on");
     let mut env = make(kind, wm.encoder.size());
     let mut episodes = Vec::new();

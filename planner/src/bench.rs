@@ -19,7 +19,7 @@ use crate::PlannerError;
 use crate::env::{EnvKind, make};
 use crate::plan::optimise::{Method, Returns, SearchConfig};
 use crate::plan::{
-    HighLevel, LatentPlanner, Metric, OraclePlanner, Policy, RandomPolicy, ReadoutWeights,
+    HighLevel, LatentEnergy, LatentPlanner, OraclePlanner, Policy, RandomPolicy, ReadoutWeights,
     run_episode, two_level_settings,
 };
 use crate::world::data::{Trajectory, collect};
@@ -43,8 +43,8 @@ pub struct PlanBenchOptions {
     pub search: SearchConfig,
     /// Which optimiser.
     pub method: Method,
-    /// Latent distance.
-    pub metric: Metric,
+    /// How predicted latents are compared with the goal's.
+    pub energy: LatentEnergy,
     /// Weights of the read-out terms for the second latent run, each `None` for the
     /// environment's default ([`ReadoutWeights::default_for`]); with all three 0 the run is
     /// skipped.
@@ -301,13 +301,13 @@ pub fn energy_landscape(
     wm: &WorldModel,
     kind: EnvKind,
     cfg: &SearchConfig,
-    metric: Metric,
+    energy: LatentEnergy,
     states: usize,
     actions: usize,
 ) -> (f64, f64) {
     let mut env = make(kind, wm.encoder.size());
     let mut total = (0.0, 0.0);
-    let mut planner = LatentPlanner::new(wm, Method::Cem, cfg.clone(), metric, 0);
+    let mut planner = LatentPlanner::new(wm, Method::Cem, cfg.clone(), energy, 0);
     for s in 0..states {
         env.reset(800_000 + s as u64);
         planner.begin(env.as_ref());
@@ -484,9 +484,9 @@ fn row_policy<'a>(
     wm: &'a WorldModel,
     opts: &PlanBenchOptions,
 ) -> Option<(Box<dyn Policy + 'a>, String)> {
-    let latent = || LatentPlanner::new(wm, opts.method, opts.search.clone(), opts.metric, 1);
+    let latent = || LatentPlanner::new(wm, opts.method, opts.search.clone(), opts.energy, 1);
     let two_level =
-        |high| LatentPlanner::two_level(wm, opts.method, &opts.search, opts.metric, 1, high);
+        |high| LatentPlanner::two_level(wm, opts.method, &opts.search, opts.energy, 1, high);
     let weights = ReadoutWeights::default_with(
         kind,
         opts.position_weight,
@@ -543,7 +543,7 @@ pub fn bench_env(
     let rollout = (fit.train.rollout_before, fit.train.rollout_after);
     let size = wm.encoder.size();
     let (spearman, spearman_encoder) =
-        energy_landscape(&wm, kind, &opts.search, opts.metric, 10, 32);
+        energy_landscape(&wm, kind, &opts.search, opts.energy, 10, 32);
     // Long enough for an open-loop rollout of the whole planning horizon.
     let plan_steps = opts.search.horizon * wm.config.frameskip.max(1);
     let held_out = collect(kind, size, 32, opts.collect_steps.max(plan_steps), 77);
@@ -618,7 +618,7 @@ pub fn bench_env(
     for point in &opts.sweep {
         let search = point.apply(&opts.search);
         let returns = search.returns.to_string();
-        let mut policy = LatentPlanner::new(&wm, opts.method, search, opts.metric, 1);
+        let mut policy = LatentPlanner::new(&wm, opts.method, search, opts.energy, 1);
         let (success, ms, entries) = rate(kind, size, opts.episodes, opts.max_steps, &mut policy);
         log(format!(
             "  {kind}: sweep {point} (latent energy alone, returns {returns}): {success:.2} \
@@ -637,17 +637,26 @@ pub fn bench_env(
     Ok(report)
 }
 
-/// Pretrains the tiny preset's JEPA on clips of the environment's own videos (collected with the
-/// same random and scripted policies): a self-supervised encoder for that world, as a released
-/// encoder would be fine-tuned. `steps = 0` returns the random initialisation.
+/// Pretrains the tiny preset's JEPA, with patches of `patch` pixels, on clips of the
+/// environment's own videos (collected with the same random and scripted policies): a
+/// self-supervised encoder for that world, as a released encoder would be fine-tuned.
+/// `steps = 0` returns the random initialisation.
+///
+/// The tiny preset's own patch of 8 pixels makes a 4x4 token grid on its 32-pixel frames, with
+/// PointMaze's agent inside one patch: too coarse for a latent energy that ranks nearby
+/// positions (see [`LatentEnergy`]). Patches of 4 make an 8x8 grid at four times the tokens.
 pub fn pretrain_encoder(
     kind: EnvKind,
     steps: u64,
+    patch: usize,
     log: &mut dyn FnMut(String),
 ) -> Result<Checkpoint, PlannerError> {
     use amity_shared::data::ClipBatch;
     use amity_shared::train::Trainer;
-    let mut ckpt = crate::world::random_checkpoint("tiny", 0)?;
+    let mut config = amity_shared::config::Config::preset("tiny").map_err(PlannerError::other)?;
+    config.model.patch = patch;
+    config.model.validate().map_err(PlannerError::other)?;
+    let mut ckpt = crate::world::seeded_checkpoint(config);
     if steps == 0 {
         return Ok(ckpt);
     }

@@ -4,9 +4,9 @@
 //! environment steps ahead and the planner thinks once every 3 actions.
 //!
 //! - [`LatentPlanner`]: the outcome is predicted by the world model in latent space; the energy
-//!   is the distance (L1 or L2) between the predicted final latents and the goal image's
-//!   latents, at two scales (the token maps as they are, and smoothed over the token grid so
-//!   that far from the goal the energy still has a slope), optionally plus a position term (the
+//!   is the [`LatentEnergy`]: the distance (L2 or L1) between the predicted final latents and
+//!   the goal image's latents, both token maps smoothed over the token grid so that away from
+//!   the goal the energy still has a slope; optionally plus a position term (the
 //!   distance between the agent positions the predictor's state output reaches, averaged over
 //!   the plan's steps, and where the frozen probe puts the agent in the goal image), an object
 //!   term (the same for the task's object), an arena term (predicted positions outside the
@@ -24,21 +24,23 @@
 //!   true goal distance averaged over the plan's steps (the position term's stage cost).
 //! - [`RandomPolicy`]: uniform random actions (the floor).
 
+mod energy;
 mod high_level;
 pub mod optimise;
 
+pub use energy::{LatentEnergy, Metric, blur_matrix};
 pub use high_level::HighLevel;
 
 use std::time::Instant;
 
 use burn::tensor::{Tensor, TensorData};
-use serde::{Deserialize, Serialize};
 
 use amity_shared::model::host_f32;
 use amity_shared::rng::Rng;
 
 use crate::env::{Action, Env, Zone, clamp_action, proprio_position};
 use crate::world::WorldModel;
+use energy::latent_distance;
 use optimise::{Method, Plan, SearchConfig, search, shift};
 
 /// Weights (per arena unit) of the read-out terms the latent planner adds to its latent energy
@@ -165,16 +167,6 @@ fn outside_arena(p: [f32; 2]) -> f32 {
 /// The energy of a sequence that enters a forbidden zone.
 pub const FORBIDDEN: f32 = 1.0e6;
 
-/// Distance between predicted and goal latents.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Metric {
-    /// Mean absolute difference.
-    L1,
-    /// Mean squared difference.
-    L2,
-}
-
 /// What acts in an environment.
 pub trait Policy {
     /// Starts an episode in `env`.
@@ -185,37 +177,6 @@ pub trait Policy {
     fn expected_path(&self) -> Vec<[f32; 2]> {
         Vec::new()
     }
-}
-
-/// Width, in tokens, of the Gaussian that smooths token maps for the coarse energy term.
-pub const BLUR_SIGMA: f32 = 1.0;
-
-/// The `[P, P]` row-normalised Gaussian smoothing over a token grid (`None` for sigma 0).
-pub fn blur_matrix(
-    grid: (usize, usize),
-    sigma: f32,
-    device: &burn::tensor::Device,
-) -> Option<Tensor<2>> {
-    if sigma <= 0.0 {
-        return None;
-    }
-    let (h, w) = grid;
-    let p = h * w;
-    let mut m = vec![0f32; p * p];
-    for i in 0..p {
-        let (yi, xi) = ((i / w) as f32, (i % w) as f32);
-        let mut row = 0.0;
-        for j in 0..p {
-            let (yj, xj) = ((j / w) as f32, (j % w) as f32);
-            let v = (-((yi - yj).powi(2) + (xi - xj).powi(2)) / (2.0 * sigma * sigma)).exp();
-            m[i * p + j] = v;
-            row += v;
-        }
-        for j in 0..p {
-            m[i * p + j] /= row;
-        }
-    }
-    Some(Tensor::from_data(TensorData::new(m, [p, p]), device))
 }
 
 /// How many points of the way from `a` to `b` (straight, sampled every quarter arena unit,
@@ -247,10 +208,10 @@ pub struct LatentPlanner<'a> {
     wm: &'a WorldModel,
     method: Method,
     cfg: SearchConfig,
-    metric: Metric,
+    energy: LatentEnergy,
     /// Zones grown by this margin (arena units) before checking, against probe error.
     margin: f32,
-    /// `[P, P]` spatial smoothing of token maps for the coarse term of the energy.
+    /// `[P, P]` spatial smoothing of token maps ([`LatentEnergy::blur`]).
     blur: Option<Tensor<2>>,
     /// The predictor on an autodiff device, built on first use by gradient descent.
     ad_predictor: Option<crate::world::predictor::ActionPredictor>,
@@ -286,16 +247,18 @@ impl<'a> LatentPlanner<'a> {
         wm: &'a WorldModel,
         method: Method,
         cfg: SearchConfig,
-        metric: Metric,
+        energy: LatentEnergy,
         seed: u64,
     ) -> Self {
+        let grid = wm.encoder.grid();
+        let sigma = energy.blur * grid.1 as f32;
         LatentPlanner {
             wm,
             method,
             cfg,
-            metric,
+            energy,
             margin: 1.0,
-            blur: blur_matrix(wm.encoder.grid(), BLUR_SIGMA, &wm.encoder.device()),
+            blur: blur_matrix(grid, sigma, &wm.encoder.device()),
             ad_predictor: None,
             zones: Vec::new(),
             position_weight: 0.0,
@@ -383,7 +346,7 @@ impl<'a> LatentPlanner<'a> {
         wm: &'a WorldModel,
         method: Method,
         cfg: &SearchConfig,
-        metric: Metric,
+        energy: LatentEnergy,
         seed: u64,
         high: HighLevel<'a>,
     ) -> Self {
@@ -391,7 +354,7 @@ impl<'a> LatentPlanner<'a> {
             horizon: TWO_LEVEL_HORIZON,
             ..cfg.clone()
         };
-        LatentPlanner::new(wm, method, cfg, metric, seed)
+        LatentPlanner::new(wm, method, cfg, energy, seed)
             .with_readout_weights(TWO_LEVEL_WEIGHTS)
             .with_waypoints(high)
             .with_replan_every(1)
@@ -526,33 +489,19 @@ impl<'a> LatentPlanner<'a> {
         }
     }
 
-    /// The latent part of the energy: the distance of each of `fin [N, P, D]` to the goal's
-    /// latents, at both scales (as they are, and smoothed over the token grid).
+    /// The latent part of the energy: the [`LatentEnergy`] distance of each of `fin [N, P, D]`
+    /// to the goal's latents.
     pub fn goal_distance(&self, fin: Tensor<3>) -> Vec<f32> {
-        let [n, p, d] = fin.dims();
         let goal = self.goal.clone().expect("begin() sets the goal");
-        let goal = goal.expand([n, p, d]);
-        let metric = self.metric;
-        let distance = |a: Tensor<3>, b: Tensor<3>| {
-            let diff = a - b;
-            match metric {
-                Metric::L1 => diff.abs(),
-                Metric::L2 => diff.clone() * diff,
-            }
-            .reshape([n, p * d])
-            .mean_dim(1)
-        };
-        let mut dist = distance(fin.clone(), goal.clone());
-        if let Some(k) = &self.blur {
-            // The same distance between spatially smoothed token maps: an agent a few patches
-            // from where the goal has it still overlaps it there, so the energy keeps a slope.
-            let k = k.clone().unsqueeze::<3>().expand([n, p, p]);
-            dist = dist + distance(k.clone().matmul(fin), k.matmul(goal));
-        }
-        host_f32(dist)
+        host_f32(latent_distance(
+            fin,
+            goal,
+            self.blur.clone(),
+            self.energy.metric,
+        ))
     }
 
-    /// Gradient descent on the actions: the latent distance (both scales) of the rollout's
+    /// Gradient descent on the actions: the latent distance of the rollout's
     /// final latents to the goal is differentiated through the predictor with respect to the
     /// actions; each step moves every action against its gradient (normalised to `step` at the
     /// largest component) and clamps it to the bounds. A fixed step can overshoot, so the result
@@ -603,14 +552,7 @@ impl<'a> LatentPlanner<'a> {
                 s = Tensor::cat(vec![s, sn], 1);
             }
             let fin: Tensor<3> = z.narrow(1, h, 1).reshape([1, p, d]);
-            let mut loss = (fin.clone() - goal.clone()).abs().mean();
-            if let Some(k) = &blur {
-                let k = k.clone().unsqueeze::<3>();
-                loss = loss
-                    + (k.clone().matmul(fin) - k.matmul(goal.clone()))
-                        .abs()
-                        .mean();
-            }
+            let loss = latent_distance(fin, goal.clone(), blur.clone(), self.energy.metric).sum();
             let value: f32 = loss.clone().inner().into_scalar();
             if value < best.0 {
                 best = (value, actions.clone());

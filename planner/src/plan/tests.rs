@@ -83,8 +83,14 @@ fn guardrails_keep_plans_out_of_the_forbidden_zone_and_the_landscape_is_reported
         iterations: 2,
         ..SearchConfig::default()
     };
-    let (rho, rho_enc) =
-        crate::bench::energy_landscape(&wm, EnvKind::PointMaze, &search, Metric::L1, 6, 24);
+    let (rho, rho_enc) = crate::bench::energy_landscape(
+        &wm,
+        EnvKind::PointMaze,
+        &search,
+        LatentEnergy::default(),
+        6,
+        24,
+    );
     eprintln!(
         "energy-landscape Spearman (random encoder, small model): {rho:.3}, encoder alone {rho_enc:.3}"
     );
@@ -92,7 +98,7 @@ fn guardrails_keep_plans_out_of_the_forbidden_zone_and_the_landscape_is_reported
     // Gradient descent on the actions moves downhill from standing still.
     let mut env = make(EnvKind::PointMaze, wm.encoder.size());
     env.reset(3);
-    let mut gd = LatentPlanner::new(&wm, Method::Gd, search.clone(), Metric::L1, 5);
+    let mut gd = LatentPlanner::new(&wm, Method::Gd, search.clone(), LatentEnergy::default(), 5);
     gd.begin(env.as_ref());
     let z0 = wm.encoder.encode(&[&env.render()]);
     let still = vec![[0.0f32, 0.0]; search.horizon];
@@ -105,7 +111,7 @@ fn guardrails_keep_plans_out_of_the_forbidden_zone_and_the_landscape_is_reported
     // Twenty situations whose straight way to the goal runs through the no-go zone.
     let mut env = make(EnvKind::PointMaze, wm.encoder.size());
     let mut rng = Rng::new(9);
-    let mut planner = LatentPlanner::new(&wm, Method::Cem, search, Metric::L1, 4);
+    let mut planner = LatentPlanner::new(&wm, Method::Cem, search, LatentEnergy::default(), 4);
     for episode in 0..20 {
         env.reset(episode);
         let mut u = |lo: f64, hi: f64| (lo + (hi - lo) * rng.uniform()) as f32;
@@ -132,7 +138,8 @@ fn the_two_level_planner_aims_each_search_at_the_rules_waypoint() {
         ..SearchConfig::default()
     };
     let high = HighLevel::Rule(rule);
-    let mut planner = LatentPlanner::two_level(&wm, Method::Cem, &search, Metric::L1, 1, high);
+    let mut planner =
+        LatentPlanner::two_level(&wm, Method::Cem, &search, LatentEnergy::default(), 1, high);
     assert_eq!(planner.cfg.horizon, TWO_LEVEL_HORIZON);
     let mut env = make(EnvKind::PushBlock, wm.encoder.size());
     env.reset(900_000);
@@ -163,4 +170,55 @@ fn the_arena_term_counts_only_predictions_beyond_the_edge() {
     let far = outside_arena([-3.0, 12.0]);
     let want = (ARENA_MARGIN + 3.0) + (12.0 - crate::env::ARENA + ARENA_MARGIN);
     assert!((far - want).abs() < 1e-5, "{far} vs {want}");
+}
+
+/// An `8 x 8` token map of width 2: background everywhere, one "agent" token at `(row, col)`.
+fn blob_map(row: usize, col: usize, device: &Device) -> Tensor<3> {
+    let mut v = vec![0f32; 64 * 2];
+    for t in 0..64 {
+        v[2 * t] = 1.0;
+    }
+    let t = row * 8 + col;
+    v[2 * t] = -1.0;
+    v[2 * t + 1] = 2.0;
+    Tensor::from_data(TensorData::new(v, [1, 64, 2]), device)
+}
+
+#[test]
+fn smoothed_token_maps_keep_a_slope_where_tokens_alone_are_flat() {
+    // The goal has the agent in token (4, 1); candidates move it 1 to 6 tokens right.
+    let device = Device::flex();
+    let goal = blob_map(4, 1, &device);
+    let cands = Tensor::cat((2..8).map(|c| blob_map(4, c, &device)).collect(), 0);
+    let energy = |metric, blur: f32| {
+        let k = blur_matrix((8, 8), blur * 8.0, &device);
+        host_f32(latent_distance(cands.clone(), goal.clone(), k, metric))
+    };
+    // Token by token, every candidate that misses the goal's token is as far as any other.
+    let flat = energy(Metric::L1, 0.0);
+    assert!(
+        flat.windows(2).all(|w| (w[0] - w[1]).abs() < 1e-6),
+        "{flat:?}"
+    );
+    // Smoothed (the default: L2, sigma 2 tokens here), the energy grows with every token of
+    // distance across the grid.
+    let d = LatentEnergy::default();
+    let e = energy(d.metric, d.blur);
+    assert!(e.windows(2).all(|w| w[1] > w[0] * 1.01), "{e:?}");
+    // L1 of the smoothed maps grows too, until the two smoothed agents stop overlapping
+    // (about 2 sigma; beyond it the grid's edge even turns it down).
+    let e = energy(Metric::L1, d.blur);
+    assert!(e[..4].windows(2).all(|w| w[1] > w[0] * 1.01), "{e:?}");
+    // The same map as the goal is at distance 0.
+    let k = blur_matrix((8, 8), d.blur * 8.0, &device);
+    let zero = host_f32(latent_distance(goal.clone(), goal, k, d.metric));
+    assert!(zero[0].abs() < 1e-9, "{zero:?}");
+}
+
+#[test]
+fn metrics_parse_and_print_by_name() {
+    for m in [Metric::L1, Metric::L2] {
+        assert_eq!(m.to_string().parse::<Metric>(), Ok(m));
+    }
+    assert!("l3".parse::<Metric>().unwrap_err().contains("l1"));
 }

@@ -444,13 +444,18 @@ fn load_module<M: burn::module::Module>(
 pub fn random_checkpoint(preset: &str, seed: u64) -> Result<Checkpoint, PlannerError> {
     let mut config = amity_shared::config::Config::preset(preset).map_err(PlannerError::other)?;
     config.train.seed = seed;
+    Ok(seeded_checkpoint(config))
+}
+
+/// A checkpoint of `config` at its seeded initialisation (`config.train.seed`).
+pub fn seeded_checkpoint(config: amity_shared::config::Config) -> Checkpoint {
     let init = amity_shared::federated::GlobalParams::seeded(&config);
-    Ok(Checkpoint {
+    Checkpoint {
         model: init.model,
         target: init.target,
         config,
         meta: Default::default(),
-    })
+    }
 }
 
 #[cfg(test)]
