@@ -173,7 +173,7 @@ pub struct PlanBenchArgs {
     /// preset's own) makes a 4x4 token grid of the 32-pixel frames; 4 an 8x8 grid, on which
     /// the latent energy of really reached frames ranks far better (PointMaze: Spearman 0.95
     /// against 0.70, see `LatentEnergy`) for about 5x the predictor's training time.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = parse_patch)]
     pub encoder_patch: usize,
     /// Where to save each environment's pretrained encoder (`<path>.<env>.safetensors`), to
     /// bench it again with `--ckpt` without pretraining.
@@ -184,7 +184,7 @@ pub struct PlanBenchArgs {
     pub metric: Metric,
     /// Width of the Gaussian that smooths token maps before they are compared, as a fraction
     /// of the token grid's width (0: tokens as they are).
-    #[arg(long, default_value_t = 0.25)]
+    #[arg(long, default_value_t = 0.25, value_parser = parse_blur)]
     pub blur: f32,
     /// Environments.
     #[arg(long, value_delimiter = ',', default_value = "pointmaze,pushblock")]
@@ -623,6 +623,32 @@ pub fn surprise(args: SurpriseArgs) -> Result<()> {
         args.plot.display()
     );
     Ok(())
+}
+
+/// `--encoder-patch`: a side that divides the tiny preset's 32-pixel frames.
+fn parse_patch(s: &str) -> Result<usize, String> {
+    let size = amity_shared::config::Config::preset("tiny")
+        .map_err(|e| e.to_string())?
+        .model
+        .image_size;
+    match s.parse::<usize>() {
+        Ok(p) if p > 0 && size.is_multiple_of(p) => Ok(p),
+        _ => Err(format!(
+            "a patch side must divide the tiny preset's {size}-pixel frames (4 or 8, for example)"
+        )),
+    }
+}
+
+/// `--blur`: a finite fraction of the grid's width, 0 or more.
+fn parse_blur(s: &str) -> Result<f32, String> {
+    match s.parse::<f32>() {
+        Ok(b) if b.is_finite() && b >= 0.0 => Ok(b),
+        _ => Err(
+            "the smoothing width is a fraction of the token grid's width, 0 or more \
+                  (0.25, for example; 0: tokens as they are)"
+                .into(),
+        ),
+    }
 }
 
 /// Runs `amity bench plan`.

@@ -65,6 +65,25 @@ fn a_bad_plan_sweep_point_is_refused_before_anything_runs() {
 }
 
 #[test]
+fn a_bad_latent_energy_or_encoder_patch_is_refused_before_anything_runs() {
+    for (flag, value, says) in [
+        ("--blur", "nan", "fraction of the token grid"),
+        ("--blur", "-1", "fraction of the token grid"),
+        ("--encoder-patch", "5", "must divide"),
+        ("--metric", "l3", "expected `l1` or `l2`"),
+    ] {
+        let out = amity(&["bench", "plan", &format!("{flag}={value}")]);
+        assert!(!out.status.success(), "{flag} {value}");
+        let err = text(&out.stderr);
+        assert!(
+            err.contains(says) && err.contains(flag),
+            "{flag} {value}: {err}"
+        );
+        assert!(text(&out.stdout).is_empty(), "{flag} {value}: nothing ran");
+    }
+}
+
+#[test]
 fn worker_without_a_coordinator_says_what_it_needs() {
     let out = amity(&["worker"]);
     assert!(!out.status.success());
