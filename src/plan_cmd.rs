@@ -372,22 +372,7 @@ pub fn plan(args: PlanArgs) -> Result<()> {
             } else {
                 let weights =
                     ReadoutWeights::default_with(env, position_weight, object_weight, arena_weight);
-                if weights.any() {
-                    println!(
-                        "energy: latent distance + read-out terms (position {}, object {}, arena {})",
-                        weights.position, weights.object, weights.arena
-                    );
-                } else {
-                    println!("energy: latent distance alone");
-                }
-                LatentPlanner::new(
-                    &wm,
-                    planner,
-                    SearchConfig::default(),
-                    LatentEnergy::default(),
-                    1,
-                )
-                .with_readout_weights(weights)
+                one_level(&wm, planner, weights)
             };
             let mut e = make(env, wm.encoder.size());
             let mut wins = 0;
@@ -623,6 +608,26 @@ pub fn surprise(args: SurpriseArgs) -> Result<()> {
         args.plot.display()
     );
     Ok(())
+}
+
+/// `amity plan run`'s one-level planner: the latent energy plus the read-out terms `weights` gives.
+fn one_level(wm: &WorldModel, method: Method, weights: ReadoutWeights) -> LatentPlanner<'_> {
+    if weights.any() {
+        println!(
+            "energy: latent distance + read-out terms (position {}, object {}, arena {})",
+            weights.position, weights.object, weights.arena
+        );
+    } else {
+        println!("energy: latent distance alone");
+    }
+    LatentPlanner::new(
+        wm,
+        method,
+        SearchConfig::default(),
+        LatentEnergy::default(),
+        1,
+    )
+    .with_readout_weights(weights)
 }
 
 /// `--encoder-patch`: a side that divides the tiny preset's 32-pixel frames.

@@ -90,15 +90,15 @@ pub(super) fn latent_distance(
     metric: Metric,
 ) -> Tensor<1> {
     let [n, p, d] = fin.dims();
-    let goal = goal.expand([n, p, d]);
+    // The goal is smoothed once, not once per candidate.
     let (a, b) = match blur {
         Some(k) => {
-            let k = k.unsqueeze::<3>().expand([n, p, p]);
-            (k.clone().matmul(fin), k.matmul(goal))
+            let goal = k.clone().unsqueeze::<3>().matmul(goal);
+            (k.unsqueeze::<3>().expand([n, p, p]).matmul(fin), goal)
         }
         None => (fin, goal),
     };
-    let diff = a - b;
+    let diff = a - b.expand([n, p, d]);
     match metric {
         Metric::L1 => diff.abs(),
         Metric::L2 => diff.clone() * diff,
