@@ -4,14 +4,16 @@
 //! The bodies of benches that only this command runs live here, next to it: `federated` (the
 //! real coordinator and worker cores wired in process), `replication` (coordinator processes on
 //! loopback), `scale` (the coordinator core with a thousand simulated workers), `ingest` and
-//! `train-step`. `transfer`
-//! lives in `amity-protocol` (it measures that crate's transport), `plan` and `surprise` in
-//! `amity-planner`.
+//! `train-step`, and the command-line shells of `plan` and `surprise`. `transfer` lives in
+//! `amity-protocol` (it measures that crate's transport); the bodies of `plan` and `surprise`
+//! live in `amity-planner`.
 
 mod federated;
 mod ingest;
+mod plan;
 mod replication;
 mod scale;
+mod surprise;
 mod train_step;
 
 use std::path::PathBuf;
@@ -44,10 +46,10 @@ pub enum Bench {
     Replication(replication::ReplicationBenchArgs),
     /// Latent planning success beside a random policy and a simulator oracle, per environment;
     /// prints `{"bench":"plan",...}` last.
-    Plan(crate::plan_cmd::PlanBenchArgs),
+    Plan(plan::PlanBenchArgs),
     /// Surprise detector: paired accuracy and AUROC on synthetic violation pairs; prints
     /// `{"bench":"surprise",...}` last.
-    Surprise(crate::plan_cmd::SurpriseBenchArgs),
+    Surprise(surprise::SurpriseBenchArgs),
     /// The coordinator core with 1000 simulated workers: round close time, peak memory over
     /// the model state, aggregation beside memcpy; prints `{"bench":"scale",...}` last.
     Scale(scale::ScaleBenchArgs),
@@ -111,8 +113,8 @@ pub struct TrainStepArgs {
 /// Runs one benchmark.
 pub fn run(args: BenchArgs) -> Result<()> {
     match args.bench {
-        Bench::Plan(a) => crate::plan_cmd::bench_plan(a),
-        Bench::Surprise(a) => crate::plan_cmd::bench_surprise(a),
+        Bench::Plan(a) => plan::bench_plan(a),
+        Bench::Surprise(a) => surprise::bench_surprise(a),
         Bench::Federated(a) => federated::run(a),
         Bench::Replication(a) => replication::run(a),
         Bench::Scale(a) => {
