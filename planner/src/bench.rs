@@ -227,6 +227,9 @@ pub struct EnvReport {
     pub spearman_predicted: f64,
     /// The same with the frames really reached encoded (the encoder alone, no predictor).
     pub spearman_reached: f64,
+    /// The landscape after each predictor step, the predictor's fidelity to the encoder
+    /// included (see [`LandscapeStep`]).
+    pub landscape_steps: Vec<LandscapeStep>,
     /// Episodes in which a world-model planner's agent entered a forbidden zone (all its rows).
     pub forbidden_entries: usize,
     /// Position-probe R² on held-out frames.
@@ -291,12 +294,38 @@ pub fn spearman(a: &[f64], b: &[f64]) -> f64 {
     cov / (va * vb).sqrt().max(1e-12)
 }
 
-/// The energy-landscape check: from `states` seeded start states, `actions` random one-step
+/// What the energy-landscape check measured: Spearman correlations, each taken per start state
+/// over its candidates and then averaged over the start states.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Landscape {
+    /// The goal energy the planner ranks candidates by (latent distance of the last predicted
+    /// latents) against the true distance to the goal where the candidate really ends.
+    pub predicted: f64,
+    /// The same energy on the frames really reached, encoded (the encoder alone).
+    pub reached: f64,
+    /// The same figures after each predictor step of the rollout, the step's own distances.
+    pub steps: Vec<LandscapeStep>,
+}
+
+/// The energy landscape after one predictor step (see [`Landscape`]).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct LandscapeStep {
+    /// Predicted latents' distance to the goal against the true distance.
+    pub predicted: f64,
+    /// The encoded real frame's distance against the true distance.
+    pub reached: f64,
+    /// Predicted latents' distance against the encoded real frame's: does the predictor rank
+    /// candidates as the encoder would on what really happens? Low here beside a high
+    /// `reached` puts the blame on the predictor.
+    pub fidelity: f64,
+}
+
+/// The energy-landscape check: from `states` seeded start states, `actions` random constant
 /// action sequences of the planning horizon each; the Spearman correlation (per state, then
 /// averaged) between the latent energy and the true distance to the goal after executing them;
 /// and the same for the energy of the frames really reached (encoder alone, no predictor): a
 /// low first figure beside a high second one points at the predictor, two low ones at the
-/// encoder.
+/// encoder. Each predictor step is measured too (see [`LandscapeStep`]).
 pub fn energy_landscape(
     wm: &WorldModel,
     kind: EnvKind,
@@ -304,10 +333,15 @@ pub fn energy_landscape(
     energy: LatentEnergy,
     states: usize,
     actions: usize,
-) -> (f64, f64) {
+) -> Landscape {
     let mut env = make(kind, wm.encoder.size());
-    let mut total = (0.0, 0.0);
+    let h = cfg.horizon;
+    let mut out = Landscape {
+        steps: vec![LandscapeStep::default(); h],
+        ..Landscape::default()
+    };
     let mut planner = LatentPlanner::new(wm, Method::Cem, cfg.clone(), energy, 0);
+    let f64s = |v: &[f32]| -> Vec<f64> { v.iter().map(|&x| x as f64).collect() };
     for s in 0..states {
         env.reset(800_000 + s as u64);
         planner.begin(env.as_ref());
@@ -318,43 +352,51 @@ pub fn energy_landscape(
                     (rng.uniform() * 2.0 - 1.0) as f32,
                     (rng.uniform() * 2.0 - 1.0) as f32,
                 ];
-                vec![a; cfg.horizon]
+                vec![a; h]
             })
             .collect();
         let z0 = wm.encoder.encode(&[&env.render()]);
         // The goal energy alone: the guardrails' penalties are not part of the landscape.
-        let e = planner.energy_parts(&z0, env.proprio(), &cands).goal;
+        let parts = planner.energy_parts(&z0, env.proprio(), &cands);
         let state = env.state();
-        let mut truth = Vec::new();
-        let mut reached = Vec::new();
+        // Per step, per candidate: the true distance and the frame really reached.
+        let mut truth = vec![Vec::with_capacity(actions); h];
+        let mut reached = vec![Vec::with_capacity(actions); h];
         let mut sim = env.boxed_clone();
         for c in &cands {
             sim.set_state(&state);
-            for a in c {
+            for (k, a) in c.iter().enumerate() {
                 for _ in 0..wm.config.frameskip.max(1) {
                     sim.step(*a);
                 }
+                reached[k].push(sim.render());
+                // Distance of the agent to where the goal image has it (PointMaze) or of the
+                // block to the pad (PushBlock): the environment's own measure, before the
+                // success radius.
+                truth[k].push(
+                    sim.goal_distance() as f64
+                        + 1e-3 * crate::env::dist(sim.agent(), env.agent()) as f64,
+                );
             }
-            reached.push(sim.render());
-            // Distance of the agent to where the goal image has it (PointMaze) or of the block
-            // to the pad (PushBlock): the environment's own measure, before the success radius.
-            truth.push(
-                sim.goal_distance() as f64
-                    + 1e-3 * crate::env::dist(sim.agent(), env.agent()) as f64,
-            );
         }
-        let e: Vec<f64> = e.iter().map(|&x| x as f64).collect();
-        total.0 += spearman(&e, &truth);
         // The encoder alone: the same distance from the frames actually reached.
-        let frames: Vec<&[u8]> = reached.iter().map(Vec::as_slice).collect();
-        let enc: Vec<f64> = planner
-            .goal_distance(wm.encoder.encode(&frames))
+        let enc: Vec<Vec<f64>> = reached
             .iter()
-            .map(|&x| x as f64)
+            .map(|frames| {
+                let frames: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
+                f64s(&planner.goal_distance(wm.encoder.encode(&frames)))
+            })
             .collect();
-        total.1 += spearman(&enc, &truth);
+        for (k, step) in out.steps.iter_mut().enumerate() {
+            let pred = f64s(&parts.latent_steps[k]);
+            step.predicted += spearman(&pred, &truth[k]) / states as f64;
+            step.reached += spearman(&enc[k], &truth[k]) / states as f64;
+            step.fidelity += spearman(&pred, &enc[k]) / states as f64;
+        }
+        out.predicted += spearman(&f64s(&parts.goal), &truth[h - 1]) / states as f64;
+        out.reached += spearman(&enc[h - 1], &truth[h - 1]) / states as f64;
     }
-    (total.0 / states as f64, total.1 / states as f64)
+    out
 }
 
 /// One predictor step of [`rollout_drift`]: mean distances (arena units) from the truth.
@@ -542,8 +584,18 @@ pub fn bench_env(
     let (r2, subgoal) = (fit.probe_r2, fit.subgoal);
     let rollout = (fit.train.rollout_before, fit.train.rollout_after);
     let size = wm.encoder.size();
-    let (spearman, spearman_encoder) =
-        energy_landscape(&wm, kind, &opts.search, opts.energy, 10, 32);
+    let landscape = energy_landscape(&wm, kind, &opts.search, opts.energy, 10, 32);
+    let (spearman, spearman_encoder) = (landscape.predicted, landscape.reached);
+    log(format!(
+        "  {kind}: energy landscape per predictor step (Spearman; predicted / reached vs the \
+         true distance, fidelity predicted vs reached): {}",
+        landscape
+            .steps
+            .iter()
+            .map(|e| format!("{:.2}/{:.2}/{:.2}", e.predicted, e.reached, e.fidelity))
+            .collect::<Vec<_>>()
+            .join("  ")
+    ));
     // Long enough for an open-loop rollout of the whole planning horizon.
     let plan_steps = opts.search.horizon * wm.config.frameskip.max(1);
     let held_out = collect(kind, size, 32, opts.collect_steps.max(plan_steps), 77);
@@ -580,6 +632,7 @@ pub fn bench_env(
         ms_per_action_by_row: BTreeMap::new(),
         spearman_predicted: spearman,
         spearman_reached: spearman_encoder,
+        landscape_steps: landscape.steps,
         forbidden_entries: 0,
         probe_r2: r2,
         rollout_error: rollout,

@@ -201,6 +201,9 @@ pub struct EnergyParts {
     pub violations: Vec<usize>,
     /// The probe's agent path (arena units, one point per predictor step).
     pub paths: Vec<Vec<[f32; 2]>>,
+    /// The latent distance to the goal at each predicted step (`[step][candidate]`), before
+    /// any averaging into `goal`.
+    pub latent_steps: Vec<Vec<f32>>,
 }
 
 /// Plans in latent space with the world model.
@@ -430,6 +433,7 @@ impl<'a> LatentPlanner<'a> {
         let mut to_goal = vec![0f32; n];
         // The last predicted latents on the host (read again by the object term).
         let mut host = Vec::new();
+        let mut latent_steps = Vec::with_capacity(h);
         for _ in 0..h {
             let (zn, sn) = self
                 .wm
@@ -451,17 +455,19 @@ impl<'a> LatentPlanner<'a> {
                 prev[i] = pos[i];
                 paths[i].push(pos[i]);
             }
+            latent_steps.push(self.goal_distance(zn.clone().reshape([n, p, d])));
             z = Tensor::cat(vec![z, zn], 1);
             s = Tensor::cat(vec![s, sn], 1);
         }
-        let fin = z.narrow(1, h, 1).reshape([n, p, d]);
         let objects = match self.goal_object {
             Some(_) if self.object_weight > 0.0 || self.arena_weight > 0.0 => {
                 self.wm.object_positions(&host)
             }
             _ => None,
         };
-        let mut goal = self.goal_distance(fin);
+        // The goal energy reads the last step (a stage cost over `latent_steps` was measured
+        // and did not help: the predictor ranks no step's distances as the encoder does).
+        let mut goal = latent_steps.last().cloned().unwrap_or_else(|| vec![0.0; n]);
         if let (Some(objects), Some(target)) = (&objects, self.goal_object) {
             for (g, o) in goal.iter_mut().zip(objects) {
                 *g += self.object_weight * crate::env::dist(*o, target);
@@ -486,6 +492,7 @@ impl<'a> LatentPlanner<'a> {
             goal,
             violations: bad,
             paths,
+            latent_steps,
         }
     }
 

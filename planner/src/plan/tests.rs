@@ -83,7 +83,7 @@ fn guardrails_keep_plans_out_of_the_forbidden_zone_and_the_landscape_is_reported
         iterations: 2,
         ..SearchConfig::default()
     };
-    let (rho, rho_enc) = crate::bench::energy_landscape(
+    let landscape = crate::bench::energy_landscape(
         &wm,
         EnvKind::PointMaze,
         &search,
@@ -91,10 +91,17 @@ fn guardrails_keep_plans_out_of_the_forbidden_zone_and_the_landscape_is_reported
         6,
         24,
     );
+    let (rho, rho_enc) = (landscape.predicted, landscape.reached);
     eprintln!(
-        "energy-landscape Spearman (random encoder, small model): {rho:.3}, encoder alone {rho_enc:.3}"
+        "energy-landscape Spearman (random encoder, small model): {rho:.3}, encoder alone {rho_enc:.3}, per step {:?}",
+        landscape.steps
     );
     assert!(rho.is_finite() && rho_enc.is_finite());
+    assert_eq!(landscape.steps.len(), search.horizon);
+    // At the last step, the per-step figures are the headline's.
+    let last = landscape.steps[search.horizon - 1];
+    assert!((last.predicted - rho).abs() < 1e-9 && (last.reached - rho_enc).abs() < 1e-9);
+    assert!(landscape.steps.iter().all(|s| s.fidelity.is_finite()));
     // Gradient descent on the actions moves downhill from standing still.
     let mut env = make(EnvKind::PointMaze, wm.encoder.size());
     env.reset(3);
@@ -105,9 +112,22 @@ fn guardrails_keep_plans_out_of_the_forbidden_zone_and_the_landscape_is_reported
     let before = gd
         .energies(&z0, env.proprio(), std::slice::from_ref(&still))
         .0[0];
-    let plan = gd.descend(&z0, env.proprio(), still, 15, 0.15);
+    let plan = gd.descend(&z0, env.proprio(), still.clone(), 15, 0.15);
     eprintln!("gradient descent: energy {before:.5} -> {:.5}", plan.energy);
     assert!(plan.energy <= before, "{before} -> {}", plan.energy);
+    // The goal energy is the last of the per-step latent distances.
+    let cands = vec![still.clone(), vec![[0.8, -0.3]; search.horizon]];
+    let parts = gd.energy_parts(&z0, env.proprio(), &cands);
+    assert_eq!(parts.latent_steps.len(), search.horizon);
+    for (i, g) in parts.goal.iter().enumerate() {
+        assert_eq!(*g, parts.latent_steps[search.horizon - 1][i]);
+        assert!(
+            parts
+                .latent_steps
+                .iter()
+                .all(|e| e[i].is_finite() && e[i] >= 0.0)
+        );
+    }
     // Twenty situations whose straight way to the goal runs through the no-go zone.
     let mut env = make(EnvKind::PointMaze, wm.encoder.size());
     let mut rng = Rng::new(9);
