@@ -296,7 +296,7 @@ pub fn spearman(a: &[f64], b: &[f64]) -> f64 {
 
 /// What the energy-landscape check measured: Spearman correlations, each taken per start state
 /// over its candidates and then averaged over the start states.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default)]
 pub struct Landscape {
     /// The goal energy the planner ranks candidates by (latent distance of the last predicted
     /// latents) against the true distance to the goal where the candidate really ends.

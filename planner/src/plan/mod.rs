@@ -201,8 +201,8 @@ pub struct EnergyParts {
     pub violations: Vec<usize>,
     /// The probe's agent path (arena units, one point per predictor step).
     pub paths: Vec<Vec<[f32; 2]>>,
-    /// The latent distance to the goal at each predicted step (`[step][candidate]`), before
-    /// any averaging into `goal`.
+    /// The latent distance to the goal at each predicted step (`[step][candidate]`); the last
+    /// step's is the latent part of `goal`.
     pub latent_steps: Vec<Vec<f32>>,
 }
 
