@@ -65,12 +65,13 @@ fn a_bad_plan_sweep_point_is_refused_before_anything_runs() {
 }
 
 #[test]
-fn a_bad_latent_energy_or_encoder_patch_is_refused_before_anything_runs() {
+fn a_bad_bench_plan_flag_is_refused_before_anything_runs() {
     for (flag, value, says) in [
         ("--blur", "nan", "fraction of the token grid"),
         ("--blur", "-1", "fraction of the token grid"),
         ("--encoder-patch", "5", "must divide"),
         ("--metric", "l3", "expected `l1` or `l2`"),
+        ("--episodes", "0", "at least 1"),
     ] {
         let out = amity(&["bench", "plan", &format!("{flag}={value}")]);
         assert!(!out.status.success(), "{flag} {value}");

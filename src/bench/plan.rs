@@ -46,7 +46,7 @@ pub struct PlanBenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "pointmaze,pushblock")]
     pub env: Vec<EnvKind>,
     /// Evaluation episodes per environment and policy.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, value_parser = parse_episodes)]
     pub episodes: usize,
     /// Actions per episode at most.
     #[arg(long, default_value_t = 40)]
@@ -124,6 +124,14 @@ fn parse_blur(s: &str) -> Result<f32, String> {
                   (0.25, for example; 0: tokens as they are)"
                 .into(),
         ),
+    }
+}
+
+/// `--episodes`: success rates need at least one episode (0 used to print NaN).
+fn parse_episodes(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err("the number of evaluation episodes is a whole number, at least 1".into()),
     }
 }
 
