@@ -387,8 +387,10 @@ pub fn energy_landscape(
                 f64s(&planner.goal_distance(wm.encoder.encode(&frames)))
             })
             .collect();
+        let [n, _, p, d] = parts.predicted.dims();
         for (k, step) in out.steps.iter_mut().enumerate() {
-            let pred = f64s(&parts.latent_steps[k]);
+            let at_k = parts.predicted.clone().narrow(1, k, 1).reshape([n, p, d]);
+            let pred = f64s(&planner.goal_distance(at_k));
             step.predicted += spearman(&pred, &truth[k]) / states as f64;
             step.reached += spearman(&enc[k], &truth[k]) / states as f64;
             step.fidelity += spearman(&pred, &enc[k]) / states as f64;

@@ -89,8 +89,8 @@ pub struct TrainStepReport {
     /// The ratio moves with it: one release build measured 0.90-0.95 on one session's machine
     /// and 1.43 on another's.
     pub cpu: Option<String>,
-    /// The widest x86 vector extension the CPU offers (`avx512f`, `avx2`, or `none`); our
-    /// kernels and PyTorch's pick their code paths by it.
+    /// The vector unit our kernels run on (`avx512f`, `avx2` with FMA, or `none`:
+    /// [`amity_shared::kernels::vector_unit`]); ours and PyTorch's pick their code paths by it.
     pub simd: &'static str,
     /// CPU threads both were given.
     pub threads: usize,
@@ -103,20 +103,6 @@ fn cpu_model() -> Option<String> {
         .find(|l| l.starts_with("model name"))
         .and_then(|l| l.split_once(':'))
         .map(|(_, v)| v.trim().to_owned())
-}
-
-/// The widest vector extension detected at run time.
-fn simd_level() -> &'static str {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            return "avx512f";
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            return "avx2";
-        }
-    }
-    "none"
 }
 
 fn time_steps(
@@ -179,12 +165,13 @@ pub fn train_step(opts: &TrainStepOptions) -> Result<TrainStepReport> {
     let ctx = median(&shapes.iter().map(|s| s.0 as f64).collect::<Vec<_>>()) as usize;
     let tgt = median(&shapes.iter().map(|s| s.1 as f64).collect::<Vec<_>>()) as usize;
 
+    let (cpu, simd) = (cpu_model(), amity_shared::kernels::vector_unit());
     eprintln!(
         "amity: preset {} batch {b} tokens {} (single set: ctx {ctx} tgt {tgt}) on {} ({}, {} threads)",
         opts.preset,
         config.model.tokens(),
-        cpu_model().as_deref().unwrap_or("an unnamed CPU"),
-        simd_level(),
+        cpu.as_deref().unwrap_or("an unnamed CPU"),
+        simd,
         opts.threads
     );
     let device = opts.backend.device(0)?;
@@ -236,8 +223,8 @@ pub fn train_step(opts: &TrainStepOptions) -> Result<TrainStepReport> {
         kernel_speedup: burn_kernels_ms.map(|b| b / amity_ms),
         torch_ms,
         amity_full_step_ms,
-        cpu: cpu_model(),
-        simd: simd_level(),
+        cpu,
+        simd,
         threads: opts.threads,
     })
 }

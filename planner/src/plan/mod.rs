@@ -201,9 +201,10 @@ pub struct EnergyParts {
     pub violations: Vec<usize>,
     /// The probe's agent path (arena units, one point per predictor step).
     pub paths: Vec<Vec<[f32; 2]>>,
-    /// The latent distance to the goal at each predicted step (`[step][candidate]`); the last
-    /// step's is the latent part of `goal`.
-    pub latent_steps: Vec<Vec<f32>>,
+    /// The predicted latents of every step, `[N, H, P, D]` (the last step's distance to the goal
+    /// is the latent part of `goal`); kept so that a caller can measure any step without the
+    /// search paying for it.
+    pub predicted: Tensor<4>,
 }
 
 /// Plans in latent space with the world model.
@@ -433,7 +434,6 @@ impl<'a> LatentPlanner<'a> {
         let mut to_goal = vec![0f32; n];
         // The last predicted latents on the host (read again by the object term).
         let mut host = Vec::new();
-        let mut latent_steps = Vec::with_capacity(h);
         for _ in 0..h {
             let (zn, sn) = self
                 .wm
@@ -455,7 +455,6 @@ impl<'a> LatentPlanner<'a> {
                 prev[i] = pos[i];
                 paths[i].push(pos[i]);
             }
-            latent_steps.push(self.goal_distance(zn.clone().reshape([n, p, d])));
             z = Tensor::cat(vec![z, zn], 1);
             s = Tensor::cat(vec![s, sn], 1);
         }
@@ -465,9 +464,10 @@ impl<'a> LatentPlanner<'a> {
             }
             _ => None,
         };
-        // The goal energy reads the last step (a stage cost over `latent_steps` was measured
-        // and did not help: the predictor ranks no step's distances as the encoder does).
-        let mut goal = latent_steps.last().cloned().unwrap_or_else(|| vec![0.0; n]);
+        let predicted = z.narrow(1, 1, h);
+        // The goal energy reads the last step (a stage cost over every step was measured and
+        // did not help: the predictor ranks no step's distances as the encoder does).
+        let mut goal = self.goal_distance(predicted.clone().narrow(1, h - 1, 1).reshape([n, p, d]));
         if let (Some(objects), Some(target)) = (&objects, self.goal_object) {
             for (g, o) in goal.iter_mut().zip(objects) {
                 *g += self.object_weight * crate::env::dist(*o, target);
@@ -492,7 +492,7 @@ impl<'a> LatentPlanner<'a> {
             goal,
             violations: bad,
             paths,
-            latent_steps,
+            predicted,
         }
     }
 

@@ -30,6 +30,19 @@ use burn::tensor::{Bool, DType, Tensor};
 
 use extension::AmityOps;
 
+/// The vector unit this CPU's kernels run on, by the name of its x86 extension: `avx512f`,
+/// `avx2` (with FMA), or `none` (the build target's baseline). For reports such as `amity bench
+/// train-step`, whose ratios move with it.
+pub fn vector_unit() -> &'static str {
+    match simd::simd() {
+        simd::Simd::Baseline => "none",
+        #[cfg(target_arch = "x86_64")]
+        simd::Simd::Avx2 => "avx2",
+        #[cfg(target_arch = "x86_64")]
+        simd::Simd::Avx512 => "avx512f",
+    }
+}
+
 /// Which implementation the operations of this module run on the CPU backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernels {
