@@ -22,10 +22,9 @@
 //! attention was 40% of the `small` step, since each query row streamed all of `K` and `V` from
 //! the cache; a blocked product loads each of them once per tile of rows.
 
-use std::marker::PhantomData;
-
 use rayon::prelude::*;
 
+use super::matmul::{Matrix, product};
 use super::simd::{dot, exp_nonpositive, map_in_place_sum, simd, vectorised};
 
 /// The shape of one attention call.
@@ -82,94 +81,6 @@ impl Shape {
             [self.tokens, self.head_dim],
             [row_stride, 1],
         )
-    }
-}
-
-/// A strided matrix inside a slice: element `(r, c)` is at `start + r·strides[0] + c·strides[1]`.
-/// Construction checks that every element lies inside the slice, which is what makes the
-/// `gemm` call in [`product`] sound.
-#[derive(Clone, Copy)]
-struct Matrix<'a> {
-    ptr: *const f32,
-    dims: [usize; 2],
-    strides: [usize; 2],
-    _slice: PhantomData<&'a [f32]>,
-}
-
-impl<'a> Matrix<'a> {
-    /// # Panics
-    /// If an element would lie outside `data`, or the matrix is empty (caller bugs).
-    fn new(data: &'a [f32], start: usize, dims: [usize; 2], strides: [usize; 2]) -> Self {
-        assert!(dims[0] > 0 && dims[1] > 0, "attention: empty matrix");
-        let last = start + (dims[0] - 1) * strides[0] + (dims[1] - 1) * strides[1];
-        assert!(last < data.len(), "attention: matrix outside its slice");
-        Matrix {
-            ptr: data[start..].as_ptr(),
-            dims,
-            strides,
-            _slice: PhantomData,
-        }
-    }
-
-    /// The same elements, transposed.
-    fn t(self) -> Self {
-        Matrix {
-            dims: [self.dims[1], self.dims[0]],
-            strides: [self.strides[1], self.strides[0]],
-            ..self
-        }
-    }
-}
-
-/// `dst[start..]` viewed as a `dims` matrix with `strides`, overwritten with `scale · lhs · rhs`
-/// by one thread.
-///
-/// # Panics
-/// If the shapes do not chain or `dst`'s elements would lie outside it (caller bugs).
-fn product(
-    dst: &mut [f32],
-    start: usize,
-    strides: [usize; 2],
-    lhs: Matrix,
-    rhs: Matrix,
-    scale: f32,
-) {
-    let [m, k] = lhs.dims;
-    let n = rhs.dims[1];
-    assert_eq!(rhs.dims[0], k, "attention: product shapes do not chain");
-    let last = start + (m - 1) * strides[0] + (n - 1) * strides[1];
-    assert!(
-        last < dst.len(),
-        "attention: product outside its destination"
-    );
-    let out = dst[start..].as_mut_ptr();
-    let s = |x: usize| x as isize;
-    // SAFETY: the inputs were checked to lie inside their slices (`Matrix::new`) and the output
-    // inside `dst` (above); `dst` is borrowed mutably, so it overlaps neither input; `gemm` reads
-    // `lhs` and `rhs` and writes `m × n` elements of `dst` at those strides (with `read_dst`
-    // false it never reads them).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out,
-            s(strides[1]),
-            s(strides[0]),
-            false,
-            lhs.ptr,
-            s(lhs.strides[1]),
-            s(lhs.strides[0]),
-            rhs.ptr,
-            s(rhs.strides[1]),
-            s(rhs.strides[0]),
-            0.0,
-            scale,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
     }
 }
 

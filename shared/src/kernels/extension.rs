@@ -16,7 +16,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Flex, backend_extension};
 use burn::tensor::{DType, Shape as TensorShape};
 
-use super::{attention, gelu, layer_norm};
+use super::{attention, gelu, layer_norm, linear};
 
 /// Differentiable operations Amity implements itself for the CPU backend (`f32` tensors).
 #[backend_extension(Flex, Autodiff)]
@@ -32,6 +32,12 @@ pub trait AmityOps: Backend {
         gamma: FloatTensor<Self>,
         beta: FloatTensor<Self>,
         eps: f32,
+    ) -> FloatTensor<Self>;
+    /// The linear layer `x W + b`: `x` `[rows, d_in]`, `W` `[d_in, d_out]`, `b` `[d_out]`.
+    fn fused_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
 }
 
@@ -63,6 +69,19 @@ pub trait CpuKernels: Backend {
         saved: AttentionSaved<Self>,
         grad: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
+    /// The wanted ones of `(dx, dW, db)` from the forward's `x` and `W` and the output's gradient.
+    fn linear_backward(
+        saved: LinearSaved<Self>,
+        grad: FloatTensor<Self>,
+        wanted: [bool; 3],
+    ) -> [Option<FloatTensor<Self>>; 3];
+}
+
+/// What the linear layer's backward keeps from its forward.
+#[derive(Debug, Clone)]
+pub struct LinearSaved<B: Backend> {
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
 }
 
 /// What the attention's backward keeps from its forward.
@@ -160,6 +179,32 @@ impl AmityOps for Flex {
     ) -> FloatTensor<Self> {
         Self::layer_norm_with_stats(x, gamma, beta, eps).0
     }
+
+    fn fused_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        check_f32(&[&x, &weight, &bias], "linear");
+        let dims = linear_dims(&x, &weight);
+        let [x, weight, bias] = [x, weight, bias].map(contiguous);
+        let y = linear::forward(slice(&x), slice(&weight), slice(&bias), dims);
+        tensor(y, &[dims.rows, dims.d_out])
+    }
+}
+
+/// The sizes of a linear layer call on `x` `[rows, d_in]` and `weight` `[d_in, d_out]`.
+fn linear_dims(x: &FlexTensor, weight: &FlexTensor) -> linear::Dims {
+    let (xs, ws) = (x.layout().shape(), weight.layout().shape());
+    assert!(
+        xs.num_dims() == 2 && ws.num_dims() == 2 && xs[1] == ws[0],
+        "linear: x {xs:?} and weight {ws:?} do not chain"
+    );
+    linear::Dims {
+        rows: xs[0],
+        d_in: xs[1],
+        d_out: ws[1],
+    }
 }
 
 impl CpuKernels for Flex {
@@ -234,11 +279,34 @@ impl CpuKernels for Flex {
         );
         tensor(d, &dims)
     }
+
+    fn linear_backward(
+        s: LinearSaved<Self>,
+        grad: FloatTensor<Self>,
+        [x, weight, bias]: [bool; 3],
+    ) -> [Option<FloatTensor<Self>>; 3] {
+        check_f32(&[&grad], "linear backward");
+        let dims = linear_dims(&s.x, &s.weight);
+        let [xs, w, grad] = [s.x, s.weight, grad].map(contiguous);
+        let wanted = linear::Wanted { x, weight, bias };
+        let g = linear::backward(slice(&xs), slice(&w), slice(&grad), dims, wanted);
+        [
+            g.x.map(|d| tensor(d, &[dims.rows, dims.d_in])),
+            g.weight.map(|d| tensor(d, &[dims.d_in, dims.d_out])),
+            g.bias.map(|d| tensor(d, &[dims.d_out])),
+        ]
+    }
 }
 
 /// The autodiff node of a kernel: its backward is one [`CpuKernels`] call from the saved state `S`
 /// and the output's gradient to the gradients of the `N` inputs.
-struct KernelBackward<B: Backend, S, const N: usize>(fn(S, FloatTensor<B>) -> [FloatTensor<B>; N]);
+struct KernelBackward<B: Backend, S, const N: usize>(BackwardFn<B, S, N>);
+
+/// A kernel's backward: from the saved state, the output's gradient and which inputs want a
+/// gradient (an input without one, such as the patches the first layer reads, costs nothing), the
+/// inputs' gradients.
+type BackwardFn<B, S, const N: usize> =
+    fn(S, FloatTensor<B>, [bool; N]) -> [Option<FloatTensor<B>>; N];
 
 impl<B: Backend, S, const N: usize> std::fmt::Debug for KernelBackward<B, S, N> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -253,8 +321,13 @@ impl<B: Backend, S: Clone + Send + std::fmt::Debug + 'static, const N: usize> Ba
 
     fn backward(self, ops: Ops<S, N>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad = grads.consume::<B>(&ops.node);
-        for (parent, d) in ops.parents.into_iter().zip((self.0)(ops.state, grad)) {
-            if let Some(parent) = parent {
+        let wanted = ops.parents.each_ref().map(Option::is_some);
+        for (parent, d) in ops
+            .parents
+            .into_iter()
+            .zip((self.0)(ops.state, grad, wanted))
+        {
+            if let (Some(parent), Some(d)) = (parent, d) {
                 grads.register::<B>(parent.id, d);
             }
         }
@@ -267,7 +340,7 @@ impl<B: Backend, S: Clone + Send + std::fmt::Debug + 'static, const N: usize> Ba
 /// and that state when a gradient is wanted, `untracked` the output alone otherwise.
 fn record<B, C, S, const N: usize>(
     inputs: [FloatTensor<Autodiff<B, C>>; N],
-    backward: fn(S, FloatTensor<B>) -> [FloatTensor<B>; N],
+    backward: BackwardFn<B, S, N>,
     tracked: impl FnOnce([FloatTensor<B>; N]) -> (S, FloatTensor<B>),
     untracked: impl FnOnce([FloatTensor<B>; N]) -> FloatTensor<B>,
 ) -> FloatTensor<Autodiff<B, C>>
@@ -300,7 +373,7 @@ impl<B: AmityOps + CpuKernels, C: CheckpointStrategy> AmityOps for Autodiff<B, C
     ) -> FloatTensor<Self> {
         record::<B, C, _, 3>(
             [x, gamma, beta],
-            B::layer_norm_backward,
+            |saved, grad, _| B::layer_norm_backward(saved, grad).map(Some),
             |[x, gamma, beta]| {
                 let (y, stats) = B::layer_norm_with_stats(x.clone(), gamma.clone(), beta, eps);
                 (LayerNormSaved { x, gamma, stats }, y)
@@ -312,7 +385,7 @@ impl<B: AmityOps + CpuKernels, C: CheckpointStrategy> AmityOps for Autodiff<B, C
     fn exact_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
         record::<B, C, _, 1>(
             [x],
-            |x, grad| [B::exact_gelu_backward(x, grad)],
+            |x, grad, _| [Some(B::exact_gelu_backward(x, grad))],
             |[x]| (x.clone(), B::exact_gelu(x)),
             |[x]| B::exact_gelu(x),
         )
@@ -321,7 +394,7 @@ impl<B: AmityOps + CpuKernels, C: CheckpointStrategy> AmityOps for Autodiff<B, C
     fn self_attention(qkv: FloatTensor<Self>, heads: usize) -> FloatTensor<Self> {
         record::<B, C, _, 1>(
             [qkv],
-            |saved, grad| [B::self_attention_backward(saved, grad)],
+            |saved, grad, _| [Some(B::self_attention_backward(saved, grad))],
             |[qkv]| {
                 let (out, lse) = B::self_attention_with_lse(qkv.clone(), heads);
                 let saved = AttentionSaved {
@@ -333,6 +406,22 @@ impl<B: AmityOps + CpuKernels, C: CheckpointStrategy> AmityOps for Autodiff<B, C
                 (saved, out)
             },
             |[qkv]| B::self_attention(qkv, heads),
+        )
+    }
+
+    fn fused_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        record::<B, C, _, 3>(
+            [x, weight, bias],
+            B::linear_backward,
+            |[x, weight, bias]| {
+                let y = B::fused_linear(x.clone(), weight.clone(), bias);
+                (LinearSaved { x, weight }, y)
+            },
+            |[x, weight, bias]| B::fused_linear(x, weight, bias),
         )
     }
 }

@@ -8,7 +8,9 @@
 //!   from nine operations);
 //! - [`self_attention()`]: multi-head attention straight from the fused `qkv` projection, whose
 //!   backward recomputes the scores from the log-sum-exp instead of keeping every head's `N × N`
-//!   probabilities.
+//!   probabilities;
+//! - [`linear()`]: a linear layer as one product over every token of the batch, with the bias
+//!   written before the product instead of added after it.
 //!
 //! The model calls these functions instead of burn's. They run Amity's kernel on the CPU backend
 //! (`flex`, with or without autodiff, `f32` tensors) and burn's own operation everywhere else (GPU
@@ -20,11 +22,14 @@ pub mod attention;
 mod extension;
 pub mod gelu;
 pub mod layer_norm;
+pub mod linear;
+mod matmul;
 mod simd;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use burn::backend::{Dispatch, DispatchDevice};
+use burn::nn::Linear;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, Tensor};
 
@@ -83,6 +88,39 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     } else {
         burn::tensor::activation::gelu(x)
     }
+}
+
+/// `layer`'s transform `x W + b` over the last axis of `x`, differentiable; the same as
+/// `layer.forward(x)` within `f32` rounding.
+///
+/// On the CPU, every leading axis is folded into the rows of one product (burn multiplies clip by
+/// clip) and the bias is written before it (burn adds it after, on one thread).
+pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
+    let (weight, bias) = match &layer.bias {
+        Some(bias) if enabled_for(&x) && x.shape().num_elements() > 0 => {
+            (layer.weight.val(), bias.val())
+        }
+        _ => return layer.forward(x),
+    };
+    if weight.dtype() != DType::F32 || bias.dtype() != DType::F32 {
+        return layer.forward(x);
+    }
+    let mut dims = x.dims();
+    let [d_in, d_out] = weight.dims();
+    assert_eq!(
+        dims[D - 1],
+        d_in,
+        "linear: input has {} features, the layer {d_in}",
+        dims[D - 1]
+    );
+    let rows = x.shape().num_elements() / d_in;
+    let y = Tensor::<2>::from_dispatch(<Dispatch as AmityOps>::fused_linear(
+        x.reshape([rows, d_in]).into_dispatch(),
+        weight.into_dispatch(),
+        bias.into_dispatch(),
+    ));
+    dims[D - 1] = d_out;
+    y.reshape(dims)
 }
 
 /// Layer normalisation over the last axis, differentiable: `(x - μ) / √(σ² + eps) · gamma + beta`
@@ -294,5 +332,78 @@ mod layer_norm_tests {
             .assert_approx_eq::<f32>(&burns.2, burn::tensor::Tolerance::<f32>::absolute(5e-4));
         ours.3
             .assert_approx_eq::<f32>(&burns.3, burn::tensor::Tolerance::<f32>::absolute(5e-4));
+    }
+}
+
+#[cfg(test)]
+mod linear_tests {
+    use super::*;
+    use burn::nn::LinearConfig;
+    use burn::tensor::{Device, Distribution, Tolerance};
+
+    /// `[y, dx, dW, db]` through Amity's kernel or burn's module; `dx` is absent when the input
+    /// wants no gradient (as the patches the first layer reads).
+    fn run(
+        layer: &Linear,
+        x0: &Tensor<3>,
+        w: &Tensor<3>,
+        ours: bool,
+        x_grad: bool,
+    ) -> Vec<Option<burn::tensor::TensorData>> {
+        let x = if x_grad {
+            x0.clone().detach().require_grad()
+        } else {
+            x0.clone().detach()
+        };
+        let y = if ours {
+            linear(layer, x.clone())
+        } else {
+            layer.forward(x.clone())
+        };
+        let grads = (y.clone() * w.clone()).sum().backward();
+        let bias = layer.bias.as_ref().expect("a bias").val();
+        vec![
+            Some(y.inner().into_data()),
+            x.grad(&grads).map(|g| g.into_data()),
+            layer.weight.val().grad(&grads).map(|g| g.into_data()),
+            bias.grad(&grads).map(|g| g.into_data()),
+        ]
+    }
+
+    #[test]
+    fn linear_and_its_gradients_match_burns_module() {
+        let device = Device::flex().autodiff();
+        device.seed(12);
+        // 64 rows per clip: burn takes its per-clip product path; ours folds the clips.
+        let layer = LinearConfig::new(40, 72).init(&device);
+        let x0 = Tensor::<3>::random([3, 64, 40], Distribution::Normal(0.0, 1.0), &device);
+        let w = Tensor::<3>::random([3, 64, 72], Distribution::Normal(0.0, 1.0), &device);
+        for x_grad in [true, false] {
+            let ours = run(&layer, &x0, &w, true, x_grad);
+            let burns = run(&layer, &x0, &w, false, x_grad);
+            for (i, (o, b)) in ours.iter().zip(&burns).enumerate() {
+                match (o, b) {
+                    (Some(o), Some(b)) => o.assert_approx_eq::<f32>(b, Tolerance::absolute(2e-4)),
+                    (None, None) => assert!(i == 1 && !x_grad, "gradient {i} missing"),
+                    _ => panic!("gradient {i} is present on one side only"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn without_autodiff_linear_matches_burns_module_at_any_rank() {
+        let device = Device::flex();
+        device.seed(13);
+        let layer = LinearConfig::new(5, 3).init(&device);
+        let x = Tensor::<4>::random([2, 3, 4, 5], Distribution::Normal(0.0, 1.0), &device);
+        let tol = Tolerance::<f32>::absolute(1e-5);
+        linear(&layer, x.clone())
+            .into_data()
+            .assert_approx_eq::<f32>(&layer.forward(x).into_data(), tol);
+        let v = Tensor::<1>::random([5], Distribution::Normal(0.0, 1.0), &device);
+        linear(&layer, v.clone())
+            .into_data()
+            .assert_approx_eq::<f32>(&layer.forward(v).into_data(), tol);
     }
 }

@@ -7,6 +7,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use super::vit::{Block, LN_EPS, norm};
 use super::{gather_tokens, posemb, select_rows};
 use crate::config::ModelConfig;
+use crate::kernels::linear;
 
 /// Tubelet embedding, fixed 3-D sin-cos positions, pre-norm blocks, final LayerNorm.
 #[derive(Module, Debug)]
@@ -45,13 +46,12 @@ impl Encoder {
         // Embedding is per token, so gathering first saves the work on dropped tokens.
         let mut x = match keep {
             Some(idx) => {
-                self.patch_embed
-                    .forward(gather_tokens(patches, idx.clone()))
+                linear(&self.patch_embed, gather_tokens(patches, idx.clone()))
                     + select_rows(pos, idx)
             }
             None => {
                 let d = pos.dims()[1];
-                self.patch_embed.forward(patches) + pos.reshape([1, n, d]).expand([b, n, d])
+                linear(&self.patch_embed, patches) + pos.reshape([1, n, d]).expand([b, n, d])
             }
         };
         for block in &self.blocks {

@@ -7,6 +7,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use super::vit::{Block, LN_EPS, norm};
 use super::{posemb, select_rows};
 use crate::config::ModelConfig;
+use crate::kernels::linear;
 
 /// V-JEPA's predictor: context features projected to the predictor width plus their positions,
 /// one learned mask token plus the position of every target, transformer blocks, a norm, and a
@@ -56,13 +57,13 @@ impl Predictor {
         let [_, kt] = target_idx.dims();
         let pos = self.pos.clone().to_device(&context.device());
         let pw = pos.dims()[1];
-        let x = self.embed.forward(context) + select_rows(pos.clone(), context_idx);
+        let x = linear(&self.embed, context) + select_rows(pos.clone(), context_idx);
         let m = self.mask_token.val().expand([b, kt, pw]) + select_rows(pos, target_idx);
         let mut z = Tensor::cat(vec![x, m], 1);
         for block in &self.blocks {
             z = block.forward(z, None);
         }
         let z = norm(&self.norm, z).narrow(1, kc, kt);
-        self.head.forward(z)
+        linear(&self.head, z)
     }
 }

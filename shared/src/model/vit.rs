@@ -1,10 +1,10 @@
 //! The pre-norm transformer block shared by the encoder and the predictor.
 //!
 //! `x + proj(attn(norm1(x)))`, then `x + fc2(gelu(fc1(norm2(x))))`. Query, key and value come
-//! from one fused linear layer; attention and GELU are [`crate::kernels`]' (Amity's own on the CPU,
-//! burn's elsewhere).
+//! from one fused linear layer. Linear layers, norms, attention and GELU are [`crate::kernels`]'
+//! (Amity's own on the CPU, burn's elsewhere).
 
-use crate::kernels::{gelu, layer_norm, self_attention};
+use crate::kernels::{gelu, layer_norm, linear, self_attention};
 use burn::module::Module;
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::{Bool, Device, Tensor};
@@ -61,12 +61,11 @@ impl Block {
 
     /// `[B, N, D]` → `[B, N, D]`, with an optional attention mask `[B, H, N, N]` (true = blocked).
     pub fn forward(&self, x: Tensor<3>, mask: Option<Tensor<4, Bool>>) -> Tensor<3> {
-        let qkv = self.qkv.forward(norm(&self.norm1, x.clone()));
+        let qkv = linear(&self.qkv, norm(&self.norm1, x.clone()));
         let o = self_attention(qkv, self.heads, mask);
-        let x = x + self.proj.forward(o);
-        let m = self
-            .fc2
-            .forward(gelu(self.fc1.forward(norm(&self.norm2, x.clone()))));
+        let x = x + linear(&self.proj, o);
+        let h = gelu(linear(&self.fc1, norm(&self.norm2, x.clone())));
+        let m = linear(&self.fc2, h);
         x + m
     }
 }
