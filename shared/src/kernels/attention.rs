@@ -25,7 +25,7 @@
 use rayon::prelude::*;
 
 use super::matmul::{Matrix, product};
-use super::simd::{dot, exp_nonpositive, map_in_place_sum, simd, vectorised};
+use super::simd::{dot, exp_nonpositive, map_in_place_sum, simd, vectorised, zeros};
 
 /// The shape of one attention call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,7 +164,7 @@ pub fn forward(qkv: &[f32], shape: Shape, scale: f32) -> (Vec<f32>, Vec<f32>) {
     } = shape;
     assert_eq!(qkv.len(), batch * shape.qkv_len(), "attention: qkv length");
     assert!(n > 0, "attention: no tokens");
-    let mut out = vec![0.0f32; batch * shape.out_len()];
+    let mut out = zeros(batch * shape.out_len());
     let mut lse = vec![0.0f32; batch * heads * n];
     let simd = simd();
     out.par_chunks_mut(shape.out_len())
@@ -226,7 +226,7 @@ pub fn backward(
         batch * heads * n,
         "attention: log-sum-exp length"
     );
-    let mut d_qkv = vec![0.0f32; qkv.len()];
+    let mut d_qkv = zeros(qkv.len());
     let simd = simd();
     let row = shape.offset(1, 0, 0);
     d_qkv

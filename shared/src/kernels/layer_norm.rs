@@ -13,7 +13,7 @@
 
 use rayon::prelude::*;
 
-use super::simd::{dot, simd, sum, sum_map, vectorised};
+use super::simd::{dot, simd, sum, sum_map, vectorised, zeros};
 
 /// Rows per parallel task (and per partial sum of `dγ`, `dβ`).
 const ROWS_PER_TASK: usize = 64;
@@ -117,7 +117,7 @@ pub fn forward(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32) -> (Vec<f32>, V
         "layer norm: shapes do not fit"
     );
     let rows = x.len() / d;
-    let mut y = vec![0.0f32; x.len()];
+    let mut y = zeros(x.len());
     let mut stats = vec![0.0f32; 2 * rows];
     let simd = simd();
     y.par_chunks_mut(ROWS_PER_TASK * d)
@@ -147,7 +147,7 @@ pub fn backward(
         2 * (x.len() / d),
         "layer norm: statistics length"
     );
-    let mut dx = vec![0.0f32; x.len()];
+    let mut dx = zeros(x.len());
     let blocks = x.len().div_ceil(ROWS_PER_TASK * d);
     let mut partials = vec![0.0f32; blocks * 2 * d];
     let simd = simd();

@@ -13,7 +13,7 @@
 use rayon::prelude::*;
 
 use super::matmul::{Matrix, Write, product_into};
-use super::simd::{simd, vectorised};
+use super::simd::{repeated_rows, simd, vectorised, zeros};
 
 /// Rows per parallel task when filling the bias or summing its gradient.
 const ROWS_PER_TASK: usize = 256;
@@ -43,12 +43,7 @@ pub fn forward(x: &[f32], w: &[f32], b: &[f32], dims: Dims) -> Vec<f32> {
     let Dims { rows, d_in, d_out } = dims;
     check(x, w, dims);
     assert_eq!(b.len(), d_out, "linear: bias length");
-    let mut y = vec![0.0f32; rows * d_out];
-    y.par_chunks_mut(ROWS_PER_TASK * d_out).for_each(|chunk| {
-        for row in chunk.chunks_exact_mut(d_out) {
-            row.copy_from_slice(b);
-        }
-    });
+    let mut y = repeated_rows(b, rows);
     let write = Write {
         accumulate: true,
         ..THREADED
@@ -90,7 +85,7 @@ pub fn backward(x: &[f32], w: &[f32], dy: &[f32], dims: Dims, wanted: Wanted) ->
     assert_eq!(dy.len(), rows * d_out, "linear: output gradient length");
     let dy_m = Matrix::rows(dy, rows, d_out);
     let dx = wanted.x.then(|| {
-        let mut dx = vec![0.0f32; rows * d_in];
+        let mut dx = zeros(rows * d_in);
         let wt = Matrix::rows(w, d_in, d_out).t();
         product_into(&mut dx, 0, [d_in, 1], dy_m, wt, THREADED);
         dx
