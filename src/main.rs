@@ -29,8 +29,9 @@ use clap::Parser;
 #[global_allocator]
 static ALLOCATOR: heap::Counting = heap::Counting;
 
-/// `mi_option_purge_delay` in the mimalloc v2 sources that `libmimalloc-sys` bundles
-/// (`mimalloc.h`, enum `mi_option_e`); the crate has no named constant for it.
+/// `mi_option_purge_delay` in the mimalloc sources that `libmimalloc-sys` bundles (`mimalloc.h`,
+/// enum `mi_option_e`: 15 in v3, which it builds by default, as in v2); the crate has no named
+/// constant for it.
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 fn main() -> ExitCode {
