@@ -64,7 +64,7 @@ pub(super) struct Write {
 
 /// Products below this many multiply-adds run on one thread even when [`Write::threaded`] asks
 /// otherwise (burn's CPU backend draws the same line): splitting them costs more than it saves.
-const THREADED_MIN_FLOPS: usize = 192 * 192 * 192;
+const THREADED_MIN_MULADDS: usize = 192 * 192 * 192;
 
 /// `dst[start..]` viewed as a `dims` matrix with `strides`, overwritten with `scale · lhs · rhs`
 /// by one thread.
@@ -109,7 +109,7 @@ pub(super) fn product_into(
     assert!(last < dst.len(), "matmul: product outside its destination");
     let out = dst[start..].as_mut_ptr();
     let s = |x: usize| x as isize;
-    let parallelism = if write.threaded && m * n * k >= THREADED_MIN_FLOPS {
+    let parallelism = if write.threaded && m * n * k >= THREADED_MIN_MULADDS {
         gemm::Parallelism::Rayon(0)
     } else {
         gemm::Parallelism::None
