@@ -15,7 +15,7 @@ use rayon::prelude::*;
 use super::matmul::{Matrix, Write, product_into};
 use super::simd::{repeated_rows, simd, vectorised, zeros};
 
-/// Rows per parallel task when filling the bias or summing its gradient.
+/// Rows per parallel task when summing the bias's gradient.
 const ROWS_PER_TASK: usize = 256;
 
 /// The sizes of one linear layer call.
@@ -29,6 +29,7 @@ pub struct Dims {
     pub d_out: usize,
 }
 
+/// Every product of the layer: split between threads by `gemm`, overwriting its destination.
 const THREADED: Write = Write {
     scale: 1.0,
     accumulate: false,
