@@ -72,6 +72,7 @@ fn a_bad_bench_plan_flag_is_refused_before_anything_runs() {
         ("--encoder-patch", "5", "must divide"),
         ("--metric", "l3", "expected `l1` or `l2`"),
         ("--episodes", "0", "at least 1"),
+        ("--rollout-steps", "1", "not in 2..=8"),
     ] {
         let out = amity(&["bench", "plan", &format!("{flag}={value}")]);
         assert!(!out.status.success(), "{flag} {value}");
