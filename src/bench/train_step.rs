@@ -86,8 +86,8 @@ pub struct TrainStepReport {
     /// Median full V-JEPA step (both mask sets), Amity.
     pub amity_full_step_ms: f64,
     /// The CPU both ran on (`model name` in `/proc/cpuinfo`; `null` where it cannot be read).
-    /// The ratio moves with it: one release build measured 0.90-0.95 on one session's machine
-    /// and 1.43 on another's.
+    /// The ratio moves with it (see the README: `small` measured 0.83-0.90 on a Zen 4 with
+    /// AVX-512 and 1.73 on a Zen 3 with AVX2).
     pub cpu: Option<String>,
     /// The vector unit our kernels run on (`avx512f`, `avx2` with FMA, or `none`:
     /// [`amity_shared::kernels::vector_unit`]); ours and PyTorch's pick their code paths by it.

@@ -259,6 +259,7 @@ pub fn backward(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::values;
 
     /// Attention in f64 with the `N × N` probabilities kept: `[out, d_qkv]`.
     fn reference(qkv: &[f32], s: Shape, scale: f64, g: &[f32]) -> [Vec<f64>; 2] {
@@ -306,13 +307,6 @@ mod tests {
             }
         }
         [o, d]
-    }
-
-    fn values(n: usize, seed: u64, amplitude: f32) -> Vec<f32> {
-        let mut rng = crate::rng::Rng::new(seed);
-        (0..n)
-            .map(|_| amplitude * rng.range_f64(-1.0, 1.0) as f32)
-            .collect()
     }
 
     fn assert_close(got: &[f32], want: &[f64], tol: f64, what: &str) {

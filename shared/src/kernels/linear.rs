@@ -141,12 +141,7 @@ fn column_sums(m: &[f32], cols: usize) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        (0..n as u32)
-            .map(|i| ((i.wrapping_mul(2_246_822_519) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
-            .collect()
-    }
+    use crate::kernels::values;
 
     fn close(got: &[f32], want: &[f64], tol: f64, what: &str) {
         assert_eq!(got.len(), want.len(), "{what}: length");
@@ -164,11 +159,11 @@ mod tests {
             d_out: 300,
         };
         let (x, w, b) = (
-            values(d.rows * d.d_in, 1),
-            values(d.d_in * d.d_out, 2),
-            values(d.d_out, 3),
+            values(d.rows * d.d_in, 1, 1.0),
+            values(d.d_in * d.d_out, 2, 1.0),
+            values(d.d_out, 3, 1.0),
         );
-        let dy = values(d.rows * d.d_out, 4);
+        let dy = values(d.rows * d.d_out, 4, 1.0);
         let at = |m: &[f32], cols: usize, r: usize, c: usize| m[r * cols + c] as f64;
         let y_want: Vec<f64> = (0..d.rows * d.d_out)
             .map(|i| {
@@ -223,7 +218,7 @@ mod tests {
             d_in: 2,
             d_out: 4,
         };
-        let (x, w, dy) = (values(6, 1), values(8, 2), values(12, 3));
+        let (x, w, dy) = (values(6, 1, 1.0), values(8, 2, 1.0), values(12, 3, 1.0));
         let wanted = Wanted {
             x: false,
             weight: true,
@@ -236,7 +231,7 @@ mod tests {
 
     #[test]
     fn the_bias_gradient_is_the_same_bits_at_any_thread_count() {
-        let dy = values(1000 * 33, 5);
+        let dy = values(1000 * 33, 5, 1.0);
         let one = rayon::ThreadPoolBuilder::new()
             .num_threads(1)
             .build()

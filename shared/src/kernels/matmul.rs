@@ -146,12 +146,7 @@ pub(super) fn product_into(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        (0..n as u32)
-            .map(|i| ((i.wrapping_mul(2_654_435_761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
-            .collect()
-    }
+    use crate::kernels::values;
 
     /// `a · b` for row-major `a` (`m × k`) and `b` (`k × n`), in f64.
     fn reference(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
@@ -169,7 +164,7 @@ mod tests {
     #[test]
     fn threaded_and_accumulating_products_match_the_reference() {
         let (m, k, n) = (300, 200, 250);
-        let (a, b) = (values(m * k, 1), values(k * n, 2));
+        let (a, b) = (values(m * k, 1, 1.0), values(k * n, 2, 1.0));
         let want = reference(&a, &b, m, k, n);
         let mut one = vec![0.0f32; m * n];
         product(
@@ -206,7 +201,7 @@ mod tests {
     #[test]
     fn a_threaded_product_is_the_same_bits_at_any_thread_count() {
         let (m, k, n) = (512, 384, 320);
-        let (a, b) = (values(m * k, 5), values(k * n, 6));
+        let (a, b) = (values(m * k, 5, 1.0), values(k * n, 6, 1.0));
         let run = |threads: usize| {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
@@ -236,7 +231,7 @@ mod tests {
     #[test]
     fn a_transposed_view_reads_the_same_elements() {
         let (m, k, n) = (7, 5, 3);
-        let (a, b) = (values(m * k, 3), values(k * n, 4));
+        let (a, b) = (values(m * k, 3, 1.0), values(k * n, 4, 1.0));
         // aᵀ stored row-major (k × m), read back through `t()`.
         let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
         let mut c = vec![0.0f32; m * n];

@@ -168,6 +168,16 @@ pub fn self_attention(qkv: Tensor<3>, heads: usize, mask: Option<Tensor<4, Bool>
     o.swap_dims(1, 2).reshape([b, n, heads * head_dim])
 }
 
+/// `n` values uniform in `[-amplitude, amplitude]` from the project's seeded [`crate::rng::Rng`]:
+/// the kernels' tests' data (test helper).
+#[cfg(test)]
+fn values(n: usize, seed: u64, amplitude: f32) -> Vec<f32> {
+    let mut rng = crate::rng::Rng::new(seed);
+    (0..n)
+        .map(|_| amplitude * rng.range_f64(-1.0, 1.0) as f32)
+        .collect()
+}
+
 /// The largest absolute difference between two tensors' values (test helper).
 #[cfg(test)]
 fn max_abs_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
