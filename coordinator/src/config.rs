@@ -15,8 +15,9 @@
 //! checkpoint_every = 5
 //!
 //! [rounds]
-//! budget_ms = 10000                 # time-budgeted rounds (steps = 0) ...
-//! steps = 0                         # ... or this many local steps per round
+//! budget_ms = 10000                 # local training time per round, and/or ...
+//! steps = 0                         # ... at most this many local steps per round (0: no cap);
+//!                                   # with both, each worker stops at whichever comes first
 //! max_rounds = 100                  # the schedules follow round / max_rounds on every worker;
 //!                                   # 0 (no planned end) holds them constant after warm-up
 //!
@@ -69,12 +70,15 @@ pub enum LatePolicy {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoundPolicy {
-    /// Local training time per round (time budget, used when `steps` is 0).
-    pub budget_ms: u64,
-    /// Local steps per round (0: time-budgeted).
+    /// Local training time per round. Unset: 10 s when `steps` is 0, no time limit when it is
+    /// set (step-budgeted rounds). Set together with `steps`, each worker trains until either
+    /// runs out: a fast worker stops at `steps`, so the run's local steps do not grow with the
+    /// hardware, and a slow one at the deadline, delivering what it trained.
+    pub budget_ms: Option<u64>,
+    /// Local steps per round at most (0: no cap, the time budget alone).
     pub steps: u64,
     /// Extra time after the budget for fetching state and uploading, before a round closes
-    /// without the missing updates. Step-budgeted rounds wait `grace_ms` in all.
+    /// without the missing updates. Rounds without a time budget wait `grace_ms` in all.
     pub grace_ms: u64,
     /// Workers needed before the first round starts (later rounds run with whoever is there).
     pub min_workers: usize,
@@ -94,10 +98,24 @@ pub struct RoundPolicy {
     pub flush: bool,
 }
 
+impl RoundPolicy {
+    /// The time budget when `budget_ms` is unset and no step budget is set.
+    pub const DEFAULT_BUDGET_MS: u64 = 10_000;
+
+    /// Local training time per round in milliseconds; 0 when the rounds have no time limit.
+    pub fn time_budget_ms(&self) -> u64 {
+        match self.budget_ms {
+            Some(ms) => ms,
+            None if self.steps == 0 => Self::DEFAULT_BUDGET_MS,
+            None => 0,
+        }
+    }
+}
+
 impl Default for RoundPolicy {
     fn default() -> Self {
         RoundPolicy {
-            budget_ms: 10_000,
+            budget_ms: None,
             steps: 0,
             grace_ms: 20_000,
             min_workers: 1,
@@ -406,9 +424,9 @@ impl CoordinatorConfig {
         }
         run.validate()?;
         let r = &self.rounds;
-        if r.steps == 0 && r.budget_ms == 0 {
+        if r.steps == 0 && r.time_budget_ms() == 0 {
             return Err(ConfigError::Invalid(
-                "rounds: set budget_ms (time budget) or steps (step budget)".into(),
+                "rounds: set budget_ms (time budget), steps (step budget) or both".into(),
             ));
         }
         if !(0.0..=1.0).contains(&r.staleness_discount) || self.aggregation.reject_ratio <= 1.0 {

@@ -272,9 +272,10 @@ pub struct RoundAnnounce {
     pub params: BlobId,
     /// The same state as a compressed delta from the previous one, for workers holding it.
     pub delta: Option<StateDelta>,
-    /// Milliseconds the round lasts (time budget).
+    /// Milliseconds of local training (time budget; 0: none).
     pub budget_ms: u64,
-    /// Local steps, when the round is step-budgeted (0: time budget).
+    /// Local steps at most (step budget; 0: none). With both budgets, the worker stops at
+    /// whichever runs out first.
     pub steps: u64,
     /// Rounds planned for the run (0: no planned end). With `round`, this is the run's
     /// global progress, which every worker's learning-rate, weight-decay and EMA schedules

@@ -600,16 +600,13 @@ impl WorkerCore {
             .session
             .expect("rounds come only to a registered worker");
         let seed = self.run.as_ref().map_or(0, |c| c.train.seed);
-        let budget = if r.announce.steps > 0 {
-            RoundBudget::steps(r.announce.steps)
-        } else {
-            let spent = now_ms.saturating_sub(r.started_ms);
-            RoundBudget {
-                steps: None,
-                time: Some(Duration::from_millis(
-                    r.announce.budget_ms.saturating_sub(spent),
-                )),
-            }
+        // Either budget, or both (the worker stops at whichever runs out first); the time
+        // already spent fetching the state and shards counts against the time budget.
+        let spent = now_ms.saturating_sub(r.started_ms);
+        let budget = RoundBudget {
+            steps: (r.announce.steps > 0).then_some(r.announce.steps),
+            time: (r.announce.budget_ms > 0 || r.announce.steps == 0)
+                .then(|| Duration::from_millis(r.announce.budget_ms.saturating_sub(spent))),
         };
         TrainJob {
             round: r.announce.round,

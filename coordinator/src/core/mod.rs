@@ -758,10 +758,10 @@ impl Core {
             worker,
             msg: ServerMsg::Ack { of: u.round },
         });
-        let budget = self.cfg.rounds.budget_ms;
-        if staleness == 0 && self.cfg.rounds.steps == 0 && budget > 0 {
-            // Time-budgeted: the round itself measures the worker's throughput, which the
-            // next assignment follows.
+        let budget = self.cfg.rounds.time_budget_ms();
+        if staleness == 0 && budget > 0 {
+            // Time-budgeted: the round itself measures what the worker delivers per second
+            // (capped at the step budget, if any), which the next assignment follows.
             if let Some(w) = self.workers.get_mut(&worker) {
                 w.info.samples_per_s = u.samples as f64 * 1000.0 / budget as f64;
             }

@@ -7,12 +7,7 @@ impl Core {
     pub(super) fn start_round(&mut self, out: &mut Vec<Action>) {
         self.started_any = true;
         let r = self.cfg.rounds;
-        let deadline_ms = self.now_ms
-            + if r.steps > 0 {
-                r.grace_ms
-            } else {
-                r.budget_ms + r.grace_ms
-            };
+        let deadline_ms = self.now_ms + r.time_budget_ms() + r.grace_ms;
         let claimed: Vec<f64> = self
             .workers
             .values()
@@ -89,7 +84,7 @@ impl Core {
                 state: self.state_blob,
                 params: params_hash,
                 delta,
-                budget_ms: r.budget_ms,
+                budget_ms: r.time_budget_ms(),
                 steps: r.steps,
                 planned_rounds: r.max_rounds,
                 flush,

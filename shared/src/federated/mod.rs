@@ -536,6 +536,25 @@ mod tests {
                 }
             }
         }
+        // With both budgets, whichever runs out first ends the round (at least one step).
+        for (budget, steps) in [(Duration::ZERO, 1), (Duration::from_secs(3600), 3)] {
+            let opts = LocalRoundOptions {
+                budget: RoundBudget {
+                    steps: Some(3),
+                    time: Some(budget),
+                },
+                policy: TargetPolicy::CoordinatorEma,
+                seed: 1,
+                worker: 0,
+                progress: RunProgress {
+                    round: 0,
+                    planned_rounds: 4,
+                },
+                slowdown: 1.0,
+            };
+            let u = local_round(&mut t, &start, &source, &opts, |_, _| {}, || false).unwrap();
+            assert_eq!(u.steps, steps, "time budget {budget:?}");
+        }
         // Hashes name states.
         let mut other = start.clone();
         assert_eq!(other.hash(), start.hash());

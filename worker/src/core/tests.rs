@@ -131,7 +131,16 @@ fn registration_makes_a_trainer_and_round_zero_needs_no_download() {
     assert_eq!(acts.len(), 1);
     assert_eq!(job.round, 0);
     assert_eq!(job.options.worker, 7, "the worker's id reaches its seeds");
+    // Both budgets were announced: the worker stops at whichever runs out first.
     assert_eq!(job.options.budget.steps, Some(5));
+    assert!(
+        job.options
+            .budget
+            .time
+            .is_some_and(|t| t <= std::time::Duration::from_secs(10)),
+        "{:?}",
+        job.options.budget
+    );
     assert_eq!(job.options.progress.planned_rounds, 10);
     assert_eq!(job.options.policy, TargetPolicy::CoordinatorEma);
 }

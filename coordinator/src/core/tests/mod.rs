@@ -13,7 +13,7 @@ fn setup(policy: TargetPolicy) -> (Core, Vec<ShardInfo>) {
     let mut cfg = CoreConfig::new(run);
     cfg.target_policy = policy;
     cfg.rounds.min_workers = 2;
-    cfg.rounds.budget_ms = 1000;
+    cfg.rounds.budget_ms = Some(1000);
     cfg.rounds.grace_ms = 1000;
     cfg.rounds.shards_per_round = 4;
     cfg.checkpoint_every = 2;
@@ -889,6 +889,7 @@ fn shards_of_a_second_session_of_an_institution_are_not_lost() {
     }
 }
 
+mod budget;
 mod history;
 mod operator;
 mod replay;
