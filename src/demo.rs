@@ -54,22 +54,42 @@ pub struct DemoArgs {
     /// Federated rounds.
     #[arg(long, default_value_t = 10)]
     pub rounds: u64,
-    /// Local training time per round, seconds. Rounds are timed, so a faster machine runs more
-    /// local steps per round, and too many drift apart: on a 2-core AMD EPYC (Zen 4) with the
-    /// linear-layer kernel, 10 s rounds (about 2300 steps of the fastest worker over the run)
-    /// released an encoder at random init's velocity R² (-0.014, -0.004), 4 s rounds (about 900)
-    /// one at 0.167 and 0.229 against -0.001.
+    /// Local training time per round, seconds: the deadline of the slower workers.
     #[arg(long, default_value_t = 4.0)]
     pub round_secs: f64,
+    /// Local steps per round at most (0: no cap, the time budget alone). Without a cap a faster
+    /// machine runs more local steps per round: on a 2-core AMD EPYC (Zen 4), 10 s rounds
+    /// (about 230 steps of the fastest worker a round) released an encoder at random init's
+    /// velocity R². With 4 s rounds capped at 100 steps, three runs gave 0.29-0.38 against
+    /// -0.001, and a faster CPU cannot push the fast worker past 100.
+    #[arg(long, default_value_t = 100)]
+    pub round_steps: u64,
 }
 
 /// `amity demo`: runs the demo into `args.out`.
 pub fn demo(args: DemoArgs) -> Result<()> {
-    run(&args.out, args.videos, args.rounds, args.round_secs)
+    let shape = RoundShape {
+        rounds: args.rounds,
+        secs: args.round_secs,
+        steps: args.round_steps,
+    };
+    run(&args.out, args.videos, shape)
+}
+
+/// How many rounds the demo runs and what bounds each.
+#[derive(Debug, Clone, Copy)]
+pub struct RoundShape {
+    /// Federated rounds.
+    pub rounds: u64,
+    /// Local training time per round, seconds.
+    pub secs: f64,
+    /// Local steps per round at most (0: no cap).
+    pub steps: u64,
 }
 
 /// Runs the demo into `out`.
-pub fn run(out: &Path, videos: usize, rounds: u64, round_secs: f64) -> Result<()> {
+pub fn run(out: &Path, videos: usize, shape: RoundShape) -> Result<()> {
+    let rounds = shape.rounds;
     let began = Instant::now();
     if out.join("coordinator").exists() || out.join("ca").exists() {
         std::fs::remove_dir_all(out)
@@ -89,13 +109,15 @@ pub fn run(out: &Path, videos: usize, rounds: u64, round_secs: f64) -> Result<()
 
     // 3. Coordinator and workers, over loopback QUIC.
     let state_dir = out.join("coordinator");
-    let cfg = coordinator_config(&state_dir, run_cfg, store, &ca, shards, rounds, round_secs)?;
+    let cfg = coordinator_config(&state_dir, run_cfg, store, &ca, shards, shape)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     println!(
-        "training: {rounds} rounds of {round_secs} s, workers {} (slowdowns {:?}), uplink {} with \
-         error feedback, downlink {} deltas",
+        "training: {rounds} rounds of {} s or {} local steps, workers {} (slowdowns {:?}), uplink \
+         {} with error feedback, downlink {} deltas",
+        shape.secs,
+        shape.steps,
         names.join(", "),
         WORKERS.iter().map(|w| w.1).collect::<Vec<_>>(),
         cfg.codec,
@@ -194,10 +216,9 @@ fn coordinator_config(
     store: PathBuf,
     ca: &Path,
     shards: usize,
-    rounds: u64,
-    round_secs: f64,
+    shape: RoundShape,
 ) -> Result<CoordinatorConfig> {
-    let budget_ms = (round_secs * 1000.0) as u64;
+    let (rounds, budget_ms) = (shape.rounds, (shape.secs * 1000.0) as u64);
     // Every worker's schedules follow the rounds (global progress), whatever its speed; the
     // first tenth of the run warms up. The run config travels to the workers.
     run_cfg.train.warmup = (run_cfg.train.steps / 10).max(1);
@@ -223,7 +244,8 @@ fn coordinator_config(
         // delivered densely at once), which a 10-round run should not pay mid-way.
         checkpoint_every: rounds,
         rounds: RoundPolicy {
-            budget_ms,
+            budget_ms: Some(budget_ms),
+            steps: shape.steps,
             grace_ms: budget_ms + 20_000,
             min_workers: WORKERS.len(),
             max_rounds: rounds,
