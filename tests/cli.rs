@@ -290,3 +290,60 @@ fn the_transfer_bench_moves_every_transport_and_ends_with_its_json_line() {
     }
     assert!(stderr.contains("our receiver per GiB"), "{stderr}");
 }
+
+/// `amity bench probe` on a two-step checkpoint: both readouts score the checkpoint and a random
+/// encoder, and the last line holds the gaps; a checkpoint that is not there is named.
+#[test]
+fn the_probe_bench_reads_both_readouts_and_names_a_missing_checkpoint() {
+    let dir = crate::common::scratch("bench-probe");
+    let run = dir.join("run");
+    let out = amity(&[
+        "train",
+        "--steps",
+        "2",
+        "--batch",
+        "2",
+        "--no-probe",
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let ckpt = run.join("checkpoint.safetensors");
+    let probe = |path: &std::path::Path| {
+        amity(&[
+            "bench",
+            "probe",
+            "--checkpoint",
+            path.to_str().unwrap(),
+            "--probe-videos",
+            "20",
+            "10",
+        ])
+    };
+    let out = probe(&ckpt);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let last = stdout.lines().last().unwrap_or("");
+    let json: serde_json::Value = serde_json::from_str(last).expect("last line is JSON");
+    assert_eq!(json["bench"], "probe", "{last}");
+    let names: Vec<&str> = json["readouts"]
+        .as_array()
+        .expect("readouts")
+        .iter()
+        .filter_map(|r| r["readout"].as_str())
+        .collect();
+    assert_eq!(names, ["space_mean", "quadrants"], "{last}");
+    for key in ["velocity_gap_space_mean", "velocity_gap_quadrants"] {
+        assert!(
+            json[key].as_f64().is_some_and(f64::is_finite),
+            "{key}: {last}"
+        );
+    }
+    let missing = dir.join("nothing.safetensors");
+    let out = probe(&missing);
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("nothing.safetensors"),
+        "{err}"
+    );
+}

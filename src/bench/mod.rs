@@ -3,14 +3,15 @@
 //!
 //! The bodies of benches that only this command runs live here, next to it: `federated` (the
 //! real coordinator and worker cores wired in process), `replication` (coordinator processes on
-//! loopback), `scale` (the coordinator core with a thousand simulated workers), `ingest` and
-//! `train-step`, and the command-line shells of `plan` and `surprise`. `transfer` lives in
+//! loopback), `scale` (the coordinator core with a thousand simulated workers), `ingest`,
+//! `probe` (a checkpoint's probes through two readouts) and `train-step`, and the command-line shells of `plan` and `surprise`. `transfer` lives in
 //! `amity-protocol` (it measures that crate's transport); the bodies of `plan` and `surprise`
 //! live in `amity-planner`.
 
 mod federated;
 mod ingest;
 mod plan;
+mod probe;
 mod replication;
 mod scale;
 mod surprise;
@@ -47,6 +48,10 @@ pub enum Bench {
     /// Latent planning success beside a random policy and a simulator oracle, per environment;
     /// prints `{"bench":"plan",...}` last.
     Plan(plan::PlanBenchArgs),
+    /// A checkpoint's probes through the standard readout (features averaged over space) and
+    /// one that keeps where features fired, beside a random encoder's; prints
+    /// `{"bench":"probe",...}` last.
+    Probe(probe::ProbeBenchArgs),
     /// Surprise detector: paired accuracy and AUROC on synthetic violation pairs; prints
     /// `{"bench":"surprise",...}` last.
     Surprise(surprise::SurpriseBenchArgs),
@@ -116,6 +121,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Bench::Plan(a) => plan::bench_plan(a),
         Bench::Surprise(a) => surprise::bench_surprise(a),
         Bench::Federated(a) => federated::run(a),
+        Bench::Probe(a) => probe::run(a),
         Bench::Replication(a) => replication::run(a),
         Bench::Scale(a) => {
             let r = scale::run(a)?;

@@ -4,7 +4,8 @@
 //! position (R²), shape and colour (accuracy), all from [`Trainer::probe_features`]. The same
 //! suite runs on a randomly initialised encoder for the baseline a number must be read against.
 //!
-//! Also here: `probe` (ridge probes), private and re-exported; [`embed`] (a video's clips through a released encoder) and [`npy`]
+//! Also here: `probe` (ridge probes) and `readout` (which view of the tokens a probe reads),
+//! private and re-exported; [`embed`] (a video's clips through a released encoder) and [`npy`]
 //! (NumPy files), which `amity embed` and `amity surprise` use.
 
 use serde::Serialize;
@@ -12,8 +13,10 @@ use serde::Serialize;
 pub mod embed;
 pub mod npy;
 mod probe;
+mod readout;
 
 pub use probe::{ProbeKind, Ridge, probe, r2};
+pub use readout::{Readout, quadrant_means};
 
 use crate::data::ClipBatch;
 use crate::data::synth::{COLOURS, SynthConfig, SynthVideo, generate};
@@ -82,7 +85,7 @@ struct Columns {
     colour: Vec<f64>,
 }
 
-fn columns(trainer: &Trainer, videos: &[SynthVideo]) -> Columns {
+fn columns(trainer: &Trainer, videos: &[SynthVideo], readout: Readout) -> Columns {
     let model = &trainer.config().model;
     let mut c = Columns {
         features: Vec::new(),
@@ -94,7 +97,7 @@ fn columns(trainer: &Trainer, videos: &[SynthVideo]) -> Columns {
     for chunk in videos.chunks(64) {
         let batch = ClipBatch::from_clips(chunk.iter().map(|v| v.pixels.as_slice()), model);
         c.features
-            .extend(trainer.probe_features(&batch).into_iter().map(f64::from));
+            .extend(readout.features(trainer, &batch).into_iter().map(f64::from));
     }
     for v in videos {
         let (vel, pos, shape, colour) = targets(v);
@@ -106,9 +109,18 @@ fn columns(trainer: &Trainer, videos: &[SynthVideo]) -> Columns {
     c
 }
 
-/// Fits and scores every probe on `trainer`'s target encoder.
+/// Fits and scores every probe on `trainer`'s target encoder, through the standard readout
+/// ([`Readout::SpaceMean`]).
 pub fn probe_report(trainer: &Trainer, set: &ProbeSet) -> ProbeReport {
-    let (a, b) = (columns(trainer, &set.train), columns(trainer, &set.test));
+    probe_report_through(trainer, set, Readout::SpaceMean)
+}
+
+/// Fits and scores every probe on `trainer`'s target encoder, through `readout`.
+pub fn probe_report_through(trainer: &Trainer, set: &ProbeSet, readout: Readout) -> ProbeReport {
+    let (a, b) = (
+        columns(trainer, &set.train, readout),
+        columns(trainer, &set.test, readout),
+    );
     let d = a.features.len() / set.train.len().max(1);
     let run = |kind, ya: &[f64], yb: &[f64]| probe(kind, (&a.features, ya), (&b.features, yb), d);
     ProbeReport {
