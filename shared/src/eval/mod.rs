@@ -1,8 +1,10 @@
 //! The standard frozen-encoder evaluation on the synthetic moving-shapes world.
 //!
 //! Probes are fitted on one set of videos and scored on another (disjoint seeds): velocity and
-//! position (R²), shape and colour (accuracy), all from [`Trainer::probe_features`]. The same
-//! suite runs on a randomly initialised encoder for the baseline a number must be read against.
+//! position (R²), shape and colour (accuracy), all through one [`Readout`] of the target
+//! encoder's tokens: the standard one averages each time step over space
+//! ([`Trainer::probe_features`]). The same suite runs on a randomly initialised encoder for the
+//! baseline a number must be read against.
 //!
 //! Also here: `probe` (ridge probes) and `readout` (which view of the tokens a probe reads),
 //! private and re-exported; [`embed`] (a video's clips through a released encoder) and [`npy`]
@@ -16,7 +18,7 @@ mod probe;
 mod readout;
 
 pub use probe::{ProbeKind, Ridge, probe, r2};
-pub use readout::{Readout, quadrant_means};
+pub use readout::Readout;
 
 use crate::data::ClipBatch;
 use crate::data::synth::{COLOURS, SynthConfig, SynthVideo, generate};

@@ -54,7 +54,7 @@ impl Readout {
 
 /// Quadrant means of `clips x tokens x width` token features in `(t, h, w)` order: per clip,
 /// `frames x 4 x width` values (quadrant `2 * (row >= height / 2) + (col >= width / 2)`).
-pub fn quadrant_means(tokens: &[f32], clips: usize, grid: TokenGrid, width: usize) -> Vec<f32> {
+fn quadrant_means(tokens: &[f32], clips: usize, grid: TokenGrid, width: usize) -> Vec<f32> {
     let (h, w) = (grid.height, grid.width);
     let per_clip = grid.len() * width;
     assert_eq!(
