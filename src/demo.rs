@@ -413,10 +413,9 @@ fn probe_checkpoint(path: &Path) -> Result<(ProbeReport, ProbeReport)> {
     let device = Device::flex();
     let trained = Trainer::from_checkpoint(&ckpt, &device)?;
     let random = Trainer::new(ckpt.config.clone(), &device);
-    let m = &ckpt.config.model;
     // The learning test's probe: with 400 fitted videos for 256 features the ridge probe itself
     // caps R2.
-    let set = ProbeSet::synthetic(&SynthConfig::for_size(m.image_size, m.frames), 1000, 500);
+    let set = ProbeSet::for_model(&ckpt.config.model, 1000, 500);
     Ok((probe_report(&trained, &set), probe_report(&random, &set)))
 }
 

@@ -13,7 +13,6 @@ use clap::Args;
 use amity_shared::checkpoint::Checkpoint;
 use amity_shared::config::Config;
 use amity_shared::corpus::manifest::MANIFEST_FILE;
-use amity_shared::data::synth::SynthConfig;
 use amity_shared::data::{ClipSource, Prefetcher};
 use amity_shared::device::Backend;
 use amity_shared::eval::{ProbeSet, probe_report, telemetry};
@@ -111,8 +110,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     std::fs::write(args.out.join("config.toml"), config.to_toml())
         .with_context(|| format!("cannot write {}", args.out.join("config.toml").display()))?;
 
-    let synth = SynthConfig::for_size(config.model.image_size, config.model.frames);
-    let probes = (!args.no_probe).then(|| ProbeSet::synthetic(&synth, 600, 300));
+    let probes = (!args.no_probe).then(|| ProbeSet::for_model(&config.model, 600, 300));
     let mut trainer = Trainer::new(config.clone(), &device);
     let before = probes.as_ref().map(|p| probe_report(&trainer, p));
     let metrics_path = args.out.join("metrics.jsonl");

@@ -296,19 +296,7 @@ fn the_transfer_bench_moves_every_transport_and_ends_with_its_json_line() {
 #[test]
 fn the_probe_bench_reads_both_readouts_and_names_a_missing_checkpoint() {
     let dir = crate::common::scratch("bench-probe");
-    let run = dir.join("run");
-    let out = amity(&[
-        "train",
-        "--steps",
-        "2",
-        "--batch",
-        "2",
-        "--no-probe",
-        "--out",
-        run.to_str().unwrap(),
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let ckpt = run.join("checkpoint.safetensors");
+    let ckpt = crate::common::tiny_checkpoint(&dir);
     let probe = |path: &std::path::Path| {
         amity(&[
             "bench",

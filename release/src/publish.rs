@@ -11,7 +11,6 @@ use crate::card::{CardInfo, Contributor, CorpusInfo, EvalResult, render};
 use crate::sign::ReleaseKey;
 use crate::{CARD, CONFIG, MODEL, ReleaseError, Signed, write_release};
 use amity_shared::checkpoint::{Checkpoint, layouts};
-use amity_shared::data::synth::SynthConfig;
 use amity_shared::eval::{ProbeSet, probe_report};
 use amity_shared::train::Trainer;
 
@@ -79,13 +78,8 @@ pub fn probe_evaluation(ckpt: &Checkpoint, videos: usize) -> Result<Vec<EvalResu
     let trained = Trainer::from_checkpoint(ckpt, &device)
         .map_err(|e| ReleaseError::Invalid(format!("checkpoint weights: {e}")))?;
     let random = Trainer::new(ckpt.config.clone(), &device);
-    let m = &ckpt.config.model;
     let n_test = (videos / 3).max(2);
-    let set = ProbeSet::synthetic(
-        &SynthConfig::for_size(m.image_size, m.frames),
-        videos - n_test.min(videos),
-        n_test,
-    );
+    let set = ProbeSet::for_model(&ckpt.config.model, videos - n_test.min(videos), n_test);
     let (a, b) = (probe_report(&trained, &set), probe_report(&random, &set));
     let protocol = format!(
         "ridge probe on frozen target-encoder features, {} synthetic moving-shape videos fitted, {} held out",

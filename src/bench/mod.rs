@@ -4,8 +4,8 @@
 //! The bodies of benches that only this command runs live here, next to it: `federated` (the
 //! real coordinator and worker cores wired in process), `replication` (coordinator processes on
 //! loopback), `scale` (the coordinator core with a thousand simulated workers), `ingest`,
-//! `probe` (a checkpoint's probes through two readouts) and `train-step`, and the command-line shells of `plan` and `surprise`. `transfer` lives in
-//! `amity-protocol` (it measures that crate's transport); the bodies of `plan` and `surprise`
+//! `probe` (a checkpoint's probes through two readouts) and `train-step`, and the command-line
+//! shells of `plan` and `surprise`. `transfer` lives in `amity-protocol` (it measures that crate's transport); the bodies of `plan` and `surprise`
 //! live in `amity-planner`.
 
 mod federated;

@@ -17,7 +17,6 @@ use burn::tensor::Device;
 use clap::Args;
 
 use amity_shared::checkpoint::Checkpoint;
-use amity_shared::data::synth::SynthConfig;
 use amity_shared::eval::{ProbeReport, ProbeSet, Readout, probe_report_through};
 use amity_shared::train::Trainer;
 
@@ -56,12 +55,7 @@ pub fn run(a: ProbeBenchArgs) -> Result<()> {
     // The run's own random initialisation (its config's seed): what the demo and the learning
     // test read their probes against.
     let random = Trainer::new(ckpt.config.clone(), &device);
-    let m = &ckpt.config.model;
-    let set = ProbeSet::synthetic(
-        &SynthConfig::for_size(m.image_size, m.frames),
-        n_train,
-        n_test,
-    );
+    let set = ProbeSet::for_model(&ckpt.config.model, n_train, n_test);
     println!(
         "probe: {} ({} preset), {n_train} videos fitted, {n_test} held out; readouts {}",
         a.checkpoint.display(),

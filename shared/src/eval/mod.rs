@@ -20,6 +20,7 @@ mod readout;
 pub use probe::{ProbeKind, Ridge, probe, r2};
 pub use readout::Readout;
 
+use crate::config::ModelConfig;
 use crate::data::ClipBatch;
 use crate::data::synth::{COLOURS, SynthConfig, SynthVideo, generate};
 use crate::train::{Telemetry, Trainer};
@@ -45,6 +46,15 @@ impl ProbeSet {
                 .map(|i| generate(cfg, 200_000_000 + i))
                 .collect(),
         }
+    }
+
+    /// [`ProbeSet::synthetic`] at `model`'s frame size and clip length.
+    pub fn for_model(model: &ModelConfig, n_train: usize, n_test: usize) -> Self {
+        Self::synthetic(
+            &SynthConfig::for_size(model.image_size, model.frames),
+            n_train,
+            n_test,
+        )
     }
 }
 

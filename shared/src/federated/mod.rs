@@ -393,6 +393,26 @@ mod tests {
     use crate::config::Config;
     use burn::tensor::Device;
 
+    /// Local-round options of `worker` in round 0 of 4 planned.
+    fn options(
+        budget: RoundBudget,
+        policy: TargetPolicy,
+        seed: u64,
+        worker: u64,
+    ) -> LocalRoundOptions {
+        LocalRoundOptions {
+            budget,
+            policy,
+            seed,
+            worker,
+            progress: RunProgress {
+                round: 0,
+                planned_rounds: 4,
+            },
+            slowdown: 1.0,
+        }
+    }
+
     #[test]
     fn target_policies_parse_from_their_names() {
         for p in TargetPolicy::ALL {
@@ -463,17 +483,13 @@ mod tests {
         };
         let delta = |worker| {
             let mut t = Trainer::new(config.clone(), &Device::flex());
-            let opts = LocalRoundOptions {
-                budget: RoundBudget::steps(1),
-                policy: TargetPolicy::CoordinatorEma,
-                seed: 7,
+            let mut opts = options(
+                RoundBudget::steps(1),
+                TargetPolicy::CoordinatorEma,
+                7,
                 worker,
-                progress: RunProgress {
-                    round: 0,
-                    planned_rounds: 2,
-                },
-                slowdown: 1.0,
-            };
+            );
+            opts.progress.planned_rounds = 2;
             local_round(&mut t, &start, &source, &opts, |_, _| {}, || false)
                 .unwrap()
                 .model_delta
@@ -493,17 +509,7 @@ mod tests {
         };
         let source = ClipSource::synthetic(&config.model);
         for policy in [TargetPolicy::CoordinatorEma, TargetPolicy::LocalEma] {
-            let opts = LocalRoundOptions {
-                budget: RoundBudget::steps(2),
-                policy,
-                seed: 1,
-                worker: 0,
-                progress: RunProgress {
-                    round: 0,
-                    planned_rounds: 4,
-                },
-                slowdown: 1.0,
-            };
+            let opts = options(RoundBudget::steps(2), policy, 1, 0);
             let u = local_round(&mut t, &start, &source, &opts, |_, _| {}, || false).unwrap();
             assert_eq!((u.steps, u.samples), (2, 4));
             let mut end = start.clone();
@@ -538,20 +544,11 @@ mod tests {
         }
         // With both budgets, whichever runs out first ends the round (at least one step).
         for (budget, steps) in [(Duration::ZERO, 1), (Duration::from_secs(3600), 3)] {
-            let opts = LocalRoundOptions {
-                budget: RoundBudget {
-                    steps: Some(3),
-                    time: Some(budget),
-                },
-                policy: TargetPolicy::CoordinatorEma,
-                seed: 1,
-                worker: 0,
-                progress: RunProgress {
-                    round: 0,
-                    planned_rounds: 4,
-                },
-                slowdown: 1.0,
+            let both = RoundBudget {
+                steps: Some(3),
+                time: Some(budget),
             };
+            let opts = options(both, TargetPolicy::CoordinatorEma, 1, 0);
             let u = local_round(&mut t, &start, &source, &opts, |_, _| {}, || false).unwrap();
             assert_eq!(u.steps, steps, "time budget {budget:?}");
         }

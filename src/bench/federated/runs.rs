@@ -334,11 +334,7 @@ fn mean_sd(xs: &[f64]) -> (f64, f64) {
 /// Runs every configuration over every seed, printing each run as it finishes.
 pub fn federated(opts: &FederatedBenchOptions, print: &dyn Fn(&RunReport)) -> FederatedReport {
     let base = run_config(opts, 0, Objective::Ema);
-    let probes = ProbeSet::synthetic(
-        &SynthConfig::for_size(base.model.image_size, base.model.frames),
-        opts.probe_videos.0,
-        opts.probe_videos.1,
-    );
+    let probes = ProbeSet::for_model(&base.model, opts.probe_videos.0, opts.probe_videos.1);
     let splits: Vec<bool> = if opts.non_iid {
         vec![false, true]
     } else {

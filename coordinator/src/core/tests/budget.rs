@@ -14,6 +14,16 @@ fn announced(actions: &[Action], worker: u64) -> RoundAnnounce {
         .expect("a round was announced")
 }
 
+/// A heartbeat from `worker` at `now`.
+fn heartbeat(core: &mut Core, worker: u64, now: u64) {
+    core.handle(
+        Event::Heartbeat {
+            worker: WorkerId(worker),
+        },
+        now,
+    );
+}
+
 /// The throughput the core holds for `worker`.
 fn speed(core: &Core, worker: u64) -> f64 {
     core.workers[&WorkerId(worker)].info.samples_per_s
@@ -64,20 +74,10 @@ fn a_round_capped_in_steps_and_time_announces_both_and_closes_at_its_deadline() 
 
     // Round 1: b never delivers; the round lasts its time budget and its grace.
     send(&mut core, 1, 1, 1.0, 3, 200);
-    core.handle(
-        Event::Heartbeat {
-            worker: WorkerId(2),
-        },
-        1500,
-    );
+    heartbeat(&mut core, 2, 1500);
     core.handle(Event::Tick, 1999);
     assert_eq!(core.round(), 1, "within the budget and the grace");
-    core.handle(
-        Event::Heartbeat {
-            worker: WorkerId(2),
-        },
-        2050,
-    );
+    heartbeat(&mut core, 2, 2050);
     core.handle(Event::Tick, 2101);
     assert_eq!(core.round(), 2, "closed at 100 + 1000 + 1000 ms");
 }
