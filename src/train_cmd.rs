@@ -15,7 +15,7 @@ use amity_shared::config::Config;
 use amity_shared::corpus::manifest::MANIFEST_FILE;
 use amity_shared::data::{ClipSource, Prefetcher};
 use amity_shared::device::Backend;
-use amity_shared::eval::{ProbeSet, probe_report, telemetry};
+use amity_shared::eval::{ProbeReport, ProbeSet, probe_report, telemetry};
 use amity_shared::model::flat::ParamLayout;
 use amity_shared::train::Trainer;
 
@@ -50,6 +50,14 @@ pub struct TrainArgs {
     /// Skip the synthetic-world probes at the end.
     #[arg(long)]
     pub no_probe: bool,
+    /// Also fit the probes every this many steps and log them (metrics.jsonl records with a
+    /// `probe` field): the standard probe's velocity score rises early and can fade later in a
+    /// run, so one figure at the end does not tell the curve. 0: only at the end.
+    #[arg(long, default_value_t = 0, conflicts_with = "no_probe")]
+    pub probe_every: u64,
+    /// Probe videos: fitted, held out.
+    #[arg(long, value_delimiter = ',', default_values_t = [600, 300])]
+    pub probe_videos: Vec<usize>,
     /// Output folder.
     #[arg(long)]
     pub out: PathBuf,
@@ -110,7 +118,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
     std::fs::write(args.out.join("config.toml"), config.to_toml())
         .with_context(|| format!("cannot write {}", args.out.join("config.toml").display()))?;
 
-    let probes = (!args.no_probe).then(|| ProbeSet::for_model(&config.model, 600, 300));
+    let (n_fit, n_held) = match args.probe_videos[..] {
+        [f, h] if f >= 10 && h >= 2 => (f, h),
+        _ => bail!("--probe-videos takes two counts: at least 10 fitted and 2 held out"),
+    };
+    let probes = (!args.no_probe).then(|| ProbeSet::for_model(&config.model, n_fit, n_held));
     let mut trainer = Trainer::new(config.clone(), &device);
     let before = probes.as_ref().map(|p| probe_report(&trainer, p));
     let metrics_path = args.out.join("metrics.jsonl");
@@ -134,6 +146,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
         0..config.train.steps,
         2,
     );
+    // The last periodic probe is the final one: it is not fitted twice.
+    let mut final_report = None;
     for (step, batch) in (0..config.train.steps).zip(batches) {
         let s = trainer.step(&batch);
         let last = step + 1 == config.train.steps;
@@ -164,6 +178,18 @@ pub fn run(args: TrainArgs) -> Result<()> {
             writeln!(metrics, "{record}")
                 .with_context(|| format!("cannot write {}", metrics_path.display()))?;
         }
+        if let Some(p) = &probes
+            && args.probe_every > 0
+            && ((step + 1) % args.probe_every == 0 || last)
+        {
+            final_report = Some(periodic_probe(
+                &trainer,
+                p,
+                step,
+                &mut metrics,
+                &metrics_path,
+            )?);
+        }
     }
     let ckpt = Checkpoint {
         config: config.clone(),
@@ -174,7 +200,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let ckpt_path = args.out.join("checkpoint.safetensors");
     ckpt.save(&ckpt_path)?;
     if let (Some(p), Some(before)) = (&probes, before) {
-        let after = probe_report(&trainer, p);
+        let after = final_report.unwrap_or_else(|| probe_report(&trainer, p));
         for (name, r) in [("random init", before), ("trained", after)] {
             println!(
                 "probe {name:>11}: velocity R2 {:.3}  position R2 {:.3}  shape {:.3}  colour {:.3}",
@@ -184,4 +210,27 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     println!("checkpoint: {}", ckpt_path.display());
     Ok(())
+}
+
+/// Fits the probes after `step` (0-based), logs them and appends their `metrics.jsonl` record.
+fn periodic_probe(
+    trainer: &Trainer,
+    set: &ProbeSet,
+    step: u64,
+    metrics: &mut std::fs::File,
+    metrics_path: &std::path::Path,
+) -> Result<ProbeReport> {
+    let r = probe_report(trainer, set);
+    eprintln!(
+        "probe after {} steps: velocity R2 {:.3}  position R2 {:.3}  shape {:.3}  colour {:.3}",
+        step + 1,
+        r.velocity_r2,
+        r.position_r2,
+        r.shape_acc,
+        r.colour_acc
+    );
+    let record = serde_json::json!({ "step": step, "probe": r });
+    writeln!(metrics, "{record}")
+        .with_context(|| format!("cannot write {}", metrics_path.display()))?;
+    Ok(r)
 }

@@ -38,3 +38,57 @@ fn trains_on_synthetic_clips_and_writes_a_loadable_checkpoint() {
     let ckpt2 = Checkpoint::load(&again.join("checkpoint.safetensors")).unwrap();
     assert_eq!(ckpt.model, ckpt2.model, "same config, same parameters");
 }
+
+#[test]
+fn probes_every_n_steps_into_the_metrics_when_asked() {
+    let out = scratch("probe-every");
+    let o = amity(&[
+        "train",
+        "--steps",
+        "4",
+        "--batch",
+        "4",
+        "--probe-every",
+        "2",
+        "--probe-videos",
+        "20,10",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let probed: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r.get("probe").is_some())
+        .collect();
+    let steps: Vec<u64> = probed.iter().map(|r| r["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [1, 3], "after steps 2 and 4: {metrics}");
+    for r in &probed {
+        let v = r["probe"]["velocity_r2"].as_f64().unwrap();
+        assert!(v.is_finite() && v <= 1.0, "{r}");
+    }
+    assert!(String::from_utf8_lossy(&o.stdout).contains("probe     trained"));
+
+    let o = amity(&[
+        "train",
+        "--no-probe",
+        "--probe-every",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success(), "--probe-every needs the probes");
+    let o = amity(&[
+        "train",
+        "--probe-videos",
+        "20",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("--probe-videos takes two counts"),
+        "{err}"
+    );
+}
