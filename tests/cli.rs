@@ -73,6 +73,8 @@ fn a_bad_bench_plan_flag_is_refused_before_anything_runs() {
         ("--metric", "l3", "expected `l1` or `l2`"),
         ("--episodes", "0", "at least 1"),
         ("--rollout-steps", "1", "not in 2..=8"),
+        ("--energy-weight", "-1", "finite number, at least 0"),
+        ("--energy-weight", "inf", "finite number, at least 0"),
     ] {
         let out = amity(&["bench", "plan", &format!("{flag}={value}")]);
         assert!(!out.status.success(), "{flag} {value}");

@@ -60,6 +60,10 @@ pub struct PlanBenchArgs {
     /// against 0.20) and made the predicted energies rank worse (Spearman -0.19 against 0.18).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(2..=8))]
     pub rollout_steps: u64,
+    /// Weight of the predictor's energy-consistency loss (the planner's latent energy of its
+    /// predictions against that of the real frames; 0: off).
+    #[arg(long, default_value_t = 0.0, value_parser = parse_weight)]
+    pub energy_weight: f64,
     /// `cem`, `mppi` or `gd` (gradient descent on the actions).
     #[arg(long, default_value = "cem")]
     pub planner: Method,
@@ -141,6 +145,13 @@ fn parse_episodes(s: &str) -> Result<usize, String> {
     }
 }
 
+fn parse_weight(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(w) if w.is_finite() && w >= 0.0 => Ok(w),
+        _ => Err("a loss weight is a finite number, at least 0".into()),
+    }
+}
+
 /// Runs `amity bench plan`.
 pub fn bench_plan(a: PlanBenchArgs) -> Result<()> {
     let opts = PlanBenchOptions {
@@ -151,6 +162,7 @@ pub fn bench_plan(a: PlanBenchArgs) -> Result<()> {
         world: WorldModelConfig {
             steps: a.world_steps,
             rollout_steps: a.rollout_steps as usize,
+            energy_weight: a.energy_weight,
             ..WorldModelConfig::default()
         },
         search: {

@@ -181,6 +181,34 @@ fn windows(
     }
 }
 
+/// The energy-consistency loss ([`WorldModelConfig::energy_weight`]) of predictions `pred` and
+/// real frames `real` (`[B, 1, P, D]`), with token smoothing `blur` (`[P, P]`): each window's goal
+/// is the next window's real frame, and the loss is the mean absolute difference between the
+/// predicted and the real energy to it, over the batch's mean real energy.
+fn energy_consistency(pred: Tensor<4>, real: Tensor<4>, blur: &Tensor<2>) -> Tensor<1> {
+    let [b, _, p, d] = real.dims();
+    let (pred, real) = (pred.reshape([b, p, d]), real.reshape([b, p, d]));
+    let goal = Tensor::cat(
+        vec![
+            real.clone().narrow(0, 1, b - 1),
+            real.clone().narrow(0, 0, 1),
+        ],
+        0,
+    );
+    let smooth = |x: Tensor<3>| blur.clone().unsqueeze::<3>().expand([b, p, p]).matmul(x);
+    let goal = smooth(goal);
+    let energy = |x: Tensor<3>| {
+        let diff = smooth(x) - goal.clone();
+        (diff.clone() * diff)
+            .reshape([b, p * d])
+            .mean_dim(1)
+            .reshape([b])
+    };
+    let (e_pred, e_real) = (energy(pred), energy(real));
+    let scale: f32 = e_real.clone().mean().into_scalar();
+    (e_pred - e_real).abs().mean() / scale.max(1e-12)
+}
+
 /// Mean L1 error of two-step autoregressive rollouts on `picks` (windows of 2 steps): predict
 /// step 1 from step 0, then step 2 from step 0 and the *predicted* step 1.
 pub fn rollout_error(
@@ -301,6 +329,13 @@ pub fn train(
     let readouts = readouts
         .filter(|_| cfg.readout_weight > 0.0)
         .map(|r| (r, r.maps(&ad)));
+    let k_steps = k;
+    let energy_blur = (cfg.energy_weight > 0.0).then(|| {
+        let side = (lat.tokens as f64).sqrt().round() as usize;
+        let energy = crate::plan::LatentEnergy::default();
+        crate::plan::blur_matrix((side, side), energy.blur * side as f32, &ad)
+            .unwrap_or_else(|| Tensor::eye(lat.tokens, &ad))
+    });
     let mut last = f64::NAN;
     for step in 0..cfg.steps {
         let picks: Vec<(usize, usize)> = (0..cfg.batch)
@@ -325,6 +360,11 @@ pub fn train(
             .abs()
             .mean();
         let mut loss = tf.clone() + ro.clone();
+        if let Some(k) = &energy_blur {
+            let pred = zr.clone().narrow(1, k_steps - 2, 1);
+            let real = w.z_out.clone().narrow(1, k_steps - 1, 1);
+            loss = loss + energy_consistency(pred, real, k) * cfg.energy_weight;
+        }
         if let Some((r, maps)) = &readouts {
             // Teacher-forced steps and the rollout's fed-back steps alike.
             let cap = cfg.readout_motion as f32;
@@ -362,6 +402,42 @@ pub fn train(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn energy_consistency_is_zero_for_exact_predictions_and_grows_off_the_real_frames() {
+        let device = Device::flex();
+        let (b, p, d) = (4, 16, 3);
+        let real: Vec<f32> = (0..b * p * d)
+            .map(|i| ((i * 7) % 11) as f32 / 11.0)
+            .collect();
+        let frames =
+            |v: Vec<f32>| Tensor::<4>::from_data(TensorData::new(v, [b, 1, p, d]), &device);
+        let blur = crate::plan::blur_matrix((4, 4), 1.0, &device).expect("sigma > 0");
+        let loss = |pred: Vec<f32>| -> f32 {
+            energy_consistency(frames(pred), frames(real.clone()), &blur).into_scalar()
+        };
+        assert!(loss(real.clone()).abs() < 1e-6);
+        let near: Vec<f32> = real.iter().map(|v| v + 0.05).collect();
+        let far: Vec<f32> = real.iter().map(|v| v + 0.5).collect();
+        let (near, far) = (loss(near), loss(far));
+        assert!(near > 0.0 && far > near, "near {near}, far {far}");
+
+        // It trains the predictions: the gradient reaches them.
+        let ad = device.autodiff();
+        let pred = Tensor::<4>::from_data(
+            TensorData::new(
+                real.iter().map(|v| v + 0.5).collect::<Vec<f32>>(),
+                [b, 1, p, d],
+            ),
+            &ad,
+        )
+        .require_grad();
+        let real_ad = Tensor::<4>::from_data(TensorData::new(real.clone(), [b, 1, p, d]), &ad);
+        let blur_ad = crate::plan::blur_matrix((4, 4), 1.0, &ad).expect("sigma > 0");
+        let grads = energy_consistency(pred.clone(), real_ad, &blur_ad).backward();
+        let g = amity_shared::model::host_f32(pred.grad(&grads).expect("a gradient"));
+        assert!(g.iter().any(|v| v.abs() > 0.0));
+    }
 
     #[test]
     fn readouts_read_what_the_probes_predict() {
