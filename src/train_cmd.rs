@@ -56,7 +56,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 0, conflicts_with = "no_probe")]
     pub probe_every: u64,
     /// Probe videos: fitted, held out.
-    #[arg(long, value_delimiter = ',', default_values_t = [600, 300])]
+    #[arg(long, value_delimiter = ',', num_args = 2, default_values_t = [600, 300])]
     pub probe_videos: Vec<usize>,
     /// Output folder.
     #[arg(long)]
@@ -118,10 +118,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     std::fs::write(args.out.join("config.toml"), config.to_toml())
         .with_context(|| format!("cannot write {}", args.out.join("config.toml").display()))?;
 
-    let (n_fit, n_held) = match args.probe_videos[..] {
-        [f, h] if f >= 10 && h >= 2 => (f, h),
-        _ => bail!("--probe-videos takes two counts: at least 10 fitted and 2 held out"),
-    };
+    let (n_fit, n_held) = probe_counts(&args.probe_videos)?;
     let probes = (!args.no_probe).then(|| ProbeSet::for_model(&config.model, n_fit, n_held));
     let mut trainer = Trainer::new(config.clone(), &device);
     let before = probes.as_ref().map(|p| probe_report(&trainer, p));
@@ -233,4 +230,13 @@ fn periodic_probe(
     writeln!(metrics, "{record}")
         .with_context(|| format!("cannot write {}", metrics_path.display()))?;
     Ok(r)
+}
+
+/// The two counts of a `--probe-videos` flag (fitted, held out), checked: every command that
+/// probes takes them the same way.
+pub fn probe_counts(counts: &[usize]) -> Result<(usize, usize)> {
+    match counts[..] {
+        [f, h] if f >= 10 && h >= 2 => Ok((f, h)),
+        _ => bail!("--probe-videos takes two counts: at least 10 fitted and 2 held out"),
+    }
 }

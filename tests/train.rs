@@ -51,7 +51,8 @@ fn probes_every_n_steps_into_the_metrics_when_asked() {
         "--probe-every",
         "2",
         "--probe-videos",
-        "20,10",
+        "20",
+        "10",
         "--out",
         out.to_str().unwrap(),
     ]);
@@ -82,7 +83,8 @@ fn probes_every_n_steps_into_the_metrics_when_asked() {
     let o = amity(&[
         "train",
         "--probe-videos",
-        "20",
+        "5",
+        "10",
         "--out",
         out.to_str().unwrap(),
     ]);

@@ -12,7 +12,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use burn::tensor::Device;
 use clap::Args;
 
@@ -42,10 +42,7 @@ struct ReadoutScores {
 
 /// `amity bench probe`: a table per readout, then the JSON line.
 pub fn run(a: ProbeBenchArgs) -> Result<()> {
-    let (n_train, n_test) = match a.probe_videos[..] {
-        [f, h] if f >= 10 && h >= 2 => (f, h),
-        _ => bail!("--probe-videos takes two counts: at least 10 fitted and 2 held out"),
-    };
+    let (n_train, n_test) = crate::train_cmd::probe_counts(&a.probe_videos)?;
     let began = Instant::now();
     let ckpt = Checkpoint::load(&a.checkpoint)
         .with_context(|| format!("reading the checkpoint {}", a.checkpoint.display()))?;

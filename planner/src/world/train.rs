@@ -188,13 +188,18 @@ fn windows(
 fn energy_consistency(pred: Tensor<4>, real: Tensor<4>, blur: &Tensor<2>) -> Tensor<1> {
     let [b, _, p, d] = real.dims();
     let (pred, real) = (pred.reshape([b, p, d]), real.reshape([b, p, d]));
-    let goal = Tensor::cat(
-        vec![
-            real.clone().narrow(0, 1, b - 1),
-            real.clone().narrow(0, 0, 1),
-        ],
-        0,
-    );
+    // A batch of one has no other window: its goal is its own real frame.
+    let goal = if b > 1 {
+        Tensor::cat(
+            vec![
+                real.clone().narrow(0, 1, b - 1),
+                real.clone().narrow(0, 0, 1),
+            ],
+            0,
+        )
+    } else {
+        real.clone()
+    };
     let smooth = |x: Tensor<3>| blur.clone().unsqueeze::<3>().expand([b, p, p]).matmul(x);
     let goal = smooth(goal);
     let energy = |x: Tensor<3>| {
@@ -329,7 +334,6 @@ pub fn train(
     let readouts = readouts
         .filter(|_| cfg.readout_weight > 0.0)
         .map(|r| (r, r.maps(&ad)));
-    let k_steps = k;
     let energy_blur = (cfg.energy_weight > 0.0).then(|| {
         let side = (lat.tokens as f64).sqrt().round() as usize;
         let energy = crate::plan::LatentEnergy::default();
@@ -360,10 +364,10 @@ pub fn train(
             .abs()
             .mean();
         let mut loss = tf.clone() + ro.clone();
-        if let Some(k) = &energy_blur {
-            let pred = zr.clone().narrow(1, k_steps - 2, 1);
-            let real = w.z_out.clone().narrow(1, k_steps - 1, 1);
-            loss = loss + energy_consistency(pred, real, k) * cfg.energy_weight;
+        if let Some(blur) = &energy_blur {
+            let pred = zr.clone().narrow(1, k - 2, 1);
+            let real = w.z_out.clone().narrow(1, k - 1, 1);
+            loss = loss + energy_consistency(pred, real, blur) * cfg.energy_weight;
         }
         if let Some((r, maps)) = &readouts {
             // Teacher-forced steps and the rollout's fed-back steps alike.

@@ -85,7 +85,7 @@ pub fn run(a: FederatedBenchArgs) -> Result<()> {
         batch: a.batch,
         seeds: a.seeds.clone(),
         non_iid: !a.iid_only,
-        probe_videos: (a.probe_videos[0], a.probe_videos[1]),
+        probe_videos: crate::train_cmd::probe_counts(&a.probe_videos)?,
         variants,
         ema_start: a.ema_start,
         central: !a.skip_central,
