@@ -91,9 +91,10 @@ pub struct WorldModelConfig {
     /// Measured on PointMaze (`amity bench plan --energy-weight 1`, one encoder, 20 episodes):
     /// the predicted energies' Spearman with the true distance went 0.18 -> 0.68 (the encoder's
     /// own on reached frames: 0.70), per predictor step 0.23 -> 0.96 at the first and
-    /// 0.18 -> 0.68 at the eighth, yet latent-energy success went 0.20 -> 0.10 (noise at 20
-    /// episodes is about 0.09), so it stays off by default. 0 turns it off (files written
-    /// before this existed).
+    /// 0.18 -> 0.68 at the eighth. Latent-energy success went 0.20 -> 0.10 on 20 episodes and
+    /// 0.10 -> 0.24 on 50 (one thread; a standard error of about 0.075 on the difference), far
+    /// from the goal and on one encoder, so it stays off by default until more encoders and
+    /// PushBlock are measured. 0 turns it off (files written before this existed).
     #[serde(default)]
     pub energy_weight: f64,
     /// Seed of initialisation and window sampling.
