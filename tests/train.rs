@@ -5,19 +5,18 @@ use crate::common::{amity, scratch};
 
 use amity_shared::checkpoint::Checkpoint;
 
+/// `amity train <flags> --out <out>`.
+fn train(flags: &[&str], out: &std::path::Path) -> std::process::Output {
+    let mut args = vec!["train"];
+    args.extend_from_slice(flags);
+    args.extend(["--out", out.to_str().unwrap()]);
+    amity(&args)
+}
+
 #[test]
 fn trains_on_synthetic_clips_and_writes_a_loadable_checkpoint() {
     let out = scratch("synth");
-    let o = amity(&[
-        "train",
-        "--steps",
-        "4",
-        "--batch",
-        "4",
-        "--no-probe",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = train(&["--steps", "4", "--batch", "4", "--no-probe"], &out);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let ckpt = Checkpoint::load(&out.join("checkpoint.safetensors")).unwrap();
     assert_eq!(ckpt.config.train.steps, 4);
@@ -26,14 +25,11 @@ fn trains_on_synthetic_clips_and_writes_a_loadable_checkpoint() {
     assert!(metrics.lines().count() >= 2);
     // The written config reproduces the run.
     let again = scratch("synth-again");
-    let o = amity(&[
-        "train",
-        "--config",
-        out.join("config.toml").to_str().unwrap(),
-        "--no-probe",
-        "--out",
-        again.to_str().unwrap(),
-    ]);
+    let config = out.join("config.toml");
+    let o = train(
+        &["--config", config.to_str().unwrap(), "--no-probe"],
+        &again,
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let ckpt2 = Checkpoint::load(&again.join("checkpoint.safetensors")).unwrap();
     assert_eq!(ckpt.model, ckpt2.model, "same config, same parameters");
@@ -42,20 +38,11 @@ fn trains_on_synthetic_clips_and_writes_a_loadable_checkpoint() {
 #[test]
 fn probes_every_n_steps_into_the_metrics_when_asked() {
     let out = scratch("probe-every");
-    let o = amity(&[
-        "train",
-        "--steps",
-        "4",
-        "--batch",
-        "4",
-        "--probe-every",
-        "2",
-        "--probe-videos",
-        "20",
-        "10",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let flags = ["--steps", "4", "--batch", "4", "--probe-every", "2"];
+    let o = train(
+        &[&flags[..], &["--probe-videos", "20", "10"]].concat(),
+        &out,
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     let probed: Vec<serde_json::Value> = metrics
@@ -71,23 +58,9 @@ fn probes_every_n_steps_into_the_metrics_when_asked() {
     }
     assert!(String::from_utf8_lossy(&o.stdout).contains("probe     trained"));
 
-    let o = amity(&[
-        "train",
-        "--no-probe",
-        "--probe-every",
-        "2",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = train(&["--no-probe", "--probe-every", "2"], &out);
     assert!(!o.status.success(), "--probe-every needs the probes");
-    let o = amity(&[
-        "train",
-        "--probe-videos",
-        "5",
-        "10",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = train(&["--probe-videos", "5", "10"], &out);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         !o.status.success() && err.contains("--probe-videos takes two counts"),
