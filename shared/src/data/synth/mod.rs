@@ -143,8 +143,9 @@ pub struct SynthConfig {
     pub max_speed: f64,
     /// Object radius range, in frame sides.
     pub radius: (f64, f64),
-    /// Whether each video gets its own static colour-gradient background (else flat dark).
-    pub textured_background: bool,
+    /// Share of videos that get their own static colour-gradient background; the others have
+    /// a flat dark one. Drawn from a stream of its own, so 1 gives the scenes it always gave.
+    pub textured_share: f64,
     /// Width of the occluding bar, in frame sides.
     #[serde(default = "default_occluder_width")]
     pub occluder_width: f64,
@@ -178,6 +179,14 @@ impl SynthConfig {
     /// fully hidden for a while) the learning test's 400 steps gave a velocity R² of 0.004
     /// against 0.37 without (a hidden object's velocity is noise to the probe, and bounces flip
     /// it). [`SynthConfig::with_physics_events`] adds them where the task is intuitive physics.
+    ///
+    /// Every clip gets its own gradient background (`textured_share` 1). Measured against a
+    /// flat one (share 0; `amity train`, tiny preset, batch 32): with gradients a single
+    /// trainer's velocity R² peaks at 0.24-0.32 after 200 steps and is back at random by step
+    /// 500 (with half the clips textured, by step 800), while flat it holds at 0.22-0.27 through
+    /// 1200 steps. Flat was not made the default: the learning test's RankMe falls to 1.9 (its
+    /// floor is 2.5), the demo's last-round loss ends 24-32% above its lowest, and a random
+    /// encoder already reads the colour (0.94).
     pub fn for_size(size: usize, frames: usize) -> Self {
         SynthConfig {
             size,
@@ -187,7 +196,7 @@ impl SynthConfig {
             occluder_prob: 0.3,
             max_speed: 0.06,
             radius: (0.12, 0.2),
-            textured_background: true,
+            textured_share: 1.0,
             occluder_width: default_occluder_width(),
             full_occlusion_prob: 0.0,
             wall_prob: 0.0,
@@ -479,7 +488,9 @@ fn draw_scene(cfg: &SynthConfig, seed: u64) -> Scene {
             }
         })
         .collect();
-    let background = if cfg.textured_background {
+    let textured = cfg.textured_share >= 1.0
+        || (cfg.textured_share > 0.0 && Rng::derive(seed, &[0xb7]).uniform() < cfg.textured_share);
+    let background = if textured {
         Background::random(&mut Rng::derive(seed, &[0xb6]))
     } else {
         Background::flat(BACKGROUND)
@@ -756,124 +767,4 @@ fn render(out: &mut [u8], size: usize, bodies: &[Body], scenery: &Scenery<'_>) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn cfg() -> SynthConfig {
-        SynthConfig::for_size(32, 8)
-    }
-
-    #[test]
-    fn deterministic_and_seeds_differ() {
-        assert_eq!(generate(&cfg(), 3), generate(&cfg(), 3));
-        assert_ne!(generate(&cfg(), 3).pixels, generate(&cfg(), 4).pixels);
-    }
-
-    #[test]
-    fn objects_stay_inside_and_move_with_their_velocity() {
-        for seed in 0..100 {
-            // Half with walls and wide bars.
-            let cfg = if seed % 2 == 0 {
-                cfg()
-            } else {
-                cfg().with_physics_events()
-            };
-            let v = generate(&cfg, seed);
-            assert_eq!(v.pixels.len(), 8 * 32 * 32 * 3);
-            for w in v.labels.frames.windows(2) {
-                for (a, b) in w[0].iter().zip(&w[1]) {
-                    for axis in 0..2 {
-                        assert!((0.0..=1.0).contains(&a.pos[axis]));
-                        // Without a bounce, the next position is pos + vel (+ gravity).
-                        let moved = b.pos[axis] - a.pos[axis];
-                        assert!(
-                            (moved - a.vel[axis]).abs() < 0.02 || a.vel[axis] * b.vel[axis] <= 0.0
-                        );
-                    }
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn an_object_is_drawn_in_its_colour() {
-        let v = generate(
-            &SynthConfig {
-                occluder_prob: 0.0,
-                max_objects: 1,
-                ..cfg()
-            },
-            9,
-        );
-        let o = &v.labels.frames[0][0];
-        let (x, y) = ((o.pos[0] * 32.0) as usize, (o.pos[1] * 32.0) as usize);
-        let p = &v.frame(0)[(y * 32 + x) * 3..][..3];
-        assert_eq!(p, COLOURS[v.labels.objects[0].colour].1);
-    }
-
-    #[test]
-    fn pairs_are_identical_until_the_violation_frame() {
-        // Without walls (the default), so going through a wall means leaving through an edge.
-        for (i, kind) in ViolationKind::ALL.into_iter().enumerate() {
-            let (a, b) = generate_pair(&cfg(), 100 + i as u64, kind);
-            let k = b
-                .labels
-                .violation
-                .expect("twin records its violation")
-                .frame;
-            assert!((1..8).contains(&k));
-            for f in 0..k {
-                assert_eq!(a.frame(f), b.frame(f), "{kind:?} differs before frame {k}");
-            }
-            let differs = (k..8).any(|f| a.frame(f) != b.frame(f));
-            assert!(differs, "{kind:?} never differs");
-            let (fa, fb) = (&a.labels.frames, &b.labels.frames);
-            match kind {
-                ViolationKind::NoReappear => {
-                    assert!(b.labels.occluder.is_some());
-                    assert!(fa[k][0].visible, "the possible object comes out at {k}");
-                    assert!(
-                        (k..8).all(|f| !fb[f][0].visible),
-                        "the impossible one never does"
-                    );
-                }
-                ViolationKind::PassThroughWall => {
-                    let r = b.labels.objects[0].radius;
-                    let outside = |p: [f32; 2]| p.iter().any(|&x| x < r || x > 1.0 - r);
-                    assert!(
-                        (k..8).any(|f| outside(fb[f][0].pos)),
-                        "it goes through a wall"
-                    );
-                    assert!(
-                        (0..8).all(|f| !outside(fa[f][0].pos)),
-                        "the possible one bounces"
-                    );
-                }
-                _ => {}
-            }
-        }
-    }
-
-    #[test]
-    fn a_conditional_violation_breaks_the_law_on_an_object_seen_before() {
-        // The surprise bench's videos and seeds. Before this check, 5 of the 17 object-permanence
-        // pairs lost an object that had started behind the occluder: their impossible twin was
-        // an empty scene.
-        let cfg = SynthConfig::for_size(32, 32);
-        for i in 0..100 {
-            if !matches!(
-                ViolationKind::in_turn(i),
-                ViolationKind::NoReappear | ViolationKind::PassThroughWall
-            ) {
-                continue;
-            }
-            let (kind, _, impossible) = bench_pair(&cfg, i);
-            let k = impossible.labels.violation.expect("a violation").frame;
-            let seen = seen_before(&impossible.labels, k);
-            assert!(
-                seen >= MIN_SEEN_FRAMES,
-                "pair {i} ({kind:?}): seen in {seen} frames"
-            );
-        }
-    }
-}
+mod tests;
