@@ -38,11 +38,18 @@ fn trains_on_synthetic_clips_and_writes_a_loadable_checkpoint() {
 #[test]
 fn probes_every_n_steps_into_the_metrics_when_asked() {
     let out = scratch("probe-every");
-    let flags = ["--steps", "4", "--batch", "4", "--probe-every", "2"];
-    let o = train(
-        &[&flags[..], &["--probe-videos", "20", "10"]].concat(),
-        &out,
-    );
+    let flags = [
+        "--steps",
+        "4",
+        "--batch",
+        "4",
+        "--probe-every",
+        "2",
+        "--probe-videos",
+        "20",
+        "10",
+    ];
+    let o = train(&flags, &out);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     let probed: Vec<serde_json::Value> = metrics
