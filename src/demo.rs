@@ -33,7 +33,7 @@ use amity_shared::corpus::ingest::{IngestOptions, ingest};
 use amity_shared::corpus::synthetic::{SynthCorpusOptions, write_synthetic_corpus};
 use amity_shared::data::synth::SynthConfig;
 use amity_shared::device::Backend;
-use amity_shared::eval::{ProbeReport, ProbeSet, probe_report};
+use amity_shared::eval::{ProbeReport, ProbeSet, loss_over_mean, probe_report};
 use amity_shared::train::Trainer;
 use amity_worker::human;
 use amity_worker::{CoordinatorAddr, WorkerOptions};
@@ -129,7 +129,13 @@ pub fn run(out: &Path, videos: usize, shape: RoundShape) -> Result<()> {
     // 5. Summary.
     let totals = print_rounds(&ended.status);
     let losses: Vec<f64> = ended.status.history.iter().map(|s| s.loss).collect();
-    print_outcome(&ended, &totals, &losses, rounds);
+    let unexplained: Vec<f64> = ended
+        .status
+        .history
+        .iter()
+        .map(|s| s.loss / s.baseline)
+        .collect();
+    print_outcome(&ended, &totals, (&losses, &unexplained), rounds);
     let ckpt_path = ended
         .status
         .checkpoint
@@ -143,12 +149,14 @@ pub fn run(out: &Path, videos: usize, shape: RoundShape) -> Result<()> {
     let summary = serde_json::json!({
         "rounds": ended.status.history.len(),
         "loss": losses,
+        "loss_over_mean": unexplained,
         "bytes_up": totals.up,
         "bytes_down": totals.down,
         "dense_fp32_bytes": totals.dense,
         "reduction": totals.reduction(),
         "probes_trained": a,
         "probes_random": b,
+        "predictor_loss_over_mean": {"trained": ended.predictor.0, "random": ended.predictor.1},
         "checkpoint": ckpt_path,
         "release": fetched.out,
         "planning": downstream.0,
@@ -278,6 +286,8 @@ struct Ended {
     train_secs: f64,
     /// Probes of the trained and the randomly initialised encoder.
     probes: (ProbeReport, ProbeReport),
+    /// The predictor's held-out loss over predicting the mean, trained and at random init.
+    predictor: (f64, f64),
     fetched: FetchReport,
 }
 
@@ -345,9 +355,10 @@ async fn train_and_release(
         dir: cfg.state_dir.clone(),
     }
     .latest_checkpoint();
-    let probes = tokio::task::spawn_blocking(move || probe_checkpoint(&ckpt_path)).await??;
+    let (probes, predictor) =
+        tokio::task::spawn_blocking(move || probe_checkpoint(&ckpt_path)).await??;
     let (key, _, key_pub) = ReleaseKey::generate(&cfg.ca_dir)?;
-    let (signed, _) = release_round(cfg, &release_request(&probes), &key)?;
+    let (signed, _) = release_round(cfg, &release_request(&probes, predictor), &key)?;
     println!(
         "\nreleased `{}` (round {}): {} files, {}, signed with {} (public key {})",
         signed.manifest.name,
@@ -372,6 +383,7 @@ async fn train_and_release(
         status,
         train_secs,
         probes,
+        predictor,
         fetched,
     })
 }
@@ -407,8 +419,16 @@ fn print_new_rounds(status: &Path, began: Instant, shown: &AtomicUsize) {
     shown.fetch_max(history.len(), Ordering::Relaxed);
 }
 
-/// The frozen-encoder probes of the checkpoint at `path` and of its random initialisation.
-fn probe_checkpoint(path: &Path) -> Result<(ProbeReport, ProbeReport)> {
+/// The frozen-encoder probes of the checkpoint at `path` and of its random initialisation, and
+/// the predictor's held-out loss over predicting the mean for both.
+type Evaluation = ((ProbeReport, ProbeReport), (f64, f64));
+
+/// The held-out clips and the mask seed of the demo's predictor figure.
+const PREDICTOR_CLIPS: usize = 128;
+const PREDICTOR_MASKS: u64 = 0x4e1d_0a7e;
+
+/// Evaluates the checkpoint at `path` ([`Evaluation`]).
+fn probe_checkpoint(path: &Path) -> Result<Evaluation> {
     let ckpt = Checkpoint::load(path)?;
     let device = Device::flex();
     let trained = Trainer::from_checkpoint(&ckpt, &device)?;
@@ -416,13 +436,18 @@ fn probe_checkpoint(path: &Path) -> Result<(ProbeReport, ProbeReport)> {
     // The learning test's probe: with 400 fitted videos for 256 features the ridge probe itself
     // caps R2.
     let set = ProbeSet::for_model(&ckpt.config.model, 1000, 500);
-    Ok((probe_report(&trained, &set), probe_report(&random, &set)))
+    let over_mean = |t: &Trainer| loss_over_mean(t, &set, PREDICTOR_CLIPS, PREDICTOR_MASKS);
+    Ok((
+        (probe_report(&trained, &set), probe_report(&random, &set)),
+        (over_mean(&trained), over_mean(&random)),
+    ))
 }
 
-/// The demo release, its model card holding the probes against random initialisation.
-fn release_request((a, b): &(ProbeReport, ProbeReport)) -> ReleaseRequest {
+/// The demo release, its model card holding the probes and the predictor's figure against
+/// random initialisation.
+fn release_request((a, b): &(ProbeReport, ProbeReport), predictor: (f64, f64)) -> ReleaseRequest {
     let protocol =
-        "ridge probe on frozen target-encoder features, 400 synthetic videos fitted, 200 held out";
+        "ridge probe on frozen target-encoder features, 1000 synthetic videos fitted, 500 held out";
     let row = |metric: &str, value: f64, random: f64| EvalResult {
         metric: metric.into(),
         value,
@@ -439,6 +464,16 @@ fn release_request((a, b): &(ProbeReport, ProbeReport)) -> ReleaseRequest {
             row("position_r2", a.position_r2, b.position_r2),
             row("shape_accuracy", a.shape_acc, b.shape_acc),
             row("colour_accuracy", a.colour_acc, b.colour_acc),
+            EvalResult {
+                metric: "predictor_loss_over_mean".into(),
+                value: predictor.0,
+                random_init: Some(predictor.1),
+                protocol: format!(
+                    "L1 of the predictor on the masked tokens of {PREDICTOR_CLIPS} held-out \
+                     synthetic videos over that of predicting their mean feature (below 1: the \
+                     predictor explains part of the target)"
+                ),
+            },
         ],
     }
 }
@@ -460,11 +495,12 @@ impl Totals {
 /// Prints a line per round and returns the totals.
 fn print_rounds(status: &server::Status) -> Totals {
     println!(
-        "\n{:>5} {:>8} {:>8} {:>10} {:>12} {:>12} {:>14} {:>10}",
+        "\n{:>5} {:>8} {:>8} {:>10} {:>10} {:>12} {:>12} {:>14} {:>10}",
         "round",
         "workers",
         "clips",
         "loss",
+        "loss/mean",
         "bytes up",
         "bytes down",
         "dense fp32/step",
@@ -480,11 +516,12 @@ fn print_rounds(status: &server::Status) -> Totals {
         t.down += s.bytes_down;
         t.dense += s.dense_bytes;
         println!(
-            "{:>5} {:>8} {:>8} {:>10.4} {:>12} {:>12} {:>14} {:>10.2}{}",
+            "{:>5} {:>8} {:>8} {:>10.4} {:>10.3} {:>12} {:>12} {:>14} {:>10.2}{}",
             s.round,
             s.accepted_count(),
             s.samples,
             s.loss,
+            s.loss / s.baseline,
             human(s.bytes_up),
             human(s.bytes_down),
             human(s.dense_bytes),
@@ -496,7 +533,8 @@ fn print_rounds(status: &server::Status) -> Totals {
 }
 
 /// Prints the bytes, the loss, the institutions' shares, the probes and the fetched release.
-fn print_outcome(ended: &Ended, t: &Totals, losses: &[f64], rounds: u64) {
+/// `losses` are the rounds' losses and, beside them, each over its predict-the-mean baseline.
+fn print_outcome(ended: &Ended, t: &Totals, (losses, unexplained): (&[f64], &[f64]), rounds: u64) {
     let status = &ended.status;
     println!(
         "\n{} rounds in {:.0} s. Sent {} in all (up {}, down {}); dense fp32 \
@@ -509,16 +547,21 @@ fn print_outcome(ended: &Ended, t: &Totals, losses: &[f64], rounds: u64) {
         human(t.dense),
         t.reduction()
     );
-    let lowest = losses
-        .iter()
-        .copied()
-        .filter(|l| l.is_finite())
-        .fold(f64::INFINITY, f64::min);
-    if let Some(last) = losses.last() {
+    let lowest = |v: &[f64]| {
+        v.iter()
+            .copied()
+            .filter(|l| l.is_finite())
+            .fold(f64::INFINITY, f64::min)
+    };
+    if let (Some(last), Some(ratio)) = (losses.last(), unexplained.last()) {
         println!(
-            "last round's loss {last:.4} is {:+.1}% from the lowest ({lowest:.4}); the schedules \
+            "last round's loss {last:.4} is {:+.1}% from the lowest ({:.4}); over predicting the \
+             mean target it is {ratio:.3} ({:+.1}% from the lowest, {:.3}); the schedules \
              followed round / {} on every worker, and the last round flushed every residual",
-            100.0 * (last / lowest - 1.0),
+            100.0 * (last / lowest(losses) - 1.0),
+            lowest(losses),
+            100.0 * (ratio / lowest(unexplained) - 1.0),
+            lowest(unexplained),
             rounds
         );
     }
@@ -540,6 +583,11 @@ fn print_outcome(ended: &Ended, t: &Totals, losses: &[f64], rounds: u64) {
         b.shape_acc,
         a.colour_acc,
         b.colour_acc
+    );
+    println!(
+        "  predictor's held-out loss over predicting the mean target {:.3} vs {:.3} (below 1: it \
+         explains part of the target)",
+        ended.predictor.0, ended.predictor.1
     );
     let fetched = &ended.fetched;
     println!(

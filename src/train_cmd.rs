@@ -164,12 +164,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
             {
                 let t = telemetry(&trainer, p, 256);
                 line += &format!(
-                    " | feature std {:.3} (min {:.3}) RankMe {:.2}",
-                    t.feature_std, t.feature_std_min, t.rankme
+                    " | feature std {:.3} (min {:.3}) RankMe {:.2} (centred {:.2})",
+                    t.feature_std, t.feature_std_min, t.rankme, t.rankme_centred
                 );
                 record["feature_std"] = t.feature_std.into();
                 record["feature_std_min"] = t.feature_std_min.into();
                 record["rankme"] = t.rankme.into();
+                record["rankme_centred"] = t.rankme_centred.into();
             }
             eprintln!("{line}");
             writeln!(metrics, "{record}")

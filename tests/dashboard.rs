@@ -197,6 +197,10 @@ fn metrics_match_the_status(c: &Cluster, web: u16) -> Value {
             sample(&m, "amity_rankme", &[]),
             t["rankme"].as_f64().unwrap()
         );
+        assert_eq!(
+            sample(&m, "amity_rankme_centred", &[]),
+            t["rankme_centred"].as_f64().unwrap()
+        );
     }
     m
 }

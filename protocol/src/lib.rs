@@ -7,7 +7,7 @@
 
 /// The protocol version this build speaks. A peer announcing another version is refused with
 /// an error that names both versions.
-pub const PROTOCOL_VERSION: u32 = 10;
+pub const PROTOCOL_VERSION: u32 = 11;
 
 /// The QUIC ALPN token, so an Amity endpoint never mistakes another protocol's peer for its own.
 pub const ALPN: &[u8] = b"amity/1";

@@ -62,6 +62,17 @@ pub struct LossStats {
     /// Loss at the last local step.
     #[serde(deserialize_with = "f32_or_nan")]
     pub last: f32,
+    /// Mean over the round of what predicting every masked token by the batch's mean target
+    /// would score (what a collapsed predictor gets). `mean / baseline` is the share of the
+    /// target's spread the predictor has not explained: it keeps falling while the predictor
+    /// learns, even where the loss rises because the EMA target grows richer. NaN in logs
+    /// written before it was reported.
+    #[serde(default = "nan", deserialize_with = "f32_or_nan")]
+    pub baseline: f32,
+}
+
+fn nan() -> f32 {
+    f32::NAN
 }
 
 /// Reads an `f32` that JSON may hold as `null`: serde_json writes NaN and infinities as `null`
@@ -681,6 +692,7 @@ mod tests {
                             mean: l,
                             first: l + 1.0,
                             last: l - 1.0,
+                            baseline: l + 0.5,
                         },
                     }
                 }),
@@ -834,6 +846,19 @@ mod tests {
             let _ = decode::<ClientMsg>(&bytes);
             let _ = decode::<ClientMsg>(&bytes[..bytes.len() / 2]);
         }
+    }
+
+    /// Logs written before the predict-the-mean baseline was reported still read, and their
+    /// baseline reads as not measured (NaN), never as a measured 0.
+    #[test]
+    fn loss_stats_from_older_logs_read_without_a_baseline() {
+        let old: LossStats =
+            serde_json::from_str(r#"{"mean":0.5,"first":null,"last":0.25}"#).unwrap();
+        assert_eq!((old.mean, old.last), (0.5, 0.25));
+        assert!(old.first.is_nan() && old.baseline.is_nan());
+        let now: LossStats =
+            serde_json::from_str(r#"{"mean":0.5,"first":1,"last":0.25,"baseline":0.75}"#).unwrap();
+        assert_eq!(now.baseline, 0.75);
     }
 
     #[test]

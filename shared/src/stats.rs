@@ -38,6 +38,12 @@ pub fn f64_or_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Erro
     Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
+/// NaN: the serde default of a statistic that older documents do not hold, so that "not
+/// measured" never reads as a measured 0.
+pub fn nan() -> f64 {
+    f64::NAN
+}
+
 /// RankMe (Garrido et al. 2023): `exp` of the entropy of the normalised singular values of an
 /// `n x d` embedding matrix. Between 1 (collapsed) and `min(n, d)`.
 pub fn rankme(z: &[f64], n: usize, d: usize) -> f64 {
@@ -50,6 +56,26 @@ pub fn rankme(z: &[f64], n: usize, d: usize) -> f64 {
         .map(|p| -p * p.ln())
         .sum();
     entropy.exp()
+}
+
+/// RankMe of the embeddings less their mean: the effective number of directions in which the
+/// clips *differ*. Plain RankMe is taken on the raw embeddings, so a large mean shared by every
+/// clip (a world whose clips share a background, say) fills its first singular value and pulls
+/// it towards 1 even when the spread around that mean uses many dimensions; this one separates
+/// the two.
+pub fn rankme_centred(z: &[f64], n: usize, d: usize) -> f64 {
+    let mut mean = vec![0.0; d];
+    for row in z.chunks_exact(d).take(n) {
+        for (m, x) in mean.iter_mut().zip(row) {
+            *m += x / n as f64;
+        }
+    }
+    let centred: Vec<f64> = z
+        .chunks_exact(d)
+        .take(n)
+        .flat_map(|row| row.iter().zip(&mean).map(|(x, m)| x - m))
+        .collect();
+    rankme(&centred, n, d)
 }
 
 /// Per-dimension standard deviation of `n x d` features: `(mean over dims, min over dims)`.
@@ -95,6 +121,11 @@ mod tests {
         let mut rng = Rng::new(2);
         let iso: Vec<f64> = (0..n * d).map(|_| rng.normal()).collect();
         assert!(rankme(&iso, n, d) > 7.5);
+        // A large shared mean hides an isotropic spread from RankMe, not from the centred one.
+        let offset: Vec<f64> = iso.iter().map(|x| 0.2 * x + 5.0).collect();
+        assert!(rankme(&offset, n, d) < 2.0, "{}", rankme(&offset, n, d));
+        assert!(rankme_centred(&offset, n, d) > 7.5);
+        assert!(rankme_centred(&collapsed, n, d) < 1.1);
         let (avg, min) = feature_std(&iso, n, d);
         assert!((avg - 1.0).abs() < 0.1 && min > 0.85);
     }

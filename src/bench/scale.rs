@@ -260,6 +260,7 @@ fn deliver(
                 mean: 0.5,
                 first: 0.6,
                 last: 0.4,
+                baseline: 0.7,
             },
             values: StoredUpdate::new(store.clone(), blob, parts.clone()).into_values(),
         };

@@ -707,12 +707,13 @@ impl WorkerCore {
         out.push(WorkerAction::Send(header));
         if self.opts.progress {
             out.push(WorkerAction::Report(format!(
-                "round {round} done: {} steps, {} clips, loss {:.4} -> {:.4}, update {} ({}), \
-                 up {} down {}",
+                "round {round} done: {} steps, {} clips, loss {:.4} -> {:.4} (predicting the \
+                 mean: {:.4}), update {} ({}), up {} down {}",
                 update.steps,
                 update.samples,
                 update.loss.first,
                 update.loss.last,
+                update.loss.baseline,
                 human(len),
                 session.codec,
                 human(self.summary.bytes_up),

@@ -67,6 +67,15 @@ pub struct RoundSummary {
     /// was accepted).
     #[serde(deserialize_with = "amity_shared::stats::f64_or_nan")]
     pub loss: f64,
+    /// Sample-weighted mean of the workers' predict-the-mean baselines
+    /// ([`LossStats::baseline`](amity_shared::federated::LossStats::baseline)): `loss / baseline`
+    /// is the share of the target's spread left unexplained, comparable across rounds while the
+    /// EMA target changes. NaN when no update was accepted, and in logs from before it existed.
+    #[serde(
+        default = "amity_shared::stats::nan",
+        deserialize_with = "amity_shared::stats::f64_or_nan"
+    )]
+    pub baseline: f64,
     /// Bytes of updates received.
     pub bytes_up: u64,
     /// Bytes of state sent for this round (delta or full, per worker).

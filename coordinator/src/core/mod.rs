@@ -259,6 +259,8 @@ struct Tally {
     steps: u64,
     /// Sum of mean losses weighted by samples.
     loss_sum: f64,
+    /// Sum of mean predict-the-mean baselines weighted by samples.
+    baseline_sum: f64,
     /// Sum of steps weighted by samples.
     weighted_steps: f64,
 }

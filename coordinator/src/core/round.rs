@@ -181,6 +181,7 @@ impl Core {
             samples,
             steps,
             loss_sum,
+            baseline_sum,
             weighted_steps,
         } = self.count_accepted(&received, &accepted, flush);
 
@@ -222,6 +223,11 @@ impl Core {
             steps,
             loss: if samples > 0 {
                 loss_sum / samples as f64
+            } else {
+                f64::NAN
+            },
+            baseline: if samples > 0 {
+                baseline_sum / samples as f64
             } else {
                 f64::NAN
             },
@@ -308,6 +314,7 @@ impl Core {
             t.samples = p.update.samples.saturating_add(t.samples);
             t.steps = p.update.steps.saturating_add(t.steps);
             t.loss_sum += p.update.loss.mean as f64 * p.update.samples as f64;
+            t.baseline_sum += p.update.loss.baseline as f64 * p.update.samples as f64;
             t.weighted_steps += p.update.steps as f64 * p.update.samples as f64;
             let prov = self.provenance.entry(p.from.clone()).or_default();
             prov.samples = prov.samples.saturating_add(p.update.samples);

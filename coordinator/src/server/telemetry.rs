@@ -28,6 +28,9 @@ pub struct RoundTelemetry {
     pub feature_std_min: f64,
     /// RankMe effective rank of the clip-pooled embeddings (1: collapsed; at most the clips).
     pub rankme: f64,
+    /// The same of the embeddings less their mean: the directions the clips differ in, which a
+    /// large mean they all share does not hide (`stats::rankme_centred`).
+    pub rankme_centred: f64,
 }
 
 /// The seed label of the telemetry clips (distinct from training and scoring streams).
@@ -66,6 +69,7 @@ impl Probe {
                         feature_std: t.feature_std,
                         feature_std_min: t.feature_std_min,
                         rankme: t.rankme,
+                        rankme_centred: t.rankme_centred,
                     });
                 }
             });

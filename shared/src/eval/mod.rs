@@ -23,7 +23,7 @@ pub use readout::Readout;
 use crate::config::ModelConfig;
 use crate::data::ClipBatch;
 use crate::data::synth::{COLOURS, SynthConfig, SynthVideo, generate};
-use crate::train::{Telemetry, Trainer};
+use crate::train::{Forecaster, MultiBlockMasker, Telemetry, Trainer};
 
 /// Videos for probing: a fitting split and a scoring split.
 #[derive(Debug, Clone)]
@@ -141,6 +141,29 @@ pub fn probe_report_through(trainer: &Trainer, set: &ProbeSet, readout: Readout)
         shape_acc: run(ProbeKind::Classification, &a.shape, &b.shape),
         colour_acc: run(ProbeKind::Classification, &a.colour, &b.colour),
     }
+}
+
+/// The predictor's held-out loss over what predicting the mean target scores
+/// ([`Forecaster::Mean`]), on the first `n` test videos of a probe set and the masks the
+/// training recipe draws with `seed`: below 1 the predictor explains part of the target's
+/// spread. Unlike the loss, the ratio does not fall just because the target's features narrow.
+pub fn loss_over_mean(trainer: &Trainer, set: &ProbeSet, n: usize, seed: u64) -> f64 {
+    let config = trainer.config();
+    let n = n.min(set.test.len());
+    let batch = ClipBatch::from_clips(
+        set.test[..n].iter().map(|v| v.pixels.as_slice()),
+        &config.model,
+    );
+    let masker = MultiBlockMasker::new(config.model.grid(), config.train.masks.clone(), seed);
+    let masks = masker.sample(0, 1);
+    let splits: Vec<(&[u32], &[u32])> = masks
+        .iter()
+        .map(|m| (m.context_of(0), m.target_of(0)))
+        .collect();
+    let both =
+        trainer.forecast_energies(&batch, &splits, &[Forecaster::Predictor, Forecaster::Mean]);
+    let total = |e: &Vec<Vec<f32>>| e.iter().flatten().map(|x| *x as f64).sum::<f64>();
+    total(&both[0]) / total(&both[1])
 }
 
 /// Collapse telemetry on the first `n` test videos of a probe set.

@@ -342,7 +342,7 @@ pub fn local_round(
     let seed = worker_seed(opts.seed, opts.worker);
     let config = trainer.config().clone();
     let began = Instant::now();
-    let (mut steps, mut samples, mut sum) = (0u64, 0u64, 0.0f64);
+    let (mut steps, mut samples, mut sum, mut base_sum) = (0u64, 0u64, 0.0f64, 0.0f64);
     let mut loss = LossStats::default();
     loop {
         let t0 = Instant::now();
@@ -365,6 +365,7 @@ pub fn local_round(
         }
         loss.last = s.loss as f32;
         sum += s.loss;
+        base_sum += s.mean_baseline;
         steps += 1;
         samples += batch.batch as u64;
         on_step(steps, s.loss);
@@ -376,6 +377,7 @@ pub fn local_round(
         }
     }
     loss.mean = (sum / steps as f64) as f32;
+    loss.baseline = (base_sum / steps as f64) as f32;
     let diff = |a: &[f32], b: Vec<f32>| a.iter().zip(b).map(|(x, y)| x - y).collect::<Vec<f32>>();
     Ok(LocalUpdate {
         model_delta: diff(&start.model, trainer.model_flat()),

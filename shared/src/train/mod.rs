@@ -31,7 +31,7 @@ use crate::config::{Config, Objective};
 use crate::data::ClipBatch;
 use crate::model::flat::{LengthMismatch, ParamLayout, init_params, load_flat, to_flat};
 use crate::model::{Encoder, Jepa, gather_tokens, host_f32, layer_norm_plain};
-use crate::stats::{feature_std, rankme};
+use crate::stats::{feature_std, rankme, rankme_centred};
 
 /// What one step did.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -62,6 +62,9 @@ pub struct Telemetry {
     pub feature_std_min: f64,
     /// RankMe effective rank of the clip-pooled embeddings.
     pub rankme: f64,
+    /// The same of the clip-pooled embeddings less their mean ([`rankme_centred`]): how many
+    /// directions the clips differ in, whatever the size of what they share.
+    pub rankme_centred: f64,
 }
 
 /// Owns everything a local V-JEPA run needs.
@@ -353,6 +356,7 @@ impl Trainer {
             feature_std: std,
             feature_std_min: std_min,
             rankme: rankme(&pooled, batch.batch, d),
+            rankme_centred: rankme_centred(&pooled, batch.batch, d),
         }
     }
 
@@ -421,6 +425,8 @@ impl Trainer {
                                 let seen = self.target.forward(patches.clone(), Some(ctx.clone()));
                                 gather_tokens(layer_norm_plain(seen), rep(&source))
                             }
+                            // [1, 1, width]: broadcast over clips and tokens below.
+                            Forecaster::Mean => h_t.clone().mean_dim(1).mean_dim(0),
                         };
                         host_f32((forecast - h_t.clone()).abs().mean_dim(2))
                     })
@@ -441,6 +447,11 @@ pub enum Forecaster {
     /// target leaks in. A spatial position with no context token at all falls back to the
     /// nearest context token in the token order.
     Persistence,
+    /// What a collapsed predictor scores: every target token forecast as the mean of the
+    /// split's target-token features over all clips (it reads the targets: a yardstick, never a
+    /// forecaster). The training step reports the same figure as
+    /// [`StepStats::mean_baseline`].
+    Mean,
 }
 
 /// The position in `context` of the token at `target`'s spatial position nearest to it in
@@ -598,5 +609,45 @@ mod tests {
         let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
         let (still_e, cut_e) = (mean(&e[..tgt.len()]), mean(&e[tgt.len()..]));
         assert!(still_e < 0.5 * cut_e, "still {still_e} vs cut {cut_e}");
+    }
+
+    /// The `Mean` yardstick scores what forecasting every target token by the mean of the
+    /// split's layer-normed target features scores, computed here on the host from the target
+    /// encoder's raw token features.
+    #[test]
+    fn the_mean_yardstick_is_the_error_of_predicting_the_mean_target() {
+        let (config, source) = tiny(Objective::Ema);
+        let t = Trainer::new(config.clone(), &Device::flex());
+        let batch = source.batch(3, 0, 3, &config.model);
+        let (ctx, tgt): (Vec<u32>, Vec<u32>) = ((0..20).collect(), (40..52).collect());
+        let got = t
+            .forecast_energies(&batch, &[(&ctx, &tgt)], &[Forecaster::Mean])
+            .remove(0)
+            .remove(0);
+        let d = config.model.width;
+        let raw = t.token_features(&batch);
+        let n = raw.len() / (3 * d);
+        let normed: Vec<Vec<f64>> = raw
+            .chunks_exact(d)
+            .map(|x| {
+                let m = x.iter().map(|v| *v as f64).sum::<f64>() / d as f64;
+                let var = x.iter().map(|v| (*v as f64 - m).powi(2)).sum::<f64>() / d as f64;
+                x.iter()
+                    .map(|v| (*v as f64 - m) / (var + 1e-6).sqrt())
+                    .collect()
+            })
+            .collect();
+        let targets: Vec<&Vec<f64>> = (0..3)
+            .flat_map(|b| tgt.iter().map(move |&i| b * n + i as usize))
+            .map(|row| &normed[row])
+            .collect();
+        let mean: Vec<f64> = (0..d)
+            .map(|c| targets.iter().map(|r| r[c]).sum::<f64>() / targets.len() as f64)
+            .collect();
+        assert_eq!(got.len(), targets.len());
+        for (g, r) in got.iter().zip(&targets) {
+            let want = r.iter().zip(&mean).map(|(x, m)| (x - m).abs()).sum::<f64>() / d as f64;
+            assert!((*g as f64 - want).abs() < 1e-3, "{g} vs {want}");
+        }
     }
 }

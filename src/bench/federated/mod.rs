@@ -104,7 +104,7 @@ pub fn run(a: FederatedBenchArgs) -> Result<()> {
     let report = federated(&opts, &|r| {
         let n = done.fetch_add(1, Ordering::Relaxed) + 1;
         println!(
-            "  [{n}/{total} {:>5.0} s] {:<28} H {:>3} {:<7} seed {}  bytes {:>12}  loss {:.4}  \
+            "  [{n}/{total} {:>5.0} s] {:<28} H {:>3} {:<7} seed {}  bytes {:>12}  loss {:.4} ({:.3} of the mean's; released {:.3})  \
              velocity R2 {:.3}  max outer/mean {:.2}  rejected w0 {} others {}  min cos \
              history {:+.2}/{:+.2} peers {:+.2}/{:+.2} (w0/others)",
             began.elapsed().as_secs_f64(),
@@ -114,6 +114,8 @@ pub fn run(a: FederatedBenchArgs) -> Result<()> {
             r.seed,
             r.bytes,
             r.loss,
+            r.loss_over_mean,
+            r.released_over_mean,
             r.velocity_r2,
             r.max_outer_step_ratio,
             r.rejected_w0,
@@ -125,13 +127,21 @@ pub fn run(a: FederatedBenchArgs) -> Result<()> {
         )
     });
     println!(
-        "\n{:<28} {:>4} {:<7} {:>16} {:>10} {:>9}",
-        "configuration", "H", "split", "velocity R2", "reduction", "loss"
+        "\n{:<28} {:>4} {:<7} {:>16} {:>10} {:>9} {:>10} {:>10}",
+        "configuration", "H", "split", "velocity R2", "reduction", "loss", "loss/mean", "released"
     );
     for g in &report.groups {
         println!(
-            "{:<28} {:>4} {:<7} {:>8.3} ± {:<5.3} {:>9.0}x {:>9.4}",
-            g.name, g.h, g.split, g.r2_mean, g.r2_sd, g.reduction, g.loss
+            "{:<28} {:>4} {:<7} {:>8.3} ± {:<5.3} {:>9.0}x {:>9.4} {:>10.3} {:>10.3}",
+            g.name,
+            g.h,
+            g.split,
+            g.r2_mean,
+            g.r2_sd,
+            g.reduction,
+            g.loss,
+            g.loss_over_mean,
+            g.released_over_mean
         );
     }
     println!(

@@ -29,7 +29,7 @@ use std::sync::Arc;
 use amity_shared::config::{Config, Objective};
 use amity_shared::data::ClipSource;
 use amity_shared::data::synth::{SynthConfig, generate};
-use amity_shared::eval::{ProbeSet, probe_report};
+use amity_shared::eval::{ProbeSet, loss_over_mean, probe_report};
 use amity_shared::federated::worker_seed;
 use amity_shared::train::Trainer;
 use burn::tensor::Device;
@@ -83,6 +83,14 @@ pub struct RunReport {
     pub bytes: u64,
     /// Final training loss (mean over the last round's workers, or the last step).
     pub loss: f64,
+    /// The final loss over what predicting the mean target scores on the same steps (the last
+    /// round's, or `central`'s last [`CENTRAL_TAIL`] steps): below 1 the predictor explains part
+    /// of the target. The loss alone also falls when the target encoder's features narrow.
+    pub loss_over_mean: f64,
+    /// The final model's predictor loss over predicting the mean, on held-out clips
+    /// ([`loss_over_mean`]): what is released, where [`RunReport::loss_over_mean`] is what
+    /// the workers saw while training.
+    pub released_over_mean: f64,
     /// Velocity-probe R² of the final target encoder.
     pub velocity_r2: f64,
     /// Largest outer-step norm over mean-pseudo-gradient norm of the run's rounds (0 for
@@ -118,7 +126,20 @@ pub struct GroupReport {
     pub reduction: f64,
     /// Mean final loss.
     pub loss: f64,
+    /// Mean final loss over predicting the mean.
+    pub loss_over_mean: f64,
+    /// Mean held-out loss over predicting the mean of the final models.
+    pub released_over_mean: f64,
 }
+
+/// Held-out clips (the probe set's first) and the mask seed of
+/// [`RunReport::released_over_mean`]: the same for every run.
+const RELEASED_CLIPS: usize = 128;
+const RELEASED_MASKS: u64 = 0x4e1d_0a7e;
+
+/// The steps at the end of a central run whose loss and predict-the-mean baseline are summed
+/// for its [`RunReport::loss_over_mean`].
+pub const CENTRAL_TAIL: u64 = 20;
 
 /// The bench's result: its last JSON line.
 #[derive(Debug, Clone, Serialize)]
@@ -195,6 +216,7 @@ fn central(opts: &FederatedBenchOptions, probes: &ProbeSet, seed: u64, non_iid: 
     let mut t = Trainer::new(run.clone(), &device);
     let srcs = sources(&run, opts.workers, non_iid);
     let mut loss = 0.0;
+    let (mut tail_loss, mut tail_base) = (0.0, 0.0);
     for step in 0..opts.steps {
         let parts: Vec<_> = srcs
             .iter()
@@ -209,7 +231,12 @@ fn central(opts: &FederatedBenchOptions, probes: &ProbeSet, seed: u64, non_iid: 
             batch.batch += p.batch;
             batch.patches.extend_from_slice(&p.patches);
         }
-        loss = t.step(&batch).loss;
+        let s = t.step(&batch);
+        loss = s.loss;
+        if step + CENTRAL_TAIL >= opts.steps {
+            tail_loss += s.loss;
+            tail_base += s.mean_baseline;
+        }
     }
     let params = t.model_flat().len() as u64;
     RunReport {
@@ -219,6 +246,8 @@ fn central(opts: &FederatedBenchOptions, probes: &ProbeSet, seed: u64, non_iid: 
         seed,
         bytes: ddp_bytes(opts, params),
         loss,
+        loss_over_mean: tail_loss / tail_base,
+        released_over_mean: loss_over_mean(&t, probes, RELEASED_CLIPS, RELEASED_MASKS),
         velocity_r2: probe_report(&t, probes).velocity_r2,
         max_outer_step_ratio: 0.0,
         rejected_w0: 0,
@@ -255,7 +284,10 @@ fn diloco(
     let cfg = bench_config(cfg, opts.workers, h, opts.steps / h);
     let sources = sources(&run, opts.workers, non_iid);
     let out = Federation::new(cfg, sources, variant.held_out, variant.attack).run();
-    let last = out.history.last().map_or(f64::NAN, |s| s.loss);
+    let (last, over_mean) = out
+        .history
+        .last()
+        .map_or((f64::NAN, f64::NAN), |s| (s.loss, s.loss / s.baseline));
     let screens = Screens::of(&out.history);
     let p = &out.params;
     let t =
@@ -267,6 +299,8 @@ fn diloco(
         seed,
         bytes: out.bytes,
         loss: last,
+        loss_over_mean: over_mean,
+        released_over_mean: loss_over_mean(&t, probes, RELEASED_CLIPS, RELEASED_MASKS),
         velocity_r2: probe_report(&t, probes).velocity_r2,
         max_outer_step_ratio: out.max_outer_step_ratio,
         rejected_w0: screens.rejected_w0,
@@ -378,6 +412,10 @@ pub fn federated(opts: &FederatedBenchOptions, print: &dyn Fn(&RunReport)) -> Fe
         let (r2_mean, r2_sd) = mean_sd(&r2);
         let bytes = same.iter().map(|o| o.bytes as f64).sum::<f64>() / same.len() as f64;
         let loss = same.iter().map(|o| o.loss).sum::<f64>() / same.len() as f64;
+        let mean =
+            |f: fn(&RunReport) -> f64| same.iter().map(|o| f(o)).sum::<f64>() / same.len() as f64;
+        let (loss_over_mean, released_over_mean) =
+            (mean(|o| o.loss_over_mean), mean(|o| o.released_over_mean));
         groups.push(GroupReport {
             name: r.name.clone(),
             h: r.h,
@@ -387,6 +425,8 @@ pub fn federated(opts: &FederatedBenchOptions, print: &dyn Fn(&RunReport)) -> Fe
             bytes,
             reduction: ddp / bytes.max(1.0),
             loss,
+            loss_over_mean,
+            released_over_mean,
         });
     }
     let central_of = |split: &str| {

@@ -88,6 +88,7 @@ fn update(run: &Config, seed: u64) -> LocalUpdate {
             mean: 0.5,
             first: 0.6,
             last: 0.4,
+            baseline: 0.7,
         },
     }
 }

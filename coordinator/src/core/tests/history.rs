@@ -1,4 +1,5 @@
-//! The round history: old summaries thin to counts so that snapshots stay O(rounds).
+//! The round history: what a summary reports, and old summaries thinning to counts so that
+//! snapshots stay O(rounds).
 
 use super::*;
 
@@ -67,4 +68,37 @@ fn old_round_summaries_keep_counts_instead_of_per_worker_lists() {
     assert_eq!(again, h[0]);
     let json = serde_json::to_string(&h[0]).unwrap();
     assert_eq!(serde_json::from_str::<RoundSummary>(&json).unwrap(), h[0]);
+}
+
+/// A round's loss and its predict-the-mean baseline are the sample-weighted means of the
+/// accepted updates' (so `loss / baseline` can be followed across rounds), and a summary
+/// written before the baseline existed reads it as not measured.
+#[test]
+fn a_round_reports_its_loss_beside_the_predict_the_mean_baseline() {
+    let (mut core, _) = setup(TargetPolicy::LocalEma);
+    join(&mut core, 1, "a", 10.0, 0);
+    join(&mut core, 2, "b", 10.0, 0);
+    let mut acts = Vec::new();
+    for (worker, samples, mean, baseline) in [(1, 10, 0.2, 0.8), (2, 30, 0.6, 1.6)] {
+        let mut u = update(&core, 0, 1.0, worker);
+        u.samples = samples;
+        u.loss.mean = mean;
+        u.loss.baseline = baseline;
+        acts = core.handle(
+            Event::Update {
+                worker: WorkerId(worker),
+                update: u,
+            },
+            10,
+        );
+    }
+    assert!(snapshot_stored(&acts).is_some(), "the round closed");
+    let s = &core.history()[0];
+    assert!((s.loss - 0.5).abs() < 1e-6, "{}", s.loss);
+    assert!((s.baseline - 1.4).abs() < 1e-6, "{}", s.baseline);
+    let mut old = serde_json::to_value(s).unwrap();
+    old.as_object_mut().unwrap().remove("baseline");
+    let read: RoundSummary = serde_json::from_value(old).unwrap();
+    assert!(read.baseline.is_nan());
+    assert_eq!(read.loss, s.loss);
 }

@@ -66,6 +66,7 @@ fn update(core: &Core, round: u64, scale: f32, seed: u64) -> ArrivedUpdate {
             mean: 1.0,
             first: 1.1,
             last: 0.9,
+            baseline: 1.2,
         },
         values: values.into(),
     }
@@ -711,6 +712,7 @@ fn snapshots_and_log_entries_with_nan_statistics_restore() {
             mean: f32::NAN,
             first: f32::INFINITY,
             last: 1.0,
+            baseline: f32::NAN,
         },
         shards: vec![],
     };
@@ -718,7 +720,9 @@ fn snapshots_and_log_entries_with_nan_statistics_restore() {
     let LogEntry::UpdateAccepted { loss, .. } = back else {
         panic!("{back:?}")
     };
-    assert!(loss.mean.is_nan() && loss.first.is_nan() && loss.last == 1.0);
+    assert!(
+        loss.mean.is_nan() && loss.first.is_nan() && loss.last == 1.0 && loss.baseline.is_nan()
+    );
 }
 
 /// Security review M4: registrations cannot grow the shard plan without bound, and a

@@ -128,6 +128,7 @@ fn raft_entries_carry_the_encoded_update() {
             mean: f32::NAN,
             first: 1.0,
             last: 0.5,
+            baseline: 2.0,
         },
     };
     let cmd = Command {

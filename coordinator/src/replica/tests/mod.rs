@@ -507,6 +507,7 @@ fn honest_update(len: usize, round: u64, seed: u64) -> crate::core::ArrivedUpdat
             mean: 0.5,
             first: 0.6,
             last: 0.4,
+            baseline: 0.7,
         },
         values: (0..len)
             .map(|_| 1e-3 * common.normal() as f32 + 3e-4 * noise.normal() as f32)

@@ -183,6 +183,13 @@ fn model(m: &mut MetricsText, s: &Status) {
         last.map_or(f64::NAN, |r| r.loss),
     );
     m.single(
+        "amity_loss_baseline",
+        Kind::Gauge,
+        "The last closed round's sample-weighted mean of what predicting the mean target scores \
+         (amity_loss over it: the share of the target's spread the predictor leaves unexplained).",
+        last.map_or(f64::NAN, |r| r.baseline),
+    );
+    m.single(
         "amity_outer_step_ratio",
         Kind::Gauge,
         "The last round's outer step norm over the mean pseudo-gradient's norm.",
@@ -206,6 +213,13 @@ fn model(m: &mut MetricsText, s: &Status) {
             Kind::Gauge,
             "RankMe effective rank of the target encoder's clip embeddings (1 = collapsed).",
             t.rankme,
+        );
+        m.single(
+            "amity_rankme_centred",
+            Kind::Gauge,
+            "RankMe of the clip embeddings less their mean: the directions clips differ in \
+             (1 = collapsed; a mean every clip shares lowers amity_rankme, not this).",
+            t.rankme_centred,
         );
     }
 }
