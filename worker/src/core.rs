@@ -608,9 +608,12 @@ impl WorkerCore {
             time: (r.announce.budget_ms > 0 || r.announce.steps == 0)
                 .then(|| Duration::from_millis(r.announce.budget_ms.saturating_sub(spent))),
         };
+        // From where this worker's own training stands, not from the global state: see
+        // `GlobalParams::ahead_by` for why and what it measured.
+        let held = r.start.clone().expect("the state is held before training");
         TrainJob {
             round: r.announce.round,
-            start: r.start.clone().expect("the state is held before training"),
+            start: held.ahead_by(self.feedback.residual()),
             shards: r.shards.clone(),
             options: LocalRoundOptions {
                 budget,

@@ -173,9 +173,24 @@ fn reconnect_keeps_optimiser_state_and_residual() {
     assert!(acts.is_empty(), "no new trainer on a reconnect: {acts:?}");
     assert_eq!(core.residual(), &residual[..], "residual kept");
 
-    // The next update carries the residual: it differs from one encoded without it.
+    // The next round starts where this worker's training stands: the state less what its
+    // residual still holds back; the update then carries the residual: it differs from one
+    // encoded without it.
     let acts = announce(&mut core, 1, init, 1000);
-    train_job(&acts);
+    let start = &train_job(&acts).start;
+    let seeded = GlobalParams::seeded(&run);
+    assert_eq!(
+        start.target, seeded.target,
+        "coordinator EMA: no target residual"
+    );
+    assert!(
+        start
+            .model
+            .iter()
+            .zip(&seeded.model)
+            .zip(&residual)
+            .all(|((s, g), r)| *s == *g - *r)
+    );
     let next = update(&run, 2);
     let acts = core.handle(Input::Trained(Ok(next.clone())), 1500);
     let (_, blob, _) = header(&acts);
