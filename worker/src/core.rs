@@ -681,15 +681,34 @@ impl WorkerCore {
         session: Session,
         out: &mut Vec<WorkerAction>,
     ) {
-        apply_fault(self.opts.fault, round, &mut update);
         let spec = if flush {
             session.codec.dense()
         } else {
             session.codec
         };
-        let (bytes, _) =
-            self.feedback
-                .encode_parts(&spec, update.wire_values(), &update.wire_parts());
+        let bytes = match self.opts.fault {
+            None => {
+                self.feedback
+                    .encode_parts(&spec, update.wire_values(), &update.wire_parts())
+                    .0
+            }
+            // A fault stands for a peer that lies on the wire and goes on training honestly:
+            // what it sends is the fault applied to what an honest worker would send (update
+            // plus residual), while its residual (and so where its next round starts,
+            // `GlobalParams::ahead_by`) is the one the honest update leaves. A huge fault kept
+            // in the residual would wreck its own training, and a flip kept out of it would
+            // send an honest residual in the flush.
+            Some(_) => {
+                let lying = self.with_residual(&update);
+                self.feedback
+                    .encode_parts(&spec, update.wire_values(), &update.wire_parts());
+                update = lying;
+                apply_fault(self.opts.fault, round, &mut update);
+                ErrorFeedback::new()
+                    .encode_parts(&spec, update.wire_values(), &update.wire_parts())
+                    .0
+            }
+        };
         let id = BlobId::of(&bytes);
         let len = bytes.len() as u64;
         self.round_blob(round, id);
@@ -723,6 +742,23 @@ impl WorkerCore {
                 human(self.summary.bytes_down)
             )));
         }
+    }
+
+    /// `update` with the error-feedback residual added: what an honest worker encodes.
+    fn with_residual(&self, update: &LocalUpdate) -> LocalUpdate {
+        let mut out = update.clone();
+        let residual = self.feedback.residual();
+        if residual.len() == update.wire_parts().iter().sum::<usize>() {
+            let (model, target) = residual.split_at(out.model_delta.len());
+            out.model_delta
+                .iter_mut()
+                .zip(model)
+                .for_each(|(v, r)| *v += r);
+            if let Some(t) = &mut out.target_delta {
+                t.iter_mut().zip(target).for_each(|(v, r)| *v += r);
+            }
+        }
+        out
     }
 
     /// Notes that `id` in the cache belongs to round `round` only.

@@ -440,6 +440,23 @@ fn updates_are_faulted_only_when_asked_and_replays_sent_twice() {
     });
     let (_, _, announced) = header(&acts);
     assert_eq!(Some(announced + 1), stored, "announced one byte short");
+
+    // A huge update goes out, but the residual (where the next round starts) is the honest one.
+    let (mut core, run, registered) = setup(Some(Fault::Huge));
+    register(&mut core, &registered);
+    announce(&mut core, 0, init, 0);
+    let honest = update(&run, 1);
+    let acts = core.handle(Input::Trained(Ok(honest.clone())), 10);
+    let (_, blob, _) = header(&acts);
+    let spec: CodecSpec = "topk0.01+int8".parse().unwrap();
+    let mut feedback = ErrorFeedback::new();
+    let (fair, _) = feedback.encode_parts(&spec, honest.wire_values(), &honest.wire_parts());
+    assert_ne!(BlobId::of(&fair), blob, "the fault reached the wire");
+    assert_eq!(
+        core.residual(),
+        feedback.residual(),
+        "the honest residual kept"
+    );
 }
 
 #[test]
