@@ -33,7 +33,9 @@ use amity_shared::corpus::ingest::{IngestOptions, ingest};
 use amity_shared::corpus::synthetic::{SynthCorpusOptions, write_synthetic_corpus};
 use amity_shared::data::synth::SynthConfig;
 use amity_shared::device::Backend;
-use amity_shared::eval::{ProbeReport, ProbeSet, loss_over_mean, probe_report};
+use amity_shared::eval::{
+    LOSS_OVER_MEAN_CLIPS, ProbeReport, ProbeSet, loss_over_mean, probe_report,
+};
 use amity_shared::train::Trainer;
 use amity_worker::human;
 use amity_worker::{CoordinatorAddr, WorkerOptions};
@@ -133,7 +135,7 @@ pub fn run(out: &Path, videos: usize, shape: RoundShape) -> Result<()> {
         .status
         .history
         .iter()
-        .map(|s| s.loss / s.baseline)
+        .map(|s| s.loss_over_mean())
         .collect();
     print_outcome(&ended, &totals, (&losses, &unexplained), rounds);
     let ckpt_path = ended
@@ -423,10 +425,6 @@ fn print_new_rounds(status: &Path, began: Instant, shown: &AtomicUsize) {
 /// the predictor's held-out loss over predicting the mean for both.
 type Evaluation = ((ProbeReport, ProbeReport), (f64, f64));
 
-/// The held-out clips and the mask seed of the demo's predictor figure.
-const PREDICTOR_CLIPS: usize = 128;
-const PREDICTOR_MASKS: u64 = 0x4e1d_0a7e;
-
 /// Evaluates the checkpoint at `path` ([`Evaluation`]).
 fn probe_checkpoint(path: &Path) -> Result<Evaluation> {
     let ckpt = Checkpoint::load(path)?;
@@ -436,10 +434,12 @@ fn probe_checkpoint(path: &Path) -> Result<Evaluation> {
     // The learning test's probe: with 400 fitted videos for 256 features the ridge probe itself
     // caps R2.
     let set = ProbeSet::for_model(&ckpt.config.model, 1000, 500);
-    let over_mean = |t: &Trainer| loss_over_mean(t, &set, PREDICTOR_CLIPS, PREDICTOR_MASKS);
     Ok((
         (probe_report(&trained, &set), probe_report(&random, &set)),
-        (over_mean(&trained), over_mean(&random)),
+        (
+            loss_over_mean(&trained, &set),
+            loss_over_mean(&random, &set),
+        ),
     ))
 }
 
@@ -469,7 +469,7 @@ fn release_request((a, b): &(ProbeReport, ProbeReport), predictor: (f64, f64)) -
                 value: predictor.0,
                 random_init: Some(predictor.1),
                 protocol: format!(
-                    "L1 of the predictor on the masked tokens of {PREDICTOR_CLIPS} held-out \
+                    "L1 of the predictor on the masked tokens of {LOSS_OVER_MEAN_CLIPS} held-out \
                      synthetic videos over that of predicting their mean feature (below 1: the \
                      predictor explains part of the target)"
                 ),
@@ -521,7 +521,7 @@ fn print_rounds(status: &server::Status) -> Totals {
             s.accepted_count(),
             s.samples,
             s.loss,
-            s.loss / s.baseline,
+            s.loss_over_mean(),
             human(s.bytes_up),
             human(s.bytes_down),
             human(s.dense_bytes),

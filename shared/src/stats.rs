@@ -64,12 +64,7 @@ pub fn rankme(z: &[f64], n: usize, d: usize) -> f64 {
 /// it towards 1 even when the spread around that mean uses many dimensions; this one separates
 /// the two.
 pub fn rankme_centred(z: &[f64], n: usize, d: usize) -> f64 {
-    let mut mean = vec![0.0; d];
-    for row in z.chunks_exact(d).take(n) {
-        for (m, x) in mean.iter_mut().zip(row) {
-            *m += x / n as f64;
-        }
-    }
+    let mean = column_means(z, n, d);
     let centred: Vec<f64> = z
         .chunks_exact(d)
         .take(n)
@@ -78,14 +73,20 @@ pub fn rankme_centred(z: &[f64], n: usize, d: usize) -> f64 {
     rankme(&centred, n, d)
 }
 
-/// Per-dimension standard deviation of `n x d` features: `(mean over dims, min over dims)`.
-pub fn feature_std(z: &[f64], n: usize, d: usize) -> (f64, f64) {
+/// The mean of each of the `d` columns of the first `n` rows of `z`.
+fn column_means(z: &[f64], n: usize, d: usize) -> Vec<f64> {
     let mut mean = vec![0.0; d];
-    for r in 0..n {
-        for c in 0..d {
-            mean[c] += z[r * d + c] / n as f64;
+    for row in z.chunks_exact(d).take(n) {
+        for (m, x) in mean.iter_mut().zip(row) {
+            *m += x / n as f64;
         }
     }
+    mean
+}
+
+/// Per-dimension standard deviation of `n x d` features: `(mean over dims, min over dims)`.
+pub fn feature_std(z: &[f64], n: usize, d: usize) -> (f64, f64) {
+    let mean = column_means(z, n, d);
     let mut var = vec![0.0; d];
     for r in 0..n {
         for c in 0..d {

@@ -176,6 +176,12 @@ impl RoundSummary {
             + self.alignment.len()
     }
 
+    /// The loss over its predict-the-mean baseline: below 1 the workers' predictor explained
+    /// part of the target (NaN where the baseline was not reported).
+    pub fn loss_over_mean(&self) -> f64 {
+        self.loss / self.baseline
+    }
+
     /// Updates aggregated (thinned or not).
     pub fn accepted_count(&self) -> u64 {
         self.thinned

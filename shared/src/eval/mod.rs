@@ -143,13 +143,23 @@ pub fn probe_report_through(trainer: &Trainer, set: &ProbeSet, readout: Readout)
     }
 }
 
+/// Held-out clips (a probe set's first test videos) of [`loss_over_mean`].
+pub const LOSS_OVER_MEAN_CLIPS: usize = 128;
+
+/// The seed of [`loss_over_mean`]'s masks: the same for every model, so figures compare.
+const LOSS_OVER_MEAN_MASKS: u64 = 0x4e1d_0a7e;
+
 /// The predictor's held-out loss over what predicting the mean target scores
-/// ([`Forecaster::Mean`]), on the first `n` test videos of a probe set and the masks the
-/// training recipe draws with `seed`: below 1 the predictor explains part of the target's
-/// spread. Unlike the loss, the ratio does not fall just because the target's features narrow.
-pub fn loss_over_mean(trainer: &Trainer, set: &ProbeSet, n: usize, seed: u64) -> f64 {
+/// ([`Forecaster::Mean`]), on the first [`LOSS_OVER_MEAN_CLIPS`] test videos of a probe set
+/// and masks drawn by the training recipe from a fixed seed: below 1 the predictor explains
+/// part of the target's spread. Unlike the loss, the ratio does not fall just because the
+/// target's features narrow.
+pub fn loss_over_mean(trainer: &Trainer, set: &ProbeSet) -> f64 {
     let config = trainer.config();
-    let n = n.min(set.test.len());
+    let (n, seed) = (
+        LOSS_OVER_MEAN_CLIPS.min(set.test.len()),
+        LOSS_OVER_MEAN_MASKS,
+    );
     let batch = ClipBatch::from_clips(
         set.test[..n].iter().map(|v| v.pixels.as_slice()),
         &config.model,

@@ -132,11 +132,6 @@ pub struct GroupReport {
     pub released_over_mean: f64,
 }
 
-/// Held-out clips (the probe set's first) and the mask seed of
-/// [`RunReport::released_over_mean`]: the same for every run.
-const RELEASED_CLIPS: usize = 128;
-const RELEASED_MASKS: u64 = 0x4e1d_0a7e;
-
 /// The steps at the end of a central run whose loss and predict-the-mean baseline are summed
 /// for its [`RunReport::loss_over_mean`].
 pub const CENTRAL_TAIL: u64 = 20;
@@ -247,7 +242,7 @@ fn central(opts: &FederatedBenchOptions, probes: &ProbeSet, seed: u64, non_iid: 
         bytes: ddp_bytes(opts, params),
         loss,
         loss_over_mean: tail_loss / tail_base,
-        released_over_mean: loss_over_mean(&t, probes, RELEASED_CLIPS, RELEASED_MASKS),
+        released_over_mean: loss_over_mean(&t, probes),
         velocity_r2: probe_report(&t, probes).velocity_r2,
         max_outer_step_ratio: 0.0,
         rejected_w0: 0,
@@ -287,7 +282,7 @@ fn diloco(
     let (last, over_mean) = out
         .history
         .last()
-        .map_or((f64::NAN, f64::NAN), |s| (s.loss, s.loss / s.baseline));
+        .map_or((f64::NAN, f64::NAN), |s| (s.loss, s.loss_over_mean()));
     let screens = Screens::of(&out.history);
     let p = &out.params;
     let t =
@@ -300,7 +295,7 @@ fn diloco(
         bytes: out.bytes,
         loss: last,
         loss_over_mean: over_mean,
-        released_over_mean: loss_over_mean(&t, probes, RELEASED_CLIPS, RELEASED_MASKS),
+        released_over_mean: loss_over_mean(&t, probes),
         velocity_r2: probe_report(&t, probes).velocity_r2,
         max_outer_step_ratio: out.max_outer_step_ratio,
         rejected_w0: screens.rejected_w0,
