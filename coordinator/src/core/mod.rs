@@ -252,6 +252,10 @@ pub struct Core {
 
 const NORM_HISTORY: usize = 32;
 
+/// What the coordinator says (with [`ErrorCode::Finished`], in an error message and as the
+/// connection close reason) when `max_rounds` are done: workers exit instead of reconnecting.
+pub const FINISHED_REASON: &str = "training finished";
+
 /// A round's totals over its accepted updates.
 #[derive(Debug, Default)]
 struct Tally {
@@ -557,6 +561,20 @@ impl Core {
     }
 
     fn on_join(&mut self, worker: WorkerId, info: JoinInfo, out: &mut Vec<Action>) {
+        // The shell tells the sessions open when the run ends that it has; one that joins
+        // later (a worker that lost its connection, or followed a redirect to a new leader,
+        // as the run ended) would otherwise be registered and wait for a round that never
+        // comes.
+        if self.finished() {
+            out.push(Action::Send {
+                worker,
+                msg: ServerMsg::Error {
+                    code: ErrorCode::Finished,
+                    message: FINISHED_REASON.into(),
+                },
+            });
+            return;
+        }
         // The shell refuses revoked names at the handshake; one that registered before the
         // revocation reached it is turned away here.
         if self.operator.revoked.contains(&info.name) {

@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 
 use crate::aggregate::StoredUpdate;
 use crate::config::CoordinatorConfig;
-use crate::core::{Action, Core, Event, LogEntry, ShardInfo, Snapshot};
+use crate::core::{Action, Core, Event, FINISHED_REASON, LogEntry, ShardInfo, Snapshot};
 use crate::journal::Journal;
 use crate::layout::StateLayout;
 use crate::replica::{self, ReplicatedCore};
@@ -52,10 +52,6 @@ pub use telemetry::RoundTelemetry;
 use connection::accept_connections;
 use shared::Shared;
 use status::{status, write_status};
-
-/// What the coordinator says (with [`ErrorCode::Finished`], in an error message and as the
-/// connection close reason) when `max_rounds` are done: workers exit instead of reconnecting.
-const FINISHED_REASON: &str = "training finished";
 
 /// Where the driver's answer to a connection's question goes.
 pub(crate) type Answer = tokio::sync::oneshot::Sender<ServerMsg>;

@@ -1,7 +1,7 @@
 use super::*;
 use amity_shared::checkpoint::layouts;
 use amity_shared::config::Config;
-use amity_shared::federated::codec;
+use amity_shared::federated::codec::{self, CodecSpec, ErrorFeedback};
 use amity_shared::model::flat::init_params;
 use amity_shared::rng::Rng;
 
@@ -229,7 +229,6 @@ fn a_round_runs(policy: TargetPolicy) {
 #[test]
 fn after_the_final_flush_the_parameters_hold_every_update() {
     use crate::aggregate::OuterConfig;
-    use amity_shared::federated::codec::{CodecSpec, ErrorFeedback};
     let run = Config::preset("tiny").unwrap();
     let (ml, tl) = layouts(&run);
     let model = init_params(&ml, 1);
@@ -894,6 +893,7 @@ fn shards_of_a_second_session_of_an_institution_are_not_lost() {
 }
 
 mod budget;
+mod finish;
 mod history;
 mod operator;
 mod replay;
