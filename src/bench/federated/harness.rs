@@ -47,6 +47,12 @@ pub struct Outcome {
     pub bytes: u64,
     /// The largest outer step relative to the mean pseudo-gradient.
     pub max_outer_step_ratio: f64,
+    /// How far the last round moved the model (encoder and predictor) over how far the whole
+    /// run moved it, when the last round was a flush (NaN otherwise). Without compression the
+    /// last of R rounds takes about its share of the run; with error feedback the flush also
+    /// delivers every residual held back, so a large share means the run's ordinary rounds
+    /// delivered little of what the workers trained.
+    pub flush_share: f64,
 }
 
 /// The coordinator core and its members.
@@ -63,6 +69,9 @@ pub struct Federation {
     now_ms: u64,
     bytes: u64,
     max_ratio: f64,
+    /// The model at the start, and after the last ordinary (not flush) round.
+    start_model: Vec<f32>,
+    before_flush: Vec<f32>,
 }
 
 impl Federation {
@@ -70,7 +79,9 @@ impl Federation {
     /// one worker per source, worker 0 playing `attack` on its updates.
     pub fn new(cfg: CoreConfig, sources: Vec<ClipSource>, held_out: usize, attack: Attack) -> Self {
         let run = cfg.run.clone();
-        let (mut core, actions) = Core::new(cfg, GlobalParams::seeded(&run), &[]);
+        let start = GlobalParams::seeded(&run);
+        let start_model = start.model.clone();
+        let (mut core, actions) = Core::new(cfg, start, &[]);
         if held_out > 0 {
             // Held-out clips like the coordinator's: synthetic, from a stream no worker draws.
             let source = ClipSource::synthetic(&run.model);
@@ -110,6 +121,8 @@ impl Federation {
             now_ms: 0,
             bytes: 0,
             max_ratio: 0.0,
+            before_flush: start_model.clone(),
+            start_model,
         };
         fed.coordinator_actions(actions);
         fed
@@ -129,11 +142,25 @@ impl Federation {
             "the federation stalled at round {} before its planned end",
             self.core.round()
         );
+        let params = self.core.params().clone();
+        let history = self.core.history().to_vec();
+        let flush_share = if history.last().is_some_and(|s| s.flush) {
+            let dist = |from: &[f32]| {
+                (params.model.iter().zip(from))
+                    .map(|(a, b)| (f64::from(*a) - f64::from(*b)).powi(2))
+                    .sum::<f64>()
+                    .sqrt()
+            };
+            dist(&self.before_flush) / dist(&self.start_model)
+        } else {
+            f64::NAN
+        };
         Outcome {
-            params: self.core.params().clone(),
-            history: self.core.history().to_vec(),
+            params,
+            history,
             bytes: self.bytes,
             max_outer_step_ratio: self.max_ratio,
+            flush_share,
         }
     }
 
@@ -150,6 +177,9 @@ impl Federation {
                 Action::RoundClosed(s) => {
                     self.bytes += s.bytes_up + s.bytes_down;
                     self.max_ratio = self.max_ratio.max(s.outer_step_ratio);
+                    if !s.flush {
+                        self.before_flush.clone_from(&self.core.params().model);
+                    }
                 }
                 Action::Persist(_)
                 | Action::Checkpoint { .. }
@@ -320,6 +350,13 @@ mod tests {
             a.history
         );
         assert!(a.bytes > 0);
+        // The last round flushes, and moved the model part of the way the run did.
+        assert!(a.history.last().is_some_and(|s| s.flush));
+        assert!(
+            a.flush_share > 0.0 && a.flush_share.is_finite(),
+            "{}",
+            a.flush_share
+        );
         assert_ne!(a.params.hash(), GlobalParams::seeded(&run).hash());
         assert_eq!(go().params.hash(), a.params.hash());
     }

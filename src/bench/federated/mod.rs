@@ -104,7 +104,8 @@ pub fn run(a: FederatedBenchArgs) -> Result<()> {
     let report = federated(&opts, &|r| {
         let n = done.fetch_add(1, Ordering::Relaxed) + 1;
         println!(
-            "  [{n}/{total} {:>5.0} s] {:<28} H {:>3} {:<7} seed {}  bytes {:>12}  loss {:.4} ({:.3} of the mean's; released {:.3})  \
+            "  [{n}/{total} {:>5.0} s] {:<28} H {:>3} {:<7} seed {}  bytes {:>12} ({:.0}x without \
+             flushes; the flush moved {:.2} of the run's distance)  loss {:.4} ({:.3} of the mean's; released {:.3})  \
              velocity R2 {:.3}  max outer/mean {:.2}  rejected w0 {} others {}  min cos \
              history {:+.2}/{:+.2} peers {:+.2}/{:+.2} (w0/others)",
             began.elapsed().as_secs_f64(),
@@ -113,6 +114,8 @@ pub fn run(a: FederatedBenchArgs) -> Result<()> {
             r.split,
             r.seed,
             r.bytes,
+            r.reduction_steady,
+            r.flush_share,
             r.loss,
             r.loss_over_mean,
             r.released_over_mean,
@@ -127,18 +130,29 @@ pub fn run(a: FederatedBenchArgs) -> Result<()> {
         )
     });
     println!(
-        "\n{:<28} {:>4} {:<7} {:>16} {:>10} {:>9} {:>10} {:>10}",
-        "configuration", "H", "split", "velocity R2", "reduction", "loss", "loss/mean", "released"
+        "\n{:<28} {:>4} {:<7} {:>16} {:>10} {:>10} {:>6} {:>9} {:>10} {:>10}",
+        "configuration",
+        "H",
+        "split",
+        "velocity R2",
+        "reduction",
+        "no flush",
+        "flush",
+        "loss",
+        "loss/mean",
+        "released"
     );
     for g in &report.groups {
         println!(
-            "{:<28} {:>4} {:<7} {:>8.3} ± {:<5.3} {:>9.0}x {:>9.4} {:>10.3} {:>10.3}",
+            "{:<28} {:>4} {:<7} {:>8.3} ± {:<5.3} {:>9.0}x {:>9.0}x {:>6.2} {:>9.4} {:>10.3} {:>10.3}",
             g.name,
             g.h,
             g.split,
             g.r2_mean,
             g.r2_sd,
             g.reduction,
+            g.reduction_steady,
+            g.flush_share,
             g.loss,
             g.loss_over_mean,
             g.released_over_mean
@@ -146,8 +160,15 @@ pub fn run(a: FederatedBenchArgs) -> Result<()> {
     }
     println!(
         "random encoder R2 {:.3}; central {:.3}; default variant worst {:.3} (gap {:+.3} worst \
-         over all); default sends {:.0}x fewer bytes than DDP fp32 at its worst H",
-        report.r2_random, report.r2_central, report.r2_default, report.r2_gap, report.reduction
+         over all); default sends {:.0}x fewer bytes than DDP fp32 at its worst H ({:.0}x in its \
+         ordinary rounds; `no flush`: the same without flush rounds, `flush`: the share of the \
+         model's travel taken in the last round)",
+        report.r2_random,
+        report.r2_central,
+        report.r2_default,
+        report.r2_gap,
+        report.reduction,
+        report.reduction_steady
     );
     plot::r2_against_bytes(&a.plot, &report)?;
     println!("plot: {}", a.plot.display());

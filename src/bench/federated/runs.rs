@@ -96,6 +96,12 @@ pub struct RunReport {
     /// Largest outer-step norm over mean-pseudo-gradient norm of the run's rounds (0 for
     /// `central`).
     pub max_outer_step_ratio: f64,
+    /// DDP fp32's bytes over ours in the ordinary rounds, flush rounds left out: what a long
+    /// run, where one flush is spread over hundreds of rounds, saves (1 for `central`).
+    pub reduction_steady: f64,
+    /// How far the last round (the flush) moved the model over how far the run moved it
+    /// ([`Outcome::flush_share`](super::harness::Outcome::flush_share); NaN for `central`).
+    pub flush_share: f64,
     /// Worker 0's updates rejected (under an attack: the attack caught).
     pub rejected_w0: usize,
     /// Updates of the other workers rejected.
@@ -124,6 +130,10 @@ pub struct GroupReport {
     pub bytes: f64,
     /// DDP fp32 bytes over these bytes.
     pub reduction: f64,
+    /// Mean [`RunReport::reduction_steady`].
+    pub reduction_steady: f64,
+    /// Mean [`RunReport::flush_share`].
+    pub flush_share: f64,
     /// Mean final loss.
     pub loss: f64,
     /// Mean final loss over predicting the mean.
@@ -145,6 +155,9 @@ pub struct FederatedReport {
     pub seeds: usize,
     /// DDP fp32 bytes over the default variant's, at its worst H and split.
     pub reduction: f64,
+    /// The same without flush rounds ([`RunReport::reduction_steady`]), at its worst H and
+    /// split: what a run of hundreds of rounds saves.
+    pub reduction_steady: f64,
     /// Mean velocity R² of the centralised reference (IID).
     pub r2_central: f64,
     /// Mean velocity R² of the default variant, worst over H and split.
@@ -245,6 +258,8 @@ fn central(opts: &FederatedBenchOptions, probes: &ProbeSet, seed: u64, non_iid: 
         released_over_mean: loss_over_mean(&t, probes),
         velocity_r2: probe_report(&t, probes).velocity_r2,
         max_outer_step_ratio: 0.0,
+        reduction_steady: 1.0,
+        flush_share: f64::NAN,
         rejected_w0: 0,
         rejected_others: 0,
         min_history_cos: (f64::NAN, f64::NAN),
@@ -298,11 +313,26 @@ fn diloco(
         released_over_mean: loss_over_mean(&t, probes),
         velocity_r2: probe_report(&t, probes).velocity_r2,
         max_outer_step_ratio: out.max_outer_step_ratio,
+        reduction_steady: steady_reduction(&out.history, t.model_flat().len() as u64),
+        flush_share: out.flush_share,
         rejected_w0: screens.rejected_w0,
         rejected_others: screens.rejected_others,
         min_history_cos: screens.hist,
         min_peer_cos: screens.peer,
     }
+}
+
+/// DDP fp32's bytes over ours in the ordinary rounds of `history` (NaN with none), for a model
+/// of `params` values: DDP all-reduces them every local step, 4 bytes up and 4 down.
+fn steady_reduction(history: &[RoundSummary], params: u64) -> f64 {
+    let ordinary = history.iter().filter(|s| !s.flush);
+    let (steps, bytes) = ordinary.fold((0u64, 0u64), |(st, b), s| {
+        (st + s.steps, b + s.bytes_up + s.bytes_down)
+    });
+    if bytes == 0 {
+        return f64::NAN;
+    }
+    (steps * params * 8) as f64 / bytes as f64
 }
 
 /// What the screens did over a run: rejections of worker 0 (the attacker, when there is one)
@@ -419,6 +449,8 @@ pub fn federated(opts: &FederatedBenchOptions, print: &dyn Fn(&RunReport)) -> Fe
             r2_sd,
             bytes,
             reduction: ddp / bytes.max(1.0),
+            reduction_steady: mean(|o| o.reduction_steady),
+            flush_share: mean(|o| o.flush_share),
             loss,
             loss_over_mean,
             released_over_mean,
@@ -443,6 +475,7 @@ pub fn federated(opts: &FederatedBenchOptions, print: &dyn Fn(&RunReport)) -> Fe
         bench: "federated",
         seeds: opts.seeds.len(),
         reduction: worst(&mut defaults.iter().map(|g| g.reduction), f64::min),
+        reduction_steady: worst(&mut defaults.iter().map(|g| g.reduction_steady), f64::min),
         r2_central: central_of("iid"),
         r2_default: worst(&mut defaults.iter().map(|g| g.r2_mean), f64::min),
         r2_random: mean_sd(&random).0,
