@@ -80,7 +80,9 @@ pub struct RoundSummary {
     pub bytes_up: u64,
     /// Bytes of state sent for this round (delta or full, per worker).
     pub bytes_down: u64,
-    /// What dense fp32 synchronisation every local step would have moved (up and down).
+    /// What DDP's dense fp32 synchronisation of every local step would have moved (the
+    /// model's gradients up and down, 8 bytes a parameter a step; not the EMA target, which
+    /// DDP computes on every replica).
     pub dense_bytes: u64,
     /// Parameters hash after the round.
     pub params: BlobId,

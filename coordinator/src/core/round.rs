@@ -213,7 +213,8 @@ impl Core {
             self.last_delta = None;
             self.last_delta_momentum = None;
         }
-        let p = (self.params.model.len() + self.params.target.len()) as u64;
+        // DDP all-reduces the model's gradients; each replica computes the EMA target itself.
+        let p = self.params.model.len() as u64;
         let summary = RoundSummary {
             round: self.round,
             accepted: accepted_names,

@@ -37,6 +37,11 @@ fn old_round_summaries_keep_counts_instead_of_per_worker_lists() {
     let kinds = std::collections::BTreeMap::from([("non_finite".to_owned(), 1)]);
     for (i, s) in h.iter().enumerate() {
         assert_eq!(s.accepted_count(), 1, "round {i}");
+        // DDP's bytes count the model's gradients, not the target DDP computes locally.
+        assert_eq!(
+            s.dense_bytes,
+            s.steps * core.params().model.len() as u64 * 8
+        );
         assert_eq!(s.rejected_by_kind(), kinds, "round {i}");
         let thinned = i < 3;
         assert_eq!(s.thinned.is_some(), thinned, "round {i}");
