@@ -213,8 +213,7 @@ impl Core {
             self.last_delta = None;
             self.last_delta_momentum = None;
         }
-        // DDP all-reduces the model's gradients; each replica computes the EMA target itself.
-        let p = self.params.model.len() as u64;
+        let p = self.params.model.len() as u64; // see `RoundSummary::dense_bytes`
         let summary = RoundSummary {
             round: self.round,
             accepted: accepted_names,

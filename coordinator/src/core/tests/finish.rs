@@ -8,15 +8,13 @@ use super::*;
 #[test]
 fn a_worker_that_joins_after_the_run_finished_is_told_so_and_not_registered() {
     let run = Config::preset("tiny").unwrap();
-    let (ml, tl) = layouts(&run);
-    let model = init_params(&ml, 1);
-    let target = model[..tl.total].to_vec();
+    let start = GlobalParams::seeded(&run);
     let mut cfg = CoreConfig::new(run);
     cfg.rounds.min_workers = 1;
     cfg.rounds.steps = 4;
     cfg.rounds.max_rounds = 1;
     cfg.checkpoint_every = 0;
-    let (mut core, _) = Core::new(cfg, GlobalParams { model, target }, &[]);
+    let (mut core, _) = Core::new(cfg, start, &[]);
     join(&mut core, 1, "uni-a", 1.0, 0);
     let acts = send(&mut core, 1, 0, 1.0, 1, 10);
     assert!(
